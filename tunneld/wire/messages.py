@@ -1,0 +1,100 @@
+# -*- test-case-name: tests.test_codec -*-
+"""
+Transport-neutral messages of the tunnel protocol.
+
+The edge, the agent and the router speak in these plain objects; a transport
+turns them into its own wire format (see L{tunneld.wire.codec} for the protobuf
+form of C{proto/tunnel.proto}).  Nothing here knows about bytes on a wire.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from tunneld.reasons import Reason
+
+PROTOCOL_VERSION = 1
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelSpec:
+    """A public name an agent asks to serve."""
+
+    hostname: str
+    path_prefix: str = ""
+    protocol: str = "http"
+    port: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """The agent's opening message: who it is and what it serves."""
+
+    agent_id: str
+    tunnels: tuple[TunnelSpec, ...]
+    token: str = ""
+    version: int = PROTOCOL_VERSION
+    software: str = ""
+    initial_window: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A tunnel the edge would not register, and why."""
+
+    tunnel: TunnelSpec
+    reason: Reason
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """The edge's answer to L{Hello}: the session and its public URLs."""
+
+    session_id: str
+    public_urls: tuple[str, ...] = ()
+    refused: tuple[Refusal, ...] = ()
+    version: int = PROTOCOL_VERSION
+    initial_window: int = 0
+    heartbeat_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GoAway:
+    """The edge asks the agent to move elsewhere; streams in flight may finish."""
+
+    reason: Reason
+    message: str = ""
+
+
+ControlMessage = Hello | Welcome | GoAway
+
+
+@dataclass(frozen=True, slots=True)
+class StreamHead:
+    """
+    What a stream is about: one public exchange as the edge received it.
+
+    C{kind} is C{"http"} for a request/response, C{"upgrade"} for an HTTP
+    connection that switches protocols (WebSocket), C{"tcp"} for raw bytes.
+    """
+
+    kind: str
+    tunnel: str
+    method: str = ""
+    target: str = ""
+    headers: Headers = ()
+    peer: str = ""
+    scheme: str = "http"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyHead:
+    """The upstream's response head, carried back from agent to edge."""
+
+    status: int
+    reason: bytes = b""
+    headers: Headers = field(default_factory=tuple)
