@@ -9,8 +9,8 @@ form of C{proto/tunnel.proto}).  Nothing here knows about bytes on a wire.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from tunneld.reasons import Reason
 

@@ -1,0 +1,513 @@
+# -*- test-case-name: tests.test_mux -*-
+"""
+Streams over a link that carries whole frames in order.
+
+L{FrameLink} is the L{IAgentLink} of every frame transport (WebSocket,
+streamable HTTP, third-party drop-ins): the transport only moves encoded
+frames and reports its own congestion; stream ids, per-stream credit windows,
+heartbeats and resets live here once.  Credit works like HTTP/2 flow control:
+a receiver grants more only as its consumer takes the data, so a stalled
+stream holds at most one window of memory and never stalls the others.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any, Protocol, cast
+
+from twisted.internet.interfaces import IProducer, IPushProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from tunneld.interfaces import IAgentLink, ILinkHandler, IStream, IStreamReceiver
+from tunneld.reasons import Reason
+from tunneld.wire import codec
+from tunneld.wire.codec import FrameError
+from tunneld.wire.messages import ControlMessage, Headers, ReplyHead, StreamHead
+
+# Room in a frame for everything but the payload.
+_FRAME_OVERHEAD = 32
+
+
+class FrameWire(Protocol):
+    """What a frame transport gives L{FrameLink}: a way to send and to hang up."""
+
+    def send_frame(self, payload: bytes) -> None:
+        """Send one encoded frame."""
+
+    def close_wire(self, reason: Reason, message: str) -> None:
+        """Close the underlying connection, telling the peer why if it can."""
+
+
+class _Unattached:
+    """Holds a stream's events until the agent attaches a receiver."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, tuple[Any, ...]]] = []
+
+    def replay(self, receiver: IStreamReceiver) -> None:
+        for name, args in self.events:
+            getattr(receiver, name)(*args)
+
+
+@implementer(IStream)
+class FrameStream:
+    """One stream on a L{FrameLink}."""
+
+    def __init__(self, link: FrameLink, stream_id: int, head: StreamHead, send_credit: int) -> None:
+        self.link = link
+        self.stream_id = stream_id
+        self.head = head
+        self.receiver: IStreamReceiver | None = None
+        self._early: _Unattached | None = _Unattached()
+        self.send_credit = send_credit
+        self.recv_remaining = link.initial_window
+        self._unacked = 0
+        self._consumer_paused = False
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._producer: IPushProducer | None = None
+        self._producer_paused = False
+        self.local_ended = False
+        self.remote_ended = False
+        self.closed = False
+
+    # -- IStream, outgoing -------------------------------------------------
+
+    def attach(self, receiver: IStreamReceiver) -> None:
+        """IStream.attach"""
+        early, self._early = self._early, None
+        self.receiver = receiver
+        if early is not None:
+            early.replay(receiver)
+
+    def send_reply(self, reply: ReplyHead) -> None:
+        """IStream.send_reply"""
+        if not self.closed:
+            self.link.send(codec.encode_reply(self.stream_id, reply).SerializeToString())
+
+    def write(self, data: bytes) -> None:
+        """IConsumer.write: send now within credit, hold the rest (bounded)."""
+        if self.closed or self.local_ended or not data:
+            return
+        if self._pending or len(data) > self.send_credit:
+            self._pending.append(data)
+            self._pending_size += len(data)
+            self._flush()
+            if self._pending_size > self.link.initial_window + self.link.max_pending:
+                self.reset(Reason.SATURATED, "sender ignored flow control")
+                self.link.log.warn(
+                    "stream {stream_id} on {peer} saturated: {size} bytes pending",
+                    stream_id=self.stream_id, peer=self.link.peer, size=self._pending_size,
+                )
+            elif self._pending:
+                self._pause_producer()
+            return
+        self.send_credit -= len(data)
+        self.link.send_data(self.stream_id, data)
+
+    def _flush(self) -> None:
+        while self._pending and self.send_credit > 0:
+            chunk = self._pending[0]
+            if len(chunk) <= self.send_credit:
+                self._pending.pop(0)
+            else:
+                chunk, self._pending[0] = chunk[: self.send_credit], chunk[self.send_credit :]
+            self._pending_size -= len(chunk)
+            self.send_credit -= len(chunk)
+            self.link.send_data(self.stream_id, chunk)
+        if not self._pending and self._pending_end is not None:
+            trailers, self._pending_end = self._pending_end, None
+            self.end(trailers)
+
+    _pending_end: Headers | None = None
+
+    def end(self, trailers: Headers = ()) -> None:
+        """IStream.end"""
+        if self.closed or self.local_ended:
+            return
+        if self._pending:
+            self._pending_end = tuple(trailers)
+            return
+        self.local_ended = True
+        self.link.send(codec.encode_end(self.stream_id, trailers).SerializeToString())
+        self._maybe_done()
+
+    def reset(self, reason: Reason, message: str) -> None:
+        """IStream.reset"""
+        if self.closed:
+            return
+        self.link.send(codec.encode_reset(self.stream_id, reason, message).SerializeToString())
+        self._close()
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        """IConsumer.registerProducer: only push producers (all of ours are)."""
+        self._producer = cast(IPushProducer, producer)
+        self._producer_paused = False
+        if self._pending or self.link.sending_paused:
+            self._pause_producer()
+
+    def unregisterProducer(self) -> None:
+        """IConsumer.unregisterProducer"""
+        self._producer = None
+
+    def _pause_producer(self) -> None:
+        if self._producer is not None and not self._producer_paused:
+            self._producer_paused = True
+            self._producer.pauseProducing()
+
+    def _resume_producer(self) -> None:
+        if (
+            self._producer is not None
+            and self._producer_paused
+            and not self._pending
+            and not self.link.sending_paused
+        ):
+            self._producer_paused = False
+            self._producer.resumeProducing()
+
+    # -- IPushProducer, incoming ------------------------------------------
+
+    def pauseProducing(self) -> None:
+        """IPushProducer.pauseProducing: grant no more credit until resumed."""
+        self._consumer_paused = True
+
+    def resumeProducing(self) -> None:
+        """IPushProducer.resumeProducing: return the credit held back."""
+        self._consumer_paused = False
+        if self._unacked and not self.closed:
+            self._grant()
+
+    def stopProducing(self) -> None:
+        """
+        IPushProducer.stopProducing: the consumer is gone.  The reset waits a
+        turn so the consumer's own connectionLost can give a better reason.
+        """
+        if not self.closed:
+            self.link.reactor.callLater(0, self.reset, Reason.CANCELLED, "consumer stopped")
+
+    def _grant(self) -> None:
+        increment, self._unacked = self._unacked, 0
+        self.recv_remaining += increment
+        self.link.send(codec.encode_window(self.stream_id, increment).SerializeToString())
+
+    # -- from the link -----------------------------------------------------
+
+    def _deliver(self, name: str, *args: Any) -> None:
+        if self.receiver is not None:
+            getattr(self.receiver, name)(*args)
+        elif self._early is not None:
+            self._early.events.append((name, args))
+
+    def data_arrived(self, data: bytes) -> None:
+        size = len(data)
+        if size > self.recv_remaining:
+            raise FrameError(
+                f"stream {self.stream_id}: {size} bytes sent with only "
+                f"{self.recv_remaining} bytes of credit"
+            )
+        self.recv_remaining -= size
+        self._deliver("data_received", data)
+        self._unacked += size
+        if not self._consumer_paused and not self.closed and self._unacked >= self.link.ack_threshold:
+            self._grant()
+
+    def credit_arrived(self, increment: int) -> None:
+        self.send_credit += increment
+        if self.send_credit > 0x7FFFFFFF:
+            raise FrameError(f"stream {self.stream_id}: credit overflow")
+        self._flush()
+        self._resume_producer()
+
+    def end_arrived(self, trailers: Headers) -> None:
+        self.remote_ended = True
+        self._deliver("end_received", trailers)
+        self._maybe_done()
+
+    def reset_arrived(self, reason: Reason, message: str) -> None:
+        if self.closed:
+            return
+        self._close()
+        self._deliver("reset_received", reason, message)
+
+    def resume_source(self) -> None:
+        self._resume_producer()
+
+    def pause_source(self) -> None:
+        self._pause_producer()
+
+    def _maybe_done(self) -> None:
+        if self.local_ended and self.remote_ended:
+            self._close()
+
+    def _close(self) -> None:
+        self.closed = True
+        self._pending = []
+        self._pending_size = 0
+        self._producer = None
+        self.link.forget(self.stream_id)
+
+
+@implementer(IAgentLink)
+class FrameLink:
+    """
+    An L{IAgentLink} over any transport that moves whole frames in order.
+
+    The transport calls L{frame_received}, L{pause_sending}, L{resume_sending}
+    and L{wire_lost}; everything else is here.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        wire: FrameWire,
+        *,
+        transport_name: str,
+        peer: str,
+        reactor: Any,
+        is_edge: bool,
+        initial_window: int = 256 * 1024,
+        max_frame_size: int = 1 << 20,
+        max_streams: int = 10_000,
+        heartbeat_interval: float = 10.0,
+        heartbeat_timeout: float = 30.0,
+        peer_certificate: Any = None,
+    ) -> None:
+        self.wire = wire
+        self.transport_name = transport_name
+        self.peer = peer
+        self.peer_certificate = peer_certificate
+        self.reactor = reactor
+        self.is_edge = is_edge
+        self.initial_window = initial_window
+        self.ack_threshold = max(1, initial_window // 4)
+        self.max_pending = initial_window
+        self.max_frame_size = max_frame_size
+        self.max_data = max_frame_size - _FRAME_OVERHEAD
+        self.max_streams = max_streams
+        self.peer_window = initial_window
+        self.streams: dict[int, FrameStream] = {}
+        self.handler: ILinkHandler | None = None
+        self.sending_paused = False
+        self.closed = False
+        self._next_id = 1
+        self._last_remote_id = 0
+        self._rtt: float | None = None
+        self._ping_ids = itertools.count(1)
+        self._pings: dict[int, float] = {}
+        self._last_heard = reactor.seconds()
+        self._heartbeat_interval = heartbeat_interval
+        self._heartbeat_timeout = heartbeat_timeout
+        self._heartbeat: Any = None
+        if heartbeat_interval > 0:
+            self._heartbeat = reactor.callLater(heartbeat_interval, self._beat)
+
+    # -- IAgentLink -------------------------------------------------------
+
+    def set_handler(self, handler: ILinkHandler) -> None:
+        """IAgentLink.set_handler"""
+        self.handler = handler
+
+    def send_control(self, message: ControlMessage) -> None:
+        """IAgentLink.send_control"""
+        if not self.closed:
+            self.send(codec.encode_control(message).SerializeToString())
+
+    def open_stream(self, head: StreamHead, receiver: IStreamReceiver) -> IStream:
+        """IAgentLink.open_stream"""
+        stream_id = self._next_id
+        self._next_id += 2
+        stream = FrameStream(self, stream_id, head, self.peer_window)
+        stream.attach(receiver)
+        if self.closed:
+            stream.closed = True
+            self.reactor.callLater(0, receiver.reset_received, Reason.AGENT_GONE, "agent link closed")
+            return stream
+        self.streams[stream_id] = stream
+        self.send(codec.encode_open(stream_id, head).SerializeToString())
+        return stream
+
+    def round_trip_time(self) -> float | None:
+        """IAgentLink.round_trip_time"""
+        return self._rtt
+
+    def active_streams(self) -> int:
+        """IAgentLink.active_streams"""
+        return len(self.streams)
+
+    def close(self, reason: Reason, message: str) -> None:
+        """IAgentLink.close"""
+        if self.closed:
+            return
+        # The peer learns from the wire closing; local receivers from wire_lost.
+        self.wire.close_wire(reason, message)
+        self.wire_lost(reason, message)
+
+    # -- sending ------------------------------------------------------------
+
+    def send(self, payload: bytes) -> None:
+        if not self.closed:
+            self.wire.send_frame(payload)
+
+    def send_data(self, stream_id: int, data: bytes) -> None:
+        limit = self.max_data
+        if len(data) <= limit:
+            self.wire.send_frame(codec.encode_data(stream_id, data))
+            return
+        view = memoryview(data)
+        for start in range(0, len(data), limit):
+            self.wire.send_frame(codec.encode_data(stream_id, bytes(view[start : start + limit])))
+
+    def forget(self, stream_id: int) -> None:
+        self.streams.pop(stream_id, None)
+
+    # -- from the transport -------------------------------------------------
+
+    def pause_sending(self) -> None:
+        """The transport's send buffer is full: pause every stream's source."""
+        self.sending_paused = True
+        for stream in list(self.streams.values()):
+            stream.pause_source()
+
+    def resume_sending(self) -> None:
+        """The transport's send buffer drained: resume the sources with credit."""
+        self.sending_paused = False
+        for stream in list(self.streams.values()):
+            stream.resume_source()
+
+    def frame_received(self, payload: bytes) -> None:
+        """
+        Dispatch one frame.  A malformed or out-of-place frame closes the link
+        with C{protocol_error}: the peer is broken or hostile, and nothing it
+        sends afterwards can be trusted.
+        """
+        if self.closed:
+            return
+        self._last_heard = self.reactor.seconds()
+        if len(payload) > self.max_frame_size:
+            self._protocol_error(f"frame of {len(payload)} bytes exceeds {self.max_frame_size}")
+            return
+        try:
+            self._dispatch(codec.decode(payload))
+        except FrameError as e:
+            self._protocol_error(str(e))
+
+    def _protocol_error(self, message: str) -> None:
+        self.log.warn(
+            "{transport} link from {peer} broke the protocol: {error}",
+            transport=self.transport_name, peer=self.peer, error=message,
+        )
+        self.close(Reason.PROTOCOL_ERROR, message)
+
+    def _dispatch(self, frame: codec.Frame) -> None:
+        kind = frame.WhichOneof("body")
+        stream_id = frame.stream_id
+        if kind == "data":
+            stream = self.streams.get(stream_id)
+            if stream is not None:
+                stream.data_arrived(frame.data.data)
+            elif not self._was_opened(stream_id):
+                raise FrameError(f"data for stream {stream_id}, which was never opened")
+        elif kind == "window":
+            stream = self.streams.get(stream_id)
+            if frame.window.increment == 0:
+                raise FrameError(f"stream {stream_id}: window increment of 0")
+            if stream is not None:
+                stream.credit_arrived(frame.window.increment)
+        elif kind == "open":
+            self._open_arrived(stream_id, frame)
+        elif kind == "reply":
+            stream = self._stream_for(stream_id, kind)
+            if stream is not None:
+                stream._deliver("reply_received", codec.reply_from(frame))
+        elif kind == "end":
+            stream = self._stream_for(stream_id, kind)
+            if stream is not None:
+                stream.end_arrived(codec.trailers_from(frame))
+        elif kind == "reset":
+            stream = self.streams.get(stream_id)
+            if stream is not None:
+                stream.reset_arrived(*codec.reset_from(frame))
+        elif kind == "ping":
+            self.send(codec.encode_ping(frame.ping.opaque, pong=True).SerializeToString())
+        elif kind == "pong":
+            sent = self._pings.pop(frame.pong.opaque, None)
+            if sent is not None:
+                self._rtt = self.reactor.seconds() - sent
+        else:
+            if stream_id:
+                raise FrameError(f"{kind} frame on stream {stream_id}")
+            message = codec.control_from(frame)
+            if self.handler is not None:
+                self.handler.control_received(message)
+
+    def _was_opened(self, stream_id: int) -> bool:
+        # Frames may still arrive for a stream we reset a moment ago.
+        if self.is_edge:
+            return stream_id % 2 == 1 and stream_id < self._next_id
+        return 0 < stream_id <= self._last_remote_id
+
+    def _stream_for(self, stream_id: int, kind: str) -> FrameStream | None:
+        stream = self.streams.get(stream_id)
+        if stream is None and not self._was_opened(stream_id):
+            raise FrameError(f"{kind} for stream {stream_id}, which was never opened")
+        return stream
+
+    def _open_arrived(self, stream_id: int, frame: codec.Frame) -> None:
+        if self.is_edge:
+            raise FrameError("an agent may not open streams")
+        if stream_id % 2 != 1 or stream_id <= self._last_remote_id:
+            raise FrameError(f"open for stream {stream_id} after {self._last_remote_id}")
+        self._last_remote_id = stream_id
+        head = codec.head_from(frame)
+        stream = FrameStream(self, stream_id, head, self.peer_window)
+        if len(self.streams) >= self.max_streams:
+            stream.reset(Reason.CAP_REACHED, f"more than {self.max_streams} streams on one link")
+            return
+        self.streams[stream_id] = stream
+        if self.handler is None:
+            stream.reset(Reason.AGENT_UNAVAILABLE, "agent is not ready")
+            return
+        self.handler.stream_opened(stream)
+
+    def wire_lost(self, reason: Reason, message: str) -> None:
+        """
+        The underlying connection is gone: reset every stream and tell the
+        handler.  Safe to call more than once.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        if self._heartbeat is not None and self._heartbeat.active():
+            self._heartbeat.cancel()
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.reset_arrived(reason, message)
+        if self.handler is not None:
+            self.handler.link_lost(reason, message)
+
+    # -- heartbeat -------------------------------------------------------------
+
+    def _beat(self) -> None:
+        self._heartbeat = None
+        if self.closed:
+            return
+        now = self.reactor.seconds()
+        silent = now - self._last_heard
+        if silent >= self._heartbeat_timeout:
+            self.log.warn(
+                "{transport} link {peer} silent for {silent:.1f}s: closing",
+                transport=self.transport_name, peer=self.peer, silent=silent,
+            )
+            self.close(Reason.AGENT_GONE, f"heartbeat timeout after {silent:.1f}s")
+            return
+        opaque = next(self._ping_ids)
+        self._pings = {k: v for k, v in self._pings.items() if now - v < self._heartbeat_timeout}
+        self._pings[opaque] = now
+        self.send(codec.encode_ping(opaque).SerializeToString())
+        self._heartbeat = self.reactor.callLater(self._heartbeat_interval, self._beat)
+
+
+OnLink = Callable[[FrameLink], None]
