@@ -1,0 +1,1 @@
+"""The built-in agent-link transports; each module is one L{ITransportPlugin}."""

@@ -1,0 +1,280 @@
+# -*- test-case-name: tests.test_end_to_end -*-
+"""
+The WebSocket agent-link transport (Autobahn).
+
+One WebSocket per agent; each binary message is one encoded C{Frame} of the
+tunnel protocol, and L{tunneld.wire.mux.FrameLink} does the rest.  The TCP
+transport's own backpressure is wired to the link, so when the socket is
+full every stream's source pauses instead of piling bytes into memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import clientFromString, serverFromString, wrapClientTLS
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tunneld.errors import ConfigError
+from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup, ITransportPlugin
+from tunneld.reasons import Reason
+from tunneld.schema import non_negative, parse_table, positive, setting
+from tunneld.wire.mux import FrameLink
+
+
+@dataclass(frozen=True)
+class WebSocketEdgeOptions:
+    """Edge side of the WebSocket transport."""
+
+    listen: str = setting(
+        "tcp:8081:interface=127.0.0.1", "Endpoint string the edge listens on for agents."
+    )
+    path: str = setting("/tunnel", "HTTP path of the WebSocket endpoint.")
+    open_handshake_timeout: float = setting(
+        10.0, "Seconds an agent has to complete the WebSocket handshake.", check=positive
+    )
+    heartbeat_interval: float = setting(
+        10.0, "Seconds between heartbeat pings (0 = off).", check=non_negative
+    )
+    heartbeat_timeout: float = setting(
+        30.0, "Seconds of silence after which the link is declared dead.", check=positive
+    )
+
+
+@dataclass(frozen=True)
+class WebSocketAgentOptions:
+    """Agent side of the WebSocket transport."""
+
+    url: str = setting("ws://127.0.0.1:8081/tunnel", "WebSocket URL of the edge (ws:// or wss://).")
+    open_handshake_timeout: float = setting(
+        10.0, "Seconds allowed for connecting and the WebSocket handshake.", check=positive
+    )
+    heartbeat_interval: float = setting(
+        10.0, "Seconds between heartbeat pings (0 = off).", check=non_negative
+    )
+    heartbeat_timeout: float = setting(
+        30.0, "Seconds of silence after which the link is declared dead.", check=positive
+    )
+
+
+@implementer(IPushProducer)
+class _LinkCongestion:
+    """Registered on the socket: its pause/resume becomes the link's."""
+
+    def __init__(self, link: FrameLink) -> None:
+        self.link = link
+
+    def pauseProducing(self) -> None:
+        self.link.pause_sending()
+
+    def resumeProducing(self) -> None:
+        self.link.resume_sending()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _FrameWireMixin:
+    """What both ends share: one binary message per frame."""
+
+    link: FrameLink | None = None
+    transport: Any
+    log = Logger()
+
+    def sendMessage(self, payload: bytes, isBinary: bool = False) -> None:  # noqa: N802
+        raise NotImplementedError  # provided by Autobahn
+
+    def sendClose(self, code: int | None = None, reason: str | None = None) -> None:  # noqa: N802
+        raise NotImplementedError  # provided by Autobahn
+
+    def send_frame(self, payload: bytes) -> None:
+        self.sendMessage(payload, isBinary=True)
+
+    def close_wire(self, reason: Reason, message: str) -> None:
+        code = 1002 if reason is Reason.PROTOCOL_ERROR else 1011
+        if reason in (Reason.DRAINING, Reason.AGENT_GONE, Reason.IDLE_TIMEOUT):
+            code = 1001
+        self.sendClose(code, f"{reason.value}: {message}"[:120])
+        # A peer that ignores the close handshake must not hold the socket.
+        self.transport.loseConnection()
+
+    def _make_link(self, *, is_edge: bool, options: Any, setup: Any) -> FrameLink:
+        peer = self.transport.getPeer()
+        certificate = None
+        get_cert = getattr(self.transport, "getPeerCertificate", None)
+        if get_cert is not None:
+            certificate = get_cert()
+        link = FrameLink(
+            self,
+            transport_name="websocket",
+            peer=f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}",
+            reactor=setup.reactor,
+            is_edge=is_edge,
+            initial_window=setup.initial_window,
+            max_frame_size=setup.max_frame_size,
+            heartbeat_interval=options.heartbeat_interval,
+            heartbeat_timeout=options.heartbeat_timeout,
+            peer_certificate=certificate,
+        )
+        self.link = link
+        self.transport.registerProducer(_LinkCongestion(link), True)
+        return link
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802
+        if self.link is None:
+            return
+        if not isBinary:
+            self.link.close(Reason.PROTOCOL_ERROR, "text message on a binary link")
+            return
+        self.link.frame_received(payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N802
+        if self.link is not None:
+            detail = f"websocket closed ({code}{': ' + reason if reason else ''})"
+            self.link.wire_lost(Reason.AGENT_GONE, detail)
+
+
+class EdgeWebSocketProtocol(_FrameWireMixin, WebSocketServerProtocol):  # type: ignore[misc]
+    """The edge end of one agent's WebSocket."""
+
+    factory: EdgeWebSocketFactory
+
+    def onConnect(self, request: Any) -> None:  # noqa: N802
+        if request.path != self.factory.options.path:
+            from autobahn.websocket.types import ConnectionDeny
+
+            raise ConnectionDeny(404, f"no agent endpoint at {request.path}")
+
+    def onOpen(self) -> None:  # noqa: N802
+        link = self._make_link(is_edge=True, options=self.factory.options, setup=self.factory.setup)
+        self.factory.setup.on_link(link)
+
+
+class EdgeWebSocketFactory(WebSocketServerFactory):  # type: ignore[misc]
+    protocol = EdgeWebSocketProtocol  # type: ignore[assignment]
+
+    def __init__(self, options: WebSocketEdgeOptions, setup: EdgeLinkSetup) -> None:
+        super().__init__()
+        self.options = options
+        self.setup = setup
+        self.setProtocolOptions(
+            maxFramePayloadSize=setup.max_frame_size,
+            maxMessagePayloadSize=setup.max_frame_size,
+            openHandshakeTimeout=options.open_handshake_timeout,
+            closeHandshakeTimeout=5,
+            autoFragmentSize=0,
+            tcpNoDelay=True,
+            failByDrop=False,
+        )
+
+
+class AgentWebSocketProtocol(_FrameWireMixin, WebSocketClientProtocol):  # type: ignore[misc]
+    """The agent end of its WebSocket to the edge."""
+
+    factory: AgentWebSocketFactory
+
+    def onOpen(self) -> None:  # noqa: N802
+        link = self._make_link(is_edge=False, options=self.factory.options, setup=self.factory.setup)
+        opened, self.factory.opened = self.factory.opened, None
+        if opened is not None:
+            opened.callback(link)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N802
+        opened, self.factory.opened = self.factory.opened, None
+        if opened is not None:
+            opened.errback(
+                Failure(ConnectionError(f"websocket handshake failed ({code}: {reason})"))
+            )
+        super().onClose(wasClean, code, reason)
+
+
+class AgentWebSocketFactory(WebSocketClientFactory):  # type: ignore[misc]
+    protocol = AgentWebSocketProtocol  # type: ignore[assignment]
+
+    def __init__(self, options: WebSocketAgentOptions, setup: AgentLinkSetup) -> None:
+        super().__init__(url=options.url)
+        self.options = options
+        self.setup = setup
+        self.opened: Deferred[FrameLink] | None = Deferred()
+        self.setProtocolOptions(
+            maxFramePayloadSize=setup.max_frame_size,
+            maxMessagePayloadSize=setup.max_frame_size,
+            openHandshakeTimeout=options.open_handshake_timeout,
+            closeHandshakeTimeout=5,
+            autoFragmentSize=0,
+            tcpNoDelay=True,
+            failByDrop=False,
+        )
+
+
+@implementer(ITransportPlugin)
+class WebSocketTransport:
+    """The C{websocket} transport plugin."""
+
+    name = "websocket"
+
+    def edge_options(self, table: Any, where: str) -> WebSocketEdgeOptions:
+        """ITransportPlugin.edge_options"""
+        return parse_table(WebSocketEdgeOptions, table, where, "transports.websocket")
+
+    def agent_options(self, table: Any, where: str) -> WebSocketAgentOptions:
+        """ITransportPlugin.agent_options"""
+        options = parse_table(WebSocketAgentOptions, table, where, "transports.websocket")
+        parts = urlsplit(options.url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ConfigError(
+                where, "transports.websocket.url", f"expected ws://host:port/path, got {options.url!r}"
+            )
+        return options
+
+    def edge_service(self, options: WebSocketEdgeOptions, setup: EdgeLinkSetup) -> Any:
+        """ITransportPlugin.edge_service"""
+        factory: Any = EdgeWebSocketFactory(options, setup)
+        if setup.tls is not None:
+            factory = TLSMemoryBIOFactory(setup.tls, False, factory)
+        endpoint = serverFromString(setup.reactor, options.listen)
+        service = StreamServerEndpointService(endpoint, factory)
+        service.setName("transport:websocket")
+        return service
+
+    def connect(self, options: WebSocketAgentOptions, setup: AgentLinkSetup) -> Deferred[FrameLink]:
+        """ITransportPlugin.connect"""
+        parts = urlsplit(options.url)
+        host = parts.hostname or "127.0.0.1"
+        secure = parts.scheme == "wss"
+        port = parts.port or (443 if secure else 80)
+        endpoint = clientFromString(
+            setup.reactor, f"tcp:host={host}:port={port}:timeout={int(options.open_handshake_timeout)}"
+        )
+        if secure:
+            from twisted.internet.ssl import optionsForClientTLS
+
+            creator = setup.tls_for(host) if setup.tls_for else optionsForClientTLS(host)
+            endpoint = wrapClientTLS(creator, endpoint)
+        factory = AgentWebSocketFactory(options, setup)
+        opened = factory.opened
+        assert opened is not None
+
+        def connect_failed(failure: Failure) -> Failure:
+            if factory.opened is not None:
+                factory.opened = None
+            return failure
+
+        connecting = endpoint.connect(factory)
+        connecting.addErrback(connect_failed)
+        connecting.addErrback(lambda f: opened.errback(f) if not opened.called else None)
+        return opened
