@@ -9,8 +9,9 @@ never imports a transport and a transport never imports the router.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.plugin import IPlugin
@@ -99,7 +100,7 @@ class IAgentLink(Interface):
     def open_stream(head: StreamHead, receiver: IStreamReceiver) -> IStream:
         """Open a new stream to the far end (edge side)."""
 
-    def round_trip_time() -> Optional[float]:
+    def round_trip_time() -> float | None:
         """The last measured heartbeat round trip in seconds, or None yet."""
 
     def active_streams() -> int:
@@ -125,7 +126,7 @@ class AgentLinkSetup:
     """What the agent hands a transport to dial the edge."""
 
     reactor: Any
-    tls_for: Optional[Callable[[str], Any]] = None  # hostname -> IOpenSSLClientConnectionCreator
+    tls_for: Callable[[str], Any] | None = None  # hostname -> IOpenSSLClientConnectionCreator
     max_frame_size: int = 1 << 20
     initial_window: int = 256 * 1024
 

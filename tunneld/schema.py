@@ -23,7 +23,12 @@ T = TypeVar("T")
 
 
 def setting(default: Any, doc: str, **kwargs: Any) -> Any:
-    """A dataclass field with a default and the documentation for it."""
+    """
+    A dataclass field with a default and the documentation for it; C{...}
+    as the default makes the key required.
+    """
+    if default is ...:
+        return dataclasses.field(metadata={"doc": doc, **kwargs})
     if isinstance(default, (list, dict)):
         value = default
         return dataclasses.field(

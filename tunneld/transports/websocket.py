@@ -20,9 +20,8 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import clientFromString, serverFromString, wrapClientTLS
+from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -31,6 +30,7 @@ from zope.interface import implementer
 
 from tunneld.errors import ConfigError
 from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup, ITransportPlugin
+from tunneld.listening import ListeningService
 from tunneld.reasons import Reason
 from tunneld.schema import non_negative, parse_table, positive, setting
 from tunneld.wire.mux import FrameLink
@@ -246,8 +246,7 @@ class WebSocketTransport:
         factory: Any = EdgeWebSocketFactory(options, setup)
         if setup.tls is not None:
             factory = TLSMemoryBIOFactory(setup.tls, False, factory)
-        endpoint = serverFromString(setup.reactor, options.listen)
-        service = StreamServerEndpointService(endpoint, factory)
+        service = ListeningService(setup.reactor, options.listen, factory, "websocket agent link")
         service.setName("transport:websocket")
         return service
 

@@ -24,7 +24,7 @@ from tunneld.interfaces import IAgentLink, ILinkHandler, IStream, IStreamReceive
 from tunneld.reasons import Reason
 from tunneld.wire import codec
 from tunneld.wire.codec import FrameError
-from tunneld.wire.messages import ControlMessage, Headers, ReplyHead, StreamHead
+from tunneld.wire.messages import ControlMessage, GoAway, Headers, ReplyHead, StreamHead
 
 # Room in a frame for everything but the payload.
 _FRAME_OVERHEAD = 32
@@ -341,7 +341,9 @@ class FrameLink:
         """IAgentLink.close"""
         if self.closed:
             return
-        # The peer learns from the wire closing; local receivers from wire_lost.
+        # The peer learns why from a GoAway and the wire closing; local
+        # receivers from wire_lost.
+        self.send(codec.encode_control(GoAway(reason, message)).SerializeToString())
         self.wire.close_wire(reason, message)
         self.wire_lost(reason, message)
 

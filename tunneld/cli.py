@@ -1,0 +1,38 @@
+"""
+The C{tunneld} command: C{tunneld edge}, C{tunneld agent} and friends.
+
+C{edge} and C{agent} are C{twistd -n tunneld} and C{twistd -n tunneld-agent}
+with the remaining arguments, so the console script and systemd units run
+exactly the same code.
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: tunneld COMMAND [ARGS]
+
+commands:
+  edge  [--config FILE]   run an edge in the foreground (twistd -n tunneld)
+  agent --config FILE     run an agent in the foreground (twistd -n tunneld-agent)
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        sys.stdout.write(USAGE)
+        raise SystemExit(0 if args else 2)
+    command, rest = args[0], args[1:]
+    plugin = {"edge": "tunneld", "agent": "tunneld-agent"}.get(command)
+    if plugin is None:
+        sys.stderr.write(f"tunneld: unknown command {command!r}\n\n{USAGE}")
+        raise SystemExit(2)
+    from twisted.scripts.twistd import run
+
+    sys.argv = ["twistd", "--nodaemon", "--pidfile=", plugin, *rest]
+    run()
+
+
+if __name__ == "__main__":
+    main()

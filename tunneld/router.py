@@ -1,0 +1,161 @@
+# -*- test-case-name: tests.test_router -*-
+"""
+The routing table: public hostname and path → tunnel → a healthy agent session.
+
+Pure logic: no sockets, no transports.  Exact hostnames win over wildcards,
+longer wildcards over shorter ones, longer path prefixes over shorter ones;
+among the sessions serving a tunnel the one with the fewest open streams is
+chosen, ties broken at random so load spreads.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunneld.interfaces import IAgentLink
+from tunneld.reasons import Reason
+from tunneld.wire.messages import TunnelSpec
+
+
+def tunnel_key(spec: TunnelSpec) -> str:
+    """The name a tunnel goes by on the wire and in logs: hostname plus path prefix."""
+    return spec.hostname + spec.path_prefix
+
+
+@dataclass(eq=False)
+class AgentSession:
+    """One registered agent link and the tunnels it serves."""
+
+    session_id: str
+    agent_id: str
+    link: IAgentLink
+    tunnels: list[TunnelSpec] = field(default_factory=list)
+    healthy: bool = True
+    draining: bool = False
+
+    def load(self) -> int:
+        return self.link.active_streams()
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a public request goes: the tunnel that matched and the chosen link."""
+
+    tunnel: str
+    link: IAgentLink
+    session: AgentSession
+
+
+class _Tunnel:
+    def __init__(self, spec: TunnelSpec) -> None:
+        self.spec = spec
+        self.key = tunnel_key(spec)
+        self.sessions: list[AgentSession] = []
+
+
+class Router:
+    """Maps hostnames (and path prefixes) to the agent sessions serving them."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+        # hostname pattern -> list of tunnels sorted by longest path prefix first
+        self._by_host: dict[str, list[_Tunnel]] = {}
+
+    def register(self, session: AgentSession, spec: TunnelSpec) -> None:
+        """Add C{session} as a server of C{spec}."""
+        tunnels = self._by_host.setdefault(spec.hostname.lower(), [])
+        for tunnel in tunnels:
+            if tunnel.spec.path_prefix == spec.path_prefix:
+                break
+        else:
+            tunnel = _Tunnel(spec)
+            tunnels.append(tunnel)
+            tunnels.sort(key=lambda t: len(t.spec.path_prefix), reverse=True)
+        if session not in tunnel.sessions:
+            tunnel.sessions.append(session)
+        if spec not in session.tunnels:
+            session.tunnels.append(spec)
+
+    def unregister(self, session: AgentSession) -> None:
+        """Remove C{session} from every tunnel it served."""
+        for spec in session.tunnels:
+            tunnels = self._by_host.get(spec.hostname.lower(), [])
+            for tunnel in list(tunnels):
+                if session in tunnel.sessions:
+                    tunnel.sessions.remove(session)
+                if not tunnel.sessions:
+                    tunnels.remove(tunnel)
+            if not tunnels:
+                self._by_host.pop(spec.hostname.lower(), None)
+
+    def _candidates(self, host: str) -> list[list[_Tunnel]]:
+        found = []
+        exact = self._by_host.get(host)
+        if exact:
+            found.append(exact)
+        # *.a.b.c matches x.a.b.c (and deeper names), most specific first.
+        labels = host.split(".")
+        for i in range(1, len(labels)):
+            tunnels = self._by_host.get("*." + ".".join(labels[i:]))
+            if tunnels:
+                found.append(tunnels)
+        return found
+
+    def route(self, host: str, path: str) -> Route | Reason:
+        """
+        The route for a public request, or the reason there is none:
+        C{no_tunnel} when nothing is registered for the name,
+        C{agent_unavailable} when its agents are all unhealthy or draining.
+        """
+        host = host.lower().rstrip(".")
+        for tunnels in self._candidates(host):
+            for tunnel in tunnels:
+                prefix = tunnel.spec.path_prefix
+                if prefix and not _under(path, prefix):
+                    continue
+                session = self._pick(tunnel.sessions)
+                if session is None:
+                    return Reason.AGENT_UNAVAILABLE
+                return Route(tunnel.key, session.link, session)
+        return Reason.NO_TUNNEL
+
+    def _pick(self, sessions: list[AgentSession]) -> AgentSession | None:
+        usable = [s for s in sessions if s.healthy and not s.draining]
+        if not usable:
+            return None
+        if len(usable) == 1:
+            return usable[0]
+        least = min(s.load() for s in usable)
+        return self._rng.choice([s for s in usable if s.load() == least])
+
+    def snapshot(self) -> dict[str, Any]:
+        """Tunnels and their sessions, for the admin API and tests."""
+        return {
+            tunnel.key: [s.agent_id for s in tunnel.sessions]
+            for tunnels in self._by_host.values()
+            for tunnel in tunnels
+        }
+
+
+def _under(path: str, prefix: str) -> bool:
+    if not path.startswith(prefix):
+        return False
+    return len(path) == len(prefix) or prefix.endswith("/") or path[len(prefix)] in "/?"
+
+
+def hostname_allowed(hostname: str, allowed: list[str]) -> bool:
+    """
+    Whether a grant of C{allowed} patterns lets an agent register
+    C{hostname}: equal names, or a name (or narrower wildcard) under a
+    granted C{*.domain}.
+    """
+    hostname = hostname.lower()
+    for pattern in allowed:
+        pattern = pattern.lower()
+        if hostname == pattern:
+            return True
+        if pattern.startswith("*.") and hostname.removeprefix("*.").endswith(pattern[1:]):
+            return True
+    return False

@@ -1,0 +1,94 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+C{twistd tunneld} and C{twistd tunneld-agent}: options and service makers.
+
+All validation happens in C{postOptions}, so a bad configuration file stops
+twistd before anything listens, with the file, the key and the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from tunneld.config import (
+    AgentConfig,
+    EdgeConfig,
+    load_agent_config,
+    load_edge_config,
+    transport_options,
+)
+from tunneld.errors import ConfigError
+
+
+class EdgeOptions(usage.Options):
+    """Options of C{twistd tunneld}."""
+
+    synopsis = "[--config FILE]"
+    optParameters = [
+        ["config", "c", None, "Edge configuration (TOML); without it, loopback defaults."],
+    ]
+
+    config: EdgeConfig
+    transports: list[tuple[Any, Any]]
+
+    def postOptions(self) -> None:  # noqa: N802
+        try:
+            self.config = load_edge_config(self["config"])
+            edge = self.config.edge
+            self.transports = transport_options(
+                edge.transports, self.config.transports, self.config.source, edge=True
+            )
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+class AgentOptions(usage.Options):
+    """Options of C{twistd tunneld-agent}."""
+
+    synopsis = "--config FILE"
+    optParameters = [
+        ["config", "c", None, "Agent configuration (TOML)."],
+    ]
+
+    config: AgentConfig
+    transports: list[tuple[Any, Any]]
+
+    def postOptions(self) -> None:  # noqa: N802
+        try:
+            self.config = load_agent_config(self["config"])
+            if not self.config.tunnels:
+                raise ConfigError(self.config.source, "tunnels", "no [[tunnels]] configured")
+            agent = self.config.agent
+            self.transports = transport_options(
+                agent.transports, self.config.transports, self.config.source, edge=False
+            )
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+Options = EdgeOptions
+
+
+def makeService(options: EdgeOptions, reactor: Any = None) -> IService:  # noqa: N802
+    """The edge's service tree."""
+    from tunneld.edge.service import EdgeService
+
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    return EdgeService(options.config, options.transports, reactor)
+
+
+def makeAgentService(options: AgentOptions, reactor: Any = None) -> IService:  # noqa: N802
+    """The agent's service."""
+    from tunneld.agent.service import AgentService
+
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    return AgentService(options.config, options.transports, reactor)
