@@ -36,6 +36,10 @@ def _hostname_patterns(values: list[str]) -> str | None:
     return None
 
 
+def _frame_size(value: int) -> str | None:
+    return None if value >= 128 * 1024 else f"must be at least 131072 bytes, got {value}"
+
+
 def _non_empty(value: list[str]) -> str | None:
     return None if value else "must name at least one entry"
 
@@ -77,7 +81,9 @@ class EdgeSection:
     initial_window: int = setting(
         256 * 1024, "Per-stream flow-control window (bytes) the edge grants.", check=positive
     )
-    max_frame_size: int = setting(1 << 20, "Largest agent-link frame (bytes).", check=positive)
+    max_frame_size: int = setting(
+        1 << 20, "Largest agent-link frame (bytes), at least 131072.", check=_frame_size
+    )
     max_streams_per_agent: int = setting(
         10_000, "Concurrent streams one agent session may carry.", check=positive
     )
@@ -119,7 +125,9 @@ class AgentSection:
     initial_window: int = setting(
         256 * 1024, "Per-stream flow-control window (bytes) the agent grants.", check=positive
     )
-    max_frame_size: int = setting(1 << 20, "Largest agent-link frame (bytes).", check=positive)
+    max_frame_size: int = setting(
+        1 << 20, "Largest agent-link frame (bytes), at least 131072.", check=_frame_size
+    )
     upstream_max_idle: int = setting(
         16, "Idle keep-alive connections kept per upstream.", check=non_negative
     )

@@ -109,6 +109,9 @@ class IAgentLink(Interface):
     def close(reason: Reason, message: str) -> None:
         """Reset every stream with C{reason} and close the link."""
 
+    def when_closed() -> Any:
+        """A Deferred that fires once the link's connection is fully closed."""
+
 
 @dataclass(frozen=True)
 class EdgeLinkSetup:

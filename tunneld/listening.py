@@ -9,6 +9,7 @@ sees the real port) and exposes it as L{ListeningService.address}.
 from __future__ import annotations
 
 from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -16,17 +17,69 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
+from tunneld.reasons import Reason
+
+
+class Closable(TypingProtocol):
+    """A connection that can be asked to close and gives up when told to."""
+
+    def shutdown(self, reason: Reason, message: str) -> None:
+        """Close gracefully, telling the peer why."""
+
+    transport: Any
+
+
+class ConnectionTracker:
+    """
+    The live connections of one listener, so that stopping the listener
+    also closes them: first politely, then, after C{grace} seconds, abruptly.
+    """
+
+    def __init__(self) -> None:
+        self.connections: set[Closable] = set()
+        self._idle: list[Deferred[None]] = []
+
+    def add(self, connection: Closable) -> None:
+        self.connections.add(connection)
+
+    def remove(self, connection: Closable) -> None:
+        self.connections.discard(connection)
+        if not self.connections:
+            waiters, self._idle = self._idle, []
+            for d in waiters:
+                d.callback(None)
+
+    def close_all(self, reactor: Any, reason: Reason, message: str, grace: float) -> Deferred[None]:
+        """Close every connection; fires when all are gone."""
+        if not self.connections:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        for connection in list(self.connections):
+            connection.shutdown(reason, message)
+
+        def abort() -> None:
+            for connection in list(self.connections):
+                connection.transport.abortConnection()
+
+        timer = reactor.callLater(grace, abort)
+        d.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+        return d
+
 
 class ListeningService(Service):
     """Listen on C{description} with C{factory} while running."""
 
     log = Logger()
 
-    def __init__(self, reactor: Any, description: str, factory: Any, role: str) -> None:
+    def __init__(
+        self, reactor: Any, description: str, factory: Any, role: str, grace: float = 5.0
+    ) -> None:
         self.reactor = reactor
         self.description = description
         self.factory = factory
         self.role = role
+        self.grace = grace
         self.port: IListeningPort | None = None
         self.listening: Deferred[IListeningPort] = Deferred()
 
@@ -68,6 +121,13 @@ class ListeningService(Service):
     def stopService(self) -> Deferred[Any]:  # noqa: N802
         Service.stopService(self)
         port, self.port = self.port, None
-        if port is None:
-            return succeed(None)
-        return maybeDeferred(port.stopListening)
+        stopped = maybeDeferred(port.stopListening) if port is not None else succeed(None)
+        tracker: ConnectionTracker | None = getattr(self.factory, "tracker", None)
+        if tracker is None:
+            tracker = getattr(getattr(self.factory, "wrappedFactory", None), "tracker", None)
+        if tracker is not None:
+            closing = tracker.close_all(
+                self.reactor, Reason.DRAINING, "the edge is stopping", self.grace
+            )
+            stopped.addCallback(lambda _: closing)
+        return stopped

@@ -62,6 +62,13 @@ class Router:
         self._rng = rng or random.Random()
         # hostname pattern -> list of tunnels sorted by longest path prefix first
         self._by_host: dict[str, list[_Tunnel]] = {}
+        # Hostnames granted in configuration: when no agent serves them, the
+        # answer is "agent unavailable", not "no such tunnel".
+        self._reserved: set[str] = set()
+
+    def reserve(self, pattern: str) -> None:
+        """Know C{pattern} as a tunnel even while no agent serves it."""
+        self._reserved.add(pattern.lower())
 
     def register(self, session: AgentSession, spec: TunnelSpec) -> None:
         """Add C{session} as a server of C{spec}."""
@@ -119,6 +126,8 @@ class Router:
                 if session is None:
                     return Reason.AGENT_UNAVAILABLE
                 return Route(tunnel.key, session.link, session)
+        if hostname_allowed(host, list(self._reserved)):
+            return Reason.AGENT_UNAVAILABLE
         return Reason.NO_TUNNEL
 
     def _pick(self, sessions: list[AgentSession]) -> AgentSession | None:

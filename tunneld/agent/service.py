@@ -82,7 +82,7 @@ class AgentService(Service):
             TunnelSpec(hostname=t.hostname, path_prefix=t.path_prefix) for t in config.tunnels
         ]
         self.pools: dict[str, UpstreamPool] = {}
-        for tunnel, spec in zip(config.tunnels, self.specs):
+        for tunnel, spec in zip(config.tunnels, self.specs, strict=True):
             self.pools[tunnel_key(spec)] = UpstreamPool(
                 reactor,
                 tunnel.upstream,
@@ -97,6 +97,7 @@ class AgentService(Service):
         self._pending: Any = None
         self._welcome_timer: Any = None
         self._stopping = False
+        self._links: set[IAgentLink] = set()
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -111,9 +112,11 @@ class AgentService(Service):
         if self._pending is not None and self._pending.active():
             self._pending.cancel()
         self._cancel_welcome_timer()
-        if self.link is not None:
-            self.link.close(Reason.CANCELLED, "agent stopping")
-        return DeferredList([pool.close() for pool in self.pools.values()])
+        waits = [pool.close() for pool in self.pools.values()]
+        for link in self._links:
+            link.close(Reason.CANCELLED, "agent stopping")
+            waits.append(link.when_closed())
+        return DeferredList(waits)
 
     # -- dialling -----------------------------------------------------------
 
@@ -154,6 +157,8 @@ class AgentService(Service):
             link.close(Reason.CANCELLED, "agent stopping")
             return
         self.link = link
+        self._links.add(link)
+        link.when_closed().addCallback(lambda _: self._links.discard(link))
         link.set_handler(_LinkEvents(self, link))
         link.send_control(
             Hello(

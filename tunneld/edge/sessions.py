@@ -96,6 +96,9 @@ class AgentSessions:
         self.reactor = reactor
         self.sessions: dict[str, AgentSession] = {}
         self._grants = {grant.id: grant for grant in config.agents}
+        for grant in config.agents:
+            for pattern in grant.hostnames:
+                router.reserve(pattern)
 
     def link_connected(self, link: IAgentLink) -> None:
         """A transport accepted a new agent link (the EdgeLinkSetup.on_link callback)."""

@@ -23,6 +23,7 @@ from autobahn.twisted.websocket import (
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -30,7 +31,7 @@ from zope.interface import implementer
 
 from tunneld.errors import ConfigError
 from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup, ITransportPlugin
-from tunneld.listening import ListeningService
+from tunneld.listening import ConnectionTracker, ListeningService
 from tunneld.reasons import Reason
 from tunneld.schema import non_negative, parse_table, positive, setting
 from tunneld.wire.mux import FrameLink
@@ -93,21 +94,20 @@ class _FrameWireMixin:
 
     link: FrameLink | None = None
     transport: Any
+    closeHandshakeTimeoutCall: Any
     log = Logger()
 
-    def sendMessage(self, payload: bytes, isBinary: bool = False) -> None:  # noqa: N802
-        raise NotImplementedError  # provided by Autobahn
-
-    def sendClose(self, code: int | None = None, reason: str | None = None) -> None:  # noqa: N802
-        raise NotImplementedError  # provided by Autobahn
+    # sendMessage and sendClose come from Autobahn's protocol classes.
+    sendMessage: Any
+    sendClose: Any
 
     def send_frame(self, payload: bytes) -> None:
         self.sendMessage(payload, isBinary=True)
 
     def close_wire(self, reason: Reason, message: str) -> None:
-        code = 1002 if reason is Reason.PROTOCOL_ERROR else 1011
-        if reason in (Reason.DRAINING, Reason.AGENT_GONE, Reason.IDLE_TIMEOUT):
-            code = 1001
+        # Applications may only send 1000 or 3000-4999: 4000 + the wire code
+        # tells a peer exactly which reason ended the link.
+        code = 1000 if reason in (Reason.DRAINING, Reason.CANCELLED) else 4000 + reason.wire_code
         self.sendClose(code, f"{reason.value}: {message}"[:120])
         # A peer that ignores the close handshake must not hold the socket.
         self.transport.loseConnection()
@@ -134,6 +134,14 @@ class _FrameWireMixin:
         self.transport.registerProducer(_LinkCongestion(link), True)
         return link
 
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        super().connectionLost(reason)  # type: ignore[misc]
+        # Autobahn leaves its close-handshake timer behind when we closed first.
+        timer = getattr(self, "closeHandshakeTimeoutCall", None)
+        if timer is not None:
+            timer.cancel()
+            self.closeHandshakeTimeoutCall = None
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802
         if self.link is None:
             return
@@ -146,6 +154,7 @@ class _FrameWireMixin:
         if self.link is not None:
             detail = f"websocket closed ({code}{': ' + reason if reason else ''})"
             self.link.wire_lost(Reason.AGENT_GONE, detail)
+            self.link.connection_done()
 
 
 class EdgeWebSocketProtocol(_FrameWireMixin, WebSocketServerProtocol):  # type: ignore[misc]
@@ -163,6 +172,21 @@ class EdgeWebSocketProtocol(_FrameWireMixin, WebSocketServerProtocol):  # type: 
         link = self._make_link(is_edge=True, options=self.factory.options, setup=self.factory.setup)
         self.factory.setup.on_link(link)
 
+    def connectionMade(self) -> None:  # noqa: N802
+        super().connectionMade()
+        self.factory.tracker.add(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        super().connectionLost(reason)
+        self.factory.tracker.remove(self)
+
+    def shutdown(self, reason: Reason, message: str) -> None:
+        """Closable.shutdown: the link says goodbye with the reason."""
+        if self.link is not None:
+            self.link.close(reason, message)
+        else:
+            self.transport.loseConnection()
+
 
 class EdgeWebSocketFactory(WebSocketServerFactory):  # type: ignore[misc]
     protocol = EdgeWebSocketProtocol  # type: ignore[assignment]
@@ -171,6 +195,7 @@ class EdgeWebSocketFactory(WebSocketServerFactory):  # type: ignore[misc]
         super().__init__()
         self.options = options
         self.setup = setup
+        self.tracker = ConnectionTracker()
         self.setProtocolOptions(
             maxFramePayloadSize=setup.max_frame_size,
             maxMessagePayloadSize=setup.max_frame_size,

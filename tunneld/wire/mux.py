@@ -16,6 +16,7 @@ import itertools
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProducer, IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -24,10 +25,20 @@ from tunneld.interfaces import IAgentLink, ILinkHandler, IStream, IStreamReceive
 from tunneld.reasons import Reason
 from tunneld.wire import codec
 from tunneld.wire.codec import FrameError
-from tunneld.wire.messages import ControlMessage, GoAway, Headers, ReplyHead, StreamHead
+from tunneld.wire.messages import (
+    ControlMessage,
+    GoAway,
+    Headers,
+    Hello,
+    ReplyHead,
+    StreamHead,
+    Welcome,
+)
 
 # Room in a frame for everything but the payload.
 _FRAME_OVERHEAD = 32
+# No peer may set its frame limit below this; data frames never exceed it.
+_MIN_FRAME_LIMIT = 128 * 1024
 
 
 class FrameWire(Protocol):
@@ -96,11 +107,11 @@ class FrameStream:
             self._pending_size += len(data)
             self._flush()
             if self._pending_size > self.link.initial_window + self.link.max_pending:
-                self.reset(Reason.SATURATED, "sender ignored flow control")
                 self.link.log.warn(
                     "stream {stream_id} on {peer} saturated: {size} bytes pending",
                     stream_id=self.stream_id, peer=self.link.peer, size=self._pending_size,
                 )
+                self._fail(Reason.SATURATED, "sender ignored flow control")
             elif self._pending:
                 self._pause_producer()
             return
@@ -140,6 +151,14 @@ class FrameStream:
             return
         self.link.send(codec.encode_reset(self.stream_id, reason, message).SerializeToString())
         self._close()
+
+    def _fail(self, reason: Reason, message: str) -> None:
+        """End the stream from inside: both the peer and our own receiver hear why."""
+        producer = self._producer
+        self.reset(reason, message)
+        if producer is not None:
+            producer.stopProducing()
+        self._deliver("reset_received", reason, message)
 
     def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         """IConsumer.registerProducer: only push producers (all of ours are)."""
@@ -285,7 +304,8 @@ class FrameLink:
         self.ack_threshold = max(1, initial_window // 4)
         self.max_pending = initial_window
         self.max_frame_size = max_frame_size
-        self.max_data = max_frame_size - _FRAME_OVERHEAD
+        # Data frames stay small enough for any peer's frame limit.
+        self.max_data = min(max_frame_size, _MIN_FRAME_LIMIT) - _FRAME_OVERHEAD
         self.max_streams = max_streams
         self.peer_window = initial_window
         self.streams: dict[int, FrameStream] = {}
@@ -301,6 +321,8 @@ class FrameLink:
         self._heartbeat_interval = heartbeat_interval
         self._heartbeat_timeout = heartbeat_timeout
         self._heartbeat: Any = None
+        self._done = False
+        self._closed_waiters: list[Deferred[None]] = []
         if heartbeat_interval > 0:
             self._heartbeat = reactor.callLater(heartbeat_interval, self._beat)
 
@@ -346,6 +368,22 @@ class FrameLink:
         self.send(codec.encode_control(GoAway(reason, message)).SerializeToString())
         self.wire.close_wire(reason, message)
         self.wire_lost(reason, message)
+
+    def when_closed(self) -> Deferred[None]:
+        """IAgentLink.when_closed"""
+        if self._done:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._closed_waiters.append(d)
+        return d
+
+    def connection_done(self) -> None:
+        """The transport's connection is fully closed (after L{wire_lost})."""
+        self.wire_lost(Reason.AGENT_GONE, "connection closed")
+        self._done = True
+        waiters, self._closed_waiters = self._closed_waiters, []
+        for d in waiters:
+            d.callback(None)
 
     # -- sending ------------------------------------------------------------
 
@@ -442,6 +480,9 @@ class FrameLink:
             if stream_id:
                 raise FrameError(f"{kind} frame on stream {stream_id}")
             message = codec.control_from(frame)
+            if isinstance(message, (Hello, Welcome)) and message.initial_window:
+                # Each side announces the credit it grants per stream.
+                self.peer_window = message.initial_window
             if self.handler is not None:
                 self.handler.control_received(message)
 

@@ -1,0 +1,299 @@
+"""
+The end-to-end behaviour every agent-link transport must show, written once.
+
+Each transport's test module subclasses L{EndToEndMixin} with
+L{twisted.trial.unittest.TestCase} and says how its edge listens and its
+agent dials (the transit relay's pattern): the whole suite then runs over it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import globalLogPublisher
+from twisted.web.client import ResponseDone, ResponseFailed
+
+from tests.harness import (
+    TunnelHarness,
+    listen_upstream,
+    pattern_digest,
+    sleep,
+)
+from tunneld.config import AgentGrant
+from tunneld.reasons import Reason
+
+MB = 1024 * 1024
+BIG = 200 * MB
+# A whole-body buffer of BIG bytes anywhere on the path would break this.
+MEMORY_CEILING = 80 * MB
+
+
+class EventCollector:
+    """Collects log events for the duration of a test."""
+
+    def __init__(self, case: Any) -> None:
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        case.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def formats(self) -> list[str]:
+        return [e.get("log_format", "") for e in self.events]
+
+    def matching(self, fmt: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("log_format") == fmt]
+
+
+class EndToEndMixin:
+    """Tests for one transport; subclasses set C{transport} and the two tables."""
+
+    transport: str
+    timeout = 120
+
+    # -- what a transport's test module provides ------------------------------
+
+    def edge_table(self) -> dict[str, Any]:
+        return {"listen": "tcp:0:interface=127.0.0.1"}
+
+    def agent_table(self, address: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def send_malformed_frame(self, address: Any) -> None:
+        """Connect to the edge as a hostile agent and send a malformed frame."""
+        raise NotImplementedError
+
+    # -- helpers ---------------------------------------------------------------
+
+    async def tunnel(
+        self, grants: list[AgentGrant] | None = None, **agent: Any
+    ) -> tuple[TunnelHarness, Any]:
+        harness = TunnelHarness(self, self.transport, self.edge_table())
+        await harness.start_edge(grants)
+        port, upstream = await listen_upstream(self)
+        await harness.start_agent(
+            self.agent_table(harness.link_address()), [("app.test", port)], **agent
+        )
+        return harness, upstream
+
+    # -- the tests -------------------------------------------------------------
+
+    async def test_get(self) -> None:
+        """A GET reaches the upstream through edge and agent and its answer comes back."""
+        harness, _ = await self.tunnel()
+        code, headers, body = await harness.request("app.test", "/hello")
+        self.assertEqual((code, body), (200, b"hello from upstream"))
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/plain"])
+
+    async def test_post(self) -> None:
+        """A POST body travels to the upstream and its echo travels back."""
+        harness, _ = await self.tunnel()
+        payload = b"x" * 100_000 + b"end"
+        code, _, body = await harness.request("app.test", "/echo", b"POST", payload)
+        self.assertEqual((code, body), (200, payload))
+
+    async def test_forwarding_headers(self) -> None:
+        """The upstream sees X-Forwarded-* and Via, and no hop-by-hop headers."""
+        harness, _ = await self.tunnel()
+        code, _, body = await harness.request(
+            "app.test", "/headers", headers={b"connection": [b"x-secret"], b"x-secret": [b"1"]}
+        )
+        self.assertEqual(code, 200)
+        lines = body.split(b"\n")
+        self.assertIn(b"x-forwarded-for: 127.0.0.1", lines)
+        self.assertIn(b"x-forwarded-host: app.test", lines)
+        self.assertIn(b"x-forwarded-proto: http", lines)
+        self.assertTrue(any(line.startswith(b"via: ") for line in lines))
+        self.assertFalse(any(line.startswith(b"x-secret") for line in lines))
+
+    async def test_concurrent_requests(self) -> None:
+        """200 concurrent requests over one agent link are all answered correctly."""
+        harness, upstream = await self.tunnel()
+        payloads = [f"request {i} ".encode() * (i + 1) for i in range(200)]
+        results = await defer.gatherResults(
+            [
+                defer.ensureDeferred(harness.request("app.test", "/echo", b"POST", p))
+                for p in payloads
+            ]
+        )
+        self.assertEqual([(code, body) for code, _, body in results], [(200, p) for p in payloads])
+        self.assertEqual(upstream.requests, 200)
+
+    async def test_large_upload_streams(self) -> None:
+        """A 200 MB upload arrives intact while memory stays far below its size."""
+        harness, _ = await self.tunnel()
+        from tests.harness import Sampler
+
+        sampler = Sampler()
+        response, body = await harness.stream("app.test", "/sha256", b"POST", upload=BIG)
+        reason = await body.done
+        growth = sampler.stop()
+        self.assertTrue(reason.check(ResponseDone), reason)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(body.start, pattern_digest(BIG).encode())
+        self.assertLess(growth, MEMORY_CEILING, f"memory grew by {growth / MB:.0f} MiB")
+
+    async def test_large_download_streams(self) -> None:
+        """A 200 MB download arrives intact while memory stays far below its size."""
+        harness, _ = await self.tunnel()
+        from tests.harness import Sampler
+
+        sampler = Sampler()
+        response, body = await harness.stream("app.test", f"/bytes/{BIG}")
+        reason = await body.done
+        growth = sampler.stop()
+        self.assertTrue(reason.check(ResponseDone), reason)
+        self.assertEqual(body.size, BIG)
+        self.assertEqual(body.hash.hexdigest(), pattern_digest(BIG))
+        self.assertLess(growth, MEMORY_CEILING, f"memory grew by {growth / MB:.0f} MiB")
+
+    async def test_stalled_reader_stalls_only_its_stream(self) -> None:
+        """A client that stops reading blocks neither the link nor other requests."""
+        harness, _ = await self.tunnel()
+        from tests.harness import Sampler
+
+        sampler = Sampler()
+        response, stalled = await harness.stream("app.test", f"/bytes/{BIG}", stall=True)
+        await stalled.first
+        await sleep(0.5)
+        for _ in range(5):
+            code, _, body = await harness.request("app.test", "/hello")
+            self.assertEqual((code, body), (200, b"hello from upstream"))
+        self.assertLess(stalled.size, BIG // 4)
+        self.assertLess(sampler.stop(), MEMORY_CEILING)
+        stalled.transport.stopProducing()
+        await stalled.done
+
+    async def test_unknown_host(self) -> None:
+        """An unknown hostname gets 404 with Tunnel-Error: no_tunnel."""
+        harness, _ = await self.tunnel()
+        code, headers, body = await harness.request("nothing.test", "/")
+        self.assertEqual(code, 404)
+        self.assertEqual(headers.getRawHeaders(b"tunnel-error"), [b"no_tunnel"])
+        self.assertIn(Reason.NO_TUNNEL.description.encode(), body)
+
+    async def test_granted_host_without_agent(self) -> None:
+        """A configured hostname whose agent is offline gets 503 agent_unavailable."""
+        harness = TunnelHarness(self, self.transport, self.edge_table())
+        await harness.start_edge([AgentGrant("a", "secret", ["offline.test"])])
+        code, headers, _ = await harness.request("offline.test", "/")
+        self.assertEqual(code, 503)
+        self.assertEqual(headers.getRawHeaders(b"tunnel-error"), [b"agent_unavailable"])
+
+    async def test_upstream_down(self) -> None:
+        """An upstream that refuses connections gets 502 upstream_refused."""
+        harness = TunnelHarness(self, self.transport, self.edge_table())
+        await harness.start_edge()
+        port, _ = await listen_upstream(self)
+        await harness.start_agent(self.agent_table(harness.link_address()), [("app.test", 1)])
+        code, headers, body = await harness.request("app.test", "/")
+        self.assertEqual(code, 502)
+        self.assertEqual(headers.getRawHeaders(b"tunnel-error"), [b"upstream_refused"])
+
+    async def test_upstream_timeout(self) -> None:
+        """An upstream that never answers gets 504 upstream_timeout."""
+        harness, upstream = await self.tunnel(upstream_response_timeout=0.5)
+        code, headers, _ = await harness.request("app.test", "/hang")
+        self.assertEqual(code, 504)
+        self.assertEqual(headers.getRawHeaders(b"tunnel-error"), [b"upstream_timeout"])
+        for request in upstream.hanging:
+            if request.channel is not None:
+                request.channel.transport.abortConnection()
+
+    async def test_agent_gone_mid_response(self) -> None:
+        """When the agent link dies mid-response the client's connection is cut, not completed."""
+        events = EventCollector(self)
+        harness, _ = await self.tunnel()
+        response, body = await harness.stream("app.test", f"/bytes/{BIG}")
+        await body.first
+        agent = harness.agents[0]
+        assert agent.link is not None
+        agent.link.close(Reason.AGENT_GONE, "agent killed by the test")
+        reason = await body.done
+        self.assertIsNone(reason.check(ResponseDone))
+        self.assertLess(body.size, BIG)
+        await sleep(0.1)
+        logged = [e for e in events.events if e.get("reason") == "agent_gone"]
+        self.assertTrue(logged, "no agent_gone event was logged")
+
+    async def test_unauthorized_agent(self) -> None:
+        """An agent with a wrong token is refused and the check is logged."""
+        events = EventCollector(self)
+        harness = TunnelHarness(self, self.transport, self.edge_table())
+        await harness.start_edge([AgentGrant("a", "right", ["app.test"])])
+        port, _ = await listen_upstream(self)
+        agent = await harness.start_agent(
+            self.agent_table(harness.link_address()), [("app.test", port)],
+            agent_id="a", token="wrong", wait=False,
+        )
+        for _ in range(100):
+            if events.matching("agent {agent} from {peer} refused: {check}"):
+                break
+            await sleep(0.05)
+        refused = events.matching("agent {agent} from {peer} refused: {check}")
+        self.assertEqual(refused[0]["check"], "wrong token for agent 'a'")
+        self.assertFalse(agent.ready.called)
+        code, headers, _ = await harness.request("app.test", "/")
+        self.assertEqual(code, 503)
+
+    async def test_disallowed_hostname(self) -> None:
+        """An agent may register only the hostnames granted to it."""
+        harness = TunnelHarness(self, self.transport, self.edge_table())
+        await harness.start_edge([AgentGrant("a", "tok", ["mine.test"])])
+        port, _ = await listen_upstream(self)
+        agent = await harness.start_agent(
+            self.agent_table(harness.link_address()),
+            [("mine.test", port), ("theirs.test", port)], agent_id="a", token="tok",
+        )
+        welcome = await agent.ready
+        self.assertEqual([r.tunnel.hostname for r in welcome.refused], ["theirs.test"])
+        code, _, _ = await harness.request("mine.test", "/hello")
+        self.assertEqual(code, 200)
+        code, headers, _ = await harness.request("theirs.test", "/hello")
+        self.assertEqual(code, 404)
+
+    async def test_malformed_frame_from_hostile_agent(self) -> None:
+        """A malformed frame closes only the hostile link with protocol_error."""
+        events = EventCollector(self)
+        harness, _ = await self.tunnel()
+        await self.send_malformed_frame(harness.link_address())
+        for _ in range(100):
+            if any("broke the protocol" in f for f in events.formats()):
+                break
+            await sleep(0.05)
+        self.assertTrue(any("broke the protocol" in f for f in events.formats()))
+        code, _, body = await harness.request("app.test", "/hello")
+        self.assertEqual((code, body), (200, b"hello from upstream"))
+
+    async def test_agent_reconnects(self) -> None:
+        """After its link drops, the agent reconnects and re-registers its tunnels."""
+        harness, _ = await self.tunnel(reconnect_initial=0.05)
+        agent = harness.agents[0]
+        assert agent.link is not None
+        first = agent.link
+        first.close(Reason.AGENT_GONE, "dropped by the test")
+        for _ in range(200):
+            if agent.link is not None and agent.link is not first and agent.public_urls:
+                code, _, _ = await harness.request("app.test", "/hello")
+                if code == 200:
+                    break
+            await sleep(0.05)
+        code, _, body = await harness.request("app.test", "/hello")
+        self.assertEqual((code, body), (200, b"hello from upstream"))
+
+    async def test_keep_alive(self) -> None:
+        """Several requests on one public keep-alive connection are each answered."""
+        harness, _ = await self.tunnel()
+        from twisted.internet import reactor
+        from twisted.web.client import Agent, HTTPConnectionPool
+
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        self.addCleanup(pool.closeCachedConnections)
+        harness.client = Agent(reactor, pool=pool)
+        for i in range(3):
+            payload = f"keep-alive {i}".encode()
+            code, _, body = await harness.request("app.test", "/echo", b"POST", payload)
+            self.assertEqual((code, body), (200, payload))
+
+
+__all__ = ["EndToEndMixin", "EventCollector", "ResponseFailed", "hashlib"]

@@ -1,0 +1,283 @@
+"""The protobuf codec: hand-written data frames, round trips, rejected frames, reason codes, fuzzing."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.test_mux import HEAD, Handler, Receiver, Wire, make_link
+from tunneld.reasons import Reason
+from tunneld.wire import codec
+from tunneld.wire import tunnel_pb2 as pb
+from tunneld.wire.codec import FrameError
+from tunneld.wire.messages import (
+    GoAway,
+    Hello,
+    Refusal,
+    ReplyHead,
+    StreamHead,
+    TunnelSpec,
+    Welcome,
+)
+
+STREAM_IDS = [0, 1, 2, 127, 128, 255, 16383, 16384, 2097151, 2097152, 2**31 - 1, 2**32 - 1]
+SIZES = [0, 1, 2, 125, 126, 127, 128, 129, 16380, 16381, 16382, 16383, 16384, 16385, 70000]
+
+
+def generated_data(stream_id: int, data: bytes) -> bytes:
+    return pb.Frame(stream_id=stream_id, data=pb.Data(data=data)).SerializeToString()
+
+
+def wire(frame: pb.Frame) -> pb.Frame:
+    """C{frame} serialised and parsed back, as the far end sees it."""
+    return codec.decode(frame.SerializeToString())
+
+
+class EncodeDataTests(SynchronousTestCase):
+    """encode_data writes the same bytes as the generated encoder."""
+
+    def test_boundaries(self) -> None:
+        """Stream ids and sizes around every varint length boundary encode identically."""
+        for stream_id in STREAM_IDS:
+            for size in SIZES:
+                data = bytes(i % 251 for i in range(size))
+                self.assertEqual(
+                    codec.encode_data(stream_id, data),
+                    generated_data(stream_id, data),
+                    (stream_id, size),
+                )
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.integers(0, 2**32 - 1), st.binary(max_size=20000))
+    def test_arbitrary(self, stream_id: int, data: bytes) -> None:
+        """Any stream id and payload encodes identically and decodes back to itself."""
+        encoded = codec.encode_data(stream_id, data)
+        self.assertEqual(encoded, generated_data(stream_id, data))
+        frame = codec.decode(encoded)
+        self.assertEqual((frame.stream_id, frame.data.data), (stream_id, data))
+
+
+class RoundTripTests(SynchronousTestCase):
+    """Every message survives encoding and decoding unchanged."""
+
+    def test_hello(self) -> None:
+        """A Hello with several tunnels round-trips."""
+        hello = Hello(
+            agent_id="agent-1",
+            tunnels=(
+                TunnelSpec("demo.a.test"),
+                TunnelSpec("*.a.test", path_prefix="/api"),
+                TunnelSpec("ssh.a.test", protocol="tcp", port=2222),
+            ),
+            token="secret",
+            software="tunneld-agent/0.1",
+            initial_window=65536,
+        )
+        self.assertEqual(codec.control_from(wire(codec.encode_control(hello))), hello)
+
+    def test_welcome_with_refusals(self) -> None:
+        """A Welcome with public URLs and refusals (each with its reason) round-trips."""
+        welcome = Welcome(
+            session_id="s-1",
+            public_urls=("http://demo.a.test/", "https://demo.a.test/"),
+            refused=(
+                Refusal(TunnelSpec("other.test"), Reason.UNAUTHORIZED, "not granted"),
+                Refusal(TunnelSpec("x.test", protocol="tcp"), Reason.BAD_REQUEST, "no tcp"),
+            ),
+            initial_window=131072,
+            heartbeat_ms=10000,
+        )
+        self.assertEqual(codec.control_from(wire(codec.encode_control(welcome))), welcome)
+
+    def test_goaway(self) -> None:
+        """A GoAway keeps its reason and message."""
+        goaway = GoAway(Reason.DRAINING, "edge restarting")
+        self.assertEqual(codec.control_from(wire(codec.encode_control(goaway))), goaway)
+
+    def test_open(self) -> None:
+        """An Open keeps its stream id and every field of the head."""
+        head = StreamHead(
+            kind="upgrade",
+            tunnel="demo.a.test",
+            method="GET",
+            target="/chat?room=1",
+            headers=((b"host", b"demo.a.test"), (b"upgrade", b"websocket"), (b"x", b"")),
+            peer="198.51.100.7:40000",
+            scheme="https",
+        )
+        frame = wire(codec.encode_open(7, head))
+        self.assertEqual(frame.stream_id, 7)
+        self.assertEqual(codec.head_from(frame), head)
+
+    def test_open_defaults_scheme(self) -> None:
+        """An Open without a scheme reads as http."""
+        frame = wire(pb.Frame(stream_id=1, open=pb.Open(kind="tcp", tunnel="t")))
+        self.assertEqual(codec.head_from(frame), StreamHead(kind="tcp", tunnel="t"))
+
+    def test_reply(self) -> None:
+        """A Reply keeps status, reason phrase and repeated headers in order."""
+        reply = ReplyHead(
+            status=404,
+            reason=b"Not Found",
+            headers=((b"set-cookie", b"a=1"), (b"set-cookie", b"b=2")),
+        )
+        frame = wire(codec.encode_reply(9, reply))
+        self.assertEqual(frame.stream_id, 9)
+        self.assertEqual(codec.reply_from(frame), reply)
+
+    def test_end(self) -> None:
+        """An End keeps its trailers; an End without trailers has none."""
+        frame = wire(codec.encode_end(3, ((b"grpc-status", b"0"),)))
+        self.assertEqual(frame.stream_id, 3)
+        self.assertEqual(codec.trailers_from(frame), ((b"grpc-status", b"0"),))
+        self.assertEqual(codec.trailers_from(wire(codec.encode_end(3))), ())
+
+    def test_reset(self) -> None:
+        """A Reset keeps every reason and its message."""
+        for reason in Reason:
+            frame = wire(codec.encode_reset(5, reason, f"because {reason.value}"))
+            self.assertEqual(frame.stream_id, 5)
+            self.assertEqual(codec.reset_from(frame), (reason, f"because {reason.value}"))
+
+    def test_window_and_ping(self) -> None:
+        """Window increments and ping/pong opaque values round-trip."""
+        self.assertEqual(wire(codec.encode_window(11, 2**32 - 1)).window.increment, 2**32 - 1)
+        ping = wire(codec.encode_ping(2**64 - 1))
+        pong = wire(codec.encode_ping(42, pong=True))
+        self.assertEqual((ping.WhichOneof("body"), ping.ping.opaque), ("ping", 2**64 - 1))
+        self.assertEqual((pong.WhichOneof("body"), pong.pong.opaque), ("pong", 42))
+
+
+class RejectTests(SynchronousTestCase):
+    """Malformed or impossible frames raise FrameError."""
+
+    def test_garbage(self) -> None:
+        """Bytes that are not a Frame raise FrameError."""
+        for payload in [b"\xff\xff\xff\xff", b"\x32\x05ab", b"\x08", b"\x0f\x00", b"\x32\x80"]:
+            self.assertRaises(FrameError, codec.decode, payload)
+
+    def test_no_body(self) -> None:
+        """An empty frame, or one with only a stream id, has no body and raises FrameError."""
+        self.assertRaises(FrameError, codec.decode, b"")
+        self.assertRaises(FrameError, codec.decode, pb.Frame(stream_id=3).SerializeToString())
+
+    def test_reply_status_zero(self) -> None:
+        """A reply with status 0 (or above 999, or below 100) is rejected."""
+        for status in (0, 99, 1000):
+            frame = wire(pb.Frame(stream_id=1, reply=pb.Reply(status=status)))
+            self.assertRaises(FrameError, codec.reply_from, frame)
+
+    def test_open_unknown_kind(self) -> None:
+        """An open with a kind other than http, upgrade or tcp is rejected."""
+        for kind in ("", "smtp", "HTTP"):
+            frame = wire(pb.Frame(stream_id=1, open=pb.Open(kind=kind, tunnel="t")))
+            self.assertRaises(FrameError, codec.head_from, frame)
+
+    def test_control_from_data(self) -> None:
+        """control_from refuses a frame that is not hello, welcome or goaway."""
+        self.assertRaises(FrameError, codec.control_from, codec.decode(codec.encode_data(1, b"x")))
+
+
+class ReasonCodeTests(SynchronousTestCase):
+    """tunneld.reasons.Reason and the proto's Reason enum agree."""
+
+    def test_wire_codes_match_proto(self) -> None:
+        """Every Reason's wire_code is the proto enum value of the same name, and back."""
+        for reason in Reason:
+            self.assertEqual(reason.wire_code, pb.Reason.Value(reason.name), reason)
+            self.assertIs(Reason.from_wire(reason.wire_code), reason)
+        self.assertEqual(Reason.NO_TUNNEL.wire_code, pb.NO_TUNNEL)
+
+    def test_proto_has_no_extra_reasons(self) -> None:
+        """Every proto reason except REASON_UNSPECIFIED has a Reason member."""
+        names = set(pb.Reason.keys()) - {"REASON_UNSPECIFIED"}
+        self.assertEqual(names, {reason.name for reason in Reason})
+
+    def test_unknown_codes(self) -> None:
+        """Unknown or unspecified wire codes read as PROTOCOL_ERROR."""
+        self.assertIs(Reason.from_wire(999), Reason.PROTOCOL_ERROR)
+        self.assertIs(Reason.from_wire(0), Reason.PROTOCOL_ERROR)
+
+
+# -- fuzzing FrameLink.frame_received -------------------------------------------
+
+_HEADERS = ((b"host", b"a.test"),)
+VALID_FRAMES = [
+    codec.encode_open(1, HEAD).SerializeToString(),
+    codec.encode_open(3, StreamHead(kind="tcp", tunnel="t", headers=_HEADERS)).SerializeToString(),
+    codec.encode_reply(1, ReplyHead(200, b"OK", _HEADERS)).SerializeToString(),
+    codec.encode_data(1, b"hello"),
+    codec.encode_data(3, b"x" * 300),
+    codec.encode_end(1, _HEADERS).SerializeToString(),
+    codec.encode_reset(3, Reason.CLIENT_GONE, "bye").SerializeToString(),
+    codec.encode_window(1, 100).SerializeToString(),
+    codec.encode_ping(7).SerializeToString(),
+    codec.encode_ping(7, pong=True).SerializeToString(),
+    codec.encode_control(Hello("a", (TunnelSpec("a.test", "/x"),), token="t")).SerializeToString(),
+    codec.encode_control(
+        Welcome("s", ("http://a.test/",), (Refusal(TunnelSpec("b"), Reason.UNAUTHORIZED, "no"),))
+    ).SerializeToString(),
+    codec.encode_control(GoAway(Reason.DRAINING, "bye")).SerializeToString(),
+]
+
+
+@st.composite
+def mutated_frames(draw: st.DrawFn) -> bytes:
+    frame = bytearray(draw(st.sampled_from(VALID_FRAMES)))
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate"]))
+        at = draw(st.integers(0, max(0, len(frame) - 1)))
+        if op == "flip" and frame:
+            frame[at] ^= 1 << draw(st.integers(0, 7))
+        elif op == "set" and frame:
+            frame[at] = draw(st.integers(0, 255))
+        elif op == "insert":
+            frame[at:at] = draw(st.binary(min_size=1, max_size=8))
+        elif op == "delete" and frame:
+            del frame[at]
+        elif op == "truncate":
+            del frame[at:]
+    return bytes(frame)
+
+
+payloads = st.lists(
+    st.one_of(st.binary(max_size=64), st.sampled_from(VALID_FRAMES), mutated_frames()),
+    max_size=12,
+)
+
+
+class FrameLinkFuzzTests(SynchronousTestCase):
+    """Whatever arrives, frame_received ignores it, processes it, or closes with PROTOCOL_ERROR."""
+
+    def feed(self, link_wire: Wire, link: object, frames: list[bytes]) -> None:
+        for payload in frames:
+            link.frame_received(payload)  # type: ignore[attr-defined]
+            if link.closed:  # type: ignore[attr-defined]
+                assert link_wire.closed is not None
+                self.assertEqual(link_wire.closed[0], Reason.PROTOCOL_ERROR)
+
+    @settings(max_examples=500, deadline=None)
+    @given(payloads, st.sampled_from([1 << 20, 128]))
+    def test_agent_link(self, frames: list[bytes], max_frame_size: int) -> None:
+        """An agent link fed arbitrary and mutated frames never raises."""
+        link_wire = Wire()
+        link = make_link(
+            link_wire, Clock(), is_edge=False, window=256, max_frame_size=max_frame_size
+        )
+        link.set_handler(Handler())
+        self.feed(link_wire, link, frames)
+
+    @settings(max_examples=500, deadline=None)
+    @given(payloads, st.sampled_from([1 << 20, 128]))
+    def test_edge_link(self, frames: list[bytes], max_frame_size: int) -> None:
+        """An edge link with open streams fed arbitrary and mutated frames never raises."""
+        link_wire = Wire()
+        link = make_link(
+            link_wire, Clock(), is_edge=True, window=256, max_frame_size=max_frame_size
+        )
+        link.set_handler(Handler())
+        for _ in range(2):
+            link.open_stream(HEAD, Receiver()).write(b"y" * 300)
+        self.feed(link_wire, link, frames)

@@ -1,0 +1,633 @@
+"""FrameLink and FrameStream: streams, credit windows, heartbeats and resets over a fake wire."""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from tunneld.interfaces import IAgentLink, ILinkHandler, IStream, IStreamReceiver
+from tunneld.reasons import Reason
+from tunneld.wire import codec
+from tunneld.wire.messages import (
+    ControlMessage,
+    GoAway,
+    Headers,
+    Hello,
+    ReplyHead,
+    StreamHead,
+    Welcome,
+)
+from tunneld.wire.mux import FrameLink, FrameStream
+
+HEAD = StreamHead(kind="http", tunnel="a.test", method="GET", target="/", peer="192.0.2.1:5000")
+WINDOW = 1000
+
+
+@implementer(IStreamReceiver)
+class Receiver:
+    """Records what arrives on a stream, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[object, ...]] = []
+        self.data = bytearray()
+
+    def reply_received(self, reply: ReplyHead) -> None:
+        self.events.append(("reply", reply))
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        self.events.append(("data", data))
+
+    def end_received(self, trailers: Headers) -> None:
+        self.events.append(("end", tuple(trailers)))
+
+    def reset_received(self, reason: Reason, message: str) -> None:
+        self.events.append(("reset", reason, message))
+
+    def resets(self) -> list[tuple[object, ...]]:
+        return [e for e in self.events if e[0] == "reset"]
+
+
+@implementer(ILinkHandler)
+class Handler:
+    """Records link events; accepts every opened stream with a fresh L{Receiver} unless told not to."""
+
+    def __init__(self, attach: bool = True) -> None:
+        self.attach = attach
+        self.controls: list[ControlMessage] = []
+        self.streams: list[IStream] = []
+        self.receivers: list[Receiver] = []
+        self.lost: list[tuple[Reason, str]] = []
+
+    def control_received(self, message: ControlMessage) -> None:
+        self.controls.append(message)
+
+    def stream_opened(self, stream: IStream) -> None:
+        self.streams.append(stream)
+        receiver = Receiver()
+        self.receivers.append(receiver)
+        if self.attach:
+            stream.attach(receiver)
+
+    def link_lost(self, reason: Reason, message: str) -> None:
+        self.lost.append((reason, message))
+
+
+@implementer(IPushProducer)
+class Producer:
+    """A push producer that records pause/resume/stop and otherwise does nothing."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        self.calls.append("pause")
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self.calls.append("resume")
+
+    def stopProducing(self) -> None:  # noqa: N802
+        self.calls.append("stop")
+
+
+class Wire:
+    """A C{FrameWire} that records what its link sends and queues it for L{Pair.pump}."""
+
+    def __init__(self) -> None:
+        self.outbox: list[bytes] = []
+        self.events: list[tuple[object, ...]] = []
+        self.closed: tuple[Reason, str] | None = None
+
+    def send_frame(self, payload: bytes) -> None:
+        self.outbox.append(payload)
+        self.events.append(("frame", payload))
+
+    def close_wire(self, reason: Reason, message: str) -> None:
+        self.closed = (reason, message)
+        self.events.append(("close", reason, message))
+
+    def frames(self) -> list[codec.Frame]:
+        return [codec.decode(e[1]) for e in self.events if e[0] == "frame"]  # type: ignore[arg-type]
+
+    def data_sent(self, stream_id: int) -> int:
+        return sum(
+            len(f.data.data)
+            for f in self.frames()
+            if f.WhichOneof("body") == "data" and f.stream_id == stream_id
+        )
+
+
+def make_link(
+    wire: Wire, clock: Clock, *, is_edge: bool, window: int = WINDOW, **kwargs: object
+) -> FrameLink:
+    return FrameLink(
+        wire,
+        transport_name="fake",
+        peer="agent" if is_edge else "edge",
+        reactor=clock,
+        is_edge=is_edge,
+        initial_window=window,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+class Pair:
+    """An edge link and an agent link back to back; frames move only when pumped."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        edge_window: int = WINDOW,
+        agent_window: int = WINDOW,
+        agent_handler: Handler | None = None,
+        agent_kwargs: dict[str, object] | None = None,
+    ) -> None:
+        self.edge_wire, self.agent_wire = Wire(), Wire()
+        self.edge = make_link(self.edge_wire, clock, is_edge=True, window=edge_window)
+        self.agent = make_link(
+            self.agent_wire, clock, is_edge=False, window=agent_window, **(agent_kwargs or {})
+        )
+        self.edge_handler = Handler()
+        self.agent_handler = agent_handler if agent_handler is not None else Handler()
+        self.edge.set_handler(self.edge_handler)
+        self.agent.set_handler(self.agent_handler)
+
+    def to_agent(self) -> None:
+        """Deliver everything the edge sent; a closed wire then ends the agent's link."""
+        self._deliver(self.edge_wire, self.agent)
+
+    def to_edge(self) -> None:
+        """Deliver everything the agent sent; a closed wire then ends the edge's link."""
+        self._deliver(self.agent_wire, self.edge)
+
+    def _deliver(self, wire: Wire, link: FrameLink) -> None:
+        while wire.outbox:
+            link.frame_received(wire.outbox.pop(0))
+        if wire.closed is not None:
+            link.wire_lost(*wire.closed)
+
+    def pump(self) -> None:
+        """Deliver in both directions until nothing is left in flight."""
+        while self.edge_wire.outbox or self.agent_wire.outbox:
+            self.to_agent()
+            self.to_edge()
+        self.to_agent()
+        self.to_edge()
+
+    def open(self, head: StreamHead = HEAD) -> tuple[FrameStream, Receiver, FrameStream, Receiver]:
+        """Open a stream from the edge; the edge and agent ends with their receivers."""
+        receiver = Receiver()
+        stream = self.edge.open_stream(head, receiver)
+        self.pump()
+        assert isinstance(stream, FrameStream)
+        remote = self.agent_handler.streams[-1]
+        assert isinstance(remote, FrameStream)
+        return stream, receiver, remote, self.agent_handler.receivers[-1]
+
+
+class FakesTests(SynchronousTestCase):
+    """The fakes used here provide the interfaces they stand in for, as do the real objects."""
+
+    def test_fakes_provide_interfaces(self) -> None:
+        """Receiver, Handler and Producer provide their zope interfaces."""
+        self.assertTrue(verifyObject(IStreamReceiver, Receiver()))
+        self.assertTrue(verifyObject(ILinkHandler, Handler()))
+        self.assertTrue(verifyObject(IPushProducer, Producer()))
+
+    def test_link_and_stream_provide_interfaces(self) -> None:
+        """FrameLink provides IAgentLink and FrameStream provides IStream."""
+        pair = Pair(Clock())
+        stream, _, remote, _ = pair.open()
+        self.assertTrue(verifyObject(IAgentLink, pair.edge))
+        self.assertTrue(verifyObject(IStream, stream))
+        self.assertTrue(verifyObject(IStream, remote))
+
+
+class StreamTests(SynchronousTestCase):
+    """Opening streams and moving heads, data, ends and resets both ways."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.pair = Pair(self.clock)
+
+    def test_open_reaches_agent_handler(self) -> None:
+        """open_stream on the edge hands the agent's handler a stream carrying the same head."""
+        stream, _, remote, _ = self.pair.open()
+        self.assertEqual(remote.head, HEAD)
+        self.assertEqual(remote.stream_id, stream.stream_id)
+        self.assertEqual(self.pair.edge.active_streams(), 1)
+        self.assertEqual(self.pair.agent.active_streams(), 1)
+
+    def test_stream_ids_are_odd_and_ascending(self) -> None:
+        """The edge numbers its streams 1, 3, 5, ..."""
+        ids = [self.pair.edge.open_stream(HEAD, Receiver()).stream_id for _ in range(3)]  # type: ignore[attr-defined]
+        self.assertEqual(ids, [1, 3, 5])
+
+    def test_exchange_both_ways(self) -> None:
+        """Request data and end reach the agent; reply, data and trailers reach the edge; both forget the stream."""
+        stream, receiver, remote, remote_receiver = self.pair.open()
+        stream.write(b"request body")
+        stream.end()
+        reply = ReplyHead(status=200, reason=b"OK", headers=((b"content-type", b"text/plain"),))
+        remote.send_reply(reply)
+        remote.write(b"response ")
+        remote.write(b"body")
+        remote.end(((b"grpc-status", b"0"),))
+        self.pair.pump()
+        self.assertEqual(remote_receiver.events, [("data", b"request body"), ("end", ())])
+        self.assertEqual(
+            receiver.events,
+            [
+                ("reply", reply),
+                ("data", b"response "),
+                ("data", b"body"),
+                ("end", ((b"grpc-status", b"0"),)),
+            ],
+        )
+        self.assertEqual(self.pair.edge.active_streams(), 0)
+        self.assertEqual(self.pair.agent.active_streams(), 0)
+
+    def test_reset_from_edge(self) -> None:
+        """A reset on the edge reaches the agent's receiver with its reason and message."""
+        stream, receiver, _, remote_receiver = self.pair.open()
+        stream.reset(Reason.CLIENT_GONE, "client hung up")
+        self.pair.pump()
+        self.assertEqual(remote_receiver.events, [("reset", Reason.CLIENT_GONE, "client hung up")])
+        self.assertEqual(receiver.events, [])
+        self.assertEqual(self.pair.edge.active_streams(), 0)
+        self.assertEqual(self.pair.agent.active_streams(), 0)
+
+    def test_reset_from_agent(self) -> None:
+        """A reset on the agent reaches the edge's receiver with its reason and message."""
+        _, receiver, remote, _ = self.pair.open()
+        remote.reset(Reason.UPSTREAM_REFUSED, "connection refused")
+        self.pair.pump()
+        self.assertEqual(
+            receiver.events, [("reset", Reason.UPSTREAM_REFUSED, "connection refused")]
+        )
+        self.assertEqual(self.pair.edge.active_streams(), 0)
+
+    def test_late_frames_after_reset_are_ignored(self) -> None:
+        """Data already in flight for a stream reset a moment ago is dropped, not a protocol error."""
+        stream, receiver, remote, _ = self.pair.open()
+        remote.write(b"in flight")
+        stream.reset(Reason.CLIENT_GONE, "gone")
+        self.pair.pump()
+        self.assertFalse(self.pair.edge.closed)
+        self.assertFalse(self.pair.agent.closed)
+        self.assertEqual(receiver.events, [])
+
+    def test_events_before_attach_are_replayed(self) -> None:
+        """Frames arriving before the agent attaches a receiver are replayed to it in order."""
+        pair = Pair(self.clock, agent_handler=Handler(attach=False))
+        stream, _, remote, remote_receiver = pair.open()
+        stream.write(b"early")
+        stream.end()
+        pair.pump()
+        self.assertEqual(remote_receiver.events, [])
+        remote.attach(remote_receiver)
+        self.assertEqual(remote_receiver.events, [("data", b"early"), ("end", ())])
+
+    def test_open_without_handler(self) -> None:
+        """An agent link with no handler yet resets a new stream with AGENT_UNAVAILABLE."""
+        pair = Pair(self.clock)
+        pair.agent.handler = None
+        receiver = Receiver()
+        pair.edge.open_stream(HEAD, receiver)
+        pair.pump()
+        self.assertEqual([r[1] for r in receiver.resets()], [Reason.AGENT_UNAVAILABLE])
+
+    def test_max_streams(self) -> None:
+        """Streams beyond max_streams are reset with CAP_REACHED; the link stays up."""
+        pair = Pair(self.clock, agent_kwargs={"max_streams": 1})
+        first, second = Receiver(), Receiver()
+        pair.edge.open_stream(HEAD, first)
+        pair.edge.open_stream(HEAD, second)
+        pair.pump()
+        self.assertEqual(first.resets(), [])
+        self.assertEqual([r[1] for r in second.resets()], [Reason.CAP_REACHED])
+        self.assertFalse(pair.agent.closed)
+
+    def test_stop_producing_cancels_a_turn_later(self) -> None:
+        """stopProducing resets the stream with CANCELLED on the next reactor turn."""
+        stream, _, _, remote_receiver = self.pair.open()
+        stream.stopProducing()
+        self.pair.pump()
+        self.assertEqual(remote_receiver.events, [])
+        self.clock.advance(0)
+        self.pair.pump()
+        self.assertEqual([r[1] for r in remote_receiver.resets()], [Reason.CANCELLED])
+
+    def test_open_on_closed_link(self) -> None:
+        """open_stream on a closed link resets the new stream with AGENT_GONE a turn later."""
+        self.pair.edge.wire_lost(Reason.AGENT_GONE, "gone")
+        receiver = Receiver()
+        self.pair.edge.open_stream(HEAD, receiver)
+        self.assertEqual(receiver.events, [])
+        self.clock.advance(0)
+        self.assertEqual([r[1] for r in receiver.resets()], [Reason.AGENT_GONE])
+        self.assertEqual(self.pair.edge_wire.outbox, [])
+
+
+class CreditTests(SynchronousTestCase):
+    """Per-stream credit windows, producer pause/resume and the SATURATED lid."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.pair = Pair(self.clock)
+
+    def test_sender_stops_at_window(self) -> None:
+        """Without credit the sender sends exactly initial_window bytes and pauses its producer."""
+        stream, _, remote, remote_receiver = self.pair.open()
+        remote.pauseProducing()
+        producer = Producer()
+        stream.registerProducer(producer, True)
+        stream.write(b"a" * 2500)
+        self.assertEqual(self.pair.edge_wire.data_sent(stream.stream_id), WINDOW)
+        self.assertEqual(producer.calls, ["pause"])
+        self.pair.pump()
+        self.assertEqual(len(remote_receiver.data), WINDOW)
+        self.assertEqual(self.pair.edge_wire.data_sent(stream.stream_id), WINDOW)
+        self.assertEqual(producer.calls, ["pause"])
+
+    def test_small_writes_stop_at_window(self) -> None:
+        """Many small writes are cut at exactly initial_window bytes too."""
+        stream, _, remote, _ = self.pair.open()
+        remote.pauseProducing()
+        producer = Producer()
+        stream.registerProducer(producer, True)
+        for _ in range(7):
+            stream.write(b"b" * 300)
+        self.pair.pump()
+        self.assertEqual(self.pair.edge_wire.data_sent(stream.stream_id), WINDOW)
+        self.assertEqual(producer.calls, ["pause"])
+
+    def test_resume_lets_the_rest_flow(self) -> None:
+        """resumeProducing on the receiving stream returns credit; the rest flows and the producer resumes."""
+        stream, _, remote, remote_receiver = self.pair.open()
+        remote.pauseProducing()
+        producer = Producer()
+        stream.registerProducer(producer, True)
+        payload = bytes(range(256)) * 10
+        stream.write(payload)
+        self.pair.pump()
+        remote.resumeProducing()
+        self.pair.pump()
+        self.assertEqual(bytes(remote_receiver.data), payload)
+        self.assertEqual(producer.calls, ["pause", "resume"])
+        self.assertFalse(self.pair.agent.closed)
+
+    def test_end_waits_for_pending_data(self) -> None:
+        """end() behind data held for credit is sent only after that data."""
+        stream, _, remote, remote_receiver = self.pair.open()
+        remote.pauseProducing()
+        stream.write(b"c" * 1500)
+        stream.end()
+        self.pair.pump()
+        self.assertNotIn(("end", ()), remote_receiver.events)
+        remote.resumeProducing()
+        self.pair.pump()
+        self.assertEqual(len(remote_receiver.data), 1500)
+        self.assertEqual(remote_receiver.events[-1], ("end", ()))
+
+    def test_stalled_stream_does_not_stall_another(self) -> None:
+        """A stream whose receiver is paused leaves a sibling stream on the same link flowing."""
+        stalled, _, stalled_remote, stalled_receiver = self.pair.open()
+        stalled_remote.pauseProducing()
+        stalled.write(b"s" * 1500)
+        other, _, _, other_receiver = self.pair.open()
+        for _ in range(10):
+            other.write(b"o" * 500)
+            self.pair.pump()
+        other.end()
+        self.pair.pump()
+        self.assertEqual(len(other_receiver.data), 5000)
+        self.assertEqual(other_receiver.events[-1], ("end", ()))
+        self.assertEqual(len(stalled_receiver.data), WINDOW)
+        self.assertFalse(self.pair.agent.closed)
+
+    def test_peer_window_from_hello_and_welcome(self) -> None:
+        """Each side sends within the window its peer announced in Hello/Welcome, not its own."""
+        pair = Pair(self.clock, edge_window=4000, agent_window=WINDOW)
+        pair.agent.send_control(Hello(agent_id="a", tunnels=(), initial_window=WINDOW))
+        pair.pump()
+        pair.edge.send_control(Welcome(session_id="s", initial_window=4000))
+        pair.pump()
+        stream, _, remote, remote_receiver = pair.open()
+        remote.pauseProducing()
+        stream.write(b"w" * 3000)
+        pair.pump()
+        self.assertFalse(pair.agent.closed, pair.agent_wire.closed)
+        self.assertEqual(len(remote_receiver.data), WINDOW)
+
+    def test_link_pause_pauses_every_producer(self) -> None:
+        """pause_sending pauses every stream's producer; resume_sending resumes them."""
+        first, _, _, _ = self.pair.open()
+        second, _, _, _ = self.pair.open()
+        producers = [Producer(), Producer()]
+        first.registerProducer(producers[0], True)
+        second.registerProducer(producers[1], True)
+        self.pair.edge.pause_sending()
+        self.assertEqual([p.calls for p in producers], [["pause"], ["pause"]])
+        late = Producer()
+        third, _, _, _ = self.pair.open()
+        third.registerProducer(late, True)
+        self.assertEqual(late.calls, ["pause"])
+        self.pair.edge.resume_sending()
+        self.assertEqual([p.calls for p in producers + [late]], [["pause", "resume"]] * 3)
+
+    def test_link_resume_keeps_creditless_stream_paused(self) -> None:
+        """resume_sending leaves paused a producer whose stream still waits for credit."""
+        stream, _, remote, _ = self.pair.open()
+        remote.pauseProducing()
+        producer = Producer()
+        stream.registerProducer(producer, True)
+        stream.write(b"x" * 1200)
+        self.pair.edge.pause_sending()
+        self.pair.edge.resume_sending()
+        self.assertEqual(producer.calls, ["pause"])
+
+    def test_saturated(self) -> None:
+        """A producer that ignores pause gets its stream reset with SATURATED past the pending bound."""
+        stream, _, remote, remote_receiver = self.pair.open()
+        remote.pauseProducing()
+        producer = Producer()
+        stream.registerProducer(producer, True)
+        # initial_window sent, then up to initial_window + max_pending held.
+        for _ in range(6):
+            stream.write(b"z" * 500)
+        self.assertFalse(stream.closed)
+        stream.write(b"z" * 500)
+        self.assertTrue(stream.closed)
+        stream.write(b"z" * 500)
+        self.pair.pump()
+        self.assertEqual(self.pair.edge_wire.data_sent(stream.stream_id), WINDOW)
+        self.assertEqual(
+            remote_receiver.resets(), [("reset", Reason.SATURATED, "sender ignored flow control")]
+        )
+        self.assertEqual(self.pair.edge.active_streams(), 0)
+        self.assertFalse(self.pair.edge.closed)
+
+    def test_saturated_log_names_pending_size(self) -> None:
+        """The SATURATED warning reports how many bytes were pending, not zero."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)  # type: ignore[arg-type]
+        stream, _, remote, _ = self.pair.open()
+        remote.pauseProducing()
+        for _ in range(7):
+            stream.write(b"z" * 500)
+        saturated = [e for e in events if "saturated" in e.get("log_format", "")]
+        self.assertEqual(len(saturated), 1)
+        self.assertEqual(saturated[0]["size"], 2500)
+
+
+class ProtocolErrorTests(SynchronousTestCase):
+    """A misbehaving peer closes the link with PROTOCOL_ERROR."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.pair = Pair(self.clock)
+
+    def assert_protocol_error(self, wire: Wire, handler: Handler) -> None:
+        assert wire.closed is not None
+        self.assertEqual(wire.closed[0], Reason.PROTOCOL_ERROR)
+        self.assertEqual([r for r, _ in handler.lost], [Reason.PROTOCOL_ERROR])
+
+    def test_data_beyond_credit(self) -> None:
+        """A peer sending one byte more than its credit closes the link with PROTOCOL_ERROR."""
+        stream, _, remote, remote_receiver = self.pair.open()
+        remote.pauseProducing()
+        self.pair.agent.frame_received(codec.encode_data(stream.stream_id, b"x" * WINDOW))
+        self.assertFalse(self.pair.agent.closed)
+        self.pair.agent.frame_received(codec.encode_data(stream.stream_id, b"x"))
+        self.assert_protocol_error(self.pair.agent_wire, self.pair.agent_handler)
+        self.assertEqual(remote_receiver.resets()[0][1], Reason.PROTOCOL_ERROR)
+
+    def test_data_for_unopened_stream_at_edge(self) -> None:
+        """Data for a stream the edge never opened is a protocol error."""
+        self.pair.edge.frame_received(codec.encode_data(1, b"x"))
+        self.assert_protocol_error(self.pair.edge_wire, self.pair.edge_handler)
+
+    def test_data_for_unopened_stream_at_agent(self) -> None:
+        """Data for a stream the edge never opened toward the agent is a protocol error."""
+        self.pair.open()
+        self.pair.agent.frame_received(codec.encode_data(3, b"x"))
+        self.assert_protocol_error(self.pair.agent_wire, self.pair.agent_handler)
+
+    def test_agent_may_not_open(self) -> None:
+        """An agent opening a stream toward the edge makes the edge close with PROTOCOL_ERROR."""
+        receiver = Receiver()
+        self.pair.agent.open_stream(HEAD, receiver)
+        self.pair.pump()
+        self.assert_protocol_error(self.pair.edge_wire, self.pair.edge_handler)
+        self.assertEqual(self.pair.edge_handler.streams, [])
+        self.assertEqual([r[1] for r in receiver.resets()], [Reason.PROTOCOL_ERROR])
+
+    def test_open_reusing_an_id(self) -> None:
+        """An open for a stream id not above the last one is a protocol error."""
+        self.pair.open()
+        self.pair.agent.frame_received(codec.encode_open(1, HEAD).SerializeToString())
+        self.assert_protocol_error(self.pair.agent_wire, self.pair.agent_handler)
+
+    def test_oversized_frame(self) -> None:
+        """A frame larger than max_frame_size is a protocol error."""
+        pair = Pair(self.clock, agent_kwargs={"max_frame_size": 64})
+        pair.agent.frame_received(codec.encode_data(1, b"x" * 100))
+        self.assert_protocol_error(pair.agent_wire, pair.agent_handler)
+
+    def test_undecodable_frame(self) -> None:
+        """Bytes that are no frame close the link with PROTOCOL_ERROR after a GoAway."""
+        self.pair.edge.frame_received(b"\xff\xfe not a frame")
+        self.assert_protocol_error(self.pair.edge_wire, self.pair.edge_handler)
+        last = self.pair.edge_wire.frames()[-1]
+        self.assertEqual(
+            codec.control_from(last), GoAway(Reason.PROTOCOL_ERROR, last.goaway.message)
+        )
+
+
+class LinkLifetimeTests(SynchronousTestCase):
+    """wire_lost, close() and heartbeats."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.pair = Pair(self.clock)
+
+    def test_wire_lost_resets_every_stream(self) -> None:
+        """wire_lost resets every open stream with its reason and tells the handler once."""
+        _, first, _, _ = self.pair.open()
+        _, second, _, _ = self.pair.open()
+        self.pair.edge.wire_lost(Reason.AGENT_GONE, "connection lost")
+        self.pair.edge.wire_lost(Reason.PROTOCOL_ERROR, "again")
+        for receiver in (first, second):
+            self.assertEqual(receiver.events, [("reset", Reason.AGENT_GONE, "connection lost")])
+        self.assertEqual(self.pair.edge_handler.lost, [(Reason.AGENT_GONE, "connection lost")])
+        self.assertEqual(self.pair.edge.active_streams(), 0)
+
+    def test_close_sends_goaway_then_closes(self) -> None:
+        """close() sends a GoAway with the reason, then closes the wire, then resets local streams."""
+        _, receiver, _, remote_receiver = self.pair.open()
+        self.pair.edge.close(Reason.DRAINING, "restarting")
+        events = self.pair.edge_wire.events
+        self.assertEqual(events[-1], ("close", Reason.DRAINING, "restarting"))
+        assert events[-2][0] == "frame" and isinstance(events[-2][1], bytes)
+        goaway = codec.control_from(codec.decode(events[-2][1]))
+        self.assertEqual(goaway, GoAway(Reason.DRAINING, "restarting"))
+        self.assertEqual(receiver.events, [("reset", Reason.DRAINING, "restarting")])
+        self.assertEqual(self.pair.edge_handler.lost, [(Reason.DRAINING, "restarting")])
+        self.pair.pump()
+        self.assertEqual(self.pair.agent_handler.controls, [GoAway(Reason.DRAINING, "restarting")])
+        self.assertEqual(remote_receiver.resets(), [("reset", Reason.DRAINING, "restarting")])
+
+    def test_close_twice(self) -> None:
+        """A second close() sends nothing more."""
+        self.pair.edge.close(Reason.DRAINING, "one")
+        count = len(self.pair.edge_wire.events)
+        self.pair.edge.close(Reason.DRAINING, "two")
+        self.assertEqual(len(self.pair.edge_wire.events), count)
+
+    def test_control_messages_reach_handler(self) -> None:
+        """Hello and Welcome sent with send_control reach the far handler."""
+        hello = Hello(agent_id="a1", tunnels=(), token="t", initial_window=WINDOW)
+        welcome = Welcome(session_id="s1", public_urls=("http://a.test/",))
+        self.pair.agent.send_control(hello)
+        self.pair.edge.send_control(welcome)
+        self.pair.pump()
+        self.assertEqual(self.pair.edge_handler.controls, [hello])
+        self.assertEqual(self.pair.agent_handler.controls, [welcome])
+
+    def test_pings_and_round_trip_time(self) -> None:
+        """Each heartbeat interval sends a ping; the pong sets round_trip_time()."""
+        self.assertIsNone(self.pair.edge.round_trip_time())
+        self.clock.advance(10)
+        pings = [f for f in self.pair.edge_wire.frames() if f.WhichOneof("body") == "ping"]
+        self.assertEqual(len(pings), 1)
+        self.pair.to_agent()
+        self.clock.advance(0.25)
+        self.pair.to_edge()
+        self.assertEqual(self.pair.edge.round_trip_time(), 0.25)
+
+    def test_pumped_pair_stays_up(self) -> None:
+        """Links that hear each other's pings outlive many heartbeat timeouts."""
+        for _ in range(12):
+            self.clock.advance(10)
+            self.pair.pump()
+        self.assertFalse(self.pair.edge.closed)
+        self.assertFalse(self.pair.agent.closed)
+
+    def test_silence_closes_with_agent_gone(self) -> None:
+        """A peer silent for heartbeat_timeout gets the link closed with AGENT_GONE."""
+        _, receiver, _, _ = self.pair.open()
+        self.clock.advance(20)
+        self.assertFalse(self.pair.edge.closed)
+        self.clock.advance(10)
+        self.assertTrue(self.pair.edge.closed)
+        assert self.pair.edge_wire.closed is not None
+        self.assertEqual(self.pair.edge_wire.closed[0], Reason.AGENT_GONE)
+        self.assertEqual([r for r, _ in self.pair.edge_handler.lost], [Reason.AGENT_GONE])
+        self.assertEqual([r[1] for r in receiver.resets()], [Reason.AGENT_GONE])
+        self.assertEqual(self.clock.getDelayedCalls(), [])

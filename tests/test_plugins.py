@@ -1,0 +1,102 @@
+"""
+Transports are plugins: a drop-in found on sys.path carries the whole
+end-to-end suite, and a missing one fails start with its name.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.protocols.basic import Int32StringReceiver
+from twisted.trial.unittest import TestCase
+from zope.interface.verify import verifyObject
+
+import tunneld.plugins
+from tests.end_to_end import EndToEndMixin
+from tunneld.errors import MissingTransport
+from tunneld.interfaces import ITransportPlugin
+from tunneld.transports.registry import available_transports, find_transport
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DROPIN = os.path.join(HERE, "dropin")
+ROOT = os.path.dirname(HERE)
+
+
+def use_test_plugins(case: TestCase) -> None:
+    """Put the test drop-in directory on the plugin path for one test."""
+    path = os.path.join(DROPIN, "tunneld", "plugins")
+    tunneld.plugins.__path__.append(path)
+    case.addCleanup(tunneld.plugins.__path__.remove, path)
+
+
+class BuiltinPluginTests(TestCase):
+    def test_builtin_transports_found(self) -> None:
+        """The built-in websocket transport is found through twisted.plugin and verifies."""
+        plugins = available_transports()
+        self.assertIn("websocket", plugins)
+        verifyObject(ITransportPlugin, plugins["websocket"])
+
+    def test_missing_transport_named(self) -> None:
+        """A transport named in config but not installed fails with its name."""
+        with self.assertRaises(MissingTransport) as raised:
+            find_transport("carrier-pigeon", "edge.toml", "edge.transports[0]")
+        self.assertIn("carrier-pigeon", str(raised.exception))
+        self.assertIn("edge.toml", str(raised.exception))
+
+    def test_missing_transport_stops_twistd(self) -> None:
+        """twistd refuses to start an edge whose config names a missing transport."""
+        config = os.path.abspath(self.mktemp())
+        with open(config, "w") as f:
+            f.write('[edge]\ntransports = ["carrier-pigeon"]\n')
+        result = subprocess.run(
+            [sys.executable, "-m", "twisted", "tunneld", "--config", config],
+            capture_output=True, text=True, cwd=ROOT, timeout=60,
+        )
+        self.assertNotEqual(result.returncode, 0)
+        output = result.stdout + result.stderr
+        self.assertIn("carrier-pigeon", output)
+        self.assertIn("edge.transports[0]", output)
+
+    def test_dropin_found_on_sys_path(self) -> None:
+        """A plugin in another sys.path entry's tunneld/plugins is found with no code change."""
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, DROPIN]))
+        result = subprocess.run(
+            [sys.executable, "-c",
+             "from tunneld.transports.registry import available_transports;"
+             "print(sorted(available_transports()))"],
+            capture_output=True, text=True, cwd=HERE, env=env, timeout=60,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("'lpframes'", result.stdout)
+
+
+class _Garbage(Int32StringReceiver):
+    def connectionMade(self) -> None:
+        self.sendString(b"\xff\xff\xff garbage")
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.factory.closed.callback(None)
+
+
+class DropInEndToEnd(EndToEndMixin, TestCase):
+    """The whole end-to-end suite over a transport that tunneld does not ship."""
+
+    transport = "lpframes"
+
+    def setUp(self) -> None:
+        use_test_plugins(self)
+
+    def agent_table(self, address: Any) -> dict[str, Any]:
+        return {"connect": f"tcp:host=127.0.0.1:port={address.port}"}
+
+    async def send_malformed_frame(self, address: Any) -> None:
+        factory = protocol.ClientFactory()
+        factory.protocol = _Garbage
+        factory.closed = defer.Deferred()
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", address.port).connect(factory)
+        await factory.closed

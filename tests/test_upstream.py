@@ -1,0 +1,640 @@
+"""
+Tests for L{tunneld.agent.upstream}: real upstreams on loopback port 0, driven
+through a fake L{IStream} that records what the agent sends and honours pause
+state the way a credit window does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IAddress, IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
+from twisted.protocols.policies import WrappingFactory
+from twisted.trial.unittest import TestCase
+from twisted.web import resource, server
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from tunneld.agent.upstream import UpstreamPool
+from tunneld.interfaces import IStream, IStreamReceiver
+from tunneld.reasons import Reason
+from tunneld.wire.messages import Headers, ReplyHead, StreamHead
+
+CHUNK = 64 * 1024
+BLOCK = hashlib.sha256(b"tunneld").digest() * (CHUNK // 32)
+MB = 1024 * 1024
+
+
+# -- the fake stream ------------------------------------------------------------
+
+
+@implementer(IStream)
+class FakeStream:
+    """
+    The agent's view of one stream, with the edge played by the test.
+
+    Request events queued with L{send} and L{send_end} are delivered only
+    while the agent has not paused the stream.  L{block} plays a stream out
+    of credit: the registered producer is paused until L{unblock}.
+    """
+
+    def __init__(self, head: StreamHead, keep: bool = True) -> None:
+        self.head = head
+        self.keep = keep
+        self.receiver: IStreamReceiver | None = None
+        self.reply: ReplyHead | None = None
+        self.chunks: list[bytes] = []
+        self.received = 0
+        self.trailers: Headers | None = None
+        self.reset_with: tuple[Reason, str] | None = None
+        self.finished: Deferred[None] = Deferred()
+        self.paused = False
+        self.pause_count = 0
+        self.producer: IPushProducer | None = None
+        self.producer_paused = False
+        self.blocked = False
+        self.block_after: int | None = None
+        self.queue: list[tuple[str, Any]] = []
+
+    # IPushProducer: the incoming (request) direction.
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.pause_count += 1
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._deliver()
+
+    def stopProducing(self) -> None:
+        self.reset(Reason.CANCELLED, "consumer stopped")
+
+    # IConsumer: the outgoing (response) direction.
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        assert streaming, "only push producers"
+        if self.producer is not None:
+            raise RuntimeError("a producer is already registered")
+        self.producer = producer
+        self.producer_paused = False
+        if self.blocked:
+            self._pause_producer()
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        assert self.reply is not None, "body before reply"
+        assert not self.finished.called, "write after the stream finished"
+        assert isinstance(data, bytes)
+        if self.keep:
+            self.chunks.append(data)
+        self.received += len(data)
+        if self.block_after is not None and self.received >= self.block_after:
+            self.block_after = None
+            self.block()
+
+    # IStream.
+
+    def attach(self, receiver: IStreamReceiver) -> None:
+        self.receiver = receiver
+
+    def send_reply(self, reply: ReplyHead) -> None:
+        assert self.reply is None, "two replies"
+        assert not self.finished.called
+        self.reply = reply
+
+    def end(self, trailers: Headers = ()) -> None:
+        assert self.reply is not None, "end before reply"
+        self.trailers = tuple(trailers)
+        self._finish()
+
+    def reset(self, reason: Reason, message: str) -> None:
+        self.reset_with = (reason, message)
+        self._finish()
+
+    def _finish(self) -> None:
+        assert not self.finished.called, "stream finished twice"
+        self.finished.callback(None)
+
+    # The test's hands.
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def send(self, data: bytes) -> None:
+        """The edge sends request body bytes within credit: held while paused."""
+        self.queue.append(("data_received", data))
+        self._deliver()
+
+    def send_end(self, trailers: Headers = ()) -> None:
+        self.queue.append(("end_received", trailers))
+        self._deliver()
+
+    def send_now(self, data: bytes) -> None:
+        """Bytes already in flight when the agent paused the stream."""
+        assert self.receiver is not None
+        self.receiver.data_received(data)
+
+    def edge_reset(self, reason: Reason, message: str) -> None:
+        assert self.receiver is not None
+        self.receiver.reset_received(reason, message)
+
+    def _deliver(self) -> None:
+        while self.queue and not self.paused and self.receiver is not None:
+            name, arg = self.queue.pop(0)
+            getattr(self.receiver, name)(arg)
+
+    def block(self) -> None:
+        self.blocked = True
+        self._pause_producer()
+
+    def unblock(self) -> None:
+        self.blocked = False
+        if self.producer is not None and self.producer_paused:
+            self.producer_paused = False
+            self.producer.resumeProducing()
+
+    def _pause_producer(self) -> None:
+        if self.producer is not None and not self.producer_paused:
+            self.producer_paused = True
+            self.producer.pauseProducing()
+
+
+def http_head(
+    method: str = "GET", target: str = "/hello", headers: Headers = (), kind: str = "http"
+) -> StreamHead:
+    return StreamHead(
+        kind=kind,
+        tunnel="app.example.com",
+        method=method,
+        target=target,
+        headers=((b"Host", b"app.example.com"), *headers),
+        peer="192.0.2.1:5000",
+    )
+
+
+# -- upstreams ------------------------------------------------------------------
+
+
+class TrackingFactory(WrappingFactory):
+    """Wraps a server factory: counts its connections and waits for them to close."""
+
+    def __init__(self, wrapped: Any) -> None:
+        super().__init__(wrapped)
+        self.count = 0
+        self._waiters: list[Deferred[None]] = []
+
+    def buildProtocol(self, addr: IAddress) -> Any:
+        self.count += 1
+        return super().buildProtocol(addr)
+
+    def unregisterProtocol(self, p: Any) -> None:
+        super().unregisterProtocol(p)
+        if not self.protocols:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def all_closed(self) -> Deferred[None]:
+        if not self.protocols:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+
+class BigBody:
+    """Writes C{total} bytes as fast as the upstream's transport takes them."""
+
+    def __init__(self, request: server.Request, total: int) -> None:
+        self.request = request
+        self.left = total
+        self.paused = False
+        self.pauses = 0
+        request.setHeader(b"content-length", b"%d" % total)
+        request.registerProducer(self, True)
+        self.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while not self.paused and self.left:
+            n = min(CHUNK, self.left)
+            self.left -= n
+            self.request.write(BLOCK[:n])
+        if not self.left and not self.request.finished:
+            self.request.unregisterProducer()
+            self.request.finish()
+
+    def stopProducing(self) -> None:
+        self.left = 0
+
+
+class Service(resource.Resource):
+    """The upstream web service: C{/hello}, C{/chunked}, C{/big}, C{/hang}; POST echoes."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hanging: list[server.Request] = []
+        self.big: BigBody | None = None
+        self.bodies: list[bytes] = []
+
+    def render_GET(self, request: server.Request) -> Any:
+        if request.path == b"/hello":
+            request.setHeader(b"x-upstream", b"yes")
+            return b"hello"
+        if request.path == b"/chunked":
+            parts = [b"alpha,", b"beta,", b"gamma"]
+
+            def step() -> None:
+                request.write(parts.pop(0))
+                if parts:
+                    reactor.callLater(0.01, step)  # type: ignore[attr-defined]
+                else:
+                    request.finish()
+
+            step()
+            return server.NOT_DONE_YET
+        if request.path == b"/big":
+            self.big = BigBody(request, 64 * MB)
+            return server.NOT_DONE_YET
+        if request.path == b"/hang":
+            self.hanging.append(request)
+            return server.NOT_DONE_YET
+        request.setResponseCode(404)
+        return b"not found"
+
+    def render_POST(self, request: server.Request) -> bytes:
+        assert request.content is not None
+        body = request.content.read()
+        self.bodies.append(body)
+        if request.path == b"/sha256":
+            return b"%d %s" % (len(body), hashlib.sha256(body).hexdigest().encode())
+        return body
+
+
+class RawUpstream(Protocol):
+    """Reads request heads and answers each with the factory's script."""
+
+    factory: RawFactory
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.requests = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+            self.factory.heads.append(head)
+            n, self.requests = self.requests, self.requests + 1
+            self.factory.answer(self, n)
+
+
+class RawFactory(Factory):
+    """Serves L{RawUpstream}; C{answer(protocol, n)} handles a connection's n-th request."""
+
+    protocol = RawUpstream
+
+    def __init__(self, answer: Callable[[RawUpstream, int], None]) -> None:
+        self.answer = answer
+        self.heads: list[bytes] = []
+
+
+OK_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait, turning the reactor, until C{predicate()} holds."""
+    deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
+    while not predicate():
+        if reactor.seconds() > deadline:  # type: ignore[attr-defined]
+            raise AssertionError("condition not reached in time")
+        await deferLater(reactor, 0.005, lambda: None)  # type: ignore[arg-type]
+
+
+class UpstreamPoolTests(TestCase):
+    """L{UpstreamPool} against real upstream servers."""
+
+    timeout = 30
+
+    async def listen(self, factory: Any) -> tuple[int, TrackingFactory]:
+        tracking = TrackingFactory(factory)
+        endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
+        port = await endpoint.listen(tracking)
+        self.addCleanup(port.stopListening)
+        self.addCleanup(tracking.all_closed)
+        return port.getHost().port, tracking
+
+    async def site(self) -> tuple[int, TrackingFactory, Service]:
+        service = Service()
+        site = server.Site(service)
+        site.displayTracebacks = False
+        port, tracking = await self.listen(site)
+        return port, tracking, service
+
+    def pool(self, port: int, **options: Any) -> UpstreamPool:
+        pool = UpstreamPool(reactor, f"tcp:host=127.0.0.1:port={port}", **options)
+        self.addCleanup(pool.close)
+        return pool
+
+    def stream(self, head: StreamHead, keep: bool = True) -> FakeStream:
+        stream = FakeStream(head, keep)
+        verifyObject(IStream, stream)
+
+        def cleanup() -> None:
+            if not stream.finished.called and stream.receiver is not None:
+                stream.edge_reset(Reason.CANCELLED, "test over")
+
+        self.addCleanup(cleanup)
+        return stream
+
+    def assert_reset(self, stream: FakeStream, reason: Reason, *fragments: str) -> None:
+        self.assertIsNotNone(stream.reset_with, "the stream was not reset")
+        assert stream.reset_with is not None
+        self.assertEqual(stream.reset_with[0], reason)
+        for fragment in fragments:
+            self.assertIn(fragment, stream.reset_with[1])
+
+    # -- round trips ----------------------------------------------------------
+
+    async def test_get(self) -> None:
+        """A GET goes upstream and its reply, body and end come back on the stream."""
+        port, _, _ = await self.site()
+        stream = self.stream(http_head())
+        self.pool(port).forward(stream)
+        await stream.finished
+        assert stream.receiver is not None
+        verifyObject(IStreamReceiver, stream.receiver)
+        self.assertIsNone(stream.reset_with)
+        assert stream.reply is not None
+        self.assertEqual((stream.reply.status, stream.reply.reason), (200, b"OK"))
+        self.assertIn((b"X-Upstream", b"yes"), stream.reply.headers)
+        self.assertEqual(stream.body, b"hello")
+        self.assertEqual(stream.trailers, ())
+
+    async def test_post_streamed(self) -> None:
+        """A POST body arriving in pieces, before and after connecting, reaches upstream whole."""
+        port, _, service = await self.site()
+        stream = self.stream(http_head("POST", "/echo"))
+        self.pool(port).forward(stream)
+        self.assertTrue(stream.paused, "the stream is held until the upstream connects")
+        stream.send_now(b"first ")  # already in flight when the pause took effect
+        stream.send(b"second ")  # held by the pause
+        await until(lambda: stream.producer is not None and not stream.paused)
+        stream.send(b"third ")
+        stream.send(b"fourth")
+        stream.send_end()
+        await stream.finished
+        self.assertIsNone(stream.reset_with)
+        self.assertEqual(service.bodies, [b"first second third fourth"])
+        self.assertEqual(stream.body, b"first second third fourth")
+
+    async def test_post_with_length(self) -> None:
+        """A body with a Content-Length, fully held before connecting, is sent with that length."""
+        port, _, service = await self.site()
+        head = http_head("POST", "/echo", ((b"Content-Length", b"11"),))
+        stream = self.stream(head)
+        self.pool(port).forward(stream)
+        stream.send_now(b"hello ")
+        stream.send_now(b"world")
+        stream.receiver.end_received(())  # type: ignore[union-attr]
+        await stream.finished
+        self.assertEqual(service.bodies, [b"hello world"])
+        self.assertEqual(stream.body, b"hello world")
+
+    async def test_keep_alive_reuse(self) -> None:
+        """A second request reuses the first one's connection."""
+        port, tracking, _ = await self.site()
+        pool = self.pool(port)
+        for _ in range(2):
+            stream = self.stream(http_head())
+            pool.forward(stream)
+            stream.send_end()
+            await stream.finished
+            self.assertEqual(stream.body, b"hello")
+        self.assertEqual(tracking.count, 1)
+
+    async def test_chunked_response(self) -> None:
+        """A chunked response written over several turns arrives whole, de-framed."""
+        port, _, _ = await self.site()
+        stream = self.stream(http_head(target="/chunked"))
+        self.pool(port).forward(stream)
+        await stream.finished
+        assert stream.reply is not None
+        names = {name.lower() for name, _ in stream.reply.headers}
+        self.assertNotIn(b"transfer-encoding", names)
+        self.assertEqual(stream.body, b"alpha,beta,gamma")
+        self.assertEqual(stream.trailers, ())
+
+    async def test_trailers_and_hop_by_hop(self) -> None:
+        """Chunked trailers end the stream; hop-by-hop response headers are stripped."""
+        response = (
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: timeout=5\r\n"
+            b"X-Secret: s\r\nTrailer: X-Checksum\r\nTransfer-Encoding: chunked\r\nX-Kept: k\r\n\r\n"
+            b"5\r\nhello\r\n6\r\n world\r\n0\r\nX-Checksum: abc\r\n\r\n"
+        )
+        port, _ = await self.listen(RawFactory(lambda p, n: p.transport.write(response)))
+        stream = self.stream(http_head())
+        self.pool(port).forward(stream)
+        await stream.finished
+        assert stream.reply is not None
+        self.assertEqual(list(stream.reply.headers), [(b"X-Kept", b"k")])
+        self.assertEqual(stream.body, b"hello world")
+        self.assertEqual(stream.trailers, ((b"X-Checksum", b"abc"),))
+
+    # -- failures ---------------------------------------------------------------
+
+    async def test_refused(self) -> None:
+        """An upstream that is not listening resets the stream with upstream_refused."""
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(Factory())
+        number = port.getHost().port
+        await port.stopListening()
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        stream = self.stream(http_head())
+        self.pool(number).forward(stream)
+        await stream.finished
+        self.assert_reset(stream, Reason.UPSTREAM_REFUSED, f"tcp:host=127.0.0.1:port={number}")
+        self.assertIn("upstream {endpoint} refused: {error}", [e.get("log_format") for e in events])
+
+    async def test_connect_timeout(self) -> None:
+        """An upstream that never completes the handshake resets the stream with upstream_refused."""
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(3):
+            # Fill the accept queue that nobody drains: later handshakes get no answer.
+            filler = socket.socket()
+            self.addCleanup(filler.close)
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        stream = self.stream(http_head())
+        self.pool(port, connect_timeout=0.3).forward(stream)
+        await stream.finished
+        self.assert_reset(
+            stream, Reason.UPSTREAM_REFUSED, f"port={port}", "no connection within 0.3s"
+        )
+
+    async def test_timeout(self) -> None:
+        """An upstream that accepts but never answers resets the stream with upstream_timeout."""
+        port, tracking = await self.listen(RawFactory(lambda p, n: None))
+        stream = self.stream(http_head())
+        self.pool(port, response_timeout=0.5).forward(stream)
+        await stream.finished
+        self.assert_reset(stream, Reason.UPSTREAM_TIMEOUT, "no response")
+        await tracking.all_closed()
+
+    async def test_garbage(self) -> None:
+        """An upstream answering with garbage resets the stream with upstream_error."""
+        port, _ = await self.listen(
+            RawFactory(lambda p, n: p.transport.write(b"this is not http\r\n\r\n"))
+        )
+        stream = self.stream(http_head())
+        self.pool(port).forward(stream)
+        await stream.finished
+        self.assert_reset(stream, Reason.UPSTREAM_ERROR, "malformed")
+
+    async def test_cut_short(self) -> None:
+        """An upstream closing mid-body resets the stream with upstream_error after the reply."""
+
+        def answer(p: RawUpstream, n: int) -> None:
+            p.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+            p.transport.loseConnection()
+
+        port, _ = await self.listen(RawFactory(answer))
+        stream = self.stream(http_head())
+        self.pool(port).forward(stream)
+        await stream.finished
+        self.assertIsNotNone(stream.reply)
+        self.assertEqual(stream.body, b"0123456789")
+        self.assert_reset(stream, Reason.UPSTREAM_ERROR, "mid-response")
+
+    async def test_upgrade_not_supported(self) -> None:
+        """An upgrade stream is reset with protocol_error for now."""
+        stream = self.stream(http_head(kind="upgrade"))
+        self.pool(1).forward(stream)
+        await stream.finished
+        self.assert_reset(stream, Reason.PROTOCOL_ERROR, "upgrade not supported yet")
+
+    async def test_stale_connection_retried(self) -> None:
+        """A pooled connection the upstream closed unanswered is retried once on a new one."""
+
+        def answer(p: RawUpstream, n: int) -> None:
+            if n == 0:
+                p.transport.write(OK_RESPONSE)
+            else:
+                p.transport.loseConnection()
+
+        port, tracking = await self.listen(RawFactory(answer))
+        pool = self.pool(port)
+        first = self.stream(http_head())
+        pool.forward(first)
+        await first.finished
+        second = self.stream(http_head())
+        pool.forward(second)
+        await second.finished
+        self.assertIsNone(second.reset_with)
+        self.assertEqual(second.body, b"ok")
+        self.assertEqual(tracking.count, 2)
+
+    async def test_stale_connection_after_body(self) -> None:
+        """A pooled connection lost after request body bytes went out is not retried."""
+
+        def answer(p: RawUpstream, n: int) -> None:
+            if n == 0:
+                p.transport.write(OK_RESPONSE)
+            else:
+                p.transport.loseConnection()
+
+        port, tracking = await self.listen(RawFactory(answer))
+        pool = self.pool(port)
+        first = self.stream(http_head())
+        pool.forward(first)
+        await first.finished
+        second = self.stream(http_head("POST", "/", ((b"Content-Length", b"5"),)))
+        pool.forward(second)
+        second.send(b"hello")
+        second.send_end()
+        await second.finished
+        self.assert_reset(second, Reason.UPSTREAM_ERROR, "before responding")
+        self.assertEqual(tracking.count, 1)
+
+    async def test_edge_reset_aborts(self) -> None:
+        """A stream reset by the edge closes its upstream connection instead of pooling it."""
+        port, tracking, service = await self.site()
+        pool = self.pool(port)
+        stream = self.stream(http_head(target="/hang"))
+        pool.forward(stream)
+        await until(lambda: bool(service.hanging))
+        stream.edge_reset(Reason.CLIENT_GONE, "client left")
+        await tracking.all_closed()
+        self.assertIsNone(stream.reset_with)
+        again = self.stream(http_head())
+        pool.forward(again)
+        await again.finished
+        self.assertEqual(again.body, b"hello")
+        self.assertEqual(tracking.count, 2)
+
+    # -- backpressure -------------------------------------------------------------
+
+    async def test_paused_stream_pauses_upstream(self) -> None:
+        """A stream out of credit pauses the upstream transport, which holds the server back."""
+        port, _, service = await self.site()
+        stream = self.stream(http_head(target="/big"), keep=False)
+        stream.block_after = 1
+        self.pool(port).forward(stream)
+        await until(lambda: stream.blocked)
+        producer = stream.producer
+        assert producer is not None
+        self.assertEqual(producer.getPeer().port, port)  # type: ignore[attr-defined]
+        self.assertTrue(stream.producer_paused)
+        self.assertNotIn(producer, reactor.getReaders())  # type: ignore[attr-defined]
+        at_block = stream.received
+        await deferLater(reactor, 0.3, lambda: None)  # type: ignore[arg-type]
+        self.assertLess(stream.received - at_block, 4 * CHUNK)
+        assert service.big is not None
+        self.assertGreater(service.big.left, 0, "the server was never held back")
+        self.assertGreater(service.big.pauses, 0)
+        stream.unblock()
+        await stream.finished
+        self.assertIsNone(stream.reset_with)
+        self.assertEqual(stream.received, 64 * MB)
+
+    async def test_full_upstream_pauses_stream(self) -> None:
+        """A full upstream socket pauses the request body on the stream until it drains."""
+        port, _, service = await self.site()
+        total = 8 * MB
+        head = http_head("POST", "/sha256", ((b"Content-Length", b"%d" % total),))
+        stream = self.stream(head)
+        self.pool(port).forward(stream)
+        await until(lambda: stream.producer is not None and not stream.paused)
+        pauses = stream.pause_count
+        for _ in range(total // CHUNK):
+            stream.send(BLOCK)
+        stream.send_end()
+        self.assertTrue(stream.paused)
+        self.assertGreater(stream.pause_count, pauses)
+        self.assertTrue(stream.queue, "the whole body went into the transport's buffer")
+        await stream.finished
+        expected = hashlib.sha256(BLOCK * (total // CHUNK)).hexdigest().encode()
+        self.assertEqual(stream.body, b"%d %s" % (total, expected))

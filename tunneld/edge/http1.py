@@ -1,0 +1,856 @@
+# -*- test-case-name: tests.test_http1 -*-
+"""
+The edge's public HTTP/1.1 listener.
+
+Requests are parsed with C{h11} rather than C{twisted.web}: a proxy must start
+forwarding at the end of the request head, and C{twisted.web} only renders
+once the whole body has arrived.  Each request is routed by its host (and
+path) and carried to an agent as one L{IStream}; the body streams both ways
+and backpressure crosses the hop: a stream out of credit pauses the public
+socket, a slow public client pauses the stream.
+
+Every refusal answers with the L{Reason}'s HTTP status, a C{Tunnel-Error}
+header naming it and a one-line body, and is logged with the same label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+from typing import Protocol as TypingProtocol
+
+import h11
+from twisted.internet.interfaces import IDelayedCall, IProducer, IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tunneld.interfaces import IAgentLink, IStream, IStreamReceiver
+from tunneld.reasons import Reason
+from tunneld.wire.messages import Headers, ReplyHead, StreamHead
+
+__all__ = ["PublicHTTPFactory", "PublicHTTPProtocol", "PublicHTTPSettings", "RouteLike", "Routes"]
+
+
+@dataclass(frozen=True)
+class PublicHTTPSettings:
+    """Limits and labels of one public HTTP/1.1 listener."""
+
+    max_header_bytes: int = 65536
+    header_timeout: float = 30.0  # to receive a whole request head (slowloris)
+    idle_timeout: float = 300.0  # keep-alive idle, or no progress during an exchange
+    scheme: str = "http"
+    via: str = "1.1 tunneld"
+
+
+class RouteLike(TypingProtocol):
+    """Where a request goes: the tunnel (hostname pattern) that matched and its link."""
+
+    @property
+    def tunnel(self) -> str: ...
+
+    @property
+    def link(self) -> IAgentLink: ...
+
+
+class Routes(TypingProtocol):
+    """The routing table as this listener uses it (L{tunneld.router.Router})."""
+
+    def route(self, host: str, path: str) -> RouteLike | Reason: ...
+
+
+class _Socket(TypingProtocol):
+    """What this module uses of a public connection's transport."""
+
+    def write(self, data: bytes) -> None: ...
+    def writeSequence(self, data: list[bytes]) -> None: ...
+    def loseConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+    def getPeer(self) -> Any: ...
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+
+
+# RFC 9110 section 7.6.1, plus the legacy Proxy-Connection and the proxy
+# authentication fields, which are meant for this hop only.
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"trailer",
+    }
+)
+# Request fields the edge sets itself rather than passing on what the client claims.
+_REPLACED = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"expect"})
+
+# A refused request's body is read and thrown away, keeping the connection,
+# only when its declared length is at most this; otherwise the connection closes.
+_DRAIN_LIMIT = 65536
+# After answering and deciding to close while the client may still be sending,
+# keep reading (and discarding) this long so that closing does not reset the
+# connection before the client has read the answer.
+_LINGER_SECONDS = 2.0
+
+# Why the public socket is paused; each reason is lifted on its own.
+_UPLOAD = 1  # the stream is out of credit for the request body
+_PIPELINE = 2  # a pipelined request waits for the current exchange to finish
+
+_UPGRADE_REFUSAL = "upgrade not supported yet"
+
+
+def _tokens(values: list[bytes]) -> set[bytes]:
+    """The lower-cased tokens of comma-separated header values."""
+    return {t.strip().lower() for value in values for t in value.split(b",") if t.strip()}
+
+
+def _host_of(authority: bytes) -> str | None:
+    """The lower-cased host of an authority (C{host[:port]}, userinfo dropped), or None."""
+    authority = authority.strip().rpartition(b"@")[2].lower()
+    if authority.startswith(b"["):
+        end = authority.find(b"]")
+        if end < 0:
+            return None
+        host = authority[: end + 1]
+    else:
+        host = authority.partition(b":")[0]
+    host = host.rstrip(b".")
+    if not host:
+        return None
+    try:
+        return host.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+
+
+def _split_absolute(target: bytes) -> tuple[bytes, bytes] | None:
+    """For an absolute-form target, its authority and origin-form target; else None."""
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return None
+    cut = len(rest)
+    for delimiter in (b"/", b"?", b"#"):
+        at = rest.find(delimiter)
+        if 0 <= at < cut:
+            cut = at
+    authority, path = rest[:cut], rest[cut:].partition(b"#")[0]
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return authority, path
+
+
+def _reply_headers(headers: Headers, via: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """
+    The reply headers passed to the public client: the end-to-end ones with
+    C{Via} appended; and whether the reply declared a C{Content-Length}.
+    """
+    named: list[bytes] = []
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named.append(value)
+    drop = _HOP_BY_HOP | _tokens(named) if named else _HOP_BY_HOP
+    out: list[tuple[bytes, bytes]] = []
+    vias: list[bytes] = []
+    has_length = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower in drop:
+            continue
+        if lower == b"via":
+            vias.append(value)
+            continue
+        if lower == b"content-length":
+            has_length = True
+        out.append((name, value))
+    vias.append(via)
+    out.append((b"Via", b", ".join(vias)))
+    return out, has_length
+
+
+@implementer(IPushProducer)
+class _Upload:
+    """
+    The public socket's read side as the producer of one request body: the
+    stream pauses it when out of credit.  A wrapper rather than the transport
+    itself so that its pauses are told apart from the pipelining ones.
+    """
+
+    __slots__ = ("_exchange",)
+
+    def __init__(self, exchange: _Exchange) -> None:
+        self._exchange = exchange
+
+    def pauseProducing(self) -> None:
+        """IPushProducer.pauseProducing: stop reading the request body."""
+        if self._exchange.uploading:
+            self._exchange.protocol._pause(_UPLOAD)
+
+    def resumeProducing(self) -> None:
+        """IPushProducer.resumeProducing: read the request body again."""
+        if self._exchange.uploading:
+            self._exchange.protocol._resume(_UPLOAD)
+
+    def stopProducing(self) -> None:
+        """IPushProducer.stopProducing: the stream takes no more; stop holding the socket."""
+        if self._exchange.uploading:
+            self._exchange.protocol._resume(_UPLOAD)
+
+
+@implementer(IStreamReceiver, IPushProducer)
+class _Exchange:
+    """
+    One request carried on one stream: takes the stream's events for the
+    public client, and stands for the stream as the public socket's producer
+    (pausing it when the client reads slowly).  It is registered instead of
+    the stream so that the socket closing resets the stream as C{client_gone}
+    rather than C{cancelled}.
+    """
+
+    __slots__ = (
+        "protocol", "stream", "upload", "method", "host", "target",
+        "live", "uploading", "producing", "response_started", "response_done",
+        "chunked", "bodyless",
+    )
+
+    def __init__(self, protocol: PublicHTTPProtocol, method: bytes, host: str, target: str) -> None:
+        self.protocol = protocol
+        self.stream: IStream | None = None
+        self.upload = _Upload(self)
+        self.method = method
+        self.host = host
+        self.target = target
+        self.live = True  # the stream is neither reset nor finished
+        self.uploading = False  # the request body is still going into the stream
+        self.producing = False  # registered as the public socket's producer
+        self.response_started = False
+        self.response_done = False
+        self.chunked = False  # the reply goes out chunked, so trailers can follow it
+        self.bodyless = method == b"HEAD"
+
+    # -- IStreamReceiver ----------------------------------------------------
+
+    def reply_received(self, reply: ReplyHead) -> None:
+        """IStreamReceiver.reply_received"""
+        if self.live and not self.response_started:
+            self.protocol._reply(self, reply)
+
+    def data_received(self, data: bytes) -> None:
+        """IStreamReceiver.data_received: one h11 event, one write."""
+        if not self.live or self.bodyless or not self.response_started:
+            return
+        protocol = self.protocol
+        try:
+            pieces = protocol._conn.send_with_data_passthrough(h11.Data(data=data))
+        except h11.LocalProtocolError as error:
+            protocol._reply_broke(self, str(error))
+            return
+        if pieces:
+            protocol._socket.writeSequence(pieces)
+        protocol._last_activity = protocol._seconds()
+
+    def end_received(self, trailers: Headers) -> None:
+        """IStreamReceiver.end_received"""
+        if not self.live:
+            return
+        if not self.response_started:
+            self.protocol._stream_reset(self, Reason.PROTOCOL_ERROR, "stream ended without a reply")
+            return
+        self.protocol._reply_end(self, trailers)
+
+    def reset_received(self, reason: Reason, message: str) -> None:
+        """IStreamReceiver.reset_received"""
+        if self.live:
+            self.protocol._stream_reset(self, reason, message)
+
+    # -- IPushProducer (the reply towards the public socket) ---------------
+
+    def pauseProducing(self) -> None:
+        """IPushProducer.pauseProducing: the client reads slowly; stop granting credit."""
+        if self.live and self.stream is not None:
+            self.stream.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """IPushProducer.resumeProducing: the client caught up."""
+        if self.live and self.stream is not None:
+            self.stream.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """IPushProducer.stopProducing: the public socket is gone."""
+        self.producing = False
+        self.protocol._client_gone(self)
+
+
+class PublicHTTPProtocol(Protocol):
+    """One public HTTP/1.1 connection."""
+
+    log = Logger()
+
+    def __init__(self, factory: PublicHTTPFactory) -> None:
+        self._router = factory.router
+        self._settings = factory.settings
+        self._clock = factory.reactor
+        self._seconds = factory.reactor.seconds
+        self._via = factory.via
+        self._conn = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=factory.settings.max_header_bytes
+        )
+        self._socket: _Socket  # the transport, from connectionMade on
+        self._peer = ""
+        self._client_ip = b""
+        self._exchange: _Exchange | None = None
+        self._method = b""
+        self._drainable = True  # a refused request's body may be read and dropped
+        self._paused_by = 0
+        self._processing = False
+        self._closing = False
+        self._lingering = False
+        self._between_requests = False
+        self._timer: IDelayedCall | None = None
+        self._last_activity = 0.0
+
+    # -- connection ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._socket = cast(_Socket, self.transport)
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+        peer = self._socket.getPeer()
+        host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+        if host is None:
+            self._peer = str(peer)
+            self._client_ip = self._peer.encode("ascii", "replace")
+        else:
+            self._peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            self._client_ip = host.encode("ascii")
+        self._arm(self._settings.header_timeout, self._head_timed_out)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._lingering:
+            return
+        if self._between_requests:
+            self._between_requests = False
+            self._arm(self._settings.header_timeout, self._head_timed_out)
+        self._last_activity = self._seconds()
+        self._conn.receive_data(data)
+        self._process()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._closing = True
+        self._cancel_timer()
+        exchange = self._exchange
+        if exchange is not None:
+            self._client_gone(exchange)
+
+    # -- reading requests ---------------------------------------------------
+
+    def _process(self) -> None:
+        """Handle every event h11 can parse from what has arrived so far."""
+        if self._processing:
+            return  # the outer loop goes on with whatever a nested call would handle
+        self._processing = True
+        conn = self._conn
+        try:
+            while not self._closing:
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError as error:
+                    self._malformed(error)
+                    return
+                if isinstance(event, h11.Data):
+                    exchange = self._exchange
+                    if (
+                        exchange is not None
+                        and exchange.uploading
+                        and (stream := exchange.stream) is not None
+                    ):
+                        data = event.data
+                        # h11 hands out bytearrays; streams take bytes.
+                        stream.write(data if type(data) is bytes else bytes(data))
+                    # else: the request was answered already; its body is dropped
+                elif event is h11.NEED_DATA:
+                    return
+                elif isinstance(event, h11.Request):
+                    self._request_head(event)
+                elif isinstance(event, h11.EndOfMessage):
+                    self._request_end(event)
+                elif event is h11.PAUSED:
+                    # A pipelined request (or an upgrade proposal) waits for the
+                    # current exchange; stop reading until the next cycle.
+                    self._pause(_PIPELINE)
+                    return
+                else:  # ConnectionClosed: never fed to h11, Twisted reports it instead
+                    return
+        finally:
+            self._processing = False
+
+    def _request_head(self, request: h11.Request) -> None:
+        settings = self._settings
+        self._between_requests = False
+        self._arm(settings.idle_timeout, self._idle_check)
+        method, target, headers = request.method, request.target, request.headers
+        self._method = method
+        hosts: list[bytes] = []
+        connection: list[bytes] = []
+        upgrade: list[bytes] = []
+        length: bytes | None = None
+        chunked = False
+        size = len(method) + len(target) + 12  # the request line
+        for name, value in headers:
+            size += len(name) + len(value) + 4
+            if name == b"host":
+                hosts.append(value)
+            elif name == b"connection":
+                connection.append(value)
+            elif name == b"content-length":
+                length = value
+            elif name == b"transfer-encoding":
+                chunked = True
+            elif name == b"upgrade":
+                upgrade.append(value)
+        if size > settings.max_header_bytes:
+            # h11 bounds only a head still incomplete; this catches one that
+            # arrived whole in a single read.
+            self._bad_request(431, self._too_large())
+            return
+        self._drainable = not chunked and (length is None or int(length) <= _DRAIN_LIMIT)
+        if self._conn.they_are_waiting_for_100_continue:
+            self._drainable = False
+        absolute = _split_absolute(target) if not target.startswith(b"/") else None
+        if absolute is not None:
+            authority, target = absolute
+        elif len(hosts) == 1:
+            authority = hosts[0]
+        else:
+            authority = b""
+        authority = authority.strip().rpartition(b"@")[2]
+        host = _host_of(authority) if len(hosts) <= 1 or absolute is not None else None
+        target_text = target.decode("latin-1")
+        if host is None:
+            problem = "missing Host header" if not hosts else "invalid or repeated Host header"
+            self._refuse(method, "", target_text, Reason.BAD_REQUEST, problem)
+            return
+        conn_tokens = _tokens(connection) if connection else set()
+        if method == b"CONNECT" or (
+            upgrade and b"upgrade" in conn_tokens and _tokens(upgrade) != {b"h2c"}
+        ):
+            self._refuse_upgrade(method, host, target_text)
+            return
+        # An offer to switch to cleartext HTTP/2 (h2c) may simply be ignored:
+        # the request is served as HTTP/1.1 and its Upgrade header dropped.
+        path = target_text.partition("?")[0] if target_text != "*" else "/"
+        route = self._router.route(host, path)
+        if isinstance(route, Reason):
+            self._refuse(method, host, target_text, route, route.description)
+            return
+
+        # The agent re-frames the body: Content-Length is kept when the request
+        # had one (and no Transfer-Encoding, which overrides it), so the agent
+        # knows a body follows; with neither, a body the agent receives anyway
+        # is sent chunked.  Transfer-Encoding itself is hop-by-hop.
+        drop = _HOP_BY_HOP | conn_tokens if conn_tokens else _HOP_BY_HOP
+        forwarded: list[tuple[bytes, bytes]] = []
+        xff: list[bytes] = []
+        vias: list[bytes] = []
+        for name, value in headers:
+            if name in drop or name in _REPLACED:
+                continue
+            if name == b"x-forwarded-for":
+                xff.append(value)
+            elif name == b"via":
+                vias.append(value)
+            elif name == b"host":
+                continue  # added below, once, from the authority actually routed
+            elif name == b"content-length" and chunked:
+                continue
+            else:
+                forwarded.append((name, value))
+        xff.append(self._client_ip)
+        vias.append(self._via)
+        forwarded.insert(0, (b"host", authority))
+        forwarded.append((b"x-forwarded-for", b", ".join(xff)))
+        forwarded.append((b"x-forwarded-proto", settings.scheme.encode("ascii")))
+        forwarded.append((b"x-forwarded-host", authority))
+        forwarded.append((b"via", b", ".join(vias)))
+        self._open(route, method, host, target_text, tuple(forwarded))
+
+    def _open(
+        self, route: RouteLike, method: bytes, host: str, target: str, headers: Headers
+    ) -> None:
+        """Carry the request on a new stream over the route's agent link."""
+        head = StreamHead(
+            kind="http",
+            tunnel=route.tunnel,
+            method=method.decode("latin-1"),
+            target=target,
+            headers=headers,
+            peer=self._peer,
+            scheme=self._settings.scheme,
+        )
+        exchange = _Exchange(self, method, host, target)
+        self._exchange = exchange
+        try:
+            stream = route.link.open_stream(head, exchange)
+        except Exception:
+            self.log.failure(
+                "opening a stream for {method} {host}{target} failed",
+                method=head.method, host=host, target=target,
+            )
+            exchange.live = False
+            self._exchange = None
+            self._refuse(method, host, target, Reason.AGENT_UNAVAILABLE,
+                         Reason.AGENT_UNAVAILABLE.description)
+            return
+        exchange.stream = stream
+        if not exchange.live:
+            return  # reset while opening; already answered
+        exchange.uploading = True
+        stream.registerProducer(exchange.upload, True)
+        exchange.producing = True
+        self._socket.registerProducer(exchange, True)
+        if exchange.live and self._conn.they_are_waiting_for_100_continue:
+            # Streams carry no interim responses; the edge invites the body itself.
+            self._send([h11.InformationalResponse(status_code=100, headers=[])])
+
+    def _request_end(self, end: h11.EndOfMessage) -> None:
+        exchange = self._exchange
+        if exchange is not None and exchange.uploading:
+            exchange.uploading = False
+            stream = cast(IStream, exchange.stream)
+            stream.unregisterProducer()
+            self._resume(_UPLOAD)
+            stream.end(end.headers)
+        else:
+            self._next_cycle_or_close()
+
+    # -- refusals -----------------------------------------------------------
+
+    def _refuse(self, method: bytes, host: str, target: str, reason: Reason, text: str) -> None:
+        self.log.info(
+            "refused {method} {host}{target} from {peer}: {reason}",
+            method=method.decode("latin-1"), host=host, target=target, peer=self._peer,
+            reason=reason.value,
+        )
+        self._answer(reason.http_status, reason.value, text)
+
+    def _refuse_upgrade(self, method: bytes, host: str, target: str) -> None:
+        """
+        A protocol switch (WebSocket and the like, or CONNECT).  Not carried
+        yet: answer 501.  The C{upgrade} stream kind will take over here.
+        """
+        self.log.info(
+            "refused {method} {host}{target} from {peer}: {reason}",
+            method=method.decode("latin-1"), host=host, target=target, peer=self._peer,
+            reason=Reason.BAD_REQUEST.value,
+        )
+        self._answer(501, Reason.BAD_REQUEST.value, _UPGRADE_REFUSAL)
+
+    def _answer(self, status: int, label: str, text: str, close: bool = False) -> None:
+        """
+        Send a short plain-text answer with a C{Tunnel-Error} header, then go
+        on with the next request, drain the rest of this one, or close.
+        """
+        conn = self._conn
+        if conn.our_state is not h11.IDLE and conn.our_state is not h11.SEND_RESPONSE:
+            self._abort()
+            return
+        their = conn.their_state
+        keep = not close and (
+            their is h11.DONE or (their is h11.SEND_BODY and self._drainable
+                                  and not conn.they_are_waiting_for_100_continue)
+        )
+        body = (text + "\n").encode("utf-8")
+        headers = [
+            (b"content-type", b"text/plain"),
+            (b"content-length", b"%d" % len(body)),
+            (b"tunnel-error", label.encode("ascii")),
+            (b"via", self._via),
+        ]
+        if not keep:
+            headers.append((b"connection", b"close"))
+        events: list[h11.Event] = [h11.Response(status_code=status, headers=headers)]
+        if self._method != b"HEAD":
+            events.append(h11.Data(data=body))
+        events.append(h11.EndOfMessage())
+        self._send(events)
+        self._next_cycle_or_close()
+
+    def _too_large(self) -> str:
+        return f"request header section larger than {self._settings.max_header_bytes} bytes"
+
+    def _malformed(self, error: h11.RemoteProtocolError) -> None:
+        status = error.error_status_hint
+        if status == 431:
+            self._bad_request(status, self._too_large())
+        else:
+            self._bad_request(status, f"malformed request: {error}")
+
+    def _bad_request(self, status: int, text: str) -> None:
+        """Answer a request that cannot be served at all, and close."""
+        self.log.info("bad request from {peer}: {error}", peer=self._peer, error=text)
+        exchange = self._exchange
+        if exchange is not None and exchange.live:
+            self._finish(exchange)
+            cast(IStream, exchange.stream).reset(Reason.BAD_REQUEST, text)
+        self._answer(status, Reason.BAD_REQUEST.value, text, close=True)
+
+    # -- the reply ----------------------------------------------------------
+
+    def _reply(self, exchange: _Exchange, reply: ReplyHead) -> None:
+        headers, has_length = _reply_headers(reply.headers, self._via)
+        try:
+            response = h11.Response(status_code=reply.status, headers=headers, reason=reply.reason)
+        except h11.LocalProtocolError as error:
+            self._finish(exchange)
+            cast(IStream, exchange.stream).reset(Reason.UPSTREAM_ERROR, f"bad reply: {error}")
+            self.log.info(
+                "bad reply for {method} {host}{target} from {peer}: {error}",
+                method=exchange.method.decode("latin-1"), host=exchange.host,
+                target=exchange.target, peer=self._peer, error=str(error),
+            )
+            self._answer(502, Reason.UPSTREAM_ERROR.value, Reason.UPSTREAM_ERROR.description)
+            return
+        status = reply.status
+        if status == 204 or status == 304:
+            exchange.bodyless = True
+        exchange.chunked = (
+            not has_length and not exchange.bodyless and self._conn.their_http_version == b"1.1"
+        )
+        exchange.response_started = True
+        self._send([response])
+        self._last_activity = self._seconds()
+
+    def _reply_end(self, exchange: _Exchange, trailers: Headers) -> None:
+        end = h11.EndOfMessage()
+        if trailers and exchange.chunked:
+            try:
+                end = h11.EndOfMessage(headers=list(trailers))
+            except h11.LocalProtocolError:
+                pass  # malformed trailers are dropped, the body is still whole
+        try:
+            pieces = self._conn.send_with_data_passthrough(end)
+        except h11.LocalProtocolError as error:
+            self._reply_broke(exchange, str(error))
+            return
+        if pieces:
+            self._socket.writeSequence(pieces)
+        exchange.response_done = True
+        uploading = exchange.uploading
+        self._finish(exchange)
+        if uploading:
+            # The upstream answered before taking the whole request body.
+            cast(IStream, exchange.stream).reset(
+                Reason.CANCELLED, "the reply ended before the request body"
+            )
+            if not self._drainable:
+                self._close_after_response()
+                return
+        self._next_cycle_or_close()
+
+    def _reply_broke(self, exchange: _Exchange, error: str) -> None:
+        """The reply does not fit its own framing (too much or too little body)."""
+        self.log.info(
+            "bad reply for {method} {host}{target} from {peer}: {error}",
+            method=exchange.method.decode("latin-1"), host=exchange.host,
+            target=exchange.target, peer=self._peer, error=error,
+        )
+        self._finish(exchange)
+        cast(IStream, exchange.stream).reset(Reason.UPSTREAM_ERROR, error)
+        self._abort()
+
+    def _stream_reset(self, exchange: _Exchange, reason: Reason, message: str) -> None:
+        self._finish(exchange)
+        if not exchange.response_started:
+            self.log.info(
+                "refused {method} {host}{target} from {peer}: {reason} ({message})",
+                method=exchange.method.decode("latin-1"), host=exchange.host,
+                target=exchange.target, peer=self._peer, reason=reason.value, message=message,
+            )
+            self._answer(reason.http_status, reason.value, reason.description)
+        else:
+            # The client must not take a truncated body for a whole one.
+            self.log.info(
+                "cut {method} {host}{target} from {peer} mid-reply: {reason} ({message})",
+                method=exchange.method.decode("latin-1"), host=exchange.host,
+                target=exchange.target, peer=self._peer, reason=reason.value, message=message,
+            )
+            self._abort()
+
+    def _client_gone(self, exchange: _Exchange) -> None:
+        if not exchange.live:
+            return
+        self._finish(exchange)
+        stream = exchange.stream
+        self.log.info(
+            "client {peer} went away during {method} {host}{target}",
+            peer=self._peer, method=exchange.method.decode("latin-1"), host=exchange.host,
+            target=exchange.target,
+        )
+        if stream is not None:
+            stream.reset(Reason.CLIENT_GONE, "client closed the connection")
+
+    def _finish(self, exchange: _Exchange) -> None:
+        """The stream is done with: unhook it from the socket, both ways."""
+        exchange.live = False
+        if exchange.uploading:
+            exchange.uploading = False
+            stream = exchange.stream
+            if stream is not None:
+                stream.unregisterProducer()
+            self._resume(_UPLOAD)
+        if exchange.producing:
+            exchange.producing = False
+            self._socket.unregisterProducer()
+
+    # -- cycles, timers, closing --------------------------------------------
+
+    def _send(self, events: list[h11.Event]) -> None:
+        """Send some (non-body-streaming) events with one write."""
+        conn = self._conn
+        out: list[bytes] = []
+        for event in events:
+            pieces = conn.send_with_data_passthrough(event)
+            if pieces:
+                out += pieces
+        self._socket.writeSequence(out)
+
+    def _next_cycle_or_close(self) -> None:
+        """After an answer or a request end: start over, wait for the body, or close."""
+        conn = self._conn
+        ours = conn.our_state
+        if ours is h11.DONE:
+            if conn.their_state is h11.DONE:
+                conn.start_next_cycle()
+                self._exchange = None
+                self._method = b""
+                if self._paused_by & _PIPELINE:
+                    self._arm(self._settings.header_timeout, self._head_timed_out)
+                    self._resume(_PIPELINE)
+                    self._process()
+                else:
+                    self._between_requests = True
+                    self._arm(self._settings.idle_timeout, self._keep_alive_expired)
+            # else the rest of the request body is still coming; it is dropped
+        elif ours is h11.MUST_CLOSE or ours is h11.CLOSED:
+            self._close_after_response()
+        elif ours is h11.ERROR:
+            self._abort()
+
+    def _close_after_response(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._cancel_timer()
+        exchange = self._exchange
+        if exchange is not None:
+            self._finish(exchange)
+        their = self._conn.their_state
+        if their is h11.DONE or their is h11.MUST_CLOSE or their is h11.CLOSED or (
+            their is h11.IDLE and self._between_requests
+        ):
+            self._socket.loseConnection()
+            return
+        # The client may still be sending: keep reading (and dropping) for a
+        # moment so that closing does not reset the connection under the answer.
+        self._lingering = True
+        self._paused_by = 0
+        self._socket.resumeProducing()
+        self._timer = self._clock.callLater(_LINGER_SECONDS, self._linger_over)
+
+    def _linger_over(self) -> None:
+        self._timer = None
+        self._socket.loseConnection()
+
+    def _abort(self) -> None:
+        self._closing = True
+        self._cancel_timer()
+        exchange = self._exchange
+        if exchange is not None:
+            self._finish(exchange)
+        self._socket.abortConnection()
+
+    def _pause(self, why: int) -> None:
+        if not self._paused_by:
+            self._socket.pauseProducing()
+        self._paused_by |= why
+
+    def _resume(self, why: int) -> None:
+        if self._paused_by & why:
+            self._paused_by &= ~why
+            if not self._paused_by:
+                self._socket.resumeProducing()
+
+    def _arm(self, delay: float, expire: Callable[[], None]) -> None:
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._timer = self._clock.callLater(delay, expire)
+
+    def _cancel_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _head_timed_out(self) -> None:
+        self._timer = None
+        timeout = self._settings.header_timeout
+        self.log.info(
+            "no whole request head from {peer} within {timeout}s", peer=self._peer, timeout=timeout
+        )
+        reason = Reason.IDLE_TIMEOUT
+        self._answer(
+            reason.http_status, reason.value, f"no whole request head within {timeout:g}s",
+            close=True,
+        )
+
+    def _keep_alive_expired(self) -> None:
+        self._timer = None
+        self.log.debug("closing idle connection from {peer}", peer=self._peer)
+        self._closing = True
+        self._socket.loseConnection()
+
+    def _idle_check(self) -> None:
+        """During an exchange: close when nothing moved either way for C{idle_timeout}."""
+        idle = self._settings.idle_timeout
+        left = self._last_activity + idle - self._seconds()
+        if left > 0:
+            self._timer = self._clock.callLater(left, self._idle_check)
+            return
+        self._timer = None
+        self.log.debug(
+            "closing connection from {peer}: no progress for {timeout}s",
+            peer=self._peer, timeout=idle,
+        )
+        exchange = self._exchange
+        self._closing = True
+        if exchange is not None and exchange.live:
+            self._finish(exchange)
+            cast(IStream, exchange.stream).reset(Reason.IDLE_TIMEOUT, f"no progress for {idle:g}s")
+            if exchange.response_started:
+                self._socket.abortConnection()
+                return
+        self._socket.loseConnection()
+
+
+class PublicHTTPFactory(Factory):
+    """Builds L{PublicHTTPProtocol}s sharing one router, settings and clock."""
+
+    def __init__(self, router: Routes, settings: PublicHTTPSettings, reactor: IReactorTime) -> None:
+        self.router = router
+        self.settings = settings
+        self.reactor = reactor
+        self.via = settings.via.encode("ascii")
+
+    def buildProtocol(self, addr: Any) -> PublicHTTPProtocol:
+        protocol = PublicHTTPProtocol(self)
+        protocol.factory = self
+        return protocol

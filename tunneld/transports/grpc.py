@@ -1,0 +1,1851 @@
+# -*- test-case-name: tests.test_grpc_transport,tests.test_grpc_interop -*-
+"""
+The gRPC agent-link transport: HTTP/2 (the C{h2} library on a Twisted
+protocol) in real gRPC framing, service C{tunneld.v1.TunnelAgent} of
+C{proto/tunnel.proto}.
+
+The agent is the gRPC client.  It opens one long-lived C{Control} call (hello
+from the agent; welcome and goaway from the edge) and keeps a pool of idle
+C{Forward} calls open.  When the edge opens a stream it answers one idle
+C{Forward} call with an C{Open} message; from then on that call carries the
+stream's C{Reply}/C{Data}/C{End}/C{Reset} messages with C{stream_id} 0 and no
+C{Window} messages: HTTP/2 flow control is the backpressure, and a stream's
+window is returned only as its consumer takes the data.  HTTP/2 PING is the
+heartbeat.  A stock gRPC library can implement an agent or probe the edge.
+
+Rules on top of plain gRPC that an agent must follow:
+  - the agent retires an idle C{Forward} call by half-closing it without
+    sending a message; an C{Open} that crossed it is replayed by the edge on
+    another call, so the agent ignores it;
+  - the edge ends a C{Forward} call (trailers) only once both directions have
+    sent C{End}, or after a C{Reset}; the agent half-closes its request after
+    its own C{End} or C{Reset};
+  - a closing edge ends C{Control} with a C{grpc-status} and a C{grpc-message}
+    of the form C{"<reason>: <text>"} (e.g. C{unauthorized: wrong token}).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, cast
+from urllib.parse import quote, unquote
+
+from h2 import events as h2events
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.exceptions import ProtocolError as H2ProtocolError
+from h2.settings import SettingCodes, Settings
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import clientFromString, wrapClientTLS
+from twisted.internet.interfaces import (
+    IProducer,
+    IProtocolNegotiationFactory,
+    IPushProducer,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tunneld.errors import ConfigError
+from tunneld.interfaces import (
+    AgentLinkSetup,
+    EdgeLinkSetup,
+    IAgentLink,
+    ILinkHandler,
+    IStream,
+    IStreamReceiver,
+    ITransportPlugin,
+)
+from tunneld.listening import ListeningService
+from tunneld.reasons import Reason
+from tunneld.schema import non_negative, parse_table, positive, setting
+from tunneld.wire import codec
+from tunneld.wire.codec import FrameError
+from tunneld.wire.messages import (
+    ControlMessage,
+    GoAway,
+    Headers,
+    ReplyHead,
+    StreamHead,
+    Welcome,
+)
+
+SERVICE = "tunneld.v1.TunnelAgent"
+CONTROL_PATH = b"/tunneld.v1.TunnelAgent/Control"
+FORWARD_PATH = b"/tunneld.v1.TunnelAgent/Forward"
+GRPC_CONTENT_TYPE = b"application/grpc"
+
+MIB = 1024 * 1024
+# Room in a message for everything but a Data payload.
+_MESSAGE_OVERHEAD = 32
+# Bytes an edge stream remembers so that an Open crossing a retired call can be replayed.
+_REPLAY_LIMIT = 256 * 1024
+# Seconds a closing connection may take to flush before it is aborted.
+_CLOSE_GRACE = 5.0
+
+
+class GrpcStatus(enum.IntEnum):
+    """The gRPC status codes this transport uses."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    UNAUTHENTICATED = 16
+
+
+_STATUS_FOR_REASON = {
+    Reason.NO_TUNNEL: GrpcStatus.NOT_FOUND,
+    Reason.AGENT_UNAVAILABLE: GrpcStatus.UNAVAILABLE,
+    Reason.AGENT_GONE: GrpcStatus.UNAVAILABLE,
+    Reason.UPSTREAM_REFUSED: GrpcStatus.UNAVAILABLE,
+    Reason.UPSTREAM_TIMEOUT: GrpcStatus.DEADLINE_EXCEEDED,
+    Reason.RATE_LIMITED: GrpcStatus.RESOURCE_EXHAUSTED,
+    Reason.CAP_REACHED: GrpcStatus.RESOURCE_EXHAUSTED,
+    Reason.SATURATED: GrpcStatus.RESOURCE_EXHAUSTED,
+    Reason.DRAINING: GrpcStatus.UNAVAILABLE,
+    Reason.PROTOCOL_ERROR: GrpcStatus.INVALID_ARGUMENT,
+    Reason.UNAUTHORIZED: GrpcStatus.UNAUTHENTICATED,
+    Reason.BAD_REQUEST: GrpcStatus.INVALID_ARGUMENT,
+    Reason.UPSTREAM_ERROR: GrpcStatus.UNKNOWN,
+    Reason.CLIENT_GONE: GrpcStatus.CANCELLED,
+    Reason.IDLE_TIMEOUT: GrpcStatus.UNAVAILABLE,
+    Reason.CANCELLED: GrpcStatus.CANCELLED,
+}
+
+# When a status arrives without a reason label (a stock gRPC peer).
+_REASON_FOR_STATUS = {
+    GrpcStatus.CANCELLED: Reason.CANCELLED,
+    GrpcStatus.INVALID_ARGUMENT: Reason.PROTOCOL_ERROR,
+    GrpcStatus.INTERNAL: Reason.PROTOCOL_ERROR,
+    GrpcStatus.UNIMPLEMENTED: Reason.PROTOCOL_ERROR,
+    GrpcStatus.RESOURCE_EXHAUSTED: Reason.SATURATED,
+    GrpcStatus.UNAUTHENTICATED: Reason.UNAUTHORIZED,
+    GrpcStatus.DEADLINE_EXCEEDED: Reason.UPSTREAM_TIMEOUT,
+    GrpcStatus.NOT_FOUND: Reason.NO_TUNNEL,
+}
+
+_RST_FOR_REASON = {
+    Reason.CANCELLED: ErrorCodes.CANCEL,
+    Reason.CLIENT_GONE: ErrorCodes.CANCEL,
+    Reason.SATURATED: ErrorCodes.FLOW_CONTROL_ERROR,
+    Reason.RATE_LIMITED: ErrorCodes.ENHANCE_YOUR_CALM,
+    Reason.CAP_REACHED: ErrorCodes.REFUSED_STREAM,
+    Reason.AGENT_UNAVAILABLE: ErrorCodes.REFUSED_STREAM,
+    Reason.PROTOCOL_ERROR: ErrorCodes.PROTOCOL_ERROR,
+}
+
+_REASON_FOR_RST = {
+    ErrorCodes.CANCEL: Reason.CANCELLED,
+    ErrorCodes.FLOW_CONTROL_ERROR: Reason.SATURATED,
+    ErrorCodes.ENHANCE_YOUR_CALM: Reason.SATURATED,
+    ErrorCodes.REFUSED_STREAM: Reason.AGENT_UNAVAILABLE,
+    ErrorCodes.PROTOCOL_ERROR: Reason.PROTOCOL_ERROR,
+}
+
+_REASONS_BY_LABEL = {reason.value: reason for reason in Reason}
+# grpc-message is percent-encoded outside printable ASCII (and '%' itself).
+_MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+def status_message(reason: Reason, message: str) -> bytes:
+    """The C{grpc-message} trailer naming C{reason}, percent-encoded."""
+    return quote(f"{reason.value}: {message}"[:512], safe=_MESSAGE_SAFE).encode("ascii")
+
+
+def reason_from_status(status: int, encoded: bytes) -> tuple[Reason, str]:
+    """The reason and text carried by a C{grpc-status}/C{grpc-message} pair."""
+    text = unquote(encoded.decode("ascii", "replace"))
+    label, sep, rest = text.partition(": ")
+    if sep and label in _REASONS_BY_LABEL:
+        return _REASONS_BY_LABEL[label], rest
+    try:
+        code = GrpcStatus(status)
+    except ValueError:
+        code = GrpcStatus.UNKNOWN
+    return _REASON_FOR_STATUS.get(code, Reason.AGENT_GONE), text or f"grpc-status {status}"
+
+
+def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return bytes((value,))
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def grpc_message(payload: bytes) -> bytes:
+    """One uncompressed gRPC length-prefixed message."""
+    return b"\x00" + len(payload).to_bytes(4, "big") + payload
+
+
+def _frame_message(frame: codec.Frame) -> bytes:
+    return grpc_message(frame.SerializeToString())
+
+
+def data_message(data: bytes) -> tuple[bytes, bytes]:
+    """
+    The gRPC message C{Frame(data=Data(data=data))} as (head, data): the
+    payload is not copied here, only once when it goes into a DATA frame.
+    """
+    size = len(data)
+    inner = b"\x0a" + _varint(size)
+    head = b"\x32" + _varint(len(inner) + size) + inner
+    return b"\x00" + (len(head) + size).to_bytes(4, "big") + head, data
+
+
+def _check_window(value: int) -> str | None:
+    if not 65535 <= value <= 0x7FFFFFFF:
+        return f"must be between 65535 and 2147483647, got {value}"
+    return None
+
+
+@dataclass(frozen=True)
+class GrpcEdgeOptions:
+    """Edge side of the gRPC transport."""
+
+    listen: str = setting(
+        "tcp:8082:interface=127.0.0.1", "Endpoint string the edge listens on for agents (HTTP/2)."
+    )
+    heartbeat_interval: float = setting(
+        10.0, "Seconds between HTTP/2 PINGs (0 = off).", check=non_negative
+    )
+    heartbeat_timeout: float = setting(
+        30.0, "Seconds of silence after which the link is declared dead.", check=positive
+    )
+    max_queued_opens: int = setting(
+        256,
+        "Streams that may wait for the agent to open an idle Forward call; beyond this a new "
+        "stream is refused with saturated.",
+        check=non_negative,
+    )
+    queued_open_timeout: float = setting(
+        10.0, "Seconds a stream may wait for an idle Forward call.", check=positive
+    )
+    handshake_timeout: float = setting(
+        10.0, "Seconds an agent has to open its Control call after connecting.", check=positive
+    )
+    max_concurrent_calls: int = setting(
+        10_000, "HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: calls one agent may have open.",
+        check=positive,
+    )
+    stream_window: int = setting(
+        MIB, "HTTP/2 receive window per call in bytes (returned as the consumer reads).",
+        check=_check_window,
+    )
+    connection_window: int = setting(
+        16 * MIB, "HTTP/2 receive window of the whole connection in bytes.", check=_check_window
+    )
+
+
+@dataclass(frozen=True)
+class GrpcAgentOptions:
+    """Agent side of the gRPC transport."""
+
+    address: str = setting("127.0.0.1:8082", "host:port of the edge's gRPC listener.")
+    tls: bool = setting(False, "Use TLS (with ALPN h2) to the edge.")
+    min_idle_forwards: int = setting(
+        2, "Idle Forward calls kept open for the edge at least.", check=positive
+    )
+    max_idle_forwards: int = setting(
+        32, "Idle Forward calls kept open at most (the pool grows when it runs dry).",
+        check=positive,
+    )
+    pool_shrink_interval: float = setting(
+        10.0, "Seconds without the pool running dry after which it shrinks by half.",
+        check=positive,
+    )
+    connect_timeout: float = setting(
+        10.0, "Seconds allowed for connecting, TLS and the HTTP/2 handshake.", check=positive
+    )
+    heartbeat_interval: float = setting(
+        10.0, "Seconds between HTTP/2 PINGs (0 = off).", check=non_negative
+    )
+    heartbeat_timeout: float = setting(
+        30.0, "Seconds of silence after which the link is declared dead.", check=positive
+    )
+    stream_window: int = setting(
+        MIB, "HTTP/2 receive window per call in bytes (returned as the consumer reads).",
+        check=_check_window,
+    )
+    connection_window: int = setting(
+        16 * MIB, "HTTP/2 receive window of the whole connection in bytes.", check=_check_window
+    )
+
+
+def split_address(address: str) -> tuple[str, int] | None:
+    """C{"host:port"} or C{"[v6]:port"} as (host, port), or None if malformed."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+class _CallError(Exception):
+    """A call broke gRPC framing; ends the call with C{status}."""
+
+    def __init__(self, status: GrpcStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Call:
+    """One HTTP/2 stream carrying one gRPC call."""
+
+    __slots__ = (
+        "stream_id", "kind", "inbox", "outbox", "out_offset", "out_size", "finish",
+        "headers_sent", "local_closed", "remote_closed", "received", "stream", "unacked",
+        "retiring", "broken",
+    )
+
+    def __init__(self, stream_id: int, kind: str) -> None:
+        self.stream_id = stream_id
+        self.kind = kind  # "control", "forward" or "refused"
+        self.inbox = bytearray()
+        self.outbox: deque[bytes] = deque()
+        self.out_offset = 0
+        self.out_size = 0
+        self.finish: Callable[[], None] | None = None
+        self.headers_sent = False
+        self.local_closed = False
+        self.remote_closed = False
+        self.received = 0
+        self.stream: GrpcStream | None = None
+        self.unacked = 0
+        self.retiring = False
+        self.broken = False
+
+    def drop_outbox(self) -> None:
+        self.outbox.clear()
+        self.out_offset = 0
+        self.out_size = 0
+        self.finish = None
+
+
+@implementer(IStream)
+class GrpcStream:
+    """One tunnel stream: one C{Forward} call."""
+
+    def __init__(self, link: GrpcLink, head: StreamHead, call: _Call | None = None) -> None:
+        self.link = link
+        self.head = head
+        self.call = call
+        self.receiver: IStreamReceiver | None = None
+        self._early: list[tuple[str, tuple[Any, ...]]] | None = []
+        self._held: list[bytes] = []
+        self._held_size = 0
+        self._replay: list[bytes] | None = None
+        self._replay_size = 0
+        self.answered = False
+        self._producer: IPushProducer | None = None
+        self._producer_paused = False
+        self.consumer_paused = False
+        self.local_ended = False
+        self.remote_ended = False
+        self.closed = False
+        self.queue_timer: Any = None
+
+    # -- IStream, outgoing -------------------------------------------------
+
+    def attach(self, receiver: IStreamReceiver) -> None:
+        """IStream.attach"""
+        early, self._early = self._early, None
+        self.receiver = receiver
+        for name, args in early or ():
+            getattr(receiver, name)(*args)
+
+    def send_reply(self, reply: ReplyHead) -> None:
+        """IStream.send_reply"""
+        if not self.closed and not self.local_ended:
+            self._send((_frame_message(codec.encode_reply(0, reply)),))
+
+    def write(self, data: bytes) -> None:
+        """IConsumer.write: send within the HTTP/2 windows, hold the rest (bounded)."""
+        if self.closed or self.local_ended or not data:
+            return
+        limit = self.link.max_data
+        if len(data) <= limit:
+            self._send(data_message(data))
+            return
+        view = memoryview(data)
+        pieces: list[bytes] = []
+        for start in range(0, len(data), limit):
+            pieces.extend(data_message(bytes(view[start : start + limit])))
+        self._send(pieces)
+
+    def end(self, trailers: Headers = ()) -> None:
+        """IStream.end"""
+        if self.closed or self.local_ended:
+            return
+        self._send((_frame_message(codec.encode_end(0, trailers)),))
+        if self.closed:
+            return
+        self.local_ended = True
+        self.link.stream_local_end(self)
+
+    def reset(self, reason: Reason, message: str) -> None:
+        """IStream.reset"""
+        if self.closed:
+            return
+        self._close()
+        self.link.stream_local_reset(self, reason, message)
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:  # noqa: N802
+        """IConsumer.registerProducer: only push producers (all of ours are)."""
+        self._producer = cast(IPushProducer, producer)
+        self._producer_paused = False
+        if self.pending() or self.link.sending_paused:
+            self._pause_producer()
+
+    def unregisterProducer(self) -> None:  # noqa: N802
+        """IConsumer.unregisterProducer"""
+        self._producer = None
+
+    # -- IPushProducer, incoming ------------------------------------------
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        """IPushProducer.pauseProducing: return no more window until resumed."""
+        self.consumer_paused = True
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        """IPushProducer.resumeProducing: return the window held back."""
+        self.consumer_paused = False
+        call = self.call
+        if call is not None and call.unacked:
+            self.link.ack_call(call, force=True)
+            self.link.flush()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        """
+        IPushProducer.stopProducing: the consumer is gone.  The reset waits a
+        turn so the consumer's own connectionLost can give a better reason.
+        """
+        if not self.closed:
+            self.link.reactor.callLater(0, self.reset, Reason.CANCELLED, "consumer stopped")
+
+    # -- for the link ----------------------------------------------------------
+
+    def pending(self) -> int:
+        """Outgoing bytes not yet handed to HTTP/2."""
+        return self._held_size + (self.call.out_size if self.call is not None else 0)
+
+    def _send(self, pieces: Iterable[bytes]) -> None:
+        pieces = list(pieces)
+        size = sum(len(p) for p in pieces)
+        call = self.call
+        if call is None:
+            self._held.extend(pieces)
+            self._held_size += size
+        else:
+            if self._replay is not None:
+                self._replay.extend(pieces)
+                self._replay_size += size
+                if self._replay_size > _REPLAY_LIMIT:
+                    self._replay = None
+            self.link.enqueue(call, pieces)
+        pending = self.pending()
+        if pending > self.link.max_pending:
+            self.link.log.warn(
+                "stream on {peer} saturated: {size} bytes pending",
+                peer=self.link.peer, size=pending,
+            )
+            self.reset(Reason.SATURATED, "sender ignored flow control")
+        elif pending or self.link.sending_paused:
+            self._pause_producer()
+
+    def take_held(self) -> list[bytes]:
+        held, self._held, self._held_size = self._held, [], 0
+        return held
+
+    def start_replay_log(self, pieces: list[bytes]) -> None:
+        size = sum(len(p) for p in pieces)
+        if size <= _REPLAY_LIMIT:
+            self._replay, self._replay_size = list(pieces), size
+        else:
+            self._replay = None
+
+    def take_replay(self) -> list[bytes] | None:
+        replay, self._replay = self._replay, None
+        return replay
+
+    def answered_by_peer(self) -> None:
+        self.answered = True
+        self._replay = None
+
+    def deliver(self, name: str, *args: Any) -> None:
+        if self.receiver is not None:
+            getattr(self.receiver, name)(*args)
+        elif self._early is not None:
+            self._early.append((name, args))
+
+    def _pause_producer(self) -> None:
+        if self._producer is not None and not self._producer_paused:
+            self._producer_paused = True
+            self._producer.pauseProducing()
+
+    def pause_source(self) -> None:
+        self._pause_producer()
+
+    def resume_source(self) -> None:
+        if (
+            self._producer is not None
+            and self._producer_paused
+            and not self.pending()
+            and not self.link.sending_paused
+        ):
+            self._producer_paused = False
+            self._producer.resumeProducing()
+
+    def remote_end(self, trailers: Headers) -> None:
+        self.remote_ended = True
+        self.deliver("end_received", trailers)
+        self.maybe_done()
+
+    def remote_reset(self, reason: Reason, message: str) -> None:
+        if self.closed:
+            return
+        self._close()
+        self.deliver("reset_received", reason, message)
+
+    def maybe_done(self) -> None:
+        if self.local_ended and self.remote_ended and not self.closed:
+            self._close()
+
+    def _close(self) -> None:
+        self.closed = True
+        self._held = []
+        self._held_size = 0
+        self._replay = None
+        self._producer = None
+        if self.queue_timer is not None and self.queue_timer.active():
+            self.queue_timer.cancel()
+        self.queue_timer = None
+        self.link.forget(self)
+
+
+@implementer(IPushProducer)
+class _Congestion:
+    """Registered on the socket: its pause/resume becomes the link's."""
+
+    def __init__(self, link: GrpcLink) -> None:
+        self.link = link
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        self.link.pause_sending()
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self.link.resume_sending()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        pass
+
+
+@implementer(IAgentLink)
+class GrpcLink(Protocol):
+    """
+    What both ends share: one HTTP/2 connection, its calls, flow control,
+    heartbeat and teardown.  L{EdgeGrpcLink} and L{AgentGrpcLink} add the
+    server and client halves of the C{TunnelAgent} service.
+    """
+
+    transport_name = "grpc"
+    log = Logger()
+    is_edge = False
+    transport: Any
+
+    def __init__(
+        self,
+        *,
+        reactor: Any,
+        max_frame_size: int,
+        stream_window: int,
+        connection_window: int,
+        heartbeat_interval: float,
+        heartbeat_timeout: float,
+    ) -> None:
+        self.reactor = reactor
+        self.max_message = max_frame_size
+        self.max_data = max_frame_size - _MESSAGE_OVERHEAD
+        self.stream_window = stream_window
+        self.connection_window = connection_window
+        self.max_pending = stream_window + max_frame_size
+        self.ack_threshold = max(1, stream_window // 4)
+        self.conn_ack_threshold = max(1, connection_window // 4)
+        self.peer = "?"
+        self.handler: ILinkHandler | None = None
+        self._early_control: list[ControlMessage] = []
+        self.calls: dict[int, _Call] = {}
+        self.streams: dict[int, GrpcStream] = {}
+        self.control: _Call | None = None
+        self.sending_paused = False
+        self.closed = False
+        self.conn: H2Connection = H2Connection(
+            H2Configuration(client_side=not self.is_edge, header_encoding=None)
+        )
+        self._conn_unacked = 0
+        self._batching = False
+        self._rtt: float | None = None
+        self._ping_ids = itertools.count(1)
+        self._pings: dict[int, float] = {}
+        self._last_heard = reactor.seconds()
+        self._heartbeat_interval = heartbeat_interval
+        self._heartbeat_timeout = heartbeat_timeout
+        self._heartbeat: Any = None
+        self._abort_timer: Any = None
+        self._lost_reason: tuple[Reason, str] | None = None
+        self.disconnected = False
+        self._disconnect_waiters: list[Deferred[None]] = []
+
+    # -- IAgentLink -------------------------------------------------------------
+
+    @property
+    def peer_certificate(self) -> Any:
+        """IAgentLink.peer_certificate"""
+        get_cert = getattr(self.transport, "getPeerCertificate", None)
+        return get_cert() if get_cert is not None else None
+
+    def set_handler(self, handler: ILinkHandler) -> None:
+        """IAgentLink.set_handler"""
+        self.handler = handler
+        early, self._early_control = self._early_control, []
+        for message in early:
+            handler.control_received(message)
+
+    def send_control(self, message: ControlMessage) -> None:
+        """IAgentLink.send_control"""
+        control = self.control
+        if self.closed or control is None or control.local_closed:
+            return
+        self.enqueue(control, [_frame_message(codec.encode_control(message))])
+        self.flush()
+
+    def open_stream(self, head: StreamHead, receiver: IStreamReceiver) -> IStream:
+        """IAgentLink.open_stream"""
+        raise NotImplementedError("only the edge opens streams")
+
+    def round_trip_time(self) -> float | None:
+        """IAgentLink.round_trip_time"""
+        return self._rtt
+
+    def active_streams(self) -> int:
+        """IAgentLink.active_streams"""
+        return len(self.streams)
+
+    def close(self, reason: Reason, message: str) -> None:
+        """IAgentLink.close: say why (Control status, GOAWAY), hang up, reset locally."""
+        if self.closed:
+            return
+        self.say_goodbye(reason, message)
+        code = ErrorCodes.PROTOCOL_ERROR if reason is Reason.PROTOCOL_ERROR else ErrorCodes.NO_ERROR
+        try:
+            self.conn.close_connection(
+                error_code=code, additional_data=status_message(reason, message)[:256]
+            )
+        except H2ProtocolError:
+            pass
+        self._batching = False
+        self.flush()
+        if self.transport is not None:
+            self.transport.loseConnection()
+            self._abort_timer = self.reactor.callLater(_CLOSE_GRACE, self._abort)
+        self.wire_lost(reason, message)
+
+    def say_goodbye(self, reason: Reason, message: str) -> None:
+        """Before GOAWAY: the edge ends Control with a status."""
+
+    def _abort(self) -> None:
+        self._abort_timer = None
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    # -- the connection -----------------------------------------------------------
+
+    def local_settings(self) -> dict[SettingCodes, int]:
+        return {
+            SettingCodes.INITIAL_WINDOW_SIZE: self.stream_window,
+            SettingCodes.MAX_FRAME_SIZE: min(max(self.max_message, 16384), 16777215),
+            SettingCodes.MAX_HEADER_LIST_SIZE: 64 * 1024,
+        }
+
+    def connectionMade(self) -> None:  # noqa: N802
+        peer = self.transport.getPeer()
+        self.peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        try:
+            self.transport.setTcpNoDelay(True)
+        except Exception:  # noqa: BLE001 -- not every transport is TCP
+            pass
+        self.transport.registerProducer(_Congestion(self), True)
+        conn = self.conn
+        conn.local_settings = Settings(
+            client=not self.is_edge, initial_values=self.local_settings()
+        )
+        conn.initiate_connection()
+        if self.connection_window > 65535:
+            conn.increment_flow_control_window(self.connection_window - 65535)
+        self._last_heard = self.reactor.seconds()
+        if self._heartbeat_interval > 0:
+            self._heartbeat = self.reactor.callLater(self._heartbeat_interval, self._beat)
+        self.connection_started()
+        self.flush()
+
+    def connection_started(self) -> None:
+        """The HTTP/2 preface is queued; subclasses start their calls."""
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.closed:
+            return
+        self._last_heard = self.reactor.seconds()
+        try:
+            events = self.conn.receive_data(data)
+        except H2ProtocolError as e:
+            self.protocol_error(f"HTTP/2: {e}")
+            return
+        self._batching = True
+        try:
+            for event in events:
+                if self.closed:
+                    break
+                name = self._event_handlers.get(type(event))
+                if name is not None:
+                    getattr(self, name)(event)
+        finally:
+            self._batching = False
+        self.flush()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        if self._abort_timer is not None and self._abort_timer.active():
+            self._abort_timer.cancel()
+        self._abort_timer = None
+        if self._lost_reason is not None:
+            why, detail = self._lost_reason
+        else:
+            why, detail = Reason.AGENT_GONE, f"connection lost: {reason.getErrorMessage()}"
+        self.wire_lost(why, detail)
+        self.disconnected = True
+        waiters, self._disconnect_waiters = self._disconnect_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def when_disconnected(self) -> Deferred[None]:
+        """Fires once the underlying connection is closed (for orderly shutdown)."""
+        if self.disconnected or self.transport is None:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._disconnect_waiters.append(waiter)
+        return waiter
+
+    def flush(self) -> None:
+        """Write what HTTP/2 has queued: one transport write per batch."""
+        if self._batching or self.transport is None:
+            return
+        data = self.conn.data_to_send()
+        if data:
+            self.transport.write(data)
+
+    def protocol_error(self, message: str) -> None:
+        self.log.warn(
+            "{transport} link from {peer} broke the protocol: {error}",
+            transport=self.transport_name, peer=self.peer, error=message,
+        )
+        self.close(Reason.PROTOCOL_ERROR, message)
+
+    def wire_lost(self, reason: Reason, message: str) -> None:
+        """
+        The connection is gone: reset every stream and tell the handler.  Safe
+        to call more than once.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        if self._heartbeat is not None and self._heartbeat.active():
+            self._heartbeat.cancel()
+        self._heartbeat = None
+        self.stop_timers()
+        streams, self.streams = self.streams, {}
+        for stream in list(streams.values()):
+            stream.remote_reset(reason, message)
+        for stream in self.orphans():
+            stream.remote_reset(reason, message)
+        if self.handler is not None:
+            self.handler.link_lost(reason, message)
+
+    def stop_timers(self) -> None:
+        """Subclasses cancel their own timers here."""
+
+    def orphans(self) -> list[GrpcStream]:
+        """Streams not on a call yet (queued opens) that must be reset too."""
+        return []
+
+    # -- sending ------------------------------------------------------------------
+
+    def enqueue(self, call: _Call, pieces: Iterable[bytes]) -> None:
+        """Queue gRPC-framed bytes on a call and send what the windows allow."""
+        if call.local_closed or call.finish is not None:
+            return
+        for piece in pieces:
+            call.outbox.append(piece)
+            call.out_size += len(piece)
+        if not self.sending_paused:
+            self.flush_call(call)
+        self.flush()
+
+    def flush_call(self, call: _Call) -> None:
+        """Move a call's queued bytes into HTTP/2 DATA frames, within the windows."""
+        conn = self.conn
+        sid = call.stream_id
+        outbox = call.outbox
+        if call.local_closed:
+            call.drop_outbox()
+            return
+        try:
+            while outbox:
+                window = conn.local_flow_control_window(sid)
+                if window <= 0:
+                    break
+                budget = min(window, conn.max_outbound_frame_size)
+                parts: list[bytes] = []
+                taken = 0
+                while outbox and taken < budget:
+                    piece = outbox[0]
+                    offset = call.out_offset
+                    available = len(piece) - offset
+                    room = budget - taken
+                    if available <= room:
+                        parts.append(piece[offset:] if offset else piece)
+                        outbox.popleft()
+                        call.out_offset = 0
+                        taken += available
+                    else:
+                        parts.append(piece[offset : offset + room])
+                        call.out_offset = offset + room
+                        taken += room
+                conn.send_data(sid, parts[0] if len(parts) == 1 else b"".join(parts))
+                call.out_size -= taken
+        except H2ProtocolError:
+            # The stream is gone (reset by the peer): nothing more goes out on it.
+            call.drop_outbox()
+            call.local_closed = True
+            return
+        if not outbox:
+            finish, call.finish = call.finish, None
+            if finish is not None:
+                finish()
+            stream = call.stream
+            if stream is not None and not stream.closed:
+                stream.resume_source()
+
+    def flush_all(self) -> None:
+        for call in list(self.calls.values()):
+            if call.outbox and not self.sending_paused:
+                self.flush_call(call)
+
+    def send_headers(self, call: _Call, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+        try:
+            self.conn.send_headers(call.stream_id, headers, end_stream=end)
+        except H2ProtocolError:
+            call.local_closed = True
+            return
+        if end:
+            call.local_closed = True
+            self.maybe_forget_call(call)
+
+    def end_request(self, call: _Call) -> None:
+        """Agent: half-close a call once its queued messages are out."""
+        if call.local_closed or call.finish is not None:
+            return
+
+        def end() -> None:
+            if call.local_closed:
+                return
+            call.local_closed = True
+            try:
+                self.conn.end_stream(call.stream_id)
+            except H2ProtocolError:
+                pass
+            self.maybe_forget_call(call)
+
+        if call.outbox:
+            call.finish = end
+        else:
+            end()
+        self.flush()
+
+    def rst(self, call: _Call, code: int) -> None:
+        call.drop_outbox()
+        if not (call.local_closed and call.remote_closed):
+            try:
+                self.conn.reset_stream(call.stream_id, code)
+            except H2ProtocolError:
+                pass
+        call.local_closed = call.remote_closed = True
+        self.maybe_forget_call(call)
+        self.flush()
+
+    def maybe_forget_call(self, call: _Call) -> None:
+        if call.local_closed and call.remote_closed:
+            self.calls.pop(call.stream_id, None)
+
+    def forget(self, stream: GrpcStream) -> None:
+        if stream.call is not None:
+            self.streams.pop(stream.call.stream_id, None)
+
+    def pause_sending(self) -> None:
+        """The socket's send buffer is full: pause every stream's source."""
+        self.sending_paused = True
+        for stream in list(self.streams.values()):
+            stream.pause_source()
+
+    def resume_sending(self) -> None:
+        """The socket drained: move queued bytes on and resume the sources."""
+        self.sending_paused = False
+        self.flush_all()
+        self.flush()
+        for stream in list(self.streams.values()):
+            stream.resume_source()
+
+    # -- receiving ------------------------------------------------------------------
+
+    def ack_call(self, call: _Call, force: bool = False) -> None:
+        """Return a call's window for the bytes its consumer has taken."""
+        n = call.unacked
+        if not n or (not force and n < self.ack_threshold):
+            return
+        call.unacked = 0
+        if call.remote_closed or self.closed:
+            return
+        try:
+            self.conn.increment_flow_control_window(n, call.stream_id)
+        except (H2ProtocolError, KeyError):
+            pass
+
+    def _on_data(self, event: h2events.DataReceived) -> None:
+        size = event.flow_controlled_length
+        # The connection window comes back at once: a stalled stream holds only
+        # its own window, never the whole link.
+        self._conn_unacked += size
+        if self._conn_unacked >= self.conn_ack_threshold:
+            try:
+                self.conn.increment_flow_control_window(self._conn_unacked)
+            except H2ProtocolError:
+                pass
+            self._conn_unacked = 0
+        call = self.calls.get(event.stream_id)
+        if call is None:
+            return
+        call.unacked += size
+        if call.broken or call.kind == "refused" or (call.stream is not None and call.stream.closed):
+            # Nobody reads this any more: keep the window open so the peer
+            # can finish writing and see our status.
+            self.ack_call(call)
+            return
+        try:
+            messages = self._split_messages(call, event.data)
+        except _CallError as e:
+            call.broken = True
+            self.call_broken(call, e.status, str(e))
+            return
+        for payload in messages:
+            if call.broken or self.closed:
+                break
+            call.received += 1
+            try:
+                frame = codec.decode(payload)
+            except FrameError as e:
+                call.broken = True
+                self.call_broken(call, GrpcStatus.INVALID_ARGUMENT, str(e))
+                break
+            try:
+                self.message_received(call, frame)
+            except FrameError as e:
+                call.broken = True
+                self.call_broken(call, GrpcStatus.INVALID_ARGUMENT, str(e))
+                break
+        stream = call.stream
+        if stream is None or not stream.consumer_paused:
+            self.ack_call(call)
+
+    def _split_messages(self, call: _Call, data: bytes) -> list[bytes]:
+        """Whole gRPC messages out of a call's bytes; a partial one stays in its inbox."""
+        inbox = call.inbox
+        if inbox:
+            inbox += data
+            buf: bytes | bytearray = inbox
+        else:
+            buf = data
+        out: list[bytes] = []
+        pos = 0
+        total = len(buf)
+        limit = self.max_message
+        while total - pos >= 5:
+            if buf[pos]:
+                raise _CallError(GrpcStatus.INTERNAL, "compressed messages are not supported")
+            length = int.from_bytes(buf[pos + 1 : pos + 5], "big")
+            if length > limit:
+                raise _CallError(
+                    GrpcStatus.RESOURCE_EXHAUSTED,
+                    f"message of {length} bytes exceeds the limit of {limit}",
+                )
+            end = pos + 5 + length
+            if end > total:
+                break
+            out.append(bytes(buf[pos + 5 : end]))
+            pos = end
+        if inbox:
+            del inbox[:pos]
+        elif pos < total:
+            inbox += buf[pos:]
+        return out
+
+    def message_received(self, call: _Call, frame: codec.Frame) -> None:
+        """One decoded message on a call (raise L{FrameError} to break the call)."""
+        if call.kind == "control":
+            self.control_frame(frame)
+        elif call.kind == "forward":
+            self.forward_frame(call, frame)
+
+    def control_frame(self, frame: codec.Frame) -> None:
+        kind = frame.WhichOneof("body")
+        if kind == "ping":
+            control = self.control
+            if control is not None:
+                self.enqueue(control, [_frame_message(codec.encode_ping(frame.ping.opaque, True))])
+            return
+        if kind == "pong":
+            return
+        message = codec.control_from(frame)
+        self.control_message(message)
+
+    def control_message(self, message: ControlMessage) -> None:
+        if self.handler is not None:
+            self.handler.control_received(message)
+        else:
+            self._early_control.append(message)
+
+    def forward_frame(self, call: _Call, frame: codec.Frame) -> None:
+        raise NotImplementedError
+
+    def call_broken(self, call: _Call, status: GrpcStatus, message: str) -> None:
+        """A call sent something undecodable: end it (and the link, if Control)."""
+        if call.kind == "control":
+            self.protocol_error(f"control call: {message}")
+            return
+        self.log.warn(
+            "{transport} call {call} from {peer} broke the protocol: {error}",
+            transport=self.transport_name, call=call.stream_id, peer=self.peer, error=message,
+        )
+        stream = call.stream
+        if stream is not None:
+            stream.remote_reset(Reason.PROTOCOL_ERROR, message)
+        self.refuse_call(call, status, message)
+
+    def refuse_call(self, call: _Call, status: GrpcStatus, message: str) -> None:
+        raise NotImplementedError
+
+    def _on_stream_reset(self, event: h2events.StreamReset) -> None:
+        call = self.calls.pop(event.stream_id, None)
+        if call is None:
+            return
+        call.local_closed = call.remote_closed = True
+        call.drop_outbox()
+        self.call_reset(call, event.error_code)
+
+    def call_reset(self, call: _Call, code: int) -> None:
+        stream = call.stream
+        if stream is not None and not stream.closed:
+            try:
+                name = ErrorCodes(code).name
+            except ValueError:
+                name = str(code)
+            stream.remote_reset(
+                _REASON_FOR_RST.get(cast(ErrorCodes, code), Reason.AGENT_GONE),
+                f"call reset by the peer ({name})",
+            )
+
+    def _on_window_updated(self, event: h2events.WindowUpdated) -> None:
+        if self.sending_paused:
+            return
+        if event.stream_id == 0:
+            self.flush_all()
+            return
+        call = self.calls.get(event.stream_id)
+        if call is not None and call.outbox:
+            self.flush_call(call)
+
+    def _on_settings_changed(self, event: h2events.RemoteSettingsChanged) -> None:
+        self.flush_all()
+
+    def _on_ping_ack(self, event: h2events.PingAckReceived) -> None:
+        sent = self._pings.pop(int.from_bytes(event.ping_data, "big"), None)
+        if sent is not None:
+            self._rtt = self.reactor.seconds() - sent
+
+    def _on_goaway(self, event: h2events.ConnectionTerminated) -> None:
+        """The peer is hanging up: every stream is gone with it."""
+        detail = unquote((event.additional_data or b"").decode("ascii", "replace"))
+        code = event.error_code
+        if not detail:
+            detail = f"GOAWAY {getattr(code, 'name', code)}"
+        if self._lost_reason is None:
+            self._lost_reason = (Reason.AGENT_GONE, f"the peer closed the link ({detail})")
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _on_request(self, event: h2events.RequestReceived) -> None:
+        pass
+
+    def _on_response(self, event: h2events.ResponseReceived) -> None:
+        pass
+
+    def _on_trailers(self, event: h2events.TrailersReceived) -> None:
+        pass
+
+    def _on_stream_ended(self, event: h2events.StreamEnded) -> None:
+        pass
+
+    _event_handlers: dict[type, str] = {
+        h2events.DataReceived: "_on_data",
+        h2events.RequestReceived: "_on_request",
+        h2events.ResponseReceived: "_on_response",
+        h2events.TrailersReceived: "_on_trailers",
+        h2events.StreamEnded: "_on_stream_ended",
+        h2events.StreamReset: "_on_stream_reset",
+        h2events.WindowUpdated: "_on_window_updated",
+        h2events.RemoteSettingsChanged: "_on_settings_changed",
+        h2events.PingAckReceived: "_on_ping_ack",
+        h2events.ConnectionTerminated: "_on_goaway",
+    }
+
+    # -- heartbeat -----------------------------------------------------------------
+
+    def _beat(self) -> None:
+        self._heartbeat = None
+        if self.closed:
+            return
+        now = self.reactor.seconds()
+        silent = now - self._last_heard
+        if silent >= self._heartbeat_timeout:
+            self.log.warn(
+                "{transport} link {peer} silent for {silent:.1f}s: closing",
+                transport=self.transport_name, peer=self.peer, silent=silent,
+            )
+            self.close(Reason.AGENT_GONE, f"heartbeat timeout after {silent:.1f}s")
+            return
+        opaque = next(self._ping_ids)
+        self._pings = {k: v for k, v in self._pings.items() if now - v < self._heartbeat_timeout}
+        self._pings[opaque] = now
+        try:
+            self.conn.ping(opaque.to_bytes(8, "big"))
+        except H2ProtocolError:
+            pass
+        self.flush()
+        self._heartbeat = self.reactor.callLater(self._heartbeat_interval, self._beat)
+
+    # -- streams (both ends) -----------------------------------------------------------
+
+    def stream_local_end(self, stream: GrpcStream) -> None:
+        raise NotImplementedError
+
+    def stream_local_reset(self, stream: GrpcStream, reason: Reason, message: str) -> None:
+        raise NotImplementedError
+
+    def send_reset(self, call: _Call, reason: Reason, message: str) -> bool:
+        """
+        Replace what a call still has queued by a C{Reset} message; True if it
+        went out, False if it could not (then the call was RST_STREAM'd).
+        """
+        call.drop_outbox()
+        if call.local_closed:
+            if not call.remote_closed:
+                self.rst(call, _RST_FOR_REASON.get(reason, ErrorCodes.CANCEL))
+            return False
+        self.enqueue(call, [_frame_message(codec.encode_reset(0, reason, message))])
+        if call.outbox:
+            self.rst(call, _RST_FOR_REASON.get(reason, ErrorCodes.INTERNAL_ERROR))
+            return False
+        return True
+
+
+class EdgeGrpcLink(GrpcLink):
+    """The edge end: the gRPC server for one agent."""
+
+    is_edge = True
+
+    def __init__(self, options: GrpcEdgeOptions, setup: EdgeLinkSetup) -> None:
+        super().__init__(
+            reactor=setup.reactor,
+            max_frame_size=setup.max_frame_size,
+            stream_window=options.stream_window,
+            connection_window=options.connection_window,
+            heartbeat_interval=options.heartbeat_interval,
+            heartbeat_timeout=options.heartbeat_timeout,
+        )
+        self.options = options
+        self.setup = setup
+        self.idle: deque[_Call] = deque()
+        self.queue: deque[GrpcStream] = deque()
+        self._handshake_timer: Any = None
+
+    def local_settings(self) -> dict[SettingCodes, int]:
+        settings = super().local_settings()
+        settings[SettingCodes.MAX_CONCURRENT_STREAMS] = self.options.max_concurrent_calls
+        return settings
+
+    def connection_started(self) -> None:
+        self._handshake_timer = self.reactor.callLater(
+            self.options.handshake_timeout, self._no_control
+        )
+
+    def _no_control(self) -> None:
+        self._handshake_timer = None
+        self.log.warn("agent link from {peer} opened no Control call in time", peer=self.peer)
+        self.close(Reason.PROTOCOL_ERROR, "no Control call opened in time")
+
+    def stop_timers(self) -> None:
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+
+    def orphans(self) -> list[GrpcStream]:
+        queued = list(self.queue)
+        self.queue.clear()
+        return queued
+
+    # -- IAgentLink ---------------------------------------------------------------------
+
+    def open_stream(self, head: StreamHead, receiver: IStreamReceiver) -> IStream:
+        """IAgentLink.open_stream: answer an idle Forward call, or wait for one."""
+        stream = GrpcStream(self, head)
+        stream.attach(receiver)
+        if self.closed:
+            stream.closed = True
+            self.reactor.callLater(0, receiver.reset_received, Reason.AGENT_GONE, "agent link closed")
+            return stream
+        if self.idle:
+            self._bind(stream, self.idle.popleft(), [])
+        elif len(self.queue) >= self.options.max_queued_opens:
+            stream.closed = True
+            self.log.warn(
+                "agent {peer} has no idle Forward call and {queued} opens queued: refusing",
+                peer=self.peer, queued=len(self.queue),
+            )
+            self.reactor.callLater(
+                0, receiver.reset_received, Reason.SATURATED,
+                f"no idle Forward call and {len(self.queue)} streams waiting",
+            )
+        else:
+            self.queue.append(stream)
+            stream.queue_timer = self.reactor.callLater(
+                self.options.queued_open_timeout, self._queued_too_long, stream
+            )
+        return stream
+
+    def active_streams(self) -> int:
+        """IAgentLink.active_streams"""
+        return len(self.streams) + len(self.queue)
+
+    def say_goodbye(self, reason: Reason, message: str) -> None:
+        control = self.control
+        if control is not None and not control.local_closed:
+            self._finish(control, _STATUS_FOR_REASON[reason], status_message(reason, message), now=True)
+
+    # -- calls ------------------------------------------------------------------------
+
+    def _bind(self, stream: GrpcStream, call: _Call, replay: list[bytes]) -> None:
+        """Put a stream on an idle Forward call: response headers, then Open."""
+        if stream.queue_timer is not None and stream.queue_timer.active():
+            stream.queue_timer.cancel()
+        stream.queue_timer = None
+        stream.call = call
+        call.stream = stream
+        self.streams[call.stream_id] = stream
+        if not call.headers_sent:
+            call.headers_sent = True
+            self.send_headers(
+                call, [(b":status", b"200"), (b"content-type", GRPC_CONTENT_TYPE)], False
+            )
+        later = replay + stream.take_held()
+        stream.start_replay_log(later)
+        opening = _frame_message(codec.encode_open(0, stream.head))
+        self.enqueue(call, [opening, *later])
+        if not stream.pending():
+            stream.resume_source()
+
+    def _queued_too_long(self, stream: GrpcStream) -> None:
+        stream.queue_timer = None
+        if stream in self.queue:
+            self.queue.remove(stream)
+            self.log.warn("agent {peer} opened no Forward call in time", peer=self.peer)
+            stream.remote_reset(Reason.AGENT_UNAVAILABLE, "the agent opened no Forward call in time")
+
+    def _dispatch_queued(self) -> None:
+        while self.idle and self.queue:
+            stream = self.queue.popleft()
+            self._bind(stream, self.idle.popleft(), [])
+
+    def _finish(self, call: _Call, status: int, message: bytes = b"", now: bool = False) -> None:
+        """End a call's response with trailers (after queued messages if OK and not now)."""
+        if call.local_closed or (call.finish is not None and not now):
+            return
+        if now or status != GrpcStatus.OK:
+            call.drop_outbox()
+
+        def send() -> None:
+            if call.local_closed:
+                return
+            headers: list[tuple[bytes, bytes]] = []
+            if not call.headers_sent:
+                headers += [(b":status", b"200"), (b"content-type", GRPC_CONTENT_TYPE)]
+                call.headers_sent = True
+            headers.append((b"grpc-status", str(int(status)).encode()))
+            if message:
+                headers.append((b"grpc-message", message))
+            self.send_headers(call, headers, True)
+
+        if call.outbox:
+            call.finish = send
+        else:
+            send()
+        self.flush()
+
+    def refuse_call(self, call: _Call, status: GrpcStatus, message: str) -> None:
+        if call in self.idle:
+            self.idle.remove(call)
+        self._finish(call, status, quote(message[:512], safe=_MESSAGE_SAFE).encode("ascii"))
+
+    def _on_request(self, event: h2events.RequestReceived) -> None:
+        headers = dict(event.headers)
+        sid = event.stream_id
+        call = _Call(sid, "refused")
+        self.calls[sid] = call
+        method = headers.get(b":method")
+        path = headers.get(b":path", b"")
+        if method != b"POST":
+            self.send_headers(call, [(b":status", b"405")], True)
+            return
+        if not headers.get(b"content-type", b"").startswith(GRPC_CONTENT_TYPE):
+            self.send_headers(call, [(b":status", b"415")], True)
+            return
+        if path == CONTROL_PATH:
+            if self.control is not None:
+                self.refuse_call(call, GrpcStatus.FAILED_PRECONDITION, "Control is already open")
+                return
+            call.kind = "control"
+            self.control = call
+            self.stop_timers()
+            self.setup.on_link(self)
+        elif path == FORWARD_PATH:
+            if self.control is None:
+                self.refuse_call(call, GrpcStatus.FAILED_PRECONDITION, "open Control first")
+                return
+            call.kind = "forward"
+            self.idle.append(call)
+            self._dispatch_queued()
+        else:
+            name = path.decode("ascii", "replace")
+            self.refuse_call(call, GrpcStatus.UNIMPLEMENTED, f"unknown method {name}")
+
+    def _on_stream_ended(self, event: h2events.StreamEnded) -> None:
+        call = self.calls.get(event.stream_id)
+        if call is None:
+            return
+        call.remote_closed = True
+        if call.kind == "control":
+            if not self.closed:
+                self.close(Reason.AGENT_GONE, "the agent ended its Control call")
+            return
+        if call.kind == "forward":
+            stream = call.stream
+            if stream is None:
+                # The agent retired an idle call.
+                if call in self.idle:
+                    self.idle.remove(call)
+                self._finish(call, GrpcStatus.OK)
+            elif not stream.answered and not stream.closed:
+                self._replay(stream, call)
+            elif not stream.closed and not stream.remote_ended:
+                stream.remote_reset(Reason.PROTOCOL_ERROR, "the agent ended the call without End")
+                self._finish(call, GrpcStatus.INVALID_ARGUMENT, b"call ended without End")
+            elif stream.remote_ended and stream.local_ended:
+                self._finish(call, GrpcStatus.OK)
+        self.maybe_forget_call(call)
+
+    def call_reset(self, call: _Call, code: int) -> None:
+        if call.kind == "control":
+            self.close(Reason.AGENT_GONE, "the agent cancelled its Control call")
+            return
+        if call in self.idle:
+            self.idle.remove(call)
+        stream = call.stream
+        if stream is not None and not stream.answered and not stream.closed:
+            self._replay(stream, call)
+            return
+        super().call_reset(call, code)
+
+    def _replay(self, stream: GrpcStream, call: _Call) -> None:
+        """The agent dropped a call before it answered the Open: use another one."""
+        call.stream = None
+        self.streams.pop(call.stream_id, None)
+        self._finish(call, GrpcStatus.OK)
+        replay = stream.take_replay()
+        stream.call = None
+        if replay is None:
+            stream.remote_reset(Reason.AGENT_UNAVAILABLE, "the agent dropped the call of this stream")
+            return
+        self.log.debug("replaying an open the agent did not take on {peer}", peer=self.peer)
+        if self.idle:
+            self._bind(stream, self.idle.popleft(), replay)
+        else:
+            stream._held = replay + stream._held
+            stream._held_size = sum(len(p) for p in stream._held)
+            self.queue.appendleft(stream)
+            stream.queue_timer = self.reactor.callLater(
+                self.options.queued_open_timeout, self._queued_too_long, stream
+            )
+
+    # -- messages ------------------------------------------------------------------
+
+    def forward_frame(self, call: _Call, frame: codec.Frame) -> None:
+        stream = call.stream
+        if stream is None:
+            raise FrameError("a message on a Forward call before its Open")
+        if stream.closed:
+            return
+        stream.answered_by_peer()
+        if stream.remote_ended:
+            raise FrameError("a message after End")
+        kind = frame.WhichOneof("body")
+        if kind == "data":
+            stream.deliver("data_received", frame.data.data)
+        elif kind == "reply":
+            stream.deliver("reply_received", codec.reply_from(frame))
+        elif kind == "end":
+            stream.remote_end(codec.trailers_from(frame))
+            if stream.local_ended:
+                self._finish(call, GrpcStatus.OK)
+        elif kind == "reset":
+            reason, message = codec.reset_from(frame)
+            stream.remote_reset(reason, message)
+            self._finish(call, GrpcStatus.OK)
+        else:
+            raise FrameError(f"an agent may not send {kind} on a Forward call")
+
+    def stream_local_end(self, stream: GrpcStream) -> None:
+        call = stream.call
+        if call is not None and stream.remote_ended:
+            self._finish(call, GrpcStatus.OK)
+        stream.maybe_done()
+
+    def stream_local_reset(self, stream: GrpcStream, reason: Reason, message: str) -> None:
+        call = stream.call
+        if call is None:
+            if stream in self.queue:
+                self.queue.remove(stream)
+            return
+        if self.send_reset(call, reason, message):
+            self._finish(call, _STATUS_FOR_REASON[reason], status_message(reason, message))
+
+    def forget(self, stream: GrpcStream) -> None:
+        super().forget(stream)
+        if stream in self.queue:
+            self.queue.remove(stream)
+
+
+class AgentGrpcLink(GrpcLink):
+    """The agent end: the gRPC client, with its pool of idle Forward calls."""
+
+    is_edge = False
+
+    def __init__(
+        self, options: GrpcAgentOptions, setup: AgentLinkSetup, authority: str,
+        opened: Deferred[AgentGrpcLink],
+    ) -> None:
+        super().__init__(
+            reactor=setup.reactor,
+            max_frame_size=setup.max_frame_size,
+            stream_window=options.stream_window,
+            connection_window=options.connection_window,
+            heartbeat_interval=options.heartbeat_interval,
+            heartbeat_timeout=options.heartbeat_timeout,
+        )
+        self.options = options
+        self.setup = setup
+        self.authority = authority.encode("ascii", "replace")
+        self.opened: Deferred[AgentGrpcLink] | None = opened
+        self.idle: dict[int, _Call] = {}
+        self.target = options.min_idle_forwards
+        self.welcomed = False
+        self.draining = False
+        self._last_dry = setup.reactor.seconds()
+        self._pool_timer: Any = None
+
+    def local_settings(self) -> dict[SettingCodes, int]:
+        settings = super().local_settings()
+        settings[SettingCodes.ENABLE_PUSH] = 0
+        return settings
+
+    def _request_headers(self, path: bytes) -> list[tuple[bytes, bytes]]:
+        return [
+            (b":method", b"POST"),
+            (b":scheme", b"https" if self.options.tls else b"http"),
+            (b":path", path),
+            (b":authority", self.authority),
+            (b"content-type", GRPC_CONTENT_TYPE),
+            (b"te", b"trailers"),
+            (b"user-agent", b"tunneld-agent grpc/h2"),
+        ]
+
+    def connection_started(self) -> None:
+        sid = self.conn.get_next_available_stream_id()
+        call = _Call(sid, "control")
+        self.calls[sid] = call
+        self.control = call
+        self.send_headers(call, self._request_headers(CONTROL_PATH), False)
+        self._pool_timer = self.reactor.callLater(self.options.pool_shrink_interval, self._shrink)
+
+    def stop_timers(self) -> None:
+        if self._pool_timer is not None and self._pool_timer.active():
+            self._pool_timer.cancel()
+        self._pool_timer = None
+
+    def wire_lost(self, reason: Reason, message: str) -> None:
+        opened, self.opened = self.opened, None
+        if opened is not None and not opened.called:
+            opened.errback(Failure(ConnectionError(f"gRPC link failed: {reason.value}: {message}")))
+        super().wire_lost(reason, message)
+
+    def _on_settings_changed(self, event: h2events.RemoteSettingsChanged) -> None:
+        super()._on_settings_changed(event)
+        opened, self.opened = self.opened, None
+        if opened is not None:
+            opened.callback(self)
+
+    # -- the pool of idle Forward calls ----------------------------------------------
+
+    def _open_forward(self) -> bool:
+        conn = self.conn
+        if conn.open_outbound_streams >= conn.remote_settings.max_concurrent_streams:
+            return False
+        try:
+            sid = conn.get_next_available_stream_id()
+        except H2ProtocolError:
+            return False
+        call = _Call(sid, "forward")
+        call.headers_sent = True
+        self.calls[sid] = call
+        self.idle[sid] = call
+        self.send_headers(call, self._request_headers(FORWARD_PATH), False)
+        return True
+
+    def top_up(self) -> None:
+        """Open idle Forward calls until the pool has its target size."""
+        if self.closed or not self.welcomed or self.draining:
+            return
+        while len(self.idle) < self.target:
+            if not self._open_forward():
+                break
+        self.flush()
+
+    def _shrink(self) -> None:
+        self._pool_timer = None
+        if self.closed:
+            return
+        now = self.reactor.seconds()
+        interval = self.options.pool_shrink_interval
+        if now - self._last_dry >= interval and self.target > self.options.min_idle_forwards:
+            self.target = max(self.options.min_idle_forwards, self.target // 2)
+        while len(self.idle) > self.target:
+            sid = next(reversed(self.idle))
+            call = self.idle.pop(sid)
+            call.retiring = True
+            self.end_request(call)
+        self._pool_timer = self.reactor.callLater(interval, self._shrink)
+
+    def _took_idle(self, call: _Call) -> None:
+        self.idle.pop(call.stream_id, None)
+        if not self.idle:
+            self._last_dry = self.reactor.seconds()
+            self.target = min(self.options.max_idle_forwards, max(self.target * 2, self.target + 1))
+        self.top_up()
+
+    # -- responses from the edge ----------------------------------------------------
+
+    def _on_response(self, event: h2events.ResponseReceived) -> None:
+        call = self.calls.get(event.stream_id)
+        if call is None:
+            return
+        headers = dict(event.headers)
+        status = headers.get(b":status")
+        if status != b"200" or not headers.get(b"content-type", b"").startswith(GRPC_CONTENT_TYPE):
+            what = f"HTTP {status.decode('ascii', 'replace') if status else '?'}"
+            if call.kind == "control":
+                self.protocol_error(f"the edge answered Control with {what}")
+            else:
+                self._call_ended(call, GrpcStatus.UNKNOWN, what.encode())
+            return
+        if b"grpc-status" in headers:
+            self._trailers(call, headers)
+
+    def _on_trailers(self, event: h2events.TrailersReceived) -> None:
+        call = self.calls.get(event.stream_id)
+        if call is not None:
+            self._trailers(call, dict(event.headers))
+
+    def _trailers(self, call: _Call, headers: dict[bytes, bytes]) -> None:
+        try:
+            status = int(headers.get(b"grpc-status", b"2"))
+        except ValueError:
+            status = GrpcStatus.UNKNOWN
+        self._call_ended(call, status, headers.get(b"grpc-message", b""))
+
+    def _call_ended(self, call: _Call, status: int, message: bytes) -> None:
+        """The edge finished a call (trailers, possibly trailers-only)."""
+        if call.kind == "control":
+            if status == GrpcStatus.OK:
+                reason, text = Reason.AGENT_GONE, "the edge ended the Control call"
+            else:
+                reason, text = reason_from_status(status, message)
+            self.log.info(
+                "edge {peer} ended the link: {reason}: {message}",
+                peer=self.peer, reason=reason.value, message=text,
+            )
+            self.close(reason, text)
+            return
+        self.idle.pop(call.stream_id, None)
+        stream = call.stream
+        if stream is not None and not stream.closed:
+            if status == GrpcStatus.OK:
+                stream.remote_reset(Reason.PROTOCOL_ERROR, "the edge ended the call without End")
+            else:
+                stream.remote_reset(*reason_from_status(status, message))
+        elif stream is None and status != GrpcStatus.OK and not call.retiring:
+            reason, text = reason_from_status(status, message)
+            self.log.warn(
+                "edge {peer} refused a Forward call: {reason}: {message}",
+                peer=self.peer, reason=reason.value, message=text,
+            )
+        if not call.local_closed:
+            call.drop_outbox()
+            self.end_request(call)
+
+    def _on_stream_ended(self, event: h2events.StreamEnded) -> None:
+        call = self.calls.get(event.stream_id)
+        if call is None:
+            return
+        call.remote_closed = True
+        if not call.local_closed:
+            call.drop_outbox()
+            self.end_request(call)
+        self.maybe_forget_call(call)
+
+    def call_reset(self, call: _Call, code: int) -> None:
+        self.idle.pop(call.stream_id, None)
+        if call.kind == "control":
+            self._lost_reason = (Reason.AGENT_GONE, "the edge reset the Control call")
+            self.close(Reason.AGENT_GONE, "the edge reset the Control call")
+            return
+        super().call_reset(call, code)
+
+    # -- messages ------------------------------------------------------------------
+
+    def control_message(self, message: ControlMessage) -> None:
+        if isinstance(message, Welcome) and not self.welcomed:
+            self.welcomed = True
+            super().control_message(message)
+            self.top_up()
+            return
+        if isinstance(message, GoAway):
+            self.draining = True
+        super().control_message(message)
+
+    def forward_frame(self, call: _Call, frame: codec.Frame) -> None:
+        stream = call.stream
+        kind = frame.WhichOneof("body")
+        if stream is None:
+            if call.retiring:
+                return  # the edge replays it elsewhere
+            if kind != "open":
+                raise FrameError(f"{kind} on a Forward call before Open")
+            head = codec.head_from(frame)
+            stream = GrpcStream(self, head, call)
+            call.stream = stream
+            self.streams[call.stream_id] = stream
+            self._took_idle(call)
+            if self.handler is None:
+                stream.reset(Reason.AGENT_UNAVAILABLE, "agent is not ready")
+                return
+            self.handler.stream_opened(stream)
+            return
+        if stream.closed:
+            return
+        if stream.remote_ended:
+            raise FrameError("a message after End")
+        if kind == "data":
+            stream.deliver("data_received", frame.data.data)
+        elif kind == "end":
+            stream.remote_end(codec.trailers_from(frame))
+        elif kind == "reset":
+            reason, message = codec.reset_from(frame)
+            stream.remote_reset(reason, message)
+            call.drop_outbox()
+            self.end_request(call)
+        else:
+            raise FrameError(f"the edge may not send {kind} on a Forward call")
+
+    def refuse_call(self, call: _Call, status: GrpcStatus, message: str) -> None:
+        self.idle.pop(call.stream_id, None)
+        self.rst(call, ErrorCodes.PROTOCOL_ERROR)
+
+    def stream_local_end(self, stream: GrpcStream) -> None:
+        call = stream.call
+        if call is not None:
+            self.end_request(call)
+        stream.maybe_done()
+
+    def stream_local_reset(self, stream: GrpcStream, reason: Reason, message: str) -> None:
+        call = stream.call
+        if call is not None and self.send_reset(call, reason, message):
+            self.end_request(call)
+
+
+@implementer(IProtocolNegotiationFactory)
+class EdgeGrpcFactory(Factory):
+    """Makes an L{EdgeGrpcLink} per agent connection; offers ALPN C{h2}."""
+
+    def __init__(self, options: GrpcEdgeOptions, setup: EdgeLinkSetup) -> None:
+        self.options = options
+        self.setup = setup
+
+    def acceptableProtocols(self) -> list[bytes]:  # noqa: N802
+        """IProtocolNegotiationFactory.acceptableProtocols"""
+        return [b"h2"]
+
+    def buildProtocol(self, addr: Any) -> EdgeGrpcLink:  # noqa: N802
+        link = EdgeGrpcLink(self.options, self.setup)
+        link.factory = self
+        return link
+
+
+@implementer(IProtocolNegotiationFactory)
+class AgentGrpcFactory(Factory):
+    """Makes the one L{AgentGrpcLink} of a dial; offers ALPN C{h2}."""
+
+    def __init__(
+        self, options: GrpcAgentOptions, setup: AgentLinkSetup, authority: str,
+        opened: Deferred[AgentGrpcLink],
+    ) -> None:
+        self.options = options
+        self.setup = setup
+        self.authority = authority
+        self.opened = opened
+
+    def acceptableProtocols(self) -> list[bytes]:  # noqa: N802
+        """IProtocolNegotiationFactory.acceptableProtocols"""
+        return [b"h2"]
+
+    def buildProtocol(self, addr: Any) -> AgentGrpcLink:  # noqa: N802
+        link = AgentGrpcLink(self.options, self.setup, self.authority, self.opened)
+        link.factory = self
+        return link
+
+
+def _endpoint_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+@implementer(ITransportPlugin)
+class GrpcTransport:
+    """The C{grpc} transport plugin."""
+
+    name = "grpc"
+
+    def edge_options(self, table: Any, where: str) -> GrpcEdgeOptions:
+        """ITransportPlugin.edge_options"""
+        return parse_table(GrpcEdgeOptions, table, where, "transports.grpc")
+
+    def agent_options(self, table: Any, where: str) -> GrpcAgentOptions:
+        """ITransportPlugin.agent_options"""
+        options = parse_table(GrpcAgentOptions, table, where, "transports.grpc")
+        if split_address(options.address) is None:
+            raise ConfigError(
+                where, "transports.grpc.address", f"expected host:port, got {options.address!r}"
+            )
+        if options.min_idle_forwards > options.max_idle_forwards:
+            raise ConfigError(
+                where, "transports.grpc.min_idle_forwards",
+                f"must not exceed max_idle_forwards ({options.max_idle_forwards}), "
+                f"got {options.min_idle_forwards}",
+            )
+        return options
+
+    def edge_service(self, options: GrpcEdgeOptions, setup: EdgeLinkSetup) -> Any:
+        """ITransportPlugin.edge_service"""
+        factory: Any = EdgeGrpcFactory(options, setup)
+        if setup.tls is not None:
+            factory = TLSMemoryBIOFactory(setup.tls, False, factory)
+        service = ListeningService(setup.reactor, options.listen, factory, "grpc agent link")
+        service.setName("transport:grpc")
+        return service
+
+    def connect(self, options: GrpcAgentOptions, setup: AgentLinkSetup) -> Deferred[AgentGrpcLink]:
+        """ITransportPlugin.connect: fires once HTTP/2 is up and Control is open."""
+        address = split_address(options.address)
+        if address is None:
+            raise ValueError(f"bad gRPC address {options.address!r}")
+        host, port = address
+        timeout = max(1, int(options.connect_timeout + 0.999))
+        endpoint = clientFromString(
+            setup.reactor, f"tcp:host={_endpoint_escape(host)}:port={port}:timeout={timeout}"
+        )
+        if options.tls:
+            from twisted.internet.ssl import optionsForClientTLS
+
+            creator = setup.tls_for(host) if setup.tls_for else optionsForClientTLS(host)
+            endpoint = wrapClientTLS(creator, endpoint)
+        opened: Deferred[AgentGrpcLink] = Deferred()
+        factory = AgentGrpcFactory(options, setup, options.address, opened)
+        connected: list[Any] = []
+
+        def too_slow() -> None:
+            if not opened.called:
+                opened.errback(
+                    Failure(TimeoutError(f"no HTTP/2 connection to {options.address} in time"))
+                )
+                for protocol in connected:
+                    if protocol.transport is not None:
+                        protocol.transport.abortConnection()
+
+        timer = setup.reactor.callLater(options.connect_timeout, too_slow)
+
+        def done(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        opened.addBoth(done)
+
+        def failed(failure: Failure) -> None:
+            if not opened.called:
+                opened.errback(failure)
+
+        connecting = endpoint.connect(factory)
+        connecting.addCallbacks(connected.append, failed)
+        return opened
