@@ -253,9 +253,9 @@ async def link_pair(
 
     async def cleanup() -> None:
         link.close(Reason.CANCELLED, "test over")
-        await link.when_disconnected()
+        await link.when_closed()
         for edge_link in edge_links:
-            await edge_link.when_disconnected()
+            await edge_link.when_closed()
 
     case.addCleanup(lambda: defer.ensureDeferred(cleanup()))
     pair.agent_handler = Handler(link)
@@ -474,6 +474,41 @@ class GrpcTransportTests(TestCase):
         self.assertIsNone(first.reset)
         await until(lambda: pair.edge.active_streams() == 0 and pair.agent.active_streams() == 0)
 
+    async def test_malformed_message_ends_only_its_call(self) -> None:
+        """An undecodable message on a Forward call resets that stream; the link lives on."""
+        pair = await link_pair(self)
+        receiver = Receiver()
+        pair.edge.open_stream(head("/hold"), receiver)
+        await until(lambda: len(pair.agent_handler.streams) == 1)
+        agent_stream = pair.agent_handler.streams[0]
+        assert agent_stream.call is not None
+        pair.agent.enqueue(agent_stream.call, [grpc_message(b"\xff\xff\xff not a frame")])
+        await receiver.done
+        assert receiver.reset is not None
+        self.assertEqual(receiver.reset[0], Reason.PROTOCOL_ERROR)
+        await until(lambda: pair.agent_handler.echoes[0].reset is not None)
+        self.assertEqual(pair.agent_handler.echoes[0].reset[0], Reason.PROTOCOL_ERROR)
+        self.assertEqual(pair.edge_handler.lost, [])
+        again = Receiver()
+        stream = pair.edge.open_stream(head("/echo"), again)
+        stream.write(b"still up")
+        stream.end()
+        await again.done
+        self.assertEqual(again.data, b"still up")
+
+    async def test_writer_ignoring_backpressure_is_saturated(self) -> None:
+        """A writer that ignores pauses overruns the bounded buffer: reset with saturated."""
+        pair = await link_pair(self)
+        receiver = Receiver()
+        stream = pair.edge.open_stream(head("/hold"), receiver)
+        await until(lambda: len(pair.agent_handler.streams) == 1)
+        for _ in range(80):
+            stream.write(b"x" * CHUNK)  # 5 MB with no producer registered
+        await until(lambda: pair.agent_handler.echoes[0].reset is not None)
+        self.assertEqual(pair.agent_handler.echoes[0].reset[0], Reason.SATURATED)
+        self.assertEqual(pair.edge.active_streams(), 0)
+        self.assertEqual(pair.edge_handler.lost, [])
+
     async def test_heartbeat_measures_round_trip(self) -> None:
         """HTTP/2 PINGs give both ends a round-trip time."""
         pair = await link_pair(
@@ -549,3 +584,116 @@ class GrpcTransportTests(TestCase):
         self.assertGreater(grown, 2)
         await until(lambda: pair.agent.target == 2 and len(pair.edge.idle) == 2)
         await until(lambda: len(pair.edge.calls) == 3)
+
+
+def _certificate(common_name: str, issuer: Any = None, ip: str | None = None) -> tuple[Any, Any]:
+    """A key and certificate (self-signed, or signed by C{issuer}=(key, cert))."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    signer_key, signer_cert = issuer if issuer else (key, None)
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(signer_cert.subject if signer_cert is not None else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
+    )
+    if ip is not None:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False
+        )
+    else:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(common_name)]), critical=False
+        )
+    return key, builder.sign(signer_key, hashes.SHA256())
+
+
+def _pem(key: Any, cert: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+class GrpcTlsTests(TestCase):
+    """The transport over TLS with client certificates and ALPN h2."""
+
+    timeout = 30
+
+    async def test_mutual_tls_with_alpn(self) -> None:
+        """Agent and edge negotiate h2 by ALPN; the edge sees the agent's verified certificate."""
+        from cryptography.hazmat.primitives import serialization
+        from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+
+        ca = _certificate("test CA")
+        ca_cert = Certificate.loadPEM(ca[1].public_bytes(serialization.Encoding.PEM))
+        edge_cert = PrivateCertificate.loadPEM(_pem(*_certificate("edge", ca, ip="127.0.0.1")))
+        agent_cert = PrivateCertificate.loadPEM(_pem(*_certificate("agent.test", ca)))
+        server_tls = edge_cert.options(ca_cert)  # requires a client certificate from the CA
+
+        links: list[EdgeGrpcLink] = []
+
+        def on_link(link: IAgentLink) -> None:
+            assert isinstance(link, EdgeGrpcLink)
+            link.set_handler(Handler(link))
+            links.append(link)
+
+        plugin = GrpcTransport()
+        options = plugin.edge_options({"listen": "tcp:0:interface=127.0.0.1"}, "(test)")
+        service = plugin.edge_service(
+            options, EdgeLinkSetup(on_link=on_link, reactor=reactor, tls=server_tls)
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        port = (await service.listening).getHost().port
+
+        agent_options = plugin.agent_options(
+            {"address": f"127.0.0.1:{port}", "tls": True}, "(test)"
+        )
+        setup = AgentLinkSetup(
+            reactor=reactor,
+            tls_for=lambda host: optionsForClientTLS(
+                host, trustRoot=ca_cert, clientCertificate=agent_cert
+            ),
+        )
+        link = await plugin.connect(agent_options, setup)
+
+        async def cleanup() -> None:
+            link.close(Reason.CANCELLED, "test over")
+            await link.when_closed()
+            for edge_link in links:
+                await edge_link.when_closed()
+
+        self.addCleanup(lambda: defer.ensureDeferred(cleanup()))
+        handler = Handler(link)
+        link.set_handler(handler)
+        link.send_control(Hello(agent_id="agent-1", tunnels=()))
+        await handler.got_control
+        self.assertEqual(link.transport.negotiatedProtocol, b"h2")
+        self.assertEqual(links[0].transport.negotiatedProtocol, b"h2")
+        peer = links[0].peer_certificate
+        self.assertIsNotNone(peer)
+        self.assertEqual(peer.get_subject().commonName, "agent.test")
+
+        receiver = Receiver()
+        pair_stream = links[0].open_stream(head("/echo"), receiver)
+        pair_stream.write(b"over tls")
+        pair_stream.end()
+        await receiver.done
+        self.assertEqual(receiver.data, b"over tls")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Clock, deferLater
@@ -159,6 +159,9 @@ class FakeLink(_Waiters):
     def close(self, reason: Reason, message: str) -> None:
         for stream in self.streams:
             stream.fail(reason, message)
+
+    def when_closed(self) -> Any:
+        return succeed(None)
 
     async def stream(self, index: int = 0) -> FakeStream:
         await self.until(lambda: len(self.streams) > index)

@@ -20,6 +20,7 @@ import tunneld.plugins
 from tests.end_to_end import EndToEndMixin
 from tunneld.errors import MissingTransport
 from tunneld.interfaces import ITransportPlugin
+from tunneld.reasons import Reason
 from tunneld.transports.registry import available_transports, find_transport
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -79,6 +80,9 @@ class _Garbage(Int32StringReceiver):
     def connectionMade(self) -> None:
         self.sendString(b"\xff\xff\xff garbage")
 
+    def stringReceived(self, string: bytes) -> None:  # noqa: N802
+        self.factory.received.append(string)
+
     def connectionLost(self, reason: Any = None) -> None:
         self.factory.closed.callback(None)
 
@@ -98,5 +102,11 @@ class DropInEndToEnd(EndToEndMixin, TestCase):
         factory = protocol.ClientFactory()
         factory.protocol = _Garbage
         factory.closed = defer.Deferred()
+        factory.received = []
         await TCP4ClientEndpoint(reactor, "127.0.0.1", address.port).connect(factory)
         await factory.closed
+        # The edge said why before hanging up: a GoAway naming protocol_error.
+        from tunneld.wire import codec
+
+        goaway = codec.control_from(codec.decode(factory.received[-1]))
+        self.assertEqual(goaway.reason, Reason.PROTOCOL_ERROR)

@@ -53,7 +53,8 @@ class TwistdProcess(protocol.ProcessProtocol):
         for _, d in self._waiters:
             d.errback(AssertionError(f"process ended before the expected line:\n{self.output}"))
         self._waiters = []
-        self.ended.callback(reason)
+        self.end_reason = reason
+        self.ended.callback(None)
 
 
 class ProcessTests(TestCase):

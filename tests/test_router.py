@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from typing import Any
 
+from twisted.internet.defer import succeed
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -43,6 +45,9 @@ class FakeLink:
 
     def close(self, reason: Reason, message: str) -> None:
         raise NotImplementedError
+
+    def when_closed(self) -> Any:
+        return succeed(None)
 
 
 def session(name: str, streams: int = 0) -> AgentSession:

@@ -39,7 +39,7 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError as H2ProtocolError
-from h2.settings import SettingCodes, Settings
+from h2.settings import SettingCodes
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.interfaces import (
@@ -81,6 +81,8 @@ SERVICE = "tunneld.v1.TunnelAgent"
 CONTROL_PATH = b"/tunneld.v1.TunnelAgent/Control"
 FORWARD_PATH = b"/tunneld.v1.TunnelAgent/Forward"
 GRPC_CONTENT_TYPE = b"application/grpc"
+# Response metadata on a Forward call: idle calls the edge has left after using this one.
+IDLE_HEADER = b"tunneld-idle"
 
 MIB = 1024 * 1024
 # Room in a message for everything but a Data payload.
@@ -313,7 +315,7 @@ class _Call:
 
     __slots__ = (
         "stream_id", "kind", "inbox", "outbox", "out_offset", "out_size", "finish",
-        "headers_sent", "local_closed", "remote_closed", "received", "stream", "unacked",
+        "headers_sent", "local_closed", "remote_closed", "stream", "unacked",
         "retiring", "broken",
     )
 
@@ -328,7 +330,6 @@ class _Call:
         self.headers_sent = False
         self.local_closed = False
         self.remote_closed = False
-        self.received = 0
         self.stream: GrpcStream | None = None
         self.unacked = 0
         self.retiring = False
@@ -664,10 +665,17 @@ class GrpcLink(Protocol):
             pass
         self._batching = False
         self.flush()
-        if self.transport is not None:
-            self.transport.loseConnection()
-            self._abort_timer = self.reactor.callLater(_CLOSE_GRACE, self._abort)
+        self.hang_up()
         self.wire_lost(reason, message)
+
+    def hang_up(self) -> None:
+        """Close the connection after what is written; abort it if that takes too long."""
+        if self.transport is None or self.disconnected or self._abort_timer is not None:
+            return
+        # TLS waits for a registered producer to go before it shuts down.
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+        self._abort_timer = self.reactor.callLater(_CLOSE_GRACE, self._abort)
 
     def say_goodbye(self, reason: Reason, message: str) -> None:
         """Before GOAWAY: the edge ends Control with a status."""
@@ -679,7 +687,7 @@ class GrpcLink(Protocol):
 
     # -- the connection -----------------------------------------------------------
 
-    def local_settings(self) -> dict[SettingCodes, int]:
+    def local_settings(self) -> dict[SettingCodes | int, int]:
         return {
             SettingCodes.INITIAL_WINDOW_SIZE: self.stream_window,
             SettingCodes.MAX_FRAME_SIZE: min(max(self.max_message, 16384), 16777215),
@@ -695,10 +703,9 @@ class GrpcLink(Protocol):
             pass
         self.transport.registerProducer(_Congestion(self), True)
         conn = self.conn
-        conn.local_settings = Settings(
-            client=not self.is_edge, initial_values=self.local_settings()
-        )
         conn.initiate_connection()
+        # Applied (windows, frame size) when the peer acknowledges them.
+        conn.update_settings(self.local_settings())
         if self.connection_window > 65535:
             conn.increment_flow_control_window(self.connection_window - 65535)
         self._last_heard = self.reactor.seconds()
@@ -745,8 +752,8 @@ class GrpcLink(Protocol):
         for waiter in waiters:
             waiter.callback(None)
 
-    def when_disconnected(self) -> Deferred[None]:
-        """Fires once the underlying connection is closed (for orderly shutdown)."""
+    def when_closed(self) -> Deferred[None]:
+        """IAgentLink.when_closed"""
         if self.disconnected or self.transport is None:
             return succeed(None)
         waiter: Deferred[None] = Deferred()
@@ -966,7 +973,6 @@ class GrpcLink(Protocol):
         for payload in messages:
             if call.broken or self.closed:
                 break
-            call.received += 1
             try:
                 frame = codec.decode(payload)
             except FrameError as e:
@@ -1106,8 +1112,7 @@ class GrpcLink(Protocol):
             detail = f"GOAWAY {getattr(code, 'name', code)}"
         if self._lost_reason is None:
             self._lost_reason = (Reason.AGENT_GONE, f"the peer closed the link ({detail})")
-        if self.transport is not None:
-            self.transport.loseConnection()
+        self.hang_up()
 
     def _on_request(self, event: h2events.RequestReceived) -> None:
         pass
@@ -1204,7 +1209,7 @@ class EdgeGrpcLink(GrpcLink):
         self.queue: deque[GrpcStream] = deque()
         self._handshake_timer: Any = None
 
-    def local_settings(self) -> dict[SettingCodes, int]:
+    def local_settings(self) -> dict[SettingCodes | int, int]:
         settings = super().local_settings()
         settings[SettingCodes.MAX_CONCURRENT_STREAMS] = self.options.max_concurrent_calls
         return settings
@@ -1265,9 +1270,20 @@ class EdgeGrpcLink(GrpcLink):
     def say_goodbye(self, reason: Reason, message: str) -> None:
         control = self.control
         if control is not None and not control.local_closed:
+            # A GoAway message as on every transport, then the status that ends Control.
+            self.enqueue(control, [_frame_message(codec.encode_control(GoAway(reason, message)))])
             self._finish(control, _STATUS_FOR_REASON[reason], status_message(reason, message), now=True)
 
     # -- calls ------------------------------------------------------------------------
+
+    def enqueue(self, call: _Call, pieces: Iterable[bytes]) -> None:
+        """Response headers go out before a call's first message."""
+        if not call.headers_sent and not call.local_closed:
+            call.headers_sent = True
+            self.send_headers(
+                call, [(b":status", b"200"), (b"content-type", GRPC_CONTENT_TYPE)], False
+            )
+        super().enqueue(call, pieces)
 
     def _bind(self, stream: GrpcStream, call: _Call, replay: list[bytes]) -> None:
         """Put a stream on an idle Forward call: response headers, then Open."""
@@ -1278,9 +1294,17 @@ class EdgeGrpcLink(GrpcLink):
         call.stream = stream
         self.streams[call.stream_id] = stream
         if not call.headers_sent:
+            # Initial metadata tells the agent how many idle calls are left:
+            # 0 means its pool ran dry and should grow.
             call.headers_sent = True
             self.send_headers(
-                call, [(b":status", b"200"), (b"content-type", GRPC_CONTENT_TYPE)], False
+                call,
+                [
+                    (b":status", b"200"),
+                    (b"content-type", GRPC_CONTENT_TYPE),
+                    (IDLE_HEADER, str(len(self.idle)).encode()),
+                ],
+                False,
             )
         later = replay + stream.take_held()
         stream.start_replay_log(later)
@@ -1497,7 +1521,7 @@ class AgentGrpcLink(GrpcLink):
         self._last_dry = setup.reactor.seconds()
         self._pool_timer: Any = None
 
-    def local_settings(self) -> dict[SettingCodes, int]:
+    def local_settings(self) -> dict[SettingCodes | int, int]:
         settings = super().local_settings()
         settings[SettingCodes.ENABLE_PUSH] = 0
         return settings
@@ -1579,11 +1603,13 @@ class AgentGrpcLink(GrpcLink):
             self.end_request(call)
         self._pool_timer = self.reactor.callLater(interval, self._shrink)
 
+    def _ran_dry(self) -> None:
+        """The edge used its last idle call: grow the pool (up to max_idle_forwards)."""
+        self._last_dry = self.reactor.seconds()
+        self.target = min(self.options.max_idle_forwards, self.target * 2)
+
     def _took_idle(self, call: _Call) -> None:
         self.idle.pop(call.stream_id, None)
-        if not self.idle:
-            self._last_dry = self.reactor.seconds()
-            self.target = min(self.options.max_idle_forwards, max(self.target * 2, self.target + 1))
         self.top_up()
 
     # -- responses from the edge ----------------------------------------------------
@@ -1603,6 +1629,8 @@ class AgentGrpcLink(GrpcLink):
             return
         if b"grpc-status" in headers:
             self._trailers(call, headers)
+        elif call.kind == "forward" and headers.get(IDLE_HEADER) == b"0":
+            self._ran_dry()
 
     def _on_trailers(self, event: h2events.TrailersReceived) -> None:
         call = self.calls.get(event.stream_id)

@@ -154,7 +154,6 @@ class _FrameWireMixin:
         if self.link is not None:
             detail = f"websocket closed ({code}{': ' + reason if reason else ''})"
             self.link.wire_lost(Reason.AGENT_GONE, detail)
-            self.link.connection_done()
 
 
 class EdgeWebSocketProtocol(_FrameWireMixin, WebSocketServerProtocol):  # type: ignore[misc]

@@ -367,7 +367,7 @@ class FrameLink:
         # receivers from wire_lost.
         self.send(codec.encode_control(GoAway(reason, message)).SerializeToString())
         self.wire.close_wire(reason, message)
-        self.wire_lost(reason, message)
+        self._shut(reason, message)
 
     def when_closed(self) -> Deferred[None]:
         """IAgentLink.when_closed"""
@@ -376,14 +376,6 @@ class FrameLink:
         d: Deferred[None] = Deferred()
         self._closed_waiters.append(d)
         return d
-
-    def connection_done(self) -> None:
-        """The transport's connection is fully closed (after L{wire_lost})."""
-        self.wire_lost(Reason.AGENT_GONE, "connection closed")
-        self._done = True
-        waiters, self._closed_waiters = self._closed_waiters, []
-        for d in waiters:
-            d.callback(None)
 
     # -- sending ------------------------------------------------------------
 
@@ -517,9 +509,16 @@ class FrameLink:
 
     def wire_lost(self, reason: Reason, message: str) -> None:
         """
-        The underlying connection is gone: reset every stream and tell the
-        handler.  Safe to call more than once.
+        The underlying connection is gone (the transport's connectionLost):
+        reset every stream, tell the handler, fire L{when_closed}.
         """
+        self._shut(reason, message)
+        self._done = True
+        waiters, self._closed_waiters = self._closed_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _shut(self, reason: Reason, message: str) -> None:
         if self.closed:
             return
         self.closed = True

@@ -1,0 +1,126 @@
+"""
+A stock gRPC library (grpcio, in a subprocess) speaks to the edge's gRPC
+transport: real gRPC framing, status codes and the TunnelAgent service.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import TestCase
+
+from tests.test_grpc_transport import Handler, Receiver, head, start_edge, until
+from tunneld.interfaces import IAgentLink
+from tunneld.reasons import Reason
+from tunneld.transports.grpc import EdgeGrpcLink
+from tunneld.wire.messages import Hello
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SCRIPT = os.path.join(HERE, "grpc_stock_agent.py")
+
+
+class StockAgentTests(TestCase):
+    """The edge as a gRPC server for a grpcio client."""
+
+    timeout = 90
+
+    async def generate(self) -> str:
+        """Compile proto/tunnel.proto with grpc_tools into a fresh directory."""
+        out = self.mktemp()
+        os.makedirs(out)
+        stdout, stderr, code = await getProcessOutputAndValue(
+            sys.executable,
+            [
+                "-m", "grpc_tools.protoc", "-I", os.path.join(ROOT, "proto"),
+                f"--python_out={out}", f"--grpc_python_out={out}", "tunnel.proto",
+            ],
+            env=dict(os.environ),
+        )
+        self.assertEqual(code, 0, stderr.decode(errors="replace"))
+        return out
+
+    async def run_stock(self, mode: str, port: int) -> list[list[str]]:
+        """Run the stock client; its printed lines, split into words."""
+        generated = await self.generate()
+        stdout, stderr, code = await getProcessOutputAndValue(
+            sys.executable, [SCRIPT, mode, str(port), generated], env=dict(os.environ)
+        )
+        self.assertEqual(code, 0, stderr.decode(errors="replace"))
+        return [line.split() for line in stdout.decode().splitlines()]
+
+    async def edge(self) -> tuple[int, list[EdgeGrpcLink], list[Handler]]:
+        links: list[EdgeGrpcLink] = []
+        handlers: list[Handler] = []
+
+        def on_link(link: IAgentLink) -> None:
+            assert isinstance(link, EdgeGrpcLink)
+            handler = Handler(link)
+            link.set_handler(handler)
+            links.append(link)
+            handlers.append(handler)
+
+        port = await start_edge(self, on_link)
+
+        async def closed() -> None:
+            for link in links:
+                link.close(Reason.CANCELLED, "test over")
+                await link.when_closed()
+
+        self.addCleanup(lambda: defer.ensureDeferred(closed()))
+        return port, links, handlers
+
+    async def test_stock_agent_serves_a_stream(self) -> None:
+        """A grpcio agent says hello, gets welcome, takes an Open and answers it."""
+        port, links, handlers = await self.edge()
+        receiver = Receiver()
+        opened: list[Any] = []
+
+        def open_when_welcomed() -> None:
+            # Open as soon as the hello arrived: it waits for the agent's Forward call.
+            stream = links[0].open_stream(head("/from-the-edge", "GET"), receiver)
+            stream.end()
+            opened.append(stream)
+
+        running = defer.ensureDeferred(self.run_stock("agent", port))
+        await until(lambda: bool(handlers and handlers[0].control), timeout=60)
+        hello = handlers[0].control[0]
+        assert isinstance(hello, Hello)
+        self.assertEqual((hello.agent_id, hello.tunnels[0].hostname), ("stock", "stock.test"))
+        open_when_welcomed()
+        lines = await running
+        self.assertEqual(lines[0], ["WELCOME", "welcome", "session-1"])
+        self.assertEqual(lines[1], ["OPEN", "open", "http", "GET", "/from-the-edge"])
+        self.assertEqual(lines[2], ["FORWARD", "end", "OK"])
+        await receiver.done
+        self.assertIsNone(receiver.reset)
+        assert receiver.reply is not None
+        self.assertEqual(
+            (receiver.reply.status, receiver.reply.reason, tuple(receiver.reply.headers)),
+            (201, b"Created", ((b"x-agent", b"stock"),)),
+        )
+        self.assertEqual(receiver.data, b"hello from a stock grpc agent")
+        self.assertEqual(receiver.trailers, ())
+        # The agent half-closed Control: the edge ends the link and says so.
+        self.assertEqual(lines[3][0], "CONTROL")
+        self.assertEqual(lines[3][1], "UNAVAILABLE")
+        reason, _ = await handlers[0].got_lost
+        self.assertEqual(reason, Reason.AGENT_GONE)
+
+    async def test_unknown_method_is_unimplemented(self) -> None:
+        """A method the service does not have gets UNIMPLEMENTED."""
+        port, _, _ = await self.edge()
+        lines = await self.run_stock("unknown", port)
+        self.assertEqual(lines, [["STATUS", "UNIMPLEMENTED"]])
+
+    async def test_garbage_message_is_refused(self) -> None:
+        """Bytes that are no Frame end the call with a non-OK status and close the link."""
+        port, _, handlers = await self.edge()
+        lines = await self.run_stock("garbage", port)
+        self.assertIn(lines, ([["STATUS", "INVALID_ARGUMENT"]], [["STATUS", "INTERNAL"]]))
+        reason, _ = await handlers[0].got_lost
+        self.assertEqual(reason, Reason.PROTOCOL_ERROR)
