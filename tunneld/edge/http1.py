@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, cast
 from typing import Protocol as TypingProtocol
 
@@ -106,6 +107,13 @@ _UPLOAD = 1  # the stream is out of credit for the request body
 _PIPELINE = 2  # a pipelined request waits for the current exchange to finish
 
 _UPGRADE_REFUSAL = "upgrade not supported yet"
+
+
+def _phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 def _tokens(values: list[bytes]) -> set[bytes]:
@@ -577,7 +585,9 @@ class PublicHTTPProtocol(Protocol):
         ]
         if not keep:
             headers.append((b"connection", b"close"))
-        events: list[h11.Event] = [h11.Response(status_code=status, headers=headers)]
+        events: list[h11.Event] = [
+            h11.Response(status_code=status, headers=headers, reason=_phrase(status))
+        ]
         if self._method != b"HEAD":
             events.append(h11.Data(data=body))
         events.append(h11.EndOfMessage())
@@ -608,7 +618,9 @@ class PublicHTTPProtocol(Protocol):
     def _reply(self, exchange: _Exchange, reply: ReplyHead) -> None:
         headers, has_length = _reply_headers(reply.headers, self._via)
         try:
-            response = h11.Response(status_code=reply.status, headers=headers, reason=reply.reason)
+            response = h11.Response(
+                status_code=reply.status, headers=headers, reason=reply.reason or _phrase(reply.status)
+            )
         except h11.LocalProtocolError as error:
             self._finish(exchange)
             cast(IStream, exchange.stream).reset(Reason.UPSTREAM_ERROR, f"bad reply: {error}")

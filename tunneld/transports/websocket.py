@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import txaio
 from autobahn.twisted.websocket import (
     WebSocketClientFactory,
     WebSocketClientProtocol,
@@ -35,6 +36,11 @@ from tunneld.listening import ConnectionTracker, ListeningService
 from tunneld.reasons import Reason
 from tunneld.schema import non_negative, parse_table, positive, setting
 from tunneld.wire.mux import FrameLink
+
+# Autobahn logs every frame at debug level through txaio; at that level the
+# formatting alone costs more than the proxying.  Debug it deliberately.
+txaio.use_twisted()
+txaio.set_global_log_level("info")  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
