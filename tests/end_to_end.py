@@ -85,6 +85,19 @@ class EndToEndMixin:
         self.assertEqual((code, body), (200, b"hello from upstream"))
         self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/plain"])
 
+    async def test_wildcard_hostname(self) -> None:
+        """A *.domain tunnel serves every name under the domain, with the name passed on."""
+        harness = TunnelHarness(self, self.transport, self.edge_table())
+        await harness.start_edge()
+        port, _ = await listen_upstream(self)
+        await harness.start_agent(self.agent_table(harness.link_address()), [("*.wild.test", port)])
+        for host in ("a.wild.test", "b.c.wild.test"):
+            code, _, body = await harness.request(host, "/headers")
+            self.assertEqual(code, 200)
+            self.assertIn(f"host: {host}".encode(), body.split(b"\n"))
+        code, _, _ = await harness.request("wild.test", "/hello")
+        self.assertEqual(code, 404)
+
     async def test_post(self) -> None:
         """A POST body travels to the upstream and its echo travels back."""
         harness, _ = await self.tunnel()
