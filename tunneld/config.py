@@ -117,6 +117,12 @@ class AgentSection:
         "Transports to try, in order of preference; on failure the next is used.",
         check=_non_empty,
     )
+    prefer_retry_interval: float = setting(
+        60.0,
+        "While on a fallback transport, seconds between attempts to return to the first one "
+        "(0 = never).",
+        check=non_negative,
+    )
     reconnect_initial: float = setting(0.5, "First reconnect delay (seconds).", check=positive)
     reconnect_max: float = setting(30.0, "Longest reconnect delay (seconds).", check=positive)
     healthy_after: float = setting(

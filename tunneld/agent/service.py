@@ -98,6 +98,7 @@ class AgentService(Service):
         self._welcome_timer: Any = None
         self._stopping = False
         self._links: set[IAgentLink] = set()
+        self._prefer_timer: Any = None
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -112,6 +113,8 @@ class AgentService(Service):
         if self._pending is not None and self._pending.active():
             self._pending.cancel()
         self._cancel_welcome_timer()
+        if self._prefer_timer is not None and self._prefer_timer.active():
+            self._prefer_timer.cancel()
         waits = [pool.close() for pool in self.pools.values()]
         for link in self._links:
             link.close(Reason.CANCELLED, "agent stopping")
@@ -204,6 +207,8 @@ class AgentService(Service):
                 )
             if not self.ready.called:
                 self.ready.callback(message)
+            if self._index > 0:
+                self._schedule_preferred()
         elif isinstance(message, GoAway) and message.reason is Reason.DRAINING:
             self.log.info(
                 "edge is draining ({message}); reconnecting", message=message.message
@@ -218,6 +223,50 @@ class AgentService(Service):
             )
         else:
             link.close(Reason.PROTOCOL_ERROR, "unexpected hello from the edge")
+
+    # -- returning to the preferred transport ---------------------------------
+
+    def _schedule_preferred(self) -> None:
+        interval = self.config.agent.prefer_retry_interval
+        if interval > 0 and not self._stopping:
+            self._prefer_timer = self.reactor.callLater(interval, self._try_preferred)
+
+    def _try_preferred(self) -> None:
+        self._prefer_timer = None
+        if self._stopping or self._index == 0 or self.link is None:
+            return
+        plugin, options = self.transports[0]
+        d = plugin.connect(options, self.setup)
+
+        def failed(failure: Failure) -> None:
+            self.log.info(
+                "preferred transport {transport} still unavailable ({error})",
+                transport=plugin.name, error=failure.getErrorMessage(),
+            )
+            self._schedule_preferred()
+
+        d.addCallbacks(self._switch_to_preferred, failed)
+
+    def _switch_to_preferred(self, link: IAgentLink) -> None:
+        old = self.link
+        if self._stopping or old is None:
+            link.close(Reason.CANCELLED, "no longer needed")
+            return
+        self.log.info(
+            "preferred transport {transport} is back; moving off {old}",
+            transport=link.transport_name, old=old.transport_name,
+        )
+        self._index = 0
+        self._connected(link)
+        # The old link takes no new streams and closes once its last one ends.
+        old.send_control(GoAway(Reason.DRAINING, "agent moved to its preferred transport"))
+        self._retire(old, self.reactor.seconds() + 30.0)
+
+    def _retire(self, link: IAgentLink, deadline: float) -> None:
+        if link.active_streams() == 0 or self.reactor.seconds() >= deadline:
+            link.close(Reason.DRAINING, "agent moved to its preferred transport")
+            return
+        self.reactor.callLater(0.5, self._retire, link, deadline)
 
     def stream_opened(self, stream: IStream) -> None:
         pool = self.pools.get(stream.head.tunnel)

@@ -25,6 +25,7 @@ from tunneld.router import AgentSession, Router, hostname_allowed, tunnel_key
 from tunneld.wire.messages import (
     PROTOCOL_VERSION,
     ControlMessage,
+    GoAway,
     Hello,
     Refusal,
     TunnelSpec,
@@ -65,6 +66,15 @@ class EdgeLinkHandler:
 
     def control_received(self, message: ControlMessage) -> None:
         """ILinkHandler.control_received"""
+        if isinstance(message, GoAway) and self.session is not None:
+            # The agent is leaving this link: route new streams elsewhere.
+            self.session.draining = True
+            self.log.info(
+                "agent {agent} is draining its {transport} link: {message}",
+                agent=self.session.agent_id, transport=self.link.transport_name,
+                message=message.message,
+            )
+            return
         if not isinstance(message, Hello) or self.session is not None:
             self.link.close(Reason.PROTOCOL_ERROR, f"unexpected {type(message).__name__}")
             return
