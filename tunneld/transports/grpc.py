@@ -27,7 +27,6 @@ Rules on top of plain gRPC that an agent must follow:
 from __future__ import annotations
 
 import enum
-import itertools
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -68,6 +67,7 @@ from tunneld.reasons import Reason
 from tunneld.schema import non_negative, parse_table, positive, setting
 from tunneld.wire import codec
 from tunneld.wire.codec import FrameError
+from tunneld.wire.heartbeat import Heartbeat
 from tunneld.wire.messages import (
     ControlMessage,
     GoAway,
@@ -182,17 +182,6 @@ def reason_from_status(status: int, encoded: bytes) -> tuple[Reason, str]:
     return _REASON_FOR_STATUS.get(code, Reason.AGENT_GONE), text or f"grpc-status {status}"
 
 
-def _varint(value: int) -> bytes:
-    if value < 0x80:
-        return bytes((value,))
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def grpc_message(payload: bytes) -> bytes:
     """One uncompressed gRPC length-prefixed message."""
     return b"\x00" + len(payload).to_bytes(4, "big") + payload
@@ -208,8 +197,7 @@ def data_message(data: bytes) -> tuple[bytes, bytes]:
     payload is not copied here, only once when it goes into a DATA frame.
     """
     size = len(data)
-    inner = b"\x0a" + _varint(size)
-    head = b"\x32" + _varint(len(inner) + size) + inner
+    head = codec.data_frame_head(0, size)
     return b"\x00" + (len(head) + size).to_bytes(4, "big") + head, data
 
 
@@ -604,13 +592,9 @@ class GrpcLink(Protocol):
         )
         self._conn_unacked = 0
         self._batching = False
-        self._rtt: float | None = None
-        self._ping_ids = itertools.count(1)
-        self._pings: dict[int, float] = {}
-        self._last_heard = reactor.seconds()
-        self._heartbeat_interval = heartbeat_interval
-        self._heartbeat_timeout = heartbeat_timeout
-        self._heartbeat: Any = None
+        self.heartbeat = Heartbeat(
+            reactor, heartbeat_interval, heartbeat_timeout, self._ping, self._silent
+        )
         self._abort_timer: Any = None
         self._lost_reason: tuple[Reason, str] | None = None
         self.disconnected = False
@@ -645,7 +629,7 @@ class GrpcLink(Protocol):
 
     def round_trip_time(self) -> float | None:
         """IAgentLink.round_trip_time"""
-        return self._rtt
+        return self.heartbeat.rtt
 
     def active_streams(self) -> int:
         """IAgentLink.active_streams"""
@@ -708,9 +692,7 @@ class GrpcLink(Protocol):
         conn.update_settings(self.local_settings())
         if self.connection_window > 65535:
             conn.increment_flow_control_window(self.connection_window - 65535)
-        self._last_heard = self.reactor.seconds()
-        if self._heartbeat_interval > 0:
-            self._heartbeat = self.reactor.callLater(self._heartbeat_interval, self._beat)
+        self.heartbeat.start()
         self.connection_started()
         self.flush()
 
@@ -720,7 +702,7 @@ class GrpcLink(Protocol):
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         if self.closed:
             return
-        self._last_heard = self.reactor.seconds()
+        self.heartbeat.heard()
         try:
             events = self.conn.receive_data(data)
         except H2ProtocolError as e:
@@ -783,9 +765,7 @@ class GrpcLink(Protocol):
         if self.closed:
             return
         self.closed = True
-        if self._heartbeat is not None and self._heartbeat.active():
-            self._heartbeat.cancel()
-        self._heartbeat = None
+        self.heartbeat.stop()
         self.stop_timers()
         streams, self.streams = self.streams, {}
         for stream in list(streams.values()):
@@ -1100,9 +1080,7 @@ class GrpcLink(Protocol):
         self.flush_all()
 
     def _on_ping_ack(self, event: h2events.PingAckReceived) -> None:
-        sent = self._pings.pop(int.from_bytes(event.ping_data, "big"), None)
-        if sent is not None:
-            self._rtt = self.reactor.seconds() - sent
+        self.heartbeat.pong(int.from_bytes(event.ping_data, "big"))
 
     def _on_goaway(self, event: h2events.ConnectionTerminated) -> None:
         """The peer is hanging up: every stream is gone with it."""
@@ -1141,28 +1119,19 @@ class GrpcLink(Protocol):
 
     # -- heartbeat -----------------------------------------------------------------
 
-    def _beat(self) -> None:
-        self._heartbeat = None
-        if self.closed:
-            return
-        now = self.reactor.seconds()
-        silent = now - self._last_heard
-        if silent >= self._heartbeat_timeout:
-            self.log.warn(
-                "{transport} link {peer} silent for {silent:.1f}s: closing",
-                transport=self.transport_name, peer=self.peer, silent=silent,
-            )
-            self.close(Reason.AGENT_GONE, f"heartbeat timeout after {silent:.1f}s")
-            return
-        opaque = next(self._ping_ids)
-        self._pings = {k: v for k, v in self._pings.items() if now - v < self._heartbeat_timeout}
-        self._pings[opaque] = now
+    def _ping(self, opaque: int) -> None:
         try:
             self.conn.ping(opaque.to_bytes(8, "big"))
         except H2ProtocolError:
-            pass
+            return
         self.flush()
-        self._heartbeat = self.reactor.callLater(self._heartbeat_interval, self._beat)
+
+    def _silent(self, silent: float) -> None:
+        self.log.warn(
+            "{transport} link {peer} silent for {silent:.1f}s: closing",
+            transport=self.transport_name, peer=self.peer, silent=silent,
+        )
+        self.close(Reason.AGENT_GONE, f"heartbeat timeout after {silent:.1f}s")
 
     # -- streams (both ends) -----------------------------------------------------------
 

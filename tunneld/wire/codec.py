@@ -46,15 +46,23 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+def data_frame_head(stream_id: int, size: int) -> bytes:
+    """
+    The bytes of C{Frame(stream_id=stream_id, data=Data(data=...))} that come
+    before a payload of C{size} bytes: transports can then send the payload
+    without copying it into a message.
+    """
+    inner = b"\x0a" + _varint(size) if size else b""
+    head = b"\x08" + _varint(stream_id) if stream_id else b""
+    return b"".join((head, b"\x32", _varint(len(inner) + size), inner))
+
+
 def encode_data(stream_id: int, data: bytes) -> bytes:
     """
     C{Frame(stream_id=stream_id, data=Data(data=data))}, serialised without
     allocating protobuf objects (identical bytes to the generated encoder).
     """
-    size = len(data)
-    inner = b"\x0a" + _varint(size) if size else b""
-    head = b"\x08" + _varint(stream_id) if stream_id else b""
-    return b"".join((head, b"\x32", _varint(len(inner) + size), inner, data))
+    return data_frame_head(stream_id, len(data)) + data
 
 
 def decode(payload: bytes) -> pb.Frame:

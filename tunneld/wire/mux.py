@@ -12,7 +12,6 @@ stream holds at most one window of memory and never stalls the others.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
@@ -25,6 +24,7 @@ from tunneld.interfaces import IAgentLink, ILinkHandler, IStream, IStreamReceive
 from tunneld.reasons import Reason
 from tunneld.wire import codec
 from tunneld.wire.codec import FrameError
+from tunneld.wire.heartbeat import Heartbeat
 from tunneld.wire.messages import (
     ControlMessage,
     GoAway,
@@ -314,17 +314,12 @@ class FrameLink:
         self.closed = False
         self._next_id = 1
         self._last_remote_id = 0
-        self._rtt: float | None = None
-        self._ping_ids = itertools.count(1)
-        self._pings: dict[int, float] = {}
-        self._last_heard = reactor.seconds()
-        self._heartbeat_interval = heartbeat_interval
-        self._heartbeat_timeout = heartbeat_timeout
-        self._heartbeat: Any = None
+        self.heartbeat = Heartbeat(
+            reactor, heartbeat_interval, heartbeat_timeout, self._ping, self._silent
+        )
+        self.heartbeat.start()
         self._done = False
         self._closed_waiters: list[Deferred[None]] = []
-        if heartbeat_interval > 0:
-            self._heartbeat = reactor.callLater(heartbeat_interval, self._beat)
 
     # -- IAgentLink -------------------------------------------------------
 
@@ -353,7 +348,7 @@ class FrameLink:
 
     def round_trip_time(self) -> float | None:
         """IAgentLink.round_trip_time"""
-        return self._rtt
+        return self.heartbeat.rtt
 
     def active_streams(self) -> int:
         """IAgentLink.active_streams"""
@@ -417,7 +412,7 @@ class FrameLink:
         """
         if self.closed:
             return
-        self._last_heard = self.reactor.seconds()
+        self.heartbeat.heard()
         if len(payload) > self.max_frame_size:
             self._protocol_error(f"frame of {len(payload)} bytes exceeds {self.max_frame_size}")
             return
@@ -465,9 +460,7 @@ class FrameLink:
         elif kind == "ping":
             self.send(codec.encode_ping(frame.ping.opaque, pong=True).SerializeToString())
         elif kind == "pong":
-            sent = self._pings.pop(frame.pong.opaque, None)
-            if sent is not None:
-                self._rtt = self.reactor.seconds() - sent
+            self.heartbeat.pong(frame.pong.opaque)
         else:
             if stream_id:
                 raise FrameError(f"{kind} frame on stream {stream_id}")
@@ -522,8 +515,7 @@ class FrameLink:
         if self.closed:
             return
         self.closed = True
-        if self._heartbeat is not None and self._heartbeat.active():
-            self._heartbeat.cancel()
+        self.heartbeat.stop()
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream.reset_arrived(reason, message)
@@ -532,24 +524,15 @@ class FrameLink:
 
     # -- heartbeat -------------------------------------------------------------
 
-    def _beat(self) -> None:
-        self._heartbeat = None
-        if self.closed:
-            return
-        now = self.reactor.seconds()
-        silent = now - self._last_heard
-        if silent >= self._heartbeat_timeout:
-            self.log.warn(
-                "{transport} link {peer} silent for {silent:.1f}s: closing",
-                transport=self.transport_name, peer=self.peer, silent=silent,
-            )
-            self.close(Reason.AGENT_GONE, f"heartbeat timeout after {silent:.1f}s")
-            return
-        opaque = next(self._ping_ids)
-        self._pings = {k: v for k, v in self._pings.items() if now - v < self._heartbeat_timeout}
-        self._pings[opaque] = now
+    def _ping(self, opaque: int) -> None:
         self.send(codec.encode_ping(opaque).SerializeToString())
-        self._heartbeat = self.reactor.callLater(self._heartbeat_interval, self._beat)
+
+    def _silent(self, silent: float) -> None:
+        self.log.warn(
+            "{transport} link {peer} silent for {silent:.1f}s: closing",
+            transport=self.transport_name, peer=self.peer, silent=silent,
+        )
+        self.close(Reason.AGENT_GONE, f"heartbeat timeout after {silent:.1f}s")
 
 
 OnLink = Callable[[FrameLink], None]

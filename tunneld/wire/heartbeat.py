@@ -1,0 +1,73 @@
+# -*- test-case-name: tests.test_mux -*-
+"""
+Link heartbeats: ping every interval, measure the round trip, and call a link
+dead after a timeout of silence.
+
+Shared by every transport, whatever carries the ping (a protocol C{Ping}
+frame, an HTTP/2 PING): the transport says how to send one and reports what
+it hears; the policy lives here once.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+
+class Heartbeat:
+    """The heartbeat of one link, on the reactor clock."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        interval: float,
+        timeout: float,
+        send_ping: Callable[[int], None],
+        on_silence: Callable[[float], None],
+    ) -> None:
+        self.reactor = reactor
+        self.interval = interval
+        self.timeout = timeout
+        self.rtt: float | None = None
+        self.last_heard = reactor.seconds()
+        self._send_ping = send_ping
+        self._on_silence = on_silence
+        self._ids = itertools.count(1)
+        self._pings: dict[int, float] = {}
+        self._call: Any = None
+
+    def start(self) -> None:
+        """Begin pinging (no-op when the interval is 0)."""
+        self.last_heard = self.reactor.seconds()
+        if self.interval > 0 and self._call is None:
+            self._call = self.reactor.callLater(self.interval, self._beat)
+
+    def stop(self) -> None:
+        """Stop pinging; the link is closed."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def heard(self) -> None:
+        """Anything arrived from the peer: it is alive."""
+        self.last_heard = self.reactor.seconds()
+
+    def pong(self, opaque: int) -> None:
+        """The answer to ping C{opaque} arrived: that is the round trip."""
+        sent = self._pings.pop(opaque, None)
+        if sent is not None:
+            self.rtt = self.reactor.seconds() - sent
+
+    def _beat(self) -> None:
+        self._call = None
+        now = self.reactor.seconds()
+        silent = now - self.last_heard
+        if silent >= self.timeout:
+            self._on_silence(silent)
+            return
+        opaque = next(self._ids)
+        self._pings = {k: v for k, v in self._pings.items() if now - v < self.timeout}
+        self._pings[opaque] = now
+        self._send_ping(opaque)
+        self._call = self.reactor.callLater(self.interval, self._beat)
