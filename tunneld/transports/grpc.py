@@ -76,6 +76,7 @@ from tunneld.wire.messages import (
     StreamHead,
     Welcome,
 )
+from tunneld.wire.mux import SocketCongestion
 
 SERVICE = "tunneld.v1.TunnelAgent"
 CONTROL_PATH = b"/tunneld.v1.TunnelAgent/Control"
@@ -531,23 +532,6 @@ class GrpcStream:
         self.link.forget(self)
 
 
-@implementer(IPushProducer)
-class _Congestion:
-    """Registered on the socket: its pause/resume becomes the link's."""
-
-    def __init__(self, link: GrpcLink) -> None:
-        self.link = link
-
-    def pauseProducing(self) -> None:  # noqa: N802
-        self.link.pause_sending()
-
-    def resumeProducing(self) -> None:  # noqa: N802
-        self.link.resume_sending()
-
-    def stopProducing(self) -> None:  # noqa: N802
-        pass
-
-
 @implementer(IAgentLink)
 class GrpcLink(Protocol):
     """
@@ -685,7 +669,7 @@ class GrpcLink(Protocol):
             self.transport.setTcpNoDelay(True)
         except Exception:  # noqa: BLE001 -- not every transport is TCP
             pass
-        self.transport.registerProducer(_Congestion(self), True)
+        self.transport.registerProducer(SocketCongestion(self), True)
         conn = self.conn
         conn.initiate_connection()
         # Applied (windows, frame size) when the peer acknowledges them.

@@ -23,7 +23,6 @@ from autobahn.twisted.websocket import (
 )
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, wrapClientTLS
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -35,7 +34,7 @@ from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup, ITransportPlugin
 from tunneld.listening import ConnectionTracker, ListeningService
 from tunneld.reasons import Reason
 from tunneld.schema import non_negative, parse_table, positive, setting
-from tunneld.wire.mux import FrameLink
+from tunneld.wire.mux import FrameLink, SocketCongestion
 
 # Autobahn logs every frame at debug level through txaio; at that level the
 # formatting alone costs more than the proxying.  Debug it deliberately.
@@ -76,23 +75,6 @@ class WebSocketAgentOptions:
     heartbeat_timeout: float = setting(
         30.0, "Seconds of silence after which the link is declared dead.", check=positive
     )
-
-
-@implementer(IPushProducer)
-class _LinkCongestion:
-    """Registered on the socket: its pause/resume becomes the link's."""
-
-    def __init__(self, link: FrameLink) -> None:
-        self.link = link
-
-    def pauseProducing(self) -> None:
-        self.link.pause_sending()
-
-    def resumeProducing(self) -> None:
-        self.link.resume_sending()
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class _FrameWireMixin:
@@ -137,7 +119,7 @@ class _FrameWireMixin:
             peer_certificate=certificate,
         )
         self.link = link
-        self.transport.registerProducer(_LinkCongestion(link), True)
+        self.transport.registerProducer(SocketCongestion(link), True)
         return link
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802

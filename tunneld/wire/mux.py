@@ -51,6 +51,39 @@ class FrameWire(Protocol):
         """Close the underlying connection, telling the peer why if it can."""
 
 
+class Congestible(Protocol):
+    """A link whose senders pause while its socket is full."""
+
+    def pause_sending(self) -> None:
+        """The socket's send buffer is full."""
+
+    def resume_sending(self) -> None:
+        """The socket's send buffer drained."""
+
+
+@implementer(IPushProducer)
+class SocketCongestion:
+    """
+    Registered as the producer on a link's socket, so that the socket's own
+    flow control (its write buffer filling and draining) pauses and resumes
+    every stream's source on the link.
+    """
+
+    def __init__(self, link: Congestible) -> None:
+        self.link = link
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        """IPushProducer.pauseProducing"""
+        self.link.pause_sending()
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        """IPushProducer.resumeProducing"""
+        self.link.resume_sending()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        """IPushProducer.stopProducing: the socket's own connectionLost tells the link."""
+
+
 class _Unattached:
     """Holds a stream's events until the agent attaches a receiver."""
 

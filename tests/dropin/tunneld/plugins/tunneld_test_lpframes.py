@@ -15,7 +15,6 @@ from typing import Any
 
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IPushProducer
 from twisted.protocols.basic import Int32StringReceiver
 from zope.interface import implementer
 
@@ -23,7 +22,7 @@ from tunneld.interfaces import ITransportPlugin
 from tunneld.listening import ListeningService
 from tunneld.reasons import Reason
 from tunneld.schema import parse_table, setting
-from tunneld.wire.mux import FrameLink
+from tunneld.wire.mux import FrameLink, SocketCongestion
 
 
 @dataclass(frozen=True)
@@ -34,21 +33,6 @@ class EdgeOptions:
 @dataclass(frozen=True)
 class AgentOptions:
     connect: str = setting("tcp:host=127.0.0.1:port=8083", "Where the edge listens.")
-
-
-@implementer(IPushProducer)
-class _Congestion:
-    def __init__(self, link: FrameLink) -> None:
-        self.link = link
-
-    def pauseProducing(self) -> None:
-        self.link.pause_sending()
-
-    def resumeProducing(self) -> None:
-        self.link.resume_sending()
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class LengthPrefixedFrames(Int32StringReceiver):
@@ -66,7 +50,7 @@ class LengthPrefixedFrames(Int32StringReceiver):
             reactor=self.setup.reactor, is_edge=self.is_edge,
             initial_window=self.setup.initial_window, max_frame_size=self.setup.max_frame_size,
         )
-        self.transport.registerProducer(_Congestion(self.link), True)
+        self.transport.registerProducer(SocketCongestion(self.link), True)
         self.factory.made(self.link)
 
     def send_frame(self, payload: bytes) -> None:
