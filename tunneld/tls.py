@@ -18,8 +18,10 @@ the info callback logs it when the handshake's fatal alert goes out.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from OpenSSL import SSL
 from OpenSSL.crypto import X509
@@ -121,6 +123,8 @@ class HardenedCertificateOptions(CertificateOptions):
         self.purpose = purpose
         self._curves = curves
         self._hardened: SSL.Context | None = None
+        self.require_client_certificate = True
+        self._handshakes: weakref.WeakKeyDictionary[Any, _Handshake] = weakref.WeakKeyDictionary()
 
     def getContext(self) -> SSL.Context:  # noqa: N802
         context = super().getContext()
@@ -128,7 +132,7 @@ class HardenedCertificateOptions(CertificateOptions):
             _set_curves(context, self._curves)
             if self.verify:
                 flags = SSL.VERIFY_PEER
-                if self.requireCertificate:
+                if self.require_client_certificate:
                     flags |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
                 context.set_verify(flags, self._verify)
                 context.set_info_callback(self._info)
@@ -140,17 +144,17 @@ class HardenedCertificateOptions(CertificateOptions):
     def _verify(self, connection: SSL.Connection, certificate: X509, errno: int,
                 depth: int, ok: int) -> bool:
         if not ok:
-            record = connection.get_app_data()
-            if isinstance(record, _Handshake) and record.failure is None:
+            record = self._handshake(connection)
+            if record is not None and record.failure is None:
                 subject = certificate.get_subject().CN or "?"
                 record.failure = f"{verify_error_text(errno)} (certificate {subject!r})"
         return bool(ok)
 
     def _info(self, connection: SSL.Connection, where: int, ret: int) -> None:
-        if not where & SSL.SSL_CB_WRITE_ALERT or ret >> 8 != 2:  # fatal alerts we send
-            return
-        record = connection.get_app_data()
-        if not isinstance(record, _Handshake) or record.reported:
+        if where & SSL.SSL_CB_WRITE_ALERT != SSL.SSL_CB_WRITE_ALERT or ret >> 8 != 2:
+            return  # only the fatal alerts we send
+        record = self._handshake(connection)
+        if record is None or record.reported:
             return
         record.reported = True
         alert = _ALERTS.get(ret & 0xFF, f"alert {ret & 0xFF}")
@@ -165,21 +169,28 @@ class HardenedCertificateOptions(CertificateOptions):
         )
 
     def serverConnectionForTLS(self, protocol: Any) -> SSL.Connection:  # noqa: N802
-        connection = super().serverConnectionForTLS(protocol)
-        connection.set_app_data(_Handshake(protocol))
-        return connection
+        # Twisted keeps the protocol as the connection's app data (ALPN uses
+        # it), so what the callbacks learn is kept beside it.
+        self._handshakes[protocol] = _Handshake(protocol)
+        return super().serverConnectionForTLS(protocol)
+
+    def _handshake(self, connection: SSL.Connection) -> _Handshake | None:
+        try:
+            return self._handshakes.get(connection.get_app_data())
+        except TypeError:  # app data that cannot be weakly referenced
+            return None
 
 
 class _Handshake:
     """What the callbacks learn about one connection's handshake."""
 
     def __init__(self, protocol: Any) -> None:
-        self.protocol = protocol
+        self.protocol = weakref.ref(protocol)
         self.failure: str | None = None
         self.reported = False
 
     def peer(self) -> str:
-        transport = getattr(self.protocol, "transport", None)
+        transport = getattr(self.protocol(), "transport", None)
         address = transport.getPeer() if transport is not None else None
         host, port = getattr(address, "host", None), getattr(address, "port", None)
         return f"{host}:{port}" if host is not None else str(address)
@@ -214,9 +225,9 @@ def hardened_context_options(
         kwargs["acceptableProtocols"] = acceptable_protocols
     if client_ca:
         kwargs["trustRoot"] = trustRootFromCertificates(_load_certificates(client_ca))
-        kwargs["verify"] = True
-        kwargs["requireCertificate"] = require_client_certificate
-    return HardenedCertificateOptions(**kwargs)
+    options = HardenedCertificateOptions(**kwargs)
+    options.require_client_certificate = require_client_certificate
+    return options
 
 
 def agent_link_tls(section: Any) -> HardenedCertificateOptions | None:
@@ -306,13 +317,24 @@ class AgentIdentity:
         return True
 
 
+def _normalized(pattern: Any) -> Any:
+    # service_identity keeps the "//" of scheme://host URIs in the pattern's
+    # host but strips it from a URI_ID, so such a SAN would never match.
+    if isinstance(pattern, URIPattern) and pattern.dns_pattern.pattern.startswith(b"//"):
+        host = pattern.dns_pattern.pattern.lstrip(b"/").rstrip(b"/")
+        return URIPattern(
+            protocol_pattern=pattern.protocol_pattern, dns_pattern=DNSPattern.from_bytes(host)
+        )
+    return pattern
+
+
 def certificate_identity(certificate: X509) -> AgentIdentity:
     """
     Read an agent certificate: its id is the host part of its
     C{tunneld-agent://NAME} URI SAN, or failing that its first DNS SAN; the
     hostnames it may serve are its DNS SANs.
     """
-    patterns = tuple(extract_patterns(certificate))
+    patterns = tuple(_normalized(p) for p in extract_patterns(certificate))
     agent_id: str | None = None
     hostnames: list[str] = []
     for pattern in patterns:
