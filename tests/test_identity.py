@@ -260,3 +260,16 @@ class CertsTests(SynchronousTestCase):
         self.assertIn("usage:     clientAuth", shown)
         self.assertEqual(certs.main(["ca", "--dir", d]), 1)  # never overwrites a CA
 
+    def test_tunneld_command_runs_certs(self) -> None:
+        """`tunneld certs ...` reaches the certs command and exits with its status."""
+        import sys
+
+        from tunneld import cli
+
+        d = self.mktemp()
+        self.patch(sys, "stdout", io.StringIO())
+        with self.assertRaises(SystemExit) as caught:
+            cli.main(["certs", "ca", "--dir", d])
+        self.assertEqual(caught.exception.code, 0)
+        self.assertTrue(os.path.exists(os.path.join(d, "ca.pem")))
+
