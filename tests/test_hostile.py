@@ -252,6 +252,40 @@ class WebSocketHostileTests(TestCase):
         self.assertEqual(len(harness.edge.sessions.sessions), 1)
 
 
+class LinkLimitTests(TestCase):
+    """Limits on agent links: streams per link from config; a silent TLS client is dropped."""
+
+    timeout = 30
+
+    async def test_max_streams_per_agent_reaches_the_link(self) -> None:
+        """edge.max_streams_per_agent caps the streams on each agent link."""
+        harness = TunnelHarness(self, "websocket", {"listen": "tcp:0:interface=127.0.0.1"})
+        await harness.start_edge(max_streams_per_agent=3)
+        port, _ = await listen_upstream(self)
+        await harness.start_agent(
+            {"url": f"ws://127.0.0.1:{harness.link_address().port}/tunnel"}, [("app.test", port)]
+        )
+        assert harness.edge is not None
+        [session] = harness.edge.sessions.sessions.values()
+        self.assertEqual(session.link.max_streams, 3)  # type: ignore[attr-defined]
+
+    async def test_silent_client_on_tls_listener_is_dropped(self) -> None:
+        """A client that connects to the agent TLS listener and never handshakes is closed by the edge."""
+        from tests.test_identity import PKI
+
+        pki = PKI(self)
+        harness = TunnelHarness(
+            self, "websocket",
+            {"listen": "tcp:0:interface=127.0.0.1", "open_handshake_timeout": 0.5},
+        )
+        await harness.start_edge(agent_tls=pki.edge_tls())
+        silent = _RawGarbage(b"")
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", harness.link_address().port).connect(
+            _factory_for(silent)
+        )
+        await silent.closed
+
+
 def _factory_for(proto: protocol.Protocol) -> protocol.Factory:
     return protocol.Factory.forProtocol(lambda: proto)  # type: ignore[arg-type]
 

@@ -108,6 +108,23 @@ class MutualTLSTests(TestCase):
         self.assertEqual(status, 404)
         self.assertEqual(headers.getRawHeaders(b"tunnel-error"), [b"no_tunnel"])
 
+    async def test_valid_agent_over_grpc(self) -> None:
+        """The same certificate identity works over the gRPC transport's TLS link."""
+        harness = TunnelHarness(self, "grpc", {"listen": "tcp:0:interface=127.0.0.1"})
+        await harness.start_edge(agent_tls=self.pki.edge_tls(), open_loopback_registration=False)
+        port, _ = await listen_upstream(self)
+        pair = self.pki.agent("alpha", ["a.example"])
+        agent = await harness.start_agent(
+            {"address": f"127.0.0.1:{harness.link_address().port}", "tls": True},
+            [("a.example", port), ("b.example", port)], agent_id="alpha",
+            tls=self.pki.agent_tls(pair),
+        )
+        welcome = agent.ready.result
+        self.assertEqual(welcome.public_urls, ("http://a.example/",))
+        self.assertEqual([r.tunnel.hostname for r in welcome.refused], ["b.example"])
+        status, _, body = await harness.request("a.example", "/hello")
+        self.assertEqual((status, body), (200, b"hello from upstream"))
+
     async def test_agent_a_claiming_b_hostname(self) -> None:
         """A valid certificate for agent A cannot register a hostname granted to agent B."""
         grants = [AgentGrant(id="beta", hostnames=["b.example"])]
