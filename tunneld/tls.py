@@ -106,8 +106,8 @@ def _set_curves(context: SSL.Context, curves: str) -> None:
 
 class HardenedCertificateOptions(CertificateOptions):
     """
-    L{CertificateOptions} held to the hardened policy; with C{trustRoot} and
-    C{requireCertificate}, a mutual-TLS server that logs why it refused a
+    L{CertificateOptions} held to the hardened policy; with C{trustRoot} (and
+    C{require_client_certificate}), a mutual-TLS server that logs why it refused a
     client.  Use L{hardened_context_options} to build one.
     """
 
