@@ -56,6 +56,20 @@ class AgentGrant:
 
 
 @dataclass(frozen=True)
+class EdgeAgentTLS:
+    """TLS on the edge's agent-link listeners ([edge.agent_tls]); off without a certificate."""
+
+    certificate: str = setting("", "PEM certificate the edge shows agents ('' = plaintext links).")
+    key: str = setting("", "PEM private key of that certificate.")
+    client_ca: str = setting(
+        "", "PEM CA that signs agent certificates; with it, agents authenticate by certificate."
+    )
+    require_client_certificate: bool = setting(
+        True, "Refuse agents without a client certificate (false: token agents over TLS too)."
+    )
+
+
+@dataclass(frozen=True)
 class EdgeSection:
     """The edge's own settings ([edge])."""
 
@@ -92,6 +106,21 @@ class EdgeSection:
         "When no [[agents]] are configured, agents connecting from a loopback address may "
         "register any hostname without credentials (development only).",
     )
+    max_header_count: int = setting(
+        100, "Most header fields in one request head; more gets 431.", check=positive
+    )
+    max_request_line: int = setting(
+        8192, "Longest request line (method, target, version) in bytes; longer gets 414.",
+        check=positive,
+    )
+    allow_token_on_plaintext: bool = setting(
+        False,
+        "Accept token-authenticated agents on a plaintext agent listener bound to a "
+        "non-loopback address (tokens then cross the network in the clear).",
+    )
+    agent_tls: EdgeAgentTLS = field(
+        default_factory=EdgeAgentTLS, metadata={"doc": "TLS for agent links ([edge.agent_tls])."}
+    )
 
 
 @dataclass(frozen=True)
@@ -104,6 +133,18 @@ class EdgeConfig:
         {}, "Per-transport tables ([transports.NAME]); see each transport's options."
     )
     source: str = NO_FILE
+
+
+@dataclass(frozen=True)
+class AgentTLS:
+    """The agent's TLS to the edge ([agent.tls]), used with wss:// and TLS transports."""
+
+    ca: str = setting("", "PEM CA that signs the edge's certificate ('' = the system's roots).")
+    certificate: str = setting("", "PEM client certificate this agent presents ('' = none).")
+    key: str = setting("", "PEM private key of that certificate.")
+    server_hostname: str = setting(
+        "", "Name to verify the edge's certificate against ('' = the host in the URL)."
+    )
 
 
 @dataclass(frozen=True)
@@ -142,6 +183,9 @@ class AgentSection:
     )
     upstream_response_timeout: float = setting(
         60.0, "Seconds an upstream may take to start its response.", check=positive
+    )
+    tls: AgentTLS = field(
+        default_factory=AgentTLS, metadata={"doc": "TLS to the edge ([agent.tls])."}
     )
 
 
@@ -199,7 +243,25 @@ def load_edge_config(path: str | None) -> EdgeConfig:
         if grant.id in seen:
             raise ConfigError(where, f"agents[{i}].id", f"agent {grant.id!r} is listed twice")
         seen.add(grant.id)
+    _check_tls_files(where, "edge.agent_tls", config.edge.agent_tls.certificate,
+                     config.edge.agent_tls.key, config.edge.agent_tls.client_ca)
+    if config.edge.agent_tls.client_ca and not config.edge.agent_tls.certificate:
+        raise ConfigError(where, "edge.agent_tls.client_ca", "needs edge.agent_tls.certificate")
     return EdgeConfig(config.edge, config.agents, config.transports, where)
+
+
+def _check_tls_files(where: str, section: str, certificate: str, key: str, ca: str) -> None:
+    if bool(certificate) != bool(key):
+        missing = "key" if certificate else "certificate"
+        raise ConfigError(where, f"{section}.{missing}", "certificate and key go together")
+    for name, path in (("certificate", certificate), ("key", key), ("ca", ca)):
+        if path:
+            try:
+                with open(path, "rb") as f:
+                    f.read(1)
+            except OSError as e:
+                key_name = "client_ca" if name == "ca" and section.startswith("edge") else name
+                raise ConfigError(where, f"{section}.{key_name}", f"cannot read {path}: {e.strerror}") from None
 
 
 def load_agent_config(path: str | None) -> AgentConfig:
@@ -209,6 +271,8 @@ def load_agent_config(path: str | None) -> AgentConfig:
     if "source" in raw:
         raise ConfigError(where, "source", "unknown key")
     config: AgentConfig = _parse(AgentConfig, raw, where)
+    tls = config.agent.tls
+    _check_tls_files(where, "agent.tls", tls.certificate, tls.key, tls.ca)
     return AgentConfig(config.agent, config.tunnels, config.transports, where)
 
 

@@ -122,6 +122,7 @@ class EdgeLinkSetup:
     tls: Any = None  # an IOpenSSLServerConnectionCreator (agent mTLS), or None
     max_frame_size: int = 1 << 20
     initial_window: int = 256 * 1024
+    max_streams: int = 10_000  # concurrent streams on one agent link
 
 
 @dataclass(frozen=True)

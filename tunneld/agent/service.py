@@ -31,6 +31,7 @@ from tunneld.interfaces import (
 )
 from tunneld.reasons import Reason
 from tunneld.router import tunnel_key
+from tunneld.tls import client_tls_for
 from tunneld.wire.messages import ControlMessage, GoAway, Hello, TunnelSpec, Welcome
 
 
@@ -73,8 +74,10 @@ class AgentService(Service):
         self.welcome_timeout = welcome_timeout
         section = config.agent
         self.backoff = Backoff(section.reconnect_initial, section.reconnect_max, section.healthy_after)
+        tls = section.tls
         self.setup = AgentLinkSetup(
             reactor=reactor,
+            tls_for=client_tls_for(tls.ca, tls.certificate, tls.key, tls.server_hostname),
             initial_window=section.initial_window,
             max_frame_size=section.max_frame_size,
         )

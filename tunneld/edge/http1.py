@@ -42,6 +42,8 @@ class PublicHTTPSettings:
     max_header_bytes: int = 65536
     header_timeout: float = 30.0  # to receive a whole request head (slowloris)
     idle_timeout: float = 300.0  # keep-alive idle, or no progress during an exchange
+    max_header_count: int = 100  # header fields in one request head
+    max_request_line: int = 8192  # method + target + version
     scheme: str = "http"
     via: str = "1.1 tunneld"
 
@@ -429,6 +431,16 @@ class PublicHTTPProtocol(Protocol):
             # h11 bounds only a head still incomplete; this catches one that
             # arrived whole in a single read.
             self._bad_request(431, self._too_large())
+            return
+        if len(headers) > settings.max_header_count:
+            self._bad_request(
+                431, f"{len(headers)} header fields (at most {settings.max_header_count})"
+            )
+            return
+        if len(method) + len(target) + 10 > settings.max_request_line:
+            self._bad_request(
+                414, f"request line longer than {settings.max_request_line} bytes"
+            )
             return
         self._drainable = not chunked and (length is None or int(length) <= _DRAIN_LIMIT)
         if self._conn.they_are_waiting_for_100_continue:

@@ -16,6 +16,7 @@ from tunneld.edge.sessions import AgentSessions
 from tunneld.interfaces import EdgeLinkSetup, ITransportPlugin
 from tunneld.listening import ListeningService
 from tunneld.router import Router
+from tunneld.tls import agent_link_tls
 
 
 class EdgeService(MultiService):
@@ -37,6 +38,8 @@ class EdgeService(MultiService):
             max_header_bytes=edge.max_header_bytes,
             header_timeout=edge.header_timeout,
             idle_timeout=edge.idle_timeout,
+            max_header_count=edge.max_header_count,
+            max_request_line=edge.max_request_line,
         )
         self.public: list[ListeningService] = []
         for description in edge.public_listen:
@@ -51,9 +54,12 @@ class EdgeService(MultiService):
             reactor=reactor,
             max_frame_size=edge.max_frame_size,
             initial_window=edge.initial_window,
+            max_streams=edge.max_streams_per_agent,
+            tls=agent_link_tls(edge.agent_tls),
         )
         self.transports: dict[str, Any] = {}
         for plugin, options in transports:
+            self.sessions.listener_added(plugin.name, getattr(options, "listen", ""), setup.tls)
             service = plugin.edge_service(options, setup)
             service.setServiceParent(self)
             self.transports[plugin.name] = service

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
 import uuid
 from typing import Any
 
@@ -22,6 +23,7 @@ from tunneld.config import AgentGrant, EdgeConfig
 from tunneld.interfaces import IAgentLink, ILinkHandler, IStream
 from tunneld.reasons import Reason
 from tunneld.router import AgentSession, Router, hostname_allowed, tunnel_key
+from tunneld.tls import AgentIdentity, certificate_identity
 from tunneld.wire.messages import (
     PROTOCOL_VERSION,
     ControlMessage,
@@ -43,6 +45,17 @@ def _is_loopback(peer: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _listens_on_loopback(listen: str) -> bool:
+    """Whether an endpoint string listens on a loopback interface (or a unix socket)."""
+    kind = listen.partition(":")[0]
+    if kind in ("unix", "systemd"):
+        return kind == "unix"
+    found = re.search(r"interface=((?:\\:|[^:])*)", listen)
+    if found is None:
+        return False  # tcp without interface= listens on every address
+    return _is_loopback(found.group(1).replace("\\:", ":") + ":0")
 
 
 @implementer(ILinkHandler)
@@ -106,9 +119,32 @@ class AgentSessions:
         self.reactor = reactor
         self.sessions: dict[str, AgentSession] = {}
         self._grants = {grant.id: grant for grant in config.agents}
+        self._plaintext_public: set[str] = set()  # transports listening in the clear off loopback
         for grant in config.agents:
             for pattern in grant.hostnames:
                 router.reserve(pattern)
+
+    def listener_added(self, transport: str, listen: str, tls: Any) -> None:
+        """
+        A transport listens for agents on endpoint C{listen}; note (and warn
+        about) a plaintext listener reachable off loopback, where tokens would
+        cross the network in the clear.
+        """
+        if tls is not None or _listens_on_loopback(listen):
+            return
+        self._plaintext_public.add(transport)
+        if self.config.edge.allow_token_on_plaintext:
+            self.log.warn(
+                "agent tokens are accepted in the clear on {transport} listener {listen} "
+                "(allow_token_on_plaintext); use [edge.agent_tls] outside development",
+                transport=transport, listen=listen,
+            )
+        else:
+            self.log.warn(
+                "{transport} listener {listen} is plaintext and not on loopback: token "
+                "agents will be refused there (configure [edge.agent_tls])",
+                transport=transport, listen=listen,
+            )
 
     def link_connected(self, link: IAgentLink) -> None:
         """A transport accepted a new agent link (the EdgeLinkSetup.on_link callback)."""
@@ -118,11 +154,42 @@ class AgentSessions:
         )
         link.set_handler(EdgeLinkHandler(self, link))
 
-    def _authorize(self, link: IAgentLink, hello: Hello) -> list[str] | None:
+    def _authorize_certificate(
+        self, link: IAgentLink, hello: Hello
+    ) -> tuple[AgentIdentity, list[str]]:
+        """The identity a verified client certificate proves, and config grants on top."""
+        try:
+            identity = certificate_identity(link.peer_certificate)
+        except Exception as e:  # a certificate service_identity cannot read
+            raise Unauthorized(f"unreadable client certificate: {e}") from None
+        if identity.agent_id is None:
+            raise Unauthorized("client certificate names no agent (no tunneld-agent:// URI or DNS SAN)")
+        if not identity.is_agent(hello.agent_id):
+            raise Unauthorized(
+                f"hello claims agent {hello.agent_id!r} but the certificate is for "
+                f"{identity.agent_id!r}"
+            )
+        grant = self._grants.get(identity.agent_id)
+        return identity, list(grant.hostnames) if grant is not None else []
+
+    def _authorize(
+        self, link: IAgentLink, hello: Hello
+    ) -> list[str] | tuple[AgentIdentity, list[str]] | None:
         """
-        The hostname patterns this agent may register (None = any), or
+        The hostname patterns this agent may register (None = any; with a
+        client certificate, its identity plus the config's grant), or
         L{Unauthorized} naming the check that failed.
         """
+        if getattr(link, "peer_certificate", None) is not None:
+            return self._authorize_certificate(link, hello)
+        if (
+            link.transport_name in self._plaintext_public
+            and not self.config.edge.allow_token_on_plaintext
+        ):
+            raise Unauthorized(
+                "token authentication on a plaintext non-loopback listener is refused "
+                "(use [edge.agent_tls], or set allow_token_on_plaintext)"
+            )
         grant: AgentGrant | None = self._grants.get(hello.agent_id)
         if grant is None:
             if not self._grants and self.config.edge.open_loopback_registration:
@@ -184,7 +251,9 @@ class AgentSessions:
             )
         )
 
-    def _check_spec(self, spec: TunnelSpec, allowed: list[str] | None) -> str | None:
+    def _check_spec(
+        self, spec: TunnelSpec, allowed: list[str] | tuple[AgentIdentity, list[str]] | None
+    ) -> str | None:
         if spec.protocol != "http":
             return f"{spec.protocol} tunnels are not supported by this edge yet"
         host = spec.hostname.removeprefix("*.")
@@ -192,7 +261,14 @@ class AgentSessions:
             return f"not a hostname: {spec.hostname!r}"
         if spec.path_prefix and not spec.path_prefix.startswith("/"):
             return f"path prefix must start with '/': {spec.path_prefix!r}"
-        if allowed is not None and not hostname_allowed(spec.hostname, allowed):
+        if isinstance(allowed, tuple):
+            identity, granted = allowed
+            if not identity.permits(spec.hostname) and not hostname_allowed(spec.hostname, granted):
+                return (
+                    f"hostname {spec.hostname} is not in agent {identity.agent_id!r}'s "
+                    "certificate or its [[agents]] grant"
+                )
+        elif allowed is not None and not hostname_allowed(spec.hostname, allowed):
             return f"hostname {spec.hostname} is not granted to this agent"
         return None
 

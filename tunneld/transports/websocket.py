@@ -117,6 +117,7 @@ class _FrameWireMixin:
             heartbeat_interval=options.heartbeat_interval,
             heartbeat_timeout=options.heartbeat_timeout,
             peer_certificate=certificate,
+            max_streams=getattr(setup, "max_streams", 10_000),
         )
         self.link = link
         self.transport.registerProducer(SocketCongestion(link), True)
