@@ -134,7 +134,7 @@ async def listen_upstream(case: Any, site_resource: resource.Resource | None = N
     upstream = site_resource or Upstream()
     site = server.Site(upstream)
     site.displayTracebacks = False
-    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(site)
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1:backlog=1024").listen(site)
     case.addCleanup(port.stopListening)
     return port.getHost().port, upstream  # type: ignore[return-value]
 
@@ -222,7 +222,7 @@ class TunnelHarness:
 
     async def start_edge(self, grants: list[AgentGrant] | None = None, **edge: Any) -> EdgeService:
         section = EdgeSection(
-            public_listen=["tcp:0:interface=127.0.0.1"],
+            public_listen=["tcp:0:interface=127.0.0.1:backlog=1024"],
             transports=[self.transport],
             public_url="http://{host}/",
             **edge,

@@ -21,6 +21,7 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
+from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.protocol import connectionDone
@@ -89,14 +90,19 @@ class _FrameWireMixin:
     sendMessage: Any
     sendClose: Any
 
+    state: int
+
     def send_frame(self, payload: bytes) -> None:
-        self.sendMessage(payload, isBinary=True)
+        # Once the close handshake has begun, the peer no longer reads frames.
+        if self.state == WebSocketProtocol.STATE_OPEN:
+            self.sendMessage(payload, isBinary=True)
 
     def close_wire(self, reason: Reason, message: str) -> None:
         # Applications may only send 1000 or 3000-4999: 4000 + the wire code
         # tells a peer exactly which reason ended the link.
         code = 1000 if reason in (Reason.DRAINING, Reason.CANCELLED) else 4000 + reason.wire_code
-        self.sendClose(code, f"{reason.value}: {message}"[:120])
+        if self.state == WebSocketProtocol.STATE_OPEN:
+            self.sendClose(code, f"{reason.value}: {message}"[:120])
         # A peer that ignores the close handshake must not hold the socket.
         self.transport.loseConnection()
 
