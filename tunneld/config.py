@@ -92,6 +92,11 @@ class EdgeSection:
         "When no [[agents]] are configured, agents connecting from a loopback address may "
         "register any hostname without credentials (development only).",
     )
+    admin_listen: str = setting(
+        "tcp:8090:interface=127.0.0.1",
+        "Endpoint string for the admin API (JSON, /metrics, /healthz, /readyz); keep it on "
+        "loopback or a private network.  '' turns it off.",
+    )
 
 
 @dataclass(frozen=True)
