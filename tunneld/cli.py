@@ -15,6 +15,7 @@ USAGE = """usage: tunneld COMMAND [ARGS]
 commands:
   edge  [--config FILE]   run an edge in the foreground (twistd -n tunneld)
   agent --config FILE     run an agent in the foreground (twistd -n tunneld-agent)
+  status [--admin URL]    agents, transports and tunnels of a running edge (admin API)
 """
 
 
@@ -24,6 +25,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.write(USAGE)
         raise SystemExit(0 if args else 2)
     command, rest = args[0], args[1:]
+    if command == "status":
+        from tunneld.status import main as status
+
+        raise SystemExit(status(rest))
     plugin = {"edge": "tunneld", "agent": "tunneld-agent"}.get(command)
     if plugin is None:
         sys.stderr.write(f"tunneld: unknown command {command!r}\n\n{USAGE}")

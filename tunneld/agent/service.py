@@ -10,6 +10,7 @@ again.  A lost link is redialled after a jittered exponential backoff.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -98,6 +99,8 @@ class AgentService(Service):
         self._welcome_timer: Any = None
         self._stopping = False
         self._links: set[IAgentLink] = set()
+        # Observability seam: sees (and may wrap) each stream before it is served.
+        self.stream_hook: Callable[[IStream], IStream] | None = None
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -220,6 +223,8 @@ class AgentService(Service):
             link.close(Reason.PROTOCOL_ERROR, "unexpected hello from the edge")
 
     def stream_opened(self, stream: IStream) -> None:
+        if self.stream_hook is not None:
+            stream = self.stream_hook(stream)
         pool = self.pools.get(stream.head.tunnel)
         if pool is None:
             stream.reset(Reason.NO_TUNNEL, f"this agent does not serve {stream.head.tunnel}")
