@@ -69,8 +69,9 @@ class SystemdNotifyService(Service):
     """
     Tells systemd when the process is ready, alive and stopping.
 
-    Add it as the I{last} child of the process's L{MultiService}: children stop
-    in reverse order, so C{STOPPING=1} goes out before anything else stops.
+    C{STOPPING=1} goes out as soon as the reactor begins to shut down (a
+    C{before shutdown} trigger, so it precedes a drain however long the other
+    services take), or when this service stops, whichever comes first.
     C{waits} gives the Deferreds (listeners' C{listening}) that must all fire
     before C{READY=1}; C{status} says what to put in C{STATUS=} then.
     """
@@ -91,9 +92,15 @@ class SystemdNotifyService(Service):
         self.notifier = notifier or Notifier()
         self.ready = False
         self._watchdog: LoopingCall | None = None
+        self._trigger: Any = None
+        self._stopping_sent = False
 
     def startService(self) -> None:  # noqa: N802
         Service.startService(self)
+        self._stopping_sent = False
+        add_trigger = getattr(self.reactor, "addSystemEventTrigger", None)
+        if add_trigger is not None:
+            self._trigger = add_trigger("before", "shutdown", self._stopping)
         d = DeferredList(self.waits(), fireOnOneErrback=True, consumeErrors=True)
         d.addCallbacks(self._ready, lambda _: None)
         interval = self.notifier.watchdog_interval
@@ -110,12 +117,20 @@ class SystemdNotifyService(Service):
         self.notifier.notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
         self.log.info("ready: {status}", status=status, event=events.READY)
 
-    def stopService(self) -> Any:  # noqa: N802
-        Service.stopService(self)
+    def _stopping(self) -> None:
         self.ready = False
         if self._watchdog is not None and self._watchdog.running:
             self._watchdog.stop()
         self._watchdog = None
-        self.notifier.notify("STOPPING=1", "STATUS=stopping: draining connections")
-        self.log.info("stopping", event=events.STOPPING)
+        if not self._stopping_sent:
+            self._stopping_sent = True
+            self.notifier.notify("STOPPING=1", "STATUS=stopping: draining connections")
+            self.log.info("stopping", event=events.STOPPING)
+
+    def stopService(self) -> Any:  # noqa: N802
+        Service.stopService(self)
+        if self._trigger is not None:
+            self.reactor.removeSystemEventTrigger(self._trigger)
+            self._trigger = None
+        self._stopping()
         return None
