@@ -7,7 +7,7 @@ import os
 from twisted.trial.unittest import SynchronousTestCase
 
 from tunneld.config import EdgeSection
-from tunneld.docs import reference
+from tunneld.docs import reasons_table, reference
 from tunneld.schema import documented_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,3 +31,8 @@ class ConfigurationReferenceTests(SynchronousTestCase):
             self.assertTrue(doc, name)
         for table in ("[transports.websocket]", "[transports.grpc]", "[[tunnels]]", "[agent]"):
             self.assertIn(f"### `{table}`", text)
+
+    def test_protocol_reasons_table(self) -> None:
+        """docs/protocol.md shows every reason with the status and close code the code maps it to."""
+        with open(os.path.join(ROOT, "docs", "protocol.md")) as f:
+            self.assertIn(reasons_table(), f.read())

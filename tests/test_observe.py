@@ -16,7 +16,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.logger import Logger, formatEvent
+from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import readBody
 from twisted.web.http_headers import Headers
@@ -339,20 +339,29 @@ class NotifyServiceTests(SynchronousTestCase):
 
 class JSONLogTests(SynchronousTestCase):
     def test_one_json_object_per_line(self) -> None:
-        """The JSON observer writes each event as one parseable line with its fields and text."""
+        """The JSON observer writes each event as one flat line: level, format, text, fields."""
         out = io.StringIO()
         log = Logger(observer=JSONLinesObserver(out), namespace="tunneld.test")
-        log.info("refused {host}: {reason}", host="x.test", reason="no_tunnel")
-        log.warn("second {n}", n=2)
+        log.info("refused {host}: {reason}", host="x.test", reason="no_tunnel", event="tunneld.x")
+        log.warn("odd {thing}", thing=object())
+        try:
+            raise ZeroDivisionError("on purpose")
+        except ZeroDivisionError:
+            log.failure("broke")
         lines = out.getvalue().splitlines()
-        self.assertEqual(len(lines), 2)
+        self.assertEqual(len(lines), 3)
         first = json.loads(lines[0])
-        self.assertEqual(first["log_format"], "refused {host}: {reason}")
-        self.assertEqual((first["host"], first["reason"]), ("x.test", "no_tunnel"))
-        self.assertEqual(first["log_text"], "refused x.test: no_tunnel")
-        self.assertEqual(first["log_namespace"], "tunneld.test")
-        self.assertEqual(json.loads(lines[1])["log_level"]["name"], "warn")
-        self.assertEqual(formatEvent({"log_format": "x"}), "x")
+        self.assertEqual(
+            {k: v for k, v in first.items() if k != "time"},
+            {"level": "info", "namespace": "tunneld.test", "format": "refused {host}: {reason}",
+             "text": "refused x.test: no_tunnel", "host": "x.test", "reason": "no_tunnel",
+             "event": "tunneld.x"},
+        )
+        self.assertIsInstance(first["time"], float)
+        second = json.loads(lines[1])
+        self.assertEqual(second["level"], "warn")
+        self.assertTrue(second["thing"].startswith("<object object"))
+        self.assertIn("ZeroDivisionError", json.loads(lines[2])["traceback"])
 
 
 class StatusRenderTests(SynchronousTestCase):

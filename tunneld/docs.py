@@ -26,6 +26,7 @@ from tunneld.config import (
     TunnelSection,
 )
 from tunneld.errors import ConfigError
+from tunneld.reasons import Reason
 from tunneld.schema import documented_fields
 from tunneld.transports.registry import available_transports
 
@@ -131,6 +132,20 @@ def reference() -> str:
                 "names it).",
             ))
     return "\n".join(parts)
+
+
+def reasons_table() -> str:
+    """The reasons and what each becomes, for docs/protocol.md (checked by a test)."""
+    lines = [
+        "| reason | wire code | HTTP status | WebSocket close | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for reason in Reason:
+        lines.append(
+            f"| `{reason.value}` | {reason.wire_code} | {reason.http_status} | "
+            f"{reason.websocket_close_code} | {_cell(reason.description)} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
