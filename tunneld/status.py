@@ -29,6 +29,8 @@ def table(headings: list[str], rows: list[list[str]]) -> str:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
              for line in [headings, *rows]]
+    if not rows:
+        lines.append("(none)")
     return "\n".join(lines) + "\n"
 
 

@@ -153,6 +153,14 @@ class Agents(_Leaf):
         })
 
 
+class _AdminSite(server.Site):
+    """Logs only requests that change something: scrapes every few seconds are not news."""
+
+    def log(self, request: Any) -> None:
+        if request.method != b"GET":
+            super().log(request)
+
+
 def admin_site(view: EdgeView) -> server.Site:
     """The admin API's web site."""
     root = resource.Resource()
@@ -164,7 +172,7 @@ def admin_site(view: EdgeView) -> server.Site:
     api.putChild(b"tunnels", Tunnels(view))
     api.putChild(b"agents", Agents(view))
     api.putChild(b"refusals", Refusals(view))
-    site = server.Site(root)
+    site = _AdminSite(root)
     site.displayTracebacks = False
     site.noisy = False
     return site
