@@ -94,13 +94,13 @@ class AgentService(Service):
         self.link: IAgentLink | None = None
         self.public_urls: tuple[str, ...] = ()
         self.ready: Deferred[Welcome] = Deferred()
+        # Observability seam: sees (and may wrap) each stream before it is served.
+        self.stream_hook: Callable[[IStream], IStream] | None = None
         self._index = 0
         self._pending: Any = None
         self._welcome_timer: Any = None
         self._stopping = False
         self._links: set[IAgentLink] = set()
-        # Observability seam: sees (and may wrap) each stream before it is served.
-        self.stream_hook: Callable[[IStream], IStream] | None = None
 
     # -- lifecycle ----------------------------------------------------------
 
