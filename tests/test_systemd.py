@@ -20,6 +20,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
 
 from tests.test_processes import TwistdProcess
 
@@ -124,6 +125,59 @@ class NotifyProcessTests(TestCase):
         self.assertEqual(stopping["STOPPING"], "1")
         await ended
         self.assertIn(proto.end_reason.value.exitCode, (0, None))
+
+
+class SocketActivationTests(TestCase):
+    timeout = 60
+
+    async def test_public_listener_from_systemd(self) -> None:
+        """public_listen = systemd:domain=INET:index=0 serves on the socket handed over as fd 3."""
+        import socket
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        port = sock.getsockname()[1]
+        config = os.path.join(tempfile.mkdtemp(), "edge.toml")
+        self.addCleanup(shutil.rmtree, os.path.dirname(config))
+        with open(config, "w") as f:
+            f.write(EDGE_CONFIG.replace(
+                'public_listen = ["tcp:0:interface=127.0.0.1"]',
+                'public_listen = ["systemd:domain=INET:index=0"]',
+            ))
+        proto = TwistdProcess()
+        env = dict(os.environ, PYTHONPATH=ROOT, LISTEN_FDS="1", LISTEN_FDNAMES="tunneld.socket")
+        env.pop("NOTIFY_SOCKET", None)
+        # As systemd does: LISTEN_PID is the pid of the process that execs twistd.
+        script = (
+            f'export LISTEN_PID=$$; exec "{sys.executable}" -c '
+            '"from twisted.scripts.twistd import run; run()" '
+            f'--nodaemon --pidfile= tunneld --config "{config}"'
+        )
+        process = reactor.spawnProcess(
+            proto, "/bin/sh", ["/bin/sh", "-c", script], env=env, path=ROOT,
+            childFDs={0: "w", 1: "r", 2: "r", 3: sock.fileno()},
+        )
+        sock.close()  # the child holds it now, as after systemd's fork
+
+        def kill() -> Any:
+            if proto.ended.called:
+                return None
+            process.signalProcess("KILL")
+            return proto.ended
+
+        self.addCleanup(kill)
+        await proto.wait_for(rf"public HTTP listening on 127\.0\.0\.1:{port}\b")
+        response = await Agent(reactor).request(
+            b"GET", f"http://127.0.0.1:{port}/".encode(),
+            Headers({b"host": [b"nobody.test"]}),
+        )
+        self.assertEqual(response.code, 404)
+        self.assertEqual(response.headers.getRawHeaders(b"tunnel-error"), [b"no_tunnel"])
+        await readBody(response)
+        process.signalProcess(signal.SIGTERM)
+        await proto.ended
 
 
 class UnitFileTests(TestCase):
