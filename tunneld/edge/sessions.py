@@ -140,6 +140,10 @@ class AgentSessions:
         if hello.version < 1:
             self.log.warn("agent {agent} speaks unsupported protocol version {version}",
                           agent=hello.agent_id, version=hello.version)
+            self.stats.refused(
+                Reason.PROTOCOL_ERROR, kind="agent", peer=link.peer,
+                message=f"agent {hello.agent_id}: unsupported protocol version {hello.version}",
+            )
             link.close(Reason.PROTOCOL_ERROR, f"unsupported protocol version {hello.version}")
             return
         try:
