@@ -60,9 +60,8 @@ class EdgeService(MultiService):
             service = plugin.edge_service(options, setup)
             service.setServiceParent(self)
             self.transports[plugin.name] = service
-        # Last, so it stops first: systemd hears STOPPING=1 before the drain.
+        # Admin API, metrics, systemd readiness (once every listener in this tree is up).
         self.observe = EdgeObservability(
-            reactor, self.sessions, self.stats,
-            [*self.public, *self.transports.values()], edge.admin_listen,
+            reactor, self.sessions, self.stats, self, edge.admin_listen
         )
         self.observe.setServiceParent(self)

@@ -22,11 +22,27 @@ from tunneld.observe.systemd import Notifier, SystemdNotifyService
 RTT_SAMPLE_SECONDS = 5.0
 
 
+def listeners_under(root: Any) -> list[Any]:
+    """
+    Every listener in C{root}'s service tree: each service with a
+    C{listening} Deferred (L{ListeningService} and the like), whoever added it.
+    """
+    found = []
+    stack = [root]
+    while stack:
+        service = stack.pop()
+        if isinstance(getattr(service, "listening", None), Deferred):
+            found.append(service)
+        if isinstance(service, MultiService):
+            stack.extend(reversed(list(service)))
+    return found
+
+
 class EdgeObservability(MultiService):
     """
-    Admin API, metrics and readiness for an edge whose listeners are
-    C{listeners}.  Add it as the edge's last child so it stops first (and
-    C{STOPPING=1} reaches systemd before the drain begins).
+    Admin API, metrics and readiness for the edge service C{root}: ready once
+    every listener anywhere in its tree is bound (public, agent links, admin,
+    and whatever listeners other parts of the edge add).
     """
 
     log = Logger()
@@ -36,7 +52,7 @@ class EdgeObservability(MultiService):
         reactor: Any,
         sessions: Any,
         stats: EdgeStats,
-        listeners: list[Any],
+        root: MultiService,
         admin_listen: str,
         notifier: Notifier | None = None,
     ) -> None:
@@ -44,7 +60,7 @@ class EdgeObservability(MultiService):
         self.reactor = reactor
         self.sessions = sessions
         self.stats = stats
-        self.listeners = list(listeners)
+        self.root = root
         self.metrics = EdgeMetrics(stats, sessions)
         self.view = EdgeView(sessions, stats, self.metrics, self.listeners_up)
         self.admin: ListeningService | None = None
@@ -58,8 +74,8 @@ class EdgeObservability(MultiService):
         self.notify.setServiceParent(self)
 
     def _all_listeners(self) -> list[Any]:
-        found = [s for s in self.listeners if hasattr(s, "listening")]
-        if self.admin is not None:
+        found = listeners_under(self.root)
+        if self.admin is not None and self.admin not in found:
             found.append(self.admin)
         return found
 
@@ -76,8 +92,9 @@ class EdgeObservability(MultiService):
         parts = []
         for listener in self._all_listeners():
             address = listener.address
+            role = getattr(listener, "role", type(listener).__name__)
             if address is not None and hasattr(address, "port"):
-                parts.append(f"{listener.role} on {address.host}:{address.port}")
+                parts.append(f"{role} on {address.host}:{address.port}")
         return "listening: " + ", ".join(parts)
 
     def sample_rtt(self) -> None:
