@@ -169,6 +169,21 @@ class MetricsAndAdminTests(TestCase):
         code, body = await get(harness, admin_url(harness.edge, "/readyz"))
         self.assertEqual((code, json.loads(body)["ready"]), (503, False))
 
+    async def test_loopback_admin_refuses_other_host_names(self) -> None:
+        """On loopback the admin API refuses a request for another name (DNS rebinding)."""
+        harness, _ = await self.start()
+        assert harness.edge is not None
+        url = admin_url(harness.edge, "/api/agents")
+        response = await harness.client.request(
+            b"GET", url, Headers({b"host": [b"attacker.example:8090"]})
+        )
+        await readBody(response)
+        self.assertEqual(response.code, 421)
+        for name in (b"localhost:8090", b"127.0.0.1", b"[::1]:8090"):
+            response = await harness.client.request(b"GET", url, Headers({b"host": [name]}))
+            await readBody(response)
+            self.assertEqual(response.code, 200, name)
+
     async def test_drain_one_agent(self) -> None:
         """POST drain sends GOAWAY: the session takes no new streams and the agent reconnects."""
         harness, _ = await self.start()

@@ -16,6 +16,7 @@ request path of public traffic.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Callable
 from typing import Any
@@ -153,8 +154,34 @@ class Agents(_Leaf):
         })
 
 
+def _is_loopback_name(host: str) -> bool:
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    name = name.strip("[]").split("]")[0]
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 class _AdminSite(server.Site):
-    """Logs only requests that change something: scrapes every few seconds are not news."""
+    """
+    Logs only requests that change something (scrapes every few seconds are
+    not news).  On a loopback listener it answers only requests addressed to a
+    loopback name, so a web page cannot reach it through DNS rebinding.
+    """
+
+    def getResourceFor(self, request: Any) -> Any:  # noqa: N802
+        local = request.getHost()
+        if _is_loopback_name(getattr(local, "host", "")):
+            host = (request.getHeader(b"host") or b"").decode("latin-1")
+            if not _is_loopback_name(host):
+                return resource.ErrorPage(
+                    421, "Misdirected Request",
+                    "the admin API answers only requests addressed to a loopback name",
+                )
+        return super().getResourceFor(request)
 
     def log(self, request: Any) -> None:
         if request.method != b"GET":
