@@ -221,6 +221,7 @@ class TunnelHarness:
         case.addCleanup(self.pool.closeCachedConnections)
 
     async def start_edge(self, grants: list[AgentGrant] | None = None, **edge: Any) -> EdgeService:
+        edge.setdefault("admin_listen", "tcp:0:interface=127.0.0.1")
         section = EdgeSection(
             public_listen=["tcp:0:interface=127.0.0.1:backlog=1024"],
             transports=[self.transport],

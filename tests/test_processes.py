@@ -94,6 +94,8 @@ class ProcessTests(TestCase):
             'public_listen = ["tcp:8080:interface=127.0.0.1"]':
                 'public_listen = ["tcp:0:interface=127.0.0.1"]',
             'listen = "tcp:8081:interface=127.0.0.1"': 'listen = "tcp:0:interface=127.0.0.1"',
+            'admin_listen = "tcp:8090:interface=127.0.0.1"':
+                'admin_listen = "tcp:0:interface=127.0.0.1"',
         }))
         public = await edge.wait_for(r"public HTTP listening on 127\.0\.0\.1:(\d+)")
         link = await edge.wait_for(r"websocket agent link listening on 127\.0\.0\.1:(\d+)")

@@ -16,6 +16,7 @@ commands:
   edge  [--config FILE]   run an edge in the foreground (twistd -n tunneld)
   agent --config FILE     run an agent in the foreground (twistd -n tunneld-agent)
   certs ca|edge|agent|show  make a private CA and edge/agent certificates (tunneld certs -h)
+  status [--admin URL]    agents, transports and tunnels of a running edge (admin API)
 """
 
 
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> None:
         from tunneld.certs import main as certs_main
 
         raise SystemExit(certs_main(rest))
+    if command == "status":
+        from tunneld.status import main as status
+
+        raise SystemExit(status(rest))
     plugin = {"edge": "tunneld", "agent": "tunneld-agent"}.get(command)
     if plugin is None:
         sys.stderr.write(f"tunneld: unknown command {command!r}\n\n{USAGE}")

@@ -82,6 +82,11 @@ class EdgeSection:
     transports: list[str] = setting(
         ["websocket"], "Agent-link transports to listen with, by plugin name.", check=_non_empty
     )
+    admin_listen: str = setting(
+        "tcp:8090:interface=127.0.0.1",
+        "Endpoint string for the admin API (JSON, /metrics, /healthz, /readyz); keep it on "
+        "loopback or a private network.  '' turns it off.",
+    )
     max_header_bytes: int = setting(65536, "Largest request head accepted (bytes).", check=positive)
     header_timeout: float = setting(
         30.0, "Seconds a client has to send a complete request head.", check=positive

@@ -90,7 +90,17 @@ class ListeningService(Service):
 
     def privilegedStartService(self) -> None:  # noqa: N802
         Service.privilegedStartService(self)
-        endpoint = serverFromString(self.reactor, self.description)
+        try:
+            endpoint = serverFromString(self.reactor, self.description)
+        except IndexError:
+            if not self.description.startswith("systemd:"):
+                raise
+            # Twisted's systemd parser indexes the inherited sockets directly.
+            raise ValueError(
+                f"{self.role}: {self.description!r} names a socket systemd did not pass "
+                "(no LISTEN_FDS for this process, or fewer ListenStream= lines in the "
+                ".socket unit than the index)"
+            ) from None
         d = endpoint.listen(self.factory)
         d.addCallbacks(self._listening, self._failed)
 

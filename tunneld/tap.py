@@ -84,11 +84,28 @@ def makeService(options: EdgeOptions, reactor: Any = None) -> IService:  # noqa:
 
 
 def makeAgentService(options: AgentOptions, reactor: Any = None) -> IService:  # noqa: N802
-    """The agent's service."""
+    """
+    The agent's service, with the live console summary (when stdout is a
+    terminal) and systemd notification (when run by systemd).
+    """
+    from twisted.application.service import MultiService
+
     from tunneld.agent.service import AgentService
+    from tunneld.observe.console import AgentActivity, ConsoleSummary
+    from tunneld.observe.systemd import SystemdNotifyService
 
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return AgentService(options.config, options.transports, reactor)
+    top = MultiService()
+    agent = AgentService(options.config, options.transports, reactor)
+    agent.setServiceParent(top)
+    console = ConsoleSummary(reactor, agent, AgentActivity())
+    if console.enabled:
+        agent.stream_hook = console.activity.wrap
+        console.setServiceParent(top)
+    SystemdNotifyService(
+        reactor, lambda: [], lambda: f"agent {options.config.agent.id}"
+    ).setServiceParent(top)
+    return top

@@ -10,6 +10,7 @@ again.  A lost link is redialled after a jittered exponential backoff.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -96,6 +97,8 @@ class AgentService(Service):
         self.link: IAgentLink | None = None
         self.public_urls: tuple[str, ...] = ()
         self.ready: Deferred[Welcome] = Deferred()
+        # Observability seam: sees (and may wrap) each stream before it is served.
+        self.stream_hook: Callable[[IStream], IStream] | None = None
         self._index = 0
         self._pending: Any = None
         self._welcome_timer: Any = None
@@ -272,6 +275,8 @@ class AgentService(Service):
         self.reactor.callLater(0.5, self._retire, link, deadline)
 
     def stream_opened(self, stream: IStream) -> None:
+        if self.stream_hook is not None:
+            stream = self.stream_hook(stream)
         pool = self.pools.get(stream.head.tunnel)
         if pool is None:
             stream.reset(Reason.NO_TUNNEL, f"this agent does not serve {stream.head.tunnel}")

@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunneld.interfaces import IAgentLink, IStream, IStreamReceiver
+from tunneld.observe.stats import EdgeStats
 from tunneld.reasons import Reason
 from tunneld.wire.messages import Headers, ReplyHead, StreamHead
 
@@ -265,6 +266,7 @@ class _Exchange:
             return
         if pieces:
             protocol._socket.writeSequence(pieces)
+        protocol._stats.bytes_out += len(data)
         protocol._last_activity = protocol._seconds()
 
     def end_received(self, trailers: Headers) -> None:
@@ -310,6 +312,7 @@ class PublicHTTPProtocol(Protocol):
         self._clock = factory.reactor
         self._seconds = factory.reactor.seconds
         self._via = factory.via
+        self._stats = factory.stats
         self._conn = h11.Connection(
             h11.SERVER, max_incomplete_event_size=factory.settings.max_header_bytes
         )
@@ -384,6 +387,7 @@ class PublicHTTPProtocol(Protocol):
                         and (stream := exchange.stream) is not None
                     ):
                         data = event.data
+                        self._stats.bytes_in += len(data)
                         # h11 hands out bytearrays; streams take bytes.
                         stream.write(data if type(data) is bytes else bytes(data))
                     # else: the request was answered already; its body is dropped
@@ -531,6 +535,7 @@ class PublicHTTPProtocol(Protocol):
                          Reason.AGENT_UNAVAILABLE.description)
             return
         exchange.stream = stream
+        self._stats.streams_opened += 1
         if not exchange.live:
             return  # reset while opening; already answered
         exchange.uploading = True
@@ -560,6 +565,7 @@ class PublicHTTPProtocol(Protocol):
             method=method.decode("latin-1"), host=host, target=target, peer=self._peer,
             reason=reason.value,
         )
+        self._stats.refused(reason, host=host, target=target, peer=self._peer, message=text)
         self._answer(reason.http_status, reason.value, text)
 
     def _refuse_upgrade(self, method: bytes, host: str, target: str) -> None:
@@ -571,6 +577,10 @@ class PublicHTTPProtocol(Protocol):
             "refused {method} {host}{target} from {peer}: {reason}",
             method=method.decode("latin-1"), host=host, target=target, peer=self._peer,
             reason=Reason.BAD_REQUEST.value,
+        )
+        self._stats.refused(
+            Reason.BAD_REQUEST, host=host, target=target, peer=self._peer,
+            message=_UPGRADE_REFUSAL,
         )
         self._answer(501, Reason.BAD_REQUEST.value, _UPGRADE_REFUSAL)
 
@@ -600,6 +610,7 @@ class PublicHTTPProtocol(Protocol):
         events: list[h11.Event] = [
             h11.Response(status_code=status, headers=headers, reason=_phrase(status))
         ]
+        self._stats.response(status)
         if self._method != b"HEAD":
             events.append(h11.Data(data=body))
         events.append(h11.EndOfMessage())
@@ -619,6 +630,7 @@ class PublicHTTPProtocol(Protocol):
     def _bad_request(self, status: int, text: str) -> None:
         """Answer a request that cannot be served at all, and close."""
         self.log.info("bad request from {peer}: {error}", peer=self._peer, error=text)
+        self._stats.refused(Reason.BAD_REQUEST, peer=self._peer, message=text)
         exchange = self._exchange
         if exchange is not None and exchange.live:
             self._finish(exchange)
@@ -641,6 +653,10 @@ class PublicHTTPProtocol(Protocol):
                 method=exchange.method.decode("latin-1"), host=exchange.host,
                 target=exchange.target, peer=self._peer, error=str(error),
             )
+            self._stats.refused(
+                Reason.UPSTREAM_ERROR, host=exchange.host, target=exchange.target,
+                peer=self._peer, message=str(error),
+            )
             self._answer(502, Reason.UPSTREAM_ERROR.value, Reason.UPSTREAM_ERROR.description)
             return
         status = reply.status
@@ -650,6 +666,7 @@ class PublicHTTPProtocol(Protocol):
             not has_length and not exchange.bodyless and self._conn.their_http_version == b"1.1"
         )
         exchange.response_started = True
+        self._stats.response(status)
         self._send([response])
         self._last_activity = self._seconds()
 
@@ -699,6 +716,10 @@ class PublicHTTPProtocol(Protocol):
                 method=exchange.method.decode("latin-1"), host=exchange.host,
                 target=exchange.target, peer=self._peer, reason=reason.value, message=message,
             )
+            self._stats.refused(
+                reason, host=exchange.host, target=exchange.target, peer=self._peer,
+                message=message,
+            )
             self._answer(reason.http_status, reason.value, reason.description)
         else:
             # The client must not take a truncated body for a whole one.
@@ -707,6 +728,7 @@ class PublicHTTPProtocol(Protocol):
                 method=exchange.method.decode("latin-1"), host=exchange.host,
                 target=exchange.target, peer=self._peer, reason=reason.value, message=message,
             )
+            self._stats.cut(reason)
             self._abort()
 
     def _client_gone(self, exchange: _Exchange) -> None:
@@ -831,6 +853,7 @@ class PublicHTTPProtocol(Protocol):
             "no whole request head from {peer} within {timeout}s", peer=self._peer, timeout=timeout
         )
         reason = Reason.IDLE_TIMEOUT
+        self._stats.refused(reason, peer=self._peer, message=f"no whole request head within {timeout:g}s")
         self._answer(
             reason.http_status, reason.value, f"no whole request head within {timeout:g}s",
             close=True,
@@ -868,10 +891,14 @@ class PublicHTTPProtocol(Protocol):
 class PublicHTTPFactory(Factory):
     """Builds L{PublicHTTPProtocol}s sharing one router, settings and clock."""
 
-    def __init__(self, router: Routes, settings: PublicHTTPSettings, reactor: IReactorTime) -> None:
+    def __init__(
+        self, router: Routes, settings: PublicHTTPSettings, reactor: IReactorTime,
+        stats: EdgeStats | None = None,
+    ) -> None:
         self.router = router
         self.settings = settings
         self.reactor = reactor
+        self.stats = stats if stats is not None else EdgeStats(reactor)
         self.via = settings.via.encode("ascii")
 
     def buildProtocol(self, addr: Any) -> PublicHTTPProtocol:

@@ -15,6 +15,8 @@ from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPSettings
 from tunneld.edge.sessions import AgentSessions
 from tunneld.interfaces import EdgeLinkSetup, ITransportPlugin
 from tunneld.listening import ListeningService
+from tunneld.observe.service import EdgeObservability
+from tunneld.observe.stats import EdgeStats
 from tunneld.router import Router
 from tunneld.tls import agent_link_tls
 
@@ -32,7 +34,8 @@ class EdgeService(MultiService):
         self.config = config
         self.reactor = reactor
         self.router = Router()
-        self.sessions = AgentSessions(config, self.router, reactor)
+        self.stats = EdgeStats(reactor)
+        self.sessions = AgentSessions(config, self.router, reactor, self.stats)
         edge = config.edge
         settings = PublicHTTPSettings(
             max_header_bytes=edge.max_header_bytes,
@@ -44,7 +47,7 @@ class EdgeService(MultiService):
         self.public: list[ListeningService] = []
         for description in edge.public_listen:
             listener = ListeningService(
-                reactor, description, PublicHTTPFactory(self.router, settings, reactor),
+                reactor, description, PublicHTTPFactory(self.router, settings, reactor, self.stats),
                 "public HTTP",
             )
             listener.setServiceParent(self)
@@ -63,3 +66,8 @@ class EdgeService(MultiService):
             service = plugin.edge_service(options, setup)
             service.setServiceParent(self)
             self.transports[plugin.name] = service
+        # Admin API, metrics, systemd readiness (once every listener in this tree is up).
+        self.observe = EdgeObservability(
+            reactor, self.sessions, self.stats, self, edge.admin_listen
+        )
+        self.observe.setServiceParent(self)

@@ -21,6 +21,8 @@ from zope.interface import implementer
 
 from tunneld.config import AgentGrant, EdgeConfig
 from tunneld.interfaces import IAgentLink, ILinkHandler, IStream
+from tunneld.observe import events
+from tunneld.observe.stats import EdgeStats
 from tunneld.reasons import Reason
 from tunneld.router import AgentSession, Router, hostname_allowed, tunnel_key
 from tunneld.tls import AgentIdentity, certificate_identity
@@ -113,11 +115,15 @@ class AgentSessions:
 
     log = Logger()
 
-    def __init__(self, config: EdgeConfig, router: Router, reactor: Any) -> None:
+    def __init__(
+        self, config: EdgeConfig, router: Router, reactor: Any, stats: EdgeStats | None = None
+    ) -> None:
         self.config = config
         self.router = router
         self.reactor = reactor
+        self.stats = stats if stats is not None else EdgeStats(reactor)
         self.sessions: dict[str, AgentSession] = {}
+        self.connected_at: dict[str, float] = {}
         self._grants = {grant.id: grant for grant in config.agents}
         self._plaintext_public: set[str] = set()  # transports listening in the clear off loopback
         for grant in config.agents:
@@ -210,6 +216,10 @@ class AgentSessions:
         if hello.version < 1:
             self.log.warn("agent {agent} speaks unsupported protocol version {version}",
                           agent=hello.agent_id, version=hello.version)
+            self.stats.refused(
+                Reason.PROTOCOL_ERROR, kind="agent", peer=link.peer,
+                message=f"agent {hello.agent_id}: unsupported protocol version {hello.version}",
+            )
             link.close(Reason.PROTOCOL_ERROR, f"unsupported protocol version {hello.version}")
             return
         try:
@@ -218,6 +228,10 @@ class AgentSessions:
             self.log.warn(
                 "agent {agent} from {peer} refused: {check}",
                 agent=hello.agent_id, peer=link.peer, check=str(e),
+            )
+            self.stats.refused(
+                Reason.UNAUTHORIZED, kind="agent", peer=link.peer,
+                message=f"agent {hello.agent_id}: {e}",
             )
             link.close(Reason.UNAUTHORIZED, str(e))
             return
@@ -228,6 +242,11 @@ class AgentSessions:
             problem = self._check_spec(spec, allowed)
             if problem is not None:
                 refused.append(Refusal(spec, Reason.UNAUTHORIZED, problem))
+                self.stats.refused(
+                    Reason.UNAUTHORIZED, kind="agent", host=spec.hostname,
+                    target=spec.path_prefix, peer=link.peer,
+                    message=f"agent {hello.agent_id}: {problem}",
+                )
                 self.log.warn(
                     "agent {agent} may not register {tunnel}: {problem}",
                     agent=hello.agent_id, tunnel=tunnel_key(spec), problem=problem,
@@ -241,6 +260,8 @@ class AgentSessions:
             )
         handler.session = session
         self.sessions[session.session_id] = session
+        self.connected_at[session.session_id] = self.reactor.seconds()
+        self.stats.session_up(link.transport_name)
         link.send_control(
             Welcome(
                 session_id=session.session_id,
@@ -286,4 +307,25 @@ class AgentSessions:
         if session is None:
             return
         self.router.unregister(session)
-        self.sessions.pop(session.session_id, None)
+        if self.sessions.pop(session.session_id, None) is not None:
+            self.connected_at.pop(session.session_id, None)
+            self.stats.session_down(handler.link.transport_name)
+
+    def drain(self, session_id: str, message: str) -> AgentSession | None:
+        """
+        Give one session no new streams and ask its agent to move (GOAWAY
+        draining); streams in flight finish.  None if there is no such session.
+        """
+        session = self.sessions.get(session_id)
+        if session is None:
+            return None
+        if not session.draining:
+            session.draining = True
+            self.log.info(
+                "drained agent {agent} session {session} over {transport}: {message}",
+                agent=session.agent_id, session=session_id,
+                transport=session.link.transport_name, message=message,
+                event=events.AGENT_DRAINED,
+            )
+            session.link.send_control(GoAway(Reason.DRAINING, message))
+        return session

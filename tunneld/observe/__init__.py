@@ -1,0 +1,1 @@
+"""Observability: counters, Prometheus metrics, the admin API, systemd readiness, logs."""

@@ -1,0 +1,205 @@
+# -*- test-case-name: tests.test_observe -*-
+"""
+The admin API: a small JSON web service on its own, loopback-by-default listener.
+
+    GET  /healthz                      the process is alive
+    GET  /readyz                       every listener is up and the state backend answers
+    GET  /metrics                      Prometheus text exposition
+    GET  /api/tunnels                  tunnels and the sessions serving each
+    GET  /api/agents                   agent sessions: transport, peer, RTT, streams, health
+    GET  /api/refusals                 recent refusals (newest first) and totals by reason
+    POST /api/agents/SESSION/drain     GOAWAY one session: no new streams, in-flight ones finish
+
+Everything is read from the live edge when asked; nothing here is on the
+request path of public traffic.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Callable
+from typing import Any
+
+from twisted.web import resource, server
+from twisted.web.server import Request
+
+from tunneld.observe.metrics import CONTENT_TYPE, EdgeMetrics
+from tunneld.observe.stats import EdgeStats
+from tunneld.router import tunnel_key
+
+
+def _json(request: Request, status: int, body: Any) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(body, indent=1, sort_keys=True).encode() + b"\n"
+
+
+class EdgeView:
+    """What the admin API shows of one edge, and the one thing it can do (drain)."""
+
+    def __init__(
+        self,
+        sessions: Any,
+        stats: EdgeStats,
+        metrics: EdgeMetrics,
+        ready: Callable[[], bool],
+        backends: Callable[[], dict[str, bool]] = lambda: {"memory": True},
+    ) -> None:
+        self.sessions = sessions
+        self.stats = stats
+        self.metrics = metrics
+        self.ready = ready
+        self.backends = backends
+
+    def agents(self) -> list[dict[str, Any]]:
+        now = self.sessions.reactor.seconds()
+        out = []
+        for session in self.sessions.sessions.values():
+            link = session.link
+            rtt = link.round_trip_time()
+            since = self.sessions.connected_at.get(session.session_id, now)
+            out.append({
+                "session": session.session_id,
+                "agent": session.agent_id,
+                "transport": link.transport_name,
+                "peer": link.peer,
+                "rtt_ms": None if rtt is None else round(rtt * 1000, 3),
+                "streams": link.active_streams(),
+                "healthy": session.healthy,
+                "draining": session.draining,
+                "tunnels": [tunnel_key(spec) for spec in session.tunnels],
+                "connected_seconds": round(now - since, 3),
+            })
+        out.sort(key=lambda a: (a["agent"], a["session"]))
+        return out
+
+    def tunnels(self) -> list[dict[str, Any]]:
+        by_key: dict[str, list[dict[str, Any]]] = {}
+        for session in self.sessions.sessions.values():
+            for spec in session.tunnels:
+                by_key.setdefault(tunnel_key(spec), []).append({
+                    "session": session.session_id,
+                    "agent": session.agent_id,
+                    "transport": session.link.transport_name,
+                    "usable": session.healthy and not session.draining,
+                })
+        return [{"tunnel": key, "sessions": sessions} for key, sessions in sorted(by_key.items())]
+
+    def refusals(self) -> dict[str, Any]:
+        totals: dict[str, dict[str, int]] = {}
+        for (kind, reason), count in self.stats.refusals.items():
+            totals.setdefault(kind, {})[reason] = count
+        return {"recent": list(reversed(self.stats.recent_refusals)), "totals": totals}
+
+
+class _Leaf(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, view: EdgeView) -> None:
+        super().__init__()
+        self.view = view
+
+
+class Healthz(_Leaf):
+    def render_GET(self, request: Request) -> bytes:  # noqa: N802
+        return _json(request, 200, {"status": "alive"})
+
+
+class Readyz(_Leaf):
+    def render_GET(self, request: Request) -> bytes:  # noqa: N802
+        listeners = self.view.ready()
+        backends = self.view.backends()
+        ready = listeners and all(backends.values())
+        return _json(request, 200 if ready else 503, {
+            "ready": ready, "listeners": listeners, "backends": backends,
+        })
+
+
+class Metrics(_Leaf):
+    def render_GET(self, request: Request) -> bytes:  # noqa: N802
+        request.setHeader(b"content-type", CONTENT_TYPE.encode())
+        return self.view.metrics.render()
+
+
+class Tunnels(_Leaf):
+    def render_GET(self, request: Request) -> bytes:  # noqa: N802
+        return _json(request, 200, {"tunnels": self.view.tunnels()})
+
+
+class Refusals(_Leaf):
+    def render_GET(self, request: Request) -> bytes:  # noqa: N802
+        return _json(request, 200, self.view.refusals())
+
+
+class Agents(_Leaf):
+    """C{GET /api/agents}, and C{POST /api/agents/SESSION/drain}."""
+
+    def render_GET(self, request: Request) -> bytes:  # noqa: N802
+        if request.postpath and request.postpath != [b""]:
+            return _json(request, 404, {"error": "not found"})
+        return _json(request, 200, {"agents": self.view.agents()})
+
+    def render_POST(self, request: Request) -> bytes:  # noqa: N802
+        path = request.postpath or []
+        if len(path) != 2 or path[1] != b"drain":
+            return _json(request, 404, {"error": "POST /api/agents/SESSION/drain"})
+        session_id = path[0].decode("ascii", "replace")
+        session = self.view.sessions.drain(session_id, "drained by an operator")
+        if session is None:
+            return _json(request, 404, {"error": f"no agent session {session_id}"})
+        return _json(request, 200, {
+            "session": session.session_id, "agent": session.agent_id, "draining": True,
+        })
+
+
+def _is_loopback_name(host: str) -> bool:
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    name = name.strip("[]").split("]")[0]
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class _AdminSite(server.Site):
+    """
+    Logs only requests that change something (scrapes every few seconds are
+    not news).  On a loopback listener it answers only requests addressed to a
+    loopback name, so a web page cannot reach it through DNS rebinding.
+    """
+
+    def getResourceFor(self, request: Any) -> Any:  # noqa: N802
+        local = request.getHost()
+        if _is_loopback_name(getattr(local, "host", "")):
+            host = (request.getHeader(b"host") or b"").decode("latin-1")
+            if not _is_loopback_name(host):
+                return resource.ErrorPage(
+                    421, "Misdirected Request",
+                    "the admin API answers only requests addressed to a loopback name",
+                )
+        return super().getResourceFor(request)
+
+    def log(self, request: Any) -> None:
+        if request.method != b"GET":
+            super().log(request)
+
+
+def admin_site(view: EdgeView) -> server.Site:
+    """The admin API's web site."""
+    root = resource.Resource()
+    root.putChild(b"healthz", Healthz(view))
+    root.putChild(b"readyz", Readyz(view))
+    root.putChild(b"metrics", Metrics(view))
+    api = resource.Resource()
+    root.putChild(b"api", api)
+    api.putChild(b"tunnels", Tunnels(view))
+    api.putChild(b"agents", Agents(view))
+    api.putChild(b"refusals", Refusals(view))
+    site = _AdminSite(root)
+    site.displayTracebacks = False
+    site.noisy = False
+    return site

@@ -1,0 +1,105 @@
+# -*- test-case-name: tests.test_observe -*-
+"""
+Observability of one edge as a service: the admin listener, RTT sampling and
+systemd notification, started with the edge and stopped first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from tunneld.listening import ListeningService
+from tunneld.observe.admin import EdgeView, admin_site
+from tunneld.observe.metrics import EdgeMetrics
+from tunneld.observe.stats import EdgeStats
+from tunneld.observe.systemd import Notifier, SystemdNotifyService
+
+RTT_SAMPLE_SECONDS = 5.0
+
+
+def listeners_under(root: Any) -> list[Any]:
+    """
+    Every listener in C{root}'s service tree: each service with a
+    C{listening} Deferred (L{ListeningService} and the like), whoever added it.
+    """
+    found = []
+    stack = [root]
+    while stack:
+        service = stack.pop()
+        if isinstance(getattr(service, "listening", None), Deferred):
+            found.append(service)
+        if isinstance(service, MultiService):
+            stack.extend(reversed(list(service)))
+    return found
+
+
+class EdgeObservability(MultiService):
+    """
+    Admin API, metrics and readiness for the edge service C{root}: ready once
+    every listener anywhere in its tree is bound (public, agent links, admin,
+    and whatever listeners other parts of the edge add).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        sessions: Any,
+        stats: EdgeStats,
+        root: MultiService,
+        admin_listen: str,
+        notifier: Notifier | None = None,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.sessions = sessions
+        self.stats = stats
+        self.root = root
+        self.metrics = EdgeMetrics(stats, sessions)
+        self.view = EdgeView(sessions, stats, self.metrics, self.listeners_up)
+        self.admin: ListeningService | None = None
+        if admin_listen:
+            self.admin = ListeningService(reactor, admin_listen, admin_site(self.view), "admin API")
+            self.admin.setServiceParent(self)
+        sampler = TimerService(RTT_SAMPLE_SECONDS, self.sample_rtt)
+        sampler.clock = reactor
+        sampler.setServiceParent(self)
+        self.notify = SystemdNotifyService(reactor, self._waits, self._status, notifier)
+        self.notify.setServiceParent(self)
+
+    def _all_listeners(self) -> list[Any]:
+        found = listeners_under(self.root)
+        if self.admin is not None and self.admin not in found:
+            found.append(self.admin)
+        return found
+
+    def _waits(self) -> list[Deferred[Any]]:
+        return [listener.listening for listener in self._all_listeners()]
+
+    def listeners_up(self) -> bool:
+        """Whether every listener is bound and the edge is not stopping."""
+        return bool(self.running) and all(
+            getattr(listener, "port", None) is not None for listener in self._all_listeners()
+        )
+
+    def _status(self) -> str:
+        parts = []
+        for listener in self._all_listeners():
+            address = listener.address
+            role = getattr(listener, "role", type(listener).__name__)
+            if address is not None and hasattr(address, "port"):
+                parts.append(f"{role} on {address.host}:{address.port}")
+        return "listening: " + ", ".join(parts)
+
+    def sample_rtt(self) -> None:
+        """Record each agent link's last heartbeat round trip in the histogram."""
+        for session in list(self.sessions.sessions.values()):
+            rtt = session.link.round_trip_time()
+            if rtt is not None:
+                self.stats.rtt(rtt)
