@@ -1,0 +1,409 @@
+"""
+The public edge over HTTP/2 (cleartext with prior knowledge, and TLS with
+ALPN), TLS termination with SNI and wildcard certificates, and gRPC through
+the tunnel to an h2c upstream.  Real sockets on loopback port 0; curl,
+h2load (Debian C{curl}, C{nghttp2-client}: C{scripts/setup} installs them)
+and a stock grpcio client run as subprocesses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from concurrent import futures
+from typing import Any
+
+from cryptography import x509
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+
+from tests.certs import PublicTestCA
+from tests.harness import TunnelHarness, listen_upstream
+from tunneld.agent.service import AgentService
+from tunneld.config import (
+    AgentConfig,
+    AgentSection,
+    EdgeConfig,
+    EdgeSection,
+    PublicTLSSection,
+    SNICertificate,
+    TunnelSection,
+    load_edge_config,
+    transport_options,
+)
+from tunneld.edge.public_tls import public_tls_contexts
+from tunneld.errors import ConfigError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GRPC_CLIENT = os.path.join(HERE, "grpc_public_client.py")
+CURL = shutil.which("curl")
+H2LOAD = shutil.which("h2load")
+MB = 1024 * 1024
+
+
+def _need(tool: str | None, name: str, package: str) -> None:
+    if tool is None:
+        raise RuntimeError(f"{name} is missing: scripts/setup installs the Debian package {package}")
+
+
+@implementer(IHandshakeListener)
+class _Handshake(protocol.Protocol):
+    """Completes a TLS handshake, notes what was negotiated, and hangs up."""
+
+    def __init__(self) -> None:
+        self.done: defer.Deferred[tuple[list[str], bytes | None, str]] = defer.Deferred()
+        self.closed: defer.Deferred[None] = defer.Deferred()
+
+    def handshakeCompleted(self) -> None:  # noqa: N802
+        transport: Any = self.transport
+        peer = transport.getPeerCertificate().to_cryptography()
+        san = peer.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [str(n) for n in san.get_values_for_type(x509.DNSName)]
+        names += [str(n) for n in san.get_values_for_type(x509.IPAddress)]
+        version = transport.getHandle().get_protocol_version_name()
+        self.done.callback((names, transport.negotiatedProtocol, version))
+        transport.loseConnection()
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        if not self.done.called:
+            self.done.errback(reason)
+        self.closed.callback(None)
+
+
+class _Edge:
+    """An edge with all three public listeners, an agent and an upstream."""
+
+    def __init__(self, case: TestCase) -> None:
+        self.case = case
+        self.ca = PublicTestCA(case.mktemp())
+        default = self.ca.server("default", "edge.test", "127.0.0.1")
+        app = self.ca.server("app", "app.test")
+        wild = self.ca.server("wild", "*.wild.test")
+        grpc = self.ca.server("grpc", "grpc.test")
+        self.tls = PublicTLSSection(
+            default.certificate,
+            default.private_key,
+            [
+                SNICertificate(app.certificate, app.private_key),  # names from the certificate
+                SNICertificate(wild.certificate, wild.private_key, ["*.wild.test"]),
+                SNICertificate(grpc.certificate, grpc.private_key),
+            ],
+        )
+        self.harness = TunnelHarness(case, "websocket", {"listen": "tcp:0:interface=127.0.0.1"})
+
+    async def start(self, tunnels: list[tuple[str, int]]) -> None:
+        edge = await self.harness.start_edge(
+            public_h2c_listen=["tcp:0:interface=127.0.0.1"],
+            public_tls_listen=["tcp:0:interface=127.0.0.1"],
+            tls=self.tls,
+        )
+        self.h2c_port = edge.public_h2c[0].address.port
+        self.tls_port = edge.public_tls[0].address.port
+        address = self.harness.link_address()
+        await self.harness.start_agent({"url": f"ws://127.0.0.1:{address.port}/tunnel"}, tunnels)
+
+    async def curl(self, *args: str) -> tuple[str, bytes]:
+        """Run curl; the HTTP version and status it reports, and the body."""
+        _need(CURL, "curl", "curl")
+        out = self.case.mktemp()
+        stdout, stderr, code = await getProcessOutputAndValue(
+            CURL,
+            ["-sS", "--max-time", "30", "-o", out, "-w", "%{http_version} %{http_code}",
+             "--cacert", self.ca.path, *args],
+            env=dict(os.environ),
+        )
+        self.case.assertEqual(code, 0, stderr.decode(errors="replace"))
+        with open(out, "rb") as f:
+            return stdout.decode(), f.read()
+
+    def https(self, host: str, path: str) -> list[str]:
+        port = self.tls_port
+        return ["--resolve", f"{host}:{port}:127.0.0.1", f"https://{host}:{port}{path}"]
+
+    def h2c(self, host: str, path: str) -> list[str]:
+        return ["-H", f"host: {host}", f"http://127.0.0.1:{self.h2c_port}{path}"]
+
+    async def handshake(self, servername: str) -> tuple[list[str], bytes | None, str]:
+        """A TLS handshake (SNI = C{servername}, none for an IP); names in the served cert."""
+        with open(self.ca.path, "rb") as f:
+            trust = Certificate.loadPEM(f.read())
+        options = optionsForClientTLS(
+            servername, trustRoot=trust, acceptableProtocols=[b"h2", b"http/1.1"]
+        )
+        endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", self.tls_port))
+        client = _Handshake()
+        await endpoint.connect(protocol.Factory.forProtocol(lambda: client))
+        result = await client.done
+        await client.closed
+        return result
+
+
+class PublicHTTP2Tests(TestCase):
+    """HTTP/2 and HTTPS clients reach an HTTP/1.1 upstream through the tunnel."""
+
+    timeout = 60
+
+    async def edge(self) -> _Edge:
+        port, _ = await listen_upstream(self)
+        edge = _Edge(self)
+        await edge.start([("app.test", port), ("*.wild.test", port), ("127.0.0.1", port)])
+        return edge
+
+    async def test_h2c_get_post_and_http1_on_one_port(self) -> None:
+        """The h2c listener serves HTTP/2 with prior knowledge and HTTP/1.1 alike."""
+        edge = await self.edge()
+        version, body = await edge.curl("--http2-prior-knowledge", *edge.h2c("app.test", "/hello"))
+        self.assertEqual((version, body), ("2 200", b"hello from upstream"))
+        version, body = await edge.curl(
+            "--http2-prior-knowledge", "--data-binary", "posted over h2c",
+            *edge.h2c("app.test", "/echo"),
+        )
+        self.assertEqual((version, body), ("2 200", b"posted over h2c"))
+        version, body = await edge.curl("--http1.1", *edge.h2c("app.test", "/hello"))
+        self.assertEqual((version, body), ("1.1 200", b"hello from upstream"))
+
+    async def test_tls_alpn_h2_and_http1(self) -> None:
+        """Over TLS, ALPN picks HTTP/2 or HTTP/1.1; the upstream is told the scheme was https."""
+        edge = await self.edge()
+        version, body = await edge.curl("--http2", *edge.https("app.test", "/hello"))
+        self.assertEqual((version, body), ("2 200", b"hello from upstream"))
+        version, body = await edge.curl(
+            "--http2", "--data-binary", "posted over h2", *edge.https("app.test", "/echo")
+        )
+        self.assertEqual((version, body), ("2 200", b"posted over h2"))
+        version, body = await edge.curl(
+            "--http2", "-H", "x-forwarded-for: 10.9.8.7", *edge.https("app.test", "/headers")
+        )
+        self.assertEqual(version, "2 200")
+        lines = body.split(b"\n")
+        self.assertIn(b"x-forwarded-proto: https", lines)
+        self.assertIn(b"x-forwarded-for: 10.9.8.7, 127.0.0.1", lines)
+        self.assertIn(b"via: 2 tunneld", lines)
+        self.assertIn(b"host: app.test:%d" % edge.tls_port, lines)
+        version, body = await edge.curl("--http1.1", *edge.https("app.test", "/hello"))
+        self.assertEqual((version, body), ("1.1 200", b"hello from upstream"))
+
+    async def test_large_bodies_stream_both_ways(self) -> None:
+        """20 MiB up and 40 MiB down over HTTP/2 arrive whole: windows are reopened as data moves."""
+        edge = await self.edge()
+        upload = os.path.join(self.mktemp())
+        block = hashlib.sha256(b"seed").digest() * 2048
+        with open(upload, "wb") as f:
+            for _ in range(20 * MB // len(block)):
+                f.write(block)
+        with open(upload, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        version, body = await edge.curl(
+            "--http2", "--data-binary", f"@{upload}", *edge.https("app.test", "/sha256")
+        )
+        self.assertEqual((version, body.decode()), ("2 200", digest))
+        version, body = await edge.curl(
+            "--http2-prior-knowledge", *edge.h2c("app.test", f"/bytes/{40 * MB}")
+        )
+        self.assertEqual((version, len(body)), ("2 200", 40 * MB))
+
+    async def test_refusal_carries_reason(self) -> None:
+        """An unknown host over HTTP/2 gets 404 with the Tunnel-Error header."""
+        edge = await self.edge()
+        head = self.mktemp()
+        version, body = await edge.curl(
+            "--http2-prior-knowledge", "-D", head, *edge.h2c("nowhere.test", "/")
+        )
+        self.assertEqual((version, body), ("2 404", b"no tunnel is registered for this host\n"))
+        with open(head, "rb") as f:
+            self.assertIn(b"tunnel-error: no_tunnel\r\n", f.read())
+
+    async def test_sni_selects_certificates(self) -> None:
+        """SNI picks the exact-name certificate, the wildcard one, or the default without SNI."""
+        edge = await self.edge()
+        names, alpn, version = await edge.handshake("app.test")
+        self.assertEqual((names, alpn), (["app.test"], b"h2"))
+        self.assertIn(version, ("TLSv1.2", "TLSv1.3"))
+        names, _, _ = await edge.handshake("a.wild.test")
+        self.assertEqual(names, ["*.wild.test"])
+        names, _, _ = await edge.handshake("127.0.0.1")  # an IP: no SNI is sent
+        self.assertEqual(names, ["edge.test", "127.0.0.1"])
+        version, body = await edge.curl("--http2", *edge.https("a.wild.test", "/hello"))
+        self.assertEqual((version, body), ("2 200", b"hello from upstream"))
+
+    async def test_h2load_smoke(self) -> None:
+        """h2load: 400 requests on 4 connections, 10 streams each, all succeed (h2c and TLS)."""
+        _need(H2LOAD, "h2load", "nghttp2-client")
+        edge = await self.edge()
+        for url in (
+            f"http://127.0.0.1:{edge.h2c_port}/hello",
+            f"https://127.0.0.1:{edge.tls_port}/hello",
+        ):
+            stdout, stderr, code = await getProcessOutputAndValue(
+                H2LOAD, ["-n", "400", "-c", "4", "-m", "10", url], env=dict(os.environ)
+            )
+            report = stdout.decode()
+            self.assertEqual(code, 0, stderr.decode(errors="replace"))
+            self.assertIn("400 succeeded, 0 failed, 0 errored", report, report)
+            self.assertIn("status codes: 400 2xx", report, report)
+
+
+class _EchoService:
+    """The gRPC service behind the tunnel (generic handlers, bytes in and out)."""
+
+    def __init__(self) -> None:
+        import grpc
+
+        self.grpc = grpc
+        identity = bytes
+
+        def unary(request: bytes, context: Any) -> bytes:
+            context.set_trailing_metadata([("x-trailer", "t1")])
+            if request == b"ping":
+                return b"pong"
+            return request[::-1]
+
+        def chat(requests: Any, context: Any) -> Any:
+            for message in requests:
+                yield message.upper()
+            yield b"done"
+
+        def fail(request: bytes, context: Any) -> bytes:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "not for you")
+            return b""
+
+        handler = grpc.method_handlers_generic_handler(
+            "test.Echo",
+            {
+                "Unary": grpc.unary_unary_rpc_method_handler(unary, identity, identity),
+                "Chat": grpc.stream_stream_rpc_method_handler(chat, identity, identity),
+                "Fail": grpc.unary_unary_rpc_method_handler(fail, identity, identity),
+            },
+        )
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        self.server.add_generic_rpc_handlers((handler,))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop(None).wait(5)
+
+
+class GrpcThroughTunnelTests(TestCase):
+    """A stock grpcio client calls a grpcio server through edge, link and agent."""
+
+    timeout = 90
+
+    async def start(self) -> _Edge:
+        service = _EchoService()
+        self.addCleanup(service.stop)
+        edge = _Edge(self)
+        harness = edge.harness
+        await edge.start([])
+        section = AgentSection(id="grpc", transports=["websocket"])
+        config = AgentConfig(
+            section,
+            [
+                TunnelSection(
+                    hostname="grpc.test",
+                    upstream=f"tcp:host=127.0.0.1:port={service.port}",
+                    upstream_protocol="h2c",
+                )
+            ],
+            {"websocket": {"url": f"ws://127.0.0.1:{harness.link_address().port}/tunnel"}},
+            "(test)",
+        )
+        transports = transport_options(
+            section.transports, config.transports, config.source, edge=False
+        )
+        agent = AgentService(config, transports, reactor)
+        agent.startService()
+        self.addCleanup(agent.stopService)
+        await agent.ready
+        return edge
+
+    async def run_client(self, *args: str) -> dict[str, list[str]]:
+        stdout, stderr, code = await getProcessOutputAndValue(
+            sys.executable, [GRPC_CLIENT, *args], env=dict(os.environ)
+        )
+        self.assertEqual(code, 0, stderr.decode(errors="replace"))
+        return {line.split()[0]: line.split()[1:] for line in stdout.decode().splitlines()}
+
+    def check(self, seen: dict[str, list[str]]) -> None:
+        self.assertEqual(seen["unary"], ["pong", "t1"])  # trailing metadata came back
+        self.assertEqual(seen["unary-big"], [str(MB), "True"])
+        self.assertEqual(seen["bidi"], ["A", "BB", "CCC", "DDDD", "|", "done"])
+        self.assertEqual(seen["missing"], ["UNIMPLEMENTED"])  # trailers-only responses
+        self.assertEqual(seen["fail"], ["PERMISSION_DENIED", "not_for_you"])
+
+    async def test_grpc_over_h2c(self) -> None:
+        """Unary, bidirectional streaming and error statuses over the h2c listener."""
+        edge = await self.start()
+        self.check(await self.run_client(str(edge.h2c_port), "grpc.test"))
+
+    async def test_grpc_over_tls(self) -> None:
+        """The same over the TLS listener, the client verifying the edge's certificate."""
+        edge = await self.start()
+        self.check(await self.run_client(str(edge.tls_port), "grpc.test", edge.ca.path))
+
+
+class PublicTLSConfigTests(SynchronousTestCase):
+    """Certificates are checked when the configuration is loaded."""
+
+    def test_missing_default_certificate(self) -> None:
+        """A TLS listener without [edge.tls] certificate stops the start, naming the key."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('[edge]\npublic_tls_listen = ["tcp:0"]\n')
+        error = self.assertRaises(ConfigError, load_edge_config, path)
+        self.assertIn("edge.tls.certificate", str(error))
+
+    def test_key_does_not_match(self) -> None:
+        """A private key that is not the certificate's is refused with its key."""
+        ca = PublicTestCA(self.mktemp())
+        one, two = ca.server("one", "one.test"), ca.server("two", "two.test")
+        section = PublicTLSSection(one.certificate, two.private_key)
+        error = self.assertRaises(ConfigError, public_tls_contexts, section, "edge.toml")
+        self.assertIn("edge.tls.private_key", str(error))
+
+    def test_sni_table(self) -> None:
+        """Exact names beat wildcards; a wildcard covers one label only; else the default."""
+        ca = PublicTestCA(self.mktemp())
+        default = ca.server("d", "d.test")
+        exact = ca.server("e", "x.wild.test")
+        wild = ca.server("w", "*.wild.test")
+        contexts = public_tls_contexts(
+            PublicTLSSection(
+                default.certificate, default.private_key,
+                [SNICertificate(wild.certificate, wild.private_key),
+                 SNICertificate(exact.certificate, exact.private_key)],
+            ),
+            "edge.toml",
+        )
+        exact_context = contexts.for_hostname("x.wild.test")
+        wild_context = contexts.for_hostname("y.wild.test")
+        self.assertIsNot(exact_context, wild_context)
+        self.assertIs(contexts.for_hostname("Y.Wild.Test."), wild_context)
+        self.assertIs(contexts.for_hostname("a.b.wild.test"), contexts.default)
+        self.assertIs(contexts.for_hostname("wild.test"), contexts.default)
+
+    def test_edge_config_keys(self) -> None:
+        """The new listener keys and [[edge.tls.sni]] parse from TOML."""
+        ca = PublicTestCA(self.mktemp())
+        default = ca.server("d", "d.test")
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(
+                '[edge]\npublic_h2c_listen = ["tcp:0"]\npublic_tls_listen = ["tcp:0"]\n'
+                f'[edge.tls]\ncertificate = "{default.certificate}"\n'
+                f'private_key = "{default.private_key}"\n'
+                f'[[edge.tls.sni]]\ncertificate = "{default.certificate}"\n'
+                f'private_key = "{default.private_key}"\nhostnames = ["*.d.test"]\n'
+            )
+        config = load_edge_config(path)
+        self.assertIsInstance(config, EdgeConfig)
+        self.assertIsInstance(config.edge, EdgeSection)
+        self.assertEqual(config.edge.tls.sni[0].hostnames, ["*.d.test"])
+        self.assertEqual(config.edge.public_h2c_listen, ["tcp:0"])
