@@ -16,8 +16,12 @@ from concurrent import futures
 from typing import Any
 
 from cryptography import x509
+from h2 import events as h2events
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.settings import SettingCodes, Settings
 from twisted.internet import defer, protocol, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.utils import getProcessOutputAndValue
@@ -407,3 +411,166 @@ class PublicTLSConfigTests(SynchronousTestCase):
         self.assertIsInstance(config.edge, EdgeSection)
         self.assertEqual(config.edge.tls.sni[0].hostnames, ["*.d.test"])
         self.assertEqual(config.edge.public_h2c_listen, ["tcp:0"])
+
+
+class _RawH2Client(protocol.Protocol):
+    """
+    A bare HTTP/2 client (the h2 library) that controls its own windows: it
+    reopens the connection window as data arrives, but a stream's window only
+    for streams it is reading.
+    """
+
+    def __init__(self, window: int = 65535) -> None:
+        self.h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.h2.local_settings = Settings(
+            client=True, initial_values={SettingCodes.INITIAL_WINDOW_SIZE: window}
+        )
+        self.reading: set[int] = set()
+        self.received: dict[int, int] = {}
+        self.status: dict[int, bytes] = {}
+        self.ended: dict[int, defer.Deferred[None]] = {}
+        self.uploads: dict[int, tuple[int, bytes]] = {}  # stream -> (bytes left, chunk)
+        self.sent: dict[int, int] = {}
+        self.ready: defer.Deferred[None] = defer.Deferred()
+        self.closed: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.h2.initiate_connection()
+        self.flush()
+        self.ready.callback(None)
+
+    def request(self, method: bytes, path: bytes, read: bool = True, upload: int = 0) -> int:
+        stream_id = self.h2.get_next_available_stream_id()
+        headers = [(b":method", method), (b":scheme", b"http"), (b":authority", b"app.test"),
+                   (b":path", path)]
+        self.h2.send_headers(stream_id, headers, end_stream=not upload)
+        self.ended[stream_id] = defer.Deferred()
+        self.received[stream_id] = 0
+        if read:
+            self.reading.add(stream_id)
+        if upload:
+            self.uploads[stream_id] = (upload, b"u" * 16384)
+            self.sent[stream_id] = 0
+            self.pump()
+        self.flush()
+        return stream_id
+
+    def pump(self) -> None:
+        for stream_id, (left, chunk) in list(self.uploads.items()):
+            while left:
+                room = min(self.h2.local_flow_control_window(stream_id), len(chunk), left)
+                if room <= 0:
+                    break
+                self.h2.send_data(stream_id, chunk[:room], end_stream=room == left)
+                left -= room
+                self.sent[stream_id] += room
+            self.uploads[stream_id] = (left, chunk)
+        self.flush()
+
+    def read(self, stream_id: int) -> None:
+        """Start reading a stalled stream: reopen its window by what it holds."""
+        self.reading.add(stream_id)
+        self.h2.acknowledge_received_data(self.received[stream_id], stream_id)
+        self.flush()
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2events.ResponseReceived):
+                self.status[event.stream_id] = dict(event.headers)[b":status"]
+            elif isinstance(event, h2events.DataReceived):
+                self.received[event.stream_id] += len(event.data)
+                if event.stream_id in self.reading:
+                    self.h2.acknowledge_received_data(
+                        event.flow_controlled_length, event.stream_id
+                    )
+                else:
+                    self.h2.increment_flow_control_window(event.flow_controlled_length)
+            elif isinstance(event, h2events.StreamEnded | h2events.StreamReset):
+                done = self.ended.get(event.stream_id)
+                if done is not None and not done.called:
+                    done.callback(None)
+            elif isinstance(event, h2events.WindowUpdated):
+                self.pump()
+        self.flush()
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        self.closed.callback(None)
+
+
+class _Sink(protocol.Protocol):
+    """An upstream that accepts a connection and never reads from it."""
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        self.factory.connections.append(self)  # type: ignore[attr-defined]
+
+
+class HTTP2BackpressureTests(TestCase):
+    """HTTP/2 flow control is the backpressure across the whole path."""
+
+    timeout = 60
+
+    async def connect(self, edge: _Edge) -> _RawH2Client:
+        client = _RawH2Client()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", edge.h2c_port)
+        await endpoint.connect(protocol.Factory.forProtocol(lambda: client))
+
+        async def close() -> None:
+            client.transport.loseConnection()  # type: ignore[union-attr]
+            await client.closed
+
+        self.addCleanup(close)
+        return client
+
+    async def test_stalled_stream_stalls_only_itself(self) -> None:
+        """A stream whose window stays shut holds back its download, not its connection's other streams."""
+        from tests.harness import Sampler, sleep
+
+        port, _ = await listen_upstream(self)
+        edge = _Edge(self)
+        await edge.start([("app.test", port)])
+        client = await self.connect(edge)
+        sampler = Sampler()
+        big = 200 * MB
+        stalled = client.request(b"GET", b"/bytes/%d" % big, read=False)
+        await sleep(1.0)
+        for _ in range(5):
+            other = client.request(b"GET", b"/hello")
+            await client.ended[other]
+            self.assertEqual((client.status[other], client.received[other]), (b"200", 19))
+        self.assertLessEqual(client.received[stalled], 65535)  # the stream's window, no more
+        growth = sampler.stop()
+        self.assertLess(growth, 40 * MB, f"memory grew by {growth / MB:.0f} MiB")
+        # Reading resumes the stream where it stopped.
+        client.read(stalled)
+        while client.received[stalled] < 4 * MB:
+            await sleep(0.05)
+        self.assertFalse(client.ended[stalled].called)
+
+    async def test_upload_into_stalled_upstream_is_bounded(self) -> None:
+        """An upload to an upstream that reads nothing stops the client at its windows."""
+        from tests.harness import sleep
+
+        sink = protocol.Factory.forProtocol(_Sink)
+        sink.connections = []  # type: ignore[attr-defined]
+        listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(sink)
+        self.addCleanup(listening.stopListening)
+        self.addCleanup(
+            lambda: [c.transport.abortConnection() for c in sink.connections]  # type: ignore[attr-defined]
+        )
+        edge = _Edge(self)
+        await edge.start([("app.test", listening.getHost().port)])
+        client = await self.connect(edge)
+        total = 256 * MB
+        upload = client.request(b"POST", b"/upload", upload=total)
+        previous = -1
+        while client.sent[upload] != previous:  # until the client is held at its windows
+            previous = client.sent[upload]
+            await sleep(0.5)
+        self.assertGreater(client.sent[upload], 0)
+        self.assertLess(client.sent[upload], 64 * MB)
