@@ -19,17 +19,20 @@ from cryptography import x509
 from h2 import events as h2events
 from h2.config import H2Configuration
 from h2.connection import H2Connection
+from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from tests.certs import PublicTestCA
-from tests.harness import TunnelHarness, listen_upstream
+from tests.harness import Sampler, TunnelHarness, listen_upstream, sleep
 from tunneld.agent.service import AgentService
 from tunneld.config import (
     AgentConfig,
@@ -42,8 +45,10 @@ from tunneld.config import (
     load_edge_config,
     transport_options,
 )
+from tunneld.edge.http2 import PublicH2Factory, PublicH2Settings
 from tunneld.edge.public_tls import public_tls_contexts
 from tunneld.errors import ConfigError
+from tunneld.reasons import Reason
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GRPC_CLIENT = os.path.join(HERE, "grpc_public_client.py")
@@ -102,16 +107,41 @@ class _Edge:
         )
         self.harness = TunnelHarness(case, "websocket", {"listen": "tcp:0:interface=127.0.0.1"})
 
-    async def start(self, tunnels: list[tuple[str, int]]) -> None:
+    async def start(self, tunnels: list[tuple[str, int]], **settings: Any) -> None:
         edge = await self.harness.start_edge(
             public_h2c_listen=["tcp:0:interface=127.0.0.1"],
             public_tls_listen=["tcp:0:interface=127.0.0.1"],
             tls=self.tls,
+            **settings,
         )
         self.h2c_port = edge.public_h2c[0].address.port
         self.tls_port = edge.public_tls[0].address.port
         address = self.harness.link_address()
         await self.harness.start_agent({"url": f"ws://127.0.0.1:{address.port}/tunnel"}, tunnels)
+
+    async def h2c_agent(self, hostname: str, port: int) -> None:
+        """An agent serving C{hostname} from an h2c upstream on C{port}."""
+        section = AgentSection(id="h2c", transports=["websocket"])
+        address = self.harness.link_address()
+        config = AgentConfig(
+            section,
+            [
+                TunnelSection(
+                    hostname=hostname,
+                    upstream=f"tcp:host=127.0.0.1:port={port}",
+                    upstream_protocol="h2c",
+                )
+            ],
+            {"websocket": {"url": f"ws://127.0.0.1:{address.port}/tunnel"}},
+            "(test)",
+        )
+        transports = transport_options(
+            section.transports, config.transports, config.source, edge=False
+        )
+        agent = AgentService(config, transports, reactor)
+        agent.startService()
+        self.case.addCleanup(agent.stopService)
+        await agent.ready
 
     async def curl(self, *args: str) -> tuple[str, bytes]:
         """Run curl; the HTTP version and status it reports, and the body."""
@@ -304,28 +334,8 @@ class GrpcThroughTunnelTests(TestCase):
         service = _EchoService()
         self.addCleanup(service.stop)
         edge = _Edge(self)
-        harness = edge.harness
         await edge.start([])
-        section = AgentSection(id="grpc", transports=["websocket"])
-        config = AgentConfig(
-            section,
-            [
-                TunnelSection(
-                    hostname="grpc.test",
-                    upstream=f"tcp:host=127.0.0.1:port={service.port}",
-                    upstream_protocol="h2c",
-                )
-            ],
-            {"websocket": {"url": f"ws://127.0.0.1:{harness.link_address().port}/tunnel"}},
-            "(test)",
-        )
-        transports = transport_options(
-            section.transports, config.transports, config.source, edge=False
-        )
-        agent = AgentService(config, transports, reactor)
-        agent.startService()
-        self.addCleanup(agent.stopService)
-        await agent.ready
+        await edge.h2c_agent("grpc.test", service.port)
         return edge
 
     async def run_client(self, *args: str) -> dict[str, list[str]]:
@@ -431,6 +441,9 @@ class _RawH2Client(protocol.Protocol):
         self.ended: dict[int, defer.Deferred[None]] = {}
         self.uploads: dict[int, tuple[int, bytes]] = {}  # stream -> (bytes left, chunk)
         self.sent: dict[int, int] = {}
+        self.trailers_out: dict[int, list[tuple[bytes, bytes]]] = {}
+        self.trailers_in: dict[int, dict[bytes, bytes]] = {}
+        self.goaway: Any = None
         self.ready: defer.Deferred[None] = defer.Deferred()
         self.closed: defer.Deferred[None] = defer.Deferred()
 
@@ -439,10 +452,16 @@ class _RawH2Client(protocol.Protocol):
         self.flush()
         self.ready.callback(None)
 
-    def request(self, method: bytes, path: bytes, read: bool = True, upload: int = 0) -> int:
+    def request(
+        self, method: bytes, path: bytes, read: bool = True, upload: int = 0,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        trailers: list[tuple[bytes, bytes]] | None = None,
+    ) -> int:
         stream_id = self.h2.get_next_available_stream_id()
         headers = [(b":method", method), (b":scheme", b"http"), (b":authority", b"app.test"),
-                   (b":path", path)]
+                   (b":path", path), *(headers or [])]
+        if trailers:
+            self.trailers_out[stream_id] = trailers
         self.h2.send_headers(stream_id, headers, end_stream=not upload)
         self.ended[stream_id] = defer.Deferred()
         self.received[stream_id] = 0
@@ -461,8 +480,11 @@ class _RawH2Client(protocol.Protocol):
                 room = min(self.h2.local_flow_control_window(stream_id), len(chunk), left)
                 if room <= 0:
                     break
-                self.h2.send_data(stream_id, chunk[:room], end_stream=room == left)
                 left -= room
+                trailers = self.trailers_out.get(stream_id)
+                self.h2.send_data(stream_id, chunk[:room], end_stream=not left and not trailers)
+                if not left and trailers:
+                    self.h2.send_headers(stream_id, trailers, end_stream=True)
                 self.sent[stream_id] += room
             self.uploads[stream_id] = (left, chunk)
         self.flush()
@@ -490,12 +512,16 @@ class _RawH2Client(protocol.Protocol):
                     )
                 else:
                     self.h2.increment_flow_control_window(event.flow_controlled_length)
+            elif isinstance(event, h2events.TrailersReceived):
+                self.trailers_in[event.stream_id] = dict(event.headers)
             elif isinstance(event, h2events.StreamEnded | h2events.StreamReset):
                 done = self.ended.get(event.stream_id)
                 if done is not None and not done.called:
                     done.callback(None)
             elif isinstance(event, h2events.WindowUpdated):
                 self.pump()
+            elif isinstance(event, h2events.ConnectionTerminated):
+                self.goaway = event.error_code
         self.flush()
 
     def connectionLost(self, reason: Any) -> None:  # noqa: N802
@@ -529,8 +555,6 @@ class HTTP2BackpressureTests(TestCase):
 
     async def test_stalled_stream_stalls_only_itself(self) -> None:
         """A stream whose window stays shut holds back its download, not its connection's other streams."""
-        from tests.harness import Sampler, sleep
-
         port, _ = await listen_upstream(self)
         edge = _Edge(self)
         await edge.start([("app.test", port)])
@@ -554,8 +578,6 @@ class HTTP2BackpressureTests(TestCase):
 
     async def test_upload_into_stalled_upstream_is_bounded(self) -> None:
         """An upload to an upstream that reads nothing stops the client at its windows."""
-        from tests.harness import sleep
-
         sink = protocol.Factory.forProtocol(_Sink)
         sink.connections = []  # type: ignore[attr-defined]
         listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(sink)
@@ -574,3 +596,183 @@ class HTTP2BackpressureTests(TestCase):
             await sleep(0.5)
         self.assertGreater(client.sent[upload], 0)
         self.assertLess(client.sent[upload], 64 * MB)
+
+
+class _EchoH2Upstream(protocol.Protocol):
+    """
+    An h2c upstream that echoes each request body, and answers with trailers
+    naming what it saw: the request's C{te} and its trailers.
+    """
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        self.h2.initiate_connection()
+        self.te: dict[int, bytes] = {}
+        self.trailers: dict[int, dict[bytes, bytes]] = {}
+        self.waiting: dict[int, list[tuple[bytes, int]]] = {}
+        self.ended: set[int] = set()
+        self.transport.write(self.h2.data_to_send())  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        h2 = self.h2
+        for event in h2.receive_data(data):
+            if isinstance(event, h2events.RequestReceived):
+                headers = dict(event.headers)
+                self.te[event.stream_id] = headers.get(b"te", b"-")
+                h2.send_headers(event.stream_id, [(b":status", b"200")])
+            elif isinstance(event, h2events.DataReceived):
+                # Acknowledged once echoed: the echo's window paces the upload.
+                self.waiting.setdefault(event.stream_id, []).append(
+                    (event.data, event.flow_controlled_length)
+                )
+            elif isinstance(event, h2events.TrailersReceived):
+                self.trailers[event.stream_id] = dict(event.headers)
+            elif isinstance(event, h2events.StreamEnded):
+                self.ended.add(event.stream_id)
+        for stream_id in list(self.waiting):
+            self.echo(stream_id)
+        self.transport.write(h2.data_to_send())  # type: ignore[union-attr]
+
+    def echo(self, stream_id: int) -> None:
+        h2 = self.h2
+        waiting = self.waiting[stream_id]
+        while waiting:
+            data, length = waiting[0]
+            room = min(h2.local_flow_control_window(stream_id), len(data))
+            if room <= 0:
+                return
+            h2.send_data(stream_id, data[:room])
+            if room < len(data):
+                waiting[0] = (data[room:], length)
+                return
+            waiting.pop(0)
+            h2.acknowledge_received_data(length, stream_id)
+        if stream_id in self.ended:
+            del self.waiting[stream_id]
+            seen = self.trailers.get(stream_id, {})
+            h2.send_headers(
+                stream_id,
+                [(b"x-te", self.te[stream_id]),
+                 (b"x-request-checksum", seen.get(b"x-checksum", b"-"))],
+                end_stream=True,
+            )
+
+
+class HTTP2EdgeBehaviourTests(TestCase):
+    """Trailers both ways, and how the edge defends and tidies its HTTP/2 connections."""
+
+    timeout = 60
+
+    async def connect(self, edge: _Edge) -> _RawH2Client:
+        client = _RawH2Client()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", edge.h2c_port)
+        await endpoint.connect(protocol.Factory.forProtocol(lambda: client))
+
+        async def close() -> None:
+            if client.transport is not None and client.transport.connected:  # type: ignore[attr-defined]
+                client.transport.loseConnection()
+                await client.closed
+
+        self.addCleanup(close)
+        return client
+
+    async def test_trailers_both_ways_to_h2c_upstream(self) -> None:
+        """Request trailers and te: trailers reach an h2c upstream; its trailers reach the client."""
+        listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            protocol.Factory.forProtocol(_EchoH2Upstream)
+        )
+        self.addCleanup(listening.stopListening)
+        edge = _Edge(self)
+        await edge.start([])
+        await edge.h2c_agent("app.test", listening.getHost().port)
+        client = await self.connect(edge)
+        upload = 3 * MB
+        stream_id = client.request(
+            b"POST", b"/echo", upload=upload, headers=[(b"te", b"trailers")],
+            trailers=[(b"x-checksum", b"abc123")],
+        )
+        await client.ended[stream_id]
+        self.assertEqual(client.status[stream_id], b"200")
+        self.assertEqual(client.received[stream_id], upload)
+        self.assertEqual(
+            client.trailers_in[stream_id], {b"x-te": b"trailers", b"x-request-checksum": b"abc123"}
+        )
+
+    async def test_idle_connection_closed(self) -> None:
+        """A connection with no stream open is closed (GOAWAY) after the idle timeout."""
+        port, _ = await listen_upstream(self)
+        edge = _Edge(self)
+        await edge.start([("app.test", port)], idle_timeout=0.3)
+        client = await self.connect(edge)
+        stream_id = client.request(b"GET", b"/hello")
+        await client.ended[stream_id]
+        await client.closed
+        self.assertEqual(client.received[stream_id], 19)
+
+    async def test_rapid_reset_dropped(self) -> None:
+        """A client resetting streams faster than the limit gets GOAWAY ENHANCE_YOUR_CALM."""
+        port, _ = await listen_upstream(self)
+        edge = _Edge(self)
+        await edge.start([("app.test", port)], h2_max_concurrent_streams=10)  # limit: 100/s
+        client = await self.connect(edge)
+        for _ in range(300):
+            stream_id = client.request(b"GET", b"/hello")
+            client.h2.reset_stream(stream_id)
+        client.flush()
+        await client.closed
+        self.assertEqual(client.goaway, ErrorCodes.ENHANCE_YOUR_CALM)
+
+
+class _NoRoutes:
+    def route(self, host: str, path: str) -> Reason:
+        return Reason.NO_TUNNEL
+
+
+class HTTP2FloodUnitTests(SynchronousTestCase):
+    """L{PublicH2Protocol} alone, on a fake transport and clock."""
+
+    def test_client_reading_nothing_is_dropped(self) -> None:
+        """PINGs keep coming while the socket is full: past the cap the connection is aborted."""
+        factory = PublicH2Factory(_NoRoutes(), PublicH2Settings(max_unread=65536), Clock())
+        server = factory.buildProtocol(None)
+        transport = StringTransport()
+        server.makeConnection(transport)
+        client = H2Connection(H2Configuration(client_side=True))
+        client.initiate_connection()
+        server.dataReceived(client.data_to_send())
+        self.assertIs(transport.producer, server)
+        server.pauseProducing()  # what the socket does when its buffer is full
+        for i in range(20_000):
+            client.ping(b"%08d" % i)
+            server.dataReceived(client.data_to_send())
+            if transport.disconnected:
+                break
+        self.assertTrue(transport.disconnected)  # aborted, not closed gracefully
+        self.assertGreater(i, 3000)  # 17-byte answers: about 65536 bytes of them
+
+    def test_bodies_wait_while_socket_full(self) -> None:
+        """While the socket is full, answers' bodies wait in the stream's outbox."""
+        factory = PublicH2Factory(_NoRoutes(), PublicH2Settings(), Clock())
+        server = factory.buildProtocol(None)
+        transport = StringTransport()
+        server.makeConnection(transport)
+        client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        client.initiate_connection()
+        server.dataReceived(client.data_to_send())
+        client.receive_data(transport.value())
+        transport.clear()
+        server.pauseProducing()
+        client.send_headers(
+            1, [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x.test"),
+                (b":path", b"/")], end_stream=True,
+        )
+        server.dataReceived(client.data_to_send())
+        events = client.receive_data(transport.value())
+        self.assertEqual([type(e) for e in events], [h2events.ResponseReceived])
+        transport.clear()
+        server.resumeProducing()
+        events = client.receive_data(transport.value())
+        self.assertEqual(
+            [type(e) for e in events], [h2events.DataReceived, h2events.StreamEnded]
+        )  # one DATA frame, with END_STREAM
+        self.assertEqual(events[0].data, Reason.NO_TUNNEL.description.encode() + b"\n")

@@ -67,6 +67,9 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # The connection window is this many stream windows, so that a few busy
 # streams do not starve the others.
 _CONNECTION_WINDOWS = 16
+# Streams a client may reset in one second ("rapid reset", CVE-2023-44487),
+# at least; or twice its concurrent-stream limit.
+_RESETS_PER_SECOND = 100
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,10 @@ class PublicH2Settings:
     max_header_bytes: int = 65536
     header_timeout: float = 30.0  # for the first request after connecting
     idle_timeout: float = 300.0  # with no stream open
+    # Bytes written while the client reads nothing (only control frames and
+    # response heads go out then; bodies wait): past this the client floods
+    # us with frames that each want an answer (PING, SETTINGS) and is dropped.
+    max_unread: int = 1 << 20
     scheme: str = "http"
     via: str = "2 tunneld"
 
@@ -195,6 +202,10 @@ class PublicH2Protocol(Protocol):
         self._peer = ""
         self._client_ip = b""
         self._socket_paused = False
+        self._unread = 0  # bytes written since the socket paused us
+        self._resets = 0  # streams the client reset since _reset_epoch
+        self._reset_epoch = 0.0
+        self._reset_limit = max(_RESETS_PER_SECOND, 2 * settings.max_concurrent_streams)
         self._closing = False
         self._peer_done = False  # the client sent GOAWAY
         self._in_events = False
@@ -239,6 +250,8 @@ class PublicH2Protocol(Protocol):
         self._in_events = True
         try:
             for event in events:
+                if self._closing:
+                    break
                 self._event(event)
         finally:
             self._in_events = False
@@ -256,12 +269,14 @@ class PublicH2Protocol(Protocol):
     def pauseProducing(self) -> None:
         """The client reads slowly: pause every stream's reply."""
         self._socket_paused = True
+        self._unread = 0
         for exchange in self._exchanges.values():
             self._update_stream_pause(exchange)
 
     def resumeProducing(self) -> None:
         """The socket drained."""
         self._socket_paused = False
+        self._flush_all()
         for exchange in list(self._exchanges.values()):
             self._update_stream_pause(exchange)
 
@@ -282,6 +297,8 @@ class PublicH2Protocol(Protocol):
         elif isinstance(event, h2events.StreamEnded):
             self._request_end(event.stream_id)
         elif isinstance(event, h2events.StreamReset):
+            if self._count_reset():
+                return
             exchange = self._exchanges.get(event.stream_id)
             if exchange is not None:
                 self._client_gone(exchange, f"client reset the stream ({event.error_code!s})")
@@ -300,6 +317,24 @@ class PublicH2Protocol(Protocol):
             self.log.debug("client {peer} sent GOAWAY", peer=self._peer)
             self._peer_done = True
             self._maybe_idle()
+
+    def _count_reset(self) -> bool:
+        """Count a stream the client reset; True if it resets too many too fast."""
+        now = self._clock.seconds()
+        if now - self._reset_epoch >= 1.0:
+            self._reset_epoch = now
+            self._resets = 0
+        self._resets += 1
+        if self._resets <= self._reset_limit or self._closing:
+            return False
+        self.log.info(
+            "dropping HTTP/2 client {peer}: more than {limit} streams reset in a second",
+            peer=self._peer, limit=self._reset_limit,
+        )
+        self._conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+        self._flush()
+        self._close(Reason.CLIENT_GONE, "the client reset streams too fast")
+        return True
 
     def _request(self, event: h2events.RequestReceived) -> None:
         self._cancel_timer()
@@ -498,8 +533,8 @@ class PublicH2Protocol(Protocol):
 
     def _flush_out(self, exchange: _H2Exchange) -> None:
         """Send what waits of a response within the client's windows."""
-        if exchange.done:
-            return
+        if exchange.done or self._socket_paused:
+            return  # resumeProducing flushes every stream
         conn = self._conn
         outbox = exchange.outbox
         stream_id = exchange.stream_id
@@ -514,8 +549,13 @@ class PublicH2Protocol(Protocol):
                     chunk = chunk[:window]
                 else:
                     outbox.popleft()
-                conn.send_data(stream_id, chunk)
+                # The last bytes of a response without trailers carry END_STREAM.
+                last = not outbox and exchange.end_pending == ()
+                conn.send_data(stream_id, chunk, end_stream=last)
                 exchange.sent_data = True
+                if last:
+                    exchange.end_pending = None
+                    self._response_done(exchange)
             if not outbox and exchange.end_pending is not None:
                 trailers, exchange.end_pending = exchange.end_pending, None
                 if trailers:
@@ -703,8 +743,17 @@ class PublicH2Protocol(Protocol):
 
     def _flush(self) -> None:
         data = self._conn.data_to_send()
-        if data and self._socket is not None:
-            self._socket.write(data)
+        if not data or self._socket is None:
+            return
+        self._socket.write(data)
+        if self._socket_paused:
+            self._unread += len(data)
+            if self._unread > self._settings.max_unread and not self._closing:
+                self.log.info(
+                    "dropping HTTP/2 client {peer}: {size} bytes of answers unread",
+                    peer=self._peer, size=self._unread,
+                )
+                self._abort(Reason.SATURATED, "the client reads nothing it is sent")
 
     def _close(self, reason: Reason, message: str) -> None:
         """Close the connection, resetting every tunnel stream still open."""
@@ -715,6 +764,14 @@ class PublicH2Protocol(Protocol):
         for exchange in list(self._exchanges.values()):
             self._client_gone(exchange, message)
         self._socket.loseConnection()
+
+    def _abort(self, reason: Reason, message: str) -> None:
+        """Drop the connection at once, resetting every tunnel stream still open."""
+        self._closing = True
+        self._cancel_timer()
+        for exchange in list(self._exchanges.values()):
+            self._client_gone(exchange, message)
+        self._socket.abortConnection()
 
     def _maybe_idle(self) -> None:
         if self._exchanges or self._closing:
