@@ -698,6 +698,20 @@ class HTTP2EdgeBehaviourTests(TestCase):
             client.trailers_in[stream_id], {b"x-te": b"trailers", b"x-request-checksum": b"abc123"}
         )
 
+    async def test_h2c_upstream_down(self) -> None:
+        """An h2c upstream refusing connections gets the client 502 upstream_refused."""
+        edge = _Edge(self)
+        await edge.start([])
+        await edge.h2c_agent("app.test", 1)
+        head = self.mktemp()
+        version, body = await edge.curl(
+            "--http2-prior-knowledge", "-D", head, *edge.h2c("app.test", "/")
+        )
+        self.assertEqual(version, "2 502")
+        self.assertEqual(body, Reason.UPSTREAM_REFUSED.description.encode() + b"\n")
+        with open(head, "rb") as f:
+            self.assertIn(b"tunnel-error: upstream_refused\r\n", f.read())
+
     async def test_idle_connection_closed(self) -> None:
         """A connection with no stream open is closed (GOAWAY) after the idle timeout."""
         port, _ = await listen_upstream(self)
