@@ -21,9 +21,10 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
+from OpenSSL import SSL
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -266,6 +267,28 @@ class PublicHTTP2Tests(TestCase):
         self.assertEqual(names, ["edge.test", "127.0.0.1"])
         version, body = await edge.curl("--http2", *edge.https("a.wild.test", "/hello"))
         self.assertEqual((version, body), ("2 200", b"hello from upstream"))
+
+    async def test_weak_ciphers_refused(self) -> None:
+        """A client offering only CBC (non-AEAD) suites over TLS 1.2 gets no handshake."""
+        edge = await self.edge()
+        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        context.set_max_proto_version(SSL.TLS1_2_VERSION)
+        context.set_cipher_list(b"ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES128-SHA:AES128-SHA")
+
+        @implementer(IOpenSSLClientConnectionCreator)
+        class WeakClient:
+            def clientConnectionForTLS(self, tls: Any) -> SSL.Connection:  # noqa: N802
+                connection = SSL.Connection(context, None)
+                connection.set_tlsext_host_name(b"app.test")
+                connection.set_connect_state()
+                return connection
+
+        endpoint = wrapClientTLS(WeakClient(), TCP4ClientEndpoint(reactor, "127.0.0.1", edge.tls_port))
+        client = _Handshake()
+        await endpoint.connect(protocol.Factory.forProtocol(lambda: client))
+        error = await self.assertFailure(client.done, SSL.Error)
+        await client.closed
+        self.assertIn("handshake failure", str(error))
 
     async def test_h2load_smoke(self) -> None:
         """h2load: 400 requests on 4 connections, 10 streams each, all succeed (h2c and TLS)."""

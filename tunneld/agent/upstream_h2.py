@@ -102,7 +102,12 @@ class _Call:
         if head.kind != "http":
             self.fail(Reason.PROTOCOL_ERROR, f"stream kind {head.kind!r} cannot go to an h2c upstream")
             return
-        authority = head.tunnel.partition("/")[0].encode("ascii").removeprefix(b"*.")
+        try:
+            method, path = head.method.encode("ascii"), head.target.encode("ascii")
+            authority = head.tunnel.partition("/")[0].encode("ascii").removeprefix(b"*.")
+        except UnicodeError as error:
+            self.fail(Reason.BAD_REQUEST, f"request cannot be sent upstream: {error}")
+            return
         trailers = False
         regular: list[tuple[bytes, bytes]] = []
         for name, value in head.headers:
@@ -114,10 +119,10 @@ class _Call:
             elif lower not in _DROP and not lower.startswith(b":"):
                 regular.append((lower, value))
         self.headers = [
-            (b":method", head.method.encode("ascii")),
+            (b":method", method),
             (b":scheme", b"http"),
             (b":authority", authority),
-            (b":path", head.target.encode("ascii") or b"/"),
+            (b":path", path or b"/"),
             *regular,
         ]
         if trailers:

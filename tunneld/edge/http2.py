@@ -342,7 +342,7 @@ class PublicH2Protocol(Protocol):
         method = path = authority = b""
         hosts: list[bytes] = []
         cookies: list[bytes] = []
-        trailers_ok = False
+        trailers_ok = expect_continue = False
         regular: list[tuple[bytes, bytes]] = []
         for name, value in event.headers:
             if name.startswith(b":"):
@@ -358,6 +358,8 @@ class PublicH2Protocol(Protocol):
                 cookies.append(value)
             elif name == b"te":
                 trailers_ok = b"trailers" in value.lower()
+            elif name == b"expect":
+                expect_continue = value.lower() == b"100-continue"
             else:
                 regular.append((name, value))
         if not authority and len(hosts) == 1:
@@ -379,7 +381,8 @@ class PublicH2Protocol(Protocol):
             )
             self._answer(exchange, 501, Reason.BAD_REQUEST.value, "CONNECT not supported")
             return
-        route = self._router.route(host, target.partition("?")[0] or "/")
+        path_only = target.partition("?")[0] if target != "*" else "/"
+        route = self._router.route(host, path_only or "/")
         if isinstance(route, Reason):
             self._refuse(exchange, route, route.description)
             return
@@ -419,6 +422,9 @@ class PublicH2Protocol(Protocol):
         else:
             exchange.uploading = True
             stream.registerProducer(exchange, True)
+            if expect_continue and exchange.live:
+                # Streams carry no interim responses; the edge invites the body itself.
+                self._send_headers(exchange, [(b":status", b"100")], end=False)
         self._update_stream_pause(exchange)
 
     # -- the request body ---------------------------------------------------
