@@ -32,8 +32,8 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from tests.certs import PublicTestCA
 from tests.harness import Sampler, TunnelHarness, listen_upstream, sleep
+from tests.public_certs import PublicTestCA
 from tunneld.agent.service import AgentService
 from tunneld.config import (
     AgentConfig,

@@ -1,5 +1,5 @@
 """
-Test certificates for the public TLS listener: a throwaway CA and server
+Test certificates for the edge's public TLS listeners: a throwaway CA and server
 (leaf) certificates signed by it, with DNS and IP subject alternative names,
 written as PEM files.  Made with the C{cryptography} package in milliseconds
 (ECDSA P-256), so every test can have its own.
