@@ -40,6 +40,12 @@ def _frame_size(value: int) -> str | None:
     return None if value >= 128 * 1024 else f"must be at least 131072 bytes, got {value}"
 
 
+def _h2_window(value: int) -> str | None:
+    if 65535 <= value <= (1 << 31) - 1:
+        return None
+    return f"must be between 65535 and 2147483647 bytes, got {value}"
+
+
 def _non_empty(value: list[str]) -> str | None:
     return None if value else "must name at least one entry"
 
@@ -52,6 +58,37 @@ class AgentGrant:
     token: str = setting("", "Shared secret for token authentication (development).")
     hostnames: list[str] = setting(
         [], "Hostnames (or *.domain patterns) this agent may register.", check=_hostname_patterns
+    )
+
+
+def _upstream_protocol(value: str) -> str | None:
+    return None if value in ("http1", "h2c") else f"must be 'http1' or 'h2c', got {value!r}"
+
+
+@dataclass(frozen=True)
+class SNICertificate:
+    """A certificate served to clients asking for some hostnames ([[edge.tls.sni]])."""
+
+    certificate: str = setting(..., "PEM file: the certificate, then any intermediates.")
+    private_key: str = setting(..., "PEM file with the certificate's private key.")
+    hostnames: list[str] = setting(
+        [],
+        "Hostnames (or *.domain patterns) this certificate is served for; "
+        "empty = the DNS names in the certificate.",
+        check=_hostname_patterns,
+    )
+
+
+@dataclass(frozen=True)
+class PublicTLSSection:
+    """TLS of the public TLS listeners ([edge.tls])."""
+
+    certificate: str = setting(
+        "", "PEM file: the default certificate (then any intermediates), served without an SNI match."
+    )
+    private_key: str = setting("", "PEM file with the default certificate's private key.")
+    sni: list[SNICertificate] = setting(
+        [], "Certificates chosen by the client's SNI hostname ([[edge.tls.sni]] entries)."
     )
 
 
@@ -75,6 +112,28 @@ class EdgeSection:
 
     public_listen: list[str] = setting(
         ["tcp:8080:interface=127.0.0.1"], "Endpoint strings for public HTTP/1.1 listeners."
+    )
+    public_h2c_listen: list[str] = setting(
+        [],
+        "Endpoint strings for public cleartext listeners speaking HTTP/2 with prior knowledge "
+        "and HTTP/1.1 (told apart by the HTTP/2 connection preface).",
+    )
+    public_tls_listen: list[str] = setting(
+        [],
+        "Endpoint strings (tcp:, unix:, systemd:) for public TLS listeners; ALPN picks "
+        "HTTP/2 or HTTP/1.1.  Certificates come from [edge.tls].",
+    )
+    tls: PublicTLSSection = setting(
+        PublicTLSSection(), "Certificates of the public TLS listeners ([edge.tls])."
+    )
+    h2_initial_window: int = setting(
+        1 << 20,
+        "HTTP/2 flow-control window (bytes) the edge grants each public stream; the "
+        "connection window is 16 times this.",
+        check=_h2_window,
+    )
+    h2_max_concurrent_streams: int = setting(
+        256, "Concurrent streams one public HTTP/2 connection may open.", check=positive
     )
     public_url: str = setting(
         "http://{host}:8080/", "Template for the public URL shown to agents; {host} is the hostname."
@@ -203,6 +262,12 @@ class TunnelSection:
         ..., "Client endpoint string of the local service, e.g. tcp:host=127.0.0.1:port=8000."
     )
     path_prefix: str = setting("", "Only requests under this path prefix ('' = all).")
+    upstream_protocol: str = setting(
+        "http1",
+        "How to speak to the upstream: 'http1' (HTTP/1.1) or 'h2c' (HTTP/2 with prior "
+        "knowledge, e.g. a gRPC server: trailers and HTTP/2-only semantics pass through).",
+        check=_upstream_protocol,
+    )
 
 
 @dataclass(frozen=True)
@@ -243,6 +308,11 @@ def load_edge_config(path: str | None) -> EdgeConfig:
     if "source" in raw:
         raise ConfigError(where, "source", "unknown key")
     config: EdgeConfig = _parse(EdgeConfig, raw, where)
+    if config.edge.public_tls_listen:
+        # Read the certificates now, so a bad one stops the start with its key.
+        from tunneld.edge.public_tls import public_tls_contexts
+
+        public_tls_contexts(config.edge.tls, where)
     seen: set[str] = set()
     for i, grant in enumerate(config.agents):
         if grant.id in seen:

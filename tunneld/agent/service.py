@@ -22,6 +22,7 @@ from zope.interface import implementer
 from tunneld import __version__
 from tunneld.agent.backoff import Backoff
 from tunneld.agent.upstream import UpstreamPool
+from tunneld.agent.upstream_h2 import H2UpstreamPool
 from tunneld.config import AgentConfig
 from tunneld.interfaces import (
     AgentLinkSetup,
@@ -85,8 +86,16 @@ class AgentService(Service):
         self.specs = [
             TunnelSpec(hostname=t.hostname, path_prefix=t.path_prefix) for t in config.tunnels
         ]
-        self.pools: dict[str, UpstreamPool] = {}
+        self.pools: dict[str, UpstreamPool | H2UpstreamPool] = {}
         for tunnel, spec in zip(config.tunnels, self.specs, strict=True):
+            if tunnel.upstream_protocol == "h2c":
+                self.pools[tunnel_key(spec)] = H2UpstreamPool(
+                    reactor,
+                    tunnel.upstream,
+                    connect_timeout=section.upstream_connect_timeout,
+                    response_timeout=section.upstream_response_timeout,
+                )
+                continue
             self.pools[tunnel_key(spec)] = UpstreamPool(
                 reactor,
                 tunnel.upstream,

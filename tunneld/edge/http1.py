@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Any, cast
 from typing import Protocol as TypingProtocol
 
@@ -28,6 +27,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tunneld.edge.forwarding import HOP_BY_HOP as _HOP_BY_HOP
+from tunneld.edge.forwarding import REPLACED as _REPLACED
+from tunneld.edge.forwarding import host_of as _host_of
+from tunneld.edge.forwarding import phrase as _phrase
+from tunneld.edge.forwarding import reply_headers as _reply_headers
+from tunneld.edge.forwarding import tokens as _tokens
 from tunneld.interfaces import IAgentLink, IStream, IStreamReceiver
 from tunneld.observe.stats import EdgeStats
 from tunneld.reasons import Reason
@@ -79,24 +84,6 @@ class _Socket(TypingProtocol):
     def resumeProducing(self) -> None: ...
 
 
-# RFC 9110 section 7.6.1, plus the legacy Proxy-Connection and the proxy
-# authentication fields, which are meant for this hop only.
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"trailer",
-    }
-)
-# Request fields the edge sets itself rather than passing on what the client claims.
-_REPLACED = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"expect"})
-
 # A refused request's body is read and thrown away, keeping the connection,
 # only when its declared length is at most this; otherwise the connection closes.
 _DRAIN_LIMIT = 65536
@@ -110,37 +97,6 @@ _UPLOAD = 1  # the stream is out of credit for the request body
 _PIPELINE = 2  # a pipelined request waits for the current exchange to finish
 
 _UPGRADE_REFUSAL = "upgrade not supported yet"
-
-
-def _phrase(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
-
-
-def _tokens(values: list[bytes]) -> set[bytes]:
-    """The lower-cased tokens of comma-separated header values."""
-    return {t.strip().lower() for value in values for t in value.split(b",") if t.strip()}
-
-
-def _host_of(authority: bytes) -> str | None:
-    """The lower-cased host of an authority (C{host[:port]}, userinfo dropped), or None."""
-    authority = authority.strip().rpartition(b"@")[2].lower()
-    if authority.startswith(b"["):
-        end = authority.find(b"]")
-        if end < 0:
-            return None
-        host = authority[: end + 1]
-    else:
-        host = authority.partition(b":")[0]
-    host = host.rstrip(b".")
-    if not host:
-        return None
-    try:
-        return host.decode("ascii")
-    except UnicodeDecodeError:
-        return None
 
 
 def _split_absolute(target: bytes) -> tuple[bytes, bytes] | None:
@@ -157,34 +113,6 @@ def _split_absolute(target: bytes) -> tuple[bytes, bytes] | None:
     if not path.startswith(b"/"):
         path = b"/" + path
     return authority, path
-
-
-def _reply_headers(headers: Headers, via: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
-    """
-    The reply headers passed to the public client: the end-to-end ones with
-    C{Via} appended; and whether the reply declared a C{Content-Length}.
-    """
-    named: list[bytes] = []
-    for name, value in headers:
-        if name.lower() == b"connection":
-            named.append(value)
-    drop = _HOP_BY_HOP | _tokens(named) if named else _HOP_BY_HOP
-    out: list[tuple[bytes, bytes]] = []
-    vias: list[bytes] = []
-    has_length = False
-    for name, value in headers:
-        lower = name.lower()
-        if lower in drop:
-            continue
-        if lower == b"via":
-            vias.append(value)
-            continue
-        if lower == b"content-length":
-            has_length = True
-        out.append((name, value))
-    vias.append(via)
-    out.append((b"Via", b", ".join(vias)))
-    return out, has_length
 
 
 @implementer(IPushProducer)

@@ -1,0 +1,137 @@
+# -*- test-case-name: tests.test_http1,tests.test_public_h2 -*-
+"""
+What every public HTTP listener of the edge does the same way, whatever the
+HTTP version: which fields are hop-by-hop, how a host is read from an
+authority, which headers a forwarded request carries (C{X-Forwarded-*},
+C{Via}) and which reply headers reach the public client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from http import HTTPStatus
+
+from tunneld.wire.messages import Headers
+
+__all__ = [
+    "HOP_BY_HOP",
+    "REPLACED",
+    "forwarded_headers",
+    "host_of",
+    "phrase",
+    "reply_headers",
+    "tokens",
+]
+
+# RFC 9110 section 7.6.1, plus the legacy Proxy-Connection and the proxy
+# authentication fields, which are meant for this hop only.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"trailer",
+    }
+)
+# Request fields the edge sets itself rather than passing on what the client claims.
+REPLACED = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"expect"})
+
+
+def phrase(status: int) -> bytes:
+    """The standard reason phrase of C{status}, or empty."""
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def tokens(values: list[bytes]) -> set[bytes]:
+    """The lower-cased tokens of comma-separated header values."""
+    return {t.strip().lower() for value in values for t in value.split(b",") if t.strip()}
+
+
+def host_of(authority: bytes) -> str | None:
+    """The lower-cased host of an authority (C{host[:port]}, userinfo dropped), or None."""
+    authority = authority.strip().rpartition(b"@")[2].lower()
+    if authority.startswith(b"["):
+        end = authority.find(b"]")
+        if end < 0:
+            return None
+        host = authority[: end + 1]
+    else:
+        host = authority.partition(b":")[0]
+    host = host.rstrip(b".")
+    if not host:
+        return None
+    try:
+        return host.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+
+
+def forwarded_headers(
+    headers: Iterable[tuple[bytes, bytes]],
+    drop: frozenset[bytes] | set[bytes],
+    authority: bytes,
+    client_ip: bytes,
+    scheme: str,
+    via: bytes,
+) -> list[tuple[bytes, bytes]]:
+    """
+    The request headers carried to the agent: C{Host} first (the authority
+    actually routed), the end-to-end fields (lower-case names) minus C{drop}
+    and those the edge sets itself, then C{X-Forwarded-For} (the client
+    appended), C{X-Forwarded-Proto}, C{X-Forwarded-Host} and C{Via}.
+    """
+    forwarded: list[tuple[bytes, bytes]] = [(b"host", authority)]
+    xff: list[bytes] = []
+    vias: list[bytes] = []
+    for name, value in headers:
+        if name in drop or name in REPLACED or name == b"host":
+            continue
+        if name == b"x-forwarded-for":
+            xff.append(value)
+        elif name == b"via":
+            vias.append(value)
+        else:
+            forwarded.append((name, value))
+    xff.append(client_ip)
+    vias.append(via)
+    forwarded.append((b"x-forwarded-for", b", ".join(xff)))
+    forwarded.append((b"x-forwarded-proto", scheme.encode("ascii")))
+    forwarded.append((b"x-forwarded-host", authority))
+    forwarded.append((b"via", b", ".join(vias)))
+    return forwarded
+
+
+def reply_headers(headers: Headers, via: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """
+    The reply headers passed to the public client: the end-to-end ones with
+    C{Via} appended; and whether the reply declared a C{Content-Length}.
+    """
+    named: list[bytes] = []
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named.append(value)
+    drop = HOP_BY_HOP | tokens(named) if named else HOP_BY_HOP
+    out: list[tuple[bytes, bytes]] = []
+    vias: list[bytes] = []
+    has_length = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower in drop:
+            continue
+        if lower == b"via":
+            vias.append(value)
+            continue
+        if lower == b"content-length":
+            has_length = True
+        out.append((name, value))
+    vias.append(via)
+    out.append((b"Via", b", ".join(vias)))
+    return out, has_length
