@@ -16,16 +16,12 @@ import sys
 from pathlib import Path
 
 from twisted.internet import reactor
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.harness import TunnelHarness
 from tests.test_identity import PKI
-from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPSettings
-from tunneld.router import Router
-from tunneld.tls import hardened_context_options
+from tunneld.config import PublicTLSSection
 
 
 def _sslyze() -> str:
@@ -45,21 +41,21 @@ class MozillaIntermediateTests(TestCase):
     timeout = 120
 
     async def test_agent_and_public_listeners_are_compliant(self) -> None:
-        """The agent mTLS listener and a public TLS listener are Mozilla-intermediate compliant."""
+        """The edge's agent mTLS listener and its public TLS listener are Mozilla-intermediate compliant."""
         sslyze = _sslyze()
         pki = PKI(self)
         harness = TunnelHarness(self, "websocket", {"listen": "tcp:0:interface=127.0.0.1"})
-        await harness.start_edge(agent_tls=pki.edge_tls())
-        agent_port = harness.link_address().port
-        public = TLSMemoryBIOFactory(
-            hardened_context_options(pki.edge[0], pki.edge[1], purpose="public"),
-            False,
-            PublicHTTPFactory(Router(), PublicHTTPSettings(scheme="https"), reactor),
+        # The real edge, with both kinds of TLS listener as configured by users.
+        edge = await harness.start_edge(
+            agent_tls=pki.edge_tls(),
+            public_tls_listen=["tcp:0:interface=127.0.0.1"],
+            tls=PublicTLSSection(certificate=pki.edge[0], private_key=pki.edge[1]),
         )
-        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(public)
-        self.addCleanup(port.stopListening)
+        agent_port = harness.link_address().port
+        await edge.public_tls[0].listening
+        public_port = edge.public_tls[0].address.port
         client = pki.agent("sslyze", ["scan.example"])
-        targets = [f"localhost:{p}{{127.0.0.1}}" for p in (agent_port, port.getHost().port)]
+        targets = [f"localhost:{p}{{127.0.0.1}}" for p in (agent_port, public_port)]
         out, err, code = await getProcessOutputAndValue(
             sslyze,
             ["--mozilla_config=intermediate", "--certinfo_ca_file", pki.ca_path,

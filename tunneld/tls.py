@@ -95,7 +95,8 @@ def verify_error_text(errno: int) -> str:
     return _VERIFY_ERRORS.get(errno, f"certificate verification error {errno}")
 
 
-def _set_curves(context: SSL.Context, curves: str) -> None:
+def restrict_curves(context: SSL.Context, curves: str = INTERMEDIATE_CURVES) -> None:
+    """Offer only C{curves} for ECDHE (the hardened policy's groups)."""
     # pyOpenSSL has no groups setter; the binding underneath it does.
     from OpenSSL._util import lib
 
@@ -129,7 +130,7 @@ class HardenedCertificateOptions(CertificateOptions):
     def getContext(self) -> SSL.Context:  # noqa: N802
         context = super().getContext()
         if context is not self._hardened:
-            _set_curves(context, self._curves)
+            restrict_curves(context, self._curves)
             if self.verify:
                 flags = SSL.VERIFY_PEER
                 if self.require_client_certificate:

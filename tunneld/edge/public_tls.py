@@ -29,19 +29,16 @@ from zope.interface import implementer
 
 from tunneld.config import PublicTLSSection
 from tunneld.errors import ConfigError
+from tunneld.tls import INTERMEDIATE_CIPHERS, restrict_curves
 
 __all__ = ["ALPN_PROTOCOLS", "CIPHERS", "PublicTLSContexts", "PublicTLSFactory", "public_tls_contexts"]
 
 # Offered in this order of preference.
 ALPN_PROTOCOLS = (b"h2", b"http/1.1")
 
-# TLS 1.2: ECDHE key exchange and AEAD encryption only (the TLS 1.3 suites,
-# all AEAD, keep OpenSSL's default list).
-CIPHERS = (
-    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
-    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
-    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
-)
+# The same hardened policy as the agent links (tunneld.tls): TLS 1.2 with
+# ECDHE and AEAD only, TLS 1.3's AEAD suites, and the intermediate curves.
+CIPHERS = INTERMEDIATE_CIPHERS
 TLS13_CIPHERS = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 
 
@@ -76,8 +73,7 @@ def _context(certificate: str, private_key: str, where: str, key: str) -> SSL.Co
     )
     context.set_cipher_list(CIPHERS.encode("ascii"))
     context.set_tls13_ciphersuites(TLS13_CIPHERS.encode("ascii"))
-    # ECDHE groups: OpenSSL's defaults (X25519, P-256, P-384, X448, P-521),
-    # all of them strong; pyOpenSSL has no call to narrow the list further.
+    restrict_curves(context)
     context.set_alpn_select_callback(_alpn_select)
     try:
         context.use_certificate_chain_file(certificate.encode())
