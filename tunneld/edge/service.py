@@ -13,6 +13,7 @@ from twisted.application.service import MultiService
 from tunneld.config import EdgeConfig
 from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPSettings
 from tunneld.edge.sessions import AgentSessions
+from tunneld.edge.tcp import TCPTunnels
 from tunneld.interfaces import EdgeLinkSetup, ITransportPlugin
 from tunneld.listening import ListeningService
 from tunneld.router import Router
@@ -31,7 +32,9 @@ class EdgeService(MultiService):
         self.config = config
         self.reactor = reactor
         self.router = Router()
-        self.sessions = AgentSessions(config, self.router, reactor)
+        self.tcp = TCPTunnels(config.edge, self.router, reactor)
+        self.tcp.setServiceParent(self)
+        self.sessions = AgentSessions(config, self.router, reactor, tcp=self.tcp)
         edge = config.edge
         settings = PublicHTTPSettings(
             max_header_bytes=edge.max_header_bytes,

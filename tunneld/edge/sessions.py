@@ -13,12 +13,13 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from tunneld.config import AgentGrant, EdgeConfig
+from tunneld.edge.tcp import TCPTunnels
 from tunneld.interfaces import IAgentLink, ILinkHandler, IStream
 from tunneld.reasons import Reason
 from tunneld.router import AgentSession, Router, hostname_allowed, tunnel_key
@@ -90,10 +91,13 @@ class AgentSessions:
 
     log = Logger()
 
-    def __init__(self, config: EdgeConfig, router: Router, reactor: Any) -> None:
+    def __init__(
+        self, config: EdgeConfig, router: Router, reactor: Any, tcp: TCPTunnels | None = None
+    ) -> None:
         self.config = config
         self.router = router
         self.reactor = reactor
+        self.tcp = tcp
         self.sessions: dict[str, AgentSession] = {}
         self._grants = {grant.id: grant for grant in config.agents}
         for grant in config.agents:
@@ -156,8 +160,19 @@ class AgentSessions:
                     agent=hello.agent_id, tunnel=tunnel_key(spec), problem=problem,
                 )
                 continue
-            self.router.register(session, spec)
-            urls.append(self._public_url(spec))
+            if spec.protocol == "tcp":
+                registered = cast(TCPTunnels, self.tcp).register(session, spec)
+                if isinstance(registered, Refusal):
+                    refused.append(registered)
+                    self.log.warn(
+                        "agent {agent} may not register {tunnel}: {problem}",
+                        agent=hello.agent_id, tunnel=tunnel_key(spec), problem=registered.message,
+                    )
+                    continue
+                urls.append(registered)
+            else:
+                self.router.register(session, spec)
+                urls.append(self._public_url(spec))
             self.log.info(
                 "agent {agent} registered {tunnel} over {transport}",
                 agent=hello.agent_id, tunnel=tunnel_key(spec), transport=link.transport_name,
@@ -175,8 +190,12 @@ class AgentSessions:
         )
 
     def _check_spec(self, spec: TunnelSpec, allowed: list[str] | None) -> str | None:
-        if spec.protocol != "http":
-            return f"{spec.protocol} tunnels are not supported by this edge yet"
+        if spec.protocol == "tcp" and self.tcp is None:
+            return "tcp tunnels are not enabled on this edge"
+        if spec.protocol == "tcp" and (spec.path_prefix or spec.hostname.startswith("*.")):
+            return f"a tcp tunnel is named without wildcard or path: {tunnel_key(spec)!r}"
+        if spec.protocol not in ("http", "tcp"):
+            return f"{spec.protocol} tunnels are not supported by this edge"
         host = spec.hostname.removeprefix("*.")
         if not host or "*" in host or "/" in host:
             return f"not a hostname: {spec.hostname!r}"
@@ -201,3 +220,5 @@ class AgentSessions:
             return
         self.router.unregister(session)
         self.sessions.pop(session.session_id, None)
+        if self.tcp is not None:
+            self.tcp.release()
