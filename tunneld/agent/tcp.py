@@ -15,11 +15,12 @@ the stream with C{upstream_error}.  Each is logged with its reason.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import clientFromString
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IAddress, IStreamClientEndpoint
 from twisted.internet.protocol import ClientFactory, connectionDone
 from twisted.logger import Logger
@@ -31,6 +32,11 @@ from tunneld.splice import StreamSplice
 
 # Twisted's endpoint parser is untyped; this is its signature.
 _client_from_string: Callable[[Any, str], IStreamClientEndpoint] = clientFromString
+
+
+def _timed_out(result: object, timeout: float) -> NoReturn:
+    """Whatever cancelling a connection attempt raised, it was a timeout."""
+    raise defer.TimeoutError(f"no connection within {timeout:g}s")
 
 
 class UpstreamTCPProtocol(StreamSplice):
@@ -85,7 +91,7 @@ class TCPForwarder:
         protocol = UpstreamTCPProtocol(self)
         protocol.hold(stream)
         d = self._endpoint.connect(_OneConnection(protocol))
-        d.addTimeout(self.connect_timeout, self.reactor)
+        d.addTimeout(self.connect_timeout, self.reactor, onTimeoutCancel=_timed_out)
         self._connecting.add(d)
         d.addCallbacks(
             self._connected, self._failed, callbackArgs=(protocol, d), errbackArgs=(protocol, d)
@@ -101,7 +107,7 @@ class TCPForwarder:
 
     def _failed(self, failure: Failure, protocol: UpstreamTCPProtocol, d: Deferred[Any]) -> None:
         self._connecting.discard(d)
-        if failure.check(defer.CancelledError):
+        if failure.check(defer.CancelledError, ConnectingCancelledError):
             protocol.reset(Reason.CANCELLED, "the agent is stopping")
         elif failure.check(defer.TimeoutError):
             protocol.reset(
