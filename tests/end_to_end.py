@@ -389,6 +389,39 @@ class EndToEndMixin:
         logged = [e for e in events.events if e.get("reason") == "upstream_refused"]
         self.assertTrue(logged, "no upstream_refused event was logged")
 
+    async def test_tcp_agent_gone_resets_client(self) -> None:
+        """When the agent link dies, the tunnel's client connection is reset, logged agent_gone."""
+        events = EventCollector(self)
+        upstream_port, _ = await listen_tcp_upstream(self, LineUpstream)
+        harness, _, port = await self.tcp_tunnel(upstream_port)
+        client = await connect_tcp(self, port)
+        client.transport.write(b"ping 1\n")
+        await client.wait_for(b"pong 1\n")
+        agent = harness.agents[0]
+        assert agent.link is not None
+        agent.link.close(Reason.AGENT_GONE, "agent killed by the test")
+        await client.lost
+        self.assertTrue(client.was_reset(), client.reason)
+        await sleep(0.05)
+        logged = events.matching("tcp tunnel {tunnel} {side} {peer} reset: {reason} ({message})")
+        # The edge hears of the loss as the transport reports it; the agent names agent_gone.
+        self.assertIn("client", [e["side"] for e in logged])
+        self.assertIn(("upstream", "agent_gone"), [(e["side"], e["reason"]) for e in logged])
+
+    async def test_tcp_client_reset_resets_upstream(self) -> None:
+        """A client that resets its connection gets the upstream connection reset too."""
+        upstream_port, factory = await listen_tcp_upstream(self, LineUpstream)
+        harness, _, port = await self.tcp_tunnel(upstream_port)
+        client = await connect_tcp(self, port)
+        client.transport.write(b"ping 1\n")
+        await client.wait_for(b"pong 1\n")
+        (upstream,) = factory.connections
+        lost: defer.Deferred[Any] = defer.Deferred()
+        upstream.connectionLost = lambda reason: lost.callback([reason])
+        client.transport.abortConnection()
+        (reason,) = await lost
+        self.assertTrue(reason.check(error.ConnectionLost), reason)
+
     async def test_tcp_port_outside_range(self) -> None:
         """A TCP tunnel asking for a port outside tcp_ports is refused in the Welcome, saying why."""
         harness = TunnelHarness(self, self.transport, self.edge_table())
