@@ -362,6 +362,18 @@ class ForwarderTests(SynchronousTestCase):
         assert stream.reset_with is not None
         self.assertEqual(stream.reset_with[0], Reason.UPSTREAM_TIMEOUT)
 
+    def test_reset_while_connecting(self) -> None:
+        """A stream reset while the upstream connection is being made gives the attempt up."""
+        reactor = MemoryReactorClock()
+        forwarder = TCPForwarder(reactor, "db", "tcp:host=127.0.0.1:port=1", 5.0)
+        stream = FakeStream()
+        forwarder.forward(stream)
+        assert stream.receiver is not None
+        stream.receiver.reset_received(Reason.CLIENT_GONE, "client left")
+        self.assertEqual(forwarder._connecting, set())
+        self.assertIsNone(stream.reset_with)  # the edge reset it; nothing is sent back
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
     def test_close_cancels_connecting(self) -> None:
         """Stopping the agent gives up a connection attempt, resetting its stream as cancelled."""
         forwarder = TCPForwarder(MemoryReactorClock(), "db", "tcp:host=127.0.0.1:port=1", 5.0)

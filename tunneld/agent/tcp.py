@@ -49,6 +49,14 @@ class UpstreamTCPProtocol(StreamSplice):
         super().__init__(forwarder.tunnel)
         self.forwarder = forwarder
         self.peer = forwarder.endpoint
+        self.connecting: Deferred[Any] | None = None
+
+    def reset_received(self, reason: Reason, message: str) -> None:
+        """IStreamReceiver.reset_received: also give up a connection still being made."""
+        super().reset_received(reason, message)
+        connecting, self.connecting = self.connecting, None
+        if connecting is not None:
+            connecting.cancel()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         self.forwarder.connections.discard(self)
@@ -93,12 +101,14 @@ class TCPForwarder:
         d = self._endpoint.connect(_OneConnection(protocol))
         d.addTimeout(self.connect_timeout, self.reactor, onTimeoutCancel=_timed_out)
         self._connecting.add(d)
+        protocol.connecting = d
         d.addCallbacks(
             self._connected, self._failed, callbackArgs=(protocol, d), errbackArgs=(protocol, d)
         )
 
     def _connected(self, _: object, protocol: UpstreamTCPProtocol, d: Deferred[Any]) -> None:
         self._connecting.discard(d)
+        protocol.connecting = None
         if protocol._done:  # the stream was reset while connecting
             protocol.transport.abortConnection()  # type: ignore[union-attr]
             return
@@ -107,6 +117,7 @@ class TCPForwarder:
 
     def _failed(self, failure: Failure, protocol: UpstreamTCPProtocol, d: Deferred[Any]) -> None:
         self._connecting.discard(d)
+        protocol.connecting = None
         if failure.check(defer.CancelledError, ConnectingCancelledError):
             protocol.reset(Reason.CANCELLED, "the agent is stopping")
         elif failure.check(defer.TimeoutError):
