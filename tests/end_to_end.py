@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.logger import globalLogPublisher
 from twisted.web.client import ResponseDone, ResponseFailed
 
@@ -21,13 +21,23 @@ from tests.harness import (
     pattern_digest,
     sleep,
 )
-from tunneld.config import AgentGrant
+from tests.tcp_peers import (
+    BannerUpstream,
+    EchoUpstream,
+    LineUpstream,
+    connect_tcp,
+    listen_tcp_upstream,
+)
+from tunneld.config import AgentGrant, TunnelSection
 from tunneld.reasons import Reason
 
 MB = 1024 * 1024
 BIG = 200 * MB
 # A whole-body buffer of BIG bytes anywhere on the path would break this.
 MEMORY_CEILING = 80 * MB
+TCP_BIG = 50 * MB
+# Edge ports for TCP tunnel tests: below Linux's ephemeral range; busy ones are skipped.
+TCP_PORTS = "20000-29999"
 
 
 class EventCollector:
@@ -307,6 +317,154 @@ class EndToEndMixin:
             payload = f"keep-alive {i}".encode()
             code, _, body = await harness.request("app.test", "/echo", b"POST", payload)
             self.assertEqual((code, body), (200, payload))
+
+    # -- TCP tunnels -------------------------------------------------------------
+
+    async def tcp_tunnel(
+        self, upstream_port: int, remote_port: int = 0, name: str = "db", **agent: Any
+    ) -> tuple[TunnelHarness, Any, int]:
+        """An edge with TCP tunnel ports and an agent serving one TCP tunnel; its edge port."""
+        harness = TunnelHarness(self, self.transport, self.edge_table())
+        await harness.start_edge(tcp_ports=TCP_PORTS)
+        welcome = await self.tcp_agent(harness, upstream_port, remote_port, name, **agent)
+        urls = [url for url in welcome.public_urls if url.startswith("tcp://")]
+        self.assertEqual(len(urls), 1, welcome)
+        return harness, welcome, int(urls[0].rsplit(":", 1)[1])
+
+    async def tcp_agent(
+        self, harness: TunnelHarness, upstream_port: int, remote_port: int = 0,
+        name: str = "db", **agent: Any,
+    ) -> Any:
+        tunnel = TunnelSection(
+            hostname=name, upstream=f"tcp:host=127.0.0.1:port={upstream_port}",
+            protocol="tcp", remote_port=remote_port,
+        )
+        service = await harness.start_agent(
+            self.agent_table(harness.link_address()), [tunnel], **agent
+        )
+        return await service.ready
+
+    async def test_tcp_echo_half_close(self) -> None:
+        """50 MB each way through a TCP tunnel: the client half-closes, the echo finishes, all intact."""
+        upstream_port, _ = await listen_tcp_upstream(self, EchoUpstream)
+        harness, _, port = await self.tcp_tunnel(upstream_port)
+        from tests.harness import Sampler
+
+        sampler = Sampler()
+        client = await connect_tcp(self, port)
+        client.send_pattern(TCP_BIG)
+        await client.lost
+        growth = sampler.stop()
+        self.assertFalse(client.was_reset(), client.reason)
+        self.assertTrue(client.eof, "the client never saw the echo's EOF")
+        self.assertEqual(client.size, TCP_BIG)
+        self.assertEqual(client.hash.hexdigest(), pattern_digest(TCP_BIG))
+        self.assertLess(growth, MEMORY_CEILING, f"memory grew by {growth / MB:.0f} MiB")
+
+    async def test_tcp_half_close_from_upstream(self) -> None:
+        """An upstream that shuts its write side first still receives the client's bytes and EOF."""
+        upstream_port, factory = await listen_tcp_upstream(self, BannerUpstream)
+        harness, _, port = await self.tcp_tunnel(upstream_port)
+        client = await connect_tcp(self, port)
+        await client.got_eof
+        self.assertEqual(client.received, b"banner\n")
+        client.send_pattern(MB)
+        await client.lost
+        self.assertFalse(client.was_reset(), client.reason)
+        upstream = factory.connections[0]
+        await upstream.eof
+        self.assertEqual(upstream.size, MB)
+        self.assertEqual(upstream.hash.hexdigest(), pattern_digest(MB))
+
+    async def test_tcp_interactive(self) -> None:
+        """100 small request/response round trips (SSH-like) complete, on no-delay sockets."""
+        upstream_port, _ = await listen_tcp_upstream(self, LineUpstream)
+        harness, _, port = await self.tcp_tunnel(upstream_port)
+        client = await connect_tcp(self, port)
+        for i in range(100):
+            client.transport.write(b"ping ")
+            client.transport.write(f"{i}\n".encode())
+            await client.wait_for(f"pong {i}\n".encode())
+        assert harness.edge is not None
+        (public,) = harness.edge.tcp.connections
+        self.assertTrue(public.transport.getTcpNoDelay())
+        client.transport.loseConnection()
+        await client.lost
+
+    async def test_tcp_upstream_refused(self) -> None:
+        """An upstream refusing the connection resets the client's connection, logged upstream_refused."""
+        events = EventCollector(self)
+        harness, _, port = await self.tcp_tunnel(1)
+        client = await connect_tcp(self, port)
+        await client.lost
+        self.assertTrue(client.was_reset(), client.reason)
+        await sleep(0.05)
+        logged = [e for e in events.events if e.get("reason") == "upstream_refused"]
+        self.assertTrue(logged, "no upstream_refused event was logged")
+
+    async def test_tcp_agent_gone_resets_client(self) -> None:
+        """When the agent link dies, the tunnel's client connection is reset, logged agent_gone."""
+        events = EventCollector(self)
+        upstream_port, _ = await listen_tcp_upstream(self, LineUpstream)
+        harness, _, port = await self.tcp_tunnel(upstream_port)
+        client = await connect_tcp(self, port)
+        client.transport.write(b"ping 1\n")
+        await client.wait_for(b"pong 1\n")
+        agent = harness.agents[0]
+        assert agent.link is not None
+        agent.link.close(Reason.AGENT_GONE, "agent killed by the test")
+        await client.lost
+        self.assertTrue(client.was_reset(), client.reason)
+        await sleep(0.05)
+        logged = events.matching("tcp tunnel {tunnel} {side} {peer} reset: {reason} ({message})")
+        # The edge hears of the loss as the transport reports it; the agent names agent_gone.
+        self.assertIn("client", [e["side"] for e in logged])
+        self.assertIn(("upstream", "agent_gone"), [(e["side"], e["reason"]) for e in logged])
+
+    async def test_tcp_client_reset_resets_upstream(self) -> None:
+        """A client that resets its connection gets the upstream connection reset too."""
+        upstream_port, factory = await listen_tcp_upstream(self, LineUpstream)
+        harness, _, port = await self.tcp_tunnel(upstream_port)
+        client = await connect_tcp(self, port)
+        client.transport.write(b"ping 1\n")
+        await client.wait_for(b"pong 1\n")
+        (upstream,) = factory.connections
+        lost: defer.Deferred[Any] = defer.Deferred()
+        upstream.connectionLost = lambda reason: lost.callback([reason])
+        client.transport.abortConnection()
+        (reason,) = await lost
+        self.assertTrue(reason.check(error.ConnectionLost), reason)
+
+    async def test_tcp_port_outside_range(self) -> None:
+        """A TCP tunnel asking for a port outside tcp_ports is refused in the Welcome, saying why."""
+        harness = TunnelHarness(self, self.transport, self.edge_table())
+        await harness.start_edge(tcp_ports=TCP_PORTS)
+        welcome = await self.tcp_agent(harness, 1, remote_port=1)
+        self.assertEqual(welcome.public_urls, ())
+        (refusal,) = welcome.refused
+        self.assertEqual(refusal.reason, Reason.UNAUTHORIZED)
+        self.assertIn("outside this edge's tcp_ports", refusal.message)
+
+    async def test_tcp_shared_port_and_release(self) -> None:
+        """Two agents serving one TCP tunnel share its port; another tunnel may not take it; the
+        listener closes when the last agent goes."""
+        upstream_port, _ = await listen_tcp_upstream(self, LineUpstream)
+        harness, _, port = await self.tcp_tunnel(upstream_port)
+        second = await self.tcp_agent(harness, upstream_port, agent_id="second")
+        self.assertEqual(second.public_urls, (f"tcp://127.0.0.1:{port}",))
+        other = await self.tcp_agent(harness, upstream_port, port, name="other", agent_id="third")
+        (refusal,) = other.refused
+        self.assertIn(f"port {port} is taken by tcp tunnel db", refusal.message)
+        for agent in harness.agents:
+            await agent.stopService()
+        assert harness.edge is not None
+        for _ in range(100):
+            if port not in harness.edge.tcp.listeners:
+                break
+            await sleep(0.05)
+        await sleep(0.05)
+        with self.assertRaises(error.ConnectionRefusedError):
+            await connect_tcp(self, port)
 
 
 __all__ = ["EndToEndMixin", "EventCollector", "ResponseFailed", "hashlib"]

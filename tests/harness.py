@@ -253,7 +253,7 @@ class TunnelHarness:
     async def start_agent(
         self,
         agent_table: dict[str, Any],
-        tunnels: list[tuple[str, int]],
+        tunnels: list[tuple[str, int] | TunnelSection],
         agent_id: str = "agent",
         token: str = "",
         wait: bool = True,
@@ -263,8 +263,9 @@ class TunnelHarness:
         config = AgentConfig(
             section,
             [
-                TunnelSection(hostname=host, upstream=f"tcp:host=127.0.0.1:port={port}")
-                for host, port in tunnels
+                tunnel if isinstance(tunnel, TunnelSection) else
+                TunnelSection(hostname=tunnel[0], upstream=f"tcp:host=127.0.0.1:port={tunnel[1]}")
+                for tunnel in tunnels
             ],
             {self.transport: agent_table},
             "(test)",

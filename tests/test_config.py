@@ -93,6 +93,33 @@ class ConfigTests(TestCase):
             "tunnels[0].hostname", "not a hostname", agent=True,
         )
 
+    def test_tcp_tunnel(self) -> None:
+        """A tcp tunnel reads with its protocol and remote port; http is the default."""
+        path = self.write(
+            '[[tunnels]]\nhostname = "web.test"\nupstream = "tcp:host=x:port=1"\n'
+            '[[tunnels]]\nhostname = "db"\nupstream = "tcp:host=x:port=5432"\n'
+            'protocol = "tcp"\nremote_port = 10005\n'
+        )
+        web, db = load_agent_config(path).tunnels
+        self.assertEqual((web.protocol, web.remote_port), ("http", 0))
+        self.assertEqual((db.protocol, db.remote_port), ("tcp", 10005))
+
+    def test_bad_tcp_tunnels(self) -> None:
+        """Wrong protocols, ports and tcp/http mixes are refused with the key that is wrong."""
+        tunnel = '[[tunnels]]\nhostname = "db"\nupstream = "tcp:host=x:port=1"\n'
+        cases = [
+            ('protocol = "udp"\n', "tunnels[0].protocol", "'http' or 'tcp'"),
+            ('protocol = "tcp"\nremote_port = 70000\n', "tunnels[0].remote_port", "must be a port"),
+            ('protocol = "tcp"\npath_prefix = "/x"\n', "tunnels[0].path_prefix", "no path prefix"),
+            ("remote_port = 10000\n", "tunnels[0].remote_port", "only tcp tunnels"),
+        ]
+        for extra, key, reason in cases:
+            self.assert_error(tunnel + extra, key, reason, agent=True)
+
+    def test_bad_tcp_ports(self) -> None:
+        """A malformed tcp_ports range is refused, naming the bad part."""
+        self.assert_error('[edge]\ntcp_ports = "10100-10000"\n', "edge.tcp_ports", "'10100-10000'")
+
     def test_syntax_error(self) -> None:
         """A file that is not TOML says so."""
         self.assert_error("[edge\n", "(syntax)", "not valid TOML")

@@ -249,3 +249,66 @@ class HostnameAllowedTests(SynchronousTestCase):
         self.assertTrue(hostname_allowed("b.test", ["a.test", "b.test"]))
         self.assertFalse(hostname_allowed("c.test", ["a.test", "*.b.test"]))
         self.assertFalse(hostname_allowed("a.test", []))
+
+
+class PortTests(SynchronousTestCase):
+    """TCP tunnels: edge port → tunnel → session, kept apart from hostname routing."""
+
+    def setUp(self) -> None:
+        self.router = Router(random.Random(1))
+
+    def serve(self, name: str, tunnel: str, port: int, streams: int = 0) -> AgentSession:
+        s = session(name, streams)
+        self.router.register_port(s, TunnelSpec(tunnel, protocol="tcp", port=port))
+        return s
+
+    def test_route_by_port(self) -> None:
+        """A connection to a tunnel's port reaches a session serving it, named by the tunnel."""
+        self.serve("a", "db", 10000)
+        route = self.router.route_port(10000)
+        self.assertEqual(agent_of(route), "a")
+        assert isinstance(route, Route)
+        self.assertEqual(route.tunnel, "db")
+        self.assertEqual((self.router.port_of("db"), self.router.port_owner(10000)), (10000, "db"))
+
+    def test_unknown_port(self) -> None:
+        """A port no tunnel has is no_tunnel."""
+        self.assertEqual(self.router.route_port(10001), Reason.NO_TUNNEL)
+
+    def test_least_loaded(self) -> None:
+        """Among the sessions serving a port, the least loaded is chosen."""
+        self.serve("busy", "db", 10000, streams=5)
+        self.serve("idle", "db", 10000, streams=1)
+        self.assertEqual(agent_of(self.router.route_port(10000)), "idle")
+
+    def test_unhealthy_is_unavailable(self) -> None:
+        """A port whose only session is unhealthy is agent_unavailable."""
+        s = self.serve("a", "db", 10000)
+        s.healthy = False
+        self.assertEqual(self.router.route_port(10000), Reason.AGENT_UNAVAILABLE)
+
+    def test_port_keeps_one_name(self) -> None:
+        """A port already serving one tunnel cannot be registered for another."""
+        self.serve("a", "db", 10000)
+        with self.assertRaises(ValueError):
+            self.serve("b", "other", 10000)
+
+    def test_unregister_frees_port_after_last(self) -> None:
+        """The port and name are free only once the last session serving them is gone."""
+        first = self.serve("a", "db", 10000)
+        second = self.serve("b", "db", 10000)
+        self.router.unregister(first)
+        self.assertEqual(agent_of(self.router.route_port(10000)), "b")
+        self.router.unregister(second)
+        self.assertEqual(self.router.route_port(10000), Reason.NO_TUNNEL)
+        self.assertIsNone(self.router.port_of("db"))
+        self.assertEqual(self.router.port_snapshot(), {})
+
+    def test_hostnames_unaffected(self) -> None:
+        """A TCP tunnel named like a hostname does not answer HTTP for that host."""
+        s = self.serve("a", "db.test", 10000)
+        self.assertEqual(self.router.route("db.test", "/"), Reason.NO_TUNNEL)
+        self.router.register(s, TunnelSpec("web.test"))
+        self.router.unregister(s)
+        self.assertEqual(self.router.snapshot(), {})
+        self.assertEqual(self.router.port_snapshot(), {})

@@ -50,6 +50,44 @@ def _non_empty(value: list[str]) -> str | None:
     return None if value else "must name at least one entry"
 
 
+def parse_port_ranges(value: str) -> list[tuple[int, int]]:
+    """
+    C{"10000-10100,2222"} as inclusive ranges; C{""} is none.  Raises
+    L{ValueError} saying what is wrong.
+    """
+    ranges = []
+    for part in value.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        low_text, _, high_text = part.partition("-")
+        try:
+            low = int(low_text)
+            high = int(high_text) if high_text else low
+        except ValueError:
+            raise ValueError(f"not a port or port range: {part!r}") from None
+        if not 1 <= low <= high <= 65535:
+            raise ValueError(f"not a port range within 1-65535: {part!r}")
+        ranges.append((low, high))
+    return ranges
+
+
+def _port_ranges(value: str) -> str | None:
+    try:
+        parse_port_ranges(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _tunnel_protocol(value: str) -> str | None:
+    return None if value in ("http", "tcp") else f"must be 'http' or 'tcp', got {value!r}"
+
+
+def _port_or_zero(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else f"must be a port (1-65535) or 0, got {value}"
+
+
 @dataclass(frozen=True)
 class AgentGrant:
     """An agent the edge accepts, and the hostnames it may serve."""
@@ -185,6 +223,18 @@ class EdgeSection:
     agent_tls: EdgeAgentTLS = field(
         default_factory=EdgeAgentTLS, metadata={"doc": "TLS for agent links ([edge.agent_tls])."}
     )
+    tcp_ports: str = setting(
+        "10000-10100",
+        "Edge ports TCP tunnels may listen on, as ranges: \"10000-10100,2222\" ('' = no TCP "
+        "tunnels).  An agent asking for port 0 gets a free one from these.",
+        check=_port_ranges,
+    )
+    tcp_listen_interface: str = setting(
+        "127.0.0.1", "Address TCP tunnel listeners bind to ('0.0.0.0' or '::' for all)."
+    )
+    tcp_public_host: str = setting(
+        "", "Host shown to agents in tcp://host:port URLs ('' = tcp_listen_interface)."
+    )
 
 
 @dataclass(frozen=True)
@@ -268,6 +318,15 @@ class TunnelSection:
         "knowledge, e.g. a gRPC server: trailers and HTTP/2-only semantics pass through).",
         check=_upstream_protocol,
     )
+    protocol: str = setting(
+        "http",
+        "'http' (routed by hostname) or 'tcp' (raw bytes on an edge port; hostname names the tunnel).",
+        check=_tunnel_protocol,
+    )
+    remote_port: int = setting(
+        0, "For tcp tunnels: the edge port to listen on (0 = the edge picks one).",
+        check=_port_or_zero,
+    )
 
 
 @dataclass(frozen=True)
@@ -348,6 +407,13 @@ def load_agent_config(path: str | None) -> AgentConfig:
     config: AgentConfig = _parse(AgentConfig, raw, where)
     tls = config.agent.tls
     _check_tls_files(where, "agent.tls", tls.certificate, tls.key, tls.ca)
+    for i, tunnel in enumerate(config.tunnels):
+        if tunnel.protocol == "tcp" and tunnel.path_prefix:
+            raise ConfigError(where, f"tunnels[{i}].path_prefix", "tcp tunnels have no path prefix")
+        if tunnel.protocol == "tcp" and tunnel.hostname.startswith("*."):
+            raise ConfigError(where, f"tunnels[{i}].hostname", "a tcp tunnel's name has no wildcard")
+        if tunnel.protocol == "http" and tunnel.remote_port:
+            raise ConfigError(where, f"tunnels[{i}].remote_port", "only tcp tunnels have a port")
     return AgentConfig(config.agent, config.tunnels, config.transports, where)
 
 

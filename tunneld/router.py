@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_router -*-
 """
-The routing table: public hostname and path → tunnel → a healthy agent session.
+The routing table: public hostname and path → tunnel → a healthy agent session;
+for TCP tunnels, edge port → tunnel → a healthy agent session.
 
 Pure logic: no sockets, no transports.  Exact hostnames win over wildcards,
 longer wildcards over shorter ones, longer path prefixes over shorter ones;
@@ -65,6 +66,9 @@ class Router:
         # Hostnames granted in configuration: when no agent serves them, the
         # answer is "agent unavailable", not "no such tunnel".
         self._reserved: set[str] = set()
+        # TCP tunnels: edge port -> tunnel, and tunnel name -> its port.
+        self._by_port: dict[int, _Tunnel] = {}
+        self._port_of: dict[str, int] = {}
 
     def reserve(self, pattern: str) -> None:
         """Know C{pattern} as a tunnel even while no agent serves it."""
@@ -87,7 +91,10 @@ class Router:
 
     def unregister(self, session: AgentSession) -> None:
         """Remove C{session} from every tunnel it served."""
+        self._unregister_ports(session)
         for spec in session.tunnels:
+            if spec.protocol == "tcp":
+                continue
             tunnels = self._by_host.get(spec.hostname.lower(), [])
             for tunnel in list(tunnels):
                 if session in tunnel.sessions:
@@ -138,6 +145,69 @@ class Router:
             return usable[0]
         least = min(s.load() for s in usable)
         return self._rng.choice([s for s in usable if s.load() == least])
+
+    # -- port (TCP) tunnels -----------------------------------------------------
+
+    def register_port(self, session: AgentSession, spec: TunnelSpec) -> None:
+        """
+        Add C{session} as a server of the TCP tunnel C{spec}, whose C{port}
+        is the edge port it is (to be) reached on.  A name keeps one port and
+        a port one name while any session serves them: check with
+        L{port_of} and L{port_owner} first.
+        """
+        key = tunnel_key(spec)
+        tunnel = self._by_port.get(spec.port)
+        if tunnel is None:
+            tunnel = self._by_port[spec.port] = _Tunnel(spec)
+            self._port_of[key] = spec.port
+        elif tunnel.key != key:
+            raise ValueError(f"port {spec.port} already serves tunnel {tunnel.key}")
+        if session not in tunnel.sessions:
+            tunnel.sessions.append(session)
+        if spec not in session.tunnels:
+            session.tunnels.append(spec)
+
+    def port_of(self, name: str) -> int | None:
+        """The edge port of the TCP tunnel called C{name}, while any session serves it."""
+        return self._port_of.get(name)
+
+    def port_owner(self, port: int) -> str | None:
+        """The name of the TCP tunnel on edge port C{port}, while any session serves it."""
+        tunnel = self._by_port.get(port)
+        return tunnel.key if tunnel is not None else None
+
+    def route_port(self, port: int) -> Route | Reason:
+        """
+        The route for a connection to edge port C{port}, or the reason there
+        is none: C{no_tunnel} when no tunnel has it, C{agent_unavailable}
+        when its agents are all unhealthy or draining.
+        """
+        tunnel = self._by_port.get(port)
+        if tunnel is None:
+            return Reason.NO_TUNNEL
+        session = self._pick(tunnel.sessions)
+        if session is None:
+            return Reason.AGENT_UNAVAILABLE
+        return Route(tunnel.key, session.link, session)
+
+    def port_snapshot(self) -> dict[int, tuple[str, list[str]]]:
+        """TCP tunnels: edge port -> (tunnel name, agent ids), for the admin API and tests."""
+        return {
+            port: (tunnel.key, [s.agent_id for s in tunnel.sessions])
+            for port, tunnel in self._by_port.items()
+        }
+
+    def _unregister_ports(self, session: AgentSession) -> None:
+        for spec in session.tunnels:
+            if spec.protocol != "tcp":
+                continue
+            tunnel = self._by_port.get(spec.port)
+            if tunnel is None or session not in tunnel.sessions:
+                continue
+            tunnel.sessions.remove(session)
+            if not tunnel.sessions:
+                del self._by_port[spec.port]
+                self._port_of.pop(tunnel.key, None)
 
     def snapshot(self) -> dict[str, Any]:
         """Tunnels and their sessions, for the admin API and tests."""

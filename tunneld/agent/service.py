@@ -21,6 +21,7 @@ from zope.interface import implementer
 
 from tunneld import __version__
 from tunneld.agent.backoff import Backoff
+from tunneld.agent.tcp import TCPForwarder
 from tunneld.agent.upstream import UpstreamPool
 from tunneld.agent.upstream_h2 import H2UpstreamPool
 from tunneld.config import AgentConfig
@@ -84,10 +85,19 @@ class AgentService(Service):
             max_frame_size=section.max_frame_size,
         )
         self.specs = [
-            TunnelSpec(hostname=t.hostname, path_prefix=t.path_prefix) for t in config.tunnels
+            TunnelSpec(
+                hostname=t.hostname, path_prefix=t.path_prefix, protocol=t.protocol,
+                port=t.remote_port,
+            )
+            for t in config.tunnels
         ]
-        self.pools: dict[str, UpstreamPool | H2UpstreamPool] = {}
+        self.pools: dict[str, UpstreamPool | H2UpstreamPool | TCPForwarder] = {}
         for tunnel, spec in zip(config.tunnels, self.specs, strict=True):
+            if spec.protocol == "tcp":
+                self.pools[tunnel_key(spec)] = TCPForwarder(
+                    reactor, tunnel_key(spec), tunnel.upstream, section.upstream_connect_timeout
+                )
+                continue
             if tunnel.upstream_protocol == "h2c":
                 self.pools[tunnel_key(spec)] = H2UpstreamPool(
                     reactor,

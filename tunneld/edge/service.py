@@ -16,6 +16,7 @@ from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPSettings
 from tunneld.edge.http2 import PublicH2Factory, PublicH2Settings, PublicHTTPChooserFactory
 from tunneld.edge.public_tls import PublicTLSFactory, public_tls_contexts
 from tunneld.edge.sessions import AgentSessions
+from tunneld.edge.tcp import TCPTunnels
 from tunneld.interfaces import EdgeLinkSetup, ITransportPlugin
 from tunneld.listening import ListeningService
 from tunneld.observe.service import EdgeObservability
@@ -38,7 +39,9 @@ class EdgeService(MultiService):
         self.reactor = reactor
         self.router = Router()
         self.stats = EdgeStats(reactor)
-        self.sessions = AgentSessions(config, self.router, reactor, self.stats)
+        self.tcp = TCPTunnels(config.edge, self.router, reactor)
+        self.tcp.setServiceParent(self)
+        self.sessions = AgentSessions(config, self.router, reactor, self.stats, tcp=self.tcp)
         edge = config.edge
         settings = PublicHTTPSettings(
             max_header_bytes=edge.max_header_bytes,

@@ -14,12 +14,13 @@ import hmac
 import ipaddress
 import re
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from tunneld.config import AgentGrant, EdgeConfig
+from tunneld.edge.tcp import TCPTunnels
 from tunneld.interfaces import IAgentLink, ILinkHandler, IStream
 from tunneld.observe import events
 from tunneld.observe.stats import EdgeStats
@@ -116,12 +117,14 @@ class AgentSessions:
     log = Logger()
 
     def __init__(
-        self, config: EdgeConfig, router: Router, reactor: Any, stats: EdgeStats | None = None
+        self, config: EdgeConfig, router: Router, reactor: Any,
+        stats: EdgeStats | None = None, tcp: TCPTunnels | None = None,
     ) -> None:
         self.config = config
         self.router = router
         self.reactor = reactor
         self.stats = stats if stats is not None else EdgeStats(reactor)
+        self.tcp = tcp
         self.sessions: dict[str, AgentSession] = {}
         self.connected_at: dict[str, float] = {}
         self._grants = {grant.id: grant for grant in config.agents}
@@ -252,8 +255,19 @@ class AgentSessions:
                     agent=hello.agent_id, tunnel=tunnel_key(spec), problem=problem,
                 )
                 continue
-            self.router.register(session, spec)
-            urls.append(self._public_url(spec))
+            if spec.protocol == "tcp":
+                registered = cast(TCPTunnels, self.tcp).register(session, spec)
+                if isinstance(registered, Refusal):
+                    refused.append(registered)
+                    self.log.warn(
+                        "agent {agent} may not register {tunnel}: {problem}",
+                        agent=hello.agent_id, tunnel=tunnel_key(spec), problem=registered.message,
+                    )
+                    continue
+                urls.append(registered)
+            else:
+                self.router.register(session, spec)
+                urls.append(self._public_url(spec))
             self.log.info(
                 "agent {agent} registered {tunnel} over {transport}",
                 agent=hello.agent_id, tunnel=tunnel_key(spec), transport=link.transport_name,
@@ -275,8 +289,12 @@ class AgentSessions:
     def _check_spec(
         self, spec: TunnelSpec, allowed: list[str] | tuple[AgentIdentity, list[str]] | None
     ) -> str | None:
-        if spec.protocol != "http":
-            return f"{spec.protocol} tunnels are not supported by this edge yet"
+        if spec.protocol == "tcp" and self.tcp is None:
+            return "tcp tunnels are not enabled on this edge"
+        if spec.protocol == "tcp" and (spec.path_prefix or spec.hostname.startswith("*.")):
+            return f"a tcp tunnel is named without wildcard or path: {tunnel_key(spec)!r}"
+        if spec.protocol not in ("http", "tcp"):
+            return f"{spec.protocol} tunnels are not supported by this edge"
         host = spec.hostname.removeprefix("*.")
         if not host or "*" in host or "/" in host:
             return f"not a hostname: {spec.hostname!r}"
@@ -310,6 +328,8 @@ class AgentSessions:
         if self.sessions.pop(session.session_id, None) is not None:
             self.connected_at.pop(session.session_id, None)
             self.stats.session_down(handler.link.transport_name)
+        if self.tcp is not None:
+            self.tcp.release()
 
     def drain(self, session_id: str, message: str) -> AgentSession | None:
         """
