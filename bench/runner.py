@@ -333,9 +333,11 @@ upstream = "tcp:host=127.0.0.1:port={ws_echo}"
 """
         agent_conf = os.path.join(self.workdir, f"agent-{transport}.toml")
         with open(agent_conf, "w") as f:
+            # Keep as many idle upstream connections as nginx's proxy row may (keepalive 256).
             f.write(f"""[agent]
 id = "bench"
 transports = ["{transport}"]
+upstream_max_idle = 256
 
 [transports.{transport}]
 {link_conf}
@@ -358,7 +360,7 @@ transports = ["{transport}"]
             argv = [self.python, os.path.join(BENCH, "pyload.py"), system.url(path), system.vhost,
                     str(connections), str(seconds)]
         else:
-            argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s",
+            argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "10s",
                     "-H", f"Host: {system.vhost}", "-s", os.path.join(BENCH, "report.lua"),
                     system.url(path)]
         out = subprocess.run(pinned(self.load_cpu, argv), capture_output=True, text=True,
@@ -392,7 +394,7 @@ transports = ["{transport}"]
             port = system.h2_port
         if self.smoke or not self.tools["h2load"]:
             return "n/a: smoke mode" if self.smoke else "n/a: h2load not installed"
-        argv = ["h2load", "-c50", "-m10", "-t1", f"-D{self.args.seconds}", "--warm-up-time=1",
+        argv = ["h2load", "-c50", "-m10", "-t1", f"-D{max(1, round(self.args.seconds))}", "--warm-up-time=1",
                 "-H", f":authority: {system.vhost}", f"http://127.0.0.1:{port}/small"]
         out = subprocess.run(pinned(self.load_cpu, argv), capture_output=True, text=True,
                              timeout=self.args.seconds * 3 + 30)
@@ -461,6 +463,8 @@ transports = ["{transport}"]
             for transport in self.args.transports:
                 systems.append(self.tunneld(transport, upstream, ws_echo))
             for system in systems:
+                if self.args.only and system.key not in self.args.only and system.skip is None:
+                    system.skip = "not selected (--only)"
                 if system.tunnel and system.skip is None:
                     system.ws_port = system.port
                 results["rows"][system.key] = {"label": system.label, "skip": system.skip,
@@ -756,12 +760,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big-mib", type=int, default=1024, help="size of the single big transfer")
     parser.add_argument("--transports", default="websocket,grpc,streamable-http",
                         help="tunneld transports to measure (comma-separated)")
+    parser.add_argument("--only", default="",
+                        help="measure only these rows, e.g. twisted,websocket (for A/B work)")
     parser.add_argument("--out", help="markdown file to write (or update between bench:SLOT markers)")
     parser.add_argument("--slot", default="latest", help="marker name used with --out")
     parser.add_argument("--json", help="where to write the raw results (default bench/results/DATE.json)")
     args = parser.parse_args(argv)
     args.argv = argv
     args.transports = [t for t in args.transports.split(",") if t]
+    args.only = {t for t in args.only.split(",") if t}
     if args.quick:
         args.reps, args.seconds = 1, 3
     if args.smoke:
