@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("seconds", nargs="?", type=int, default=10)
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
-    bench = runner.Bench(argparse.Namespace(smoke=False, big_mib=16, reps=1, seconds=args.seconds,
+    bench = runner.Bench(argparse.Namespace(smoke=False, big_mib=16, reps=1, seconds=args.seconds, window=0,
                                             argv=[]))
     if bench.load_cpu is not None:
         os.sched_setaffinity(0, {int(bench.load_cpu)})

@@ -303,6 +303,7 @@ class Bench:
         if transport not in names:
             system.skip = "not installed"
             return system
+        window = f"initial_window = {self.args.window}\n" if self.args.window else ""
         edge_conf = os.path.join(self.workdir, f"edge-{transport}.toml")
         link_key = "listen"
         with open(edge_conf, "w") as f:
@@ -310,7 +311,7 @@ class Bench:
 public_listen = ["tcp:0:interface=127.0.0.1"]
 public_url = "http://{{host}}/"
 transports = ["{transport}"]
-
+{window}
 [transports.{transport}]
 {link_key} = "tcp:0:interface=127.0.0.1"
 """)
@@ -338,7 +339,7 @@ upstream = "tcp:host=127.0.0.1:port={ws_echo}"
 id = "bench"
 transports = ["{transport}"]
 upstream_max_idle = 256
-
+{window}
 [transports.{transport}]
 {link_conf}
 
@@ -762,6 +763,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="tunneld transports to measure (comma-separated)")
     parser.add_argument("--only", default="",
                         help="measure only these rows, e.g. twisted,websocket (for A/B work)")
+    parser.add_argument("--window", type=int, default=0,
+                        help="tunneld initial_window for edge and agent (default: tunneld's default)")
     parser.add_argument("--out", help="markdown file to write (or update between bench:SLOT markers)")
     parser.add_argument("--slot", default="latest", help="marker name used with --out")
     parser.add_argument("--json", help="where to write the raw results (default bench/results/DATE.json)")
