@@ -46,6 +46,14 @@ class BenchSmokeTests(TestCase):
             self.assertTrue(rows[key]["transfer"]["complete"], key)
         for key in ("websocket", "grpc"):
             self.assertEqual(len(rows[key]["peak_rss_kib"]), 2)  # the edge and the agent
+        self.assertGreater(rows["direct"]["ws_echo"][0]["messages"], 0)
+        for key in ("websocket", "grpc"):
+            # Until the edge passes WebSockets through, the probe says why; after, both figures exist.
+            if rows[key]["ws"] is None:
+                self.assertGreater(rows[key]["ws_echo"][0]["messages"], 0)
+                self.assertEqual(rows[key]["ws_idle"][0]["opened"], 50)
+            else:
+                self.assertIn("no WebSocket pass-through", rows[key]["ws"])
         self.assertEqual(rows["nginx"]["skip"], "smoke mode: Python pieces only")
         with open(out) as f:
             report = f.read()
