@@ -778,11 +778,12 @@ def markdown(results: dict[str, Any]) -> str:
             f"{spread([r['p50_ms'] for r in small], '.2f')} | {spread([r['p99_ms'] for r in small], '.1f')} | "
             f"{errors} | {spread([r['mib_s'] for r in large], '.0f')} | {h2} | {rss_text} | {t_text} |")
     ws_lines = []
+    counts = list(results["meta"].get("idle_ws", []))
     for row in results["rows"].values():
         if row["skip"] or ("ws_echo" not in row and not row.get("ws")):
             continue
         if row.get("ws"):
-            ws_lines.append(f"| {row['label']} | skipped: {row['ws']} | | | |")
+            ws_lines.append(f"| {row['label']} | skipped: {row['ws']} | |" + " |" * len(counts))
             continue
         echoes = row.get("ws_echo", [])
         idle = {i["count"]: i for i in row.get("ws_idle", [])}
@@ -793,15 +794,14 @@ def markdown(results: dict[str, Any]) -> str:
                 return "–"
             return f"{i['kib_per_ws']:.1f}" + (f" ({i['failed']} failed)" if i["failed"] else "")
 
-        counts = sorted(idle)
         ws_lines.append(
             f"| {row['label']} | {spread([e['msg_s'] for e in echoes], '.0f')} | "
             f"{spread([e['p99_ms'] for e in echoes], '.1f')} | "
-            + " | ".join(f"{per_ws(n)}" for n in counts[:2]) + " |" * max(1, 3 - len(counts[:2])))
+            + " | ".join(per_ws(n) for n in counts) + " |")
     if ws_lines:
-        counts_text = ", ".join(f"{n:,}" for n in results["meta"].get("idle_ws", []))
-        lines += ["", f"| WebSocket through | echo msg/s, 64 B, 50 conn | p99 ms | "
-                  f"KiB per idle WebSocket (edge + agent) at {counts_text} | |", "|---|---|---|---|---|"]
+        lines += ["", "| WebSocket through | echo msg/s, 64 B, 50 conn | p99 ms | "
+                  + " | ".join(f"KiB per idle WebSocket at {n:,}" for n in counts) + " |",
+                  "|---|---|---|" + "---|" * len(counts)]
         lines += ws_lines
     checks = targets(results)
     if checks:
@@ -857,6 +857,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="tunneld initial_window for edge and agent (default: tunneld's default)")
     parser.add_argument("--idle-ws", default="1000,10000",
                         help="idle WebSocket counts for the RSS-per-WebSocket figure")
+    parser.add_argument("--render", metavar="JSON",
+                        help="measure nothing: render an earlier run's bench/results/*.json again")
     parser.add_argument("--out", help="markdown file to write (or update between bench:SLOT markers)")
     parser.add_argument("--slot", default="latest", help="marker name used with --out")
     parser.add_argument("--json", help="where to write the raw results (default bench/results/DATE.json)")
@@ -870,6 +872,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.reps, args.seconds, args.big_mib = 1, 1, 8
         args.idle_ws = [50]
+    if args.render:
+        with open(args.render) as f:
+            text = markdown(json.load(f))
+        if args.out:
+            write_out(args.out, args.slot, text)
+        print(text)
+        return 0
     ensure_tools(args.smoke)
     results = Bench(args).run()
     text = markdown(results)
