@@ -72,6 +72,7 @@ def main() -> None:
             print(f"== {name}\n{summarise(path)}")
     finally:
         bench.stop_all()
+        shutil.rmtree(bench.workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
