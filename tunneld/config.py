@@ -195,7 +195,7 @@ class EdgeSection:
         10.0, "Seconds a new agent link has to say hello before it is dropped.", check=positive
     )
     initial_window: int = setting(
-        256 * 1024, "Per-stream flow-control window (bytes) the edge grants.", check=positive
+        1024 * 1024, "Per-stream flow-control window (bytes) the edge grants.", check=positive
     )
     max_frame_size: int = setting(
         1 << 20, "Largest agent-link frame (bytes), at least 131072.", check=_frame_size
@@ -284,7 +284,7 @@ class AgentSection:
         30.0, "Seconds a link must stay up before the backoff starts over.", check=positive
     )
     initial_window: int = setting(
-        256 * 1024, "Per-stream flow-control window (bytes) the agent grants.", check=positive
+        1024 * 1024, "Per-stream flow-control window (bytes) the agent grants.", check=positive
     )
     max_frame_size: int = setting(
         1 << 20, "Largest agent-link frame (bytes), at least 131072.", check=_frame_size

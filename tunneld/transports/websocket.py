@@ -25,7 +25,6 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.protocol import connectionDone
-from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -84,7 +83,10 @@ class _FrameWireMixin:
     link: FrameLink | None = None
     transport: Any
     closeHandshakeTimeoutCall: Any
-    log = Logger()
+    # No `log` here: Autobahn's protocols log every frame through their own
+    # txaio logger, which honours the global level set above.  A plain
+    # twisted Logger in its place wrote each frame's debug line to the log
+    # (a third of the CPU of a small request; see docs/benchmarks.md).
 
     # sendMessage and sendClose come from Autobahn's protocol classes.
     sendMessage: Any
