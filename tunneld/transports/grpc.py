@@ -624,7 +624,10 @@ class GrpcLink(Protocol):
         if self.closed:
             return
         self.say_goodbye(reason, message)
-        code = ErrorCodes.PROTOCOL_ERROR if reason is Reason.PROTOCOL_ERROR else ErrorCodes.NO_ERROR
+        # The reason already went out in Control's status and in the GOAWAY's
+        # debug data; an error code here would make a stock gRPC client drop
+        # the call as UNAVAILABLE before it reads that status.
+        code = ErrorCodes.NO_ERROR
         try:
             self.conn.close_connection(
                 error_code=code, additional_data=status_message(reason, message)[:256]
