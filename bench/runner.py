@@ -313,6 +313,7 @@ class Bench:
         with open(edge_conf, "w") as f:
             f.write(f"""[edge]
 public_listen = ["tcp:0:interface=127.0.0.1"]
+public_h2c_listen = ["tcp:0:interface=127.0.0.1"]
 public_url = "http://{{host}}/"
 transports = ["{transport}"]
 {window}
@@ -321,6 +322,7 @@ transports = ["{transport}"]
 """)
         edge = self.spawn(f"edge-{transport}", self.twistd("tunneld", edge_conf), self.sut_cpu)
         public = int(edge.wait_for(r"public HTTP listening on 127\.0\.0\.1:(\d+)").group(1))
+        h2c = int(edge.wait_for(r"public HTTP/2 \(h2c\) listening on 127\.0\.0\.1:(\d+)").group(1))
         link = int(edge.wait_for(rf"{transport} agent link listening on 127\.0\.0\.1:(\d+)").group(1))
         link_conf = {
             "websocket": f'url = "ws://127.0.0.1:{link}/tunnel"',
@@ -351,6 +353,7 @@ upstream_max_idle = 256
         agent = self.spawn(f"agent-{transport}", self.twistd("tunneld-agent", agent_conf), self.sut_cpu)
         agent.wait_for(rf"tunnel ready: http://{re.escape(VHOST)}/")
         system.port = public
+        system.h2_port = h2c
         system.procs = system.measured = [edge, agent]
         return system
 
