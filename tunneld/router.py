@@ -97,6 +97,13 @@ class Router:
             if not tunnels:
                 self._by_host.pop(spec.hostname.lower(), None)
 
+    def serving(self, spec: TunnelSpec) -> int:
+        """How many sessions serve exactly C{spec} now."""
+        for tunnel in self._by_host.get(spec.hostname.lower(), []):
+            if tunnel.spec.path_prefix == spec.path_prefix:
+                return len(tunnel.sessions)
+        return 0
+
     def _candidates(self, host: str) -> list[list[_Tunnel]]:
         found = []
         exact = self._by_host.get(host)

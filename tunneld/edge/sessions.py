@@ -95,6 +95,9 @@ class AgentSessions:
         self.router = router
         self.reactor = reactor
         self.sessions: dict[str, AgentSession] = {}
+        # Caps on agents; replaced as a whole on reload (SIGHUP).
+        self.limits = config.limits
+        self.draining = False
         self._grants = {grant.id: grant for grant in config.agents}
         for grant in config.agents:
             for pattern in grant.hostnames:
@@ -144,13 +147,31 @@ class AgentSessions:
             )
             link.close(Reason.UNAUTHORIZED, str(e))
             return
+        if self.draining:
+            link.close(Reason.DRAINING, "the edge is shutting down")
+            return
+        limits = self.limits
+        if limits.max_agents and len(self.sessions) >= limits.max_agents:
+            self.log.warn(
+                "agent {agent} from {peer} refused: {reason} ({count} agent sessions)",
+                agent=hello.agent_id, peer=link.peer, reason=Reason.CAP_REACHED.value,
+                count=len(self.sessions),
+            )
+            link.close(Reason.CAP_REACHED, f"the edge has {len(self.sessions)} agent sessions")
+            return
         session = AgentSession(uuid.uuid4().hex, hello.agent_id, link)
         refused: list[Refusal] = []
         urls: list[str] = []
         for spec in hello.tunnels:
             problem = self._check_spec(spec, allowed)
+            reason = Reason.UNAUTHORIZED
+            if problem is None and limits.max_agents_per_tunnel and (
+                self.router.serving(spec) >= limits.max_agents_per_tunnel
+            ):
+                reason = Reason.CAP_REACHED
+                problem = f"{limits.max_agents_per_tunnel} agents serve it already"
             if problem is not None:
-                refused.append(Refusal(spec, Reason.UNAUTHORIZED, problem))
+                refused.append(Refusal(spec, reason, problem))
                 self.log.warn(
                     "agent {agent} may not register {tunnel}: {problem}",
                     agent=hello.agent_id, tunnel=tunnel_key(spec), problem=problem,
