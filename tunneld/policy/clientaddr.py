@@ -27,10 +27,11 @@ from typing import Any, cast
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+from zope.interface import directlyProvides, providedBy
 
 __all__ = [
     "ProxyHeader",
@@ -212,7 +213,11 @@ class ProxyProtocolReceiver(ProtocolWrapper):
         self._announced: Any = None
         self._timer: Any = None
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def makeConnection(self, transport: Any) -> None:  # noqa: N802
+        # Unlike ProtocolWrapper, the wrapped protocol's connection may wait
+        # for the PROXY header.
+        directlyProvides(self, providedBy(transport))
+        Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
         peer = self._socket().getPeer()
         if not self.factory.trusted.trusts(getattr(peer, "host", "")):
