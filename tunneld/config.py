@@ -45,6 +45,16 @@ def _unset_or_non_negative(value: float | None) -> str | None:
     return None if value is None else non_negative(value)
 
 
+def _health_check(value: str) -> str | None:
+    from tunneld.agent.health import parse_health_check
+
+    try:
+        parse_health_check(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _non_empty(value: list[str]) -> str | None:
     return None if value else "must name at least one entry"
 
@@ -233,6 +243,15 @@ class TunnelSection:
         ..., "Client endpoint string of the local service, e.g. tcp:host=127.0.0.1:port=8000."
     )
     path_prefix: str = setting("", "Only requests under this path prefix ('' = all).")
+    health_check: str = setting(
+        "",
+        "Upstream probe: '' (none), 'tcp' (connect), or 'http:/path' / 'http:/path:STATUS' "
+        "(GET, expecting STATUS, else any 2xx/3xx).  An unhealthy tunnel gets no new streams "
+        "from the edge while other agents serve it.",
+        check=_health_check,
+    )
+    health_interval: float = setting(10.0, "Seconds between upstream probes.", check=positive)
+    health_timeout: float = setting(5.0, "Seconds a probe may take.", check=positive)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from tunneld.router import AgentSession, Router, hostname_allowed, tunnel_key
 from tunneld.wire.messages import (
     PROTOCOL_VERSION,
     ControlMessage,
+    Health,
     Hello,
     Refusal,
     TunnelSpec,
@@ -65,6 +66,9 @@ class EdgeLinkHandler:
 
     def control_received(self, message: ControlMessage) -> None:
         """ILinkHandler.control_received"""
+        if isinstance(message, Health) and self.session is not None:
+            self.sessions.health(self.session, message)
+            return
         if not isinstance(message, Hello) or self.session is not None:
             self.link.close(Reason.PROTOCOL_ERROR, f"unexpected {type(message).__name__}")
             return
@@ -193,6 +197,20 @@ class AgentSessions:
                 version=min(hello.version, PROTOCOL_VERSION),
                 initial_window=self.config.edge.initial_window,
             )
+        )
+
+    def health(self, session: AgentSession, report: Health) -> None:
+        """An agent's upstream probe changed its verdict on one of its tunnels."""
+        if not any(tunnel_key(spec) == report.tunnel for spec in session.tunnels):
+            return  # not a tunnel this session serves: nothing to route differently
+        if report.healthy:
+            session.unhealthy.discard(report.tunnel)
+        else:
+            session.unhealthy.add(report.tunnel)
+        self.log.info(
+            "agent {agent} reports {tunnel} {state}: {detail}",
+            agent=session.agent_id, tunnel=report.tunnel,
+            state="healthy" if report.healthy else "unhealthy", detail=report.detail,
         )
 
     def _check_spec(self, spec: TunnelSpec, allowed: list[str] | None) -> str | None:
