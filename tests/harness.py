@@ -24,6 +24,7 @@ from tunneld.config import (
     AgentSection,
     EdgeConfig,
     EdgeSection,
+    LimitsSection,
     TunnelSection,
     transport_options,
 )
@@ -220,14 +221,20 @@ class TunnelHarness:
         self.client = Agent(reactor, pool=self.pool)
         case.addCleanup(self.pool.closeCachedConnections)
 
-    async def start_edge(self, grants: list[AgentGrant] | None = None, **edge: Any) -> EdgeService:
+    async def start_edge(
+        self, grants: list[AgentGrant] | None = None, limits: LimitsSection | None = None,
+        **edge: Any,
+    ) -> EdgeService:
         section = EdgeSection(
             public_listen=["tcp:0:interface=127.0.0.1"],
             transports=[self.transport],
             public_url="http://{host}/",
             **edge,
         )
-        config = EdgeConfig(section, grants or [], {self.transport: self.edge_table}, "(test)")
+        config = EdgeConfig(
+            section, grants or [], {self.transport: self.edge_table}, "(test)",
+            limits or LimitsSection(),
+        )
         transports = transport_options(
             section.transports, config.transports, config.source, edge=True
         )
