@@ -57,6 +57,9 @@ class EdgeService(MultiService):
         self.policy = PublicPolicy(config.limits, reactor, edge.max_streams_per_agent)
         self._proxy_wrappers: list[ProxyProtocolFactory] = []
         self._previous_sighup: Any = None
+        self._previous_sigterm: Any = None
+        self._stopping = False
+        self._hurry = False
         settings = PublicHTTPSettings(
             max_header_bytes=edge.max_header_bytes,
             header_timeout=edge.header_timeout,
@@ -92,12 +95,36 @@ class EdgeService(MultiService):
         super().startService()
         source = self.config.source
         if os.path.isfile(source) and threading.current_thread() is threading.main_thread():
+            # Only for a process run from a configuration file (twistd), never
+            # inside someone else's process such as a test runner.
             self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+            self.reactor.callWhenRunning(self._take_sigterm)
 
     def _sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reload)
 
+    def _take_sigterm(self) -> None:
+        """
+        Replace the reactor's SIGTERM handler (installed as it starts): a
+        drained stop is a clean stop, so the process exits 0 rather than
+        re-raising the signal; a second SIGTERM cuts the drain short.
+        """
+        if self.running and not self._stopping:
+            self._previous_sigterm = signal.signal(signal.SIGTERM, self._sigterm)
+
+    def _sigterm(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self._terminate)
+
+    def _terminate(self) -> None:
+        if self._stopping:
+            self.log.warn("SIGTERM again: closing what is still in flight now")
+            self._hurry = True
+            return
+        self.log.info("SIGTERM: draining, then stopping")
+        self.reactor.stop()
+
     def stopService(self) -> Deferred[Any]:  # noqa: N802
+        self._stopping = True
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
@@ -108,6 +135,9 @@ class EdgeService(MultiService):
         return drained
 
     def _stopped(self, result: Any) -> Any:
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
         self.log.info("edge stopped; policy counters: {counters}", counters=self.policy.snapshot())
         return result
 
@@ -135,7 +165,7 @@ class EdgeService(MultiService):
             streams=in_flight, sessions=len(sessions), timeout=timeout,
         )
         deadline = self.reactor.seconds() + timeout
-        while self.reactor.seconds() < deadline and any(
+        while not self._hurry and self.reactor.seconds() < deadline and any(
             s.link.active_streams() for s in sessions
         ):
             await deferLater(self.reactor, _DRAIN_POLL, lambda: None)

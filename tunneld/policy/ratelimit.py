@@ -121,8 +121,18 @@ class BucketTable:
                 break
 
     def reconfigure(self, rate: float, burst: float) -> None:
-        """New defaults for buckets taken from now on."""
+        """
+        New defaults, in force at once: buckets on the old defaults switch
+        now (keeping the tokens they hold, up to the new burst); buckets with
+        their own rate switch at their next L{take}.
+        """
+        old_rate, old_burst = self.rate, self.burst
         self.rate = rate
         self.burst = burst
         if rate <= 0:
             self._buckets.clear()
+            return
+        now = self._clock.seconds()
+        for bucket in self._buckets.values():
+            if bucket.rate == old_rate and bucket.burst == old_burst:
+                bucket.reconfigure(rate, burst, now)
