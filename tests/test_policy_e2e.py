@@ -95,7 +95,7 @@ class PolicyEndToEndTests(TestCase):
         self, limits: LimitsSection, hosts: tuple[str, ...] = (HOST,), **agent: Any
     ) -> tuple[TunnelHarness, Any]:
         port, upstream = await listen_upstream(self)
-        harness = TunnelHarness(self, "websocket", {})
+        harness = TunnelHarness(self, "websocket", {"listen": "tcp:0:interface=127.0.0.1"})
         await harness.start_edge(limits=limits)
         address = harness.link_address()
         await harness.start_agent(
