@@ -107,6 +107,11 @@ class EdgeSection:
         "When no [[agents]] are configured, agents connecting from a loopback address may "
         "register any hostname without credentials (development only).",
     )
+    health_listen: str = setting(
+        "",
+        "Endpoint string for /healthz and /readyz (e.g. tcp:8082:interface=127.0.0.1); "
+        "'' = off.",
+    )
     drain_timeout: float = setting(
         30.0,
         "On SIGTERM, seconds in-flight streams may take to finish before they are closed "

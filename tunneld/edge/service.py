@@ -23,6 +23,7 @@ from twisted.logger import Logger
 
 from tunneld.config import EdgeConfig, load_edge_config
 from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPSettings
+from tunneld.edge.probes import probe_site
 from tunneld.edge.sessions import AgentSessions
 from tunneld.errors import ConfigError
 from tunneld.interfaces import EdgeLinkSetup, ITransportPlugin
@@ -77,6 +78,12 @@ class EdgeService(MultiService):
             listener = ListeningService(reactor, description, factory, "public HTTP")
             listener.setServiceParent(self)
             self.public.append(listener)
+        self.probes: ListeningService | None = None
+        if edge.health_listen:
+            self.probes = ListeningService(
+                reactor, edge.health_listen, probe_site(self.not_ready), "health probes"
+            )
+            self.probes.setServiceParent(self)
         setup = EdgeLinkSetup(
             on_link=self.sessions.link_connected,
             reactor=reactor,
@@ -88,6 +95,19 @@ class EdgeService(MultiService):
             service = plugin.edge_service(options, setup)
             service.setServiceParent(self)
             self.transports[plugin.name] = service
+
+    def not_ready(self) -> list[str]:
+        """Why the edge should not get traffic now (empty: ready); /readyz."""
+        problems = []
+        if self.policy.draining:
+            problems.append("draining")
+        for listener in self.public:
+            if listener.port is None:
+                problems.append(f"public listener {listener.description} is not listening")
+        for name, transport in self.transports.items():
+            if getattr(transport, "running", 1) and getattr(transport, "port", True) is None:
+                problems.append(f"{name} agent-link listener is not listening")
+        return problems
 
     # -- lifecycle ----------------------------------------------------------
 
