@@ -20,7 +20,7 @@ from tunneld.config import EdgeConfig, LimitsSection
 from tunneld.edge.sessions import AgentSessions
 from tunneld.reasons import Reason
 from tunneld.router import Route, Router
-from tunneld.wire.messages import Health, Hello, TunnelSpec, Welcome
+from tunneld.wire.messages import GoAway, Health, Hello, TunnelSpec, Welcome
 
 SPEC = TunnelSpec("app.test")
 
@@ -99,6 +99,15 @@ class SessionPolicyTests(SynchronousTestCase):
         pair.agent.send_control(Health("app.test", False, "down"))
         pair.pump()
         self.assertEqual(self.router.route("app.test", "/"), Reason.AGENT_UNAVAILABLE)
+
+    def test_agent_goaway_stops_new_streams(self) -> None:
+        """An agent that sends GoAway gets no new streams but keeps its link for those in flight."""
+        leaving = self.agent("leaving")
+        self.agent("staying")
+        leaving.agent.send_control(GoAway(Reason.CANCELLED, "agent stopping"))
+        leaving.pump()
+        self.assertFalse(leaving.edge.closed)
+        self.assertEqual({self.routed_to() for _ in range(20)}, {"staying"})
 
     def test_draining_refuses_new_agents(self) -> None:
         """While the edge drains, a new agent is turned away with draining."""

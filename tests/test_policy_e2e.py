@@ -88,6 +88,18 @@ class KeepAliveClient(Protocol):
         self.gone.callback(None)
 
 
+class _Raw(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.gone: defer.Deferred[None] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.data += data
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self.gone.callback(None)
+
+
 class PolicyEndToEndTests(TestCase):
     timeout = 120
 
@@ -139,6 +151,22 @@ class PolicyEndToEndTests(TestCase):
             request.finish()
         self.assertEqual(await defer.gatherResults(pending), [200, 200])
         self.assertEqual(await third.request("/hello"), 200)
+
+    async def test_proxy_protocol_from_trusted_balancer(self) -> None:
+        """With proxy_protocol on, a trusted peer's PROXY v1 header sets the client the agent is told about."""
+        harness, upstream = await self.tunnel(
+            LimitsSection(proxy_protocol=True, trusted_proxies=["127.0.0.0/8"])
+        )
+        raw = await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", harness.public_port), _Raw()
+        )
+        raw.transport.write(  # type: ignore[union-attr]
+            b"PROXY TCP4 198.51.100.7 127.0.0.1 5555 80\r\n"
+            b"GET /headers HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n"
+        )
+        await raw.gone
+        self.assertIn(b"HTTP/1.1 200 ", raw.data)
+        self.assertIn(b"x-forwarded-for: 198.51.100.7\n", raw.data)
 
     async def test_ten_thousand_requests_leave_every_counter_at_zero(self) -> None:
         """10,000 requests, many refused (429, 503), timed out (504) or cut off: all counters return to 0."""

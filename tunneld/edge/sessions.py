@@ -25,6 +25,7 @@ from tunneld.router import AgentSession, Router, hostname_allowed, tunnel_key
 from tunneld.wire.messages import (
     PROTOCOL_VERSION,
     ControlMessage,
+    GoAway,
     Health,
     Hello,
     Refusal,
@@ -68,6 +69,16 @@ class EdgeLinkHandler:
         """ILinkHandler.control_received"""
         if isinstance(message, Health) and self.session is not None:
             self.sessions.health(self.session, message)
+            return
+        if isinstance(message, GoAway) and self.session is not None:
+            # The agent is leaving (stopping, or moving): no new streams for
+            # it; those in flight finish before its link closes.
+            self.session.draining = True
+            self.log.info(
+                "agent {agent} is going away ({reason}: {message})",
+                agent=self.session.agent_id, reason=message.reason.value,
+                message=message.message,
+            )
             return
         if not isinstance(message, Hello) or self.session is not None:
             self.link.close(Reason.PROTOCOL_ERROR, f"unexpected {type(message).__name__}")

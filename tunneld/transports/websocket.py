@@ -103,11 +103,18 @@ class _FrameWireMixin:
     closeHandshakeTimeoutCall: Any
     log = Logger()
 
-    # sendMessage and sendClose come from Autobahn's protocol classes.
+    # sendMessage, sendClose and the states come from Autobahn's protocol classes.
     sendMessage: Any
     sendClose: Any
+    state: Any
+    STATE_OPEN: Any
 
     def send_frame(self, payload: bytes) -> None:
+        if self.state != self.STATE_OPEN:
+            # The close handshake has begun (the peer said goodbye): nothing
+            # more can be delivered, and the link learns of the loss from
+            # connectionLost.
+            return
         self.sendMessage(payload, isBinary=True)
 
     def close_wire(self, reason: Reason, message: str) -> None:
