@@ -168,6 +168,36 @@ class PolicyEndToEndTests(TestCase):
         self.assertIn(b"HTTP/1.1 200 ", raw.data)
         self.assertIn(b"x-forwarded-for: 198.51.100.7\n", raw.data)
 
+    async def test_failing_upstream_probe_takes_agent_out_of_routing(self) -> None:
+        """An agent whose http health check fails reports it; the edge routes the tunnel to the healthy agent only."""
+        from tunneld.agent.service import AgentService
+        from tunneld.config import AgentConfig, AgentSection, TunnelSection, transport_options
+
+        harness, upstream = await self.tunnel(LimitsSection())
+        port, _ = await listen_upstream(self)
+        section = AgentSection(id="sick", transports=["websocket"])
+        config = AgentConfig(
+            section,
+            [TunnelSection(hostname=HOST, upstream=f"tcp:host=127.0.0.1:port={port}",
+                           health_check="http:/missing", health_interval=0.2)],
+            {"websocket": {"url": f"ws://127.0.0.1:{harness.link_address().port}/tunnel"}},
+            "(test)",
+        )
+        sick = AgentService(
+            config, transport_options(["websocket"], config.transports, "(test)", edge=False),
+            reactor,
+        )
+        sick.startService()
+        self.addCleanup(sick.stopService)
+        await sick.ready
+        edge = harness.edge
+        assert edge is not None
+        while not any(s.unhealthy for s in edge.sessions.sessions.values()):
+            await sleep(0.02)
+        for _ in range(20):
+            self.assertEqual((await harness.request(HOST, "/hello"))[0], 200)
+        self.assertEqual(upstream.requests, 20)
+
     async def test_ten_thousand_requests_leave_every_counter_at_zero(self) -> None:
         """10,000 requests, many refused (429, 503), timed out (504) or cut off: all counters return to 0."""
         # app.test is rate limited per client; slow.test is not, so that its
