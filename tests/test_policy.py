@@ -373,6 +373,10 @@ class ListenerPolicyTests(SynchronousTestCase):
         self.assertIn(b"connection: close\r\n", answer)
         self.clock.advance(3)  # the listener lingers briefly so the answer is read
         self.assertTrue(tc.disconnecting)
+        d, td = self.connect()
+        d.dataReceived(b"GET / HTTP/1.1\r\nHost: unknown.test\r\n\r\n")
+        self.assertIn(b"tunnel-error: cap_reached\r\n", td.value())  # before any routing
+        d.connectionLost(None)
         self.assertEqual(self.link.streams, [])
         self.get(a)
         self.assertEqual(len(self.link.streams), 1)

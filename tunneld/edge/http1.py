@@ -465,6 +465,11 @@ class PublicHTTPProtocol(Protocol):
             problem = "missing Host header" if not hosts else "invalid or repeated Host header"
             self._refuse(method, "", target_text, Reason.BAD_REQUEST, problem)
             return
+        refused = self._conn_refused
+        if refused is not None:  # this connection is over a cap: say so, and close
+            self._refuse(method, host, target_text, refused.reason, refused.text,
+                         refused.retry_after, close=True)
+            return
         conn_tokens = _tokens(connection) if connection else set()
         if method == b"CONNECT" or (
             upgrade and b"upgrade" in conn_tokens and _tokens(upgrade) != {b"h2c"}
@@ -483,9 +488,7 @@ class PublicHTTPProtocol(Protocol):
             admitted = self._admit(route, headers)
             if isinstance(admitted, Refused):
                 self._refuse(method, host, target_text, admitted.reason, admitted.text,
-                             admitted.retry_after,
-                             close=self._conn_refused is not None
-                             or admitted.reason is Reason.DRAINING)
+                             admitted.retry_after, close=admitted.reason is Reason.DRAINING)
                 return
             slots = admitted
 
@@ -522,8 +525,6 @@ class PublicHTTPProtocol(Protocol):
     def _admit(self, route: RouteLike, headers: Headers) -> Any:
         """The policy's slots for this request, or a L{Refused}."""
         policy = cast(PublicPolicy, self._policy)
-        if self._conn_refused is not None:
-            return self._conn_refused
         forwarded_for = [value for name, value in headers if name == b"x-forwarded-for"]
         client = policy.client_of(self._peer_host or self._peer, forwarded_for)
         return policy.admit(route.tunnel, client, route.link.active_streams())
