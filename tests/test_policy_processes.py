@@ -78,6 +78,8 @@ class PolicyProcessTests(TestCase):
         agent, upstream = await self.agent(link)
         harness = self.harness(public)
         download = defer.ensureDeferred(harness.request(DEMO, "/hang"))
+        while len(upstream.hanging) < 1:  # one at a time: hanging[0] is the download
+            await sleep(0.01)
         stuck = defer.ensureDeferred(harness.request(DEMO, "/hang"))
         while len(upstream.hanging) < 2:
             await sleep(0.01)
