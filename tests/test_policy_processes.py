@@ -63,7 +63,8 @@ class PolicyProcessTests(TestCase):
         await edge.wait_for(r"(?s)registered demo\.localhost.*registered demo\.localhost")
         stopped.process.signalProcess(signal.SIGSTOP)  # type: ignore[attr-defined]
         silent = await edge.wait_for(r"silent for ([\d.]+)s: closing")
-        self.assertLessEqual(float(silent.group(1)), 2.0 + 0.5 + 0.2)
+        # Checked every interval: evicted by timeout + one interval (plus scheduling slack).
+        self.assertLessEqual(float(silent.group(1)), 2.0 + 0.5 + 0.5)
         await edge.wait_for(r"agent link from .* down \(agent_gone")
         before = stopped_upstream.requests
         harness = self.harness(public)
