@@ -24,6 +24,7 @@ from tunneld.config import (
     AgentSection,
     EdgeConfig,
     EdgeSection,
+    LimitsSection,
     TunnelSection,
     transport_options,
 )
@@ -220,7 +221,10 @@ class TunnelHarness:
         self.client = Agent(reactor, pool=self.pool)
         case.addCleanup(self.pool.closeCachedConnections)
 
-    async def start_edge(self, grants: list[AgentGrant] | None = None, **edge: Any) -> EdgeService:
+    async def start_edge(
+        self, grants: list[AgentGrant] | None = None, limits: LimitsSection | None = None,
+        **edge: Any,
+    ) -> EdgeService:
         edge.setdefault("admin_listen", "tcp:0:interface=127.0.0.1")
         section = EdgeSection(
             public_listen=["tcp:0:interface=127.0.0.1:backlog=1024"],
@@ -228,7 +232,10 @@ class TunnelHarness:
             public_url="http://{host}/",
             **edge,
         )
-        config = EdgeConfig(section, grants or [], {self.transport: self.edge_table}, "(test)")
+        config = EdgeConfig(
+            section, grants or [], {self.transport: self.edge_table}, "(test)",
+            limits or LimitsSection(),
+        )
         transports = transport_options(
             section.transports, config.transports, config.source, edge=True
         )

@@ -15,6 +15,7 @@ from typing import Any
 
 from tunneld.errors import ConfigError
 from tunneld.interfaces import ITransportPlugin
+from tunneld.policy.clientaddr import check_networks
 from tunneld.schema import non_negative, parse_table, positive, setting
 from tunneld.transports.registry import find_transport
 
@@ -44,6 +45,20 @@ def _h2_window(value: int) -> str | None:
     if 65535 <= value <= (1 << 31) - 1:
         return None
     return f"must be between 65535 and 2147483647 bytes, got {value}"
+
+
+def _unset_or_non_negative(value: float | None) -> str | None:
+    return None if value is None else non_negative(value)
+
+
+def _health_check(value: str) -> str | None:
+    from tunneld.agent.health import parse_health_check
+
+    try:
+        parse_health_check(value)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _non_empty(value: list[str]) -> str | None:
@@ -235,6 +250,90 @@ class EdgeSection:
     tcp_public_host: str = setting(
         "", "Host shown to agents in tcp://host:port URLs ('' = tcp_listen_interface)."
     )
+    health_listen: str = setting(
+        "",
+        "Endpoint string for /healthz and /readyz (e.g. tcp:8082:interface=127.0.0.1); "
+        "'' = off.",
+    )
+    drain_timeout: float = setting(
+        30.0,
+        "On SIGTERM, seconds in-flight streams may take to finish before they are closed "
+        "with 'draining'.",
+        check=non_negative,
+    )
+
+
+@dataclass(frozen=True)
+class TunnelLimits:
+    """Overrides for one tunnel ([limits.tunnels."HOST"]); a key left out inherits [limits]."""
+
+    rate: float | None = setting(None, "Requests per second for this tunnel.", check=_unset_or_non_negative)
+    burst: int | None = setting(None, "Burst above the rate for this tunnel.", check=_unset_or_non_negative)
+    client_rate: float | None = setting(
+        None, "Requests per second per client address on this tunnel.", check=_unset_or_non_negative
+    )
+    client_burst: int | None = setting(
+        None, "Burst per client address on this tunnel.", check=_unset_or_non_negative
+    )
+    max_streams: int | None = setting(
+        None, "Concurrent public exchanges on this tunnel.", check=_unset_or_non_negative
+    )
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    """Rate limits and connection caps ([limits]); 0 means no limit.  SIGHUP reloads them."""
+
+    rate: float = setting(
+        0.0, "Requests per second per tunnel, all clients together (0 = no limit).",
+        check=non_negative,
+    )
+    burst: int = setting(
+        0, "Requests a tunnel may take at once above its rate (0 = one second's worth).",
+        check=non_negative,
+    )
+    client_rate: float = setting(
+        0.0, "Requests per second per (tunnel, client address) (0 = no limit).", check=non_negative
+    )
+    client_burst: int = setting(
+        0, "Burst per (tunnel, client address) (0 = one second's worth).", check=non_negative
+    )
+    max_streams: int = setting(
+        0, "Concurrent public exchanges per tunnel (0 = no cap).", check=non_negative
+    )
+    max_connections: int = setting(
+        10_000, "Public connections open at once, in total (0 = no cap).", check=non_negative
+    )
+    max_connections_per_client: int = setting(
+        256, "Public connections open at once per client address (0 = no cap).",
+        check=non_negative,
+    )
+    max_agents: int = setting(
+        1000, "Agent sessions registered at once, in total (0 = no cap).", check=non_negative
+    )
+    max_agents_per_tunnel: int = setting(
+        32, "Agent sessions serving one tunnel at once (0 = no cap).", check=non_negative
+    )
+    retry_after: int = setting(
+        1, "Retry-After seconds sent with cap_reached and draining refusals.", check=positive
+    )
+    trusted_proxies: list[str] = setting(
+        [],
+        "Addresses or CIDR networks of load balancers whose X-Forwarded-For (or PROXY "
+        "header) names the client; from anyone else the socket peer is the client.",
+        check=check_networks,
+    )
+    proxy_protocol: bool = setting(
+        False,
+        "Public listeners read a PROXY protocol v1/v2 header from trusted_proxies peers.",
+    )
+    max_buckets: int = setting(
+        100_000, "Rate-limit buckets kept at most (idle full buckets are dropped first).",
+        check=positive,
+    )
+    tunnels: dict[str, TunnelLimits] = setting(
+        {}, "Per-tunnel overrides, keyed by the tunnel's hostname (plus path prefix, if any)."
+    )
 
 
 @dataclass(frozen=True)
@@ -247,6 +346,7 @@ class EdgeConfig:
         {}, "Per-transport tables ([transports.NAME]); see each transport's options."
     )
     source: str = NO_FILE
+    limits: LimitsSection = field(default_factory=LimitsSection)
 
 
 @dataclass(frozen=True)
@@ -327,6 +427,15 @@ class TunnelSection:
         0, "For tcp tunnels: the edge port to listen on (0 = the edge picks one).",
         check=_port_or_zero,
     )
+    health_check: str = setting(
+        "",
+        "Upstream probe: '' (none), 'tcp' (connect), or 'http:/path' / 'http:/path:STATUS' "
+        "(GET, expecting STATUS, else any 2xx/3xx).  An unhealthy tunnel gets no new streams "
+        "from the edge while other agents serve it.",
+        check=_health_check,
+    )
+    health_interval: float = setting(10.0, "Seconds between upstream probes.", check=positive)
+    health_timeout: float = setting(5.0, "Seconds a probe may take.", check=positive)
 
 
 @dataclass(frozen=True)
@@ -381,7 +490,7 @@ def load_edge_config(path: str | None) -> EdgeConfig:
                      config.edge.agent_tls.key, config.edge.agent_tls.client_ca)
     if config.edge.agent_tls.client_ca and not config.edge.agent_tls.certificate:
         raise ConfigError(where, "edge.agent_tls.client_ca", "needs edge.agent_tls.certificate")
-    return EdgeConfig(config.edge, config.agents, config.transports, where)
+    return EdgeConfig(config.edge, config.agents, config.transports, where, config.limits)
 
 
 def _check_tls_files(where: str, section: str, certificate: str, key: str, ca: str) -> None:

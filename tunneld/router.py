@@ -35,6 +35,8 @@ class AgentSession:
     tunnels: list[TunnelSpec] = field(default_factory=list)
     healthy: bool = True
     draining: bool = False
+    # Tunnels (keys) whose upstream probe on this agent last reported unhealthy.
+    unhealthy: set[str] = field(default_factory=set)
 
     def load(self) -> int:
         return self.link.active_streams()
@@ -104,6 +106,13 @@ class Router:
             if not tunnels:
                 self._by_host.pop(spec.hostname.lower(), None)
 
+    def serving(self, spec: TunnelSpec) -> int:
+        """How many sessions serve exactly C{spec} now."""
+        for tunnel in self._by_host.get(spec.hostname.lower(), []):
+            if tunnel.spec.path_prefix == spec.path_prefix:
+                return len(tunnel.sessions)
+        return 0
+
     def _candidates(self, host: str) -> list[list[_Tunnel]]:
         found = []
         exact = self._by_host.get(host)
@@ -129,7 +138,7 @@ class Router:
                 prefix = tunnel.spec.path_prefix
                 if prefix and not _under(path, prefix):
                     continue
-                session = self._pick(tunnel.sessions)
+                session = self._pick(tunnel.sessions, tunnel.key)
                 if session is None:
                     return Reason.AGENT_UNAVAILABLE
                 return Route(tunnel.key, session.link, session)
@@ -137,8 +146,11 @@ class Router:
             return Reason.AGENT_UNAVAILABLE
         return Reason.NO_TUNNEL
 
-    def _pick(self, sessions: list[AgentSession]) -> AgentSession | None:
-        usable = [s for s in sessions if s.healthy and not s.draining]
+    def _pick(self, sessions: list[AgentSession], key: str = "") -> AgentSession | None:
+        usable = [
+            s for s in sessions
+            if s.healthy and not s.draining and (not s.unhealthy or key not in s.unhealthy)
+        ]
         if not usable:
             return None
         if len(usable) == 1:

@@ -10,6 +10,7 @@ again.  A lost link is redialled after a jittered exponential backoff.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from zope.interface import implementer
 
 from tunneld import __version__
 from tunneld.agent.backoff import Backoff
+from tunneld.agent.health import UpstreamProbe, parse_health_check
 from tunneld.agent.tcp import TCPForwarder
 from tunneld.agent.upstream import UpstreamPool
 from tunneld.agent.upstream_h2 import H2UpstreamPool
@@ -35,7 +37,7 @@ from tunneld.interfaces import (
 from tunneld.reasons import Reason
 from tunneld.router import tunnel_key
 from tunneld.tls import client_tls_for
-from tunneld.wire.messages import ControlMessage, GoAway, Hello, TunnelSpec, Welcome
+from tunneld.wire.messages import ControlMessage, GoAway, Health, Hello, TunnelSpec, Welcome
 
 
 @implementer(ILinkHandler)
@@ -113,6 +115,17 @@ class AgentService(Service):
                 connect_timeout=section.upstream_connect_timeout,
                 response_timeout=section.upstream_response_timeout,
             )
+        self.probes: dict[str, UpstreamProbe] = {}
+        for tunnel, spec in zip(config.tunnels, self.specs, strict=True):
+            check = parse_health_check(tunnel.health_check)
+            if check is not None:
+                key = tunnel_key(spec)
+                self.probes[key] = UpstreamProbe(
+                    reactor, tunnel.upstream, tunnel.hostname, check, tunnel.health_interval,
+                    tunnel.health_timeout,
+                    functools.partial(self._health_changed, key),
+                )
+        self._welcomed: IAgentLink | None = None
         self.link: IAgentLink | None = None
         self.public_urls: tuple[str, ...] = ()
         self.ready: Deferred[Welcome] = Deferred()
@@ -130,6 +143,8 @@ class AgentService(Service):
     def startService(self) -> None:  # noqa: N802
         Service.startService(self)
         self._stopping = False
+        for probe in self.probes.values():
+            probe.start()
         self._dial(0)
 
     def stopService(self) -> Deferred[Any]:  # noqa: N802
@@ -140,6 +155,8 @@ class AgentService(Service):
         self._cancel_welcome_timer()
         if self._prefer_timer is not None and self._prefer_timer.active():
             self._prefer_timer.cancel()
+        for probe in self.probes.values():
+            probe.stop()
         waits = [pool.close() for pool in self.pools.values()]
         for link in self._links:
             link.close(Reason.CANCELLED, "agent stopping")
@@ -224,6 +241,10 @@ class AgentService(Service):
             )
             for url in message.public_urls:
                 self.log.info("tunnel ready: {url}", url=url)
+            self._welcomed = link
+            for key, probe in self.probes.items():
+                if probe.healthy is not None:
+                    link.send_control(Health(key, probe.healthy, probe.detail))
             for refusal in message.refused:
                 self.log.error(
                     "edge refused tunnel {tunnel}: {reason} ({message})",
@@ -292,6 +313,15 @@ class AgentService(Service):
             link.close(Reason.DRAINING, "agent moved to its preferred transport")
             return
         self.reactor.callLater(0.5, self._retire, link, deadline)
+    def _health_changed(self, key: str, healthy: bool, detail: str) -> None:
+        """An upstream probe changed its verdict: log it and tell the edge."""
+        if healthy:
+            self.log.info("upstream of {tunnel} is healthy: {detail}", tunnel=key, detail=detail)
+        else:
+            self.log.warn("upstream of {tunnel} is unhealthy: {detail}", tunnel=key, detail=detail)
+        link = self.link
+        if link is not None and link is self._welcomed:
+            link.send_control(Health(key, healthy, detail))
 
     def stream_opened(self, stream: IStream) -> None:
         if self.stream_hook is not None:

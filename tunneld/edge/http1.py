@@ -35,6 +35,7 @@ from tunneld.edge.forwarding import reply_headers as _reply_headers
 from tunneld.edge.forwarding import tokens as _tokens
 from tunneld.interfaces import IAgentLink, IStream, IStreamReceiver
 from tunneld.observe.stats import EdgeStats
+from tunneld.policy.gate import PublicPolicy, Refused
 from tunneld.reasons import Reason
 from tunneld.wire.messages import Headers, ReplyHead, StreamHead
 
@@ -157,7 +158,7 @@ class _Exchange:
     __slots__ = (
         "protocol", "stream", "upload", "method", "host", "target",
         "live", "uploading", "producing", "response_started", "response_done",
-        "chunked", "bodyless",
+        "chunked", "bodyless", "slots",
     )
 
     def __init__(self, protocol: PublicHTTPProtocol, method: bytes, host: str, target: str) -> None:
@@ -174,6 +175,7 @@ class _Exchange:
         self.response_done = False
         self.chunked = False  # the reply goes out chunked, so trailers can follow it
         self.bodyless = method == b"HEAD"
+        self.slots: Any = None  # the policy's slots, released when the exchange ends
 
     # -- IStreamReceiver ----------------------------------------------------
 
@@ -236,6 +238,10 @@ class PublicHTTPProtocol(Protocol):
 
     def __init__(self, factory: PublicHTTPFactory) -> None:
         self._router = factory.router
+        self._policy = factory.policy
+        self._conn_slots: Any = None
+        self._conn_refused: Refused | None = None
+        self._peer_host = ""
         self._settings = factory.settings
         self._clock = factory.reactor
         self._seconds = factory.reactor.seconds
@@ -273,6 +279,14 @@ class PublicHTTPProtocol(Protocol):
         else:
             self._peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             self._client_ip = host.encode("ascii")
+            self._peer_host = host
+        if self._policy is not None:
+            admitted = self._policy.connection_opened(self._peer_host or self._peer)
+            if isinstance(admitted, Refused):
+                # Answered on its first request, so the client learns why.
+                self._conn_refused = admitted
+            else:
+                self._conn_slots = admitted
         self._arm(self._settings.header_timeout, self._head_timed_out)
 
     def dataReceived(self, data: bytes) -> None:
@@ -291,6 +305,10 @@ class PublicHTTPProtocol(Protocol):
         exchange = self._exchange
         if exchange is not None:
             self._client_gone(exchange)
+            if exchange.slots is not None:
+                exchange.slots.release()
+        if self._conn_slots is not None:
+            self._conn_slots.release()
 
     # -- reading requests ---------------------------------------------------
 
@@ -391,6 +409,11 @@ class PublicHTTPProtocol(Protocol):
             problem = "missing Host header" if not hosts else "invalid or repeated Host header"
             self._refuse(method, "", target_text, Reason.BAD_REQUEST, problem)
             return
+        refused = self._conn_refused
+        if refused is not None:  # this connection is over a cap: say so, and close
+            self._refuse(method, host, target_text, refused.reason, refused.text,
+                         refused.retry_after, close=True)
+            return
         conn_tokens = _tokens(connection) if connection else set()
         if method == b"CONNECT" or (
             upgrade and b"upgrade" in conn_tokens and _tokens(upgrade) != {b"h2c"}
@@ -404,6 +427,14 @@ class PublicHTTPProtocol(Protocol):
         if isinstance(route, Reason):
             self._refuse(method, host, target_text, route, route.description)
             return
+        slots = None
+        if self._policy is not None:
+            admitted = self._admit(route, headers)
+            if isinstance(admitted, Refused):
+                self._refuse(method, host, target_text, admitted.reason, admitted.text,
+                             admitted.retry_after, close=admitted.reason is Reason.DRAINING)
+                return
+            slots = admitted
 
         # The agent re-frames the body: Content-Length is kept when the request
         # had one (and no Transfer-Encoding, which overrides it), so the agent
@@ -433,10 +464,18 @@ class PublicHTTPProtocol(Protocol):
         forwarded.append((b"x-forwarded-proto", settings.scheme.encode("ascii")))
         forwarded.append((b"x-forwarded-host", authority))
         forwarded.append((b"via", b", ".join(vias)))
-        self._open(route, method, host, target_text, tuple(forwarded))
+        self._open(route, method, host, target_text, tuple(forwarded), slots)
+
+    def _admit(self, route: RouteLike, headers: Headers) -> Any:
+        """The policy's slots for this request, or a L{Refused}."""
+        policy = cast(PublicPolicy, self._policy)
+        forwarded_for = [value for name, value in headers if name == b"x-forwarded-for"]
+        client = policy.client_of(self._peer_host or self._peer, forwarded_for)
+        return policy.admit(route.tunnel, client, route.link.active_streams())
 
     def _open(
-        self, route: RouteLike, method: bytes, host: str, target: str, headers: Headers
+        self, route: RouteLike, method: bytes, host: str, target: str, headers: Headers,
+        slots: Any = None,
     ) -> None:
         """Carry the request on a new stream over the route's agent link."""
         head = StreamHead(
@@ -449,6 +488,7 @@ class PublicHTTPProtocol(Protocol):
             scheme=self._settings.scheme,
         )
         exchange = _Exchange(self, method, host, target)
+        exchange.slots = slots
         self._exchange = exchange
         try:
             stream = route.link.open_stream(head, exchange)
@@ -458,6 +498,8 @@ class PublicHTTPProtocol(Protocol):
                 method=head.method, host=host, target=target,
             )
             exchange.live = False
+            if slots is not None:
+                slots.release()
             self._exchange = None
             self._refuse(method, host, target, Reason.AGENT_UNAVAILABLE,
                          Reason.AGENT_UNAVAILABLE.description)
@@ -487,14 +529,17 @@ class PublicHTTPProtocol(Protocol):
 
     # -- refusals -----------------------------------------------------------
 
-    def _refuse(self, method: bytes, host: str, target: str, reason: Reason, text: str) -> None:
+    def _refuse(
+        self, method: bytes, host: str, target: str, reason: Reason, text: str,
+        retry_after: int | None = None, close: bool = False,
+    ) -> None:
         self.log.info(
             "refused {method} {host}{target} from {peer}: {reason}",
             method=method.decode("latin-1"), host=host, target=target, peer=self._peer,
             reason=reason.value,
         )
         self._stats.refused(reason, host=host, target=target, peer=self._peer, message=text)
-        self._answer(reason.http_status, reason.value, text)
+        self._answer(reason.http_status, reason.value, text, close, retry_after)
 
     def _refuse_upgrade(self, method: bytes, host: str, target: str) -> None:
         """
@@ -512,7 +557,10 @@ class PublicHTTPProtocol(Protocol):
         )
         self._answer(501, Reason.BAD_REQUEST.value, _UPGRADE_REFUSAL)
 
-    def _answer(self, status: int, label: str, text: str, close: bool = False) -> None:
+    def _answer(
+        self, status: int, label: str, text: str, close: bool = False,
+        retry_after: int | None = None,
+    ) -> None:
         """
         Send a short plain-text answer with a C{Tunnel-Error} header, then go
         on with the next request, drain the rest of this one, or close.
@@ -533,6 +581,8 @@ class PublicHTTPProtocol(Protocol):
             (b"tunnel-error", label.encode("ascii")),
             (b"via", self._via),
         ]
+        if retry_after is not None:
+            headers.append((b"retry-after", b"%d" % retry_after))
         if not keep:
             headers.append((b"connection", b"close"))
         events: list[h11.Event] = [
@@ -675,6 +725,8 @@ class PublicHTTPProtocol(Protocol):
     def _finish(self, exchange: _Exchange) -> None:
         """The stream is done with: unhook it from the socket, both ways."""
         exchange.live = False
+        if exchange.slots is not None:
+            exchange.slots.release()
         if exchange.uploading:
             exchange.uploading = False
             stream = exchange.stream
@@ -822,8 +874,10 @@ class PublicHTTPFactory(Factory):
     def __init__(
         self, router: Routes, settings: PublicHTTPSettings, reactor: IReactorTime,
         stats: EdgeStats | None = None,
+        policy: PublicPolicy | None = None,
     ) -> None:
         self.router = router
+        self.policy = policy
         self.settings = settings
         self.reactor = reactor
         self.stats = stats if stats is not None else EdgeStats(reactor)

@@ -2,31 +2,53 @@
 """
 The edge as a service tree: router, agent sessions, public listeners and one
 listening service per configured transport, all under one L{MultiService}.
+
+Stopping (SIGTERM under twistd) drains: see L{EdgeService.drain}.  SIGHUP
+re-reads the configuration file and applies its limits to new work
+(L{EdgeService.reload}); a file that fails validation changes nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import signal
+import threading
 from dataclasses import replace
 from typing import Any
 
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults, maybeDeferred
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
 
-from tunneld.config import EdgeConfig
+from tunneld.config import EdgeConfig, load_edge_config
 from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPSettings
 from tunneld.edge.http2 import PublicH2Factory, PublicH2Settings, PublicHTTPChooserFactory
+from tunneld.edge.probes import probe_site
 from tunneld.edge.public_tls import PublicTLSFactory, public_tls_contexts
 from tunneld.edge.sessions import AgentSessions
 from tunneld.edge.tcp import TCPTunnels
+from tunneld.errors import ConfigError
 from tunneld.interfaces import EdgeLinkSetup, ITransportPlugin
 from tunneld.listening import ListeningService
 from tunneld.observe.service import EdgeObservability
 from tunneld.observe.stats import EdgeStats
+from tunneld.policy.clientaddr import ProxyProtocolFactory, TrustedProxies
+from tunneld.policy.gate import PublicPolicy
+from tunneld.reasons import Reason
 from tunneld.router import Router
 from tunneld.tls import agent_link_tls
+from tunneld.wire.messages import GoAway
+
+# How often a drain looks whether the streams in flight have finished.
+_DRAIN_POLL = 0.05
 
 
 class EdgeService(MultiService):
     """Everything one edge process runs."""
+
+    log = Logger()
 
     def __init__(
         self,
@@ -43,6 +65,12 @@ class EdgeService(MultiService):
         self.tcp.setServiceParent(self)
         self.sessions = AgentSessions(config, self.router, reactor, self.stats, tcp=self.tcp)
         edge = config.edge
+        self.policy = PublicPolicy(config.limits, reactor, edge.max_streams_per_agent)
+        self._proxy_wrappers: list[ProxyProtocolFactory] = []
+        self._previous_sighup: Any = None
+        self._previous_sigterm: Any = None
+        self._stopping = False
+        self._hurry = False
         settings = PublicHTTPSettings(
             max_header_bytes=edge.max_header_bytes,
             header_timeout=edge.header_timeout,
@@ -52,12 +80,24 @@ class EdgeService(MultiService):
         )
         self.public: list[ListeningService] = []
         for description in edge.public_listen:
-            listener = ListeningService(
-                reactor, description, PublicHTTPFactory(self.router, settings, reactor, self.stats),
-                "public HTTP",
+            factory: Any = PublicHTTPFactory(
+                self.router, settings, reactor, stats=self.stats, policy=self.policy
             )
+            if config.limits.proxy_protocol:
+                factory = ProxyProtocolFactory(
+                    factory, TrustedProxies(config.limits.trusted_proxies), reactor,
+                    edge.header_timeout,
+                )
+                self._proxy_wrappers.append(factory)
+            listener = ListeningService(reactor, description, factory, "public HTTP")
             listener.setServiceParent(self)
             self.public.append(listener)
+        self.probes: ListeningService | None = None
+        if edge.health_listen:
+            self.probes = ListeningService(
+                reactor, edge.health_listen, probe_site(self.not_ready), "health probes"
+            )
+            self.probes.setServiceParent(self)
         self.public_h2c: list[ListeningService] = []
         self.public_tls: list[ListeningService] = []
         self._public_h2(settings)
@@ -94,7 +134,9 @@ class EdgeService(MultiService):
         reactor = self.reactor
         for description in edge.public_h2c_listen:
             chooser = PublicHTTPChooserFactory(
-                PublicHTTPFactory(self.router, settings, reactor, self.stats),
+                PublicHTTPFactory(
+                    self.router, settings, reactor, stats=self.stats, policy=self.policy
+                ),
                 PublicH2Factory(self.router, h2_settings, reactor),
                 reactor, edge.header_timeout,
             )
@@ -109,7 +151,9 @@ class EdgeService(MultiService):
         tls_h2 = replace(h2_settings, scheme="https")
         for description in edge.public_tls_listen:
             chooser = PublicHTTPChooserFactory(
-                PublicHTTPFactory(self.router, tls_http1, reactor, self.stats),
+                PublicHTTPFactory(
+                    self.router, tls_http1, reactor, stats=self.stats, policy=self.policy
+                ),
                 PublicH2Factory(self.router, tls_h2, reactor),
                 reactor, edge.header_timeout,
             )
@@ -119,3 +163,148 @@ class EdgeService(MultiService):
             listener.setServiceParent(self)
             self.public.append(listener)
             self.public_tls.append(listener)
+
+    def not_ready(self) -> list[str]:
+        """Why the edge should not get traffic now (empty: ready); /readyz."""
+        problems = []
+        if self.policy.draining:
+            problems.append("draining")
+        for listener in self.public:
+            if listener.port is None:
+                problems.append(f"public listener {listener.description} is not listening")
+        for name, transport in self.transports.items():
+            if getattr(transport, "running", 1) and getattr(transport, "port", True) is None:
+                problems.append(f"{name} agent-link listener is not listening")
+        return problems
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        source = self.config.source
+        if os.path.isfile(source) and threading.current_thread() is threading.main_thread():
+            # Only for a process run from a configuration file (twistd), never
+            # inside someone else's process such as a test runner.
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+            self.reactor.callWhenRunning(self._take_sigterm)
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def _take_sigterm(self) -> None:
+        """
+        Replace the reactor's SIGTERM handler (installed as it starts): a
+        drained stop is a clean stop, so the process exits 0 rather than
+        re-raising the signal; a second SIGTERM cuts the drain short.
+        """
+        if self.running and not self._stopping:
+            self._previous_sigterm = signal.signal(signal.SIGTERM, self._sigterm)
+
+    def _sigterm(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self._terminate)
+
+    def _terminate(self) -> None:
+        if self._stopping:
+            self.log.warn("SIGTERM again: closing what is still in flight now")
+            self._hurry = True
+            return
+        self.log.info("SIGTERM: draining, then stopping")
+        self.reactor.stop()
+
+    def stopService(self) -> Deferred[Any]:  # noqa: N802
+        self._stopping = True
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
+        drained = ensureDeferred(self.drain(self.config.edge.drain_timeout))
+        drained.addErrback(lambda f: self.log.failure("draining failed", f))
+        drained.addCallback(lambda _: MultiService.stopService(self))
+        drained.addCallback(self._stopped)
+        return drained
+
+    def _stopped(self, result: Any) -> Any:
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
+        self.log.info("edge stopped; policy counters: {counters}", counters=self.policy.snapshot())
+        return result
+
+    async def drain(self, timeout: float) -> None:
+        """
+        Stop taking new work and let the streams in flight finish: public
+        listeners stop listening, new requests and agents are refused with
+        C{draining}, every agent gets a GOAWAY (it reconnects elsewhere and
+        keeps its in-flight streams), and after C{timeout} seconds whatever is
+        still running is closed with C{draining}.
+        """
+        self.policy.draining = True
+        self.sessions.draining = True
+        await gatherResults(
+            [maybeDeferred(listener.stopService) for listener in self.public], consumeErrors=True
+        )
+        sessions = list(self.sessions.sessions.values())
+        for session in sessions:
+            session.draining = True
+            session.link.send_control(GoAway(Reason.DRAINING, "the edge is shutting down"))
+        in_flight = sum(s.link.active_streams() for s in sessions)
+        self.log.info(
+            "draining: {streams} streams in flight on {sessions} agent sessions, "
+            "up to {timeout}s",
+            streams=in_flight, sessions=len(sessions), timeout=timeout,
+        )
+        deadline = self.reactor.seconds() + timeout
+        while not self._hurry and self.reactor.seconds() < deadline and any(
+            s.link.active_streams() for s in sessions
+        ):
+            await deferLater(self.reactor, _DRAIN_POLL, lambda: None)
+        left = sum(s.link.active_streams() for s in sessions)
+        if left:
+            self.log.warn(
+                "drain deadline passed: closing {streams} streams with draining", streams=left
+            )
+        else:
+            self.log.info("drained: every stream in flight finished")
+        for session in list(self.sessions.sessions.values()):
+            session.link.close(Reason.DRAINING, "the edge is shutting down")
+
+    # -- reload -------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """
+        Re-read the configuration file: new limits (and C{max_streams_per_agent},
+        C{drain_timeout}) apply to new work; nothing established is touched.
+        A file that fails validation is rejected with its reason and the
+        configuration in force stays.
+        """
+        source = self.config.source
+        try:
+            new = load_edge_config(source)
+        except ConfigError as e:
+            self.log.error("configuration reload rejected, keeping the old one: {error}", error=str(e))
+            return False
+        old = self.config
+        edge = dataclasses.replace(
+            old.edge,
+            max_streams_per_agent=new.edge.max_streams_per_agent,
+            drain_timeout=new.edge.drain_timeout,
+        )
+        restart = [
+            name for name, before, after in (
+                ("edge", edge, new.edge),
+                ("agents", old.agents, new.agents),
+                ("transports", old.transports, new.transports),
+                ("limits.proxy_protocol", old.limits.proxy_protocol, new.limits.proxy_protocol),
+            )
+            if before != after
+        ]
+        self.config = dataclasses.replace(old, edge=edge, limits=new.limits)
+        self.policy.configure(new.limits, edge.max_streams_per_agent)
+        self.sessions.limits = new.limits
+        for wrapper in self._proxy_wrappers:
+            wrapper.trusted = TrustedProxies(new.limits.trusted_proxies)
+        self.log.info("configuration reloaded from {source}: new limits apply to new work",
+                      source=source)
+        if restart:
+            self.log.warn("changes to {sections} take a restart; not applied",
+                          sections=", ".join(restart))
+        return True

@@ -31,6 +31,7 @@ from tunneld.wire.messages import (
     PROTOCOL_VERSION,
     ControlMessage,
     GoAway,
+    Health,
     Hello,
     Refusal,
     TunnelSpec,
@@ -82,12 +83,16 @@ class EdgeLinkHandler:
 
     def control_received(self, message: ControlMessage) -> None:
         """ILinkHandler.control_received"""
+        if isinstance(message, Health) and self.session is not None:
+            self.sessions.health(self.session, message)
+            return
         if isinstance(message, GoAway) and self.session is not None:
-            # The agent is leaving this link: route new streams elsewhere.
+            # The agent is leaving (stopping, or moving): no new streams for
+            # it; those in flight finish before its link closes.
             self.session.draining = True
             self.log.info(
-                "agent {agent} is draining its {transport} link: {message}",
-                agent=self.session.agent_id, transport=self.link.transport_name,
+                "agent {agent} is going away ({reason}: {message})",
+                agent=self.session.agent_id, reason=message.reason.value,
                 message=message.message,
             )
             return
@@ -127,6 +132,9 @@ class AgentSessions:
         self.tcp = tcp
         self.sessions: dict[str, AgentSession] = {}
         self.connected_at: dict[str, float] = {}
+        # Caps on agents; replaced as a whole on reload (SIGHUP).
+        self.limits = config.limits
+        self.draining = False
         self._grants = {grant.id: grant for grant in config.agents}
         self._plaintext_public: set[str] = set()  # transports listening in the clear off loopback
         for grant in config.agents:
@@ -238,15 +246,33 @@ class AgentSessions:
             )
             link.close(Reason.UNAUTHORIZED, str(e))
             return
+        if self.draining:
+            link.close(Reason.DRAINING, "the edge is shutting down")
+            return
+        limits = self.limits
+        if limits.max_agents and len(self.sessions) >= limits.max_agents:
+            self.log.warn(
+                "agent {agent} from {peer} refused: {reason} ({count} agent sessions)",
+                agent=hello.agent_id, peer=link.peer, reason=Reason.CAP_REACHED.value,
+                count=len(self.sessions),
+            )
+            link.close(Reason.CAP_REACHED, f"the edge has {len(self.sessions)} agent sessions")
+            return
         session = AgentSession(uuid.uuid4().hex, hello.agent_id, link)
         refused: list[Refusal] = []
         urls: list[str] = []
         for spec in hello.tunnels:
             problem = self._check_spec(spec, allowed)
+            reason = Reason.UNAUTHORIZED
+            if problem is None and limits.max_agents_per_tunnel and (
+                self.router.serving(spec) >= limits.max_agents_per_tunnel
+            ):
+                reason = Reason.CAP_REACHED
+                problem = f"{limits.max_agents_per_tunnel} agents serve it already"
             if problem is not None:
-                refused.append(Refusal(spec, Reason.UNAUTHORIZED, problem))
+                refused.append(Refusal(spec, reason, problem))
                 self.stats.refused(
-                    Reason.UNAUTHORIZED, kind="agent", host=spec.hostname,
+                    reason, kind="agent", host=spec.hostname,
                     target=spec.path_prefix, peer=link.peer,
                     message=f"agent {hello.agent_id}: {problem}",
                 )
@@ -284,6 +310,20 @@ class AgentSessions:
                 version=min(hello.version, PROTOCOL_VERSION),
                 initial_window=self.config.edge.initial_window,
             )
+        )
+
+    def health(self, session: AgentSession, report: Health) -> None:
+        """An agent's upstream probe changed its verdict on one of its tunnels."""
+        if not any(tunnel_key(spec) == report.tunnel for spec in session.tunnels):
+            return  # not a tunnel this session serves: nothing to route differently
+        if report.healthy:
+            session.unhealthy.discard(report.tunnel)
+        else:
+            session.unhealthy.add(report.tunnel)
+        self.log.info(
+            "agent {agent} reports {tunnel} {state}: {detail}",
+            agent=session.agent_id, tunnel=report.tunnel,
+            state="healthy" if report.healthy else "unhealthy", detail=report.detail,
         )
 
     def _check_spec(

@@ -88,11 +88,11 @@ class _FrameWireMixin:
     # twisted Logger in its place wrote each frame's debug line to the log
     # (a third of the CPU of a small request; see docs/benchmarks.md).
 
-    # sendMessage and sendClose come from Autobahn's protocol classes.
+    # sendMessage, sendClose and the states come from Autobahn's protocol classes.
     sendMessage: Any
     sendClose: Any
-
-    state: int
+    state: Any
+    STATE_OPEN: Any
 
     def send_frame(self, payload: bytes) -> None:
         # Once the close handshake has begun, the peer no longer reads frames.

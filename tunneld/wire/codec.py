@@ -20,6 +20,7 @@ from tunneld.wire.messages import (
     ControlMessage,
     GoAway,
     Headers,
+    Health,
     Hello,
     Refusal,
     ReplyHead,
@@ -218,13 +219,17 @@ def encode_control(message: ControlMessage) -> pb.Frame:
                 heartbeat_ms=message.heartbeat_ms,
             )
         )
+    if isinstance(message, Health):
+        return pb.Frame(
+            health=pb.Health(tunnel=message.tunnel, healthy=message.healthy, detail=message.detail)
+        )
     return pb.Frame(
         goaway=pb.GoAway(reason=message.reason.wire_code, message=message.message)  # type: ignore[arg-type]
     )
 
 
 def control_from(frame: pb.Frame) -> ControlMessage:
-    """The control message carried by a hello, welcome or goaway frame."""
+    """The control message carried by a hello, welcome, goaway or health frame."""
     kind = frame.WhichOneof("body")
     if kind == "hello":
         h = frame.hello
@@ -251,4 +256,6 @@ def control_from(frame: pb.Frame) -> ControlMessage:
         )
     if kind == "goaway":
         return GoAway(Reason.from_wire(frame.goaway.reason), frame.goaway.message)
+    if kind == "health":
+        return Health(frame.health.tunnel, frame.health.healthy, frame.health.detail)
     raise FrameError(f"{kind} is not a control frame")

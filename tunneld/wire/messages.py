@@ -70,7 +70,16 @@ class GoAway:
     message: str = ""
 
 
-ControlMessage = Hello | Welcome | GoAway
+@dataclass(frozen=True, slots=True)
+class Health:
+    """The agent's upstream probe for one tunnel changed its verdict."""
+
+    tunnel: str
+    healthy: bool
+    detail: str = ""
+
+
+ControlMessage = Hello | Welcome | GoAway | Health
 
 
 @dataclass(frozen=True, slots=True)

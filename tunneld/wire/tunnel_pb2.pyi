@@ -174,8 +174,18 @@ class GoAway(_message.Message):
     message: str
     def __init__(self, reason: _Optional[_Union[Reason, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
+class Health(_message.Message):
+    __slots__ = ("tunnel", "healthy", "detail")
+    TUNNEL_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    tunnel: str
+    healthy: bool
+    detail: str
+    def __init__(self, tunnel: _Optional[str] = ..., healthy: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
+
 class Frame(_message.Message):
-    __slots__ = ("stream_id", "hello", "welcome", "open", "reply", "data", "end", "reset", "window", "ping", "pong", "goaway")
+    __slots__ = ("stream_id", "hello", "welcome", "open", "reply", "data", "end", "reset", "window", "ping", "pong", "goaway", "health")
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     HELLO_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +198,7 @@ class Frame(_message.Message):
     PING_FIELD_NUMBER: _ClassVar[int]
     PONG_FIELD_NUMBER: _ClassVar[int]
     GOAWAY_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
     stream_id: int
     hello: Hello
     welcome: Welcome
@@ -200,4 +211,5 @@ class Frame(_message.Message):
     ping: Ping
     pong: Ping
     goaway: GoAway
-    def __init__(self, stream_id: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., open: _Optional[_Union[Open, _Mapping]] = ..., reply: _Optional[_Union[Reply, _Mapping]] = ..., data: _Optional[_Union[Data, _Mapping]] = ..., end: _Optional[_Union[End, _Mapping]] = ..., reset: _Optional[_Union[Reset, _Mapping]] = ..., window: _Optional[_Union[Window, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Ping, _Mapping]] = ..., goaway: _Optional[_Union[GoAway, _Mapping]] = ...) -> None: ...
+    health: Health
+    def __init__(self, stream_id: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., open: _Optional[_Union[Open, _Mapping]] = ..., reply: _Optional[_Union[Reply, _Mapping]] = ..., data: _Optional[_Union[Data, _Mapping]] = ..., end: _Optional[_Union[End, _Mapping]] = ..., reset: _Optional[_Union[Reset, _Mapping]] = ..., window: _Optional[_Union[Window, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Ping, _Mapping]] = ..., goaway: _Optional[_Union[GoAway, _Mapping]] = ..., health: _Optional[_Union[Health, _Mapping]] = ...) -> None: ...

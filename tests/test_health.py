@@ -1,0 +1,184 @@
+"""
+Health on the reactor clock and over real sockets: heartbeat eviction moves
+routing at once, agent caps refuse only the newcomer, upstream probes (TCP
+and HTTP) and the Health reports that take an agent out of routing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.harness import listen_upstream
+from tests.test_mux import Pair
+from tunneld.agent.health import HealthCheck, UpstreamProbe, parse_health_check
+from tunneld.config import EdgeConfig, LimitsSection
+from tunneld.edge.sessions import AgentSessions
+from tunneld.reasons import Reason
+from tunneld.router import Route, Router
+from tunneld.wire.messages import GoAway, Health, Hello, TunnelSpec, Welcome
+
+SPEC = TunnelSpec("app.test")
+
+
+class SessionPolicyTests(SynchronousTestCase):
+    """AgentSessions with FrameLink pairs on a Clock."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.router = Router()
+        self.sessions = AgentSessions(
+            EdgeConfig(limits=LimitsSection(max_agents=3, max_agents_per_tunnel=2)),
+            self.router, self.clock,
+        )
+
+    def agent(self, name: str, *specs: TunnelSpec) -> Pair:
+        pair = Pair(self.clock)
+        pair.edge.peer = "127.0.0.1:1000"
+        self.sessions.link_connected(pair.edge)
+        pair.agent.send_control(Hello(agent_id=name, tunnels=specs or (SPEC,)))
+        pair.pump()
+        return pair
+
+    def routed_to(self) -> str:
+        route = self.router.route("app.test", "/")
+        assert isinstance(route, Route), route
+        return route.session.agent_id
+
+    def test_heartbeat_timeout_evicts_and_routing_moves(self) -> None:
+        """A silent agent is evicted when its heartbeat times out; new streams go to the other at once."""
+        quiet, busy = self.agent("quiet"), self.agent("busy")
+        self.assertEqual(len(self.sessions.sessions), 2)
+        for _ in range(3):
+            self.clock.advance(10)
+            busy.pump()  # only the busy agent answers pings
+        self.assertTrue(quiet.edge.closed)
+        self.assertEqual([s.agent_id for s in self.sessions.sessions.values()], ["busy"])
+        self.assertEqual({self.routed_to() for _ in range(20)}, {"busy"})
+
+    def test_agents_per_tunnel_cap(self) -> None:
+        """The third agent for a tunnel gets that tunnel refused with cap_reached; others keep it."""
+        self.agent("a")
+        self.agent("b")
+        third = self.agent("c", SPEC, TunnelSpec("other.test"))
+        welcome = third.agent_handler.controls[0]
+        assert isinstance(welcome, Welcome)
+        self.assertEqual([(r.tunnel, r.reason) for r in welcome.refused], [(SPEC, Reason.CAP_REACHED)])
+        self.assertEqual(len(welcome.public_urls), 1)
+        self.assertEqual(sorted(self.router.snapshot()["app.test"]), ["a", "b"])
+
+    def test_total_agents_cap(self) -> None:
+        """Past max_agents a newcomer's link is closed with cap_reached; the others stay."""
+        pairs = [self.agent(name, TunnelSpec(f"{name}.test")) for name in "abc"]
+        fourth = self.agent("d", TunnelSpec("d.test"))
+        self.assertTrue(fourth.edge.closed)
+        self.assertEqual(fourth.edge_wire.closed[0], Reason.CAP_REACHED)  # type: ignore[index]
+        self.assertFalse(any(p.edge.closed for p in pairs))
+        fourth.pump()
+        pairs[0].edge.close(Reason.CANCELLED, "bye")
+        self.assertFalse(self.agent("e", TunnelSpec("e.test")).edge.closed)
+
+    def test_health_reports_steer_routing(self) -> None:
+        """A tunnel reported unhealthy by one agent is routed to the others; back when healthy."""
+        sick = self.agent("sick")
+        self.agent("well")
+        sick.agent.send_control(Health("app.test", False, "GET / answered 500"))
+        sick.pump()
+        self.assertEqual({self.routed_to() for _ in range(20)}, {"well"})
+        sick.agent.send_control(Health("app.test", True, "ok"))
+        sick.pump()
+        self.assertEqual({self.routed_to() for _ in range(50)}, {"sick", "well"})
+
+    def test_all_unhealthy_is_agent_unavailable(self) -> None:
+        """With every agent unhealthy for a tunnel, requests get agent_unavailable."""
+        pair = self.agent("only")
+        pair.agent.send_control(Health("app.test", False, "down"))
+        pair.pump()
+        self.assertEqual(self.router.route("app.test", "/"), Reason.AGENT_UNAVAILABLE)
+
+    def test_agent_goaway_stops_new_streams(self) -> None:
+        """An agent that sends GoAway gets no new streams but keeps its link for those in flight."""
+        leaving = self.agent("leaving")
+        self.agent("staying")
+        leaving.agent.send_control(GoAway(Reason.CANCELLED, "agent stopping"))
+        leaving.pump()
+        self.assertFalse(leaving.edge.closed)
+        self.assertEqual({self.routed_to() for _ in range(20)}, {"staying"})
+
+    def test_draining_refuses_new_agents(self) -> None:
+        """While the edge drains, a new agent is turned away with draining."""
+        self.sessions.draining = True
+        pair = self.agent("late")
+        self.assertEqual(pair.edge_wire.closed[0], Reason.DRAINING)  # type: ignore[index]
+
+
+class ParseTests(SynchronousTestCase):
+    def test_forms(self) -> None:
+        """'', tcp, http:/path and http:/path:STATUS parse; anything else is an error."""
+        self.assertIsNone(parse_health_check(""))
+        self.assertEqual(parse_health_check("tcp"), HealthCheck("tcp"))
+        self.assertEqual(parse_health_check("http:/healthz"), HealthCheck("http", "/healthz"))
+        self.assertEqual(parse_health_check("http:/a:b:204"), HealthCheck("http", "/a:b", 204))
+        for bad in ("udp", "http:healthz", "http:/x:999", "http:/a b"):
+            self.assertRaises(ValueError, parse_health_check, bad)
+
+
+class ProbeTests(TestCase):
+    """Probes against real loopback services."""
+
+    timeout = 10
+
+    async def verdicts(self, upstream: str, check: HealthCheck) -> list[tuple[bool, str]]:
+        seen: list[tuple[bool, str]] = []
+        first: Deferred[None] = Deferred()
+
+        def report(healthy: bool, detail: str) -> None:
+            seen.append((healthy, detail))
+            first.callback(None)
+
+        probe = UpstreamProbe(reactor, upstream, "app.test", check, 30.0, 2.0, report)
+        probe.start()
+        self.addCleanup(probe.stop)
+        await first
+        return seen
+
+    async def test_http_probe(self) -> None:
+        """GET of a path that answers 200 is healthy; one that answers 404 is not."""
+        port, _ = await listen_upstream(self)
+        upstream = f"tcp:host=127.0.0.1:port={port}"
+        good = await self.verdicts(upstream, HealthCheck("http", "/hello"))
+        self.assertEqual(good, [(True, "GET /hello answered 200")])
+        bad = await self.verdicts(upstream, HealthCheck("http", "/nope"))
+        self.assertEqual(bad, [(False, "GET /nope answered 404")])
+        wanted = await self.verdicts(upstream, HealthCheck("http", "/nope", 404))
+        self.assertTrue(wanted[0][0])
+
+    async def test_tcp_probe(self) -> None:
+        """A TCP probe is healthy while the upstream listens and unhealthy when nothing does."""
+        port, _ = await listen_upstream(self)
+        self.assertTrue((await self.verdicts(f"tcp:host=127.0.0.1:port={port}", HealthCheck("tcp")))[0][0])
+        from twisted.internet.endpoints import serverFromString
+        from twisted.internet.protocol import Factory, Protocol
+
+        closed = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
+            Factory.forProtocol(Protocol)
+        )
+        dead = closed.getHost().port
+        await closed.stopListening()
+        verdict: Any = await self.verdicts(f"tcp:host=127.0.0.1:port={dead}", HealthCheck("tcp"))
+        self.assertFalse(verdict[0][0])
+        self.assertIn("refused", verdict[0][1])
+
+
+class CodecTests(SynchronousTestCase):
+    def test_health_round_trip(self) -> None:
+        """A Health report survives the wire codec."""
+        from tunneld.wire import codec
+
+        report = Health("app.test/api", False, "GET / answered 503")
+        frame = codec.decode(codec.encode_control(report).SerializeToString())
+        self.assertEqual(codec.control_from(frame), report)

@@ -1,0 +1,137 @@
+"""
+Policy with real twistd processes started from the shipped etc/ configs:
+kill -STOP of an agent (eviction on heartbeat timeout, traffic moves to the
+other agent), SIGTERM drain with downloads in flight, SIGHUP reload of a rate
+limit (and rejection of a bad file).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Protocol
+from twisted.trial.unittest import TestCase
+
+from tests import test_processes
+from tests.harness import listen_upstream, sleep
+from tests.test_processes import TwistdProcess
+
+DEMO = "demo.localhost"
+PORTS = {
+    'public_listen = ["tcp:8080:interface=127.0.0.1"]': 'public_listen = ["tcp:0:interface=127.0.0.1"]',
+    'listen = "tcp:8081:interface=127.0.0.1"': 'listen = "tcp:0:interface=127.0.0.1"',
+}
+HEARTBEAT = "heartbeat_interval = 10.0\nheartbeat_timeout = 30.0"
+
+
+class PolicyProcessTests(TestCase):
+    timeout = 60
+
+    spawn = test_processes.ProcessTests.spawn
+    shipped = test_processes.ProcessTests.shipped
+    harness = test_processes.ProcessTests.harness
+
+    async def edge(self, **replacements: str) -> tuple[TwistdProcess, int, int, str]:
+        config = self.shipped("tunneld.toml", {**PORTS, **replacements})
+        edge = self.spawn("tunneld", config)
+        public = await edge.wait_for(r"public HTTP listening on 127\.0\.0\.1:(\d+)")
+        link = await edge.wait_for(r"websocket agent link listening on 127\.0\.0\.1:(\d+)")
+        return edge, int(public.group(1)), int(link.group(1)), config
+
+    async def agent(self, link_port: int) -> tuple[TwistdProcess, Any]:
+        upstream_port, upstream = await listen_upstream(self)
+        agent = self.spawn("tunneld-agent", self.shipped("agent.toml", {
+            'url = "ws://127.0.0.1:8081/tunnel"': f'url = "ws://127.0.0.1:{link_port}/tunnel"',
+            'upstream = "tcp:host=127.0.0.1:port=8000"':
+                f'upstream = "tcp:host=127.0.0.1:port={upstream_port}"',
+        }))
+        await agent.wait_for(r"tunnel ready: http://demo\.localhost:8080/")
+        return agent, upstream
+
+    async def test_stopped_agent_is_evicted_and_traffic_moves(self) -> None:
+        """kill -STOP of one agent: evicted within heartbeat_timeout (+ one interval); requests go to the other."""
+        edge, public, link, _ = await self.edge(**{
+            HEARTBEAT: "heartbeat_interval = 0.5\nheartbeat_timeout = 2.0"
+        })
+        stopped, stopped_upstream = await self.agent(link)
+        running, running_upstream = await self.agent(link)
+        await edge.wait_for(r"(?s)registered demo\.localhost.*registered demo\.localhost")
+        stopped.process.signalProcess(signal.SIGSTOP)  # type: ignore[attr-defined]
+        silent = await edge.wait_for(r"silent for ([\d.]+)s: closing")
+        # Checked every interval: evicted by timeout + one interval (plus scheduling slack).
+        self.assertLessEqual(float(silent.group(1)), 2.0 + 0.5 + 0.5)
+        await edge.wait_for(r"agent link from .* down \(agent_gone")
+        before = stopped_upstream.requests
+        harness = self.harness(public)
+        codes = [(await harness.request(DEMO, "/hello"))[0] for _ in range(10)]
+        self.assertEqual(codes, [200] * 10)
+        self.assertEqual(stopped_upstream.requests, before)
+        self.assertGreaterEqual(running_upstream.requests, 10)
+
+    async def test_sigterm_drains_in_flight_downloads(self) -> None:
+        """SIGTERM: listeners close, agents get GOAWAY, a download in flight completes, one past the deadline gets 503 draining, exit 0."""
+        edge, public, link, _ = await self.edge(**{"drain_timeout = 30.0": "drain_timeout = 3.0"})
+        agent, upstream = await self.agent(link)
+        harness = self.harness(public)
+        download = defer.ensureDeferred(harness.request(DEMO, "/hang"))
+        while len(upstream.hanging) < 1:  # one at a time: hanging[0] is the download
+            await sleep(0.01)
+        stuck = defer.ensureDeferred(harness.request(DEMO, "/hang"))
+        while len(upstream.hanging) < 2:
+            await sleep(0.01)
+        flowing = upstream.hanging[0]
+        flowing.setHeader(b"content-length", b"2097152")
+        flowing.write(b"x" * (1 << 20))
+        edge.process.signalProcess(signal.SIGTERM)  # type: ignore[attr-defined]
+        await edge.wait_for(r"draining: 2 streams in flight on 1 agent sessions")
+        await agent.wait_for(r"edge is draining")
+        with self.assertRaises(ConnectionRefusedError):
+            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", public), Protocol())
+        flowing.write(b"y" * (1 << 20))
+        flowing.finish()
+        code, _, body = await download
+        self.assertEqual((code, len(body)), (200, 2 << 20))
+        code, headers, _ = await stuck
+        self.assertEqual((code, headers.getRawHeaders(b"tunnel-error")), (503, [b"draining"]))
+        await edge.ended
+        self.assertEqual(edge.end_reason.value.exitCode, 0)  # type: ignore[attr-defined]
+        self.assertIn("drain deadline passed: closing 1 streams with draining", edge.output)
+        self.assertIn("'tunnel_streams': 0", edge.output)
+
+    async def test_sighup_reloads_a_rate_limit(self) -> None:
+        """SIGHUP applies a changed rate limit to new requests; a file that fails validation is rejected and the old limit stays."""
+        limited = "client_rate = 0.001\nclient_burst = 3"
+        edge, public, link, config = await self.edge(**{
+            "client_rate = 0.0\nclient_burst = 0": limited
+        })
+        await self.agent(link)
+        harness = self.harness(public)
+        codes = [(await harness.request(DEMO, "/hello"))[0] for _ in range(4)]
+        self.assertEqual(codes, [200, 200, 200, 429])
+
+        def rewrite(new: str) -> None:
+            with open(config) as f:
+                text = f.read()
+            with open(config, "w") as f:
+                f.write(text.replace(limited, new))
+
+        rewrite("client_rate = -5.0\nclient_burst = 3")
+        edge.process.signalProcess(signal.SIGHUP)  # type: ignore[attr-defined]
+        await edge.wait_for(r"configuration reload rejected, keeping the old one: .*limits\.client_rate")
+        self.assertEqual((await harness.request(DEMO, "/hello"))[0], 429)
+        with open(config) as f:
+            text = f.read()
+        with open(config, "w") as f:
+            f.write(text.replace("client_rate = -5.0", "client_rate = 1000.0"))
+        edge.process.signalProcess(signal.SIGHUP)  # type: ignore[attr-defined]
+        await edge.wait_for(r"configuration reloaded from ")
+        await sleep(0.01)
+        codes = [(await harness.request(DEMO, "/hello"))[0] for _ in range(3)]
+        self.assertEqual(codes, [200, 200, 200])
+        self.assertFalse(edge.ended.called)
+        self.assertTrue(os.path.exists(config))
