@@ -305,7 +305,7 @@ class GrpcWireTests(TestCase):
         verifyObject(ITransportPlugin, plugin)
         options = plugin.agent_options({}, "agent.toml")
         self.assertEqual((options.address, options.tls), ("127.0.0.1:8082", False))
-        self.assertEqual((options.min_idle_forwards, options.max_idle_forwards), (2, 32))
+        self.assertEqual((options.min_idle_forwards, options.max_idle_forwards), (2, 256))
         self.assertEqual(plugin.edge_options({}, "edge.toml").listen, "tcp:8082:interface=127.0.0.1")
         with self.assertRaises(ConfigError) as raised:
             plugin.agent_options({"address": "nowhere"}, "agent.toml")

@@ -222,7 +222,7 @@ class GrpcEdgeOptions:
         30.0, "Seconds of silence after which the link is declared dead.", check=positive
     )
     max_queued_opens: int = setting(
-        256,
+        4096,
         "Streams that may wait for the agent to open an idle Forward call; beyond this a new "
         "stream is refused with saturated.",
         check=non_negative,
@@ -256,7 +256,7 @@ class GrpcAgentOptions:
         2, "Idle Forward calls kept open for the edge at least.", check=positive
     )
     max_idle_forwards: int = setting(
-        32, "Idle Forward calls kept open at most (the pool grows when it runs dry).",
+        256, "Idle Forward calls kept open at most (the pool grows when it runs dry).",
         check=positive,
     )
     pool_shrink_interval: float = setting(
