@@ -15,6 +15,7 @@ from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPSettings
 from tunneld.edge.sessions import AgentSessions
 from tunneld.interfaces import EdgeLinkSetup, ITransportPlugin
 from tunneld.listening import ListeningService
+from tunneld.reasons import Reason
 from tunneld.router import Router
 
 
@@ -37,6 +38,7 @@ class EdgeService(MultiService):
             max_header_bytes=edge.max_header_bytes,
             header_timeout=edge.header_timeout,
             idle_timeout=edge.idle_timeout,
+            websocket_ping_interval=edge.websocket_ping_interval,
         )
         self.public: list[ListeningService] = []
         for description in edge.public_listen:
@@ -57,3 +59,13 @@ class EdgeService(MultiService):
             service = plugin.edge_service(options, setup)
             service.setServiceParent(self)
             self.transports[plugin.name] = service
+
+    def shutdown_upgraded(self, reason: Reason, message: str) -> int:
+        """
+        End every public connection that switched protocols (WebSocket and
+        the like) for C{reason}, e.g. C{draining}: agents hear the reason,
+        WebSocket clients get a Close frame with its code and text.  Returns
+        how many were ended.
+        """
+        factories = [getattr(s.factory, "wrappedFactory", s.factory) for s in self.public]
+        return sum(factory.shutdown_upgraded(reason, message) for factory in factories)

@@ -25,6 +25,7 @@ from tunneld.router import AgentSession, Router, hostname_allowed, tunnel_key
 from tunneld.wire.messages import (
     PROTOCOL_VERSION,
     ControlMessage,
+    GoAway,
     Hello,
     Refusal,
     TunnelSpec,
@@ -65,6 +66,16 @@ class EdgeLinkHandler:
 
     def control_received(self, message: ControlMessage) -> None:
         """ILinkHandler.control_received"""
+        if isinstance(message, GoAway) and self.session is not None:
+            # The agent is leaving (it closes the link next): its streams end
+            # as agent_gone, not as a protocol error.
+            self.log.info(
+                "agent {agent} from {peer} is going away: {reason} ({message})",
+                agent=self.session.agent_id, peer=self.link.peer,
+                reason=message.reason.value, message=message.message,
+            )
+            self.link.close(Reason.AGENT_GONE, f"the agent went away ({message.reason.value})")
+            return
         if not isinstance(message, Hello) or self.session is not None:
             self.link.close(Reason.PROTOCOL_ERROR, f"unexpected {type(message).__name__}")
             return

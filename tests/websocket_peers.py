@@ -1,0 +1,182 @@
+"""
+Real WebSocket peers (Autobahn on Twisted) for end-to-end tests: an echo
+upstream that accepts permessage-deflate and picks the first offered
+subprotocol, and a client that records messages, pings and how it closed.
+Both listen or dial on loopback port 0 and clean up every connection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from autobahn.websocket.compress import (
+    PerMessageDeflateOffer,
+    PerMessageDeflateOfferAccept,
+    PerMessageDeflateResponse,
+    PerMessageDeflateResponseAccept,
+)
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
+
+
+def accept_deflate(offers: list[Any]) -> Any:
+    """Accept the first permessage-deflate offer as it stands."""
+    for offer in offers:
+        if isinstance(offer, PerMessageDeflateOffer):
+            return PerMessageDeflateOfferAccept(offer)
+    return None
+
+
+class EchoServerProtocol(WebSocketServerProtocol):  # type: ignore[misc]
+    """Echoes every message; remembers the opening request."""
+
+    def onConnect(self, request: Any) -> Any:  # noqa: N802
+        self.factory.requests.append(request)
+        if request.protocols:
+            return request.protocols[0]
+        return None
+
+    def onOpen(self) -> None:  # noqa: N802
+        self.factory.open.append(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802, N803
+        self.sendMessage(payload, isBinary)
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        super().connectionLost(reason)
+        self.factory.connections.discard(self)
+        if not self.factory.connections:
+            waiters, self.factory.idle = self.factory.idle, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def connectionMade(self) -> None:  # noqa: N802
+        super().connectionMade()
+        self.factory.connections.add(self)
+
+
+class EchoServerFactory(WebSocketServerFactory):  # type: ignore[misc]
+    protocol = EchoServerProtocol
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Any] = []
+        self.open: list[EchoServerProtocol] = []
+        self.connections: set[EchoServerProtocol] = set()
+        self.idle: list[defer.Deferred[None]] = []
+        self.setProtocolOptions(perMessageCompressionAccept=accept_deflate)
+
+    def all_closed(self) -> defer.Deferred[None]:
+        if not self.connections:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self.idle.append(d)
+        return d
+
+
+async def listen_echo(case: Any) -> tuple[int, EchoServerFactory]:
+    """An Autobahn echo server on 127.0.0.1 port 0, closed (connections too) at cleanup."""
+    factory = EchoServerFactory()
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+
+    async def cleanup() -> None:
+        await port.stopListening()
+        for conn in list(factory.connections):
+            conn.transport.abortConnection()
+        await factory.all_closed()
+
+    case.addCleanup(lambda: defer.ensureDeferred(cleanup()))
+    return port.getHost().port, factory
+
+
+class RecordingClient(WebSocketClientProtocol):  # type: ignore[misc]
+    """Records messages, pings and the close; lets a test wait for the next message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[tuple[bytes, bool]] = []
+        self.pings: list[bytes] = []
+        self.closed: defer.Deferred[tuple[bool, int | None, str | None]] = defer.Deferred()
+        self.lost: defer.Deferred[None] = defer.Deferred()
+        self._waiting: defer.Deferred[tuple[bytes, bool]] | None = None
+        self.response: Any = None
+
+    def onConnect(self, response: Any) -> None:  # noqa: N802
+        self.response = response
+
+    def onOpen(self) -> None:  # noqa: N802
+        self.factory.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802, N803
+        self.messages.append((payload, isBinary))
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.callback((payload, isBinary))
+
+    def onPing(self, payload: bytes) -> None:  # noqa: N802
+        self.pings.append(payload)
+        super().onPing(payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N802, N803
+        if not self.closed.called:
+            self.closed.callback((wasClean, code, reason))
+        if not self.factory.opened.called:
+            self.factory.opened.errback(ConnectionError(f"handshake failed: {code} {reason}"))
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        super().connectionLost(reason)
+        self.lost.callback(None)
+
+    def next_message(self) -> defer.Deferred[tuple[bytes, bool]]:
+        d: defer.Deferred[tuple[bytes, bool]] = defer.Deferred()
+        self._waiting = d
+        return d
+
+    async def echo(self, payload: bytes, binary: bool = True) -> tuple[bytes, bool]:
+        waiting = self.next_message()
+        self.sendMessage(payload, isBinary=binary)
+        return await waiting
+
+
+def _accept_deflate_response(response: Any) -> Any:
+    if isinstance(response, PerMessageDeflateResponse):
+        return PerMessageDeflateResponseAccept(response)
+    return None
+
+
+async def connect_client(
+    case: Any,
+    port: int,
+    host: str,
+    path: str = "/",
+    protocols: list[str] | None = None,
+    deflate: bool = False,
+    headers: dict[str, str] | None = None,
+) -> RecordingClient:
+    """A WebSocket client to 127.0.0.1:C{port} with C{Host: host}; open when this returns."""
+    factory = WebSocketClientFactory(
+        f"ws://{host}:{port}{path}", protocols=protocols or [], headers=headers or {}
+    )
+    factory.protocol = RecordingClient
+    factory.opened = defer.Deferred()
+    if deflate:
+        factory.setProtocolOptions(
+            perMessageCompressionOffers=[PerMessageDeflateOffer()],
+            perMessageCompressionAccept=_accept_deflate_response,
+        )
+    client: RecordingClient = await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+
+    async def cleanup() -> None:
+        if client.transport is not None and not client.lost.called:
+            client.transport.abortConnection()
+        await client.lost
+
+    case.addCleanup(lambda: defer.ensureDeferred(cleanup()))
+    await factory.opened
+    return client
