@@ -13,6 +13,7 @@ When the tunnel, not the client or the upstream, ends a WebSocket (the agent
 went away, the stream saturated, the edge drains or the connection idled),
 the client gets a Close frame with the L{Reason}'s WebSocket code and text,
 provided the edge is between two relayed frames; otherwise it is cut off.
+An upstream that drops its connection is mirrored: the client's is dropped.
 Optional keepalive pings go to a client that has been idle, also only
 between frames.  The client's Pong goes on to the upstream like any other
 frame: RFC 6455 section 5.5.3 allows unsolicited Pongs.
@@ -32,6 +33,10 @@ from tunneld.interfaces import IStream
 from tunneld.reasons import Reason
 
 __all__ = ["UpgradedConnection", "close_text"]
+
+# Reasons that say the upstream itself broke the connection: the client sees
+# the same cut it would see without the tunnel, not a Close made up for it.
+_MIRRORED = frozenset({Reason.UPSTREAM_ERROR})
 
 # After sending a Close, how long the client has to answer with its own
 # before the edge closes anyway (and as long again before it aborts).
@@ -185,6 +190,7 @@ class UpgradedConnection:
         frames = self.frames
         polite = (
             frames is not None
+            and reason not in _MIRRORED
             and frames.at_boundary
             and not frames.close_seen
             and not self.write_done

@@ -137,6 +137,13 @@ class _FrameWireMixin:
             peer_certificate=certificate,
         )
         self.link = link
+        # Autobahn's own tcpNoDelay option is never applied (its connectionMade
+        # reads it before copying the options over, and swallows the error):
+        # without this, Nagle and delayed ACKs stall small frames ~40 ms.
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):
+            pass  # not TCP
         self.transport.registerProducer(_LinkCongestion(link), True)
         return link
 
