@@ -12,10 +12,12 @@ import hashlib
 from typing import Any
 
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import globalLogPublisher
 from twisted.web import resource, server
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
 from tests.harness import (
     TunnelHarness,
@@ -23,7 +25,13 @@ from tests.harness import (
     pattern_digest,
     sleep,
 )
-from tests.websocket_peers import EchoServerFactory, RecordingClient, connect_client, listen_echo
+from tests.websocket_peers import (
+    EchoServerFactory,
+    RecordingClient,
+    connect_client,
+    listen_echo,
+    listen_echo_upgrade,
+)
 from tunneld.config import AgentGrant
 from tunneld.edge.upgraded import close_text
 from tunneld.reasons import Reason
@@ -348,6 +356,31 @@ class EndToEndMixin:
         self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
         self.assertTrue(reply.endswith(b"hello from upstream"), reply)
 
+    async def test_any_upgrade_is_a_pipe_with_half_closes(self) -> None:
+        """A non-WebSocket Upgrade is relayed too: 101, raw bytes both ways, a half-close answered before the close."""
+        harness = TunnelHarness(self, self.transport, self.edge_table())
+        await harness.start_edge()
+        port, upstream = await listen_echo_upgrade(self)
+        await harness.start_agent(self.agent_table(harness.link_address()), [("echo.test", port)])
+        client = HalfClosingClient()
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", harness.public_port), client)
+        client.transport.write(
+            b"GET /pipe HTTP/1.1\r\nHost: echo.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n"
+            b"\r\nfirst bytes, "
+        )
+        client.transport.write(b"then more")
+        await client.until(b"then more")
+        self.assertTrue(client.data.startswith(b"HTTP/1.1 101 "), client.data)
+        self.assertIn(b"upgrade: echo", client.data.lower())
+        [head] = upstream.heads
+        self.assertIn(b"upgrade: echo", head.lower())
+        client.transport.loseWriteConnection()
+        await client.closed
+        self.assertTrue(client.data.endswith(b"first bytes, then morebye"), client.data)
+
     async def _closed_by_tunnel(
         self, harness: TunnelHarness, client: RecordingClient, reason: Reason
     ) -> None:
@@ -452,6 +485,38 @@ async def raw_exchange(port: int, request: bytes, until: bytes) -> bytes:
     data = await reader.got
     reader.transport.loseConnection()
     return data
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfClosingClient(protocol.Protocol):
+    """A raw client that can half-close and still read the answer."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed: defer.Deferred[None] = defer.Deferred()
+        self._waiting: tuple[bytes, defer.Deferred[None]] | None = None
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.data += data
+        if self._waiting is not None and self._waiting[0] in self.data:
+            waiting, self._waiting = self._waiting[1], None
+            waiting.callback(None)
+
+    def until(self, marker: bytes) -> defer.Deferred[None]:
+        if marker in self.data:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiting = (marker, d)
+        return d
+
+    def readConnectionLost(self) -> None:  # noqa: N802
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:  # noqa: N802
+        pass
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self.closed.callback(None)
 
 
 def capture_agent_streams(agent: Any) -> list[Any]:

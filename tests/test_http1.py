@@ -6,6 +6,7 @@ record what the edge sends and let the test play the agent's part.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -514,6 +515,23 @@ class PublicHTTPTests(unittest.TestCase):
         await client.closed
         self.assertIsNone(stream.reset_with)
 
+    async def test_upgraded_connection_has_backpressure_both_ways(self) -> None:
+        """After the switch a stream out of credit stops reading the client, and a slow client pauses the stream."""
+        client, stream = await self.websocket()
+        await stream.until(lambda: stream.body() == b"early")
+        stream.producer.pauseProducing()
+        self.assertNotIn(self.server_transport(), reactor.getReaders())
+        client.send(b"held")
+        await deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(stream.body(), b"early")
+        stream.producer.resumeProducing()
+        await stream.until(lambda: stream.body() == b"earlyheld")
+        size = 1 << 20
+        stream.send(b"\x82\x7f" + struct.pack("!Q", size) + b"x" * size)
+        self.assertTrue(stream.paused)
+        await stream.until(lambda: not stream.paused)
+        await client.until(lambda: client.received.endswith(b"x" * 1000))
+
     async def test_declined_upgrade_is_an_ordinary_response(self) -> None:
         """A non-101 reply to an upgrade is relayed as a normal response and the connection serves the next request."""
         client = await self.serve()
@@ -529,6 +547,19 @@ class PublicHTTPTests(unittest.TestCase):
         second = await self.link.stream(1)
         self.assertEqual(second.head.kind, "http")
         second.fail(Reason.UPSTREAM_REFUSED, "test over")
+        await client.replies(2)
+
+    async def test_upgrade_to_an_unknown_host_is_refused(self) -> None:
+        """An upgrade the router cannot place gets the reason's HTTP status, like any request."""
+        client = await self.serve()
+        client.send(request("GET", "/ws", "nowhere.example", "Connection: Upgrade", "Upgrade: websocket"))
+        [reply] = await client.replies()
+        self.assertEqual(reply.status, 404)
+        self.assertEqual(reply.header(b"tunnel-error"), b"no_tunnel")
+        client.send(request("GET", "/next"))
+        stream = await self.link.stream()
+        self.assertEqual(stream.head.kind, "http")
+        stream.fail(Reason.UPSTREAM_REFUSED, "test over")
         await client.replies(2)
 
     async def test_upgrade_with_a_body_is_refused(self) -> None:

@@ -21,8 +21,10 @@ from autobahn.websocket.compress import (
     PerMessageDeflateResponse,
     PerMessageDeflateResponseAccept,
 )
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from zope.interface import implementer
 
 
 def accept_deflate(offers: list[Any]) -> Any:
@@ -180,3 +182,49 @@ async def connect_client(
     case.addCleanup(lambda: defer.ensureDeferred(cleanup()))
     await factory.opened
     return client
+
+
+@implementer(IHalfCloseableProtocol)
+class EchoUpgradeUpstream(protocol.Protocol):
+    """
+    An upstream speaking a made-up protocol after C{Upgrade: echo}: answers
+    the request head with 101, then echoes; on the client's half-close it
+    says C{bye} and closes.
+    """
+
+    def __init__(self) -> None:
+        self.head: bytes | None = b""
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.head is None:
+            self.transport.write(data)
+            return
+        self.head += data
+        if b"\r\n\r\n" in self.head:
+            head, _, rest = self.head.partition(b"\r\n\r\n")
+            self.factory.heads.append(head)
+            self.head = None
+            self.transport.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n"
+                + rest
+            )
+
+    def readConnectionLost(self) -> None:  # noqa: N802
+        self.transport.write(b"bye")
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:  # noqa: N802
+        pass
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self.factory.lost.append(reason)
+
+
+async def listen_echo_upgrade(case: Any) -> tuple[int, Any]:
+    """An L{EchoUpgradeUpstream} server on 127.0.0.1 port 0."""
+    factory = protocol.Factory.forProtocol(EchoUpgradeUpstream)
+    factory.heads = []
+    factory.lost = []
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+    case.addCleanup(port.stopListening)
+    return port.getHost().port, factory
