@@ -402,7 +402,10 @@ class PublicHTTPProtocol(Protocol):
         """IHalfCloseableProtocol.readConnectionLost: the client sent all it will."""
         if self._upgraded is not None:
             self._upgraded.client_ended()
+        elif self._lingering:
+            self._socket.loseConnection()  # the answer is complete: let it out
         else:
+            # As without half-close support: the connection ends now.
             self._socket.abortConnection()
 
     def writeConnectionLost(self) -> None:
