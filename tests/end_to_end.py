@@ -387,6 +387,7 @@ class EndToEndMixin:
         was_clean, code, text = await client.closed
         self.assertEqual(code, reason.websocket_close_code)
         self.assertEqual(text, close_text(reason))
+        self.assertTrue(was_clean, "the close handshake did not complete")
 
     async def test_websocket_agent_gone(self) -> None:
         """When the agent goes away the WebSocket client gets Close 1011 naming agent_gone."""
