@@ -31,6 +31,7 @@ from tests.websocket_peers import (
     connect_client,
     listen_echo,
     listen_echo_upgrade,
+    listen_flood,
 )
 from tunneld.config import AgentGrant
 from tunneld.edge.upgraded import close_text
@@ -380,6 +381,43 @@ class EndToEndMixin:
         client.transport.loseWriteConnection()
         await client.closed
         self.assertTrue(client.data.endswith(b"first bytes, then morebye"), client.data)
+
+    async def test_stalled_upgraded_reader_pauses_its_upstream(self) -> None:
+        """A client that stops reading an upgraded connection pauses its upstream; other requests still flow."""
+        harness = TunnelHarness(self, self.transport, self.edge_table())
+        await harness.start_edge()
+        flood_port, flood = await listen_flood(self)
+        web_port, _ = await listen_upstream(self)
+        await harness.start_agent(
+            self.agent_table(harness.link_address()), [("flood.test", flood_port), ("app.test", web_port)]
+        )
+        client = HalfClosingClient()
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", harness.public_port), client)
+        client.transport.write(
+            b"GET / HTTP/1.1\r\nHost: flood.test\r\nConnection: Upgrade\r\nUpgrade: flood\r\n\r\n"
+        )
+        await client.until(b"ffff")
+        client.transport.pauseProducing()
+        [upstream] = flood.flooding
+        written = -1
+        for _ in range(100):  # until every buffer on the way is full
+            await sleep(0.05)
+            if upstream.paused and flood.written == written:
+                break
+            written = flood.written
+        self.assertTrue(upstream.paused, "the upstream was never paused")
+        self.assertLess(written, 64 * MB)  # socket buffers and one credit window, no more
+        for _ in range(3):
+            code, _, body = await harness.request("app.test", "/hello")
+            self.assertEqual((code, body), (200, b"hello from upstream"))
+        await sleep(0.1)
+        self.assertEqual(flood.written, written)
+        client.transport.abortConnection()
+        await client.closed
+        await flood.lost
 
     async def _closed_by_tunnel(
         self, harness: TunnelHarness, client: RecordingClient, reason: Reason

@@ -23,7 +23,7 @@ from autobahn.websocket.compress import (
 )
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from zope.interface import implementer
 
 
@@ -225,6 +225,65 @@ async def listen_echo_upgrade(case: Any) -> tuple[int, Any]:
     factory = protocol.Factory.forProtocol(EchoUpgradeUpstream)
     factory.heads = []
     factory.lost = []
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+    case.addCleanup(port.stopListening)
+    return port.getHost().port, factory
+
+
+@implementer(IPushProducer)
+class FloodUpgradeUpstream(protocol.Protocol):
+    """After C{101}, writes as fast as its socket takes data; counts what it wrote."""
+
+    def __init__(self) -> None:
+        self.head = b""
+        self.paused = False
+        self.flooding = False
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.flooding:
+            return
+        self.head += data
+        if b"\r\n\r\n" in self.head:
+            self.flooding = True
+            self.transport.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: flood\r\nConnection: Upgrade\r\n\r\n"
+            )
+            self.transport.registerProducer(self, True)
+            self.factory.flooding.append(self)
+            self._flood()
+
+    def _flood(self) -> None:
+        chunk = b"f" * 65536
+        for _ in range(16):
+            if self.paused or not self.flooding:
+                return
+            self.transport.write(chunk)
+            self.factory.written += len(chunk)
+        reactor.callLater(0, self._flood)
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        self.paused = True
+        self.factory.pauses += 1
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self.paused = False
+        self._flood()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        self.flooding = False
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self.flooding = False
+        self.factory.lost.callback(None)
+
+
+async def listen_flood(case: Any) -> tuple[int, Any]:
+    """A L{FloodUpgradeUpstream} server on 127.0.0.1 port 0."""
+    factory = protocol.Factory.forProtocol(FloodUpgradeUpstream)
+    factory.flooding = []
+    factory.written = 0
+    factory.pauses = 0
+    factory.lost = defer.Deferred()
     port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
     case.addCleanup(port.stopListening)
     return port.getHost().port, factory
