@@ -11,9 +11,13 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from twisted.internet import defer, error
+from twisted.internet import defer, error, protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import globalLogPublisher
+from twisted.web import resource, server
 from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
 from tests.harness import (
     TunnelHarness,
@@ -28,7 +32,16 @@ from tests.tcp_peers import (
     connect_tcp,
     listen_tcp_upstream,
 )
+from tests.websocket_peers import (
+    EchoServerFactory,
+    RecordingClient,
+    connect_client,
+    listen_echo,
+    listen_echo_upgrade,
+    listen_flood,
+)
 from tunneld.config import AgentGrant, TunnelSection
+from tunneld.edge.upgraded import close_text
 from tunneld.reasons import Reason
 
 MB = 1024 * 1024
@@ -465,6 +478,325 @@ class EndToEndMixin:
         await sleep(0.05)
         with self.assertRaises(error.ConnectionRefusedError):
             await connect_tcp(self, port)
+
+    # -- WebSocket and other protocol switches -------------------------------------
+
+    async def ws_tunnel(self, **edge: Any) -> tuple[TunnelHarness, EchoServerFactory]:
+        """An edge and agent serving C{ws.test} (Autobahn echo) and C{app.test} (web)."""
+        harness = TunnelHarness(self, self.transport, self.edge_table())
+        await harness.start_edge(**edge)
+        web_port, _ = await listen_upstream(self)
+        ws_port, echo = await listen_echo(self)
+        await harness.start_agent(
+            self.agent_table(harness.link_address()), [("app.test", web_port), ("ws.test", ws_port)]
+        )
+        return harness, echo
+
+    async def test_websocket_end_to_end(self) -> None:
+        """A WebSocket crosses the tunnel: subprotocol and permessage-deflate negotiated end to end, messages echo, a clean close."""
+        harness, echo = await self.ws_tunnel()
+        client = await connect_client(
+            self, harness.public_port, "ws.test", "/chat?room=1", protocols=["chat.v2", "chat"],
+            deflate=True,
+        )
+        self.assertEqual(client.response.protocol, "chat.v2")
+        [request] = echo.requests
+        self.assertEqual(request.path, "/chat")
+        self.assertEqual(request.protocols, ["chat.v2", "chat"])
+        self.assertIn("permessage-deflate", request.headers["sec-websocket-extensions"])
+        self.assertEqual(
+            [type(e).__name__ for e in client.websocket_extensions_in_use], ["PerMessageDeflate"]
+        )
+        self.assertEqual(await client.echo("héllo".encode(), binary=False), ("héllo".encode(), False))
+        big = bytes(range(256)) * 4096  # 1 MiB, several credit windows
+        self.assertEqual(await client.echo(big), (big, True))
+        client.sendClose(1000, "bye")
+        was_clean, code, _ = await client.closed
+        self.assertEqual((was_clean, code), (True, 1000))
+        await echo.all_closed()
+
+    async def test_upgrade_declined_is_an_ordinary_response(self) -> None:
+        """When the upstream does not switch, its answer is relayed as a normal HTTP response."""
+        harness, _ = await self.ws_tunnel()
+        reply = await raw_exchange(
+            harness.public_port,
+            b"GET /hello HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            until=b"hello from upstream",
+        )
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
+        self.assertTrue(reply.endswith(b"hello from upstream"), reply)
+
+    async def test_any_upgrade_is_a_pipe_with_half_closes(self) -> None:
+        """A non-WebSocket Upgrade is relayed too: 101, raw bytes both ways, a half-close answered before the close."""
+        harness = TunnelHarness(self, self.transport, self.edge_table())
+        await harness.start_edge()
+        port, upstream = await listen_echo_upgrade(self)
+        await harness.start_agent(self.agent_table(harness.link_address()), [("echo.test", port)])
+        client = HalfClosingClient()
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", harness.public_port), client)
+        client.transport.write(
+            b"GET /pipe HTTP/1.1\r\nHost: echo.test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n"
+            b"\r\nfirst bytes, "
+        )
+        client.transport.write(b"then more")
+        await client.until(b"then more")
+        self.assertTrue(client.data.startswith(b"HTTP/1.1 101 "), client.data)
+        self.assertIn(b"upgrade: echo", client.data.lower())
+        [head] = upstream.heads
+        self.assertIn(b"upgrade: echo", head.lower())
+        client.transport.loseWriteConnection()
+        await client.closed
+        self.assertTrue(client.data.endswith(b"first bytes, then morebye"), client.data)
+
+    async def test_stalled_upgraded_reader_pauses_its_upstream(self) -> None:
+        """A client that stops reading an upgraded connection pauses its upstream; other requests still flow."""
+        harness = TunnelHarness(self, self.transport, self.edge_table())
+        await harness.start_edge()
+        flood_port, flood = await listen_flood(self)
+        web_port, _ = await listen_upstream(self)
+        await harness.start_agent(
+            self.agent_table(harness.link_address()), [("flood.test", flood_port), ("app.test", web_port)]
+        )
+        client = HalfClosingClient()
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", harness.public_port), client)
+        client.transport.write(
+            b"GET / HTTP/1.1\r\nHost: flood.test\r\nConnection: Upgrade\r\nUpgrade: flood\r\n\r\n"
+        )
+        await client.until(b"ffff")
+        client.transport.pauseProducing()
+        [upstream] = flood.flooding
+        written = -1
+        for _ in range(100):  # until every buffer on the way is full
+            await sleep(0.05)
+            if upstream.paused and flood.written == written:
+                break
+            written = flood.written
+        self.assertTrue(upstream.paused, "the upstream was never paused")
+        self.assertLess(written, 64 * MB)  # socket buffers and one credit window, no more
+        for _ in range(3):
+            code, _, body = await harness.request("app.test", "/hello")
+            self.assertEqual((code, body), (200, b"hello from upstream"))
+        await sleep(0.1)
+        self.assertEqual(flood.written, written)
+        client.transport.abortConnection()
+        await client.closed
+        await flood.lost
+
+    async def _closed_by_tunnel(
+        self, harness: TunnelHarness, client: RecordingClient, reason: Reason
+    ) -> None:
+        was_clean, code, text = await client.closed
+        self.assertEqual(code, reason.websocket_close_code)
+        self.assertEqual(text, close_text(reason))
+        self.assertTrue(was_clean, "the close handshake did not complete")
+
+    async def test_websocket_agent_gone(self) -> None:
+        """When the agent goes away the WebSocket client gets Close 1011 naming agent_gone."""
+        harness, _ = await self.ws_tunnel()
+        client = await connect_client(self, harness.public_port, "ws.test")
+        await client.echo(b"ping")
+        agent = harness.agents[0]
+        assert agent.link is not None
+        agent.link.close(Reason.AGENT_GONE, "agent killed by the test")
+        await self._closed_by_tunnel(harness, client, Reason.AGENT_GONE)
+
+    async def test_websocket_saturated(self) -> None:
+        """A stream reset as saturated gives the WebSocket client Close 1013 naming saturated."""
+        harness, _ = await self.ws_tunnel()
+        streams = capture_agent_streams(harness.agents[0])
+        client = await connect_client(self, harness.public_port, "ws.test")
+        await client.echo(b"ping")
+        streams[-1].reset(Reason.SATURATED, "the test says so")
+        await self._closed_by_tunnel(harness, client, Reason.SATURATED)
+
+    async def test_websocket_draining(self) -> None:
+        """Draining the edge gives WebSocket clients Close 1001 naming draining, and the agent hears why."""
+        events = EventCollector(self)
+        harness, echo = await self.ws_tunnel()
+        client = await connect_client(self, harness.public_port, "ws.test")
+        await client.echo(b"ping")
+        assert harness.edge is not None
+        self.assertEqual(harness.edge.shutdown_upgraded(Reason.DRAINING, "drain by the test"), 1)
+        await self._closed_by_tunnel(harness, client, Reason.DRAINING)
+        await echo.all_closed()
+        reset = [e for e in events.events if "reset by the edge" in e.get("log_format", "")]
+        self.assertEqual([e["reason"] for e in reset], ["draining"])
+
+    async def test_websocket_idle_timeout_and_keepalive_pings(self) -> None:
+        """An idle WebSocket is pinged between frames; with pings off it is closed 1001 idle_timeout."""
+        harness, _ = await self.ws_tunnel(websocket_ping_interval=0.05, idle_timeout=0.3)
+        client = await connect_client(self, harness.public_port, "ws.test")
+        await client.echo(b"x")
+        await sleep(0.6)  # pings answered by pongs keep it alive past idle_timeout
+        self.assertGreaterEqual(len(client.pings), 2)
+        self.assertFalse(client.closed.called)
+        self.assertEqual(await client.echo(b"still here"), (b"still here", True))
+        quiet, _ = await self.ws_tunnel(idle_timeout=0.3)
+        silent = await connect_client(self, quiet.public_port, "ws.test")
+        await self._closed_by_tunnel(quiet, silent, Reason.IDLE_TIMEOUT)
+        self.assertEqual(silent.pings, [])
+
+    # -- streaming responses -------------------------------------------------------
+
+    async def test_sse_events_arrive_one_by_one(self) -> None:
+        """Each server-sent event reaches the client before the upstream sends the next; Last-Event-ID reaches the upstream."""
+        harness = TunnelHarness(self, self.transport, self.edge_table())
+        await harness.start_edge()
+        source = EventSource()
+        port, _ = await listen_upstream(self, source)
+        await harness.start_agent(self.agent_table(harness.link_address()), [("sse.test", port)])
+        response = await harness.client.request(
+            b"GET", harness.url("/events"),
+            Headers({b"host": [b"sse.test"], b"last-event-id": [b"41"], b"accept": [b"text/event-stream"]}),
+        )
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/event-stream"])
+        self.assertEqual(source.last_event_id, b"41")
+        events = EventReader()
+        response.deliverBody(events)
+        for number in range(42, 47):
+            # The upstream sends the next event only once this one arrived.
+            source.send(number)
+            self.assertEqual(await events.next_event(), f"id: {number}\ndata: event {number}".encode())
+        source.finish()
+        self.assertIsInstance(await events.done, ResponseDone)
+
+
+async def raw_exchange(port: int, request: bytes, until: bytes) -> bytes:
+    """Send C{request} on a fresh connection; read until C{until} has arrived."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from twisted.internet.protocol import Protocol
+
+    class Reader(Protocol):
+        def __init__(self) -> None:
+            self.data = b""
+            self.got: defer.Deferred[bytes] = defer.Deferred()
+
+        def dataReceived(self, data: bytes) -> None:  # noqa: N802
+            self.data += data
+            if until in self.data and not self.got.called:
+                self.got.callback(self.data)
+
+        def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+            if not self.got.called:
+                self.got.callback(self.data)
+
+    reader = Reader()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), reader)
+    reader.transport.write(request)
+    data = await reader.got
+    reader.transport.loseConnection()
+    return data
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfClosingClient(protocol.Protocol):
+    """A raw client that can half-close and still read the answer."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed: defer.Deferred[None] = defer.Deferred()
+        self._waiting: tuple[bytes, defer.Deferred[None]] | None = None
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.data += data
+        if self._waiting is not None and self._waiting[0] in self.data:
+            waiting, self._waiting = self._waiting[1], None
+            waiting.callback(None)
+
+    def until(self, marker: bytes) -> defer.Deferred[None]:
+        if marker in self.data:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiting = (marker, d)
+        return d
+
+    def readConnectionLost(self) -> None:  # noqa: N802
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:  # noqa: N802
+        pass
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self.closed.callback(None)
+
+
+def capture_agent_streams(agent: Any) -> list[Any]:
+    """The streams the agent is given from now on, as the agent sees them."""
+    streams: list[Any] = []
+    opened = agent.stream_opened
+
+    def stream_opened(stream: Any) -> None:
+        streams.append(stream)
+        opened(stream)
+
+    agent.stream_opened = stream_opened
+    return streams
+
+
+class EventSource(resource.Resource):
+    """An upstream sending server-sent events when the test says so."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.request: server.Request | None = None
+        self.last_event_id: bytes | None = None
+
+    def render_GET(self, request: server.Request) -> Any:  # noqa: N802
+        self.request = request
+        self.last_event_id = request.getHeader(b"last-event-id")
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.setHeader(b"cache-control", b"no-cache")
+        request.write(b": stream open\n\n")
+        return server.NOT_DONE_YET
+
+    def send(self, number: int) -> None:
+        assert self.request is not None
+        self.request.write(f"id: {number}\ndata: event {number}\n\n".encode())
+
+    def finish(self) -> None:
+        assert self.request is not None
+        self.request.finish()
+
+
+class EventReader(protocol.Protocol):
+    """Splits a text/event-stream body into events as they arrive."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.events: list[bytes] = []
+        self.waiting: defer.Deferred[bytes] | None = None
+        self.done: defer.Deferred[Any] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.buffer += data
+        while b"\n\n" in self.buffer:
+            event, self.buffer = self.buffer.split(b"\n\n", 1)
+            if event.startswith(b":"):
+                continue  # a comment
+            self.events.append(event)
+        if self.events and self.waiting is not None:
+            waiting, self.waiting = self.waiting, None
+            waiting.callback(self.events.pop(0))
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self.done.callback(reason.value)
+
+    def next_event(self) -> defer.Deferred[bytes]:
+        if self.events:
+            return defer.succeed(self.events.pop(0))
+        self.waiting = defer.Deferred()
+        return self.waiting
 
 
 __all__ = ["EndToEndMixin", "EventCollector", "ResponseFailed", "hashlib"]

@@ -6,6 +6,7 @@ record what the edge sends and let the test play the agent's part.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,8 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPProtocol, PublicHTTPSettings
+from tunneld.edge.upgraded import close_text
+from tunneld.edge.websocket_frames import ping_frame
 from tunneld.interfaces import IAgentLink, IStream, IStreamReceiver
 from tunneld.reasons import Reason
 from tunneld.wire.messages import Headers, ReplyHead, StreamHead
@@ -455,15 +458,153 @@ class PublicHTTPTests(unittest.TestCase):
         self.assertEqual(reply.header(b"tunnel-error"), b"bad_request")
         self.assertIn(b"Host", reply.body)
 
-    async def test_upgrade_is_501_for_now(self) -> None:
-        """A WebSocket upgrade is answered 501 with Tunnel-Error bad_request and opens no stream."""
+    async def test_connect_is_501(self) -> None:
+        """A CONNECT request is answered 501 with Tunnel-Error bad_request and opens no stream."""
         client = await self.serve()
-        client.send(request("GET", "/ws", HOST, "Connection: Upgrade", "Upgrade: websocket"))
+        client.send(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
         [reply] = await client.replies()
         self.assertEqual(reply.status, 501)
         self.assertEqual(reply.header(b"tunnel-error"), b"bad_request")
-        self.assertEqual(reply.body, b"upgrade not supported yet\n")
         self.assertEqual(self.link.streams, [])
+
+    async def websocket(
+        self, *extra: str, settings: PublicHTTPSettings | None = None
+    ) -> tuple[RawClient, FakeStream]:
+        """A client whose WebSocket upgrade the test (as the agent) accepted; early bytes sent."""
+        client = await self.serve(settings)
+        client.send(request(
+            "GET", "/ws", HOST, "Connection: keep-alive, Upgrade", "Upgrade: websocket",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13",
+            "Sec-WebSocket-Protocol: chat", "Sec-WebSocket-Extensions: permessage-deflate",
+            *extra,
+        ) + b"early")
+        stream = await self.link.stream()
+        stream.reply(101, [
+            (b"Upgrade", b"websocket"), (b"Sec-WebSocket-Accept", b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+            (b"Sec-WebSocket-Protocol", b"chat"), (b"Sec-WebSocket-Extensions", b"permessage-deflate"),
+        ])
+        await client.until(lambda: b"\r\n\r\n" in client.received)
+        return client, stream
+
+    async def test_upgrade_opens_an_upgrade_stream_and_relays_101(self) -> None:
+        """An Upgrade opens a stream of kind upgrade keeping Upgrade, Connection: Upgrade and Sec-WebSocket-*; the 101 is relayed with its headers."""
+        client, stream = await self.websocket()
+        self.assertEqual(stream.head.kind, "upgrade")
+        self.assertEqual(stream.header(b"upgrade"), [b"websocket"])
+        self.assertEqual(stream.header(b"connection"), [b"Upgrade"])
+        self.assertEqual(stream.header(b"sec-websocket-protocol"), [b"chat"])
+        self.assertEqual(stream.header(b"sec-websocket-extensions"), [b"permessage-deflate"])
+        head = client.received.split(b"\r\n\r\n")[0].lower()
+        self.assertTrue(head.startswith(b"http/1.1 101 "), head)
+        for line in (b"upgrade: websocket", b"connection: upgrade", b"sec-websocket-protocol: chat",
+                     b"sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="):
+            self.assertIn(line, head.split(b"\r\n"))
+
+    async def test_upgraded_connection_is_a_pipe(self) -> None:
+        """After the 101, bytes flow raw both ways (early bytes first), and ends map to half-closes."""
+        client, stream = await self.websocket()
+        await stream.until(lambda: stream.body() == b"early")
+        client.send(b"\x00raw bytes, not HTTP\r\n\r\n")
+        await stream.until(lambda: stream.body().endswith(b"not HTTP\r\n\r\n"))
+        stream.send(b"\x81\x02hi")
+        await client.until(lambda: client.received.endswith(b"\x81\x02hi"))
+        stream.finish()  # the upstream is done sending: a half-close towards the client
+        await client.until(lambda: client.lost is None and client.transport is not None)
+        client.transport.loseWriteConnection()
+        await stream.until(lambda: stream.ended is not None)
+        await client.closed
+        self.assertIsNone(stream.reset_with)
+
+    async def test_upgraded_connection_has_backpressure_both_ways(self) -> None:
+        """After the switch a stream out of credit stops reading the client, and a slow client pauses the stream."""
+        client, stream = await self.websocket()
+        await stream.until(lambda: stream.body() == b"early")
+        stream.producer.pauseProducing()
+        self.assertNotIn(self.server_transport(), reactor.getReaders())
+        client.send(b"held")
+        await deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(stream.body(), b"early")
+        stream.producer.resumeProducing()
+        await stream.until(lambda: stream.body() == b"earlyheld")
+        size = 1 << 20
+        stream.send(b"\x82\x7f" + struct.pack("!Q", size) + b"x" * size)
+        self.assertTrue(stream.paused)
+        await stream.until(lambda: not stream.paused)
+        await client.until(lambda: client.received.endswith(b"x" * 1000))
+
+    async def test_declined_upgrade_is_an_ordinary_response(self) -> None:
+        """A non-101 reply to an upgrade is relayed as a normal response and the connection serves the next request."""
+        client = await self.serve()
+        client.send(request("GET", "/ws", HOST, "Connection: Upgrade", "Upgrade: websocket"))
+        stream = await self.link.stream()
+        stream.reply(426, [(b"Content-Length", b"4")])
+        stream.send(b"nope")
+        stream.finish()
+        [reply] = await client.replies()
+        self.assertEqual((reply.status, reply.body), (426, b"nope"))
+        self.assertEqual(stream.ended, ())
+        client.send(request("GET", "/next"))
+        second = await self.link.stream(1)
+        self.assertEqual(second.head.kind, "http")
+        second.fail(Reason.UPSTREAM_REFUSED, "test over")
+        await client.replies(2)
+
+    async def test_upgrade_to_an_unknown_host_is_refused(self) -> None:
+        """An upgrade the router cannot place gets the reason's HTTP status, like any request."""
+        client = await self.serve()
+        client.send(request("GET", "/ws", "nowhere.example", "Connection: Upgrade", "Upgrade: websocket"))
+        [reply] = await client.replies()
+        self.assertEqual(reply.status, 404)
+        self.assertEqual(reply.header(b"tunnel-error"), b"no_tunnel")
+        client.send(request("GET", "/next"))
+        stream = await self.link.stream()
+        self.assertEqual(stream.head.kind, "http")
+        stream.fail(Reason.UPSTREAM_REFUSED, "test over")
+        await client.replies(2)
+
+    async def test_upgrade_with_a_body_is_refused(self) -> None:
+        """An upgrade request that carries a body is refused with 400 bad_request."""
+        client = await self.serve()
+        client.send(request(
+            "POST", "/ws", HOST, "Connection: Upgrade", "Upgrade: x", "Content-Length: 3",
+        ) + b"abc")
+        [reply] = await client.replies()
+        self.assertEqual(reply.status, 400)
+        self.assertEqual(self.link.streams, [])
+
+    async def test_websocket_reset_at_a_frame_boundary_sends_close(self) -> None:
+        """A tunnel reset between frames sends a Close frame with the reason's code and text."""
+        client, stream = await self.websocket()
+        stream.send(b"\x82\x7e\x00\x80" + b"x" * 128)  # one whole 128-byte frame
+        stream.fail(Reason.AGENT_GONE, "link lost")
+        await client.until(lambda: b"\x88" in client.received.rpartition(b"x")[2])
+        tail = client.received.rpartition(b"x")[2]
+        text = close_text(Reason.AGENT_GONE).encode()
+        self.assertEqual(tail, bytes((0x88, 2 + len(text))) + (1011).to_bytes(2, "big") + text)
+        client.send(b"\x88\x82abcd" + bytes(a ^ b for a, b in zip(b"\x03\xf3", b"ab", strict=True)))
+        await client.closed  # the client's Close answered, the edge hangs up
+
+    async def test_websocket_reset_mid_frame_cuts_the_connection(self) -> None:
+        """A tunnel reset in the middle of a relayed frame aborts the connection: no Close frame."""
+        client, stream = await self.websocket()
+        stream.send(b"\x82\x7e\x00\x80" + b"x" * 100)  # 28 bytes short
+        await client.until(lambda: client.received.endswith(b"x" * 100))
+        stream.fail(Reason.SATURATED, "too slow")
+        await client.closed
+        self.assertTrue(client.received.endswith(b"x" * 100))
+
+    async def test_websocket_ping_only_when_idle_and_between_frames(self) -> None:
+        """With a ping interval, an idle client gets a Ping, but never in the middle of a frame."""
+        client, stream = await self.websocket(settings=PublicHTTPSettings(websocket_ping_interval=1.0))
+        stream.send(b"\x82\x7e\x00\x80" + b"x" * 100)  # 28 bytes short
+        await client.until(lambda: client.received.endswith(b"x" * 100))
+        self.clock.advance(1.5)  # idle, but mid-frame: no ping yet
+        stream.send(b"x" * 28)
+        await client.until(lambda: client.received.endswith(b"x" * 28))
+        self.clock.advance(1.0)
+        ping = ping_frame(b"tunneld")
+        await client.until(lambda: client.received.endswith(ping))
+        self.assertTrue(client.received.endswith(b"x" * 128 + ping))
 
     async def test_h2c_upgrade_offer_is_ignored(self) -> None:
         """An offer to upgrade to h2c is served as plain HTTP/1.1, without the upgrade headers."""

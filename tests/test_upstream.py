@@ -14,7 +14,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IAddress, IPushProducer
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
@@ -307,6 +307,39 @@ class RawUpstream(Protocol):
             self.factory.answer(self, n)
 
 
+@implementer(IHalfCloseableProtocol)
+class SwitchingUpstream(Protocol):
+    """Answers one request with 101 and early bytes, then echoes; says bye on EOF."""
+
+    def __init__(self) -> None:
+        self.buffer: bytes | None = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.buffer is None:
+            self.transport.write(data)
+            return
+        self.buffer += data
+        if b"\r\n\r\n" in self.buffer:
+            _, _, rest = self.buffer.partition(b"\r\n\r\n")
+            self.buffer = None
+            self.transport.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n"
+                b"\r\nearly"
+            )
+            if rest:
+                self.transport.write(rest)
+
+    def readConnectionLost(self) -> None:
+        self.transport.write(b"bye")
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.factory.lost.callback(None)
+
+
 class RawFactory(Factory):
     """Serves L{RawUpstream}; C{answer(protocol, n)} handles a connection's n-th request."""
 
@@ -529,12 +562,53 @@ class UpstreamPoolTests(TestCase):
         self.assertEqual(stream.body, b"0123456789")
         self.assert_reset(stream, Reason.UPSTREAM_ERROR, "mid-response")
 
-    async def test_upgrade_not_supported(self) -> None:
-        """An upgrade stream is reset with protocol_error for now."""
+    async def test_upgrade_switches_to_a_pipe(self) -> None:
+        """An upgrade stream gets its own connection; the 101 is relayed, then bytes flow raw and half-closes map to ends."""
+        # Not wrapped (a ProtocolWrapper would hide the upstream's half-close support).
+        factory = Factory.forProtocol(SwitchingUpstream)
+        factory.lost = Deferred()
+        listening = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+        self.addCleanup(listening.stopListening)
+        port = listening.getHost().port
+        stream = self.stream(
+            http_head(headers=((b"Upgrade", b"echo"), (b"Connection", b"Upgrade")), kind="upgrade")
+        )
+        pool = self.pool(port)
+        pool.forward(stream)
+        await until(lambda: stream.reply is not None)
+        assert stream.reply is not None
+        self.assertEqual(stream.reply.status, 101)
+        names = [name.lower() for name, _ in stream.reply.headers]
+        self.assertIn(b"upgrade", names)
+        self.assertNotIn(b"connection", names)
+        stream.send(b"\x00raw\r\n\r\n")
+        await until(lambda: stream.body == b"early\x00raw\r\n\r\n")
+        stream.send_end()  # the client half-closed: the upstream sees EOF and says bye
+        await stream.finished
+        self.assertIsNone(stream.reset_with)
+        self.assertEqual(stream.body, b"early\x00raw\r\n\r\nbye")
+        self.assertIsNone(stream.reset_with)
+        self.assertEqual(pool._idle, [])
+        await factory.lost
+
+    async def test_upgrade_declined(self) -> None:
+        """An upstream that answers an upgrade without switching has its response relayed as is."""
+        port, _, _ = await self.site()
+        stream = self.stream(
+            http_head(headers=((b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")), kind="upgrade")
+        )
+        self.pool(port).forward(stream)
+        await stream.finished
+        assert stream.reply is not None
+        self.assertEqual((stream.reply.status, stream.body), (200, b"hello"))
+        self.assertIsNone(stream.reset_with)
+
+    async def test_upgrade_upstream_refused(self) -> None:
+        """An upgrade whose upstream cannot be reached is reset with upstream_refused."""
         stream = self.stream(http_head(kind="upgrade"))
         self.pool(1).forward(stream)
         await stream.finished
-        self.assert_reset(stream, Reason.PROTOCOL_ERROR, "upgrade not supported yet")
+        self.assert_reset(stream, Reason.UPSTREAM_REFUSED)
 
     async def test_stale_connection_retried(self) -> None:
         """A pooled connection the upstream closed unanswered is retried once on a new one."""

@@ -218,6 +218,13 @@ class EdgeSection:
     max_streams_per_agent: int = setting(
         10_000, "Concurrent streams one agent session may carry.", check=positive
     )
+    websocket_ping_interval: float = setting(
+        0.0,
+        "Seconds a tunneled WebSocket may be silent before the edge pings the client "
+        "(keeps NAT and load-balancer state alive; the client's Pong goes on to the upstream, "
+        "which RFC 6455 allows); 0 = never.",
+        check=non_negative,
+    )
     open_loopback_registration: bool = setting(
         True,
         "When no [[agents]] are configured, agents connecting from a loopback address may "

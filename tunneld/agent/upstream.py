@@ -3,7 +3,7 @@
 The agent's last hop: forward HTTP streams to the local upstream service.
 
 L{UpstreamPool.forward} takes one L{IStream} of kind C{"http"} that the edge
-opened, sends its request to the upstream over HTTP/1.1 (framed with C{h11})
+opened (kind C{"upgrade"} goes to L{tunneld.agent.upgrade}), sends its request to the upstream over HTTP/1.1 (framed with C{h11})
 and streams the response back on the stream.  Bodies are never buffered
 whole: the upstream TCP transport and the stream are registered as each
 other's push producers, so a stream out of credit stops reading from the
@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tunneld.agent.upgrade import relay_upgrade
 from tunneld.interfaces import IStream, IStreamReceiver
 from tunneld.reasons import Reason
 from tunneld.wire.messages import Headers, ReplyHead, StreamHead
@@ -246,10 +247,7 @@ class _Exchange:
             return  # reset while attaching
         head = self._stream.head
         if head.kind != "http":
-            if head.kind == "upgrade":
-                message = "upgrade not supported yet"
-            else:
-                message = f"stream kind {head.kind!r} cannot go to an HTTP upstream"
+            message = f"stream kind {head.kind!r} cannot go to an HTTP upstream"
             self.log.info(
                 "refusing stream to upstream {endpoint}: {error}",
                 endpoint=self._pool.endpoint,
@@ -716,6 +714,10 @@ class UpstreamPool:
 
     def forward(self, stream: IStream) -> None:
         """Forward one stream to the upstream and its response back, end to end."""
+        if stream.head.kind == "upgrade":
+            # A protocol switch gets a connection of its own (never pooled).
+            relay_upgrade(self, stream)
+            return
         exchange = _Exchange(self, stream)
         stream.attach(exchange)
         exchange.start()

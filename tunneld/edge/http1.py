@@ -11,6 +11,10 @@ socket, a slow public client pauses the stream.
 
 Every refusal answers with the L{Reason}'s HTTP status, a C{Tunnel-Error}
 header naming it and a one-line body, and is logged with the same label.
+
+A request to switch protocols (WebSocket or any other C{Upgrade}) opens a
+stream of kind C{"upgrade"}; the upstream's C{101} is relayed and the
+connection then carries raw bytes (L{tunneld.edge.upgraded}).
 """
 
 from __future__ import annotations
@@ -21,7 +25,13 @@ from typing import Any, cast
 from typing import Protocol as TypingProtocol
 
 import h11
-from twisted.internet.interfaces import IDelayedCall, IProducer, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IProducer,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,6 +43,7 @@ from tunneld.edge.forwarding import host_of as _host_of
 from tunneld.edge.forwarding import phrase as _phrase
 from tunneld.edge.forwarding import reply_headers as _reply_headers
 from tunneld.edge.forwarding import tokens as _tokens
+from tunneld.edge.upgraded import UpgradedConnection
 from tunneld.interfaces import IAgentLink, IStream, IStreamReceiver
 from tunneld.observe.stats import EdgeStats
 from tunneld.policy.gate import PublicPolicy, Refused
@@ -53,6 +64,7 @@ class PublicHTTPSettings:
     max_request_line: int = 8192  # method + target + version
     scheme: str = "http"
     via: str = "1.1 tunneld"
+    websocket_ping_interval: float = 0.0  # idle seconds before pinging a WebSocket client; 0 = never
 
 
 class RouteLike(TypingProtocol):
@@ -77,6 +89,7 @@ class _Socket(TypingProtocol):
     def write(self, data: bytes) -> None: ...
     def writeSequence(self, data: list[bytes]) -> None: ...
     def loseConnection(self) -> None: ...
+    def loseWriteConnection(self) -> None: ...
     def abortConnection(self) -> None: ...
     def getPeer(self) -> Any: ...
     def registerProducer(self, producer: IProducer, streaming: bool) -> None: ...
@@ -97,7 +110,8 @@ _LINGER_SECONDS = 2.0
 _UPLOAD = 1  # the stream is out of credit for the request body
 _PIPELINE = 2  # a pipelined request waits for the current exchange to finish
 
-_UPGRADE_REFUSAL = "upgrade not supported yet"
+_CONNECT_REFUSAL = "CONNECT is not supported"
+_UPGRADE_BODY_REFUSAL = "an upgrade request may not carry a body"
 
 
 def _split_absolute(target: bytes) -> tuple[bytes, bytes] | None:
@@ -114,6 +128,17 @@ def _split_absolute(target: bytes) -> tuple[bytes, bytes] | None:
     if not path.startswith(b"/"):
         path = b"/" + path
     return authority, path
+
+
+def _switch_headers(headers: Headers, via: bytes) -> list[tuple[bytes, bytes]]:
+    """
+    The headers of a relayed C{101}: the end-to-end ones (C{Sec-WebSocket-*}
+    and the like, unchanged), C{Upgrade} as the upstream chose it, and
+    C{Connection: Upgrade}.
+    """
+    out, _ = _reply_headers(headers, via)
+    upgrades = [(name, value) for name, value in headers if name.lower() == b"upgrade"]
+    return [*upgrades, (b"Connection", b"Upgrade"), *out]
 
 
 @implementer(IPushProducer)
@@ -158,7 +183,7 @@ class _Exchange:
     __slots__ = (
         "protocol", "stream", "upload", "method", "host", "target",
         "live", "uploading", "producing", "response_started", "response_done",
-        "chunked", "bodyless", "slots",
+        "chunked", "bodyless", "slots", "upgrade", "websocket", "upgraded",
     )
 
     def __init__(self, protocol: PublicHTTPProtocol, method: bytes, host: str, target: str) -> None:
@@ -176,6 +201,9 @@ class _Exchange:
         self.chunked = False  # the reply goes out chunked, so trailers can follow it
         self.bodyless = method == b"HEAD"
         self.slots: Any = None  # the policy's slots, released when the exchange ends
+        self.upgrade = False  # the client asked to switch protocols
+        self.websocket = False  # ... to WebSocket
+        self.upgraded: UpgradedConnection | None = None  # switched: raw bytes both ways
 
     # -- IStreamReceiver ----------------------------------------------------
 
@@ -186,6 +214,9 @@ class _Exchange:
 
     def data_received(self, data: bytes) -> None:
         """IStreamReceiver.data_received: one h11 event, one write."""
+        if self.upgraded is not None:
+            self.upgraded.stream_data(data)
+            return
         if not self.live or self.bodyless or not self.response_started:
             return
         protocol = self.protocol
@@ -201,6 +232,9 @@ class _Exchange:
 
     def end_received(self, trailers: Headers) -> None:
         """IStreamReceiver.end_received"""
+        if self.upgraded is not None:
+            self.upgraded.stream_ended()
+            return
         if not self.live:
             return
         if not self.response_started:
@@ -210,6 +244,9 @@ class _Exchange:
 
     def reset_received(self, reason: Reason, message: str) -> None:
         """IStreamReceiver.reset_received"""
+        if self.upgraded is not None:
+            self.upgraded.stream_reset(reason, message)
+            return
         if self.live:
             self.protocol._stream_reset(self, reason, message)
 
@@ -231,8 +268,12 @@ class _Exchange:
         self.protocol._client_gone(self)
 
 
+@implementer(IHalfCloseableProtocol)
 class PublicHTTPProtocol(Protocol):
-    """One public HTTP/1.1 connection."""
+    """
+    One public HTTP/1.1 connection.  Half-closes matter only once it has
+    switched protocols; before that a client's half-close ends it, as usual.
+    """
 
     log = Logger()
 
@@ -263,6 +304,8 @@ class PublicHTTPProtocol(Protocol):
         self._between_requests = False
         self._timer: IDelayedCall | None = None
         self._last_activity = 0.0
+        self._upgraded: UpgradedConnection | None = None
+        self._upgraded_set = factory.upgraded
 
     # -- connection ---------------------------------------------------------
 
@@ -290,6 +333,9 @@ class PublicHTTPProtocol(Protocol):
         self._arm(self._settings.header_timeout, self._head_timed_out)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._upgraded is not None:
+            self._upgraded.client_data(data)
+            return
         if self._lingering:
             return
         if self._between_requests:
@@ -299,9 +345,26 @@ class PublicHTTPProtocol(Protocol):
         self._conn.receive_data(data)
         self._process()
 
+    def readConnectionLost(self) -> None:
+        """IHalfCloseableProtocol.readConnectionLost: the client sent all it will."""
+        if self._upgraded is not None:
+            self._upgraded.client_ended()
+        elif self._lingering:
+            self._socket.loseConnection()  # the answer is complete: let it out
+        else:
+            # As without half-close support: the connection ends now.
+            self._socket.abortConnection()
+
+    def writeConnectionLost(self) -> None:
+        """IHalfCloseableProtocol.writeConnectionLost: nothing to do."""
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True
         self._cancel_timer()
+        upgraded = self._upgraded
+        if upgraded is not None:
+            upgraded.connection_lost()
+            self._upgraded_set.discard(self)
         exchange = self._exchange
         if exchange is not None:
             self._client_gone(exchange)
@@ -415,13 +478,16 @@ class PublicHTTPProtocol(Protocol):
                          refused.retry_after, close=True)
             return
         conn_tokens = _tokens(connection) if connection else set()
-        if method == b"CONNECT" or (
-            upgrade and b"upgrade" in conn_tokens and _tokens(upgrade) != {b"h2c"}
-        ):
+        if method == b"CONNECT":
             self._refuse_upgrade(method, host, target_text)
             return
         # An offer to switch to cleartext HTTP/2 (h2c) may simply be ignored:
         # the request is served as HTTP/1.1 and its Upgrade header dropped.
+        # Any other switch is the upstream's to accept or decline.
+        switching = bool(upgrade) and b"upgrade" in conn_tokens and _tokens(upgrade) != {b"h2c"}
+        if switching and (chunked or (length is not None and length.strip() != b"0")):
+            self._refuse(method, host, target_text, Reason.BAD_REQUEST, _UPGRADE_BODY_REFUSAL)
+            return
         path = target_text.partition("?")[0] if target_text != "*" else "/"
         route = self._router.route(host, path)
         if isinstance(route, Reason):
@@ -441,6 +507,8 @@ class PublicHTTPProtocol(Protocol):
         # knows a body follows; with neither, a body the agent receives anyway
         # is sent chunked.  Transfer-Encoding itself is hop-by-hop.
         drop = _HOP_BY_HOP | conn_tokens if conn_tokens else _HOP_BY_HOP
+        if switching:
+            drop = drop - {b"upgrade"}
         forwarded: list[tuple[bytes, bytes]] = []
         xff: list[bytes] = []
         vias: list[bytes] = []
@@ -464,7 +532,12 @@ class PublicHTTPProtocol(Protocol):
         forwarded.append((b"x-forwarded-proto", settings.scheme.encode("ascii")))
         forwarded.append((b"x-forwarded-host", authority))
         forwarded.append((b"via", b", ".join(vias)))
-        self._open(route, method, host, target_text, tuple(forwarded), slots)
+        if switching:
+            forwarded.append((b"connection", b"Upgrade"))
+        self._open(
+            route, method, host, target_text, tuple(forwarded), slots,
+            upgrade if switching else [],
+        )
 
     def _admit(self, route: RouteLike, headers: Headers) -> Any:
         """The policy's slots for this request, or a L{Refused}."""
@@ -474,12 +547,18 @@ class PublicHTTPProtocol(Protocol):
         return policy.admit(route.tunnel, client, route.link.active_streams())
 
     def _open(
-        self, route: RouteLike, method: bytes, host: str, target: str, headers: Headers,
+        self,
+        route: RouteLike,
+        method: bytes,
+        host: str,
+        target: str,
+        headers: Headers,
         slots: Any = None,
+        upgrade: list[bytes] | None = None,
     ) -> None:
         """Carry the request on a new stream over the route's agent link."""
         head = StreamHead(
-            kind="http",
+            kind="upgrade" if upgrade else "http",
             tunnel=route.tunnel,
             method=method.decode("latin-1"),
             target=target,
@@ -489,6 +568,9 @@ class PublicHTTPProtocol(Protocol):
         )
         exchange = _Exchange(self, method, host, target)
         exchange.slots = slots
+        if upgrade:
+            exchange.upgrade = True
+            exchange.websocket = b"websocket" in _tokens(upgrade)
         self._exchange = exchange
         try:
             stream = route.link.open_stream(head, exchange)
@@ -518,6 +600,11 @@ class PublicHTTPProtocol(Protocol):
 
     def _request_end(self, end: h11.EndOfMessage) -> None:
         exchange = self._exchange
+        if exchange is not None and exchange.upgrade and exchange.live:
+            # What the client sends next belongs to the switched protocol (or
+            # is the next request if the upstream declines): it waits, unread
+            # (h11 pauses), and the socket stays the stream's producer.
+            return
         if exchange is not None and exchange.uploading:
             exchange.uploading = False
             stream = cast(IStream, exchange.stream)
@@ -542,10 +629,7 @@ class PublicHTTPProtocol(Protocol):
         self._answer(reason.http_status, reason.value, text, close, retry_after)
 
     def _refuse_upgrade(self, method: bytes, host: str, target: str) -> None:
-        """
-        A protocol switch (WebSocket and the like, or CONNECT).  Not carried
-        yet: answer 501.  The C{upgrade} stream kind will take over here.
-        """
+        """A CONNECT request: this edge is not a forward proxy; answer 501."""
         self.log.info(
             "refused {method} {host}{target} from {peer}: {reason}",
             method=method.decode("latin-1"), host=host, target=target, peer=self._peer,
@@ -553,9 +637,9 @@ class PublicHTTPProtocol(Protocol):
         )
         self._stats.refused(
             Reason.BAD_REQUEST, host=host, target=target, peer=self._peer,
-            message=_UPGRADE_REFUSAL,
+            message=_CONNECT_REFUSAL,
         )
-        self._answer(501, Reason.BAD_REQUEST.value, _UPGRADE_REFUSAL)
+        self._answer(501, Reason.BAD_REQUEST.value, _CONNECT_REFUSAL)
 
     def _answer(
         self, status: int, label: str, text: str, close: bool = False,
@@ -618,6 +702,15 @@ class PublicHTTPProtocol(Protocol):
     # -- the reply ----------------------------------------------------------
 
     def _reply(self, exchange: _Exchange, reply: ReplyHead) -> None:
+        if exchange.upgrade:
+            if reply.status == 101:
+                self._switch(exchange, reply)
+                return
+            # Declined: an ordinary response; the client sends nothing more
+            # on this stream.
+            exchange.upgrade = False
+            self._upload_done(exchange)
+            cast(IStream, exchange.stream).end()
         headers, has_length = _reply_headers(reply.headers, self._via)
         try:
             response = h11.Response(
@@ -647,6 +740,80 @@ class PublicHTTPProtocol(Protocol):
         self._stats.response(status)
         self._send([response])
         self._last_activity = self._seconds()
+
+    def _switch(self, exchange: _Exchange, reply: ReplyHead) -> None:
+        """The upstream accepted the switch: relay its 101 and go raw."""
+        stream = cast(IStream, exchange.stream)
+        try:
+            pieces = self._conn.send_with_data_passthrough(
+                h11.InformationalResponse(
+                    status_code=101,
+                    headers=_switch_headers(reply.headers, self._via),
+                    reason=reply.reason or _phrase(101),
+                )
+            )
+        except h11.LocalProtocolError as error:
+            self._finish(exchange)
+            stream.reset(Reason.UPSTREAM_ERROR, f"bad reply: {error}")
+            self._answer(502, Reason.UPSTREAM_ERROR.value, Reason.UPSTREAM_ERROR.description)
+            return
+        exchange.response_started = True
+        self._cancel_timer()
+        self._upgraded = upgraded = UpgradedConnection(
+            socket=self._socket,
+            stream=stream,
+            websocket=exchange.websocket,
+            clock=self._clock,
+            idle_timeout=self._settings.idle_timeout,
+            ping_interval=self._settings.websocket_ping_interval,
+            label={
+                "method": exchange.method.decode("latin-1"), "host": exchange.host,
+                "target": exchange.target, "peer": self._peer,
+            },
+            finish=lambda: self._finish(exchange),
+            unhook_reply=lambda: self._reply_done(exchange),
+            unhook_upload=lambda: self._upload_done(exchange),
+        )
+        exchange.upgraded = upgraded
+        self._upgraded_set.add(self)
+        self.log.debug(
+            "switched {method} {host}{target} from {peer} to {protocol}",
+            method=exchange.method.decode("latin-1"), host=exchange.host,
+            target=exchange.target, peer=self._peer,
+            protocol=b", ".join(v for n, v in reply.headers if n.lower() == b"upgrade").decode(
+                "latin-1"
+            ),
+        )
+        if pieces:
+            self._socket.writeSequence(pieces)
+        early, _ = self._conn.trailing_data
+        if early:
+            upgraded.client_data(bytes(early))
+        self._resume(_PIPELINE)
+
+    def _upload_done(self, exchange: _Exchange) -> None:
+        """The client will send nothing more on the stream: unhook the socket as its producer."""
+        if exchange.uploading:
+            exchange.uploading = False
+            stream = exchange.stream
+            if stream is not None:
+                stream.unregisterProducer()
+            self._resume(_UPLOAD)
+
+    def _reply_done(self, exchange: _Exchange) -> None:
+        """The stream will send nothing more: it stops being the socket's producer."""
+        if exchange.producing:
+            exchange.producing = False
+            self._socket.unregisterProducer()
+
+    def shutdown_upgraded(self, reason: Reason, message: str) -> None:
+        """
+        End this connection if it has switched protocols, for C{reason}
+        (draining, a policy): the agent hears C{reason}, a WebSocket client a
+        Close frame with its code and text.
+        """
+        if self._upgraded is not None:
+            self._upgraded.shutdown(reason, message)
 
     def _reply_end(self, exchange: _Exchange, trailers: Headers) -> None:
         end = h11.EndOfMessage()
@@ -712,6 +879,11 @@ class PublicHTTPProtocol(Protocol):
     def _client_gone(self, exchange: _Exchange) -> None:
         if not exchange.live:
             return
+        upgraded = exchange.upgraded
+        if upgraded is not None:
+            if not upgraded.live:
+                return
+            upgraded.live = False
         self._finish(exchange)
         stream = exchange.stream
         self.log.info(
@@ -882,6 +1054,19 @@ class PublicHTTPFactory(Factory):
         self.reactor = reactor
         self.stats = stats if stats is not None else EdgeStats(reactor)
         self.via = settings.via.encode("ascii")
+        # Connections that switched protocols (WebSocket and the like).
+        self.upgraded: set[PublicHTTPProtocol] = set()
+
+    def shutdown_upgraded(self, reason: Reason, message: str) -> int:
+        """
+        End every switched-protocol connection for C{reason} (e.g.
+        C{draining}); WebSocket clients get a Close frame with its code.
+        Returns how many were ended.
+        """
+        connections = list(self.upgraded)
+        for connection in connections:
+            connection.shutdown_upgraded(reason, message)
+        return len(connections)
 
     def buildProtocol(self, addr: Any) -> PublicHTTPProtocol:
         protocol = PublicHTTPProtocol(self)

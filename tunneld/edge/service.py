@@ -77,6 +77,7 @@ class EdgeService(MultiService):
             idle_timeout=edge.idle_timeout,
             max_header_count=edge.max_header_count,
             max_request_line=edge.max_request_line,
+            websocket_ping_interval=edge.websocket_ping_interval,
         )
         self.public: list[ListeningService] = []
         for description in edge.public_listen:
@@ -308,3 +309,13 @@ class EdgeService(MultiService):
             self.log.warn("changes to {sections} take a restart; not applied",
                           sections=", ".join(restart))
         return True
+
+    def shutdown_upgraded(self, reason: Reason, message: str) -> int:
+        """
+        End every public connection that switched protocols (WebSocket and
+        the like) for C{reason}, e.g. C{draining}: agents hear the reason,
+        WebSocket clients get a Close frame with its code and text.  Returns
+        how many were ended.
+        """
+        factories = [getattr(s.factory, "wrappedFactory", s.factory) for s in self.public]
+        return sum(factory.shutdown_upgraded(reason, message) for factory in factories)

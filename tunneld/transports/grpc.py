@@ -92,6 +92,8 @@ _MESSAGE_OVERHEAD = 32
 _REPLAY_LIMIT = 256 * 1024
 # Seconds a closing connection may take to flush before it is aborted.
 _CLOSE_GRACE = 5.0
+# Seconds a closing link keeps reading (and dropping) what the peer still sends.
+_LINGER = 0.5
 
 
 class GrpcStatus(enum.IntEnum):
@@ -580,6 +582,7 @@ class GrpcLink(Protocol):
             reactor, heartbeat_interval, heartbeat_timeout, self._ping, self._silent
         )
         self._abort_timer: Any = None
+        self._linger_timer: Any = None
         self._lost_reason: tuple[Reason, str] | None = None
         self.disconnected = False
         self._disconnect_waiters: list[Deferred[None]] = []
@@ -645,7 +648,11 @@ class GrpcLink(Protocol):
             return
         # TLS waits for a registered producer to go before it shuts down.
         self.transport.unregisterProducer()
-        self.transport.loseConnection()
+        # Linger before closing: a peer that reads our last status and GOAWAY
+        # hangs up itself; closing at once, with its last frames still unread
+        # here, would make the kernel answer with a reset that can destroy
+        # that status before the peer reads it.
+        self._linger_timer = self.reactor.callLater(_LINGER, self.transport.loseConnection)
         self._abort_timer = self.reactor.callLater(_CLOSE_GRACE, self._abort)
 
     def say_goodbye(self, reason: Reason, message: str) -> None:
@@ -708,9 +715,10 @@ class GrpcLink(Protocol):
         self.flush()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
-        if self._abort_timer is not None and self._abort_timer.active():
-            self._abort_timer.cancel()
-        self._abort_timer = None
+        for timer in (self._abort_timer, self._linger_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._abort_timer = self._linger_timer = None
         if self._lost_reason is not None:
             why, detail = self._lost_reason
         else:

@@ -128,6 +128,13 @@ class _FrameWireMixin:
             max_streams=getattr(setup, "max_streams", 10_000),
         )
         self.link = link
+        # Autobahn's own tcpNoDelay option is never applied (its connectionMade
+        # reads it before copying the options over, and swallows the error):
+        # without this, Nagle and delayed ACKs stall small frames ~40 ms.
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):
+            pass  # not TCP
         self.transport.registerProducer(SocketCongestion(link), True)
         return link
 

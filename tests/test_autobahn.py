@@ -1,0 +1,48 @@
+"""
+WebSocket conformance through the tunnel: Autobahn|Testsuite's fuzzingclient
+core cases (1-10, about 300) give the same verdict through edge and agent as
+directly against the same Autobahn echo upstream, and none fails.
+
+The compression cases (12-13) take a quarter of an hour per run; they run
+from C{bench/autobahn_compression.py} and are recorded in
+C{docs/websocket-conformance.md}.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet import reactor
+from twisted.trial.unittest import SkipTest, TestCase
+
+from tests.autobahn_fuzzing import CORE_CASES, WSTEST, compare, differences, find_python2
+
+# Each wstest run (direct and tunnel, side by side) gets this long before it
+# is killed.  Alone on a machine both take about 100 s; the budget leaves room
+# for a loaded CI worker.
+RUN_BUDGET = 600.0
+
+
+class AutobahnConformance(TestCase):
+    """The fuzzingclient's verdicts, directly and through the websocket transport."""
+
+    timeout = RUN_BUDGET + 60
+
+    def setUp(self) -> None:
+        if not os.access(WSTEST, os.X_OK):
+            if find_python2() is None:
+                raise SkipTest(
+                    "Autobahn|Testsuite needs Python 2.7 and none was found "
+                    "(pyenv versions/2.7*, python2.7 on PATH)"
+                )
+            self.fail(f"{WSTEST} is missing: run scripts/setup (it runs scripts/setup-autobahn)")
+
+    async def test_core_cases_agree(self) -> None:
+        """Every core case (1-10) ends with the same verdict through the tunnel as directly, and none FAILED."""
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        direct, tunnel = await compare(reactor, CORE_CASES, workdir, RUN_BUDGET)
+        self.assertGreater(len(direct.cases), 290)
+        self.assertEqual(sorted(direct.cases), sorted(tunnel.cases))
+        self.assertEqual(differences(direct, tunnel), [])
+        self.assertEqual(direct.counts(), tunnel.counts())

@@ -1,0 +1,439 @@
+# -*- test-case-name: tests.test_upstream -*-
+"""
+The agent's side of a protocol switch (WebSocket or any HTTP/1.1 C{Upgrade}).
+
+A stream of kind C{"upgrade"} gets a dedicated upstream connection, never
+pooled.  The request goes out framed by C{h11}; the upstream's answer comes
+back through C{h11} too.  A C{101 Switching Protocols} is relayed as the
+stream's reply and from then on the connection is a pipe: raw bytes both
+ways, each side the other's push producer, and an end is a TCP half-close.
+Any other answer is relayed as an ordinary HTTP response and ends the
+stream.  Subprotocols and extensions (permessage-deflate) are whatever the
+client and the upstream agree in their headers: nothing here reads them.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any, cast
+
+import h11
+from twisted.internet import defer
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tunneld.interfaces import IStream, IStreamReceiver
+from tunneld.reasons import Reason
+from tunneld.wire.messages import Headers, ReplyHead
+
+__all__ = ["relay_upgrade"]
+
+# Hop-by-hop response fields that do not describe the switch itself.
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+    }
+)
+
+
+class _Pool(typing.Protocol):
+    """What a relay needs of its L{tunneld.agent.upstream.UpstreamPool}."""
+
+    endpoint: str
+    connect_timeout: float
+    response_timeout: float
+    _reactor: Any
+    _endpoint: Any
+
+
+class _Transport(typing.Protocol):
+    def write(self, data: bytes) -> None: ...
+    def writeSequence(self, data: list[bytes]) -> None: ...
+    def loseConnection(self) -> None: ...
+    def loseWriteConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
+
+
+def _reply_headers(response: h11.Response | h11.InformationalResponse) -> list[tuple[bytes, bytes]]:
+    """The upstream's answer headers, hop-by-hop ones (but C{Upgrade}) removed."""
+    drop = set(_HOP_BY_HOP)
+    for name, value in response.headers:
+        if name == b"connection":
+            drop |= {t.strip().lower() for t in value.split(b",") if t.strip()} - {b"upgrade"}
+    return [(n, v) for n, v in response.headers.raw_items() if n.lower() not in drop]
+
+
+@implementer(IHalfCloseableProtocol)
+class _UpgradeConnection(Protocol):
+    """The dedicated upstream connection of one relay; it only passes events on."""
+
+    relay: _UpgradeRelay
+
+    def connectionMade(self) -> None:
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.relay.upstream_data(data)
+
+    def readConnectionLost(self) -> None:
+        """IHalfCloseableProtocol.readConnectionLost"""
+        self.relay.upstream_ended()
+
+    def writeConnectionLost(self) -> None:
+        """IHalfCloseableProtocol.writeConnectionLost"""
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.relay.upstream_lost(reason)
+
+
+class _Factory(ClientFactory):
+    noisy = False
+
+    def __init__(self, relay: _UpgradeRelay) -> None:
+        self._relay = relay
+
+    def buildProtocol(self, addr: IAddress | None) -> _UpgradeConnection:
+        conn = _UpgradeConnection()
+        conn.relay = self._relay
+        return conn
+
+
+@implementer(IStreamReceiver, IPushProducer)
+class _UpgradeRelay:
+    """
+    One upgrade stream and its upstream connection.
+
+    The receiver of the stream (client bytes arrive here) and the producer
+    registered on the upstream socket (a full socket pauses the stream).
+    """
+
+    log = Logger()
+
+    def __init__(self, pool: _Pool, stream: IStream) -> None:
+        self._pool = pool
+        self._stream = stream
+        self._parser = h11.Connection(h11.CLIENT)
+        self._conn: _UpgradeConnection | None = None
+        self._sock: _Transport | None = None
+        self._connecting: Deferred[Any] | None = None
+        self._request: list[bytes] = []  # the request head, until connected
+        self._pending: list[bytes] = []  # client bytes before the connection exists
+        self._client_ended = False
+        self._switched = False  # the 101 was relayed: raw bytes
+        self._declined = False  # an ordinary response is being relayed
+        self._upstream_ended = False
+        self._done = False
+        self._timer: Any = None
+
+    # -- starting ---------------------------------------------------------
+
+    def start(self) -> None:
+        if self._done:
+            return
+        head = self._stream.head
+        headers = list(head.headers)
+        if not any(name.lower() == b"host" for name, _ in headers):
+            headers.insert(0, (b"Host", head.tunnel.partition("/")[0].encode("ascii")))
+        try:
+            request = h11.Request(
+                method=head.method.encode("ascii"), target=head.target.encode("ascii"),
+                headers=headers,
+            )
+            pieces = list(self._parser.send_with_data_passthrough(request) or ())
+            pieces += self._parser.send_with_data_passthrough(h11.EndOfMessage()) or ()
+        except (h11.LocalProtocolError, UnicodeError) as error:
+            self.log.info(
+                "upgrade request cannot be sent to upstream {endpoint}: {error}",
+                endpoint=self._pool.endpoint, error=str(error),
+            )
+            self._fail(Reason.BAD_REQUEST, f"request cannot be sent upstream: {error}")
+            return
+        self._request = pieces
+        # Hold the client's bytes at the edge until the upstream is there.
+        self._stream.pauseProducing()
+        pool = self._pool
+        connecting: Deferred[Any] = pool._endpoint.connect(_Factory(self))
+        connecting.addTimeout(pool.connect_timeout, pool._reactor, _timed_out)
+        self._connecting = connecting
+        connecting.addCallbacks(self._connected, self._connect_failed)
+
+    def _connected(self, conn: _UpgradeConnection) -> None:
+        self._connecting = None
+        if self._done:
+            conn.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        self._conn = conn
+        sock = self._sock = cast(_Transport, conn.transport)
+        request, self._request = self._request, []
+        sock.writeSequence(request)
+        pending, self._pending = self._pending, []
+        if pending:
+            sock.writeSequence(pending)
+        if self._client_ended:
+            sock.loseWriteConnection()
+        else:
+            sock.registerProducer(self, True)
+        self._stream.registerProducer(cast(IPushProducer, sock), True)
+        self._stream.resumeProducing()
+        self._timer = self._pool._reactor.callLater(self._pool.response_timeout, self._no_answer)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._connecting = None
+        if self._done or isinstance(failure.value, CancelledError):
+            return
+        if isinstance(failure.value, defer.TimeoutError):
+            error = f"no connection within {self._pool.connect_timeout:g}s"
+        else:
+            error = failure.getErrorMessage()
+        self.log.warn(
+            "upstream {endpoint} refused: {error}", endpoint=self._pool.endpoint, error=error
+        )
+        self._fail(Reason.UPSTREAM_REFUSED, f"upstream {self._pool.endpoint} refused: {error}")
+
+    def _no_answer(self) -> None:
+        self._timer = None
+        timeout = self._pool.response_timeout
+        self.log.warn(
+            "upstream {endpoint} sent no response within {timeout}s",
+            endpoint=self._pool.endpoint, timeout=timeout,
+        )
+        self._fail(
+            Reason.UPSTREAM_TIMEOUT,
+            f"upstream {self._pool.endpoint} sent no response within {timeout:g}s",
+        )
+
+    # -- IStreamReceiver: from the client ----------------------------------
+
+    def reply_received(self, reply: ReplyHead) -> None:
+        """L{IStreamReceiver}: never sent to the agent side; ignored."""
+
+    def data_received(self, data: bytes) -> None:
+        """L{IStreamReceiver}: client bytes, passed on raw."""
+        if self._done or self._client_ended:
+            return
+        sock = self._sock
+        if sock is None:
+            self._pending.append(data)
+        elif not self._declined:
+            sock.write(data)
+
+    def end_received(self, trailers: Headers) -> None:
+        """L{IStreamReceiver}: the client half-closed."""
+        if self._done or self._client_ended:
+            return
+        self._client_ended = True
+        sock = self._sock
+        if sock is None or self._declined:
+            return
+        sock.unregisterProducer()
+        sock.loseWriteConnection()
+        if self._upstream_ended:
+            self._finish()
+
+    def reset_received(self, reason: Reason, message: str) -> None:
+        """L{IStreamReceiver}: the edge gave up; drop the upstream connection."""
+        if self._done:
+            return
+        self.log.debug(
+            "upgrade stream to upstream {endpoint} reset by the edge ({reason}): {message}",
+            endpoint=self._pool.endpoint, reason=reason.value, message=message,
+        )
+        self._done = True
+        self._teardown()
+
+    # -- IPushProducer: the upstream socket's view of the client bytes ------
+
+    def pauseProducing(self) -> None:
+        """L{IPushProducer}: the upstream socket is full; pause the stream."""
+        if not self._done:
+            self._stream.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """L{IPushProducer}: the upstream socket drained; resume the stream."""
+        if not self._done:
+            self._stream.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """L{IPushProducer}: the socket is closing; its connectionLost says why."""
+
+    # -- from the upstream --------------------------------------------------
+
+    def upstream_data(self, data: bytes) -> None:
+        if self._done:
+            return
+        if self._switched:
+            self._stream.write(data)
+            return
+        parser = self._parser
+        try:
+            parser.receive_data(data)
+            self._pump()
+        except h11.RemoteProtocolError as error:
+            self._malformed(str(error))
+
+    def _pump(self) -> None:
+        parser = self._parser
+        stream = self._stream
+        while not self._done and not self._switched:
+            event = parser.next_event()
+            if isinstance(event, h11.InformationalResponse):
+                if event.status_code == 101:
+                    self._switch(event)
+                # 100 Continue and the like are not forwarded.
+            elif isinstance(event, h11.Response):
+                self._decline(event)
+            elif isinstance(event, h11.Data):
+                stream.write(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                self._done = True
+                self._teardown()
+                trailers = event.headers
+                stream.end(trailers.raw_items() if trailers else ())
+            else:
+                return  # NEED_DATA, PAUSED
+
+    def _switch(self, event: h11.InformationalResponse) -> None:
+        self._cancel_timer()
+        self._switched = True
+        self._stream.send_reply(ReplyHead(101, event.reason, _reply_headers(event)))
+        early, _ = self._parser.trailing_data
+        if early:
+            self._stream.write(bytes(early))
+
+    def _decline(self, response: h11.Response) -> None:
+        """The upstream answered without switching: relay it as an ordinary response."""
+        self._cancel_timer()
+        self._declined = True
+        sock = self._sock
+        if sock is not None and not self._client_ended:
+            sock.unregisterProducer()
+        self._stream.send_reply(
+            ReplyHead(response.status_code, response.reason, _reply_headers(response))
+        )
+
+    def upstream_ended(self) -> None:
+        """The upstream half-closed."""
+        if self._done or self._upstream_ended:
+            return
+        self._upstream_ended = True
+        if not self._switched:
+            self._lost_before_switch(connectionDone)
+            return
+        self._stream.end()
+        if self._client_ended:
+            self._finish()
+
+    def upstream_lost(self, reason: Failure) -> None:
+        if self._done:
+            return
+        if not self._switched:
+            self._lost_before_switch(reason)
+            return
+        if reason.check(ConnectionDone) and self._upstream_ended:
+            # Closed in order after its half-close: the stream already ended.
+            self._done = True
+            self._teardown()
+            return
+        self._done = True
+        self._teardown()
+        if reason.check(ConnectionDone):
+            self._stream.end()
+            return
+        self.log.info(
+            "upstream {endpoint} dropped an upgraded connection: {error}",
+            endpoint=self._pool.endpoint, error=reason.getErrorMessage(),
+        )
+        self._stream.reset(
+            Reason.UPSTREAM_ERROR,
+            f"upstream {self._pool.endpoint} dropped the connection: {reason.getErrorMessage()}",
+        )
+
+    def _lost_before_switch(self, reason: Failure) -> None:
+        """The upstream closed before a 101: end of a close-delimited answer, or an error."""
+        parser = self._parser
+        try:
+            parser.receive_data(b"")
+            self._pump()
+        except h11.RemoteProtocolError as error:
+            detail = str(error)
+        else:
+            detail = reason.getErrorMessage()
+        if self._done:
+            return
+        when = "mid-response" if self._declined else "before responding"
+        self.log.warn(
+            "upstream {endpoint} closed the connection {when}: {error}",
+            endpoint=self._pool.endpoint, when=when, error=detail,
+        )
+        self._fail(
+            Reason.UPSTREAM_ERROR,
+            f"upstream {self._pool.endpoint} closed the connection {when}: {detail}",
+        )
+
+    def _malformed(self, error: str) -> None:
+        self.log.warn(
+            "upstream {endpoint} sent a malformed response: {error}",
+            endpoint=self._pool.endpoint, error=error,
+        )
+        self._fail(
+            Reason.UPSTREAM_ERROR,
+            f"upstream {self._pool.endpoint} sent a malformed response: {error}",
+        )
+
+    # -- ending -------------------------------------------------------------
+
+    def _finish(self) -> None:
+        """Both directions ended in order: close the upstream connection."""
+        self._done = True
+        self._cancel_timer()
+        self._stream.unregisterProducer()
+        sock = self._sock
+        if sock is not None:
+            sock.loseConnection()
+
+    def _fail(self, reason: Reason, message: str) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._teardown()
+        self._stream.reset(reason, message)
+
+    def _teardown(self) -> None:
+        self._cancel_timer()
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None:
+            connecting.cancel()
+        self._stream.unregisterProducer()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.abortConnection()
+
+    def _cancel_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+
+def _timed_out(result: object, timeout: float) -> typing.NoReturn:
+    raise defer.TimeoutError(f"no connection within {timeout:g}s")
+
+
+def relay_upgrade(pool: _Pool, stream: IStream) -> None:
+    """Carry one upgrade stream to C{pool}'s upstream on a connection of its own."""
+    relay = _UpgradeRelay(pool, stream)
+    stream.attach(relay)
+    relay.start()
