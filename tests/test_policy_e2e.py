@@ -7,6 +7,7 @@ which many are refused, timed out or cut off, every counter is back to zero.
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from typing import Any
@@ -253,17 +254,26 @@ class PolicyEndToEndTests(TestCase):
             a.link for a in harness.agents if a.link is not None
         ]
 
-        def busy() -> list[Any]:
-            snapshot = policy.snapshot()
+        # The counters as an operator reads them: the admin API.
+        assert edge.observe.admin is not None
+        admin = f"http://127.0.0.1:{edge.observe.admin.address.port}/api/policy".encode()
+
+        async def busy() -> list[Any]:
+            from twisted.web.client import readBody
+
+            response = await harness.client.request(b"GET", admin)
+            published = json.loads(await readBody(response))
+            snapshot = published["counters"]
             in_use = [snapshot[k] for k in ("connections", "client_connections",
                                             "tunnel_streams", "tunnels_with_streams",
                                             "clients_with_connections")]
+            in_use += list(published["agent_streams"].values())
             return [n for n in in_use + [link.active_streams() for link in links] if n]
 
         for _ in range(200):  # the last connections' close takes a few turns
-            if not busy():
+            if not await busy():
                 break
             await sleep(0.02)
-        self.assertEqual(busy(), [], (policy.snapshot(), outcomes))
+        self.assertEqual(await busy(), [], (policy.snapshot(), outcomes))
         self.assertEqual(policy.tunnel_streams.counts, {})
         self.assertEqual(policy.client_connections.counts, {})

@@ -46,12 +46,14 @@ class EdgeView:
         metrics: EdgeMetrics,
         ready: Callable[[], bool],
         backends: Callable[[], dict[str, bool]] = lambda: {"memory": True},
+        policy: Callable[[], dict[str, Any]] = dict,
     ) -> None:
         self.sessions = sessions
         self.stats = stats
         self.metrics = metrics
         self.ready = ready
         self.backends = backends
+        self.policy = policy
 
     def agents(self) -> list[dict[str, Any]]:
         now = self.sessions.reactor.seconds()
@@ -133,6 +135,17 @@ class Refusals(_Leaf):
         return _json(request, 200, self.view.refusals())
 
 
+class Policy(_Leaf):
+    """C{GET /api/policy}: the rate-limit and cap counters in use now."""
+
+    def render_GET(self, request: Request) -> bytes:  # noqa: N802
+        streams = {
+            session.session_id: session.link.active_streams()
+            for session in self.view.sessions.sessions.values()
+        }
+        return _json(request, 200, {"counters": self.view.policy(), "agent_streams": streams})
+
+
 class Agents(_Leaf):
     """C{GET /api/agents}, and C{POST /api/agents/SESSION/drain}."""
 
@@ -198,6 +211,7 @@ def admin_site(view: EdgeView) -> server.Site:
     root.putChild(b"api", api)
     api.putChild(b"tunnels", Tunnels(view))
     api.putChild(b"agents", Agents(view))
+    api.putChild(b"policy", Policy(view))
     api.putChild(b"refusals", Refusals(view))
     site = _AdminSite(root)
     site.displayTracebacks = False

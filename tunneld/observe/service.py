@@ -62,7 +62,11 @@ class EdgeObservability(MultiService):
         self.stats = stats
         self.root = root
         self.metrics = EdgeMetrics(stats, sessions)
-        self.view = EdgeView(sessions, stats, self.metrics, self.listeners_up)
+        policy = getattr(root, "policy", None)
+        self.view = EdgeView(
+            sessions, stats, self.metrics, self.listeners_up,
+            policy=policy.snapshot if policy is not None else dict,
+        )
         self.admin: ListeningService | None = None
         if admin_listen:
             self.admin = ListeningService(reactor, admin_listen, admin_site(self.view), "admin API")
