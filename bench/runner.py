@@ -317,6 +317,12 @@ public_h2c_listen = ["tcp:0:interface=127.0.0.1"]
 public_url = "http://{{host}}/"
 transports = ["{transport}"]
 {window}
+# Every load generator connects from 127.0.0.1: the per-client connection cap
+# (256 by default) would refuse the idle-WebSocket figure's 10,000.
+[limits]
+max_connections_per_client = 0
+max_connections = 0
+
 [transports.{transport}]
 {link_key} = "tcp:0:interface=127.0.0.1"
 """)
@@ -729,6 +735,11 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         largest = max(idle) if idle else None
         if ws:
             out.append((name, "RSS per idle tunneled WebSocket at 10,000", "≤ 12 KiB", f"skipped: {ws}"))
+        elif largest is not None and idle[largest]["failed"]:
+            # A figure over the few connections that got through says nothing
+            # about 10,000 held at once: none dropped is part of the target.
+            out.append((name, f"RSS per idle tunneled WebSocket at {largest:,}, none dropped",
+                        "≤ 12 KiB", f"{idle[largest]['failed']:,} of {largest:,} failed **short**"))
         elif largest is not None and idle[largest]["kib_per_ws"] is not None:
             ratio(name, idle[largest]["kib_per_ws"], 12, False,
                   f"KiB RSS per idle tunneled WebSocket at {largest:,}")

@@ -247,6 +247,9 @@ class EdgeService(MultiService):
         for session in sessions:
             session.draining = True
             session.link.send_control(GoAway(Reason.DRAINING, "the edge is shutting down"))
+        # Long-lived switched connections (WebSockets) would hold the drain to
+        # its deadline: they get their Close (1001 draining) now, and reconnect.
+        self.shutdown_upgraded(Reason.DRAINING, "the edge is shutting down")
         in_flight = sum(s.link.active_streams() for s in sessions)
         self.log.info(
             "draining: {streams} streams in flight on {sessions} agent sessions, "
@@ -318,4 +321,8 @@ class EdgeService(MultiService):
         how many were ended.
         """
         factories = [getattr(s.factory, "wrappedFactory", s.factory) for s in self.public]
-        return sum(factory.shutdown_upgraded(reason, message) for factory in factories)
+        return sum(
+            factory.shutdown_upgraded(reason, message)
+            for factory in factories
+            if hasattr(factory, "shutdown_upgraded")
+        )

@@ -652,7 +652,9 @@ class GrpcLink(Protocol):
         # hangs up itself; closing at once, with its last frames still unread
         # here, would make the kernel answer with a reset that can destroy
         # that status before the peer reads it.
-        self._linger_timer = self.reactor.callLater(_LINGER, self.transport.loseConnection)
+        # (The edge's concern: the agent's peer needs no status from it.)
+        linger = _LINGER if self.is_edge else 0.0
+        self._linger_timer = self.reactor.callLater(linger, self.transport.loseConnection)
         self._abort_timer = self.reactor.callLater(_CLOSE_GRACE, self._abort)
 
     def say_goodbye(self, reason: Reason, message: str) -> None:
