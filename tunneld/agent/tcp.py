@@ -15,7 +15,7 @@ the stream with C{upstream_error}.  Each is logged with its reason.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList
@@ -26,17 +26,13 @@ from twisted.internet.protocol import ClientFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from tunneld.agent.dialing import connect_timed_out
 from tunneld.interfaces import IStream
 from tunneld.reasons import Reason
 from tunneld.splice import StreamSplice
 
 # Twisted's endpoint parser is untyped; this is its signature.
 _client_from_string: Callable[[Any, str], IStreamClientEndpoint] = clientFromString
-
-
-def _timed_out(result: object, timeout: float) -> NoReturn:
-    """Whatever cancelling a connection attempt raised, it was a timeout."""
-    raise defer.TimeoutError(f"no connection within {timeout:g}s")
 
 
 class UpstreamTCPProtocol(StreamSplice):
@@ -99,7 +95,7 @@ class TCPForwarder:
         protocol = UpstreamTCPProtocol(self)
         protocol.hold(stream)
         d = self._endpoint.connect(_OneConnection(protocol))
-        d.addTimeout(self.connect_timeout, self.reactor, onTimeoutCancel=_timed_out)
+        d.addTimeout(self.connect_timeout, self.reactor, onTimeoutCancel=connect_timed_out)
         self._connecting.add(d)
         protocol.connecting = d
         d.addCallbacks(

@@ -18,7 +18,6 @@ import typing
 from typing import Any, cast
 
 import h11
-from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IPushProducer
@@ -27,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tunneld.agent.dialing import connect_error, connect_timed_out
 from tunneld.interfaces import IStream, IStreamReceiver
 from tunneld.reasons import Reason
 from tunneld.wire.messages import Headers, ReplyHead
@@ -167,7 +167,7 @@ class _UpgradeRelay:
         self._stream.pauseProducing()
         pool = self._pool
         connecting: Deferred[Any] = pool._endpoint.connect(_Factory(self))
-        connecting.addTimeout(pool.connect_timeout, pool._reactor, _timed_out)
+        connecting.addTimeout(pool.connect_timeout, pool._reactor, connect_timed_out)
         self._connecting = connecting
         connecting.addCallbacks(self._connected, self._connect_failed)
 
@@ -195,10 +195,7 @@ class _UpgradeRelay:
         self._connecting = None
         if self._done or isinstance(failure.value, CancelledError):
             return
-        if isinstance(failure.value, defer.TimeoutError):
-            error = f"no connection within {self._pool.connect_timeout:g}s"
-        else:
-            error = failure.getErrorMessage()
+        error = connect_error(failure, self._pool.connect_timeout)
         self.log.warn(
             "upstream {endpoint} refused: {error}", endpoint=self._pool.endpoint, error=error
         )
@@ -426,10 +423,6 @@ class _UpgradeRelay:
         timer, self._timer = self._timer, None
         if timer is not None and timer.active():
             timer.cancel()
-
-
-def _timed_out(result: object, timeout: float) -> typing.NoReturn:
-    raise defer.TimeoutError(f"no connection within {timeout:g}s")
 
 
 def relay_upgrade(pool: _Pool, stream: IStream) -> None:

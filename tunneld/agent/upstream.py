@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Callable
-from typing import Any, NoReturn, cast
+from typing import Any, cast
 
 import h11
-from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IAddress, IPushProducer, IStreamClientEndpoint
@@ -31,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tunneld.agent.dialing import connect_error, connect_timed_out
 from tunneld.agent.upgrade import relay_upgrade
 from tunneld.interfaces import IStream, IStreamReceiver
 from tunneld.reasons import Reason
@@ -56,11 +56,6 @@ _HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-
-
-def _connect_timed_out(result: object, timeout: float) -> NoReturn:
-    """Whatever cancelling a connection attempt raised, it was a timeout."""
-    raise defer.TimeoutError(f"no connection within {timeout:g}s")
 
 
 class _Transport(typing.Protocol):
@@ -301,7 +296,7 @@ class _Exchange:
             self._update_pause()
         pool = self._pool
         connecting: Deferred[Any] = pool._endpoint.connect(pool._factory)
-        connecting.addTimeout(pool.connect_timeout, pool._reactor, _connect_timed_out)
+        connecting.addTimeout(pool.connect_timeout, pool._reactor, connect_timed_out)
         self._connecting = connecting
         connecting.addCallbacks(self._connected, self._connect_failed)
 
@@ -316,10 +311,7 @@ class _Exchange:
         self._connecting = None
         if self._done or isinstance(failure.value, CancelledError):
             return
-        if isinstance(failure.value, defer.TimeoutError):
-            error = f"no connection within {self._pool.connect_timeout:g}s"
-        else:
-            error = failure.getErrorMessage()
+        error = connect_error(failure, self._pool.connect_timeout)
         self.log.warn(
             "upstream {endpoint} refused: {error}", endpoint=self._pool.endpoint, error=error
         )

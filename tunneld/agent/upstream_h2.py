@@ -29,7 +29,6 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import H2Error
 from h2.settings import SettingCodes, Settings
-from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IAddress, IPushProducer, IStreamClientEndpoint
@@ -38,6 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tunneld.agent.dialing import connect_error, connect_timed_out
 from tunneld.interfaces import IStream, IStreamReceiver
 from tunneld.reasons import Reason
 from tunneld.wire.messages import Headers, ReplyHead
@@ -60,10 +60,6 @@ _DROP = frozenset(
     }
 )
 _CONNECTION_WINDOWS = 16
-
-
-def _connect_timed_out(result: object, timeout: float) -> Any:
-    raise defer.TimeoutError(f"no connection within {timeout:g}s")
 
 
 @implementer(IStreamReceiver, IPushProducer)
@@ -589,7 +585,7 @@ class H2UpstreamPool:
         if self._connecting is not None or self._closed:
             return
         connecting: Deferred[Any] = self._endpoint.connect(self._factory)
-        connecting.addTimeout(self.connect_timeout, self._reactor, _connect_timed_out)
+        connecting.addTimeout(self.connect_timeout, self._reactor, connect_timed_out)
         self._connecting = connecting
         connecting.addCallbacks(self._connected, self._connect_failed)
 
@@ -606,10 +602,7 @@ class H2UpstreamPool:
         self._connecting = None
         if isinstance(failure.value, CancelledError):
             return
-        if isinstance(failure.value, defer.TimeoutError):
-            error = f"no connection within {self.connect_timeout:g}s"
-        else:
-            error = failure.getErrorMessage()
+        error = connect_error(failure, self.connect_timeout)
         self.log.warn("upstream {endpoint} refused: {error}", endpoint=self.endpoint, error=error)
         waiting, self._waiting = self._waiting, deque()
         for call in waiting:
