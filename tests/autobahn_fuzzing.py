@@ -199,26 +199,27 @@ def _case_key(case: str) -> tuple[int, ...]:
 
 
 async def compare(
-    reactor: Any, cases: list[str], workdir: str, budget: float
+    reactor: Any, cases: list[str], workdir: str, budget: float, side_by_side: bool = True
 ) -> tuple[Verdicts, Verdicts]:
     """
-    Both runs of C{cases}, side by side (each is its own process with its
-    own C{budget} seconds; the tunnel's run is the longer one anyway).
+    Both runs of C{cases}, each its own process with its own C{budget}
+    seconds: side by side (quick, for the core cases) or one after the other,
+    so that on a 2-core machine each long run has the cores to itself.
     """
     stack = Stack(reactor)
     await stack.start()
     try:
-        direct, tunnel = await defer.gatherResults(
-            [
-                defer.ensureDeferred(
-                    run_wstest(reactor, "direct", stack.direct_url, cases, workdir, budget)
-                ),
-                defer.ensureDeferred(
-                    run_wstest(reactor, "tunnel", stack.tunnel_url, cases, workdir, budget)
-                ),
-            ],
-            consumeErrors=True,
-        )
+        def run(agent: str, url: str) -> defer.Deferred[Verdicts]:
+            return defer.ensureDeferred(run_wstest(reactor, agent, url, cases, workdir, budget))
+
+        if side_by_side:
+            direct, tunnel = await defer.gatherResults(
+                [run("direct", stack.direct_url), run("tunnel", stack.tunnel_url)],
+                consumeErrors=True,
+            )
+        else:
+            direct = await run("direct", stack.direct_url)
+            tunnel = await run("tunnel", stack.tunnel_url)
     finally:
         await stack.stop()
     return direct, tunnel
