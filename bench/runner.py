@@ -369,19 +369,29 @@ upstream_max_idle = 256
 
     # load generators
 
-    def load(self, system: System, path: str, connections: int, seconds: float) -> dict[str, Any]:
+    def load_argv(self, system: System, path: str, connections: int, seconds: float,
+                  new_connections: bool = False) -> list[str]:
+        """wrk (pyload in smoke mode); C{new_connections}: one connection per request."""
         if self.smoke or not self.tools["wrk"]:
             argv = [self.python, os.path.join(BENCH, "pyload.py"), system.url(path), system.vhost,
                     str(connections), str(seconds)]
-        else:
-            argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "10s",
-                    "-H", f"Host: {system.vhost}", "-s", os.path.join(BENCH, "report.lua"),
-                    system.url(path)]
+            return argv + (["close"] if new_connections else [])
+        close = ["-H", "Connection: close"] if new_connections else []
+        return ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "10s",
+                "-H", f"Host: {system.vhost}", *close, "-s", os.path.join(BENCH, "report.lua"),
+                system.url(path)]
+
+    def load(self, system: System, path: str, connections: int, seconds: float) -> dict[str, Any]:
+        argv = self.load_argv(system, path, connections, seconds)
         out = subprocess.run(pinned(self.load_cpu, argv), capture_output=True, text=True,
                              timeout=seconds * 3 + 30)
-        match = re.search(r"BENCH-JSON (\{.*\})", out.stdout)
+        return self.load_result(out.stdout, out.stderr)
+
+    @staticmethod
+    def load_result(stdout: str, stderr: str) -> dict[str, Any]:
+        match = re.search(r"BENCH-JSON (\{.*\})", stdout)
         if not match:
-            raise RuntimeError(f"load generator said nothing useful:\n{out.stdout}\n{out.stderr}")
+            raise RuntimeError(f"load generator said nothing useful:\n{stdout}\n{stderr}")
         result: dict[str, Any] = json.loads(match.group(1))
         seconds_taken = result["duration_us"] / 1e6 or 1
         result["rps"] = result["requests"] / seconds_taken
@@ -465,6 +475,50 @@ upstream_max_idle = 256
         opened = int(match.group(1))
         return {"count": count, "opened": opened, "failed": int(match.group(2)),
                 "kib_per_ws": (after - before) / opened if opened else None}
+
+    # the soak
+
+    def soak(self, systems: list[System], seconds: float) -> dict[str, dict[str, Any]]:
+        """
+        Every tunnel row at once for C{seconds}: keep-alive requests plus a
+        stream of new connections (one request each), with the edge's and
+        the agent's RSS sampled throughout.  A leak per connection or per
+        request shows as growth after the first minute.
+        """
+        warm = min(60.0, seconds / 5)
+        loads: list[tuple[System, str, subprocess.Popen[str]]] = []
+        for system in systems:
+            for kind, connections, new in (("keep-alive", 16, False), ("new connection each", 8, True)):
+                argv = self.load_argv(system, "/small", connections, seconds, new_connections=new)
+                popen = subprocess.Popen(pinned(self.load_cpu, argv), stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True)
+                loads.append((system, kind, popen))
+        samples: dict[str, list[tuple[float, int]]] = {p.name: [] for s in systems for p in s.measured}
+        start = time.monotonic()
+        while any(popen.poll() is None for _, _, popen in loads):
+            elapsed = time.monotonic() - start
+            for system in systems:
+                for p in system.measured:
+                    value = rss_kib(p.pid)
+                    if value is not None:
+                        samples[p.name].append((elapsed, value))
+            time.sleep(min(5.0, max(0.5, seconds / 100)))
+        out: dict[str, dict[str, Any]] = {}
+        for system, kind, popen in loads:
+            stdout, stderr = popen.communicate()
+            result = self.load_result(stdout, stderr)
+            row = out.setdefault(system.key, {"seconds": seconds, "warm": warm, "loads": {}, "rss_kib": {}})
+            row["loads"][kind] = {"requests": result["requests"], "errors": result["error_count"]}
+        for system in systems:
+            row = out[system.key]
+            for p in system.measured:
+                values = samples[p.name]
+                after_warm = [v for t, v in values if t >= warm] or [v for _, v in values[-1:]]
+                row["rss_kib"][p.name] = {"at_warm": after_warm[0] if after_warm else None,
+                                          "end": values[-1][1] if values else None,
+                                          "max": max(after_warm) if after_warm else None,
+                                          "samples": len(values)}
+        return out
 
     # the 1 GB transfer
 
@@ -564,6 +618,14 @@ upstream_max_idle = 256
                         results["rows"][system.key].setdefault("ws_idle", []).append(idle)
                         log(f"{system.key}: {idle['opened']} idle WebSockets, "
                             f"{idle['kib_per_ws']} KiB each")
+            tunnels = [s for s in live if s.tunnel]
+            if self.args.soak and tunnels:
+                log(f"soak: {', '.join(s.key for s in tunnels)} for {self.args.soak:.0f} s")
+                for key, soak in self.soak(tunnels, self.args.soak).items():
+                    results["rows"][key]["soak"] = soak
+                    growth = ", ".join(f"{(v['max'] - v['at_warm']) / 1024:+.1f}"
+                                       for v in soak["rss_kib"].values() if v["at_warm"])
+                    log(f"{key}: soak requests {soak['loads']}; RSS growth after warm-up {growth} MiB")
             for system in live:
                 row = results["rows"][system.key]
                 row["peak_rss_kib"] = {p.name: rss_kib(p.pid, "VmHWM") for p in system.measured}
@@ -730,6 +792,14 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             ok = growth <= 10 and transfer["complete"]
             out.append((name, f"RSS growth during {results['meta']['big_mib']} MiB transfer (edge, agent)",
                         "≤ 10 MiB", f"{growth:.1f} MiB **{'pass' if ok else 'short'}**"))
+        soak = row.get("soak")
+        if soak:
+            growth = max((v["max"] - v["at_warm"]) / 1024 for v in soak["rss_kib"].values() if v["at_warm"])
+            errors = sum(v["errors"] for v in soak["loads"].values())
+            ok = growth <= 10 and not errors
+            out.append((name, f"RSS growth (edge, agent) over a {soak['seconds'] / 60:g}-minute soak, "
+                        "after the first minute", "≤ 10 MiB, no errors",
+                        f"{growth:.1f} MiB, {errors} errors **{'pass' if ok else 'short'}**"))
         ws = row.get("ws")
         idle = {i["count"]: i for i in row.get("ws_idle", [])}
         largest = max(idle) if idle else None
@@ -817,6 +887,17 @@ def markdown(results: dict[str, Any]) -> str:
                   + " | ".join(f"KiB per idle WebSocket at {n:,}" for n in counts) + " |",
                   "|---|---|---|" + "---|" * len(counts)]
         lines += ws_lines
+    soaks = [(row["label"], row["soak"]) for row in results["rows"].values() if row.get("soak")]
+    if soaks:
+        lines += ["", "| soak (all tunnel rows at once) | seconds | requests: keep-alive / new connection each | "
+                  "errors | RSS MiB after warm-up → end (max) |", "|---|---|---|---|---|"]
+        for label, soak in soaks:
+            loads = soak["loads"]
+            rss = "; ".join(f"{name.split('-')[0]} {v['at_warm'] / 1024:.1f} → {v['end'] / 1024:.1f} "
+                            f"({v['max'] / 1024:.1f})" for name, v in soak["rss_kib"].items() if v["at_warm"])
+            lines.append(f"| {label} | {soak['seconds']:.0f} | {loads['keep-alive']['requests']:,} / "
+                         f"{loads['new connection each']['requests']:,} | "
+                         f"{sum(v['errors'] for v in loads.values())} | {rss} |")
     checks = targets(results)
     if checks:
         lines += ["", "| target | figure | wanted | this run |", "|---|---|---|---|"]
@@ -871,6 +952,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="tunneld initial_window for edge and agent (default: tunneld's default)")
     parser.add_argument("--idle-ws", default="1000,10000",
                         help="idle WebSocket counts for the RSS-per-WebSocket figure")
+    parser.add_argument("--soak", type=float, default=600,
+                        help="seconds of the leak soak over every tunnel row (0 = skip; --quick skips it)")
     parser.add_argument("--render", metavar="JSON",
                         help="measure nothing: render an earlier run's bench/results/*.json again")
     parser.add_argument("--out", help="markdown file to write (or update between bench:SLOT markers)")
@@ -882,9 +965,9 @@ def main(argv: list[str] | None = None) -> int:
     args.only = {t for t in args.only.split(",") if t}
     args.idle_ws = [int(n) for n in args.idle_ws.split(",") if n]
     if args.quick:
-        args.reps, args.seconds = 1, 3
+        args.reps, args.seconds, args.soak = 1, 3, 0
     if args.smoke:
-        args.reps, args.seconds, args.big_mib = 1, 1, 8
+        args.reps, args.seconds, args.big_mib, args.soak = 1, 1, 8, 3
         args.idle_ws = [50]
     if args.render:
         with open(args.render) as f:

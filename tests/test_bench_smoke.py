@@ -54,10 +54,16 @@ class BenchSmokeTests(TestCase):
                 self.assertEqual(rows[key]["ws_idle"][0]["opened"], 50)
             else:
                 self.assertIn("no WebSocket pass-through", rows[key]["ws"])
+        for key in ("websocket", "grpc"):
+            soak = rows[key]["soak"]
+            self.assertGreater(soak["loads"]["keep-alive"]["requests"], 0, key)
+            self.assertGreater(soak["loads"]["new connection each"]["requests"], 0, key)
+            self.assertEqual(len(soak["rss_kib"]), 2, key)  # the edge and the agent, sampled
         self.assertEqual(rows["nginx"]["skip"], "smoke mode: Python pieces only")
         with open(out) as f:
             report = f.read()
         self.assertTrue(report.startswith("before\n<!-- bench:smoke:begin -->\nRun of "))
         self.assertTrue(report.endswith("<!-- bench:smoke:end -->\nafter\n"))
         self.assertIn("| tunneld over websocket | small req/s ÷ twisted.web proxy |", report)
+        self.assertIn("over a 0.05-minute soak", report)
         self.assertNotIn("old", report)
