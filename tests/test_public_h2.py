@@ -40,6 +40,7 @@ from tunneld.config import (
     AgentSection,
     EdgeConfig,
     EdgeSection,
+    LimitsSection,
     PublicTLSSection,
     SNICertificate,
     TunnelSection,
@@ -461,6 +462,7 @@ class _RawH2Client(protocol.Protocol):
         self.reading: set[int] = set()
         self.received: dict[int, int] = {}
         self.status: dict[int, bytes] = {}
+        self.headers: dict[int, dict[bytes, bytes]] = {}
         self.ended: dict[int, defer.Deferred[None]] = {}
         self.uploads: dict[int, tuple[int, bytes]] = {}  # stream -> (bytes left, chunk)
         self.sent: dict[int, int] = {}
@@ -526,7 +528,8 @@ class _RawH2Client(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         for event in self.h2.receive_data(data):
             if isinstance(event, h2events.ResponseReceived):
-                self.status[event.stream_id] = dict(event.headers)[b":status"]
+                self.headers[event.stream_id] = dict(event.headers)
+                self.status[event.stream_id] = self.headers[event.stream_id][b":status"]
             elif isinstance(event, h2events.DataReceived):
                 self.received[event.stream_id] += len(event.data)
                 if event.stream_id in self.reading:
@@ -758,6 +761,81 @@ class HTTP2EdgeBehaviourTests(TestCase):
         client.flush()
         await client.closed
         self.assertEqual(client.goaway, ErrorCodes.ENHANCE_YOUR_CALM)
+
+
+class HTTP2PolicyTests(TestCase):
+    """Public HTTP/2 passes the same policy gate as HTTP/1.1: rate limits, caps, draining."""
+
+    timeout = 60
+
+    async def edge(self, **limits: Any) -> _Edge:
+        port, _ = await listen_upstream(self)
+        edge = _Edge(self)
+        await edge.start([("app.test", port)], limits=LimitsSection(**limits))
+        return edge
+
+    async def connect(self, edge: _Edge) -> _RawH2Client:
+        client = _RawH2Client()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", edge.h2c_port)
+        await endpoint.connect(protocol.Factory.forProtocol(lambda: client))
+
+        async def close() -> None:
+            if client.transport is not None and client.transport.connected:  # type: ignore[attr-defined]
+                client.transport.loseConnection()
+                await client.closed
+
+        self.addCleanup(close)
+        return client
+
+    def policy(self, edge: _Edge) -> Any:
+        assert edge.harness.edge is not None
+        return edge.harness.edge.policy
+
+    async def test_rate_limit_over_h2(self) -> None:
+        """A burst of 10 streams over burst 3: exactly 3 answered, 7 refused 429 with Retry-After."""
+        edge = await self.edge(rate=0.01, burst=3)
+        client = await self.connect(edge)
+        streams = [client.request(b"GET", b"/hello") for _ in range(10)]
+        await defer.gatherResults([client.ended[s] for s in streams])
+        statuses = sorted(client.status[s] for s in streams)
+        self.assertEqual(statuses, [b"200"] * 3 + [b"429"] * 7)
+        for stream_id in streams:
+            if client.status[stream_id] == b"429":
+                self.assertEqual(client.headers[stream_id][b"tunnel-error"], b"rate_limited")
+                self.assertGreaterEqual(int(client.headers[stream_id][b"retry-after"]), 1)
+        self.assertEqual(self.policy(edge).snapshot()["tunnel_streams"], 0)
+        self.assertEqual(self.policy(edge).snapshot()["refusals"], {"rate_limited": 7})
+
+    async def test_connection_cap_answers_then_goaway(self) -> None:
+        """Over the per-client connection cap, the first stream hears cap_reached, then GOAWAY and close."""
+        edge = await self.edge(max_connections_per_client=1)
+        first = await self.connect(edge)
+        ok = first.request(b"GET", b"/hello")
+        await first.ended[ok]
+        self.assertEqual(first.status[ok], b"200")
+        second = await self.connect(edge)
+        refused = second.request(b"GET", b"/hello")
+        await second.ended[refused]
+        self.assertEqual(second.status[refused], b"503")
+        self.assertEqual(second.headers[refused][b"tunnel-error"], b"cap_reached")
+        await second.closed
+        self.assertEqual(second.goaway, 0)  # NO_ERROR: a refusal, not a protocol fault
+        self.assertEqual(self.policy(edge).snapshot()["connections"], 1)  # the first is still open
+        again = first.request(b"GET", b"/hello")
+        await first.ended[again]
+        self.assertEqual(first.status[again], b"200")
+
+    async def test_draining_refuses_new_streams(self) -> None:
+        """While draining, a new HTTP/2 stream hears 503 draining and the connection says GOAWAY."""
+        edge = await self.edge()
+        client = await self.connect(edge)
+        self.policy(edge).draining = True
+        stream_id = client.request(b"GET", b"/hello")
+        await client.ended[stream_id]
+        self.assertEqual(client.status[stream_id], b"503")
+        self.assertEqual(client.headers[stream_id][b"tunnel-error"], b"draining")
+        await client.closed
+        self.assertEqual(client.goaway, 0)
 
 
 class _NoRoutes:

@@ -50,6 +50,7 @@ from zope.interface import implementer
 from tunneld.edge.forwarding import HOP_BY_HOP, forwarded_headers, host_of, reply_headers
 from tunneld.edge.http1 import Routes
 from tunneld.interfaces import IStream, IStreamReceiver
+from tunneld.policy.gate import PublicPolicy, Refused
 from tunneld.reasons import Reason
 from tunneld.wire.messages import Headers, ReplyHead, StreamHead
 
@@ -101,7 +102,7 @@ class _H2Exchange:
         "protocol", "stream_id", "stream", "method", "host", "target",
         "live", "uploading", "upload_paused", "inbox", "trailers_in", "request_ended",
         "replied", "held_reply", "bodyless", "outbox", "end_pending", "sent_data",
-        "stream_paused", "done",
+        "stream_paused", "done", "slots",
     )
 
     def __init__(
@@ -127,6 +128,7 @@ class _H2Exchange:
         self.sent_data = False
         self.stream_paused = False  # what we told the tunnel stream
         self.done = False  # the HTTP/2 stream is finished on our side
+        self.slots: Any = None  # the policy's slots, released when the exchange is forgotten
 
     # -- IStreamReceiver ----------------------------------------------------
 
@@ -180,6 +182,9 @@ class PublicH2Protocol(Protocol):
 
     def __init__(self, factory: PublicH2Factory) -> None:
         self._router = factory.router
+        self._policy = factory.policy
+        self._conn_slots: Any = None
+        self._conn_refused: Refused | None = None
         self._settings = factory.settings
         self._clock = factory.reactor
         self._via = factory.via
@@ -207,7 +212,8 @@ class PublicH2Protocol(Protocol):
         self._reset_epoch = 0.0
         self._reset_limit = max(_RESETS_PER_SECOND, 2 * settings.max_concurrent_streams)
         self._closing = False
-        self._peer_done = False  # the client sent GOAWAY
+        self._peer_done = False  # no more streams: the client sent GOAWAY, or we did
+        self._goaway_after: int | None = None  # we refuse streams after this one, then GOAWAY
         self._in_events = False
         self._timer: IDelayedCall | None = None
 
@@ -226,6 +232,14 @@ class PublicH2Protocol(Protocol):
         else:
             self._peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             self._client_ip = host.encode("ascii")
+        self._peer_host = host or self._peer
+        if self._policy is not None:
+            admitted = self._policy.connection_opened(self._peer_host)
+            if isinstance(admitted, Refused):
+                # Answered on its first request (then GOAWAY), so the client learns why.
+                self._conn_refused = admitted
+            else:
+                self._conn_slots = admitted
         conn = self._conn
         conn.initiate_connection()
         increment = self._settings.initial_window * _CONNECTION_WINDOWS - 65535
@@ -263,6 +277,9 @@ class PublicH2Protocol(Protocol):
         for exchange in list(self._exchanges.values()):
             self._client_gone(exchange, "client closed the connection")
         self._exchanges.clear()
+        slots, self._conn_slots = self._conn_slots, None
+        if slots is not None:
+            slots.release()
 
     # -- IPushProducer (the socket's view of us) ---------------------------
 
@@ -339,6 +356,13 @@ class PublicH2Protocol(Protocol):
     def _request(self, event: h2events.RequestReceived) -> None:
         self._cancel_timer()
         stream_id = event.stream_id
+        if self._goaway_after is not None:
+            # Beyond our GOAWAY's last stream: never processed, safe to retry elsewhere.
+            try:
+                self._conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            except H2Error:
+                pass
+            return
         method = path = authority = b""
         hosts: list[bytes] = []
         cookies: list[bytes] = []
@@ -382,10 +406,25 @@ class PublicH2Protocol(Protocol):
             self._answer(exchange, 501, Reason.BAD_REQUEST.value, "CONNECT not supported")
             return
         path_only = target.partition("?")[0] if target != "*" else "/"
+        refused = self._conn_refused
+        if refused is not None:
+            self._refuse(exchange, refused.reason, refused.text, refused.retry_after, goaway=True)
+            return
         route = self._router.route(host, path_only or "/")
         if isinstance(route, Reason):
             self._refuse(exchange, route, route.description)
             return
+        if self._policy is not None:
+            forwarded_for = [value for name, value in regular if name == b"x-forwarded-for"]
+            client = self._policy.client_of(self._peer_host, forwarded_for)
+            admitted = self._policy.admit(route.tunnel, client, route.link.active_streams())
+            if isinstance(admitted, Refused):
+                self._refuse(
+                    exchange, admitted.reason, admitted.text, admitted.retry_after,
+                    goaway=admitted.reason is Reason.DRAINING,
+                )
+                return
+            exchange.slots = admitted
         if cookies:
             # RFC 9113 section 8.2.3: HTTP/2 may split cookies; HTTP/1.1 must not.
             regular.append((b"cookie", b"; ".join(cookies)))
@@ -610,15 +649,30 @@ class PublicH2Protocol(Protocol):
 
     # -- refusals, resets ---------------------------------------------------
 
-    def _refuse(self, exchange: _H2Exchange, reason: Reason, text: str) -> None:
+    def _refuse(
+        self, exchange: _H2Exchange, reason: Reason, text: str,
+        retry_after: int | None = None, goaway: bool = False,
+    ) -> None:
+        """
+        Answer with the reason; with C{goaway} the connection takes no new
+        streams (draining, or a connection over the caps) and closes once
+        the streams it has are answered.
+        """
         self.log.info(
             "refused {method} {host}{target} from {peer}: {reason}",
             method=exchange.method.decode("latin-1"), host=exchange.host,
             target=exchange.target, peer=self._peer, reason=reason.value,
         )
-        self._answer(exchange, reason.http_status, reason.value, text)
+        if goaway and self._goaway_after is None:
+            # GOAWAY follows once the streams are answered (h2 sends nothing after it).
+            self._goaway_after = exchange.stream_id
+            self._peer_done = True
+        self._answer(exchange, reason.http_status, reason.value, text, retry_after)
 
-    def _answer(self, exchange: _H2Exchange, status: int, label: str, text: str) -> None:
+    def _answer(
+        self, exchange: _H2Exchange, status: int, label: str, text: str,
+        retry_after: int | None = None,
+    ) -> None:
         """A short plain-text answer with a C{Tunnel-Error} header."""
         exchange.live = False
         body = (text + "\n").encode("utf-8")
@@ -629,6 +683,8 @@ class PublicH2Protocol(Protocol):
             (b"tunnel-error", label.encode("ascii")),
             (b"via", self._via),
         ]
+        if retry_after is not None:
+            headers.append((b"retry-after", b"%d" % retry_after))
         exchange.replied = True
         if not self._send_headers(exchange, headers, end=exchange.bodyless):
             return
@@ -708,7 +764,7 @@ class PublicH2Protocol(Protocol):
         exchange.request_ended = True
         exchange.outbox.clear()
         exchange.end_pending = None
-        self._exchanges.pop(exchange.stream_id, None)
+        self._discard(exchange)
         if not exchange.live:
             return
         exchange.live = False
@@ -742,8 +798,15 @@ class PublicH2Protocol(Protocol):
 
     def _forget(self, exchange: _H2Exchange) -> None:
         if exchange.done and exchange.request_ended and not exchange.uploading:
-            self._exchanges.pop(exchange.stream_id, None)
+            self._discard(exchange)
             self._maybe_idle()
+
+    def _discard(self, exchange: _H2Exchange) -> None:
+        """The exchange is over: forget it and give its policy slots back."""
+        self._exchanges.pop(exchange.stream_id, None)
+        slots, exchange.slots = exchange.slots, None
+        if slots is not None:
+            slots.release()
 
     # -- the connection -----------------------------------------------------
 
@@ -785,6 +848,8 @@ class PublicH2Protocol(Protocol):
         if self._peer_done:
             self._closing = True
             self._cancel_timer()
+            if self._goaway_after is not None:
+                self._conn.close_connection(last_stream_id=self._goaway_after)
             self._flush()
             self._socket.loseConnection()
             return
@@ -813,8 +878,12 @@ class PublicH2Protocol(Protocol):
 class PublicH2Factory(Factory):
     """Builds L{PublicH2Protocol}s sharing one router, settings and clock."""
 
-    def __init__(self, router: Routes, settings: PublicH2Settings, reactor: IReactorTime) -> None:
+    def __init__(
+        self, router: Routes, settings: PublicH2Settings, reactor: IReactorTime,
+        policy: PublicPolicy | None = None,
+    ) -> None:
         self.router = router
+        self.policy = policy
         self.settings = settings
         self.reactor = reactor
         self.via = settings.via.encode("ascii")

@@ -138,7 +138,7 @@ class EdgeService(MultiService):
                 PublicHTTPFactory(
                     self.router, settings, reactor, stats=self.stats, policy=self.policy
                 ),
-                PublicH2Factory(self.router, h2_settings, reactor),
+                PublicH2Factory(self.router, h2_settings, reactor, policy=self.policy),
                 reactor, edge.header_timeout,
             )
             listener = ListeningService(reactor, description, chooser, "public HTTP/2 (h2c)")
@@ -155,7 +155,7 @@ class EdgeService(MultiService):
                 PublicHTTPFactory(
                     self.router, tls_http1, reactor, stats=self.stats, policy=self.policy
                 ),
-                PublicH2Factory(self.router, tls_h2, reactor),
+                PublicH2Factory(self.router, tls_h2, reactor, policy=self.policy),
                 reactor, edge.header_timeout,
             )
             listener = ListeningService(
