@@ -158,13 +158,17 @@ class MetricsAndAdminTests(TestCase):
         self.assertEqual(refusals["recent"][-1]["host"], "nobody0.test")
 
     async def test_health_and_readiness(self) -> None:
-        """/healthz answers alive; /readyz is 200 with every listener bound, 503 when one is not."""
+        """/healthz answers alive; /readyz is 200 with every listener bound, 503 when draining or one is not."""
         harness, _ = await self.start()
         assert harness.edge is not None
         code, body = await get(harness, admin_url(harness.edge, "/healthz"))
         self.assertEqual((code, json.loads(body)["status"]), (200, "alive"))
         code, body = await get(harness, admin_url(harness.edge, "/readyz"))
         self.assertEqual((code, json.loads(body)["ready"]), (200, True))
+        harness.edge.policy.draining = True  # what SIGTERM's drain sets first
+        code, body = await get(harness, admin_url(harness.edge, "/readyz"))
+        self.assertEqual((code, json.loads(body)["problems"]), (503, ["draining"]))
+        harness.edge.policy.draining = False
         await harness.edge.public[0].stopService()
         code, body = await get(harness, admin_url(harness.edge, "/readyz"))
         self.assertEqual((code, json.loads(body)["ready"]), (503, False))

@@ -259,8 +259,9 @@ class EdgeSection:
     )
     health_listen: str = setting(
         "",
-        "Endpoint string for /healthz and /readyz (e.g. tcp:8082:interface=127.0.0.1); "
-        "'' = off.",
+        "Endpoint string for plain-text /healthz and /readyz alone (e.g. "
+        "tcp:8082:interface=127.0.0.1), for a load balancer that must not reach the admin "
+        "API; the admin API serves the same probes as JSON. '' = off.",
     )
     drain_timeout: float = setting(
         30.0,

@@ -3,7 +3,7 @@
 The admin API: a small JSON web service on its own, loopback-by-default listener.
 
     GET  /healthz                      the process is alive
-    GET  /readyz                       every listener is up and the state backend answers
+    GET  /readyz                       every listener is up, the state backend answers, not draining
     GET  /metrics                      Prometheus text exposition
     GET  /api/tunnels                  tunnels and the sessions serving each
     GET  /api/agents                   agent sessions: transport, peer, RTT, streams, health
@@ -47,6 +47,7 @@ class EdgeView:
         ready: Callable[[], bool],
         backends: Callable[[], dict[str, bool]] = lambda: {"memory": True},
         policy: Callable[[], dict[str, Any]] = dict,
+        problems: Callable[[], list[str]] = list,
     ) -> None:
         self.sessions = sessions
         self.stats = stats
@@ -54,6 +55,7 @@ class EdgeView:
         self.ready = ready
         self.backends = backends
         self.policy = policy
+        self.problems = problems  # why the edge should get no traffic (draining, …)
 
     def agents(self) -> list[dict[str, Any]]:
         now = self.sessions.reactor.seconds()
@@ -113,9 +115,10 @@ class Readyz(_Leaf):
     def render_GET(self, request: Request) -> bytes:  # noqa: N802
         listeners = self.view.ready()
         backends = self.view.backends()
-        ready = listeners and all(backends.values())
+        problems = self.view.problems()
+        ready = listeners and all(backends.values()) and not problems
         return _json(request, 200 if ready else 503, {
-            "ready": ready, "listeners": listeners, "backends": backends,
+            "ready": ready, "listeners": listeners, "backends": backends, "problems": problems,
         })
 
 

@@ -66,6 +66,8 @@ class EdgeObservability(MultiService):
         self.view = EdgeView(
             sessions, stats, self.metrics, self.listeners_up,
             policy=policy.snapshot if policy is not None else dict,
+            # The same reasons as health_listen's /readyz, so both probes agree.
+            problems=getattr(root, "not_ready", list),
         )
         self.admin: ListeningService | None = None
         if admin_listen:
