@@ -176,6 +176,12 @@ class EdgeSection:
         "Endpoint strings (tcp:, unix:, systemd:) for public TLS listeners; ALPN picks "
         "HTTP/2 or HTTP/1.1.  Certificates come from [edge.tls].",
     )
+    listen_backlog: int = setting(
+        1024,
+        "Pending-connection queue of the public TCP listeners whose endpoint string sets no "
+        "backlog= (Twisted's own default, 50, overflows under bursts of new clients).",
+        check=positive,
+    )
     tls: PublicTLSSection = setting(
         PublicTLSSection(), "Certificates of the public TLS listeners ([edge.tls])."
     )

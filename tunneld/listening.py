@@ -67,6 +67,17 @@ class ConnectionTracker:
         return d
 
 
+def with_backlog(description: str, backlog: int) -> str:
+    """
+    C{description} with C{backlog=} added when it is a TCP endpoint string
+    that sets none (other endpoint types take no backlog).
+    """
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind not in ("tcp", "tcp6", "ssl") or "backlog=" in description:
+        return description
+    return f"{description}:backlog={backlog}"
+
+
 class ListeningService(Service):
     """Listen on C{description} with C{factory} while running."""
 

@@ -31,7 +31,7 @@ from tunneld.edge.sessions import AgentSessions
 from tunneld.edge.tcp import TCPTunnels
 from tunneld.errors import ConfigError
 from tunneld.interfaces import EdgeLinkSetup, ITransportPlugin
-from tunneld.listening import ListeningService
+from tunneld.listening import ListeningService, with_backlog
 from tunneld.observe.service import EdgeObservability
 from tunneld.observe.stats import EdgeStats
 from tunneld.policy.clientaddr import ProxyProtocolFactory, TrustedProxies
@@ -90,7 +90,9 @@ class EdgeService(MultiService):
                     edge.header_timeout,
                 )
                 self._proxy_wrappers.append(factory)
-            listener = ListeningService(reactor, description, factory, "public HTTP")
+            listener = ListeningService(
+                reactor, with_backlog(description, edge.listen_backlog), factory, "public HTTP"
+            )
             listener.setServiceParent(self)
             self.public.append(listener)
         self.probes: ListeningService | None = None
@@ -141,7 +143,10 @@ class EdgeService(MultiService):
                 PublicH2Factory(self.router, h2_settings, reactor, policy=self.policy),
                 reactor, edge.header_timeout,
             )
-            listener = ListeningService(reactor, description, chooser, "public HTTP/2 (h2c)")
+            listener = ListeningService(
+                reactor, with_backlog(description, edge.listen_backlog), chooser,
+                "public HTTP/2 (h2c)",
+            )
             listener.setServiceParent(self)
             self.public.append(listener)
             self.public_h2c.append(listener)
@@ -159,7 +164,8 @@ class EdgeService(MultiService):
                 reactor, edge.header_timeout,
             )
             listener = ListeningService(
-                reactor, description, PublicTLSFactory(contexts, chooser), "public HTTPS"
+                reactor, with_backlog(description, edge.listen_backlog),
+                PublicTLSFactory(contexts, chooser), "public HTTPS",
             )
             listener.setServiceParent(self)
             self.public.append(listener)
