@@ -112,6 +112,29 @@ def rss_kib(pid: int, key: str = "VmRSS") -> int | None:
     return None
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time used so far by C{pids} and their descendants (nginx's workers)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}  # pid -> (parent, seconds)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
+    wanted, total = set(pids), 0.0
+    for pid, (_parent, seconds) in stats.items():
+        ancestor, hops = pid, 0
+        while ancestor not in wanted and ancestor > 1 and hops < 8:
+            ancestor, hops = stats.get(ancestor, (0, 0.0))[0], hops + 1
+        if ancestor in wanted:
+            total += seconds
+    return total
+
+
 # -- the upstream and the systems under test ---------------------------------------------
 
 
@@ -583,11 +606,17 @@ upstream_max_idle = 256
             for rep in range(reps):
                 for system in live:
                     row = results["rows"][system.key]
+                    pids = [p.pid for p in system.procs]
+                    before = cpu_seconds(pids) if pids else None
                     small = self.load(system, "/small", 50, seconds)
+                    if before is not None and small["requests"]:
+                        # CPU of the system under test per request: robust to a busy machine.
+                        small["cpu_us"] = (cpu_seconds(pids) - before) / small["requests"] * 1e6
                     large = self.load(system, "/1m", 4, seconds)
                     row["small"].append(small)
                     row["large"].append(large)
-                    log(f"rep {rep + 1}/{reps} {system.key}: {small['rps']:.0f} req/s "
+                    cpu = f", CPU {small['cpu_us']:.0f} us/req" if "cpu_us" in small else ""
+                    log(f"rep {rep + 1}/{reps} {system.key}: {small['rps']:.0f} req/s{cpu} "
                         f"p50 {small['p50_ms']:.2f} ms p99 {small['p99_ms']:.2f} ms "
                         f"errors {small['error_count']}; 1 MiB: {large['mib_s']:.1f} MiB/s")
                     h2 = self.h2load(system)
@@ -829,13 +858,13 @@ def markdown(results: dict[str, Any]) -> str:
         f"- upstream: {meta['upstream']} (64-byte body, 1 MiB file); load: {meta['load']}; "
         f"{meta['reps']} repetitions × {meta['seconds']} s per figure, median (min–max)",
         "",
-        "| system | req/s, 64 B, 50 conn | p50 ms | p99 ms | errors | MiB/s, 1 MiB, 4 conn | "
-        "h2load req/s | peak RSS MiB | " + f"{meta['big_mib']} MiB transfer |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| system | req/s, 64 B, 50 conn | CPU µs per request | p50 ms | p99 ms | errors | "
+        "MiB/s, 1 MiB, 4 conn | h2load req/s | peak RSS MiB | " + f"{meta['big_mib']} MiB transfer |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"].values():
         if row["skip"]:
-            lines.append(f"| {row['label']} | {row['skip']} | | | | | | | |")
+            lines.append(f"| {row['label']} | {row['skip']} | | | | | | | | |")
             continue
         small, large = row["small"], row["large"]
         errors = sum(r["error_count"] for r in small + large)
@@ -859,6 +888,7 @@ def markdown(results: dict[str, Any]) -> str:
             t_text = "–"
         lines.append(
             f"| {row['label']} | {spread([r['rps'] for r in small], '.0f')} | "
+            f"{spread([r['cpu_us'] for r in small if 'cpu_us' in r], '.0f')} | "
             f"{spread([r['p50_ms'] for r in small], '.2f')} | {spread([r['p99_ms'] for r in small], '.1f')} | "
             f"{errors} | {spread([r['mib_s'] for r in large], '.0f')} | {h2} | {rss_text} | {t_text} |")
     ws_lines = []
