@@ -218,12 +218,26 @@ class FrameReader:
                 length = int.from_bytes(data[pos + 2 : pos + 10], "big")
                 if length < 0x10000 or length >> 63:
                     raise FramingError(CLOSE_PROTOCOL_ERROR, "frame length not minimally encoded")
+            start = pos + head
+            end = start + length
+            key = data[start - 4 : start] if masked else None
+            if (
+                first == _FIN | OP_BINARY
+                and end <= size
+                and (second & _MASK_BIT) == (_MASK_BIT if masked else 0)
+                and length <= self._max
+                and self._fragments is None
+            ):
+                # The common case, checked in one go: a whole binary message
+                # in this read.
+                payload = data[start:end]
+                self._handler.message_received(mask(key, payload) if key else payload, True)
+                pos = end
+                continue
             self._check(first, second, length, masked)
             self._fin = bool(first & _FIN)
             self._opcode = first & 0x0F
-            self._key = data[pos + head - 4 : pos + head] if masked else None
-            start = pos + head
-            end = start + length
+            self._key = key
             if end > size:
                 self._chunks = [data[start:]]
                 self._need = end - size
