@@ -79,12 +79,14 @@ class MaskTests(SynchronousTestCase):
             self.assertEqual(mask(key, data), naive_mask(key, data), size)
 
     def test_pure_python_mask(self) -> None:
-        """Without Autobahn's native masker, large payloads mask the same way."""
-        self.patch(websocket_framing, "_native_masker", None)
+        """Without Autobahn's compiled masker, large payloads mask and round-trip the same way."""
+        self.patch(websocket_framing, "_nvx", None)
         key = b"\x9a\x00\x11\xff"
-        for size in (255, 256, 4097, 65536):
+        for size in (127, 128, 4097, 65536):
             data = os.urandom(size)
             self.assertEqual(mask(key, data), naive_mask(key, data), size)
+        payload = os.urandom(70000)
+        self.assertEqual(read(FrameWriter(masked=True).binary(payload), masked=True), [("message", payload, True)])
 
 
 class RoundTripTests(SynchronousTestCase):
