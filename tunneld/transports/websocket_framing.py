@@ -12,7 +12,8 @@ the tunnel frame itself.  Here is the whole of what an agent link needs:
     Binary messages (with continuation frames reassembled up to a bound),
     Ping, Pong, Close; everything else the RFC forbids is a L{FramingError}
     carrying the close code to send.  A payload split over many reads is
-    kept as a list of chunks joined once, never re-copied per read.
+    copied once into a buffer of its declared size (checked against the
+    bound first) and unmasked there, never re-copied per read.
   - L{FrameWriter}: one C{bytes} per frame, masked with a fresh random key
     when it is the client's (the agent's) end.
 
@@ -93,6 +94,18 @@ def _masked(key: bytes, data: bytes) -> bytes | bytearray:
     return _mask_int(key, data) if data else b""
 
 
+def _unmask_in_place(key: bytes, buffer: bytearray) -> None:
+    if _nvx is not None and len(buffer) >= _NATIVE_MASK_FROM:
+        lib = _nvx.lib
+        masker = lib.nvx_xormask_new(key)
+        try:
+            lib.nvx_xormask_process(masker, _nvx.ffi.from_buffer(buffer), len(buffer))
+        finally:
+            lib.nvx_xormask_free(masker)
+    elif buffer:
+        buffer[:] = _mask_int(key, bytes(buffer))
+
+
 def mask(key: bytes, data: bytes) -> bytes:
     """C{data} XOR the 4-byte C{key} repeated (masking and unmasking are the same)."""
     if _nvx is not None and len(data) >= _NATIVE_MASK_FROM:
@@ -146,7 +159,7 @@ class FrameReader:
     """
 
     __slots__ = (
-        "_handler", "_masked", "_max", "_partial", "_need", "_chunks",
+        "_handler", "_masked", "_max", "_partial", "_need", "_payload", "_filled",
         "_fin", "_opcode", "_key", "_fragments", "_fragments_size", "_fragments_binary",
         "_stopped",
     )
@@ -156,9 +169,11 @@ class FrameReader:
         self._masked = masked
         self._max = max_message
         self._partial = b""  # an incomplete frame header (at most 13 bytes)
-        # The current frame's payload is incomplete: bytes still to come, chunks so far.
+        # The current frame's payload is incomplete: bytes still to come,
+        # and the payload's buffer (its full size), filled so far.
         self._need = 0
-        self._chunks: list[bytes] = []
+        self._payload = bytearray()
+        self._filled = 0
         self._fin = True
         self._opcode = 0
         self._key: bytes | None = None
@@ -172,7 +187,8 @@ class FrameReader:
         """Read no further (after a Close, or an error): later bytes are ignored."""
         self._stopped = True
         self._partial = b""
-        self._chunks = []
+        self._payload = bytearray()
+        self._need = 0
         self._fragments = None
 
     def feed(self, data: bytes) -> None:
@@ -194,16 +210,23 @@ class FrameReader:
         size = len(data)
         need = self._need
         if need:
-            # Inside a payload that began in an earlier read.
+            # Inside a payload that began in an earlier read: each byte is
+            # copied once, into the buffer, and unmasked there.
+            filled = self._filled
             if size < need:
-                self._chunks.append(data)
+                self._payload[filled : filled + size] = data
+                self._filled = filled + size
                 self._need = need - size
                 return
-            chunks = self._chunks
-            chunks.append(data[:need] if need < size else data)
-            self._chunks = []
+            buffer = self._payload
+            buffer[filled:] = memoryview(data)[:need]
+            self._payload = bytearray()
             self._need = 0
-            self._frame(b"".join(chunks))
+            key = self._key
+            if key is not None:
+                _unmask_in_place(key, buffer)
+            self._key = None
+            self._frame(bytes(buffer))
             pos = need
         elif self._partial:
             data = self._partial + data
@@ -254,7 +277,9 @@ class FrameReader:
             self._opcode = first & 0x0F
             self._key = key
             if end > size:
-                self._chunks = [data[start:]]
+                buffer = self._payload = bytearray(length)
+                self._filled = size - start
+                buffer[: size - start] = memoryview(data)[start:]
                 self._need = end - size
                 return
             self._frame(data[start:end])
