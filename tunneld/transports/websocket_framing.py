@@ -68,7 +68,7 @@ except ImportError:  # pragma: no cover - Autobahn is built with it here
     _nvx = None
 
 
-def _mask_int(key: bytes, data: bytes) -> bytes:
+def _mask_int(key: bytes, data: bytes | bytearray) -> bytes:
     size = len(data)
     keys = (key * ((size >> 2) + 1))[:size]
     return (int.from_bytes(data, "little") ^ int.from_bytes(keys, "little")).to_bytes(
@@ -76,25 +76,8 @@ def _mask_int(key: bytes, data: bytes) -> bytes:
     )
 
 
-def _mask_native(key: bytes, data: bytes) -> bytearray:
-    buffer = bytearray(data)
-    lib = _nvx.lib
-    masker = lib.nvx_xormask_new(key)
-    try:
-        lib.nvx_xormask_process(masker, _nvx.ffi.from_buffer(buffer), len(buffer))
-    finally:
-        lib.nvx_xormask_free(masker)
-    return buffer
-
-
-def _masked(key: bytes, data: bytes) -> bytes | bytearray:
-    """C{data} masked, as whichever type came cheapest (to be copied on anyway)."""
-    if _nvx is not None and len(data) >= _NATIVE_MASK_FROM:
-        return _mask_native(key, data)
-    return _mask_int(key, data) if data else b""
-
-
 def _unmask_in_place(key: bytes, buffer: bytearray) -> None:
+    """XOR C{buffer} with the repeated C{key}, in place."""
     if _nvx is not None and len(buffer) >= _NATIVE_MASK_FROM:
         lib = _nvx.lib
         masker = lib.nvx_xormask_new(key)
@@ -103,14 +86,21 @@ def _unmask_in_place(key: bytes, buffer: bytearray) -> None:
         finally:
             lib.nvx_xormask_free(masker)
     elif buffer:
-        buffer[:] = _mask_int(key, bytes(buffer))
+        buffer[:] = _mask_int(key, buffer)
+
+
+def _masked(key: bytes, data: bytes) -> bytes | bytearray:
+    """C{data} masked, as whichever type came cheapest (it is copied on anyway)."""
+    if _nvx is not None and len(data) >= _NATIVE_MASK_FROM:
+        buffer = bytearray(data)
+        _unmask_in_place(key, buffer)
+        return buffer
+    return _mask_int(key, data) if data else b""
 
 
 def mask(key: bytes, data: bytes) -> bytes:
     """C{data} XOR the 4-byte C{key} repeated (masking and unmasking are the same)."""
-    if _nvx is not None and len(data) >= _NATIVE_MASK_FROM:
-        return bytes(_mask_native(key, data))
-    return _mask_int(key, data) if data else b""
+    return bytes(_masked(key, data))
 
 
 def close_payload(code: int, reason: str) -> bytes:
@@ -233,6 +223,7 @@ class FrameReader:
             size = len(data)
             self._partial = b""
         masked = self._masked
+        mask_bit = _MASK_BIT if masked else 0
         while pos < size:
             if self._stopped:
                 return
@@ -262,7 +253,7 @@ class FrameReader:
             if (
                 first == _FIN | OP_BINARY
                 and end <= size
-                and (second & _MASK_BIT) == (_MASK_BIT if masked else 0)
+                and (second & _MASK_BIT) == mask_bit
                 and length <= self._max
                 and self._fragments is None
             ):
