@@ -124,11 +124,13 @@ class _FrameWireMixin:
     _drop_call: Any = None
 
     def send_frame(self, payload: bytes) -> None:
+        """FrameWire.send_frame"""
         # Once the close handshake has begun, the peer no longer reads frames.
         if not self._closing and self._reader is not None:
             self.transport.write(self._writer.binary(payload))
 
     def close_wire(self, reason: Reason, message: str) -> None:
+        """FrameWire.close_wire"""
         # Applications may only send 1000 or 3000-4999: 4000 + the wire code
         # tells a peer exactly which reason ended the link.
         code = 1000 if reason in (Reason.DRAINING, Reason.CANCELLED) else 4000 + reason.wire_code
