@@ -1,16 +1,33 @@
-"""The end-to-end suite over the WebSocket transport, plus its own wire checks."""
+"""The end-to-end suite over the WebSocket transport, plus its own wire and framing checks."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.trial.unittest import TestCase
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.end_to_end import EndToEndMixin
+from tests.test_websocket_framing import Recorder
+from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup
 from tunneld.reasons import Reason
+from tunneld.transports.websocket import (
+    CLOSE_TIMEOUT,
+    AgentWebSocketFactory,
+    EdgeWebSocketFactory,
+    WebSocketAgentOptions,
+    WebSocketEdgeOptions,
+)
+from tunneld.transports.websocket_framing import FrameReader, FrameWriter
 
 
 class _Hostile(WebSocketClientProtocol):  # type: ignore[misc]
@@ -37,3 +54,166 @@ class WebSocketEndToEnd(EndToEndMixin, TestCase):
         code, reason = await factory.closed
         self.assertEqual(code, 4000 + Reason.PROTOCOL_ERROR.wire_code)
         self.assertIn("protocol_error", reason)
+
+
+_HANDSHAKE = (
+    b"GET /tunnel HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+class _Handler:
+    """An C{ILinkHandler} that records how its link ended."""
+
+    def __init__(self) -> None:
+        self.lost: list[tuple[Reason, str]] = []
+
+    def control_received(self, message: Any) -> None:
+        pass
+
+    def stream_opened(self, stream: Any) -> None:
+        stream.reset(Reason.AGENT_UNAVAILABLE, "not in this test")
+
+    def link_lost(self, reason: Reason, message: str) -> None:
+        self.lost.append((reason, message))
+
+
+class _Wire:
+    """One end of an agent link driven by hand: a StringTransport, a Clock, and what came out."""
+
+    def __init__(self, protocol: Any, transport: StringTransport, clock: Clock, handler: _Handler) -> None:
+        self.protocol = protocol
+        self.transport = transport
+        self.clock = clock
+        self.handler = handler
+
+    def frames(self, *, masked: bool) -> list[tuple[object, ...]]:
+        """Everything written after the opening handshake, decoded."""
+        _, _, rest = self.transport.value().partition(b"\r\n\r\n")
+        recorder = Recorder()
+        FrameReader(recorder, masked=masked, max_message=1 << 21).feed(rest)
+        return recorder.events
+
+    def lose(self, reason: Exception) -> None:
+        self.protocol.connectionLost(Failure(reason))
+
+
+def _edge(extra: bytes = b"", max_frame_size: int = 1 << 20) -> _Wire:
+    """An edge WebSocket protocol that was sent the handshake plus C{extra} in one read."""
+    clock, handler = Clock(), _Handler()
+    setup = EdgeLinkSetup(
+        on_link=lambda link: link.set_handler(handler), reactor=clock, max_frame_size=max_frame_size
+    )
+    factory = EdgeWebSocketFactory(WebSocketEdgeOptions(), setup)
+    factory.setProtocolOptions(openHandshakeTimeout=0)  # no timer on the global reactor
+    peer = IPv4Address("TCP", "127.0.0.1", 40000)
+    protocol = factory.buildProtocol(peer)
+    transport = StringTransport(peerAddress=peer)
+    protocol.makeConnection(transport)
+    protocol.dataReceived(_HANDSHAKE + extra)
+    assert transport.value().startswith(b"HTTP/1.1 101 ")
+    return _Wire(protocol, transport, clock, handler)
+
+
+class EdgeFramingTests(SynchronousTestCase):
+    """The edge end reads and writes its own frames once Autobahn has opened the link."""
+
+    def test_frames_in_the_handshake_read_are_read(self) -> None:
+        """A text frame sent in the same read as the handshake is read: a protocol error, as any text message."""
+        wire = _edge(FrameWriter(masked=True).frame(0x1, b"hello"))
+        *_, close = wire.frames(masked=False)
+        self.assertEqual(close[:2], ("close", 4000 + Reason.PROTOCOL_ERROR.wire_code))
+        self.assertIn("text message on a binary link", str(close[2]))
+        self.assertTrue(wire.transport.disconnecting)
+
+    def test_unmasked_frame_is_a_protocol_error(self) -> None:
+        """An unmasked frame from the agent gets Close 1002 and ends the link as a protocol error."""
+        wire = _edge()
+        wire.protocol.dataReceived(FrameWriter(masked=False).binary(b"x"))
+        self.assertEqual(wire.frames(masked=False), [("close", 1002, "unmasked frame from a client")])
+        wire.lose(ConnectionDone())
+        self.assertEqual(
+            wire.handler.lost,
+            [(Reason.PROTOCOL_ERROR, "websocket protocol error (1002: unmasked frame from a client)")],
+        )
+
+    def test_oversized_message_is_refused(self) -> None:
+        """A frame longer than the link's max_frame_size gets Close 1009 from its header alone."""
+        wire = _edge(max_frame_size=1000)
+        wire.protocol.dataReceived(FrameWriter(masked=True).binary(b"y" * 1001)[:8])
+        [close] = wire.frames(masked=False)
+        self.assertEqual(close[:2], ("close", 1009))
+
+    def test_ping_answered_and_close_echoed(self) -> None:
+        """A Ping gets its Pong; a Close is echoed with its code and ends the link naming it, once."""
+        wire = _edge()
+        writer = FrameWriter(masked=True)
+        wire.protocol.dataReceived(writer.ping(b"hb") + writer.close(4005, "draining: bye"))
+        self.assertEqual(wire.transport.value().partition(b"\r\n\r\n")[2][:4], b"\x8a\x02hb")
+        self.assertEqual(wire.frames(masked=False), [("close", 4005, "")])
+        self.assertTrue(wire.transport.disconnecting)
+        wire.lose(ConnectionDone())
+        wire.lose(ConnectionDone())
+        self.assertEqual(wire.handler.lost, [(Reason.AGENT_GONE, "websocket closed (4005: draining: bye)")])
+        self.assertEqual(wire.clock.getDelayedCalls(), [])
+
+    def test_close_times_out(self) -> None:
+        """After our Close, a peer that never lets the connection end is cut off after the close timeout."""
+        wire = _edge()
+        wire.protocol.link.close(Reason.DRAINING, "edge stopping")
+        *_, close = wire.frames(masked=False)
+        self.assertEqual(close, ("close", 1000, "draining: edge stopping"))
+        wire.clock.advance(CLOSE_TIMEOUT - 0.1)
+        self.assertFalse(wire.transport.disconnected)
+        wire.clock.advance(0.1)
+        self.assertTrue(wire.transport.disconnected)
+        wire.lose(ConnectionAborted())
+        self.assertEqual(wire.handler.lost, [(Reason.DRAINING, "edge stopping")])
+        self.assertEqual(wire.clock.getDelayedCalls(), [])
+
+    def test_connection_lost_without_close(self) -> None:
+        """A connection lost without a Close ends the link as agent_gone, once, saying so."""
+        wire = _edge()
+        wire.lose(ConnectionLost("reset by peer"))
+        [(reason, message)] = wire.handler.lost
+        self.assertEqual(reason, Reason.AGENT_GONE)
+        self.assertIn("websocket closed (1006: connection lost without a closing handshake", message)
+        self.assertEqual(wire.clock.getDelayedCalls(), [])
+
+
+class AgentFramingTests(SynchronousTestCase):
+    """The agent end masks what it sends and refuses masked frames."""
+
+    def test_agent_masks_and_refuses_masked_frames(self) -> None:
+        """The agent's frames are masked; a masked frame from the edge (sent with the 101) gets Close 1002."""
+        clock = Clock()
+        factory = AgentWebSocketFactory(WebSocketAgentOptions(), AgentLinkSetup(reactor=clock))
+        factory.setProtocolOptions(openHandshakeTimeout=0)
+        opened: list[Any] = []
+        assert factory.opened is not None
+        factory.opened.addCallback(opened.append)
+        peer = IPv4Address("TCP", "127.0.0.1", 8081)
+        protocol = factory.buildProtocol(peer)
+        transport = StringTransport(peerAddress=peer)
+        protocol.makeConnection(transport)
+        request = transport.value()
+        [key] = [line.split(b": ", 1)[1] for line in request.split(b"\r\n") if line.lower().startswith(b"sec-websocket-key")]
+        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        transport.clear()
+        protocol.dataReceived(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n" + FrameWriter(masked=True).binary(b"x")
+        )
+        [link] = opened
+        handler = _Handler()
+        link.set_handler(handler)
+        out = transport.value()
+        self.assertEqual(out[1] & 0x80, 0x80)  # masked
+        recorder = Recorder()
+        FrameReader(recorder, masked=True, max_message=1 << 20).feed(out)
+        self.assertEqual(recorder.events, [("close", 1002, "masked frame from a server")])
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(
+            handler.lost, [(Reason.PROTOCOL_ERROR, "websocket protocol error (1002: masked frame from a server)")]
+        )
+        self.assertEqual(clock.getDelayedCalls(), [])

@@ -1,11 +1,16 @@
 # -*- test-case-name: tests.test_end_to_end -*-
 """
-The WebSocket agent-link transport (Autobahn).
+The WebSocket agent-link transport.
 
 One WebSocket per agent; each binary message is one encoded C{Frame} of the
 tunnel protocol, and L{tunneld.wire.mux.FrameLink} does the rest.  The TCP
 transport's own backpressure is wired to the link, so when the socket is
 full every stream's source pauses instead of piling bytes into memory.
+
+Autobahn does the opening handshake (Upgrade, path, TLS, timeouts); once the
+link is open, frames are read and written by
+L{tunneld.transports.websocket_framing}, which costs a fraction of
+Autobahn's per-message machinery.
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
-from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -34,12 +39,24 @@ from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup, ITransportPlugin
 from tunneld.listening import ConnectionTracker, ListeningService
 from tunneld.reasons import Reason
 from tunneld.schema import non_negative, parse_table, positive, setting
+from tunneld.transports.websocket_framing import (
+    CLOSE_NO_STATUS,
+    FrameReader,
+    FrameWriter,
+    FramingError,
+)
 from tunneld.wire.mux import FrameLink, SocketCongestion
 
 # Autobahn logs every frame at debug level through txaio; at that level the
 # formatting alone costs more than the proxying.  Debug it deliberately.
 txaio.use_twisted()
 txaio.set_global_log_level("info")  # type: ignore[attr-defined]
+
+# Our own events (a framing violation); Autobahn's protocols keep their `log`.
+_log = Logger()
+
+# A peer that ignores our Close (or stops reading) is dropped after this long.
+CLOSE_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -78,35 +95,62 @@ class WebSocketAgentOptions:
 
 
 class _FrameWireMixin:
-    """What both ends share: one binary message per frame."""
+    """
+    What both ends share: one binary message per frame.
+
+    Until C{onOpen} Autobahn owns the connection.  From then on C{_reader}
+    and C{_writer} do the framing: C{dataReceived} goes to the reader (bytes
+    that came with the handshake are taken over from Autobahn's buffer), and
+    Autobahn sees no frame in either direction.
+    """
 
     link: FrameLink | None = None
     transport: Any
     closeHandshakeTimeoutCall: Any
-    # No `log` here: Autobahn's protocols log every frame through their own
-    # txaio logger, which honours the global level set above.  A plain
-    # twisted Logger in its place wrote each frame's debug line to the log
-    # (a third of the CPU of a small request; see docs/benchmarks.md).
+    data: bytes
+    # No `log` here: Autobahn's protocols log through their own txaio
+    # logger, which honours the global level set above.  A plain twisted
+    # Logger in its place wrote each frame's debug line to the log (a third
+    # of the CPU of a small request; see docs/benchmarks.md).
 
-    # sendMessage, sendClose and the states come from Autobahn's protocol classes.
-    sendMessage: Any
-    sendClose: Any
-    state: Any
-    STATE_OPEN: Any
+    _reader: FrameReader | None = None
+    _writer: FrameWriter
+    _reactor: Any
+    # We sent a Close (or answered one): nothing more is sent or read.
+    _closing = False
+    # How the link ends once the connection is gone, when we know better
+    # than "connection lost": the peer's Close, or its framing error.
+    _ending: tuple[Reason, str] | None = None
+    _drop_call: Any = None
 
     def send_frame(self, payload: bytes) -> None:
+        """FrameWire.send_frame"""
         # Once the close handshake has begun, the peer no longer reads frames.
-        if self.state == WebSocketProtocol.STATE_OPEN:
-            self.sendMessage(payload, isBinary=True)
+        if not self._closing and self._reader is not None:
+            self.transport.write(self._writer.binary(payload))
 
     def close_wire(self, reason: Reason, message: str) -> None:
+        """FrameWire.close_wire"""
         # Applications may only send 1000 or 3000-4999: 4000 + the wire code
         # tells a peer exactly which reason ended the link.
         code = 1000 if reason in (Reason.DRAINING, Reason.CANCELLED) else 4000 + reason.wire_code
-        if self.state == WebSocketProtocol.STATE_OPEN:
-            self.sendClose(code, f"{reason.value}: {message}"[:120])
-        # A peer that ignores the close handshake must not hold the socket.
+        self._close(code, f"{reason.value}: {message}"[:120])
+
+    def _close(self, code: int | None, text: str) -> None:
+        """Send a Close (unless one was already sent; no code: empty) and end the connection."""
+        if self._reader is None:
+            self.transport.loseConnection()
+            return
+        if not self._closing:
+            self._closing = True
+            self._reader.stop()
+            self.transport.write(self._writer.close(code, text))
+        # A peer that ignores the close handshake must not hold the socket:
+        # the Close goes out with whatever is queued before it, then the
+        # connection ends; one that will not even read is cut off.
         self.transport.loseConnection()
+        if self._drop_call is None:
+            self._drop_call = self._reactor.callLater(CLOSE_TIMEOUT, self.transport.abortConnection)
 
     def _make_link(self, *, is_edge: bool, options: Any, setup: Any) -> FrameLink:
         peer = self.transport.getPeer()
@@ -128,6 +172,11 @@ class _FrameWireMixin:
             max_streams=getattr(setup, "max_streams", 10_000),
         )
         self.link = link
+        # From here on the framing is ours: the edge (server) reads masked
+        # frames and writes plain ones, the agent (client) the other way.
+        self._reactor = setup.reactor
+        self._writer = FrameWriter(masked=not is_edge)
+        self._reader = FrameReader(self, masked=is_edge, max_message=setup.max_frame_size)
         # Autobahn's own tcpNoDelay option is never applied (its connectionMade
         # reads it before copying the options over, and swallows the error):
         # without this, Nagle and delayed ACKs stall small frames ~40 ms.
@@ -138,6 +187,64 @@ class _FrameWireMixin:
         self.transport.registerProducer(SocketCongestion(link), True)
         return link
 
+    def _take_over(self) -> None:
+        """
+        The end of C{onOpen}: frames that arrived in the same read as the
+        handshake are still in Autobahn's buffer; read them ourselves (and
+        leave Autobahn nothing to parse).
+        """
+        pending, self.data = self.data, b""
+        if pending and not self._closing:
+            self.dataReceived(pending)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        reader = self._reader
+        if reader is None:
+            super().dataReceived(data)  # type: ignore[misc]  # the opening handshake
+            return
+        try:
+            reader.feed(data)
+        except FramingError as e:
+            self._framing_error(e.code, e.reason)
+
+    def _framing_error(self, code: int, reason: str) -> None:
+        link = self.link
+        assert link is not None
+        _log.warn(
+            "{transport} link from {peer} broke the protocol: {error}",
+            transport="websocket", peer=link.peer, error=reason,
+        )
+        if self._ending is None:
+            self._ending = (Reason.PROTOCOL_ERROR, f"websocket protocol error ({code}: {reason})")
+        self._close(code, reason)
+
+    # -- FrameHandler: what the reader found ------------------------------
+
+    def message_received(self, payload: bytes, binary: bool) -> None:
+        """FrameHandler.message_received"""
+        link = self.link
+        if link is None or self._closing:
+            return
+        if not binary:
+            link.close(Reason.PROTOCOL_ERROR, "text message on a binary link")
+            return
+        link.frame_received(payload)
+
+    def ping_received(self, payload: bytes) -> None:
+        """FrameHandler.ping_received"""
+        if not self._closing:
+            self.transport.write(self._writer.pong(payload))
+
+    def close_received(self, code: int, reason: str) -> None:
+        """FrameHandler.close_received"""
+        if self._ending is None:
+            detail = f"websocket closed ({code}{': ' + reason if reason else ''})"
+            self._ending = (Reason.AGENT_GONE, detail)
+        # Echo the Close (with its code, as the RFC asks) and end the connection.
+        self._close(None if code == CLOSE_NO_STATUS else code, "")
+
+    # -- the connection ends -----------------------------------------------
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         super().connectionLost(reason)  # type: ignore[misc]
         # Autobahn leaves its close-handshake timer behind when we closed first.
@@ -145,19 +252,20 @@ class _FrameWireMixin:
         if timer is not None:
             timer.cancel()
             self.closeHandshakeTimeoutCall = None
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802
-        if self.link is None:
-            return
-        if not isBinary:
-            self.link.close(Reason.PROTOCOL_ERROR, "text message on a binary link")
-            return
-        self.link.frame_received(payload)
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N802
-        if self.link is not None:
-            detail = f"websocket closed ({code}{': ' + reason if reason else ''})"
-            self.link.wire_lost(Reason.AGENT_GONE, detail)
+        if self._drop_call is not None:
+            if self._drop_call.active():
+                self._drop_call.cancel()
+            self._drop_call = None
+        link = self.link
+        if self._reader is not None and link is not None:
+            self._reader.stop()
+            self._closing = True
+            ending = self._ending or (
+                Reason.AGENT_GONE,
+                f"websocket closed (1006: connection lost without a closing handshake: "
+                f"{reason.getErrorMessage()})",
+            )
+            link.wire_lost(*ending)
 
 
 class EdgeWebSocketProtocol(_FrameWireMixin, WebSocketServerProtocol):  # type: ignore[misc]
@@ -174,6 +282,7 @@ class EdgeWebSocketProtocol(_FrameWireMixin, WebSocketServerProtocol):  # type: 
     def onOpen(self) -> None:  # noqa: N802
         link = self._make_link(is_edge=True, options=self.factory.options, setup=self.factory.setup)
         self.factory.setup.on_link(link)
+        self._take_over()
 
     def connectionMade(self) -> None:  # noqa: N802
         super().connectionMade()
@@ -220,6 +329,7 @@ class AgentWebSocketProtocol(_FrameWireMixin, WebSocketClientProtocol):  # type:
         opened, self.factory.opened = self.factory.opened, None
         if opened is not None:
             opened.callback(link)
+        self._take_over()
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N802
         opened, self.factory.opened = self.factory.opened, None

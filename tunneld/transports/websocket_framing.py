@@ -1,0 +1,415 @@
+# -*- test-case-name: tests.test_websocket_framing -*-
+"""
+RFC 6455 frames for an open agent link, read and written without Autobahn.
+
+Autobahn does the opening handshake (HTTP Upgrade, paths, TLS, timeouts);
+once the link is open every tunnel frame is one binary WebSocket message,
+and Autobahn's general machinery per message (frame and message callbacks,
+a masker object per frame, traffic statistics) cost more CPU than routing
+the tunnel frame itself.  Here is the whole of what an agent link needs:
+
+  - L{FrameReader}: incremental, whatever way the bytes are cut into reads.
+    Binary messages (with continuation frames reassembled up to a bound),
+    Ping, Pong, Close; everything else the RFC forbids is a L{FramingError}
+    carrying the close code to send.  A payload split over many reads is
+    copied once into a buffer of its declared size (checked against the
+    bound first) and unmasked there, never re-copied per read.
+  - L{FrameWriter}: one C{bytes} per frame, masked with a fresh random key
+    when it is the client's (the agent's) end.
+
+No extension is ever negotiated on an agent link, so the RSV bits must be 0.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import struct
+from collections.abc import Callable
+from typing import Any, Protocol
+
+__all__ = [
+    "CLOSE_NORMAL", "CLOSE_NO_STATUS", "CLOSE_PROTOCOL_ERROR", "CLOSE_INVALID_PAYLOAD",
+    "CLOSE_TOO_BIG", "FrameHandler", "FrameReader", "FrameWriter", "FramingError", "mask",
+]
+
+OP_CONTINUATION = 0x0
+OP_TEXT = 0x1
+OP_BINARY = 0x2
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
+
+CLOSE_NORMAL = 1000
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_NO_STATUS = 1005  # a Close frame without a code (never sent on the wire)
+CLOSE_INVALID_PAYLOAD = 1007
+CLOSE_TOO_BIG = 1009
+
+# A control frame's payload is at most 125 bytes; a Close spends two on its code.
+MAX_CONTROL_PAYLOAD = 125
+MAX_CLOSE_REASON = MAX_CONTROL_PAYLOAD - 2
+
+_FIN = 0x80
+_RSV = 0x70
+_MASK_BIT = 0x80
+_HEAD_16 = struct.Struct("!BBH")
+_HEAD_64 = struct.Struct("!BBQ")
+
+# Autobahn's compiled (CFFI) XOR masker, used directly: one copy into a
+# bytearray masked in place.  Its public wrapper (a masker object per frame,
+# two more copies) costs 39 us for a 128 KiB frame; this costs 9 us.  Below
+# _NATIVE_MASK_FROM bytes Python's big integers are as fast.  Without the
+# extension, big integers do every size (64 KiB: ~160 us).
+_NATIVE_MASK_FROM = 128
+try:
+    _nvx: Any = importlib.import_module("_nvx_xormasker")
+except ImportError:  # pragma: no cover - Autobahn is built with it here
+    _nvx = None
+
+
+def _mask_int(key: bytes, data: bytes | bytearray) -> bytes:
+    size = len(data)
+    keys = (key * ((size >> 2) + 1))[:size]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(keys, "little")).to_bytes(
+        size, "little"
+    )
+
+
+def _unmask_in_place(key: bytes, buffer: bytearray) -> None:
+    """XOR C{buffer} with the repeated C{key}, in place."""
+    if _nvx is not None and len(buffer) >= _NATIVE_MASK_FROM:
+        lib = _nvx.lib
+        masker = lib.nvx_xormask_new(key)
+        try:
+            lib.nvx_xormask_process(masker, _nvx.ffi.from_buffer(buffer), len(buffer))
+        finally:
+            lib.nvx_xormask_free(masker)
+    elif buffer:
+        buffer[:] = _mask_int(key, buffer)
+
+
+def _masked(key: bytes, data: bytes) -> bytes | bytearray:
+    """C{data} masked, as whichever type came cheapest (it is copied on anyway)."""
+    if _nvx is not None and len(data) >= _NATIVE_MASK_FROM:
+        buffer = bytearray(data)
+        _unmask_in_place(key, buffer)
+        return buffer
+    return _mask_int(key, data) if data else b""
+
+
+def mask(key: bytes, data: bytes) -> bytes:
+    """C{data} XOR the 4-byte C{key} repeated (masking and unmasking are the same)."""
+    return bytes(_masked(key, data))
+
+
+def close_payload(code: int, reason: str) -> bytes:
+    """A Close frame's payload: C{code}, then C{reason} cut to fit without splitting a character."""
+    text = reason.encode("utf-8")
+    if len(text) > MAX_CLOSE_REASON:
+        text = text[:MAX_CLOSE_REASON].decode("utf-8", "ignore").encode("utf-8")
+    return code.to_bytes(2, "big") + text
+
+
+class FramingError(Exception):
+    """The peer broke RFC 6455: close the WebSocket with C{code} and C{reason}."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+
+class FrameHandler(Protocol):
+    """What a L{FrameReader} hands complete messages and control frames to."""
+
+    def message_received(self, payload: bytes, binary: bool) -> None:
+        """A whole data message (text only to be refused: an agent link is binary)."""
+
+    def ping_received(self, payload: bytes) -> None:
+        """A Ping: answer with a Pong carrying C{payload}."""
+
+    def close_received(self, code: int, reason: str) -> None:
+        """A Close (C{CLOSE_NO_STATUS} when it had no code); the reader reads no further."""
+
+
+def _valid_close_code(code: int) -> bool:
+    # RFC 6455 7.4: 1004-1006 and 1015 are never sent; 1012-1014 were registered later.
+    return 1000 <= code <= 1014 and code not in (1004, 1005, 1006) or 3000 <= code <= 4999
+
+
+class FrameReader:
+    """
+    Turns the bytes of one direction of an open WebSocket into messages.
+
+    C{masked} says which end we are: a server requires every frame masked,
+    a client requires none to be.  C{max_message} bounds a message's payload,
+    fragments included: a longer one is refused (1009) as soon as its header
+    says so, before any of its payload is buffered.
+    """
+
+    __slots__ = (
+        "_handler", "_masked", "_max", "_partial", "_need", "_payload", "_filled",
+        "_fin", "_opcode", "_key", "_fragments", "_fragments_size", "_fragments_binary",
+        "_stopped",
+    )
+
+    def __init__(self, handler: FrameHandler, *, masked: bool, max_message: int) -> None:
+        self._handler = handler
+        self._masked = masked
+        self._max = max_message
+        self._partial = b""  # an incomplete frame header (at most 13 bytes)
+        # The current frame's payload is incomplete: bytes still to come,
+        # and the payload's buffer (its full size), filled so far.
+        self._need = 0
+        self._payload = bytearray()
+        self._filled = 0
+        self._fin = True
+        self._opcode = 0
+        self._key: bytes | None = None
+        # A fragmented message in progress: its payloads so far.
+        self._fragments: list[bytes] | None = None
+        self._fragments_size = 0
+        self._fragments_binary = True
+        self._stopped = False
+
+    def stop(self) -> None:
+        """Read no further (after a Close, or an error): later bytes are ignored."""
+        self._stopped = True
+        self._partial = b""
+        self._payload = bytearray()
+        self._need = 0
+        self._fragments = None
+
+    def feed(self, data: bytes) -> None:
+        """
+        Read C{data}, the next bytes received; hand over whatever completes.
+
+        @raise FramingError: the peer broke the protocol; the reader stops.
+        """
+        try:
+            self._feed(data)
+        except FramingError:
+            self.stop()
+            raise
+
+    def _feed(self, data: bytes) -> None:
+        if self._stopped:
+            return
+        pos = 0
+        size = len(data)
+        need = self._need
+        if need:
+            # Inside a payload that began in an earlier read: each byte is
+            # copied once, into the buffer, and unmasked there.
+            filled = self._filled
+            if size < need:
+                self._payload[filled : filled + size] = data
+                self._filled = filled + size
+                self._need = need - size
+                return
+            buffer = self._payload
+            buffer[filled:] = memoryview(data)[:need]
+            self._payload = bytearray()
+            self._need = 0
+            key = self._key
+            if key is not None:
+                _unmask_in_place(key, buffer)
+            self._key = None
+            self._frame(bytes(buffer))
+            pos = need
+        elif self._partial:
+            data = self._partial + data
+            size = len(data)
+            self._partial = b""
+        masked = self._masked
+        mask_bit = _MASK_BIT if masked else 0
+        while pos < size:
+            if self._stopped:
+                return
+            if size - pos < 2:
+                self._partial = data[pos:]
+                return
+            first = data[pos]
+            second = data[pos + 1]
+            length = second & 0x7F
+            head = 2 + (2 if length == 126 else 8 if length == 127 else 0)
+            if second & _MASK_BIT:
+                head += 4
+            if size - pos < head:
+                self._partial = data[pos:]
+                return
+            if length == 126:
+                length = (data[pos + 2] << 8) | data[pos + 3]
+                if length < 126:
+                    raise FramingError(CLOSE_PROTOCOL_ERROR, "frame length not minimally encoded")
+            elif length == 127:
+                length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+                if length < 0x10000 or length >> 63:
+                    raise FramingError(CLOSE_PROTOCOL_ERROR, "frame length not minimally encoded")
+            start = pos + head
+            end = start + length
+            key = data[start - 4 : start] if masked else None
+            if (
+                first == _FIN | OP_BINARY
+                and end <= size
+                and (second & _MASK_BIT) == mask_bit
+                and length <= self._max
+                and self._fragments is None
+            ):
+                # The common case, checked in one go: a whole binary message
+                # in this read.
+                payload = data[start:end]
+                self._handler.message_received(mask(key, payload) if key else payload, True)
+                pos = end
+                continue
+            self._check(first, second, length, masked)
+            self._fin = bool(first & _FIN)
+            self._opcode = first & 0x0F
+            self._key = key
+            if end > size:
+                buffer = self._payload = bytearray(length)
+                self._filled = size - start
+                buffer[: size - start] = memoryview(data)[start:]
+                self._need = end - size
+                return
+            self._frame(data[start:end])
+            pos = end
+
+    def _check(self, first: int, second: int, length: int, masked: bool) -> None:
+        """Refuse a frame header the RFC forbids, before reading its payload."""
+        if first & _RSV:
+            raise FramingError(CLOSE_PROTOCOL_ERROR, "reserved bits set without an extension")
+        if bool(second & _MASK_BIT) is not masked:
+            raise FramingError(
+                CLOSE_PROTOCOL_ERROR,
+                "unmasked frame from a client" if masked else "masked frame from a server",
+            )
+        opcode = first & 0x0F
+        if opcode >= OP_CLOSE:
+            if opcode > OP_PONG:
+                raise FramingError(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
+            if not first & _FIN:
+                raise FramingError(CLOSE_PROTOCOL_ERROR, "fragmented control frame")
+            if length > MAX_CONTROL_PAYLOAD:
+                raise FramingError(
+                    CLOSE_PROTOCOL_ERROR, f"control frame payload of {length} bytes (max 125)"
+                )
+            return
+        if opcode == OP_CONTINUATION:
+            if self._fragments is None:
+                raise FramingError(CLOSE_PROTOCOL_ERROR, "continuation frame outside a message")
+            length += self._fragments_size
+        elif opcode > OP_BINARY:
+            raise FramingError(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode}")
+        elif self._fragments is not None:
+            raise FramingError(CLOSE_PROTOCOL_ERROR, "new message before the last one ended")
+        if length > self._max:
+            raise FramingError(
+                CLOSE_TOO_BIG, f"message of {length} bytes exceeds {self._max}"
+            )
+
+    def _frame(self, payload: bytes) -> None:
+        """One whole (checked) frame with its payload."""
+        key = self._key
+        if key is not None:
+            payload = mask(key, payload)
+        opcode = self._opcode
+        if opcode == OP_BINARY or opcode == OP_TEXT:
+            if self._fin:
+                self._handler.message_received(payload, opcode == OP_BINARY)
+            else:
+                self._fragments = [payload]
+                self._fragments_size = len(payload)
+                self._fragments_binary = opcode == OP_BINARY
+        elif opcode == OP_CONTINUATION:
+            fragments = self._fragments
+            assert fragments is not None  # checked with the header
+            fragments.append(payload)
+            self._fragments_size += len(payload)
+            if self._fin:
+                self._fragments = None
+                self._fragments_size = 0
+                self._handler.message_received(b"".join(fragments), self._fragments_binary)
+        elif opcode == OP_PING:
+            self._handler.ping_received(payload)
+        elif opcode == OP_CLOSE:
+            code, reason = self._close(payload)
+            self.stop()
+            self._handler.close_received(code, reason)
+        # OP_PONG: nothing was asked; an unsolicited Pong is allowed and ignored.
+
+    @staticmethod
+    def _close(payload: bytes) -> tuple[int, str]:
+        if not payload:
+            return CLOSE_NO_STATUS, ""
+        if len(payload) == 1:
+            raise FramingError(CLOSE_PROTOCOL_ERROR, "close frame with a one-byte payload")
+        code = int.from_bytes(payload[:2], "big")
+        if not _valid_close_code(code):
+            raise FramingError(CLOSE_PROTOCOL_ERROR, f"invalid close code {code}")
+        try:
+            reason = payload[2:].decode("utf-8")
+        except UnicodeDecodeError:
+            raise FramingError(CLOSE_INVALID_PAYLOAD, "close reason is not UTF-8") from None
+        return code, reason
+
+
+class FrameWriter:
+    """
+    Encodes frames for one end of a WebSocket: a client (C{masked}) masks
+    every frame with a fresh key from C{random}, read 4 KiB at a time so a
+    key costs a slice rather than a system call.
+    """
+
+    __slots__ = ("_masked", "_random", "_keys", "_at")
+
+    _KEY_BATCH = 4096
+
+    def __init__(self, *, masked: bool, random: Callable[[int], bytes] = os.urandom) -> None:
+        self._masked = masked
+        self._random = random
+        self._keys = b""
+        self._at = 0
+
+    def frame(self, opcode: int, payload: bytes) -> bytes:
+        """One final frame of C{opcode} carrying C{payload}, header and (masked) payload together."""
+        size = len(payload)
+        first = _FIN | opcode
+        if self._masked:
+            at = self._at
+            if at >= len(self._keys):
+                self._keys = self._random(self._KEY_BATCH)
+                at = 0
+            key = self._keys[at : at + 4]
+            self._at = at + 4
+            if size < 126:
+                head = bytes((first, _MASK_BIT | size))
+            elif size < 0x10000:
+                head = _HEAD_16.pack(first, _MASK_BIT | 126, size)
+            else:
+                head = _HEAD_64.pack(first, _MASK_BIT | 127, size)
+            return head + key + _masked(key, payload)
+        if size < 126:
+            return bytes((first, size)) + payload
+        if size < 0x10000:
+            return _HEAD_16.pack(first, 126, size) + payload
+        return _HEAD_64.pack(first, 127, size) + payload
+
+    def binary(self, payload: bytes) -> bytes:
+        """A binary message in one frame."""
+        return self.frame(OP_BINARY, payload)
+
+    def close(self, code: int | None, reason: str = "") -> bytes:
+        """A Close frame with C{code} and C{reason} (cut to fit); no code: an empty Close."""
+        return self.frame(OP_CLOSE, b"" if code is None else close_payload(code, reason))
+
+    def pong(self, payload: bytes) -> bytes:
+        """A Pong answering a Ping's C{payload}."""
+        return self.frame(OP_PONG, payload)
+
+    def ping(self, payload: bytes) -> bytes:
+        """A Ping carrying C{payload} (at most 125 bytes)."""
+        if len(payload) > MAX_CONTROL_PAYLOAD:
+            raise ValueError("a ping payload is at most 125 bytes")
+        return self.frame(OP_PING, payload)
