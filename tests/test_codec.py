@@ -87,7 +87,7 @@ class HandEncodingTests(SynchronousTestCase):
         """Any stream head encodes identically and reads back to itself."""
         encoded = codec.open_bytes(stream_id, head)
         self.assertEqual(encoded, codec.encode_open(stream_id, head).SerializeToString())
-        self.assertEqual(codec.read(encoded), (stream_id, codec.OPEN, head))
+        self.assertEqual(codec.read(encoded), (stream_id, codec.OPEN, head, False))
 
     @settings(max_examples=300, deadline=None)
     @given(stream_ids, reply_heads)
@@ -95,7 +95,7 @@ class HandEncodingTests(SynchronousTestCase):
         """Any reply head encodes identically and reads back to itself."""
         encoded = codec.reply_bytes(stream_id, reply)
         self.assertEqual(encoded, codec.encode_reply(stream_id, reply).SerializeToString())
-        self.assertEqual(codec.read(encoded), (stream_id, codec.REPLY, reply))
+        self.assertEqual(codec.read(encoded), (stream_id, codec.REPLY, reply, False))
 
     @settings(max_examples=300, deadline=None)
     @given(stream_ids, _header_lists)
@@ -103,7 +103,7 @@ class HandEncodingTests(SynchronousTestCase):
         """Any trailers encode identically and read back to themselves."""
         encoded = codec.end_bytes(stream_id, trailers)
         self.assertEqual(encoded, codec.encode_end(stream_id, trailers).SerializeToString())
-        self.assertEqual(codec.read(encoded), (stream_id, codec.END, trailers))
+        self.assertEqual(codec.read(encoded), (stream_id, codec.END, trailers, False))
 
     @settings(max_examples=200, deadline=None)
     @given(stream_ids, st.integers(0, 2**32 - 1))
@@ -111,7 +111,33 @@ class HandEncodingTests(SynchronousTestCase):
         """Any increment encodes identically and reads back to itself."""
         encoded = codec.window_bytes(stream_id, increment)
         self.assertEqual(encoded, codec.encode_window(stream_id, increment).SerializeToString())
-        self.assertEqual(codec.read(encoded), (stream_id, codec.WINDOW, increment))
+        self.assertEqual(codec.read(encoded), (stream_id, codec.WINDOW, increment, False))
+
+    @settings(max_examples=200, deadline=None)
+    @given(stream_ids, st.binary(max_size=300), stream_heads, reply_heads)
+    def test_end_stream(
+        self, stream_id: int, data: bytes, head: StreamHead, reply: ReplyHead
+    ) -> None:
+        """Open, Reply and Data frames with end_stream encode identically and read back with the flag."""
+        for encoded, generated, expected in [
+            (
+                codec.encode_data(stream_id, data, end_stream=True),
+                pb.Frame(stream_id=stream_id, data=pb.Data(data=data, end_stream=True)),
+                (stream_id, codec.DATA, data, True),
+            ),
+            (
+                codec.open_bytes(stream_id, head, end_stream=True),
+                codec.encode_open(stream_id, head, end_stream=True),
+                (stream_id, codec.OPEN, head, True),
+            ),
+            (
+                codec.reply_bytes(stream_id, reply, end_stream=True),
+                codec.encode_reply(stream_id, reply, end_stream=True),
+                (stream_id, codec.REPLY, reply, True),
+            ),
+        ]:
+            self.assertEqual(encoded, generated.SerializeToString())
+            self.assertEqual(codec.read(encoded), expected)
 
     def test_boundaries(self) -> None:
         """Header names, values and whole heads around the one-byte length limit encode identically."""
@@ -277,6 +303,9 @@ VALID_FRAMES = [
     codec.encode_reply(1, ReplyHead(200, b"OK", _HEADERS)).SerializeToString(),
     codec.encode_data(1, b"hello"),
     codec.encode_data(3, b"x" * 300),
+    codec.encode_data(1, b"last", end_stream=True),
+    codec.encode_open(5, HEAD, end_stream=True).SerializeToString(),
+    codec.encode_reply(1, ReplyHead(204), end_stream=True).SerializeToString(),
     codec.encode_end(1, _HEADERS).SerializeToString(),
     codec.encode_reset(3, Reason.CLIENT_GONE, "bye").SerializeToString(),
     codec.encode_window(1, 100).SerializeToString(),
@@ -381,6 +410,9 @@ class HandReadingTests(SynchronousTestCase):
             b"\x08\x01\x3a\x04\x0a\x02\x12\x00\x3a\x00",  # end twice merges
             b"\x08\x01\x3a\x06\x0a\x04\x12\x00\x0a\x00",  # header fields repeated
             b"\x08\x01\x4a\x0b\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01",  # 64-bit
+            b"\x08\x01\x32\x05\x0a\x01a\x10\x00",  # end_stream false, written out
+            b"\x08\x01\x32\x05\x10\x01\x0a\x01a",  # end_stream before the data
+            b"\x08\x01\x32\x05\x0a\x01a\x10\x02",  # end_stream as 2
         ]:
             self.assertEqual(
                 _outcome(codec.read, payload), _outcome(codec.read_generated, payload), payload

@@ -32,8 +32,9 @@ class Recorder:
         assert self.head is not None and self.end is None
         self.body += data
 
-    def response_end(self, trailers: list[Header], reusable: bool) -> None:
+    def response_end(self, data: bytes, trailers: list[Header], reusable: bool) -> None:
         assert self.end is None
+        self.body += data
         self.end = (trailers, reusable)
 
     def outcome(self) -> tuple[object, ...]:

@@ -64,10 +64,11 @@ class ResponseSink(typing.Protocol):
     def response_data(self, data: bytes) -> None:
         """Some body bytes, de-framed."""
 
-    def response_end(self, trailers: list[Header], reusable: bool) -> None:
+    def response_end(self, data: bytes, trailers: list[Header], reusable: bool) -> None:
         """
-        The response is complete; C{reusable} says whether the connection may
-        carry another request (keep-alive, nothing more was sent).
+        The response is complete: C{data} is its last body bytes, if they
+        came with the end; C{reusable} says whether the connection may carry
+        another request (keep-alive, nothing more was sent).
         """
 
 
@@ -138,6 +139,9 @@ class ResponseParser:
                 self._remaining = remaining - len(data)
                 self._sink.response_data(data)
                 return
+            if len(data) == remaining:
+                self._finish([], data)
+                return
         if state == _UNTIL_CLOSE:
             if data:
                 self._sink.response_data(data)
@@ -155,7 +159,7 @@ class ResponseParser:
         state = self._state
         if state == _UNTIL_CLOSE:
             self._state = _IDLE
-            self._sink.response_end([], False)
+            self._sink.response_end(b"", [], False)
         elif state == _HEAD:
             if self._buffer:
                 raise ResponseError("connection closed in the middle of the response head")
@@ -182,9 +186,7 @@ class ResponseParser:
                     self._sink.response_data(buffer)
                     return
                 self._buffer = buffer[remaining:]
-                if remaining:
-                    self._sink.response_data(buffer[:remaining])
-                self._finish([])
+                self._finish([], buffer[:remaining])
                 return
             elif state == _CHUNK_HEAD:
                 match = _CHUNK_SIZE.match(buffer)
@@ -316,11 +318,11 @@ class ResponseParser:
                 self._sink.response_data(data)
         return True
 
-    def _finish(self, trailers: list[Header]) -> None:
+    def _finish(self, trailers: list[Header], data: bytes = b"") -> None:
         self._state = _IDLE
         reusable = self._keep_alive and not self._buffer
         self._buffer = b""
-        self._sink.response_end(trailers, reusable)
+        self._sink.response_end(data, trailers, reusable)
 
     def abandon(self) -> None:
         """Stop parsing: the connection will not be used again."""

@@ -500,7 +500,7 @@ class _Exchange:
         if not self._done:
             self._stream.write(data)
 
-    def response_end(self, trailers: list[Header], reusable: bool) -> None:
+    def response_end(self, data: bytes, trailers: list[Header], reusable: bool) -> None:
         """L{ResponseSink}: the response is complete: end the stream, keep or close the connection."""
         conn = self._conn
         if self._done or conn is None:
@@ -529,7 +529,16 @@ class _Exchange:
             # rest drain from the edge (we drop it) rather than stall it.
             self._hold = self._full = False
             self._update_pause()
-        self._stream.end(trailers)
+        if not data:
+            self._stream.end(trailers)
+            return
+        # A frame stream sends the last bytes and the end as one frame.
+        end_with_data = getattr(self._stream, "end_with_data", None)
+        if end_with_data is not None and not trailers:
+            end_with_data(data)
+        else:
+            self._stream.write(data)
+            self._stream.end(trailers)
 
     def upstream_lost(self, conn: _UpstreamConnection, reason: Failure) -> None:
         """C{conn} closed while serving this exchange."""

@@ -69,12 +69,18 @@ def data_frame_head(stream_id: int, size: int) -> bytes:
     return b"".join((head, b"\x32", _varint(len(inner) + size), inner))
 
 
-def encode_data(stream_id: int, data: bytes) -> bytes:
+def encode_data(stream_id: int, data: bytes, end_stream: bool = False) -> bytes:
     """
-    C{Frame(stream_id=stream_id, data=Data(data=data))}, serialised without
-    allocating protobuf objects (identical bytes to the generated encoder).
+    C{Frame(stream_id=stream_id, data=Data(data=data, end_stream=end_stream))},
+    serialised without allocating protobuf objects (identical bytes to the
+    generated encoder).
     """
-    return data_frame_head(stream_id, len(data)) + data
+    if not end_stream:
+        return data_frame_head(stream_id, len(data)) + data
+    size = len(data)
+    field = b"\x0a" + _varint(size) if size else b""
+    head = b"\x08" + _varint(stream_id) if stream_id else b""
+    return b"".join((head, b"\x32", _varint(len(field) + size + 2), field, data, b"\x10\x01"))
 
 
 def decode(payload: bytes) -> pb.Frame:
@@ -115,8 +121,8 @@ def _spec_from_pb(spec: pb.TunnelSpec) -> TunnelSpec:
     )
 
 
-def encode_open(stream_id: int, head: StreamHead) -> pb.Frame:
-    """The frame that opens a stream."""
+def encode_open(stream_id: int, head: StreamHead, end_stream: bool = False) -> pb.Frame:
+    """The frame that opens a stream (with C{end_stream}: a request without a body)."""
     return pb.Frame(
         stream_id=stream_id,
         open=pb.Open(
@@ -127,6 +133,7 @@ def encode_open(stream_id: int, head: StreamHead) -> pb.Frame:
             headers=_headers_to_pb(head.headers),
             peer=head.peer,
             scheme=head.scheme,
+            end_stream=end_stream,
         ),
     )
 
@@ -147,12 +154,15 @@ def head_from(frame: pb.Frame) -> StreamHead:
     )
 
 
-def encode_reply(stream_id: int, reply: ReplyHead) -> pb.Frame:
-    """The frame carrying a response head."""
+def encode_reply(stream_id: int, reply: ReplyHead, end_stream: bool = False) -> pb.Frame:
+    """The frame carrying a response head (with C{end_stream}: a response without a body)."""
     return pb.Frame(
         stream_id=stream_id,
         reply=pb.Reply(
-            status=reply.status, reason=reply.reason, headers=_headers_to_pb(reply.headers)
+            status=reply.status,
+            reason=reply.reason,
+            headers=_headers_to_pb(reply.headers),
+            end_stream=end_stream,
         ),
     )
 
@@ -325,7 +335,7 @@ def _frame(stream_id: int, tag: bytes, body: bytes) -> bytes:
     return b"".join((tag, _SMALL[size] if size < 0x80 else _varint(size), body))
 
 
-def open_bytes(stream_id: int, head: StreamHead) -> bytes:
+def open_bytes(stream_id: int, head: StreamHead, end_stream: bool = False) -> bytes:
     """L{encode_open}, serialised by hand (identical bytes)."""
     body = b"".join(
         (
@@ -336,12 +346,13 @@ def open_bytes(stream_id: int, head: StreamHead) -> bytes:
             *_header_fields(b"\x2a", head.headers),
             _text_field(b"\x32", head.peer),
             _text_field(b"\x3a", head.scheme),
+            b"\x40\x01" if end_stream else b"",
         )
     )
     return _frame(stream_id, b"\x22", body)
 
 
-def reply_bytes(stream_id: int, reply: ReplyHead) -> bytes:
+def reply_bytes(stream_id: int, reply: ReplyHead, end_stream: bool = False) -> bytes:
     """L{encode_reply}, serialised by hand (identical bytes)."""
     status = reply.status
     reason = reply.reason
@@ -350,6 +361,7 @@ def reply_bytes(stream_id: int, reply: ReplyHead) -> bytes:
             b"\x08" + _varint(status) if status else b"",
             b"\x12" + _varint(len(reason)) + reason if reason else b"",
             *_header_fields(b"\x1a", reply.headers),
+            b"\x20\x01" if end_stream else b"",
         )
     )
     return _frame(stream_id, b"\x2a", body)
@@ -459,7 +471,7 @@ def _end_at(buf: bytes, pos: int, end: int) -> tuple[tuple[bytes, bytes], ...]:
     return tuple(trailers)
 
 
-def _read_regular(payload: bytes) -> tuple[int, int, Any] | None:
+def _read_regular(payload: bytes) -> tuple[int, int, Any, bool] | None:
     end = len(payload)
     stream_id = 0
     pos = 0
@@ -473,13 +485,17 @@ def _read_regular(payload: bytes) -> tuple[int, int, Any] | None:
         raise _Irregular
     if tag == 0x32:  # data
         if start == end:
-            return stream_id, DATA, b""
+            return stream_id, DATA, b"", False
         if payload[start] != 0x0A:
+            if payload[start:] == b"\x10\x01":
+                return stream_id, DATA, b"", True
             raise _Irregular
         stop, first = _length_at(payload, start + 1, end)
-        if stop != end:
-            raise _Irregular
-        return stream_id, DATA, payload[first:]
+        if stop == end:
+            return stream_id, DATA, payload[first:], False
+        if payload[stop:] == b"\x10\x01":
+            return stream_id, DATA, payload[first:stop], True
+        raise _Irregular
     if tag == 0x4A:  # window
         increment = 0
         if start != end:
@@ -488,26 +504,26 @@ def _read_regular(payload: bytes) -> tuple[int, int, Any] | None:
             increment, stop = _varint_at(payload, start + 1)
             if stop != end:
                 raise _Irregular
-        return stream_id, WINDOW, increment
+        return stream_id, WINDOW, increment, False
     if tag == 0x3A:
-        return stream_id, END, _end_at(payload, start, end)
+        return stream_id, END, _end_at(payload, start, end), False
     # Open and Reply parse as fast with the generated parser as by hand.
     return None
 
 
-def read_generated(payload: bytes) -> tuple[int, int, Any]:
+def read_generated(payload: bytes) -> tuple[int, int, Any, bool]:
     """L{read} done entirely by the generated parser (the reference for L{read})."""
     frame = decode(payload)
     kind = _KIND_NUMBERS[frame.WhichOneof("body")]  # type: ignore[index]
     body: Any
     if kind == DATA:
-        body = frame.data.data
-    elif kind == WINDOW:
+        return frame.stream_id, kind, frame.data.data, frame.data.end_stream
+    if kind == OPEN:
+        return frame.stream_id, kind, head_from(frame), frame.open.end_stream
+    if kind == REPLY:
+        return frame.stream_id, kind, reply_from(frame), frame.reply.end_stream
+    if kind == WINDOW:
         body = frame.window.increment
-    elif kind == OPEN:
-        body = head_from(frame)
-    elif kind == REPLY:
-        body = reply_from(frame)
     elif kind == END:
         body = trailers_from(frame)
     elif kind == RESET:
@@ -518,17 +534,18 @@ def read_generated(payload: bytes) -> tuple[int, int, Any]:
         body = frame.pong.opaque
     else:
         body = control_from(frame)
-    return frame.stream_id, kind, body
+    return frame.stream_id, kind, body, False
 
 
-def read(payload: bytes) -> tuple[int, int, Any]:
+def read(payload: bytes) -> tuple[int, int, Any, bool]:
     """
-    Parse one frame into C{(stream_id, kind, body)}: C{kind} is the number of
+    Parse one frame into C{(stream_id, kind, body, end_stream)}: C{kind} is the number of
     its body field (L{DATA}, L{OPEN}, ...) and C{body} what it carries: the
     bytes of a Data frame, the increment of a Window, the L{StreamHead} of an
     Open, the L{ReplyHead} of a Reply, the trailers of an End, C{(reason,
     message)} of a Reset, the opaque value of a Ping or Pong, else the
-    L{ControlMessage}.  A malformed frame raises L{FrameError} saying why.
+    L{ControlMessage}; C{end_stream} is the flag of an Open, Reply or Data
+    frame (version 2).  A malformed frame raises L{FrameError} saying why.
     """
     if type(payload) is not bytes:
         payload = bytes(payload)

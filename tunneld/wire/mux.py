@@ -39,6 +39,8 @@ from tunneld.wire.messages import (
 _FRAME_OVERHEAD = 32
 # No peer may set its frame limit below this; data frames never exceed it.
 _MIN_FRAME_LIMIT = 128 * 1024
+# The protocol version from which frames may carry end_stream.
+_END_STREAM_VERSION = 2
 
 
 class FrameWire(Protocol):
@@ -166,6 +168,30 @@ class FrameStream:
             self.end(trailers)
 
     _pending_end: Headers | None = None
+
+    def end_with_data(self, data: bytes) -> None:
+        """
+        C{write(data)} then C{end()}, as one Data frame with C{end_stream}
+        when the link's version allows it and the bytes fit the credit.
+        """
+        link = self.link
+        size = len(data)
+        if (
+            not link.end_stream
+            or self.closed
+            or self.local_ended
+            or self._pending
+            or not 0 < size <= self.send_credit
+            or size > link.max_data
+        ):
+            self.write(data)
+            self.end()
+            return
+        self.send_credit -= size
+        self.local_ended = True
+        link.send(codec.encode_data(self.stream_id, data, end_stream=True))
+        if self.remote_ended:
+            self._close()
 
     def end(self, trailers: Headers = ()) -> None:
         """IStream.end"""
@@ -351,6 +377,8 @@ class FrameLink:
         self.handler: ILinkHandler | None = None
         self.sending_paused = False
         self.closed = False
+        # Whether the version agreed in Hello/Welcome lets frames carry end_stream.
+        self.end_stream = False
         self._next_id = 1
         self._last_remote_id = 0
         self.heartbeat = Heartbeat(
@@ -369,6 +397,8 @@ class FrameLink:
     def send_control(self, message: ControlMessage) -> None:
         """IAgentLink.send_control"""
         if not self.closed:
+            if isinstance(message, Welcome):
+                self.end_stream = message.version >= _END_STREAM_VERSION
             self.send(codec.encode_control(message).SerializeToString())
 
     def open_stream(self, head: StreamHead, receiver: IStreamReceiver) -> IStream:
@@ -467,11 +497,13 @@ class FrameLink:
         )
         self.close(Reason.PROTOCOL_ERROR, message)
 
-    def _dispatch(self, stream_id: int, kind: int, body: Any) -> None:
+    def _dispatch(self, stream_id: int, kind: int, body: Any, end_stream: bool) -> None:
         if kind == codec.DATA:
             stream = self.streams.get(stream_id)
             if stream is not None:
                 stream.data_arrived(body)
+                if end_stream and not stream.closed:
+                    stream.end_arrived(())
             elif not self._was_opened(stream_id):
                 raise FrameError(f"data for stream {stream_id}, which was never opened")
         elif kind == codec.END:
@@ -485,11 +517,16 @@ class FrameLink:
             if stream is not None:
                 stream.credit_arrived(body)
         elif kind == codec.OPEN:
-            self._open_arrived(stream_id, body)
+            self._open_arrived(stream_id, body, end_stream)
         elif kind == codec.REPLY:
             stream = self._stream_for(stream_id, "reply")
             if stream is not None:
-                stream._deliver("reply_received", body)
+                if stream.receiver is not None:
+                    stream.receiver.reply_received(body)
+                else:
+                    stream._deliver("reply_received", body)
+                if end_stream and not stream.closed:
+                    stream.end_arrived(())
         elif kind == codec.RESET:
             stream = self.streams.get(stream_id)
             if stream is not None:
@@ -505,6 +542,8 @@ class FrameLink:
             if isinstance(message, (Hello, Welcome)) and message.initial_window:
                 # Each side announces the credit it grants per stream.
                 self.peer_window = message.initial_window
+            if isinstance(message, Welcome):
+                self.end_stream = message.version >= _END_STREAM_VERSION
             if self.handler is not None:
                 self.handler.control_received(message)
 
@@ -520,7 +559,7 @@ class FrameLink:
             raise FrameError(f"{kind} for stream {stream_id}, which was never opened")
         return stream
 
-    def _open_arrived(self, stream_id: int, head: StreamHead) -> None:
+    def _open_arrived(self, stream_id: int, head: StreamHead, end_stream: bool) -> None:
         if self.is_edge:
             raise FrameError("an agent may not open streams")
         if stream_id % 2 != 1 or stream_id <= self._last_remote_id:
@@ -535,6 +574,8 @@ class FrameLink:
             stream.reset(Reason.AGENT_UNAVAILABLE, "agent is not ready")
             return
         self.handler.stream_opened(stream)
+        if end_stream and not stream.closed:
+            stream.end_arrived(())
 
     def wire_lost(self, reason: Reason, message: str) -> None:
         """
