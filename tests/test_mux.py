@@ -694,3 +694,23 @@ class EndStreamTests(SynchronousTestCase):
         pair.edge.open_stream(HEAD, other)
         pair.edge.frame_received(codec.encode_data(3, b"abc", end_stream=True))
         self.assertEqual(other.events, [("data", b"abc"), ("end", ())])
+
+    def test_open_ended(self) -> None:
+        """open_stream(end_stream=True) sends one Open frame on a version 2 link, Open and End on version 1."""
+        for version, kinds in [(2, [("open", True)]), (1, [("open", False), ("end", False)])]:
+            pair = self.welcomed_pair(version)
+            before = len(pair.edge_wire.frames())
+            receiver = Receiver()
+            stream = pair.edge.open_stream(HEAD, receiver, end_stream=True)
+            frames = pair.edge_wire.frames()[before:]
+            self.assertEqual(
+                [(f.WhichOneof("body"), f.open.end_stream) for f in frames], kinds, version
+            )
+            pair.pump()
+            self.assertEqual(pair.agent_handler.receivers[-1].events, [("end", ())])
+            remote = pair.agent_handler.streams[-1]
+            remote.send_reply(ReplyHead(200))
+            remote.end_with_data(b"ok")  # type: ignore[attr-defined]
+            pair.pump()
+            self.assertEqual(receiver.events[-1], ("end", ()))
+            self.assertTrue(stream.closed)  # type: ignore[attr-defined]

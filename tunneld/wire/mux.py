@@ -401,8 +401,14 @@ class FrameLink:
                 self.end_stream = message.version >= _END_STREAM_VERSION
             self.send(codec.encode_control(message).SerializeToString())
 
-    def open_stream(self, head: StreamHead, receiver: IStreamReceiver) -> IStream:
-        """IAgentLink.open_stream"""
+    def open_stream(
+        self, head: StreamHead, receiver: IStreamReceiver, end_stream: bool = False
+    ) -> IStream:
+        """
+        IAgentLink.open_stream; with C{end_stream} (a request without a body)
+        the stream starts ended in this direction, as after C{end()}, and on a
+        version 2 link the Open frame says so itself.
+        """
         stream_id = self._next_id
         self._next_id += 2
         stream = FrameStream(self, stream_id, head, self.peer_window)
@@ -412,7 +418,13 @@ class FrameLink:
             self.reactor.callLater(0, receiver.reset_received, Reason.AGENT_GONE, "agent link closed")
             return stream
         self.streams[stream_id] = stream
+        if end_stream and self.end_stream:
+            stream.local_ended = True
+            self.send(codec.open_bytes(stream_id, head, end_stream=True))
+            return stream
         self.send(codec.open_bytes(stream_id, head))
+        if end_stream:
+            stream.end()
         return stream
 
     def round_trip_time(self) -> float | None:
