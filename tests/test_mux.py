@@ -714,3 +714,17 @@ class EndStreamTests(SynchronousTestCase):
             pair.pump()
             self.assertEqual(receiver.events[-1], ("end", ()))
             self.assertTrue(stream.closed)  # type: ignore[attr-defined]
+
+    def test_end_with_reply(self) -> None:
+        """A response without a body is one Reply frame on a version 2 link, Reply and End on version 1."""
+        for version, kinds in [(2, [("reply", True)]), (1, [("reply", False), ("end", False)])]:
+            pair = self.welcomed_pair(version)
+            _, receiver, remote, _ = pair.open()
+            before = len(pair.agent_wire.frames())
+            remote.end_with_reply(ReplyHead(204))
+            frames = pair.agent_wire.frames()[before:]
+            self.assertEqual(
+                [(f.WhichOneof("body"), f.reply.end_stream) for f in frames], kinds, version
+            )
+            pair.pump()
+            self.assertEqual(receiver.events[-2:], [("reply", ReplyHead(204)), ("end", ())])

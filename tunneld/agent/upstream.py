@@ -204,6 +204,7 @@ class _Exchange:
         "_progress_mark",
         "_response_started",
         "_replied",
+        "_held_reply",
         "_done",
         "_hold",
         "_full",
@@ -240,6 +241,8 @@ class _Exchange:
         self._progress_mark = 0
         self._response_started = False
         self._replied = False
+        # A response head not sent yet: its end may come with it.
+        self._held_reply: ReplyHead | None = None
         self._done = False
         # The stream is paused while either holds; _paused is what we told it.
         self._hold = False
@@ -483,7 +486,15 @@ class _Exchange:
         try:
             conn.parser.feed(data)
         except ResponseError as error:
+            self._send_held_reply()
             self._malformed(error)
+            return
+        self._send_held_reply()
+
+    def _send_held_reply(self) -> None:
+        reply, self._held_reply = self._held_reply, None
+        if reply is not None and not self._done:
+            self._stream.send_reply(reply)
 
     # -- ResponseSink: what the parser makes of them
 
@@ -493,11 +504,14 @@ class _Exchange:
             return
         self._cancel_timer()
         self._replied = True
-        self._stream.send_reply(ReplyHead(status, reason, _end_to_end(headers)))
+        # Held until this read is parsed: a response without a body ends with it.
+        self._held_reply = ReplyHead(status, reason, _end_to_end(headers))
 
     def response_data(self, data: bytes) -> None:
         """L{ResponseSink}: response body bytes."""
         if not self._done:
+            if self._held_reply is not None:
+                self._send_held_reply()
             self._stream.write(data)
 
     def response_end(self, data: bytes, trailers: list[Header], reusable: bool) -> None:
@@ -529,6 +543,14 @@ class _Exchange:
             # rest drain from the edge (we drop it) rather than stall it.
             self._hold = self._full = False
             self._update_pause()
+        reply, self._held_reply = self._held_reply, None
+        if reply is not None:
+            # A frame stream sends a bodiless response as one frame.
+            end_with_reply = getattr(self._stream, "end_with_reply", None)
+            if end_with_reply is not None and not data and not trailers:
+                end_with_reply(reply)
+                return
+            self._stream.send_reply(reply)
         if not data:
             self._stream.end(trailers)
             return

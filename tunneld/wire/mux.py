@@ -169,6 +169,22 @@ class FrameStream:
 
     _pending_end: Headers | None = None
 
+    def end_with_reply(self, reply: ReplyHead) -> None:
+        """
+        C{send_reply(reply)} then C{end()}, as one Reply frame with
+        C{end_stream} when the link's version allows it.
+        """
+        if self.closed:
+            return
+        if not self.link.end_stream or self.local_ended or self._pending:
+            self.send_reply(reply)
+            self.end()
+            return
+        self.local_ended = True
+        self.link.send(codec.reply_bytes(self.stream_id, reply, end_stream=True))
+        if self.remote_ended:
+            self._close()
+
     def end_with_data(self, data: bytes) -> None:
         """
         C{write(data)} then C{end()}, as one Data frame with C{end_stream}
