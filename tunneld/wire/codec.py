@@ -4,14 +4,15 @@ The protobuf form of the tunnel protocol (C{proto/tunnel.proto}).
 
 Frame transports send one encoded C{Frame} per message; the gRPC transport
 sends the same C{Frame} messages inside gRPC framing.  Every request crosses
-the link as an Open, a Reply, Data and two End frames, so those (and Window)
-are written by hand in the protobuf wire format (L{encode_data},
-L{open_bytes}, L{reply_bytes}, L{end_bytes}, L{window_bytes}: the same bytes
-as the generated encoder).  L{read} reads Data, Window and End frames by hand
-when they are laid out the way every encoder lays them out; anything else
-(Open and Reply parse as fast with it) goes to the generated C{tunnel_pb2},
-so odd but valid input means the same and bad input fails the same way.  The C{encode_*} functions build C{Frame} messages for callers that
-want message objects.
+the link as Open, Reply and Data frames, and End frames or C{end_stream}
+flags (version 2), so those and Window frames are written by hand in the
+protobuf wire format (L{encode_data}, L{open_bytes}, L{reply_bytes},
+L{end_bytes}, L{window_bytes}: the same bytes as the generated encoder).
+L{read} reads Data, Window and End frames by hand when they are laid out the
+way every encoder lays them out; anything else (Open and Reply parse as fast
+with it) goes to the generated C{tunnel_pb2}, so odd but valid input means
+the same and bad input fails the same way.  The C{encode_*} functions build
+C{Frame} messages for callers that want message objects (the gRPC transport).
 """
 
 from __future__ import annotations

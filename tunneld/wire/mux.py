@@ -8,6 +8,11 @@ frames and reports its own congestion; stream ids, per-stream credit windows,
 heartbeats and resets live here once.  Credit works like HTTP/2 flow control:
 a receiver grants more only as its consumer takes the data, so a stalled
 stream holds at most one window of memory and never stalls the others.
+On links whose Welcome agreed on version 2, a direction's last Open, Reply
+or Data frame can carry C{end_stream} instead of a separate End frame
+(L{FrameStream.end_with_data}, L{FrameStream.end_with_reply},
+C{open_stream(..., end_stream=True)}); frames carrying it are understood
+whatever the version.
 """
 
 from __future__ import annotations
