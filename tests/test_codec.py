@@ -139,6 +139,16 @@ class HandEncodingTests(SynchronousTestCase):
             self.assertEqual(encoded, generated.SerializeToString())
             self.assertEqual(codec.read(encoded), expected)
 
+    def test_header_cache(self) -> None:
+        """Repeated, unhashable and many distinct headers all encode as the generated encoder does."""
+        headers = [(b"server", b"s"), [b"list", b"pair"], (b"server", b"s")]
+        headers += [(b"x-n", b"%d" % i) for i in range(codec._CACHED + 10)]
+        for _ in range(2):
+            self.assertEqual(
+                codec.end_bytes(1, headers),  # type: ignore[arg-type]
+                codec.encode_end(1, headers).SerializeToString(),  # type: ignore[arg-type]
+            )
+
     def test_boundaries(self) -> None:
         """Header names, values and whole heads around the one-byte length limit encode identically."""
         for size in (0, 1, 59, 60, 61, 62, 63, 64, 123, 124, 125, 126, 127, 128, 129, 300):

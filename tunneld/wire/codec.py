@@ -299,16 +299,41 @@ KIND_NAMES = {
 _KIND_NUMBERS = {name: number for number, name in KIND_NAMES.items()}
 
 
+# Encoded short header fields by tag, so the headers every response repeats
+# (Server, Content-Type, ...) are encoded once; at most _CACHED of ~130 bytes.
+_FIELD_CACHES: dict[bytes, dict[tuple[bytes, bytes], bytes]] = {
+    b"\x0a": {}, b"\x1a": {}, b"\x2a": {}
+}
+_CACHED = 512
+
+
 def _header_fields(tag: bytes, headers: Headers) -> list[bytes]:
     """Each header as a length-delimited C{Header} message under C{tag}."""
     small = _SMALL
+    cache = _FIELD_CACHES[tag]
     out = []
-    for name, value in headers:
+    for header in headers:
+        try:
+            field = cache.get(header)
+        except TypeError:  # unhashable (a list, bytearrays): not cached
+            field = None
+            hashable = False
+        else:
+            if field is not None:
+                out.append(field)
+                continue
+            hashable = True
+        name, value = header
         n = len(name)
         v = len(value)
         if n and v and n + v < 0x7C:
-            out.append(b"".join((tag, small[n + v + 4], b"\x0a", small[n], name, b"\x12",
-                                 small[v], value)))
+            field = b"".join((tag, small[n + v + 4], b"\x0a", small[n], name, b"\x12", small[v],
+                              value))
+            if hashable:
+                if len(cache) >= _CACHED:
+                    cache.clear()
+                cache[header] = field
+            out.append(field)
             continue
         inner = b"".join(
             (
