@@ -108,6 +108,18 @@ class EndToEndMixin:
         self.assertEqual((code, body), (200, b"hello from upstream"))
         self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/plain"])
 
+    async def test_bodyless_responses(self) -> None:
+        """HEAD answers and empty bodies end with their head (one frame on version 2 links), then the next request works."""
+        harness, upstream = await self.tunnel()
+        code, headers, body = await harness.request("app.test", "/hello", b"HEAD")
+        self.assertEqual((code, body), (200, b""))
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/plain"])
+        code, _, body = await harness.request("app.test", "/bytes/0")
+        self.assertEqual((code, body), (200, b""))
+        code, _, body = await harness.request("app.test", "/hello")
+        self.assertEqual((code, body), (200, b"hello from upstream"))
+        self.assertEqual(upstream.requests, 3)
+
     async def test_wildcard_hostname(self) -> None:
         """A *.domain tunnel serves every name under the domain, with the name passed on."""
         harness = TunnelHarness(self, self.transport, self.edge_table())

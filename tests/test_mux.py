@@ -631,3 +631,100 @@ class LinkLifetimeTests(SynchronousTestCase):
         self.assertEqual([r for r, _ in self.pair.edge_handler.lost], [Reason.AGENT_GONE])
         self.assertEqual([r[1] for r in receiver.resets()], [Reason.AGENT_GONE])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class EndStreamTests(SynchronousTestCase):
+    """Version 2 links end a direction with the end_stream flag of its last frame."""
+
+    def welcomed_pair(self, version: int) -> Pair:
+        pair = Pair(Clock())
+        pair.agent.send_control(Hello("a", (), version=version))
+        pair.pump()
+        pair.edge.send_control(Welcome("s", version=min(version, 2)))
+        pair.pump()
+        return pair
+
+    def test_end_with_data_one_frame(self) -> None:
+        """On a version 2 link the last bytes and the end travel as one Data frame."""
+        pair = self.welcomed_pair(2)
+        stream, receiver, remote, _ = pair.open()
+        before = len(pair.agent_wire.frames())
+        remote.end_with_data(b"body")
+        frames = pair.agent_wire.frames()[before:]
+        self.assertEqual(
+            [(f.WhichOneof("body"), f.data.end_stream) for f in frames], [("data", True)]
+        )
+        pair.pump()
+        self.assertEqual(receiver.events[-2:], [("data", b"body"), ("end", ())])
+        stream.end()
+        pair.pump()
+        self.assertEqual((stream.closed, remote.closed), (True, True))
+
+    def test_end_with_data_version_1(self) -> None:
+        """On a version 1 link (an older peer) the same call sends Data, then End."""
+        pair = self.welcomed_pair(1)
+        _, receiver, remote, _ = pair.open()
+        before = len(pair.agent_wire.frames())
+        remote.end_with_data(b"body")
+        frames = pair.agent_wire.frames()[before:]
+        self.assertEqual([f.WhichOneof("body") for f in frames], ["data", "end"])
+        pair.pump()
+        self.assertEqual(receiver.events[-2:], [("data", b"body"), ("end", ())])
+
+    def test_end_with_data_beyond_credit(self) -> None:
+        """Bytes beyond the credit wait for it, and the end follows them as its own frame."""
+        pair = self.welcomed_pair(2)
+        _, receiver, remote, _ = pair.open()
+        remote.end_with_data(b"x" * (WINDOW + 10))
+        pair.pump()
+        self.assertEqual(bytes(receiver.data), b"x" * (WINDOW + 10))
+        self.assertEqual(receiver.events[-1], ("end", ()))
+
+    def test_flags_received(self) -> None:
+        """Open, Reply and Data frames carrying end_stream end that direction on arrival."""
+        pair = Pair(Clock())
+        pair.agent.frame_received(codec.open_bytes(1, HEAD, end_stream=True))
+        agent_receiver = pair.agent_handler.receivers[-1]
+        self.assertEqual(agent_receiver.events, [("end", ())])
+        receiver = Receiver()
+        pair.edge.open_stream(HEAD, receiver)
+        pair.edge.frame_received(codec.reply_bytes(1, ReplyHead(204), end_stream=True))
+        self.assertEqual(receiver.events, [("reply", ReplyHead(204)), ("end", ())])
+        other = Receiver()
+        pair.edge.open_stream(HEAD, other)
+        pair.edge.frame_received(codec.encode_data(3, b"abc", end_stream=True))
+        self.assertEqual(other.events, [("data", b"abc"), ("end", ())])
+
+    def test_open_ended(self) -> None:
+        """open_stream(end_stream=True) sends one Open frame on a version 2 link, Open and End on version 1."""
+        for version, kinds in [(2, [("open", True)]), (1, [("open", False), ("end", False)])]:
+            pair = self.welcomed_pair(version)
+            before = len(pair.edge_wire.frames())
+            receiver = Receiver()
+            stream = pair.edge.open_stream(HEAD, receiver, end_stream=True)
+            frames = pair.edge_wire.frames()[before:]
+            self.assertEqual(
+                [(f.WhichOneof("body"), f.open.end_stream) for f in frames], kinds, version
+            )
+            pair.pump()
+            self.assertEqual(pair.agent_handler.receivers[-1].events, [("end", ())])
+            remote = pair.agent_handler.streams[-1]
+            remote.send_reply(ReplyHead(200))
+            remote.end_with_data(b"ok")  # type: ignore[attr-defined]
+            pair.pump()
+            self.assertEqual(receiver.events[-1], ("end", ()))
+            self.assertTrue(stream.closed)  # type: ignore[attr-defined]
+
+    def test_end_with_reply(self) -> None:
+        """A response without a body is one Reply frame on a version 2 link, Reply and End on version 1."""
+        for version, kinds in [(2, [("reply", True)]), (1, [("reply", False), ("end", False)])]:
+            pair = self.welcomed_pair(version)
+            _, receiver, remote, _ = pair.open()
+            before = len(pair.agent_wire.frames())
+            remote.end_with_reply(ReplyHead(204))
+            frames = pair.agent_wire.frames()[before:]
+            self.assertEqual(
+                [(f.WhichOneof("body"), f.reply.end_stream) for f in frames], kinds, version
+            )
+            pair.pump()
+            self.assertEqual(receiver.events[-2:], [("reply", ReplyHead(204)), ("end", ())])

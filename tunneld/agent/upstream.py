@@ -3,8 +3,8 @@
 The agent's last hop: forward HTTP streams to the local upstream service.
 
 L{UpstreamPool.forward} takes one L{IStream} of kind C{"http"} that the edge
-opened (kind C{"upgrade"} goes to L{tunneld.agent.upgrade}), sends its request to the upstream over HTTP/1.1 (framed with C{h11})
-and streams the response back on the stream.  Bodies are never buffered
+opened (kind C{"upgrade"} goes to L{tunneld.agent.upgrade}), sends its request to the upstream over HTTP/1.1 (framed by
+L{tunneld.agent.http1_wire}) and streams the response back on the stream.  Bodies are never buffered
 whole: the upstream TCP transport and the stream are registered as each
 other's push producers, so a stream out of credit stops reading from the
 upstream and a full upstream socket stops the request body.  Keep-alive
@@ -21,7 +21,6 @@ import typing
 from collections.abc import Callable
 from typing import Any, cast
 
-import h11
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IAddress, IPushProducer, IStreamClientEndpoint
@@ -31,6 +30,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunneld.agent.dialing import connect_error, connect_timed_out
+from tunneld.agent.http1_wire import (
+    Header,
+    RequestError,
+    RequestWriter,
+    ResponseError,
+    ResponseParser,
+)
 from tunneld.agent.upgrade import relay_upgrade
 from tunneld.interfaces import IStream, IStreamReceiver
 from tunneld.reasons import Reason
@@ -71,17 +77,25 @@ class _Transport(typing.Protocol):
     def resumeProducing(self) -> None: ...
 
 
-def _end_to_end(response: h11.Response) -> list[tuple[bytes, bytes]]:
+def _end_to_end(headers: list[Header]) -> list[Header]:
     """
     The response headers a proxy passes on: all but the hop-by-hop ones and
     those the C{Connection} header names.  Original name case is kept.
     """
-    headers = response.headers
-    drop = _HOP_BY_HOP
+    kept = []
+    named: set[bytes] | None = None
+    hop_by_hop = _HOP_BY_HOP
     for name, value in headers:
-        if name == b"connection":
-            drop = drop | {token.strip().lower() for token in value.split(b",")}
-    return [(name, value) for name, value in headers.raw_items() if name.lower() not in drop]
+        lower = name.lower()
+        if lower in hop_by_hop:
+            if lower == b"connection":
+                tokens = {token.strip(b" \t").lower() for token in value.split(b",")}
+                named = tokens if named is None else named | tokens
+            continue
+        kept.append((name, value))
+    if named:
+        kept = [(name, value) for name, value in kept if name.lower() not in named]
+    return kept
 
 
 class _UpstreamConnection(Protocol):
@@ -89,7 +103,7 @@ class _UpstreamConnection(Protocol):
     One HTTP/1.1 connection to the upstream, carrying one exchange at a time.
 
     It only moves bytes and lifecycle events; the L{_Exchange} it serves
-    drives its C{h11} state.
+    drives its request writer and response parser.
     """
 
     log = Logger()
@@ -99,7 +113,8 @@ class _UpstreamConnection(Protocol):
 
     def __init__(self, pool: UpstreamPool) -> None:
         self._pool = pool
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.writer = RequestWriter()
+        self.parser = ResponseParser()
         self.exchange: _Exchange | None = None
         self.lost = False
         self._lost_waiters: list[Deferred[None]] = []
@@ -189,6 +204,7 @@ class _Exchange:
         "_progress_mark",
         "_response_started",
         "_replied",
+        "_held_reply",
         "_done",
         "_hold",
         "_full",
@@ -225,6 +241,8 @@ class _Exchange:
         self._progress_mark = 0
         self._response_started = False
         self._replied = False
+        # A response head not sent yet: its end may come with it.
+        self._held_reply: ReplyHead | None = None
         self._done = False
         # The stream is paused while either holds; _paused is what we told it.
         self._hold = False
@@ -337,7 +355,7 @@ class _Exchange:
                 # Without a body the request is complete now, whenever the
                 # edge gets round to saying so.
                 self._send_end(conn)
-        except h11.LocalProtocolError as error:
+        except RequestError as error:
             self._bad_request(error)
             return
         if self._done:
@@ -367,28 +385,20 @@ class _Exchange:
         else:
             empty = True
         headers = self._headers if extra is None else [*self._headers, extra]
-        request = h11.Request(method=self._method, target=self._target, headers=headers)
-        pieces = conn.h11.send_with_data_passthrough(request)
-        if pieces:
-            conn.sock.writeSequence(pieces)
+        head = conn.writer.head(self._method, self._target, headers)
+        conn.parser.expect(self, self._method == b"HEAD")
+        conn.sock.write(head)
         return empty
 
     def _send_data(self, conn: _UpstreamConnection, data: bytes) -> None:
-        pieces = conn.h11.send_with_data_passthrough(h11.Data(data=data))
-        if pieces:
-            conn.sock.writeSequence(pieces)
+        conn.sock.writeSequence(conn.writer.data(data))
         self._body_sent = True
         self._progress += 1
 
     def _send_end(self, conn: _UpstreamConnection) -> None:
-        trailers = self._end
-        if self._chunked and trailers:
-            end = h11.EndOfMessage(headers=list(trailers))
-        else:
-            end = h11.EndOfMessage()
-        pieces = conn.h11.send_with_data_passthrough(end)
-        if pieces:
-            conn.sock.writeSequence(pieces)
+        end = conn.writer.end(self._end if self._chunked and self._end else ())
+        if end:
+            conn.sock.write(end)
         self._request_done = True
         self._full = False
         if self._transport_has_producer:
@@ -413,7 +423,7 @@ class _Exchange:
             return
         try:
             self._send_data(conn, data)
-        except h11.LocalProtocolError as error:
+        except RequestError as error:
             self._bad_request(error)
 
     def end_received(self, trailers: Headers) -> None:
@@ -425,7 +435,7 @@ class _Exchange:
         if conn is not None and not self._request_done:
             try:
                 self._send_end(conn)
-            except h11.LocalProtocolError as error:
+            except RequestError as error:
                 self._bad_request(error)
 
     def reset_received(self, reason: Reason, message: str) -> None:
@@ -474,36 +484,41 @@ class _Exchange:
         """Bytes of the response arrived on C{conn}."""
         self._response_started = True
         try:
-            conn.h11.receive_data(data)
-            self._pump(conn)
-        except h11.RemoteProtocolError as error:
+            conn.parser.feed(data)
+        except ResponseError as error:
+            self._send_held_reply()
             self._malformed(error)
+            return
+        self._send_held_reply()
 
-    def _pump(self, conn: _UpstreamConnection) -> None:
-        """Pass on every response event h11 can parse from what it has."""
-        parser = conn.h11
-        stream = self._stream
-        while not self._done:
-            event = parser.next_event()
-            if isinstance(event, h11.Data):
-                stream.write(bytes(event.data))
-            elif isinstance(event, h11.Response):
-                self._reply(event)
-            elif isinstance(event, h11.EndOfMessage):
-                self._complete(conn, event)
-            elif not isinstance(event, h11.InformationalResponse):
-                return  # NEED_DATA, PAUSED or ConnectionClosed
-            # 100 Continue and other informational responses are not forwarded.
+    def _send_held_reply(self) -> None:
+        reply, self._held_reply = self._held_reply, None
+        if reply is not None and not self._done:
+            self._stream.send_reply(reply)
 
-    def _reply(self, response: h11.Response) -> None:
+    # -- ResponseSink: what the parser makes of them
+
+    def response_head(self, status: int, reason: bytes, headers: list[Header]) -> None:
+        """L{ResponseSink}: the response head, passed on without hop-by-hop headers."""
+        if self._done:
+            return
         self._cancel_timer()
         self._replied = True
-        self._stream.send_reply(
-            ReplyHead(response.status_code, response.reason, _end_to_end(response))
-        )
+        # Held until this read is parsed: a response without a body ends with it.
+        self._held_reply = ReplyHead(status, reason, _end_to_end(headers))
 
-    def _complete(self, conn: _UpstreamConnection, end: h11.EndOfMessage) -> None:
-        """The response is complete: end the stream, keep or close the connection."""
+    def response_data(self, data: bytes) -> None:
+        """L{ResponseSink}: response body bytes."""
+        if not self._done:
+            if self._held_reply is not None:
+                self._send_held_reply()
+            self._stream.write(data)
+
+    def response_end(self, data: bytes, trailers: list[Header], reusable: bool) -> None:
+        """L{ResponseSink}: the response is complete: end the stream, keep or close the connection."""
+        conn = self._conn
+        if self._done or conn is None:
+            return
         self._done = True
         self._cancel_timer()
         self._conn = None
@@ -514,17 +529,10 @@ class _Exchange:
         if self._transport_has_producer:
             self._transport_has_producer = False
             conn.sock.unregisterProducer()
-        parser = conn.h11
-        if (
-            parser.our_state is h11.DONE
-            and parser.their_state is h11.DONE
-            and not parser.trailing_data[0]
-            and not conn.lost
-        ):
-            parser.start_next_cycle()
-            self._pool._release(conn)
-        elif conn.lost:
+        if conn.lost:
             pass
+        elif reusable and self._request_done and conn.writer.keep_alive:
+            self._pool._release(conn)
         elif self._request_done:
             conn.sock.loseConnection()
         else:
@@ -535,8 +543,24 @@ class _Exchange:
             # rest drain from the edge (we drop it) rather than stall it.
             self._hold = self._full = False
             self._update_pause()
-        trailers = end.headers
-        self._stream.end(trailers.raw_items() if trailers else ())
+        reply, self._held_reply = self._held_reply, None
+        if reply is not None:
+            # A frame stream sends a bodiless response as one frame.
+            end_with_reply = getattr(self._stream, "end_with_reply", None)
+            if end_with_reply is not None and not data and not trailers:
+                end_with_reply(reply)
+                return
+            self._stream.send_reply(reply)
+        if not data:
+            self._stream.end(trailers)
+            return
+        # A frame stream sends the last bytes and the end as one frame.
+        end_with_data = getattr(self._stream, "end_with_data", None)
+        if end_with_data is not None and not trailers:
+            end_with_data(data)
+        else:
+            self._stream.write(data)
+            self._stream.end(trailers)
 
     def upstream_lost(self, conn: _UpstreamConnection, reason: Failure) -> None:
         """C{conn} closed while serving this exchange."""
@@ -567,9 +591,8 @@ class _Exchange:
             return
         try:
             # A body delimited by the connection closing ends here.
-            conn.h11.receive_data(b"")
-            self._pump(conn)
-        except h11.RemoteProtocolError as error:
+            conn.parser.feed_eof()
+        except ResponseError as error:
             detail = str(error)
         else:
             detail = reason.getErrorMessage()
@@ -587,7 +610,7 @@ class _Exchange:
             f"upstream {self._pool.endpoint} closed the connection {when}: {detail}",
         )
 
-    def _malformed(self, error: h11.RemoteProtocolError) -> None:
+    def _malformed(self, error: ResponseError) -> None:
         self.log.warn(
             "upstream {endpoint} sent a malformed response: {error}",
             endpoint=self._pool.endpoint,
@@ -659,6 +682,7 @@ class _Exchange:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.exchange = None
+            conn.parser.abandon()
             if self._transport_has_producer:
                 self._transport_has_producer = False
                 conn.sock.unregisterProducer()

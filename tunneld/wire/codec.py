@@ -3,14 +3,22 @@
 The protobuf form of the tunnel protocol (C{proto/tunnel.proto}).
 
 Frame transports send one encoded C{Frame} per message; the gRPC transport
-sends the same C{Frame} messages inside gRPC framing.  Data frames are the hot
-path, so L{encode_data} writes their few bytes of protobuf by hand instead of
-building message objects.
+sends the same C{Frame} messages inside gRPC framing.  Every request crosses
+the link as Open, Reply and Data frames, and End frames or C{end_stream}
+flags (version 2), so those and Window frames are written by hand in the
+protobuf wire format (L{encode_data}, L{open_bytes}, L{reply_bytes},
+L{end_bytes}, L{window_bytes}: the same bytes as the generated encoder).
+L{read} reads Data, Window and End frames by hand when they are laid out the
+way every encoder lays them out; anything else (Open and Reply parse as fast
+with it) goes to the generated C{tunnel_pb2}, so odd but valid input means
+the same and bad input fails the same way.  The C{encode_*} functions build
+C{Frame} messages for callers that want message objects (the gRPC transport).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from google.protobuf.message import DecodeError
 
@@ -36,9 +44,13 @@ class FrameError(Exception):
     """A frame could not be decoded or does not belong where it arrived."""
 
 
+# The one-byte varints, which are nearly all the lengths and tags we write.
+_SMALL = [bytes((i,)) for i in range(0x80)]
+
+
 def _varint(value: int) -> bytes:
     if value < 0x80:
-        return bytes((value,))
+        return _SMALL[value]
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -58,12 +70,18 @@ def data_frame_head(stream_id: int, size: int) -> bytes:
     return b"".join((head, b"\x32", _varint(len(inner) + size), inner))
 
 
-def encode_data(stream_id: int, data: bytes) -> bytes:
+def encode_data(stream_id: int, data: bytes, end_stream: bool = False) -> bytes:
     """
-    C{Frame(stream_id=stream_id, data=Data(data=data))}, serialised without
-    allocating protobuf objects (identical bytes to the generated encoder).
+    C{Frame(stream_id=stream_id, data=Data(data=data, end_stream=end_stream))},
+    serialised without allocating protobuf objects (identical bytes to the
+    generated encoder).
     """
-    return data_frame_head(stream_id, len(data)) + data
+    if not end_stream:
+        return data_frame_head(stream_id, len(data)) + data
+    size = len(data)
+    field = b"\x0a" + _varint(size) if size else b""
+    head = b"\x08" + _varint(stream_id) if stream_id else b""
+    return b"".join((head, b"\x32", _varint(len(field) + size + 2), field, data, b"\x10\x01"))
 
 
 def decode(payload: bytes) -> pb.Frame:
@@ -104,8 +122,8 @@ def _spec_from_pb(spec: pb.TunnelSpec) -> TunnelSpec:
     )
 
 
-def encode_open(stream_id: int, head: StreamHead) -> pb.Frame:
-    """The frame that opens a stream."""
+def encode_open(stream_id: int, head: StreamHead, end_stream: bool = False) -> pb.Frame:
+    """The frame that opens a stream (with C{end_stream}: a request without a body)."""
     return pb.Frame(
         stream_id=stream_id,
         open=pb.Open(
@@ -116,6 +134,7 @@ def encode_open(stream_id: int, head: StreamHead) -> pb.Frame:
             headers=_headers_to_pb(head.headers),
             peer=head.peer,
             scheme=head.scheme,
+            end_stream=end_stream,
         ),
     )
 
@@ -136,12 +155,15 @@ def head_from(frame: pb.Frame) -> StreamHead:
     )
 
 
-def encode_reply(stream_id: int, reply: ReplyHead) -> pb.Frame:
-    """The frame carrying a response head."""
+def encode_reply(stream_id: int, reply: ReplyHead, end_stream: bool = False) -> pb.Frame:
+    """The frame carrying a response head (with C{end_stream}: a response without a body)."""
     return pb.Frame(
         stream_id=stream_id,
         reply=pb.Reply(
-            status=reply.status, reason=reply.reason, headers=_headers_to_pb(reply.headers)
+            status=reply.status,
+            reason=reply.reason,
+            headers=_headers_to_pb(reply.headers),
+            end_stream=end_stream,
         ),
     )
 
@@ -259,3 +281,303 @@ def control_from(frame: pb.Frame) -> ControlMessage:
     if kind == "health":
         return Health(frame.health.tunnel, frame.health.healthy, frame.health.detail)
     raise FrameError(f"{kind} is not a control frame")
+
+
+# -- the hot frames by hand ----------------------------------------------------
+#
+# Field numbers of Frame's body oneof: L{read} names a frame's kind by them.
+HELLO, WELCOME, OPEN, REPLY, DATA, END, RESET, WINDOW, PING, PONG, GOAWAY, HEALTH = range(2, 14)
+
+KIND_NAMES = {
+    number: name
+    for number, name in enumerate(
+        ("hello", "welcome", "open", "reply", "data", "end", "reset", "window", "ping", "pong",
+         "goaway", "health"),
+        start=2,
+    )
+}
+_KIND_NUMBERS = {name: number for number, name in KIND_NAMES.items()}
+
+
+# Encoded short header fields by tag, so the headers every response repeats
+# (Server, Content-Type, ...) are encoded once; at most _CACHED of ~130 bytes.
+_FIELD_CACHES: dict[bytes, dict[tuple[bytes, bytes], bytes]] = {
+    b"\x0a": {}, b"\x1a": {}, b"\x2a": {}
+}
+_CACHED = 512
+
+
+def _header_fields(tag: bytes, headers: Headers) -> list[bytes]:
+    """Each header as a length-delimited C{Header} message under C{tag}."""
+    small = _SMALL
+    cache = _FIELD_CACHES[tag]
+    out = []
+    for header in headers:
+        try:
+            field = cache.get(header)
+        except TypeError:  # unhashable (a list, bytearrays): not cached
+            field = None
+            hashable = False
+        else:
+            if field is not None:
+                out.append(field)
+                continue
+            hashable = True
+        name, value = header
+        n = len(name)
+        v = len(value)
+        if n and v and n + v < 0x7C:
+            field = b"".join((tag, small[n + v + 4], b"\x0a", small[n], name, b"\x12", small[v],
+                              value))
+            if hashable:
+                if len(cache) >= _CACHED:
+                    cache.clear()
+                cache[header] = field
+            out.append(field)
+            continue
+        inner = b"".join(
+            (
+                b"\x0a" + _varint(n) + name if n else b"",
+                b"\x12" + _varint(v) + value if v else b"",
+            )
+        )
+        out.append(tag + _varint(len(inner)) + inner)
+    return out
+
+
+def _text_field(tag: bytes, text: str) -> bytes:
+    if not text:
+        return b""
+    raw = text.encode("utf-8")
+    return tag + _varint(len(raw)) + raw
+
+
+def _frame(stream_id: int, tag: bytes, body: bytes) -> bytes:
+    size = len(body)
+    if stream_id:
+        return b"".join(
+            (b"\x08", _varint(stream_id), tag, _SMALL[size] if size < 0x80 else _varint(size), body)
+        )
+    return b"".join((tag, _SMALL[size] if size < 0x80 else _varint(size), body))
+
+
+def open_bytes(stream_id: int, head: StreamHead, end_stream: bool = False) -> bytes:
+    """L{encode_open}, serialised by hand (identical bytes)."""
+    body = b"".join(
+        (
+            _text_field(b"\x0a", head.kind),
+            _text_field(b"\x12", head.tunnel),
+            _text_field(b"\x1a", head.method),
+            _text_field(b"\x22", head.target),
+            *_header_fields(b"\x2a", head.headers),
+            _text_field(b"\x32", head.peer),
+            _text_field(b"\x3a", head.scheme),
+            b"\x40\x01" if end_stream else b"",
+        )
+    )
+    return _frame(stream_id, b"\x22", body)
+
+
+def reply_bytes(stream_id: int, reply: ReplyHead, end_stream: bool = False) -> bytes:
+    """L{encode_reply}, serialised by hand (identical bytes)."""
+    status = reply.status
+    reason = reply.reason
+    body = b"".join(
+        (
+            b"\x08" + _varint(status) if status else b"",
+            b"\x12" + _varint(len(reason)) + reason if reason else b"",
+            *_header_fields(b"\x1a", reply.headers),
+            b"\x20\x01" if end_stream else b"",
+        )
+    )
+    return _frame(stream_id, b"\x2a", body)
+
+
+def end_bytes(stream_id: int, trailers: Headers = ()) -> bytes:
+    """L{encode_end}, serialised by hand (identical bytes)."""
+    if not trailers:
+        if stream_id:
+            return b"\x08" + _varint(stream_id) + b"\x3a\x00"
+        return b"\x3a\x00"
+    return _frame(stream_id, b"\x3a", b"".join(_header_fields(b"\x0a", trailers)))
+
+
+def window_bytes(stream_id: int, increment: int) -> bytes:
+    """L{encode_window}, serialised by hand (identical bytes)."""
+    return _frame(stream_id, b"\x4a", b"\x08" + _varint(increment) if increment else b"")
+
+
+class _Irregular(Exception):
+    """The frame is not laid out as L{read} expects: let the generated parser decide."""
+
+
+def _varint_at(buf: bytes, pos: int) -> tuple[int, int]:
+    """A varint of at most 32 bits at C{pos} and the position after it."""
+    value = 0
+    shift = 0
+    end = len(buf)
+    while pos < end and shift < 35:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            if value > 0xFFFFFFFF:
+                raise _Irregular
+            return value, pos
+        shift += 7
+    raise _Irregular
+
+
+def _length_at(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    """The length prefix at C{pos}: (position after the field, position of its contents)."""
+    if pos >= end:
+        raise _Irregular
+    size = buf[pos]
+    if size < 0x80:
+        start = pos + 1
+    else:
+        size, start = _varint_at(buf, pos)
+    stop = start + size
+    if stop > end:
+        raise _Irregular
+    return stop, start
+
+
+def _header_at(buf: bytes, start: int, stop: int) -> tuple[bytes, bytes]:
+    """The C{Header} message in C{buf[start:stop]}."""
+    name = value = b""
+    pos = start
+    while pos < stop:
+        tag = buf[pos]
+        after, first = _length_at(buf, pos + 1, stop)
+        if tag == 0x0A:
+            name = buf[first:after]
+        elif tag == 0x12:
+            value = buf[first:after]
+        else:
+            raise _Irregular
+        pos = after
+    return name, value
+
+
+def _headers_in(buf: bytes, pos: int, end: int, tag: int, headers: list[tuple[bytes, bytes]]) -> int:
+    """
+    Append the C{Header} messages under C{tag} from C{pos} on to C{headers};
+    the position of the first other field (or C{end}).
+    """
+    while pos < end and buf[pos] == tag:
+        size = buf[pos + 1]
+        if size < 0x80:
+            first = pos + 2
+        else:
+            size, first = _varint_at(buf, pos + 1)
+        after = first + size
+        if after > end:
+            raise _Irregular
+        # The usual layout, name then value, both shorter than 128 bytes.
+        mid = first + 2 + buf[first + 1]
+        if (
+            buf[first] == 0x0A
+            and buf[first + 1] < 0x80
+            and mid + 2 + buf[mid + 1] == after
+            and buf[mid] == 0x12
+            and buf[mid + 1] < 0x80
+        ):
+            headers.append((buf[first + 2 : mid], buf[mid + 2 : after]))
+        else:
+            headers.append(_header_at(buf, first, after))
+        pos = after
+    return pos
+
+
+def _end_at(buf: bytes, pos: int, end: int) -> tuple[tuple[bytes, bytes], ...]:
+    trailers: list[tuple[bytes, bytes]] = []
+    if _headers_in(buf, pos, end, 0x0A, trailers) != end:
+        raise _Irregular
+    return tuple(trailers)
+
+
+def _read_regular(payload: bytes) -> tuple[int, int, Any, bool] | None:
+    end = len(payload)
+    stream_id = 0
+    pos = 0
+    if end and payload[0] == 0x08:
+        stream_id, pos = _varint_at(payload, 1)
+    if pos >= end:
+        raise _Irregular
+    tag = payload[pos]
+    stop, start = _length_at(payload, pos + 1, end)
+    if stop != end:
+        raise _Irregular
+    if tag == 0x32:  # data
+        if start == end:
+            return stream_id, DATA, b"", False
+        if payload[start] != 0x0A:
+            if payload[start:] == b"\x10\x01":
+                return stream_id, DATA, b"", True
+            raise _Irregular
+        stop, first = _length_at(payload, start + 1, end)
+        if stop == end:
+            return stream_id, DATA, payload[first:], False
+        if payload[stop:] == b"\x10\x01":
+            return stream_id, DATA, payload[first:stop], True
+        raise _Irregular
+    if tag == 0x4A:  # window
+        increment = 0
+        if start != end:
+            if payload[start] != 0x08:
+                raise _Irregular
+            increment, stop = _varint_at(payload, start + 1)
+            if stop != end:
+                raise _Irregular
+        return stream_id, WINDOW, increment, False
+    if tag == 0x3A:
+        return stream_id, END, _end_at(payload, start, end), False
+    # Open and Reply parse as fast with the generated parser as by hand.
+    return None
+
+
+def read_generated(payload: bytes) -> tuple[int, int, Any, bool]:
+    """L{read} done entirely by the generated parser (the reference for L{read})."""
+    frame = decode(payload)
+    kind = _KIND_NUMBERS[frame.WhichOneof("body")]  # type: ignore[index]
+    body: Any
+    if kind == DATA:
+        return frame.stream_id, kind, frame.data.data, frame.data.end_stream
+    if kind == OPEN:
+        return frame.stream_id, kind, head_from(frame), frame.open.end_stream
+    if kind == REPLY:
+        return frame.stream_id, kind, reply_from(frame), frame.reply.end_stream
+    if kind == WINDOW:
+        body = frame.window.increment
+    elif kind == END:
+        body = trailers_from(frame)
+    elif kind == RESET:
+        body = reset_from(frame)
+    elif kind == PING:
+        body = frame.ping.opaque
+    elif kind == PONG:
+        body = frame.pong.opaque
+    else:
+        body = control_from(frame)
+    return frame.stream_id, kind, body, False
+
+
+def read(payload: bytes) -> tuple[int, int, Any, bool]:
+    """
+    Parse one frame into C{(stream_id, kind, body, end_stream)}: C{kind} is the number of
+    its body field (L{DATA}, L{OPEN}, ...) and C{body} what it carries: the
+    bytes of a Data frame, the increment of a Window, the L{StreamHead} of an
+    Open, the L{ReplyHead} of a Reply, the trailers of an End, C{(reason,
+    message)} of a Reset, the opaque value of a Ping or Pong, else the
+    L{ControlMessage}; C{end_stream} is the flag of an Open, Reply or Data
+    frame (version 2).  A malformed frame raises L{FrameError} saying why.
+    """
+    if type(payload) is not bytes:
+        payload = bytes(payload)
+    try:
+        frame = _read_regular(payload)
+    except (_Irregular, IndexError):
+        # Unusual or truncated: the generated parser reads it or says why not.
+        frame = None
+    return read_generated(payload) if frame is None else frame

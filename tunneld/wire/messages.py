@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from tunneld.reasons import Reason
 
-PROTOCOL_VERSION = 1
+# 2: Open, Reply and Data frames may carry end_stream.
+PROTOCOL_VERSION = 2
 
 Headers = Sequence[tuple[bytes, bytes]]
 

@@ -8,6 +8,11 @@ frames and reports its own congestion; stream ids, per-stream credit windows,
 heartbeats and resets live here once.  Credit works like HTTP/2 flow control:
 a receiver grants more only as its consumer takes the data, so a stalled
 stream holds at most one window of memory and never stalls the others.
+On links whose Welcome agreed on version 2, a direction's last Open, Reply
+or Data frame can carry C{end_stream} instead of a separate End frame
+(L{FrameStream.end_with_data}, L{FrameStream.end_with_reply},
+C{open_stream(..., end_stream=True)}); frames carrying it are understood
+whatever the version.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from tunneld.wire.messages import (
 _FRAME_OVERHEAD = 32
 # No peer may set its frame limit below this; data frames never exceed it.
 _MIN_FRAME_LIMIT = 128 * 1024
+# The protocol version from which frames may carry end_stream.
+_END_STREAM_VERSION = 2
 
 
 class FrameWire(Protocol):
@@ -129,7 +136,7 @@ class FrameStream:
     def send_reply(self, reply: ReplyHead) -> None:
         """IStream.send_reply"""
         if not self.closed:
-            self.link.send(codec.encode_reply(self.stream_id, reply).SerializeToString())
+            self.link.send(codec.reply_bytes(self.stream_id, reply))
 
     def write(self, data: bytes) -> None:
         """IConsumer.write: send now within credit, hold the rest (bounded)."""
@@ -167,6 +174,46 @@ class FrameStream:
 
     _pending_end: Headers | None = None
 
+    def end_with_reply(self, reply: ReplyHead) -> None:
+        """
+        C{send_reply(reply)} then C{end()}, as one Reply frame with
+        C{end_stream} when the link's version allows it.
+        """
+        if self.closed:
+            return
+        if not self.link.end_stream or self.local_ended or self._pending:
+            self.send_reply(reply)
+            self.end()
+            return
+        self.local_ended = True
+        self.link.send(codec.reply_bytes(self.stream_id, reply, end_stream=True))
+        if self.remote_ended:
+            self._close()
+
+    def end_with_data(self, data: bytes) -> None:
+        """
+        C{write(data)} then C{end()}, as one Data frame with C{end_stream}
+        when the link's version allows it and the bytes fit the credit.
+        """
+        link = self.link
+        size = len(data)
+        if (
+            not link.end_stream
+            or self.closed
+            or self.local_ended
+            or self._pending
+            or not 0 < size <= self.send_credit
+            or size > link.max_data
+        ):
+            self.write(data)
+            self.end()
+            return
+        self.send_credit -= size
+        self.local_ended = True
+        link.send(codec.encode_data(self.stream_id, data, end_stream=True))
+        if self.remote_ended:
+            self._close()
+
     def end(self, trailers: Headers = ()) -> None:
         """IStream.end"""
         if self.closed or self.local_ended:
@@ -175,8 +222,9 @@ class FrameStream:
             self._pending_end = tuple(trailers)
             return
         self.local_ended = True
-        self.link.send(codec.encode_end(self.stream_id, trailers).SerializeToString())
-        self._maybe_done()
+        self.link.send(codec.end_bytes(self.stream_id, trailers))
+        if self.remote_ended:
+            self._close()
 
     def reset(self, reason: Reason, message: str) -> None:
         """IStream.reset"""
@@ -242,7 +290,7 @@ class FrameStream:
     def _grant(self) -> None:
         increment, self._unacked = self._unacked, 0
         self.recv_remaining += increment
-        self.link.send(codec.encode_window(self.stream_id, increment).SerializeToString())
+        self.link.send(codec.window_bytes(self.stream_id, increment))
 
     # -- from the link -----------------------------------------------------
 
@@ -260,7 +308,11 @@ class FrameStream:
                 f"{self.recv_remaining} bytes of credit"
             )
         self.recv_remaining -= size
-        self._deliver("data_received", data)
+        receiver = self.receiver
+        if receiver is not None:
+            receiver.data_received(data)
+        else:
+            self._deliver("data_received", data)
         self._unacked += size
         if not self._consumer_paused and not self.closed and self._unacked >= self.link.ack_threshold:
             self._grant()
@@ -274,8 +326,13 @@ class FrameStream:
 
     def end_arrived(self, trailers: Headers) -> None:
         self.remote_ended = True
-        self._deliver("end_received", trailers)
-        self._maybe_done()
+        receiver = self.receiver
+        if receiver is not None:
+            receiver.end_received(trailers)
+        else:
+            self._deliver("end_received", trailers)
+        if self.local_ended and not self.closed:
+            self._close()
 
     def reset_arrived(self, reason: Reason, message: str) -> None:
         if self.closed:
@@ -288,10 +345,6 @@ class FrameStream:
 
     def pause_source(self) -> None:
         self._pause_producer()
-
-    def _maybe_done(self) -> None:
-        if self.local_ended and self.remote_ended:
-            self._close()
 
     def _close(self) -> None:
         self.closed = True
@@ -345,6 +398,8 @@ class FrameLink:
         self.handler: ILinkHandler | None = None
         self.sending_paused = False
         self.closed = False
+        # Whether the version agreed in Hello/Welcome lets frames carry end_stream.
+        self.end_stream = False
         self._next_id = 1
         self._last_remote_id = 0
         self.heartbeat = Heartbeat(
@@ -363,10 +418,18 @@ class FrameLink:
     def send_control(self, message: ControlMessage) -> None:
         """IAgentLink.send_control"""
         if not self.closed:
+            if isinstance(message, Welcome):
+                self.end_stream = message.version >= _END_STREAM_VERSION
             self.send(codec.encode_control(message).SerializeToString())
 
-    def open_stream(self, head: StreamHead, receiver: IStreamReceiver) -> IStream:
-        """IAgentLink.open_stream"""
+    def open_stream(
+        self, head: StreamHead, receiver: IStreamReceiver, end_stream: bool = False
+    ) -> IStream:
+        """
+        IAgentLink.open_stream; with C{end_stream} (a request without a body)
+        the stream starts ended in this direction, as after C{end()}, and on a
+        version 2 link the Open frame says so itself.
+        """
         stream_id = self._next_id
         self._next_id += 2
         stream = FrameStream(self, stream_id, head, self.peer_window)
@@ -376,7 +439,13 @@ class FrameLink:
             self.reactor.callLater(0, receiver.reset_received, Reason.AGENT_GONE, "agent link closed")
             return stream
         self.streams[stream_id] = stream
-        self.send(codec.encode_open(stream_id, head).SerializeToString())
+        if end_stream and self.end_stream:
+            stream.local_ended = True
+            self.send(codec.open_bytes(stream_id, head, end_stream=True))
+            return stream
+        self.send(codec.open_bytes(stream_id, head))
+        if end_stream:
+            stream.end()
         return stream
 
     def round_trip_time(self) -> float | None:
@@ -450,7 +519,7 @@ class FrameLink:
             self._protocol_error(f"frame of {len(payload)} bytes exceeds {self.max_frame_size}")
             return
         try:
-            self._dispatch(codec.decode(payload))
+            self._dispatch(*codec.read(payload))
         except FrameError as e:
             self._protocol_error(str(e))
 
@@ -461,46 +530,53 @@ class FrameLink:
         )
         self.close(Reason.PROTOCOL_ERROR, message)
 
-    def _dispatch(self, frame: codec.Frame) -> None:
-        kind = frame.WhichOneof("body")
-        stream_id = frame.stream_id
-        if kind == "data":
+    def _dispatch(self, stream_id: int, kind: int, body: Any, end_stream: bool) -> None:
+        if kind == codec.DATA:
             stream = self.streams.get(stream_id)
             if stream is not None:
-                stream.data_arrived(frame.data.data)
+                stream.data_arrived(body)
+                if end_stream and not stream.closed:
+                    stream.end_arrived(())
             elif not self._was_opened(stream_id):
                 raise FrameError(f"data for stream {stream_id}, which was never opened")
-        elif kind == "window":
+        elif kind == codec.END:
+            stream = self._stream_for(stream_id, "end")
+            if stream is not None:
+                stream.end_arrived(body)
+        elif kind == codec.WINDOW:
             stream = self.streams.get(stream_id)
-            if frame.window.increment == 0:
+            if body == 0:
                 raise FrameError(f"stream {stream_id}: window increment of 0")
             if stream is not None:
-                stream.credit_arrived(frame.window.increment)
-        elif kind == "open":
-            self._open_arrived(stream_id, frame)
-        elif kind == "reply":
-            stream = self._stream_for(stream_id, kind)
+                stream.credit_arrived(body)
+        elif kind == codec.OPEN:
+            self._open_arrived(stream_id, body, end_stream)
+        elif kind == codec.REPLY:
+            stream = self._stream_for(stream_id, "reply")
             if stream is not None:
-                stream._deliver("reply_received", codec.reply_from(frame))
-        elif kind == "end":
-            stream = self._stream_for(stream_id, kind)
-            if stream is not None:
-                stream.end_arrived(codec.trailers_from(frame))
-        elif kind == "reset":
+                if stream.receiver is not None:
+                    stream.receiver.reply_received(body)
+                else:
+                    stream._deliver("reply_received", body)
+                if end_stream and not stream.closed:
+                    stream.end_arrived(())
+        elif kind == codec.RESET:
             stream = self.streams.get(stream_id)
             if stream is not None:
-                stream.reset_arrived(*codec.reset_from(frame))
-        elif kind == "ping":
-            self.send(codec.encode_ping(frame.ping.opaque, pong=True).SerializeToString())
-        elif kind == "pong":
-            self.heartbeat.pong(frame.pong.opaque)
+                stream.reset_arrived(*body)
+        elif kind == codec.PING:
+            self.send(codec.encode_ping(body, pong=True).SerializeToString())
+        elif kind == codec.PONG:
+            self.heartbeat.pong(body)
         else:
             if stream_id:
-                raise FrameError(f"{kind} frame on stream {stream_id}")
-            message = codec.control_from(frame)
+                raise FrameError(f"{codec.KIND_NAMES[kind]} frame on stream {stream_id}")
+            message = body
             if isinstance(message, (Hello, Welcome)) and message.initial_window:
                 # Each side announces the credit it grants per stream.
                 self.peer_window = message.initial_window
+            if isinstance(message, Welcome):
+                self.end_stream = message.version >= _END_STREAM_VERSION
             if self.handler is not None:
                 self.handler.control_received(message)
 
@@ -516,13 +592,12 @@ class FrameLink:
             raise FrameError(f"{kind} for stream {stream_id}, which was never opened")
         return stream
 
-    def _open_arrived(self, stream_id: int, frame: codec.Frame) -> None:
+    def _open_arrived(self, stream_id: int, head: StreamHead, end_stream: bool) -> None:
         if self.is_edge:
             raise FrameError("an agent may not open streams")
         if stream_id % 2 != 1 or stream_id <= self._last_remote_id:
             raise FrameError(f"open for stream {stream_id} after {self._last_remote_id}")
         self._last_remote_id = stream_id
-        head = codec.head_from(frame)
         stream = FrameStream(self, stream_id, head, self.peer_window)
         if len(self.streams) >= self.max_streams:
             stream.reset(Reason.CAP_REACHED, f"more than {self.max_streams} streams on one link")
@@ -532,6 +607,8 @@ class FrameLink:
             stream.reset(Reason.AGENT_UNAVAILABLE, "agent is not ready")
             return
         self.handler.stream_opened(stream)
+        if end_stream and not stream.closed:
+            stream.end_arrived(())
 
     def wire_lost(self, reason: Reason, message: str) -> None:
         """

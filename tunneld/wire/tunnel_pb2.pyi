@@ -107,7 +107,7 @@ class Refusal(_message.Message):
     def __init__(self, tunnel: _Optional[_Union[TunnelSpec, _Mapping]] = ..., reason: _Optional[_Union[Reason, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("kind", "tunnel", "method", "target", "headers", "peer", "scheme")
+    __slots__ = ("kind", "tunnel", "method", "target", "headers", "peer", "scheme", "end_stream")
     KIND_FIELD_NUMBER: _ClassVar[int]
     TUNNEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,7 @@ class Open(_message.Message):
     HEADERS_FIELD_NUMBER: _ClassVar[int]
     PEER_FIELD_NUMBER: _ClassVar[int]
     SCHEME_FIELD_NUMBER: _ClassVar[int]
+    END_STREAM_FIELD_NUMBER: _ClassVar[int]
     kind: str
     tunnel: str
     method: str
@@ -122,23 +123,28 @@ class Open(_message.Message):
     headers: _containers.RepeatedCompositeFieldContainer[Header]
     peer: str
     scheme: str
-    def __init__(self, kind: _Optional[str] = ..., tunnel: _Optional[str] = ..., method: _Optional[str] = ..., target: _Optional[str] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., peer: _Optional[str] = ..., scheme: _Optional[str] = ...) -> None: ...
+    end_stream: bool
+    def __init__(self, kind: _Optional[str] = ..., tunnel: _Optional[str] = ..., method: _Optional[str] = ..., target: _Optional[str] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., peer: _Optional[str] = ..., scheme: _Optional[str] = ..., end_stream: _Optional[bool] = ...) -> None: ...
 
 class Reply(_message.Message):
-    __slots__ = ("status", "reason", "headers")
+    __slots__ = ("status", "reason", "headers", "end_stream")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     HEADERS_FIELD_NUMBER: _ClassVar[int]
+    END_STREAM_FIELD_NUMBER: _ClassVar[int]
     status: int
     reason: bytes
     headers: _containers.RepeatedCompositeFieldContainer[Header]
-    def __init__(self, status: _Optional[int] = ..., reason: _Optional[bytes] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ...) -> None: ...
+    end_stream: bool
+    def __init__(self, status: _Optional[int] = ..., reason: _Optional[bytes] = ..., headers: _Optional[_Iterable[_Union[Header, _Mapping]]] = ..., end_stream: _Optional[bool] = ...) -> None: ...
 
 class Data(_message.Message):
-    __slots__ = ("data",)
+    __slots__ = ("data", "end_stream")
     DATA_FIELD_NUMBER: _ClassVar[int]
+    END_STREAM_FIELD_NUMBER: _ClassVar[int]
     data: bytes
-    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+    end_stream: bool
+    def __init__(self, data: _Optional[bytes] = ..., end_stream: _Optional[bool] = ...) -> None: ...
 
 class End(_message.Message):
     __slots__ = ("trailers",)

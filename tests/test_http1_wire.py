@@ -1,0 +1,301 @@
+"""The agent's HTTP/1.1 framing: responses parsed whole, byte by byte and in random chunks; requests written."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from tunneld.agent.http1_wire import (
+    Header,
+    RequestError,
+    RequestWriter,
+    ResponseError,
+    ResponseParser,
+    ResponseSink,
+)
+
+
+class Recorder:
+    """A L{ResponseSink} that records what it is given (body bytes joined)."""
+
+    def __init__(self) -> None:
+        self.head: tuple[int, bytes, list[Header]] | None = None
+        self.body = b""
+        self.end: tuple[list[Header], bool] | None = None
+
+    def response_head(self, status: int, reason: bytes, headers: list[Header]) -> None:
+        assert self.head is None
+        self.head = (status, reason, headers)
+
+    def response_data(self, data: bytes) -> None:
+        assert self.head is not None and self.end is None
+        self.body += data
+
+    def response_end(self, data: bytes, trailers: list[Header], reusable: bool) -> None:
+        assert self.end is None
+        self.body += data
+        self.end = (trailers, reusable)
+
+    def outcome(self) -> tuple[object, ...]:
+        return (self.head, self.body, self.end)
+
+
+_sink: type[ResponseSink] = Recorder  # Recorder is a ResponseSink
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    pieces, last = [], 0
+    for point in points:
+        pieces.append(data[last:point])
+        last = point
+    pieces.append(data[last:])
+    return [p for p in pieces if p]
+
+
+def parse(pieces: list[bytes], head_request: bool = False, eof: bool = False) -> tuple[object, ...]:
+    """Feed C{pieces} to a fresh parser; the recorded outcome, or the error's message."""
+    parser = ResponseParser(max_head=1024)
+    recorder = Recorder()
+    parser.expect(recorder, head_request)
+    try:
+        for piece in pieces:
+            parser.feed(piece)
+        if eof:
+            parser.feed_eof()
+    except ResponseError as e:
+        return ("error", str(e))
+    return recorder.outcome()
+
+
+# (response bytes, HEAD request?, EOF at the end?, expected outcome)
+GOOD = [
+    (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello",
+        False, False,
+        ((200, b"OK", [(b"Content-Type", b"text/plain"), (b"Content-Length", b"5")]), b"hello",
+         ([], True)),
+    ),
+    (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
+        b"5;name=value\r\nhello\r\n6\r\n world\r\nA \r\n0123456789\r\n0\r\nX-Sum: abc\r\nX-Two: 2\r\n\r\n",
+        False, False,
+        ((200, b"OK", [(b"Transfer-Encoding", b"chunked"), (b"Trailer", b"X-Sum")]),
+         b"hello world0123456789", ([(b"X-Sum", b"abc"), (b"X-Two", b"2")], True)),
+    ),
+    (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        False, False,
+        ((200, b"OK", [(b"Transfer-Encoding", b"chunked")]), b"", ([], True)),
+    ),
+    (
+        b"HTTP/1.1 200 OK\r\nServer: s\r\n\r\nuntil the connection closes",
+        False, True,
+        ((200, b"OK", [(b"Server", b"s")]), b"until the connection closes", ([], False)),
+    ),
+    (
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+        b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok",
+        False, False,
+        ((201, b"Created", [(b"Content-Length", b"2")]), b"ok", ([], True)),
+    ),
+    (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n",
+        True, False,
+        ((200, b"OK", [(b"Content-Length", b"1000")]), b"", ([], True)),
+    ),
+    (
+        b"HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n",
+        False, False,
+        ((204, b"No Content", [(b"Content-Length", b"7")]), b"", ([], True)),
+    ),
+    (
+        b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n",
+        False, False,
+        ((304, b"Not Modified", [(b"ETag", b'"x"')]), b"", ([], True)),
+    ),
+    (
+        b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 0\r\n\r\n",
+        False, False,
+        ((200, b"OK", [(b"Connection", b"keep-alive, close"), (b"Content-Length", b"0")]), b"",
+         ([], False)),
+    ),
+    (
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        False, False,
+        ((200, b"OK", [(b"Content-Length", b"2")]), b"ok", ([], False)),
+    ),
+    (
+        b"HTTP/1.1 200 OK\nX-Folded: one\n two\r\n\tthree\nContent-Length: 2, 2\n\nok",
+        False, False,
+        ((200, b"OK", [(b"X-Folded", b"one two three"), (b"Content-Length", b"2, 2")]), b"ok",
+         ([], True)),
+    ),
+    (
+        b"HTTP/1.1 404\r\nX-Empty:\r\nX-Spaces:  a  b \t\r\nContent-Length: 0\r\n\r\n",
+        False, False,
+        ((404, b"", [(b"X-Empty", b""), (b"X-Spaces", b"a  b"), (b"Content-Length", b"0")]), b"",
+         ([], True)),
+    ),
+]
+
+# (response bytes, HEAD request?, EOF at the end?, words the error names)
+BAD = [
+    (b"this is not http\r\n\r\n", False, False, "invalid status line"),
+    (b"HTTP/2 200 OK\r\n\r\n", False, False, "invalid status line"),
+    (b"HTTP/1.1 20 OK\r\n\r\n", False, False, "invalid status line"),
+    (b"HTTP/1.1 099 Odd\r\n\r\n", False, False, "invalid status 99"),
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n", False, False, "101"),
+    (b"HTTP/1.1 200 OK\r\nBad Header: x\r\n\r\n", False, False, "invalid line in response head"),
+    (b"HTTP/1.1 200 OK\r\nX: a\rb\r\n\r\n", False, False, "invalid line in response head"),
+    (b"HTTP/1.1 200 OK\r\n continued: x\r\n\r\n", False, False, "continuation"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", False, False, "invalid Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", False, False,
+     "conflicting Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", False, False,
+     "both Content-Length and Transfer-Encoding"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", False, False,
+     "unsupported Transfer-Encoding"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", False, False,
+     "invalid chunk header"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n", False, False,
+     "chunk data not followed by CRLF"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nBad Trailer\r\n\r\n", False,
+     False, "invalid line in trailers"),
+    (b"HTTP/1.1 200 OK\r\nX: " + b"y" * 2000 + b"\r\n\r\n", False, False,
+     "response head longer than 1024 bytes"),
+    (b"", False, True, "connection closed before a response"),
+    (b"HTTP/1.1 200 OK\r\nContent-", False, True, "in the middle of the response head"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123", False, True, "6 body bytes missing"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab", False, True,
+     "in the middle of a chunked body"),
+]
+
+
+class ResponseParserTests(SynchronousTestCase):
+    """Every kind of response parses the same however its bytes are split."""
+
+    def test_good_whole(self) -> None:
+        """Each valid response, fed in one piece, gives its head, body, trailers and reusability."""
+        for data, head_request, eof, expected in GOOD:
+            self.assertEqual(parse([data], head_request, eof), expected, data)
+
+    def test_good_byte_by_byte(self) -> None:
+        """Each valid response, fed one byte at a time, gives the same outcome."""
+        for data, head_request, eof, expected in GOOD:
+            pieces = [data[i : i + 1] for i in range(len(data))]
+            self.assertEqual(parse(pieces, head_request, eof), expected, data)
+
+    def test_bad(self) -> None:
+        """Each malformed response raises ResponseError naming what was wrong, whole or byte by byte."""
+        for data, head_request, eof, words in BAD:
+            for pieces in ([data], [data[i : i + 1] for i in range(len(data))]):
+                outcome = parse(pieces, head_request, eof)
+                self.assertEqual(outcome[0], "error", data)
+                self.assertIn(words, outcome[1], data)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.sampled_from(GOOD + BAD), st.lists(st.integers(0, 10_000), max_size=12))
+    def test_random_chunks(self, case: tuple[bytes, bool, bool, object], cuts: list[int]) -> None:
+        """Any split of any response gives the same outcome as feeding it whole."""
+        data, head_request, eof, _ = case
+        self.assertEqual(
+            parse(split(data, cuts), head_request, eof), parse([data], head_request, eof)
+        )
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.binary(min_size=0, max_size=300), max_size=8),
+           st.lists(st.integers(0, 10_000), max_size=12))
+    def test_chunked_bodies(self, chunks: list[bytes], cuts: list[int]) -> None:
+        """Any chunked body, split anywhere, de-frames to its bytes."""
+        body = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks if c)
+        data = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body + b"0\r\n\r\n"
+        outcome = parse(split(data, cuts))
+        self.assertEqual(outcome[1:], (b"".join(chunks), ([], True)))
+
+    def test_keep_alive_sequence(self) -> None:
+        """One parser reads response after response on a kept-alive connection."""
+        parser = ResponseParser()
+        for n in range(3):
+            recorder = Recorder()
+            parser.expect(recorder, False)
+            parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n%d" % n)
+            self.assertEqual(recorder.outcome()[1:], (b"%d" % n, ([], True)))
+
+    def test_bytes_after_the_response(self) -> None:
+        """Bytes that come with the end of a response make its connection unfit for reuse."""
+        self.assertEqual(
+            parse([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA"]),
+            ((200, b"OK", [(b"Content-Length", b"2")]), b"ok", ([], False)),
+        )
+
+    def test_bytes_while_idle(self) -> None:
+        """Bytes when no response is expected are an error."""
+        parser = ResponseParser()
+        self.assertRaises(ResponseError, parser.feed, b"HTTP/1.1 200 OK\r\n")
+
+    def test_abandon(self) -> None:
+        """A sink that abandons the parser mid-response hears nothing more."""
+        parser = ResponseParser()
+
+        class Quitter(Recorder):
+            def response_head(self, status: int, reason: bytes, headers: list[Header]) -> None:
+                super().response_head(status, reason, headers)
+                parser.abandon()
+
+        recorder = Quitter()
+        parser.expect(recorder, False)
+        parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(recorder.outcome(), ((200, b"OK", [(b"Content-Length", b"2")]), b"", None))
+
+
+class RequestWriterTests(SynchronousTestCase):
+    """Requests are written as valid HTTP/1.1 with the body framing their headers choose."""
+
+    def test_length_body(self) -> None:
+        """A Content-Length body is written as is and must add up."""
+        writer = RequestWriter()
+        head = writer.head(b"POST", b"/x?y", [(b"Host", b"a.test"), (b"Content-Length", b"5")])
+        self.assertEqual(head, b"POST /x?y HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\n\r\n")
+        self.assertEqual(writer.data(b"hel"), [b"hel"])
+        self.assertRaises(RequestError, writer.end)
+        self.assertRaises(RequestError, writer.data, b"long")
+        self.assertEqual(writer.data(b"lo"), [b"lo"])
+        self.assertEqual(writer.end(), b"")
+        self.assertTrue(writer.keep_alive)
+
+    def test_chunked_body(self) -> None:
+        """A chunked body is framed, and its trailers follow the last chunk."""
+        writer = RequestWriter()
+        writer.head(b"PUT", b"/", [(b"Transfer-Encoding", b"chunked")])
+        self.assertEqual(b"".join(writer.data(b"x" * 26)), b"1a\r\n" + b"x" * 26 + b"\r\n")
+        self.assertEqual(writer.end([(b"X-Sum", b"1")]), b"0\r\nX-Sum: 1\r\n\r\n")
+
+    def test_no_body(self) -> None:
+        """A request without framing headers has no body."""
+        writer = RequestWriter()
+        self.assertEqual(writer.head(b"GET", b"/", []), b"GET / HTTP/1.1\r\n\r\n")
+        self.assertRaises(RequestError, writer.data, b"x")
+        self.assertEqual(writer.end(), b"")
+
+    def test_connection_close(self) -> None:
+        """A request saying Connection: close leaves the connection unfit for reuse."""
+        writer = RequestWriter()
+        writer.head(b"GET", b"/", [(b"Connection", b"Keep-Alive, Close")])
+        self.assertFalse(writer.keep_alive)
+
+    def test_invalid(self) -> None:
+        """Methods, targets, names, values and framing headers that are not HTTP/1.1 are refused."""
+        for method, target, headers in [
+            (b"GE T", b"/", []),
+            (b"GET", b"/a b", []),
+            (b"GET", b"", []),
+            (b"GET", b"/", [(b"Bad Name", b"x")]),
+            (b"GET", b"/", [(b"X", b"a\r\nInjected: 1")]),
+            (b"GET", b"/", [(b"Content-Length", b"x")]),
+            (b"GET", b"/", [(b"Content-Length", b"1"), (b"Content-Length", b"2")]),
+            (b"GET", b"/", [(b"Transfer-Encoding", b"gzip")]),
+            (b"GET", b"/", [(b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"1")]),
+        ]:
+            self.assertRaises(RequestError, RequestWriter().head, method, target, headers)
