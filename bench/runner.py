@@ -612,13 +612,17 @@ upstream_max_idle = 256
                     if before is not None and small["requests"]:
                         # CPU of the system under test per request: robust to a busy machine.
                         small["cpu_us"] = (cpu_seconds(pids) - before) / small["requests"] * 1e6
+                    before = cpu_seconds(pids) if pids else None
                     large = self.load(system, "/1m", 4, seconds)
+                    if before is not None and large["bytes"]:
+                        large["cpu_ms_per_mib"] = (cpu_seconds(pids) - before) / (large["bytes"] / MIB) * 1e3
                     row["small"].append(small)
                     row["large"].append(large)
                     cpu = f", CPU {small['cpu_us']:.0f} us/req" if "cpu_us" in small else ""
                     log(f"rep {rep + 1}/{reps} {system.key}: {small['rps']:.0f} req/s{cpu} "
                         f"p50 {small['p50_ms']:.2f} ms p99 {small['p99_ms']:.2f} ms "
-                        f"errors {small['error_count']}; 1 MiB: {large['mib_s']:.1f} MiB/s")
+                        f"errors {small['error_count']}; 1 MiB: {large['mib_s']:.1f} MiB/s"
+                        + (f", CPU {large['cpu_ms_per_mib']:.2f} ms/MiB" if "cpu_ms_per_mib" in large else ""))
                     h2 = self.h2load(system)
                     row["h2"].append(h2)
             for system in live:
@@ -859,12 +863,13 @@ def markdown(results: dict[str, Any]) -> str:
         f"{meta['reps']} repetitions × {meta['seconds']} s per figure, median (min–max)",
         "",
         "| system | req/s, 64 B, 50 conn | CPU µs per request | p50 ms | p99 ms | errors | "
-        "MiB/s, 1 MiB, 4 conn | h2load req/s | peak RSS MiB | " + f"{meta['big_mib']} MiB transfer |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "MiB/s, 1 MiB, 4 conn | CPU ms per MiB | h2load req/s | peak RSS MiB | "
+        + f"{meta['big_mib']} MiB transfer |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"].values():
         if row["skip"]:
-            lines.append(f"| {row['label']} | {row['skip']} | | | | | | | | |")
+            lines.append(f"| {row['label']} | {row['skip']} | | | | | | | | | |")
             continue
         small, large = row["small"], row["large"]
         errors = sum(r["error_count"] for r in small + large)
@@ -890,7 +895,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {row['label']} | {spread([r['rps'] for r in small], '.0f')} | "
             f"{spread([r['cpu_us'] for r in small if 'cpu_us' in r], '.0f')} | "
             f"{spread([r['p50_ms'] for r in small], '.2f')} | {spread([r['p99_ms'] for r in small], '.1f')} | "
-            f"{errors} | {spread([r['mib_s'] for r in large], '.0f')} | {h2} | {rss_text} | {t_text} |")
+            f"{errors} | {spread([r['mib_s'] for r in large], '.0f')} | "
+            f"{spread([r['cpu_ms_per_mib'] for r in large if 'cpu_ms_per_mib' in r], '.2f')} | {h2} | {rss_text} | {t_text} |")
     ws_lines = []
     counts = list(results["meta"].get("idle_ws", []))
     for row in results["rows"].values():
