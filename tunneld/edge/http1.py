@@ -37,6 +37,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tunneld.edge.fasthead import content_length as _content_length
+from tunneld.edge.fasthead import read_head as _read_head
+from tunneld.edge.fasthead import response_head as _response_head
+from tunneld.edge.fasthead import trailer_block as _trailer_block
 from tunneld.edge.forwarding import HOP_BY_HOP as _HOP_BY_HOP
 from tunneld.edge.forwarding import REPLACED as _REPLACED
 from tunneld.edge.forwarding import host_of as _host_of
@@ -109,6 +113,12 @@ _LINGER_SECONDS = 2.0
 # Why the public socket is paused; each reason is lifted on its own.
 _UPLOAD = 1  # the stream is out of credit for the request body
 _PIPELINE = 2  # a pipelined request waits for the current exchange to finish
+
+# How far the answer of a fast exchange (one read without h11) has gone.
+_OUT_IDLE = 0  # nothing sent yet
+_OUT_BODY = 1  # head sent, body going
+_OUT_DONE = 2  # all sent; the connection stays open
+_OUT_CLOSE = 3  # all sent; the connection closes
 
 _CONNECT_REFUSAL = "CONNECT is not supported"
 _UPGRADE_BODY_REFUSAL = "an upgrade request may not carry a body"
@@ -220,6 +230,21 @@ class _Exchange:
         if not self.live or self.bodyless or not self.response_started:
             return
         protocol = self.protocol
+        if protocol._fast:
+            left = protocol._out_left
+            if left is None:
+                if data:
+                    protocol._socket.writeSequence([b"%x\r\n" % len(data), data, b"\r\n"])
+            else:
+                left -= len(data)
+                if left < 0:
+                    protocol._reply_broke(self, "Too much data for declared Content-Length")
+                    return
+                protocol._out_left = left
+                protocol._socket.write(data)
+            protocol._stats.bytes_out += len(data)
+            protocol._last_activity = protocol._seconds()
+            return
         try:
             pieces = protocol._conn.send_with_data_passthrough(h11.Data(data=data))
         except h11.LocalProtocolError as error:
@@ -306,6 +331,17 @@ class PublicHTTPProtocol(Protocol):
         self._last_activity = 0.0
         self._upgraded: UpgradedConnection | None = None
         self._upgraded_set = factory.upgraded
+        # Plain requests skip h11 (tunneld.edge.fasthead) while h11 holds
+        # nothing: _fast_ok says it may be tried, _fast that this exchange
+        # is one, with its answer at _out (and _out_left body bytes to go,
+        # None when chunked); _pending is what the client sent meanwhile.
+        self._fast_ok = True
+        self._fast = False
+        self._their_done = False
+        self._out = _OUT_IDLE
+        self._out_left: int | None = 0
+        self._pending = b""
+        self._parsing = False
 
     # -- connection ---------------------------------------------------------
 
@@ -342,8 +378,16 @@ class PublicHTTPProtocol(Protocol):
             self._between_requests = False
             self._arm(self._settings.header_timeout, self._head_timed_out)
         self._last_activity = self._seconds()
-        self._conn.receive_data(data)
-        self._process()
+        if self._fast:
+            # Pipelined behind an exchange in flight: it waits, unread.
+            self._pending += data
+            self._pause(_PIPELINE)
+            return
+        if self._fast_ok:
+            self._read_fast(data)
+        else:
+            self._conn.receive_data(data)
+            self._process()
 
     def readConnectionLost(self) -> None:
         """IHalfCloseableProtocol.readConnectionLost: the client sent all it will."""
@@ -375,6 +419,43 @@ class PublicHTTPProtocol(Protocol):
 
     # -- reading requests ---------------------------------------------------
 
+    def _read_fast(self, data: bytes) -> None:
+        """Serve the plain request heads C{data} starts with; hand the rest to h11."""
+        self._parsing = True
+        try:
+            while not self._closing:
+                parsed = _read_head(data)
+                if parsed is None:
+                    break
+                method, target, fields, end = parsed
+                data = data[end:]
+                self._fast = True
+                self._their_done = False
+                self._out = _OUT_IDLE
+                self._request_head(method, target, fields)
+                if self._fast and not self._closing:
+                    self._their_done = True  # a plain head carries no body
+                    self._request_end(())
+                if self._closing:
+                    return
+                if self._fast:  # the exchange goes on; what follows waits
+                    if data:
+                        self._pending = data
+                        self._pause(_PIPELINE)
+                    return
+                if not data:
+                    self._between_requests = True
+                    self._arm(self._settings.idle_timeout, self._keep_alive_expired)
+                    return
+                self._arm(self._settings.header_timeout, self._head_timed_out)
+        finally:
+            self._parsing = False
+        if self._closing:
+            return
+        self._fast_ok = False  # until h11 holds nothing again
+        self._conn.receive_data(data)
+        self._process()
+
     def _process(self) -> None:
         """Handle every event h11 can parse from what has arrived so far."""
         if self._processing:
@@ -403,9 +484,9 @@ class PublicHTTPProtocol(Protocol):
                 elif event is h11.NEED_DATA:
                     return
                 elif isinstance(event, h11.Request):
-                    self._request_head(event)
+                    self._request_head(event.method, event.target, event.headers)
                 elif isinstance(event, h11.EndOfMessage):
-                    self._request_end(event)
+                    self._request_end(event.headers)
                 elif event is h11.PAUSED:
                     # A pipelined request (or an upgrade proposal) waits for the
                     # current exchange; stop reading until the next cycle.
@@ -416,11 +497,11 @@ class PublicHTTPProtocol(Protocol):
         finally:
             self._processing = False
 
-    def _request_head(self, request: h11.Request) -> None:
+    def _request_head(self, method: bytes, target: bytes, headers: Headers) -> None:
+        """A request head (field names lower-cased), from h11 or read fast."""
         settings = self._settings
         self._between_requests = False
         self._arm(settings.idle_timeout, self._idle_check)
-        method, target, headers = request.method, request.target, request.headers
         self._method = method
         hosts: list[bytes] = []
         connection: list[bytes] = []
@@ -598,7 +679,7 @@ class PublicHTTPProtocol(Protocol):
             # Streams carry no interim responses; the edge invites the body itself.
             self._send([h11.InformationalResponse(status_code=100, headers=[])])
 
-    def _request_end(self, end: h11.EndOfMessage) -> None:
+    def _request_end(self, trailers: Headers) -> None:
         exchange = self._exchange
         if exchange is not None and exchange.upgrade and exchange.live:
             # What the client sends next belongs to the switched protocol (or
@@ -610,7 +691,7 @@ class PublicHTTPProtocol(Protocol):
             stream = cast(IStream, exchange.stream)
             stream.unregisterProducer()
             self._resume(_UPLOAD)
-            stream.end(end.headers)
+            stream.end(trailers)
         else:
             self._next_cycle_or_close()
 
@@ -650,14 +731,21 @@ class PublicHTTPProtocol(Protocol):
         on with the next request, drain the rest of this one, or close.
         """
         conn = self._conn
-        if conn.our_state is not h11.IDLE and conn.our_state is not h11.SEND_RESPONSE:
-            self._abort()
-            return
-        their = conn.their_state
-        keep = not close and (
-            their is h11.DONE or (their is h11.SEND_BODY and self._drainable
-                                  and not conn.they_are_waiting_for_100_continue)
-        )
+        fast = self._fast
+        if fast:
+            if self._out != _OUT_IDLE:
+                self._abort()
+                return
+            keep = not close  # a plain request has no body left to drain
+        else:
+            if conn.our_state is not h11.IDLE and conn.our_state is not h11.SEND_RESPONSE:
+                self._abort()
+                return
+            their = conn.their_state
+            keep = not close and (
+                their is h11.DONE or (their is h11.SEND_BODY and self._drainable
+                                      and not conn.they_are_waiting_for_100_continue)
+            )
         body = (text + "\n").encode("utf-8")
         headers = [
             (b"content-type", b"text/plain"),
@@ -669,6 +757,16 @@ class PublicHTTPProtocol(Protocol):
             headers.append((b"retry-after", b"%d" % retry_after))
         if not keep:
             headers.append((b"connection", b"close"))
+        if fast:
+            head = _response_head(status, _phrase(status), headers)
+            if head is None:
+                self._abort()
+                return
+            self._stats.response(status)
+            self._out = _OUT_DONE if keep else _OUT_CLOSE
+            self._socket.write(head if self._method == b"HEAD" else head + body)
+            self._next_cycle_or_close()
+            return
         events: list[h11.Event] = [
             h11.Response(status_code=status, headers=headers, reason=_phrase(status))
         ]
@@ -712,23 +810,15 @@ class PublicHTTPProtocol(Protocol):
             self._upload_done(exchange)
             cast(IStream, exchange.stream).end()
         headers, has_length = _reply_headers(reply.headers, self._via)
+        if self._fast:
+            self._reply_fast(exchange, reply, headers)
+            return
         try:
             response = h11.Response(
                 status_code=reply.status, headers=headers, reason=reply.reason or _phrase(reply.status)
             )
         except h11.LocalProtocolError as error:
-            self._finish(exchange)
-            cast(IStream, exchange.stream).reset(Reason.UPSTREAM_ERROR, f"bad reply: {error}")
-            self.log.info(
-                "bad reply for {method} {host}{target} from {peer}: {error}",
-                method=exchange.method.decode("latin-1"), host=exchange.host,
-                target=exchange.target, peer=self._peer, error=str(error),
-            )
-            self._stats.refused(
-                Reason.UPSTREAM_ERROR, host=exchange.host, target=exchange.target,
-                peer=self._peer, message=str(error),
-            )
-            self._answer(502, Reason.UPSTREAM_ERROR.value, Reason.UPSTREAM_ERROR.description)
+            self._bad_reply(exchange, str(error))
             return
         status = reply.status
         if status == 204 or status == 304:
@@ -740,6 +830,55 @@ class PublicHTTPProtocol(Protocol):
         self._stats.response(status)
         self._send([response])
         self._last_activity = self._seconds()
+
+    def _reply_fast(
+        self, exchange: _Exchange, reply: ReplyHead, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        """The reply of a fast exchange, framed as h11 would frame it."""
+        status = reply.status
+        if not 200 <= status < 1000:
+            self._bad_reply(
+                exchange, f"Response status_code should be in range [200, 1000), not {status}"
+            )
+            return
+        read = _content_length(headers)
+        if isinstance(read, str):
+            self._bad_reply(exchange, read)
+            return
+        headers, length = read
+        if status == 204 or status == 304:
+            exchange.bodyless = True
+            left: int | None = 0
+        else:
+            if length is None:
+                headers.append((b"Transfer-Encoding", b"chunked"))
+            left = 0 if exchange.bodyless else length
+        head = _response_head(status, reply.reason or _phrase(status), headers)
+        if head is None:
+            self._bad_reply(exchange, "illegal header name or value")
+            return
+        exchange.chunked = left is None
+        exchange.response_started = True
+        self._out = _OUT_BODY
+        self._out_left = left
+        self._stats.response(status)
+        self._socket.write(head)
+        self._last_activity = self._seconds()
+
+    def _bad_reply(self, exchange: _Exchange, error: str) -> None:
+        """The upstream's reply head cannot be sent on: answer 502 instead."""
+        self._finish(exchange)
+        cast(IStream, exchange.stream).reset(Reason.UPSTREAM_ERROR, f"bad reply: {error}")
+        self.log.info(
+            "bad reply for {method} {host}{target} from {peer}: {error}",
+            method=exchange.method.decode("latin-1"), host=exchange.host,
+            target=exchange.target, peer=self._peer, error=str(error),
+        )
+        self._stats.refused(
+            Reason.UPSTREAM_ERROR, host=exchange.host, target=exchange.target,
+            peer=self._peer, message=str(error),
+        )
+        self._answer(502, Reason.UPSTREAM_ERROR.value, Reason.UPSTREAM_ERROR.description)
 
     def _switch(self, exchange: _Exchange, reply: ReplyHead) -> None:
         """The upstream accepted the switch: relay its 101 and go raw."""
@@ -816,6 +955,20 @@ class PublicHTTPProtocol(Protocol):
             self._upgraded.shutdown(reason, message)
 
     def _reply_end(self, exchange: _Exchange, trailers: Headers) -> None:
+        if self._fast:
+            left = self._out_left
+            if left is None:
+                block = _trailer_block(trailers) if trailers else b""
+                # malformed trailers are dropped, the body is still whole
+                self._socket.write(b"0\r\n%s\r\n" % (block or b""))
+            elif left:
+                self._reply_broke(exchange, "Too little data for declared Content-Length")
+                return
+            self._out = _OUT_DONE
+            exchange.response_done = True
+            self._finish(exchange)
+            self._next_cycle_or_close()
+            return
         end = h11.EndOfMessage()
         if trailers and exchange.chunked:
             try:
@@ -923,11 +1076,15 @@ class PublicHTTPProtocol(Protocol):
 
     def _next_cycle_or_close(self) -> None:
         """After an answer or a request end: start over, wait for the body, or close."""
+        if self._fast:
+            self._next_fast_cycle()
+            return
         conn = self._conn
         ours = conn.our_state
         if ours is h11.DONE:
             if conn.their_state is h11.DONE:
                 conn.start_next_cycle()
+                self._fast_ok = not conn.trailing_data[0]
                 self._exchange = None
                 self._method = b""
                 if self._paused_by & _PIPELINE:
@@ -943,6 +1100,28 @@ class PublicHTTPProtocol(Protocol):
         elif ours is h11.ERROR:
             self._abort()
 
+    def _next_fast_cycle(self) -> None:
+        """L{_next_cycle_or_close} for a fast exchange."""
+        out = self._out
+        if out == _OUT_CLOSE:
+            self._close_after_response()
+            return
+        if out != _OUT_DONE or not self._their_done:
+            return
+        self._fast = False
+        self._exchange = None
+        self._method = b""
+        if self._parsing:
+            return  # _read_fast goes on with what follows
+        pending, self._pending = self._pending, b""
+        if pending:
+            self._arm(self._settings.header_timeout, self._head_timed_out)
+            self._resume(_PIPELINE)
+            self._read_fast(pending)
+        else:
+            self._between_requests = True
+            self._arm(self._settings.idle_timeout, self._keep_alive_expired)
+
     def _close_after_response(self) -> None:
         if self._closing:
             return
@@ -952,7 +1131,7 @@ class PublicHTTPProtocol(Protocol):
         if exchange is not None:
             self._finish(exchange)
         their = self._conn.their_state
-        if their is h11.DONE or their is h11.MUST_CLOSE or their is h11.CLOSED or (
+        if self._fast or their is h11.DONE or their is h11.MUST_CLOSE or their is h11.CLOSED or (
             their is h11.IDLE and self._between_requests
         ):
             self._socket.loseConnection()
