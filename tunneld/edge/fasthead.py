@@ -14,10 +14,10 @@ is declined (C{None}), never refused: the caller hands those bytes to
 C{h11}, which parses or rejects them as before.  So this reader can only
 make the edge faster, never more lenient.
 
-L{response_head} renders a status line and header block as C{h11} would
-send it, checking every field with the same grammar (and, unlike C{h11},
-the reason phrase too); L{content_length} reads a reply's length fields as
-C{h11} does.
+L{check_fields} checks fields to send one by one as C{h11} does (same
+grammar, same C{Content-Length} and C{Transfer-Encoding} rules, same
+messages), and L{response_head} renders a status line and header block as
+C{h11} writes them, checking the reason phrase too (which C{h11} does not).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["content_length", "read_head", "response_head", "trailer_block"]
+__all__ = ["check_fields", "read_head", "response_head"]
 
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
 _FIELD_VCHAR = rb"[^\x00\s]"  # visible characters and obs-text, as h11 has it
@@ -35,8 +35,8 @@ _FIELD_VALUE = rb"(?:%s+(?:[ \t]+%s+)*)?" % (_FIELD_VCHAR, _FIELD_VCHAR)
 _HEAD = re.compile(
     rb"%s [\x21-\x7e]+ HTTP/1\.1\r\n(?:%s:[ \t]*%s[ \t]*\r\n)*" % (_TOKEN, _TOKEN, _FIELD_VALUE)
 )
-# Field lines as this module writes them.
-_BLOCK = re.compile(rb"(?:%s: %s\r\n)*" % (_TOKEN, _FIELD_VALUE))
+_NAME = re.compile(_TOKEN)
+_VALUE = re.compile(_FIELD_VALUE)
 _REASON = re.compile(rb"[ \t\x21-\x7e\x80-\xff]*")  # h11's reason-phrase
 _DIGITS = re.compile(rb"[0-9]{1,20}")  # h11's CONTENT_LENGTH_MAX_DIGITS
 
@@ -85,46 +85,54 @@ def read_head(data: bytes) -> Head | None:
 
 def response_head(status: int, reason: bytes, fields: Iterable[tuple[bytes, bytes]]) -> bytes | None:
     """
-    A response's status line and header block, or None when a field name
-    or value (or the reason phrase) does not fit HTTP's grammar.
+    A response's status line and header block (fields checked already, by
+    L{check_fields}), or None when the reason phrase does not fit HTTP's grammar.
     """
-    block = b"".join([b"%s: %s\r\n" % field for field in fields])
-    if _BLOCK.fullmatch(block) is None or _REASON.fullmatch(reason) is None:
+    if _REASON.fullmatch(reason) is None:
         return None
-    return b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, block)
+    return b"HTTP/1.1 %d %s\r\n%s\r\n" % (
+        status, reason, b"".join([b"%s: %s\r\n" % field for field in fields])
+    )
 
 
-def trailer_block(fields: Iterable[tuple[bytes, bytes]]) -> bytes | None:
-    """Trailer fields as written after the last chunk, or None when one is malformed."""
-    block = b"".join([b"%s: %s\r\n" % field for field in fields])
-    if _BLOCK.fullmatch(block) is None:
-        return None
-    return block
-
-
-def content_length(
-    fields: list[tuple[bytes, bytes]],
+def check_fields(
+    fields: Iterable[tuple[bytes, bytes]],
 ) -> tuple[list[tuple[bytes, bytes]], int | None] | str:
     """
-    A reply's fields with its C{Content-Length} fields read as C{h11} reads
-    them (one value, repeated copies merged), and that length (None when
-    there is none); or why they cannot be sent.
+    Fields to send, checked one by one as C{h11} checks them (names are
+    tokens; values visible characters with inner blanks; C{Content-Length}
+    one number, repeated copies merged; C{Transfer-Encoding} only a single
+    C{chunked}), and the declared length (None when there is none); or the
+    first problem, in C{h11}'s words.
     """
     length: bytes | None = None
+    coding = False
     out: list[tuple[bytes, bytes]] = []
     for name, value in fields:
-        if name.lower() != b"content-length":
-            out.append((name, value))
-            continue
-        values = {v.strip() for v in value.split(b",")}
-        if len(values) != 1:
-            return "conflicting Content-Length headers"
-        value = values.pop()
-        if _DIGITS.fullmatch(value) is None:
-            return "bad Content-Length"
-        if length is None:
-            length = value
-            out.append((name, value))
-        elif length != value:
-            return "conflicting Content-Length headers"
+        if _NAME.fullmatch(name) is None:
+            return f"Illegal header name {name!r}"
+        if _VALUE.fullmatch(value) is None:
+            return f"Illegal header value {value!r}"
+        lower = name.lower()
+        if lower == b"content-length":
+            values = {v.strip() for v in value.split(b",")}
+            if len(values) != 1:
+                return "conflicting Content-Length headers"
+            value = values.pop()
+            if _DIGITS.fullmatch(value) is None:
+                return "bad Content-Length"
+            if length is None:
+                length = value
+            elif length != value:
+                return "conflicting Content-Length headers"
+            else:
+                continue
+        elif lower == b"transfer-encoding":
+            if coding:
+                return "multiple Transfer-Encoding headers"
+            value = value.lower()
+            if value != b"chunked":
+                return "Only Transfer-Encoding: chunked is supported"
+            coding = True
+        out.append((name, value))
     return out, (None if length is None else int(length))

@@ -37,10 +37,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tunneld.edge.fasthead import content_length as _content_length
+from tunneld.edge.fasthead import check_fields as _check_fields
 from tunneld.edge.fasthead import read_head as _read_head
 from tunneld.edge.fasthead import response_head as _response_head
-from tunneld.edge.fasthead import trailer_block as _trailer_block
 from tunneld.edge.forwarding import HOP_BY_HOP as _HOP_BY_HOP
 from tunneld.edge.forwarding import REPLACED as _REPLACED
 from tunneld.edge.forwarding import host_of as _host_of
@@ -758,7 +757,10 @@ class PublicHTTPProtocol(Protocol):
         if not keep:
             headers.append((b"connection", b"close"))
         if fast:
-            head = _response_head(status, _phrase(status), headers)
+            checked = _check_fields(headers)
+            head = None if isinstance(checked, str) else _response_head(
+                status, _phrase(status), checked[0]
+            )
             if head is None:
                 self._abort()
                 return
@@ -835,17 +837,17 @@ class PublicHTTPProtocol(Protocol):
         self, exchange: _Exchange, reply: ReplyHead, headers: list[tuple[bytes, bytes]]
     ) -> None:
         """The reply of a fast exchange, framed as h11 would frame it."""
+        checked = _check_fields(headers)
+        if isinstance(checked, str):
+            self._bad_reply(exchange, checked)
+            return
         status = reply.status
         if not 200 <= status < 1000:
             self._bad_reply(
                 exchange, f"Response status_code should be in range [200, 1000), not {status}"
             )
             return
-        read = _content_length(headers)
-        if isinstance(read, str):
-            self._bad_reply(exchange, read)
-            return
-        headers, length = read
+        headers, length = checked
         if status == 204 or status == 304:
             exchange.bodyless = True
             left: int | None = 0
@@ -855,7 +857,7 @@ class PublicHTTPProtocol(Protocol):
             left = 0 if exchange.bodyless else length
         head = _response_head(status, reply.reason or _phrase(status), headers)
         if head is None:
-            self._bad_reply(exchange, "illegal header name or value")
+            self._bad_reply(exchange, f"illegal reason phrase {reply.reason!r}")
             return
         exchange.chunked = left is None
         exchange.response_started = True
@@ -958,9 +960,13 @@ class PublicHTTPProtocol(Protocol):
         if self._fast:
             left = self._out_left
             if left is None:
-                block = _trailer_block(trailers) if trailers else b""
-                # malformed trailers are dropped, the body is still whole
-                self._socket.write(b"0\r\n%s\r\n" % (block or b""))
+                block = b""
+                if trailers:
+                    checked = _check_fields(trailers)
+                    # malformed trailers are dropped, the body is still whole
+                    if not isinstance(checked, str):
+                        block = b"".join([b"%s: %s\r\n" % field for field in checked[0]])
+                self._socket.write(b"0\r\n%s\r\n" % block)
             elif left:
                 self._reply_broke(exchange, "Too little data for declared Content-Length")
                 return
