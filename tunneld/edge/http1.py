@@ -326,7 +326,11 @@ class PublicHTTPProtocol(Protocol):
         self._closing = False
         self._lingering = False
         self._between_requests = False
+        # One timer for the connection's deadlines (see _arm): it fires at
+        # or before _due, when _expire is called if _due has come.
         self._timer: IDelayedCall | None = None
+        self._due = 0.0
+        self._expire: Callable[[], None] = self._linger_over
         self._last_activity = 0.0
         self._upgraded: UpgradedConnection | None = None
         self._upgraded_set = factory.upgraded
@@ -1147,7 +1151,7 @@ class PublicHTTPProtocol(Protocol):
         self._lingering = True
         self._paused_by = 0
         self._socket.resumeProducing()
-        self._timer = self._clock.callLater(_LINGER_SECONDS, self._linger_over)
+        self._arm(_LINGER_SECONDS, self._linger_over)
 
     def _linger_over(self) -> None:
         self._timer = None
@@ -1173,10 +1177,28 @@ class PublicHTTPProtocol(Protocol):
                 self._socket.resumeProducing()
 
     def _arm(self, delay: float, expire: Callable[[], None]) -> None:
+        """
+        Call C{expire} in C{delay} seconds, instead of whatever was armed.
+        The reactor's timer only moves when the new deadline is sooner: a
+        later one is found when the timer fires (so a keep-alive request
+        costs no timer calls).
+        """
+        due = self._seconds() + delay
+        self._due = due
+        self._expire = expire
         timer = self._timer
-        if timer is not None and timer.active():
-            timer.cancel()
-        self._timer = self._clock.callLater(delay, expire)
+        if timer is None:
+            self._timer = self._clock.callLater(delay, self._deadline)
+        elif timer.getTime() > due:
+            timer.reset(delay)
+
+    def _deadline(self) -> None:
+        left = self._due - self._seconds()
+        if left > 0:
+            self._timer = self._clock.callLater(left, self._deadline)
+            return
+        self._timer = None
+        self._expire()
 
     def _cancel_timer(self) -> None:
         timer, self._timer = self._timer, None
@@ -1207,7 +1229,7 @@ class PublicHTTPProtocol(Protocol):
         idle = self._settings.idle_timeout
         left = self._last_activity + idle - self._seconds()
         if left > 0:
-            self._timer = self._clock.callLater(left, self._idle_check)
+            self._arm(left, self._idle_check)
             return
         self._timer = None
         self.log.debug(
