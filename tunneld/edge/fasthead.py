@@ -37,6 +37,12 @@ _HEAD = re.compile(
 )
 _NAME = re.compile(_TOKEN)
 _VALUE = re.compile(_FIELD_VALUE)
+# Several values at once, one per line (a value with a line break in it
+# shows up as one line too many).
+_VALUES = re.compile(rb"%s(?:\n%s)*" % (_FIELD_VALUE, _FIELD_VALUE))
+# Field names seen valid, with their lower-case form (bounded: names repeat).
+_NAMES: dict[bytes, bytes] = {}
+_NAMES_MAX = 1024
 _REASON = re.compile(rb"[ \t\x21-\x7e\x80-\xff]*")  # h11's reason-phrase
 _DIGITS = re.compile(rb"[0-9]{1,20}")  # h11's CONTENT_LENGTH_MAX_DIGITS
 
@@ -105,20 +111,28 @@ def check_fields(
     C{chunked}), and the declared length (None when there is none); or the
     first problem, in C{h11}'s words.
     """
+    fields = list(fields)
+    values = b"\n".join([value for _, value in fields])
+    checked = _VALUES.fullmatch(values) is not None and values.count(b"\n") == len(fields) - 1
+    names = _NAMES
     length: bytes | None = None
     coding = False
     out: list[tuple[bytes, bytes]] = []
     for name, value in fields:
-        if _NAME.fullmatch(name) is None:
-            return f"Illegal header name {name!r}"
-        if _VALUE.fullmatch(value) is None:
-            return f"Illegal header value {value!r}"
-        lower = name.lower()
+        lower = names.get(name)
+        if lower is None or not checked:
+            if _NAME.fullmatch(name) is None:
+                return f"Illegal header name {name!r}"
+            if _VALUE.fullmatch(value) is None:
+                return f"Illegal header value {value!r}"
+            lower = name.lower()
+            if len(names) < _NAMES_MAX:
+                names[name] = lower
         if lower == b"content-length":
-            values = {v.strip() for v in value.split(b",")}
-            if len(values) != 1:
+            lengths = {v.strip() for v in value.split(b",")}
+            if len(lengths) != 1:
                 return "conflicting Content-Length headers"
-            value = values.pop()
+            value = lengths.pop()
             if _DIGITS.fullmatch(value) is None:
                 return "bad Content-Length"
             if length is None:

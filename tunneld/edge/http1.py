@@ -41,7 +41,7 @@ from tunneld.edge.fasthead import check_fields as _check_fields
 from tunneld.edge.fasthead import read_head as _read_head
 from tunneld.edge.fasthead import response_head as _response_head
 from tunneld.edge.forwarding import HOP_BY_HOP as _HOP_BY_HOP
-from tunneld.edge.forwarding import REPLACED as _REPLACED
+from tunneld.edge.forwarding import forwarded_headers as _forwarded_headers
 from tunneld.edge.forwarding import host_of as _host_of
 from tunneld.edge.forwarding import phrase as _phrase
 from tunneld.edge.forwarding import reply_headers as _reply_headers
@@ -593,29 +593,12 @@ class PublicHTTPProtocol(Protocol):
         drop = _HOP_BY_HOP | conn_tokens if conn_tokens else _HOP_BY_HOP
         if switching:
             drop = drop - {b"upgrade"}
-        forwarded: list[tuple[bytes, bytes]] = []
-        xff: list[bytes] = []
-        vias: list[bytes] = []
-        for name, value in headers:
-            if name in drop or name in _REPLACED:
-                continue
-            if name == b"x-forwarded-for":
-                xff.append(value)
-            elif name == b"via":
-                vias.append(value)
-            elif name == b"host":
-                continue  # added below, once, from the authority actually routed
-            elif name == b"content-length" and chunked:
-                continue
-            else:
-                forwarded.append((name, value))
-        xff.append(self._client_ip)
-        vias.append(self._via)
-        forwarded.insert(0, (b"host", authority))
-        forwarded.append((b"x-forwarded-for", b", ".join(xff)))
-        forwarded.append((b"x-forwarded-proto", settings.scheme.encode("ascii")))
-        forwarded.append((b"x-forwarded-host", authority))
-        forwarded.append((b"via", b", ".join(vias)))
+        if chunked:
+            drop = drop | {b"content-length"}
+        # Host comes first, once, from the authority actually routed.
+        forwarded = _forwarded_headers(
+            headers, drop, authority, self._client_ip, settings.scheme, self._via
+        )
         if switching:
             forwarded.append((b"connection", b"Upgrade"))
         self._open(
