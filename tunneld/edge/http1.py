@@ -540,7 +540,7 @@ class PublicHTTPProtocol(Protocol):
             )
             return
         self._drainable = not chunked and (length is None or int(length) <= _DRAIN_LIMIT)
-        if self._conn.they_are_waiting_for_100_continue:
+        if not self._fast and self._conn.they_are_waiting_for_100_continue:
             self._drainable = False
         absolute = _split_absolute(target) if not target.startswith(b"/") else None
         if absolute is not None:
@@ -661,7 +661,7 @@ class PublicHTTPProtocol(Protocol):
         stream.registerProducer(exchange.upload, True)
         exchange.producing = True
         self._socket.registerProducer(exchange, True)
-        if exchange.live and self._conn.they_are_waiting_for_100_continue:
+        if exchange.live and not self._fast and self._conn.they_are_waiting_for_100_continue:
             # Streams carry no interim responses; the edge invites the body itself.
             self._send([h11.InformationalResponse(status_code=100, headers=[])])
 
