@@ -1,10 +1,13 @@
-# -*- test-case-name: tests.test_http1 -*-
+# -*- test-case-name: tests.test_http1,tests.test_fasthead -*-
 """
 The edge's public HTTP/1.1 listener.
 
 Requests are parsed with C{h11} rather than C{twisted.web}: a proxy must start
 forwarding at the end of the request head, and C{twisted.web} only renders
-once the whole body has arrived.  Each request is routed by its host (and
+once the whole body has arrived.  The common plain request (no body, no
+switch) skips h11 altogether: L{tunneld.edge.fasthead} reads only heads
+h11 would parse the same way and writes the reply as h11 would, and any
+other bytes go to h11 as before.  Each request is routed by its host (and
 path) and carried to an agent as one L{IStream}; the body streams both ways
 and backpressure crosses the hop: a stream out of credit pauses the public
 socket, a slow public client pauses the stream.
