@@ -296,6 +296,24 @@ class FastMatchesH11Tests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         proto.connectionLost()
 
+    def test_pipelined_partial_body_is_read_on(self) -> None:
+        """A bodied request waiting behind a fast one, its body incomplete, is read on once its turn comes."""
+        proto = self.factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(
+            request("GET", "/1", HOST) + request("POST", "/2", HOST, "Content-Length: 10") + b"hello"
+        )
+        self.assertEqual(transport.producerState, "paused")  # the POST waits its turn
+        first = self.link.streams[0]
+        first.reply(204)
+        first.finish()
+        self.assertEqual(transport.producerState, "producing")  # its body may come now
+        proto.dataReceived(b"world")
+        second = self.link.streams[1]
+        self.assertEqual((second.body(), second.ended), (b"helloworld", ()))
+        proto.connectionLost()
+
     def test_refusal_then_next_request(self) -> None:
         """A refused plain request is answered and the next one in the same read is served."""
         proto = self.factory.buildProtocol(None)

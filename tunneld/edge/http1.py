@@ -460,6 +460,7 @@ class PublicHTTPProtocol(Protocol):
             return
         self._fast_ok = False  # until h11 holds nothing again
         self._conn.receive_data(data)
+        self._resume(_PIPELINE)  # h11 pauses for itself if it must
         self._process()
 
     def _process(self) -> None:
@@ -1112,8 +1113,10 @@ class PublicHTTPProtocol(Protocol):
         pending, self._pending = self._pending, b""
         if pending:
             self._arm(self._settings.header_timeout, self._head_timed_out)
-            self._resume(_PIPELINE)
+            # Read what waited before reading more, so nothing overtakes it.
             self._read_fast(pending)
+            if self._fast_ok and not self._pending and not self._closing:
+                self._resume(_PIPELINE)
         else:
             self._between_requests = True
             self._arm(self._settings.idle_timeout, self._keep_alive_expired)
