@@ -134,7 +134,7 @@ class Stack:
         self.echo_port = port.getHost().port
         section = EdgeSection(
             public_listen=["tcp:0:interface=127.0.0.1"], transports=[self.transport],
-            public_url="http://{host}/",
+            public_url="http://{host}/", admin_listen="",
         )
         tables = {self.transport: {"listen": "tcp:0:interface=127.0.0.1"}}
         config = EdgeConfig(section, [], tables, "(autobahn)")
