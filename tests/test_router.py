@@ -181,6 +181,26 @@ class AvailabilityTests(SynchronousTestCase):
         self.router.unregister(other)
         self.assertEqual(self.router.snapshot(), {})
 
+    def test_routes_follow_changes_after_lookups(self) -> None:
+        """A name already looked up sees tunnels that come and go afterwards (no stale lookup)."""
+        self.assertIs(self.router.route("x.a.test", "/"), Reason.NO_TUNNEL)
+        wild, exact = session("wild"), session("exact")
+        self.router.register(wild, TunnelSpec("*.a.test"))
+        self.assertEqual(agent_of(self.router.route("x.a.test", "/")), "wild")
+        self.router.register(exact, TunnelSpec("x.a.test"))
+        self.assertEqual(agent_of(self.router.route("x.a.test", "/")), "exact")
+        self.router.unregister(exact)
+        self.assertEqual(agent_of(self.router.route("x.a.test", "/")), "wild")
+        self.router.unregister(wild)
+        self.assertIs(self.router.route("x.a.test", "/"), Reason.NO_TUNNEL)
+
+    def test_lookups_of_many_names_stay_bounded(self) -> None:
+        """Looking up many distinct names (any Host a client sends) keeps a bounded memory of them."""
+        self.router.register(session("wild"), TunnelSpec("*.a.test"))
+        for i in range(10_000):
+            self.assertEqual(agent_of(self.router.route(f"n{i}.a.test", "/")), "wild")
+        self.assertLessEqual(len(self.router._candidate_cache), 4096)
+
     def test_register_twice(self) -> None:
         """Registering the same session and spec twice lists it once."""
         s = session("s")

@@ -19,6 +19,10 @@ from tunneld.interfaces import IAgentLink
 from tunneld.reasons import Reason
 from tunneld.wire.messages import TunnelSpec
 
+# Hostnames whose candidate tunnels are remembered at once (any name a
+# client sends is one, so the table is bounded).
+_CANDIDATE_CACHE_SIZE = 4096
+
 
 def tunnel_key(spec: TunnelSpec) -> str:
     """The name a tunnel goes by on the wire and in logs: hostname plus path prefix."""
@@ -71,6 +75,9 @@ class Router:
         # TCP tunnels: edge port -> tunnel, and tunnel name -> its port.
         self._by_port: dict[int, _Tunnel] = {}
         self._port_of: dict[str, int] = {}
+        # host -> its candidate tunnel lists (see _candidates), forgotten
+        # whenever a hostname pattern comes or goes.
+        self._candidate_cache: dict[str, list[list[_Tunnel]]] = {}
 
     def reserve(self, pattern: str) -> None:
         """Know C{pattern} as a tunnel even while no agent serves it."""
@@ -79,6 +86,7 @@ class Router:
     def register(self, session: AgentSession, spec: TunnelSpec) -> None:
         """Add C{session} as a server of C{spec}."""
         tunnels = self._by_host.setdefault(spec.hostname.lower(), [])
+        self._candidate_cache.clear()
         for tunnel in tunnels:
             if tunnel.spec.path_prefix == spec.path_prefix:
                 break
@@ -94,6 +102,7 @@ class Router:
     def unregister(self, session: AgentSession) -> None:
         """Remove C{session} from every tunnel it served."""
         self._unregister_ports(session)
+        self._candidate_cache.clear()
         for spec in session.tunnels:
             if spec.protocol == "tcp":
                 continue
@@ -114,6 +123,16 @@ class Router:
         return 0
 
     def _candidates(self, host: str) -> list[list[_Tunnel]]:
+        cache = self._candidate_cache
+        found = cache.get(host)
+        if found is None:
+            found = self._find_candidates(host)
+            if len(cache) >= _CANDIDATE_CACHE_SIZE:
+                cache.clear()
+            cache[host] = found
+        return found
+
+    def _find_candidates(self, host: str) -> list[list[_Tunnel]]:
         found = []
         exact = self._by_host.get(host)
         if exact:

@@ -40,6 +40,8 @@ HOP_BY_HOP = frozenset(
 )
 # Request fields the edge sets itself rather than passing on what the client claims.
 REPLACED = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"expect"})
+# What forwarded_headers leaves out or sets itself when C{drop} is HOP_BY_HOP.
+_SKIPPED = HOP_BY_HOP | REPLACED | {b"host", b"x-forwarded-for", b"via"}
 
 
 def phrase(status: int) -> bytes:
@@ -91,10 +93,13 @@ def forwarded_headers(
     forwarded: list[tuple[bytes, bytes]] = [(b"host", authority)]
     xff: list[bytes] = []
     vias: list[bytes] = []
+    skipped = _SKIPPED if drop is HOP_BY_HOP else None
     for name, value in headers:
-        if name in drop or name in REPLACED or name == b"host":
+        if skipped is not None and name not in skipped:
+            forwarded.append((name, value))
+        elif name in drop or name in REPLACED or name == b"host":
             continue
-        if name == b"x-forwarded-for":
+        elif name == b"x-forwarded-for":
             xff.append(value)
         elif name == b"via":
             vias.append(value)

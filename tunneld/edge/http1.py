@@ -1,10 +1,13 @@
-# -*- test-case-name: tests.test_http1 -*-
+# -*- test-case-name: tests.test_http1,tests.test_fasthead -*-
 """
 The edge's public HTTP/1.1 listener.
 
 Requests are parsed with C{h11} rather than C{twisted.web}: a proxy must start
 forwarding at the end of the request head, and C{twisted.web} only renders
-once the whole body has arrived.  Each request is routed by its host (and
+once the whole body has arrived.  The common plain request (no body, no
+switch) skips h11 altogether: L{tunneld.edge.fasthead} reads only heads
+h11 would parse the same way and writes the reply as h11 would, and any
+other bytes go to h11 as before.  Each request is routed by its host (and
 path) and carried to an agent as one L{IStream}; the body streams both ways
 and backpressure crosses the hop: a stream out of credit pauses the public
 socket, a slow public client pauses the stream.
@@ -37,8 +40,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tunneld.edge.fasthead import check_fields as _check_fields
+from tunneld.edge.fasthead import read_head as _read_head
+from tunneld.edge.fasthead import response_head as _response_head
 from tunneld.edge.forwarding import HOP_BY_HOP as _HOP_BY_HOP
-from tunneld.edge.forwarding import REPLACED as _REPLACED
+from tunneld.edge.forwarding import forwarded_headers as _forwarded_headers
 from tunneld.edge.forwarding import host_of as _host_of
 from tunneld.edge.forwarding import phrase as _phrase
 from tunneld.edge.forwarding import reply_headers as _reply_headers
@@ -109,6 +115,12 @@ _LINGER_SECONDS = 2.0
 # Why the public socket is paused; each reason is lifted on its own.
 _UPLOAD = 1  # the stream is out of credit for the request body
 _PIPELINE = 2  # a pipelined request waits for the current exchange to finish
+
+# How far the answer of a fast exchange (one read without h11) has gone.
+_OUT_IDLE = 0  # nothing sent yet
+_OUT_BODY = 1  # head sent, body going
+_OUT_DONE = 2  # all sent; the connection stays open
+_OUT_CLOSE = 3  # all sent; the connection closes
 
 _CONNECT_REFUSAL = "CONNECT is not supported"
 _UPGRADE_BODY_REFUSAL = "an upgrade request may not carry a body"
@@ -220,6 +232,21 @@ class _Exchange:
         if not self.live or self.bodyless or not self.response_started:
             return
         protocol = self.protocol
+        if protocol._fast:
+            left = protocol._out_left
+            if left is None:
+                if data:
+                    protocol._socket.writeSequence([b"%x\r\n" % len(data), data, b"\r\n"])
+            else:
+                left -= len(data)
+                if left < 0:
+                    protocol._reply_broke(self, "Too much data for declared Content-Length")
+                    return
+                protocol._out_left = left
+                protocol._socket.write(data)
+            protocol._stats.bytes_out += len(data)
+            protocol._last_activity = protocol._seconds()
+            return
         try:
             pieces = protocol._conn.send_with_data_passthrough(h11.Data(data=data))
         except h11.LocalProtocolError as error:
@@ -302,10 +329,25 @@ class PublicHTTPProtocol(Protocol):
         self._closing = False
         self._lingering = False
         self._between_requests = False
+        # One timer for the connection's deadlines (see _arm): it fires at
+        # or before _due, when _expire is called if _due has come.
         self._timer: IDelayedCall | None = None
+        self._due = 0.0
+        self._expire: Callable[[], None] = self._linger_over
         self._last_activity = 0.0
         self._upgraded: UpgradedConnection | None = None
         self._upgraded_set = factory.upgraded
+        # Plain requests skip h11 (tunneld.edge.fasthead) while h11 holds
+        # nothing: _fast_ok says it may be tried, _fast that this exchange
+        # is one, with its answer at _out (and _out_left body bytes to go,
+        # None when chunked); _pending is what the client sent meanwhile.
+        self._fast_ok = True
+        self._fast = False
+        self._their_done = False
+        self._out = _OUT_IDLE
+        self._out_left: int | None = 0
+        self._pending = b""
+        self._parsing = False
 
     # -- connection ---------------------------------------------------------
 
@@ -342,8 +384,16 @@ class PublicHTTPProtocol(Protocol):
             self._between_requests = False
             self._arm(self._settings.header_timeout, self._head_timed_out)
         self._last_activity = self._seconds()
-        self._conn.receive_data(data)
-        self._process()
+        if self._fast:
+            # Pipelined behind an exchange in flight: it waits, unread.
+            self._pending += data
+            self._pause(_PIPELINE)
+            return
+        if self._fast_ok:
+            self._read_fast(data)
+        else:
+            self._conn.receive_data(data)
+            self._process()
 
     def readConnectionLost(self) -> None:
         """IHalfCloseableProtocol.readConnectionLost: the client sent all it will."""
@@ -375,6 +425,44 @@ class PublicHTTPProtocol(Protocol):
 
     # -- reading requests ---------------------------------------------------
 
+    def _read_fast(self, data: bytes) -> None:
+        """Serve the plain request heads C{data} starts with; hand the rest to h11."""
+        self._parsing = True
+        try:
+            while not self._closing:
+                parsed = _read_head(data)
+                if parsed is None:
+                    break
+                method, target, fields, end = parsed
+                data = data[end:]
+                self._fast = True
+                self._their_done = False
+                self._out = _OUT_IDLE
+                self._request_head(method, target, fields)
+                if self._fast and not self._closing:
+                    self._their_done = True  # a plain head carries no body
+                    self._request_end(())
+                if self._closing:
+                    return
+                if self._fast:  # the exchange goes on; what follows waits
+                    if data:
+                        self._pending = data
+                        self._pause(_PIPELINE)
+                    return
+                if not data:
+                    self._between_requests = True
+                    self._arm(self._settings.idle_timeout, self._keep_alive_expired)
+                    return
+                self._arm(self._settings.header_timeout, self._head_timed_out)
+        finally:
+            self._parsing = False
+        if self._closing:
+            return
+        self._fast_ok = False  # until h11 holds nothing again
+        self._conn.receive_data(data)
+        self._resume(_PIPELINE)  # h11 pauses for itself if it must
+        self._process()
+
     def _process(self) -> None:
         """Handle every event h11 can parse from what has arrived so far."""
         if self._processing:
@@ -403,9 +491,9 @@ class PublicHTTPProtocol(Protocol):
                 elif event is h11.NEED_DATA:
                     return
                 elif isinstance(event, h11.Request):
-                    self._request_head(event)
+                    self._request_head(event.method, event.target, event.headers)
                 elif isinstance(event, h11.EndOfMessage):
-                    self._request_end(event)
+                    self._request_end(event.headers)
                 elif event is h11.PAUSED:
                     # A pipelined request (or an upgrade proposal) waits for the
                     # current exchange; stop reading until the next cycle.
@@ -416,11 +504,11 @@ class PublicHTTPProtocol(Protocol):
         finally:
             self._processing = False
 
-    def _request_head(self, request: h11.Request) -> None:
+    def _request_head(self, method: bytes, target: bytes, headers: Headers) -> None:
+        """A request head (field names lower-cased), from h11 or read fast."""
         settings = self._settings
         self._between_requests = False
         self._arm(settings.idle_timeout, self._idle_check)
-        method, target, headers = request.method, request.target, request.headers
         self._method = method
         hosts: list[bytes] = []
         connection: list[bytes] = []
@@ -456,7 +544,7 @@ class PublicHTTPProtocol(Protocol):
             )
             return
         self._drainable = not chunked and (length is None or int(length) <= _DRAIN_LIMIT)
-        if self._conn.they_are_waiting_for_100_continue:
+        if not self._fast and self._conn.they_are_waiting_for_100_continue:
             self._drainable = False
         absolute = _split_absolute(target) if not target.startswith(b"/") else None
         if absolute is not None:
@@ -509,29 +597,12 @@ class PublicHTTPProtocol(Protocol):
         drop = _HOP_BY_HOP | conn_tokens if conn_tokens else _HOP_BY_HOP
         if switching:
             drop = drop - {b"upgrade"}
-        forwarded: list[tuple[bytes, bytes]] = []
-        xff: list[bytes] = []
-        vias: list[bytes] = []
-        for name, value in headers:
-            if name in drop or name in _REPLACED:
-                continue
-            if name == b"x-forwarded-for":
-                xff.append(value)
-            elif name == b"via":
-                vias.append(value)
-            elif name == b"host":
-                continue  # added below, once, from the authority actually routed
-            elif name == b"content-length" and chunked:
-                continue
-            else:
-                forwarded.append((name, value))
-        xff.append(self._client_ip)
-        vias.append(self._via)
-        forwarded.insert(0, (b"host", authority))
-        forwarded.append((b"x-forwarded-for", b", ".join(xff)))
-        forwarded.append((b"x-forwarded-proto", settings.scheme.encode("ascii")))
-        forwarded.append((b"x-forwarded-host", authority))
-        forwarded.append((b"via", b", ".join(vias)))
+        if chunked:
+            drop = drop | {b"content-length"}
+        # Host comes first, once, from the authority actually routed.
+        forwarded = _forwarded_headers(
+            headers, drop, authority, self._client_ip, settings.scheme, self._via
+        )
         if switching:
             forwarded.append((b"connection", b"Upgrade"))
         self._open(
@@ -594,11 +665,11 @@ class PublicHTTPProtocol(Protocol):
         stream.registerProducer(exchange.upload, True)
         exchange.producing = True
         self._socket.registerProducer(exchange, True)
-        if exchange.live and self._conn.they_are_waiting_for_100_continue:
+        if exchange.live and not self._fast and self._conn.they_are_waiting_for_100_continue:
             # Streams carry no interim responses; the edge invites the body itself.
             self._send([h11.InformationalResponse(status_code=100, headers=[])])
 
-    def _request_end(self, end: h11.EndOfMessage) -> None:
+    def _request_end(self, trailers: Headers) -> None:
         exchange = self._exchange
         if exchange is not None and exchange.upgrade and exchange.live:
             # What the client sends next belongs to the switched protocol (or
@@ -610,7 +681,7 @@ class PublicHTTPProtocol(Protocol):
             stream = cast(IStream, exchange.stream)
             stream.unregisterProducer()
             self._resume(_UPLOAD)
-            stream.end(end.headers)
+            stream.end(trailers)
         else:
             self._next_cycle_or_close()
 
@@ -650,14 +721,21 @@ class PublicHTTPProtocol(Protocol):
         on with the next request, drain the rest of this one, or close.
         """
         conn = self._conn
-        if conn.our_state is not h11.IDLE and conn.our_state is not h11.SEND_RESPONSE:
-            self._abort()
-            return
-        their = conn.their_state
-        keep = not close and (
-            their is h11.DONE or (their is h11.SEND_BODY and self._drainable
-                                  and not conn.they_are_waiting_for_100_continue)
-        )
+        fast = self._fast
+        if fast:
+            if self._out != _OUT_IDLE:
+                self._abort()
+                return
+            keep = not close  # a plain request has no body left to drain
+        else:
+            if conn.our_state is not h11.IDLE and conn.our_state is not h11.SEND_RESPONSE:
+                self._abort()
+                return
+            their = conn.their_state
+            keep = not close and (
+                their is h11.DONE or (their is h11.SEND_BODY and self._drainable
+                                      and not conn.they_are_waiting_for_100_continue)
+            )
         body = (text + "\n").encode("utf-8")
         headers = [
             (b"content-type", b"text/plain"),
@@ -669,6 +747,19 @@ class PublicHTTPProtocol(Protocol):
             headers.append((b"retry-after", b"%d" % retry_after))
         if not keep:
             headers.append((b"connection", b"close"))
+        if fast:
+            checked = _check_fields(headers)
+            head = None if isinstance(checked, str) else _response_head(
+                status, _phrase(status), checked[0]
+            )
+            if head is None:
+                self._abort()
+                return
+            self._stats.response(status)
+            self._out = _OUT_DONE if keep else _OUT_CLOSE
+            self._socket.write(head if self._method == b"HEAD" else head + body)
+            self._next_cycle_or_close()
+            return
         events: list[h11.Event] = [
             h11.Response(status_code=status, headers=headers, reason=_phrase(status))
         ]
@@ -712,23 +803,15 @@ class PublicHTTPProtocol(Protocol):
             self._upload_done(exchange)
             cast(IStream, exchange.stream).end()
         headers, has_length = _reply_headers(reply.headers, self._via)
+        if self._fast:
+            self._reply_fast(exchange, reply, headers)
+            return
         try:
             response = h11.Response(
                 status_code=reply.status, headers=headers, reason=reply.reason or _phrase(reply.status)
             )
         except h11.LocalProtocolError as error:
-            self._finish(exchange)
-            cast(IStream, exchange.stream).reset(Reason.UPSTREAM_ERROR, f"bad reply: {error}")
-            self.log.info(
-                "bad reply for {method} {host}{target} from {peer}: {error}",
-                method=exchange.method.decode("latin-1"), host=exchange.host,
-                target=exchange.target, peer=self._peer, error=str(error),
-            )
-            self._stats.refused(
-                Reason.UPSTREAM_ERROR, host=exchange.host, target=exchange.target,
-                peer=self._peer, message=str(error),
-            )
-            self._answer(502, Reason.UPSTREAM_ERROR.value, Reason.UPSTREAM_ERROR.description)
+            self._bad_reply(exchange, str(error))
             return
         status = reply.status
         if status == 204 or status == 304:
@@ -740,6 +823,55 @@ class PublicHTTPProtocol(Protocol):
         self._stats.response(status)
         self._send([response])
         self._last_activity = self._seconds()
+
+    def _reply_fast(
+        self, exchange: _Exchange, reply: ReplyHead, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        """The reply of a fast exchange, framed as h11 would frame it."""
+        checked = _check_fields(headers)
+        if isinstance(checked, str):
+            self._bad_reply(exchange, checked)
+            return
+        status = reply.status
+        if not 200 <= status < 1000:
+            self._bad_reply(
+                exchange, f"Response status_code should be in range [200, 1000), not {status}"
+            )
+            return
+        headers, length = checked
+        if status == 204 or status == 304:
+            exchange.bodyless = True
+            left: int | None = 0
+        else:
+            if length is None:
+                headers.append((b"Transfer-Encoding", b"chunked"))
+            left = 0 if exchange.bodyless else length
+        head = _response_head(status, reply.reason or _phrase(status), headers)
+        if head is None:
+            self._bad_reply(exchange, f"illegal reason phrase {reply.reason!r}")
+            return
+        exchange.chunked = left is None
+        exchange.response_started = True
+        self._out = _OUT_BODY
+        self._out_left = left
+        self._stats.response(status)
+        self._socket.write(head)
+        self._last_activity = self._seconds()
+
+    def _bad_reply(self, exchange: _Exchange, error: str) -> None:
+        """The upstream's reply head cannot be sent on: answer 502 instead."""
+        self._finish(exchange)
+        cast(IStream, exchange.stream).reset(Reason.UPSTREAM_ERROR, f"bad reply: {error}")
+        self.log.info(
+            "bad reply for {method} {host}{target} from {peer}: {error}",
+            method=exchange.method.decode("latin-1"), host=exchange.host,
+            target=exchange.target, peer=self._peer, error=str(error),
+        )
+        self._stats.refused(
+            Reason.UPSTREAM_ERROR, host=exchange.host, target=exchange.target,
+            peer=self._peer, message=str(error),
+        )
+        self._answer(502, Reason.UPSTREAM_ERROR.value, Reason.UPSTREAM_ERROR.description)
 
     def _switch(self, exchange: _Exchange, reply: ReplyHead) -> None:
         """The upstream accepted the switch: relay its 101 and go raw."""
@@ -816,6 +948,24 @@ class PublicHTTPProtocol(Protocol):
             self._upgraded.shutdown(reason, message)
 
     def _reply_end(self, exchange: _Exchange, trailers: Headers) -> None:
+        if self._fast:
+            left = self._out_left
+            if left is None:
+                block = b""
+                if trailers:
+                    checked = _check_fields(trailers)
+                    # malformed trailers are dropped, the body is still whole
+                    if not isinstance(checked, str):
+                        block = b"".join([b"%s: %s\r\n" % field for field in checked[0]])
+                self._socket.write(b"0\r\n%s\r\n" % block)
+            elif left:
+                self._reply_broke(exchange, "Too little data for declared Content-Length")
+                return
+            self._out = _OUT_DONE
+            exchange.response_done = True
+            self._finish(exchange)
+            self._next_cycle_or_close()
+            return
         end = h11.EndOfMessage()
         if trailers and exchange.chunked:
             try:
@@ -923,11 +1073,15 @@ class PublicHTTPProtocol(Protocol):
 
     def _next_cycle_or_close(self) -> None:
         """After an answer or a request end: start over, wait for the body, or close."""
+        if self._fast:
+            self._next_fast_cycle()
+            return
         conn = self._conn
         ours = conn.our_state
         if ours is h11.DONE:
             if conn.their_state is h11.DONE:
                 conn.start_next_cycle()
+                self._fast_ok = not conn.trailing_data[0]
                 self._exchange = None
                 self._method = b""
                 if self._paused_by & _PIPELINE:
@@ -943,6 +1097,30 @@ class PublicHTTPProtocol(Protocol):
         elif ours is h11.ERROR:
             self._abort()
 
+    def _next_fast_cycle(self) -> None:
+        """L{_next_cycle_or_close} for a fast exchange."""
+        out = self._out
+        if out == _OUT_CLOSE:
+            self._close_after_response()
+            return
+        if out != _OUT_DONE or not self._their_done:
+            return
+        self._fast = False
+        self._exchange = None
+        self._method = b""
+        if self._parsing:
+            return  # _read_fast goes on with what follows
+        pending, self._pending = self._pending, b""
+        if pending:
+            self._arm(self._settings.header_timeout, self._head_timed_out)
+            # Read what waited before reading more, so nothing overtakes it.
+            self._read_fast(pending)
+            if self._fast_ok and not self._pending and not self._closing:
+                self._resume(_PIPELINE)
+        else:
+            self._between_requests = True
+            self._arm(self._settings.idle_timeout, self._keep_alive_expired)
+
     def _close_after_response(self) -> None:
         if self._closing:
             return
@@ -952,7 +1130,7 @@ class PublicHTTPProtocol(Protocol):
         if exchange is not None:
             self._finish(exchange)
         their = self._conn.their_state
-        if their is h11.DONE or their is h11.MUST_CLOSE or their is h11.CLOSED or (
+        if self._fast or their is h11.DONE or their is h11.MUST_CLOSE or their is h11.CLOSED or (
             their is h11.IDLE and self._between_requests
         ):
             self._socket.loseConnection()
@@ -962,7 +1140,7 @@ class PublicHTTPProtocol(Protocol):
         self._lingering = True
         self._paused_by = 0
         self._socket.resumeProducing()
-        self._timer = self._clock.callLater(_LINGER_SECONDS, self._linger_over)
+        self._arm(_LINGER_SECONDS, self._linger_over)
 
     def _linger_over(self) -> None:
         self._timer = None
@@ -988,10 +1166,28 @@ class PublicHTTPProtocol(Protocol):
                 self._socket.resumeProducing()
 
     def _arm(self, delay: float, expire: Callable[[], None]) -> None:
+        """
+        Call C{expire} in C{delay} seconds, instead of whatever was armed.
+        The reactor's timer only moves when the new deadline is sooner: a
+        later one is found when the timer fires (so a keep-alive request
+        costs no timer calls).
+        """
+        due = self._seconds() + delay
+        self._due = due
+        self._expire = expire
         timer = self._timer
-        if timer is not None and timer.active():
-            timer.cancel()
-        self._timer = self._clock.callLater(delay, expire)
+        if timer is None:
+            self._timer = self._clock.callLater(delay, self._deadline)
+        elif timer.getTime() > due:
+            timer.reset(delay)
+
+    def _deadline(self) -> None:
+        left = self._due - self._seconds()
+        if left > 0:
+            self._timer = self._clock.callLater(left, self._deadline)
+            return
+        self._timer = None
+        self._expire()
 
     def _cancel_timer(self) -> None:
         timer, self._timer = self._timer, None
@@ -1022,7 +1218,7 @@ class PublicHTTPProtocol(Protocol):
         idle = self._settings.idle_timeout
         left = self._last_activity + idle - self._seconds()
         if left > 0:
-            self._timer = self._clock.callLater(left, self._idle_check)
+            self._arm(left, self._idle_check)
             return
         self._timer = None
         self.log.debug(

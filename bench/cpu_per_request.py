@@ -1,0 +1,61 @@
+"""
+CPU time the edge and the agent spend per request under wrk, the way bench/run starts them.
+
+CPU time (utime + stime from /proc) rather than wall-clock figures: on a shared,
+loaded machine req/s swings by tens of percent from run to run, while the CPU a
+process spends per request moves much less, so an A/B of one change shows.
+
+Usage: python bench/cpu_per_request.py [websocket|grpc] [/small|/1m] [ROUNDS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import runner  # noqa: E402
+
+SECONDS = 5
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("transport", nargs="?", default="websocket")
+    parser.add_argument("path", nargs="?", default="/small")
+    parser.add_argument("rounds", nargs="?", type=int, default=3)
+    args = parser.parse_args()
+    bench = runner.Bench(argparse.Namespace(smoke=False, big_mib=16, reps=1, seconds=SECONDS,
+                                            window=0, argv=[]))
+    if bench.load_cpu is not None:
+        os.sched_setaffinity(0, {int(bench.load_cpu)})
+    connections = 50 if args.path == "/small" else 4
+    try:
+        upstream, _ = bench.start_upstream()
+        system = bench.tunneld(args.transport, upstream, None)
+        bench.load(system, args.path, connections, 2)  # warm up
+        for _ in range(args.rounds):
+            before = {proc.name: cpu_seconds(proc.pid) for proc in system.measured}
+            result = bench.load(system, args.path, connections, SECONDS)
+            after = {proc.name: cpu_seconds(proc.pid) for proc in system.measured}
+            requests = max(1.0, result["rps"] * SECONDS)
+            print(f"{result['rps']:.0f} req/s  " + "  ".join(
+                f"{name.split('-')[0]} {1e6 * (after[name] - before[name]) / requests:.0f} us/req"
+                for name in before
+            ))
+    finally:
+        bench.stop_all()
+        shutil.rmtree(bench.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
