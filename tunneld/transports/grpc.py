@@ -293,6 +293,45 @@ def split_address(address: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
+class _Connection(H2Connection):
+    """
+    An C{H2Connection} that counts open streams in amortised constant time.
+
+    h2 counts them, each time a stream opens, by walking every stream it
+    knows (forgetting the closed ones on the way): with hundreds of idle
+    C{Forward} calls that walk costs more than the rest of a request.  Here
+    the number of streams known is used while it is below the
+    C{MAX_CONCURRENT_STREAMS} that applies and twice what the last walk left: it is an
+    upper bound of the open ones, so a limit check it passes would pass with
+    the exact count.  Otherwise h2's own walk counts them, exactly, and
+    forgets the closed ones, so what it keeps stays bounded.
+    """
+
+    _walk_at = 64
+
+    def _few(self, limit: int) -> bool:
+        known = len(self.streams)
+        return known < self._walk_at and known < limit
+
+    def _walked(self, count: int) -> int:
+        self._walk_at = max(64, 2 * len(self.streams))
+        return count
+
+    @property
+    def open_outbound_streams(self) -> int:
+        """An upper bound of the open outbound streams, exact near the peer's limit."""
+        if self._few(self.remote_settings.max_concurrent_streams):
+            return len(self.streams)
+        return self._walked(super().open_outbound_streams)
+
+    @property
+    def open_inbound_streams(self) -> int:
+        """An upper bound of the open inbound streams, exact near our limit."""
+        if self._few(self.local_settings.max_concurrent_streams):
+            return len(self.streams)
+        return self._walked(super().open_inbound_streams)
+
+
 class _CallError(Exception):
     """A call broke gRPC framing; ends the call with C{status}."""
 
@@ -306,8 +345,8 @@ class _Call:
 
     __slots__ = (
         "stream_id", "kind", "inbox", "outbox", "out_offset", "out_size", "finish",
-        "headers_sent", "local_closed", "remote_closed", "stream", "unacked",
-        "retiring", "broken",
+        "end_after", "dirty", "blocked", "headers_sent", "local_closed", "remote_closed",
+        "stream", "unacked", "retiring", "broken",
     )
 
     def __init__(self, stream_id: int, kind: str) -> None:
@@ -318,6 +357,12 @@ class _Call:
         self.out_offset = 0
         self.out_size = 0
         self.finish: Callable[[], None] | None = None
+        # END_STREAM goes out with the last queued byte (the agent's half-close).
+        self.end_after = False
+        # Queued bytes wait for the end of the reactor turn (see GrpcLink.enqueue).
+        self.dirty = False
+        # The HTTP/2 window holds queued bytes back.
+        self.blocked = False
         self.headers_sent = False
         self.local_closed = False
         self.remote_closed = False
@@ -331,6 +376,8 @@ class _Call:
         self.out_offset = 0
         self.out_size = 0
         self.finish = None
+        self.end_after = False
+        self.blocked = False
 
 
 @implementer(IStream)
@@ -405,7 +452,7 @@ class GrpcStream:
         """IConsumer.registerProducer: only push producers (all of ours are)."""
         self._producer = cast(IPushProducer, producer)
         self._producer_paused = False
-        if self.pending() or self.link.sending_paused:
+        if self.blocked():
             self._pause_producer()
 
     def unregisterProducer(self) -> None:  # noqa: N802
@@ -440,6 +487,15 @@ class GrpcStream:
         """Outgoing bytes not yet handed to HTTP/2."""
         return self._held_size + (self.call.out_size if self.call is not None else 0)
 
+    def blocked(self) -> bool:
+        """
+        Whether what is written now must wait: for a call, for the socket or
+        for the HTTP/2 window.  (Bytes that merely wait for the end of the
+        reactor turn do not pause the source.)
+        """
+        call = self.call
+        return call is None or call.blocked or self.link.sending_paused
+
     def _send(self, pieces: Iterable[bytes]) -> None:
         pieces = list(pieces)
         size = sum(len(p) for p in pieces)
@@ -461,7 +517,7 @@ class GrpcStream:
                 peer=self.link.peer, size=pending,
             )
             self.reset(Reason.SATURATED, "sender ignored flow control")
-        elif pending or self.link.sending_paused:
+        elif self.blocked():
             self._pause_producer()
 
     def take_held(self) -> list[bytes]:
@@ -573,11 +629,20 @@ class GrpcLink(Protocol):
         self.control: _Call | None = None
         self.sending_paused = False
         self.closed = False
-        self.conn: H2Connection = H2Connection(
-            H2Configuration(client_side=not self.is_edge, header_encoding=None)
+        self.conn: H2Connection = _Connection(
+            H2Configuration(
+                client_side=not self.is_edge,
+                header_encoding=None,
+                # Every header we send is built here, as lowercase bytes: h2
+                # need not check or rewrite them.  What arrives is checked.
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+            )
         )
         self._conn_unacked = 0
         self._batching = False
+        self._dirty: list[_Call] = []
+        self._turn: Any = None
         self.heartbeat = Heartbeat(
             reactor, heartbeat_interval, heartbeat_timeout, self._ping, self._silent
         )
@@ -607,8 +672,7 @@ class GrpcLink(Protocol):
         control = self.control
         if self.closed or control is None or control.local_closed:
             return
-        self.enqueue(control, [_frame_message(codec.encode_control(message))])
-        self.flush()
+        self.send_now(control, [_frame_message(codec.encode_control(message))])
 
     def open_stream(self, head: StreamHead, receiver: IStreamReceiver) -> IStream:
         """IAgentLink.open_stream"""
@@ -717,10 +781,11 @@ class GrpcLink(Protocol):
         self.flush()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
-        for timer in (self._abort_timer, self._linger_timer):
+        for timer in (self._abort_timer, self._linger_timer, self._turn):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._abort_timer = self._linger_timer = None
+        self._abort_timer = self._linger_timer = self._turn = None
+        self._dirty = []
         if self._lost_reason is not None:
             why, detail = self._lost_reason
         else:
@@ -740,9 +805,15 @@ class GrpcLink(Protocol):
         return waiter
 
     def flush(self) -> None:
-        """Write what HTTP/2 has queued: one transport write per batch."""
+        """Move the turn's queued messages into HTTP/2, then write what it has: one write."""
         if self._batching or self.transport is None:
             return
+        while self._dirty:
+            dirty, self._dirty = self._dirty, []
+            for call in dirty:
+                call.dirty = False
+                if call.outbox and not call.blocked and not self.sending_paused:
+                    self.flush_call(call)
         data = self.conn.data_to_send()
         if data:
             self.transport.write(data)
@@ -782,14 +853,36 @@ class GrpcLink(Protocol):
     # -- sending ------------------------------------------------------------------
 
     def enqueue(self, call: _Call, pieces: Iterable[bytes]) -> None:
-        """Queue gRPC-framed bytes on a call and send what the windows allow."""
-        if call.local_closed or call.finish is not None:
+        """
+        Queue gRPC-framed bytes on a call.  They go into HTTP/2 at the end of
+        the reactor turn, so that the messages of one turn (a reply, its body
+        and its end) share one DATA frame; a frame's worth goes at once.
+        """
+        if call.local_closed or call.finish is not None or call.end_after:
             return
         for piece in pieces:
             call.outbox.append(piece)
             call.out_size += len(piece)
-        if not self.sending_paused:
+        if call.blocked or self.sending_paused:
+            return  # a window update or the socket draining moves it on
+        if call.out_size >= self.conn.max_outbound_frame_size:
             self.flush_call(call)
+            self.flush()
+        elif not call.dirty:
+            call.dirty = True
+            self._dirty.append(call)
+            if not self._batching and self._turn is None:
+                self._turn = self.reactor.callLater(0, self._end_of_turn)
+
+    def send_now(self, call: _Call, pieces: Iterable[bytes]) -> None:
+        """Queue bytes on a call and hand them to HTTP/2 now (what the windows allow)."""
+        self.enqueue(call, pieces)
+        if call.outbox and not call.blocked and not self.sending_paused:
+            self.flush_call(call)
+        self.flush()
+
+    def _end_of_turn(self) -> None:
+        self._turn = None
         self.flush()
 
     def flush_call(self, call: _Call) -> None:
@@ -822,20 +915,33 @@ class GrpcLink(Protocol):
                         parts.append(piece[offset : offset + room])
                         call.out_offset = offset + room
                         taken += room
-                conn.send_data(sid, parts[0] if len(parts) == 1 else b"".join(parts))
+                last = call.end_after and not outbox
+                conn.send_data(
+                    sid, parts[0] if len(parts) == 1 else b"".join(parts), end_stream=last
+                )
                 call.out_size -= taken
+                if last:
+                    call.end_after = False
+                    call.local_closed = True
+                    self.maybe_forget_call(call)
         except H2ProtocolError:
             # The stream is gone (reset by the peer): nothing more goes out on it.
             call.drop_outbox()
             call.local_closed = True
             return
-        if not outbox:
-            finish, call.finish = call.finish, None
-            if finish is not None:
-                finish()
-            stream = call.stream
-            if stream is not None and not stream.closed:
-                stream.resume_source()
+        stream = call.stream
+        if outbox:
+            # The window is spent: the source waits for a window update.
+            call.blocked = True
+            if stream is not None:
+                stream.pause_source()
+            return
+        call.blocked = False
+        finish, call.finish = call.finish, None
+        if finish is not None:
+            finish()
+        if stream is not None and not stream.closed:
+            stream.resume_source()
 
     def flush_all(self) -> None:
         for call in list(self.calls.values()):
@@ -853,24 +959,18 @@ class GrpcLink(Protocol):
             self.maybe_forget_call(call)
 
     def end_request(self, call: _Call) -> None:
-        """Agent: half-close a call once its queued messages are out."""
-        if call.local_closed or call.finish is not None:
+        """Agent: half-close a call, with its last queued message if any."""
+        if call.local_closed or call.finish is not None or call.end_after:
             return
-
-        def end() -> None:
-            if call.local_closed:
-                return
-            call.local_closed = True
-            try:
-                self.conn.end_stream(call.stream_id)
-            except H2ProtocolError:
-                pass
-            self.maybe_forget_call(call)
-
         if call.outbox:
-            call.finish = end
-        else:
-            end()
+            call.end_after = True
+            return
+        call.local_closed = True
+        try:
+            self.conn.end_stream(call.stream_id)
+        except H2ProtocolError:
+            pass
+        self.maybe_forget_call(call)
         self.flush()
 
     def rst(self, call: _Call, code: int) -> None:
@@ -1010,7 +1110,7 @@ class GrpcLink(Protocol):
         if kind == "ping":
             control = self.control
             if control is not None:
-                self.enqueue(control, [_frame_message(codec.encode_ping(frame.ping.opaque, True))])
+                self.send_now(control, [_frame_message(codec.encode_ping(frame.ping.opaque, True))])
             return
         if kind == "pong":
             return
@@ -1148,7 +1248,7 @@ class GrpcLink(Protocol):
             if not call.remote_closed:
                 self.rst(call, _RST_FOR_REASON.get(reason, ErrorCodes.CANCEL))
             return False
-        self.enqueue(call, [_frame_message(codec.encode_reset(0, reason, message))])
+        self.send_now(call, [_frame_message(codec.encode_reset(0, reason, message))])
         if call.outbox:
             self.rst(call, _RST_FOR_REASON.get(reason, ErrorCodes.INTERNAL_ERROR))
             return False
@@ -1237,7 +1337,7 @@ class EdgeGrpcLink(GrpcLink):
         control = self.control
         if control is not None and not control.local_closed:
             # A GoAway message as on every transport, then the status that ends Control.
-            self.enqueue(control, [_frame_message(codec.encode_control(GoAway(reason, message)))])
+            self.send_now(control, [_frame_message(codec.encode_control(GoAway(reason, message)))])
             self._finish(control, _STATUS_FOR_REASON[reason], status_message(reason, message), now=True)
 
     # -- calls ------------------------------------------------------------------------
