@@ -30,10 +30,12 @@ from tunneld.interfaces import (
     ITransportPlugin,
 )
 from tunneld.reasons import Reason
+from tunneld.transports import grpc as grpc_transport
 from tunneld.transports.grpc import (
     AgentGrpcLink,
     EdgeGrpcLink,
     GrpcStatus,
+    GrpcStream,
     GrpcTransport,
     _Connection,
     data_message,
@@ -436,12 +438,14 @@ class GrpcTransportTests(TestCase):
         self.assertTrue(pair.agent.transport.getTcpNoDelay())
 
     async def test_messages_of_one_turn_share_a_data_frame(self) -> None:
-        """Data and End written in one turn reach the edge as one DATA frame with END_STREAM; no pause."""
+        """Data and End written in one turn reach the edge as one DATA frame; the source is not paused."""
         pair = await link_pair(self)
         receiver = Receiver()
         pair.edge.open_stream(head("/hold"), receiver).end()
         await until(lambda: receiver.reply is not None)
         (agent_stream,) = pair.agent_handler.streams
+        assert agent_stream.call is not None
+        call_id = agent_stream.call.stream_id
         agent_stream.unregisterProducer()
         producer = Producer()
         agent_stream.registerProducer(producer, True)
@@ -460,10 +464,51 @@ class GrpcTransportTests(TestCase):
         await receiver.done
         self.assertEqual(receiver.data, b"first second")
         self.assertEqual(receiver.trailers, ((b"x-done", b"1"),))
-        call_id = agent_stream.call.stream_id  # type: ignore[attr-defined]
         mine = [e for e in seen if getattr(e, "stream_id", None) == call_id]
-        self.assertEqual([type(e) for e in mine], [h2events.DataReceived, h2events.StreamEnded])
+        self.assertEqual([type(e) for e in mine], [h2events.DataReceived])
         self.assertEqual(producer.pauses, 0)
+
+    async def test_forward_call_carries_one_stream_after_another(self) -> None:
+        """Agreed reuse: streams that end cleanly leave their call open for the next; a reset ends it."""
+        pair = await link_pair(self)
+        await until(lambda: len(pair.edge.idle) == 2)
+        calls = set()
+        for i in range(6):
+            receiver = Receiver()
+            stream = pair.edge.open_stream(head(f"/echo/{i}"), receiver)
+            assert isinstance(stream, GrpcStream) and stream.call is not None
+            calls.add(stream.call.stream_id)
+            stream.write(b"body %d" % i)
+            stream.end()
+            await receiver.done
+            self.assertIsNone(receiver.reset)
+            self.assertEqual(receiver.data, b"body %d" % i)
+            await until(lambda: len(pair.edge.idle) == 2 and len(pair.agent.idle) == 2)
+        # Six streams, one after another, on the pool's two calls.
+        self.assertEqual(len(calls), 2)
+        self.assertEqual(len(pair.edge.calls), 3)  # Control and two Forward calls
+        receiver = Receiver()
+        stream = pair.edge.open_stream(head("/hold"), receiver)
+        assert isinstance(stream, GrpcStream) and stream.call is not None
+        call_id = stream.call.stream_id
+        await until(lambda: receiver.reply is not None)
+        stream.reset(Reason.CLIENT_GONE, "client hung up")
+        await until(lambda: call_id not in pair.edge.calls and call_id not in pair.agent.calls)
+        self.assertEqual(pair.agent_handler.echoes[-1].reset, (Reason.CLIENT_GONE, "client hung up"))
+
+    async def test_without_reuse_each_stream_ends_its_call(self) -> None:
+        """Ends that do not ask for reuse (like a stock agent) get one call per stream, ended by trailers."""
+        self.patch(grpc_transport, "_REUSE", ())
+        pair = await link_pair(self)
+        await until(lambda: len(pair.edge.idle) == 2)
+        receiver = Receiver()
+        stream = pair.edge.open_stream(head("/echo"), receiver)
+        assert isinstance(stream, GrpcStream) and stream.call is not None
+        call_id = stream.call.stream_id
+        stream.end()
+        await receiver.done
+        self.assertIsNone(receiver.reset)
+        await until(lambda: call_id not in pair.edge.calls and call_id not in pair.agent.calls)
 
     async def test_fifty_concurrent_streams(self) -> None:
         """50 streams at once each get their own echo back, intact."""
