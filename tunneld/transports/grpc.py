@@ -680,13 +680,9 @@ class GrpcLink(Protocol):
                 client_side=not self.is_edge,
                 header_encoding=None,
                 # Every header we send is built here, as lowercase bytes: h2
-                # need not check or rewrite them.
+                # need not check or rewrite them.  What arrives is checked.
                 validate_outbound_headers=False,
                 normalize_outbound_headers=False,
-                # What an agent sends the edge is checked; the agent trusts
-                # the edge it dialled and reads only what it needs (status,
-                # content-type, grpc-status, grpc-message), each with a default.
-                validate_inbound_headers=self.is_edge,
             )
         )
         self._conn_unacked = 0
