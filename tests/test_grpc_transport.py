@@ -8,6 +8,10 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from h2 import events as h2events
+from h2.config import H2Configuration
+from h2.exceptions import TooManyStreamsError
+from h2.settings import SettingCodes
 from twisted.internet import defer, reactor
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import deferLater
@@ -26,11 +30,14 @@ from tunneld.interfaces import (
     ITransportPlugin,
 )
 from tunneld.reasons import Reason
+from tunneld.transports import grpc as grpc_transport
 from tunneld.transports.grpc import (
     AgentGrpcLink,
     EdgeGrpcLink,
     GrpcStatus,
+    GrpcStream,
     GrpcTransport,
+    _Connection,
     data_message,
     grpc_message,
     reason_from_status,
@@ -136,6 +143,23 @@ class BytesProducer:
 
     def stopProducing(self) -> None:  # noqa: N802
         self.stopped = True
+
+
+@implementer(IPushProducer)
+class Producer:
+    """Counts pauses."""
+
+    def __init__(self) -> None:
+        self.pauses = 0
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        self.pauses += 1
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        pass
+
+    def stopProducing(self) -> None:  # noqa: N802
+        pass
 
 
 @implementer(IStreamReceiver)
@@ -299,6 +323,54 @@ class GrpcWireTests(TestCase):
             reason_from_status(GrpcStatus.UNAUTHENTICATED, b"no label")[0], Reason.UNAUTHORIZED
         )
 
+    def test_open_stream_count_is_exact_at_the_limit(self) -> None:
+        """The cheap open-stream count still enforces MAX_CONCURRENT_STREAMS and forgets closed streams."""
+        client = _Connection(H2Configuration(client_side=True, header_encoding=None))
+        server = _Connection(H2Configuration(client_side=False, header_encoding=None))
+        client.initiate_connection()
+        server.initiate_connection()
+        server.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: 100})
+        for _ in range(3):
+            server.receive_data(client.data_to_send())
+            client.receive_data(server.data_to_send())
+        request = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/x"), (b":authority", b"a")]
+
+        def open_one() -> int:
+            sid = client.get_next_available_stream_id()
+            client.send_headers(sid, request)
+            server.receive_data(client.data_to_send())
+            return sid
+
+        # Open and reset 1,000 streams: what h2 keeps stays bounded.
+        for _ in range(1000):
+            sid = open_one()
+            client.reset_stream(sid)
+            server.receive_data(client.data_to_send())
+        self.assertLess(len(client.streams), 200)
+        self.assertLess(len(server.streams), 200)
+        # 100 open streams are allowed, the 101st is not.
+        for _ in range(100):
+            open_one()
+        self.assertEqual(client.open_outbound_streams, 100)
+        self.assertEqual(server.open_inbound_streams, 100)
+        with self.assertRaises(TooManyStreamsError):
+            client.send_headers(client.get_next_available_stream_id(), request)
+
+    def test_received_data_frame_repr_is_short(self) -> None:
+        """A received DATA frame's repr names its size instead of hex-encoding the payload."""
+        client = _Connection(H2Configuration(client_side=True, header_encoding=None))
+        server = _Connection(H2Configuration(client_side=False, header_encoding=None))
+        client.initiate_connection()
+        server.receive_data(client.data_to_send())
+        sid = client.get_next_available_stream_id()
+        client.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/x"), (b":authority", b"a")])
+        client.send_data(sid, b"\xab" * 1000)
+        server.incoming_buffer.add_data(client.data_to_send())
+        frames = list(server.incoming_buffer)
+        self.assertEqual([type(f).__name__ for f in frames], ["HeadersFrame", "DataFrame"])
+        self.assertIn("<1000 bytes>", repr(frames[-1]))
+        self.assertNotIn("abab", repr(frames[-1]))
+
     def test_plugin_found_and_options_checked(self) -> None:
         """The grpc plugin is found by name, verifies, and rejects bad agent options."""
         plugin = available_transports()["grpc"]
@@ -358,6 +430,85 @@ class GrpcTransportTests(TestCase):
         self.assertEqual(agent_stream.head, head("/echo"))
         await until(lambda: pair.edge.active_streams() == 0 and pair.agent.active_streams() == 0)
         await until(lambda: len(pair.edge.calls) == 1 + len(pair.edge.idle))
+
+    async def test_link_sockets_have_no_delay(self) -> None:
+        """Both ends of the link turn Nagle's algorithm off (TCP_NODELAY)."""
+        pair = await link_pair(self)
+        self.assertTrue(pair.edge.transport.getTcpNoDelay())
+        self.assertTrue(pair.agent.transport.getTcpNoDelay())
+
+    async def test_messages_of_one_turn_share_a_data_frame(self) -> None:
+        """Data and End written in one turn reach the edge as one DATA frame; the source is not paused."""
+        pair = await link_pair(self)
+        receiver = Receiver()
+        pair.edge.open_stream(head("/hold"), receiver).end()
+        await until(lambda: receiver.reply is not None)
+        (agent_stream,) = pair.agent_handler.streams
+        assert agent_stream.call is not None
+        call_id = agent_stream.call.stream_id
+        agent_stream.unregisterProducer()
+        producer = Producer()
+        agent_stream.registerProducer(producer, True)
+        seen: list[h2events.Event] = []
+        receive_data = pair.edge.conn.receive_data
+
+        def recording(data: bytes) -> list[h2events.Event]:
+            events = receive_data(data)
+            seen.extend(events)
+            return events
+
+        pair.edge.conn.receive_data = recording  # type: ignore[method-assign]
+        agent_stream.write(b"first ")
+        agent_stream.write(b"second")
+        agent_stream.end(((b"x-done", b"1"),))
+        await receiver.done
+        self.assertEqual(receiver.data, b"first second")
+        self.assertEqual(receiver.trailers, ((b"x-done", b"1"),))
+        mine = [e for e in seen if getattr(e, "stream_id", None) == call_id]
+        self.assertEqual([type(e) for e in mine], [h2events.DataReceived])
+        self.assertEqual(producer.pauses, 0)
+
+    async def test_forward_call_carries_one_stream_after_another(self) -> None:
+        """Agreed reuse: streams that end cleanly leave their call open for the next; a reset ends it."""
+        pair = await link_pair(self)
+        await until(lambda: len(pair.edge.idle) == 2)
+        calls = set()
+        for i in range(6):
+            receiver = Receiver()
+            stream = pair.edge.open_stream(head(f"/echo/{i}"), receiver)
+            assert isinstance(stream, GrpcStream) and stream.call is not None
+            calls.add(stream.call.stream_id)
+            stream.write(b"body %d" % i)
+            stream.end()
+            await receiver.done
+            self.assertIsNone(receiver.reset)
+            self.assertEqual(receiver.data, b"body %d" % i)
+            await until(lambda: len(pair.edge.idle) == 2 and len(pair.agent.idle) == 2)
+        # Six streams, one after another, on the pool's two calls.
+        self.assertEqual(len(calls), 2)
+        self.assertEqual(len(pair.edge.calls), 3)  # Control and two Forward calls
+        receiver = Receiver()
+        stream = pair.edge.open_stream(head("/hold"), receiver)
+        assert isinstance(stream, GrpcStream) and stream.call is not None
+        call_id = stream.call.stream_id
+        await until(lambda: receiver.reply is not None)
+        stream.reset(Reason.CLIENT_GONE, "client hung up")
+        await until(lambda: call_id not in pair.edge.calls and call_id not in pair.agent.calls)
+        self.assertEqual(pair.agent_handler.echoes[-1].reset, (Reason.CLIENT_GONE, "client hung up"))
+
+    async def test_without_reuse_each_stream_ends_its_call(self) -> None:
+        """Ends that do not ask for reuse (like a stock agent) get one call per stream, ended by trailers."""
+        self.patch(grpc_transport, "_REUSE", ())
+        pair = await link_pair(self)
+        await until(lambda: len(pair.edge.idle) == 2)
+        receiver = Receiver()
+        stream = pair.edge.open_stream(head("/echo"), receiver)
+        assert isinstance(stream, GrpcStream) and stream.call is not None
+        call_id = stream.call.stream_id
+        stream.end()
+        await receiver.done
+        self.assertIsNone(receiver.reset)
+        await until(lambda: call_id not in pair.edge.calls and call_id not in pair.agent.calls)
 
     async def test_fifty_concurrent_streams(self) -> None:
         """50 streams at once each get their own echo back, intact."""

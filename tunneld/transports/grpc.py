@@ -20,6 +20,13 @@ Rules on top of plain gRPC that an agent must follow:
   - the edge ends a C{Forward} call (trailers) only once both directions have
     sent C{End}, or after a C{Reset}; the agent half-closes its request after
     its own C{End} or C{Reset};
+  - unless both ends agree to reuse the call: an agent that sends the request
+    metadata C{tunneld-reuse: 1} on a C{Forward} call, answered by the same
+    response metadata, keeps the call open after a stream ended cleanly
+    (C{End} both ways) and both ends take it back as an idle call, ready for
+    the next C{Open}.  A stream then costs two DATA frames instead of three
+    HEADERS and two DATA frames; a C{Reset} still ends the call.  Peers that
+    do not send the metadata (a stock gRPC agent) get one call per stream;
   - a closing edge ends C{Control} with a C{grpc-status} and a C{grpc-message}
     of the form C{"<reason>: <text>"} (e.g. C{unauthorized: wrong token}).
 """
@@ -30,6 +37,7 @@ import enum
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 from urllib.parse import quote, unquote
 
@@ -38,7 +46,9 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError as H2ProtocolError
+from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
+from hyperframe.frame import DataFrame, Frame
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.interfaces import (
@@ -84,6 +94,13 @@ FORWARD_PATH = b"/tunneld.v1.TunnelAgent/Forward"
 GRPC_CONTENT_TYPE = b"application/grpc"
 # Response metadata on a Forward call: idle calls the edge has left after using this one.
 IDLE_HEADER = b"tunneld-idle"
+# Metadata on a Forward call's request and response: both ends reuse the call
+# for the next stream once both sides have sent End (see the module docstring).
+REUSE_HEADER = b"tunneld-reuse"
+_RESPONSE_HEADERS = ((b":status", b"200"), (b"content-type", GRPC_CONTENT_TYPE))
+_REUSE = ((REUSE_HEADER, b"1"),)
+# Sent only when it matters: the agent's pool ran dry and should grow.
+_DRY = ((IDLE_HEADER, b"0"),)
 
 MIB = 1024 * 1024
 # Room in a message for everything but a Data payload.
@@ -293,6 +310,70 @@ def split_address(address: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
+def _size_repr(data: bytes) -> str:
+    return f"<{len(data)} bytes>"
+
+
+class _FrameBuffer(FrameBuffer):
+    """
+    h2's frame reader, with received DATA frames that describe their payload
+    by its size.  h2 builds C{repr(frame)} of every frame it receives (for a
+    trace log that is off), and a DATA frame's repr hex-encodes its whole
+    payload before keeping 20 characters of it: with 1 MiB frames that was a
+    fifth of the edge's CPU time.
+    """
+
+    def __next__(self) -> Frame:
+        frame = super().__next__()
+        if type(frame) is DataFrame:
+            frame._body_repr = partial(_size_repr, frame.data)  # type: ignore[method-assign]
+        return frame
+
+
+class _Connection(H2Connection):
+    """
+    An C{H2Connection} that counts open streams in amortised constant time
+    (and reads frames with L{_FrameBuffer}).
+
+    h2 counts them, each time a stream opens, by walking every stream it
+    knows (forgetting the closed ones on the way): with hundreds of idle
+    C{Forward} calls that walk cost more than the rest of a request.  Here
+    the number of streams known is used while it is below the
+    C{MAX_CONCURRENT_STREAMS} that applies and below twice what the last walk
+    left: it is an upper bound of the open ones, so a limit check it passes
+    would pass with the exact count.  Otherwise h2's own walk counts them,
+    exactly, and forgets the closed ones, so what it keeps stays bounded.
+    """
+
+    _walk_at = 64
+
+    def __init__(self, config: H2Configuration) -> None:
+        super().__init__(config)
+        self.incoming_buffer = _FrameBuffer(server=not config.client_side)
+
+    def _few(self, limit: int) -> bool:
+        known = len(self.streams)
+        return known < self._walk_at and known < limit
+
+    def _walked(self, count: int) -> int:
+        self._walk_at = max(64, 2 * len(self.streams))
+        return count
+
+    @property
+    def open_outbound_streams(self) -> int:
+        """An upper bound of the open outbound streams, exact near the peer's limit."""
+        if self._few(self.remote_settings.max_concurrent_streams):
+            return len(self.streams)
+        return self._walked(super().open_outbound_streams)
+
+    @property
+    def open_inbound_streams(self) -> int:
+        """An upper bound of the open inbound streams, exact near our limit."""
+        if self._few(self.local_settings.max_concurrent_streams):
+            return len(self.streams)
+        return self._walked(super().open_inbound_streams)
+
+
 class _CallError(Exception):
     """A call broke gRPC framing; ends the call with C{status}."""
 
@@ -306,8 +387,8 @@ class _Call:
 
     __slots__ = (
         "stream_id", "kind", "inbox", "outbox", "out_offset", "out_size", "finish",
-        "headers_sent", "local_closed", "remote_closed", "stream", "unacked",
-        "retiring", "broken",
+        "end_after", "dirty", "blocked", "headers_sent", "local_closed", "remote_closed",
+        "stream", "unacked", "retiring", "broken", "reuse",
     )
 
     def __init__(self, stream_id: int, kind: str) -> None:
@@ -318,6 +399,12 @@ class _Call:
         self.out_offset = 0
         self.out_size = 0
         self.finish: Callable[[], None] | None = None
+        # END_STREAM goes out with the last queued byte (the agent's half-close).
+        self.end_after = False
+        # Queued bytes wait for the end of the reactor turn (see GrpcLink.enqueue).
+        self.dirty = False
+        # The HTTP/2 window holds queued bytes back.
+        self.blocked = False
         self.headers_sent = False
         self.local_closed = False
         self.remote_closed = False
@@ -325,12 +412,16 @@ class _Call:
         self.unacked = 0
         self.retiring = False
         self.broken = False
+        # Both ends agreed to carry one stream after another on this call.
+        self.reuse = False
 
     def drop_outbox(self) -> None:
         self.outbox.clear()
         self.out_offset = 0
         self.out_size = 0
         self.finish = None
+        self.end_after = False
+        self.blocked = False
 
 
 @implementer(IStream)
@@ -405,7 +496,7 @@ class GrpcStream:
         """IConsumer.registerProducer: only push producers (all of ours are)."""
         self._producer = cast(IPushProducer, producer)
         self._producer_paused = False
-        if self.pending() or self.link.sending_paused:
+        if self.blocked():
             self._pause_producer()
 
     def unregisterProducer(self) -> None:  # noqa: N802
@@ -440,6 +531,17 @@ class GrpcStream:
         """Outgoing bytes not yet handed to HTTP/2."""
         return self._held_size + (self.call.out_size if self.call is not None else 0)
 
+    def blocked(self) -> bool:
+        """
+        Whether what is written now must wait: for a call, for the socket or
+        for the HTTP/2 window.  (Bytes that merely wait for the end of the
+        reactor turn do not pause the source.)
+        """
+        if self.closed:
+            return False
+        call = self.call
+        return call is None or call.blocked or self.link.sending_paused
+
     def _send(self, pieces: Iterable[bytes]) -> None:
         pieces = list(pieces)
         size = sum(len(p) for p in pieces)
@@ -461,7 +563,7 @@ class GrpcStream:
                 peer=self.link.peer, size=pending,
             )
             self.reset(Reason.SATURATED, "sender ignored flow control")
-        elif pending or self.link.sending_paused:
+        elif self.blocked():
             self._pause_producer()
 
     def take_held(self) -> list[bytes]:
@@ -573,11 +675,20 @@ class GrpcLink(Protocol):
         self.control: _Call | None = None
         self.sending_paused = False
         self.closed = False
-        self.conn: H2Connection = H2Connection(
-            H2Configuration(client_side=not self.is_edge, header_encoding=None)
+        self.conn: H2Connection = _Connection(
+            H2Configuration(
+                client_side=not self.is_edge,
+                header_encoding=None,
+                # Every header we send is built here, as lowercase bytes: h2
+                # need not check or rewrite them.  What arrives is checked.
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+            )
         )
         self._conn_unacked = 0
         self._batching = False
+        self._dirty: list[_Call] = []
+        self._turn: Any = None
         self.heartbeat = Heartbeat(
             reactor, heartbeat_interval, heartbeat_timeout, self._ping, self._silent
         )
@@ -607,8 +718,7 @@ class GrpcLink(Protocol):
         control = self.control
         if self.closed or control is None or control.local_closed:
             return
-        self.enqueue(control, [_frame_message(codec.encode_control(message))])
-        self.flush()
+        self.send_now(control, [_frame_message(codec.encode_control(message))])
 
     def open_stream(self, head: StreamHead, receiver: IStreamReceiver) -> IStream:
         """IAgentLink.open_stream"""
@@ -717,10 +827,11 @@ class GrpcLink(Protocol):
         self.flush()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
-        for timer in (self._abort_timer, self._linger_timer):
+        for timer in (self._abort_timer, self._linger_timer, self._turn):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._abort_timer = self._linger_timer = None
+        self._abort_timer = self._linger_timer = self._turn = None
+        self._dirty = []
         if self._lost_reason is not None:
             why, detail = self._lost_reason
         else:
@@ -740,9 +851,15 @@ class GrpcLink(Protocol):
         return waiter
 
     def flush(self) -> None:
-        """Write what HTTP/2 has queued: one transport write per batch."""
+        """Move the turn's queued messages into HTTP/2, then write what it has: one write."""
         if self._batching or self.transport is None:
             return
+        while self._dirty:
+            dirty, self._dirty = self._dirty, []
+            for call in dirty:
+                call.dirty = False
+                if call.outbox and not call.blocked and not self.sending_paused:
+                    self.flush_call(call)
         data = self.conn.data_to_send()
         if data:
             self.transport.write(data)
@@ -782,14 +899,36 @@ class GrpcLink(Protocol):
     # -- sending ------------------------------------------------------------------
 
     def enqueue(self, call: _Call, pieces: Iterable[bytes]) -> None:
-        """Queue gRPC-framed bytes on a call and send what the windows allow."""
-        if call.local_closed or call.finish is not None:
+        """
+        Queue gRPC-framed bytes on a call.  They go into HTTP/2 at the end of
+        the reactor turn, so that the messages of one turn (a reply, its body
+        and its end) share one DATA frame; a frame's worth goes at once.
+        """
+        if call.local_closed or call.finish is not None or call.end_after:
             return
         for piece in pieces:
             call.outbox.append(piece)
             call.out_size += len(piece)
-        if not self.sending_paused:
+        if call.blocked or self.sending_paused:
+            return  # a window update or the socket draining moves it on
+        if call.out_size >= self.conn.max_outbound_frame_size:
             self.flush_call(call)
+            self.flush()
+        elif not call.dirty:
+            call.dirty = True
+            self._dirty.append(call)
+            if not self._batching and self._turn is None:
+                self._turn = self.reactor.callLater(0, self._end_of_turn)
+
+    def send_now(self, call: _Call, pieces: Iterable[bytes]) -> None:
+        """Queue bytes on a call and hand them to HTTP/2 now (what the windows allow)."""
+        self.enqueue(call, pieces)
+        if call.outbox and not call.blocked and not self.sending_paused:
+            self.flush_call(call)
+        self.flush()
+
+    def _end_of_turn(self) -> None:
+        self._turn = None
         self.flush()
 
     def flush_call(self, call: _Call) -> None:
@@ -822,27 +961,40 @@ class GrpcLink(Protocol):
                         parts.append(piece[offset : offset + room])
                         call.out_offset = offset + room
                         taken += room
-                conn.send_data(sid, parts[0] if len(parts) == 1 else b"".join(parts))
+                last = call.end_after and not outbox
+                conn.send_data(
+                    sid, parts[0] if len(parts) == 1 else b"".join(parts), end_stream=last
+                )
                 call.out_size -= taken
+                if last:
+                    call.end_after = False
+                    call.local_closed = True
+                    self.maybe_forget_call(call)
         except H2ProtocolError:
             # The stream is gone (reset by the peer): nothing more goes out on it.
             call.drop_outbox()
             call.local_closed = True
             return
-        if not outbox:
-            finish, call.finish = call.finish, None
-            if finish is not None:
-                finish()
-            stream = call.stream
-            if stream is not None and not stream.closed:
-                stream.resume_source()
+        stream = call.stream
+        if outbox:
+            # The window is spent: the source waits for a window update.
+            call.blocked = True
+            if stream is not None:
+                stream.pause_source()
+            return
+        call.blocked = False
+        finish, call.finish = call.finish, None
+        if finish is not None:
+            finish()
+        if stream is not None and not stream.closed:
+            stream.resume_source()
 
     def flush_all(self) -> None:
         for call in list(self.calls.values()):
             if call.outbox and not self.sending_paused:
                 self.flush_call(call)
 
-    def send_headers(self, call: _Call, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+    def send_headers(self, call: _Call, headers: Iterable[tuple[bytes, bytes]], end: bool) -> None:
         try:
             self.conn.send_headers(call.stream_id, headers, end_stream=end)
         except H2ProtocolError:
@@ -853,24 +1005,18 @@ class GrpcLink(Protocol):
             self.maybe_forget_call(call)
 
     def end_request(self, call: _Call) -> None:
-        """Agent: half-close a call once its queued messages are out."""
-        if call.local_closed or call.finish is not None:
+        """Agent: half-close a call, with its last queued message if any."""
+        if call.local_closed or call.finish is not None or call.end_after:
             return
-
-        def end() -> None:
-            if call.local_closed:
-                return
-            call.local_closed = True
-            try:
-                self.conn.end_stream(call.stream_id)
-            except H2ProtocolError:
-                pass
-            self.maybe_forget_call(call)
-
         if call.outbox:
-            call.finish = end
-        else:
-            end()
+            call.end_after = True
+            return
+        call.local_closed = True
+        try:
+            self.conn.end_stream(call.stream_id)
+        except H2ProtocolError:
+            pass
+        self.maybe_forget_call(call)
         self.flush()
 
     def rst(self, call: _Call, code: int) -> None:
@@ -889,8 +1035,27 @@ class GrpcLink(Protocol):
             self.calls.pop(call.stream_id, None)
 
     def forget(self, stream: GrpcStream) -> None:
-        if stream.call is not None:
-            self.streams.pop(stream.call.stream_id, None)
+        call = stream.call
+        if call is not None and self.streams.get(call.stream_id) is stream:
+            del self.streams[call.stream_id]
+
+    def release(self, call: _Call, stream: GrpcStream) -> bool:
+        """
+        A stream on a reusable call ended cleanly (End both ways): detach it,
+        so that the call can carry the next stream.  False if the call cannot
+        be reused (then it ends as usual).
+        """
+        if not call.reuse or call.local_closed or call.remote_closed or self.closed:
+            return False
+        if call.stream is stream:
+            call.stream = None
+        if self.streams.get(call.stream_id) is stream:
+            del self.streams[call.stream_id]
+        stream.call = None
+        # What the stream's consumer took returns with the next window update
+        # due on the call (the threshold is shared by its streams).
+        self.ack_call(call)
+        return True
 
     def pause_sending(self) -> None:
         """The socket's send buffer is full: pause every stream's source."""
@@ -1010,7 +1175,7 @@ class GrpcLink(Protocol):
         if kind == "ping":
             control = self.control
             if control is not None:
-                self.enqueue(control, [_frame_message(codec.encode_ping(frame.ping.opaque, True))])
+                self.send_now(control, [_frame_message(codec.encode_ping(frame.ping.opaque, True))])
             return
         if kind == "pong":
             return
@@ -1148,7 +1313,7 @@ class GrpcLink(Protocol):
             if not call.remote_closed:
                 self.rst(call, _RST_FOR_REASON.get(reason, ErrorCodes.CANCEL))
             return False
-        self.enqueue(call, [_frame_message(codec.encode_reset(0, reason, message))])
+        self.send_now(call, [_frame_message(codec.encode_reset(0, reason, message))])
         if call.outbox:
             self.rst(call, _RST_FOR_REASON.get(reason, ErrorCodes.INTERNAL_ERROR))
             return False
@@ -1237,7 +1402,7 @@ class EdgeGrpcLink(GrpcLink):
         control = self.control
         if control is not None and not control.local_closed:
             # A GoAway message as on every transport, then the status that ends Control.
-            self.enqueue(control, [_frame_message(codec.encode_control(GoAway(reason, message)))])
+            self.send_now(control, [_frame_message(codec.encode_control(GoAway(reason, message)))])
             self._finish(control, _STATUS_FOR_REASON[reason], status_message(reason, message), now=True)
 
     # -- calls ------------------------------------------------------------------------
@@ -1246,9 +1411,7 @@ class EdgeGrpcLink(GrpcLink):
         """Response headers go out before a call's first message."""
         if not call.headers_sent and not call.local_closed:
             call.headers_sent = True
-            self.send_headers(
-                call, [(b":status", b"200"), (b"content-type", GRPC_CONTENT_TYPE)], False
-            )
+            self.send_headers(call, _RESPONSE_HEADERS, False)
         super().enqueue(call, pieces)
 
     def _bind(self, stream: GrpcStream, call: _Call, replay: list[bytes]) -> None:
@@ -1260,18 +1423,15 @@ class EdgeGrpcLink(GrpcLink):
         call.stream = stream
         self.streams[call.stream_id] = stream
         if not call.headers_sent:
-            # Initial metadata tells the agent how many idle calls are left:
-            # 0 means its pool ran dry and should grow.
+            # Initial metadata tells the agent when no idle call is left: its
+            # pool ran dry and should grow.
             call.headers_sent = True
-            self.send_headers(
-                call,
-                [
-                    (b":status", b"200"),
-                    (b"content-type", GRPC_CONTENT_TYPE),
-                    (IDLE_HEADER, str(len(self.idle)).encode()),
-                ],
-                False,
-            )
+            headers: tuple[tuple[bytes, bytes], ...] = _RESPONSE_HEADERS
+            if call.reuse:
+                headers += _REUSE
+            if not self.idle:
+                headers += _DRY
+            self.send_headers(call, headers, False)
         later = replay + stream.take_held()
         stream.start_replay_log(later)
         opening = _frame_message(codec.encode_open(0, stream.head))
@@ -1303,7 +1463,7 @@ class EdgeGrpcLink(GrpcLink):
                 return
             headers: list[tuple[bytes, bytes]] = []
             if not call.headers_sent:
-                headers += [(b":status", b"200"), (b"content-type", GRPC_CONTENT_TYPE)]
+                headers += _RESPONSE_HEADERS
                 call.headers_sent = True
             headers.append((b"grpc-status", str(int(status)).encode()))
             if message:
@@ -1347,6 +1507,7 @@ class EdgeGrpcLink(GrpcLink):
                 self.refuse_call(call, GrpcStatus.FAILED_PRECONDITION, "open Control first")
                 return
             call.kind = "forward"
+            call.reuse = headers.get(REUSE_HEADER) == b"1"
             self.idle.append(call)
             self._dispatch_queued()
         else:
@@ -1430,7 +1591,7 @@ class EdgeGrpcLink(GrpcLink):
         elif kind == "end":
             stream.remote_end(codec.trailers_from(frame))
             if stream.local_ended:
-                self._finish(call, GrpcStatus.OK)
+                self._stream_done(call, stream)
         elif kind == "reset":
             reason, message = codec.reset_from(frame)
             stream.remote_reset(reason, message)
@@ -1440,9 +1601,17 @@ class EdgeGrpcLink(GrpcLink):
 
     def stream_local_end(self, stream: GrpcStream) -> None:
         call = stream.call
-        if call is not None and stream.remote_ended:
-            self._finish(call, GrpcStatus.OK)
         stream.maybe_done()
+        if call is not None and stream.remote_ended:
+            self._stream_done(call, stream)
+
+    def _stream_done(self, call: _Call, stream: GrpcStream) -> None:
+        """End both ways: the call takes the next stream, or ends with status OK."""
+        if self.release(call, stream):
+            self.idle.append(call)
+            self._dispatch_queued()
+        else:
+            self._finish(call, GrpcStatus.OK)
 
     def stream_local_reset(self, stream: GrpcStream, reason: Reason, message: str) -> None:
         call = stream.call
@@ -1479,6 +1648,7 @@ class AgentGrpcLink(GrpcLink):
         self.options = options
         self.setup = setup
         self.authority = authority.encode("ascii", "replace")
+        self._forward_headers = self._request_headers(FORWARD_PATH) + _REUSE
         self.opened: Deferred[AgentGrpcLink] | None = opened
         self.idle: dict[int, _Call] = {}
         self.target = options.min_idle_forwards
@@ -1492,8 +1662,8 @@ class AgentGrpcLink(GrpcLink):
         settings[SettingCodes.ENABLE_PUSH] = 0
         return settings
 
-    def _request_headers(self, path: bytes) -> list[tuple[bytes, bytes]]:
-        return [
+    def _request_headers(self, path: bytes) -> tuple[tuple[bytes, bytes], ...]:
+        return (
             (b":method", b"POST"),
             (b":scheme", b"https" if self.options.tls else b"http"),
             (b":path", path),
@@ -1501,7 +1671,7 @@ class AgentGrpcLink(GrpcLink):
             (b"content-type", GRPC_CONTENT_TYPE),
             (b"te", b"trailers"),
             (b"user-agent", b"tunneld-agent grpc/h2"),
-        ]
+        )
 
     def connection_started(self) -> None:
         sid = self.conn.get_next_available_stream_id()
@@ -1542,7 +1712,7 @@ class AgentGrpcLink(GrpcLink):
         call.headers_sent = True
         self.calls[sid] = call
         self.idle[sid] = call
-        self.send_headers(call, self._request_headers(FORWARD_PATH), False)
+        self.send_headers(call, self._forward_headers, False)
         return True
 
     def top_up(self) -> None:
@@ -1576,6 +1746,14 @@ class AgentGrpcLink(GrpcLink):
 
     def _took_idle(self, call: _Call) -> None:
         self.idle.pop(call.stream_id, None)
+        if call.reuse:
+            # Reused calls come back to the pool when their stream ends, so
+            # new ones are opened only when the pool runs low; and the edge
+            # says it ran dry only in a call's first response headers.
+            if not self.idle:
+                self._ran_dry()
+            if len(self.idle) >= max(1, self.target // 2):
+                return
         self.top_up()
 
     # -- responses from the edge ----------------------------------------------------
@@ -1595,8 +1773,11 @@ class AgentGrpcLink(GrpcLink):
             return
         if b"grpc-status" in headers:
             self._trailers(call, headers)
-        elif call.kind == "forward" and headers.get(IDLE_HEADER) == b"0":
-            self._ran_dry()
+            return
+        if call.kind == "forward":
+            call.reuse = headers.get(REUSE_HEADER) == b"1"
+            if headers.get(IDLE_HEADER) == b"0":
+                self._ran_dry()
 
     def _on_trailers(self, event: h2events.TrailersReceived) -> None:
         call = self.calls.get(event.stream_id)
@@ -1696,6 +1877,8 @@ class AgentGrpcLink(GrpcLink):
             stream.deliver("data_received", frame.data.data)
         elif kind == "end":
             stream.remote_end(codec.trailers_from(frame))
+            if call.reuse and stream.local_ended:
+                self._stream_done(call, stream)
         elif kind == "reset":
             reason, message = codec.reset_from(frame)
             stream.remote_reset(reason, message)
@@ -1710,9 +1893,18 @@ class AgentGrpcLink(GrpcLink):
 
     def stream_local_end(self, stream: GrpcStream) -> None:
         call = stream.call
-        if call is not None:
+        if call is not None and not call.reuse:
             self.end_request(call)
         stream.maybe_done()
+        if call is not None and call.reuse and stream.remote_ended:
+            self._stream_done(call, stream)
+
+    def _stream_done(self, call: _Call, stream: GrpcStream) -> None:
+        """End both ways on a reusable call: it goes back to the pool (or is half-closed)."""
+        if self.release(call, stream):
+            self.idle[call.stream_id] = call
+        else:
+            self.end_request(call)
 
     def stream_local_reset(self, stream: GrpcStream, reason: Reason, message: str) -> None:
         call = stream.call
