@@ -146,9 +146,13 @@ class FakeLink(_Waiters):
     def send_control(self, message: Any) -> None:
         pass
 
-    def open_stream(self, head: StreamHead, receiver: IStreamReceiver) -> IStream:
+    def open_stream(
+        self, head: StreamHead, receiver: IStreamReceiver, end_stream: bool = False
+    ) -> IStream:
         verifyObject(IStreamReceiver, receiver)
         stream = FakeStream(head, receiver)
+        if end_stream:
+            stream.end()
         self.streams.append(stream)
         self._changed()
         return stream

@@ -349,7 +349,7 @@ class ListenerPolicyTests(SynchronousTestCase):
 
     def test_open_failure_releases(self) -> None:
         """A link that raises on open_stream leaves no slot behind."""
-        def broken(*args: Any) -> Any:
+        def broken(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("boom")
 
         self.link.open_stream = broken  # type: ignore[method-assign]

@@ -34,7 +34,9 @@ class FakeLink:
     def send_control(self, message: ControlMessage) -> None:
         raise NotImplementedError
 
-    def open_stream(self, head: StreamHead, receiver: IStreamReceiver) -> IStream:
+    def open_stream(
+        self, head: StreamHead, receiver: IStreamReceiver, end_stream: bool = False
+    ) -> IStream:
         raise NotImplementedError
 
     def round_trip_time(self) -> float | None:

@@ -97,8 +97,14 @@ class IAgentLink(Interface):
     def send_control(message: ControlMessage) -> None:
         """Send a link-level message."""
 
-    def open_stream(head: StreamHead, receiver: IStreamReceiver) -> IStream:
-        """Open a new stream to the far end (edge side)."""
+    def open_stream(
+        head: StreamHead, receiver: IStreamReceiver, end_stream: bool = False
+    ) -> IStream:
+        """
+        Open a new stream to the far end (edge side).  With C{end_stream}
+        (a request without a body) the stream starts ended in this direction,
+        exactly as if C{end()} followed: a link may then say both in one frame.
+        """
 
     def round_trip_time() -> float | None:
         """The last measured heartbeat round trip in seconds, or None yet."""

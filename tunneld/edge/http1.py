@@ -195,7 +195,7 @@ class _Exchange:
     __slots__ = (
         "protocol", "stream", "upload", "method", "host", "target",
         "live", "uploading", "producing", "response_started", "response_done",
-        "chunked", "bodyless", "slots", "upgrade", "websocket", "upgraded",
+        "chunked", "bodyless", "slots", "upgrade", "websocket", "upgraded", "sent_whole",
     )
 
     def __init__(self, protocol: PublicHTTPProtocol, method: bytes, host: str, target: str) -> None:
@@ -207,6 +207,7 @@ class _Exchange:
         self.target = target
         self.live = True  # the stream is neither reset nor finished
         self.uploading = False  # the request body is still going into the stream
+        self.sent_whole = False  # opened with end_stream: no request end to pass on
         self.producing = False  # registered as the public socket's producer
         self.response_started = False
         self.response_done = False
@@ -643,8 +644,10 @@ class PublicHTTPProtocol(Protocol):
             exchange.upgrade = True
             exchange.websocket = b"websocket" in _tokens(upgrade)
         self._exchange = exchange
+        # A plain head (the fast path) has no body: Open says so itself.
+        bodyless = self._fast and not upgrade
         try:
-            stream = route.link.open_stream(head, exchange)
+            stream = route.link.open_stream(head, exchange, end_stream=bodyless)
         except Exception:
             self.log.failure(
                 "opening a stream for {method} {host}{target} failed",
@@ -661,9 +664,12 @@ class PublicHTTPProtocol(Protocol):
         self._stats.streams_opened += 1
         if not exchange.live:
             return  # reset while opening; already answered
-        exchange.uploading = True
-        stream.registerProducer(exchange.upload, True)
         exchange.producing = True
+        if bodyless:
+            exchange.sent_whole = True
+        else:
+            exchange.uploading = True
+            stream.registerProducer(exchange.upload, True)
         self._socket.registerProducer(exchange, True)
         if exchange.live and not self._fast and self._conn.they_are_waiting_for_100_continue:
             # Streams carry no interim responses; the edge invites the body itself.
@@ -682,6 +688,8 @@ class PublicHTTPProtocol(Protocol):
             stream.unregisterProducer()
             self._resume(_UPLOAD)
             stream.end(trailers)
+        elif exchange is not None and exchange.sent_whole:
+            exchange.sent_whole = False  # ended with its Open; the reply ends the exchange
         else:
             self._next_cycle_or_close()
 

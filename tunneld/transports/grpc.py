@@ -720,7 +720,9 @@ class GrpcLink(Protocol):
             return
         self.send_now(control, [_frame_message(codec.encode_control(message))])
 
-    def open_stream(self, head: StreamHead, receiver: IStreamReceiver) -> IStream:
+    def open_stream(
+        self, head: StreamHead, receiver: IStreamReceiver, end_stream: bool = False
+    ) -> IStream:
         """IAgentLink.open_stream"""
         raise NotImplementedError("only the edge opens streams")
 
@@ -1367,8 +1369,16 @@ class EdgeGrpcLink(GrpcLink):
 
     # -- IAgentLink ---------------------------------------------------------------------
 
-    def open_stream(self, head: StreamHead, receiver: IStreamReceiver) -> IStream:
+    def open_stream(
+        self, head: StreamHead, receiver: IStreamReceiver, end_stream: bool = False
+    ) -> IStream:
         """IAgentLink.open_stream: answer an idle Forward call, or wait for one."""
+        stream = self._open_stream(head, receiver)
+        if end_stream:
+            stream.end()  # goes out in the same DATA frame as the Open, this turn
+        return stream
+
+    def _open_stream(self, head: StreamHead, receiver: IStreamReceiver) -> GrpcStream:
         stream = GrpcStream(self, head)
         stream.attach(receiver)
         if self.closed:
