@@ -20,6 +20,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tunneld.errors import ConfigError
+from tunneld.h2conn import LeanH2Connection
 from tunneld.interfaces import (
     AgentLinkSetup,
     EdgeLinkSetup,
@@ -37,7 +38,6 @@ from tunneld.transports.grpc import (
     GrpcStatus,
     GrpcStream,
     GrpcTransport,
-    _Connection,
     data_message,
     grpc_message,
     reason_from_status,
@@ -325,8 +325,8 @@ class GrpcWireTests(TestCase):
 
     def test_open_stream_count_is_exact_at_the_limit(self) -> None:
         """The cheap open-stream count still enforces MAX_CONCURRENT_STREAMS and forgets closed streams."""
-        client = _Connection(H2Configuration(client_side=True, header_encoding=None))
-        server = _Connection(H2Configuration(client_side=False, header_encoding=None))
+        client = LeanH2Connection(H2Configuration(client_side=True, header_encoding=None))
+        server = LeanH2Connection(H2Configuration(client_side=False, header_encoding=None))
         client.initiate_connection()
         server.initiate_connection()
         server.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: 100})
@@ -358,8 +358,8 @@ class GrpcWireTests(TestCase):
 
     def test_received_data_frame_repr_is_short(self) -> None:
         """A received DATA frame's repr names its size instead of hex-encoding the payload."""
-        client = _Connection(H2Configuration(client_side=True, header_encoding=None))
-        server = _Connection(H2Configuration(client_side=False, header_encoding=None))
+        client = LeanH2Connection(H2Configuration(client_side=True, header_encoding=None))
+        server = LeanH2Connection(H2Configuration(client_side=False, header_encoding=None))
         client.initiate_connection()
         server.receive_data(client.data_to_send())
         sid = client.get_next_available_stream_id()

@@ -25,7 +25,6 @@ from typing import Any
 
 from h2 import events as h2events
 from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import H2Error
 from h2.settings import SettingCodes, Settings
@@ -38,6 +37,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunneld.agent.dialing import connect_error, connect_timed_out
+from tunneld.h2conn import LeanH2Connection
 from tunneld.interfaces import IStream, IStreamReceiver
 from tunneld.reasons import Reason
 from tunneld.wire.messages import Headers, ReplyHead
@@ -360,7 +360,7 @@ class _H2Upstream(Protocol):
 
     def __init__(self, pool: H2UpstreamPool) -> None:
         self.pool = pool
-        self.h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.h2 = LeanH2Connection(H2Configuration(client_side=True, header_encoding=None))
         self.h2.local_settings = Settings(
             client=True,
             initial_values={

@@ -37,7 +37,6 @@ from typing import Any, cast
 
 from h2 import events as h2events
 from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import H2Error
 from h2.settings import SettingCodes, Settings
@@ -49,6 +48,7 @@ from zope.interface import implementer
 
 from tunneld.edge.forwarding import HOP_BY_HOP, forwarded_headers, host_of, reply_headers
 from tunneld.edge.http1 import Routes
+from tunneld.h2conn import LeanH2Connection
 from tunneld.interfaces import IStream, IStreamReceiver
 from tunneld.policy.gate import PublicPolicy, Refused
 from tunneld.reasons import Reason
@@ -189,7 +189,7 @@ class PublicH2Protocol(Protocol):
         self._clock = factory.reactor
         self._via = factory.via
         settings = factory.settings
-        self._conn = H2Connection(
+        self._conn = LeanH2Connection(
             H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
         )
         self._conn.local_settings = Settings(
