@@ -23,9 +23,7 @@ SECONDS = 5
 
 
 def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return runner.cpu_seconds([pid])
 
 
 def main() -> None:

@@ -554,6 +554,21 @@ class _RawH2Client(protocol.Protocol):
         self.closed.callback(None)
 
 
+async def connect_h2c(case: TestCase, edge: _Edge) -> _RawH2Client:
+    """A L{_RawH2Client} on the edge's h2c listener, closed when C{case} ends."""
+    client = _RawH2Client()
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", edge.h2c_port)
+    await endpoint.connect(protocol.Factory.forProtocol(lambda: client))
+
+    async def close() -> None:
+        if client.transport is not None and client.transport.connected:  # type: ignore[attr-defined]
+            client.transport.loseConnection()
+            await client.closed
+
+    case.addCleanup(close)
+    return client
+
+
 class _Sink(protocol.Protocol):
     """An upstream that accepts a connection and never reads from it."""
 
@@ -568,16 +583,7 @@ class HTTP2BackpressureTests(TestCase):
     timeout = 60
 
     async def connect(self, edge: _Edge) -> _RawH2Client:
-        client = _RawH2Client()
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", edge.h2c_port)
-        await endpoint.connect(protocol.Factory.forProtocol(lambda: client))
-
-        async def close() -> None:
-            client.transport.loseConnection()  # type: ignore[union-attr]
-            await client.closed
-
-        self.addCleanup(close)
-        return client
+        return await connect_h2c(self, edge)
 
     async def test_stalled_stream_stalls_only_itself(self) -> None:
         """A stream whose window stays shut holds back its download, not its connection's other streams."""
@@ -690,17 +696,7 @@ class HTTP2EdgeBehaviourTests(TestCase):
     timeout = 60
 
     async def connect(self, edge: _Edge) -> _RawH2Client:
-        client = _RawH2Client()
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", edge.h2c_port)
-        await endpoint.connect(protocol.Factory.forProtocol(lambda: client))
-
-        async def close() -> None:
-            if client.transport is not None and client.transport.connected:  # type: ignore[attr-defined]
-                client.transport.loseConnection()
-                await client.closed
-
-        self.addCleanup(close)
-        return client
+        return await connect_h2c(self, edge)
 
     async def test_trailers_both_ways_to_h2c_upstream(self) -> None:
         """Request trailers and te: trailers reach an h2c upstream; its trailers reach the client."""
@@ -775,17 +771,7 @@ class HTTP2PolicyTests(TestCase):
         return edge
 
     async def connect(self, edge: _Edge) -> _RawH2Client:
-        client = _RawH2Client()
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", edge.h2c_port)
-        await endpoint.connect(protocol.Factory.forProtocol(lambda: client))
-
-        async def close() -> None:
-            if client.transport is not None and client.transport.connected:  # type: ignore[attr-defined]
-                client.transport.loseConnection()
-                await client.closed
-
-        self.addCleanup(close)
-        return client
+        return await connect_h2c(self, edge)
 
     def policy(self, edge: _Edge) -> Any:
         assert edge.harness.edge is not None

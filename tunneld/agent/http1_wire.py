@@ -169,6 +169,21 @@ class ResponseParser:
         elif state != _IDLE:
             raise ResponseError("connection closed in the middle of a chunked body")
 
+    def _counted(self, buffer: bytes) -> bytes | None:
+        """
+        The rest of a counted piece (a Content-Length body, a chunk) when
+        C{buffer} holds all of it, else None after passing on what it holds.
+        """
+        remaining = self._remaining
+        if len(buffer) < remaining:
+            self._remaining = remaining - len(buffer)
+            self._buffer = b""
+            if buffer:
+                self._sink.response_data(buffer)
+            return None
+        self._buffer = buffer[remaining:]
+        return buffer[:remaining]
+
     def _parse(self) -> None:
         while True:
             state = self._state
@@ -177,16 +192,9 @@ class ResponseParser:
                 if not self._head():
                     return
             elif state == _LENGTH_BODY:
-                if not buffer:
-                    return
-                remaining = self._remaining
-                if len(buffer) < remaining:
-                    self._remaining = remaining - len(buffer)
-                    self._buffer = b""
-                    self._sink.response_data(buffer)
-                    return
-                self._buffer = buffer[remaining:]
-                self._finish([], buffer[:remaining])
+                last = self._counted(buffer)
+                if last is not None:
+                    self._finish([], last)
                 return
             elif state == _CHUNK_HEAD:
                 match = _CHUNK_SIZE.match(buffer)
@@ -203,17 +211,11 @@ class ResponseParser:
                     self._state = _TRAILERS
                     self._scanned = 0
             elif state == _CHUNK_DATA:
-                if not buffer:
+                piece = self._counted(buffer)
+                if piece is None:
                     return
-                remaining = self._remaining
-                if len(buffer) < remaining:
-                    self._remaining = remaining - len(buffer)
-                    self._buffer = b""
-                    self._sink.response_data(buffer)
-                    return
-                self._buffer = buffer[remaining:]
                 self._state = _CHUNK_END
-                self._sink.response_data(buffer[:remaining])
+                self._sink.response_data(piece)
             elif state == _CHUNK_END:
                 if len(buffer) < 2:
                     if buffer and buffer != b"\r":
