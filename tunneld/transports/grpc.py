@@ -393,7 +393,7 @@ class GrpcStream:
     def send_reply(self, reply: ReplyHead) -> None:
         """IStream.send_reply"""
         if not self.closed and not self.local_ended:
-            self._send((_frame_message(codec.encode_reply(0, reply)),))
+            self._send((grpc_message(codec.reply_bytes(0, reply)),))
 
     def write(self, data: bytes) -> None:
         """IConsumer.write: send within the HTTP/2 windows, hold the rest (bounded)."""
@@ -413,7 +413,7 @@ class GrpcStream:
         """IStream.end"""
         if self.closed or self.local_ended:
             return
-        self._send((_frame_message(codec.encode_end(0, trailers)),))
+        self._send((grpc_message(codec.end_bytes(0, trailers)),))
         if self.closed:
             return
         self.local_ended = True
@@ -1378,7 +1378,7 @@ class EdgeGrpcLink(GrpcLink):
             self.send_headers(call, headers, False)
         later = replay + stream.take_held()
         stream.start_replay_log(later)
-        opening = _frame_message(codec.encode_open(0, stream.head))
+        opening = grpc_message(codec.open_bytes(0, stream.head))
         self.enqueue(call, [opening, *later])
         if not stream.pending():
             stream.resume_source()
