@@ -42,6 +42,7 @@ from tests.websocket_peers import (
 )
 from tunneld.config import AgentGrant, TunnelSection
 from tunneld.edge.upgraded import close_text
+from tunneld.readsize import LARGEST, ReadSize
 from tunneld.reasons import Reason
 
 MB = 1024 * 1024
@@ -66,6 +67,23 @@ class EventCollector:
 
     def matching(self, fmt: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("log_format") == fmt]
+
+
+def watch_read_sizes(case: Any, module: Any) -> list[int]:
+    """
+    Record the largest read size the sockets of C{module} reach during the
+    test (a one-item list, updated in place).
+    """
+    largest = [0]
+
+    class Watched(ReadSize):
+        def read(self, length: int) -> None:
+            super().read(length)
+            if self.size > largest[0]:
+                largest[0] = self.size
+
+    case.patch(module, "ReadSize", Watched)
+    return largest
 
 
 class EndToEndMixin:
@@ -171,7 +189,9 @@ class EndToEndMixin:
         """A 200 MB upload arrives intact while memory stays far below its size."""
         harness, _ = await self.tunnel()
         from tests.harness import Sampler
+        from tunneld.edge import http1
 
+        public_reads = watch_read_sizes(self, http1)
         sampler = Sampler()
         response, body = await harness.stream("app.test", "/sha256", b"POST", upload=BIG)
         reason = await body.done
@@ -180,12 +200,16 @@ class EndToEndMixin:
         self.assertEqual(response.code, 200)
         self.assertEqual(body.start, pattern_digest(BIG).encode())
         self.assertLess(growth, MEMORY_CEILING, f"memory grew by {growth / MB:.0f} MiB")
+        # The public socket streamed the upload: it read in the largest size.
+        self.assertEqual(public_reads, [LARGEST])
 
     async def test_large_download_streams(self) -> None:
         """A 200 MB download arrives intact while memory stays far below its size."""
         harness, _ = await self.tunnel()
         from tests.harness import Sampler
+        from tunneld.agent import upstream
 
+        upstream_reads = watch_read_sizes(self, upstream)
         sampler = Sampler()
         response, body = await harness.stream("app.test", f"/bytes/{BIG}")
         reason = await body.done
@@ -194,6 +218,8 @@ class EndToEndMixin:
         self.assertEqual(body.size, BIG)
         self.assertEqual(body.hash.hexdigest(), pattern_digest(BIG))
         self.assertLess(growth, MEMORY_CEILING, f"memory grew by {growth / MB:.0f} MiB")
+        # The agent's upstream socket streamed the body: it read in the largest size.
+        self.assertEqual(upstream_reads, [LARGEST])
 
     async def test_stalled_reader_stalls_only_its_stream(self) -> None:
         """A client that stops reading blocks neither the link nor other requests."""

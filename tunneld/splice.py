@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunneld.interfaces import IStream, IStreamReceiver
+from tunneld.readsize import ReadSize
 from tunneld.reasons import Reason
 from tunneld.wire.messages import Headers, ReplyHead
 
@@ -92,6 +93,7 @@ class StreamSplice(Protocol):
     def connectionMade(self) -> None:  # noqa: N802
         self._connected = True
         transport = self.transport
+        self._read_size = ReadSize(transport)
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)
             peer = transport.getPeer()
@@ -120,6 +122,7 @@ class StreamSplice(Protocol):
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         if self._done or self.stream is None:
             return
+        self._read_size.read(len(data))
         self.bytes_in += len(data)
         self.stream.write(data)
 

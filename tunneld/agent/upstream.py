@@ -39,6 +39,7 @@ from tunneld.agent.http1_wire import (
 )
 from tunneld.agent.upgrade import relay_upgrade
 from tunneld.interfaces import IStream, IStreamReceiver
+from tunneld.readsize import ReadSize
 from tunneld.reasons import Reason
 from tunneld.wire.messages import Headers, ReplyHead, StreamHead
 
@@ -121,12 +122,14 @@ class _UpstreamConnection(Protocol):
 
     def connectionMade(self) -> None:
         self.sock = cast(_Transport, self.transport)
+        self.read_size = ReadSize(self.transport)
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
         self._pool._connection_made(self)
 
     def dataReceived(self, data: bytes) -> None:
+        self.read_size.read(len(data))
         exchange = self.exchange
         if exchange is not None:
             exchange.upstream_data(self, data)

@@ -53,6 +53,7 @@ from tunneld.edge.upgraded import UpgradedConnection
 from tunneld.interfaces import IAgentLink, IStream, IStreamReceiver
 from tunneld.observe.stats import EdgeStats
 from tunneld.policy.gate import PublicPolicy, Refused
+from tunneld.readsize import ReadSize
 from tunneld.reasons import Reason
 from tunneld.wire.messages import Headers, ReplyHead, StreamHead
 
@@ -354,6 +355,7 @@ class PublicHTTPProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self._socket = cast(_Socket, self.transport)
+        self._read_size = ReadSize(self.transport)
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
@@ -376,6 +378,7 @@ class PublicHTTPProtocol(Protocol):
         self._arm(self._settings.header_timeout, self._head_timed_out)
 
     def dataReceived(self, data: bytes) -> None:
+        self._read_size.read(len(data))
         if self._upgraded is not None:
             self._upgraded.client_data(data)
             return

@@ -37,6 +37,7 @@ from zope.interface import implementer
 from tunneld.errors import ConfigError
 from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup, ITransportPlugin
 from tunneld.listening import ConnectionTracker, ListeningService
+from tunneld.readsize import ReadSize
 from tunneld.reasons import Reason
 from tunneld.schema import non_negative, parse_table, positive, setting
 from tunneld.transports.websocket_framing import (
@@ -115,6 +116,7 @@ class _FrameWireMixin:
 
     _reader: FrameReader | None = None
     _writer: FrameWriter
+    _read_size: ReadSize
     _reactor: Any
     # We sent a Close (or answered one): nothing more is sent or read.
     _closing = False
@@ -177,6 +179,7 @@ class _FrameWireMixin:
         self._reactor = setup.reactor
         self._writer = FrameWriter(masked=not is_edge)
         self._reader = FrameReader(self, masked=is_edge, max_message=setup.max_frame_size)
+        self._read_size = ReadSize(self.transport)
         # Autobahn's own tcpNoDelay option is never applied (its connectionMade
         # reads it before copying the options over, and swallows the error):
         # without this, Nagle and delayed ACKs stall small frames ~40 ms.
@@ -202,6 +205,7 @@ class _FrameWireMixin:
         if reader is None:
             super().dataReceived(data)  # type: ignore[misc]  # the opening handshake
             return
+        self._read_size.read(len(data))
         try:
             reader.feed(data)
         except FramingError as e:

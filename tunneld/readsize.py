@@ -1,0 +1,67 @@
+"""
+Adaptive read size: read big from a socket while it streams, small otherwise.
+
+Twisted's TCP transport reads with C{socket.recv(transport.bufferSize)}, 64 KiB
+by default.  For a bulk body that is sixteen trips through the reactor, the
+protocol stack and our framing per MiB; reading up to 1 MiB at a time cuts
+the CPU spent per MiB by about a tenth.  But C{recv(1 MiB)} allocates a
+1 MiB buffer (an mmap) on every read, even for a 100-byte request, so a
+fixed large size makes small exchanges slower.
+
+So each bulk-carrying protocol keeps a L{ReadSize} for its socket and reports
+the length of every read:
+
+  - a read that filled the current size means more was waiting: the size
+    grows four-fold, up to L{LARGEST} (1 MiB);
+  - a read below an eighth of a grown size means the burst is over: the
+    size drops straight back to L{SMALLEST} (64 KiB, Twisted's default).
+
+Per read this is two integer comparisons; only a change touches the
+transport.
+
+C{bufferSize} is also the write-buffer level above which a transport pauses
+the producer streaming into it, so a grown socket lets up to 1 MiB (not
+64 KiB) queue for writing before its producer is paused.  That stays
+bounded, and it drops back with the read size.
+
+Only a plain TCP transport is adjusted.  Under TLS the protocol sees
+decrypted records (at most 16 KiB), not reads, so there is nothing to
+learn from their length: such sockets keep Twisted's default.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+from twisted.internet.tcp import Connection
+
+SMALLEST = 64 * 1024
+LARGEST = 1024 * 1024
+
+
+class ReadSize:
+    """
+    The read size of one TCP socket, adapted to the lengths of its reads.
+    """
+
+    __slots__ = ("size", "_socket")
+
+    def __init__(self, transport: object) -> None:
+        """
+        @param transport: the protocol's transport; only a plain TCP one
+            (not TLS, not a wrapper) is ever adjusted.
+        """
+        self.size = SMALLEST
+        plain = isinstance(transport, Connection) and not transport.TLS
+        self._socket = cast(Connection, transport) if plain else None
+
+    def read(self, length: int) -> None:
+        """Note one read of C{length} bytes; grow or shrink the size after it."""
+        size = self.size
+        if length >= size:
+            if size < LARGEST and self._socket is not None:
+                self.size = self._socket.bufferSize = min(size * 4, LARGEST)
+        elif size > SMALLEST and length < size >> 3:
+            self.size = SMALLEST
+            if self._socket is not None:
+                self._socket.bufferSize = SMALLEST
