@@ -299,3 +299,29 @@ class RequestWriterTests(SynchronousTestCase):
             (b"GET", b"/", [(b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"1")]),
         ]:
             self.assertRaises(RequestError, RequestWriter().head, method, target, headers)
+
+
+class HeadCacheTests(SynchronousTestCase):
+    """Response heads are validated once per distinct header block, in a bounded table."""
+
+    def test_repeated_head_parses_the_same(self) -> None:
+        """A head met again (answered from the table) gives the same outcome, body framing included."""
+        response = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Seen: twice\r\n\r\nabc"
+        first = parse([response])
+        second = parse([response])
+        self.assertEqual(first, second)
+        self.assertEqual(second[1], b"abc")
+
+    def test_invalid_head_is_refused_every_time(self) -> None:
+        """A bad header block never enters the table: each time it is refused with its reason."""
+        response = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabc"
+        for _ in range(2):
+            self.assertEqual(parse([response]), ("error", "conflicting Content-Length values"))
+
+    def test_table_is_bounded(self) -> None:
+        """Any number of distinct heads leaves at most _HEADS_MAX entries."""
+        from tunneld.agent import http1_wire
+
+        for n in range(http1_wire._HEADS_MAX + 50):
+            parse([b"HTTP/1.1 204 No Content\r\nX-N: %d\r\n\r\n" % n])
+        self.assertLessEqual(len(http1_wire._HEADS), http1_wire._HEADS_MAX)

@@ -97,6 +97,49 @@ def _fields(block: bytes, what: str) -> list[Header]:
     return fields
 
 
+# What a response head's header block says, by the block's bytes: an upstream
+# sends the same headers again and again (only Date changes, once a second),
+# so most heads are validated once.  Bounded: emptied when full.
+_HeadFacts = tuple[tuple[Header, ...], int | None, bool, bool]
+_HEADS: dict[bytes, _HeadFacts] = {}
+_HEADS_MAX = 256
+
+
+def _head_facts(block: bytes) -> _HeadFacts:
+    """
+    The fields of a response head's header block, validated, with its body
+    length, whether it is chunked, and whether it says C{Connection: close}.
+    """
+    headers = _fields(block, "response head")
+    length = None
+    chunked = close = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"content-length":
+            for item in value.split(b","):
+                item = item.strip(b" \t")
+                if _LENGTH.fullmatch(item) is None:
+                    raise ResponseError(f"invalid Content-Length {value[:40]!r}")
+                if length is not None and int(item) != length:
+                    raise ResponseError("conflicting Content-Length values")
+                length = int(item)
+        elif lower == b"transfer-encoding":
+            if chunked or value.strip(b" \t").lower() != b"chunked":
+                raise ResponseError(f"unsupported Transfer-Encoding {value[:40]!r}")
+            chunked = True
+        elif lower == b"connection":
+            for token in value.split(b","):
+                if token.strip(b" \t").lower() == b"close":
+                    close = True
+    if chunked and length is not None:
+        raise ResponseError("both Content-Length and Transfer-Encoding")
+    facts = (tuple(headers), length, chunked, close)
+    if len(_HEADS) >= _HEADS_MAX:
+        _HEADS.clear()
+    _HEADS[block] = facts
+    return facts
+
+
 class ResponseParser:
     """
     Parses the responses on one connection to the upstream, one per
@@ -271,38 +314,20 @@ class ResponseParser:
             raise ResponseError(f"invalid status line {line[:80]!r}")
         status = int(status_line.group(2))
         reason = status_line.group(3) or b""
-        headers = _fields(buffer[status_line.end() : block], "response head")
+        fields = buffer[status_line.end() : block]
         if status < 200:
+            _fields(fields, "response head")
             if status == 101:
                 raise ResponseError("101 Switching Protocols to a request that did not ask to switch")
             if status < 100:
                 raise ResponseError(f"invalid status {status}")
             return True  # 100 Continue, 103 Early Hints...: interim, not passed on
-        keep_alive = status_line.group(1) == b"1"
-        length = None
-        chunked = False
-        for name, value in headers:
-            lower = name.lower()
-            if lower == b"content-length":
-                for item in value.split(b","):
-                    item = item.strip(b" \t")
-                    if _LENGTH.fullmatch(item) is None:
-                        raise ResponseError(f"invalid Content-Length {value[:40]!r}")
-                    if length is not None and int(item) != length:
-                        raise ResponseError("conflicting Content-Length values")
-                    length = int(item)
-            elif lower == b"transfer-encoding":
-                if chunked or value.strip(b" \t").lower() != b"chunked":
-                    raise ResponseError(f"unsupported Transfer-Encoding {value[:40]!r}")
-                chunked = True
-            elif lower == b"connection":
-                for token in value.split(b","):
-                    if token.strip(b" \t").lower() == b"close":
-                        keep_alive = False
-        if chunked and length is not None:
-            raise ResponseError("both Content-Length and Transfer-Encoding")
-        self._keep_alive = keep_alive
-        self._sink.response_head(status, reason, headers)
+        known = _HEADS.get(fields)
+        if known is None:
+            known = _head_facts(fields)
+        headers, length, chunked, close = known
+        self._keep_alive = status_line.group(1) == b"1" and not close
+        self._sink.response_head(status, reason, list(headers))
         if self._state != _HEAD:
             return False  # the sink gave up on this response
         if self._head_request or status in _NO_BODY_STATUS or length == 0:
