@@ -614,7 +614,7 @@ upstream_max_idle = 256
                         small["cpu_us"] = (cpu_seconds(pids) - before) / small["requests"] * 1e6
                     before = cpu_seconds(pids) if pids else None
                     large = self.load(system, "/1m", 4, seconds)
-                    if before is not None and large["bytes"]:
+                    if before is not None and large["bytes"] >= MIB:
                         large["cpu_ms_per_mib"] = (cpu_seconds(pids) - before) / (large["bytes"] / MIB) * 1e3
                     row["small"].append(small)
                     row["large"].append(large)
@@ -896,7 +896,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"{spread([r['cpu_us'] for r in small if 'cpu_us' in r], '.0f')} | "
             f"{spread([r['p50_ms'] for r in small], '.2f')} | {spread([r['p99_ms'] for r in small], '.1f')} | "
             f"{errors} | {spread([r['mib_s'] for r in large], '.0f')} | "
-            f"{spread([r['cpu_ms_per_mib'] for r in large if 'cpu_ms_per_mib' in r], '.2f')} | {h2} | {rss_text} | {t_text} |")
+            f"{spread([r['cpu_ms_per_mib'] for r in large if 'cpu_ms_per_mib' in r and r['mib_s'] >= 1], '.2f')} | "
+            f"{h2} | {rss_text} | {t_text} |")
     ws_lines = []
     counts = list(results["meta"].get("idle_ws", []))
     for row in results["rows"].values():

@@ -71,7 +71,6 @@ from tunneld.interfaces import (
     ITransportPlugin,
 )
 from tunneld.listening import ListeningService
-from tunneld.readsize import ReadSize
 from tunneld.reasons import Reason
 from tunneld.schema import non_negative, parse_table, positive, setting
 from tunneld.wire import codec
@@ -729,7 +728,6 @@ class GrpcLink(Protocol):
         except Exception:  # noqa: BLE001 -- not every transport is TCP
             pass
         self.transport.registerProducer(SocketCongestion(self), True)
-        self._read_size = ReadSize(self.transport)
         conn = self.conn
         conn.initiate_connection()
         # Applied (windows, frame size) when the peer acknowledges them.
@@ -746,7 +744,6 @@ class GrpcLink(Protocol):
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         if self.closed:
             return
-        self._read_size.read(len(data))
         self.heartbeat.heard()
         try:
             events = self.conn.receive_data(data)
