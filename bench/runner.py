@@ -943,7 +943,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def write_out(path: str, slot: str, text: str) -> None:
-    """Replace the block between the slot's markers in C{path}, or write the whole file."""
+    """Replace the block between the slot's markers in C{path}, else append it (or create C{path})."""
     begin, end = f"<!-- bench:{slot}:begin -->", f"<!-- bench:{slot}:end -->"
     block = f"{begin}\n{text}{end}"
     if os.path.exists(path):
@@ -955,6 +955,10 @@ def write_out(path: str, slot: str, text: str) -> None:
             with open(path, "w") as f:
                 f.write(head + block + tail)
             return
+        # A new slot goes at the end: never write over what the file holds.
+        with open(path, "a") as f:
+            f.write(("" if current.endswith("\n") else "\n") + "\n" + block + "\n")
+        return
     with open(path, "w") as f:
         f.write(block + "\n")
 
