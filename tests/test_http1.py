@@ -64,6 +64,7 @@ class FakeStream(_Waiters):
         self.receiver = receiver
         self.chunks: list[bytes] = []
         self.ended: tuple[tuple[bytes, bytes], ...] | None = None
+        self.opened_ended = False  # opened with end_stream (a request without a body)
         self.reset_with: tuple[Reason, str] | None = None
         self.producer: Any = None
         self.paused = False
@@ -151,6 +152,7 @@ class FakeLink(_Waiters):
     ) -> IStream:
         verifyObject(IStreamReceiver, receiver)
         stream = FakeStream(head, receiver)
+        stream.opened_ended = end_stream
         if end_stream:
             stream.end()
         self.streams.append(stream)
@@ -402,6 +404,7 @@ class PublicHTTPTests(unittest.TestCase):
         self.assertEqual(stream.header(b"x-forwarded-proto"), [b"http"])
         self.assertEqual(stream.header(b"x-forwarded-host"), [b"App.Example.com:8080"])
         self.assertEqual(stream.header(b"via"), [b"1.0 other, 1.1 tunneld"])
+        self.assertFalse(stream.opened_ended)  # a Connection token: h11 reads it, End follows
         stream.reply(200, [(b"Content-Length", b"2")])
         stream.send(b"ok")
         stream.finish()
@@ -634,6 +637,7 @@ class PublicHTTPTests(unittest.TestCase):
         client.send(request("POST", "/up", HOST, "Content-Length: 10") + b"hello")
         stream = await self.link.stream()
         await stream.until(lambda: stream.body() == b"hello")
+        self.assertFalse(stream.opened_ended)
         self.assertIsNone(stream.ended)
         self.assertEqual(stream.header(b"content-length"), [b"10"])
         client.send(b"world")
@@ -695,6 +699,8 @@ class PublicHTTPTests(unittest.TestCase):
             client.send(request("GET", f"/{index}"))
             stream = await self.link.stream(index)
             self.assertEqual(stream.head.target, f"/{index}")
+            self.assertTrue(stream.opened_ended)  # a plain GET: the Open itself ends the request
+            self.assertEqual(stream.ended, ())
             stream.reply(200, [(b"Content-Length", b"1")])
             stream.send(b"%d" % index)
             stream.finish()
