@@ -18,6 +18,7 @@ __all__ = [
     "REPLACED",
     "forwarded_headers",
     "host_of",
+    "peer_of",
     "phrase",
     "reply_headers",
     "tokens",
@@ -55,6 +56,20 @@ def phrase(status: int) -> bytes:
 def tokens(values: list[bytes]) -> set[bytes]:
     """The lower-cased tokens of comma-separated header values."""
     return {t.strip().lower() for value in values for t in value.split(b",") if t.strip()}
+
+
+def peer_of(address: object) -> tuple[str, bytes, str | None]:
+    """
+    A public client's socket address as the log names it (C{host:port},
+    C{[v6]:port}), as X-Forwarded-For carries it, and its host (None when
+    the address is not an IP one, e.g. a UNIX socket).
+    """
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is None:
+        peer = str(address)
+        return peer, peer.encode("ascii", "replace"), None
+    peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return peer, host.encode("ascii"), host
 
 
 def host_of(authority: bytes) -> str | None:

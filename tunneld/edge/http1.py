@@ -46,6 +46,7 @@ from tunneld.edge.fasthead import response_head as _response_head
 from tunneld.edge.forwarding import HOP_BY_HOP as _HOP_BY_HOP
 from tunneld.edge.forwarding import forwarded_headers as _forwarded_headers
 from tunneld.edge.forwarding import host_of as _host_of
+from tunneld.edge.forwarding import peer_of as _peer_of
 from tunneld.edge.forwarding import phrase as _phrase
 from tunneld.edge.forwarding import reply_headers as _reply_headers
 from tunneld.edge.forwarding import tokens as _tokens
@@ -359,15 +360,8 @@ class PublicHTTPProtocol(Protocol):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
-        peer = self._socket.getPeer()
-        host, port = getattr(peer, "host", None), getattr(peer, "port", None)
-        if host is None:
-            self._peer = str(peer)
-            self._client_ip = self._peer.encode("ascii", "replace")
-        else:
-            self._peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            self._client_ip = host.encode("ascii")
-            self._peer_host = host
+        self._peer, self._client_ip, host = _peer_of(self._socket.getPeer())
+        self._peer_host = host or ""
         if self._policy is not None:
             admitted = self._policy.connection_opened(self._peer_host or self._peer)
             if isinstance(admitted, Refused):

@@ -46,7 +46,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tunneld.edge.forwarding import HOP_BY_HOP, forwarded_headers, host_of, reply_headers
+from tunneld.edge.forwarding import (
+    HOP_BY_HOP,
+    forwarded_headers,
+    host_of,
+    peer_of,
+    reply_headers,
+)
 from tunneld.edge.http1 import Routes
 from tunneld.h2conn import LeanH2Connection
 from tunneld.interfaces import IStream, IStreamReceiver
@@ -224,14 +230,7 @@ class PublicH2Protocol(Protocol):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
-        peer = self._socket.getPeer()
-        host, port = getattr(peer, "host", None), getattr(peer, "port", None)
-        if host is None:
-            self._peer = str(peer)
-            self._client_ip = self._peer.encode("ascii", "replace")
-        else:
-            self._peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            self._client_ip = host.encode("ascii")
+        self._peer, self._client_ip, host = peer_of(self._socket.getPeer())
         self._peer_host = host or self._peer
         if self._policy is not None:
             admitted = self._policy.connection_opened(self._peer_host)
