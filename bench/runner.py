@@ -252,16 +252,19 @@ class Bench:
 
     # systems under test
 
+    def unavailable(self, tool: str) -> str | None:
+        """Why a row that needs the Debian tool C{tool} is skipped, if it is."""
+        if self.smoke:
+            return "smoke mode: Python pieces only"
+        return None if self.tools[tool] else f"{tool} not installed"
+
     def direct(self, upstream: int, h2: int | None) -> System:
         return System("direct", "direct to upstream (the limit)", port=upstream, h2_port=h2)
 
     def nginx_proxy(self, upstream: int) -> System:
         system = System("nginx", "nginx reverse proxy")
-        if self.smoke:
-            system.skip = "smoke mode: Python pieces only"
-            return system
-        if not self.tools["nginx"]:
-            system.skip = "nginx not installed"
+        system.skip = self.unavailable("nginx")
+        if system.skip:
             return system
         system.port, system.h2_port = free_port(), free_port()
         conf = nginx_conf(self.workdir, "proxy", f"""  upstream up {{ server 127.0.0.1:{upstream}; keepalive 256; }}
@@ -289,11 +292,8 @@ class Bench:
 
     def pagekite(self, upstream: int) -> System:
         system = System("pagekite", "pagekite front-end + back-end")
-        if self.smoke:
-            system.skip = "smoke mode: Python pieces only"
-            return system
-        if not self.tools["pagekite"]:
-            system.skip = "pagekite not installed"
+        system.skip = self.unavailable("pagekite")
+        if system.skip:
             return system
         port = free_port()
         secret = "benchsecret"
