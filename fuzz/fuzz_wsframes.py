@@ -36,6 +36,10 @@ class _Handler:
         assert not self.closed
         assert len(payload) <= MAX_CONTROL_PAYLOAD
 
+    def pong_received(self, payload: bytes) -> None:
+        assert not self.closed
+        assert len(payload) <= MAX_CONTROL_PAYLOAD
+
     def close_received(self, code: int, reason: str) -> None:
         assert not self.closed
         self.closed = True

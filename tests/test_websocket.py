@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.end_to_end import EndToEndMixin
+from tests.test_grpc_transport import until
 from tests.test_websocket_framing import Recorder
 from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup
 from tunneld.reasons import Reason
@@ -26,6 +27,7 @@ from tunneld.transports.websocket import (
     EdgeWebSocketFactory,
     WebSocketAgentOptions,
     WebSocketEdgeOptions,
+    WebSocketTransport,
 )
 from tunneld.transports.websocket_framing import FrameReader, FrameWriter
 
@@ -98,13 +100,15 @@ class _Wire:
         self.protocol.connectionLost(Failure(reason))
 
 
-def _edge(extra: bytes = b"", max_frame_size: int = 1 << 20) -> _Wire:
+def _edge(
+    extra: bytes = b"", max_frame_size: int = 1 << 20, options: WebSocketEdgeOptions | None = None
+) -> _Wire:
     """An edge WebSocket protocol that was sent the handshake plus C{extra} in one read."""
     clock, handler = Clock(), _Handler()
     setup = EdgeLinkSetup(
         on_link=lambda link: link.set_handler(handler), reactor=clock, max_frame_size=max_frame_size
     )
-    factory = EdgeWebSocketFactory(WebSocketEdgeOptions(), setup)
+    factory = EdgeWebSocketFactory(options or WebSocketEdgeOptions(), setup)
     factory.setProtocolOptions(openHandshakeTimeout=0)  # no timer on the global reactor
     peer = IPv4Address("TCP", "127.0.0.1", 40000)
     protocol = factory.buildProtocol(peer)
@@ -150,12 +154,26 @@ class EdgeFramingTests(SynchronousTestCase):
         writer = FrameWriter(masked=True)
         wire.protocol.dataReceived(writer.ping(b"hb") + writer.close(4005, "draining: bye"))
         self.assertEqual(wire.transport.value().partition(b"\r\n\r\n")[2][:4], b"\x8a\x02hb")
-        self.assertEqual(wire.frames(masked=False), [("close", 4005, "")])
+        self.assertEqual(wire.frames(masked=False), [("pong", b"hb"), ("close", 4005, "")])
         self.assertTrue(wire.transport.disconnecting)
         wire.lose(ConnectionDone())
         wire.lose(ConnectionDone())
         self.assertEqual(wire.handler.lost, [(Reason.AGENT_GONE, "websocket closed (4005: draining: bye)")])
         self.assertEqual(wire.clock.getDelayedCalls(), [])
+
+    def test_heartbeat_is_websocket_ping_pong(self) -> None:
+        """The heartbeat is a WebSocket Ping with the ping's number; its Pong gives the round trip."""
+        wire = _edge(options=WebSocketEdgeOptions(heartbeat_interval=1.0, heartbeat_timeout=5.0))
+        self.assertIsNone(wire.protocol.link.round_trip_time())
+        wire.clock.advance(1.0)
+        [ping] = wire.frames(masked=False)
+        self.assertEqual(ping, ("ping", (1).to_bytes(8, "big")))
+        wire.clock.advance(0.25)
+        wire.protocol.dataReceived(FrameWriter(masked=True).pong(b"unsolicited"))
+        self.assertIsNone(wire.protocol.link.round_trip_time())
+        wire.protocol.dataReceived(FrameWriter(masked=True).pong((1).to_bytes(8, "big")))
+        self.assertEqual(wire.protocol.link.round_trip_time(), 0.25)
+        wire.lose(ConnectionDone())
 
     def test_close_times_out(self) -> None:
         """After our Close, a peer that never lets the connection end is cut off after the close timeout."""
@@ -217,3 +235,33 @@ class AgentFramingTests(SynchronousTestCase):
             handler.lost, [(Reason.PROTOCOL_ERROR, "websocket protocol error (1002: masked frame from a server)")]
         )
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class HeartbeatOverSocketsTests(TestCase):
+    """The WebSocket link heartbeat between a real edge and agent on loopback."""
+
+    async def test_ping_pong_gives_both_ends_a_round_trip(self) -> None:
+        """Both ends' WebSocket Pings are answered with Pongs over TCP, so both measure a round trip."""
+        transport = WebSocketTransport()
+        edge_links: list[Any] = []
+        port = reactor.listenTCP(  # type: ignore[attr-defined]
+            0,
+            EdgeWebSocketFactory(
+                WebSocketEdgeOptions(heartbeat_interval=0.05),
+                EdgeLinkSetup(on_link=lambda link: (link.set_handler(_Handler()), edge_links.append(link)),
+                              reactor=reactor),
+            ),
+            interface="127.0.0.1",
+        )
+        self.addCleanup(port.stopListening)
+        options = transport.agent_options(
+            {"url": f"ws://127.0.0.1:{port.getHost().port}/tunnel", "heartbeat_interval": 0.05}, "test"
+        )
+        agent = await transport.connect(options, AgentLinkSetup(reactor=reactor))
+        agent.set_handler(_Handler())
+        await until(lambda: bool(edge_links) and edge_links[0].round_trip_time() is not None)
+        await until(lambda: agent.round_trip_time() is not None)
+        for link in (edge_links[0], agent):
+            self.assertLess(link.round_trip_time(), 1.0)
+        agent.close(Reason.CANCELLED, "test over")
+        await agent.when_closed()

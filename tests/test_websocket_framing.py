@@ -40,6 +40,9 @@ class Recorder:
     def ping_received(self, payload: bytes) -> None:
         self.events.append(("ping", payload))
 
+    def pong_received(self, payload: bytes) -> None:
+        self.events.append(("pong", payload))
+
     def close_received(self, code: int, reason: str) -> None:
         self.events.append(("close", code, reason))
 
@@ -185,9 +188,9 @@ class ReaderTests(SynchronousTestCase):
         self.assertEqual(read(data, masked=True), [("ping", b"hb"), ("message", b"abcdef", True)])
 
     def test_text_and_pong(self) -> None:
-        """A text message is handed over as not binary; a Pong is ignored."""
+        """A text message is handed over as not binary; a Pong is handed over as a Pong."""
         data = frame(0xA, b"late", mask=True) + frame(0x1, b"hi", mask=True)
-        self.assertEqual(read(data, masked=True), [("message", b"hi", False)])
+        self.assertEqual(read(data, masked=True), [("pong", b"late"), ("message", b"hi", False)])
 
     def test_close_then_nothing(self) -> None:
         """A Close hands over its code and reason; bytes after it are ignored."""

@@ -58,6 +58,8 @@ _log = Logger()
 
 # A peer that ignores our Close (or stops reading) is dropped after this long.
 CLOSE_TIMEOUT = 5.0
+# A heartbeat Ping's payload: the heartbeat's ping number, big-endian.
+_PING_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,7 @@ class _FrameWireMixin:
             heartbeat_timeout=options.heartbeat_timeout,
             peer_certificate=certificate,
             max_streams=getattr(setup, "max_streams", 10_000),
+            send_ping=self._send_ping,
         )
         self.link = link
         # From here on the framing is ours: the edge (server) reads masked
@@ -238,6 +241,17 @@ class _FrameWireMixin:
         """FrameHandler.ping_received"""
         if not self._closing:
             self.transport.write(self._writer.pong(payload))
+
+    def pong_received(self, payload: bytes) -> None:
+        """FrameHandler.pong_received: the answer to a heartbeat ping of ours."""
+        link = self.link
+        if link is not None and len(payload) == _PING_SIZE:
+            link.pong_received(int.from_bytes(payload, "big"))
+
+    def _send_ping(self, opaque: int) -> None:
+        """The link heartbeat is WebSocket Ping/Pong (design: section 3); C{opaque} is the payload."""
+        if not self._closing and self._reader is not None:
+            self.transport.write(self._writer.ping(opaque.to_bytes(_PING_SIZE, "big")))
 
     def close_received(self, code: int, reason: str) -> None:
         """FrameHandler.close_received"""

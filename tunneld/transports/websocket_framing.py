@@ -129,6 +129,9 @@ class FrameHandler(Protocol):
     def ping_received(self, payload: bytes) -> None:
         """A Ping: answer with a Pong carrying C{payload}."""
 
+    def pong_received(self, payload: bytes) -> None:
+        """A Pong: the answer to one of our Pings, or unsolicited (allowed, and then ignored)."""
+
     def close_received(self, code: int, reason: str) -> None:
         """A Close (C{CLOSE_NO_STATUS} when it had no code); the reader reads no further."""
 
@@ -337,7 +340,8 @@ class FrameReader:
             code, reason = self._close(payload)
             self.stop()
             self._handler.close_received(code, reason)
-        # OP_PONG: nothing was asked; an unsolicited Pong is allowed and ignored.
+        else:  # OP_PONG
+            self._handler.pong_received(payload)
 
     @staticmethod
     def _close(payload: bytes) -> tuple[int, str]:

@@ -379,6 +379,7 @@ class FrameLink:
         heartbeat_interval: float = 10.0,
         heartbeat_timeout: float = 30.0,
         peer_certificate: Any = None,
+        send_ping: Callable[[int], None] | None = None,
     ) -> None:
         self.wire = wire
         self.transport_name = transport_name
@@ -402,8 +403,10 @@ class FrameLink:
         self.end_stream = False
         self._next_id = 1
         self._last_remote_id = 0
+        # A wire with a heartbeat of its own (WebSocket Ping/Pong) carries the
+        # pings; otherwise they are protocol Ping frames.
         self.heartbeat = Heartbeat(
-            reactor, heartbeat_interval, heartbeat_timeout, self._ping, self._silent
+            reactor, heartbeat_interval, heartbeat_timeout, send_ping or self._ping, self._silent
         )
         self.heartbeat.start()
         self._done = False
@@ -636,6 +639,11 @@ class FrameLink:
 
     def _ping(self, opaque: int) -> None:
         self.send(codec.encode_ping(opaque).SerializeToString())
+
+    def pong_received(self, opaque: int) -> None:
+        """The wire's own heartbeat answered ping C{opaque} (see C{send_ping})."""
+        self.heartbeat.heard()
+        self.heartbeat.pong(opaque)
 
     def _silent(self, silent: float) -> None:
         self.log.warn(
