@@ -35,7 +35,8 @@ from typing import Any, Protocol
 
 __all__ = [
     "CLOSE_NORMAL", "CLOSE_NO_STATUS", "CLOSE_PROTOCOL_ERROR", "CLOSE_INVALID_PAYLOAD",
-    "CLOSE_TOO_BIG", "FrameHandler", "FrameReader", "FrameWriter", "FramingError", "mask",
+    "CLOSE_TOO_BIG", "FrameHandler", "FrameReader", "FrameWriter", "FramingError", "Payload",
+    "mask",
 ]
 
 OP_CONTINUATION = 0x0
