@@ -432,8 +432,20 @@ class FrameWriter:
         size = len(payload)
         first = _FIN | opcode
         if self._masked:
-            key = self._key()
-            return self._head(first, _MASK_BIT, size) + key + _masked(key, payload)
+            # Written out (not _key and _head): this is every small frame's path.
+            at = self._at
+            if at >= len(self._keys):
+                self._keys = self._random(self._KEY_BATCH)
+                at = 0
+            key = self._keys[at : at + 4]
+            self._at = at + 4
+            if size < 126:
+                head = bytes((first, _MASK_BIT | size))
+            elif size < 0x10000:
+                head = _HEAD_16.pack(first, _MASK_BIT | 126, size)
+            else:
+                head = _HEAD_64.pack(first, _MASK_BIT | 127, size)
+            return head + key + _masked(key, payload)
         if size < 126:
             return bytes((first, size)) + payload
         if size < 0x10000:
