@@ -36,7 +36,7 @@ class _Handler:
         assert not self.closed
         assert len(payload) <= MAX_CONTROL_PAYLOAD
 
-    def pong_received(self, payload: bytes) -> None:
+    def pong_received(self, payload: bytes | bytearray) -> None:
         assert not self.closed
         assert len(payload) <= MAX_CONTROL_PAYLOAD
 

@@ -427,3 +427,27 @@ class HandReadingTests(SynchronousTestCase):
             self.assertEqual(
                 _outcome(codec.read, payload), _outcome(codec.read_generated, payload), payload
             )
+
+
+class BufferReadingTests(SynchronousTestCase):
+    """codec.read takes a frame as a bytearray or memoryview too, and hands back only bytes."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.one_of(st.binary(max_size=80), st.sampled_from(VALID_FRAMES), mutated_frames()))
+    def test_same_as_bytes(self, payload: bytes) -> None:
+        """Any input reads as it does from bytes, from a bytearray and from a view into a larger buffer."""
+        expected = _outcome(codec.read, payload)
+        padded = b"--" + payload + b"--"
+        for buffer in (bytearray(payload), memoryview(padded)[2 : 2 + len(payload)]):
+            self.assertEqual(_outcome(codec.read, buffer), expected)
+
+    def test_results_are_bytes(self) -> None:
+        """A Data frame's bytes and an End frame's trailers come back as bytes, never as views of the buffer."""
+        data = codec.encode_data(3, b"x" * 5000, end_stream=True)
+        _, kind, body, end = codec.read(bytearray(data))
+        self.assertEqual((kind, type(body), body, end), (codec.DATA, bytes, b"x" * 5000, True))
+        _, kind, body, end = codec.read(memoryview(data))
+        self.assertEqual((kind, type(body)), (codec.DATA, bytes))
+        _, kind, trailers, _ = codec.read(bytearray(codec.end_bytes(3, [(b"grpc-status", b"0")])))
+        self.assertEqual(trailers, ((b"grpc-status", b"0"),))
+        self.assertEqual({type(part) for pair in trailers for part in pair}, {bytes})

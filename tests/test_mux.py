@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver
@@ -122,6 +124,19 @@ class Wire:
         )
 
 
+class BatchingWire(Wire):
+    """A L{Wire} that also takes frames in pieces (C{send_frames}), recording each batch's sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[int]] = []
+
+    def send_frames(self, frames: list[tuple[bytes, bytes | memoryview]]) -> None:
+        self.batches.append([sum(map(len, pieces)) for pieces in frames])
+        for pieces in frames:
+            self.send_frame(b"".join(pieces))
+
+
 def make_link(
     wire: Wire, clock: Clock, *, is_edge: bool, window: int = WINDOW, **kwargs: object
 ) -> FrameLink:
@@ -147,8 +162,9 @@ class Pair:
         agent_window: int = WINDOW,
         agent_handler: Handler | None = None,
         agent_kwargs: dict[str, object] | None = None,
+        wire: type[Wire] | None = None,
     ) -> None:
-        self.edge_wire, self.agent_wire = Wire(), Wire()
+        self.edge_wire, self.agent_wire = (wire or Wire)(), (wire or Wire)()
         self.edge = make_link(self.edge_wire, clock, is_edge=True, window=edge_window)
         self.agent = make_link(
             self.agent_wire, clock, is_edge=False, window=agent_window, **(agent_kwargs or {})
@@ -484,6 +500,46 @@ class CreditTests(SynchronousTestCase):
         saturated = [e for e in events if "saturated" in e.get("log_format", "")]
         self.assertEqual(len(saturated), 1)
         self.assertEqual(saturated[0]["size"], 2500)
+
+
+class BatchedCreditTests(CreditTests):
+    """The same credit rules when the wire takes Data frames in pieces (C{send_frames})."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.pair = Pair(self.clock, wire=BatchingWire)
+
+
+class BatchedDataTests(SynchronousTestCase):
+    """A wire with C{send_frames} gets each write as one batch of frames no larger than the link allows."""
+
+    def test_large_write_is_one_batch_of_limited_frames(self) -> None:
+        """A write of 300 KiB goes out as one batch of Data frames of at most max_data bytes, in order."""
+        pair = Pair(Clock(), edge_window=1 << 20, agent_window=1 << 20, wire=BatchingWire)
+        stream, _, _, receiver = pair.open()
+        payload = os.urandom(300 * 1024)
+        stream.write(payload)
+        wire = pair.edge_wire
+        assert isinstance(wire, BatchingWire)
+        limit = pair.edge.max_data
+        head = len(codec.data_frame_head(stream.stream_id, limit))
+        self.assertEqual(
+            wire.batches[-1], [head + limit, head + limit, head + len(payload) - 2 * limit]
+        )
+        pair.pump()
+        self.assertEqual(bytes(receiver.data), payload)
+        self.assertTrue(all(type(d) is bytes for e, d, *_ in receiver.events if e == "data"))
+
+    def test_held_data_is_sent_as_it_was_written(self) -> None:
+        """Data held for credit and cut where the credit ends still arrives whole and in order."""
+        pair = Pair(Clock(), wire=BatchingWire)
+        stream, _, _, receiver = pair.open()
+        payload = os.urandom(WINDOW * 2 - 10)  # held beyond the window, below the lid
+        stream.write(payload[:100])
+        stream.write(payload[100:])
+        for _ in range(5):
+            pair.pump()
+        self.assertEqual(bytes(receiver.data), payload)
 
 
 class ProtocolErrorTests(SynchronousTestCase):

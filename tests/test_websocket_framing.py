@@ -40,7 +40,7 @@ class Recorder:
     def ping_received(self, payload: bytes) -> None:
         self.events.append(("ping", payload))
 
-    def pong_received(self, payload: bytes) -> None:
+    def pong_received(self, payload: bytes | bytearray) -> None:
         self.events.append(("pong", payload))
 
     def close_received(self, code: int, reason: str) -> None:
@@ -158,6 +158,35 @@ class WriterTests(SynchronousTestCase):
         self.assertEqual(writer.binary(b"x" * 126)[:4], b"\x82\x7e\x00\x7e")
         self.assertEqual(writer.binary(b"x" * 65536)[:10], b"\x82\x7f" + struct.pack("!Q", 65536))
 
+    def test_binary_frames_as_binary(self) -> None:
+        """
+        Messages given in pieces (bytes and views) encode byte for byte as
+        L{FrameWriter.binary} of each joined payload, keys taken in the same order.
+        """
+        source = os.urandom(4096)
+        rng = random.Random(5)
+        messages: list[list[bytes | memoryview]] = []
+        for size in (0, 1, 2, 127, 128, 129, 4096, 65535, 65536, 200_000):
+            payload = rng.randbytes(size)
+            cut = size // 3
+            messages.append([payload[:cut], memoryview(b"--" + payload[cut:])[2:]])
+        messages.append([b"ab", b"", memoryview(b"cd"), b"e" * 300])
+        for masked in (True, False):
+            batched = FrameWriter(masked=masked, random=lambda n: source[:n])
+            single = FrameWriter(masked=masked, random=lambda n: source[:n])
+            expected = b"".join(single.binary(b"".join(bytes(p) for p in m)) for m in messages)
+            self.assertEqual(batched.binary_frames(messages), expected)
+            self.assertEqual(batched.binary_frames([]), b"")
+
+    def test_binary_frames_without_the_native_masker(self) -> None:
+        """Without Autobahn's compiled masker, batched frames are masked the same."""
+        source = os.urandom(4096)
+        messages: list[list[bytes | memoryview]] = [[b"h" * 5, os.urandom(70000)], [os.urandom(300)]]
+        expected = FrameWriter(masked=True, random=lambda n: source[:n]).binary_frames(messages)
+        self.patch(websocket_framing, "_nvx", None)
+        got = FrameWriter(masked=True, random=lambda n: source[:n]).binary_frames(messages)
+        self.assertEqual(got, expected)
+
     def test_close_reason_cut_at_a_character(self) -> None:
         """A Close reason is cut to 123 bytes without splitting a UTF-8 character."""
         data = FrameWriter(masked=False).close(4008, "é" * 100)
@@ -186,6 +215,28 @@ class ReaderTests(SynchronousTestCase):
             + frame(0x0, b"ef", mask=True)
         )
         self.assertEqual(read(data, masked=True), [("ping", b"hb"), ("message", b"abcdef", True)])
+
+    def test_large_messages_are_handed_over_uncopied(self) -> None:
+        """
+        A large whole message comes as a view of the read (unmasked) or as
+        the buffer it was unmasked into (masked); small ones come as bytes.
+        """
+        payload = os.urandom(100_000)
+        plain = FrameWriter(masked=False).binary(payload)
+        recorder = Recorder()
+        FrameReader(recorder, masked=False, max_message=LIMIT).feed(plain)
+        [(_, view, _)] = recorder.events
+        self.assertIsInstance(view, memoryview)
+        assert isinstance(view, memoryview)
+        self.assertIs(view.obj, plain)
+        self.assertEqual(view, payload)
+        masked = read(FrameWriter(masked=True).binary(payload), masked=True)
+        self.assertEqual(masked, [("message", payload, True)])
+        self.assertIsInstance(masked[0][1], bytearray)
+        for small in (b"", b"x" * 127, b"y" * 4095):
+            for is_masked in (True, False):
+                [(_, got, _)] = read(FrameWriter(masked=is_masked).binary(small), masked=is_masked)
+                self.assertEqual((type(got), got), (bytes, small))
 
     def test_text_and_pong(self) -> None:
         """A text message is handed over as not binary; a Pong is handed over as a Pong."""

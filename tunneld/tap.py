@@ -75,6 +75,9 @@ Options = EdgeOptions
 def makeService(options: EdgeOptions, reactor: Any = None) -> IService:  # noqa: N802
     """The edge's service tree."""
     from tunneld.edge.service import EdgeService
+    from tunneld.heap import keep_large_buffers
+
+    keep_large_buffers()
 
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -91,8 +94,11 @@ def makeAgentService(options: AgentOptions, reactor: Any = None) -> IService:  #
     from twisted.application.service import MultiService
 
     from tunneld.agent.service import AgentService
+    from tunneld.heap import keep_large_buffers
     from tunneld.observe.console import AgentActivity, ConsoleSummary
     from tunneld.observe.systemd import SystemdNotifyService
+
+    keep_large_buffers()
 
     if reactor is None:
         from twisted.internet import reactor as default_reactor

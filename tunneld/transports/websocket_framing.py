@@ -13,9 +13,14 @@ the tunnel frame itself.  Here is the whole of what an agent link needs:
     Ping, Pong, Close; everything else the RFC forbids is a L{FramingError}
     carrying the close code to send.  A payload split over many reads is
     copied once into a buffer of its declared size (checked against the
-    bound first) and unmasked there, never re-copied per read.
+    bound first) and unmasked there, never re-copied per read.  A large
+    message is handed over without another copy: as a C{memoryview} of the
+    read when it came unmasked and whole, else as the C{bytearray} it was
+    unmasked into; the handler copies out what it keeps.
   - L{FrameWriter}: one C{bytes} per frame, masked with a fresh random key
-    when it is the client's (the agent's) end.
+    when it is the client's (the agent's) end; L{FrameWriter.binary_frames}
+    writes several messages, each given in pieces, into one C{bytes} with a
+    single copy of each piece.
 
 No extension is ever negotiated on an agent link, so the RSV bits must be 0.
 """
@@ -25,12 +30,13 @@ from __future__ import annotations
 import importlib
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 __all__ = [
     "CLOSE_NORMAL", "CLOSE_NO_STATUS", "CLOSE_PROTOCOL_ERROR", "CLOSE_INVALID_PAYLOAD",
-    "CLOSE_TOO_BIG", "FrameHandler", "FrameReader", "FrameWriter", "FramingError", "mask",
+    "CLOSE_TOO_BIG", "FrameHandler", "FrameReader", "FrameWriter", "FramingError", "Payload",
+    "mask",
 ]
 
 OP_CONTINUATION = 0x0
@@ -56,6 +62,14 @@ _MASK_BIT = 0x80
 _HEAD_16 = struct.Struct("!BBH")
 _HEAD_64 = struct.Struct("!BBQ")
 
+# What a message's payload may be handed over as: only large ones come as a
+# memoryview (unmasked, of the read they arrived in) or a bytearray (unmasked
+# in place); smaller ones are bytes.
+Payload = bytes | bytearray | memoryview
+# Whole messages at least this long are handed over as a view of the read
+# (unmasked) or the buffer they were unmasked into (masked).
+_VIEW_FROM = 4096
+
 # Autobahn's compiled (CFFI) XOR masker, used directly: one copy into a
 # bytearray masked in place.  Its public wrapper (a masker object per frame,
 # two more copies) costs 39 us for a 128 KiB frame; this costs 9 us.  Below
@@ -78,18 +92,30 @@ def _mask_int(key: bytes, data: bytes | bytearray) -> bytes:
 
 def _unmask_in_place(key: bytes, buffer: bytearray) -> None:
     """XOR C{buffer} with the repeated C{key}, in place."""
-    if _nvx is not None and len(buffer) >= _NATIVE_MASK_FROM:
+    _mask_span(key, buffer, None, 0, len(buffer))
+
+
+def _mask_span(key: bytes, buffer: bytearray, pointer: Any, start: int, size: int) -> None:
+    """
+    XOR C{size} bytes of C{buffer} from C{start} with the repeated C{key}, in
+    place.  C{pointer}: C{buffer}'s address from the native masker's C{ffi},
+    when the caller masks several spans of one buffer (else None).
+    """
+    if _nvx is not None and size >= _NATIVE_MASK_FROM:
         lib = _nvx.lib
+        if pointer is None:
+            pointer = _nvx.ffi.from_buffer(buffer)
         masker = lib.nvx_xormask_new(key)
         try:
-            lib.nvx_xormask_process(masker, _nvx.ffi.from_buffer(buffer), len(buffer))
+            lib.nvx_xormask_process(masker, pointer + start, size)
         finally:
             lib.nvx_xormask_free(masker)
-    elif buffer:
-        buffer[:] = _mask_int(key, buffer)
+    elif size:
+        end = start + size
+        buffer[start:end] = _mask_int(key, buffer[start:end])
 
 
-def _masked(key: bytes, data: bytes) -> bytes | bytearray:
+def _masked(key: bytes, data: bytes | bytearray) -> bytes | bytearray:
     """C{data} masked, as whichever type came cheapest (it is copied on anyway)."""
     if _nvx is not None and len(data) >= _NATIVE_MASK_FROM:
         buffer = bytearray(data)
@@ -98,7 +124,7 @@ def _masked(key: bytes, data: bytes) -> bytes | bytearray:
     return _mask_int(key, data) if data else b""
 
 
-def mask(key: bytes, data: bytes) -> bytes:
+def mask(key: bytes, data: bytes | bytearray) -> bytes:
     """C{data} XOR the 4-byte C{key} repeated (masking and unmasking are the same)."""
     return bytes(_masked(key, data))
 
@@ -123,13 +149,17 @@ class FramingError(Exception):
 class FrameHandler(Protocol):
     """What a L{FrameReader} hands complete messages and control frames to."""
 
-    def message_received(self, payload: bytes, binary: bool) -> None:
-        """A whole data message (text only to be refused: an agent link is binary)."""
+    def message_received(self, payload: Payload, binary: bool) -> None:
+        """
+        A whole data message (text only to be refused: an agent link is
+        binary).  A C{memoryview} or C{bytearray} C{payload} is valid only
+        during the call: copy out what is kept.
+        """
 
-    def ping_received(self, payload: bytes) -> None:
+    def ping_received(self, payload: bytes | bytearray) -> None:
         """A Ping: answer with a Pong carrying C{payload}."""
 
-    def pong_received(self, payload: bytes) -> None:
+    def pong_received(self, payload: bytes | bytearray) -> None:
         """A Pong: the answer to one of our Pings, or unsolicited (allowed, and then ignored)."""
 
     def close_received(self, code: int, reason: str) -> None:
@@ -171,7 +201,7 @@ class FrameReader:
         self._opcode = 0
         self._key: bytes | None = None
         # A fragmented message in progress: its payloads so far.
-        self._fragments: list[bytes] | None = None
+        self._fragments: list[bytes | bytearray] | None = None
         self._fragments_size = 0
         self._fragments_binary = True
         self._stopped = False
@@ -219,7 +249,7 @@ class FrameReader:
             if key is not None:
                 _unmask_in_place(key, buffer)
             self._key = None
-            self._frame(bytes(buffer))
+            self._frame(buffer)
             pos = need
         elif self._partial:
             data = self._partial + data
@@ -261,9 +291,17 @@ class FrameReader:
                 and self._fragments is None
             ):
                 # The common case, checked in one go: a whole binary message
-                # in this read.
-                payload = data[start:end]
-                self._handler.message_received(mask(key, payload) if key else payload, True)
+                # in this read.  A large one is copied at most once: unmasked
+                # into a new buffer, or not at all.
+                payload: Payload
+                if key is None:
+                    payload = data[start:end] if length < _VIEW_FROM else memoryview(data)[start:end]
+                elif length < _VIEW_FROM:
+                    payload = mask(key, data[start:end])
+                else:
+                    payload = bytearray(memoryview(data)[start:end])
+                    _mask_span(key, payload, None, 0, length)
+                self._handler.message_received(payload, True)
                 pos = end
                 continue
             self._check(first, second, length, masked)
@@ -312,8 +350,8 @@ class FrameReader:
                 CLOSE_TOO_BIG, f"message of {length} bytes exceeds {self._max}"
             )
 
-    def _frame(self, payload: bytes) -> None:
-        """One whole (checked) frame with its payload."""
+    def _frame(self, payload: bytes | bytearray) -> None:
+        """One whole (checked) frame with its payload (a bytearray: already unmasked)."""
         key = self._key
         if key is not None:
             payload = mask(key, payload)
@@ -344,7 +382,7 @@ class FrameReader:
             self._handler.pong_received(payload)
 
     @staticmethod
-    def _close(payload: bytes) -> tuple[int, str]:
+    def _close(payload: bytes | bytearray) -> tuple[int, str]:
         if not payload:
             return CLOSE_NO_STATUS, ""
         if len(payload) == 1:
@@ -376,11 +414,29 @@ class FrameWriter:
         self._keys = b""
         self._at = 0
 
-    def frame(self, opcode: int, payload: bytes) -> bytes:
+    def _key(self) -> bytes:
+        """A fresh masking key."""
+        at = self._at
+        if at >= len(self._keys):
+            self._keys = self._random(self._KEY_BATCH)
+            at = 0
+        self._at = at + 4
+        return self._keys[at : at + 4]
+
+    @staticmethod
+    def _head(first: int, mask_bit: int, size: int) -> bytes:
+        if size < 126:
+            return bytes((first, mask_bit | size))
+        if size < 0x10000:
+            return _HEAD_16.pack(first, mask_bit | 126, size)
+        return _HEAD_64.pack(first, mask_bit | 127, size)
+
+    def frame(self, opcode: int, payload: bytes | bytearray) -> bytes:
         """One final frame of C{opcode} carrying C{payload}, header and (masked) payload together."""
         size = len(payload)
         first = _FIN | opcode
         if self._masked:
+            # Written out (not _key and _head): this is every small frame's path.
             at = self._at
             if at >= len(self._keys):
                 self._keys = self._random(self._KEY_BATCH)
@@ -400,6 +456,38 @@ class FrameWriter:
             return _HEAD_16.pack(first, 126, size) + payload
         return _HEAD_64.pack(first, 127, size) + payload
 
+    def binary_frames(self, messages: Iterable[Sequence[bytes | memoryview]]) -> bytes:
+        """
+        Binary messages, each in one frame and given as the pieces its payload
+        is made of, encoded into one C{bytes}: each piece is copied once into
+        the frames (and masked there), however many pieces and messages.
+        """
+        first = _FIN | OP_BINARY
+        head = self._head
+        pieces: list[bytes | memoryview] = []
+        if not self._masked:
+            for parts in messages:
+                pieces.append(head(first, 0, sum(map(len, parts))))
+                pieces.extend(parts)
+            return b"".join(pieces)
+        spans = []
+        at = 0
+        for parts in messages:
+            size = sum(map(len, parts))
+            key = self._key()
+            frame_head = head(first, _MASK_BIT, size)
+            pieces.append(frame_head)
+            pieces.append(key)
+            pieces.extend(parts)
+            at += len(frame_head) + 4
+            spans.append((key, at, size))
+            at += size
+        buffer = bytearray().join(pieces)
+        pointer = _nvx.ffi.from_buffer(buffer) if _nvx is not None else None
+        for key, start, size in spans:
+            _mask_span(key, buffer, pointer, start, size)
+        return bytes(buffer)
+
     def binary(self, payload: bytes) -> bytes:
         """A binary message in one frame."""
         return self.frame(OP_BINARY, payload)
@@ -408,7 +496,7 @@ class FrameWriter:
         """A Close frame with C{code} and C{reason} (cut to fit); no code: an empty Close."""
         return self.frame(OP_CLOSE, b"" if code is None else close_payload(code, reason))
 
-    def pong(self, payload: bytes) -> bytes:
+    def pong(self, payload: bytes | bytearray) -> bytes:
         """A Pong answering a Ping's C{payload}."""
         return self.frame(OP_PONG, payload)
 

@@ -39,6 +39,9 @@ from tunneld.wire.messages import (
 
 Frame = pb.Frame
 
+# What L{read} takes: a frame's bytes, or a view of them it copies out of.
+Buffer = bytes | bytearray | memoryview
+
 
 class FrameError(Exception):
     """A frame could not be decoded or does not belong where it arrived."""
@@ -70,7 +73,7 @@ def data_frame_head(stream_id: int, size: int) -> bytes:
     return b"".join((head, b"\x32", _varint(len(inner) + size), inner))
 
 
-def encode_data(stream_id: int, data: bytes, end_stream: bool = False) -> bytes:
+def encode_data(stream_id: int, data: bytes | memoryview, end_stream: bool = False) -> bytes:
     """
     C{Frame(stream_id=stream_id, data=Data(data=data, end_stream=end_stream))},
     serialised without allocating protobuf objects (identical bytes to the
@@ -411,7 +414,14 @@ class _Irregular(Exception):
     """The frame is not laid out as L{read} expects: let the generated parser decide."""
 
 
-def _varint_at(buf: bytes, pos: int) -> tuple[int, int]:
+def _bytes_of(buf: Buffer, start: int, stop: int) -> bytes:
+    """C{buf[start:stop]} as C{bytes}, copied once whatever C{buf} is."""
+    if type(buf) is bytes:
+        return buf[start:stop]
+    return bytes(memoryview(buf)[start:stop])
+
+
+def _varint_at(buf: Buffer, pos: int) -> tuple[int, int]:
     """A varint of at most 32 bits at C{pos} and the position after it."""
     value = 0
     shift = 0
@@ -428,7 +438,7 @@ def _varint_at(buf: bytes, pos: int) -> tuple[int, int]:
     raise _Irregular
 
 
-def _length_at(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+def _length_at(buf: Buffer, pos: int, end: int) -> tuple[int, int]:
     """The length prefix at C{pos}: (position after the field, position of its contents)."""
     if pos >= end:
         raise _Irregular
@@ -497,7 +507,7 @@ def _end_at(buf: bytes, pos: int, end: int) -> tuple[tuple[bytes, bytes], ...]:
     return tuple(trailers)
 
 
-def _read_regular(payload: bytes) -> tuple[int, int, Any, bool] | None:
+def _read_regular(payload: Buffer) -> tuple[int, int, Any, bool] | None:
     end = len(payload)
     stream_id = 0
     pos = 0
@@ -518,9 +528,9 @@ def _read_regular(payload: bytes) -> tuple[int, int, Any, bool] | None:
             raise _Irregular
         stop, first = _length_at(payload, start + 1, end)
         if stop == end:
-            return stream_id, DATA, payload[first:], False
+            return stream_id, DATA, _bytes_of(payload, first, end), False
         if payload[stop:] == b"\x10\x01":
-            return stream_id, DATA, payload[first:stop], True
+            return stream_id, DATA, _bytes_of(payload, first, stop), True
         raise _Irregular
     if tag == 0x4A:  # window
         increment = 0
@@ -532,6 +542,8 @@ def _read_regular(payload: bytes) -> tuple[int, int, Any, bool] | None:
                 raise _Irregular
         return stream_id, WINDOW, increment, False
     if tag == 0x3A:
+        if not isinstance(payload, bytes):
+            return None  # read again from bytes: trailers must not be views
         return stream_id, END, _end_at(payload, start, end), False
     # Open and Reply parse as fast with the generated parser as by hand.
     return None
@@ -563,7 +575,7 @@ def read_generated(payload: bytes) -> tuple[int, int, Any, bool]:
     return frame.stream_id, kind, body, False
 
 
-def read(payload: bytes) -> tuple[int, int, Any, bool]:
+def read(payload: Buffer) -> tuple[int, int, Any, bool]:
     """
     Parse one frame into C{(stream_id, kind, body, end_stream)}: C{kind} is the number of
     its body field (L{DATA}, L{OPEN}, ...) and C{body} what it carries: the
@@ -572,8 +584,18 @@ def read(payload: bytes) -> tuple[int, int, Any, bool]:
     message)} of a Reset, the opaque value of a Ping or Pong, else the
     L{ControlMessage}; C{end_stream} is the flag of an Open, Reply or Data
     frame (version 2).  A malformed frame raises L{FrameError} saying why.
+    A C{bytearray} or C{memoryview} C{payload} may be reused once this
+    returns: a Data frame's bytes are copied out of it (once), any other
+    frame is read from a C{bytes} copy.
     """
+    frame: tuple[int, int, Any, bool] | None
     if type(payload) is not bytes:
+        try:
+            frame = _read_regular(payload)
+        except (_Irregular, IndexError):
+            frame = None
+        if frame is not None and frame[1] == DATA:
+            return frame
         payload = bytes(payload)
     try:
         frame = _read_regular(payload)

@@ -49,7 +49,14 @@ _END_STREAM_VERSION = 2
 
 
 class FrameWire(Protocol):
-    """What a frame transport gives L{FrameLink}: a way to send and to hang up."""
+    """
+    What a frame transport gives L{FrameLink}: a way to send and to hang up.
+
+    A wire may also have C{send_frames(frames)}, taking several frames, each
+    as the sequence of pieces (C{bytes} or C{memoryview}) its payload is made
+    of: L{FrameLink} then sends Data that way, so a body is never joined to
+    its frame head only to be copied again into the transport's own framing.
+    """
 
     def send_frame(self, payload: bytes) -> None:
         """Send one encoded frame."""
@@ -116,7 +123,7 @@ class FrameStream:
         self.recv_remaining = link.initial_window
         self._unacked = 0
         self._consumer_paused = False
-        self._pending: list[bytes] = []
+        self._pending: list[bytes | memoryview] = []
         self._pending_size = 0
         self._producer: IPushProducer | None = None
         self._producer_paused = False
@@ -138,7 +145,7 @@ class FrameStream:
         if not self.closed:
             self.link.send(codec.reply_bytes(self.stream_id, reply))
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         """IConsumer.write: send now within credit, hold the rest (bounded)."""
         if self.closed or self.local_ended or not data:
             return
@@ -164,7 +171,9 @@ class FrameStream:
             if len(chunk) <= self.send_credit:
                 self._pending.pop(0)
             else:
-                chunk, self._pending[0] = chunk[: self.send_credit], chunk[self.send_credit :]
+                # Views: the held bytes are not copied to be cut at the credit.
+                view = memoryview(chunk)
+                chunk, self._pending[0] = view[: self.send_credit], view[self.send_credit :]
             self._pending_size -= len(chunk)
             self.send_credit -= len(chunk)
             self.link.send_data(self.stream_id, chunk)
@@ -403,6 +412,9 @@ class FrameLink:
         self.end_stream = False
         self._next_id = 1
         self._last_remote_id = 0
+        self._send_frames: Callable[[list[tuple[bytes, bytes | memoryview]]], None] | None = getattr(
+            wire, "send_frames", None
+        )
         # A wire with a heartbeat of its own (WebSocket Ping/Pong) carries the
         # pings; otherwise they are protocol Ping frames.
         self.heartbeat = Heartbeat(
@@ -483,8 +495,24 @@ class FrameLink:
         if not self.closed:
             self.wire.send_frame(payload)
 
-    def send_data(self, stream_id: int, data: bytes) -> None:
+    def send_data(self, stream_id: int, data: bytes | memoryview) -> None:
         limit = self.max_data
+        send_frames = self._send_frames
+        if send_frames is not None:
+            # Each frame as its head and a view of its part of the data.
+            size = len(data)
+            if size <= limit:
+                send_frames([(codec.data_frame_head(stream_id, size), data)])
+                return
+            view = memoryview(data)
+            head = codec.data_frame_head(stream_id, limit)
+            frames: list[tuple[bytes, bytes | memoryview]] = [
+                (head, view[start : start + limit]) for start in range(0, size - limit, limit)
+            ]
+            last = view[len(frames) * limit :]
+            frames.append((codec.data_frame_head(stream_id, len(last)), last))
+            send_frames(frames)
+            return
         if len(data) <= limit:
             self.wire.send_frame(codec.encode_data(stream_id, data))
             return
@@ -509,11 +537,13 @@ class FrameLink:
         for stream in list(self.streams.values()):
             stream.resume_source()
 
-    def frame_received(self, payload: bytes) -> None:
+    def frame_received(self, payload: codec.Buffer) -> None:
         """
         Dispatch one frame.  A malformed or out-of-place frame closes the link
         with C{protocol_error}: the peer is broken or hostile, and nothing it
-        sends afterwards can be trusted.
+        sends afterwards can be trusted.  A C{bytearray} or C{memoryview}
+        C{payload} may be reused by the transport afterwards: nothing here
+        keeps it (L{codec.read} copies out what it returns).
         """
         if self.closed:
             return
