@@ -319,7 +319,7 @@ class Bench:
         system.skip = "pagekite tunnel did not come up in 30 s"
         return system
 
-    def tunneld(self, transport: str, upstream: int, ws_echo: int | None) -> System:
+    def tunneld(self, transport: str, upstream: int, ws_echo: int | None, tag: str = "") -> System:
         system = System(transport, f"tunneld over {transport}", tunnel=True)
         sys.path.insert(0, ROOT)
         from twisted.plugin import getPlugins
@@ -331,7 +331,7 @@ class Bench:
             system.skip = "not installed"
             return system
         window = f"initial_window = {self.args.window}\n" if self.args.window else ""
-        edge_conf = os.path.join(self.workdir, f"edge-{transport}.toml")
+        edge_conf = os.path.join(self.workdir, f"edge-{transport}{tag}.toml")
         link_key = "listen"
         with open(edge_conf, "w") as f:
             f.write(f"""[edge]
@@ -349,7 +349,7 @@ max_connections = 0
 [transports.{transport}]
 {link_key} = "tcp:0:interface=127.0.0.1"
 """)
-        edge = self.spawn(f"edge-{transport}", self.twistd("tunneld", edge_conf), self.sut_cpu)
+        edge = self.spawn(f"edge-{transport}{tag}", self.twistd("tunneld", edge_conf), self.sut_cpu)
         public = int(edge.wait_for(r"public HTTP listening on 127\.0\.0\.1:(\d+)").group(1))
         h2c = int(edge.wait_for(r"public HTTP/2 \(h2c\) listening on 127\.0\.0\.1:(\d+)").group(1))
         link = int(edge.wait_for(rf"{transport} agent link listening on 127\.0\.0\.1:(\d+)").group(1))
@@ -367,7 +367,7 @@ upstream = "tcp:host=127.0.0.1:port={upstream}"
 hostname = "{WS_VHOST}"
 upstream = "tcp:host=127.0.0.1:port={ws_echo}"
 """
-        agent_conf = os.path.join(self.workdir, f"agent-{transport}.toml")
+        agent_conf = os.path.join(self.workdir, f"agent-{transport}{tag}.toml")
         with open(agent_conf, "w") as f:
             # Keep as many idle upstream connections as nginx's proxy row may (keepalive 256).
             f.write(f"""[agent]
@@ -379,7 +379,7 @@ upstream_max_idle = 256
 {link_conf}
 
 {tunnels}""")
-        agent = self.spawn(f"agent-{transport}", self.twistd("tunneld-agent", agent_conf), self.sut_cpu)
+        agent = self.spawn(f"agent-{transport}{tag}", self.twistd("tunneld-agent", agent_conf), self.sut_cpu)
         agent.wait_for(rf"tunnel ready: http://{re.escape(VHOST)}/")
         system.port = public
         system.h2_port = h2c
@@ -474,6 +474,22 @@ upstream_max_idle = 256
         result["msg_s"] = result["messages"] / (result["duration_us"] / 1e6 or 1)
         result["p99_ms"] = result["p99_us"] / 1000
         return result
+
+    def ws_idle_fresh(self, transport: str, upstream: int, ws_echo: int | None, count: int) -> dict[str, Any]:
+        """
+        L{ws_idle} on an edge and agent started for it: in the processes that
+        ran the bulk figures, heap freed by them would absorb part of the new
+        connections' memory and flatter the figure.
+        """
+        system = self.tunneld(transport, upstream, ws_echo, tag=f"-idle-{count}")
+        system.ws_port = system.port
+        try:
+            self.ws_idle(system, 10)  # first-use allocations (imports, caches), not per connection
+            return self.ws_idle(system, count)
+        finally:
+            for proc in system.procs:
+                proc.stop()
+                self.procs.remove(proc)
 
     def ws_idle(self, system: System, count: int) -> dict[str, Any]:
         """RSS the edge and agent gain per idle WebSocket held through the tunnel."""
@@ -647,7 +663,7 @@ upstream_max_idle = 256
             for system in ws_rows:
                 if system.tunnel:
                     for count in self.args.idle_ws:
-                        idle = self.ws_idle(system, count)
+                        idle = self.ws_idle_fresh(system.key, upstream, ws_echo, count)
                         results["rows"][system.key].setdefault("ws_idle", []).append(idle)
                         log(f"{system.key}: {idle['opened']} idle WebSockets, "
                             f"{idle['kib_per_ws']} KiB each")
