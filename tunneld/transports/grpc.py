@@ -42,7 +42,6 @@ from urllib.parse import quote, unquote
 
 from h2 import events as h2events
 from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError as H2ProtocolError
 from h2.settings import SettingCodes
@@ -217,6 +216,43 @@ def data_message(data: bytes) -> tuple[bytes, bytes]:
     size = len(data)
     head = codec.data_frame_head(0, size)
     return b"\x00" + (len(head) + size).to_bytes(4, "big") + head, data
+
+
+def _varint_at(view: memoryview, pos: int) -> tuple[int, int] | None:
+    """The varint at C{pos} (at most 5 bytes) and the position after it, if there is one."""
+    value = 0
+    for shift in range(0, 35, 7):
+        if pos >= len(view):
+            return None
+        byte = view[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+    return None
+
+
+def _data_payload(message: memoryview) -> bytes | None:
+    """
+    The payload of a message laid out as L{data_message} writes it (a
+    C{Data} frame of stream 0 that does not end it), copied once; None for
+    any other message (protobuf reads those).
+    """
+    end = len(message)
+    if end < 2 or message[0] != 0x32:
+        return None
+    field = _varint_at(message, 1)
+    if field is None or sum(field) != end:
+        return None
+    inner, pos = field
+    if not inner:
+        return b""
+    if message[pos] != 0x0A:
+        return None
+    data = _varint_at(message, pos + 1)
+    if data is None or sum(data) != end:
+        return None
+    return message[data[1] :].tobytes()
 
 
 def _check_window(value: int) -> str | None:
@@ -609,7 +645,7 @@ class GrpcLink(Protocol):
         self.control: _Call | None = None
         self.sending_paused = False
         self.closed = False
-        self.conn: H2Connection = LeanH2Connection(
+        self.conn = LeanH2Connection(
             H2Configuration(
                 client_side=not self.is_edge,
                 header_encoding=None,
@@ -796,9 +832,9 @@ class GrpcLink(Protocol):
                 call.dirty = False
                 if call.outbox and not call.blocked and not self.sending_paused:
                     self.flush_call(call)
-        data = self.conn.data_to_send()
-        if data:
-            self.transport.write(data)
+        chunks = self.conn.chunks_to_send()
+        if chunks:
+            self.transport.writeSequence(chunks)
 
     def protocol_error(self, message: str) -> None:
         self.log.warn(
@@ -898,9 +934,7 @@ class GrpcLink(Protocol):
                         call.out_offset = offset + room
                         taken += room
                 last = call.end_after and not outbox
-                conn.send_data(
-                    sid, parts[0] if len(parts) == 1 else b"".join(parts), end_stream=last
-                )
+                conn.send_data_parts(sid, parts, end_stream=last)
                 call.out_size -= taken
                 if last:
                     call.end_after = False
@@ -1048,17 +1082,16 @@ class GrpcLink(Protocol):
             call.broken = True
             self.call_broken(call, e.status, str(e))
             return
+        forward = call.kind == "forward"
         for payload in messages:
             if call.broken or self.closed:
                 break
             try:
-                frame = codec.decode(payload)
-            except FrameError as e:
-                call.broken = True
-                self.call_broken(call, GrpcStatus.INVALID_ARGUMENT, str(e))
-                break
-            try:
-                self.message_received(call, frame)
+                data = _data_payload(payload) if forward else None
+                if data is not None:
+                    self.forward_data(call, data)
+                else:
+                    self.message_received(call, codec.decode(payload.tobytes()))
             except FrameError as e:
                 call.broken = True
                 self.call_broken(call, GrpcStatus.INVALID_ARGUMENT, str(e))
@@ -1067,15 +1100,18 @@ class GrpcLink(Protocol):
         if stream is None or not stream.consumer_paused:
             self.ack_call(call)
 
-    def _split_messages(self, call: _Call, data: bytes) -> list[bytes]:
-        """Whole gRPC messages out of a call's bytes; a partial one stays in its inbox."""
+    def _split_messages(self, call: _Call, data: bytes) -> list[memoryview]:
+        """
+        Whole gRPC messages out of a call's bytes (views, not copies); a
+        partial one stays in its inbox.
+        """
         inbox = call.inbox
         if inbox:
             inbox += data
-            buf: bytes | bytearray = inbox
-        else:
-            buf = data
-        out: list[bytes] = []
+            data = bytes(inbox)
+            inbox.clear()
+        buf = memoryview(data)
+        out: list[memoryview] = []
         pos = 0
         total = len(buf)
         limit = self.max_message
@@ -1091,11 +1127,9 @@ class GrpcLink(Protocol):
             end = pos + 5 + length
             if end > total:
                 break
-            out.append(bytes(buf[pos + 5 : end]))
+            out.append(buf[pos + 5 : end])
             pos = end
-        if inbox:
-            del inbox[:pos]
-        elif pos < total:
+        if pos < total:
             inbox += buf[pos:]
         return out
 
@@ -1125,6 +1159,10 @@ class GrpcLink(Protocol):
             self._early_control.append(message)
 
     def forward_frame(self, call: _Call, frame: codec.Frame) -> None:
+        raise NotImplementedError
+
+    def forward_data(self, call: _Call, data: bytes) -> None:
+        """A C{Data} message on a Forward call, read without protobuf (see L{_data_payload})."""
         raise NotImplementedError
 
     def call_broken(self, call: _Call, status: GrpcStatus, message: str) -> None:
@@ -1518,15 +1556,27 @@ class EdgeGrpcLink(GrpcLink):
 
     # -- messages ------------------------------------------------------------------
 
-    def forward_frame(self, call: _Call, frame: codec.Frame) -> None:
+    def _receiving(self, call: _Call) -> GrpcStream | None:
+        """The stream a message on a Forward call is for, or None to drop it (closed)."""
         stream = call.stream
         if stream is None:
             raise FrameError("a message on a Forward call before its Open")
         if stream.closed:
-            return
+            return None
         stream.answered_by_peer()
         if stream.remote_ended:
             raise FrameError("a message after End")
+        return stream
+
+    def forward_data(self, call: _Call, data: bytes) -> None:
+        stream = self._receiving(call)
+        if stream is not None:
+            stream.deliver("data_received", data)
+
+    def forward_frame(self, call: _Call, frame: codec.Frame) -> None:
+        stream = self._receiving(call)
+        if stream is None:
+            return
         kind = frame.WhichOneof("body")
         if kind == "data":
             stream.deliver("data_received", frame.data.data)
@@ -1794,6 +1844,18 @@ class AgentGrpcLink(GrpcLink):
         if isinstance(message, GoAway):
             self.draining = True
         super().control_message(message)
+
+    def forward_data(self, call: _Call, data: bytes) -> None:
+        stream = call.stream
+        if stream is None:
+            if call.retiring:
+                return  # the edge replays the stream elsewhere
+            raise FrameError("data on a Forward call before Open")
+        if stream.closed:
+            return
+        if stream.remote_ended:
+            raise FrameError("a message after End")
+        stream.deliver("data_received", data)
 
     def forward_frame(self, call: _Call, frame: codec.Frame) -> None:
         stream = call.stream
