@@ -1102,29 +1102,31 @@ class GrpcLink(Protocol):
 
     def _split_messages(self, call: _Call, data: bytes) -> list[memoryview]:
         """
-        Whole gRPC messages out of a call's bytes (views, not copies); a
-        partial one stays in its inbox.
+        Whole gRPC messages out of a call's bytes, as views of them; a partial
+        one waits in the call's inbox (only its own bytes are copied there).
         """
-        inbox = call.inbox
-        if inbox:
-            inbox += data
-            data = bytes(inbox)
-            inbox.clear()
-        buf = memoryview(data)
         out: list[memoryview] = []
+        buf = memoryview(data)
         pos = 0
         total = len(buf)
-        limit = self.max_message
+        inbox = call.inbox
+        if inbox:
+            # Complete the message an earlier DATA frame began.
+            if len(inbox) < 5:
+                pos = min(5 - len(inbox), total)
+                inbox += buf[:pos]
+                if len(inbox) < 5:
+                    return out
+            missing = 5 + self._message_length(inbox, 0) - len(inbox)
+            if missing > total - pos:
+                inbox += buf[pos:]
+                return out
+            inbox += buf[pos : pos + missing]
+            pos += missing
+            out.append(memoryview(bytes(inbox))[5:])
+            inbox.clear()
         while total - pos >= 5:
-            if buf[pos]:
-                raise _CallError(GrpcStatus.INTERNAL, "compressed messages are not supported")
-            length = int.from_bytes(buf[pos + 1 : pos + 5], "big")
-            if length > limit:
-                raise _CallError(
-                    GrpcStatus.RESOURCE_EXHAUSTED,
-                    f"message of {length} bytes exceeds the limit of {limit}",
-                )
-            end = pos + 5 + length
+            end = pos + 5 + self._message_length(buf, pos)
             if end > total:
                 break
             out.append(buf[pos + 5 : end])
@@ -1132,6 +1134,18 @@ class GrpcLink(Protocol):
         if pos < total:
             inbox += buf[pos:]
         return out
+
+    def _message_length(self, buf: memoryview | bytearray, pos: int) -> int:
+        """The length in the gRPC message prefix at C{pos}, if the message is acceptable."""
+        if buf[pos]:
+            raise _CallError(GrpcStatus.INTERNAL, "compressed messages are not supported")
+        length = int.from_bytes(buf[pos + 1 : pos + 5], "big")
+        if length > self.max_message:
+            raise _CallError(
+                GrpcStatus.RESOURCE_EXHAUSTED,
+                f"message of {length} bytes exceeds the limit of {self.max_message}",
+            )
+        return length
 
     def message_received(self, call: _Call, frame: codec.Frame) -> None:
         """One decoded message on a call (raise L{FrameError} to break the call)."""
