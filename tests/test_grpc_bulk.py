@@ -156,6 +156,7 @@ class DataFrameReaderTests(SynchronousTestCase):
             data_frame(1, bytes(range(256)) * 40, ("PADDED",), pad=17),
             data_frame(1, b"zero padding", ("PADDED",), pad=0),
             data_frame(1, b"x" * 16_384),
+            data_frame(1, b"y" * 16_183, ("PADDED",), pad=200),
             data_frame(1, b"last", ("END_STREAM",)),
         ])
 
@@ -186,11 +187,13 @@ class DataFrameReaderTests(SynchronousTestCase):
         stream_zero = b"\x00\x00\x03\x00\x00\x00\x00\x00\x00abc"
         too_much_padding = b"\x00\x00\x03\x00\x08\x00\x00\x00\x01\x05ab"
         for wire in (stream_zero, too_much_padding):
-            client, server = lean_pair()
-            client.send_headers(1, REQUEST)
-            server.receive_data(client.data_to_send())
-            with self.assertRaises(ProtocolError):
-                server.receive_data(wire)
+            for step in (len(wire), 1):
+                client, server = lean_pair()
+                client.send_headers(1, REQUEST)
+                server.receive_data(client.data_to_send())
+                with self.assertRaises(ProtocolError):
+                    for start in range(0, len(wire), step):
+                        server.receive_data(wire[start : start + step])
         # An oversized frame is refused from its header, before its body arrives.
         client, server = lean_pair()
         client.send_headers(1, REQUEST)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from functools import partial
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from h2.config import H2Configuration
 from h2.connection import ConnectionInputs, H2Connection
@@ -23,6 +23,9 @@ from h2.stream import StreamInputs
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from hyperframe.frame import DataFrame, Frame
 
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
 __all__ = ["LeanH2Connection"]
 
 
@@ -30,12 +33,20 @@ def _size_repr(data: bytes) -> str:
     return f"<{len(data)} bytes>"
 
 
+# A DATA frame at least this long that has not arrived whole is gathered as
+# the chunks that carry it, then joined once (see _FrameBuffer).
+_GATHER = 16 * 1024
+
+
 class _FrameBuffer(FrameBuffer):
     """
     h2's frame reader, with two changes for received DATA frames.
 
-    Their payload is copied out of the receive buffer once (h2 copies the
-    frame's body out of the buffer, then the payload out of that copy).
+    Their payload is copied once on its way from the socket to the frame.
+    h2 appends every chunk read to one buffer, copies a frame's body out of
+    it and the payload out of that copy.  Here a long DATA frame that has not
+    arrived whole is gathered as the chunks that carry it and joined once;
+    one that has is copied out of the buffer once.
 
     They describe their payload by its size: h2 builds C{repr(frame)} of
     every frame it receives (for a trace log that is off), and a DATA frame's
@@ -43,7 +54,28 @@ class _FrameBuffer(FrameBuffer):
     with 1 MiB frames that was a fifth of the edge's CPU time.
     """
 
+    def __init__(self, server: bool = False) -> None:
+        super().__init__(server=server)
+        # The DATA frame being gathered: its header, body length and chunks.
+        self._gathering: DataFrame | None = None
+        self._gather_length = 0
+        self._chunks: list[bytes] = []
+        self._chunks_size = 0
+
+    def add_data(self, data: Buffer) -> None:
+        """FrameBuffer.add_data"""
+        if self._gathering is None:
+            super().add_data(data)
+        else:
+            chunk = bytes(data)  # the same object if it is bytes
+            self._chunks.append(chunk)
+            self._chunks_size += len(chunk)
+
     def __next__(self) -> Frame:
+        if self._gathering is not None:
+            if self._chunks_size < self._gather_length:
+                raise StopIteration
+            return self._gathered()
         data = self._data
         if len(data) < 9 or data[3] != 0 or self._headers_buffer:
             # Not a whole DATA frame's header, or not DATA, or DATA inside a
@@ -54,22 +86,52 @@ class _FrameBuffer(FrameBuffer):
         except (InvalidDataError, InvalidFrameError) as err:
             raise ProtocolError(f"Received frame with invalid header: {err!s}") from err
         self._validate_frame_length(length)
+        data_frame = cast(DataFrame, frame)  # frame type 0
         if len(data) < length + 9:
+            if length >= _GATHER:
+                self._gathering = data_frame
+                self._gather_length = length
+                self._chunks = [bytes(data[9:])]
+                self._chunks_size = len(data) - 9
+                data.clear()
             raise StopIteration
         body = memoryview(data)[9 : 9 + length]
+        try:
+            self._parse_body(data_frame, body)
+        finally:
+            # The buffer cannot shrink while a view of it is alive.
+            body.release()
+        del data[: 9 + length]
+        return data_frame
+
+    def _gathered(self) -> DataFrame:
+        """The gathered DATA frame, whole: its chunks joined, what follows it back in the buffer."""
+        frame, length, chunks = self._gathering, self._gather_length, self._chunks
+        assert frame is not None
+        self._gathering, self._chunks, self._chunks_size = None, [], 0
+        last = chunks[-1]
+        keep = len(last) - (sum(len(chunk) for chunk in chunks) - length)
+        if keep < len(last):
+            self._data += memoryview(last)[keep:]
+            chunks[-1] = last[:keep]
+        body = b"".join(chunks)
+        if "PADDED" in frame.flags:
+            self._parse_body(frame, memoryview(body))
+        else:
+            frame.data = body
+            frame.body_len = length
+            frame._body_repr = partial(_size_repr, body)  # type: ignore[method-assign]
+        return frame
+
+    @staticmethod
+    def _parse_body(frame: DataFrame, body: memoryview) -> None:
         try:
             frame.parse_body(body)
         except InvalidDataError as err:
             raise ProtocolError("Received frame with non-compliant data") from err
         except InvalidFrameError as err:
             raise FrameDataMissingError("Frame data missing or invalid") from err
-        finally:
-            # The buffer cannot shrink while a view of it is alive.
-            body.release()
-        del data[: 9 + length]
-        data_frame = cast(DataFrame, frame)  # frame type 0
-        data_frame._body_repr = partial(_size_repr, data_frame.data)  # type: ignore[method-assign]
-        return data_frame
+        frame._body_repr = partial(_size_repr, frame.data)  # type: ignore[method-assign]
 
 
 _DATA_HEADER = struct.Struct(">HBBBL")
