@@ -19,11 +19,20 @@ from h2.exceptions import (
     ProtocolError,
 )
 from hyperframe.frame import DataFrame
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.test_grpc_transport import MB, BytesProducer, Receiver, head, link_pair, pattern
 from tunneld.h2conn import LeanH2Connection
-from tunneld.transports.grpc import _data_payload, data_message, grpc_message
+from tunneld.interfaces import EdgeLinkSetup
+from tunneld.transports.grpc import (
+    EdgeGrpcLink,
+    GrpcEdgeOptions,
+    _Call,
+    _data_payload,
+    data_message,
+    grpc_message,
+)
 from tunneld.wire import codec
 from tunneld.wire.messages import ReplyHead
 
@@ -228,6 +237,45 @@ class DataMessageTests(SynchronousTestCase):
         """data_message's head is a gRPC length prefix followed by the Frame's head."""
         head_bytes, data = data_message(b"abc")
         self.assertEqual(head_bytes + data, grpc_message(codec.encode_data(0, b"abc")))
+
+
+class SplitMessagesTests(SynchronousTestCase):
+    def read(self, link: EdgeGrpcLink, frames: list[bytes]) -> list[tuple[str, bytes]]:
+        """What a Forward call reads from these DATA frames: runs of data, and other messages."""
+        call = _Call(1, "forward")
+        out: list[tuple[str, bytes]] = []
+        for frame in frames:
+            for item in link._split_messages(call, frame):
+                data = item if isinstance(item, bytes) else _data_payload(item)
+                if data is None:
+                    out.append(("message", bytes(item)))
+                elif out and out[-1][0] == "data":
+                    out[-1] = ("data", out[-1][1] + data)
+                else:
+                    out.append(("data", data))
+        self.assertEqual((call.inbox, call.data_left), (bytearray(), 0))
+        return out
+
+    def test_messages_read_alike_wherever_frames_split_them(self) -> None:
+        """Data payloads (passed on piece by piece) and other messages read the same at any DATA frame split."""
+        link = EdgeGrpcLink(
+            GrpcEdgeOptions(), EdgeLinkSetup(on_link=lambda link: None, reactor=Clock())
+        )
+        first, second = pattern(3_000, seed=1), pattern(200, seed=2)
+        end = codec.end_bytes(0, ((b"k", b"v" * 300),))
+        wire = b"".join(
+            [*data_message(first), grpc_message(end), *data_message(second), *data_message(b"")]
+        )
+        expected = [("data", first), ("message", end), ("data", second)]
+        self.assertEqual(self.read(link, [wire]), expected)
+        for cut in range(1, len(wire)):
+            self.assertEqual(self.read(link, [wire[:cut], wire[cut:]]), expected, cut)
+        for a in range(1, len(wire), 23):
+            for b in range(a + 1, len(wire), 29):
+                self.assertEqual(
+                    self.read(link, [wire[:a], wire[a:b], wire[b:]]), expected, (a, b)
+                )
+        self.assertEqual(self.read(link, [wire[i : i + 1] for i in range(len(wire))]), expected)
 
 
 class SmallWindowTests(TestCase):

@@ -232,27 +232,33 @@ def _varint_at(view: memoryview, pos: int) -> tuple[int, int] | None:
     return None
 
 
-def _data_payload(message: memoryview) -> bytes | None:
+def _data_head(message: memoryview, length: int) -> int | None:
     """
-    The payload of a message laid out as L{data_message} writes it (a
-    C{Data} frame of stream 0 that does not end it), copied once; None for
-    any other message (protobuf reads those).
+    Where the payload starts in a message of C{length} bytes (of which
+    C{message} holds the first ones) laid out as L{data_message} writes it:
+    a C{Data} frame of stream 0 that does not end it.  None for any other
+    message (protobuf reads those), or if too little of it is there to tell.
     """
-    end = len(message)
-    if end < 2 or message[0] != 0x32:
+    if len(message) < 2 or message[0] != 0x32:
         return None
     field = _varint_at(message, 1)
-    if field is None or sum(field) != end:
+    if field is None or sum(field) != length:
         return None
     inner, pos = field
     if not inner:
-        return b""
-    if message[pos] != 0x0A:
+        return pos
+    if pos >= len(message) or message[pos] != 0x0A:
         return None
     data = _varint_at(message, pos + 1)
-    if data is None or sum(data) != end:
+    if data is None or sum(data) != length:
         return None
-    return message[data[1] :].tobytes()
+    return data[1]
+
+
+def _data_payload(message: memoryview) -> bytes | None:
+    """The payload of a whole message read by L{_data_head}, copied once; else None."""
+    head = _data_head(message, len(message))
+    return None if head is None else message[head:].tobytes()
 
 
 def _check_window(value: int) -> str | None:
@@ -358,7 +364,7 @@ class _Call:
     __slots__ = (
         "stream_id", "kind", "inbox", "outbox", "out_offset", "out_size", "finish",
         "end_after", "dirty", "blocked", "headers_sent", "local_closed", "remote_closed",
-        "stream", "unacked", "retiring", "broken", "reuse",
+        "stream", "unacked", "retiring", "broken", "reuse", "data_left",
     )
 
     def __init__(self, stream_id: int, kind: str) -> None:
@@ -384,6 +390,9 @@ class _Call:
         self.broken = False
         # Both ends agreed to carry one stream after another on this call.
         self.reuse = False
+        # Payload bytes still to come of a Data message that spans DATA
+        # frames: they are delivered as they arrive.
+        self.data_left = 0
 
     def drop_outbox(self) -> None:
         self.outbox.clear()
@@ -1087,6 +1096,9 @@ class GrpcLink(Protocol):
             if call.broken or self.closed:
                 break
             try:
+                if isinstance(payload, bytes):
+                    self.forward_data(call, payload)
+                    continue
                 data = _data_payload(payload) if forward else None
                 if data is not None:
                     self.forward_data(call, data)
@@ -1100,21 +1112,28 @@ class GrpcLink(Protocol):
         if stream is None or not stream.consumer_paused:
             self.ack_call(call)
 
-    def _split_messages(self, call: _Call, data: bytes) -> list[memoryview]:
+    def _split_messages(self, call: _Call, data: bytes) -> list[memoryview | bytes]:
         """
-        Whole gRPC messages out of a call's bytes, as views of them; a partial
-        one waits in the call's inbox (only its own bytes are copied there).
+        Whole gRPC messages out of a call's bytes, as views of them, and (as
+        bytes) the pieces of a C{Data} message's payload that spans DATA
+        frames: those are passed on as they arrive.  Any other partial
+        message waits in the call's inbox.
         """
-        out: list[memoryview] = []
+        out: list[memoryview | bytes] = []
         buf = memoryview(data)
         pos = 0
         total = len(buf)
+        if call.data_left:
+            pos = min(call.data_left, total)
+            out.append(buf[:pos].tobytes())
+            call.data_left -= pos
         inbox = call.inbox
-        if inbox:
+        if inbox and pos < total:
             # Complete the message an earlier DATA frame began.
             if len(inbox) < 5:
-                pos = min(5 - len(inbox), total)
-                inbox += buf[:pos]
+                take = min(5 - len(inbox), total - pos)
+                inbox += buf[pos : pos + take]
+                pos += take
                 if len(inbox) < 5:
                     return out
             missing = 5 + self._message_length(inbox, 0) - len(inbox)
@@ -1126,8 +1145,15 @@ class GrpcLink(Protocol):
             out.append(memoryview(bytes(inbox))[5:])
             inbox.clear()
         while total - pos >= 5:
-            end = pos + 5 + self._message_length(buf, pos)
+            length = self._message_length(buf, pos)
+            end = pos + 5 + length
             if end > total:
+                if call.kind == "forward":
+                    head = _data_head(buf[pos + 5 :], length)
+                    if head is not None:
+                        out.append(buf[pos + 5 + head :].tobytes())
+                        call.data_left = end - total
+                        return out
                 break
             out.append(buf[pos + 5 : end])
             pos = end
