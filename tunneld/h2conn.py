@@ -1,16 +1,30 @@
 """
-An h2 connection without two costs that grow with traffic, shared by every
+An h2 connection without the costs that grow with traffic, shared by every
 HTTP/2 speaker here (the gRPC agent link, public HTTP/2, h2c upstreams).
 """
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Sequence
 from functools import partial
+from typing import TYPE_CHECKING, cast
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionInputs, H2Connection
+from h2.exceptions import (
+    FlowControlError,
+    FrameDataMissingError,
+    FrameTooLargeError,
+    ProtocolError,
+)
 from h2.frame_buffer import FrameBuffer
+from h2.stream import StreamInputs
+from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from hyperframe.frame import DataFrame, Frame
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 __all__ = ["LeanH2Connection"]
 
@@ -19,26 +33,116 @@ def _size_repr(data: bytes) -> str:
     return f"<{len(data)} bytes>"
 
 
+# A DATA frame at least this long that has not arrived whole is gathered as
+# the chunks that carry it, then joined once (see _FrameBuffer).
+_GATHER = 16 * 1024
+
+
 class _FrameBuffer(FrameBuffer):
     """
-    h2's frame reader, with received DATA frames that describe their payload
-    by its size.  h2 builds C{repr(frame)} of every frame it receives (for a
-    trace log that is off), and a DATA frame's repr hex-encodes its whole
-    payload before keeping 20 characters of it: with 1 MiB frames that was a
-    fifth of the edge's CPU time.
+    h2's frame reader, with two changes for received DATA frames.
+
+    Their payload is copied once on its way from the socket to the frame.
+    h2 appends every chunk read to one buffer, copies a frame's body out of
+    it and the payload out of that copy.  Here a long DATA frame that has not
+    arrived whole is gathered as the chunks that carry it and joined once;
+    one that has is copied out of the buffer once.
+
+    They describe their payload by its size: h2 builds C{repr(frame)} of
+    every frame it receives (for a trace log that is off), and a DATA frame's
+    repr hex-encodes its whole payload before keeping 20 characters of it:
+    with 1 MiB frames that was a fifth of the edge's CPU time.
     """
 
+    def __init__(self, server: bool = False) -> None:
+        super().__init__(server=server)
+        # The DATA frame being gathered: its header, body length and chunks.
+        self._gathering: DataFrame | None = None
+        self._gather_length = 0
+        self._chunks: list[bytes] = []
+        self._chunks_size = 0
+
+    def add_data(self, data: Buffer) -> None:
+        """FrameBuffer.add_data"""
+        if self._gathering is None:
+            super().add_data(data)
+        else:
+            chunk = bytes(data)  # the same object if it is bytes
+            self._chunks.append(chunk)
+            self._chunks_size += len(chunk)
+
     def __next__(self) -> Frame:
-        frame = super().__next__()
-        if type(frame) is DataFrame:
-            frame._body_repr = partial(_size_repr, frame.data)  # type: ignore[method-assign]
+        if self._gathering is not None:
+            if self._chunks_size < self._gather_length:
+                raise StopIteration
+            return self._gathered()
+        data = self._data
+        if len(data) < 9 or data[3] != 0 or self._headers_buffer:
+            # Not a whole DATA frame's header, or not DATA, or DATA inside a
+            # header block (h2 says why that is an error): h2 reads it.
+            return super().__next__()
+        try:
+            frame, length = Frame.parse_frame_header(memoryview(bytes(data[:9])))
+        except (InvalidDataError, InvalidFrameError) as err:
+            raise ProtocolError(f"Received frame with invalid header: {err!s}") from err
+        self._validate_frame_length(length)
+        data_frame = cast(DataFrame, frame)  # frame type 0
+        if len(data) < length + 9:
+            if length >= _GATHER:
+                self._gathering = data_frame
+                self._gather_length = length
+                self._chunks = [bytes(data[9:])]
+                self._chunks_size = len(data) - 9
+                data.clear()
+            raise StopIteration
+        body = memoryview(data)[9 : 9 + length]
+        try:
+            self._parse_body(data_frame, body)
+        finally:
+            # The buffer cannot shrink while a view of it is alive.
+            body.release()
+        del data[: 9 + length]
+        return data_frame
+
+    def _gathered(self) -> DataFrame:
+        """The gathered DATA frame, whole: its chunks joined, what follows it back in the buffer."""
+        frame, length, chunks = self._gathering, self._gather_length, self._chunks
+        assert frame is not None
+        self._gathering, self._chunks, self._chunks_size = None, [], 0
+        last = chunks[-1]
+        keep = len(last) - (sum(len(chunk) for chunk in chunks) - length)
+        if keep < len(last):
+            self._data += memoryview(last)[keep:]
+            chunks[-1] = last[:keep]
+        body = b"".join(chunks)
+        if "PADDED" in frame.flags:
+            self._parse_body(frame, memoryview(body))
+        else:
+            frame.data = body
+            frame.body_len = length
+            frame._body_repr = partial(_size_repr, body)  # type: ignore[method-assign]
         return frame
+
+    @staticmethod
+    def _parse_body(frame: DataFrame, body: memoryview) -> None:
+        try:
+            frame.parse_body(body)
+        except InvalidDataError as err:
+            raise ProtocolError("Received frame with non-compliant data") from err
+        except InvalidFrameError as err:
+            raise FrameDataMissingError("Frame data missing or invalid") from err
+        frame._body_repr = partial(_size_repr, frame.data)  # type: ignore[method-assign]
+
+
+_DATA_HEADER = struct.Struct(">HBBBL")
+_END_STREAM = 0x1
 
 
 class LeanH2Connection(H2Connection):
     """
-    An C{H2Connection} that counts open streams in amortised constant time
-    (and reads frames with L{_FrameBuffer}).
+    An C{H2Connection} that counts open streams in amortised constant time,
+    reads frames with L{_FrameBuffer} and can send a DATA frame's payload
+    without copying it (L{send_data_parts}, L{chunks_to_send}).
 
     h2 counts them, each time a stream opens, by walking every stream it
     knows (forgetting the closed ones on the way): with hundreds of idle
@@ -55,6 +159,63 @@ class LeanH2Connection(H2Connection):
     def __init__(self, config: H2Configuration) -> None:
         super().__init__(config)
         self.incoming_buffer = _FrameBuffer(server=not config.client_side)
+        # What goes out, in order, before what h2 has in its own buffer.
+        self._chunks: list[bytes] = []
+
+    def send_data_parts(
+        self, stream_id: int, parts: Sequence[bytes], end_stream: bool = False
+    ) -> None:
+        """
+        C{send_data(stream_id, b"".join(parts), end_stream)} without the
+        join, nor h2's copies of the payload into its output buffer: the
+        parts go out as they are, after a DATA frame header.  The same
+        checks, state changes and window accounting as h2's C{send_data}.
+        """
+        size = sum(len(part) for part in parts)
+        window = self.local_flow_control_window(stream_id)
+        if size > window:
+            raise FlowControlError(f"Cannot send {size} bytes, flow control window is {window}")
+        if size > self.max_outbound_frame_size:
+            raise FrameTooLargeError(
+                f"Cannot send frame size {size}, max frame size is {self.max_outbound_frame_size}"
+            )
+        self.state_machine.process_input(ConnectionInputs.SEND_DATA)
+        stream = self.streams[stream_id]
+        stream.state_machine.process_input(StreamInputs.SEND_DATA)
+        flags = 0
+        if end_stream:
+            stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
+            flags = _END_STREAM
+        stream.outbound_flow_control_window -= size
+        self.outbound_flow_control_window -= size
+        chunks = self._chunks
+        if self._data_to_send:
+            chunks.append(bytes(self._data_to_send))
+            self._data_to_send = bytearray()
+        chunks.append(
+            _DATA_HEADER.pack(size >> 8, size & 0xFF, 0, flags, stream_id & 0x7FFFFFFF)
+        )
+        chunks.extend(parts)
+
+    def chunks_to_send(self) -> list[bytes]:
+        """What L{data_to_send} would return, as the pieces it would join."""
+        chunks, self._chunks = self._chunks, []
+        if self._data_to_send:
+            chunks.append(bytes(self._data_to_send))
+            self._data_to_send = bytearray()
+        return chunks
+
+    def data_to_send(self, amount: int | None = None) -> bytes:
+        """H2Connection.data_to_send, including what L{send_data_parts} queued."""
+        if self._chunks:
+            self._data_to_send[:0] = b"".join(self._chunks)
+            self._chunks = []
+        return super().data_to_send(amount)
+
+    def clear_outbound_data_buffer(self) -> None:
+        """H2Connection.clear_outbound_data_buffer"""
+        self._chunks = []
+        super().clear_outbound_data_buffer()
 
     def _few(self, limit: int) -> bool:
         known = len(self.streams)

@@ -42,7 +42,6 @@ from urllib.parse import quote, unquote
 
 from h2 import events as h2events
 from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError as H2ProtocolError
 from h2.settings import SettingCodes
@@ -219,6 +218,49 @@ def data_message(data: bytes) -> tuple[bytes, bytes]:
     return b"\x00" + (len(head) + size).to_bytes(4, "big") + head, data
 
 
+def _varint_at(view: memoryview, pos: int) -> tuple[int, int] | None:
+    """The varint at C{pos} (at most 5 bytes) and the position after it, if there is one."""
+    value = 0
+    for shift in range(0, 35, 7):
+        if pos >= len(view):
+            return None
+        byte = view[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+    return None
+
+
+def _data_head(message: memoryview, length: int) -> int | None:
+    """
+    Where the payload starts in a message of C{length} bytes (of which
+    C{message} holds the first ones) laid out as L{data_message} writes it:
+    a C{Data} frame of stream 0 that does not end it.  None for any other
+    message (protobuf reads those), or if too little of it is there to tell.
+    """
+    if len(message) < 2 or message[0] != 0x32:
+        return None
+    field = _varint_at(message, 1)
+    if field is None or sum(field) != length:
+        return None
+    inner, pos = field
+    if not inner:
+        return pos
+    if pos >= len(message) or message[pos] != 0x0A:
+        return None
+    data = _varint_at(message, pos + 1)
+    if data is None or sum(data) != length:
+        return None
+    return data[1]
+
+
+def _data_payload(message: memoryview) -> bytes | None:
+    """The payload of a whole message read by L{_data_head}, copied once; else None."""
+    head = _data_head(message, len(message))
+    return None if head is None else message[head:].tobytes()
+
+
 def _check_window(value: int) -> str | None:
     if not 65535 <= value <= 0x7FFFFFFF:
         return f"must be between 65535 and 2147483647, got {value}"
@@ -322,7 +364,7 @@ class _Call:
     __slots__ = (
         "stream_id", "kind", "inbox", "outbox", "out_offset", "out_size", "finish",
         "end_after", "dirty", "blocked", "headers_sent", "local_closed", "remote_closed",
-        "stream", "unacked", "retiring", "broken", "reuse",
+        "stream", "unacked", "retiring", "broken", "reuse", "data_left",
     )
 
     def __init__(self, stream_id: int, kind: str) -> None:
@@ -348,6 +390,9 @@ class _Call:
         self.broken = False
         # Both ends agreed to carry one stream after another on this call.
         self.reuse = False
+        # Payload bytes still to come of a Data message that spans DATA
+        # frames: they are delivered as they arrive.
+        self.data_left = 0
 
     def drop_outbox(self) -> None:
         self.outbox.clear()
@@ -609,7 +654,7 @@ class GrpcLink(Protocol):
         self.control: _Call | None = None
         self.sending_paused = False
         self.closed = False
-        self.conn: H2Connection = LeanH2Connection(
+        self.conn = LeanH2Connection(
             H2Configuration(
                 client_side=not self.is_edge,
                 header_encoding=None,
@@ -796,9 +841,9 @@ class GrpcLink(Protocol):
                 call.dirty = False
                 if call.outbox and not call.blocked and not self.sending_paused:
                     self.flush_call(call)
-        data = self.conn.data_to_send()
-        if data:
-            self.transport.write(data)
+        chunks = self.conn.chunks_to_send()
+        if chunks:
+            self.transport.writeSequence(chunks)
 
     def protocol_error(self, message: str) -> None:
         self.log.warn(
@@ -898,9 +943,7 @@ class GrpcLink(Protocol):
                         call.out_offset = offset + room
                         taken += room
                 last = call.end_after and not outbox
-                conn.send_data(
-                    sid, parts[0] if len(parts) == 1 else b"".join(parts), end_stream=last
-                )
+                conn.send_data_parts(sid, parts, end_stream=last)
                 call.out_size -= taken
                 if last:
                     call.end_after = False
@@ -1048,17 +1091,19 @@ class GrpcLink(Protocol):
             call.broken = True
             self.call_broken(call, e.status, str(e))
             return
+        forward = call.kind == "forward"
         for payload in messages:
             if call.broken or self.closed:
                 break
             try:
-                frame = codec.decode(payload)
-            except FrameError as e:
-                call.broken = True
-                self.call_broken(call, GrpcStatus.INVALID_ARGUMENT, str(e))
-                break
-            try:
-                self.message_received(call, frame)
+                if isinstance(payload, bytes):
+                    self.forward_data(call, payload)
+                    continue
+                data = _data_payload(payload) if forward else None
+                if data is not None:
+                    self.forward_data(call, data)
+                else:
+                    self.message_received(call, codec.decode(payload.tobytes()))
             except FrameError as e:
                 call.broken = True
                 self.call_broken(call, GrpcStatus.INVALID_ARGUMENT, str(e))
@@ -1067,37 +1112,66 @@ class GrpcLink(Protocol):
         if stream is None or not stream.consumer_paused:
             self.ack_call(call)
 
-    def _split_messages(self, call: _Call, data: bytes) -> list[bytes]:
-        """Whole gRPC messages out of a call's bytes; a partial one stays in its inbox."""
-        inbox = call.inbox
-        if inbox:
-            inbox += data
-            buf: bytes | bytearray = inbox
-        else:
-            buf = data
-        out: list[bytes] = []
+    def _split_messages(self, call: _Call, data: bytes) -> list[memoryview | bytes]:
+        """
+        Whole gRPC messages out of a call's bytes, as views of them, and (as
+        bytes) the pieces of a C{Data} message's payload that spans DATA
+        frames: those are passed on as they arrive.  Any other partial
+        message waits in the call's inbox.
+        """
+        out: list[memoryview | bytes] = []
+        buf = memoryview(data)
         pos = 0
         total = len(buf)
-        limit = self.max_message
+        if call.data_left:
+            pos = min(call.data_left, total)
+            out.append(buf[:pos].tobytes())
+            call.data_left -= pos
+        inbox = call.inbox
+        if inbox and pos < total:
+            # Complete the message an earlier DATA frame began.
+            if len(inbox) < 5:
+                take = min(5 - len(inbox), total - pos)
+                inbox += buf[pos : pos + take]
+                pos += take
+                if len(inbox) < 5:
+                    return out
+            missing = 5 + self._message_length(inbox, 0) - len(inbox)
+            if missing > total - pos:
+                inbox += buf[pos:]
+                return out
+            inbox += buf[pos : pos + missing]
+            pos += missing
+            out.append(memoryview(bytes(inbox))[5:])
+            inbox.clear()
         while total - pos >= 5:
-            if buf[pos]:
-                raise _CallError(GrpcStatus.INTERNAL, "compressed messages are not supported")
-            length = int.from_bytes(buf[pos + 1 : pos + 5], "big")
-            if length > limit:
-                raise _CallError(
-                    GrpcStatus.RESOURCE_EXHAUSTED,
-                    f"message of {length} bytes exceeds the limit of {limit}",
-                )
+            length = self._message_length(buf, pos)
             end = pos + 5 + length
             if end > total:
+                if call.kind == "forward":
+                    head = _data_head(buf[pos + 5 :], length)
+                    if head is not None:
+                        out.append(buf[pos + 5 + head :].tobytes())
+                        call.data_left = end - total
+                        return out
                 break
-            out.append(bytes(buf[pos + 5 : end]))
+            out.append(buf[pos + 5 : end])
             pos = end
-        if inbox:
-            del inbox[:pos]
-        elif pos < total:
+        if pos < total:
             inbox += buf[pos:]
         return out
+
+    def _message_length(self, buf: memoryview | bytearray, pos: int) -> int:
+        """The length in the gRPC message prefix at C{pos}, if the message is acceptable."""
+        if buf[pos]:
+            raise _CallError(GrpcStatus.INTERNAL, "compressed messages are not supported")
+        length = int.from_bytes(buf[pos + 1 : pos + 5], "big")
+        if length > self.max_message:
+            raise _CallError(
+                GrpcStatus.RESOURCE_EXHAUSTED,
+                f"message of {length} bytes exceeds the limit of {self.max_message}",
+            )
+        return length
 
     def message_received(self, call: _Call, frame: codec.Frame) -> None:
         """One decoded message on a call (raise L{FrameError} to break the call)."""
@@ -1125,6 +1199,10 @@ class GrpcLink(Protocol):
             self._early_control.append(message)
 
     def forward_frame(self, call: _Call, frame: codec.Frame) -> None:
+        raise NotImplementedError
+
+    def forward_data(self, call: _Call, data: bytes) -> None:
+        """A C{Data} message on a Forward call, read without protobuf (see L{_data_payload})."""
         raise NotImplementedError
 
     def call_broken(self, call: _Call, status: GrpcStatus, message: str) -> None:
@@ -1518,15 +1596,27 @@ class EdgeGrpcLink(GrpcLink):
 
     # -- messages ------------------------------------------------------------------
 
-    def forward_frame(self, call: _Call, frame: codec.Frame) -> None:
+    def _receiving(self, call: _Call) -> GrpcStream | None:
+        """The stream a message on a Forward call is for, or None to drop it (closed)."""
         stream = call.stream
         if stream is None:
             raise FrameError("a message on a Forward call before its Open")
         if stream.closed:
-            return
+            return None
         stream.answered_by_peer()
         if stream.remote_ended:
             raise FrameError("a message after End")
+        return stream
+
+    def forward_data(self, call: _Call, data: bytes) -> None:
+        stream = self._receiving(call)
+        if stream is not None:
+            stream.deliver("data_received", data)
+
+    def forward_frame(self, call: _Call, frame: codec.Frame) -> None:
+        stream = self._receiving(call)
+        if stream is None:
+            return
         kind = frame.WhichOneof("body")
         if kind == "data":
             stream.deliver("data_received", frame.data.data)
@@ -1794,6 +1884,18 @@ class AgentGrpcLink(GrpcLink):
         if isinstance(message, GoAway):
             self.draining = True
         super().control_message(message)
+
+    def forward_data(self, call: _Call, data: bytes) -> None:
+        stream = call.stream
+        if stream is None:
+            if call.retiring:
+                return  # the edge replays the stream elsewhere
+            raise FrameError("data on a Forward call before Open")
+        if stream.closed:
+            return
+        if stream.remote_ended:
+            raise FrameError("a message after End")
+        stream.deliver("data_received", data)
 
     def forward_frame(self, call: _Call, frame: codec.Frame) -> None:
         stream = call.stream
