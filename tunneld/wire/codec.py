@@ -108,17 +108,15 @@ _names: dict[bytes, bytes] = {}
 _MAX_NAMES = 512
 
 
-def _name(name: bytes) -> bytes:
-    known = _names.get(name)
-    if known is not None:
-        return known
+def _learn(name: bytes) -> bytes:
     if len(_names) < _MAX_NAMES:
         _names[name] = name
     return name
 
 
 def _headers_from_pb(headers: Iterable[pb.Header]) -> tuple[tuple[bytes, bytes], ...]:
-    return tuple((_name(h.name), h.value) for h in headers)
+    known = _names.get
+    return tuple([(known(h.name) or _learn(h.name), h.value) for h in headers])
 
 
 def _spec_to_pb(spec: TunnelSpec) -> pb.TunnelSpec:
