@@ -581,6 +581,7 @@ class UpstreamPoolTests(TestCase):
         names = [name.lower() for name, _ in stream.reply.headers]
         self.assertIn(b"upgrade", names)
         self.assertNotIn(b"connection", names)
+        self.assertFalse(hasattr(stream.receiver, "_parser"), "the switched relay keeps its parser")
         stream.send(b"\x00raw\r\n\r\n")
         await until(lambda: stream.body == b"early\x00raw\r\n\r\n")
         stream.send_end()  # the client half-closed: the upstream sees EOF and says bye

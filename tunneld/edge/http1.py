@@ -305,6 +305,18 @@ class PublicHTTPProtocol(Protocol):
     switched protocols; before that a client's half-close ends it, as usual.
     """
 
+    # Past 29 attributes an instance's dict stops sharing its keys with the
+    # class and costs 1.6 KiB instead of 0.3: per connection, with 10,000
+    # idle WebSockets, 13 MiB.  (Protocol's own attributes stay in __dict__.)
+    __slots__ = (
+        "_between_requests", "_client_ip", "_clock", "_closing", "_conn", "_conn_refused",
+        "_conn_slots", "_drainable", "_due", "_exchange", "_expire", "_fast", "_fast_ok",
+        "_last_activity", "_lingering", "_method", "_out", "_out_left", "_parsing",
+        "_paused_by", "_peer", "_peer_host", "_pending", "_policy", "_processing",
+        "_read_size", "_router", "_seconds", "_settings", "_socket", "_stats", "_their_done",
+        "_timer", "_upgraded", "_upgraded_set", "_via",
+    )
+
     log = Logger()
 
     def __init__(self, factory: PublicHTTPFactory) -> None:

@@ -108,6 +108,9 @@ _REPLAY_LIMIT = 256 * 1024
 _CLOSE_GRACE = 5.0
 # Seconds a closing link keeps reading (and dropping) what the peer still sends.
 _LINGER = 0.5
+# Calls an agent may open beyond its streams by default: the Control call, the
+# pool of idle Forward calls (max_idle_forwards, 256 by default) and retiring ones.
+_CALL_HEADROOM = 1024
 
 
 class GrpcStatus(enum.IntEnum):
@@ -293,8 +296,12 @@ class GrpcEdgeOptions:
         10.0, "Seconds an agent has to open its Control call after connecting.", check=positive
     )
     max_concurrent_calls: int = setting(
-        10_000, "HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: calls one agent may have open.",
-        check=positive,
+        0,
+        "HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: calls one agent may have open; 0 = "
+        "[edge] max_streams_per_agent + 1024 (its streams, its Control call and its idle "
+        "Forward calls), so that max_streams_per_agent, with its reason, refuses a stream "
+        "before the agent runs out of calls.",
+        check=non_negative,
     )
     stream_window: int = setting(
         MIB, "HTTP/2 receive window per call in bytes (returned as the consumer reads).",
@@ -371,7 +378,9 @@ class _Call:
         self.stream_id = stream_id
         self.kind = kind  # "control", "forward" or "refused"
         self.inbox = bytearray()
-        self.outbox: deque[bytes] = deque()
+        # Made when bytes are queued, dropped once they are sent: an empty
+        # deque keeps a 64-slot block (760 bytes), a lot for each idle call.
+        self.outbox: deque[bytes] | None = None
         self.out_offset = 0
         self.out_size = 0
         self.finish: Callable[[], None] | None = None
@@ -395,7 +404,7 @@ class _Call:
         self.data_left = 0
 
     def drop_outbox(self) -> None:
-        self.outbox.clear()
+        self.outbox = None
         self.out_offset = 0
         self.out_size = 0
         self.finish = None
@@ -406,6 +415,12 @@ class _Call:
 @implementer(IStream)
 class GrpcStream:
     """One tunnel stream: one C{Forward} call."""
+
+    __slots__ = (
+        "link", "head", "call", "receiver", "_early", "_held", "_held_size", "_replay",
+        "_replay_size", "answered", "_producer", "_producer_paused", "consumer_paused",
+        "local_ended", "remote_ended", "closed", "queue_timer",
+    )
 
     def __init__(self, link: GrpcLink, head: StreamHead, call: _Call | None = None) -> None:
         self.link = link
@@ -887,8 +902,11 @@ class GrpcLink(Protocol):
         """
         if call.local_closed or call.finish is not None or call.end_after:
             return
+        outbox = call.outbox
+        if outbox is None:
+            outbox = call.outbox = deque()
         for piece in pieces:
-            call.outbox.append(piece)
+            outbox.append(piece)
             call.out_size += len(piece)
         if call.blocked or self.sending_paused:
             return  # a window update or the socket draining moves it on
@@ -961,6 +979,7 @@ class GrpcLink(Protocol):
             if stream is not None:
                 stream.pause_source()
             return
+        call.outbox = None
         call.blocked = False
         finish, call.finish = call.finish, None
         if finish is not None:
@@ -1350,13 +1369,14 @@ class EdgeGrpcLink(GrpcLink):
         )
         self.options = options
         self.setup = setup
+        self.max_calls = options.max_concurrent_calls or setup.max_streams + _CALL_HEADROOM
         self.idle: deque[_Call] = deque()
         self.queue: deque[GrpcStream] = deque()
         self._handshake_timer: Any = None
 
     def local_settings(self) -> dict[SettingCodes | int, int]:
         settings = super().local_settings()
-        settings[SettingCodes.MAX_CONCURRENT_STREAMS] = self.options.max_concurrent_calls
+        settings[SettingCodes.MAX_CONCURRENT_STREAMS] = self.max_calls
         return settings
 
     def connection_started(self) -> None:
@@ -1465,6 +1485,17 @@ class EdgeGrpcLink(GrpcLink):
         stream.queue_timer = None
         if stream in self.queue:
             self.queue.remove(stream)
+            if self.conn.open_inbound_streams >= self.max_calls:
+                # The agent may open no more calls: the link is full, not the agent late.
+                self.log.warn(
+                    "agent {peer} has {calls} calls open, max_concurrent_calls: refusing a stream",
+                    peer=self.peer, calls=self.max_calls,
+                )
+                stream.remote_reset(
+                    Reason.CAP_REACHED,
+                    f"the agent link carries {self.max_calls} calls (max_concurrent_calls)",
+                )
+                return
             self.log.warn("agent {peer} opened no Forward call in time", peer=self.peer)
             stream.remote_reset(Reason.AGENT_UNAVAILABLE, "the agent opened no Forward call in time")
 
