@@ -8,6 +8,7 @@ agent dials (the transit relay's pattern): the whole suite then runs over it.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 from typing import Any
 
@@ -42,6 +43,7 @@ from tests.websocket_peers import (
 )
 from tunneld.config import AgentGrant, TunnelSection
 from tunneld.edge.upgraded import close_text
+from tunneld.interfaces import IStream, IStreamReceiver
 from tunneld.readsize import LARGEST, ReadSize
 from tunneld.reasons import Reason
 
@@ -368,6 +370,36 @@ class EndToEndMixin:
             payload = f"keep-alive {i}".encode()
             code, _, body = await harness.request("app.test", "/echo", b"POST", payload)
             self.assertEqual((code, body), (200, payload))
+
+    async def test_finished_requests_leave_no_cyclic_garbage(self) -> None:
+        """Finished GETs and POSTs leave no stream or exchange for the cyclic GC (its pauses make the latency tail)."""
+        harness, _ = await self.tunnel()
+        from twisted.internet import reactor
+        from twisted.web.client import Agent, HTTPConnectionPool
+
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        self.addCleanup(pool.closeCachedConnections)
+        harness.client = Agent(reactor, pool=pool)
+        await harness.request("app.test", "/hello")  # the link and the pools are set up
+        if gc.isenabled():
+            gc.disable()
+            self.addCleanup(gc.enable)
+        gc.collect()
+        for i in range(3):
+            code, _, _ = await harness.request("app.test", "/hello")
+            self.assertEqual(code, 200)
+            code, _, body = await harness.request("app.test", "/echo", b"POST", b"body %d" % i)
+            self.assertEqual((code, body), (200, b"body %d" % i))
+        await sleep(0.05)  # the agent's end of the last stream closes a moment later
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            garbage = [type(o).__qualname__ for o in gc.garbage
+                       if IStream.providedBy(o) or IStreamReceiver.providedBy(o)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        self.assertEqual(garbage, [])
 
     # -- TCP tunnels -------------------------------------------------------------
 

@@ -195,7 +195,7 @@ class _Exchange:
     """
 
     __slots__ = (
-        "protocol", "stream", "upload", "method", "host", "target",
+        "protocol", "stream", "method", "host", "target",
         "live", "uploading", "producing", "response_started", "response_done",
         "chunked", "bodyless", "slots", "upgrade", "websocket", "upgraded", "sent_whole",
     )
@@ -203,7 +203,6 @@ class _Exchange:
     def __init__(self, protocol: PublicHTTPProtocol, method: bytes, host: str, target: str) -> None:
         self.protocol = protocol
         self.stream: IStream | None = None
-        self.upload = _Upload(self)
         self.method = method
         self.host = host
         self.target = target
@@ -666,7 +665,8 @@ class PublicHTTPProtocol(Protocol):
             exchange.sent_whole = True
         else:
             exchange.uploading = True
-            stream.registerProducer(exchange.upload, True)
+            # Made here, not with the exchange: the two would hold each other.
+            stream.registerProducer(_Upload(exchange), True)
         self._socket.registerProducer(exchange, True)
         if exchange.live and not self._fast and self._conn.they_are_waiting_for_100_continue:
             # Streams carry no interim responses; the edge invites the body itself.
