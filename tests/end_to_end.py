@@ -42,6 +42,7 @@ from tests.websocket_peers import (
     listen_flood,
 )
 from tunneld.config import AgentGrant, TunnelSection
+from tunneld.edge.http1 import PublicHTTPProtocol
 from tunneld.edge.upgraded import close_text
 from tunneld.interfaces import IStream, IStreamReceiver
 from tunneld.readsize import LARGEST, ReadSize
@@ -372,7 +373,7 @@ class EndToEndMixin:
             self.assertEqual((code, body), (200, payload))
 
     async def test_finished_requests_leave_no_cyclic_garbage(self) -> None:
-        """Finished GETs and POSTs leave no stream or exchange for the cyclic GC (its pauses make the latency tail)."""
+        """Finished GETs, POSTs and closed connections leave no stream, exchange or protocol for the cyclic GC (its pauses make the latency tail)."""
         harness, _ = await self.tunnel()
         from twisted.internet import reactor
         from twisted.web.client import Agent, HTTPConnectionPool
@@ -390,12 +391,19 @@ class EndToEndMixin:
             self.assertEqual(code, 200)
             code, _, body = await harness.request("app.test", "/echo", b"POST", b"body %d" % i)
             self.assertEqual((code, body), (200, b"body %d" % i))
+            reply = await raw_exchange(
+                harness.public_port,
+                b"GET /hello HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
+                b"hello from upstream",
+            )
+            self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
         await sleep(0.05)  # the agent's end of the last stream closes a moment later
         gc.set_debug(gc.DEBUG_SAVEALL)
         try:
             gc.collect()
             garbage = [type(o).__qualname__ for o in gc.garbage
-                       if IStream.providedBy(o) or IStreamReceiver.providedBy(o)]
+                       if IStream.providedBy(o) or IStreamReceiver.providedBy(o)
+                       or isinstance(o, PublicHTTPProtocol)]
         finally:
             gc.set_debug(0)
             gc.garbage.clear()

@@ -128,6 +128,10 @@ _CONNECT_REFUSAL = "CONNECT is not supported"
 _UPGRADE_BODY_REFUSAL = "an upgrade request may not carry a body"
 
 
+def _nothing_due() -> None:
+    """The deadline of a connection that is gone."""
+
+
 def _split_absolute(target: bytes) -> tuple[bytes, bytes] | None:
     """For an absolute-form target, its authority and origin-form target; else None."""
     scheme, sep, rest = target.partition(b"://")
@@ -419,6 +423,11 @@ class PublicHTTPProtocol(Protocol):
                 exchange.slots.release()
         if self._conn_slots is not None:
             self._conn_slots.release()
+        # The exchange and the timer's bound method refer back to this
+        # protocol: let go of them so a closed connection is freed by
+        # reference counting, not left for the cyclic GC.
+        self._exchange = None
+        self._expire = _nothing_due
 
     # -- reading requests ---------------------------------------------------
 
