@@ -43,7 +43,7 @@ from tests.websocket_peers import (
 )
 from tunneld.config import AgentGrant, TunnelSection
 from tunneld.edge.http1 import PublicHTTPProtocol
-from tunneld.edge.upgraded import close_text
+from tunneld.edge.upgraded import UpgradedConnection, close_text
 from tunneld.interfaces import IStream, IStreamReceiver
 from tunneld.readsize import LARGEST, ReadSize
 from tunneld.reasons import Reason
@@ -592,6 +592,29 @@ class EndToEndMixin:
         was_clean, code, _ = await client.closed
         self.assertEqual((was_clean, code), (True, 1000))
         await echo.all_closed()
+
+    async def test_closed_websocket_leaves_no_cyclic_garbage_at_the_edge(self) -> None:
+        """A closed tunneled WebSocket leaves the edge no protocol or switched connection for the cyclic GC."""
+        harness, echo = await self.ws_tunnel()
+        if gc.isenabled():
+            gc.disable()
+            self.addCleanup(gc.enable)
+        gc.collect()
+        client = await connect_client(self, harness.public_port, "ws.test", "/chat")
+        self.assertEqual(await client.echo(b"ping"), (b"ping", True))
+        client.sendClose(1000, "bye")
+        await client.closed
+        await echo.all_closed()
+        await sleep(0.05)  # the edge's side of the connection closes a moment later
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            garbage = [type(o).__qualname__ for o in gc.garbage
+                       if isinstance(o, (PublicHTTPProtocol, UpgradedConnection))]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        self.assertEqual(garbage, [])
 
     async def test_upgrade_declined_is_an_ordinary_response(self) -> None:
         """When the upstream does not switch, its answer is relayed as a normal HTTP response."""

@@ -423,10 +423,11 @@ class PublicHTTPProtocol(Protocol):
                 exchange.slots.release()
         if self._conn_slots is not None:
             self._conn_slots.release()
-        # The exchange and the timer's bound method refer back to this
-        # protocol: let go of them so a closed connection is freed by
-        # reference counting, not left for the cyclic GC.
+        # The exchange, the switched connection and the timer's bound method
+        # refer back to this protocol: let go of them so a closed connection
+        # is freed by reference counting, not left for the cyclic GC.
         self._exchange = None
+        self._upgraded = None
         self._expire = _nothing_due
 
     # -- reading requests ---------------------------------------------------
@@ -1061,6 +1062,7 @@ class PublicHTTPProtocol(Protocol):
     def _finish(self, exchange: _Exchange) -> None:
         """The stream is done with: unhook it from the socket, both ways."""
         exchange.live = False
+        exchange.upgraded = None  # its callbacks hold the exchange: no cycle left behind
         if exchange.slots is not None:
             exchange.slots.release()
         if exchange.uploading:
