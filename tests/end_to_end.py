@@ -8,6 +8,7 @@ agent dials (the transit relay's pattern): the whole suite then runs over it.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 from typing import Any
 
@@ -41,7 +42,9 @@ from tests.websocket_peers import (
     listen_flood,
 )
 from tunneld.config import AgentGrant, TunnelSection
-from tunneld.edge.upgraded import close_text
+from tunneld.edge.http1 import PublicHTTPProtocol
+from tunneld.edge.upgraded import UpgradedConnection, close_text
+from tunneld.interfaces import IStream, IStreamReceiver
 from tunneld.readsize import LARGEST, ReadSize
 from tunneld.reasons import Reason
 
@@ -369,6 +372,43 @@ class EndToEndMixin:
             code, _, body = await harness.request("app.test", "/echo", b"POST", payload)
             self.assertEqual((code, body), (200, payload))
 
+    async def test_finished_requests_leave_no_cyclic_garbage(self) -> None:
+        """Finished GETs, POSTs and closed connections leave no stream, exchange or protocol for the cyclic GC (its pauses make the latency tail)."""
+        harness, _ = await self.tunnel()
+        from twisted.internet import reactor
+        from twisted.web.client import Agent, HTTPConnectionPool
+
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        self.addCleanup(pool.closeCachedConnections)
+        harness.client = Agent(reactor, pool=pool)
+        await harness.request("app.test", "/hello")  # the link and the pools are set up
+        if gc.isenabled():
+            gc.disable()
+            self.addCleanup(gc.enable)
+        gc.collect()
+        for i in range(3):
+            code, _, _ = await harness.request("app.test", "/hello")
+            self.assertEqual(code, 200)
+            code, _, body = await harness.request("app.test", "/echo", b"POST", b"body %d" % i)
+            self.assertEqual((code, body), (200, b"body %d" % i))
+            reply = await raw_exchange(
+                harness.public_port,
+                b"GET /hello HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
+                b"hello from upstream",
+            )
+            self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
+        await sleep(0.05)  # the agent's end of the last stream closes a moment later
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            garbage = [type(o).__qualname__ for o in gc.garbage
+                       if IStream.providedBy(o) or IStreamReceiver.providedBy(o)
+                       or isinstance(o, PublicHTTPProtocol)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        self.assertEqual(garbage, [])
+
     # -- TCP tunnels -------------------------------------------------------------
 
     async def tcp_tunnel(
@@ -552,6 +592,29 @@ class EndToEndMixin:
         was_clean, code, _ = await client.closed
         self.assertEqual((was_clean, code), (True, 1000))
         await echo.all_closed()
+
+    async def test_closed_websocket_leaves_no_cyclic_garbage_at_the_edge(self) -> None:
+        """A closed tunneled WebSocket leaves the edge no protocol or switched connection for the cyclic GC."""
+        harness, echo = await self.ws_tunnel()
+        if gc.isenabled():
+            gc.disable()
+            self.addCleanup(gc.enable)
+        gc.collect()
+        client = await connect_client(self, harness.public_port, "ws.test", "/chat")
+        self.assertEqual(await client.echo(b"ping"), (b"ping", True))
+        client.sendClose(1000, "bye")
+        await client.closed
+        await echo.all_closed()
+        await sleep(0.05)  # the edge's side of the connection closes a moment later
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            garbage = [type(o).__qualname__ for o in gc.garbage
+                       if isinstance(o, (PublicHTTPProtocol, UpgradedConnection))]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        self.assertEqual(garbage, [])
 
     async def test_upgrade_declined_is_an_ordinary_response(self) -> None:
         """When the upstream does not switch, its answer is relayed as a normal HTTP response."""

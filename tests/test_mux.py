@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import weakref
+from typing import Any, cast
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import Clock
@@ -784,3 +787,85 @@ class EndStreamTests(SynchronousTestCase):
             )
             pair.pump()
             self.assertEqual(receiver.events[-2:], [("reply", ReplyHead(204)), ("end", ())])
+
+
+class Holder(Receiver):
+    """A receiver that holds its stream, as the edge's and the agent's exchanges do."""
+
+    stream: IStream | None = None
+
+
+class FreedWithoutCyclicGCTests(SynchronousTestCase):
+    """
+    A finished stream lets go of its receiver, so the two (which hold each
+    other while the stream is open) are freed by reference counting: no
+    garbage per request is left for the cyclic collector, whose pauses would
+    otherwise land on every stream in flight.
+    """
+
+    def setUp(self) -> None:
+        if gc.isenabled():
+            gc.disable()
+            self.addCleanup(gc.enable)
+        gc.collect()
+
+    def open(self, pair: Pair) -> tuple[FrameStream, Holder]:
+        holder = Holder()
+        stream = pair.edge.open_stream(HEAD, holder)
+        holder.stream = stream
+        assert isinstance(stream, FrameStream)
+        pair.pump()
+        return stream, holder
+
+    def assert_freed(self, refs: list[weakref.ref[Any]]) -> None:
+        """Once the test's own references are gone, nothing is left holding the pair."""
+        self.assertEqual([ref() for ref in refs], [None] * len(refs))
+
+    def test_ended_both_ways(self) -> None:
+        """A stream ended in both directions and its receiver are freed once nothing else holds them."""
+        pair = Pair(Clock())
+        stream, holder = self.open(pair)
+        remote = pair.agent_handler.streams.pop()
+        stream.end()
+        remote.send_reply(ReplyHead(200))
+        remote.write(b"body")
+        remote.end()
+        pair.pump()
+        self.assertEqual(holder.events[-1], ("end", ()))
+        refs = [weakref.ref(stream), weakref.ref(holder)]
+        del stream, holder
+        self.assert_freed(refs)
+
+    def test_reset_arrived(self) -> None:
+        """A stream reset by the peer still tells its receiver why, then both are freed."""
+        pair = Pair(Clock())
+        stream, holder = self.open(pair)
+        pair.agent_handler.streams.pop().reset(Reason.UPSTREAM_REFUSED, "refused")
+        pair.pump()
+        self.assertEqual(holder.resets(), [("reset", Reason.UPSTREAM_REFUSED, "refused")])
+        refs = [weakref.ref(stream), weakref.ref(holder)]
+        del stream, holder
+        self.assert_freed(refs)
+
+    def test_saturated(self) -> None:
+        """A stream failed from inside (saturated) tells its own receiver, then both are freed."""
+        pair = Pair(Clock())
+        stream, holder = self.open(pair)
+        stream.write(b"x" * (3 * WINDOW + 1))  # one window sent, two held: one byte too many
+        self.assertEqual([r[1] for r in holder.resets()], [Reason.SATURATED])
+        refs = [weakref.ref(stream), weakref.ref(holder)]
+        del stream, holder
+        self.assert_freed(refs)
+
+    def test_closed_before_attach(self) -> None:
+        """A receiver attached after the stream closed hears the replayed reset, and is not kept."""
+        pair = Pair(Clock(), agent_handler=Handler(attach=False))
+        stream, _ = self.open(pair)
+        stream.reset(Reason.CLIENT_GONE, "gone")
+        pair.pump()
+        remote = cast(FrameStream, pair.agent_handler.streams[-1])
+        holder = Holder()
+        holder.stream = remote
+        remote.attach(holder)
+        self.assertEqual(holder.resets(), [("reset", Reason.CLIENT_GONE, "gone")])
+        self.assertIsNone(remote.receiver)

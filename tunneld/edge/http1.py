@@ -128,6 +128,10 @@ _CONNECT_REFUSAL = "CONNECT is not supported"
 _UPGRADE_BODY_REFUSAL = "an upgrade request may not carry a body"
 
 
+def _nothing_due() -> None:
+    """The deadline of a connection that is gone."""
+
+
 def _split_absolute(target: bytes) -> tuple[bytes, bytes] | None:
     """For an absolute-form target, its authority and origin-form target; else None."""
     scheme, sep, rest = target.partition(b"://")
@@ -195,7 +199,7 @@ class _Exchange:
     """
 
     __slots__ = (
-        "protocol", "stream", "upload", "method", "host", "target",
+        "protocol", "stream", "method", "host", "target",
         "live", "uploading", "producing", "response_started", "response_done",
         "chunked", "bodyless", "slots", "upgrade", "websocket", "upgraded", "sent_whole",
     )
@@ -203,7 +207,6 @@ class _Exchange:
     def __init__(self, protocol: PublicHTTPProtocol, method: bytes, host: str, target: str) -> None:
         self.protocol = protocol
         self.stream: IStream | None = None
-        self.upload = _Upload(self)
         self.method = method
         self.host = host
         self.target = target
@@ -432,6 +435,12 @@ class PublicHTTPProtocol(Protocol):
                 exchange.slots.release()
         if self._conn_slots is not None:
             self._conn_slots.release()
+        # The exchange, the switched connection and the timer's bound method
+        # refer back to this protocol: let go of them so a closed connection
+        # is freed by reference counting, not left for the cyclic GC.
+        self._exchange = None
+        self._upgraded = None
+        self._expire = _nothing_due
 
     # -- reading requests ---------------------------------------------------
 
@@ -678,7 +687,8 @@ class PublicHTTPProtocol(Protocol):
             exchange.sent_whole = True
         else:
             exchange.uploading = True
-            stream.registerProducer(exchange.upload, True)
+            # Made here, not with the exchange: the two would hold each other.
+            stream.registerProducer(_Upload(exchange), True)
         self._socket.registerProducer(exchange, True)
         if exchange.live and not self._fast and self._conn.they_are_waiting_for_100_continue:
             # Streams carry no interim responses; the edge invites the body itself.
@@ -1064,6 +1074,7 @@ class PublicHTTPProtocol(Protocol):
     def _finish(self, exchange: _Exchange) -> None:
         """The stream is done with: unhook it from the socket, both ways."""
         exchange.live = False
+        exchange.upgraded = None  # its callbacks hold the exchange: no cycle left behind
         if exchange.slots is not None:
             exchange.slots.release()
         if exchange.uploading:

@@ -449,6 +449,8 @@ class GrpcStream:
         self.receiver = receiver
         for name, args in early or ():
             getattr(receiver, name)(*args)
+        if self.closed:
+            self.receiver = None  # it heard the last event (see _close)
 
     def send_reply(self, reply: ReplyHead) -> None:
         """IStream.send_reply"""
@@ -611,8 +613,12 @@ class GrpcStream:
     def remote_reset(self, reason: Reason, message: str) -> None:
         if self.closed:
             return
+        receiver = self.receiver
         self._close()
-        self.deliver("reset_received", reason, message)
+        if receiver is not None:
+            receiver.reset_received(reason, message)
+        else:
+            self.deliver("reset_received", reason, message)
 
     def maybe_done(self) -> None:
         if self.local_ended and self.remote_ended and not self.closed:
@@ -624,6 +630,10 @@ class GrpcStream:
         self._held_size = 0
         self._replay = None
         self._producer = None
+        # The receiver (which holds this stream) hears nothing more: dropping
+        # it breaks the cycle, so the pair is freed now by reference counting
+        # rather than piling up for the cyclic GC, whose pauses make the tail.
+        self.receiver = None
         if self.queue_timer is not None and self.queue_timer.active():
             self.queue_timer.cancel()
         self.queue_timer = None

@@ -139,6 +139,8 @@ class FrameStream:
         self.receiver = receiver
         if early is not None:
             early.replay(receiver)
+        if self.closed:
+            self.receiver = None  # it heard the last event (see _close)
 
     def send_reply(self, reply: ReplyHead) -> None:
         """IStream.send_reply"""
@@ -244,11 +246,11 @@ class FrameStream:
 
     def _fail(self, reason: Reason, message: str) -> None:
         """End the stream from inside: both the peer and our own receiver hear why."""
-        producer = self._producer
+        producer, receiver = self._producer, self.receiver
         self.reset(reason, message)
         if producer is not None:
             producer.stopProducing()
-        self._deliver("reset_received", reason, message)
+        self._deliver_last(receiver, reason, message)
 
     def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         """IConsumer.registerProducer: only push producers (all of ours are)."""
@@ -346,8 +348,16 @@ class FrameStream:
     def reset_arrived(self, reason: Reason, message: str) -> None:
         if self.closed:
             return
+        receiver = self.receiver
         self._close()
-        self._deliver("reset_received", reason, message)
+        self._deliver_last(receiver, reason, message)
+
+    def _deliver_last(self, receiver: IStreamReceiver | None, reason: Reason, message: str) -> None:
+        """The reset, to the receiver the stream had before it closed."""
+        if receiver is not None:
+            receiver.reset_received(reason, message)
+        else:
+            self._deliver("reset_received", reason, message)
 
     def resume_source(self) -> None:
         self._resume_producer()
@@ -360,6 +370,10 @@ class FrameStream:
         self._pending = []
         self._pending_size = 0
         self._producer = None
+        # The receiver (which holds this stream) hears nothing more: dropping
+        # it breaks the cycle, so the pair is freed now by reference counting
+        # rather than piling up for the cyclic GC, whose pauses make the tail.
+        self.receiver = None
         self.link.forget(self.stream_id)
 
 
