@@ -21,7 +21,6 @@ frame: RFC 6455 section 5.5.3 allows unsolicited Pongs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -56,17 +55,40 @@ class _Socket(TypingProtocol):
     def resumeProducing(self) -> None: ...
 
 
+class _Owner(TypingProtocol):
+    """
+    What the connection was before its switch (the HTTP exchange), called
+    back as the raw phase ends.  One reference rather than three closures
+    and a dict: a connection can be held idle for hours, by the ten thousand.
+    """
+
+    def finish(self) -> None:
+        """Unhook the stream from the socket (both producer registrations),
+        mark it done; called once the stream is over."""
+
+    def unhook_reply(self) -> None:
+        """The stream will send no more: stop it being the socket's producer."""
+
+    def unhook_upload(self) -> None:
+        """The client will send no more: stop the socket being the stream's producer."""
+
+    def label(self) -> dict[str, Any]:
+        """The log fields naming the request (method, host, target, peer)."""
+        ...
+
+
 class UpgradedConnection:
     """
     The raw phase of one public connection.
 
-    @param finish: unhooks the stream from the socket (both producer
-        registrations) and marks it done; called once the stream is over.
-    @param unhook_reply: the stream will send no more: stop it being the
-        socket's producer.
-    @param unhook_upload: the client will send no more: stop the socket
-        being the stream's producer.
+    @param owner: the exchange that switched, told as the phase ends.
     """
+
+    __slots__ = (
+        "_socket", "_stream", "_clock", "_idle_timeout", "_ping_interval", "_owner",
+        "frames", "_answer", "live", "read_done", "write_done", "closing",
+        "_last_activity", "_timer",
+    )
 
     log = Logger()
 
@@ -79,20 +101,14 @@ class UpgradedConnection:
         clock: IReactorTime,
         idle_timeout: float,
         ping_interval: float,
-        label: dict[str, Any],
-        finish: Callable[[], None],
-        unhook_reply: Callable[[], None],
-        unhook_upload: Callable[[], None],
+        owner: _Owner,
     ) -> None:
         self._socket = socket
         self._stream = stream
         self._clock = clock
         self._idle_timeout = idle_timeout
         self._ping_interval = ping_interval if websocket else 0.0
-        self._label = label
-        self._finish = finish
-        self._unhook_reply = unhook_reply
-        self._unhook_upload = unhook_upload
+        self._owner = owner
         # The upstream-to-client direction, to know where frames may go in.
         self.frames: FrameTracker | None = FrameTracker() if websocket else None
         # After our own Close: the client-to-edge direction, to see its Close.
@@ -129,7 +145,7 @@ class UpgradedConnection:
         if self.closing or not self.live:
             self._socket.loseConnection()
             return
-        self._unhook_upload()
+        self._owner.unhook_upload()
         self._stream.end()
         if self.write_done:
             self._done()
@@ -151,7 +167,7 @@ class UpgradedConnection:
         if not self.live or self.write_done:
             return
         self.write_done = True
-        self._unhook_reply()
+        self._owner.unhook_reply()
         self._socket.loseWriteConnection()
         if self.read_done:
             self._done()
@@ -184,7 +200,7 @@ class UpgradedConnection:
         self.live = False
         self.closing = True
         self._cancel_timer()
-        self._finish()
+        self._owner.finish()
         if tell_agent:
             self._stream.reset(reason, message)
         frames = self.frames
@@ -198,7 +214,7 @@ class UpgradedConnection:
         self.log.info(
             "closing upgraded connection {method} {host}{target} from {peer}: "
             "{reason} ({message})",
-            reason=reason.value, message=message, close_frame=polite, **self._label,
+            reason=reason.value, message=message, close_frame=polite, **self._owner.label(),
         )
         if not polite:
             if self.write_done:
@@ -229,7 +245,7 @@ class UpgradedConnection:
         self.live = False
         self.closing = True
         self._cancel_timer()
-        self._finish()
+        self._owner.finish()
         self._socket.loseConnection()
 
     # -- timers ---------------------------------------------------------------
