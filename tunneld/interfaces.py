@@ -54,7 +54,10 @@ class IStream(IPushProducer, IConsumer):
     C{stopProducing} resets the stream with C{cancelled}.
     """
 
-    head: StreamHead = Attribute("What the stream is about, as the edge opened it.")
+    head: StreamHead = Attribute(
+        "What the stream is about, as the edge opened it (on the edge, without"
+        " its header fields once the agent has them)."
+    )
 
     def attach(receiver: IStreamReceiver) -> None:
         """Say who takes incoming events (the agent does this on accepting)."""

@@ -10,7 +10,7 @@ form of C{proto/tunnel.proto}).  Nothing here knows about bytes on a wire.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tunneld.reasons import Reason
 
@@ -99,6 +99,14 @@ class StreamHead:
     headers: Headers = ()
     peer: str = ""
     scheme: str = "http"
+
+    def without_headers(self) -> StreamHead:
+        """
+        This head less its header fields: what the edge keeps once the
+        agent has them (a WebSocket held open for hours need not hold its
+        request's headers, about 1 KiB, all that time).
+        """
+        return replace(self, headers=()) if self.headers else self
 
 
 @dataclass(frozen=True, slots=True)

@@ -447,7 +447,8 @@ class FrameLink:
         """
         stream_id = self._next_id
         self._next_id += 2
-        stream = FrameStream(self, stream_id, head, self.peer_window)
+        # The Open is sent at once: the stream keeps no header fields.
+        stream = FrameStream(self, stream_id, head.without_headers(), self.peer_window)
         stream.attach(receiver)
         if self.closed:
             stream.closed = True
