@@ -55,8 +55,9 @@ class IStream(IPushProducer, IConsumer):
     """
 
     head: StreamHead = Attribute(
-        "What the stream is about, as the edge opened it (on the edge, without"
-        " its header fields once the agent has them)."
+        "What the stream is about, as the edge opened it; once its header fields"
+        " are sent on (the edge's Open, an agent's upgrade request), a head"
+        " without them may replace it."
     )
 
     def attach(receiver: IStreamReceiver) -> None:

@@ -163,6 +163,9 @@ class _UpgradeRelay:
             self._fail(Reason.BAD_REQUEST, f"request cannot be sent upstream: {error}")
             return
         self._request = pieces
+        # The request is built: a WebSocket held open for hours need not
+        # keep its header fields (about 1 KiB) all that time.
+        self._stream.head = head.without_headers()
         # Hold the client's bytes at the edge until the upstream is there.
         self._stream.pauseProducing()
         pool = self._pool
