@@ -301,6 +301,14 @@ class _Exchange:
             "target": self.target, "peer": self.protocol._peer,
         }
 
+    def arm(self, delay: float, expire: Callable[[], None]) -> None:
+        """The connection's timer calls C{expire} in C{delay} seconds."""
+        self.protocol._arm(delay, expire)
+
+    def disarm(self) -> None:
+        """The connection's timer is cancelled."""
+        self.protocol._cancel_timer()
+
     # -- IPushProducer (the reply towards the public socket) ---------------
 
     def pauseProducing(self) -> None:
@@ -928,7 +936,8 @@ class PublicHTTPProtocol(Protocol):
             self._answer(502, Reason.UPSTREAM_ERROR.value, Reason.UPSTREAM_ERROR.description)
             return
         exchange.response_started = True
-        self._cancel_timer()
+        # The connection's timer is not cancelled (a cancelled call stays in
+        # the reactor's heap until its time): the raw phase re-arms it.
         self._upgraded = upgraded = UpgradedConnection(
             socket=self._socket,
             stream=stream,

@@ -21,10 +21,11 @@ frame: RFC 6455 section 5.5.3 allows unsolicited Pongs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 from typing import Protocol as TypingProtocol
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from tunneld.edge.websocket_frames import FrameTracker, close_frame, ping_frame
@@ -76,6 +77,13 @@ class _Owner(TypingProtocol):
         """The log fields naming the request (method, host, target, peer)."""
         ...
 
+    def arm(self, delay: float, expire: Callable[[], None]) -> None:
+        """Call C{expire} in C{delay} seconds, instead of whatever was armed:
+        the connection's one timer, from before the switch, serves on."""
+
+    def disarm(self) -> None:
+        """Cancel whatever was armed."""
+
 
 class UpgradedConnection:
     """
@@ -87,7 +95,7 @@ class UpgradedConnection:
     __slots__ = (
         "_socket", "_stream", "_clock", "_idle_timeout", "_ping_interval", "_owner",
         "frames", "_answer", "live", "read_done", "write_done", "closing",
-        "_last_activity", "_timer",
+        "_last_activity",
     )
 
     log = Logger()
@@ -118,7 +126,6 @@ class UpgradedConnection:
         self.write_done = False  # the stream ended: half-closed towards the client
         self.closing = False  # the tunnel ended it; waiting for the socket to go
         self._last_activity = clock.seconds()
-        self._timer: IDelayedCall | None = None
         self._schedule()
 
     # -- from the client ------------------------------------------------------
@@ -233,12 +240,12 @@ class UpgradedConnection:
         # closes the TCP connection first once both Close frames are out.
         self._answer = FrameTracker()
         self._socket.resumeProducing()
-        self._timer = self._clock.callLater(CLOSE_LINGER, self._linger_over)
+        self._owner.arm(CLOSE_LINGER, self._linger_over)
 
     def _linger_over(self) -> None:
         self._answer = None
         self._socket.loseConnection()
-        self._timer = self._clock.callLater(CLOSE_LINGER, self._socket.abortConnection)
+        self._owner.arm(CLOSE_LINGER, self._socket.abortConnection)
 
     def _done(self) -> None:
         """Both directions ended in order."""
@@ -257,10 +264,9 @@ class UpgradedConnection:
         if self._ping_interval:
             deadline = min(deadline, self._last_activity + self._ping_interval)
             deadline = max(deadline, now + self._ping_interval / 10)
-        self._timer = self._clock.callLater(max(0.0, deadline - now), self._tick)
+        self._owner.arm(max(0.0, deadline - now), self._tick)
 
     def _tick(self) -> None:
-        self._timer = None
         if not self.live:
             return
         idle = self._clock.seconds() - self._last_activity
@@ -281,11 +287,9 @@ class UpgradedConnection:
             self._socket.write(ping_frame(b"tunneld"))
             # The client's Pong counts as traffic; until then, ping again
             # one interval later.
-            self._timer = self._clock.callLater(self._ping_interval, self._tick)
+            self._owner.arm(self._ping_interval, self._tick)
             return
         self._schedule()
 
     def _cancel_timer(self) -> None:
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._owner.disarm()
