@@ -121,6 +121,13 @@ class _UpgradeRelay:
     registered on the upstream socket (a full socket pauses the stream).
     """
 
+    # One per tunneled WebSocket the agent holds, often for hours.
+    __slots__ = (
+        "_pool", "_stream", "_parser", "_conn", "_sock", "_connecting", "_request",
+        "_pending", "_client_ended", "_switched", "_declined", "_upstream_ended", "_done",
+        "_timer",
+    )
+
     log = Logger()
 
     def __init__(self, pool: _Pool, stream: IStream) -> None:
