@@ -578,8 +578,10 @@ class GrpcStream:
     def answered_by_peer(self) -> None:
         if not self.answered:
             self.answered = True
-            # No replay will need the Open again (edge side only).
-            self.head = self.head.without_headers()
+            # No replay will need the Open again (edge side only); a stream
+            # that may be held for hours keeps no header fields.
+            if self.head.kind != "http":
+                self.head = self.head.without_headers()
         self._replay = None
 
     def deliver(self, name: str, *args: Any) -> None:

@@ -10,7 +10,7 @@ form of C{proto/tunnel.proto}).  Nothing here knows about bytes on a wire.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from tunneld.reasons import Reason
 
@@ -106,7 +106,11 @@ class StreamHead:
         agent has them (a WebSocket held open for hours need not hold its
         request's headers, about 1 KiB, all that time).
         """
-        return replace(self, headers=()) if self.headers else self
+        if not self.headers:
+            return self
+        return StreamHead(
+            self.kind, self.tunnel, self.method, self.target, (), self.peer, self.scheme
+        )
 
 
 @dataclass(frozen=True, slots=True)
