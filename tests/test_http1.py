@@ -613,6 +613,19 @@ class PublicHTTPTests(unittest.TestCase):
         await client.until(lambda: client.received.endswith(ping))
         self.assertTrue(client.received.endswith(b"x" * 128 + ping))
 
+    async def test_idle_websocket_runs_on_the_connections_one_timer(self) -> None:
+        """An idle WebSocket holds one delayed call (its connection's, re-armed past the header timeout) and gets a Close frame at idle_timeout."""
+        client, stream = await self.websocket(settings=PublicHTTPSettings(idle_timeout=60))
+        await stream.until(lambda: stream.body() == b"early")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(59)
+        self.assertIsNone(stream.reset_with)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(1)
+        self.assertEqual(stream.reset_with[0] if stream.reset_with else None, Reason.IDLE_TIMEOUT)
+        text = close_text(Reason.IDLE_TIMEOUT).encode()
+        await client.until(lambda: text in client.received)
+
     async def test_h2c_upgrade_offer_is_ignored(self) -> None:
         """An offer to upgrade to h2c is served as plain HTTP/1.1, without the upgrade headers."""
         client = await self.serve()

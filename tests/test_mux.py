@@ -243,6 +243,15 @@ class StreamTests(SynchronousTestCase):
         self.assertEqual(self.pair.edge.active_streams(), 1)
         self.assertEqual(self.pair.agent.active_streams(), 1)
 
+    def test_edge_stream_keeps_no_header_fields(self) -> None:
+        """The agent gets the head's header fields; the edge's stream, its Open sent, holds the head without them."""
+        head = StreamHead(kind="upgrade", tunnel="a.test", method="GET", target="/ws",
+                          headers=((b"upgrade", b"websocket"),), peer="192.0.2.1:5000")
+        stream, _, remote, _ = self.pair.open(head)
+        self.assertEqual(remote.head, head)
+        self.assertEqual(stream.head, head.without_headers())
+        self.assertEqual(stream.head.headers, ())
+
     def test_stream_ids_are_odd_and_ascending(self) -> None:
         """The edge numbers its streams 1, 3, 5, ..."""
         ids = [self.pair.edge.open_stream(HEAD, Receiver()).stream_id for _ in range(3)]  # type: ignore[attr-defined]

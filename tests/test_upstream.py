@@ -563,7 +563,7 @@ class UpstreamPoolTests(TestCase):
         self.assert_reset(stream, Reason.UPSTREAM_ERROR, "mid-response")
 
     async def test_upgrade_switches_to_a_pipe(self) -> None:
-        """An upgrade stream gets its own connection; the 101 is relayed, then bytes flow raw and half-closes map to ends."""
+        """An upgrade stream gets its own connection (its head let go of its header fields once sent); the 101 is relayed, then bytes flow raw and half-closes map to ends."""
         # Not wrapped (a ProtocolWrapper would hide the upstream's half-close support).
         factory = Factory.forProtocol(SwitchingUpstream)
         factory.lost = Deferred()
@@ -582,6 +582,7 @@ class UpstreamPoolTests(TestCase):
         self.assertIn(b"upgrade", names)
         self.assertNotIn(b"connection", names)
         self.assertFalse(hasattr(stream.receiver, "_parser"), "the switched relay keeps its parser")
+        self.assertEqual(stream.head.headers, (), "the stream keeps the request's header fields")
         stream.send(b"\x00raw\r\n\r\n")
         await until(lambda: stream.body == b"early\x00raw\r\n\r\n")
         stream.send_end()  # the client half-closed: the upstream sees EOF and says bye

@@ -54,7 +54,11 @@ class IStream(IPushProducer, IConsumer):
     C{stopProducing} resets the stream with C{cancelled}.
     """
 
-    head: StreamHead = Attribute("What the stream is about, as the edge opened it.")
+    head: StreamHead = Attribute(
+        "What the stream is about, as the edge opened it; once its header fields"
+        " are sent on (the edge's Open, an agent's upgrade request), a head"
+        " without them may replace it."
+    )
 
     def attach(receiver: IStreamReceiver) -> None:
         """Say who takes incoming events (the agent does this on accepting)."""

@@ -121,6 +121,13 @@ class _UpgradeRelay:
     registered on the upstream socket (a full socket pauses the stream).
     """
 
+    # One per tunneled WebSocket the agent holds, often for hours.
+    __slots__ = (
+        "_pool", "_stream", "_parser", "_conn", "_sock", "_connecting", "_request",
+        "_pending", "_client_ended", "_switched", "_declined", "_upstream_ended", "_done",
+        "_timer",
+    )
+
     log = Logger()
 
     def __init__(self, pool: _Pool, stream: IStream) -> None:
@@ -163,6 +170,9 @@ class _UpgradeRelay:
             self._fail(Reason.BAD_REQUEST, f"request cannot be sent upstream: {error}")
             return
         self._request = pieces
+        # The request is built: a WebSocket held open for hours need not
+        # keep its header fields (about 1 KiB) all that time.
+        self._stream.head = head.without_headers()
         # Hold the client's bytes at the edge until the upstream is there.
         self._stream.pauseProducing()
         pool = self._pool

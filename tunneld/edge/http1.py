@@ -283,6 +283,35 @@ class _Exchange:
         if self.live:
             self.protocol._stream_reset(self, reason, message)
 
+    # -- after a protocol switch (the owner of an UpgradedConnection) -------
+
+    def finish(self) -> None:
+        """The raw phase is over: unhook the stream from the socket, both ways."""
+        self.protocol._finish(self)
+
+    def unhook_reply(self) -> None:
+        """The stream will send no more: it stops being the socket's producer."""
+        self.protocol._reply_done(self)
+
+    def unhook_upload(self) -> None:
+        """The client will send no more: the socket stops being the stream's producer."""
+        self.protocol._upload_done(self)
+
+    def label(self) -> dict[str, Any]:
+        """The log fields naming this request."""
+        return {
+            "method": self.method.decode("latin-1"), "host": self.host,
+            "target": self.target, "peer": self.protocol._peer,
+        }
+
+    def arm(self, delay: float, expire: Callable[[], None]) -> None:
+        """The connection's timer calls C{expire} in C{delay} seconds."""
+        self.protocol._arm(delay, expire)
+
+    def disarm(self) -> None:
+        """The connection's timer is cancelled."""
+        self.protocol._cancel_timer()
+
     # -- IPushProducer (the reply towards the public socket) ---------------
 
     def pauseProducing(self) -> None:
@@ -917,7 +946,8 @@ class PublicHTTPProtocol(Protocol):
             self._answer(502, Reason.UPSTREAM_ERROR.value, Reason.UPSTREAM_ERROR.description)
             return
         exchange.response_started = True
-        self._cancel_timer()
+        # The connection's timer is not cancelled (a cancelled call stays in
+        # the reactor's heap until its time): the raw phase re-arms it.
         self._upgraded = upgraded = UpgradedConnection(
             socket=self._socket,
             stream=stream,
@@ -925,13 +955,7 @@ class PublicHTTPProtocol(Protocol):
             clock=self._clock,
             idle_timeout=self._settings.idle_timeout,
             ping_interval=self._settings.websocket_ping_interval,
-            label={
-                "method": exchange.method.decode("latin-1"), "host": exchange.host,
-                "target": exchange.target, "peer": self._peer,
-            },
-            finish=lambda: self._finish(exchange),
-            unhook_reply=lambda: self._reply_done(exchange),
-            unhook_upload=lambda: self._upload_done(exchange),
+            owner=exchange,
         )
         exchange.upgraded = upgraded
         self._upgraded_set.add(self)
@@ -946,6 +970,9 @@ class PublicHTTPProtocol(Protocol):
         if pieces:
             self._socket.writeSequence(pieces)
         early, _ = self._conn.trailing_data
+        # HTTP is over on this connection: its parser (~0.8 KiB) goes, and
+        # nothing past this point may use it.
+        del self._conn
         if early:
             upgraded.client_data(bytes(early))
         self._resume(_PIPELINE)

@@ -87,6 +87,10 @@ class _CountingStream:
     def head(self) -> StreamHead:
         return self._stream.head
 
+    @head.setter
+    def head(self, head: StreamHead) -> None:
+        self._stream.head = head
+
     def _done(self) -> None:
         if self._receiver is not None:
             self._receiver._done()

@@ -45,13 +45,15 @@ class Slots:
     __slots__ = ("_slots",)
 
     def __init__(self, slots: Iterable[Releasable] = ()) -> None:
-        self._slots = list(slots)
+        # A tuple: one block, where a list takes two (held per connection
+        # and per exchange, so by every idle WebSocket).
+        self._slots = tuple(slots)
 
     def add(self, slot: Releasable) -> None:
-        self._slots.append(slot)
+        self._slots += (slot,)
 
     def release(self) -> None:
-        slots, self._slots = self._slots, []
+        slots, self._slots = self._slots, ()
         for slot in slots:
             slot.release()
 

@@ -578,7 +578,12 @@ class GrpcStream:
         return replay
 
     def answered_by_peer(self) -> None:
-        self.answered = True
+        if not self.answered:
+            self.answered = True
+            # No replay will need the Open again (edge side only); a stream
+            # that may be held for hours keeps no header fields.
+            if self.head.kind != "http":
+                self.head = self.head.without_headers()
         self._replay = None
 
     def deliver(self, name: str, *args: Any) -> None:

@@ -100,6 +100,18 @@ class StreamHead:
     peer: str = ""
     scheme: str = "http"
 
+    def without_headers(self) -> StreamHead:
+        """
+        This head less its header fields: what the edge keeps once the
+        agent has them (a WebSocket held open for hours need not hold its
+        request's headers, about 1 KiB, all that time).
+        """
+        if not self.headers:
+            return self
+        return StreamHead(
+            self.kind, self.tunnel, self.method, self.target, (), self.peer, self.scheme
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class ReplyHead:

@@ -461,7 +461,10 @@ class FrameLink:
         """
         stream_id = self._next_id
         self._next_id += 2
-        stream = FrameStream(self, stream_id, head, self.peer_window)
+        # The Open is sent at once: a stream that may be held for hours (an
+        # upgrade, TCP) keeps no header fields; a plain exchange is short.
+        kept = head if head.kind == "http" else head.without_headers()
+        stream = FrameStream(self, stream_id, kept, self.peer_window)
         stream.attach(receiver)
         if self.closed:
             stream.closed = True
