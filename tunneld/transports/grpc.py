@@ -104,6 +104,8 @@ MIB = 1024 * 1024
 _MESSAGE_OVERHEAD = 32
 # Bytes an edge stream remembers so that an Open crossing a retired call can be replayed.
 _REPLAY_LIMIT = 256 * 1024
+# Frame(end=End()) of stream 0: how almost every stream ends, read without protobuf.
+_BARE_END = codec.end_bytes(0)
 # Seconds a closing connection may take to flush before it is aborted.
 _CLOSE_GRACE = 5.0
 # Seconds a closing link keeps reading (and dropping) what the peer still sends.
@@ -1133,6 +1135,9 @@ class GrpcLink(Protocol):
                 if isinstance(payload, bytes):
                     self.forward_data(call, payload)
                     continue
+                if forward and payload == _BARE_END:
+                    self.forward_end(call, ())
+                    continue
                 data = _data_payload(payload) if forward else None
                 if data is not None:
                     self.forward_data(call, data)
@@ -1237,6 +1242,10 @@ class GrpcLink(Protocol):
 
     def forward_data(self, call: _Call, data: bytes) -> None:
         """A C{Data} message on a Forward call, read without protobuf (see L{_data_payload})."""
+        raise NotImplementedError
+
+    def forward_end(self, call: _Call, trailers: Headers) -> None:
+        """An C{End} message on a Forward call."""
         raise NotImplementedError
 
     def call_broken(self, call: _Call, status: GrpcStatus, message: str) -> None:
@@ -1669,15 +1678,23 @@ class EdgeGrpcLink(GrpcLink):
         elif kind == "reply":
             stream.deliver("reply_received", codec.reply_from(frame))
         elif kind == "end":
-            stream.remote_end(codec.trailers_from(frame))
-            if stream.local_ended:
-                self._stream_done(call, stream)
+            self._remote_end(call, stream, codec.trailers_from(frame))
         elif kind == "reset":
             reason, message = codec.reset_from(frame)
             stream.remote_reset(reason, message)
             self._finish(call, GrpcStatus.OK)
         else:
             raise FrameError(f"an agent may not send {kind} on a Forward call")
+
+    def forward_end(self, call: _Call, trailers: Headers) -> None:
+        stream = self._receiving(call)
+        if stream is not None:
+            self._remote_end(call, stream, trailers)
+
+    def _remote_end(self, call: _Call, stream: GrpcStream, trailers: Headers) -> None:
+        stream.remote_end(trailers)
+        if stream.local_ended:
+            self._stream_done(call, stream)
 
     def stream_local_end(self, stream: GrpcStream) -> None:
         call = stream.call
@@ -1968,9 +1985,7 @@ class AgentGrpcLink(GrpcLink):
         if kind == "data":
             stream.deliver("data_received", frame.data.data)
         elif kind == "end":
-            stream.remote_end(codec.trailers_from(frame))
-            if call.reuse and stream.local_ended:
-                self._stream_done(call, stream)
+            self._remote_end(call, stream, codec.trailers_from(frame))
         elif kind == "reset":
             reason, message = codec.reset_from(frame)
             stream.remote_reset(reason, message)
@@ -1978,6 +1993,23 @@ class AgentGrpcLink(GrpcLink):
             self.end_request(call)
         else:
             raise FrameError(f"the edge may not send {kind} on a Forward call")
+
+    def forward_end(self, call: _Call, trailers: Headers) -> None:
+        stream = call.stream
+        if stream is None:
+            if call.retiring:
+                return  # the edge replays it elsewhere
+            raise FrameError("end on a Forward call before Open")
+        if stream.closed:
+            return
+        if stream.remote_ended:
+            raise FrameError("a message after End")
+        self._remote_end(call, stream, trailers)
+
+    def _remote_end(self, call: _Call, stream: GrpcStream, trailers: Headers) -> None:
+        stream.remote_end(trailers)
+        if call.reuse and stream.local_ended:
+            self._stream_done(call, stream)
 
     def refuse_call(self, call: _Call, status: GrpcStatus, message: str) -> None:
         self.idle.pop(call.stream_id, None)
