@@ -300,7 +300,7 @@ class FrameReader:
                     payload = mask(key, data[start:end])
                 else:
                     payload = bytearray(memoryview(data)[start:end])
-                    _mask_span(key, payload, None, 0, length)
+                    _unmask_in_place(key, payload)
                 self._handler.message_received(payload, True)
                 pos = end
                 continue
