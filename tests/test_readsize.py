@@ -29,6 +29,12 @@ class ReadSizeTests(SynchronousTestCase):
         self.assertEqual((size.size, sock.bufferSize), (SMALLEST, SMALLEST))
         self.assertNotIn("bufferSize", vars(sock))
 
+    def test_sends_up_to_largest(self) -> None:
+        """A plain TCP socket sends up to 1 MiB per call, not Twisted's 128 KiB."""
+        sock = _Socket()
+        ReadSize(sock)
+        self.assertEqual((sock.SEND_LIMIT, Connection.SEND_LIMIT), (LARGEST, 128 * 1024))
+
     def test_small_reads_change_nothing(self) -> None:
         """Reads below the size leave it at 64 KiB."""
         sock = _Socket()
@@ -80,6 +86,7 @@ class ReadSizeTests(SynchronousTestCase):
             size.read(SMALLEST)
             self.assertEqual(size.size, SMALLEST)
             self.assertNotIn("bufferSize", vars(transport))
+            self.assertNotIn("SEND_LIMIT", vars(transport))
 
     def test_tls_on_a_tcp_socket_is_left_alone(self) -> None:
         """A TCP socket that has started TLS keeps Twisted's default."""
@@ -89,3 +96,4 @@ class ReadSizeTests(SynchronousTestCase):
         size.read(SMALLEST)
         self.assertEqual(size.size, SMALLEST)
         self.assertNotIn("bufferSize", vars(sock))
+        self.assertNotIn("SEND_LIMIT", vars(sock))

@@ -70,6 +70,7 @@ from tunneld.interfaces import (
     ITransportPlugin,
 )
 from tunneld.listening import ListeningService
+from tunneld.readsize import ReadSize
 from tunneld.reasons import Reason
 from tunneld.schema import non_negative, parse_table, positive, setting
 from tunneld.wire import codec
@@ -697,6 +698,7 @@ class GrpcLink(Protocol):
             )
         )
         self._conn_unacked = 0
+        self._read_size = ReadSize(None)  # the socket's, once connected
         self._batching = False
         self._dirty: list[_Call] = []
         self._turn: Any = None
@@ -805,6 +807,7 @@ class GrpcLink(Protocol):
         except Exception:  # noqa: BLE001 -- not every transport is TCP
             pass
         self.transport.registerProducer(SocketCongestion(self), True)
+        self._read_size = ReadSize(self.transport)
         conn = self.conn
         conn.initiate_connection()
         # Applied (windows, frame size) when the peer acknowledges them.
@@ -822,6 +825,7 @@ class GrpcLink(Protocol):
         if self.closed:
             return
         self.heartbeat.heard()
+        self._read_size.read(len(data))
         try:
             events = self.conn.receive_data(data)
         except H2ProtocolError as e:
