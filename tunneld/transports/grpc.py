@@ -827,7 +827,7 @@ class GrpcLink(Protocol):
         self.heartbeat.heard()
         self._read_size.read(len(data))
         try:
-            events = self.conn.receive_data(data)
+            events = self.conn.receive_frames(data)
         except H2ProtocolError as e:
             self.protocol_error(f"HTTP/2: {e}")
             return
@@ -836,6 +836,10 @@ class GrpcLink(Protocol):
             for event in events:
                 if self.closed:
                     break
+                if type(event) is tuple:
+                    stream_id, payload = event
+                    self._data(stream_id, payload, len(payload))
+                    continue
                 name = self._event_handlers.get(type(event))
                 if name is not None:
                     getattr(self, name)(event)
@@ -1106,7 +1110,10 @@ class GrpcLink(Protocol):
             pass
 
     def _on_data(self, event: h2events.DataReceived) -> None:
-        size = event.flow_controlled_length
+        self._data(event.stream_id, event.data, event.flow_controlled_length)
+
+    def _data(self, stream_id: int, chunk: bytes, size: int) -> None:
+        """A DATA frame's payload, C{size} bytes of the windows with its padding."""
         # The connection window comes back at once: a stalled stream holds only
         # its own window, never the whole link.
         self._conn_unacked += size
@@ -1116,7 +1123,7 @@ class GrpcLink(Protocol):
             except H2ProtocolError:
                 pass
             self._conn_unacked = 0
-        call = self.calls.get(event.stream_id)
+        call = self.calls.get(stream_id)
         if call is None:
             return
         call.unacked += size
@@ -1126,7 +1133,7 @@ class GrpcLink(Protocol):
             self.ack_call(call)
             return
         try:
-            messages = self._split_messages(call, event.data)
+            messages = self._split_messages(call, chunk)
         except _CallError as e:
             call.broken = True
             self.call_broken(call, e.status, str(e))
