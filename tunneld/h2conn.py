@@ -145,6 +145,7 @@ _DATA_HEADER = struct.Struct(">HBBBL")
 _END_STREAM = 0x1
 _OPEN_CONNECTION = (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN)
 _RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
+_SENDING = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
 
 
 class LeanH2Connection(H2Connection):
@@ -236,25 +237,42 @@ class LeanH2Connection(H2Connection):
         return events
 
     def send_data_parts(
-        self, stream_id: int, parts: Sequence[bytes], end_stream: bool = False
+        self, stream_id: int, parts: Sequence[bytes], end_stream: bool = False,
+        size: int | None = None,
     ) -> None:
         """
         C{send_data(stream_id, b"".join(parts), end_stream)} without the
         join, nor h2's copies of the payload into its output buffer: the
         parts go out as they are, after a DATA frame header.  The same
         checks, state changes and window accounting as h2's C{send_data}.
+        C{size}, if given, is the parts' total length.
+
+        In the states where sending DATA without END_STREAM changes nothing
+        (an open connection; an open stream, or one half-closed by the peer)
+        the state machines are not consulted.
         """
-        size = sum(len(part) for part in parts)
-        window = self.local_flow_control_window(stream_id)
+        if size is None:
+            size = sum(map(len, parts))
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            # Let h2 say why (closed, never opened): it raises.
+            window = self.local_flow_control_window(stream_id)
+        else:
+            window = min(self.outbound_flow_control_window, stream.outbound_flow_control_window)
         if size > window:
             raise FlowControlError(f"Cannot send {size} bytes, flow control window is {window}")
         if size > self.max_outbound_frame_size:
             raise FrameTooLargeError(
                 f"Cannot send frame size {size}, max frame size is {self.max_outbound_frame_size}"
             )
-        self.state_machine.process_input(ConnectionInputs.SEND_DATA)
-        stream = self.streams[stream_id]
-        stream.state_machine.process_input(StreamInputs.SEND_DATA)
+        assert stream is not None
+        if (
+            end_stream
+            or self.state_machine.state not in _OPEN_CONNECTION
+            or stream.state_machine.state not in _SENDING
+        ):
+            self.state_machine.process_input(ConnectionInputs.SEND_DATA)
+            stream.state_machine.process_input(StreamInputs.SEND_DATA)
         flags = 0
         if end_stream:
             stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
@@ -269,6 +287,19 @@ class LeanH2Connection(H2Connection):
             _DATA_HEADER.pack(size >> 8, size & 0xFF, 0, flags, stream_id & 0x7FFFFFFF)
         )
         chunks.extend(parts)
+
+    def send_room(self, stream_id: int) -> int:
+        """
+        How many bytes one DATA frame on the stream may carry now: the
+        smaller of the two windows and the peer's frame size.  Raises as
+        C{local_flow_control_window} does for a stream that is not open.
+        """
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            window = self.local_flow_control_window(stream_id)
+        else:
+            window = min(self.outbound_flow_control_window, stream.outbound_flow_control_window)
+        return min(window, self.max_outbound_frame_size)
 
     def chunks_to_send(self) -> list[bytes]:
         """What L{data_to_send} would return, as the pieces it would join."""

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import quote, unquote
@@ -105,6 +105,9 @@ MIB = 1024 * 1024
 _MESSAGE_OVERHEAD = 32
 # Bytes an edge stream remembers so that an Open crossing a retired call can be replayed.
 _REPLAY_LIMIT = 256 * 1024
+# What one flush writes is joined here below this size (small messages):
+# Twisted's writeSequence checks each piece, then joins them too.
+_JOIN_BELOW = 16 * 1024
 # Frame(end=End()) of stream 0: how almost every stream ends, read without protobuf.
 _BARE_END = codec.end_bytes(0)
 # Seconds a closing connection may take to flush before it is aborted.
@@ -247,18 +250,30 @@ def _data_head(message: memoryview, length: int) -> int | None:
     """
     if len(message) < 2 or message[0] != 0x32:
         return None
-    field = _varint_at(message, 1)
-    if field is None or sum(field) != length:
+    # Varints of one byte (small messages) are read here, longer ones by _varint_at.
+    inner, pos = message[1], 2
+    if inner >= 0x80:
+        field = _varint_at(message, 1)
+        if field is None:
+            return None
+        inner, pos = field
+    if inner + pos != length:
         return None
-    inner, pos = field
     if not inner:
         return pos
     if pos >= len(message) or message[pos] != 0x0A:
         return None
-    data = _varint_at(message, pos + 1)
-    if data is None or sum(data) != length:
+    pos += 1
+    if pos < len(message) and message[pos] < 0x80:
+        size, pos = message[pos], pos + 1
+    else:
+        data = _varint_at(message, pos)
+        if data is None:
+            return None
+        size, pos = data
+    if size + pos != length:
         return None
-    return data[1]
+    return pos
 
 
 def _data_payload(message: memoryview) -> bytes | None:
@@ -541,9 +556,8 @@ class GrpcStream:
         call = self.call
         return call is None or call.blocked or self.link.sending_paused
 
-    def _send(self, pieces: Iterable[bytes]) -> None:
-        pieces = list(pieces)
-        size = sum(len(p) for p in pieces)
+    def _send(self, pieces: Sequence[bytes]) -> None:
+        size = sum(map(len, pieces))
         call = self.call
         if call is None:
             self._held.extend(pieces)
@@ -555,7 +569,8 @@ class GrpcStream:
                 if self._replay_size > _REPLAY_LIMIT:
                     self._replay = None
             self.link.enqueue(call, pieces)
-        pending = self.pending()
+        call = self.call
+        pending = self._held_size + (call.out_size if call is not None else 0)
         if pending > self.link.max_pending:
             self.link.log.warn(
                 "stream on {peer} saturated: {size} bytes pending",
@@ -570,7 +585,7 @@ class GrpcStream:
         return held
 
     def start_replay_log(self, pieces: list[bytes]) -> None:
-        size = sum(len(p) for p in pieces)
+        size = sum(map(len, pieces))
         if size <= _REPLAY_LIMIT:
             self._replay, self._replay_size = list(pieces), size
         else:
@@ -882,7 +897,10 @@ class GrpcLink(Protocol):
                 if call.outbox and not call.blocked and not self.sending_paused:
                     self.flush_call(call)
         chunks = self.conn.chunks_to_send()
-        if chunks:
+        if len(chunks) > 1 and sum(map(len, chunks)) <= _JOIN_BELOW:
+            # Twisted would check each piece and join them anyway.
+            self.transport.write(b"".join(chunks))
+        elif chunks:
             self.transport.writeSequence(chunks)
 
     def protocol_error(self, message: str) -> None:
@@ -965,12 +983,17 @@ class GrpcLink(Protocol):
             return
         try:
             while outbox:
-                window = conn.local_flow_control_window(sid)
-                if window <= 0:
+                budget = conn.send_room(sid)
+                if budget <= 0:
                     break
-                budget = min(window, conn.max_outbound_frame_size)
-                parts: list[bytes] = []
-                taken = 0
+                if not call.out_offset and call.out_size <= budget:
+                    # All of it fits in one frame (the usual case).
+                    parts = list(outbox)
+                    taken = call.out_size
+                    outbox.clear()
+                else:
+                    parts = []
+                    taken = 0
                 while outbox and taken < budget:
                     piece = outbox[0]
                     offset = call.out_offset
@@ -986,7 +1009,7 @@ class GrpcLink(Protocol):
                         call.out_offset = offset + room
                         taken += room
                 last = call.end_after and not outbox
-                conn.send_data_parts(sid, parts, end_stream=last)
+                conn.send_data_parts(sid, parts, end_stream=last, size=taken)
                 call.out_size -= taken
                 if last:
                     call.end_after = False
@@ -1194,8 +1217,11 @@ class GrpcLink(Protocol):
             pos += missing
             out.append(memoryview(bytes(inbox))[5:])
             inbox.clear()
+        max_message = self.max_message
         while total - pos >= 5:
-            length = self._message_length(buf, pos)
+            length = int.from_bytes(buf[pos + 1 : pos + 5], "big")
+            if buf[pos] or length > max_message:
+                self._message_length(buf, pos)  # raises why
             end = pos + 5 + length
             if end > total:
                 if call.kind == "forward":
@@ -1669,7 +1695,8 @@ class EdgeGrpcLink(GrpcLink):
             raise FrameError("a message on a Forward call before its Open")
         if stream.closed:
             return None
-        stream.answered_by_peer()
+        if not stream.answered or stream._replay is not None:
+            stream.answered_by_peer()
         if stream.remote_ended:
             raise FrameError("a message after End")
         return stream
