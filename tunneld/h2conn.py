@@ -32,8 +32,9 @@ __all__ = ["DataArrived", "LeanH2Connection"]
 
 # A DATA frame that L{LeanH2Connection.receive_frames} took on its fast path:
 # the stream's id and the payload (no padding, no END_STREAM, so the length
-# that flow control counted is the payload's).
-DataArrived = tuple[int, bytes]
+# that flow control counted is the payload's).  A memoryview is a view of the
+# (immutable) bytes read: valid as long as it is kept.
+DataArrived = tuple[int, "bytes | memoryview"]
 
 
 def _size_repr(data: bytes) -> str:
@@ -66,11 +67,26 @@ class _FrameBuffer(FrameBuffer):
         # The DATA frame being gathered: its header, body length and chunks.
         self._gathering: DataFrame | None = None
         self._gather_length = 0
-        self._chunks: list[bytes] = []
+        self._chunks: list[bytes | bytearray | memoryview] = []
         self._chunks_size = 0
+        # What followed a gathered frame in its last chunk: read next, before
+        # anything added later.
+        self._rest: memoryview | None = None
+
+    def take_rest(self) -> memoryview | None:
+        """What followed the last gathered frame in the bytes read, if the buffer is otherwise empty."""
+        rest, self._rest = self._rest, None
+        return rest
+
+    def _restore(self) -> None:
+        rest, self._rest = self._rest, None
+        if rest is not None:
+            self._data[:0] = rest
 
     def add_data(self, data: Buffer) -> None:
         """FrameBuffer.add_data"""
+        if self._rest is not None:
+            self._restore()
         if self._gathering is None:
             super().add_data(data)
         else:
@@ -79,6 +95,8 @@ class _FrameBuffer(FrameBuffer):
             self._chunks_size += len(chunk)
 
     def __next__(self) -> Frame:
+        if self._rest is not None:
+            self._restore()
         if self._gathering is not None:
             if self._chunks_size < self._gather_length:
                 raise StopIteration
@@ -96,11 +114,13 @@ class _FrameBuffer(FrameBuffer):
         data_frame = cast(DataFrame, frame)  # frame type 0
         if len(data) < length + 9:
             if length >= _GATHER:
+                # The buffer itself becomes the first chunk: no copy.
+                del data[:9]
                 self._gathering = data_frame
                 self._gather_length = length
-                self._chunks = [bytes(data[9:])]
-                self._chunks_size = len(data) - 9
-                data.clear()
+                self._chunks = [data]
+                self._chunks_size = len(data)
+                self._data = bytearray()
             raise StopIteration
         body = memoryview(data)[9 : 9 + length]
         try:
@@ -119,8 +139,13 @@ class _FrameBuffer(FrameBuffer):
         last = chunks[-1]
         keep = len(last) - (sum(len(chunk) for chunk in chunks) - length)
         if keep < len(last):
-            self._data += memoryview(last)[keep:]
-            chunks[-1] = last[:keep]
+            rest = memoryview(last)[keep:]
+            if type(last) is bytes:
+                # What follows is left where it is (see take_rest).
+                self._rest = rest
+            else:
+                self._data += rest
+            chunks[-1] = memoryview(last)[:keep]
         body = b"".join(chunks)
         if "PADDED" in frame.flags:
             self._parse_body(frame, memoryview(body))
@@ -186,25 +211,43 @@ class LeanH2Connection(H2Connection):
         frame and event objects and the state-machine lookups (which leave
         the states as they are for such a frame) are skipped.  Every other
         frame, in order, goes through h2 unchanged, errors included.
+
+        A payload taken straight from C{data} (bytes, nothing buffered
+        before it) is a memoryview of it, not a copy.
         """
         buffer = cast(_FrameBuffer, self.incoming_buffer)
-        buffer.add_data(data)
         buffer.max_frame_size = max_size = self.max_inbound_frame_size
         events: list[Event | DataArrived] = []
         streams = self.streams
         window = self._inbound_flow_control_window_manager
         unpack = _DATA_HEADER.unpack_from
+        # With nothing buffered, frames are read straight out of the bytes
+        # read (C{view}, from C{pos}): a payload is a view of them, not a
+        # copy.  What is left from the first frame not taken on the short
+        # path goes to the buffer, and on from there.
+        view: memoryview | None = None
+        pos = 0
+        if (
+            type(data) is bytes and not buffer._data and buffer._gathering is None
+            and not buffer._preamble_len
+        ):
+            view = memoryview(data)
+        else:
+            buffer.add_data(data)
         try:
             while True:
-                raw = buffer._data
+                if view is None and buffer._rest is not None:
+                    view, pos = buffer.take_rest(), 0
+                raw: memoryview | bytearray = buffer._data if view is None else view
+                at = 0 if view is None else pos
                 if (
-                    len(raw) >= 9 and raw[3] == 0 and raw[4] == 0
+                    len(raw) - at >= 9 and raw[at + 3] == 0 and raw[at + 4] == 0
                     and buffer._gathering is None and not buffer._headers_buffer
                     and self.state_machine.state in _OPEN_CONNECTION
                 ):
-                    high, low, _, _, stream_id = unpack(raw)
+                    high, low, _, _, stream_id = unpack(raw, at)
                     length = high << 8 | low
-                    end = 9 + length
+                    end = at + 9 + length
                     stream = streams.get(stream_id & 0x7FFFFFFF)
                     if (
                         stream is not None
@@ -216,13 +259,22 @@ class LeanH2Connection(H2Connection):
                         and stream.state_machine.headers_received
                         and stream._expected_content_length is None
                     ):
-                        payload = bytes(memoryview(raw)[9:end])
-                        del raw[:end]
+                        payload: bytes | memoryview
+                        if view is None:
+                            payload = bytes(memoryview(raw)[9:end])
+                            del buffer._data[:end]
+                        else:
+                            payload = view[at + 9 : end]
+                            pos = end
                         window.current_window_size -= length
                         stream._inbound_window_manager.current_window_size -= length
                         stream._actual_content_length += length
                         events.append((stream.stream_id, payload))
                         continue
+                if view is not None:
+                    if pos < len(view):
+                        buffer.add_data(view[pos:])
+                    view = None
                 try:
                     frame = next(buffer)
                 except StopIteration:

@@ -1135,7 +1135,7 @@ class GrpcLink(Protocol):
     def _on_data(self, event: h2events.DataReceived) -> None:
         self._data(event.stream_id, event.data, event.flow_controlled_length)
 
-    def _data(self, stream_id: int, chunk: bytes, size: int) -> None:
+    def _data(self, stream_id: int, chunk: bytes | memoryview, size: int) -> None:
         """A DATA frame's payload, C{size} bytes of the windows with its padding."""
         # The connection window comes back at once: a stalled stream holds only
         # its own window, never the whole link.
@@ -1185,7 +1185,7 @@ class GrpcLink(Protocol):
         if stream is None or not stream.consumer_paused:
             self.ack_call(call)
 
-    def _split_messages(self, call: _Call, data: bytes) -> list[memoryview | bytes]:
+    def _split_messages(self, call: _Call, data: bytes | memoryview) -> list[memoryview | bytes]:
         """
         Whole gRPC messages out of a call's bytes, as views of them, and (as
         bytes) the pieces of a C{Data} message's payload that spans DATA
