@@ -212,9 +212,13 @@ class DataFrameReaderTests(SynchronousTestCase):
 
 
 def arrived(events: list[Any]) -> list[tuple[Any, ...]]:
-    """summary() of receive_frames' events, its DataArrived pairs read as h2 would report them."""
+    """summary() of receive_frames' events, its DataArrived ones read as h2 would report them."""
     return summary([
-        h2events.DataReceived(stream_id=e[0], data=e[1], flow_controlled_length=len(e[1]))
+        h2events.DataReceived(
+            stream_id=e[0],
+            data=b"".join(e[1]) if isinstance(e[1], list) else bytes(e[1]),
+            flow_controlled_length=e[2],
+        )
         if isinstance(e, tuple) else e
         for e in events
     ])
@@ -343,12 +347,23 @@ class DataMessageTests(SynchronousTestCase):
 
 
 class SplitMessagesTests(SynchronousTestCase):
-    def read(self, link: EdgeGrpcLink, frames: list[bytes]) -> list[tuple[str, bytes]]:
-        """What a Forward call reads from these DATA frames: runs of data, and other messages."""
+    def read(
+        self, link: EdgeGrpcLink, frames: list[bytes], pieces: int = 0
+    ) -> list[tuple[str, bytes]]:
+        """
+        What a Forward call reads from these DATA frames: runs of data, and
+        other messages.  With C{pieces}, each frame comes as that many pieces
+        (a frame gathered from several reads).
+        """
         call = _Call(1, "forward")
         out: list[tuple[str, bytes]] = []
         for frame in frames:
-            for item in link._split_messages(call, frame):
+            given: Any = frame
+            if pieces:
+                step = -(-len(frame) // pieces) or 1
+                given = [memoryview(frame)[i : i + step] for i in range(0, len(frame), step)]
+                given = given or [b""]
+            for item in link._split_messages(call, given):
                 data = item if isinstance(item, bytes) else _data_payload(item)
                 if data is None:
                     out.append(("message", bytes(item)))
@@ -379,6 +394,26 @@ class SplitMessagesTests(SynchronousTestCase):
                     self.read(link, [wire[:a], wire[a:b], wire[b:]]), expected, (a, b)
                 )
         self.assertEqual(self.read(link, [wire[i : i + 1] for i in range(len(wire))]), expected)
+
+    def test_gathered_frames_read_alike(self) -> None:
+        """DATA frames given as the pieces of several reads read as the same frames whole."""
+        link = EdgeGrpcLink(
+            GrpcEdgeOptions(), EdgeLinkSetup(on_link=lambda link: None, reactor=Clock())
+        )
+        big, small = pattern(40_000, seed=3), pattern(300, seed=4)
+        end = codec.end_bytes(0, ())
+        wire = b"".join([*data_message(big), *data_message(small), grpc_message(end)])
+        expected = [("data", big + small), ("message", end)]
+        for cut in (1, 9, 17, 5_000, 40_010, 40_020, len(wire) - 3):
+            for pieces in (1, 2, 3, 7):
+                self.assertEqual(
+                    self.read(link, [wire[:cut], wire[cut:]], pieces), expected, (cut, pieces)
+                )
+        alone = b"".join(data_message(big))
+        for pieces in (2, 5):
+            self.assertEqual(
+                self.read(link, [alone[:30_000], alone[30_000:]], pieces), [("data", big)]
+            )
 
 
 class SmallWindowTests(TestCase):

@@ -464,7 +464,7 @@ class GrpcTransportTests(TestCase):
         await receiver.done
         self.assertEqual(receiver.data, b"first second")
         self.assertEqual(receiver.trailers, ((b"x-done", b"1"),))
-        # A DATA frame arrives as a DataArrived pair (the short path) or as h2's event.
+        # A DATA frame arrives as DataArrived (the short path) or as h2's event.
         mine = [
             "DATA" if isinstance(e, (tuple, h2events.DataReceived)) else type(e).__name__
             for e in seen

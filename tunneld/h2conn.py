@@ -21,20 +21,22 @@ from h2.exceptions import (
     ProtocolError,
 )
 from h2.frame_buffer import FrameBuffer
-from h2.stream import StreamInputs, StreamState
+from h2.stream import H2Stream, StreamInputs, StreamState
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError, InvalidPaddingError
 from hyperframe.frame import DataFrame, Frame
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["DataArrived", "LeanH2Connection"]
+__all__ = ["DataArrived", "LeanH2Connection", "Payload"]
 
-# A DATA frame that L{LeanH2Connection.receive_frames} took on its fast path:
-# the stream's id and the payload (no padding, no END_STREAM, so the length
-# that flow control counted is the payload's).  A memoryview is a view of the
-# (immutable) bytes read: valid as long as it is kept.
-DataArrived = tuple[int, "bytes | memoryview"]
+# A DATA frame that L{LeanH2Connection.receive_frames} took on its short
+# path: the stream's id, the payload and its length (no padding, so the
+# length flow control counted).  A memoryview payload is a view of the
+# (immutable) bytes read; a frame gathered from several reads is a list of
+# the pieces that carry it, not joined.
+Payload = bytes | memoryview | list[bytes | bytearray | memoryview]
+DataArrived = tuple[int, Payload, int]
 
 
 def _size_repr(data: bytes) -> str:
@@ -131,13 +133,21 @@ class _FrameBuffer(FrameBuffer):
         del data[: 9 + length]
         return data_frame
 
-    def _gathered(self) -> DataFrame:
-        """The gathered DATA frame, whole: its chunks joined, what follows it back in the buffer."""
-        frame, length, chunks = self._gathering, self._gather_length, self._chunks
-        assert frame is not None
+    def ready(self) -> DataFrame | None:
+        """The DATA frame being gathered, if all of it has arrived."""
+        if self._gathering is not None and self._chunks_size >= self._gather_length:
+            return self._gathering
+        return None
+
+    def take_gathered(self) -> list[bytes | bytearray | memoryview]:
+        """
+        The body of the frame L{ready} returned, as the pieces of the chunks
+        that carry it, without joining them; what follows it is read next.
+        """
+        chunks, length = self._chunks, self._gather_length
         self._gathering, self._chunks, self._chunks_size = None, [], 0
         last = chunks[-1]
-        keep = len(last) - (sum(len(chunk) for chunk in chunks) - length)
+        keep = len(last) - (sum(map(len, chunks)) - length)
         if keep < len(last):
             rest = memoryview(last)[keep:]
             if type(last) is bytes:
@@ -146,7 +156,13 @@ class _FrameBuffer(FrameBuffer):
             else:
                 self._data += rest
             chunks[-1] = memoryview(last)[:keep]
-        body = b"".join(chunks)
+        return chunks
+
+    def _gathered(self) -> DataFrame:
+        """The gathered DATA frame, whole: its chunks joined, what follows it back in the buffer."""
+        frame, length = self._gathering, self._gather_length
+        assert frame is not None
+        body = b"".join(self.take_gathered())
         if "PADDED" in frame.flags:
             self._parse_body(frame, memoryview(body))
         else:
@@ -200,7 +216,7 @@ class LeanH2Connection(H2Connection):
     def receive_frames(self, data: Buffer) -> list[Event | DataArrived]:
         """
         C{receive_data(data)}, with the plain DATA frames on open streams
-        taken on a short path and returned as L{DataArrived} pairs.
+        taken on a short path and returned as L{DataArrived} triples.
 
         A DATA frame without flags (no padding, no END_STREAM), whole in the
         buffer, within the frame size limit and both flow-control windows,
@@ -219,7 +235,6 @@ class LeanH2Connection(H2Connection):
         buffer.max_frame_size = max_size = self.max_inbound_frame_size
         events: list[Event | DataArrived] = []
         streams = self.streams
-        window = self._inbound_flow_control_window_manager
         unpack = _DATA_HEADER.unpack_from
         # With nothing buffered, frames are read straight out of the bytes
         # read (C{view}, from C{pos}): a payload is a view of them, not a
@@ -253,11 +268,7 @@ class LeanH2Connection(H2Connection):
                         stream is not None
                         and len(raw) >= end
                         and length <= max_size
-                        and length <= window.current_window_size
-                        and length <= stream._inbound_window_manager.current_window_size
-                        and stream.state_machine.state in _RECEIVING
-                        and stream.state_machine.headers_received
-                        and stream._expected_content_length is None
+                        and self._can_take(stream, length)
                     ):
                         payload: bytes | memoryview
                         if view is None:
@@ -266,15 +277,22 @@ class LeanH2Connection(H2Connection):
                         else:
                             payload = view[at + 9 : end]
                             pos = end
-                        window.current_window_size -= length
-                        stream._inbound_window_manager.current_window_size -= length
-                        stream._actual_content_length += length
-                        events.append((stream.stream_id, payload))
+                        self._took(stream, length)
+                        events.append((stream.stream_id, payload, length))
                         continue
                 if view is not None:
                     if pos < len(view):
                         buffer.add_data(view[pos:])
                     view = None
+                gathered = buffer.ready()
+                if gathered is not None and not gathered.flags:
+                    stream = streams.get(gathered.stream_id)
+                    length = buffer._gather_length
+                    if stream is not None and self._can_take(stream, length):
+                        pieces = buffer.take_gathered()
+                        self._took(stream, length)
+                        events.append((stream.stream_id, pieces, length))
+                        continue
                 try:
                     frame = next(buffer)
                 except StopIteration:
@@ -287,6 +305,25 @@ class LeanH2Connection(H2Connection):
             self._terminate_connection(e.error_code)
             raise
         return events
+
+    def _can_take(self, stream: H2Stream, length: int) -> bool:
+        """Whether h2 would take a plain DATA frame of C{length} bytes on the stream without a word."""
+        machine = stream.state_machine
+        if (
+            length <= self._inbound_flow_control_window_manager.current_window_size
+            and length <= stream._inbound_window_manager.current_window_size
+            and machine.state in _RECEIVING
+            and machine.headers_received
+            and stream._expected_content_length is None
+        ):
+            return True
+        return False
+
+    def _took(self, stream: H2Stream, length: int) -> None:
+        """What h2 does on receiving such a frame: both windows shrink, the stream counts the bytes."""
+        self._inbound_flow_control_window_manager.current_window_size -= length
+        stream._inbound_window_manager.current_window_size -= length
+        stream._actual_content_length += length
 
     def send_data_parts(
         self, stream_id: int, parts: Sequence[bytes], end_stream: bool = False,

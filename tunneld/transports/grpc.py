@@ -59,7 +59,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunneld.errors import ConfigError
-from tunneld.h2conn import LeanH2Connection
+from tunneld.h2conn import LeanH2Connection, Payload
 from tunneld.interfaces import (
     AgentLinkSetup,
     EdgeLinkSetup,
@@ -105,6 +105,9 @@ MIB = 1024 * 1024
 _MESSAGE_OVERHEAD = 32
 # Bytes an edge stream remembers so that an Open crossing a retired call can be replayed.
 _REPLAY_LIMIT = 256 * 1024
+# The longest head of a Data message as data_message writes it: a tag and a
+# varint of the Data, a tag and a varint of its payload.
+_DATA_HEAD_MAX = 12
 # What one flush writes is joined here below this size (small messages):
 # Twisted's writeSequence checks each piece, then joins them too.
 _JOIN_BELOW = 16 * 1024
@@ -852,8 +855,7 @@ class GrpcLink(Protocol):
                 if self.closed:
                     break
                 if type(event) is tuple:
-                    stream_id, payload = event
-                    self._data(stream_id, payload, len(payload))
+                    self._data(*event)
                     continue
                 name = self._event_handlers.get(type(event))
                 if name is not None:
@@ -1135,7 +1137,7 @@ class GrpcLink(Protocol):
     def _on_data(self, event: h2events.DataReceived) -> None:
         self._data(event.stream_id, event.data, event.flow_controlled_length)
 
-    def _data(self, stream_id: int, chunk: bytes | memoryview, size: int) -> None:
+    def _data(self, stream_id: int, chunk: Payload, size: int) -> None:
         """A DATA frame's payload, C{size} bytes of the windows with its padding."""
         # The connection window comes back at once: a stalled stream holds only
         # its own window, never the whole link.
@@ -1185,13 +1187,22 @@ class GrpcLink(Protocol):
         if stream is None or not stream.consumer_paused:
             self.ack_call(call)
 
-    def _split_messages(self, call: _Call, data: bytes | memoryview) -> list[memoryview | bytes]:
+    def _split_messages(self, call: _Call, data: Payload) -> list[memoryview | bytes]:
         """
         Whole gRPC messages out of a call's bytes, as views of them, and (as
         bytes) the pieces of a C{Data} message's payload that spans DATA
         frames: those are passed on as they arrive.  Any other partial
         message waits in the call's inbox.
+
+        A DATA frame gathered from several reads comes as the pieces that
+        carry it: if it is all payload of one C{Data} message, that payload
+        is joined from them (one copy), else they are joined first.
         """
+        if isinstance(data, list):
+            payload = self._data_pieces(call, data)
+            if payload is not None:
+                return [payload]
+            data = b"".join(data)
         out: list[memoryview | bytes] = []
         buf = memoryview(data)
         pos = 0
@@ -1236,6 +1247,32 @@ class GrpcLink(Protocol):
         if pos < total:
             inbox += buf[pos:]
         return out
+
+    def _data_pieces(self, call: _Call, pieces: list[bytes | bytearray | memoryview]) -> bytes | None:
+        """
+        The payload in a DATA frame's pieces, joined, if the frame holds only
+        payload of one C{Data} message: the rest of one begun earlier, or the
+        start of one (all of it, or more to come in the next frames).  None
+        otherwise (other messages, several, an inbox to complete).
+        """
+        total = sum(map(len, pieces))
+        left = call.data_left
+        if left:
+            if left < total:
+                return None
+            call.data_left = left - total
+            return b"".join(pieces)
+        first = memoryview(pieces[0])
+        if call.inbox or call.kind != "forward" or len(first) < 5 + _DATA_HEAD_MAX:
+            return None
+        length = int.from_bytes(first[1:5], "big")
+        if first[0] or length > self.max_message or 5 + length < total:
+            return None  # compressed, too long (the general path says so) or not alone
+        head = _data_head(first[5 : 5 + _DATA_HEAD_MAX], length)
+        if head is None:
+            return None
+        call.data_left = 5 + length - total
+        return b"".join([first[5 + head :], *pieces[1:]])
 
     def _message_length(self, buf: memoryview | bytearray, pos: int) -> int:
         """The length in the gRPC message prefix at C{pos}, if the message is acceptable."""
