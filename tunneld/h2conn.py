@@ -76,7 +76,7 @@ class _FrameBuffer(FrameBuffer):
         self._rest: memoryview | None = None
 
     def take_rest(self) -> memoryview | None:
-        """What followed the last gathered frame in the bytes read, if the buffer is otherwise empty."""
+        """What followed the last gathered frame in the chunk that completed it (nothing else is buffered)."""
         rest, self._rest = self._rest, None
         return rest
 
@@ -229,7 +229,9 @@ class LeanH2Connection(H2Connection):
         frame, in order, goes through h2 unchanged, errors included.
 
         A payload taken straight from C{data} (bytes, nothing buffered
-        before it) is a memoryview of it, not a copy.
+        before it) is a memoryview of it, not a copy; one gathered from
+        several reads is the list of the pieces that carry it (see
+        L{_FrameBuffer}), not joined.
         """
         buffer = cast(_FrameBuffer, self.incoming_buffer)
         buffer.max_frame_size = max_size = self.max_inbound_frame_size
