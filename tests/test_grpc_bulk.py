@@ -211,6 +211,113 @@ class DataFrameReaderTests(SynchronousTestCase):
             server.receive_data(b"\x01\x00\x00\x00\x00\x00\x00\x00\x01")
 
 
+def arrived(events: list[Any]) -> list[tuple[Any, ...]]:
+    """summary() of receive_frames' events, its DataArrived ones read as h2 would report them."""
+    return summary([
+        h2events.DataReceived(
+            stream_id=e[0],
+            data=b"".join(e[1]) if isinstance(e[1], list) else bytes(e[1]),
+            flow_controlled_length=e[2],
+        )
+        if isinstance(e, tuple) else e
+        for e in events
+    ])
+
+
+def state(conn: H2Connection) -> list[Any]:
+    """The receiving side's state that a DATA frame changes."""
+    return [
+        conn.state_machine.state,
+        conn._inbound_flow_control_window_manager.current_window_size,
+        [
+            (sid, s.state_machine.state, s._inbound_window_manager.current_window_size,
+             s._actual_content_length)
+            for sid, s in sorted(conn.streams.items())
+        ],
+    ]
+
+
+class ReceiveFramesTests(SynchronousTestCase):
+    """LeanH2Connection.receive_frames against stock h2's receive_data on the same bytes."""
+
+    def both(self, wire: bytes, step: int, head: bytes = b"") -> tuple[Any, Any, int]:
+        """
+        The outcome (events or the error's type, state after, bytes to send)
+        of the lean and the stock server reading C{wire}, C{step} bytes at a
+        time, after C{head} (the client's requests); and how many DATA frames
+        the short path took.
+        """
+        outcomes = []
+        short = 0
+        for lean in (True, False):
+            client, server = lean_pair() if lean else stock_pair()
+            for stream_id, extra in ((1, []), (3, [(b"content-length", b"3")])):
+                client.send_headers(stream_id, REQUEST + extra)
+            server.receive_data(client.data_to_send() + head)
+            events: list[Any] = []
+            error: type[Exception] | None = None
+            try:
+                for start in range(0, len(wire), step):
+                    chunk = wire[start : start + step]
+                    if lean:
+                        assert isinstance(server, LeanH2Connection)
+                        events.extend(server.receive_frames(chunk))
+                    else:
+                        events.extend(server.receive_data(chunk))
+            except ProtocolError as e:
+                error = type(e)
+            if lean:
+                short = sum(isinstance(e, tuple) for e in events)
+            outcomes.append((arrived(events), error, state(server), server.data_to_send()))
+        return outcomes[0], outcomes[1], short
+
+    def test_same_events_and_state_as_receive_data(self) -> None:
+        """Plain DATA (short path) mixed with padded, ending, PING and WINDOW_UPDATE frames leaves h2's state."""
+        ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"12345678"
+        update = b"\x00\x00\x04\x08\x00\x00\x00\x00\x01\x00\x00\x01\x00"
+        wire = b"".join([
+            data_frame(1, b"plain"),
+            data_frame(1, b""),
+            ping,
+            data_frame(1, b"x" * 16_384),
+            update,
+            data_frame(1, b"padded", ("PADDED",), pad=9),
+            data_frame(3, b"abc"),  # a content-length to check: h2 reads it
+            data_frame(1 | 1 << 31, b"reserved bit set"),
+            data_frame(1, b"after"),
+            data_frame(1, b"last", ("END_STREAM",)),
+        ])
+        for step in (len(wire), 4096, 7, 1):
+            lean, stock, short = self.both(wire, step)
+            self.assertEqual(lean, stock, f"step {step}")
+            self.assertIsNone(lean[1])
+            self.assertGreaterEqual(short, 4 if step == len(wire) else 0)
+        self.assertEqual(self.both(wire, len(wire))[2], 5)
+
+    def test_errors_as_receive_data(self) -> None:
+        """Window overruns, a content-length overrun, DATA on closed, reset or unknown streams: as h2 has it."""
+        full = data_frame(1, b"f" * 16_384)
+        cases = {
+            "connection window": (full * 4, True),
+            "content-length": (data_frame(3, b"abcd"), True),
+            "unknown stream": (data_frame(5, b"nobody"), True),
+            "stream zero": (data_frame(1, b"ok") + b"\x00\x00\x01\x00\x00\x00\x00\x00\x00z", True),
+            # A stream error: h2 answers with RST_STREAM.
+            "after END_STREAM": (data_frame(1, b"a", ("END_STREAM",)) + data_frame(1, b"b"), False),
+        }
+        for name, (wire, fatal) in cases.items():
+            for step in (len(wire), 5):
+                lean, stock, _ = self.both(wire, step)
+                self.assertEqual(lean, stock, f"{name}, step {step}")
+                self.assertEqual(lean[1] is not None, fatal, name)
+        # DATA on a stream the client reset: h2 answers with RST_STREAM, no event.
+        reset = b"\x00\x00\x04\x03\x00\x00\x00\x00\x01\x00\x00\x00\x08"
+        lean, stock, short = self.both(data_frame(1, b"late"), 4096, head=reset)
+        self.assertEqual(lean, stock)
+        self.assertEqual((lean[0], lean[1], short), ([], None, 0))
+        self.assertNotEqual(lean[3], b"")
+
+
 class DataMessageTests(SynchronousTestCase):
     def test_data_payload_matches_protobuf(self) -> None:
         """Data messages as data_message writes them are read to the bytes protobuf reads."""
@@ -240,12 +347,23 @@ class DataMessageTests(SynchronousTestCase):
 
 
 class SplitMessagesTests(SynchronousTestCase):
-    def read(self, link: EdgeGrpcLink, frames: list[bytes]) -> list[tuple[str, bytes]]:
-        """What a Forward call reads from these DATA frames: runs of data, and other messages."""
+    def read(
+        self, link: EdgeGrpcLink, frames: list[bytes], pieces: int = 0
+    ) -> list[tuple[str, bytes]]:
+        """
+        What a Forward call reads from these DATA frames: runs of data, and
+        other messages.  With C{pieces}, each frame comes as that many pieces
+        (a frame gathered from several reads).
+        """
         call = _Call(1, "forward")
         out: list[tuple[str, bytes]] = []
         for frame in frames:
-            for item in link._split_messages(call, frame):
+            given: Any = frame
+            if pieces:
+                step = -(-len(frame) // pieces) or 1
+                given = [memoryview(frame)[i : i + step] for i in range(0, len(frame), step)]
+                given = given or [b""]
+            for item in link._split_messages(call, given):
                 data = item if isinstance(item, bytes) else _data_payload(item)
                 if data is None:
                     out.append(("message", bytes(item)))
@@ -276,6 +394,26 @@ class SplitMessagesTests(SynchronousTestCase):
                     self.read(link, [wire[:a], wire[a:b], wire[b:]]), expected, (a, b)
                 )
         self.assertEqual(self.read(link, [wire[i : i + 1] for i in range(len(wire))]), expected)
+
+    def test_gathered_frames_read_alike(self) -> None:
+        """DATA frames given as the pieces of several reads read as the same frames whole."""
+        link = EdgeGrpcLink(
+            GrpcEdgeOptions(), EdgeLinkSetup(on_link=lambda link: None, reactor=Clock())
+        )
+        big, small = pattern(40_000, seed=3), pattern(300, seed=4)
+        end = codec.end_bytes(0, ())
+        wire = b"".join([*data_message(big), *data_message(small), grpc_message(end)])
+        expected = [("data", big + small), ("message", end)]
+        for cut in (1, 9, 17, 5_000, 40_010, 40_020, len(wire) - 3):
+            for pieces in (1, 2, 3, 7):
+                self.assertEqual(
+                    self.read(link, [wire[:cut], wire[cut:]], pieces), expected, (cut, pieces)
+                )
+        alone = b"".join(data_message(big))
+        for pieces in (2, 5):
+            self.assertEqual(
+                self.read(link, [alone[:30_000], alone[30_000:]], pieces), [("data", big)]
+            )
 
 
 class SmallWindowTests(TestCase):

@@ -11,7 +11,9 @@ from functools import partial
 from typing import TYPE_CHECKING, cast
 
 from h2.config import H2Configuration
-from h2.connection import ConnectionInputs, H2Connection
+from h2.connection import ConnectionInputs, ConnectionState, H2Connection
+from h2.errors import ErrorCodes
+from h2.events import Event
 from h2.exceptions import (
     FlowControlError,
     FrameDataMissingError,
@@ -19,14 +21,22 @@ from h2.exceptions import (
     ProtocolError,
 )
 from h2.frame_buffer import FrameBuffer
-from h2.stream import StreamInputs
-from hyperframe.exceptions import InvalidDataError, InvalidFrameError
+from h2.stream import H2Stream, StreamInputs, StreamState
+from hyperframe.exceptions import InvalidDataError, InvalidFrameError, InvalidPaddingError
 from hyperframe.frame import DataFrame, Frame
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["LeanH2Connection"]
+__all__ = ["DataArrived", "LeanH2Connection", "Payload"]
+
+# A DATA frame that L{LeanH2Connection.receive_frames} took on its short
+# path: the stream's id, the payload and its length (no padding, so the
+# length flow control counted).  A memoryview payload is a view of the
+# (immutable) bytes read; a frame gathered from several reads is a list of
+# the pieces that carry it, not joined.
+Payload = bytes | memoryview | list[bytes | bytearray | memoryview]
+DataArrived = tuple[int, Payload, int]
 
 
 def _size_repr(data: bytes) -> str:
@@ -59,11 +69,26 @@ class _FrameBuffer(FrameBuffer):
         # The DATA frame being gathered: its header, body length and chunks.
         self._gathering: DataFrame | None = None
         self._gather_length = 0
-        self._chunks: list[bytes] = []
+        self._chunks: list[bytes | bytearray | memoryview] = []
         self._chunks_size = 0
+        # What followed a gathered frame in its last chunk: read next, before
+        # anything added later.
+        self._rest: memoryview | None = None
+
+    def take_rest(self) -> memoryview | None:
+        """What followed the last gathered frame in the chunk that completed it (nothing else is buffered)."""
+        rest, self._rest = self._rest, None
+        return rest
+
+    def _restore(self) -> None:
+        rest, self._rest = self._rest, None
+        if rest is not None:
+            self._data[:0] = rest
 
     def add_data(self, data: Buffer) -> None:
         """FrameBuffer.add_data"""
+        if self._rest is not None:
+            self._restore()
         if self._gathering is None:
             super().add_data(data)
         else:
@@ -72,6 +97,8 @@ class _FrameBuffer(FrameBuffer):
             self._chunks_size += len(chunk)
 
     def __next__(self) -> Frame:
+        if self._rest is not None:
+            self._restore()
         if self._gathering is not None:
             if self._chunks_size < self._gather_length:
                 raise StopIteration
@@ -89,11 +116,13 @@ class _FrameBuffer(FrameBuffer):
         data_frame = cast(DataFrame, frame)  # frame type 0
         if len(data) < length + 9:
             if length >= _GATHER:
+                # The buffer itself becomes the first chunk: no copy.
+                del data[:9]
                 self._gathering = data_frame
                 self._gather_length = length
-                self._chunks = [bytes(data[9:])]
-                self._chunks_size = len(data) - 9
-                data.clear()
+                self._chunks = [data]
+                self._chunks_size = len(data)
+                self._data = bytearray()
             raise StopIteration
         body = memoryview(data)[9 : 9 + length]
         try:
@@ -104,17 +133,36 @@ class _FrameBuffer(FrameBuffer):
         del data[: 9 + length]
         return data_frame
 
-    def _gathered(self) -> DataFrame:
-        """The gathered DATA frame, whole: its chunks joined, what follows it back in the buffer."""
-        frame, length, chunks = self._gathering, self._gather_length, self._chunks
-        assert frame is not None
+    def ready(self) -> DataFrame | None:
+        """The DATA frame being gathered, if all of it has arrived."""
+        if self._gathering is not None and self._chunks_size >= self._gather_length:
+            return self._gathering
+        return None
+
+    def take_gathered(self) -> list[bytes | bytearray | memoryview]:
+        """
+        The body of the frame L{ready} returned, as the pieces of the chunks
+        that carry it, without joining them; what follows it is read next.
+        """
+        chunks, length = self._chunks, self._gather_length
         self._gathering, self._chunks, self._chunks_size = None, [], 0
         last = chunks[-1]
-        keep = len(last) - (sum(len(chunk) for chunk in chunks) - length)
+        keep = len(last) - (sum(map(len, chunks)) - length)
         if keep < len(last):
-            self._data += memoryview(last)[keep:]
-            chunks[-1] = last[:keep]
-        body = b"".join(chunks)
+            rest = memoryview(last)[keep:]
+            if type(last) is bytes:
+                # What follows is left where it is (see take_rest).
+                self._rest = rest
+            else:
+                self._data += rest
+            chunks[-1] = memoryview(last)[:keep]
+        return chunks
+
+    def _gathered(self) -> DataFrame:
+        """The gathered DATA frame, whole: its chunks joined, what follows it back in the buffer."""
+        frame, length = self._gathering, self._gather_length
+        assert frame is not None
+        body = b"".join(self.take_gathered())
         if "PADDED" in frame.flags:
             self._parse_body(frame, memoryview(body))
         else:
@@ -136,6 +184,9 @@ class _FrameBuffer(FrameBuffer):
 
 _DATA_HEADER = struct.Struct(">HBBBL")
 _END_STREAM = 0x1
+_OPEN_CONNECTION = (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN)
+_RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
+_SENDING = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
 
 
 class LeanH2Connection(H2Connection):
@@ -162,26 +213,157 @@ class LeanH2Connection(H2Connection):
         # What goes out, in order, before what h2 has in its own buffer.
         self._chunks: list[bytes] = []
 
+    def receive_frames(self, data: Buffer) -> list[Event | DataArrived]:
+        """
+        C{receive_data(data)}, with the plain DATA frames on open streams
+        taken on a short path and returned as L{DataArrived} triples.
+
+        A DATA frame without flags (no padding, no END_STREAM), whole in the
+        buffer, within the frame size limit and both flow-control windows,
+        on a stream that h2 would let receive it (open or half-closed by us,
+        headers received, no content-length to check) changes h2's state
+        exactly as h2's C{_receive_data_frame} would: both inbound windows
+        shrink by its length and the stream counts the bytes.  Only the
+        frame and event objects and the state-machine lookups (which leave
+        the states as they are for such a frame) are skipped.  Every other
+        frame, in order, goes through h2 unchanged, errors included.
+
+        A payload taken straight from C{data} (bytes, nothing buffered
+        before it) is a memoryview of it, not a copy; one gathered from
+        several reads is the list of the pieces that carry it (see
+        L{_FrameBuffer}), not joined.
+        """
+        buffer = cast(_FrameBuffer, self.incoming_buffer)
+        buffer.max_frame_size = max_size = self.max_inbound_frame_size
+        events: list[Event | DataArrived] = []
+        streams = self.streams
+        unpack = _DATA_HEADER.unpack_from
+        # With nothing buffered, frames are read straight out of the bytes
+        # read (C{view}, from C{pos}): a payload is a view of them, not a
+        # copy.  What is left from the first frame not taken on the short
+        # path goes to the buffer, and on from there.
+        view: memoryview | None = None
+        pos = 0
+        if (
+            type(data) is bytes and not buffer._data and buffer._gathering is None
+            and not buffer._preamble_len
+        ):
+            view = memoryview(data)
+        else:
+            buffer.add_data(data)
+        try:
+            while True:
+                if view is None and buffer._rest is not None:
+                    view, pos = buffer.take_rest(), 0
+                raw: memoryview | bytearray = buffer._data if view is None else view
+                at = 0 if view is None else pos
+                if (
+                    len(raw) - at >= 9 and raw[at + 3] == 0 and raw[at + 4] == 0
+                    and buffer._gathering is None and not buffer._headers_buffer
+                    and self.state_machine.state in _OPEN_CONNECTION
+                ):
+                    high, low, _, _, stream_id = unpack(raw, at)
+                    length = high << 8 | low
+                    end = at + 9 + length
+                    stream = streams.get(stream_id & 0x7FFFFFFF)
+                    if (
+                        stream is not None
+                        and len(raw) >= end
+                        and length <= max_size
+                        and self._can_take(stream, length)
+                    ):
+                        payload: bytes | memoryview
+                        if view is None:
+                            payload = bytes(memoryview(raw)[9:end])
+                            del buffer._data[:end]
+                        else:
+                            payload = view[at + 9 : end]
+                            pos = end
+                        self._took(stream, length)
+                        events.append((stream.stream_id, payload, length))
+                        continue
+                if view is not None:
+                    if pos < len(view):
+                        buffer.add_data(view[pos:])
+                    view = None
+                gathered = buffer.ready()
+                if gathered is not None and not gathered.flags:
+                    stream = streams.get(gathered.stream_id)
+                    length = buffer._gather_length
+                    if stream is not None and self._can_take(stream, length):
+                        pieces = buffer.take_gathered()
+                        self._took(stream, length)
+                        events.append((stream.stream_id, pieces, length))
+                        continue
+                try:
+                    frame = next(buffer)
+                except StopIteration:
+                    break
+                events.extend(self._receive_frame(frame))
+        except InvalidPaddingError as e:
+            self._terminate_connection(ErrorCodes.PROTOCOL_ERROR)
+            raise ProtocolError("Received frame with invalid padding.") from e
+        except ProtocolError as e:
+            self._terminate_connection(e.error_code)
+            raise
+        return events
+
+    def _can_take(self, stream: H2Stream, length: int) -> bool:
+        """Whether h2 would take a plain DATA frame of C{length} bytes on the stream without a word."""
+        machine = stream.state_machine
+        if (
+            length <= self._inbound_flow_control_window_manager.current_window_size
+            and length <= stream._inbound_window_manager.current_window_size
+            and machine.state in _RECEIVING
+            and machine.headers_received
+            and stream._expected_content_length is None
+        ):
+            return True
+        return False
+
+    def _took(self, stream: H2Stream, length: int) -> None:
+        """What h2 does on receiving such a frame: both windows shrink, the stream counts the bytes."""
+        self._inbound_flow_control_window_manager.current_window_size -= length
+        stream._inbound_window_manager.current_window_size -= length
+        stream._actual_content_length += length
+
     def send_data_parts(
-        self, stream_id: int, parts: Sequence[bytes], end_stream: bool = False
+        self, stream_id: int, parts: Sequence[bytes], end_stream: bool = False,
+        size: int | None = None,
     ) -> None:
         """
         C{send_data(stream_id, b"".join(parts), end_stream)} without the
         join, nor h2's copies of the payload into its output buffer: the
         parts go out as they are, after a DATA frame header.  The same
         checks, state changes and window accounting as h2's C{send_data}.
+        C{size}, if given, is the parts' total length.
+
+        In the states where sending DATA without END_STREAM changes nothing
+        (an open connection; an open stream, or one half-closed by the peer)
+        the state machines are not consulted.
         """
-        size = sum(len(part) for part in parts)
-        window = self.local_flow_control_window(stream_id)
+        if size is None:
+            size = sum(map(len, parts))
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            # Let h2 say why (closed, never opened): it raises.
+            window = self.local_flow_control_window(stream_id)
+        else:
+            window = min(self.outbound_flow_control_window, stream.outbound_flow_control_window)
         if size > window:
             raise FlowControlError(f"Cannot send {size} bytes, flow control window is {window}")
         if size > self.max_outbound_frame_size:
             raise FrameTooLargeError(
                 f"Cannot send frame size {size}, max frame size is {self.max_outbound_frame_size}"
             )
-        self.state_machine.process_input(ConnectionInputs.SEND_DATA)
-        stream = self.streams[stream_id]
-        stream.state_machine.process_input(StreamInputs.SEND_DATA)
+        assert stream is not None
+        if (
+            end_stream
+            or self.state_machine.state not in _OPEN_CONNECTION
+            or stream.state_machine.state not in _SENDING
+        ):
+            self.state_machine.process_input(ConnectionInputs.SEND_DATA)
+            stream.state_machine.process_input(StreamInputs.SEND_DATA)
         flags = 0
         if end_stream:
             stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
@@ -196,6 +378,19 @@ class LeanH2Connection(H2Connection):
             _DATA_HEADER.pack(size >> 8, size & 0xFF, 0, flags, stream_id & 0x7FFFFFFF)
         )
         chunks.extend(parts)
+
+    def send_room(self, stream_id: int) -> int:
+        """
+        How many bytes one DATA frame on the stream may carry now: the
+        smaller of the two windows and the peer's frame size.  Raises as
+        C{local_flow_control_window} does for a stream that is not open.
+        """
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            window = self.local_flow_control_window(stream_id)
+        else:
+            window = min(self.outbound_flow_control_window, stream.outbound_flow_control_window)
+        return min(window, self.max_outbound_frame_size)
 
     def chunks_to_send(self) -> list[bytes]:
         """What L{data_to_send} would return, as the pieces it would join."""

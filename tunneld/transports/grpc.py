@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import quote, unquote
@@ -59,7 +59,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunneld.errors import ConfigError
-from tunneld.h2conn import LeanH2Connection
+from tunneld.h2conn import LeanH2Connection, Payload
 from tunneld.interfaces import (
     AgentLinkSetup,
     EdgeLinkSetup,
@@ -105,6 +105,12 @@ MIB = 1024 * 1024
 _MESSAGE_OVERHEAD = 32
 # Bytes an edge stream remembers so that an Open crossing a retired call can be replayed.
 _REPLAY_LIMIT = 256 * 1024
+# The longest head of a Data message as data_message writes it: a tag and a
+# varint of the Data, a tag and a varint of its payload.
+_DATA_HEAD_MAX = 12
+# What one flush writes is joined here below this size (small messages):
+# Twisted's writeSequence checks each piece, then joins them too.
+_JOIN_BELOW = 16 * 1024
 # Frame(end=End()) of stream 0: how almost every stream ends, read without protobuf.
 _BARE_END = codec.end_bytes(0)
 # Seconds a closing connection may take to flush before it is aborted.
@@ -247,18 +253,30 @@ def _data_head(message: memoryview, length: int) -> int | None:
     """
     if len(message) < 2 or message[0] != 0x32:
         return None
-    field = _varint_at(message, 1)
-    if field is None or sum(field) != length:
+    # Varints of one byte (small messages) are read here, longer ones by _varint_at.
+    inner, pos = message[1], 2
+    if inner >= 0x80:
+        field = _varint_at(message, 1)
+        if field is None:
+            return None
+        inner, pos = field
+    if inner + pos != length:
         return None
-    inner, pos = field
     if not inner:
         return pos
     if pos >= len(message) or message[pos] != 0x0A:
         return None
-    data = _varint_at(message, pos + 1)
-    if data is None or sum(data) != length:
+    pos += 1
+    if pos < len(message) and message[pos] < 0x80:
+        size, pos = message[pos], pos + 1
+    else:
+        data = _varint_at(message, pos)
+        if data is None:
+            return None
+        size, pos = data
+    if size + pos != length:
         return None
-    return data[1]
+    return pos
 
 
 def _data_payload(message: memoryview) -> bytes | None:
@@ -541,9 +559,8 @@ class GrpcStream:
         call = self.call
         return call is None or call.blocked or self.link.sending_paused
 
-    def _send(self, pieces: Iterable[bytes]) -> None:
-        pieces = list(pieces)
-        size = sum(len(p) for p in pieces)
+    def _send(self, pieces: Sequence[bytes]) -> None:
+        size = sum(map(len, pieces))
         call = self.call
         if call is None:
             self._held.extend(pieces)
@@ -555,7 +572,8 @@ class GrpcStream:
                 if self._replay_size > _REPLAY_LIMIT:
                     self._replay = None
             self.link.enqueue(call, pieces)
-        pending = self.pending()
+        call = self.call
+        pending = self._held_size + (call.out_size if call is not None else 0)
         if pending > self.link.max_pending:
             self.link.log.warn(
                 "stream on {peer} saturated: {size} bytes pending",
@@ -570,7 +588,7 @@ class GrpcStream:
         return held
 
     def start_replay_log(self, pieces: list[bytes]) -> None:
-        size = sum(len(p) for p in pieces)
+        size = sum(map(len, pieces))
         if size <= _REPLAY_LIMIT:
             self._replay, self._replay_size = list(pieces), size
         else:
@@ -827,7 +845,7 @@ class GrpcLink(Protocol):
         self.heartbeat.heard()
         self._read_size.read(len(data))
         try:
-            events = self.conn.receive_data(data)
+            events = self.conn.receive_frames(data)
         except H2ProtocolError as e:
             self.protocol_error(f"HTTP/2: {e}")
             return
@@ -836,6 +854,9 @@ class GrpcLink(Protocol):
             for event in events:
                 if self.closed:
                     break
+                if type(event) is tuple:
+                    self._data(*event)
+                    continue
                 name = self._event_handlers.get(type(event))
                 if name is not None:
                     getattr(self, name)(event)
@@ -878,7 +899,10 @@ class GrpcLink(Protocol):
                 if call.outbox and not call.blocked and not self.sending_paused:
                     self.flush_call(call)
         chunks = self.conn.chunks_to_send()
-        if chunks:
+        if len(chunks) > 1 and sum(map(len, chunks)) <= _JOIN_BELOW:
+            # Twisted would check each piece and join them anyway.
+            self.transport.write(b"".join(chunks))
+        elif chunks:
             self.transport.writeSequence(chunks)
 
     def protocol_error(self, message: str) -> None:
@@ -961,12 +985,17 @@ class GrpcLink(Protocol):
             return
         try:
             while outbox:
-                window = conn.local_flow_control_window(sid)
-                if window <= 0:
+                budget = conn.send_room(sid)
+                if budget <= 0:
                     break
-                budget = min(window, conn.max_outbound_frame_size)
-                parts: list[bytes] = []
-                taken = 0
+                if not call.out_offset and call.out_size <= budget:
+                    # All of it fits in one frame (the usual case).
+                    parts = list(outbox)
+                    taken = call.out_size
+                    outbox.clear()
+                else:
+                    parts = []
+                    taken = 0
                 while outbox and taken < budget:
                     piece = outbox[0]
                     offset = call.out_offset
@@ -982,7 +1011,7 @@ class GrpcLink(Protocol):
                         call.out_offset = offset + room
                         taken += room
                 last = call.end_after and not outbox
-                conn.send_data_parts(sid, parts, end_stream=last)
+                conn.send_data_parts(sid, parts, end_stream=last, size=taken)
                 call.out_size -= taken
                 if last:
                     call.end_after = False
@@ -1106,7 +1135,10 @@ class GrpcLink(Protocol):
             pass
 
     def _on_data(self, event: h2events.DataReceived) -> None:
-        size = event.flow_controlled_length
+        self._data(event.stream_id, event.data, event.flow_controlled_length)
+
+    def _data(self, stream_id: int, chunk: Payload, size: int) -> None:
+        """A DATA frame's payload, C{size} bytes of the windows with its padding."""
         # The connection window comes back at once: a stalled stream holds only
         # its own window, never the whole link.
         self._conn_unacked += size
@@ -1116,7 +1148,7 @@ class GrpcLink(Protocol):
             except H2ProtocolError:
                 pass
             self._conn_unacked = 0
-        call = self.calls.get(event.stream_id)
+        call = self.calls.get(stream_id)
         if call is None:
             return
         call.unacked += size
@@ -1126,7 +1158,7 @@ class GrpcLink(Protocol):
             self.ack_call(call)
             return
         try:
-            messages = self._split_messages(call, event.data)
+            messages = self._split_messages(call, chunk)
         except _CallError as e:
             call.broken = True
             self.call_broken(call, e.status, str(e))
@@ -1155,13 +1187,22 @@ class GrpcLink(Protocol):
         if stream is None or not stream.consumer_paused:
             self.ack_call(call)
 
-    def _split_messages(self, call: _Call, data: bytes) -> list[memoryview | bytes]:
+    def _split_messages(self, call: _Call, data: Payload) -> list[memoryview | bytes]:
         """
         Whole gRPC messages out of a call's bytes, as views of them, and (as
         bytes) the pieces of a C{Data} message's payload that spans DATA
         frames: those are passed on as they arrive.  Any other partial
         message waits in the call's inbox.
+
+        A DATA frame gathered from several reads comes as the pieces that
+        carry it: if it is all payload of one C{Data} message, that payload
+        is joined from them (one copy), else they are joined first.
         """
+        if isinstance(data, list):
+            payload = self._data_pieces(call, data)
+            if payload is not None:
+                return [payload]
+            data = b"".join(data)
         out: list[memoryview | bytes] = []
         buf = memoryview(data)
         pos = 0
@@ -1187,8 +1228,11 @@ class GrpcLink(Protocol):
             pos += missing
             out.append(memoryview(bytes(inbox))[5:])
             inbox.clear()
+        max_message = self.max_message
         while total - pos >= 5:
-            length = self._message_length(buf, pos)
+            length = int.from_bytes(buf[pos + 1 : pos + 5], "big")
+            if buf[pos] or length > max_message:
+                self._message_length(buf, pos)  # raises why
             end = pos + 5 + length
             if end > total:
                 if call.kind == "forward":
@@ -1203,6 +1247,32 @@ class GrpcLink(Protocol):
         if pos < total:
             inbox += buf[pos:]
         return out
+
+    def _data_pieces(self, call: _Call, pieces: list[bytes | bytearray | memoryview]) -> bytes | None:
+        """
+        The payload in a DATA frame's pieces, joined, if the frame holds only
+        payload of one C{Data} message: the rest of one begun earlier, or the
+        start of one (all of it, or more to come in the next frames).  None
+        otherwise (other messages, several, an inbox to complete).
+        """
+        total = sum(map(len, pieces))
+        left = call.data_left
+        if left:
+            if left < total:
+                return None
+            call.data_left = left - total
+            return b"".join(pieces)
+        first = memoryview(pieces[0])
+        if call.inbox or call.kind != "forward" or len(first) < 5 + _DATA_HEAD_MAX:
+            return None
+        length = int.from_bytes(first[1:5], "big")
+        if first[0] or length > self.max_message or 5 + length < total:
+            return None  # compressed, too long (the general path says so) or not alone
+        head = _data_head(first[5 : 5 + _DATA_HEAD_MAX], length)
+        if head is None:
+            return None
+        call.data_left = 5 + length - total
+        return b"".join([first[5 + head :], *pieces[1:]])
 
     def _message_length(self, buf: memoryview | bytearray, pos: int) -> int:
         """The length in the gRPC message prefix at C{pos}, if the message is acceptable."""
@@ -1662,7 +1732,8 @@ class EdgeGrpcLink(GrpcLink):
             raise FrameError("a message on a Forward call before its Open")
         if stream.closed:
             return None
-        stream.answered_by_peer()
+        if not stream.answered or stream._replay is not None:
+            stream.answered_by_peer()
         if stream.remote_ended:
             raise FrameError("a message after End")
         return stream
