@@ -53,6 +53,7 @@ from twisted.internet.interfaces import (
     IPushProducer,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -111,6 +112,11 @@ _DATA_HEAD_MAX = 12
 # What one flush writes is joined here below this size (small messages):
 # Twisted's writeSequence checks each piece, then joins them too.
 _JOIN_BELOW = 16 * 1024
+# What one flush writes goes to the socket at once from this size, when
+# nothing is queued before it (see _send_now).
+_SEND_NOW_FROM = 64 * 1024
+# The most pieces one sendmsg takes (IOV_MAX is 1024 on Linux).
+_IOV_MAX = 1024
 # Frame(end=End()) of stream 0: how almost every stream ends, read without protobuf.
 _BARE_END = codec.end_bytes(0)
 # Seconds a closing connection may take to flush before it is aborted.
@@ -283,6 +289,31 @@ def _data_payload(message: memoryview) -> bytes | None:
     """The payload of a whole message read by L{_data_head}, copied once; else None."""
     head = _data_head(message, len(message))
     return None if head is None else message[head:].tobytes()
+
+
+def _send_now(transport: Connection, chunks: list[bytes]) -> list[bytes]:
+    """
+    Send C{chunks} on a plain TCP socket with nothing queued, now, in one
+    C{sendmsg}: no join of the pieces into one buffer (a copy of every
+    byte), no wait for the reactor to find the socket writable (two
+    C{epoll_ctl} calls).  Returns what the socket did not take, as bytes,
+    for the transport to queue as usual; everything, on any error (the
+    transport's own write finds it and reports it as it would have).
+    """
+    try:
+        sent = transport.socket.sendmsg(chunks)
+    except OSError:
+        sent = 0
+    if not sent:
+        return [bytes(chunk) for chunk in chunks]
+    for i, chunk in enumerate(chunks):
+        size = len(chunk)
+        if sent < size:
+            rest = [memoryview(chunk)[sent:].tobytes()]
+            rest.extend(bytes(chunk) for chunk in chunks[i + 1 :])
+            return rest
+        sent -= size
+    return []
 
 
 def _check_window(value: int) -> str | None:
@@ -717,6 +748,8 @@ class GrpcLink(Protocol):
         )
         self._conn_unacked = 0
         self._read_size = ReadSize(None)  # the socket's, once connected
+        # A plain TCP socket (not TLS, not a wrapper): see _send_now.
+        self._plain = False
         self._batching = False
         self._dirty: list[_Call] = []
         self._turn: Any = None
@@ -826,6 +859,7 @@ class GrpcLink(Protocol):
             pass
         self.transport.registerProducer(SocketCongestion(self), True)
         self._read_size = ReadSize(self.transport)
+        self._plain = isinstance(self.transport, Connection) and not self.transport.TLS
         conn = self.conn
         conn.initiate_connection()
         # Applied (windows, frame size) when the peer acknowledges them.
@@ -899,11 +933,28 @@ class GrpcLink(Protocol):
                 if call.outbox and not call.blocked and not self.sending_paused:
                     self.flush_call(call)
         chunks = self.conn.chunks_to_send()
-        if len(chunks) > 1 and sum(map(len, chunks)) <= _JOIN_BELOW:
+        if not chunks:
+            return
+        size = sum(map(len, chunks))
+        if len(chunks) > 1 and size <= _JOIN_BELOW:
             # Twisted would check each piece and join them anyway.
             self.transport.write(b"".join(chunks))
-        elif chunks:
-            self.transport.writeSequence(chunks)
+            return
+        transport = self.transport
+        if (
+            size >= _SEND_NOW_FROM
+            and self._plain
+            and len(chunks) <= _IOV_MAX
+            and not transport._tempDataBuffer
+            and transport.offset == len(transport.dataBuffer)
+            and transport.connected
+            and not transport.disconnecting
+            and not transport._writeDisconnected
+        ):
+            chunks = _send_now(transport, chunks)
+            if not chunks:
+                return
+        transport.writeSequence(chunks)
 
     def protocol_error(self, message: str) -> None:
         self.log.warn(
