@@ -28,7 +28,7 @@ from hyperframe.frame import DataFrame, Frame
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["DataArrived", "LeanH2Connection", "Payload"]
+__all__ = ["DataArrived", "LeanH2Connection", "Payload", "Piece"]
 
 # A DATA frame that L{LeanH2Connection.receive_frames} took on its short
 # path: the stream's id, the payload and its length (no padding, so the
@@ -37,6 +37,8 @@ __all__ = ["DataArrived", "LeanH2Connection", "Payload"]
 # the pieces that carry it, not joined.
 Payload = bytes | memoryview | list[bytes | bytearray | memoryview]
 DataArrived = tuple[int, Payload, int]
+# A piece of what is sent: bytes, or a view of (immutable) bytes.
+Piece = bytes | memoryview
 
 
 def _size_repr(data: bytes) -> str:
@@ -211,7 +213,7 @@ class LeanH2Connection(H2Connection):
         super().__init__(config)
         self.incoming_buffer = _FrameBuffer(server=not config.client_side)
         # What goes out, in order, before what h2 has in its own buffer.
-        self._chunks: list[bytes] = []
+        self._chunks: list[Piece] = []
 
     def receive_frames(self, data: Buffer) -> list[Event | DataArrived]:
         """
@@ -328,7 +330,7 @@ class LeanH2Connection(H2Connection):
         stream._actual_content_length += length
 
     def send_data_parts(
-        self, stream_id: int, parts: Sequence[bytes], end_stream: bool = False,
+        self, stream_id: int, parts: Sequence[Piece], end_stream: bool = False,
         size: int | None = None,
     ) -> None:
         """
@@ -392,7 +394,7 @@ class LeanH2Connection(H2Connection):
             window = min(self.outbound_flow_control_window, stream.outbound_flow_control_window)
         return min(window, self.max_outbound_frame_size)
 
-    def chunks_to_send(self) -> list[bytes]:
+    def chunks_to_send(self) -> list[Piece]:
         """What L{data_to_send} would return, as the pieces it would join."""
         chunks, self._chunks = self._chunks, []
         if self._data_to_send:

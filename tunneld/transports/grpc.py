@@ -60,7 +60,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunneld.errors import ConfigError
-from tunneld.h2conn import LeanH2Connection, Payload
+from tunneld.h2conn import LeanH2Connection, Payload, Piece
 from tunneld.interfaces import (
     AgentLinkSetup,
     EdgeLinkSetup,
@@ -226,7 +226,7 @@ def _frame_message(frame: codec.Frame) -> bytes:
     return grpc_message(frame.SerializeToString())
 
 
-def data_message(data: bytes) -> tuple[bytes, bytes]:
+def data_message(data: Piece) -> tuple[bytes, Piece]:
     """
     The gRPC message C{Frame(data=Data(data=data))} as (head, data): the
     payload is not copied here, only once when it goes into a DATA frame.
@@ -291,7 +291,7 @@ def _data_payload(message: memoryview) -> bytes | None:
     return None if head is None else message[head:].tobytes()
 
 
-def _send_now(transport: Connection, chunks: list[bytes]) -> list[bytes]:
+def _send_now(transport: Connection, chunks: list[Piece]) -> list[bytes]:
     """
     Send C{chunks} on a plain TCP socket with nothing queued, now, in one
     C{sendmsg}: no join of the pieces into one buffer (a copy of every
@@ -432,7 +432,7 @@ class _Call:
         self.inbox = bytearray()
         # Made when bytes are queued, dropped once they are sent: an empty
         # deque keeps a 64-slot block (760 bytes), a lot for each idle call.
-        self.outbox: deque[bytes] | None = None
+        self.outbox: deque[Piece] | None = None
         self.out_offset = 0
         self.out_size = 0
         self.finish: Callable[[], None] | None = None
@@ -480,9 +480,9 @@ class GrpcStream:
         self.call = call
         self.receiver: IStreamReceiver | None = None
         self._early: list[tuple[str, tuple[Any, ...]]] | None = []
-        self._held: list[bytes] = []
+        self._held: list[Piece] = []
         self._held_size = 0
-        self._replay: list[bytes] | None = None
+        self._replay: list[Piece] | None = None
         self._replay_size = 0
         self.answered = False
         self._producer: IPushProducer | None = None
@@ -518,9 +518,9 @@ class GrpcStream:
             self._send(data_message(data))
             return
         view = memoryview(data)
-        pieces: list[bytes] = []
+        pieces: list[Piece] = []
         for start in range(0, len(data), limit):
-            pieces.extend(data_message(bytes(view[start : start + limit])))
+            pieces.extend(data_message(view[start : start + limit]))
         self._send(pieces)
 
     def end(self, trailers: Headers = ()) -> None:
@@ -590,7 +590,7 @@ class GrpcStream:
         call = self.call
         return call is None or call.blocked or self.link.sending_paused
 
-    def _send(self, pieces: Sequence[bytes]) -> None:
+    def _send(self, pieces: Sequence[Piece]) -> None:
         size = sum(map(len, pieces))
         call = self.call
         if call is None:
@@ -614,18 +614,18 @@ class GrpcStream:
         elif self.blocked():
             self._pause_producer()
 
-    def take_held(self) -> list[bytes]:
+    def take_held(self) -> list[Piece]:
         held, self._held, self._held_size = self._held, [], 0
         return held
 
-    def start_replay_log(self, pieces: list[bytes]) -> None:
+    def start_replay_log(self, pieces: list[Piece]) -> None:
         size = sum(map(len, pieces))
         if size <= _REPLAY_LIMIT:
             self._replay, self._replay_size = list(pieces), size
         else:
             self._replay = None
 
-    def take_replay(self) -> list[bytes] | None:
+    def take_replay(self) -> list[Piece] | None:
         replay, self._replay = self._replay, None
         return replay
 
@@ -951,10 +951,12 @@ class GrpcLink(Protocol):
             and not transport.disconnecting
             and not transport._writeDisconnected
         ):
-            chunks = _send_now(transport, chunks)
-            if not chunks:
-                return
-        transport.writeSequence(chunks)
+            rest = _send_now(transport, chunks)
+            if rest:
+                transport.writeSequence(rest)
+            return
+        # Twisted takes only bytes.
+        transport.writeSequence([c if type(c) is bytes else bytes(c) for c in chunks])
 
     def protocol_error(self, message: str) -> None:
         self.log.warn(
@@ -990,7 +992,7 @@ class GrpcLink(Protocol):
 
     # -- sending ------------------------------------------------------------------
 
-    def enqueue(self, call: _Call, pieces: Iterable[bytes]) -> None:
+    def enqueue(self, call: _Call, pieces: Iterable[Piece]) -> None:
         """
         Queue gRPC-framed bytes on a call.  They go into HTTP/2 at the end of
         the reactor turn, so that the messages of one turn (a reply, its body
@@ -1015,7 +1017,7 @@ class GrpcLink(Protocol):
             if not self._batching and self._turn is None:
                 self._turn = self.reactor.callLater(0, self._end_of_turn)
 
-    def send_now(self, call: _Call, pieces: Iterable[bytes]) -> None:
+    def send_now(self, call: _Call, pieces: Iterable[Piece]) -> None:
         """Queue bytes on a call and hand them to HTTP/2 now (what the windows allow)."""
         self.enqueue(call, pieces)
         if call.outbox and not call.blocked and not self.sending_paused:
@@ -1058,7 +1060,8 @@ class GrpcLink(Protocol):
                         call.out_offset = 0
                         taken += available
                     else:
-                        parts.append(piece[offset : offset + room])
+                        # A view: the piece is not copied, only sent.
+                        parts.append(memoryview(piece)[offset : offset + room])
                         call.out_offset = offset + room
                         taken += room
                 last = call.end_after and not outbox
@@ -1598,14 +1601,14 @@ class EdgeGrpcLink(GrpcLink):
 
     # -- calls ------------------------------------------------------------------------
 
-    def enqueue(self, call: _Call, pieces: Iterable[bytes]) -> None:
+    def enqueue(self, call: _Call, pieces: Iterable[Piece]) -> None:
         """Response headers go out before a call's first message."""
         if not call.headers_sent and not call.local_closed:
             call.headers_sent = True
             self.send_headers(call, _RESPONSE_HEADERS, False)
         super().enqueue(call, pieces)
 
-    def _bind(self, stream: GrpcStream, call: _Call, replay: list[bytes]) -> None:
+    def _bind(self, stream: GrpcStream, call: _Call, replay: list[Piece]) -> None:
         """Put a stream on an idle Forward call: response headers, then Open."""
         if stream.queue_timer is not None and stream.queue_timer.active():
             stream.queue_timer.cancel()
