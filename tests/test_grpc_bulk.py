@@ -473,3 +473,48 @@ class SendNowTests(SynchronousTestCase):
         for sock in (_PartialSocket(0), _PartialSocket(9, BlockingIOError()), _PartialSocket(9, BrokenPipeError())):
             rest = _send_now(cast(Any, _SocketHolder(sock)), cast(Any, chunks))
             self.assertEqual(rest, [b"a", b"bc"])
+
+
+class WindowUpdateTests(SynchronousTestCase):
+    def test_same_bytes_and_windows_as_h2(self) -> None:
+        """increment_flow_control_window writes h2's bytes and opens the same windows, in every state."""
+        lean, lean_server = lean_pair()
+        stock, stock_server = stock_pair()
+        for conn, server in ((lean, lean_server), (stock, stock_server)):
+            conn.send_headers(1, REQUEST)
+            conn.send_headers(3, REQUEST, end_stream=True)  # half-closed (local)
+            conn.send_headers(5, REQUEST)
+            server.receive_data(conn.data_to_send())
+            server.send_headers(5, [(b":status", b"200")], end_stream=True)
+            conn.receive_data(server.data_to_send())  # 5: half-closed (remote)
+            conn.increment_flow_control_window(1000, 1)
+            conn.increment_flow_control_window(7, 3)
+            conn.increment_flow_control_window(65536, 5)
+            conn.increment_flow_control_window(1 << 20)
+        self.assertEqual(lean.data_to_send(), stock.data_to_send())
+        for sid in (1, 3, 5):
+            self.assertEqual(
+                vars(lean.streams[sid]._inbound_window_manager),
+                vars(stock.streams[sid]._inbound_window_manager),
+            )
+            self.assertEqual(lean.streams[sid].state_machine.state, stock.streams[sid].state_machine.state)
+        self.assertEqual(
+            vars(lean._inbound_flow_control_window_manager),
+            vars(stock._inbound_flow_control_window_manager),
+        )
+
+    def test_errors_as_h2(self) -> None:
+        """Bad increments, unknown and closed streams raise what h2 raises."""
+        lean, lean_server = lean_pair()
+        stock, stock_server = stock_pair()
+        for conn, server in ((lean, lean_server), (stock, stock_server)):
+            conn.send_headers(1, REQUEST, end_stream=True)
+            server.receive_data(conn.data_to_send())
+            server.send_headers(1, [(b":status", b"200")], end_stream=True)
+            conn.receive_data(server.data_to_send())  # 1: closed
+        for conn in (lean, stock):
+            self.assertRaises(ValueError, conn.increment_flow_control_window, 0, None)
+            self.assertRaises(ValueError, conn.increment_flow_control_window, 1 << 31, None)
+            self.assertRaises(KeyError, conn.increment_flow_control_window, 1, 9)
+            self.assertRaises(ProtocolError, conn.increment_flow_control_window, 1, 1)
+            self.assertRaises(FlowControlError, conn.increment_flow_control_window, (1 << 31) - 1, None)

@@ -185,6 +185,9 @@ class _FrameBuffer(FrameBuffer):
 
 
 _DATA_HEADER = struct.Struct(">HBBBL")
+# A whole WINDOW_UPDATE frame: length (4), type (8), no flags, stream, increment.
+_WINDOW_UPDATE = struct.Struct(">HBBBLL")
+_WINDOW_STATES = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL, StreamState.HALF_CLOSED_REMOTE)
 _END_STREAM = 0x1
 _OPEN_CONNECTION = (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN)
 _RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
@@ -380,6 +383,25 @@ class LeanH2Connection(H2Connection):
             _DATA_HEADER.pack(size >> 8, size & 0xFF, 0, flags, stream_id & 0x7FFFFFFF)
         )
         chunks.extend(parts)
+
+    def increment_flow_control_window(self, increment: int, stream_id: int | None = None) -> None:
+        """
+        H2Connection.increment_flow_control_window, without h2's frame object
+        and state-machine lookups where sending WINDOW_UPDATE changes no
+        state (an open connection; a stream open or half-closed): the same
+        window accounting, the same frame bytes.
+        """
+        if 1 <= increment <= self.MAX_WINDOW_INCREMENT and self.state_machine.state in _OPEN_CONNECTION:
+            if stream_id is None:
+                self._inbound_flow_control_window_manager.window_opened(increment)
+                self._data_to_send += _WINDOW_UPDATE.pack(0, 4, 8, 0, 0, increment)
+                return
+            stream = self.streams.get(stream_id)
+            if stream is not None and stream.state_machine.state in _WINDOW_STATES:
+                stream._inbound_window_manager.window_opened(increment)
+                self._data_to_send += _WINDOW_UPDATE.pack(0, 4, 8, 0, stream_id, increment)
+                return
+        super().increment_flow_control_window(increment, stream_id)
 
     def send_room(self, stream_id: int) -> int:
         """
