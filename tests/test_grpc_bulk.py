@@ -80,6 +80,8 @@ def summary(events: list[h2events.Event]) -> list[tuple[Any, ...]]:
             out.append(("data", event.stream_id, event.data, event.flow_controlled_length))
         elif isinstance(event, h2events.StreamEnded):
             out.append(("ended", event.stream_id))
+        elif isinstance(event, h2events.WindowUpdated):
+            out.append(("window", event.stream_id, event.delta))
         else:
             out.append((type(event).__name__,))
     return out
@@ -230,9 +232,10 @@ def state(conn: H2Connection) -> list[Any]:
     return [
         conn.state_machine.state,
         conn._inbound_flow_control_window_manager.current_window_size,
+        conn.outbound_flow_control_window,
         [
             (sid, s.state_machine.state, s._inbound_window_manager.current_window_size,
-             s._actual_content_length)
+             s._actual_content_length, s.outbound_flow_control_window)
             for sid, s in sorted(conn.streams.items())
         ],
     ]
@@ -317,6 +320,39 @@ class ReceiveFramesTests(SynchronousTestCase):
         self.assertEqual(lean, stock)
         self.assertEqual((lean[0], lean[1], short), ([], None, 0))
         self.assertNotEqual(lean[3], b"")
+
+    def test_window_updates_as_receive_data(self) -> None:
+        """WINDOW_UPDATE frames, good and bad, on the connection and on streams in every state: as h2 has it."""
+        def update(stream_id: int, increment: int, flags: int = 0, extra: bytes = b"") -> bytes:
+            body = increment.to_bytes(4, "big") + extra
+            return (
+                len(body).to_bytes(3, "big") + bytes([8, flags]) + stream_id.to_bytes(4, "big") + body
+            )
+
+        good = b"".join([
+            update(0, 1000), update(1, 70_000), update(3, 1), update(1 | 1 << 31, 5),
+            data_frame(1, b"x"), update(1, 2, flags=0xFF), update(0, 1 << 20),
+            data_frame(3, b"abc", ("END_STREAM",)), update(3, 9),  # half-closed (remote)
+        ])
+        for step in (len(good), 13, 5, 1):
+            lean, stock, _ = self.both(good, step)
+            self.assertEqual(lean, stock, f"step {step}")
+            self.assertIsNone(lean[1])
+        cases = {
+            "zero increment": (update(1, 0), True),
+            "zero on the connection": (update(0, 0), True),
+            "reserved bit in the increment": (update(1, 1 << 31 | 1), True),
+            "connection window overflow": (update(0, (1 << 31) - 1), True),
+            "stream window overflow": (update(1, (1 << 31) - 1), False),
+            "idle stream": (update(7, 1), True),
+            "five bytes": (update(1, 1, extra=b"\x00"), True),
+            "closed stream": (data_frame(1, b"a", ("END_STREAM",)) + update(1, 1), False),
+        }
+        for name, (wire, fatal) in cases.items():
+            for step in (len(wire), 3):
+                lean, stock, _ = self.both(wire, step)
+                self.assertEqual(lean, stock, f"{name}, step {step}")
+                self.assertEqual(lean[1] is not None, fatal, name)
 
 
 class DataMessageTests(SynchronousTestCase):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, cast
 from h2.config import H2Configuration
 from h2.connection import ConnectionInputs, ConnectionState, H2Connection
 from h2.errors import ErrorCodes
-from h2.events import Event
+from h2.events import Event, WindowUpdated
 from h2.exceptions import (
     FlowControlError,
     FrameDataMissingError,
@@ -187,6 +187,7 @@ class _FrameBuffer(FrameBuffer):
 _DATA_HEADER = struct.Struct(">HBBBL")
 # A whole WINDOW_UPDATE frame: length (4), type (8), no flags, stream, increment.
 _WINDOW_UPDATE = struct.Struct(">HBBBLL")
+_LARGEST_WINDOW = 2**31 - 1
 _WINDOW_STATES = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL, StreamState.HALF_CLOSED_REMOTE)
 _END_STREAM = 0x1
 _OPEN_CONNECTION = (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN)
@@ -263,6 +264,21 @@ class LeanH2Connection(H2Connection):
                 raw: memoryview | bytearray = buffer._data if view is None else view
                 at = 0 if view is None else pos
                 if (
+                    len(raw) - at >= 13 and raw[at + 3] == 8 and raw[at + 2] == 4
+                    and raw[at] == 0 and raw[at + 1] == 0 and raw[at + 4] == 0
+                    and buffer._gathering is None and not buffer._headers_buffer
+                    and self.state_machine.state in _OPEN_CONNECTION
+                ):
+                    _, _, _, _, stream_id, increment = _WINDOW_UPDATE.unpack_from(raw, at)
+                    update = self._window_update(stream_id & 0x7FFFFFFF, increment)
+                    if update is not None:
+                        if view is None:
+                            del buffer._data[:13]
+                        else:
+                            pos = at + 13
+                        events.append(update)
+                        continue
+                if (
                     len(raw) - at >= 9 and raw[at + 3] == 0 and raw[at + 4] == 0
                     and buffer._gathering is None and not buffer._headers_buffer
                     and self.state_machine.state in _OPEN_CONNECTION
@@ -312,6 +328,30 @@ class LeanH2Connection(H2Connection):
             self._terminate_connection(e.error_code)
             raise
         return events
+
+    def _window_update(self, stream_id: int, increment: int) -> WindowUpdated | None:
+        """
+        What h2 does on receiving a WINDOW_UPDATE frame that changes no state
+        (on the connection, or a stream open or half-closed) and leaves the
+        window within bounds: the window grows, a L{WindowUpdated} event.
+        None for any other frame: h2 reads it (and says what is wrong).
+        """
+        if not 1 <= increment <= _LARGEST_WINDOW:
+            return None
+        if not stream_id:
+            window = self.outbound_flow_control_window + increment
+            if window > _LARGEST_WINDOW:
+                return None
+            self.outbound_flow_control_window = window
+            return WindowUpdated(stream_id=0, delta=increment)
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.state_machine.state not in _WINDOW_STATES:
+            return None
+        window = stream.outbound_flow_control_window + increment
+        if window > _LARGEST_WINDOW:
+            return None
+        stream.outbound_flow_control_window = window
+        return WindowUpdated(stream_id=stream_id, delta=increment)
 
     def _can_take(self, stream: H2Stream, length: int) -> bool:
         """Whether h2 would take a plain DATA frame of C{length} bytes on the stream without a word."""
