@@ -110,11 +110,8 @@ _REPLAY_LIMIT = 256 * 1024
 # varint of the Data, a tag and a varint of its payload.
 _DATA_HEAD_MAX = 12
 # What one flush writes is joined here below this size (small messages):
-# Twisted's writeSequence checks each piece, then joins them too.
+# one copy costs less than a long iovec, or Twisted's checks of each piece.
 _JOIN_BELOW = 16 * 1024
-# What one flush writes goes to the socket at once from this size, when
-# nothing is queued before it (see _send_now).
-_SEND_NOW_FROM = 64 * 1024
 # The most pieces one sendmsg takes (IOV_MAX is 1024 on Linux).
 _IOV_MAX = 1024
 # Frame(end=End()) of stream 0: how almost every stream ends, read without protobuf.
@@ -923,7 +920,12 @@ class GrpcLink(Protocol):
         return waiter
 
     def flush(self) -> None:
-        """Move the turn's queued messages into HTTP/2, then write what it has: one write."""
+        """
+        Move the turn's queued messages into HTTP/2, then write what it has:
+        one write, straight to a plain TCP socket when nothing is queued
+        before it (L{_send_now}); what the socket does not take, and
+        everything on other transports, is queued by Twisted as usual.
+        """
         if self._batching or self.transport is None:
             return
         while self._dirty:
@@ -935,15 +937,12 @@ class GrpcLink(Protocol):
         chunks = self.conn.chunks_to_send()
         if not chunks:
             return
-        size = sum(map(len, chunks))
-        if len(chunks) > 1 and size <= _JOIN_BELOW:
-            # Twisted would check each piece and join them anyway.
-            self.transport.write(b"".join(chunks))
-            return
+        if len(chunks) > 1 and sum(map(len, chunks)) <= _JOIN_BELOW:
+            # Small pieces: one copy is cheaper than a long iovec.
+            chunks = [b"".join(chunks)]
         transport = self.transport
         if (
-            size >= _SEND_NOW_FROM
-            and self._plain
+            self._plain
             and len(chunks) <= _IOV_MAX
             and not transport._tempDataBuffer
             and transport.offset == len(transport.dataBuffer)
