@@ -40,6 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tunneld import sendnow
 from tunneld.edge.fasthead import check_fields as _check_fields
 from tunneld.edge.fasthead import read_head as _read_head
 from tunneld.edge.fasthead import response_head as _response_head
@@ -242,14 +243,14 @@ class _Exchange:
             left = protocol._out_left
             if left is None:
                 if data:
-                    protocol._socket.writeSequence([b"%x\r\n" % len(data), data, b"\r\n"])
+                    sendnow.write_sequence(protocol._socket, [b"%x\r\n" % len(data), data, b"\r\n"])
             else:
                 left -= len(data)
                 if left < 0:
                     protocol._reply_broke(self, "Too much data for declared Content-Length")
                     return
                 protocol._out_left = left
-                protocol._socket.write(data)
+                sendnow.write(protocol._socket, data)
             protocol._stats.bytes_out += len(data)
             protocol._last_activity = protocol._seconds()
             return
