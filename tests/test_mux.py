@@ -554,6 +554,39 @@ class BatchedDataTests(SynchronousTestCase):
         self.assertEqual(bytes(receiver.data), payload)
 
 
+class BorrowingReceiver(Receiver):
+    """A L{Receiver} that takes Data as views of the frames (C{borrows_data})."""
+
+    borrows_data = True
+
+
+class ViewTests(SynchronousTestCase):
+    """Data from a C{bytearray} frame is a view only for a receiver that takes views."""
+
+    def _deliver(self, receiver: Receiver) -> None:
+        pair = Pair(Clock(), edge_window=1 << 20, agent_window=1 << 20)
+        stream, _, remote, _ = pair.open()
+        remote.attach(receiver)
+        payload = os.urandom(10_000)
+        pair.edge_wire.outbox.clear()
+        frame = bytearray(codec.encode_data(stream.stream_id, payload))
+        pair.agent.frame_received(frame)
+        pair.agent.frame_received(memoryview(codec.encode_data(stream.stream_id, payload)))
+        self.assertEqual(bytes(receiver.data), payload + payload)
+
+    def test_borrower_gets_views(self) -> None:
+        """A borrowing receiver is handed memoryviews of the frames, not copies."""
+        receiver = BorrowingReceiver()
+        self._deliver(receiver)
+        self.assertEqual([type(e[1]) for e in receiver.events if e[0] == "data"], [memoryview] * 2)
+
+    def test_others_get_bytes(self) -> None:
+        """Any other receiver gets bytes."""
+        receiver = Receiver()
+        self._deliver(receiver)
+        self.assertEqual([type(e[1]) for e in receiver.events if e[0] == "data"], [bytes] * 2)
+
+
 class ProtocolErrorTests(SynchronousTestCase):
     """A misbehaving peer closes the link with PROTOCOL_ERROR."""
 

@@ -16,7 +16,8 @@ the tunnel frame itself.  Here is the whole of what an agent link needs:
     bound first) and unmasked there, never re-copied per read.  A large
     message is handed over without another copy: as a C{memoryview} of the
     read when it came unmasked and whole, else as the C{bytearray} it was
-    unmasked into; the handler copies out what it keeps.
+    unmasked into, a new one per message; the reader never changes either
+    again, so the handler may keep it (or a view of part of it).
   - L{FrameWriter}: one C{bytes} per frame, masked with a fresh random key
     when it is the client's (the agent's) end; L{FrameWriter.binary_frames}
     writes several messages, each given in pieces, into one buffer with a
@@ -152,8 +153,8 @@ class FrameHandler(Protocol):
     def message_received(self, payload: Payload, binary: bool) -> None:
         """
         A whole data message (text only to be refused: an agent link is
-        binary).  A C{memoryview} or C{bytearray} C{payload} is valid only
-        during the call: copy out what is kept.
+        binary).  A C{memoryview} or C{bytearray} C{payload} is never
+        changed by the reader afterwards: it may be kept.
         """
 
     def ping_received(self, payload: bytes | bytearray) -> None:

@@ -311,7 +311,12 @@ class FrameStream:
         elif self._early is not None:
             self._early.events.append((name, args))
 
-    def data_arrived(self, data: bytes) -> None:
+    def data_arrived(self, data: bytes | memoryview) -> None:
+        """
+        Data for this stream: C{bytes}, or a C{memoryview} of a received
+        frame, handed as it is only to a receiver that takes views
+        (C{borrows_data}); anyone else gets C{bytes}.
+        """
         size = len(data)
         if size > self.recv_remaining:
             raise FrameError(
@@ -321,9 +326,11 @@ class FrameStream:
         self.recv_remaining -= size
         receiver = self.receiver
         if receiver is not None:
-            receiver.data_received(data)
+            if type(data) is not bytes and not getattr(receiver, "borrows_data", False):
+                data = bytes(data)
+            receiver.data_received(cast(bytes, data))  # a view only for a borrower
         else:
-            self._deliver("data_received", data)
+            self._deliver("data_received", bytes(data))
         self._unacked += size
         if not self._consumer_paused and not self.closed and self._unacked >= self.link.ack_threshold:
             self._grant()
@@ -559,8 +566,8 @@ class FrameLink:
         Dispatch one frame.  A malformed or out-of-place frame closes the link
         with C{protocol_error}: the peer is broken or hostile, and nothing it
         sends afterwards can be trusted.  A C{bytearray} or C{memoryview}
-        C{payload} may be reused by the transport afterwards: nothing here
-        keeps it (L{codec.read} copies out what it returns).
+        C{payload} must never be changed afterwards: a Data frame's bytes
+        may be passed on as a view of it (L{FrameStream.data_arrived}).
         """
         if self.closed:
             return
@@ -569,7 +576,7 @@ class FrameLink:
             self._protocol_error(f"frame of {len(payload)} bytes exceeds {self.max_frame_size}")
             return
         try:
-            self._dispatch(*codec.read(payload))
+            self._dispatch(*codec.read(payload, borrow=True))
         except FrameError as e:
             self._protocol_error(str(e))
 

@@ -1,5 +1,5 @@
 """
-Tests for L{tunneld.sendnow}: large writes go to the socket at once, and
+Tests for L{tunneld.bulkwrite}: large writes go to the socket at once, and
 everything else about a Twisted write (order, backpressure, closing) holds.
 """
 
@@ -20,7 +20,7 @@ from twisted.test.proto_helpers import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from tunneld import sendnow
+from tunneld import bulkwrite
 
 reactor: Any = _reactor
 
@@ -72,7 +72,7 @@ class _Producer:
 
 
 class SendNowTests(TestCase):
-    """L{sendnow.write} and L{sendnow.write_sequence} on real TCP connections."""
+    """L{bulkwrite.write} and L{bulkwrite.write_sequence} on real TCP connections."""
 
     async def _pair(self, expected: int) -> tuple[Connection, _Collect]:
         """A connected pair: our sending transport and the peer's collecting protocol."""
@@ -95,27 +95,50 @@ class SendNowTests(TestCase):
         """A large bytearray or memoryview with nothing queued leaves at once, nothing queued behind."""
         data = _pattern(BIG)
         transport, peer = await self._pair(2 * BIG)
-        sendnow.write(transport, bytearray(data))
+        bulkwrite.write(transport, bytearray(data))
         self.assertEqual((transport._tempDataLen, len(transport.dataBuffer)), (0, 0))
-        sendnow.write(transport, memoryview(data))
+        bulkwrite.write(transport, memoryview(data))
         self.assertEqual(await peer.done, data + data)
 
     async def test_small_write_is_queued(self) -> None:
         """A small write is an ordinary queued write (it leaves with the reactor turn's others)."""
         transport, peer = await self._pair(100)
-        sendnow.write(transport, bytearray(b"x" * 100))
+        bulkwrite.write(transport, bytearray(b"x" * 100))
         self.assertEqual(transport._tempDataBuffer, [b"x" * 100])
         self.assertEqual(await peer.done, b"x" * 100)
 
-    async def test_queued_behind_earlier_writes(self) -> None:
-        """With anything queued, a large write queues behind it: order is kept."""
+    async def test_small_untried_writes_go_first(self) -> None:
+        """Small writes queued this turn leave first, in the same system call, and nothing stays queued."""
         data = _pattern(BIG, 3)
-        transport, peer = await self._pair(5 + 2 * BIG)
+        transport, peer = await self._pair(5 + BIG)
         transport.write(b"first")
-        sendnow.write(transport, bytearray(data))
-        sendnow.write_sequence(transport, [memoryview(data)])
-        self.assertEqual(transport._tempDataLen, 5 + 2 * BIG)
-        self.assertEqual(await peer.done, b"first" + data + data)
+        bulkwrite.write(transport, bytearray(data))
+        self.assertEqual((transport._tempDataLen, transport._tempDataBuffer), (0, []))
+        self.assertNotIn(transport, reactor.getWriters())
+        self.assertEqual(await peer.done, b"first" + data)
+
+    async def test_paused_producer_is_resumed(self) -> None:
+        """Sending what was queued leaves resuming a paused producer to Twisted, which does it."""
+        transport, peer = await self._pair(5 + BIG)
+        producer = _Producer()
+        transport.registerProducer(producer, True)
+        transport.producerPaused = True
+        transport.write(b"first")
+        bulkwrite.write(transport, bytearray(BIG))
+        await peer.done
+        while producer.events != ["resume"]:
+            await _turn()
+
+    async def test_queued_behind_large_writes(self) -> None:
+        """Behind a large queued write, a large write queues too: order is kept."""
+        data = _pattern(BIG, 4)
+        first = b"f" * bulkwrite.DIRECT_FROM
+        transport, peer = await self._pair(len(first) + 2 * BIG)
+        transport.write(first)
+        bulkwrite.write(transport, bytearray(data))
+        bulkwrite.write_sequence(transport, [memoryview(data)])
+        self.assertEqual(transport._tempDataLen, len(first) + 2 * BIG)
+        self.assertEqual(await peer.done, first + data + data)
 
     async def test_unsent_rest_is_queued_with_backpressure(self) -> None:
         """What the kernel does not take is queued, pausing the producer; all of it arrives in order."""
@@ -126,7 +149,7 @@ class SendNowTests(TestCase):
         peer.transport.pauseProducing()  # type: ignore[union-attr]
         producer = _Producer()
         transport.registerProducer(producer, True)
-        sendnow.write(transport, memoryview(data))
+        bulkwrite.write(transport, memoryview(data))
         queued = transport._tempDataLen
         self.assertTrue(0 < queued < size)
         self.assertEqual(producer.events[:1], ["pause"])
@@ -144,7 +167,7 @@ class SendNowTests(TestCase):
         transport, peer = await self._pair(size + 8)
         transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
         peer.transport.pauseProducing()  # type: ignore[union-attr]
-        sendnow.write_sequence(transport, pieces)
+        bulkwrite.write_sequence(transport, pieces)
         self.assertTrue(0 < transport._tempDataLen < size)
         self.assertTrue(all(type(piece) is bytes for piece in transport._tempDataBuffer))
         peer.transport.resumeProducing()  # type: ignore[union-attr]
@@ -155,7 +178,7 @@ class SendNowTests(TestCase):
         data = _pattern(BIG, 1)
         transport, peer = await self._pair(BIG)
         transport.loseConnection()
-        sendnow.write(transport, bytearray(data))
+        bulkwrite.write(transport, bytearray(data))
         self.assertEqual(transport._tempDataLen, BIG)
         self.assertEqual(await peer.done, data)
 
@@ -167,10 +190,43 @@ class SendNowTests(TestCase):
             lambda reason: lost.callback([reason])
         )
         transport.socket.shutdown(socket.SHUT_WR)
-        sendnow.write(transport, bytearray(BIG))
+        bulkwrite.write(transport, bytearray(BIG))
         self.assertEqual(transport._tempDataLen, BIG)
         [reason] = await lost
         self.assertTrue(reason.check(ConnectionLost))
+
+
+    async def test_queue_keeps_the_buffer_uncopied(self) -> None:
+        """L{bulkwrite.queue} queues a view as it is, in order with other writes, and it all arrives."""
+        data = _pattern(BIG, 6)
+        view = memoryview(bytearray(data))[1:]
+        transport, peer = await self._pair(BIG + 2)
+        transport.write(b"<")
+        bulkwrite.queue(transport, view)
+        transport.write(b">")
+        bulkwrite.queue(transport, b"!")
+        self.assertIs(transport._tempDataBuffer[1], view)
+        self.assertEqual(await peer.done, b"<" + data[1:] + b">!")
+
+    async def test_queue_pauses_the_producer(self) -> None:
+        """Queueing past the transport's bufferSize pauses its producer, as Twisted's write does."""
+        transport, peer = await self._pair(2 * BIG)
+        producer = _Producer()
+        transport.registerProducer(producer, True)
+        bulkwrite.queue(transport, bytearray(2 * BIG))
+        self.assertEqual(producer.events, ["pause"])
+        await peer.done
+        while producer.events[-1] != "resume":
+            await _turn()
+
+    async def test_queue_after_the_write_side_closed(self) -> None:
+        """Once the write side is shut, a queued buffer is dropped, as Twisted's write drops it."""
+        transport, peer = await self._pair(1)
+        transport.loseWriteConnection()
+        while not transport._writeDisconnected:
+            await _turn()
+        bulkwrite.queue(transport, bytearray(BIG))
+        self.assertEqual(transport._tempDataLen, 0)
 
 
 class OtherTransportTests(SynchronousTestCase):
@@ -179,8 +235,16 @@ class OtherTransportTests(SynchronousTestCase):
     def test_other_transport(self) -> None:
         """A non-TCP transport (TLS, a wrapper, a test double) is written C{bytes}, in order."""
         transport = StringTransport()
-        sendnow.write(transport, bytearray(b"a" * BIG))
-        sendnow.write(transport, memoryview(b"b" * 10))
-        sendnow.write_sequence(transport, [b"c", bytearray(b"d" * BIG)])
-        self.assertEqual(transport.value(), b"a" * BIG + b"b" * 10 + b"c" + b"d" * BIG)
+        bulkwrite.write(transport, bytearray(b"a" * BIG))
+        bulkwrite.write(transport, memoryview(b"b" * 10))
+        bulkwrite.write_sequence(transport, [b"c", bytearray(b"d" * BIG)])
+        bulkwrite.queue(transport, memoryview(b"e" * 10))
+        self.assertEqual(transport.value(), b"a" * BIG + b"b" * 10 + b"c" + b"d" * BIG + b"e" * 10)
 
+
+
+async def _turn() -> None:
+    """Let the reactor run once."""
+    d: Deferred[None] = Deferred()
+    reactor.callLater(0, d.callback, None)
+    await d
