@@ -177,6 +177,7 @@ class RoundTripTests(SynchronousTestCase):
             token="secret",
             software="tunneld-agent/0.1",
             initial_window=65536,
+            max_frame_size=1 << 20,
         )
         self.assertEqual(codec.control_from(wire(codec.encode_control(hello))), hello)
 
@@ -191,6 +192,7 @@ class RoundTripTests(SynchronousTestCase):
             ),
             initial_window=131072,
             heartbeat_ms=10000,
+            max_frame_size=1 << 20,
         )
         self.assertEqual(codec.control_from(wire(codec.encode_control(welcome))), welcome)
 

@@ -18,10 +18,13 @@ ways around that, each for its own case:
     frames of an upstream read): no copy, no queue, no producer pause.
   - L{queue} queues a buffer that will never change as it is, uncopied;
     Twisted's join before the send is then its only copy.  For many
-    medium writes in one turn (the edge's Data frames of one link read):
-    sending each at once would cost a system call each, and on loopback a
-    send also runs the receiver's TCP processing, so fewer, larger sends
-    are cheaper than the copy they would save.
+    medium writes in one turn (128 KiB Data frames, several per link
+    read): sending each at once would cost a system call each, and on
+    loopback a send also runs the receiver's TCP processing, so fewer,
+    larger sends are cheaper than the copy they would save.
+  - L{forward} chooses between the two for a buffer that never changes by
+    its length (the edge's Data frames, which a peer may send up to 1 MiB
+    long).
 
 Everything else about a Twisted write holds:
 
@@ -49,10 +52,14 @@ from typing import Any
 
 from twisted.internet.tcp import Connection
 
-__all__ = ["DIRECT_FROM", "queue", "write", "write_sequence"]
+__all__ = ["ALONE_FROM", "DIRECT_FROM", "forward", "queue", "write", "write_sequence"]
 
 # Writes at least this long are sent at once when nothing is queued.
 DIRECT_FROM = 32 * 1024
+# A buffer that never changes is worth a system call of its own from this
+# length (a Data frame from a peer that sends large ones); shorter ones are
+# queued, to leave with the others of their reactor turn.
+ALONE_FROM = 256 * 1024
 
 Buffer = bytes | bytearray | memoryview
 
@@ -160,3 +167,19 @@ def queue(transport: Any, data: Buffer) -> None:
     transport._tempDataLen += len(data)
     transport._maybePauseProducer()
     transport.startWriting()
+
+
+def forward(transport: Any, data: Buffer) -> None:
+    """
+    Pass on C{data}, a buffer that will never change: at least
+    L{ALONE_FROM} bytes are sent at once as by L{write} (without a copy of
+    what the kernel did not take), shorter ones queued as by L{queue}.
+    """
+    size = len(data)
+    if size >= ALONE_FROM:
+        rest = _send_now(transport, [data], size)
+        if rest is not None:
+            for piece in rest:
+                queue(transport, piece)
+            return
+    queue(transport, data)

@@ -232,8 +232,8 @@ class _Exchange:
             self.protocol._reply(self, reply)
 
     # data_received may be handed a view of a frame the link never changes
-    # again: the body's bytes are queued as they are (bulkwrite.queue), to
-    # be copied once, when the socket's queue is joined for sending.
+    # again: the body's bytes are sent or queued as they are (bulkwrite),
+    # copied at most once, when the socket's queue is joined for sending.
     borrows_data = True
 
     def data_received(self, data: bytes | memoryview) -> None:
@@ -259,7 +259,7 @@ class _Exchange:
                     protocol._reply_broke(self, "Too much data for declared Content-Length")
                     return
                 protocol._out_left = left
-                bulkwrite.queue(protocol._socket, data)
+                bulkwrite.forward(protocol._socket, data)
             protocol._stats.bytes_out += len(data)
             protocol._last_activity = protocol._seconds()
             return

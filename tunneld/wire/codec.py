@@ -239,6 +239,7 @@ def encode_control(message: ControlMessage) -> pb.Frame:
                 tunnels=[_spec_to_pb(t) for t in message.tunnels],
                 software=message.software,
                 initial_window=message.initial_window,
+                max_frame_size=message.max_frame_size,
             )
         )
     if isinstance(message, Welcome):
@@ -257,6 +258,7 @@ def encode_control(message: ControlMessage) -> pb.Frame:
                 ],
                 initial_window=message.initial_window,
                 heartbeat_ms=message.heartbeat_ms,
+                max_frame_size=message.max_frame_size,
             )
         )
     if isinstance(message, Health):
@@ -280,6 +282,7 @@ def control_from(frame: pb.Frame) -> ControlMessage:
             version=h.version,
             software=h.software,
             initial_window=h.initial_window,
+            max_frame_size=h.max_frame_size,
         )
     if kind == "welcome":
         w = frame.welcome
@@ -293,6 +296,7 @@ def control_from(frame: pb.Frame) -> ControlMessage:
             version=w.version,
             initial_window=w.initial_window,
             heartbeat_ms=w.heartbeat_ms,
+            max_frame_size=w.max_frame_size,
         )
     if kind == "goaway":
         return GoAway(Reason.from_wire(frame.goaway.reason), frame.goaway.message)
