@@ -229,6 +229,33 @@ class SendNowTests(TestCase):
         self.assertEqual(transport._tempDataLen, 0)
 
 
+    async def test_forward_sends_long_and_queues_short(self) -> None:
+        """L{bulkwrite.forward}: a long view leaves at once, a short one is queued uncopied."""
+        long = _pattern(bulkwrite.ALONE_FROM, 7)
+        short = memoryview(bytearray(_pattern(BIG // 2, 8)))
+        transport, peer = await self._pair(len(long) + len(short))
+        bulkwrite.forward(transport, memoryview(long))
+        self.assertEqual(transport._tempDataLen, 0)
+        bulkwrite.forward(transport, short)
+        self.assertIs(transport._tempDataBuffer[0], short)
+        self.assertEqual(await peer.done, long + bytes(short))
+
+    async def test_forward_queues_the_rest_uncopied(self) -> None:
+        """What the kernel does not take of a forwarded view is queued as a view of it."""
+        size = 8 * 1024 * 1024
+        data = _pattern(size, 10)
+        transport, peer = await self._pair(size)
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        peer.transport.pauseProducing()  # type: ignore[union-attr]
+        view = memoryview(data)
+        bulkwrite.forward(transport, view)
+        [rest] = transport._tempDataBuffer
+        self.assertIs(type(rest), memoryview)
+        self.assertIs(memoryview(rest).obj, data)
+        peer.transport.resumeProducing()  # type: ignore[union-attr]
+        self.assertEqual(await peer.done, data)
+
+
 class OtherTransportTests(SynchronousTestCase):
     """Anything but a plain TCP connection gets an ordinary write of C{bytes}."""
 

@@ -247,9 +247,11 @@ class _Exchange:
         if protocol._fast:
             left = protocol._out_left
             if left is None:
-                if type(data) is bytes:
+                if not data:
+                    pass  # an empty chunk would end the body
+                elif type(data) is bytes:
                     protocol._socket.writeSequence([b"%x\r\n" % len(data), data, b"\r\n"])
-                elif data:
+                else:
                     bulkwrite.queue(protocol._socket, b"%x\r\n" % len(data))
                     bulkwrite.queue(protocol._socket, data)
                     bulkwrite.queue(protocol._socket, b"\r\n")
