@@ -95,6 +95,8 @@ def _send_now(transport: Any, pieces: list[Buffer], size: int) -> list[Buffer] |
     if queued:
         transport._tempDataBuffer = []
         transport._tempDataLen = 0
+        transport.dataBuffer = b""  # all of it was sent before
+        transport.offset = 0
         if sent >= size and not (
             transport.producer is not None
             and (not transport.streamingProducer or transport.producerPaused)
