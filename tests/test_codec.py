@@ -177,6 +177,7 @@ class RoundTripTests(SynchronousTestCase):
             token="secret",
             software="tunneld-agent/0.1",
             initial_window=65536,
+            max_frame_size=1 << 20,
         )
         self.assertEqual(codec.control_from(wire(codec.encode_control(hello))), hello)
 
@@ -191,6 +192,7 @@ class RoundTripTests(SynchronousTestCase):
             ),
             initial_window=131072,
             heartbeat_ms=10000,
+            max_frame_size=1 << 20,
         )
         self.assertEqual(codec.control_from(wire(codec.encode_control(welcome))), welcome)
 
@@ -448,6 +450,16 @@ class BufferReadingTests(SynchronousTestCase):
         self.assertEqual((kind, type(body), body, end), (codec.DATA, bytes, b"x" * 5000, True))
         _, kind, body, end = codec.read(memoryview(data))
         self.assertEqual((kind, type(body)), (codec.DATA, bytes))
-        _, kind, trailers, _ = codec.read(bytearray(codec.end_bytes(3, [(b"grpc-status", b"0")])))
+        _, kind, trailers, _ = codec.read(bytearray(codec.end_bytes(3, [(b"grpc-status", b"0")])), borrow=True)
         self.assertEqual(trailers, ((b"grpc-status", b"0"),))
         self.assertEqual({type(part) for pair in trailers for part in pair}, {bytes})
+
+    def test_borrowed_data_is_a_view(self) -> None:
+        """With borrow, a Data frame's bytes from a bytearray or view come as a view of it, uncopied."""
+        data = codec.encode_data(3, b"x" * 5000, end_stream=True)
+        buffer = bytearray(data)
+        _, kind, body, end = codec.read(buffer, borrow=True)
+        self.assertEqual((kind, type(body), bytes(body), end), (codec.DATA, memoryview, b"x" * 5000, True))
+        self.assertIs(body.obj, buffer)
+        _, _, body, _ = codec.read(data, borrow=True)
+        self.assertIs(type(body), bytes)

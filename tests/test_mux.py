@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import weakref
+from dataclasses import replace
 from typing import Any, cast
 
 from twisted.internet.interfaces import IPushProducer
@@ -554,6 +555,89 @@ class BatchedDataTests(SynchronousTestCase):
         self.assertEqual(bytes(receiver.data), payload)
 
 
+class BorrowingReceiver(Receiver):
+    """A L{Receiver} that takes Data as views of the frames (C{borrows_data})."""
+
+    borrows_data = True
+
+
+class ViewTests(SynchronousTestCase):
+    """Data from a C{bytearray} frame is a view only for a receiver that takes views."""
+
+    def _deliver(self, receiver: Receiver) -> None:
+        pair = Pair(Clock(), edge_window=1 << 20, agent_window=1 << 20)
+        stream, _, remote, _ = pair.open()
+        remote.attach(receiver)
+        payload = os.urandom(10_000)
+        pair.edge_wire.outbox.clear()
+        frame = bytearray(codec.encode_data(stream.stream_id, payload))
+        pair.agent.frame_received(frame)
+        pair.agent.frame_received(memoryview(codec.encode_data(stream.stream_id, payload)))
+        self.assertEqual(bytes(receiver.data), payload + payload)
+
+    def test_borrower_gets_views(self) -> None:
+        """A borrowing receiver is handed memoryviews of the frames, not copies."""
+        receiver = BorrowingReceiver()
+        self._deliver(receiver)
+        self.assertEqual([type(e[1]) for e in receiver.events if e[0] == "data"], [memoryview] * 2)
+
+    def test_others_get_bytes(self) -> None:
+        """Any other receiver gets bytes."""
+        receiver = Receiver()
+        self._deliver(receiver)
+        self.assertEqual([type(e[1]) for e in receiver.events if e[0] == "data"], [bytes] * 2)
+
+
+class FrameLimitTests(SynchronousTestCase):
+    """Data frames grow to the limit both ends said in Hello and Welcome, and only then."""
+
+    def _pair(self, agent_limit: int = 1 << 20) -> Pair:
+        return Pair(
+            Clock(), edge_window=1 << 21, agent_window=1 << 21, wire=BatchingWire,
+            agent_kwargs={"max_frame_size": agent_limit},
+        )
+
+    def _sizes(self, pair: Pair, payload: bytes) -> list[int]:
+        """The frame sizes of one 1.5 MiB write from the edge, checked on arrival."""
+        stream, _, _, receiver = pair.open()
+        stream.write(payload)
+        wire = pair.edge_wire
+        assert isinstance(wire, BatchingWire)
+        pair.pump()
+        self.assertEqual(bytes(receiver.data), payload)
+        self.assertIsNone(pair.agent_wire.closed)
+        return wire.batches[-1]
+
+    def test_both_said_their_limits(self) -> None:
+        """After Hello and Welcome each side sends Data frames up to the other's limit."""
+        pair = self._pair()
+        pair.agent.send_control(Hello(agent_id="a", tunnels=()))
+        pair.edge.send_control(Welcome(session_id="s"))
+        pair.pump()
+        self.assertEqual((pair.edge.max_data, pair.agent.max_data), ((1 << 20) - 32,) * 2)
+        sizes = self._sizes(pair, os.urandom(3 << 19))
+        self.assertEqual(len(sizes), 2)
+        self.assertTrue(all(size <= 1 << 20 for size in sizes))
+
+    def test_smaller_limit_wins(self) -> None:
+        """A peer with a smaller limit gets frames that fit it."""
+        pair = self._pair(agent_limit=300_000)
+        pair.agent.send_control(Hello(agent_id="a", tunnels=()))
+        pair.pump()
+        self.assertEqual(pair.edge.max_data, 300_000 - 32)
+        self.assertTrue(all(size <= 300_000 for size in self._sizes(pair, os.urandom(3 << 19))))
+
+    def test_old_peer_keeps_the_minimum(self) -> None:
+        """A Hello that says no limit (an older agent), or one below the minimum, keeps 128 KiB frames."""
+        for said in (0, 1000):
+            pair = self._pair()
+            hello = Hello(agent_id="a", tunnels=(), max_frame_size=said)
+            pair.agent.send(codec.encode_control(hello).SerializeToString())
+            pair.pump()
+            self.assertEqual(pair.edge.max_data, 128 * 1024 - 32)
+            self.assertTrue(all(size <= 128 * 1024 for size in self._sizes(pair, os.urandom(3 << 19))))
+
+
 class ProtocolErrorTests(SynchronousTestCase):
     """A misbehaving peer closes the link with PROTOCOL_ERROR."""
 
@@ -665,8 +749,13 @@ class LinkLifetimeTests(SynchronousTestCase):
         self.pair.agent.send_control(hello)
         self.pair.edge.send_control(welcome)
         self.pair.pump()
-        self.assertEqual(self.pair.edge_handler.controls, [hello])
-        self.assertEqual(self.pair.agent_handler.controls, [welcome])
+        # Each says the largest frame its link accepts (1 MiB by default).
+        self.assertEqual(
+            self.pair.edge_handler.controls, [replace(hello, max_frame_size=1 << 20)]
+        )
+        self.assertEqual(
+            self.pair.agent_handler.controls, [replace(welcome, max_frame_size=1 << 20)]
+        )
 
     def test_pings_and_round_trip_time(self) -> None:
         """Each heartbeat interval sends a ping; the pong sets round_trip_time()."""

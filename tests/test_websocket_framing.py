@@ -109,6 +109,21 @@ class RoundTripTests(SynchronousTestCase):
                     reader.feed(data[i : i + 1])
                 self.assertEqual(recorder.events, [("message", payload, True)], (masked, size))
 
+    def test_large_and_small_reads_of_one_payload(self) -> None:
+        """A payload over reads large and small arrives whole; short reads are gathered, not listed one by one."""
+        payload = os.urandom(600 * 1024)
+        data = FrameWriter(masked=True).binary(payload)
+        recorder = Recorder()
+        reader = FrameReader(recorder, masked=True, max_message=LIMIT)
+        reader.feed(data[:100_000])
+        for at in range(100_000, 300_000, 100):
+            reader.feed(data[at : at + 100])
+        reader.feed(data[300_000:400_000])
+        reader.feed(data[400_000:400_010])
+        self.assertEqual(len(reader._payload), 4)
+        reader.feed(data[400_010:])
+        self.assertEqual(recorder.events, [("message", payload, True)])
+
     def test_random_chunks(self) -> None:
         """A run of frames of every size, cut into random reads, comes out whole and in order."""
         rng = random.Random(8)

@@ -28,6 +28,11 @@ class IStreamReceiver(Interface):
     Calls come in protocol order: at most one C{reply_received} (edge side),
     any number of C{data_received}, then exactly one of C{end_received} or
     C{reset_received}.
+
+    A receiver whose class sets C{borrows_data = True} may be handed a
+    C{memoryview} by C{data_received}: a view of a received frame, which
+    nothing changes afterwards, so it may be kept as C{bytes} would (keeping
+    it keeps the whole frame).  Others always get C{bytes}.
     """
 
     def reply_received(reply: ReplyHead) -> None:

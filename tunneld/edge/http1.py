@@ -40,6 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tunneld import bulkwrite
 from tunneld.edge.fasthead import check_fields as _check_fields
 from tunneld.edge.fasthead import read_head as _read_head
 from tunneld.edge.fasthead import response_head as _response_head
@@ -230,10 +231,15 @@ class _Exchange:
         if self.live and not self.response_started:
             self.protocol._reply(self, reply)
 
-    def data_received(self, data: bytes) -> None:
+    # data_received may be handed a view of a frame the link never changes
+    # again: the body's bytes are sent or queued as they are (bulkwrite),
+    # copied at most once, when the socket's queue is joined for sending.
+    borrows_data = True
+
+    def data_received(self, data: bytes | memoryview) -> None:
         """IStreamReceiver.data_received: one h11 event, one write."""
         if self.upgraded is not None:
-            self.upgraded.stream_data(data)
+            self.upgraded.stream_data(bytes(data))
             return
         if not self.live or self.bodyless or not self.response_started:
             return
@@ -241,20 +247,26 @@ class _Exchange:
         if protocol._fast:
             left = protocol._out_left
             if left is None:
-                if data:
+                if not data:
+                    pass  # an empty chunk would end the body
+                elif type(data) is bytes:
                     protocol._socket.writeSequence([b"%x\r\n" % len(data), data, b"\r\n"])
+                else:
+                    bulkwrite.queue(protocol._socket, b"%x\r\n" % len(data))
+                    bulkwrite.queue(protocol._socket, data)
+                    bulkwrite.queue(protocol._socket, b"\r\n")
             else:
                 left -= len(data)
                 if left < 0:
                     protocol._reply_broke(self, "Too much data for declared Content-Length")
                     return
                 protocol._out_left = left
-                protocol._socket.write(data)
+                bulkwrite.forward(protocol._socket, data)
             protocol._stats.bytes_out += len(data)
             protocol._last_activity = protocol._seconds()
             return
         try:
-            pieces = protocol._conn.send_with_data_passthrough(h11.Data(data=data))
+            pieces = protocol._conn.send_with_data_passthrough(h11.Data(data=bytes(data)))
         except h11.LocalProtocolError as error:
             protocol._reply_broke(self, str(error))
             return

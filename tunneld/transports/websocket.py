@@ -35,6 +35,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tunneld import bulkwrite
 from tunneld.errors import ConfigError
 from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup, ITransportPlugin
 from tunneld.listening import ConnectionTracker, ListeningService
@@ -136,9 +137,12 @@ class _FrameWireMixin:
             self.transport.write(self._writer.binary(payload))
 
     def send_frames(self, frames: Sequence[Sequence[bytes | memoryview]]) -> None:
-        """FrameWire.send_frames: the frames in one write, each piece copied once."""
+        """
+        FrameWire.send_frames: the frames in one write, each piece copied
+        once; a large write goes to the socket at once (L{bulkwrite.write}).
+        """
         if not self._closing and self._reader is not None:
-            self.transport.write(self._writer.binary_frames(frames))
+            bulkwrite.write(self.transport, self._writer.binary_frames(frames))
 
     def close_wire(self, reason: Reason, message: str) -> None:
         """FrameWire.close_wire"""

@@ -11,15 +11,16 @@ the tunnel frame itself.  Here is the whole of what an agent link needs:
   - L{FrameReader}: incremental, whatever way the bytes are cut into reads.
     Binary messages (with continuation frames reassembled up to a bound),
     Ping, Pong, Close; everything else the RFC forbids is a L{FramingError}
-    carrying the close code to send.  A payload split over many reads is
-    copied once into a buffer of its declared size (checked against the
-    bound first) and unmasked there, never re-copied per read.  A large
+    carrying the close code to send.  A payload split over many reads (its
+    declared size checked against the bound first) is kept as the reads'
+    pieces and copied once, when whole, into a buffer unmasked there.  A large
     message is handed over without another copy: as a C{memoryview} of the
     read when it came unmasked and whole, else as the C{bytearray} it was
-    unmasked into; the handler copies out what it keeps.
+    unmasked into, a new one per message; the reader never changes either
+    again, so the handler may keep it (or a view of part of it).
   - L{FrameWriter}: one C{bytes} per frame, masked with a fresh random key
     when it is the client's (the agent's) end; L{FrameWriter.binary_frames}
-    writes several messages, each given in pieces, into one C{bytes} with a
+    writes several messages, each given in pieces, into one buffer with a
     single copy of each piece.
 
 No extension is ever negotiated on an agent link, so the RSV bits must be 0.
@@ -69,6 +70,9 @@ Payload = bytes | bytearray | memoryview
 # Whole messages at least this long are handed over as a view of the read
 # (unmasked) or the buffer they were unmasked into (masked).
 _VIEW_FROM = 4096
+# A read inside a payload is kept as it is from this length; shorter ones
+# are gathered into one buffer.
+_PIECE_FROM = 64 * 1024
 
 # Autobahn's compiled (CFFI) XOR masker, used directly: one copy into a
 # bytearray masked in place.  Its public wrapper (a masker object per frame,
@@ -152,8 +156,8 @@ class FrameHandler(Protocol):
     def message_received(self, payload: Payload, binary: bool) -> None:
         """
         A whole data message (text only to be refused: an agent link is
-        binary).  A C{memoryview} or C{bytearray} C{payload} is valid only
-        during the call: copy out what is kept.
+        binary).  A C{memoryview} or C{bytearray} C{payload} is never
+        changed by the reader afterwards: it may be kept.
         """
 
     def ping_received(self, payload: bytes | bytearray) -> None:
@@ -182,7 +186,7 @@ class FrameReader:
     """
 
     __slots__ = (
-        "_handler", "_masked", "_max", "_partial", "_need", "_payload", "_filled",
+        "_handler", "_masked", "_max", "_partial", "_need", "_payload",
         "_fin", "_opcode", "_key", "_fragments", "_fragments_size", "_fragments_binary",
         "_stopped",
     )
@@ -193,10 +197,9 @@ class FrameReader:
         self._max = max_message
         self._partial = b""  # an incomplete frame header (at most 13 bytes)
         # The current frame's payload is incomplete: bytes still to come,
-        # and the payload's buffer (its full size), filled so far.
+        # and the pieces of the reads it came in so far.
         self._need = 0
-        self._payload = bytearray()
-        self._filled = 0
+        self._payload: list[bytes | bytearray | memoryview] = []
         self._fin = True
         self._opcode = 0
         self._key: bytes | None = None
@@ -210,7 +213,7 @@ class FrameReader:
         """Read no further (after a Close, or an error): later bytes are ignored."""
         self._stopped = True
         self._partial = b""
-        self._payload = bytearray()
+        self._payload = []
         self._need = 0
         self._fragments = None
 
@@ -233,17 +236,25 @@ class FrameReader:
         size = len(data)
         need = self._need
         if need:
-            # Inside a payload that began in an earlier read: each byte is
-            # copied once, into the buffer, and unmasked there.
-            filled = self._filled
+            # Inside a payload that began in an earlier read: its pieces are
+            # kept until it is whole, then each byte is copied once, into
+            # one buffer (no zero-filled buffer ahead), and unmasked there.
             if size < need:
-                self._payload[filled : filled + size] = data
-                self._filled = filled + size
+                pieces = self._payload
+                if size >= _PIECE_FROM:
+                    pieces.append(data)
+                elif type(pieces[-1]) is bytearray:
+                    pieces[-1] += data  # type: ignore[operator]
+                else:
+                    # Short reads are gathered (a peer trickling bytes
+                    # must not make a list of a million pieces).
+                    pieces.append(bytearray(data))
                 self._need = need - size
                 return
-            buffer = self._payload
-            buffer[filled:] = memoryview(data)[:need]
-            self._payload = bytearray()
+            pieces = self._payload
+            pieces.append(memoryview(data)[:need])
+            buffer = bytearray().join(pieces)
+            self._payload = []
             self._need = 0
             key = self._key
             if key is not None:
@@ -309,9 +320,7 @@ class FrameReader:
             self._opcode = first & 0x0F
             self._key = key
             if end > size:
-                buffer = self._payload = bytearray(length)
-                self._filled = size - start
-                buffer[: size - start] = memoryview(data)[start:]
+                self._payload = [memoryview(data)[start:]]
                 self._need = end - size
                 return
             self._frame(data[start:end])
@@ -456,11 +465,13 @@ class FrameWriter:
             return _HEAD_16.pack(first, 126, size) + payload
         return _HEAD_64.pack(first, 127, size) + payload
 
-    def binary_frames(self, messages: Iterable[Sequence[bytes | memoryview]]) -> bytes:
+    def binary_frames(self, messages: Iterable[Sequence[bytes | memoryview]]) -> bytes | bytearray:
         """
         Binary messages, each in one frame and given as the pieces its payload
-        is made of, encoded into one C{bytes}: each piece is copied once into
+        is made of, encoded into one buffer: each piece is copied once into
         the frames (and masked there), however many pieces and messages.
+        Masked frames come as the C{bytearray} they were masked in (copying
+        them into C{bytes} would cost a second copy of every byte).
         """
         first = _FIN | OP_BINARY
         head = self._head
@@ -486,7 +497,7 @@ class FrameWriter:
         pointer = _nvx.ffi.from_buffer(buffer) if _nvx is not None else None
         for key, start, size in spans:
             _mask_span(key, buffer, pointer, start, size)
-        return bytes(buffer)
+        return buffer
 
     def binary(self, payload: bytes) -> bytes:
         """A binary message in one frame."""

@@ -239,6 +239,7 @@ def encode_control(message: ControlMessage) -> pb.Frame:
                 tunnels=[_spec_to_pb(t) for t in message.tunnels],
                 software=message.software,
                 initial_window=message.initial_window,
+                max_frame_size=message.max_frame_size,
             )
         )
     if isinstance(message, Welcome):
@@ -257,6 +258,7 @@ def encode_control(message: ControlMessage) -> pb.Frame:
                 ],
                 initial_window=message.initial_window,
                 heartbeat_ms=message.heartbeat_ms,
+                max_frame_size=message.max_frame_size,
             )
         )
     if isinstance(message, Health):
@@ -280,6 +282,7 @@ def control_from(frame: pb.Frame) -> ControlMessage:
             version=h.version,
             software=h.software,
             initial_window=h.initial_window,
+            max_frame_size=h.max_frame_size,
         )
     if kind == "welcome":
         w = frame.welcome
@@ -293,6 +296,7 @@ def control_from(frame: pb.Frame) -> ControlMessage:
             version=w.version,
             initial_window=w.initial_window,
             heartbeat_ms=w.heartbeat_ms,
+            max_frame_size=w.max_frame_size,
         )
     if kind == "goaway":
         return GoAway(Reason.from_wire(frame.goaway.reason), frame.goaway.message)
@@ -429,11 +433,11 @@ class _Irregular(Exception):
     """The frame is not laid out as L{read} expects: let the generated parser decide."""
 
 
-def _bytes_of(buf: Buffer, start: int, stop: int) -> bytes:
-    """C{buf[start:stop]} as C{bytes}, copied once whatever C{buf} is."""
+def _part_of(buf: Buffer, start: int, stop: int) -> bytes | memoryview:
+    """C{buf[start:stop]}: C{bytes} from C{bytes}, else a view of C{buf} (not copied)."""
     if type(buf) is bytes:
         return buf[start:stop]
-    return bytes(memoryview(buf)[start:stop])
+    return memoryview(buf)[start:stop]
 
 
 def _varint_at(buf: Buffer, pos: int) -> tuple[int, int]:
@@ -543,9 +547,9 @@ def _read_regular(payload: Buffer) -> tuple[int, int, Any, bool] | None:
             raise _Irregular
         stop, first = _length_at(payload, start + 1, end)
         if stop == end:
-            return stream_id, DATA, _bytes_of(payload, first, end), False
+            return stream_id, DATA, _part_of(payload, first, end), False
         if payload[stop:] == b"\x10\x01":
-            return stream_id, DATA, _bytes_of(payload, first, stop), True
+            return stream_id, DATA, _part_of(payload, first, stop), True
         raise _Irregular
     if tag == 0x4A:  # window
         increment = 0
@@ -590,7 +594,7 @@ def read_generated(payload: bytes) -> tuple[int, int, Any, bool]:
     return frame.stream_id, kind, body, False
 
 
-def read(payload: Buffer) -> tuple[int, int, Any, bool]:
+def read(payload: Buffer, *, borrow: bool = False) -> tuple[int, int, Any, bool]:
     """
     Parse one frame into C{(stream_id, kind, body, end_stream)}: C{kind} is the number of
     its body field (L{DATA}, L{OPEN}, ...) and C{body} what it carries: the
@@ -601,7 +605,9 @@ def read(payload: Buffer) -> tuple[int, int, Any, bool]:
     frame (version 2).  A malformed frame raises L{FrameError} saying why.
     A C{bytearray} or C{memoryview} C{payload} may be reused once this
     returns: a Data frame's bytes are copied out of it (once), any other
-    frame is read from a C{bytes} copy.
+    frame is read from a C{bytes} copy.  With C{borrow}, a Data frame's
+    bytes from such a payload come as a C{memoryview} of it instead (not
+    copied), for a caller that knows the payload never changes.
     """
     frame: tuple[int, int, Any, bool] | None
     if type(payload) is not bytes:
@@ -610,7 +616,10 @@ def read(payload: Buffer) -> tuple[int, int, Any, bool]:
         except (_Irregular, IndexError):
             frame = None
         if frame is not None and frame[1] == DATA:
-            return frame
+            body = frame[2]
+            if borrow or type(body) is bytes:
+                return frame
+            return frame[0], DATA, bytes(body), frame[3]
         payload = bytes(payload)
     try:
         frame = _read_regular(payload)

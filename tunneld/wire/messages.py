@@ -40,6 +40,7 @@ class Hello:
     version: int = PROTOCOL_VERSION
     software: str = ""
     initial_window: int = 0
+    max_frame_size: int = 0  # the largest frame the agent accepts (0: not said, 131072)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,7 @@ class Welcome:
     version: int = PROTOCOL_VERSION
     initial_window: int = 0
     heartbeat_ms: int = 0
+    max_frame_size: int = 0  # the largest frame the edge accepts (0: not said, 131072)
 
 
 @dataclass(frozen=True, slots=True)

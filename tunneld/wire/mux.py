@@ -18,6 +18,7 @@ whatever the version.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Protocol, cast
 
 from twisted.internet.defer import Deferred, succeed
@@ -42,7 +43,8 @@ from tunneld.wire.messages import (
 
 # Room in a frame for everything but the payload.
 _FRAME_OVERHEAD = 32
-# No peer may set its frame limit below this; data frames never exceed it.
+# No peer may set its frame limit below this; data frames never exceed it
+# unless the peer said in its Hello or Welcome that it accepts larger ones.
 _MIN_FRAME_LIMIT = 128 * 1024
 # The protocol version from which frames may carry end_stream.
 _END_STREAM_VERSION = 2
@@ -311,7 +313,12 @@ class FrameStream:
         elif self._early is not None:
             self._early.events.append((name, args))
 
-    def data_arrived(self, data: bytes) -> None:
+    def data_arrived(self, data: bytes | memoryview) -> None:
+        """
+        Data for this stream: C{bytes}, or a C{memoryview} of a received
+        frame, handed as it is only to a receiver that takes views
+        (C{borrows_data}); anyone else gets C{bytes}.
+        """
         size = len(data)
         if size > self.recv_remaining:
             raise FrameError(
@@ -321,9 +328,11 @@ class FrameStream:
         self.recv_remaining -= size
         receiver = self.receiver
         if receiver is not None:
-            receiver.data_received(data)
+            if type(data) is not bytes and not getattr(receiver, "borrows_data", False):
+                data = bytes(data)
+            receiver.data_received(cast(bytes, data))  # a view only for a borrower
         else:
-            self._deliver("data_received", data)
+            self._deliver("data_received", bytes(data))
         self._unacked += size
         if not self._consumer_paused and not self.closed and self._unacked >= self.link.ack_threshold:
             self._grant()
@@ -414,7 +423,8 @@ class FrameLink:
         self.ack_threshold = max(1, initial_window // 4)
         self.max_pending = initial_window
         self.max_frame_size = max_frame_size
-        # Data frames stay small enough for any peer's frame limit.
+        # Data frames stay small enough for any peer's frame limit, until
+        # the peer tells its own (L{_peer_frame_limit}).
         self.max_data = min(max_frame_size, _MIN_FRAME_LIMIT) - _FRAME_OVERHEAD
         self.max_streams = max_streams
         self.peer_window = initial_window
@@ -445,10 +455,15 @@ class FrameLink:
         self.handler = handler
 
     def send_control(self, message: ControlMessage) -> None:
-        """IAgentLink.send_control"""
+        """
+        IAgentLink.send_control; a Hello or Welcome says the largest frame
+        this end accepts (unless its sender said it).
+        """
         if not self.closed:
             if isinstance(message, Welcome):
                 self.end_stream = message.version >= _END_STREAM_VERSION
+            if isinstance(message, (Hello, Welcome)) and not message.max_frame_size:
+                message = replace(message, max_frame_size=self.max_frame_size)
             self.send(codec.encode_control(message).SerializeToString())
 
     def open_stream(
@@ -559,8 +574,8 @@ class FrameLink:
         Dispatch one frame.  A malformed or out-of-place frame closes the link
         with C{protocol_error}: the peer is broken or hostile, and nothing it
         sends afterwards can be trusted.  A C{bytearray} or C{memoryview}
-        C{payload} may be reused by the transport afterwards: nothing here
-        keeps it (L{codec.read} copies out what it returns).
+        C{payload} must never be changed afterwards: a Data frame's bytes
+        may be passed on as a view of it (L{FrameStream.data_arrived}).
         """
         if self.closed:
             return
@@ -569,7 +584,7 @@ class FrameLink:
             self._protocol_error(f"frame of {len(payload)} bytes exceeds {self.max_frame_size}")
             return
         try:
-            self._dispatch(*codec.read(payload))
+            self._dispatch(*codec.read(payload, borrow=True))
         except FrameError as e:
             self._protocol_error(str(e))
 
@@ -625,10 +640,23 @@ class FrameLink:
             if isinstance(message, (Hello, Welcome)) and message.initial_window:
                 # Each side announces the credit it grants per stream.
                 self.peer_window = message.initial_window
+            if isinstance(message, (Hello, Welcome)) and message.max_frame_size:
+                self._peer_frame_limit(message.max_frame_size)
             if isinstance(message, Welcome):
                 self.end_stream = message.version >= _END_STREAM_VERSION
             if self.handler is not None:
                 self.handler.control_received(message)
+
+    def _peer_frame_limit(self, limit: int) -> None:
+        """
+        The peer accepts frames up to C{limit} bytes: Data frames grow up to
+        that or our own limit, whichever is smaller (fewer, larger frames
+        cost less per byte at both ends).  A limit below the protocol's
+        minimum is ignored (the peer is wrong; the minimum is safe).
+        """
+        limit = min(limit, self.max_frame_size)
+        if limit >= _MIN_FRAME_LIMIT:
+            self.max_data = limit - _FRAME_OVERHEAD
 
     def _was_opened(self, stream_id: int) -> bool:
         # Frames may still arrive for a stream we reset a moment ago.

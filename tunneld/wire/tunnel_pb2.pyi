@@ -53,20 +53,22 @@ class Header(_message.Message):
     def __init__(self, name: _Optional[bytes] = ..., value: _Optional[bytes] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("version", "agent_id", "token", "tunnels", "software", "initial_window")
+    __slots__ = ("version", "agent_id", "token", "tunnels", "software", "initial_window", "max_frame_size")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     TUNNELS_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_FIELD_NUMBER: _ClassVar[int]
     INITIAL_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRAME_SIZE_FIELD_NUMBER: _ClassVar[int]
     version: int
     agent_id: str
     token: str
     tunnels: _containers.RepeatedCompositeFieldContainer[TunnelSpec]
     software: str
     initial_window: int
-    def __init__(self, version: _Optional[int] = ..., agent_id: _Optional[str] = ..., token: _Optional[str] = ..., tunnels: _Optional[_Iterable[_Union[TunnelSpec, _Mapping]]] = ..., software: _Optional[str] = ..., initial_window: _Optional[int] = ...) -> None: ...
+    max_frame_size: int
+    def __init__(self, version: _Optional[int] = ..., agent_id: _Optional[str] = ..., token: _Optional[str] = ..., tunnels: _Optional[_Iterable[_Union[TunnelSpec, _Mapping]]] = ..., software: _Optional[str] = ..., initial_window: _Optional[int] = ..., max_frame_size: _Optional[int] = ...) -> None: ...
 
 class TunnelSpec(_message.Message):
     __slots__ = ("hostname", "path_prefix", "protocol", "port")
@@ -81,20 +83,22 @@ class TunnelSpec(_message.Message):
     def __init__(self, hostname: _Optional[str] = ..., path_prefix: _Optional[str] = ..., protocol: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("version", "session_id", "public_urls", "refused", "initial_window", "heartbeat_ms")
+    __slots__ = ("version", "session_id", "public_urls", "refused", "initial_window", "heartbeat_ms", "max_frame_size")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_URLS_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     INITIAL_WINDOW_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRAME_SIZE_FIELD_NUMBER: _ClassVar[int]
     version: int
     session_id: str
     public_urls: _containers.RepeatedScalarFieldContainer[str]
     refused: _containers.RepeatedCompositeFieldContainer[Refusal]
     initial_window: int
     heartbeat_ms: int
-    def __init__(self, version: _Optional[int] = ..., session_id: _Optional[str] = ..., public_urls: _Optional[_Iterable[str]] = ..., refused: _Optional[_Iterable[_Union[Refusal, _Mapping]]] = ..., initial_window: _Optional[int] = ..., heartbeat_ms: _Optional[int] = ...) -> None: ...
+    max_frame_size: int
+    def __init__(self, version: _Optional[int] = ..., session_id: _Optional[str] = ..., public_urls: _Optional[_Iterable[str]] = ..., refused: _Optional[_Iterable[_Union[Refusal, _Mapping]]] = ..., initial_window: _Optional[int] = ..., heartbeat_ms: _Optional[int] = ..., max_frame_size: _Optional[int] = ...) -> None: ...
 
 class Refusal(_message.Message):
     __slots__ = ("tunnel", "reason", "message")

@@ -1,0 +1,277 @@
+"""
+Tests for L{tunneld.bulkwrite}: large writes go to the socket at once, and
+everything else about a Twisted write (order, backpressure, closing) holds.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.tcp import Connection
+from twisted.python.failure import Failure
+from twisted.test.proto_helpers import StringTransport
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+
+from tunneld import bulkwrite
+
+reactor: Any = _reactor
+
+BIG = 256 * 1024
+
+
+def _pattern(size: int, seed: int = 0) -> bytes:
+    """C{size} bytes that show any reordering or loss."""
+    return bytes((seed + i * 7 + i // 251) & 0xFF for i in range(size))
+
+
+class _Collect(Protocol):
+    """The receiving end: keeps every byte, tells when C{expected} arrived."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.received = bytearray()
+        self.done: Deferred[bytes] = Deferred()
+        self.made: Deferred[None] = Deferred()
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.made.callback(None)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.received += data
+        if len(self.received) >= self.expected and not self.done.called:
+            self.done.callback(bytes(self.received))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        self.lost.callback(None)
+
+
+@implementer(IPushProducer)
+class _Producer:
+    """Records the pauses and resumes its consumer asked for."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        self.events.append("pause")
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self.events.append("resume")
+
+    def stopProducing(self) -> None:  # noqa: N802
+        self.events.append("stop")
+
+
+class SendNowTests(TestCase):
+    """L{bulkwrite.write} and L{bulkwrite.write_sequence} on real TCP connections."""
+
+    async def _pair(self, expected: int) -> tuple[Connection, _Collect]:
+        """A connected pair: our sending transport and the peer's collecting protocol."""
+        peer = _Collect(expected)
+        port = reactor.listenTCP(0, Factory.forProtocol(lambda: peer), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        sender = await endpoint.connect(Factory.forProtocol(Protocol))
+        await peer.made
+        transport: Connection = sender.transport  # type: ignore[attr-defined]
+        self.addCleanup(self._close, transport, peer)
+        return transport, peer
+
+    async def _close(self, transport: Connection, peer: _Collect) -> None:
+        if transport.connected:
+            transport.abortConnection()
+        await peer.lost
+
+    async def test_large_write_is_sent_at_once(self) -> None:
+        """A large bytearray or memoryview with nothing queued leaves at once, nothing queued behind."""
+        data = _pattern(BIG)
+        transport, peer = await self._pair(2 * BIG)
+        bulkwrite.write(transport, bytearray(data))
+        self.assertEqual((transport._tempDataLen, len(transport.dataBuffer)), (0, 0))
+        bulkwrite.write(transport, memoryview(data))
+        self.assertEqual(await peer.done, data + data)
+
+    async def test_small_write_is_queued(self) -> None:
+        """A small write is an ordinary queued write (it leaves with the reactor turn's others)."""
+        transport, peer = await self._pair(100)
+        bulkwrite.write(transport, bytearray(b"x" * 100))
+        self.assertEqual(transport._tempDataBuffer, [b"x" * 100])
+        self.assertEqual(await peer.done, b"x" * 100)
+
+    async def test_small_untried_writes_go_first(self) -> None:
+        """Small writes queued this turn leave first, in the same system call, and nothing stays queued."""
+        data = _pattern(BIG, 3)
+        transport, peer = await self._pair(5 + BIG)
+        transport.write(b"first")
+        bulkwrite.write(transport, bytearray(data))
+        self.assertEqual((transport._tempDataLen, transport._tempDataBuffer), (0, []))
+        self.assertNotIn(transport, reactor.getWriters())
+        self.assertEqual(await peer.done, b"first" + data)
+
+    async def test_paused_producer_is_resumed(self) -> None:
+        """Sending what was queued leaves resuming a paused producer to Twisted, which does it."""
+        transport, peer = await self._pair(5 + BIG)
+        producer = _Producer()
+        transport.registerProducer(producer, True)
+        transport.producerPaused = True
+        transport.write(b"first")
+        bulkwrite.write(transport, bytearray(BIG))
+        await peer.done
+        while producer.events != ["resume"]:
+            await _turn()
+
+    async def test_queued_behind_large_writes(self) -> None:
+        """Behind a large queued write, a large write queues too: order is kept."""
+        data = _pattern(BIG, 4)
+        first = b"f" * bulkwrite.DIRECT_FROM
+        transport, peer = await self._pair(len(first) + 2 * BIG)
+        transport.write(first)
+        bulkwrite.write(transport, bytearray(data))
+        bulkwrite.write_sequence(transport, [memoryview(data)])
+        self.assertEqual(transport._tempDataLen, len(first) + 2 * BIG)
+        self.assertEqual(await peer.done, first + data + data)
+
+    async def test_unsent_rest_is_queued_with_backpressure(self) -> None:
+        """What the kernel does not take is queued, pausing the producer; all of it arrives in order."""
+        size = 8 * 1024 * 1024
+        data = _pattern(size, 5)
+        transport, peer = await self._pair(size + 3)
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        peer.transport.pauseProducing()  # type: ignore[union-attr]
+        producer = _Producer()
+        transport.registerProducer(producer, True)
+        bulkwrite.write(transport, memoryview(data))
+        queued = transport._tempDataLen
+        self.assertTrue(0 < queued < size)
+        self.assertEqual(producer.events[:1], ["pause"])
+        transport.write(b"end")
+        peer.transport.resumeProducing()  # type: ignore[union-attr]
+        self.assertEqual(await peer.done, data + b"end")
+        self.assertNotIn("resume", producer.events[:-1])
+        self.assertEqual(producer.events[-1], "resume")
+
+    async def test_sequence_sent_at_once_and_rest_queued(self) -> None:
+        """Pieces leave in one sendmsg; a partly sent piece's rest and the pieces after it are queued."""
+        size = 4 * 1024 * 1024
+        body = _pattern(size, 9)
+        pieces: list[bytes | bytearray | memoryview] = [b"head", body, bytearray(b"tail")]
+        transport, peer = await self._pair(size + 8)
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        peer.transport.pauseProducing()  # type: ignore[union-attr]
+        bulkwrite.write_sequence(transport, pieces)
+        self.assertTrue(0 < transport._tempDataLen < size)
+        self.assertTrue(all(type(piece) is bytes for piece in transport._tempDataBuffer))
+        peer.transport.resumeProducing()  # type: ignore[union-attr]
+        self.assertEqual(await peer.done, b"head" + body + b"tail")
+
+    async def test_disconnecting_transport_gets_an_ordinary_write(self) -> None:
+        """After loseConnection a write is left to Twisted, which queues it before closing."""
+        data = _pattern(BIG, 1)
+        transport, peer = await self._pair(BIG)
+        transport.loseConnection()
+        bulkwrite.write(transport, bytearray(data))
+        self.assertEqual(transport._tempDataLen, BIG)
+        self.assertEqual(await peer.done, data)
+
+    async def test_broken_socket_fails_as_twisted_would(self) -> None:
+        """A send that fails leaves the data to Twisted's own write, which ends the connection."""
+        transport, peer = await self._pair(1)
+        lost: Deferred[list[Failure]] = Deferred()
+        transport.protocol.connectionLost = (  # type: ignore[attr-defined,method-assign]
+            lambda reason: lost.callback([reason])
+        )
+        transport.socket.shutdown(socket.SHUT_WR)
+        bulkwrite.write(transport, bytearray(BIG))
+        self.assertEqual(transport._tempDataLen, BIG)
+        [reason] = await lost
+        self.assertTrue(reason.check(ConnectionLost))
+
+
+    async def test_queue_keeps_the_buffer_uncopied(self) -> None:
+        """L{bulkwrite.queue} queues a view as it is, in order with other writes, and it all arrives."""
+        data = _pattern(BIG, 6)
+        view = memoryview(bytearray(data))[1:]
+        transport, peer = await self._pair(BIG + 2)
+        transport.write(b"<")
+        bulkwrite.queue(transport, view)
+        transport.write(b">")
+        bulkwrite.queue(transport, b"!")
+        self.assertIs(transport._tempDataBuffer[1], view)
+        self.assertEqual(await peer.done, b"<" + data[1:] + b">!")
+
+    async def test_queue_pauses_the_producer(self) -> None:
+        """Queueing past the transport's bufferSize pauses its producer, as Twisted's write does."""
+        transport, peer = await self._pair(2 * BIG)
+        producer = _Producer()
+        transport.registerProducer(producer, True)
+        bulkwrite.queue(transport, bytearray(2 * BIG))
+        self.assertEqual(producer.events, ["pause"])
+        await peer.done
+        while producer.events[-1] != "resume":
+            await _turn()
+
+    async def test_queue_after_the_write_side_closed(self) -> None:
+        """Once the write side is shut, a queued buffer is dropped, as Twisted's write drops it."""
+        transport, peer = await self._pair(1)
+        transport.loseWriteConnection()
+        while not transport._writeDisconnected:
+            await _turn()
+        bulkwrite.queue(transport, bytearray(BIG))
+        self.assertEqual(transport._tempDataLen, 0)
+
+
+    async def test_forward_sends_long_and_queues_short(self) -> None:
+        """L{bulkwrite.forward}: a long view leaves at once, a short one is queued uncopied."""
+        long = _pattern(bulkwrite.ALONE_FROM, 7)
+        short = memoryview(bytearray(_pattern(BIG // 2, 8)))
+        transport, peer = await self._pair(len(long) + len(short))
+        bulkwrite.forward(transport, memoryview(long))
+        self.assertEqual(transport._tempDataLen, 0)
+        bulkwrite.forward(transport, short)
+        self.assertIs(transport._tempDataBuffer[0], short)
+        self.assertEqual(await peer.done, long + bytes(short))
+
+    async def test_forward_queues_the_rest_uncopied(self) -> None:
+        """What the kernel does not take of a forwarded view is queued as a view of it."""
+        size = 8 * 1024 * 1024
+        data = _pattern(size, 10)
+        transport, peer = await self._pair(size)
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        peer.transport.pauseProducing()  # type: ignore[union-attr]
+        view = memoryview(data)
+        bulkwrite.forward(transport, view)
+        [rest] = transport._tempDataBuffer
+        self.assertIs(type(rest), memoryview)
+        self.assertIs(memoryview(rest).obj, data)
+        peer.transport.resumeProducing()  # type: ignore[union-attr]
+        self.assertEqual(await peer.done, data)
+
+
+class OtherTransportTests(SynchronousTestCase):
+    """Anything but a plain TCP connection gets an ordinary write of C{bytes}."""
+
+    def test_other_transport(self) -> None:
+        """A non-TCP transport (TLS, a wrapper, a test double) is written C{bytes}, in order."""
+        transport = StringTransport()
+        bulkwrite.write(transport, bytearray(b"a" * BIG))
+        bulkwrite.write(transport, memoryview(b"b" * 10))
+        bulkwrite.write_sequence(transport, [b"c", bytearray(b"d" * BIG)])
+        bulkwrite.queue(transport, memoryview(b"e" * 10))
+        self.assertEqual(transport.value(), b"a" * BIG + b"b" * 10 + b"c" + b"d" * BIG + b"e" * 10)
+
+
+
+async def _turn() -> None:
+    """Let the reactor run once."""
+    d: Deferred[None] = Deferred()
+    reactor.callLater(0, d.callback, None)
+    await d

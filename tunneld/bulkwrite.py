@@ -1,0 +1,187 @@
+# -*- test-case-name: tests.test_bulkwrite -*-
+"""
+Bulk bytes written to a TCP transport without the copies Twisted makes.
+
+Twisted's TCP transport takes only C{bytes}, queues every write and, when
+the socket is writable, joins what is queued into one C{bytes} and sends
+it.  For a bulk body that is two copies of each byte in user space before
+the kernel's own (one into C{bytes}, one in the join), an C{epoll_ctl} to
+start watching for writability and another to stop, and a producer paused
+and resumed whenever the queue passes the transport's C{bufferSize}.  Two
+ways around that, each for its own case:
+
+  - L{write} (and L{write_sequence}) sends at once: when nothing is queued
+    but this reactor turn's small writes (they go first, in the same
+    C{sendmsg}), a large buffer (C{bytes}, C{bytearray}, C{memoryview}) goes
+    straight to the kernel, and only what it did not take is copied into
+    the transport's queue.  For one large write per read (the agent's
+    frames of an upstream read): no copy, no queue, no producer pause.
+  - L{queue} queues a buffer that will never change as it is, uncopied;
+    Twisted's join before the send is then its only copy.  For many
+    medium writes in one turn (128 KiB Data frames, several per link
+    read): sending each at once would cost a system call each, and on
+    loopback a send also runs the receiver's TCP processing, so fewer,
+    larger sends are cheaper than the copy they would save.
+  - L{forward} chooses between the two for a buffer that never changes by
+    its length (the edge's Data frames, which a peer may send up to 1 MiB
+    long).
+
+Everything else about a Twisted write holds:
+
+  - order: with anything but small untried writes queued, data queues
+    behind it;
+  - backpressure: what is queued is an ordinary write, which pauses the
+    transport's producer when it fills the queue;
+  - closing: a transport that is disconnecting, or not a plain TCP
+    connection (TLS, a wrapper), gets an ordinary write of C{bytes};
+  - errors: a C{send} that fails leaves the data to an ordinary write,
+    whose own C{send} fails the same way and ends the connection as it
+    always would.
+
+L{write} sends only writes of at least L{DIRECT_FROM} bytes at once.  Small
+writes gain nothing from it and lose what the queue gives them: the frames
+and replies written during one reactor turn leave in one system call
+(sending each small write at once cost small requests about a fifth more
+CPU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet.tcp import Connection
+
+__all__ = ["ALONE_FROM", "DIRECT_FROM", "forward", "queue", "write", "write_sequence"]
+
+# Writes at least this long are sent at once when nothing is queued.
+DIRECT_FROM = 32 * 1024
+# A buffer that never changes is worth a system call of its own from this
+# length (a Data frame from a peer that sends large ones); shorter ones are
+# queued, to leave with the others of their reactor turn.
+ALONE_FROM = 256 * 1024
+
+Buffer = bytes | bytearray | memoryview
+
+
+def _send_now(transport: Any, pieces: list[Buffer], size: int) -> list[Buffer] | None:
+    """
+    Send C{pieces} (C{size} bytes), behind whatever small writes are queued
+    and not yet tried, in one system call; what the kernel did not take, or
+    None (nothing sent, nothing changed) when the transport is not a plain
+    open TCP connection or has more queued than that.
+    """
+    if not (
+        isinstance(transport, Connection)
+        and not transport.TLS
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnecting
+        and transport.offset == len(transport.dataBuffer)
+    ):
+        return None
+    queued = transport._tempDataLen
+    if queued:
+        # Writes of this reactor turn (a response head, say), not tried yet:
+        # they go first, in the same system call.
+        if queued >= DIRECT_FROM:
+            return None
+        pieces = [*transport._tempDataBuffer, *pieces]
+        size += queued
+    try:
+        sent = transport.socket.sendmsg(pieces) if len(pieces) > 1 else transport.socket.send(pieces[0])
+    except OSError:
+        return None  # full (EAGAIN), or broken: Twisted's own send finds out
+    if queued:
+        transport._tempDataBuffer = []
+        transport._tempDataLen = 0
+        transport.dataBuffer = b""  # all of it was sent before
+        transport.offset = 0
+        if sent >= size and not (
+            transport.producer is not None
+            and (not transport.streamingProducer or transport.producerPaused)
+        ):
+            # As Twisted's doWrite does once all is sent (which, when there is
+            # a producer to resume, it is still left to do).
+            transport.stopWriting()
+    if sent >= size:
+        return []
+    rest: list[Buffer] = []
+    for piece in pieces:
+        if sent >= len(piece):
+            sent -= len(piece)
+            continue
+        rest.append(memoryview(piece)[sent:] if sent else piece)
+        sent = 0
+    return rest
+
+
+def write(transport: Any, data: Buffer) -> None:
+    """
+    C{transport.write(data)}, for any buffer: sent at once when it is large
+    and nothing but small untried writes is queued (they go first), else (or
+    for what the kernel did not take) copied into C{bytes} and queued.
+    C{data} is not used after this returns.
+    """
+    size = len(data)
+    if size >= DIRECT_FROM:
+        rest = _send_now(transport, [data], size)
+        if rest is not None:
+            if rest:
+                _queue(transport, rest)
+            return
+    transport.write(data if type(data) is bytes else bytes(data))
+
+
+def write_sequence(transport: Any, pieces: Sequence[Buffer]) -> None:
+    """
+    C{transport.writeSequence(pieces)}, for any buffers, as L{write}: the
+    pieces go out in one C{sendmsg} when they are large.
+    """
+    size = sum(map(len, pieces))
+    if size >= DIRECT_FROM:
+        rest = _send_now(transport, list(pieces), size)
+        if rest is not None:
+            if rest:
+                _queue(transport, rest)
+            return
+    _queue(transport, pieces)
+
+
+def _queue(transport: Any, pieces: Sequence[Buffer]) -> None:
+    """An ordinary write of C{pieces}, each copied into C{bytes} unless it is."""
+    transport.writeSequence([piece if type(piece) is bytes else bytes(piece) for piece in pieces])
+
+
+def queue(transport: Any, data: Buffer) -> None:
+    """
+    C{transport.write(data)} for a buffer that will never change: on a
+    plain TCP connection it is queued as it is (Twisted's join before the
+    send copies it once), else written as C{bytes}.
+    """
+    if type(data) is bytes or not isinstance(transport, Connection) or transport.TLS:
+        transport.write(bytes(data))
+        return
+    # Twisted's write, less its check that data is bytes.
+    if not data or not transport.connected or transport._writeDisconnected:
+        return
+    transport._tempDataBuffer.append(data)  # type: ignore[arg-type]  # joined as any buffer
+    transport._tempDataLen += len(data)
+    transport._maybePauseProducer()
+    transport.startWriting()
+
+
+def forward(transport: Any, data: Buffer) -> None:
+    """
+    Pass on C{data}, a buffer that will never change: at least
+    L{ALONE_FROM} bytes are sent at once as by L{write} (without a copy of
+    what the kernel did not take), shorter ones queued as by L{queue}.
+    """
+    size = len(data)
+    if size >= ALONE_FROM:
+        rest = _send_now(transport, [data], size)
+        if rest is not None:
+            for piece in rest:
+                queue(transport, piece)
+            return
+    queue(transport, data)
