@@ -470,6 +470,26 @@ class SmallWindowTests(TestCase):
         self.assertEqual(hashlib.sha256(receiver.data).digest(), hashlib.sha256(body).digest())
 
 
+class _Borrower(Receiver):
+    borrows_data = True
+
+
+class BorrowTests(TestCase):
+    async def test_only_a_borrowing_receiver_gets_views(self) -> None:
+        """Data reaches a receiver that borrows as views, any other as bytes; both get every byte."""
+        pair = await link_pair(self)
+        body = pattern(2 * MB + 999, seed=3)
+        for receiver, kind in ((_Borrower(), memoryview), (Receiver(), bytes)):
+            stream = pair.edge.open_stream(head("/echo"), receiver)
+            BytesProducer(stream, body)
+            await receiver.done
+            self.assertIsNone(receiver.reset)
+            self.assertEqual(hashlib.sha256(receiver.data).digest(), hashlib.sha256(body).digest())
+            kinds = {type(chunk) for chunk in receiver.chunks}
+            self.assertIn(kind, kinds)
+            self.assertLessEqual(kinds, {kind, bytes})
+
+
 class _PartialSocket:
     """A socket whose sendmsg takes at most C{take} bytes, or raises C{error}."""
 

@@ -1227,9 +1227,13 @@ class GrpcLink(Protocol):
                 if forward and payload == _BARE_END:
                     self.forward_end(call, ())
                     continue
-                data = _data_payload(payload) if forward else None
-                if data is not None:
-                    self.forward_data(call, data)
+                head = _data_head(payload, len(payload)) if forward else None
+                if head is not None:
+                    # A receiver that borrows data gets a view of the bytes
+                    # read (nothing changes them), others a copy.
+                    stream = call.stream
+                    borrows = stream is not None and getattr(stream.receiver, "borrows_data", False)
+                    self.forward_data(call, payload[head:] if borrows else payload[head:].tobytes())
                 else:
                     self.message_received(call, codec.decode(payload.tobytes()))
             except FrameError as e:
@@ -1367,7 +1371,7 @@ class GrpcLink(Protocol):
     def forward_frame(self, call: _Call, frame: codec.Frame) -> None:
         raise NotImplementedError
 
-    def forward_data(self, call: _Call, data: bytes) -> None:
+    def forward_data(self, call: _Call, data: bytes | memoryview) -> None:
         """A C{Data} message on a Forward call, read without protobuf (see L{_data_payload})."""
         raise NotImplementedError
 
@@ -1791,7 +1795,7 @@ class EdgeGrpcLink(GrpcLink):
             raise FrameError("a message after End")
         return stream
 
-    def forward_data(self, call: _Call, data: bytes) -> None:
+    def forward_data(self, call: _Call, data: bytes | memoryview) -> None:
         stream = self._receiving(call)
         if stream is not None:
             stream.deliver("data_received", data)
@@ -2076,7 +2080,7 @@ class AgentGrpcLink(GrpcLink):
             self.draining = True
         super().control_message(message)
 
-    def forward_data(self, call: _Call, data: bytes) -> None:
+    def forward_data(self, call: _Call, data: bytes | memoryview) -> None:
         stream = call.stream
         if stream is None:
             if call.retiring:
