@@ -8,7 +8,7 @@ what stock h2 and the generated protobuf code do.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, cast
 
 from h2 import events as h2events
 from h2.config import H2Configuration
@@ -30,6 +30,7 @@ from tunneld.transports.grpc import (
     GrpcEdgeOptions,
     _Call,
     _data_payload,
+    _send_now,
     data_message,
     grpc_message,
 )
@@ -79,6 +80,8 @@ def summary(events: list[h2events.Event]) -> list[tuple[Any, ...]]:
             out.append(("data", event.stream_id, event.data, event.flow_controlled_length))
         elif isinstance(event, h2events.StreamEnded):
             out.append(("ended", event.stream_id))
+        elif isinstance(event, h2events.WindowUpdated):
+            out.append(("window", event.stream_id, event.delta))
         else:
             out.append((type(event).__name__,))
     return out
@@ -229,9 +232,10 @@ def state(conn: H2Connection) -> list[Any]:
     return [
         conn.state_machine.state,
         conn._inbound_flow_control_window_manager.current_window_size,
+        conn.outbound_flow_control_window,
         [
             (sid, s.state_machine.state, s._inbound_window_manager.current_window_size,
-             s._actual_content_length)
+             s._actual_content_length, s.outbound_flow_control_window)
             for sid, s in sorted(conn.streams.items())
         ],
     ]
@@ -316,6 +320,39 @@ class ReceiveFramesTests(SynchronousTestCase):
         self.assertEqual(lean, stock)
         self.assertEqual((lean[0], lean[1], short), ([], None, 0))
         self.assertNotEqual(lean[3], b"")
+
+    def test_window_updates_as_receive_data(self) -> None:
+        """WINDOW_UPDATE frames, good and bad, on the connection and on streams in every state: as h2 has it."""
+        def update(stream_id: int, increment: int, flags: int = 0, extra: bytes = b"") -> bytes:
+            body = increment.to_bytes(4, "big") + extra
+            return (
+                len(body).to_bytes(3, "big") + bytes([8, flags]) + stream_id.to_bytes(4, "big") + body
+            )
+
+        good = b"".join([
+            update(0, 1000), update(1, 70_000), update(3, 1), update(1 | 1 << 31, 5),
+            data_frame(1, b"x"), update(1, 2, flags=0xFF), update(0, 1 << 20),
+            data_frame(3, b"abc", ("END_STREAM",)), update(3, 9),  # half-closed (remote)
+        ])
+        for step in (len(good), 13, 5, 1):
+            lean, stock, _ = self.both(good, step)
+            self.assertEqual(lean, stock, f"step {step}")
+            self.assertIsNone(lean[1])
+        cases = {
+            "zero increment": (update(1, 0), True),
+            "zero on the connection": (update(0, 0), True),
+            "reserved bit in the increment": (update(1, 1 << 31 | 1), True),
+            "connection window overflow": (update(0, (1 << 31) - 1), True),
+            "stream window overflow": (update(1, (1 << 31) - 1), False),
+            "idle stream": (update(7, 1), True),
+            "five bytes": (update(1, 1, extra=b"\x00"), True),
+            "closed stream": (data_frame(1, b"a", ("END_STREAM",)) + update(1, 1), False),
+        }
+        for name, (wire, fatal) in cases.items():
+            for step in (len(wire), 3):
+                lean, stock, _ = self.both(wire, step)
+                self.assertEqual(lean, stock, f"{name}, step {step}")
+                self.assertEqual(lean[1] is not None, fatal, name)
 
 
 class DataMessageTests(SynchronousTestCase):
@@ -431,3 +468,109 @@ class SmallWindowTests(TestCase):
         await receiver.done
         self.assertIsNone(receiver.reset)
         self.assertEqual(hashlib.sha256(receiver.data).digest(), hashlib.sha256(body).digest())
+
+
+class _Borrower(Receiver):
+    borrows_data = True
+
+
+class BorrowTests(TestCase):
+    async def test_only_a_borrowing_receiver_gets_views(self) -> None:
+        """Data reaches a receiver that borrows as views, any other as bytes; both get every byte."""
+        pair = await link_pair(self)
+        body = pattern(2 * MB + 999, seed=3)
+        for receiver, kind in ((_Borrower(), memoryview), (Receiver(), bytes)):
+            stream = pair.edge.open_stream(head("/echo"), receiver)
+            BytesProducer(stream, body)
+            await receiver.done
+            self.assertIsNone(receiver.reset)
+            self.assertEqual(hashlib.sha256(receiver.data).digest(), hashlib.sha256(body).digest())
+            kinds = {type(chunk) for chunk in receiver.chunks}
+            self.assertIn(kind, kinds)
+            self.assertLessEqual(kinds, {kind, bytes})
+
+
+class _PartialSocket:
+    """A socket whose sendmsg takes at most C{take} bytes, or raises C{error}."""
+
+    def __init__(self, take: int, error: OSError | None = None) -> None:
+        self.take = take
+        self.error = error
+        self.sent = b""
+
+    def sendmsg(self, chunks: list[bytes]) -> int:
+        if self.error is not None:
+            raise self.error
+        data = b"".join(chunks)[: self.take]
+        self.sent += data
+        return len(data)
+
+
+class _SocketHolder:
+    def __init__(self, socket: _PartialSocket) -> None:
+        self.socket = socket
+
+
+class SendNowTests(SynchronousTestCase):
+    def test_what_the_socket_did_not_take_is_returned_in_order(self) -> None:
+        """Wherever a partial sendmsg stops, what was sent plus what is returned is every byte, in order."""
+        chunks = [b"head", pattern(1000), b"x", pattern(300)]
+        whole = b"".join(chunks)
+        for take in (1, 4, 5, 1003, 1004, 1005, 1305, len(whole)):
+            sock = _PartialSocket(take)
+            rest = _send_now(cast(Any, _SocketHolder(sock)), list(chunks))
+            self.assertTrue(all(type(piece) is bytes for piece in rest))
+            self.assertEqual(sock.sent + b"".join(rest), whole)
+        self.assertEqual(_send_now(cast(Any, _SocketHolder(_PartialSocket(len(whole)))), chunks), [])
+
+    def test_an_error_leaves_everything_to_the_transport(self) -> None:
+        """A socket error (or nothing taken) returns every piece, for the transport's own write to handle."""
+        chunks = [b"a", memoryview(b"bc")]
+        for sock in (_PartialSocket(0), _PartialSocket(9, BlockingIOError()), _PartialSocket(9, BrokenPipeError())):
+            rest = _send_now(cast(Any, _SocketHolder(sock)), cast(Any, chunks))
+            self.assertEqual(rest, [b"a", b"bc"])
+
+
+class WindowUpdateTests(SynchronousTestCase):
+    def test_same_bytes_and_windows_as_h2(self) -> None:
+        """increment_flow_control_window writes h2's bytes and opens the same windows, in every state."""
+        lean, lean_server = lean_pair()
+        stock, stock_server = stock_pair()
+        for conn, server in ((lean, lean_server), (stock, stock_server)):
+            conn.send_headers(1, REQUEST)
+            conn.send_headers(3, REQUEST, end_stream=True)  # half-closed (local)
+            conn.send_headers(5, REQUEST)
+            server.receive_data(conn.data_to_send())
+            server.send_headers(5, [(b":status", b"200")], end_stream=True)
+            conn.receive_data(server.data_to_send())  # 5: half-closed (remote)
+            conn.increment_flow_control_window(1000, 1)
+            conn.increment_flow_control_window(7, 3)
+            conn.increment_flow_control_window(65536, 5)
+            conn.increment_flow_control_window(1 << 20)
+        self.assertEqual(lean.data_to_send(), stock.data_to_send())
+        for sid in (1, 3, 5):
+            self.assertEqual(
+                vars(lean.streams[sid]._inbound_window_manager),
+                vars(stock.streams[sid]._inbound_window_manager),
+            )
+            self.assertEqual(lean.streams[sid].state_machine.state, stock.streams[sid].state_machine.state)
+        self.assertEqual(
+            vars(lean._inbound_flow_control_window_manager),
+            vars(stock._inbound_flow_control_window_manager),
+        )
+
+    def test_errors_as_h2(self) -> None:
+        """Bad increments, unknown and closed streams raise what h2 raises."""
+        lean, lean_server = lean_pair()
+        stock, stock_server = stock_pair()
+        for conn, server in ((lean, lean_server), (stock, stock_server)):
+            conn.send_headers(1, REQUEST, end_stream=True)
+            server.receive_data(conn.data_to_send())
+            server.send_headers(1, [(b":status", b"200")], end_stream=True)
+            conn.receive_data(server.data_to_send())  # 1: closed
+        for conn in (lean, stock):
+            self.assertRaises(ValueError, conn.increment_flow_control_window, 0, None)
+            self.assertRaises(ValueError, conn.increment_flow_control_window, 1 << 31, None)
+            self.assertRaises(KeyError, conn.increment_flow_control_window, 1, 9)
+            self.assertRaises(ProtocolError, conn.increment_flow_control_window, 1, 1)
+            self.assertRaises(FlowControlError, conn.increment_flow_control_window, (1 << 31) - 1, None)

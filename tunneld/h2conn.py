@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, cast
 from h2.config import H2Configuration
 from h2.connection import ConnectionInputs, ConnectionState, H2Connection
 from h2.errors import ErrorCodes
-from h2.events import Event
+from h2.events import Event, WindowUpdated
 from h2.exceptions import (
     FlowControlError,
     FrameDataMissingError,
@@ -28,7 +28,7 @@ from hyperframe.frame import DataFrame, Frame
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["DataArrived", "LeanH2Connection", "Payload"]
+__all__ = ["DataArrived", "LeanH2Connection", "Payload", "Piece"]
 
 # A DATA frame that L{LeanH2Connection.receive_frames} took on its short
 # path: the stream's id, the payload and its length (no padding, so the
@@ -37,6 +37,8 @@ __all__ = ["DataArrived", "LeanH2Connection", "Payload"]
 # the pieces that carry it, not joined.
 Payload = bytes | memoryview | list[bytes | bytearray | memoryview]
 DataArrived = tuple[int, Payload, int]
+# A piece of what is sent: bytes, or a view of (immutable) bytes.
+Piece = bytes | memoryview
 
 
 def _size_repr(data: bytes) -> str:
@@ -183,6 +185,10 @@ class _FrameBuffer(FrameBuffer):
 
 
 _DATA_HEADER = struct.Struct(">HBBBL")
+# A whole WINDOW_UPDATE frame: length (4), type (8), no flags, stream, increment.
+_WINDOW_UPDATE = struct.Struct(">HBBBLL")
+_LARGEST_WINDOW = 2**31 - 1
+_WINDOW_STATES = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL, StreamState.HALF_CLOSED_REMOTE)
 _END_STREAM = 0x1
 _OPEN_CONNECTION = (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN)
 _RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
@@ -211,7 +217,7 @@ class LeanH2Connection(H2Connection):
         super().__init__(config)
         self.incoming_buffer = _FrameBuffer(server=not config.client_side)
         # What goes out, in order, before what h2 has in its own buffer.
-        self._chunks: list[bytes] = []
+        self._chunks: list[Piece] = []
 
     def receive_frames(self, data: Buffer) -> list[Event | DataArrived]:
         """
@@ -257,6 +263,21 @@ class LeanH2Connection(H2Connection):
                     view, pos = buffer.take_rest(), 0
                 raw: memoryview | bytearray = buffer._data if view is None else view
                 at = 0 if view is None else pos
+                if (
+                    len(raw) - at >= 13 and raw[at + 3] == 8 and raw[at + 2] == 4
+                    and raw[at] == 0 and raw[at + 1] == 0 and raw[at + 4] == 0
+                    and buffer._gathering is None and not buffer._headers_buffer
+                    and self.state_machine.state in _OPEN_CONNECTION
+                ):
+                    _, _, _, _, stream_id, increment = _WINDOW_UPDATE.unpack_from(raw, at)
+                    update = self._window_update(stream_id & 0x7FFFFFFF, increment)
+                    if update is not None:
+                        if view is None:
+                            del buffer._data[:13]
+                        else:
+                            pos = at + 13
+                        events.append(update)
+                        continue
                 if (
                     len(raw) - at >= 9 and raw[at + 3] == 0 and raw[at + 4] == 0
                     and buffer._gathering is None and not buffer._headers_buffer
@@ -308,6 +329,30 @@ class LeanH2Connection(H2Connection):
             raise
         return events
 
+    def _window_update(self, stream_id: int, increment: int) -> WindowUpdated | None:
+        """
+        What h2 does on receiving a WINDOW_UPDATE frame that changes no state
+        (on the connection, or a stream open or half-closed) and leaves the
+        window within bounds: the window grows, a L{WindowUpdated} event.
+        None for any other frame: h2 reads it (and says what is wrong).
+        """
+        if not 1 <= increment <= _LARGEST_WINDOW:
+            return None
+        if not stream_id:
+            window = self.outbound_flow_control_window + increment
+            if window > _LARGEST_WINDOW:
+                return None
+            self.outbound_flow_control_window = window
+            return WindowUpdated(stream_id=0, delta=increment)
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.state_machine.state not in _WINDOW_STATES:
+            return None
+        window = stream.outbound_flow_control_window + increment
+        if window > _LARGEST_WINDOW:
+            return None
+        stream.outbound_flow_control_window = window
+        return WindowUpdated(stream_id=stream_id, delta=increment)
+
     def _can_take(self, stream: H2Stream, length: int) -> bool:
         """Whether h2 would take a plain DATA frame of C{length} bytes on the stream without a word."""
         machine = stream.state_machine
@@ -328,7 +373,7 @@ class LeanH2Connection(H2Connection):
         stream._actual_content_length += length
 
     def send_data_parts(
-        self, stream_id: int, parts: Sequence[bytes], end_stream: bool = False,
+        self, stream_id: int, parts: Sequence[Piece], end_stream: bool = False,
         size: int | None = None,
     ) -> None:
         """
@@ -379,6 +424,25 @@ class LeanH2Connection(H2Connection):
         )
         chunks.extend(parts)
 
+    def increment_flow_control_window(self, increment: int, stream_id: int | None = None) -> None:
+        """
+        H2Connection.increment_flow_control_window, without h2's frame object
+        and state-machine lookups where sending WINDOW_UPDATE changes no
+        state (an open connection; a stream open or half-closed): the same
+        window accounting, the same frame bytes.
+        """
+        if 1 <= increment <= self.MAX_WINDOW_INCREMENT and self.state_machine.state in _OPEN_CONNECTION:
+            if stream_id is None:
+                self._inbound_flow_control_window_manager.window_opened(increment)
+                self._data_to_send += _WINDOW_UPDATE.pack(0, 4, 8, 0, 0, increment)
+                return
+            stream = self.streams.get(stream_id)
+            if stream is not None and stream.state_machine.state in _WINDOW_STATES:
+                stream._inbound_window_manager.window_opened(increment)
+                self._data_to_send += _WINDOW_UPDATE.pack(0, 4, 8, 0, stream_id, increment)
+                return
+        super().increment_flow_control_window(increment, stream_id)
+
     def send_room(self, stream_id: int) -> int:
         """
         How many bytes one DATA frame on the stream may carry now: the
@@ -392,7 +456,7 @@ class LeanH2Connection(H2Connection):
             window = min(self.outbound_flow_control_window, stream.outbound_flow_control_window)
         return min(window, self.max_outbound_frame_size)
 
-    def chunks_to_send(self) -> list[bytes]:
+    def chunks_to_send(self) -> list[Piece]:
         """What L{data_to_send} would return, as the pieces it would join."""
         chunks, self._chunks = self._chunks, []
         if self._data_to_send:

@@ -53,13 +53,14 @@ from twisted.internet.interfaces import (
     IPushProducer,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunneld.errors import ConfigError
-from tunneld.h2conn import LeanH2Connection, Payload
+from tunneld.h2conn import LeanH2Connection, Payload, Piece
 from tunneld.interfaces import (
     AgentLinkSetup,
     EdgeLinkSetup,
@@ -109,8 +110,10 @@ _REPLAY_LIMIT = 256 * 1024
 # varint of the Data, a tag and a varint of its payload.
 _DATA_HEAD_MAX = 12
 # What one flush writes is joined here below this size (small messages):
-# Twisted's writeSequence checks each piece, then joins them too.
+# one copy costs less than a long iovec, or Twisted's checks of each piece.
 _JOIN_BELOW = 16 * 1024
+# The most pieces one sendmsg takes (IOV_MAX is 1024 on Linux).
+_IOV_MAX = 1024
 # Frame(end=End()) of stream 0: how almost every stream ends, read without protobuf.
 _BARE_END = codec.end_bytes(0)
 # Seconds a closing connection may take to flush before it is aborted.
@@ -220,7 +223,7 @@ def _frame_message(frame: codec.Frame) -> bytes:
     return grpc_message(frame.SerializeToString())
 
 
-def data_message(data: bytes) -> tuple[bytes, bytes]:
+def data_message(data: Piece) -> tuple[bytes, Piece]:
     """
     The gRPC message C{Frame(data=Data(data=data))} as (head, data): the
     payload is not copied here, only once when it goes into a DATA frame.
@@ -283,6 +286,31 @@ def _data_payload(message: memoryview) -> bytes | None:
     """The payload of a whole message read by L{_data_head}, copied once; else None."""
     head = _data_head(message, len(message))
     return None if head is None else message[head:].tobytes()
+
+
+def _send_now(transport: Connection, chunks: list[Piece]) -> list[bytes]:
+    """
+    Send C{chunks} on a plain TCP socket with nothing queued, now, in one
+    C{sendmsg}: no join of the pieces into one buffer (a copy of every
+    byte), no wait for the reactor to find the socket writable (two
+    C{epoll_ctl} calls).  Returns what the socket did not take, as bytes,
+    for the transport to queue as usual; everything, on any error (the
+    transport's own write finds it and reports it as it would have).
+    """
+    try:
+        sent = transport.socket.sendmsg(chunks)
+    except OSError:
+        sent = 0
+    if not sent:
+        return [bytes(chunk) for chunk in chunks]
+    for i, chunk in enumerate(chunks):
+        size = len(chunk)
+        if sent < size:
+            rest = [memoryview(chunk)[sent:].tobytes()]
+            rest.extend(bytes(chunk) for chunk in chunks[i + 1 :])
+            return rest
+        sent -= size
+    return []
 
 
 def _check_window(value: int) -> str | None:
@@ -401,7 +429,7 @@ class _Call:
         self.inbox = bytearray()
         # Made when bytes are queued, dropped once they are sent: an empty
         # deque keeps a 64-slot block (760 bytes), a lot for each idle call.
-        self.outbox: deque[bytes] | None = None
+        self.outbox: deque[Piece] | None = None
         self.out_offset = 0
         self.out_size = 0
         self.finish: Callable[[], None] | None = None
@@ -449,9 +477,9 @@ class GrpcStream:
         self.call = call
         self.receiver: IStreamReceiver | None = None
         self._early: list[tuple[str, tuple[Any, ...]]] | None = []
-        self._held: list[bytes] = []
+        self._held: list[Piece] = []
         self._held_size = 0
-        self._replay: list[bytes] | None = None
+        self._replay: list[Piece] | None = None
         self._replay_size = 0
         self.answered = False
         self._producer: IPushProducer | None = None
@@ -487,9 +515,9 @@ class GrpcStream:
             self._send(data_message(data))
             return
         view = memoryview(data)
-        pieces: list[bytes] = []
+        pieces: list[Piece] = []
         for start in range(0, len(data), limit):
-            pieces.extend(data_message(bytes(view[start : start + limit])))
+            pieces.extend(data_message(view[start : start + limit]))
         self._send(pieces)
 
     def end(self, trailers: Headers = ()) -> None:
@@ -559,7 +587,7 @@ class GrpcStream:
         call = self.call
         return call is None or call.blocked or self.link.sending_paused
 
-    def _send(self, pieces: Sequence[bytes]) -> None:
+    def _send(self, pieces: Sequence[Piece]) -> None:
         size = sum(map(len, pieces))
         call = self.call
         if call is None:
@@ -583,18 +611,18 @@ class GrpcStream:
         elif self.blocked():
             self._pause_producer()
 
-    def take_held(self) -> list[bytes]:
+    def take_held(self) -> list[Piece]:
         held, self._held, self._held_size = self._held, [], 0
         return held
 
-    def start_replay_log(self, pieces: list[bytes]) -> None:
+    def start_replay_log(self, pieces: list[Piece]) -> None:
         size = sum(map(len, pieces))
         if size <= _REPLAY_LIMIT:
             self._replay, self._replay_size = list(pieces), size
         else:
             self._replay = None
 
-    def take_replay(self) -> list[bytes] | None:
+    def take_replay(self) -> list[Piece] | None:
         replay, self._replay = self._replay, None
         return replay
 
@@ -717,6 +745,8 @@ class GrpcLink(Protocol):
         )
         self._conn_unacked = 0
         self._read_size = ReadSize(None)  # the socket's, once connected
+        # A plain TCP socket (not TLS, not a wrapper): see _send_now.
+        self._plain = False
         self._batching = False
         self._dirty: list[_Call] = []
         self._turn: Any = None
@@ -826,6 +856,7 @@ class GrpcLink(Protocol):
             pass
         self.transport.registerProducer(SocketCongestion(self), True)
         self._read_size = ReadSize(self.transport)
+        self._plain = isinstance(self.transport, Connection) and not self.transport.TLS
         conn = self.conn
         conn.initiate_connection()
         # Applied (windows, frame size) when the peer acknowledges them.
@@ -889,7 +920,12 @@ class GrpcLink(Protocol):
         return waiter
 
     def flush(self) -> None:
-        """Move the turn's queued messages into HTTP/2, then write what it has: one write."""
+        """
+        Move the turn's queued messages into HTTP/2, then write what it has:
+        one write, straight to a plain TCP socket when nothing is queued
+        before it (L{_send_now}); what the socket does not take, and
+        everything on other transports, is queued by Twisted as usual.
+        """
         if self._batching or self.transport is None:
             return
         while self._dirty:
@@ -899,11 +935,27 @@ class GrpcLink(Protocol):
                 if call.outbox and not call.blocked and not self.sending_paused:
                     self.flush_call(call)
         chunks = self.conn.chunks_to_send()
+        if not chunks:
+            return
         if len(chunks) > 1 and sum(map(len, chunks)) <= _JOIN_BELOW:
-            # Twisted would check each piece and join them anyway.
-            self.transport.write(b"".join(chunks))
-        elif chunks:
-            self.transport.writeSequence(chunks)
+            # Small pieces: one copy is cheaper than a long iovec.
+            chunks = [b"".join(chunks)]
+        transport = self.transport
+        if (
+            self._plain
+            and len(chunks) <= _IOV_MAX
+            and not transport._tempDataBuffer
+            and transport.offset == len(transport.dataBuffer)
+            and transport.connected
+            and not transport.disconnecting
+            and not transport._writeDisconnected
+        ):
+            rest = _send_now(transport, chunks)
+            if rest:
+                transport.writeSequence(rest)
+            return
+        # Twisted takes only bytes.
+        transport.writeSequence([c if type(c) is bytes else bytes(c) for c in chunks])
 
     def protocol_error(self, message: str) -> None:
         self.log.warn(
@@ -939,7 +991,7 @@ class GrpcLink(Protocol):
 
     # -- sending ------------------------------------------------------------------
 
-    def enqueue(self, call: _Call, pieces: Iterable[bytes]) -> None:
+    def enqueue(self, call: _Call, pieces: Iterable[Piece]) -> None:
         """
         Queue gRPC-framed bytes on a call.  They go into HTTP/2 at the end of
         the reactor turn, so that the messages of one turn (a reply, its body
@@ -964,7 +1016,7 @@ class GrpcLink(Protocol):
             if not self._batching and self._turn is None:
                 self._turn = self.reactor.callLater(0, self._end_of_turn)
 
-    def send_now(self, call: _Call, pieces: Iterable[bytes]) -> None:
+    def send_now(self, call: _Call, pieces: Iterable[Piece]) -> None:
         """Queue bytes on a call and hand them to HTTP/2 now (what the windows allow)."""
         self.enqueue(call, pieces)
         if call.outbox and not call.blocked and not self.sending_paused:
@@ -1007,7 +1059,8 @@ class GrpcLink(Protocol):
                         call.out_offset = 0
                         taken += available
                     else:
-                        parts.append(piece[offset : offset + room])
+                        # A view: the piece is not copied, only sent.
+                        parts.append(memoryview(piece)[offset : offset + room])
                         call.out_offset = offset + room
                         taken += room
                 last = call.end_after and not outbox
@@ -1174,9 +1227,13 @@ class GrpcLink(Protocol):
                 if forward and payload == _BARE_END:
                     self.forward_end(call, ())
                     continue
-                data = _data_payload(payload) if forward else None
-                if data is not None:
-                    self.forward_data(call, data)
+                head = _data_head(payload, len(payload)) if forward else None
+                if head is not None:
+                    # A receiver that borrows data gets a view of the bytes
+                    # read (nothing changes them), others a copy.
+                    stream = call.stream
+                    borrows = stream is not None and getattr(stream.receiver, "borrows_data", False)
+                    self.forward_data(call, payload[head:] if borrows else payload[head:].tobytes())
                 else:
                     self.message_received(call, codec.decode(payload.tobytes()))
             except FrameError as e:
@@ -1314,7 +1371,7 @@ class GrpcLink(Protocol):
     def forward_frame(self, call: _Call, frame: codec.Frame) -> None:
         raise NotImplementedError
 
-    def forward_data(self, call: _Call, data: bytes) -> None:
+    def forward_data(self, call: _Call, data: bytes | memoryview) -> None:
         """A C{Data} message on a Forward call, read without protobuf (see L{_data_payload})."""
         raise NotImplementedError
 
@@ -1547,14 +1604,14 @@ class EdgeGrpcLink(GrpcLink):
 
     # -- calls ------------------------------------------------------------------------
 
-    def enqueue(self, call: _Call, pieces: Iterable[bytes]) -> None:
+    def enqueue(self, call: _Call, pieces: Iterable[Piece]) -> None:
         """Response headers go out before a call's first message."""
         if not call.headers_sent and not call.local_closed:
             call.headers_sent = True
             self.send_headers(call, _RESPONSE_HEADERS, False)
         super().enqueue(call, pieces)
 
-    def _bind(self, stream: GrpcStream, call: _Call, replay: list[bytes]) -> None:
+    def _bind(self, stream: GrpcStream, call: _Call, replay: list[Piece]) -> None:
         """Put a stream on an idle Forward call: response headers, then Open."""
         if stream.queue_timer is not None and stream.queue_timer.active():
             stream.queue_timer.cancel()
@@ -1738,7 +1795,7 @@ class EdgeGrpcLink(GrpcLink):
             raise FrameError("a message after End")
         return stream
 
-    def forward_data(self, call: _Call, data: bytes) -> None:
+    def forward_data(self, call: _Call, data: bytes | memoryview) -> None:
         stream = self._receiving(call)
         if stream is not None:
             stream.deliver("data_received", data)
@@ -2023,7 +2080,7 @@ class AgentGrpcLink(GrpcLink):
             self.draining = True
         super().control_message(message)
 
-    def forward_data(self, call: _Call, data: bytes) -> None:
+    def forward_data(self, call: _Call, data: bytes | memoryview) -> None:
         stream = call.stream
         if stream is None:
             if call.retiring:
