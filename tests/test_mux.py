@@ -817,6 +817,24 @@ class EndStreamTests(SynchronousTestCase):
         pair.pump()
         self.assertEqual((stream.closed, remote.closed), (True, True))
 
+    def test_large_end_with_data_in_pieces(self) -> None:
+        """A large last Data goes to a wire that takes pieces as head, payload and tail: the same frame bytes."""
+        pair = Pair(Clock(), edge_window=1 << 20, agent_window=1 << 20, wire=BatchingWire)
+        pair.agent.send_control(Hello("a", (), version=2))
+        pair.pump()
+        pair.edge.send_control(Welcome("s", version=2))
+        pair.pump()
+        stream, receiver, remote, _ = pair.open()
+        wire = pair.agent_wire
+        assert isinstance(wire, BatchingWire)
+        payload = os.urandom(100 * 1024)
+        before = len(wire.outbox)
+        remote.end_with_data(payload)
+        self.assertEqual(wire.outbox[before:], [codec.encode_data(remote.stream_id, payload, end_stream=True)])
+        self.assertEqual(len(wire.batches), 1)
+        pair.pump()
+        self.assertEqual((bytes(receiver.data), receiver.events[-1]), (payload, ("end", ())))
+
     def test_end_with_data_version_1(self) -> None:
         """On a version 1 link (an older peer) the same call sends Data, then End."""
         pair = self.welcomed_pair(1)

@@ -74,6 +74,21 @@ def data_frame_head(stream_id: int, size: int) -> bytes:
     return b"".join((head, b"\x32", _varint(len(inner) + size), inner))
 
 
+# What follows the payload in a Data frame with end_stream (field 2, true).
+_END_STREAM_TAIL = b"\x10\x01"
+
+
+def last_data_frame_parts(stream_id: int, size: int) -> tuple[bytes, bytes]:
+    """
+    The bytes before and after a payload of C{size} bytes in C{Frame(stream_id=
+    stream_id, data=Data(data=..., end_stream=True))}: as L{data_frame_head},
+    for a stream's last Data.
+    """
+    field = b"\x0a" + _varint(size) if size else b""
+    head = b"\x08" + _varint(stream_id) if stream_id else b""
+    return b"".join((head, b"\x32", _varint(len(field) + size + 2), field)), _END_STREAM_TAIL
+
+
 def encode_data(stream_id: int, data: bytes | memoryview, end_stream: bool = False) -> bytes:
     """
     C{Frame(stream_id=stream_id, data=Data(data=data, end_stream=end_stream))},
@@ -82,10 +97,8 @@ def encode_data(stream_id: int, data: bytes | memoryview, end_stream: bool = Fal
     """
     if not end_stream:
         return data_frame_head(stream_id, len(data)) + data
-    size = len(data)
-    field = b"\x0a" + _varint(size) if size else b""
-    head = b"\x08" + _varint(stream_id) if stream_id else b""
-    return b"".join((head, b"\x32", _varint(len(field) + size + 2), field, data, b"\x10\x01"))
+    head, tail = last_data_frame_parts(stream_id, len(data))
+    return b"".join((head, data, tail))
 
 
 def decode(payload: bytes) -> pb.Frame:

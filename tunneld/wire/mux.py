@@ -46,6 +46,9 @@ _FRAME_OVERHEAD = 32
 # No peer may set its frame limit below this; data frames never exceed it
 # unless the peer said in its Hello or Welcome that it accepts larger ones.
 _MIN_FRAME_LIMIT = 128 * 1024
+# From this size a last Data payload is handed to a wire that takes pieces
+# (send_frames) as it is; a small one is cheaper encoded into one frame.
+_PIECES_FROM = 32 * 1024
 # The protocol version from which frames may carry end_stream.
 _END_STREAM_VERSION = 2
 
@@ -223,7 +226,7 @@ class FrameStream:
             return
         self.send_credit -= size
         self.local_ended = True
-        link.send(codec.encode_data(self.stream_id, data, end_stream=True))
+        link.send_last_data(self.stream_id, data)
         if self.remote_ended:
             self._close()
 
@@ -436,7 +439,7 @@ class FrameLink:
         self.end_stream = False
         self._next_id = 1
         self._last_remote_id = 0
-        self._send_frames: Callable[[list[tuple[bytes, bytes | memoryview]]], None] | None = getattr(
+        self._send_frames: Callable[[list[tuple[bytes | memoryview, ...]]], None] | None = getattr(
             wire, "send_frames", None
         )
         # A wire with a heartbeat of its own (WebSocket Ping/Pong) carries the
@@ -538,7 +541,7 @@ class FrameLink:
                 return
             view = memoryview(data)
             head = codec.data_frame_head(stream_id, limit)
-            frames: list[tuple[bytes, bytes | memoryview]] = [
+            frames: list[tuple[bytes | memoryview, ...]] = [
                 (head, view[start : start + limit]) for start in range(0, size - limit, limit)
             ]
             last = view[len(frames) * limit :]
@@ -551,6 +554,20 @@ class FrameLink:
         view = memoryview(data)
         for start in range(0, len(data), limit):
             self.wire.send_frame(codec.encode_data(stream_id, bytes(view[start : start + limit])))
+
+    def send_last_data(self, stream_id: int, data: bytes) -> None:
+        """
+        A stream's last Data frame (C{end_stream}); a payload of
+        L{_PIECES_FROM} bytes or more goes to a wire that takes frames in
+        pieces without being copied into the frame first (the last read of a
+        large body ends its stream this way).
+        """
+        send_frames = self._send_frames
+        if send_frames is not None and len(data) >= _PIECES_FROM:
+            head, tail = codec.last_data_frame_parts(stream_id, len(data))
+            send_frames([(head, data, tail)])
+        else:
+            self.send(codec.encode_data(stream_id, data, end_stream=True))
 
     def forget(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
