@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import typing
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -28,11 +30,11 @@ class Recorder:
         assert self.head is None
         self.head = (status, reason, headers)
 
-    def response_data(self, data: bytes) -> None:
+    def response_data(self, data: bytes | memoryview) -> None:
         assert self.head is not None and self.end is None
         self.body += data
 
-    def response_end(self, data: bytes, trailers: list[Header], reusable: bool) -> None:
+    def response_end(self, data: bytes | memoryview, trailers: list[Header], reusable: bool) -> None:
         assert self.end is None
         self.body += data
         self.end = (trailers, reusable)
@@ -248,6 +250,90 @@ class ResponseParserTests(SynchronousTestCase):
         parser.expect(recorder, False)
         parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         self.assertEqual(recorder.outcome(), ((200, b"OK", [(b"Content-Length", b"2")]), b"", None))
+
+
+# Larger than the size from which the bytes after a head are passed on as a view.
+BIG = bytes(range(256)) * 300
+
+
+class HeadTailTests(SynchronousTestCase):
+    """A large Content-Length body that shares a read with its head goes on as a view of that read."""
+
+    def feed_all(
+        self, reads: list[bytes], head_request: bool = False
+    ) -> tuple[Recorder, list[bytes | memoryview]]:
+        """Feed C{reads} to a fresh parser: the recorder, and each body piece as it was given."""
+        given: list[bytes | memoryview] = []
+
+        class Keeper(Recorder):
+            def response_data(self, data: bytes | memoryview) -> None:
+                given.append(data)
+                super().response_data(data)
+
+            def response_end(
+                self, data: bytes | memoryview, trailers: list[Header], reusable: bool
+            ) -> None:
+                if data:
+                    given.append(data)
+                super().response_end(data, trailers, reusable)
+
+        parser = ResponseParser()
+        recorder = Keeper()
+        parser.expect(recorder, head_request)
+        for read in reads:
+            parser.feed(read)
+        return recorder, given
+
+    def test_whole_body_in_the_head_read(self) -> None:
+        """A whole body after its head reaches the sink as a view of the read, uncopied."""
+        read = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BIG) + BIG
+        recorder, given = self.feed_all([read])
+        self.assertEqual(recorder.outcome()[1:], (BIG, ([], True)))
+        self.assertEqual([type(g) for g in given], [memoryview])
+        self.assertIs(typing.cast(memoryview, given[0]).obj, read)
+
+    def test_small_tail_is_bytes(self) -> None:
+        """A small body after its head is still passed on as bytes."""
+        _, given = self.feed_all([b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"])
+        self.assertEqual(given, [b"hello"])
+        self.assertIs(type(given[0]), bytes)
+
+    def test_body_split_over_reads(self) -> None:
+        """The body's start in the head's read, then the rest over further reads, arrive whole and in order."""
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (3 * len(BIG))
+        for cut in (len(BIG), len(BIG) + 1, 2 * len(BIG) - 1):
+            body = BIG * 3
+            recorder, given = self.feed_all([head + body[:cut], body[cut : cut + 7], body[cut + 7 :]])
+            self.assertEqual(recorder.outcome()[1:], (body, ([], True)))
+            self.assertIs(type(given[0]), memoryview)
+
+    def test_bytes_after_a_large_body(self) -> None:
+        """Bytes after a large body in the same read make the connection unfit for reuse."""
+        recorder, _ = self.feed_all(
+            [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BIG) + BIG + b"EXTRA"]
+        )
+        self.assertEqual(recorder.outcome()[1:], (BIG, ([], False)))
+
+    def test_other_framings_with_a_large_tail(self) -> None:
+        """Chunked, close-delimited, interim and bodiless responses parse a large tail as before."""
+        chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(BIG), BIG)
+        cases = [
+            ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked], False,
+             (BIG, ([], True))),
+            ([b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n"
+              % len(BIG) + BIG], False, (BIG, ([], True))),
+            ([b"HTTP/1.1 204 No Content\r\n\r\n" + BIG], False, (b"", ([], False))),
+            ([b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n" + BIG], True, (b"", ([], False))),
+        ]
+        for reads, head_request, expected in cases:
+            recorder, _ = self.feed_all(reads, head_request)
+            self.assertEqual(recorder.outcome()[1:], expected, reads[0][:40])
+        parser = ResponseParser()
+        recorder = Recorder()
+        parser.expect(recorder, False)
+        parser.feed(b"HTTP/1.1 200 OK\r\n\r\n" + BIG)
+        parser.feed_eof()
+        self.assertEqual(recorder.outcome()[1:], (BIG, ([], False)))
 
 
 class RequestWriterTests(SynchronousTestCase):

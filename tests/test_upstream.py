@@ -95,9 +95,10 @@ class FakeStream:
     def write(self, data: bytes) -> None:
         assert self.reply is not None, "body before reply"
         assert not self.finished.called, "write after the stream finished"
-        assert isinstance(data, bytes)
+        # IStream.write: bytes, or a view of bytes (not changed afterwards).
+        assert isinstance(data, (bytes, memoryview))
         if self.keep:
-            self.chunks.append(data)
+            self.chunks.append(bytes(data))
         self.received += len(data)
         if self.block_after is not None and self.received >= self.block_after:
             self.block_after = None

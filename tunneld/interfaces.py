@@ -56,7 +56,8 @@ class IStream(IPushProducer, IConsumer):
     far end from sending more (no more credit is granted).  As an
     L{IConsumer} it takes outgoing data: it pauses a registered producer when
     the far end has granted no more credit or the link itself is congested.
-    C{stopProducing} resets the stream with C{cancelled}.
+    C{stopProducing} resets the stream with C{cancelled}.  C{write} also
+    takes a C{memoryview} of bytes that nothing changes afterwards.
     """
 
     head: StreamHead = Attribute(

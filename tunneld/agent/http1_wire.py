@@ -23,6 +23,9 @@ import typing
 __all__ = ["RequestError", "RequestWriter", "ResponseError", "ResponseParser", "ResponseSink"]
 
 Header = tuple[bytes, bytes]
+# Body bytes as the parser passes them on: C{bytes}, or a view of the read
+# they came in (never changed, and not kept by the parser after the call).
+Body = bytes | memoryview
 
 # RFC 9110 section 5.6.2 (token) and 5.5 (field-value, without obs-fold).
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
@@ -43,6 +46,11 @@ _FIELD_VALUE = re.compile(_VALUE)
 
 _NO_BODY_STATUS = (204, 304)
 
+# From this many bytes, the start of a Content-Length body that shares a
+# read with the response head is passed on as a view of that read (usually
+# most of it), instead of being copied out of it first.
+_TAIL_VIEW_FROM = 32 * 1024
+
 # Parser states.
 _IDLE, _HEAD, _LENGTH_BODY, _CHUNK_HEAD, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE = range(8)
 
@@ -61,10 +69,10 @@ class ResponseSink(typing.Protocol):
     def response_head(self, status: int, reason: bytes, headers: list[Header]) -> None:
         """The final (non-1xx) response head; header names keep their case."""
 
-    def response_data(self, data: bytes) -> None:
+    def response_data(self, data: Body) -> None:
         """Some body bytes, de-framed."""
 
-    def response_end(self, data: bytes, trailers: list[Header], reusable: bool) -> None:
+    def response_end(self, data: Body, trailers: list[Header], reusable: bool) -> None:
         """
         The response is complete: C{data} is its last body bytes, if they
         came with the end; C{reusable} says whether the connection may carry
@@ -306,7 +314,14 @@ class ResponseParser:
         if end < 0:
             return False
         buffer = self._buffer
-        self._buffer = buffer[end:]
+        # What follows the head: copied out of the read, unless it is large
+        # and turns out to start a Content-Length body (_body_tail).
+        tail = None
+        if len(buffer) - end < _TAIL_VIEW_FROM:
+            self._buffer = buffer[end:]
+        else:
+            self._buffer = b""
+            tail = memoryview(buffer)[end:]
         self._scanned = 0
         status_line = _STATUS_LINE.match(buffer)
         if status_line is None:
@@ -316,6 +331,8 @@ class ResponseParser:
         reason = status_line.group(3) or b""
         fields = buffer[status_line.end() : block]
         if status < 200:
+            if tail is not None:
+                self._buffer = bytes(tail)
             _fields(fields, "response head")
             if status == 101:
                 raise ResponseError("101 Switching Protocols to a request that did not ask to switch")
@@ -327,6 +344,10 @@ class ResponseParser:
             known = _head_facts(fields)
         headers, length, chunked, close = known
         self._keep_alive = status_line.group(1) == b"1" and not close
+        if tail is not None and (
+            chunked or not length or self._head_request or status in _NO_BODY_STATUS
+        ):
+            self._buffer, tail = bytes(tail), None
         self._sink.response_head(status, reason, list(headers))
         if self._state != _HEAD:
             return False  # the sink gave up on this response
@@ -337,6 +358,8 @@ class ResponseParser:
         elif length is not None:
             self._remaining = length
             self._state = _LENGTH_BODY
+            if tail is not None:
+                self._body_tail(tail)
         else:
             self._state = _UNTIL_CLOSE
             self._keep_alive = False
@@ -345,7 +368,18 @@ class ResponseParser:
                 self._sink.response_data(data)
         return True
 
-    def _finish(self, trailers: list[Header], data: bytes = b"") -> None:
+    def _body_tail(self, tail: memoryview) -> None:
+        """The first bytes of a Content-Length body, in the head's read, passed on as they are."""
+        remaining = self._remaining
+        if len(tail) < remaining:
+            self._remaining = remaining - len(tail)
+            self._sink.response_data(tail)
+            return
+        # Bytes after the body, if any, stay (as bytes) to say the connection is not reusable.
+        self._buffer = bytes(tail[remaining:])
+        self._finish([], tail[:remaining])
+
+    def _finish(self, trailers: list[Header], data: Body = b"") -> None:
         self._state = _IDLE
         reusable = self._keep_alive and not self._buffer
         self._buffer = b""

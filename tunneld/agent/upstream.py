@@ -510,14 +510,16 @@ class _Exchange:
         # Held until this read is parsed: a response without a body ends with it.
         self._held_reply = ReplyHead(status, reason, _end_to_end(headers))
 
-    def response_data(self, data: bytes) -> None:
+    def response_data(self, data: bytes | memoryview) -> None:
         """L{ResponseSink}: response body bytes."""
         if not self._done:
             if self._held_reply is not None:
                 self._send_held_reply()
-            self._stream.write(data)
+            # A view of a read (nothing changes it) goes on as one: every
+            # IStream here takes views (FrameStream, the gRPC stream).
+            self._stream.write(cast(bytes, data))
 
-    def response_end(self, data: bytes, trailers: list[Header], reusable: bool) -> None:
+    def response_end(self, data: bytes | memoryview, trailers: list[Header], reusable: bool) -> None:
         """L{ResponseSink}: the response is complete: end the stream, keep or close the connection."""
         conn = self._conn
         if self._done or conn is None:
@@ -562,7 +564,7 @@ class _Exchange:
         if end_with_data is not None and not trailers:
             end_with_data(data)
         else:
-            self._stream.write(data)
+            self._stream.write(cast(bytes, data))
             self._stream.end(trailers)
 
     def upstream_lost(self, conn: _UpstreamConnection, reason: Failure) -> None:

@@ -206,7 +206,7 @@ class FrameStream:
         if self.remote_ended:
             self._close()
 
-    def end_with_data(self, data: bytes) -> None:
+    def end_with_data(self, data: bytes | memoryview) -> None:
         """
         C{write(data)} then C{end()}, as one Data frame with C{end_stream}
         when the link's version allows it and the bytes fit the credit.
@@ -555,7 +555,7 @@ class FrameLink:
         for start in range(0, len(data), limit):
             self.wire.send_frame(codec.encode_data(stream_id, bytes(view[start : start + limit])))
 
-    def send_last_data(self, stream_id: int, data: bytes) -> None:
+    def send_last_data(self, stream_id: int, data: bytes | memoryview) -> None:
         """
         A stream's last Data frame (C{end_stream}); a payload of
         L{_PIECES_FROM} bytes or more goes to a wire that takes frames in
