@@ -107,6 +107,24 @@ class SendNowTests(TestCase):
         self.assertEqual(transport._tempDataBuffer, [b"x" * 100])
         self.assertEqual(await peer.done, b"x" * 100)
 
+    async def test_write_now(self) -> None:
+        """A small write_now leaves at once, behind this turn's untried writes, nothing queued."""
+        transport, peer = await self._pair(10)
+        transport.write(b"first")
+        bulkwrite.write_now(transport, b"again")
+        self.assertEqual((transport._tempDataLen, transport._tempDataBuffer), (0, []))
+        self.assertNotIn(transport, reactor.getWriters())
+        self.assertEqual(await peer.done, b"firstagain")
+
+    async def test_write_now_behind_queued(self) -> None:
+        """Behind a large queued write, write_now queues: order is kept."""
+        first = b"f" * bulkwrite.DIRECT_FROM
+        transport, peer = await self._pair(len(first) + 5)
+        transport.write(first)
+        bulkwrite.write_now(transport, b"after")
+        self.assertEqual(transport._tempDataBuffer, [first, b"after"])
+        self.assertEqual(await peer.done, first + b"after")
+
     async def test_small_untried_writes_go_first(self) -> None:
         """Small writes queued this turn leave first, in the same system call, and nothing stays queued."""
         data = _pattern(BIG, 3)
@@ -266,7 +284,10 @@ class OtherTransportTests(SynchronousTestCase):
         bulkwrite.write(transport, memoryview(b"b" * 10))
         bulkwrite.write_sequence(transport, [b"c", bytearray(b"d" * BIG)])
         bulkwrite.queue(transport, memoryview(b"e" * 10))
-        self.assertEqual(transport.value(), b"a" * BIG + b"b" * 10 + b"c" + b"d" * BIG + b"e" * 10)
+        bulkwrite.write_now(transport, b"f")
+        self.assertEqual(
+            transport.value(), b"a" * BIG + b"b" * 10 + b"c" + b"d" * BIG + b"e" * 10 + b"f"
+        )
 
 
 

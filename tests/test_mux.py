@@ -555,6 +555,36 @@ class BatchedDataTests(SynchronousTestCase):
         self.assertEqual(bytes(receiver.data), payload)
 
 
+    def test_reply_with_data_is_one_batch(self) -> None:
+        """A reply and the bytes after it, within the credit, go to the wire as one batch, in order."""
+        pair = Pair(Clock(), wire=BatchingWire)
+        stream, receiver, remote, _ = pair.open()
+        wire = pair.agent_wire
+        assert isinstance(wire, BatchingWire)
+        payload = os.urandom(1000)
+        credit = remote.send_credit
+        remote.write_with_reply(ReplyHead(200), memoryview(payload))
+        self.assertEqual(len(wire.batches), 1)
+        self.assertEqual(
+            [f.WhichOneof("body") for f in wire.frames()[-2:]], ["reply", "data"]
+        )
+        self.assertEqual(remote.send_credit, credit - len(payload))
+        pair.pump()
+        self.assertEqual(receiver.events, [("reply", ReplyHead(200)), ("data", payload)])
+
+    def test_reply_with_data_beyond_credit(self) -> None:
+        """Beyond the credit, the reply goes alone and the bytes wait for credit, arriving whole."""
+        for wire_type in (Wire, BatchingWire):
+            pair = Pair(Clock(), wire=wire_type)
+            stream, receiver, remote, _ = pair.open()
+            payload = os.urandom(WINDOW + 10)
+            remote.write_with_reply(ReplyHead(200), payload)
+            for _ in range(3):
+                pair.pump()
+            self.assertEqual(receiver.events[0], ("reply", ReplyHead(200)))
+            self.assertEqual(bytes(receiver.data), payload)
+
+
 class BorrowingReceiver(Receiver):
     """A L{Receiver} that takes Data as views of the frames (C{borrows_data})."""
 

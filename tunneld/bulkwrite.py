@@ -52,7 +52,7 @@ from typing import Any
 
 from twisted.internet.tcp import Connection
 
-__all__ = ["ALONE_FROM", "DIRECT_FROM", "forward", "queue", "write", "write_sequence"]
+__all__ = ["ALONE_FROM", "DIRECT_FROM", "forward", "queue", "write", "write_now", "write_sequence"]
 
 # Writes at least this long are sent at once when nothing is queued.
 DIRECT_FROM = 32 * 1024
@@ -131,6 +131,20 @@ def write(transport: Any, data: Buffer) -> None:
                 _queue(transport, rest)
             return
     transport.write(data if type(data) is bytes else bytes(data))
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """
+    C{transport.write(data)} for the only write of its reactor turn (an
+    agent's bodiless request to its upstream), whatever its size: sent at
+    once as by L{write}, which spares the two C{epoll_ctl} calls and the
+    poll that a queued write costs.
+    """
+    rest = _send_now(transport, [data], len(data))
+    if rest is None:
+        transport.write(data)
+    elif rest:
+        _queue(transport, rest)
 
 
 def write_sequence(transport: Any, pieces: Sequence[Buffer]) -> None:

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tunneld import bulkwrite
 from tunneld.agent.dialing import connect_error, connect_timed_out
 from tunneld.agent.http1_wire import (
     Header,
@@ -390,7 +391,11 @@ class _Exchange:
         headers = self._headers if extra is None else [*self._headers, extra]
         head = conn.writer.head(self._method, self._target, headers)
         conn.parser.expect(self, self._method == b"HEAD")
-        conn.sock.write(head)
+        if empty:
+            # The whole request, the only write of this turn: sent at once.
+            bulkwrite.write_now(conn.sock, head)
+        else:
+            conn.sock.write(head)
         return empty
 
     def _send_data(self, conn: _UpstreamConnection, data: bytes) -> None:
@@ -513,7 +518,14 @@ class _Exchange:
     def response_data(self, data: bytes | memoryview) -> None:
         """L{ResponseSink}: response body bytes."""
         if not self._done:
-            if self._held_reply is not None:
+            reply = self._held_reply
+            if reply is not None:
+                # A frame stream sends the reply and these bytes in one write.
+                write_with_reply = getattr(self._stream, "write_with_reply", None)
+                if write_with_reply is not None:
+                    self._held_reply = None
+                    write_with_reply(reply, data)
+                    return
                 self._send_held_reply()
             # A view of a read (nothing changes it) goes on as one: every
             # IStream here takes views (FrameStream, the gRPC stream).

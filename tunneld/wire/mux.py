@@ -206,6 +206,35 @@ class FrameStream:
         if self.remote_ended:
             self._close()
 
+    def write_with_reply(self, reply: ReplyHead, data: bytes | memoryview) -> None:
+        """
+        C{send_reply(reply)} then C{write(data)}, as one write to a wire that
+        takes frames in pieces when the bytes fit the credit and one frame:
+        the reply is not queued on its own first (a queued write costs a
+        poll and two C{epoll_ctl} calls).
+        """
+        link = self.link
+        send_frames = link._send_frames
+        size = len(data)
+        if (
+            send_frames is None
+            or self.closed
+            or link.closed
+            or self.local_ended
+            or self._pending
+            or not 0 < size <= self.send_credit
+            or size > link.max_data
+        ):
+            self.send_reply(reply)
+            self.write(data)
+            return
+        self.send_credit -= size
+        stream_id = self.stream_id
+        send_frames([
+            (codec.reply_bytes(stream_id, reply),),
+            (codec.data_frame_head(stream_id, size), data),
+        ])
+
     def end_with_data(self, data: bytes | memoryview) -> None:
         """
         C{write(data)} then C{end()}, as one Data frame with C{end_stream}
