@@ -250,7 +250,7 @@ class SendNowTests(TestCase):
     async def test_forward_sends_long_and_queues_short(self) -> None:
         """L{bulkwrite.forward}: a long view leaves at once, a short one is queued uncopied."""
         long = _pattern(bulkwrite.ALONE_FROM, 7)
-        short = memoryview(bytearray(_pattern(BIG // 2, 8)))
+        short = memoryview(bytearray(_pattern(bulkwrite.ALONE_FROM - 1, 8)))
         transport, peer = await self._pair(len(long) + len(short))
         bulkwrite.forward(transport, memoryview(long))
         self.assertEqual(transport._tempDataLen, 0)
