@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from h2.config import H2Configuration
@@ -11,6 +12,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial.unittest import TestCase
 
 from tests.end_to_end import EndToEndMixin
+from tests.harness import sleep
+from tunneld.transports.grpc import GrpcStream, _Call
 
 
 class _Hostile(protocol.Protocol):
@@ -46,3 +49,30 @@ class GrpcEndToEnd(EndToEndMixin, TestCase):
             protocol.Factory.forProtocol(_Hostile)
         )
         await proto.closed
+
+    async def test_cancelled_requests_leave_no_cyclic_garbage(self) -> None:
+        """Requests whose client went away mid-request leave no gRPC stream or call for the cyclic GC."""
+        harness, upstream = await self.tunnel()
+        await harness.request("app.test", "/hello")  # the link and the pools are set up
+        if gc.isenabled():
+            gc.disable()
+            self.addCleanup(gc.enable)
+        gc.collect()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", harness.public_port)
+        for i in range(3):
+            client = await endpoint.connect(protocol.Factory.forProtocol(protocol.Protocol))
+            client.transport.write(b"GET /hang HTTP/1.1\r\nHost: app.test\r\n\r\n")
+            while len(upstream.hanging) <= i:
+                await sleep(0.01)
+            client.transport.abortConnection()
+        while any(request.channel is not None for request in upstream.hanging):
+            await sleep(0.01)  # the agent gave up each upstream request
+        await sleep(0.05)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            garbage = [type(o).__qualname__ for o in gc.garbage if isinstance(o, (GrpcStream, _Call))]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        self.assertEqual(garbage, [])

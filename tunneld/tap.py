@@ -73,8 +73,11 @@ Options = EdgeOptions
 
 
 def makeService(options: EdgeOptions, reactor: Any = None) -> IService:  # noqa: N802
-    """The edge's service tree."""
+    """The edge's service tree (the collector tuned once it has started)."""
+    from twisted.application.service import MultiService
+
     from tunneld.edge.service import EdgeService
+    from tunneld.gctune import GcTuning
     from tunneld.heap import keep_large_buffers
 
     keep_large_buffers()
@@ -83,17 +86,22 @@ def makeService(options: EdgeOptions, reactor: Any = None) -> IService:  # noqa:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return EdgeService(options.config, options.transports, reactor)
+    top = MultiService()
+    EdgeService(options.config, options.transports, reactor).setServiceParent(top)
+    GcTuning().setServiceParent(top)
+    return top
 
 
 def makeAgentService(options: AgentOptions, reactor: Any = None) -> IService:  # noqa: N802
     """
     The agent's service, with the live console summary (when stdout is a
-    terminal) and systemd notification (when run by systemd).
+    terminal), systemd notification (when run by systemd) and the collector
+    tuned once it has started.
     """
     from twisted.application.service import MultiService
 
     from tunneld.agent.service import AgentService
+    from tunneld.gctune import GcTuning
     from tunneld.heap import keep_large_buffers
     from tunneld.observe.console import AgentActivity, ConsoleSummary
     from tunneld.observe.systemd import SystemdNotifyService
@@ -114,4 +122,5 @@ def makeAgentService(options: AgentOptions, reactor: Any = None) -> IService:  #
     SystemdNotifyService(
         reactor, lambda: [], lambda: f"agent {options.config.agent.id}"
     ).setServiceParent(top)
+    GcTuning().setServiceParent(top)
     return top

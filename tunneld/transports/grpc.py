@@ -1134,11 +1134,22 @@ class GrpcLink(Protocol):
     def maybe_forget_call(self, call: _Call) -> None:
         if call.local_closed and call.remote_closed:
             self.calls.pop(call.stream_id, None)
+            stream = call.stream
+            if stream is not None and stream.closed:
+                # Both are done: no cycle left for the collector (see forget).
+                call.stream = None
 
     def forget(self, stream: GrpcStream) -> None:
         call = stream.call
-        if call is not None and self.streams.get(call.stream_id) is stream:
+        if call is None:
+            return
+        if self.streams.get(call.stream_id) is stream:
             del self.streams[call.stream_id]
+        if call.stream is stream and self.calls.get(call.stream_id) is not call:
+            # The call ended before its stream (a reset, a lost race): the
+            # pair would otherwise hold each other, garbage only the cyclic
+            # collector frees, in a pause over the whole heap.
+            call.stream = None
 
     def release(self, call: _Call, stream: GrpcStream) -> bool:
         """
@@ -1403,6 +1414,9 @@ class GrpcLink(Protocol):
         call.local_closed = call.remote_closed = True
         call.drop_outbox()
         self.call_reset(call, event.error_code)
+        stream = call.stream
+        if stream is not None and stream.closed:
+            call.stream = None  # no cycle left (see forget)
 
     def call_reset(self, call: _Call, code: int) -> None:
         stream = call.stream
