@@ -82,7 +82,7 @@ ALONE_FROM = 256 * 1024
 
 # A view shorter than 1/PIN_RATIO of the object it views, when that is at
 # least PIN_FROM long, is copied before it is queued (see the docstring).
-PIN_RATIO = 8
+PIN_RATIO = 16
 PIN_FROM = 256 * 1024
 # The most pieces one sendmsg takes (IOV_MAX is 1024 on Linux).
 IOV_MAX = 1024
