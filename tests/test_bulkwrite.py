@@ -15,6 +15,7 @@ from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.tcp import Connection
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test.proto_helpers import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -71,25 +72,30 @@ class _Producer:
         self.events.append("stop")
 
 
+async def _pair(case: TestCase, expected: int) -> tuple[Connection, _Collect]:
+    """A connected pair: our sending transport and the peer's collecting protocol."""
+    peer = _Collect(expected)
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: peer), interface="127.0.0.1")
+    case.addCleanup(port.stopListening)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+    sender = await endpoint.connect(Factory.forProtocol(Protocol))
+    await peer.made
+    transport: Connection = sender.transport  # type: ignore[attr-defined]
+    case.addCleanup(_close, transport, peer)
+    return transport, peer
+
+
+async def _close(transport: Connection, peer: _Collect) -> None:
+    if transport.connected:
+        transport.abortConnection()
+    await peer.lost
+
+
 class SendNowTests(TestCase):
     """L{bulkwrite.write} and L{bulkwrite.write_sequence} on real TCP connections."""
 
     async def _pair(self, expected: int) -> tuple[Connection, _Collect]:
-        """A connected pair: our sending transport and the peer's collecting protocol."""
-        peer = _Collect(expected)
-        port = reactor.listenTCP(0, Factory.forProtocol(lambda: peer), interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
-        sender = await endpoint.connect(Factory.forProtocol(Protocol))
-        await peer.made
-        transport: Connection = sender.transport  # type: ignore[attr-defined]
-        self.addCleanup(self._close, transport, peer)
-        return transport, peer
-
-    async def _close(self, transport: Connection, peer: _Collect) -> None:
-        if transport.connected:
-            transport.abortConnection()
-        await peer.lost
+        return await _pair(self, expected)
 
     async def test_large_write_is_sent_at_once(self) -> None:
         """A large bytearray or memoryview with nothing queued leaves at once, nothing queued behind."""
@@ -273,6 +279,25 @@ class SendNowTests(TestCase):
         peer.transport.resumeProducing()  # type: ignore[union-attr]
         self.assertEqual(await peer.done, data)
 
+    async def test_slow_reader_holds_its_frames_not_their_reads(self) -> None:
+        """Frames of many 1 MiB reads queued for a reader that does not read hold their own bytes, not the reads."""
+        frame, reads = 16 * 1024, 32
+        transport, peer = await self._pair(frame * reads)
+        peer.transport.pauseProducing()  # type: ignore[union-attr]
+        self.addCleanup(peer.transport.resumeProducing)  # type: ignore[union-attr]
+        sent = []
+        for i in range(reads):
+            read = bytes([i]) * (1024 * 1024)
+            sent.append(read[:frame])
+            bulkwrite.forward(transport, memoryview(read)[:frame])
+        held = sum(
+            len(piece.obj) if type(piece) is memoryview else len(piece)  # type: ignore[arg-type]
+            for piece in transport._tempDataBuffer
+        ) + len(transport.dataBuffer)
+        self.assertLessEqual(held, 2 * frame * reads)
+        peer.transport.resumeProducing()  # type: ignore[union-attr]
+        self.assertEqual(await peer.done, b"".join(sent))
+
 
 class OtherTransportTests(SynchronousTestCase):
     """Anything but a plain TCP connection gets an ordinary write of C{bytes}."""
@@ -296,3 +321,152 @@ async def _turn() -> None:
     d: Deferred[None] = Deferred()
     reactor.callLater(0, d.callback, None)
     await d
+
+
+class _ShortSocket:
+    """A socket whose send and sendmsg take at most C{take} bytes, or raise C{error}."""
+
+    def __init__(self, take: int, error: OSError | None = None) -> None:
+        self.take = take
+        self.error = error
+        self.sent = b""
+
+    def send(self, data: bytes) -> int:
+        return self.sendmsg([data])
+
+    def sendmsg(self, pieces: list[bytes]) -> int:
+        if self.error is not None:
+            raise self.error
+        data = b"".join(pieces)[: self.take]
+        self.sent += data
+        return len(data)
+
+
+def _short_transport(take: int, error: OSError | None = None) -> tuple[Any, _ShortSocket, StringTransport]:
+    """
+    A TCP transport over a L{_ShortSocket}; what it queues lands in a
+    L{StringTransport} (for the bytes, in order).
+    """
+    sock = _ShortSocket(take, error)
+    queued = StringTransport()
+    transport: Any = Connection.__new__(Connection)
+    transport.TLS = False
+    transport.connected = True
+    transport.disconnecting = False
+    transport.socket = sock
+    transport._tempDataBuffer = []
+    transport._tempDataLen = 0
+    transport.producer = None
+    transport.writeSequence = queued.writeSequence
+    transport.write = queued.write
+    return transport, sock, queued
+
+
+class FlushTests(SynchronousTestCase):
+    """L{bulkwrite.flush}: one turn's pieces sent at once, whatever their size."""
+
+    def test_what_the_socket_did_not_take_is_queued_in_order(self) -> None:
+        """Wherever a partial send stops, what was sent plus what is queued is every byte, in order, as bytes."""
+        pieces = [b"head", _pattern(1000), bytearray(b"x"), memoryview(_pattern(300))]
+        whole = b"".join(pieces)
+        for take in (1, 4, 5, 1003, 1004, 1005, 1305, len(whole)):
+            transport, sock, queued = _short_transport(take)
+            written: list[bytes] = []
+            transport.writeSequence = written.extend
+            bulkwrite.flush(transport, list(pieces))
+            self.assertTrue(all(type(piece) is bytes for piece in written))
+            self.assertEqual(sock.sent + b"".join(written), whole)
+
+    def test_small_pieces_are_sent_at_once(self) -> None:
+        """Unlike L{bulkwrite.write_sequence}, a few bytes leave at once too."""
+        transport, sock, queued = _short_transport(100)
+        bulkwrite.flush(transport, [b"ab", memoryview(b"cd")])
+        self.assertEqual((sock.sent, queued.value()), (b"abcd", b""))
+
+    def test_an_error_leaves_everything_to_the_transport(self) -> None:
+        """A socket error (full, or broken) leaves every piece, as bytes, to the transport's own write."""
+        for error in (BlockingIOError(), BrokenPipeError()):
+            transport, sock, queued = _short_transport(9, error)
+            bulkwrite.flush(transport, [b"a", memoryview(b"bc")])
+            self.assertEqual((sock.sent, queued.value()), (b"", b"abc"))
+
+    def test_too_many_pieces_for_one_sendmsg(self) -> None:
+        """More pieces than one sendmsg takes are left to the transport's own write."""
+        transport, sock, queued = _short_transport(10**6)
+        pieces = [b"p"] * (bulkwrite.IOV_MAX + 1)
+        bulkwrite.flush(transport, pieces)
+        self.assertEqual((sock.sent, queued.value()), (b"", b"p" * len(pieces)))
+
+
+class PinTests(SynchronousTestCase):
+    """A view is queued uncopied only while it is a fair share of what it views."""
+
+    def _queued(self, data: memoryview) -> Any:
+        transport, sock, queued = _short_transport(0)
+        transport.startWriting = lambda: None
+        transport._maybePauseProducer = lambda: None
+        transport._writeDisconnected = False
+        bulkwrite.queue(transport, data)
+        [piece] = transport._tempDataBuffer
+        self.assertEqual(bytes(piece), bytes(data))
+        return piece
+
+    def test_small_view_of_a_large_read_is_copied(self) -> None:
+        """A frame shorter than 1/PIN_RATIO of a read of PIN_FROM or more is copied: the read is let go."""
+        read = _pattern(1024 * 1024)
+        size = len(read) // bulkwrite.PIN_RATIO
+        piece = self._queued(memoryview(read)[100 : 100 + size])
+        self.assertIs(type(piece), bytes)
+
+    def test_fair_share_is_not_copied(self) -> None:
+        """A view longer than 1/PIN_RATIO of its read is queued as it is."""
+        read = _pattern(1024 * 1024)
+        view = memoryview(read)[: len(read) // bulkwrite.PIN_RATIO + 1]
+        self.assertIs(self._queued(view), view)
+
+    def test_view_of_a_small_read_is_not_copied(self) -> None:
+        """A small view of a read shorter than PIN_FROM is queued as it is: that read costs little."""
+        read = bytearray(_pattern(bulkwrite.PIN_FROM - 1))
+        view = memoryview(read)[:10]
+        self.assertIs(self._queued(view), view)
+
+    def test_view_of_a_view_counts_the_whole_read(self) -> None:
+        """A slice of a slice is measured against the read underneath both."""
+        read = _pattern(1024 * 1024)
+        view = memoryview(memoryview(read)[: len(read) // 2])[:1000]
+        self.assertIs(type(self._queued(view)), bytes)
+
+
+class FallbackTests(TestCase):
+    """A Twisted without the write-queue state this module uses gets ordinary writes."""
+
+    async def test_ordinary_writes_without_the_private_state(self) -> None:
+        """Each entry point falls back to transport.write of bytes, warns once, and every byte arrives in order."""
+        self.patch(bulkwrite, "_PRIVATE", (*bulkwrite._PRIVATE, "_noSuchQueueState"))
+        self.patch(bulkwrite, "_usable", None)
+        big = _pattern(BIG, 11)
+        connection, peer = await _pair(self, 4 * BIG + 3)
+        transport: Any = connection
+        writes: list[bytes] = []
+        ordinary = transport.write
+        transport.write = lambda data: (writes.append(data), ordinary(data))
+        sequences: list[list[bytes]] = []
+        ordinary_sequence = transport.writeSequence
+        transport.writeSequence = lambda data: (sequences.append(list(data)), ordinary_sequence(data))
+        warnings = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if "_noSuchQueueState" in str(event.get("missing", "")):
+                warnings.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        bulkwrite.write(transport, memoryview(big))
+        bulkwrite.queue(transport, memoryview(big))
+        bulkwrite.forward(transport, bytearray(big))
+        bulkwrite.flush(transport, [b"a", memoryview(big), b"b"])
+        bulkwrite.write_sequence(transport, [b"c"])
+        self.assertFalse(bulkwrite._usable)
+        self.assertEqual(len(warnings), 1)
+        self.assertTrue(all(type(piece) is bytes for piece in writes + sum(sequences, [])))
+        self.assertEqual(await peer.done, big * 3 + b"a" + big + b"bc")

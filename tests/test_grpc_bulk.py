@@ -8,7 +8,7 @@ what stock h2 and the generated protobuf code do.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, cast
+from typing import Any
 
 from h2 import events as h2events
 from h2.config import H2Configuration
@@ -30,7 +30,6 @@ from tunneld.transports.grpc import (
     GrpcEdgeOptions,
     _Call,
     _data_payload,
-    _send_now,
     data_message,
     grpc_message,
 )
@@ -488,47 +487,6 @@ class BorrowTests(TestCase):
             kinds = {type(chunk) for chunk in receiver.chunks}
             self.assertIn(kind, kinds)
             self.assertLessEqual(kinds, {kind, bytes})
-
-
-class _PartialSocket:
-    """A socket whose sendmsg takes at most C{take} bytes, or raises C{error}."""
-
-    def __init__(self, take: int, error: OSError | None = None) -> None:
-        self.take = take
-        self.error = error
-        self.sent = b""
-
-    def sendmsg(self, chunks: list[bytes]) -> int:
-        if self.error is not None:
-            raise self.error
-        data = b"".join(chunks)[: self.take]
-        self.sent += data
-        return len(data)
-
-
-class _SocketHolder:
-    def __init__(self, socket: _PartialSocket) -> None:
-        self.socket = socket
-
-
-class SendNowTests(SynchronousTestCase):
-    def test_what_the_socket_did_not_take_is_returned_in_order(self) -> None:
-        """Wherever a partial sendmsg stops, what was sent plus what is returned is every byte, in order."""
-        chunks = [b"head", pattern(1000), b"x", pattern(300)]
-        whole = b"".join(chunks)
-        for take in (1, 4, 5, 1003, 1004, 1005, 1305, len(whole)):
-            sock = _PartialSocket(take)
-            rest = _send_now(cast(Any, _SocketHolder(sock)), list(chunks))
-            self.assertTrue(all(type(piece) is bytes for piece in rest))
-            self.assertEqual(sock.sent + b"".join(rest), whole)
-        self.assertEqual(_send_now(cast(Any, _SocketHolder(_PartialSocket(len(whole)))), chunks), [])
-
-    def test_an_error_leaves_everything_to_the_transport(self) -> None:
-        """A socket error (or nothing taken) returns every piece, for the transport's own write to handle."""
-        chunks = [b"a", memoryview(b"bc")]
-        for sock in (_PartialSocket(0), _PartialSocket(9, BlockingIOError()), _PartialSocket(9, BrokenPipeError())):
-            rest = _send_now(cast(Any, _SocketHolder(sock)), cast(Any, chunks))
-            self.assertEqual(rest, [b"a", b"bc"])
 
 
 class WindowUpdateTests(SynchronousTestCase):

@@ -25,6 +25,18 @@ ways around that, each for its own case:
   - L{forward} chooses between the two for a buffer that never changes by
     its length (the edge's Data frames, which a peer may send up to 1 MiB
     long).
+  - L{flush} sends at once whatever the size: for a link that writes once
+    per reactor turn (the gRPC link's HTTP/2 output), whose small writes
+    would only wait for the next turn in the queue.
+
+A buffer queued uncopied keeps alive the whole object it is a view of: a
+16 KiB Data frame of a 1 MiB read keeps the 1 MiB.  Queued for a reader
+that is slow, or for many readers each holding a frame of a different read,
+that is many times the bytes actually waiting.  So a view is queued as it
+is only while it is a fair share of its read: one shorter than
+1/L{PIN_RATIO} of a read at least L{PIN_FROM} long is copied, and the read
+is let go.  The copy is never more than 1/L{PIN_RATIO} of the memory it
+frees; a whole frame, a large rest, or a small read is queued uncopied.
 
 Everything else about a Twisted write holds:
 
@@ -34,6 +46,9 @@ Everything else about a Twisted write holds:
     transport's producer when it fills the queue;
   - closing: a transport that is disconnecting, or not a plain TCP
     connection (TLS, a wrapper), gets an ordinary write of C{bytes};
+  - other Twisted versions: the write queue's private state used here
+    (L{_PRIVATE}) is checked once, on the first TCP connection seen; a
+    Twisted without it gets ordinary writes of C{bytes} throughout;
   - errors: a C{send} that fails leaves the data to an ordinary write,
     whose own C{send} fails the same way and ends the connection as it
     always would.
@@ -51,8 +66,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.tcp import Connection
+from twisted.logger import Logger
 
-__all__ = ["ALONE_FROM", "DIRECT_FROM", "forward", "queue", "write", "write_now", "write_sequence"]
+__all__ = [
+    "ALONE_FROM", "DIRECT_FROM", "PIN_FROM", "PIN_RATIO",
+    "flush", "forward", "queue", "write", "write_now", "write_sequence",
+]
 
 # Writes at least this long are sent at once when nothing is queued.
 DIRECT_FROM = 32 * 1024
@@ -63,7 +82,42 @@ DIRECT_FROM = 32 * 1024
 # with the others of their reactor turn.
 ALONE_FROM = 32 * 1024
 
+# A view shorter than 1/PIN_RATIO of the object it views, when that is at
+# least PIN_FROM long, is copied before it is queued (see the docstring).
+PIN_RATIO = 16
+PIN_FROM = 256 * 1024
+# The most pieces one sendmsg takes (IOV_MAX is 1024 on Linux).
+IOV_MAX = 1024
+
 Buffer = bytes | bytearray | memoryview
+
+# The private state of Twisted's FileDescriptor write queue used here.
+_PRIVATE = (
+    "_tempDataBuffer", "_tempDataLen", "dataBuffer", "offset",
+    "_writeDisconnecting", "_writeDisconnected", "_maybePauseProducer",
+)
+# Whether this Twisted has it: None until the first TCP connection is seen.
+_usable: bool | None = None
+_log = Logger()
+
+
+def _plain(transport: Any) -> bool:
+    """
+    Whether C{transport} is a plain TCP connection (not TLS, not a wrapper)
+    whose write queue this module may use; checked for this Twisted once.
+    """
+    global _usable
+    if not isinstance(transport, Connection) or transport.TLS:
+        return False
+    if _usable is None:
+        missing = [name for name in _PRIVATE if not hasattr(transport, name)]
+        _usable = not missing
+        if missing:
+            _log.warn(
+                "this Twisted's TCP transport lacks {missing}: bulk writes are ordinary writes",
+                missing=", ".join(missing),
+            )
+    return _usable
 
 
 def _send_now(transport: Any, pieces: list[Buffer], size: int) -> list[Buffer] | None:
@@ -74,11 +128,11 @@ def _send_now(transport: Any, pieces: list[Buffer], size: int) -> list[Buffer] |
     open TCP connection or has more queued than that.
     """
     if not (
-        isinstance(transport, Connection)
-        and not transport.TLS
+        _plain(transport)
         and transport.connected
         and not transport.disconnecting
         and not transport._writeDisconnecting
+        and not transport._writeDisconnected
         and transport.offset == len(transport.dataBuffer)
     ):
         return None
@@ -90,6 +144,8 @@ def _send_now(transport: Any, pieces: list[Buffer], size: int) -> list[Buffer] |
             return None
         pieces = [*transport._tempDataBuffer, *pieces]
         size += queued
+    if len(pieces) > IOV_MAX:
+        return None
     try:
         sent = transport.socket.sendmsg(pieces) if len(pieces) > 1 else transport.socket.send(pieces[0])
     except OSError:
@@ -164,6 +220,20 @@ def write_sequence(transport: Any, pieces: Sequence[Buffer]) -> None:
     _queue(transport, pieces)
 
 
+def flush(transport: Any, pieces: Sequence[Buffer]) -> None:
+    """
+    Write C{pieces}, one reactor turn's output, as L{write_sequence} does
+    but sent at once whatever their size (when nothing but small untried
+    writes is queued): a link that writes once per turn gains nothing from
+    queueing it for the next.
+    """
+    rest = _send_now(transport, list(pieces), sum(map(len, pieces)))
+    if rest is None:
+        rest = list(pieces)
+    if rest:
+        _queue(transport, rest)
+
+
 def _queue(transport: Any, pieces: Sequence[Buffer]) -> None:
     """An ordinary write of C{pieces}, each copied into C{bytes} unless it is."""
     transport.writeSequence([piece if type(piece) is bytes else bytes(piece) for piece in pieces])
@@ -173,18 +243,28 @@ def queue(transport: Any, data: Buffer) -> None:
     """
     C{transport.write(data)} for a buffer that will never change: on a
     plain TCP connection it is queued as it is (Twisted's join before the
-    send copies it once), else written as C{bytes}.
+    send copies it once), unless it is a small view of a large object
+    (L{PIN_RATIO}), which is copied; else written as C{bytes}.
     """
-    if type(data) is bytes or not isinstance(transport, Connection) or transport.TLS:
+    if type(data) is bytes or not _plain(transport):
         transport.write(bytes(data))
         return
     # Twisted's write, less its check that data is bytes.
     if not data or not transport.connected or transport._writeDisconnected:
         return
+    if type(data) is memoryview and _pins(data):
+        data = data.tobytes()
     transport._tempDataBuffer.append(data)  # type: ignore[arg-type]  # joined as any buffer
     transport._tempDataLen += len(data)
     transport._maybePauseProducer()
     transport.startWriting()
+
+
+def _pins(view: memoryview) -> bool:
+    """Whether queueing C{view} uncopied would keep alive much more than itself."""
+    base = view.obj
+    whole = len(base) if type(base) is bytes or type(base) is bytearray else view.nbytes
+    return whole >= PIN_FROM and view.nbytes * PIN_RATIO <= whole
 
 
 def forward(transport: Any, data: Buffer) -> None:

@@ -266,12 +266,17 @@ class _Exchange:
             protocol._last_activity = protocol._seconds()
             return
         try:
-            pieces = protocol._conn.send_with_data_passthrough(h11.Data(data=bytes(data)))
+            # h11 only measures and passes on a body's bytes: a view goes
+            # through it as it is, and out as the fast path sends it.
+            pieces = protocol._conn.send_with_data_passthrough(h11.Data(data=data))  # type: ignore[arg-type]
         except h11.LocalProtocolError as error:
             protocol._reply_broke(self, str(error))
             return
-        if pieces:
-            protocol._socket.writeSequence(pieces)
+        for piece in pieces or ():
+            if piece is data:
+                bulkwrite.forward(protocol._socket, data)
+            else:
+                bulkwrite.queue(protocol._socket, piece)
         protocol._stats.bytes_out += len(data)
         protocol._last_activity = protocol._seconds()
 

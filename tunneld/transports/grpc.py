@@ -53,12 +53,12 @@ from twisted.internet.interfaces import (
     IPushProducer,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tunneld import bulkwrite
 from tunneld.errors import ConfigError
 from tunneld.h2conn import LeanH2Connection, Payload, Piece
 from tunneld.interfaces import (
@@ -112,8 +112,6 @@ _DATA_HEAD_MAX = 12
 # What one flush writes is joined here below this size (small messages):
 # one copy costs less than a long iovec, or Twisted's checks of each piece.
 _JOIN_BELOW = 16 * 1024
-# The most pieces one sendmsg takes (IOV_MAX is 1024 on Linux).
-_IOV_MAX = 1024
 # Frame(end=End()) of stream 0: how almost every stream ends, read without protobuf.
 _BARE_END = codec.end_bytes(0)
 # Seconds a closing connection may take to flush before it is aborted.
@@ -286,31 +284,6 @@ def _data_payload(message: memoryview) -> bytes | None:
     """The payload of a whole message read by L{_data_head}, copied once; else None."""
     head = _data_head(message, len(message))
     return None if head is None else message[head:].tobytes()
-
-
-def _send_now(transport: Connection, chunks: list[Piece]) -> list[bytes]:
-    """
-    Send C{chunks} on a plain TCP socket with nothing queued, now, in one
-    C{sendmsg}: no join of the pieces into one buffer (a copy of every
-    byte), no wait for the reactor to find the socket writable (two
-    C{epoll_ctl} calls).  Returns what the socket did not take, as bytes,
-    for the transport to queue as usual; everything, on any error (the
-    transport's own write finds it and reports it as it would have).
-    """
-    try:
-        sent = transport.socket.sendmsg(chunks)
-    except OSError:
-        sent = 0
-    if not sent:
-        return [bytes(chunk) for chunk in chunks]
-    for i, chunk in enumerate(chunks):
-        size = len(chunk)
-        if sent < size:
-            rest = [memoryview(chunk)[sent:].tobytes()]
-            rest.extend(bytes(chunk) for chunk in chunks[i + 1 :])
-            return rest
-        sent -= size
-    return []
 
 
 def _check_window(value: int) -> str | None:
@@ -745,8 +718,6 @@ class GrpcLink(Protocol):
         )
         self._conn_unacked = 0
         self._read_size = ReadSize(None)  # the socket's, once connected
-        # A plain TCP socket (not TLS, not a wrapper): see _send_now.
-        self._plain = False
         self._batching = False
         self._dirty: list[_Call] = []
         self._turn: Any = None
@@ -856,7 +827,6 @@ class GrpcLink(Protocol):
             pass
         self.transport.registerProducer(SocketCongestion(self), True)
         self._read_size = ReadSize(self.transport)
-        self._plain = isinstance(self.transport, Connection) and not self.transport.TLS
         conn = self.conn
         conn.initiate_connection()
         # Applied (windows, frame size) when the peer acknowledges them.
@@ -923,7 +893,7 @@ class GrpcLink(Protocol):
         """
         Move the turn's queued messages into HTTP/2, then write what it has:
         one write, straight to a plain TCP socket when nothing is queued
-        before it (L{_send_now}); what the socket does not take, and
+        before it (L{bulkwrite.flush}); what the socket does not take, and
         everything on other transports, is queued by Twisted as usual.
         """
         if self._batching or self.transport is None:
@@ -940,22 +910,7 @@ class GrpcLink(Protocol):
         if len(chunks) > 1 and sum(map(len, chunks)) <= _JOIN_BELOW:
             # Small pieces: one copy is cheaper than a long iovec.
             chunks = [b"".join(chunks)]
-        transport = self.transport
-        if (
-            self._plain
-            and len(chunks) <= _IOV_MAX
-            and not transport._tempDataBuffer
-            and transport.offset == len(transport.dataBuffer)
-            and transport.connected
-            and not transport.disconnecting
-            and not transport._writeDisconnected
-        ):
-            rest = _send_now(transport, chunks)
-            if rest:
-                transport.writeSequence(rest)
-            return
-        # Twisted takes only bytes.
-        transport.writeSequence([c if type(c) is bytes else bytes(c) for c in chunks])
+        bulkwrite.flush(self.transport, chunks)
 
     def protocol_error(self, message: str) -> None:
         self.log.warn(
