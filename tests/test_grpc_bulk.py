@@ -22,7 +22,7 @@ from hyperframe.frame import DataFrame
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.test_grpc_transport import MB, BytesProducer, Receiver, head, link_pair, pattern
+from tests.test_grpc_transport import MB, BytesProducer, Receiver, head, link_pair, pattern, until
 from tunneld.h2conn import LeanH2Connection
 from tunneld.interfaces import EdgeLinkSetup
 from tunneld.transports.grpc import (
@@ -532,3 +532,66 @@ class WindowUpdateTests(SynchronousTestCase):
             self.assertRaises(KeyError, conn.increment_flow_control_window, 1, 9)
             self.assertRaises(ProtocolError, conn.increment_flow_control_window, 1, 1)
             self.assertRaises(FlowControlError, conn.increment_flow_control_window, (1 << 31) - 1, None)
+
+
+class WindowReturnTests(TestCase):
+    async def test_windows_return_at_half_and_an_idle_call_waits_for_its_open(self) -> None:
+        """Streams longer than the window complete; the edge returns a call's window at half spent, never while
+        the reused call is idle, and what is left goes with the next Open; h2's windows match the counts."""
+        window = 65_535
+        pair = await link_pair(
+            self, edge={"stream_window": window}, agent={"stream_window": window}
+        )
+        edge = pair.edge
+        await until(lambda: len(edge.idle) == 2)
+        updates: list[tuple[int, int, bool]] = []
+        increment = edge.conn.increment_flow_control_window
+
+        def record(n: int, stream_id: int | None = None) -> None:
+            if stream_id is not None:
+                call = edge.calls[stream_id]
+                updates.append((stream_id, n, call.stream is None and call.reuse))
+            increment(n, stream_id)
+
+        edge.conn.increment_flow_control_window = record  # type: ignore[method-assign]
+        used: set[int] = set()
+        for size in (5 * window + 1_234, 3 * window // 2, 7 * window + 99):
+            body = pattern(size, seed=size)
+            receiver = Receiver()
+            stream = pair.edge.open_stream(head("/echo"), receiver)
+            call = stream.call
+            assert call is not None
+            used.add(call.stream_id)
+            BytesProducer(stream, body)
+            await receiver.done
+            self.assertIsNone(receiver.reset)
+            self.assertEqual(hashlib.sha256(receiver.data).digest(), hashlib.sha256(body).digest())
+            h2_window = edge.conn.streams[call.stream_id]._inbound_window_manager.current_window_size
+            self.assertEqual(h2_window + call.unacked, window)
+        stream_updates = [u for u in updates if u[0] in used]
+        self.assertTrue(stream_updates)
+        self.assertEqual([u for u in stream_updates if u[2]], [])
+        self.assertTrue(all(n >= window // 2 for _, n, _ in stream_updates))
+
+    async def test_a_pending_window_goes_out_with_the_next_open(self) -> None:
+        """A reused call left with half its window due gets it back in _bind, as its next stream opens."""
+        window = 65_535
+        pair = await link_pair(self, edge={"stream_window": window}, agent={"stream_window": window})
+        edge = pair.edge
+        await until(lambda: len(edge.idle) == 2)
+        # As if the last streams had left more than half the window due.
+        due = window // 2 + 1
+        calls = list(edge.idle)
+        for call in calls:
+            call.unacked = due
+            edge.conn.streams[call.stream_id]._inbound_window_manager.current_window_size -= due
+            edge.ack_call(call)
+            self.assertEqual(call.unacked, due)  # idle: it waits
+        receiver = Receiver()
+        stream = edge.open_stream(head("/echo"), receiver)
+        self.assertIn(stream.call, calls)
+        self.assertEqual([c.unacked for c in calls if c is stream.call], [0])
+        self.assertEqual([c.unacked for c in calls if c is not stream.call], [due])
+        BytesProducer(stream, pattern(10))
+        await receiver.done
+        self.assertIsNone(receiver.reset)

@@ -696,8 +696,10 @@ class GrpcLink(Protocol):
         self.stream_window = stream_window
         self.connection_window = connection_window
         self.max_pending = stream_window + max_frame_size
-        self.ack_threshold = max(1, stream_window // 4)
-        self.conn_ack_threshold = max(1, connection_window // 4)
+        # Windows go back once half is spent (not a quarter): fewer
+        # WINDOW_UPDATE-only writes, each of which wakes the peer for a read.
+        self.ack_threshold = max(1, stream_window // 2)
+        self.conn_ack_threshold = max(1, connection_window // 2)
         self.peer = "?"
         self.handler: ILinkHandler | None = None
         self._early_control: list[ControlMessage] = []
@@ -717,6 +719,9 @@ class GrpcLink(Protocol):
             )
         )
         self._conn_unacked = 0
+        # Calls that took DATA during this read: their windows go back once,
+        # at its end, in the write that carries whatever else is due.
+        self._to_ack: dict[_Call, None] = {}
         self._read_size = ReadSize(None)  # the socket's, once connected
         self._batching = False
         self._dirty: list[_Call] = []
@@ -863,6 +868,7 @@ class GrpcLink(Protocol):
                     getattr(self, name)(event)
         finally:
             self._batching = False
+        self._ack_read()
         self.flush()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
@@ -1145,6 +1151,10 @@ class GrpcLink(Protocol):
         n = call.unacked
         if not n or (not force and n < self.ack_threshold):
             return
+        if not force and self.is_edge and call.stream is None and call.reuse:
+            # An idle reusable call: the agent sends on it only once the next
+            # stream's Open came, and its window goes with that (L{_bind}).
+            return
         call.unacked = 0
         if call.remote_closed or self.closed:
             return
@@ -1158,23 +1168,15 @@ class GrpcLink(Protocol):
 
     def _data(self, stream_id: int, chunk: Payload, size: int) -> None:
         """A DATA frame's payload, C{size} bytes of the windows with its padding."""
-        # The connection window comes back at once: a stalled stream holds only
-        # its own window, never the whole link.
         self._conn_unacked += size
-        if self._conn_unacked >= self.conn_ack_threshold:
-            try:
-                self.conn.increment_flow_control_window(self._conn_unacked)
-            except H2ProtocolError:
-                pass
-            self._conn_unacked = 0
         call = self.calls.get(stream_id)
         if call is None:
             return
         call.unacked += size
+        self._to_ack[call] = None
         if call.broken or call.kind == "refused" or (call.stream is not None and call.stream.closed):
-            # Nobody reads this any more: keep the window open so the peer
-            # can finish writing and see our status.
-            self.ack_call(call)
+            # Nobody reads this any more: its window goes back (L{_ack_read})
+            # so the peer can finish writing and see our status.
             return
         try:
             messages = self._split_messages(call, chunk)
@@ -1206,9 +1208,30 @@ class GrpcLink(Protocol):
                 call.broken = True
                 self.call_broken(call, GrpcStatus.INVALID_ARGUMENT, str(e))
                 break
-        stream = call.stream
-        if stream is None or not stream.consumer_paused:
-            self.ack_call(call)
+
+    def _ack_read(self) -> None:
+        """
+        Return the windows of what this read's DATA frames brought: the
+        connection's at once (a stalled stream holds only its own window,
+        never the whole link), each call's unless its consumer paused, one
+        update per window, none for a call its peer has ended since.
+        """
+        if self._conn_unacked >= self.conn_ack_threshold and not self.closed:
+            try:
+                self.conn.increment_flow_control_window(self._conn_unacked)
+            except H2ProtocolError:
+                pass
+            self._conn_unacked = 0
+        if not self._to_ack:
+            return
+        calls, self._to_ack = self._to_ack, {}
+        for call in calls:
+            stream = call.stream
+            if (
+                call.broken or call.kind == "refused" or stream is None or stream.closed
+                or not stream.consumer_paused
+            ):
+                self.ack_call(call)
 
     def _split_messages(self, call: _Call, data: Payload) -> list[memoryview | bytes]:
         """
@@ -1601,6 +1624,7 @@ class EdgeGrpcLink(GrpcLink):
         later = replay + stream.take_held()
         stream.start_replay_log(later)
         opening = grpc_message(codec.open_bytes(0, stream.head))
+        self.ack_call(call)  # what the last stream left due goes with the Open
         self.enqueue(call, [opening, *later])
         if not stream.pending():
             stream.resume_source()
