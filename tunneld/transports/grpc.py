@@ -1202,6 +1202,8 @@ class GrpcLink(Protocol):
                     stream = call.stream
                     borrows = stream is not None and getattr(stream.receiver, "borrows_data", False)
                     self.forward_data(call, payload[head:] if borrows else payload[head:].tobytes())
+                elif forward:
+                    self.forward_frame(call, codec.read(payload.tobytes()))
                 else:
                     self.message_received(call, codec.decode(payload.tobytes()))
             except FrameError as e:
@@ -1333,11 +1335,13 @@ class GrpcLink(Protocol):
         return length
 
     def message_received(self, call: _Call, frame: codec.Frame) -> None:
-        """One decoded message on a call (raise L{FrameError} to break the call)."""
+        """
+        One decoded message on a Control call (raise L{FrameError} to break
+        the call); a Forward call's go to L{forward_frame} as L{codec.read}
+        reads them, without protobuf message objects.
+        """
         if call.kind == "control":
             self.control_frame(frame)
-        elif call.kind == "forward":
-            self.forward_frame(call, frame)
 
     def control_frame(self, frame: codec.Frame) -> None:
         kind = frame.WhichOneof("body")
@@ -1357,7 +1361,8 @@ class GrpcLink(Protocol):
         else:
             self._early_control.append(message)
 
-    def forward_frame(self, call: _Call, frame: codec.Frame) -> None:
+    def forward_frame(self, call: _Call, frame: tuple[int, int, Any, bool]) -> None:
+        """A message other than Data on a Forward call, as L{codec.read} reads it."""
         raise NotImplementedError
 
     def forward_data(self, call: _Call, data: bytes | memoryview) -> None:
@@ -1493,7 +1498,7 @@ class GrpcLink(Protocol):
             if not call.remote_closed:
                 self.rst(call, _RST_FOR_REASON.get(reason, ErrorCodes.CANCEL))
             return False
-        self.send_now(call, [_frame_message(codec.encode_reset(0, reason, message))])
+        self.send_now(call, [grpc_message(codec.reset_bytes(0, reason, message))])
         if call.outbox:
             self.rst(call, _RST_FOR_REASON.get(reason, ErrorCodes.INTERNAL_ERROR))
             return False
@@ -1793,23 +1798,23 @@ class EdgeGrpcLink(GrpcLink):
         if stream is not None:
             stream.deliver("data_received", data)
 
-    def forward_frame(self, call: _Call, frame: codec.Frame) -> None:
+    def forward_frame(self, call: _Call, frame: tuple[int, int, Any, bool]) -> None:
         stream = self._receiving(call)
         if stream is None:
             return
-        kind = frame.WhichOneof("body")
-        if kind == "data":
-            stream.deliver("data_received", frame.data.data)
-        elif kind == "reply":
-            stream.deliver("reply_received", codec.reply_from(frame))
-        elif kind == "end":
-            self._remote_end(call, stream, codec.trailers_from(frame))
-        elif kind == "reset":
-            reason, message = codec.reset_from(frame)
+        _, kind, body, _ = frame
+        if kind == codec.DATA:
+            stream.deliver("data_received", body)
+        elif kind == codec.REPLY:
+            stream.deliver("reply_received", body)
+        elif kind == codec.END:
+            self._remote_end(call, stream, body)
+        elif kind == codec.RESET:
+            reason, message = body
             stream.remote_reset(reason, message)
             self._finish(call, GrpcStatus.OK)
         else:
-            raise FrameError(f"an agent may not send {kind} on a Forward call")
+            raise FrameError(f"an agent may not send {codec.KIND_NAMES[kind]} on a Forward call")
 
     def forward_end(self, call: _Call, trailers: Headers) -> None:
         stream = self._receiving(call)
@@ -2085,15 +2090,15 @@ class AgentGrpcLink(GrpcLink):
             raise FrameError("a message after End")
         stream.deliver("data_received", data)
 
-    def forward_frame(self, call: _Call, frame: codec.Frame) -> None:
+    def forward_frame(self, call: _Call, frame: tuple[int, int, Any, bool]) -> None:
         stream = call.stream
-        kind = frame.WhichOneof("body")
+        _, kind, body, _ = frame
         if stream is None:
             if call.retiring:
                 return  # the edge replays it elsewhere
-            if kind != "open":
-                raise FrameError(f"{kind} on a Forward call before Open")
-            head = codec.head_from(frame)
+            if kind != codec.OPEN:
+                raise FrameError(f"{codec.KIND_NAMES[kind]} on a Forward call before Open")
+            head = body
             stream = GrpcStream(self, head, call)
             call.stream = stream
             self.streams[call.stream_id] = stream
@@ -2107,17 +2112,17 @@ class AgentGrpcLink(GrpcLink):
             return
         if stream.remote_ended:
             raise FrameError("a message after End")
-        if kind == "data":
-            stream.deliver("data_received", frame.data.data)
-        elif kind == "end":
-            self._remote_end(call, stream, codec.trailers_from(frame))
-        elif kind == "reset":
-            reason, message = codec.reset_from(frame)
+        if kind == codec.DATA:
+            stream.deliver("data_received", body)
+        elif kind == codec.END:
+            self._remote_end(call, stream, body)
+        elif kind == codec.RESET:
+            reason, message = body
             stream.remote_reset(reason, message)
             call.drop_outbox()
             self.end_request(call)
         else:
-            raise FrameError(f"the edge may not send {kind} on a Forward call")
+            raise FrameError(f"the edge may not send {codec.KIND_NAMES[kind]} on a Forward call")
 
     def forward_end(self, call: _Call, trailers: Headers) -> None:
         stream = call.stream

@@ -5,14 +5,17 @@ The protobuf form of the tunnel protocol (C{proto/tunnel.proto}).
 Frame transports send one encoded C{Frame} per message; the gRPC transport
 sends the same C{Frame} messages inside gRPC framing.  Every request crosses
 the link as Open, Reply and Data frames, and End frames or C{end_stream}
-flags (version 2), so those and Window frames are written by hand in the
-protobuf wire format (L{encode_data}, L{open_bytes}, L{reply_bytes},
-L{end_bytes}, L{window_bytes}: the same bytes as the generated encoder).
-L{read} reads Data, Window and End frames by hand when they are laid out the
-way every encoder lays them out; anything else (Open and Reply parse as fast
-with it) goes to the generated C{tunnel_pb2}, so odd but valid input means
-the same and bad input fails the same way.  The C{encode_*} functions build
-C{Frame} messages for callers that want message objects (the gRPC transport).
+flags (version 2), so those, Reset and Window frames are written by hand in
+the protobuf wire format (L{encode_data}, L{open_bytes}, L{reply_bytes},
+L{end_bytes}, L{reset_bytes}, L{window_bytes}: the same bytes as the
+generated encoder).  L{read} reads the same frames by hand when they are
+laid out the way every encoder lays them out; anything else (control
+frames, unknown fields, odd layouts, invalid text) goes to the generated
+C{tunnel_pb2}, so odd but valid input means the same and bad input fails the
+same way.  No protobuf message is made per request: besides its CPU, the
+upb runtime trims the heap every ~10,000 message-arena frees (see
+L{tunneld.heap}), which a bulk transfer then faults back in.  The
+C{encode_*} functions build C{Frame} messages for control frames and tests.
 """
 
 from __future__ import annotations
@@ -442,6 +445,14 @@ def window_bytes(stream_id: int, increment: int) -> bytes:
     return _frame(stream_id, b"\x4a", b"\x08" + _varint(increment) if increment else b"")
 
 
+def reset_bytes(stream_id: int, reason: Reason, message: str) -> bytes:
+    """L{encode_reset}, serialised by hand (identical bytes)."""
+    code = reason.wire_code
+    return _frame(
+        stream_id, b"\x42", (b"\x08" + _varint(code) if code else b"") + _text_field(b"\x12", message)
+    )
+
+
 class _Irregular(Exception):
     """The frame is not laid out as L{read} expects: let the generated parser decide."""
 
@@ -504,9 +515,11 @@ def _header_at(buf: bytes, start: int, stop: int) -> tuple[bytes, bytes]:
 
 def _headers_in(buf: bytes, pos: int, end: int, tag: int, headers: list[tuple[bytes, bytes]]) -> int:
     """
-    Append the C{Header} messages under C{tag} from C{pos} on to C{headers};
-    the position of the first other field (or C{end}).
+    Append the C{Header} messages under C{tag} from C{pos} on to C{headers}
+    (names shared as L{_headers_from_pb} shares them); the position of the
+    first other field (or C{end}).
     """
+    known = _names.get
     while pos < end and buf[pos] == tag:
         size = buf[pos + 1]
         if size < 0x80:
@@ -525,11 +538,109 @@ def _headers_in(buf: bytes, pos: int, end: int, tag: int, headers: list[tuple[by
             and buf[mid] == 0x12
             and buf[mid + 1] < 0x80
         ):
-            headers.append((buf[first + 2 : mid], buf[mid + 2 : after]))
+            name = buf[first + 2 : mid]
+            headers.append((known(name) or _learn(name), buf[mid + 2 : after]))
         else:
-            headers.append(_header_at(buf, first, after))
+            name, value = _header_at(buf, first, after)
+            headers.append((known(name) or _learn(name), value))
         pos = after
     return pos
+
+
+def _text_at(buf: bytes, pos: int, end: int) -> tuple[int, str]:
+    """The position after the string field whose length is at C{pos}, and its text."""
+    stop, first = _length_at(buf, pos, end)
+    try:
+        return stop, buf[first:stop].decode()
+    except UnicodeDecodeError:
+        raise _Irregular from None  # the generated parser says why
+
+
+_HTTP_KINDS = frozenset(("http", "upgrade", "tcp"))
+
+
+def _texts_at(buf: bytes, pos: int, end: int, tags: tuple[int, ...], texts: list[str]) -> int:
+    """
+    Append the string fields C{tags} from C{pos} on to C{texts} ("" for each
+    one absent); the position after them.
+    """
+    for tag in tags:
+        if pos < end and buf[pos] == tag:
+            size = buf[pos + 1]
+            if size < 0x80:
+                first = pos + 2
+            else:
+                size, first = _varint_at(buf, pos + 1)
+            pos = first + size
+            if pos > end:
+                raise _Irregular
+            try:
+                texts.append(buf[first:pos].decode())
+            except UnicodeDecodeError:
+                raise _Irregular from None  # the generated parser says why
+        else:
+            texts.append("")
+    return pos
+
+
+def _open_at(buf: bytes, pos: int, end: int) -> tuple[StreamHead, bool]:
+    """The C{Open} message in C{buf[pos:end]}: its fields in order, each at most once."""
+    texts: list[str] = []
+    headers: list[tuple[bytes, bytes]] = []
+    pos = _texts_at(buf, pos, end, (0x0A, 0x12, 0x1A, 0x22), texts)
+    pos = _headers_in(buf, pos, end, 0x2A, headers)
+    pos = _texts_at(buf, pos, end, (0x32, 0x3A), texts)
+    kind, tunnel, method, target, peer, scheme = texts
+    if kind not in _HTTP_KINDS:
+        raise _Irregular  # the generated parser's reading says why
+    head = StreamHead(
+        intern(kind),
+        intern(tunnel),
+        intern(method),
+        target,
+        tuple(headers),
+        peer,
+        intern(scheme) if scheme else "http",
+    )
+    if pos == end:
+        return head, False
+    if pos + 2 == end and buf[pos] == 0x40 and buf[pos + 1] == 1:
+        return head, True
+    raise _Irregular
+
+
+def _reply_at(buf: bytes, pos: int, end: int) -> tuple[ReplyHead, bool]:
+    """The C{Reply} message in C{buf[pos:end]}: its fields in order, each at most once."""
+    status = 0
+    reason = b""
+    headers: list[tuple[bytes, bytes]] = []
+    if pos < end and buf[pos] == 0x08:
+        status, pos = _varint_at(buf, pos + 1)
+    if not 100 <= status <= 999:
+        raise _Irregular
+    if pos < end and buf[pos] == 0x12:
+        stop, first = _length_at(buf, pos + 1, end)
+        reason = buf[first:stop]
+        pos = stop
+    pos = _headers_in(buf, pos, end, 0x1A, headers)
+    if pos == end:
+        return ReplyHead(status, reason, tuple(headers)), False
+    if pos + 2 == end and buf[pos] == 0x20 and buf[pos + 1] == 1:
+        return ReplyHead(status, reason, tuple(headers)), True
+    raise _Irregular
+
+
+def _reset_at(buf: bytes, pos: int, end: int) -> tuple[Reason, str]:
+    """The C{Reset} message in C{buf[pos:end]}: reason, then message."""
+    code = 0
+    message = ""
+    if pos < end and buf[pos] == 0x08:
+        code, pos = _varint_at(buf, pos + 1)
+    if pos < end and buf[pos] == 0x12:
+        pos, message = _text_at(buf, pos + 1, end)
+    if pos != end:
+        raise _Irregular
+    return Reason.from_wire(code), message
 
 
 def _end_at(buf: bytes, pos: int, end: int) -> tuple[tuple[bytes, bytes], ...]:
@@ -573,12 +684,19 @@ def _read_regular(payload: Buffer) -> tuple[int, int, Any, bool] | None:
             if stop != end:
                 raise _Irregular
         return stream_id, WINDOW, increment, False
+    if not isinstance(payload, bytes):
+        return None  # read again from bytes: heads and trailers must not be views
+    if tag == 0x22:
+        head, end_stream = _open_at(payload, start, end)
+        return stream_id, OPEN, head, end_stream
+    if tag == 0x2A:
+        reply, end_stream = _reply_at(payload, start, end)
+        return stream_id, REPLY, reply, end_stream
     if tag == 0x3A:
-        if not isinstance(payload, bytes):
-            return None  # read again from bytes: trailers must not be views
         return stream_id, END, _end_at(payload, start, end), False
-    # Open and Reply parse as fast with the generated parser as by hand.
-    return None
+    if tag == 0x42:
+        return stream_id, RESET, _reset_at(payload, start, end), False
+    return None  # control frames, pings: the generated parser
 
 
 def read_generated(payload: bytes) -> tuple[int, int, Any, bool]:

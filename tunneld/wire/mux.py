@@ -275,7 +275,7 @@ class FrameStream:
         """IStream.reset"""
         if self.closed:
             return
-        self.link.send(codec.encode_reset(self.stream_id, reason, message).SerializeToString())
+        self.link.send(codec.reset_bytes(self.stream_id, reason, message))
         self._close()
 
     def _fail(self, reason: Reason, message: str) -> None:
