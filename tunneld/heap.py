@@ -20,13 +20,12 @@ What a daemon holds stays bounded by what it has in flight, plus that much.
 Elsewhere (musl, macOS) it does nothing.
 
 One thing these settings do not govern: protobuf's C runtime (upb) calls
-C{malloc_trim(0)} once every 10,000 frees of its message arenas (about one
-per Open or Reply decoded), which hands every free page of the heap back to
-the kernel, whatever the thresholds.  The next bulk transfer then faults
-its working set (a few MiB: reads, queued frames) in again, so a daemon's
-RSS rises by that much at the start of a transfer that follows many small
-requests, and not again (docs/benchmarks.md, the 1 GiB transfer row).  It
-is not a leak, and it goes away only with fewer arenas freed.
+C{malloc_trim(0)} once every 10,000 frees of its message arenas, which hands
+every free page of the heap back to the kernel, whatever the thresholds; the
+next bulk transfer then faults its working set in again.  So nothing on a
+request's path builds protobuf messages (L{tunneld.wire.codec} reads and
+writes the per-request frames by hand): only control messages (Hello,
+Welcome, pings, health) do, far too few to set it off.
 """
 
 from __future__ import annotations
