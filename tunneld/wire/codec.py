@@ -566,14 +566,7 @@ def _texts_at(buf: bytes, pos: int, end: int, tags: tuple[int, ...], texts: list
     """
     for tag in tags:
         if pos < end and buf[pos] == tag:
-            size = buf[pos + 1]
-            if size < 0x80:
-                first = pos + 2
-            else:
-                size, first = _varint_at(buf, pos + 1)
-            pos = first + size
-            if pos > end:
-                raise _Irregular
+            pos, first = _length_at(buf, pos + 1, end)
             try:
                 texts.append(buf[first:pos].decode())
             except UnicodeDecodeError:
