@@ -10,6 +10,7 @@ from typing import Any
 
 from h2 import events as h2events
 from h2.config import H2Configuration
+from h2.errors import ErrorCodes
 from h2.exceptions import TooManyStreamsError
 from h2.settings import SettingCodes
 from twisted.internet import defer, reactor
@@ -728,6 +729,88 @@ class GrpcTransportTests(TestCase):
         self.assertIsNone(receiver.reset)
         self.assertEqual(receiver.data, b"replayed body")
         self.assertEqual(len(pair.agent_handler.streams), 1)
+
+    async def test_reset_crossing_the_agents_end_leaves_the_pool_whole(self) -> None:
+        """
+        A public client that leaves as its response ends: the edge's Reset
+        crosses the agent's End, reaching a call already back in the agent's
+        pool.  That call ends (a Reset ends the call) and the pool is refilled,
+        so the next stream finds a call instead of waiting for one in vain.
+        """
+        pair = await link_pair(self, edge={"queued_open_timeout": 2.0})
+        await until(lambda: len(pair.edge.idle) == 2 and len(pair.agent.idle) == 2)
+        for i in range(3):  # more than the pool holds
+            receiver = Receiver()
+            stream = pair.edge.open_stream(head(f"/gone/{i}", "GET"), receiver, end_stream=True)
+            assert isinstance(stream, GrpcStream) and stream.call is not None
+            call_id = stream.call.stream_id
+            pair.edge.transport.pauseProducing()  # the agent's answer is not read yet
+            await until(lambda n=i + 1: len(pair.agent_handler.streams) == n)
+            await until(lambda c=call_id: c in pair.agent.idle)  # done on the agent's side
+            stream.reset(Reason.CLIENT_GONE, "client hung up")
+            pair.edge.transport.resumeProducing()
+            await until(lambda c=call_id: c not in pair.edge.calls and c not in pair.agent.calls)
+            await until(lambda: len(pair.agent.idle) == 2 and len(pair.edge.idle) == 2)
+        self.assertEqual([echo.reset for echo in pair.agent_handler.echoes], [None] * 3)
+        receiver = Receiver()
+        stream = pair.edge.open_stream(head("/after"), receiver)
+        stream.write(b"still served")
+        stream.end()
+        await receiver.done
+        self.assertIsNone(receiver.reset)
+        self.assertEqual(receiver.data, b"still served")
+
+    async def test_agent_reset_after_its_end_does_not_hit_the_next_stream(self) -> None:
+        """
+        The agent resets a stream after its own End, while the edge (which has
+        ended too) already put the next stream's Open on the same call: the
+        reset must not land on that next stream, which is served elsewhere.
+        """
+        pair = await link_pair(self)
+        await until(lambda: len(pair.edge.idle) == 2 and len(pair.agent.idle) == 2)
+        first = Receiver()
+        stream = pair.edge.open_stream(head("/hold"), first)
+        assert isinstance(stream, GrpcStream) and stream.call is not None
+        call = stream.call
+        await until(lambda: len(pair.agent_handler.streams) == 1)
+        agent_stream = pair.agent_handler.streams[0]
+        agent_stream.unregisterProducer()
+        agent_stream.end()
+        await until(lambda: first.trailers is not None)
+        pair.agent.transport.pauseProducing()  # the edge's End and next Open wait
+        stream.end()  # done on the edge: the call takes the next stream
+        self.assertIn(call, pair.edge.idle)
+        pair.edge.idle.remove(call)
+        pair.edge.idle.appendleft(call)
+        second = Receiver()
+        following = pair.edge.open_stream(head("/next"), second)
+        assert isinstance(following, GrpcStream)
+        self.assertIs(following.call, call)
+        following.write(b"next body")
+        following.end()
+        agent_stream.reset(Reason.UPSTREAM_ERROR, "upstream went away")
+        pair.agent.transport.resumeProducing()
+        await second.done
+        self.assertIsNone(second.reset)
+        self.assertEqual(second.data, b"next body")
+
+    async def test_pool_refills_after_its_calls_are_reset(self) -> None:
+        """Idle calls the edge resets (an error: not replaced at once) come back by the next pool tick."""
+        pair = await link_pair(self, agent={"pool_shrink_interval": 0.2})
+        await until(lambda: len(pair.edge.idle) == 2 and len(pair.agent.idle) == 2)
+        lost = [call.stream_id for call in pair.edge.idle]
+        for call in list(pair.edge.idle):
+            pair.edge.idle.remove(call)
+            pair.edge.rst(call, ErrorCodes.REFUSED_STREAM)
+        await until(lambda: not set(lost) & set(pair.agent.calls))
+        await until(lambda: len(pair.agent.idle) == 2 and len(pair.edge.idle) == 2)
+        receiver = Receiver()
+        stream = pair.edge.open_stream(head("/after"), receiver)
+        stream.write(b"served")
+        stream.end()
+        await receiver.done
+        self.assertIsNone(receiver.reset)
+        self.assertEqual(receiver.data, b"served")
 
     async def test_pool_shrinks_when_idle(self) -> None:
         """After a burst grows the pool, it shrinks back towards min_idle_forwards."""

@@ -1780,16 +1780,25 @@ class EdgeGrpcLink(GrpcLink):
 
     # -- messages ------------------------------------------------------------------
 
-    def _receiving(self, call: _Call) -> GrpcStream | None:
-        """The stream a message on a Forward call is for, or None to drop it (closed)."""
+    def _receiving(self, call: _Call, reset: bool = False) -> GrpcStream | None:
+        """
+        The stream a message on a Forward call is for, or None to drop it
+        (closed; or a C{reset} that crossed the End of the call's last stream).
+        """
         stream = call.stream
         if stream is None:
+            if reset and call.reuse:
+                # Nothing left to reset, but a Reset ends the call.
+                if call in self.idle:
+                    self.idle.remove(call)
+                self._finish(call, GrpcStatus.OK)
+                return None
             raise FrameError("a message on a Forward call before its Open")
         if stream.closed:
             return None
         if not stream.answered or stream._replay is not None:
             stream.answered_by_peer()
-        if stream.remote_ended:
+        if stream.remote_ended and not reset:
             raise FrameError("a message after End")
         return stream
 
@@ -1799,10 +1808,10 @@ class EdgeGrpcLink(GrpcLink):
             stream.deliver("data_received", data)
 
     def forward_frame(self, call: _Call, frame: tuple[int, int, Any, bool]) -> None:
-        stream = self._receiving(call)
+        _, kind, body, _ = frame
+        stream = self._receiving(call, reset=kind == codec.RESET)
         if stream is None:
             return
-        _, kind, body, _ = frame
         if kind == codec.DATA:
             stream.deliver("data_received", body)
         elif kind == codec.REPLY:
@@ -1906,7 +1915,7 @@ class AgentGrpcLink(GrpcLink):
         self.calls[sid] = call
         self.control = call
         self.send_headers(call, self._request_headers(CONTROL_PATH), False)
-        self._pool_timer = self.reactor.callLater(self.options.pool_shrink_interval, self._shrink)
+        self._pool_timer = self.reactor.callLater(self.options.pool_shrink_interval, self._tend_pool)
 
     def stop_timers(self) -> None:
         if self._pool_timer is not None and self._pool_timer.active():
@@ -1951,7 +1960,13 @@ class AgentGrpcLink(GrpcLink):
                 break
         self.flush()
 
-    def _shrink(self) -> None:
+    def _tend_pool(self) -> None:
+        """
+        Every C{pool_shrink_interval}: halve a target the edge has not needed
+        lately, retire the calls beyond it, and replace calls lost since (a
+        backstop: the edge can ask for calls only in a call's first headers,
+        so a pool that emptied without Opens would otherwise stay empty).
+        """
         self._pool_timer = None
         if self.closed:
             return
@@ -1964,7 +1979,17 @@ class AgentGrpcLink(GrpcLink):
             call = self.idle.pop(sid)
             call.retiring = True
             self.end_request(call)
-        self._pool_timer = self.reactor.callLater(interval, self._shrink)
+        self.top_up()
+        self._pool_timer = self.reactor.callLater(interval, self._tend_pool)
+
+    def _lost_idle(self, call: _Call, replace: bool) -> None:
+        """
+        An idle call ended without carrying an Open: replace it now if it
+        ended cleanly (C{replace}); after an error the next L{_tend_pool}
+        does, so that an edge refusing every call is not asked in a loop.
+        """
+        if self.idle.pop(call.stream_id, None) is not None and replace and not call.retiring:
+            self.top_up()
 
     def _ran_dry(self) -> None:
         """The edge used its last idle call: grow the pool (up to max_idle_forwards)."""
@@ -2031,7 +2056,7 @@ class AgentGrpcLink(GrpcLink):
             )
             self.close(reason, text)
             return
-        self.idle.pop(call.stream_id, None)
+        self._lost_idle(call, replace=status == GrpcStatus.OK)
         stream = call.stream
         if stream is not None and not stream.closed:
             if status == GrpcStatus.OK:
@@ -2059,7 +2084,7 @@ class AgentGrpcLink(GrpcLink):
         self.maybe_forget_call(call)
 
     def call_reset(self, call: _Call, code: int) -> None:
-        self.idle.pop(call.stream_id, None)
+        self._lost_idle(call, replace=False)
         if call.kind == "control":
             self._lost_reason = (Reason.AGENT_GONE, "the edge reset the Control call")
             self.close(Reason.AGENT_GONE, "the edge reset the Control call")
@@ -2096,6 +2121,13 @@ class AgentGrpcLink(GrpcLink):
         if stream is None:
             if call.retiring:
                 return  # the edge replays it elsewhere
+            if kind == codec.RESET and call.reuse:
+                # The edge reset the last stream as it ended here (they
+                # crossed): nothing to reset, but a Reset ends the call.
+                self._lost_idle(call, replace=True)
+                call.retiring = True
+                self.end_request(call)
+                return
             if kind != codec.OPEN:
                 raise FrameError(f"{codec.KIND_NAMES[kind]} on a Forward call before Open")
             head = body
@@ -2110,17 +2142,19 @@ class AgentGrpcLink(GrpcLink):
             return
         if stream.closed:
             return
+        if kind == codec.RESET:
+            # Also after End: the edge's client may go away mid-response.
+            reason, message = body
+            stream.remote_reset(reason, message)
+            call.drop_outbox()
+            self.end_request(call)
+            return
         if stream.remote_ended:
             raise FrameError("a message after End")
         if kind == codec.DATA:
             stream.deliver("data_received", body)
         elif kind == codec.END:
             self._remote_end(call, stream, body)
-        elif kind == codec.RESET:
-            reason, message = body
-            stream.remote_reset(reason, message)
-            call.drop_outbox()
-            self.end_request(call)
         else:
             raise FrameError(f"the edge may not send {codec.KIND_NAMES[kind]} on a Forward call")
 
@@ -2142,7 +2176,7 @@ class AgentGrpcLink(GrpcLink):
             self._stream_done(call, stream)
 
     def refuse_call(self, call: _Call, status: GrpcStatus, message: str) -> None:
-        self.idle.pop(call.stream_id, None)
+        self._lost_idle(call, replace=True)
         self.rst(call, ErrorCodes.PROTOCOL_ERROR)
 
     def stream_local_end(self, stream: GrpcStream) -> None:
@@ -2162,7 +2196,16 @@ class AgentGrpcLink(GrpcLink):
 
     def stream_local_reset(self, stream: GrpcStream, reason: Reason, message: str) -> None:
         call = stream.call
-        if call is not None and self.send_reset(call, reason, message):
+        if call is None:
+            return
+        if call.reuse and stream.local_ended:
+            # After our End the edge may count the stream done and have put
+            # the next one's Open on this call already: a Reset message
+            # would read as that stream's.  RST_STREAM is unambiguous (the
+            # edge replays an Open not yet answered).
+            self.rst(call, _RST_FOR_REASON.get(reason, ErrorCodes.CANCEL))
+            return
+        if self.send_reset(call, reason, message):
             self.end_request(call)
 
 
