@@ -109,6 +109,11 @@ class _Edge:
         )
         self.harness = TunnelHarness(case, "websocket", {"listen": "tcp:0:interface=127.0.0.1"})
 
+    def active_streams(self) -> int:
+        """Tunnel streams open on every agent link of the edge."""
+        sessions = self.harness.edge.sessions.sessions.values()
+        return sum(session.link.active_streams() for session in sessions)
+
     async def start(self, tunnels: list[tuple[str, int]], **settings: Any) -> None:
         edge = await self.harness.start_edge(
             public_h2c_listen=["tcp:0:interface=127.0.0.1"],
@@ -744,6 +749,26 @@ class HTTP2EdgeBehaviourTests(TestCase):
         await client.ended[stream_id]
         await client.closed
         self.assertEqual(client.received[stream_id], 19)
+
+    async def test_goaway_ends_streams_in_flight(self) -> None:
+        """
+        After the client's GOAWAY nothing more can be sent (h2 refuses), so a
+        download in flight ends at once, its tunnel stream too, and the
+        connection closes instead of waiting on a window that never reopens.
+        """
+        port, _ = await listen_upstream(self)
+        edge = _Edge(self)
+        await edge.start([("app.test", port)])
+        client = await connect_h2c(self, edge)
+        stalled = client.request(b"GET", b"/bytes/%d" % (200 * MB), read=False)
+        while stalled not in client.status:
+            await sleep(0.01)
+        self.assertEqual(edge.active_streams(), 1)
+        client.h2.close_connection()
+        client.flush()
+        await client.closed
+        while edge.active_streams():
+            await sleep(0.01)
 
     async def test_rapid_reset_dropped(self) -> None:
         """A client resetting streams faster than the limit gets GOAWAY ENHANCE_YOUR_CALM."""

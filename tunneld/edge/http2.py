@@ -329,9 +329,13 @@ class PublicH2Protocol(Protocol):
             if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
                 self._flush_all()
         elif isinstance(event, h2events.ConnectionTerminated):
-            # Streams in flight may finish; the connection closes after them.
+            # HTTP/2 would let the streams in flight finish, but h2 sends
+            # nothing more once a GOAWAY came: they cannot be answered, so
+            # they end now (and their tunnel streams with them).
             self.log.debug("client {peer} sent GOAWAY", peer=self._peer)
             self._peer_done = True
+            for exchange in list(self._exchanges.values()):
+                self._client_gone(exchange, "client sent GOAWAY")
             self._maybe_idle()
 
     def _count_reset(self) -> bool:
