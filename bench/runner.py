@@ -339,6 +339,8 @@ public_listen = ["tcp:0:interface=127.0.0.1"]
 public_h2c_listen = ["tcp:0:interface=127.0.0.1"]
 public_url = "http://{{host}}/"
 transports = ["{transport}"]
+# Any free port: two edges run at once (and 8090 may be taken).
+admin_listen = "tcp:0:interface=127.0.0.1"
 {window}
 # Every load generator connects from 127.0.0.1: the per-client connection cap
 # (256 by default) would refuse the idle-WebSocket figure's 10,000.
