@@ -232,6 +232,32 @@ class SendNowTests(TestCase):
         self.assertIs(transport._tempDataBuffer[1], view)
         self.assertEqual(await peer.done, b"<" + data[1:] + b">!")
 
+    async def test_queued_writes_leave_at_the_end_of_the_turn(self) -> None:
+        """
+        What L{bulkwrite.queue} queues on an idle socket leaves when the
+        reactor turn ends, in one send, the socket never watched for writability.
+        """
+        transport, peer = await self._pair(8)
+        bulkwrite.queue(transport, b"head")
+        bulkwrite.queue(transport, memoryview(bytearray(b"body")))
+        self.assertEqual(transport._tempDataLen, 8)
+        self.assertNotIn(transport, reactor.getWriters())
+        await _turn()
+        self.assertEqual(transport._tempDataLen, 0)
+        self.assertNotIn(transport, reactor.getWriters())
+        self.assertEqual(await peer.done, b"headbody")
+
+    async def test_queued_writes_keep_their_place(self) -> None:
+        """A large write, or closing, in the same turn takes what was queued first, in order."""
+        data = _pattern(BIG, 9)
+        transport, peer = await self._pair(4 + BIG + 4)
+        bulkwrite.queue(transport, b"head")
+        bulkwrite.write(transport, bytearray(data))
+        bulkwrite.queue(transport, b"tail")
+        transport.loseConnection()
+        self.assertEqual(await peer.done, b"head" + data + b"tail")
+        await peer.lost
+
     async def test_queue_pauses_the_producer(self) -> None:
         """Queueing past the transport's bufferSize pauses its producer, as Twisted's write does."""
         transport, peer = await self._pair(2 * BIG)
@@ -406,6 +432,7 @@ class PinTests(SynchronousTestCase):
         transport.startWriting = lambda: None
         transport._maybePauseProducer = lambda: None
         transport._writeDisconnected = False
+        transport.dataBuffer, transport.offset = b"older", 0  # so it stays queued behind that
         bulkwrite.queue(transport, data)
         [piece] = transport._tempDataBuffer
         self.assertEqual(bytes(piece), bytes(data))

@@ -247,11 +247,7 @@ class _Exchange:
         if protocol._fast:
             left = protocol._out_left
             if left is None:
-                if not data:
-                    pass  # an empty chunk would end the body
-                elif type(data) is bytes:
-                    protocol._socket.writeSequence([b"%x\r\n" % len(data), data, b"\r\n"])
-                else:
+                if data:  # (an empty chunk would end the body)
                     bulkwrite.queue(protocol._socket, b"%x\r\n" % len(data))
                     bulkwrite.queue(protocol._socket, data)
                     bulkwrite.queue(protocol._socket, b"\r\n")
@@ -928,7 +924,7 @@ class PublicHTTPProtocol(Protocol):
         self._out = _OUT_BODY
         self._out_left = left
         self._stats.response(status)
-        self._socket.write(head)
+        bulkwrite.queue(self._socket, head)  # with the body's start, at the end of the turn
         self._last_activity = self._seconds()
 
     def _bad_reply(self, exchange: _Exchange, error: str) -> None:
