@@ -730,6 +730,16 @@ class GrpcTransportTests(TestCase):
         self.assertEqual(receiver.data, b"replayed body")
         self.assertEqual(len(pair.agent_handler.streams), 1)
 
+    async def assert_served(self, pair: Pair) -> None:
+        """A new stream on C{pair} finds a call and is echoed back whole."""
+        receiver = Receiver()
+        stream = pair.edge.open_stream(head("/after"), receiver)
+        stream.write(b"still served")
+        stream.end()
+        await receiver.done
+        self.assertIsNone(receiver.reset)
+        self.assertEqual(receiver.data, b"still served")
+
     async def test_reset_crossing_the_agents_end_leaves_the_pool_whole(self) -> None:
         """
         A public client that leaves as its response ends: the edge's Reset
@@ -752,13 +762,7 @@ class GrpcTransportTests(TestCase):
             await until(lambda c=call_id: c not in pair.edge.calls and c not in pair.agent.calls)
             await until(lambda: len(pair.agent.idle) == 2 and len(pair.edge.idle) == 2)
         self.assertEqual([echo.reset for echo in pair.agent_handler.echoes], [None] * 3)
-        receiver = Receiver()
-        stream = pair.edge.open_stream(head("/after"), receiver)
-        stream.write(b"still served")
-        stream.end()
-        await receiver.done
-        self.assertIsNone(receiver.reset)
-        self.assertEqual(receiver.data, b"still served")
+        await self.assert_served(pair)
 
     async def test_agent_reset_after_its_end_does_not_hit_the_next_stream(self) -> None:
         """
@@ -804,13 +808,7 @@ class GrpcTransportTests(TestCase):
             pair.edge.rst(call, ErrorCodes.REFUSED_STREAM)
         await until(lambda: not set(lost) & set(pair.agent.calls))
         await until(lambda: len(pair.agent.idle) == 2 and len(pair.edge.idle) == 2)
-        receiver = Receiver()
-        stream = pair.edge.open_stream(head("/after"), receiver)
-        stream.write(b"served")
-        stream.end()
-        await receiver.done
-        self.assertIsNone(receiver.reset)
-        self.assertEqual(receiver.data, b"served")
+        await self.assert_served(pair)
 
     async def test_pool_shrinks_when_idle(self) -> None:
         """After a burst grows the pool, it shrinks back towards min_idle_forwards."""
