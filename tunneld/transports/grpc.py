@@ -348,7 +348,9 @@ class GrpcAgentOptions:
         check=positive,
     )
     pool_shrink_interval: float = setting(
-        10.0, "Seconds without the pool running dry after which it shrinks by half.",
+        10.0,
+        "Seconds without the pool running dry after which it shrinks by half; idle calls "
+        "that ended on an error are replaced on the same tick.",
         check=positive,
     )
     connect_timeout: float = setting(
