@@ -248,6 +248,12 @@ def _queue(transport: Any, pieces: Sequence[Buffer]) -> None:
     transport.writeSequence([piece if type(piece) is bytes else bytes(piece) for piece in pieces])
 
 
+# Transports with writes queued by L{queue} this reactor turn, in order,
+# and the call that sends them when the turn is over.
+_queued: dict[Any, None] = {}
+_send_call: Any = None
+
+
 def queue(transport: Any, data: Buffer) -> None:
     """
     C{transport.write(data)} for a buffer that will never change: on a
@@ -256,6 +262,7 @@ def queue(transport: Any, data: Buffer) -> None:
     (L{PIN_RATIO}), which is copied, and sent at the end of the reactor
     turn (L{_send_queued}); else written as C{bytes}.
     """
+    global _send_call
     if not _plain(transport):
         transport.write(bytes(data))
         return
@@ -271,16 +278,9 @@ def queue(transport: Any, data: Buffer) -> None:
         # Twisted is sending (or closing) already: these go with it.
         transport.startWriting()
         return
-    global _send_call
     _queued[transport] = None
     if _send_call is None:
         _send_call = transport.reactor.callLater(0, _send_queued)
-
-
-# Transports with writes queued by L{queue} this reactor turn, in order,
-# and the call that sends them when the turn is over.
-_queued: dict[Any, None] = {}
-_send_call: Any = None
 
 
 def _send_queued() -> None:

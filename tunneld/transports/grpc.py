@@ -1689,6 +1689,12 @@ class EdgeGrpcLink(GrpcLink):
             self.idle.remove(call)
         self._finish(call, status, quote(message[:512], safe=_MESSAGE_SAFE).encode("ascii"))
 
+    def _end_idle(self, call: _Call) -> None:
+        """The agent ended a call carrying no stream: out of the pool, and ended here too."""
+        if call in self.idle:
+            self.idle.remove(call)
+        self._finish(call, GrpcStatus.OK)
+
     def _on_request(self, event: h2events.RequestReceived) -> None:
         headers = dict(event.headers)
         sid = event.stream_id
@@ -1734,10 +1740,7 @@ class EdgeGrpcLink(GrpcLink):
         if call.kind == "forward":
             stream = call.stream
             if stream is None:
-                # The agent retired an idle call.
-                if call in self.idle:
-                    self.idle.remove(call)
-                self._finish(call, GrpcStatus.OK)
+                self._end_idle(call)  # the agent retired it
             elif not stream.answered and not stream.closed:
                 self._replay(stream, call)
             elif not stream.closed and not stream.remote_ended:
@@ -1790,10 +1793,7 @@ class EdgeGrpcLink(GrpcLink):
         stream = call.stream
         if stream is None:
             if reset and call.reuse:
-                # Nothing left to reset, but a Reset ends the call.
-                if call in self.idle:
-                    self.idle.remove(call)
-                self._finish(call, GrpcStatus.OK)
+                self._end_idle(call)  # nothing left to reset, but a Reset ends the call
                 return None
             raise FrameError("a message on a Forward call before its Open")
         if stream.closed:
