@@ -208,6 +208,10 @@ class Bench:
         two_cores = (os.cpu_count() or 1) >= 2
         self.load_cpu = "0" if two_cores else None
         self.sut_cpu = "1" if two_cores else None
+        # Every system under test runs under one CPU scheduling policy: tunneld by its
+        # cpu_scheduling setting, the others by chrt (see docs/benchmarks.md).
+        batch = getattr(args, "cpu_scheduling", "batch") == "batch"
+        self.batch = batch and hasattr(os, "SCHED_BATCH") and shutil.which("chrt") is not None
         self.python = sys.executable
         self.env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.big = args.big_mib * MIB
@@ -220,6 +224,16 @@ class Bench:
         proc = Proc(name, pinned(cpus, argv), self.workdir, env=self.env)
         self.procs.append(proc)
         return proc
+
+    def spawn_baseline(self, name: str, argv: list[str]) -> Proc:
+        """A system under test other than tunneld: on the SUT core, under the run's policy."""
+        if self.batch:
+            argv = ["chrt", "--batch", "0", *argv]
+        return self.spawn(name, argv, self.sut_cpu)
+
+    @property
+    def policy(self) -> str:
+        return "batch" if self.batch else "default"
 
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
@@ -278,14 +292,14 @@ class Bench:
       proxy_set_header Host $host;
     }}
   }}""")
-        proc = self.spawn("proxy-nginx", ["nginx", "-c", conf, "-p", self.workdir], self.sut_cpu)
+        proc = self.spawn_baseline("proxy-nginx", ["nginx", "-c", conf, "-p", self.workdir])
         wait_port(system.port, proc)
         system.procs = [proc]
         return system
 
     def twisted_proxy(self, upstream: int) -> System:
-        proc = self.spawn("proxy-twisted", [self.python, os.path.join(BENCH, "twproxy.py"), str(upstream)],
-                          self.sut_cpu)
+        proc = self.spawn_baseline("proxy-twisted",
+                                   [self.python, os.path.join(BENCH, "twproxy.py"), str(upstream)])
         port = int(proc.wait_for(r"listening (\d+)").group(1))
         return System("twisted", "twisted.web ReverseProxyResource (single hop)", port=port,
                       procs=[proc], measured=[proc])
@@ -297,16 +311,16 @@ class Bench:
             return system
         port = free_port()
         secret = "benchsecret"
-        front = self.spawn("pagekite-front", [
+        front = self.spawn_baseline("pagekite-front", [
             "pagekite", "--clean", "--nullui", "--nocrashreport", "--isfrontend",
             f"--ports={port}", "--protos=http", f"--domain=http:{VHOST}:{secret}",
-            f"--logfile={self.workdir}/pagekite-front.plog"], self.sut_cpu)
+            f"--logfile={self.workdir}/pagekite-front.plog"])
         wait_port(port, front)
-        back = self.spawn("pagekite-back", [
+        back = self.spawn_baseline("pagekite-back", [
             "pagekite", "--clean", "--nullui", "--nocrashreport",
             f"--frontend=127.0.0.1:{port}",
             f"--service_on=http:{VHOST}:127.0.0.1:{upstream}:{secret}",
-            f"--logfile={self.workdir}/pagekite-back.plog"], self.sut_cpu)
+            f"--logfile={self.workdir}/pagekite-back.plog"])
         system.port = port
         system.procs = system.measured = [front, back]
         # The kite is live once the front-end answers for the name with the upstream's body.
@@ -335,6 +349,7 @@ class Bench:
         link_key = "listen"
         with open(edge_conf, "w") as f:
             f.write(f"""[edge]
+cpu_scheduling = "{self.policy}"
 public_listen = ["tcp:0:interface=127.0.0.1"]
 public_h2c_listen = ["tcp:0:interface=127.0.0.1"]
 public_url = "http://{{host}}/"
@@ -373,6 +388,7 @@ upstream = "tcp:host=127.0.0.1:port={ws_echo}"
         with open(agent_conf, "w") as f:
             # Keep as many idle upstream connections as nginx's proxy row may (keepalive 256).
             f.write(f"""[agent]
+cpu_scheduling = "{self.policy}"
 id = "bench"
 transports = ["{transport}"]
 upstream_max_idle = 256
@@ -595,6 +611,16 @@ upstream_max_idle = 256
 
     # the run
 
+    def check_policy(self, systems: list[System]) -> None:
+        """Refuse to measure if any process under test runs under another policy than the rest."""
+        if not hasattr(os, "sched_getscheduler"):
+            return
+        want = os.SCHED_BATCH if self.batch else os.sched_getscheduler(0)
+        wrong = [f"{p.name} ({os.sched_getscheduler(p.pid)})" for system in systems for p in system.procs
+                 if p.popen.poll() is None and os.sched_getscheduler(p.pid) != want]
+        if wrong:
+            raise RuntimeError(f"not under scheduling policy {want}: {', '.join(wrong)}")
+
     def run(self) -> dict[str, Any]:
         if self.load_cpu is not None:
             os.sched_setaffinity(0, {int(self.load_cpu)})
@@ -616,6 +642,7 @@ upstream_max_idle = 256
                 results["rows"][system.key] = {"label": system.label, "skip": system.skip,
                                                "small": [], "large": [], "h2": []}
             live = [s for s in systems if s.skip is None]
+            self.check_policy(live)
             log(f"systems: {', '.join(s.key for s in live)}; skipped: "
                 f"{', '.join(f'{s.key} ({s.skip})' for s in systems if s.skip) or 'none'}")
             # Warm-up: one short pass per system so first-repetition numbers are not cold.
@@ -715,6 +742,8 @@ upstream_max_idle = 256
                        f"Linux {platform.release()}",
             "pinning": (f"load generator + upstream on core {self.load_cpu}, system under test on core "
                         f"{self.sut_cpu}") if self.sut_cpu else "none (fewer than 2 cores)",
+            "scheduling": "SCHED_BATCH for every system under test" if self.batch
+            else "the default policy",
             "python": platform.python_version(),
             "twisted": twisted.__version__,
             "tunneld": rev,
@@ -874,7 +903,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"Run of {meta['date']}: `{meta['command']}`",
         "",
-        f"- machine: {meta['machine']}; pinning: {meta['pinning']}",
+        f"- machine: {meta['machine']}; pinning: {meta['pinning']}; CPU scheduling: "
+        f"{meta.get('scheduling', 'the default policy')}",
         f"- versions: Python {meta['python']}, Twisted {meta['twisted']}, tunneld {meta['tunneld']}, "
         f"{meta['nginx']}, {meta['wrk']}, {meta['h2load']}, pagekite {meta['pagekite']}",
         f"- upstream: {meta['upstream']} (64-byte body, 1 MiB file); load: {meta['load']}; "
@@ -1007,6 +1037,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="tunneld transports to measure (comma-separated)")
     parser.add_argument("--only", default="",
                         help="measure only these rows, e.g. twisted,websocket (for A/B work)")
+    parser.add_argument("--cpu-scheduling", choices=["batch", "default"], default="batch",
+                        help="policy of every system under test: SCHED_BATCH (tunneld's cpu_scheduling, "
+                             "chrt for the others) or the default")
     parser.add_argument("--window", type=int, default=0,
                         help="tunneld initial_window for edge and agent (default: tunneld's default)")
     parser.add_argument("--idle-ws", default="1000,10000",

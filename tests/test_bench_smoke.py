@@ -66,4 +66,7 @@ class BenchSmokeTests(TestCase):
         self.assertTrue(report.endswith("<!-- bench:smoke:end -->\nafter\n"))
         self.assertIn("| tunneld over websocket | small req/s ÷ twisted.web proxy |", report)
         self.assertIn("over a 0.05-minute soak", report)
+        # Every system under test ran under one policy (the runner checks each process).
+        if hasattr(os, "SCHED_BATCH"):
+            self.assertIn("CPU scheduling: SCHED_BATCH for every system under test", report)
         self.assertNotIn("old", report)

@@ -72,7 +72,7 @@ class ServiceTreeTests(SynchronousTestCase):
         top = IServiceCollection(tap.makeService(options, Clock()))
         children = list(top)
         self.assertIsInstance(children[-1], GcTuning)
-        self.assertEqual(len(children), 2)
+        self.assertEqual(len(children), 3)
 
     def test_agent_tree_tunes_gc_last(self) -> None:
         """C{twistd tunneld-agent}'s tree starts the collector's tuning after the agent."""

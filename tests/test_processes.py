@@ -88,9 +88,12 @@ class ProcessTests(TestCase):
             f.write(text)
         return path
 
-    async def start(self) -> tuple[TwistdProcess, TwistdProcess, int]:
+    async def start(self, extra: dict[str, str] | None = None) -> tuple[TwistdProcess, TwistdProcess, int]:
+        """Edge and agent from etc/, with C{extra} replacements in both files."""
+        extra = extra or {}
         upstream_port, _ = await listen_upstream(self)
         edge = self.spawn("tunneld", self.shipped("tunneld.toml", {
+            **extra,
             'public_listen = ["tcp:8080:interface=127.0.0.1"]':
                 'public_listen = ["tcp:0:interface=127.0.0.1"]',
             'listen = "tcp:8081:interface=127.0.0.1"': 'listen = "tcp:0:interface=127.0.0.1"',
@@ -100,6 +103,7 @@ class ProcessTests(TestCase):
         public = await edge.wait_for(r"public HTTP listening on 127\.0\.0\.1:(\d+)")
         link = await edge.wait_for(r"websocket agent link listening on 127\.0\.0\.1:(\d+)")
         agent = self.spawn("tunneld-agent", self.shipped("agent.toml", {
+            **extra,
             'url = "ws://127.0.0.1:8081/tunnel"': f'url = "ws://127.0.0.1:{link.group(1)}/tunnel"',
             'upstream = "tcp:host=127.0.0.1:port=8000"':
                 f'upstream = "tcp:host=127.0.0.1:port={upstream_port}"',
@@ -121,6 +125,21 @@ class ProcessTests(TestCase):
         code, headers, _ = await harness.request("unknown.localhost", "/")
         self.assertEqual(code, 404)
         self.assertIn("agent demo registered demo.localhost over websocket", edge.output)
+
+    async def test_batch_scheduling(self) -> None:
+        """With cpu_scheduling = "batch", both daemons run under SCHED_BATCH and carry requests."""
+        if not hasattr(os, "SCHED_BATCH"):
+            raise self.skipTest("no SCHED_BATCH on this platform")
+        edge, agent, public_port = await self.start(
+            {'cpu_scheduling = "default"': 'cpu_scheduling = "batch"'}
+        )
+        for daemon in (edge, agent):
+            await daemon.wait_for(r"CPU scheduling policy: SCHED_BATCH")
+            pid = daemon.process.pid  # type: ignore[attr-defined]
+            self.assertEqual(os.sched_getscheduler(pid), os.SCHED_BATCH)
+        harness = self.harness(public_port)
+        code, _, body = await harness.request("demo.localhost", "/hello")
+        self.assertEqual((code, body), (200, b"hello from upstream"))
 
     async def test_agent_killed_mid_response(self) -> None:
         """SIGKILL of the agent mid-download cuts the client off and the edge logs agent_gone."""

@@ -16,6 +16,7 @@ from typing import Any
 from tunneld.errors import ConfigError
 from tunneld.interfaces import ITransportPlugin
 from tunneld.policy.clientaddr import check_networks
+from tunneld.scheduling import check_policy
 from tunneld.schema import non_negative, parse_table, positive, setting
 from tunneld.transports.registry import find_transport
 
@@ -275,6 +276,14 @@ class EdgeSection:
         "with 'draining'.",
         check=non_negative,
     )
+    cpu_scheduling: str = setting(
+        "default",
+        "CPU scheduling policy: 'default' keeps the one the process started with; 'batch' "
+        "switches to Linux's SCHED_BATCH, under which a wake-up does not preempt the running "
+        "task. Use 'batch' when edge and agent share a host (they then stop handing the CPU "
+        "to each other at every link write); it delays wake-ups on a CPU busy with other work.",
+        check=check_policy,
+    )
 
 
 @dataclass(frozen=True)
@@ -411,6 +420,14 @@ class AgentSection:
     )
     upstream_response_timeout: float = setting(
         60.0, "Seconds an upstream may take to start its response.", check=positive
+    )
+    cpu_scheduling: str = setting(
+        "default",
+        "CPU scheduling policy: 'default' keeps the one the process started with; 'batch' "
+        "switches to Linux's SCHED_BATCH, under which a wake-up does not preempt the running "
+        "task. Use 'batch' when edge and agent share a host (they then stop handing the CPU "
+        "to each other at every link write); it delays wake-ups on a CPU busy with other work.",
+        check=check_policy,
     )
     tls: AgentTLS = field(
         default_factory=AgentTLS, metadata={"doc": "TLS to the edge ([agent.tls])."}

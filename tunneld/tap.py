@@ -79,6 +79,7 @@ def makeService(options: EdgeOptions, reactor: Any = None) -> IService:  # noqa:
     from tunneld.edge.service import EdgeService
     from tunneld.gctune import GcTuning
     from tunneld.heap import keep_large_buffers
+    from tunneld.scheduling import CpuScheduling
 
     keep_large_buffers()
 
@@ -88,6 +89,7 @@ def makeService(options: EdgeOptions, reactor: Any = None) -> IService:  # noqa:
         reactor = default_reactor
     top = MultiService()
     EdgeService(options.config, options.transports, reactor).setServiceParent(top)
+    CpuScheduling(options.config.edge.cpu_scheduling).setServiceParent(top)
     GcTuning().setServiceParent(top)
     return top
 
@@ -105,6 +107,7 @@ def makeAgentService(options: AgentOptions, reactor: Any = None) -> IService:  #
     from tunneld.heap import keep_large_buffers
     from tunneld.observe.console import AgentActivity, ConsoleSummary
     from tunneld.observe.systemd import SystemdNotifyService
+    from tunneld.scheduling import CpuScheduling
 
     keep_large_buffers()
 
@@ -122,5 +125,6 @@ def makeAgentService(options: AgentOptions, reactor: Any = None) -> IService:  #
     SystemdNotifyService(
         reactor, lambda: [], lambda: f"agent {options.config.agent.id}"
     ).setServiceParent(top)
+    CpuScheduling(options.config.agent.cpu_scheduling).setServiceParent(top)
     GcTuning().setServiceParent(top)
     return top
