@@ -157,6 +157,21 @@ class HandEncodingTests(SynchronousTestCase):
                 codec.encode_end(1, headers).SerializeToString(),  # type: ignore[arg-type]
             )
 
+    def test_remembered_parts(self) -> None:
+        """Opens and Replies answered from the remembered parts encode as the generated encoder does."""
+        heads = [
+            StreamHead(kind="http", tunnel=f"t{i % 3}.test", method="GET", target=f"/{i}",
+                       headers=((b"n", b"%d" % i),), peer=f"10.0.{i // 256}.{i % 256}", scheme="https")
+            for i in range(codec._CACHED + 20)
+        ]
+        replies = [ReplyHead(200, b"OK", ((b"x-n", b"%d" % (i % 7)),)) for i in range(codec._CACHED + 20)]
+        for _ in range(2):
+            for head, reply in zip(heads, replies, strict=True):
+                self.assertEqual(codec.open_bytes(5, head), codec.encode_open(5, head).SerializeToString())
+                self.assertEqual(codec.reply_bytes(5, reply), codec.encode_reply(5, reply).SerializeToString())
+        self.assertLessEqual(len(codec._OPEN_ENDS), codec._CACHED)
+        self.assertLessEqual(len(codec._REPLY_BLOCKS), codec._CACHED)
+
     def test_boundaries(self) -> None:
         """Header names, values and whole heads around the one-byte length limit encode identically."""
         for size in (0, 1, 59, 60, 61, 62, 63, 64, 123, 124, 125, 126, 127, 128, 129, 300):

@@ -26,9 +26,9 @@ class Recorder:
         self.body = b""
         self.end: tuple[list[Header], bool] | None = None
 
-    def response_head(self, status: int, reason: bytes, headers: list[Header]) -> None:
+    def response_head(self, status: int, reason: bytes, headers: tuple[Header, ...]) -> None:
         assert self.head is None
-        self.head = (status, reason, headers)
+        self.head = (status, reason, list(headers))
 
     def response_data(self, data: bytes | memoryview) -> None:
         assert self.head is not None and self.end is None
@@ -242,7 +242,7 @@ class ResponseParserTests(SynchronousTestCase):
         parser = ResponseParser()
 
         class Quitter(Recorder):
-            def response_head(self, status: int, reason: bytes, headers: list[Header]) -> None:
+            def response_head(self, status: int, reason: bytes, headers: tuple[Header, ...]) -> None:
                 super().response_head(status, reason, headers)
                 parser.abandon()
 
@@ -385,6 +385,50 @@ class RequestWriterTests(SynchronousTestCase):
             (b"GET", b"/", [(b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"1")]),
         ]:
             self.assertRaises(RequestError, RequestWriter().head, method, target, headers)
+
+
+class RequestFieldCacheTests(SynchronousTestCase):
+    """Request header fields are validated once each, in a bounded table."""
+
+    def test_known_name_new_value_is_checked(self) -> None:
+        """A field whose name was seen valid is still refused for a bad value, every time."""
+        RequestWriter().head(b"GET", b"/", [(b"X-Cached", b"ok")])
+        for _ in range(2):
+            self.assertRaises(
+                RequestError, RequestWriter().head, b"GET", b"/", [(b"X-Cached", b"a\r\nInjected: 1")]
+            )
+
+    def test_repeated_fields_write_the_same(self) -> None:
+        """A request met again (its fields from the table) is written and framed the same."""
+        fields = [(b"Host", b"a.test"), (b"Content-Length", b"2"), (b"Connection", b"close")]
+        heads = []
+        for _ in range(2):
+            writer = RequestWriter()
+            heads.append(writer.head(b"POST", b"/", fields))
+            self.assertFalse(writer.keep_alive)
+            self.assertRaises(RequestError, writer.data, b"abc")
+        self.assertEqual(heads[0], heads[1])
+        self.assertEqual(
+            heads[0], b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 2\r\nConnection: close\r\n\r\n"
+        )
+
+    def test_views_and_long_values(self) -> None:
+        """Fields of memoryviews or bytearrays, and long values, are written but not kept."""
+        from tunneld.agent import http1_wire
+
+        long_value = b"v" * 1000
+        fields = [(b"X-View", memoryview(b"seen")), (b"X-Array", bytearray(b"mutable")), (b"X-Long", long_value)]
+        head = RequestWriter().head(b"GET", b"/", fields)  # type: ignore[arg-type]
+        self.assertIn(b"X-View: seen\r\nX-Array: mutable\r\nX-Long: " + long_value, head)
+        self.assertNotIn((b"X-Long", long_value), http1_wire._FIELDS)
+
+    def test_table_is_bounded(self) -> None:
+        """Any number of distinct fields leaves at most _FIELDS_MAX entries."""
+        from tunneld.agent import http1_wire
+
+        for n in range(http1_wire._FIELDS_MAX + 50):
+            RequestWriter().head(b"GET", b"/", [(b"X-N", b"%d" % n)])
+        self.assertLessEqual(len(http1_wire._FIELDS), http1_wire._FIELDS_MAX)
 
 
 class HeadCacheTests(SynchronousTestCase):

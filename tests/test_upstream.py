@@ -19,11 +19,12 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 from twisted.protocols.policies import WrappingFactory
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import resource, server
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from tunneld.agent import upstream
 from tunneld.agent.upstream import UpstreamPool
 from tunneld.interfaces import IStream, IStreamReceiver
 from tunneld.reasons import Reason
@@ -715,3 +716,29 @@ class UpstreamPoolTests(TestCase):
         await stream.finished
         expected = hashlib.sha256(BLOCK * (total // CHUNK)).hexdigest().encode()
         self.assertEqual(stream.body, b"%d %s" % (total, expected))
+
+
+class EndToEndHeadersTests(SynchronousTestCase):
+    """A response head's hop-by-hop fields are dropped, once per distinct head."""
+
+    def test_hop_by_hop_dropped(self) -> None:
+        """Connection, the fields it names and the other hop-by-hop fields go; the rest keep their case."""
+        head = (
+            (b"Content-Type", b"text/plain"),
+            (b"Connection", b"keep-alive, X-Private"),
+            (b"Keep-Alive", b"timeout=5"),
+            (b"X-Private", b"1"),
+            (b"Transfer-Encoding", b"chunked"),
+            (b"ETag", b'"a"'),
+        )
+        kept = ((b"Content-Type", b"text/plain"), (b"ETag", b'"a"'))
+        self.assertEqual(upstream._end_to_end_of_head(head), kept)
+        # The same head again: the answer remembered, the very same tuple.
+        self.assertIs(upstream._end_to_end_of_head(head), upstream._end_to_end_of_head(head))
+
+    def test_equal_heads_answered_alike(self) -> None:
+        """An equal head in another tuple gets an equal answer; the table stays bounded."""
+        for n in range(upstream._KEPT_MAX + 50):
+            head = ((b"Connection", b"close"), (b"X-N", b"%d" % n))
+            self.assertEqual(upstream._end_to_end_of_head(head), ((b"X-N", b"%d" % n),))
+        self.assertLessEqual(len(upstream._KEPT), upstream._KEPT_MAX)

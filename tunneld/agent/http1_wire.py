@@ -66,8 +66,11 @@ class RequestError(ValueError):
 class ResponseSink(typing.Protocol):
     """Where L{ResponseParser} delivers a response."""
 
-    def response_head(self, status: int, reason: bytes, headers: list[Header]) -> None:
-        """The final (non-1xx) response head; header names keep their case."""
+    def response_head(self, status: int, reason: bytes, headers: tuple[Header, ...]) -> None:
+        """
+        The final (non-1xx) response head; header names keep their case.
+        The same head's fields come as the same tuple each time (L{_HEADS}).
+        """
 
     def response_data(self, data: Body) -> None:
         """Some body bytes, de-framed."""
@@ -348,7 +351,7 @@ class ResponseParser:
             chunked or not length or self._head_request or status in _NO_BODY_STATUS
         ):
             self._buffer, tail = bytes(tail), None
-        self._sink.response_head(status, reason, list(headers))
+        self._sink.response_head(status, reason, headers)
         if self._state != _HEAD:
             return False  # the sink gave up on this response
         if self._head_request or status in _NO_BODY_STATUS or length == 0:
@@ -391,6 +394,33 @@ class ResponseParser:
         self._buffer = b""
 
 
+# Request header fields already checked, with their lowercased name and the
+# line they make: the edge sends the same fields again and again (Host, the
+# forwarding headers, each client's Accept and User-Agent), so most are
+# validated once.  Bounded: short fields only, emptied when full.
+_FIELDS: dict[Header, tuple[bytes, bytes]] = {}
+_FIELDS_MAX = 1024
+_FIELD_CACHED_UP_TO = 256
+# The names whose values decide the request's framing or keep-alive.
+_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+_COMMON_METHODS = frozenset((b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"))
+
+
+def _request_field(field: Header) -> tuple[bytes, bytes]:
+    """C{field}'s lowercased name and its line, once it is known to be valid."""
+    name, value = field
+    if _NAME.fullmatch(name) is None:
+        raise RequestError(f"invalid header name {name[:40]!r}")
+    if _FIELD_VALUE.fullmatch(value) is None:
+        raise RequestError(f"invalid value for header {name[:40]!r}")
+    checked = (name.lower(), b"".join((name, b": ", value, b"\r\n")))
+    if type(name) is bytes and type(value) is bytes and len(name) + len(value) <= _FIELD_CACHED_UP_TO:
+        if len(_FIELDS) >= _FIELDS_MAX:
+            _FIELDS.clear()
+        _FIELDS[field] = checked
+    return checked
+
+
 class RequestWriter:
     """
     Writes one request at a time as HTTP/1.1 bytes, keeping count of the
@@ -411,19 +441,23 @@ class RequestWriter:
         header makes the body chunked; a C{Content-Length} bounds it.
         Raises L{RequestError} for anything that is not valid HTTP/1.1.
         """
-        if _METHOD.fullmatch(method) is None:
+        if method not in _COMMON_METHODS and _METHOD.fullmatch(method) is None:
             raise RequestError(f"invalid method {method[:40]!r}")
         if _TARGET.fullmatch(target) is None:
             raise RequestError(f"invalid request target {target[:80]!r}")
         self._chunked = False
         self._remaining = None
         lines = [method, b" ", target, b" HTTP/1.1\r\n"]
-        for name, value in headers:
-            if _NAME.fullmatch(name) is None:
-                raise RequestError(f"invalid header name {name[:40]!r}")
-            if _FIELD_VALUE.fullmatch(value) is None:
-                raise RequestError(f"invalid value for header {name[:40]!r}")
-            lower = name.lower()
+        for field in headers:
+            try:
+                known = _FIELDS.get(field)
+            except (TypeError, ValueError):  # a field of unhashable buffers
+                known = None
+            lower, line = known or _request_field(field)
+            lines.append(line)
+            if lower not in _FRAMING:
+                continue
+            value = field[1]
             if lower == b"content-length":
                 if _LENGTH.fullmatch(value) is None:
                     raise RequestError(f"invalid Content-Length {value[:40]!r}")
@@ -434,10 +468,9 @@ class RequestWriter:
                 if value.lower() != b"chunked" or self._chunked:
                     raise RequestError(f"unsupported Transfer-Encoding {value[:40]!r}")
                 self._chunked = True
-            elif lower == b"connection" and b"close" in value.lower():
+            elif b"close" in value.lower():  # Connection
                 if any(t.strip(b" \t") == b"close" for t in value.lower().split(b",")):
                     self.keep_alive = False
-            lines += (name, b": ", value, b"\r\n")
         if self._chunked and self._remaining is not None:
             raise RequestError("both Content-Length and Transfer-Encoding")
         lines.append(b"\r\n")

@@ -18,7 +18,7 @@ time, C{upstream_error} when the response is malformed or cut short.
 from __future__ import annotations
 
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
@@ -79,7 +79,7 @@ class _Transport(typing.Protocol):
     def resumeProducing(self) -> None: ...
 
 
-def _end_to_end(headers: list[Header]) -> list[Header]:
+def _end_to_end(headers: Sequence[Header]) -> list[Header]:
     """
     The response headers a proxy passes on: all but the hop-by-hop ones and
     those the C{Connection} header names.  Original name case is kept.
@@ -97,6 +97,26 @@ def _end_to_end(headers: list[Header]) -> list[Header]:
         kept.append((name, value))
     if named:
         kept = [(name, value) for name, value in kept if name.lower() not in named]
+    return kept
+
+
+# _end_to_end's answer for a response head, by the identity of the fields'
+# tuple, which the parser keeps per head (L{http1_wire._HEADS}): an upstream
+# sends the same head again and again, so most are filtered once.  Each entry
+# holds its tuple, so the id cannot be reused while it is there.  Bounded.
+_KEPT: dict[int, tuple[tuple[Header, ...], tuple[Header, ...]]] = {}
+_KEPT_MAX = 256
+
+
+def _end_to_end_of_head(headers: tuple[Header, ...]) -> tuple[Header, ...]:
+    """L{_end_to_end} of a parsed response head's fields, remembered."""
+    entry = _KEPT.get(id(headers))
+    if entry is not None and entry[0] is headers:
+        return entry[1]
+    kept = tuple(_end_to_end(headers))
+    if len(_KEPT) >= _KEPT_MAX:
+        _KEPT.clear()
+    _KEPT[id(headers)] = (headers, kept)
     return kept
 
 
@@ -506,14 +526,14 @@ class _Exchange:
 
     # -- ResponseSink: what the parser makes of them
 
-    def response_head(self, status: int, reason: bytes, headers: list[Header]) -> None:
+    def response_head(self, status: int, reason: bytes, headers: tuple[Header, ...]) -> None:
         """L{ResponseSink}: the response head, passed on without hop-by-hop headers."""
         if self._done:
             return
         self._cancel_timer()
         self._replied = True
         # Held until this read is parsed: a response without a body ends with it.
-        self._held_reply = ReplyHead(status, reason, _end_to_end(headers))
+        self._held_reply = ReplyHead(status, reason, _end_to_end_of_head(headers))
 
     def response_data(self, data: bytes | memoryview) -> None:
         """L{ResponseSink}: response body bytes."""

@@ -399,21 +399,60 @@ def _frame(stream_id: int, tag: bytes, body: bytes) -> bytes:
     return b"".join((tag, _SMALL[size] if size < 0x80 else _varint(size), body))
 
 
+# An Open's first fields (kind, tunnel, method) and its last (peer, scheme),
+# encoded, by their values: few combinations recur (a peer is one client
+# address).  Bounded: emptied when full.
+_OPEN_STARTS: dict[tuple[str, str, str], bytes] = {}
+_OPEN_ENDS: dict[tuple[str, str], bytes] = {}
+
+
+def _remember(cache: dict[Any, bytes], key: Any, encoded: bytes) -> bytes:
+    if len(cache) >= _CACHED:
+        cache.clear()
+    cache[key] = encoded
+    return encoded
+
+
 def open_bytes(stream_id: int, head: StreamHead, end_stream: bool = False) -> bytes:
     """L{encode_open}, serialised by hand (identical bytes)."""
+    key = (head.kind, head.tunnel, head.method)
+    start = _OPEN_STARTS.get(key)
+    if start is None:
+        start = _remember(_OPEN_STARTS, key, b"".join(map(_text_field, (b"\x0a", b"\x12", b"\x1a"), key)))
+    end_key = (head.peer, head.scheme)
+    end = _OPEN_ENDS.get(end_key)
+    if end is None:
+        end = _remember(_OPEN_ENDS, end_key, b"".join(map(_text_field, (b"\x32", b"\x3a"), end_key)))
     body = b"".join(
         (
-            _text_field(b"\x0a", head.kind),
-            _text_field(b"\x12", head.tunnel),
-            _text_field(b"\x1a", head.method),
+            start,
             _text_field(b"\x22", head.target),
             *_header_fields(b"\x2a", head.headers),
-            _text_field(b"\x32", head.peer),
-            _text_field(b"\x3a", head.scheme),
+            end,
             b"\x40\x01" if end_stream else b"",
         )
     )
     return _frame(stream_id, b"\x22", body)
+
+
+# Reply header blocks, encoded, by the identity of their fields' tuple: the
+# agent passes the same tuple for the same response head (its parser and
+# hop-by-hop filter remember them).  Each entry holds its tuple, so the id
+# cannot be reused while it is there.  Bounded: emptied when full.
+_REPLY_BLOCKS: dict[int, tuple[Headers, bytes]] = {}
+
+
+def _reply_block(headers: Headers) -> bytes:
+    if type(headers) is not tuple:
+        return b"".join(_header_fields(b"\x1a", headers))
+    entry = _REPLY_BLOCKS.get(id(headers))
+    if entry is not None and entry[0] is headers:
+        return entry[1]
+    block = b"".join(_header_fields(b"\x1a", headers))
+    if len(_REPLY_BLOCKS) >= _CACHED:
+        _REPLY_BLOCKS.clear()
+    _REPLY_BLOCKS[id(headers)] = (headers, block)
+    return block
 
 
 def reply_bytes(stream_id: int, reply: ReplyHead, end_stream: bool = False) -> bytes:
@@ -424,7 +463,7 @@ def reply_bytes(stream_id: int, reply: ReplyHead, end_stream: bool = False) -> b
         (
             b"\x08" + _varint(status) if status else b"",
             b"\x12" + _varint(len(reason)) + reason if reason else b"",
-            *_header_fields(b"\x1a", reply.headers),
+            _reply_block(reply.headers),
             b"\x20\x01" if end_stream else b"",
         )
     )
