@@ -172,6 +172,24 @@ class HandEncodingTests(SynchronousTestCase):
         self.assertLessEqual(len(codec._OPEN_ENDS), codec._CACHED)
         self.assertLessEqual(len(codec._REPLY_BLOCKS), codec._CACHED)
 
+    def test_reply_fields_shared(self) -> None:
+        """Equal Reply header blocks read as the very same tuple; other blocks as their own."""
+        reply = ReplyHead(200, b"OK", ((b"server", b"s"), (b"x", b"1")))
+        first = codec.read(codec.reply_bytes(3, reply))
+        again = codec.read(codec.reply_bytes(4, ReplyHead(204, b"", reply.headers), end_stream=True))
+        self.assertEqual(first, (3, codec.REPLY, reply, False))
+        self.assertEqual(again, (4, codec.REPLY, ReplyHead(204, b"", reply.headers), True))
+        self.assertIsNot(first[2].headers, again[2].headers)  # one ends the stream, the other not
+        self.assertIs(codec.read(codec.reply_bytes(5, reply))[2].headers, first[2].headers)
+        other = ReplyHead(200, b"OK", ((b"server", b"s"), (b"x", b"2")))
+        self.assertEqual(codec.read(codec.reply_bytes(3, other))[2], other)
+        long = ReplyHead(200, b"OK", ((b"x", b"v" * (codec._REPLY_FIELDS_UP_TO + 1)),))
+        self.assertEqual(codec.read(codec.reply_bytes(3, long))[2], long)
+        self.assertNotIn(long.headers, [fields for fields, _ in codec._REPLY_FIELDS.values()])
+        for n in range(codec._CACHED + 10):
+            codec.read(codec.reply_bytes(3, ReplyHead(200, b"OK", ((b"x", b"%d" % n),))))
+        self.assertLessEqual(len(codec._REPLY_FIELDS), codec._CACHED)
+
     def test_boundaries(self) -> None:
         """Header names, values and whole heads around the one-byte length limit encode identically."""
         for size in (0, 1, 59, 60, 61, 62, 63, 64, 123, 124, 125, 126, 127, 128, 129, 300):

@@ -225,6 +225,37 @@ class WriterTests(SynchronousTestCase):
             self.assertEqual(checked if isinstance(checked, str) else None, expected, fields)
 
 
+class FastBlockTests(SynchronousTestCase):
+    """A reply's fields are filtered, checked and rendered once per distinct tuple."""
+
+    def test_remembered_per_tuple_and_via(self) -> None:
+        """The same tuple gives the same block; another Via, or an equal list, is worked out again."""
+        from tunneld.edge import http1
+
+        fields = ((b"Content-Length", b"2"), (b"Connection", b"keep-alive"), (b"X", b"y"))
+        block = b"Content-Length: 2\r\nX: y\r\nVia: 1.1 a\r\n"
+        self.assertEqual(http1._fast_block(fields, b"1.1 a"), (block, 2))
+        self.assertIs(http1._fast_block(fields, b"1.1 a")[0], http1._fast_block(fields, b"1.1 a")[0])
+        self.assertEqual(http1._fast_block(fields, b"1.1 b"), (block.replace(b" a", b" b"), 2))
+        self.assertEqual(http1._fast_block(list(fields), b"1.1 a"), (block, 2))
+
+    def test_bad_fields_refused_every_time(self) -> None:
+        """Fields that fail the checks are never remembered: each reply is refused with h11's words."""
+        from tunneld.edge import http1
+
+        fields = ((b"X", b"a\r\nSet-Cookie: x"),)
+        for _ in range(2):
+            self.assertEqual(http1._fast_block(fields, b"1.1 a"), "Illegal header value b'a\\r\\nSet-Cookie: x'")
+
+    def test_bounded(self) -> None:
+        """Any number of distinct replies leaves at most _FAST_BLOCKS_MAX entries."""
+        from tunneld.edge import http1
+
+        for n in range(http1._FAST_BLOCKS_MAX + 20):
+            http1._fast_block(((b"X-N", b"%d" % n),), b"v")
+        self.assertLessEqual(len(http1._FAST_BLOCKS), http1._FAST_BLOCKS_MAX)
+
+
 class FastMatchesH11Tests(SynchronousTestCase):
     """For any reply, a fast exchange writes the same bytes, and ends the same way, as h11."""
 

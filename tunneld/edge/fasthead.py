@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["check_fields", "read_head", "response_head"]
+__all__ = ["check_fields", "field_block", "read_head", "response_head", "response_head_with"]
 
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
 _FIELD_VCHAR = rb"[^\x00\s]"  # visible characters and obs-text, as h11 has it
@@ -94,11 +94,19 @@ def response_head(status: int, reason: bytes, fields: Iterable[tuple[bytes, byte
     A response's status line and header block (fields checked already, by
     L{check_fields}), or None when the reason phrase does not fit HTTP's grammar.
     """
+    return response_head_with(status, reason, field_block(fields))
+
+
+def field_block(fields: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """Checked fields (L{check_fields}) as the lines of a header block."""
+    return b"".join([b"%s: %s\r\n" % field for field in fields])
+
+
+def response_head_with(status: int, reason: bytes, block: bytes) -> bytes | None:
+    """L{response_head} for fields already rendered by L{field_block}."""
     if _REASON.fullmatch(reason) is None:
         return None
-    return b"HTTP/1.1 %d %s\r\n%s\r\n" % (
-        status, reason, b"".join([b"%s: %s\r\n" % field for field in fields])
-    )
+    return b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, block)
 
 
 def check_fields(

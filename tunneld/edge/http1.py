@@ -42,8 +42,10 @@ from zope.interface import implementer
 
 from tunneld import bulkwrite
 from tunneld.edge.fasthead import check_fields as _check_fields
+from tunneld.edge.fasthead import field_block as _field_block
 from tunneld.edge.fasthead import read_head as _read_head
 from tunneld.edge.fasthead import response_head as _response_head
+from tunneld.edge.fasthead import response_head_with as _response_head_with
 from tunneld.edge.forwarding import HOP_BY_HOP as _HOP_BY_HOP
 from tunneld.edge.forwarding import forwarded_headers as _forwarded_headers
 from tunneld.edge.forwarding import host_of as _host_of
@@ -158,6 +160,32 @@ def _switch_headers(headers: Headers, via: bytes) -> list[tuple[bytes, bytes]]:
     out, _ = _reply_headers(headers, via)
     upgrades = [(name, value) for name, value in headers if name.lower() == b"upgrade"]
     return [*upgrades, (b"Connection", b"Upgrade"), *out]
+
+
+# What the fast path makes of a reply's fields: its header block (end-to-end
+# fields and Via, checked and rendered as h11 would) and declared length, by
+# the identity of the fields' tuple, which the codec keeps per distinct block
+# (an upstream sends the same head again and again).  Each entry holds its
+# tuple, so the id cannot be reused while it is there.  Bounded.
+_FAST_BLOCKS: dict[int, tuple[Headers, bytes, bytes, int | None]] = {}
+_FAST_BLOCKS_MAX = 256
+
+
+def _fast_block(fields: Headers, via: bytes) -> tuple[bytes, int | None] | str:
+    """A reply's header block and declared length for the fast path, or what is wrong."""
+    entry = _FAST_BLOCKS.get(id(fields))
+    if entry is not None and entry[0] is fields and entry[1] == via:
+        return entry[2], entry[3]
+    headers, _ = _reply_headers(fields, via)
+    checked = _check_fields(headers)
+    if isinstance(checked, str):
+        return checked
+    block = _field_block(checked[0])
+    if type(fields) is tuple:
+        if len(_FAST_BLOCKS) >= _FAST_BLOCKS_MAX:
+            _FAST_BLOCKS.clear()
+        _FAST_BLOCKS[id(fields)] = (fields, via, block, checked[1])
+    return block, checked[1]
 
 
 @implementer(IPushProducer)
@@ -871,10 +899,10 @@ class PublicHTTPProtocol(Protocol):
             exchange.upgrade = False
             self._upload_done(exchange)
             cast(IStream, exchange.stream).end()
-        headers, has_length = _reply_headers(reply.headers, self._via)
         if self._fast:
-            self._reply_fast(exchange, reply, headers)
+            self._reply_fast(exchange, reply)
             return
+        headers, has_length = _reply_headers(reply.headers, self._via)
         try:
             response = h11.Response(
                 status_code=reply.status, headers=headers, reason=reply.reason or _phrase(reply.status)
@@ -893,11 +921,9 @@ class PublicHTTPProtocol(Protocol):
         self._send([response])
         self._last_activity = self._seconds()
 
-    def _reply_fast(
-        self, exchange: _Exchange, reply: ReplyHead, headers: list[tuple[bytes, bytes]]
-    ) -> None:
+    def _reply_fast(self, exchange: _Exchange, reply: ReplyHead) -> None:
         """The reply of a fast exchange, framed as h11 would frame it."""
-        checked = _check_fields(headers)
+        checked = _fast_block(reply.headers, self._via)
         if isinstance(checked, str):
             self._bad_reply(exchange, checked)
             return
@@ -907,15 +933,15 @@ class PublicHTTPProtocol(Protocol):
                 exchange, f"Response status_code should be in range [200, 1000), not {status}"
             )
             return
-        headers, length = checked
+        block, length = checked
         if status == 204 or status == 304:
             exchange.bodyless = True
             left: int | None = 0
         else:
             if length is None:
-                headers.append((b"Transfer-Encoding", b"chunked"))
+                block += b"Transfer-Encoding: chunked\r\n"
             left = 0 if exchange.bodyless else length
-        head = _response_head(status, reply.reason or _phrase(status), headers)
+        head = _response_head_with(status, reply.reason or _phrase(status), block)
         if head is None:
             self._bad_reply(exchange, f"illegal reason phrase {reply.reason!r}")
             return

@@ -641,11 +641,19 @@ def _open_at(buf: bytes, pos: int, end: int) -> tuple[StreamHead, bool]:
     raise _Irregular
 
 
+# A Reply's header fields and end_stream flag, by their bytes: an agent sends
+# the same upstream head again and again, so most are decoded once, and equal
+# blocks come as the very same tuple (which lets the edge remember what it
+# makes of them).  Bounded: blocks up to _REPLY_FIELDS_UP_TO bytes, emptied
+# when full.
+_REPLY_FIELDS: dict[bytes, tuple[tuple[tuple[bytes, bytes], ...], bool]] = {}
+_REPLY_FIELDS_UP_TO = 2048
+
+
 def _reply_at(buf: bytes, pos: int, end: int) -> tuple[ReplyHead, bool]:
     """The C{Reply} message in C{buf[pos:end]}: its fields in order, each at most once."""
     status = 0
     reason = b""
-    headers: list[tuple[bytes, bytes]] = []
     if pos < end and buf[pos] == 0x08:
         status, pos = _varint_at(buf, pos + 1)
     if not 100 <= status <= 999:
@@ -654,12 +662,22 @@ def _reply_at(buf: bytes, pos: int, end: int) -> tuple[ReplyHead, bool]:
         stop, first = _length_at(buf, pos + 1, end)
         reason = buf[first:stop]
         pos = stop
-    pos = _headers_in(buf, pos, end, 0x1A, headers)
-    if pos == end:
-        return ReplyHead(status, reason, tuple(headers)), False
-    if pos + 2 == end and buf[pos] == 0x20 and buf[pos + 1] == 1:
-        return ReplyHead(status, reason, tuple(headers)), True
-    raise _Irregular
+    rest = buf[pos:end]
+    known = _REPLY_FIELDS.get(rest)
+    if known is None:
+        headers: list[tuple[bytes, bytes]] = []
+        pos = _headers_in(buf, pos, end, 0x1A, headers)
+        if pos == end:
+            known = (tuple(headers), False)
+        elif pos + 2 == end and buf[pos] == 0x20 and buf[pos + 1] == 1:
+            known = (tuple(headers), True)
+        else:
+            raise _Irregular
+        if len(rest) <= _REPLY_FIELDS_UP_TO:
+            if len(_REPLY_FIELDS) >= _CACHED:
+                _REPLY_FIELDS.clear()
+            _REPLY_FIELDS[rest] = known
+    return ReplyHead(status, reason, known[0]), known[1]
 
 
 def _reset_at(buf: bytes, pos: int, end: int) -> tuple[Reason, str]:
