@@ -62,6 +62,18 @@ def _health_check(value: str) -> str | None:
     return None
 
 
+def _cpu_scheduling() -> Any:
+    """The cpu_scheduling setting, which the edge and the agent both have."""
+    return setting(
+        "default",
+        "CPU scheduling policy: 'default' keeps the one the process started with; 'batch' "
+        "switches to Linux's SCHED_BATCH, under which a wake-up does not preempt the running "
+        "task. Use 'batch' when edge and agent share a host (they then stop handing the CPU "
+        "to each other at every link write); it delays wake-ups on a CPU busy with other work.",
+        check=check_policy,
+    )
+
+
 def _non_empty(value: list[str]) -> str | None:
     return None if value else "must name at least one entry"
 
@@ -276,14 +288,7 @@ class EdgeSection:
         "with 'draining'.",
         check=non_negative,
     )
-    cpu_scheduling: str = setting(
-        "default",
-        "CPU scheduling policy: 'default' keeps the one the process started with; 'batch' "
-        "switches to Linux's SCHED_BATCH, under which a wake-up does not preempt the running "
-        "task. Use 'batch' when edge and agent share a host (they then stop handing the CPU "
-        "to each other at every link write); it delays wake-ups on a CPU busy with other work.",
-        check=check_policy,
-    )
+    cpu_scheduling: str = _cpu_scheduling()
 
 
 @dataclass(frozen=True)
@@ -421,14 +426,7 @@ class AgentSection:
     upstream_response_timeout: float = setting(
         60.0, "Seconds an upstream may take to start its response.", check=positive
     )
-    cpu_scheduling: str = setting(
-        "default",
-        "CPU scheduling policy: 'default' keeps the one the process started with; 'batch' "
-        "switches to Linux's SCHED_BATCH, under which a wake-up does not preempt the running "
-        "task. Use 'batch' when edge and agent share a host (they then stop handing the CPU "
-        "to each other at every link write); it delays wake-ups on a CPU busy with other work.",
-        check=check_policy,
-    )
+    cpu_scheduling: str = _cpu_scheduling()
     tls: AgentTLS = field(
         default_factory=AgentTLS, metadata={"doc": "TLS to the edge ([agent.tls])."}
     )
