@@ -248,12 +248,12 @@ class FastBlockTests(SynchronousTestCase):
             self.assertEqual(http1._fast_block(fields, b"1.1 a"), "Illegal header value b'a\\r\\nSet-Cookie: x'")
 
     def test_bounded(self) -> None:
-        """Any number of distinct replies leaves at most _FAST_BLOCKS_MAX entries."""
+        """Any number of distinct replies leaves at most the table's limit."""
         from tunneld.edge import http1
 
-        for n in range(http1._FAST_BLOCKS_MAX + 20):
+        for n in range(http1._FAST_BLOCKS.limit + 20):
             http1._fast_block(((b"X-N", b"%d" % n),), b"v")
-        self.assertLessEqual(len(http1._FAST_BLOCKS), http1._FAST_BLOCKS_MAX)
+        self.assertLessEqual(len(http1._FAST_BLOCKS), http1._FAST_BLOCKS.limit)
 
 
 class FastMatchesH11Tests(SynchronousTestCase):

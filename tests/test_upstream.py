@@ -738,7 +738,7 @@ class EndToEndHeadersTests(SynchronousTestCase):
 
     def test_equal_heads_answered_alike(self) -> None:
         """An equal head in another tuple gets an equal answer; the table stays bounded."""
-        for n in range(upstream._KEPT_MAX + 50):
+        for n in range(upstream._KEPT.limit + 50):
             head = ((b"Connection", b"close"), (b"X-N", b"%d" % n))
             self.assertEqual(upstream._end_to_end_of_head(head), ((b"X-N", b"%d" % n),))
-        self.assertLessEqual(len(upstream._KEPT), upstream._KEPT_MAX)
+        self.assertLessEqual(len(upstream._KEPT), upstream._KEPT.limit)

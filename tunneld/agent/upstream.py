@@ -40,6 +40,7 @@ from tunneld.agent.http1_wire import (
 )
 from tunneld.agent.upgrade import relay_upgrade
 from tunneld.interfaces import IStream, IStreamReceiver
+from tunneld.memo import ByIdentity
 from tunneld.readsize import ReadSize
 from tunneld.reasons import Reason
 from tunneld.wire.messages import Headers, ReplyHead, StreamHead
@@ -100,23 +101,16 @@ def _end_to_end(headers: Sequence[Header]) -> list[Header]:
     return kept
 
 
-# _end_to_end's answer for a response head, by the identity of the fields'
-# tuple, which the parser keeps per head (L{http1_wire._HEADS}): an upstream
-# sends the same head again and again, so most are filtered once.  Each entry
-# holds its tuple, so the id cannot be reused while it is there.  Bounded.
-_KEPT: dict[int, tuple[tuple[Header, ...], tuple[Header, ...]]] = {}
-_KEPT_MAX = 256
+# _end_to_end's answer per response head, by the fields' tuple, which the
+# parser keeps per distinct head (L{http1_wire._HEADS}).
+_KEPT: ByIdentity[tuple[Header, ...], tuple[Header, ...]] = ByIdentity(256)
 
 
 def _end_to_end_of_head(headers: tuple[Header, ...]) -> tuple[Header, ...]:
     """L{_end_to_end} of a parsed response head's fields, remembered."""
-    entry = _KEPT.get(id(headers))
-    if entry is not None and entry[0] is headers:
-        return entry[1]
-    kept = tuple(_end_to_end(headers))
-    if len(_KEPT) >= _KEPT_MAX:
-        _KEPT.clear()
-    _KEPT[id(headers)] = (headers, kept)
+    kept = _KEPT.get(headers)
+    if kept is None:
+        kept = _KEPT.put(headers, tuple(_end_to_end(headers)))
     return kept
 
 

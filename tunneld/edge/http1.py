@@ -55,6 +55,7 @@ from tunneld.edge.forwarding import reply_headers as _reply_headers
 from tunneld.edge.forwarding import tokens as _tokens
 from tunneld.edge.upgraded import UpgradedConnection
 from tunneld.interfaces import IAgentLink, IStream, IStreamReceiver
+from tunneld.memo import ByIdentity
 from tunneld.observe.stats import EdgeStats
 from tunneld.policy.gate import PublicPolicy, Refused
 from tunneld.readsize import ReadSize
@@ -162,29 +163,25 @@ def _switch_headers(headers: Headers, via: bytes) -> list[tuple[bytes, bytes]]:
     return [*upgrades, (b"Connection", b"Upgrade"), *out]
 
 
-# What the fast path makes of a reply's fields: its header block (end-to-end
-# fields and Via, checked and rendered as h11 would) and declared length, by
-# the identity of the fields' tuple, which the codec keeps per distinct block
-# (an upstream sends the same head again and again).  Each entry holds its
-# tuple, so the id cannot be reused while it is there.  Bounded.
-_FAST_BLOCKS: dict[int, tuple[Headers, bytes, bytes, int | None]] = {}
-_FAST_BLOCKS_MAX = 256
+# What the fast path makes of a reply's fields: the Via it was made with, the
+# header block (end-to-end fields and Via, checked and rendered as h11 would)
+# and the declared length, by the fields' tuple, which the codec keeps per
+# distinct block (an upstream sends the same head again and again).
+_FAST_BLOCKS: ByIdentity[Headers, tuple[bytes, bytes, int | None]] = ByIdentity(256)
 
 
 def _fast_block(fields: Headers, via: bytes) -> tuple[bytes, int | None] | str:
     """A reply's header block and declared length for the fast path, or what is wrong."""
-    entry = _FAST_BLOCKS.get(id(fields))
-    if entry is not None and entry[0] is fields and entry[1] == via:
-        return entry[2], entry[3]
+    known = _FAST_BLOCKS.get(fields)
+    if known is not None and known[0] == via:
+        return known[1], known[2]
     headers, _ = _reply_headers(fields, via)
     checked = _check_fields(headers)
     if isinstance(checked, str):
         return checked
     block = _field_block(checked[0])
     if type(fields) is tuple:
-        if len(_FAST_BLOCKS) >= _FAST_BLOCKS_MAX:
-            _FAST_BLOCKS.clear()
-        _FAST_BLOCKS[id(fields)] = (fields, via, block, checked[1])
+        _FAST_BLOCKS.put(fields, (via, block, checked[1]))
     return block, checked[1]
 
 

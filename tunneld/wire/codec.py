@@ -26,6 +26,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from tunneld.memo import ByIdentity
 from tunneld.reasons import Reason
 from tunneld.wire import tunnel_pb2 as pb
 from tunneld.wire.messages import (
@@ -435,23 +436,18 @@ def open_bytes(stream_id: int, head: StreamHead, end_stream: bool = False) -> by
     return _frame(stream_id, b"\x22", body)
 
 
-# Reply header blocks, encoded, by the identity of their fields' tuple: the
-# agent passes the same tuple for the same response head (its parser and
-# hop-by-hop filter remember them).  Each entry holds its tuple, so the id
-# cannot be reused while it is there.  Bounded: emptied when full.
-_REPLY_BLOCKS: dict[int, tuple[Headers, bytes]] = {}
+# Reply header blocks, encoded, by their fields' tuple: the agent passes the
+# same tuple for the same response head (its parser and hop-by-hop filter
+# remember them).
+_REPLY_BLOCKS: ByIdentity[Headers, bytes] = ByIdentity(_CACHED)
 
 
 def _reply_block(headers: Headers) -> bytes:
     if type(headers) is not tuple:
         return b"".join(_header_fields(b"\x1a", headers))
-    entry = _REPLY_BLOCKS.get(id(headers))
-    if entry is not None and entry[0] is headers:
-        return entry[1]
-    block = b"".join(_header_fields(b"\x1a", headers))
-    if len(_REPLY_BLOCKS) >= _CACHED:
-        _REPLY_BLOCKS.clear()
-    _REPLY_BLOCKS[id(headers)] = (headers, block)
+    block = _REPLY_BLOCKS.get(headers)
+    if block is None:
+        block = _REPLY_BLOCKS.put(headers, b"".join(_header_fields(b"\x1a", headers)))
     return block
 
 
