@@ -408,6 +408,9 @@ class RequestFieldCacheTests(SynchronousTestCase):
             self.assertFalse(writer.keep_alive)
             self.assertRaises(RequestError, writer.data, b"abc")
         self.assertEqual(heads[0], heads[1])
+        from tunneld.agent import http1_wire
+
+        self.assertEqual(http1_wire._FIELDS[(b"Host", b"a.test")], (b"host", b"Host: a.test\r\n"))
         self.assertEqual(
             heads[0], b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 2\r\nConnection: close\r\n\r\n"
         )
