@@ -13,6 +13,16 @@ Identity convention (see docs/security.md):
   - an edge certificate carries the edge's DNS (or IP) SANs; serverAuth.
 Keys are ECDSA P-256; leaf certificates live at most 366 days (the Mozilla
 "intermediate" profile's limit), the CA ten years.
+
+Names are checked before anything is signed (L{hostname_problem}): only
+names a verifier can match are issued.  RFC 6125 (as tightened by RFC 9525)
+allows a wildcard only as the whole left-most label, and this module also
+wants at least two labels under it, so C{*.example.com} is issued but not
+C{*.com}, C{*.localhost}, C{*}, C{f*.example.com} or C{a.*.example.com}
+(C{service_identity} cannot even read most of those, which made an edge
+certificate for C{*.localhost} pass any agent's hostname check).  Without
+the public suffix list, a wildcard right under a multi-label public suffix
+(C{*.co.uk}) is not caught.
 """
 
 from __future__ import annotations
@@ -21,8 +31,10 @@ import argparse
 import datetime
 import ipaddress
 import os
+import re
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,7 +43,75 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 AGENT_URI_SCHEME = "tunneld-agent"
 LEAF_DAYS = 365
+LEAF_DAYS_MAX = 366
 CA_DAYS = 3650
+
+# A DNS label as RFC 1123 has it: letters, digits and inner hyphens, 1-63 long.
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def hostname_problem(name: str, ip_allowed: bool = True) -> str | None:
+    """
+    Why C{name} may not go into a certificate as a hostname (or, with
+    C{ip_allowed}, an IP address); None when it may.  See the module's
+    docstring for the wildcard rule.
+    """
+    if not name:
+        return "an empty hostname"
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        pass
+    else:
+        if ip_allowed:
+            return None
+        return f"{name!r}: an IP address, but an agent's hostnames are DNS names"
+    if not name.isascii():
+        return f"{name!r}: not ASCII; give an internationalised name in its xn-- (IDNA) form"
+    if len(name) > 253:
+        return f"{name!r}: longer than 253 characters"
+    labels = name.split(".")
+    wildcard = labels[0] == "*"
+    if wildcard:
+        labels = labels[1:]
+        if len(labels) < 2:
+            return (
+                f"{name!r}: a wildcard must have at least two labels under it "
+                "(*.example.com, not *.com or *.localhost)"
+            )
+    if "*" in ".".join(labels):
+        return (
+            f"{name!r}: a wildcard may only be the whole left-most label "
+            "(*.example.com; not f*.example.com or a.*.example.com)"
+        )
+    for label in labels:
+        if not label:
+            return f"{name!r}: an empty label (a leading, trailing or doubled dot)"
+        if _LABEL.fullmatch(label) is None:
+            return (
+                f"{name!r}: label {label!r} is not letters, digits and inner hyphens "
+                "(at most 63)"
+            )
+    if labels[-1].isdigit():
+        return f"{name!r}: neither a hostname nor an IP address (its last label is a number)"
+    return None
+
+
+def agent_id_problem(agent_id: str) -> str | None:
+    """Why C{agent_id} may not name an agent (it must be one DNS label); None when it may."""
+    if _LABEL.fullmatch(agent_id) is None:
+        return (
+            f"agent id {agent_id!r} must be one DNS label: letters, digits and inner hyphens, "
+            "1 to 63 characters"
+        )
+    return None
+
+
+def _check_hosts(hosts: list[str], ip_allowed: bool) -> None:
+    for host in hosts:
+        problem = hostname_problem(host, ip_allowed)
+        if problem is not None:
+            raise ValueError(problem)
 
 PrivateKey = ec.EllipticCurvePrivateKey
 
@@ -165,7 +245,11 @@ def issue_edge(
     not_before: datetime.datetime | None = None,
     not_after: datetime.datetime | None = None,
 ) -> Issued:
-    """A server certificate for the edge, valid for C{hosts} (names or IPs)."""
+    """
+    A server certificate for the edge, valid for C{hosts} (names or IPs);
+    ValueError for a name L{hostname_problem} refuses.
+    """
+    _check_hosts(hosts, ip_allowed=True)
     return _leaf(
         ca, hosts[0] if hosts else "edge", [_san(h) for h in hosts],
         ExtendedKeyUsageOID.SERVER_AUTH, days, not_before, not_after,
@@ -187,8 +271,13 @@ def issue_agent(
 ) -> Issued:
     """
     A client certificate for agent C{agent_id}, allowed to serve C{hosts}
-    (hostnames or C{*.domain} patterns).
+    (hostnames or C{*.domain} patterns); ValueError for an id or a name
+    this module refuses.
     """
+    problem = agent_id_problem(agent_id)
+    if problem is not None:
+        raise ValueError(problem)
+    _check_hosts(hosts, ip_allowed=False)
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(agent_uri(agent_id))]
     names += [x509.DNSName(h) for h in hosts]
     return _leaf(
@@ -247,11 +336,19 @@ def describe(certificate: x509.Certificate) -> str:
 # -- the command ----------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with the errors it finds in the same words as ours."""
+
+    def error(self, message: str) -> Any:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"tunneld certs: {message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tunneld certs", description="Make a private CA and edge/agent certificates."
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ca = sub.add_parser("ca", help="create a CA (DIR/ca.pem and DIR/ca.key)")
     ca.add_argument("--dir", default="certs", help="output directory (default: certs)")
     ca.add_argument("--name", default="tunneld agent CA", help="the CA's common name")
@@ -260,48 +357,101 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--dir", default="certs", help="directory with ca.pem/ca.key and the output")
         p.add_argument(
             "--host", action="append", default=[],
-            help="a hostname (or *.domain) the certificate covers; repeatable",
+            help="a hostname (or *.domain with at least two labels under the *) the "
+                 "certificate covers; repeatable" + ("; or an IP address" if kind == "edge" else ""),
         )
-        p.add_argument("--days", type=int, default=LEAF_DAYS, help="validity in days")
+        p.add_argument(
+            "--days", type=int, default=LEAF_DAYS,
+            help=f"validity in days, 1 to {LEAF_DAYS_MAX} (default: {LEAF_DAYS})",
+        )
         if kind == "agent":
-            p.add_argument("--id", required=True, help="the agent id")
+            p.add_argument("--id", required=True, help="the agent id (one DNS label)")
     show = sub.add_parser("show", help="print a certificate's identity")
     show.add_argument("file")
     return parser
 
 
+def _argument_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the command's arguments (naming the option), or None."""
+    if args.command == "show":
+        return None
+    if not args.dir:
+        return "--dir: an empty directory name"
+    if os.path.exists(args.dir) and not os.path.isdir(args.dir):
+        return f"--dir: {args.dir} exists and is not a directory"
+    if args.command == "ca":
+        name = args.name
+        if not name or not name.isprintable() or len(name) > 64:
+            return f"--name: the CA's name must be 1 to 64 printable characters, got {name!r}"
+        return None
+    if not 1 <= args.days <= LEAF_DAYS_MAX:
+        return f"--days must be between 1 and {LEAF_DAYS_MAX}, got {args.days}"
+    if args.command == "agent":
+        problem = agent_id_problem(args.id)
+        if problem is not None:
+            return f"--id: {problem}"
+    if not args.host:
+        return "give at least one --host"
+    for host in args.host:
+        problem = hostname_problem(host, ip_allowed=args.command == "edge")
+        if problem is not None:
+            return f"--host: {problem}"
+    return None
+
+
+def _fail(message: str, status: int = 1) -> int:
+    sys.stderr.write(f"tunneld certs: {message}\n")
+    return status
+
+
 def main(argv: list[str]) -> int:
-    """C{tunneld certs ...}; returns the exit status."""
+    """C{tunneld certs ...}; returns the exit status (2 for bad arguments, 1 for other failures)."""
     args = _parser().parse_args(argv)
+    problem = _argument_problem(args)
+    if problem is not None:
+        return _fail(problem, 2)
     out = sys.stdout
     if args.command == "show":
-        with open(args.file, "rb") as f:
-            out.write(describe(x509.load_pem_x509_certificate(f.read())) + "\n")
+        try:
+            with open(args.file, "rb") as f:
+                certificate = x509.load_pem_x509_certificate(f.read())
+        except OSError as e:
+            return _fail(f"cannot read {args.file}: {e.strerror or e}")
+        except ValueError as e:
+            return _fail(f"{args.file} is not a PEM certificate: {e}")
+        out.write(describe(certificate) + "\n")
         return 0
-    os.makedirs(args.dir, exist_ok=True)
+    try:
+        os.makedirs(args.dir, exist_ok=True)
+    except OSError as e:
+        return _fail(f"cannot create directory {args.dir}: {e.strerror or e}")
     ca_cert, ca_key = os.path.join(args.dir, "ca.pem"), os.path.join(args.dir, "ca.key")
     if args.command == "ca":
         if os.path.exists(ca_key):
-            sys.stderr.write(f"tunneld certs: {ca_key} exists; not overwriting a CA\n")
-            return 1
-        make_ca(args.name).write(ca_cert, ca_key)
+            return _fail(f"{ca_key} exists; not overwriting a CA")
+        try:
+            make_ca(args.name).write(ca_cert, ca_key)
+        except OSError as e:
+            return _fail(f"cannot write the CA into {args.dir}: {e.strerror or e}")
         out.write(f"wrote {ca_cert} and {ca_key}\n")
         return 0
     try:
         ca = load_issued(ca_cert, ca_key)
     except (OSError, ValueError) as e:
-        sys.stderr.write(f"tunneld certs: cannot load the CA: {e}\n")
-        return 1
-    if not args.host:
-        sys.stderr.write("tunneld certs: give at least one --host\n")
-        return 2
-    if args.command == "edge":
-        issued = issue_edge(ca, args.host, days=args.days)
-        stem = "edge"
-    else:
-        issued = issue_agent(ca, args.id, args.host, days=args.days)
-        stem = f"agent-{args.id}"
+        return _fail(f"cannot load the CA: {e}")
+    try:
+        if args.command == "edge":
+            issued = issue_edge(ca, args.host, days=args.days)
+            stem = "edge"
+        else:
+            issued = issue_agent(ca, args.id, args.host, days=args.days)
+            stem = f"agent-{args.id}"
+    except ValueError as e:  # what the checks above let through, in cryptography's words
+        return _fail(f"cannot issue the certificate: {e}")
     cert_path, key_path = os.path.join(args.dir, f"{stem}.pem"), os.path.join(args.dir, f"{stem}.key")
-    issued.write(cert_path, key_path)
+    try:
+        issued.write(cert_path, key_path)
+    except OSError as e:
+        return _fail(f"cannot write {stem}.pem/.key into {args.dir}: {e.strerror or e}")
     out.write(f"wrote {cert_path} and {key_path}\n{describe(issued.certificate)}\n")
     return 0

@@ -14,15 +14,26 @@ Handshake refusals are logged with the check that failed (no client
 certificate, unknown CA, expired, not yet valid, ...) rather than surfacing as
 a bare dropped connection: the verify callback records OpenSSL's verdict, and
 the info callback logs it when the handshake's fatal alert goes out.
+
+The agent's side (L{client_tls_for}) checks the edge's certificate against
+the name it dialled itself, in the verify callback, and fails closed: a chain
+OpenSSL does not trust, a name that does not match, a certificate
+C{service_identity} cannot even read (an invalid wildcard such as
+C{*.localhost}), or any other exception while checking, is a refusal,
+logged with what failed.  (Twisted's own check catches only
+C{VerificationError}; anything else it logs and lets the chain's verdict
+stand, so such a certificate linked up for any name.)
 """
 
 from __future__ import annotations
 
+import ipaddress
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography import x509
 from OpenSSL import SSL
 from OpenSSL.crypto import X509
 from service_identity import VerificationError
@@ -30,10 +41,12 @@ from service_identity.hazmat import (
     DNS_ID,
     URI_ID,
     DNSPattern,
+    IPAddress_ID,
     URIPattern,
     verify_service_identity,
 )
 from service_identity.pyopenssl import extract_patterns
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import (
     AcceptableCiphers,
     Certificate,
@@ -44,6 +57,8 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from tunneld.certs import AGENT_URI_SCHEME
 
@@ -75,24 +90,24 @@ _ALERTS = {
     116: "certificate_required",
 }
 
-# X509 verification errors, named for a log reader.
+# X509 verification errors, named for a log reader ({ca}: the CA trusted).
 _VERIFY_ERRORS = {
     2: "issuer certificate unavailable",
     7: "certificate signature failure",
     9: "certificate is not yet valid",
     10: "certificate has expired",
-    18: "self-signed certificate, not the agent CA",
-    19: "self-signed certificate in chain, not the agent CA",
-    20: "not signed by the agent CA (unable to get local issuer certificate)",
-    21: "not signed by the agent CA (unable to verify the first certificate)",
+    18: "self-signed certificate, not {ca}",
+    19: "self-signed certificate in chain, not {ca}",
+    20: "not signed by {ca} (unable to get local issuer certificate)",
+    21: "not signed by {ca} (unable to verify the first certificate)",
     24: "invalid CA certificate",
     26: "unsuitable certificate purpose",
 }
 
 
-def verify_error_text(errno: int) -> str:
+def verify_error_text(errno: int, ca: str = "the agent CA") -> str:
     """A readable name for an OpenSSL X509 verification error number."""
-    return _VERIFY_ERRORS.get(errno, f"certificate verification error {errno}")
+    return _VERIFY_ERRORS.get(errno, f"certificate verification error {errno}").format(ca=ca)
 
 
 def restrict_curves(context: SSL.Context, curves: str = INTERMEDIATE_CURVES) -> None:
@@ -163,6 +178,11 @@ class HardenedCertificateOptions(CertificateOptions):
         if check is None and alert in ("certificate_required", "handshake_failure"):
             if connection.get_peer_certificate() is None:
                 check = "no client certificate"
+        if check is None and record.peer_left():
+            check = (
+                "the client closed the connection during the handshake (an agent does "
+                "when it refuses this edge's certificate: its log says why)"
+            )
         self.log.warn(
             "{purpose} TLS handshake from {peer} refused: {check}",
             purpose=self.purpose, peer=record.peer(), check=check or f"TLS {alert}",
@@ -189,6 +209,11 @@ class _Handshake:
         self.protocol = weakref.ref(protocol)
         self.failure: str | None = None
         self.reported = False
+
+    def peer_left(self) -> bool:
+        """Whether the connection under the handshake is already gone."""
+        transport = getattr(self.protocol(), "transport", None)
+        return bool(getattr(transport, "disconnected", False))
 
     def peer(self) -> str:
         transport = getattr(self.protocol(), "transport", None)
@@ -256,13 +281,126 @@ def _load_certificates(path: str) -> list[Certificate]:
     return [Certificate.loadPEM(p) for p in pems]
 
 
+class EdgeCertificateRefused(Exception):
+    """The edge's certificate does not prove the name the agent dialled (or is not trusted)."""
+
+
+def _names(certificate: X509) -> str:
+    """The DNS and IP names a certificate's subjectAltName lists, for a log reader."""
+    try:
+        san = certificate.to_cryptography().extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value
+    except Exception:
+        return "(no subjectAltName)"
+    names = [*san.get_values_for_type(x509.DNSName)]
+    names += [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    return ", ".join(names) or "(no DNS or IP subjectAltName)"
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class EdgeIdentityCheck:
+    """
+    The agent's TLS client: Twisted's C{optionsForClientTLS} connection (SNI,
+    trust roots, our certificate), with the verify callback replaced by one
+    that checks the edge's identity with C{service_identity} and fails
+    closed.  A refusal aborts the connection with L{EdgeCertificateRefused}
+    naming what failed, and is logged.
+    """
+
+    log = Logger()
+
+    def __init__(self, hostname: str, connections: IOpenSSLClientConnectionCreator,
+                 ca: str = "") -> None:
+        self.hostname = hostname
+        self._connections = connections
+        self._ca = f"the CA in {ca}" if ca else "a CA this system trusts"
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:  # noqa: N802,N803
+        """IOpenSSLClientConnectionCreator.clientConnectionForTLS"""
+        connection = self._connections.clientConnectionForTLS(tlsProtocol)
+        connection.set_verify(
+            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verifier(tlsProtocol)
+        )
+        return connection
+
+    def service_id(self) -> Any:
+        """What the edge's certificate must prove: the dialled name (or address)."""
+        try:
+            ipaddress.ip_address(self.hostname)
+        except ValueError:
+            return DNS_ID(self.hostname)
+        return IPAddress_ID(self.hostname)
+
+    def check(self, certificate: X509) -> str | None:
+        """Why C{certificate} does not prove the edge's identity; None when it does."""
+        try:
+            verify_service_identity(extract_patterns(certificate), [self.service_id()], [])
+        except VerificationError:
+            return (
+                f"hostname mismatch: the certificate is for {_names(certificate)}, "
+                f"not {self.hostname!r}"
+            )
+        except Exception as e:  # an unreadable certificate or name proves nothing
+            return (
+                f"hostname check failed: the certificate for {_names(certificate)} cannot be "
+                f"verified as {self.hostname!r}: {e}"
+            )
+        return None
+
+    def _verifier(self, tls_protocol: Any) -> Callable[[SSL.Connection, X509, int, int, int], bool]:
+        # A weak reference: the connection holds this callback, the protocol
+        # holds the connection.
+        protocol = weakref.ref(tls_protocol)
+
+        def verify(connection: SSL.Connection, certificate: X509, errno: int, depth: int,
+                   ok: int) -> bool:
+            try:
+                if not ok:
+                    subject = certificate.get_subject().CN or "?"
+                    self._refuse(
+                        protocol(),
+                        f"{verify_error_text(errno, self._ca)} (certificate {subject!r}, "
+                        f"dialled as {self.hostname!r})",
+                    )
+                    return False
+                if depth != 0:
+                    return True  # the chain so far; the identity is the leaf's
+                problem = self.check(certificate)
+                if problem is None:
+                    return True
+                self._refuse(protocol(), problem)
+            except Exception:
+                self.log.failure("checking the edge's certificate failed; refusing it")
+            return False
+
+        return verify
+
+    def _refuse(self, tls_protocol: Any, check: str) -> None:
+        transport = getattr(tls_protocol, "transport", None)
+        address = transport.getPeer() if transport is not None else None
+        host, port = getattr(address, "host", None), getattr(address, "port", None)
+        self.log.error(
+            "refused the edge at {peer}: {check}",
+            peer=f"{host}:{port}" if host is not None else str(address),
+            hostname=self.hostname, check=check,
+        )
+        if tls_protocol is not None:
+            # As Twisted's own check does: the connection is aborted and this
+            # is the reason its protocol hears.  (No alert goes out: OpenSSL
+            # would send "internal error", which says less than the edge's
+            # "client closed the connection during the handshake".)
+            tls_protocol.failVerification(Failure(EdgeCertificateRefused(check)))
+
+
 def client_tls_for(
     ca: str = "", certificate: str = "", key: str = "", server_hostname: str = ""
 ) -> Callable[[str], Any]:
     """
     The agent's C{AgentLinkSetup.tls_for}: for the edge's hostname, a client
     connection creator that verifies the edge's certificate (against C{ca}, or
-    the platform's roots) and hostname, and presents this agent's certificate.
+    the platform's roots) and hostname, failing closed (L{EdgeIdentityCheck}),
+    and presents this agent's certificate.
     """
     trust = trustRootFromCertificates(_load_certificates(ca)) if ca else None
     client = (
@@ -275,8 +413,9 @@ def client_tls_for(
     }
 
     def tls_for(hostname: str) -> Any:
-        return optionsForClientTLS(
-            server_hostname or hostname, trust, client, extraCertificateOptions=extra
+        name = server_hostname or hostname
+        return EdgeIdentityCheck(
+            name, optionsForClientTLS(name, trust, client, extraCertificateOptions=dict(extra)), ca
         )
 
     return tls_for
@@ -354,6 +493,8 @@ __all__ = [
     "INTERMEDIATE_CIPHERS",
     "INTERMEDIATE_CURVES",
     "AgentIdentity",
+    "EdgeCertificateRefused",
+    "EdgeIdentityCheck",
     "HardenedCertificateOptions",
     "certificate_identity",
     "agent_link_tls",

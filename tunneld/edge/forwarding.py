@@ -4,10 +4,18 @@ What every public HTTP listener of the edge does the same way, whatever the
 HTTP version: which fields are hop-by-hop, how a host is read from an
 authority, which headers a forwarded request carries (C{X-Forwarded-*},
 C{Via}) and which reply headers reach the public client.
+
+Who the client is reaches the upstream only in the edge's own words: from a
+peer that is not a trusted proxy, C{X-Forwarded-For} is the peer's address
+alone, and a C{Forwarded} or C{X-Real-IP} the client sent is replaced by the
+edge's (C{for=PEER;host=...;proto=...}, C{PEER}).  From a trusted proxy
+(C{[limits] trusted_proxies}) its C{X-Forwarded-For} is appended to and the
+other two pass as it sent them.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from http import HTTPStatus
 
@@ -16,8 +24,10 @@ from tunneld.wire.messages import Headers
 __all__ = [
     "HOP_BY_HOP",
     "REPLACED",
+    "USERINFO_REFUSAL",
     "forwarded_headers",
     "host_of",
+    "own_forwarded",
     "peer_of",
     "phrase",
     "reply_headers",
@@ -41,8 +51,16 @@ HOP_BY_HOP = frozenset(
 )
 # Request fields the edge sets itself rather than passing on what the client claims.
 REPLACED = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"expect"})
-# What forwarded_headers leaves out or sets itself when C{drop} is HOP_BY_HOP.
-_SKIPPED = HOP_BY_HOP | REPLACED | {b"host", b"x-forwarded-for", b"via"}
+# Client claims about who it is that only a trusted proxy may make.
+_CLAIMS = frozenset({b"forwarded", b"x-real-ip"})
+# What forwarded_headers leaves out or sets itself when C{drop} is HOP_BY_HOP,
+# for a trusted proxy and for anyone else.
+_SKIPPED_TRUSTED = HOP_BY_HOP | REPLACED | {b"host", b"x-forwarded-for", b"via"}
+_SKIPPED = _SKIPPED_TRUSTED | _CLAIMS
+
+# RFC 9110 section 4.2.4: userinfo in an http(s) target is an error, never
+# something to strip quietly (C{evil@host} reads as "evil" to some parsers).
+USERINFO_REFUSAL = "userinfo ('user@') is not allowed in the Host or target"
 
 
 def phrase(status: int) -> bytes:
@@ -73,8 +91,13 @@ def peer_of(address: object) -> tuple[str, bytes, str | None]:
 
 
 def host_of(authority: bytes) -> str | None:
-    """The lower-cased host of an authority (C{host[:port]}, userinfo dropped), or None."""
-    authority = authority.strip().rpartition(b"@")[2].lower()
+    """
+    The lower-cased host of an authority (C{host[:port]}), or None (also
+    for one with userinfo, which the listeners refuse by name first).
+    """
+    if b"@" in authority:
+        return None
+    authority = authority.strip().lower()
     if authority.startswith(b"["):
         end = authority.find(b"]")
         if end < 0:
@@ -91,6 +114,22 @@ def host_of(authority: bytes) -> str | None:
         return None
 
 
+def _quoted(value: bytes) -> bytes:
+    """An RFC 7230 quoted-string."""
+    return b'"%s"' % value.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+
+
+def own_forwarded(client_ip: bytes, authority: bytes, scheme: str) -> bytes:
+    """The edge's own C{Forwarded} element (RFC 7239) for a client at C{client_ip}."""
+    try:
+        address = ipaddress.ip_address(client_ip.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        node = b"unknown"  # not an IP peer (a UNIX socket)
+    else:
+        node = b'"[%s]"' % client_ip if address.version == 6 else client_ip
+    return b"for=%s;host=%s;proto=%s" % (node, _quoted(authority), scheme.encode("ascii"))
+
+
 def forwarded_headers(
     headers: Iterable[tuple[bytes, bytes]],
     drop: frozenset[bytes] | set[bytes],
@@ -98,28 +137,41 @@ def forwarded_headers(
     client_ip: bytes,
     scheme: str,
     via: bytes,
+    trusted: bool = False,
 ) -> list[tuple[bytes, bytes]]:
     """
     The request headers carried to the agent: C{Host} first (the authority
     actually routed), the end-to-end fields (lower-case names) minus C{drop}
-    and those the edge sets itself, then C{X-Forwarded-For} (the client
-    appended), C{X-Forwarded-Proto}, C{X-Forwarded-Host} and C{Via}.
+    and those the edge sets itself, then C{X-Forwarded-For}, C{X-Forwarded-Proto},
+    C{X-Forwarded-Host} and C{Via}.  Unless the peer is a C{trusted} proxy,
+    C{X-Forwarded-For} is C{client_ip} alone and a C{Forwarded} or
+    C{X-Real-IP} the client sent is replaced by the edge's own.
     """
     forwarded: list[tuple[bytes, bytes]] = [(b"host", authority)]
     xff: list[bytes] = []
     vias: list[bytes] = []
-    skipped = _SKIPPED if drop is HOP_BY_HOP else None
+    claimed: list[bytes] = []
+    skipped = (_SKIPPED_TRUSTED if trusted else _SKIPPED) if drop is HOP_BY_HOP else None
     for name, value in headers:
         if skipped is not None and name not in skipped:
             forwarded.append((name, value))
         elif name in drop or name in REPLACED or name == b"host":
             continue
         elif name == b"x-forwarded-for":
-            xff.append(value)
+            if trusted:
+                xff.append(value)
         elif name == b"via":
             vias.append(value)
+        elif name in _CLAIMS and not trusted:
+            if name not in claimed:
+                claimed.append(name)
         else:
             forwarded.append((name, value))
+    for name in claimed:
+        if name == b"forwarded":
+            forwarded.append((name, own_forwarded(client_ip, authority, scheme)))
+        else:
+            forwarded.append((name, client_ip))
     xff.append(client_ip)
     vias.append(via)
     forwarded.append((b"x-forwarded-for", b", ".join(xff)))

@@ -15,6 +15,12 @@ socket, a slow public client pauses the stream.
 Every refusal answers with the L{Reason}'s HTTP status, a C{Tunnel-Error}
 header naming it and a one-line body, and is logged with the same label.
 
+A request whose framing a proxy in front could read differently
+(C{Content-Length} with C{Transfer-Encoding}, or C{Transfer-Encoding} in
+HTTP/1.0), a request line of another major version (505) and a host with
+userinfo are answered and the connection closed, never served.  The fast
+reader declines the first two, so h11's path makes those checks for both.
+
 A request to switch protocols (WebSocket or any other C{Upgrade}) opens a
 stream of kind C{"upgrade"}; the upstream's C{101} is relayed and the
 connection then carries raw bytes (L{tunneld.edge.upgraded}).
@@ -47,6 +53,7 @@ from tunneld.edge.fasthead import read_head as _read_head
 from tunneld.edge.fasthead import response_head as _response_head
 from tunneld.edge.fasthead import response_head_with as _response_head_with
 from tunneld.edge.forwarding import HOP_BY_HOP as _HOP_BY_HOP
+from tunneld.edge.forwarding import USERINFO_REFUSAL as _USERINFO_REFUSAL
 from tunneld.edge.forwarding import forwarded_headers as _forwarded_headers
 from tunneld.edge.forwarding import host_of as _host_of
 from tunneld.edge.forwarding import peer_of as _peer_of
@@ -130,6 +137,15 @@ _OUT_CLOSE = 3  # all sent; the connection closes
 
 _CONNECT_REFUSAL = "CONNECT is not supported"
 _UPGRADE_BODY_REFUSAL = "an upgrade request may not carry a body"
+# RFC 9112 section 6.1.  Such a request is refused rather than served framed
+# by Transfer-Encoding: behind a front proxy that frames it by Content-Length,
+# whatever the two disagree about is another request (smuggled), and serving
+# then closing would still hand a victim's bytes to the upstream as this
+# request's body.  The connection closes, unread bytes and all.
+_BOTH_LENGTHS_REFUSAL = (
+    "Content-Length and Transfer-Encoding together: ambiguous framing (RFC 9112 section 6.1)"
+)
+_OLD_CHUNKED_REFUSAL = "Transfer-Encoding in an HTTP/1.0 request (RFC 9112 section 6.1)"
 
 
 def _nothing_due() -> None:
@@ -384,7 +400,7 @@ class PublicHTTPProtocol(Protocol):
         "_last_activity", "_lingering", "_method", "_out", "_out_left", "_parsing",
         "_paused_by", "_peer", "_peer_host", "_pending", "_policy", "_processing",
         "_read_size", "_router", "_seconds", "_settings", "_socket", "_stats", "_their_done",
-        "_timer", "_upgraded", "_upgraded_set", "_via",
+        "_timer", "_trusted_peer", "_upgraded", "_upgraded_set", "_via",
     )
 
     log = Logger()
@@ -395,6 +411,7 @@ class PublicHTTPProtocol(Protocol):
         self._conn_slots: Any = None
         self._conn_refused: Refused | None = None
         self._peer_host = ""
+        self._trusted_peer = False  # a trusted proxy: its X-Forwarded-For etc. are believed
         self._settings = factory.settings
         self._clock = factory.reactor
         self._seconds = factory.reactor.seconds
@@ -445,6 +462,7 @@ class PublicHTTPProtocol(Protocol):
         self._peer, self._client_ip, host = _peer_of(self._socket.getPeer())
         self._peer_host = host or ""
         if self._policy is not None:
+            self._trusted_peer = self._policy.trusts(self._peer_host)
             admitted = self._policy.connection_opened(self._peer_host or self._peer)
             if isinstance(admitted, Refused):
                 # Answered on its first request, so the client learns why.
@@ -577,6 +595,14 @@ class PublicHTTPProtocol(Protocol):
                 elif event is h11.NEED_DATA:
                     return
                 elif isinstance(event, h11.Request):
+                    version = event.http_version
+                    if version[:1] != b"1":  # h11 reads any d.d; HTTP/1.x is all we speak
+                        self._method = event.method
+                        self._bad_request(
+                            505, f"HTTP/{version.decode('ascii')} is not supported "
+                            "on this listener (HTTP/1.x only)",
+                        )
+                        return
                     self._request_head(event.method, event.target, event.headers)
                 elif isinstance(event, h11.EndOfMessage):
                     self._request_end(event.headers)
@@ -629,6 +655,12 @@ class PublicHTTPProtocol(Protocol):
                 414, f"request line longer than {settings.max_request_line} bytes"
             )
             return
+        if chunked and (length is not None or self._conn.their_http_version == b"1.0"):
+            # (Never on the fast path, which takes no Transfer-Encoding.)
+            self._bad_request(
+                400, _BOTH_LENGTHS_REFUSAL if length is not None else _OLD_CHUNKED_REFUSAL
+            )
+            return
         self._drainable = not chunked and (length is None or int(length) <= _DRAIN_LIMIT)
         if not self._fast and self._conn.they_are_waiting_for_100_continue:
             self._drainable = False
@@ -639,10 +671,13 @@ class PublicHTTPProtocol(Protocol):
             authority = hosts[0]
         else:
             authority = b""
-        authority = authority.strip().rpartition(b"@")[2]
+        authority = authority.strip()
         host = _host_of(authority) if len(hosts) <= 1 or absolute is not None else None
         target_text = target.decode("latin-1")
         if host is None:
+            if b"@" in authority:
+                self._bad_request(400, _USERINFO_REFUSAL)
+                return
             problem = "missing Host header" if not hosts else "invalid or repeated Host header"
             self._refuse(method, "", target_text, Reason.BAD_REQUEST, problem)
             return
@@ -687,7 +722,8 @@ class PublicHTTPProtocol(Protocol):
             drop = drop | {b"content-length"}
         # Host comes first, once, from the authority actually routed.
         forwarded = _forwarded_headers(
-            headers, drop, authority, self._client_ip, settings.scheme, self._via
+            headers, drop, authority, self._client_ip, settings.scheme, self._via,
+            self._trusted_peer,
         )
         if switching:
             forwarded.append((b"connection", b"Upgrade"))

@@ -48,6 +48,7 @@ from zope.interface import implementer
 
 from tunneld.edge.forwarding import (
     HOP_BY_HOP,
+    USERINFO_REFUSAL,
     forwarded_headers,
     host_of,
     peer_of,
@@ -212,6 +213,7 @@ class PublicH2Protocol(Protocol):
         self._socket: Any = None
         self._peer = ""
         self._client_ip = b""
+        self._trusted_peer = False  # a trusted proxy: its X-Forwarded-For etc. are believed
         self._socket_paused = False
         self._unread = 0  # bytes written since the socket paused us
         self._resets = 0  # streams the client reset since _reset_epoch
@@ -233,6 +235,7 @@ class PublicH2Protocol(Protocol):
         self._peer, self._client_ip, host = peer_of(self._socket.getPeer())
         self._peer_host = host or self._peer
         if self._policy is not None:
+            self._trusted_peer = self._policy.trusts(self._peer_host)
             admitted = self._policy.connection_opened(self._peer_host)
             if isinstance(admitted, Refused):
                 # Answered on its first request (then GOAWAY), so the client learns why.
@@ -398,7 +401,8 @@ class PublicH2Protocol(Protocol):
         if event.stream_ended is not None:
             exchange.request_ended = True
         if host is None:
-            self._refuse(exchange, Reason.BAD_REQUEST, "missing or invalid :authority")
+            problem = USERINFO_REFUSAL if b"@" in authority else "missing or invalid :authority"
+            self._refuse(exchange, Reason.BAD_REQUEST, problem)
             return
         if method == b"CONNECT":
             self.log.info(
@@ -432,7 +436,8 @@ class PublicH2Protocol(Protocol):
             # RFC 9113 section 8.2.3: HTTP/2 may split cookies; HTTP/1.1 must not.
             regular.append((b"cookie", b"; ".join(cookies)))
         headers = forwarded_headers(
-            regular, HOP_BY_HOP, authority, self._client_ip, self._settings.scheme, self._via
+            regular, HOP_BY_HOP, authority, self._client_ip, self._settings.scheme, self._via,
+            self._trusted_peer,
         )
         if trailers_ok:
             # The one TE value HTTP/2 allows: the client takes trailers (gRPC).

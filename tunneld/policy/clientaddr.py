@@ -75,6 +75,8 @@ class TrustedProxies:
         return bool(self.networks)
 
     def trusts(self, host: str) -> bool:
+        if not self.networks:
+            return False
         address = _address(host)
         return address is not None and any(address in n for n in self.networks)
 

@@ -115,6 +115,10 @@ class PublicPolicy:
             slots.add(mine)
         return slots
 
+    def trusts(self, peer_host: str) -> bool:
+        """Whether C{peer_host} is a trusted proxy, whose forwarding headers are believed."""
+        return self.trusted.trusts(peer_host)
+
     def client_of(self, peer_host: str, forwarded_for: Iterable[bytes]) -> str:
         """The client address of a request (see L{TrustedProxies.client})."""
         return self.trusted.client(peer_host, forwarded_for)
