@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
+import re
 import shutil
 import sys
 from concurrent import futures
@@ -24,12 +26,18 @@ from h2.settings import SettingCodes, Settings
 from OpenSSL import SSL
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IPushProducer,
+)
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web import resource, server
 from zope.interface import implementer
 
 from tests.harness import Sampler, TunnelHarness, listen_upstream, sleep
@@ -902,3 +910,176 @@ class HTTP2FloodUnitTests(SynchronousTestCase):
             [type(e) for e in events], [h2events.DataReceived, h2events.StreamEnded]
         )  # one DATA frame, with END_STREAM
         self.assertEqual(events[0].data, Reason.NO_TUNNEL.description.encode() + b"\n")
+
+
+# The bodies of the large downloads: a pseudo-random sequence whose period is
+# odd, so a frame lost, repeated or misplaced changes the hash.
+_NOISE_PERIOD = MB + 4099
+_NOISE = random.Random(18).randbytes(_NOISE_PERIOD)
+_NOISE_TWICE = _NOISE + _NOISE
+_NOISE_CHUNK = 256 * 1024
+
+
+def _noise_digest(size: int) -> str:
+    """The SHA-256 of the first C{size} bytes of the sequence."""
+    digest = hashlib.sha256()
+    whole, rest = divmod(size, _NOISE_PERIOD)
+    for _ in range(whole):
+        digest.update(_NOISE)
+    digest.update(_NOISE[:rest])
+    return digest.hexdigest()
+
+
+@implementer(IPushProducer)
+class _NoiseProducer:
+    """Writes C{size} bytes of the sequence into a response as fast as its socket takes them."""
+
+    def __init__(self, request: server.Request, size: int) -> None:
+        self.request = request
+        self.left = size
+        self.offset = 0
+        self.paused = False
+        self.done = False
+        request.registerProducer(self, True)
+        self.resumeProducing()
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        self.paused = True
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self.paused = False
+        while not self.paused and self.left and not self.done:
+            size = min(_NOISE_CHUNK, self.left)
+            chunk = _NOISE_TWICE[self.offset : self.offset + size]
+            self.offset = (self.offset + size) % _NOISE_PERIOD
+            self.left -= size
+            self.request.write(chunk)
+        if not self.left and not self.done:
+            self.done = True
+            self.request.unregisterProducer()
+            self.request.finish()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        self.done = True
+
+
+class _NoiseUpstream(resource.Resource):
+    """C{GET /noise/N}: N bytes of the sequence, generated as they are sent."""
+
+    isLeaf = True
+
+    def render_GET(self, request: server.Request) -> Any:  # noqa: N802
+        size = int(request.path.rsplit(b"/", 1)[1])
+        request.setHeader(b"content-length", b"%d" % size)
+        request.setHeader(b"content-type", b"application/octet-stream")
+        _NoiseProducer(request, size)
+        return server.NOT_DONE_YET
+
+
+class _CurlDownload(protocol.ProcessProtocol):
+    """One curl download: the body (curl's stdout) is hashed as it arrives."""
+
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.stderr = b""
+        self.ended: defer.Deferred[int] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:  # noqa: N802
+        self.digest.update(data)
+        self.size += len(data)
+
+    def errReceived(self, data: bytes) -> None:  # noqa: N802
+        self.stderr += data
+
+    def processEnded(self, reason: Failure) -> None:  # noqa: N802
+        self.ended.callback(reason.value.exitCode)
+
+
+class LargeDownloadTests(TestCase):
+    """
+    Large downloads over public HTTP/2 with curl and h2load, which open large
+    windows: every body arrives whole (issue 18: one write that filled the
+    socket was counted as unread and the client dropped mid-body).
+    """
+
+    timeout = 600
+    sizes = (MB, 16 * MB, 64 * MB)
+    downloads = 20  # of each size, all at once
+    streams = 5  # h2load: streams at once on each connection
+
+    async def edge(self) -> _Edge:
+        site = server.Site(_NoiseUpstream())
+        listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        self.addCleanup(listening.stopListening)
+        port = listening.getHost().port
+        edge = _Edge(self)
+        await edge.start([("app.test", port), ("127.0.0.1", port)])
+        return edge
+
+    async def curl(self, size: int, options: list[str], url: str) -> None:
+        """C{downloads} curls at once, one download each: all whole, all intact."""
+        _need(CURL, "curl", "curl")
+        # One download per curl: curl 7.88 cannot reuse an HTTP/2 connection
+        # made with prior knowledge ("Error in the HTTP2 framing layer",
+        # curl issue 10634, fixed in curl 8.0).
+        argv = [CURL, "-sS", "--max-time", "300", "-w", "%{stderr}%{http_version} %{response_code}",
+                *options, f"{url}/noise/{size}"]
+        curls = [_CurlDownload() for _ in range(self.downloads)]
+        for curl in curls:
+            reactor.spawnProcess(curl, CURL, argv, env=dict(os.environ))
+        codes = await defer.gatherResults([curl.ended for curl in curls])
+        digest = _noise_digest(size)
+        for curl, code in zip(curls, codes, strict=True):
+            report = curl.stderr.decode(errors="replace")
+            self.assertEqual((code, report), (0, "2 200"))
+            self.assertEqual((curl.size, curl.digest.hexdigest()), (size, digest))
+
+    async def h2load(self, size: int, url: str) -> None:
+        """h2load, C{downloads} at once, C{streams} on each connection: every byte arrives."""
+        _need(H2LOAD, "h2load", "nghttp2-client")
+        total = self.downloads
+        stdout, stderr, code = await getProcessOutputAndValue(
+            H2LOAD,
+            ["-n", str(total), "-c", str(total // self.streams), "-m", str(self.streams),
+             f"{url}/noise/{size}"],
+            env=dict(os.environ),
+        )
+        report = stdout.decode()
+        self.assertEqual(code, 0, stderr.decode(errors="replace"))
+        self.assertIn(f"{total} succeeded, 0 failed, 0 errored", report, report)
+        self.assertIn(f"status codes: {total} 2xx", report, report)
+        data = re.search(r"\((\d+)\) data", report)
+        assert data is not None, report
+        self.assertEqual(int(data.group(1)), total * size, report)
+
+    async def test_curl_h2c(self) -> None:
+        """curl --http2-prior-knowledge on the h2c listener: 20 downloads each of 1, 16 and 64 MiB."""
+        edge = await self.edge()
+        for size in self.sizes:
+            await self.curl(
+                size, ["--http2-prior-knowledge", "-H", "host: app.test"],
+                f"http://127.0.0.1:{edge.h2c_port}",
+            )
+
+    async def test_curl_tls(self) -> None:
+        """curl --http2 on the TLS listener (ALPN h2): 20 downloads each of 1, 16 and 64 MiB."""
+        edge = await self.edge()
+        port = edge.tls_port
+        for size in self.sizes:
+            await self.curl(
+                size, ["--http2", "--cacert", edge.ca.path, "--resolve", f"app.test:{port}:127.0.0.1"],
+                f"https://app.test:{port}",
+            )
+
+    async def test_h2load_h2c(self) -> None:
+        """h2load on the h2c listener: 20 downloads each of 1, 16 and 64 MiB, 5 at once per connection."""
+        edge = await self.edge()
+        for size in self.sizes:
+            await self.h2load(size, f"http://127.0.0.1:{edge.h2c_port}")
+
+    async def test_h2load_tls(self) -> None:
+        """h2load on the TLS listener (ALPN h2): 20 downloads each of 1, 16 and 64 MiB, 5 at once per connection."""
+        edge = await self.edge()
+        for size in self.sizes:
+            await self.h2load(size, f"https://127.0.0.1:{edge.tls_port}")
