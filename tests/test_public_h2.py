@@ -483,7 +483,8 @@ class _RawH2Client(protocol.Protocol):
         self.sent: dict[int, int] = {}
         self.trailers_out: dict[int, list[tuple[bytes, bytes]]] = {}
         self.trailers_in: dict[int, dict[bytes, bytes]] = {}
-        self.goaway: Any = None
+        self.goaway: Any = None  # the edge's GOAWAY
+        self.said_goaway = False  # ours
         self.ready: defer.Deferred[None] = defer.Deferred()
         self.closed: defer.Deferred[None] = defer.Deferred()
 
@@ -540,7 +541,15 @@ class _RawH2Client(protocol.Protocol):
         if data:
             self.transport.write(data)  # type: ignore[union-attr]
 
+    def send_goaway(self) -> None:
+        """Say GOAWAY; what the edge sent before reading it is then dropped unread."""
+        self.h2.close_connection()
+        self.flush()
+        self.said_goaway = True
+
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.said_goaway:
+            return  # h2 takes no frame after its own GOAWAY, not even those in flight
         for event in self.h2.receive_data(data):
             if isinstance(event, h2events.ResponseReceived):
                 self.headers[event.stream_id] = dict(event.headers)
@@ -873,8 +882,7 @@ class HTTP2EdgeBehaviourTests(TestCase):
         while stalled not in client.status:
             await sleep(0.01)
         self.assertEqual(edge.active_streams(), 1)
-        client.h2.close_connection()
-        client.flush()
+        client.send_goaway()
         await client.closed
         while edge.active_streams():
             await sleep(0.01)
