@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
+import re
 import shutil
 import sys
 from concurrent import futures
@@ -24,16 +26,24 @@ from h2.settings import SettingCodes, Settings
 from OpenSSL import SSL
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IPushProducer,
+)
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web import resource, server
 from zope.interface import implementer
 
 from tests.harness import Sampler, TunnelHarness, listen_upstream, sleep
 from tests.public_certs import PublicTestCA
+from tests.test_http1 import FakeLink, FakeRoute, FakeRouter, FakeStream
 from tunneld.agent.service import AgentService
 from tunneld.config import (
     AgentConfig,
@@ -47,7 +57,7 @@ from tunneld.config import (
     load_edge_config,
     transport_options,
 )
-from tunneld.edge.http2 import PublicH2Factory, PublicH2Settings
+from tunneld.edge.http2 import PublicH2Factory, PublicH2Protocol, PublicH2Settings
 from tunneld.edge.public_tls import public_tls_contexts
 from tunneld.errors import ConfigError
 from tunneld.reasons import Reason
@@ -473,7 +483,8 @@ class _RawH2Client(protocol.Protocol):
         self.sent: dict[int, int] = {}
         self.trailers_out: dict[int, list[tuple[bytes, bytes]]] = {}
         self.trailers_in: dict[int, dict[bytes, bytes]] = {}
-        self.goaway: Any = None
+        self.goaway: Any = None  # the edge's GOAWAY
+        self.said_goaway = False  # ours
         self.ready: defer.Deferred[None] = defer.Deferred()
         self.closed: defer.Deferred[None] = defer.Deferred()
 
@@ -530,7 +541,15 @@ class _RawH2Client(protocol.Protocol):
         if data:
             self.transport.write(data)  # type: ignore[union-attr]
 
+    def send_goaway(self) -> None:
+        """Say GOAWAY; what the edge sent before reading it is then dropped unread."""
+        self.h2.close_connection()
+        self.flush()
+        self.said_goaway = True
+
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.said_goaway:
+            return  # h2 takes no frame after its own GOAWAY, not even those in flight
         for event in self.h2.receive_data(data):
             if isinstance(event, h2events.ResponseReceived):
                 self.headers[event.stream_id] = dict(event.headers)
@@ -559,11 +578,17 @@ class _RawH2Client(protocol.Protocol):
         self.closed.callback(None)
 
 
-async def connect_h2c(case: TestCase, edge: _Edge) -> _RawH2Client:
-    """A L{_RawH2Client} on the edge's h2c listener, closed when C{case} ends."""
-    client = _RawH2Client()
+async def connect_h2c(case: TestCase, edge: _Edge, window: int = 65535) -> _RawH2Client:
+    """
+    A L{_RawH2Client} on the edge's h2c listener, closed when C{case} ends;
+    C{window} is each stream's, and the connection's too.
+    """
+    client = _RawH2Client(window)
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", edge.h2c_port)
     await endpoint.connect(protocol.Factory.forProtocol(lambda: client))
+    if window > 65535:
+        client.h2.increment_flow_control_window(window - 65535)
+        client.flush()
 
     async def close() -> None:
         if client.transport is not None and client.transport.connected:  # type: ignore[attr-defined]
@@ -572,6 +597,41 @@ async def connect_h2c(case: TestCase, edge: _Edge) -> _RawH2Client:
 
     case.addCleanup(close)
     return client
+
+
+class _Events:
+    """The log events of a test; a test can wait for one."""
+
+    def __init__(self, case: TestCase) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._waiting: list[tuple[str, dict[str, Any], defer.Deferred[dict[str, Any]]]] = []
+        globalLogPublisher.addObserver(self._observe)
+        case.addCleanup(globalLogPublisher.removeObserver, self._observe)
+
+    @staticmethod
+    def _matches(event: dict[str, Any], fmt: str, fields: dict[str, Any]) -> bool:
+        return event.get("log_format") == fmt and all(event.get(k) == v for k, v in fields.items())
+
+    def _observe(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        for entry in list(self._waiting):
+            fmt, fields, waiter = entry
+            if self._matches(event, fmt, fields):
+                self._waiting.remove(entry)
+                # On a later turn: the test must not run inside the logging call.
+                reactor.callLater(0, waiter.callback, event)
+
+    def wait(self, fmt: str, **fields: Any) -> defer.Deferred[dict[str, Any]]:
+        """The first event with this format and these fields (perhaps already logged)."""
+        for event in self.events:
+            if self._matches(event, fmt, fields):
+                return defer.succeed(event)
+        waiter: defer.Deferred[dict[str, Any]] = defer.Deferred()
+        self._waiting.append((fmt, fields, waiter))
+        return waiter
+
+
+_AGENT_RESET = "stream to upstream {endpoint} reset by the edge ({reason}): {message}"
 
 
 class _Sink(protocol.Protocol):
@@ -612,6 +672,64 @@ class HTTP2BackpressureTests(TestCase):
         while client.received[stalled] < 4 * MB:
             await sleep(0.05)
         self.assertFalse(client.ended[stalled].called)
+
+    async def test_client_reading_nothing_is_dropped(self) -> None:
+        """
+        A client with large windows that stops reading its socket is dropped
+        once the socket stays full for idle_timeout; the agent hears
+        idle_timeout and the tunnel stream is gone.
+        """
+        events = _Events(self)
+        port, _ = await listen_upstream(self)
+        edge = _Edge(self)
+        await edge.start([("app.test", port)], idle_timeout=0.5)
+        client = await self.connect_reader(edge)
+        client.request(b"GET", b"/bytes/%d" % (200 * MB))
+        client.transport.pauseProducing()  # type: ignore[union-attr]
+        dropped = await events.wait(
+            "dropping HTTP/2 client {peer} ({reason}): it read nothing for {timeout}s"
+        )
+        self.assertEqual(dropped["reason"], "idle_timeout")
+        await events.wait(_AGENT_RESET, reason=Reason.IDLE_TIMEOUT.value)
+        while edge.active_streams():
+            await sleep(0.01)
+        client.transport.resumeProducing()  # type: ignore[union-attr]
+        await client.closed
+
+    async def test_client_flooding_while_reading_nothing_is_dropped(self) -> None:
+        """
+        A client that stops reading its socket and sends PINGs is dropped as
+        saturated once 1 MiB of answers wait, long before idle_timeout.
+        """
+        events = _Events(self)
+        port, _ = await listen_upstream(self)
+        edge = _Edge(self)
+        await edge.start([("app.test", port)])  # idle_timeout: 300 s
+        client = await self.connect_reader(edge)
+        client.request(b"GET", b"/bytes/%d" % (200 * MB))
+        client.transport.pauseProducing()  # type: ignore[union-attr]
+        dropped = events.wait(
+            "dropping HTTP/2 client {peer} ({reason}): {size} bytes of answers unread"
+        )
+        pings = 0
+        while not dropped.called and pings < 500_000:  # 8 MiB of answers
+            for _ in range(1000):
+                client.h2.ping(b"%08d" % pings)
+                pings += 1
+            client.flush()
+            await sleep(0.001)  # a turn for the edge to read them
+        self.assertTrue(dropped.called, f"{pings} PINGs unread, and the client is still served")
+        event = await dropped
+        self.assertEqual(event["reason"], "saturated")
+        await events.wait(_AGENT_RESET, reason=Reason.SATURATED.value)
+        while edge.active_streams():
+            await sleep(0.01)
+        client.transport.resumeProducing()  # type: ignore[union-attr]
+        await client.closed
+
+    async def connect_reader(self, edge: _Edge) -> _RawH2Client:
+        """A client whose windows let the edge send as fast as the socket takes it."""
+        return await connect_h2c(self, edge, window=2**31 - 1)
 
     async def test_upload_into_stalled_upstream_is_bounded(self) -> None:
         """An upload to an upstream that reads nothing stops the client at its windows."""
@@ -764,8 +882,7 @@ class HTTP2EdgeBehaviourTests(TestCase):
         while stalled not in client.status:
             await sleep(0.01)
         self.assertEqual(edge.active_streams(), 1)
-        client.h2.close_connection()
-        client.flush()
+        client.send_goaway()
         await client.closed
         while edge.active_streams():
             await sleep(0.01)
@@ -854,6 +971,34 @@ class _NoRoutes:
         return Reason.NO_TUNNEL
 
 
+class _FillingTransport(StringTransport):
+    """
+    A L{StringTransport} that pauses its streaming producer from inside
+    C{write()} while it holds more than C{size} bytes, as Twisted's TCP
+    sockets do (at every such write, not only the first), and resumes it
+    when the test drains it (the client read it all).
+    """
+
+    def __init__(self, size: int = 65536) -> None:
+        super().__init__()
+        self.size = size
+        self.full = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.producer is not None and len(self.value()) > self.size:
+            self.full = True
+            self.producer.pauseProducing()
+
+    def drain(self) -> bytes:
+        data = self.value()
+        self.clear()
+        if self.full:
+            self.full = False
+            self.producer.resumeProducing()
+        return data
+
+
 class HTTP2FloodUnitTests(SynchronousTestCase):
     """L{PublicH2Protocol} alone, on a fake transport and clock."""
 
@@ -902,3 +1047,266 @@ class HTTP2FloodUnitTests(SynchronousTestCase):
             [type(e) for e in events], [h2events.DataReceived, h2events.StreamEnded]
         )  # one DATA frame, with END_STREAM
         self.assertEqual(events[0].data, Reason.NO_TUNNEL.description.encode() + b"\n")
+
+
+    def download(
+        self, settings: PublicH2Settings
+    ) -> tuple[PublicH2Protocol, _FillingTransport, H2Connection, FakeStream, Clock]:
+        """A client with large windows asks for a download; the tunnel stream has answered 200."""
+        link = FakeLink()
+        clock = Clock()
+        factory = PublicH2Factory(FakeRouter({"app.test": FakeRoute("app.test", link)}), settings, clock)
+        server = factory.buildProtocol(None)
+        transport = _FillingTransport()
+        server.makeConnection(transport)
+        client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        client.local_settings = Settings(
+            client=True, initial_values={SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1}
+        )
+        client.initiate_connection()
+        client.increment_flow_control_window(2**31 - 1 - 65535)
+        client.send_headers(
+            1, [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"app.test"),
+                (b":path", b"/big")], end_stream=True,
+        )
+        server.dataReceived(client.data_to_send())
+        client.receive_data(transport.drain())
+        [stream] = link.streams
+        stream.reply(200)
+        return server, transport, client, stream, clock
+
+    def test_write_that_fills_the_socket_is_not_unread(self) -> None:
+        """
+        Two MiB of body in one write fill the socket, which pauses the
+        protocol from inside write(): those bytes are not "unread", so the
+        client is not dropped; the tunnel stream waits until the client reads.
+        """
+        server, transport, client, stream, _ = self.download(PublicH2Settings(max_unread=65536))
+        stream.send(b"b" * (2 * MB))
+        self.assertTrue(transport.full)
+        self.assertFalse(transport.disconnected)
+        self.assertIsNone(stream.reset_with)
+        self.assertTrue(stream.paused)
+        events = client.receive_data(transport.drain())
+        received = sum(len(e.data) for e in events if isinstance(e, h2events.DataReceived))
+        self.assertEqual(received, 2 * MB)
+        self.assertFalse(stream.paused)
+
+    def test_flood_after_the_socket_filled_is_dropped_as_saturated(self) -> None:
+        """
+        The socket full after a body, the client reads nothing and sends
+        PINGs: past max_unread bytes of answers it is dropped, and the tunnel
+        stream is reset as saturated.
+        """
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        server, transport, client, stream, _ = self.download(PublicH2Settings(max_unread=65536))
+        stream.send(b"b" * (2 * MB))
+        self.assertTrue(transport.full)
+        for i in range(20_000):
+            client.ping(b"%08d" % i)
+            server.dataReceived(client.data_to_send())
+            if transport.disconnected:
+                break
+        self.assertTrue(transport.disconnected)
+        self.assertGreater(i, 3000)  # 17-byte answers: about 65536 bytes of them
+        assert stream.reset_with is not None
+        self.assertEqual(stream.reset_with[0], Reason.SATURATED)
+        formats = [e["log_format"] for e in logged]
+        self.assertIn(
+            "dropping HTTP/2 client {peer} ({reason}): {size} bytes of answers unread", formats
+        )
+
+    def test_socket_full_for_idle_timeout_is_dropped(self) -> None:
+        """
+        A client that reads nothing for idle_timeout while its socket is full
+        is dropped, the tunnel stream reset as idle_timeout; reading in time
+        starts the count again.
+        """
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        server, transport, client, stream, clock = self.download(PublicH2Settings(idle_timeout=10))
+        stream.send(b"b" * (2 * MB))
+        clock.advance(9)
+        client.receive_data(transport.drain())  # the client reads just in time
+        stream.send(b"b" * (2 * MB))
+        clock.advance(9)
+        self.assertFalse(transport.disconnected)
+        clock.advance(1)
+        self.assertTrue(transport.disconnected)
+        assert stream.reset_with is not None
+        self.assertEqual(stream.reset_with[0], Reason.IDLE_TIMEOUT)
+        formats = [e["log_format"] for e in logged]
+        self.assertIn("dropping HTTP/2 client {peer} ({reason}): it read nothing for {timeout}s", formats)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+# The bodies of the large downloads: a pseudo-random sequence whose period is
+# odd, so a frame lost, repeated or misplaced changes the hash.
+_NOISE_PERIOD = MB + 4099
+_NOISE = random.Random(18).randbytes(_NOISE_PERIOD)
+_NOISE_TWICE = _NOISE + _NOISE
+_NOISE_CHUNK = 256 * 1024
+
+
+def _noise_digest(size: int) -> str:
+    """The SHA-256 of the first C{size} bytes of the sequence."""
+    digest = hashlib.sha256()
+    whole, rest = divmod(size, _NOISE_PERIOD)
+    for _ in range(whole):
+        digest.update(_NOISE)
+    digest.update(_NOISE[:rest])
+    return digest.hexdigest()
+
+
+@implementer(IPushProducer)
+class _NoiseProducer:
+    """Writes C{size} bytes of the sequence into a response as fast as its socket takes them."""
+
+    def __init__(self, request: server.Request, size: int) -> None:
+        self.request = request
+        self.left = size
+        self.offset = 0
+        self.paused = False
+        self.done = False
+        request.registerProducer(self, True)
+        self.resumeProducing()
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        self.paused = True
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self.paused = False
+        while not self.paused and self.left and not self.done:
+            size = min(_NOISE_CHUNK, self.left)
+            chunk = _NOISE_TWICE[self.offset : self.offset + size]
+            self.offset = (self.offset + size) % _NOISE_PERIOD
+            self.left -= size
+            self.request.write(chunk)
+        if not self.left and not self.done:
+            self.done = True
+            self.request.unregisterProducer()
+            self.request.finish()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        self.done = True
+
+
+class _NoiseUpstream(resource.Resource):
+    """C{GET /noise/N}: N bytes of the sequence, generated as they are sent."""
+
+    isLeaf = True
+
+    def render_GET(self, request: server.Request) -> Any:  # noqa: N802
+        size = int(request.path.rsplit(b"/", 1)[1])
+        request.setHeader(b"content-length", b"%d" % size)
+        request.setHeader(b"content-type", b"application/octet-stream")
+        _NoiseProducer(request, size)
+        return server.NOT_DONE_YET
+
+
+class _CurlDownload(protocol.ProcessProtocol):
+    """One curl download: the body (curl's stdout) is hashed as it arrives."""
+
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.stderr = b""
+        self.ended: defer.Deferred[int] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:  # noqa: N802
+        self.digest.update(data)
+        self.size += len(data)
+
+    def errReceived(self, data: bytes) -> None:  # noqa: N802
+        self.stderr += data
+
+    def processEnded(self, reason: Failure) -> None:  # noqa: N802
+        self.ended.callback(reason.value.exitCode)
+
+
+class LargeDownloadTests(TestCase):
+    """
+    Large downloads over public HTTP/2 with curl and h2load, which open large
+    windows: every body arrives whole (issue 18: one write that filled the
+    socket was counted as unread and the client dropped mid-body).
+    """
+
+    timeout = 600
+    sizes = (MB, 16 * MB, 64 * MB)
+    downloads = 20  # of each size, all at once
+    streams = 5  # h2load: streams at once on each connection
+
+    async def edge(self) -> _Edge:
+        site = server.Site(_NoiseUpstream())
+        listening = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        self.addCleanup(listening.stopListening)
+        port = listening.getHost().port
+        edge = _Edge(self)
+        await edge.start([("app.test", port), ("127.0.0.1", port)])
+        return edge
+
+    async def curl(self, size: int, options: list[str], url: str) -> None:
+        """C{downloads} curls at once, one download each: all whole, all intact."""
+        _need(CURL, "curl", "curl")
+        # One download per curl: curl 7.88 cannot reuse an HTTP/2 connection
+        # made with prior knowledge ("Error in the HTTP2 framing layer",
+        # curl issue 10634, fixed in curl 8.0).
+        argv = [CURL, "-sS", "--max-time", "300", "-w", "%{stderr}%{http_version} %{response_code}",
+                *options, f"{url}/noise/{size}"]
+        curls = [_CurlDownload() for _ in range(self.downloads)]
+        for curl in curls:
+            reactor.spawnProcess(curl, CURL, argv, env=dict(os.environ))
+        codes = await defer.gatherResults([curl.ended for curl in curls])
+        digest = _noise_digest(size)
+        for curl, code in zip(curls, codes, strict=True):
+            report = curl.stderr.decode(errors="replace")
+            self.assertEqual((code, report), (0, "2 200"))
+            self.assertEqual((curl.size, curl.digest.hexdigest()), (size, digest))
+
+    async def h2load(self, size: int, url: str) -> None:
+        """h2load, C{downloads} at once, C{streams} on each connection: every byte arrives."""
+        _need(H2LOAD, "h2load", "nghttp2-client")
+        total = self.downloads
+        stdout, stderr, code = await getProcessOutputAndValue(
+            H2LOAD,
+            ["-n", str(total), "-c", str(total // self.streams), "-m", str(self.streams),
+             f"{url}/noise/{size}"],
+            env=dict(os.environ),
+        )
+        report = stdout.decode()
+        self.assertEqual(code, 0, stderr.decode(errors="replace"))
+        self.assertIn(f"{total} succeeded, 0 failed, 0 errored", report, report)
+        self.assertIn(f"status codes: {total} 2xx", report, report)
+        data = re.search(r"\((\d+)\) data", report)
+        assert data is not None, report
+        self.assertEqual(int(data.group(1)), total * size, report)
+
+    async def test_curl_h2c(self) -> None:
+        """curl --http2-prior-knowledge on the h2c listener: 20 downloads each of 1, 16 and 64 MiB."""
+        edge = await self.edge()
+        for size in self.sizes:
+            await self.curl(
+                size, ["--http2-prior-knowledge", "-H", "host: app.test"],
+                f"http://127.0.0.1:{edge.h2c_port}",
+            )
+
+    async def test_curl_tls(self) -> None:
+        """curl --http2 on the TLS listener (ALPN h2): 20 downloads each of 1, 16 and 64 MiB."""
+        edge = await self.edge()
+        port = edge.tls_port
+        for size in self.sizes:
+            await self.curl(
+                size, ["--http2", "--cacert", edge.ca.path, "--resolve", f"app.test:{port}:127.0.0.1"],
+                f"https://app.test:{port}",
+            )
+
+    async def test_h2load_h2c(self) -> None:
+        """h2load on the h2c listener: 20 downloads each of 1, 16 and 64 MiB, 5 at once per connection."""
+        edge = await self.edge()
+        for size in self.sizes:
+            await self.h2load(size, f"http://127.0.0.1:{edge.h2c_port}")
+
+    async def test_h2load_tls(self) -> None:
+        """h2load on the TLS listener (ALPN h2): 20 downloads each of 1, 16 and 64 MiB, 5 at once per connection."""
+        edge = await self.edge()
+        for size in self.sizes:
+            await self.h2load(size, f"https://127.0.0.1:{edge.tls_port}")

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
+import shutil
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet import defer, reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.end_to_end import EndToEndMixin
+from tests.harness import TunnelHarness
 from tests.test_grpc_transport import until
 from tests.test_websocket_framing import Recorder
 from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup
@@ -30,6 +34,8 @@ from tunneld.transports.websocket import (
     WebSocketTransport,
 )
 from tunneld.transports.websocket_framing import FrameReader, FrameWriter
+
+CURL = shutil.which("curl")
 
 
 class _Hostile(WebSocketClientProtocol):  # type: ignore[misc]
@@ -265,3 +271,87 @@ class HeartbeatOverSocketsTests(TestCase):
             self.assertLess(link.round_trip_time(), 1.0)
         agent.close(Reason.CANCELLED, "test over")
         await agent.when_closed()
+
+
+class _OneRequest(protocol.Protocol):
+    """Sends raw bytes and keeps what comes back, until the head is whole or the server closes."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.received = b""
+        self.head: defer.Deferred[bytes] = defer.Deferred()
+        self.closed: defer.Deferred[bytes] = defer.Deferred()
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.transport.write(self.request)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.received += data
+        if b"\r\n\r\n" in self.received and not self.head.called:
+            self.head.callback(self.received.partition(b"\r\n\r\n")[0])
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        if not self.head.called:
+            self.head.errback(reason)
+        self.closed.callback(self.received)
+
+
+class AgentListenerHTTPTests(TestCase):
+    """
+    What the edge's WebSocket agent listener tells a client that is not an
+    agent (issue 18: a plain GET got Autobahn's status page and version):
+    plain HTTP answers, no banner, no Server header.
+    """
+
+    async def listener(self) -> int:
+        harness = TunnelHarness(self, "websocket", {"listen": "tcp:0:interface=127.0.0.1"})
+        await harness.start_edge()
+        return int(harness.link_address().port)
+
+    async def curl(self, url: str, *args: str) -> str:
+        stdout, stderr, code = await getProcessOutputAndValue(
+            CURL, ["-sS", "-i", "--max-time", "30", *args, url], env=dict(os.environ)
+        )
+        self.assertEqual(code, 0, stderr.decode(errors="replace"))
+        return stdout.decode("latin-1")
+
+    def assertNoBanner(self, response: str) -> None:  # noqa: N802
+        self.assertNotIn("autobahn", response.lower())
+        head = response.partition("\r\n\r\n")[0]
+        names = [line.partition(":")[0].lower() for line in head.split("\r\n")[1:]]
+        self.assertNotIn("server", names)
+
+    async def test_plain_get_answered_404_or_426(self) -> None:
+        """curl: GET / is 404, GET /tunnel without Upgrade is 426 naming websocket; whole answers, no banner."""
+        if CURL is None:
+            raise RuntimeError("curl is missing: scripts/setup installs the Debian package curl")
+        port = await self.listener()
+        response = await self.curl(f"http://127.0.0.1:{port}/")
+        self.assertTrue(response.startswith("HTTP/1.1 404 Not Found\r\n"), response)
+        self.assertIn("\r\nConnection: close\r\n", response)
+        self.assertTrue(response.endswith("\r\n\r\nno agent endpoint at this path\n"), response)
+        self.assertNoBanner(response)
+        response = await self.curl(f"http://127.0.0.1:{port}/tunnel")
+        self.assertTrue(response.startswith("HTTP/1.1 426 Upgrade Required\r\n"), response)
+        self.assertIn("\r\nUpgrade: websocket\r\n", response)
+        self.assertNoBanner(response)
+        response = await self.curl(f"http://127.0.0.1:{port}/tunnel", "-X", "POST")
+        self.assertTrue(response.startswith("HTTP/1.1 405 Method Not Allowed\r\n"), response)
+        self.assertNoBanner(response)
+
+    async def test_raw_requests_and_handshake(self) -> None:
+        """Raw sockets: a GET without Host is 404, and an agent's handshake is answered 101 without a Server header."""
+        port = await self.listener()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        plain = _OneRequest(b"GET /?redirect=http%3A%2F%2Fexample.com HTTP/1.1\r\n\r\n")
+        await endpoint.connect(protocol.Factory.forProtocol(lambda: plain))
+        response = (await plain.closed).decode("latin-1")
+        self.assertTrue(response.startswith("HTTP/1.1 404 Not Found\r\n"), response)
+        self.assertNoBanner(response)
+        handshake = _OneRequest(_HANDSHAKE)
+        await endpoint.connect(protocol.Factory.forProtocol(lambda: handshake))
+        head = (await handshake.head).decode("latin-1")
+        self.assertTrue(head.startswith("HTTP/1.1 101 "), head)
+        self.assertNoBanner(head)
+        handshake.transport.loseConnection()  # type: ignore[union-attr]
+        await handshake.closed

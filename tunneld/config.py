@@ -223,7 +223,10 @@ class EdgeSection:
         30.0, "Seconds a client has to send a complete request head.", check=positive
     )
     idle_timeout: float = setting(
-        300.0, "Seconds a public connection may be idle between requests.", check=positive
+        300.0,
+        "Seconds a public connection may be idle between requests, or make no progress during "
+        "one (HTTP/2: keep its socket full, reading nothing it is sent).",
+        check=positive,
     )
     hello_timeout: float = setting(
         10.0, "Seconds a new agent link has to say hello before it is dropped.", check=positive

@@ -18,6 +18,14 @@ Flow control is the backpressure, per stream:
 Windows are raised well above HTTP/2's 64 KiB default, which would otherwise
 cap each stream at one window per round trip.
 
+A client that reads nothing: while the socket is full no body is sent, so
+what can still pile up is what the client provokes (answers to its PINGs
+and SETTINGS, heads of new responses); past C{max_unread} bytes of those
+the connection is dropped as C{saturated}.  The write that filled the socket
+is not counted: its bodies were within the client's windows.  A socket that
+stays full for C{idle_timeout} is dropped as C{idle_timeout}, as an HTTP/1.1
+connection making no progress is.
+
 L{PublicHTTPChooserFactory} picks the protocol per connection: by the ALPN
 result on TLS (C{h2} or C{http/1.1}), else by the first bytes: the HTTP/2
 connection preface (C{PRI * HTTP/2.0}, "prior knowledge") means HTTP/2,
@@ -88,8 +96,8 @@ class PublicH2Settings:
     max_concurrent_streams: int = 256
     max_header_bytes: int = 65536
     header_timeout: float = 30.0  # for the first request after connecting
-    idle_timeout: float = 300.0  # with no stream open
-    # Bytes written while the client reads nothing (only control frames and
+    idle_timeout: float = 300.0  # with no stream open, or with the socket full
+    # Bytes written while the socket is full (only control frames and
     # response heads go out then; bodies wait): past this the client floods
     # us with frames that each want an answer (PING, SETTINGS) and is dropped.
     max_unread: int = 1 << 20
@@ -215,7 +223,8 @@ class PublicH2Protocol(Protocol):
         self._client_ip = b""
         self._trusted_peer = False  # a trusted proxy: its X-Forwarded-For etc. are believed
         self._socket_paused = False
-        self._unread = 0  # bytes written since the socket paused us
+        self._unread = 0  # bytes written while the socket holds us paused
+        self._stall_timer: IDelayedCall | None = None  # the socket stays full
         self._resets = 0  # streams the client reset since _reset_epoch
         self._reset_epoch = 0.0
         self._reset_limit = max(_RESETS_PER_SECOND, 2 * settings.max_concurrent_streams)
@@ -276,6 +285,7 @@ class PublicH2Protocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True
         self._cancel_timer()
+        self._cancel_stall_timer()
         for exchange in list(self._exchanges.values()):
             self._client_gone(exchange, "client closed the connection")
         self._exchanges.clear()
@@ -286,15 +296,24 @@ class PublicH2Protocol(Protocol):
     # -- IPushProducer (the socket's view of us) ---------------------------
 
     def pauseProducing(self) -> None:
-        """The client reads slowly: pause every stream's reply."""
+        """
+        The client reads slowly: pause every stream's reply.  A TCP socket
+        says so again from inside every write made while its buffer is full:
+        only the first pause starts counting what waits unread.
+        """
+        if self._socket_paused:
+            return
         self._socket_paused = True
         self._unread = 0
+        if not self._closing:
+            self._stall_timer = self._clock.callLater(self._settings.idle_timeout, self._stalled)
         for exchange in self._exchanges.values():
             self._update_stream_pause(exchange)
 
     def resumeProducing(self) -> None:
         """The socket drained."""
         self._socket_paused = False
+        self._cancel_stall_timer()
         self._flush_all()
         for exchange in list(self._exchanges.values()):
             self._update_stream_pause(exchange)
@@ -766,8 +785,10 @@ class PublicH2Protocol(Protocol):
         self._reset_h2(exchange, code)
         self._forget(exchange)
 
-    def _client_gone(self, exchange: _H2Exchange, message: str) -> None:
-        """The client reset the stream or closed the connection."""
+    def _client_gone(
+        self, exchange: _H2Exchange, message: str, reason: Reason = Reason.CLIENT_GONE
+    ) -> None:
+        """The client reset the stream or closed the connection (or we dropped it, for C{reason})."""
         exchange.done = True
         exchange.request_ended = True
         exchange.outbox.clear()
@@ -783,7 +804,7 @@ class PublicH2Protocol(Protocol):
             target=exchange.target,
         )
         if exchange.stream is not None:
-            exchange.stream.reset(Reason.CLIENT_GONE, message)
+            exchange.stream.reset(reason, message)
         self._maybe_idle()
 
     def _stop_upload(self, exchange: _H2Exchange) -> None:
@@ -822,32 +843,55 @@ class PublicH2Protocol(Protocol):
         data = self._conn.data_to_send()
         if not data or self._socket is None:
             return
+        # Only a write made while the socket already holds us paused counts
+        # as unread.  The write that fills the socket pauses us from inside
+        # write(); what it carries was sent within the client's windows.
+        paused = self._socket_paused
         self._socket.write(data)
-        if self._socket_paused:
+        if paused:
             self._unread += len(data)
             if self._unread > self._settings.max_unread and not self._closing:
                 self.log.info(
-                    "dropping HTTP/2 client {peer}: {size} bytes of answers unread",
-                    peer=self._peer, size=self._unread,
+                    "dropping HTTP/2 client {peer} ({reason}): {size} bytes of answers unread",
+                    peer=self._peer, reason=Reason.SATURATED.value, size=self._unread,
                 )
                 self._abort(Reason.SATURATED, "the client reads nothing it is sent")
 
+    def _stalled(self) -> None:
+        """The socket stayed full for C{idle_timeout}: the client reads nothing."""
+        self._stall_timer = None
+        if self._closing:
+            return
+        timeout = self._settings.idle_timeout
+        self.log.info(
+            "dropping HTTP/2 client {peer} ({reason}): it read nothing for {timeout}s",
+            peer=self._peer, reason=Reason.IDLE_TIMEOUT.value, timeout=timeout,
+        )
+        self._abort(Reason.IDLE_TIMEOUT, f"the client read nothing for {timeout:g}s")
+
+    def _cancel_stall_timer(self) -> None:
+        timer, self._stall_timer = self._stall_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
     def _close(self, reason: Reason, message: str) -> None:
-        """Close the connection, resetting every tunnel stream still open."""
+        """Close the connection, resetting every tunnel stream still open for C{reason}."""
         if self._closing:
             return
         self._closing = True
         self._cancel_timer()
+        self._cancel_stall_timer()
         for exchange in list(self._exchanges.values()):
-            self._client_gone(exchange, message)
+            self._client_gone(exchange, message, reason)
         self._socket.loseConnection()
 
     def _abort(self, reason: Reason, message: str) -> None:
-        """Drop the connection at once, resetting every tunnel stream still open."""
+        """Drop the connection at once, resetting every tunnel stream still open for C{reason}."""
         self._closing = True
         self._cancel_timer()
+        self._cancel_stall_timer()
         for exchange in list(self._exchanges.values()):
-            self._client_gone(exchange, message)
+            self._client_gone(exchange, message, reason)
         self._socket.abortConnection()
 
     def _maybe_idle(self) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,6 +28,7 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
+from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.protocol import connectionDone
@@ -304,9 +306,42 @@ class EdgeWebSocketProtocol(_FrameWireMixin, WebSocketServerProtocol):  # type: 
 
     def onConnect(self, request: Any) -> None:  # noqa: N802
         if request.path != self.factory.options.path:
-            from autobahn.websocket.types import ConnectionDeny
+            raise ConnectionDeny(404, "no agent endpoint at this path")
 
-            raise ConnectionDeny(404, f"no agent endpoint at {request.path}")
+    def failHandshake(  # noqa: N802
+        self, reason: str, code: int = 400, responseHeaders: Any = None  # noqa: N803
+    ) -> None:
+        """
+        Refuse a request that is not an agent's WebSocket handshake as a plain
+        HTTP server would: a whole response (standard reason phrase, length,
+        C{Connection: close}), and no banner, where Autobahn sends its
+        version.  Any other path is 404 whatever else is wrong (Autobahn
+        checks the C{Upgrade} header before the path reaches L{onConnect});
+        the tunnel path without C{Upgrade} is 426 Upgrade Required.
+        """
+        path = getattr(self, "http_request_path", None)
+        headers = [("Content-Type", "text/plain; charset=utf-8"), ("X-Content-Type-Options", "nosniff")]
+        if path is not None and path != self.factory.options.path:
+            code, reason = 404, "no agent endpoint at this path"
+        elif code == 426:
+            headers.append(("Upgrade", "websocket"))
+            reason = "this endpoint takes only WebSocket connections from tunneld agents"
+        self.wasNotCleanReason = reason
+        _log.info(
+            "refused a request on the agent listener from {peer}: {code} {reason}",
+            peer=self.peer, code=code, reason=reason,
+        )
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "Error"
+        body = (reason + "\n").encode("utf-8", "replace")
+        head = f"HTTP/1.1 {code} {phrase}\r\n" + "".join(
+            f"{name}: {value}\r\n" for name, value in headers
+        )
+        head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        self.sendData(head.encode("latin-1") + body)
+        self.dropConnection(abort=False)
 
     def onOpen(self) -> None:  # noqa: N802
         link = self._make_link(is_edge=True, options=self.factory.options, setup=self.factory.setup)
@@ -333,11 +368,14 @@ class EdgeWebSocketFactory(WebSocketServerFactory):  # type: ignore[misc]
     protocol = EdgeWebSocketProtocol  # type: ignore[assignment]
 
     def __init__(self, options: WebSocketEdgeOptions, setup: EdgeLinkSetup) -> None:
-        super().__init__()
+        # No Server header (Autobahn's names its version) and no status page:
+        # a request that is not a handshake gets EdgeWebSocketProtocol.failHandshake.
+        super().__init__(server=None)
         self.options = options
         self.setup = setup
         self.tracker = ConnectionTracker()
         self.setProtocolOptions(
+            webStatus=False,
             maxFramePayloadSize=setup.max_frame_size,
             maxMessagePayloadSize=setup.max_frame_size,
             openHandshakeTimeout=options.open_handshake_timeout,
