@@ -19,7 +19,7 @@ from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
 
 from tests import test_processes
-from tests.harness import listen_upstream, sleep
+from tests.harness import free_port, listen_upstream, sleep
 from tests.test_processes import TwistdProcess
 
 DEMO = "demo.localhost"
@@ -108,6 +108,105 @@ class PolicyProcessTests(TestCase):
         self.assertEqual(edge.end_reason.value.exitCode, 0)  # type: ignore[attr-defined]
         self.assertIn("drain deadline passed: closing 1 streams with draining", edge.output)
         self.assertIn("'tunnel_streams': 0", edge.output)
+
+    async def restarted_edges(self, transport: str) -> None:
+        """
+        Three times: SIGTERM an edge serving two agents with a request in
+        flight, then start a new edge on the same ports.  Count the agents'
+        link set-ups over each drain and look for links closed by a stale
+        welcome timer.
+        """
+        public, link = free_port(), free_port()
+        edge_changes = {
+            'public_listen = ["tcp:8080:interface=127.0.0.1"]':
+                f'public_listen = ["tcp:{public}:interface=127.0.0.1"]',
+            'listen = "tcp:8081:interface=127.0.0.1"': f'listen = "tcp:{link}:interface=127.0.0.1"',
+            'admin_listen = "tcp:8090:interface=127.0.0.1"': 'admin_listen = "tcp:0:interface=127.0.0.1"',
+            "drain_timeout = 30.0": "drain_timeout = 2.0",
+        }
+        agent_changes = {
+            'url = "ws://127.0.0.1:8081/tunnel"': f'url = "ws://127.0.0.1:{link}/tunnel"',
+            "reconnect_initial = 0.5\nreconnect_max = 30.0":
+                "reconnect_initial = 0.2\nreconnect_max = 2.0",
+            "welcome_timeout = 15.0": "welcome_timeout = 2.0",
+        }
+        if transport == "grpc":
+            edge_changes['transports = ["websocket"]'] = 'transports = ["grpc"]'
+            edge_changes["[transports.websocket]"] = (
+                f'[transports.grpc]\nlisten = "tcp:{link}:interface=127.0.0.1"\n\n'
+                "[transports.websocket]"
+            )
+            agent_changes['transports = ["websocket"]'] = 'transports = ["grpc"]'
+            agent_changes["[transports.websocket]"] = (
+                f'[transports.grpc]\naddress = "127.0.0.1:{link}"\n\n[transports.websocket]'
+            )
+
+        async def start_edge() -> TwistdProcess:
+            edge = self.spawn("tunneld", self.shipped("tunneld.toml", edge_changes))
+            await edge.wait_for(rf"{transport} agent link listening on 127\.0\.0\.1:{link}")
+            return edge
+
+        edge = await start_edge()
+        agents, upstreams = [], []
+        for _ in range(2):
+            upstream_port, upstream = await listen_upstream(self)
+            agent = self.spawn("tunneld-agent", self.shipped("agent.toml", {
+                **agent_changes,
+                'upstream = "tcp:host=127.0.0.1:port=8000"':
+                    f'upstream = "tcp:host=127.0.0.1:port={upstream_port}"',
+            }))
+            await agent.wait_for(r"tunnel ready: http://demo\.localhost:8080/")
+            agents.append(agent)
+            upstreams.append(upstream)
+        harness = self.harness(public)
+        for restart in range(1, 4):
+            hanging = sum(len(u.hanging) for u in upstreams)
+            in_flight = defer.ensureDeferred(harness.request(DEMO, "/hang"))
+            while sum(len(u.hanging) for u in upstreams) <= hanging:
+                await sleep(0.01)
+            marks = [len(agent.output) for agent in agents]
+            edge_mark = len(edge.output)
+            edge.process.signalProcess(signal.SIGTERM)  # type: ignore[attr-defined]
+            await edge.wait_for(r"draining: 1 streams in flight on 2 agent sessions")
+            code, headers, _ = await in_flight
+            self.assertEqual((code, headers.getRawHeaders(b"tunnel-error")), (503, [b"draining"]))
+            await edge.ended
+            self.assertEqual(edge.end_reason.value.exitCode, 0)  # type: ignore[attr-defined]
+            # The draining edge stopped accepting agent links before its GoAway.
+            self.assertNotIn("agent link up from", edge.output[edge_mark:])
+            edge = await start_edge()
+            for agent in agents:
+                await agent.wait_for(
+                    r"(?s)" + r"tunnel ready: http://demo\.localhost:8080/.*" * (restart + 1)
+                )
+            for agent, mark in zip(agents, marks, strict=True):
+                since = agent.output[mark:]
+                setups = since.count(f"connecting to the edge over {transport}")
+                # Over the drain (drain_timeout, 2 s) and the restart: a
+                # handful of backed-off dials (about 6; the bound leaves room
+                # for a slow restart on a busy machine), where an edge that
+                # kept answering hellos with draining saw 60 to 110 per agent.
+                self.assertLessEqual(setups, 25, since[-3000:])
+                self.assertGreaterEqual(setups, 1)
+                self.assertNotIn("no welcome in time", since)
+            codes = [(await harness.request(DEMO, "/hello"))[0] for _ in range(4)]
+            self.assertEqual(codes, [200] * 4)
+        # Give any welcome timer left over from a drain time to fire: none may.
+        mark = len(edge.output)
+        await sleep(2.5)
+        for agent in agents:
+            self.assertNotIn("no welcome in time", agent.output)
+            self.assertEqual(agent.output.count("link up over"), 4)
+        self.assertNotIn("agent link from", edge.output[mark:])
+        self.assertEqual((await harness.request(DEMO, "/hello"))[0], 200)
+
+    async def test_sigterm_restarts_without_a_storm_websocket(self) -> None:
+        """SIGTERM drain and restart in place, three times, websocket agents: a handful of link set-ups per drain, every agent back, no link closed by a stale welcome timer."""
+        await self.restarted_edges("websocket")
+
+    async def test_sigterm_restarts_without_a_storm_grpc(self) -> None:
+        """The same over grpc agent links."""
+        await self.restarted_edges("grpc")
 
     async def test_sighup_reloads_a_rate_limit(self) -> None:
         """SIGHUP applies a changed rate limit to new requests; a file that fails validation is rejected and the old limit stays."""
