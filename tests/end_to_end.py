@@ -282,6 +282,48 @@ class EndToEndMixin:
             if request.channel is not None:
                 request.channel.transport.abortConnection()
 
+    async def test_upstream_stalling_mid_response_is_cut(self) -> None:
+        """An upstream that sends its head and 10 of 1000 bytes, then nothing: the client is cut at upstream_body_timeout (not left to the 300 s idle timeout), the edge logs and counts an upstream_timeout cut; five times over, nothing is left behind."""
+        events = EventCollector(self)
+        harness, upstream = await self.tunnel(upstream_body_timeout=0.5)
+        edge = harness.edge
+        assert edge is not None
+        for i in range(5):
+            response, body = await harness.stream("app.test", "/stall")
+            self.assertEqual(response.code, 200)
+            reason = await body.done
+            self.assertIsNone(reason.check(ResponseDone), i)
+            self.assertEqual(body.size, 10)
+        await eventually(lambda: edge.stats.cuts.get("upstream_timeout") == 5, "five cuts")
+        cut = events.matching(
+            "cut {method} {host}{target} from {peer} mid-reply: {reason} ({message})"
+        )
+        self.assertEqual([e["reason"] for e in cut], ["upstream_timeout"] * 5)
+        stalled = events.matching(
+            "upstream {endpoint} stalled: nothing more of its response for {timeout}s"
+        )
+        self.assertEqual([e["timeout"] for e in stalled], [0.5] * 5)
+        # The agent dropped each stalled upstream connection.
+        await eventually(
+            lambda: all(r.channel is None for r in upstream.hanging), "upstream connections closed"
+        )
+        self.assertEqual(harness.agents[0].link.active_streams(), 0)  # type: ignore[union-attr]
+        code, _, body_bytes = await harness.request("app.test", "/hello")
+        self.assertEqual((code, body_bytes), (200, b"hello from upstream"))
+
+    async def test_slow_reader_is_not_a_stalled_upstream(self) -> None:
+        """A client that stops reading a large download for several body timeouts is not cut: the timeout counts only while the stream can take bytes."""
+        harness, _ = await self.tunnel(upstream_body_timeout=0.3)
+        response, body = await harness.stream("app.test", f"/bytes/{64 * MB}", stall=True)
+        await body.first
+        since = reactor.seconds()  # type: ignore[attr-defined]
+        await eventually(lambda: reactor.seconds() - since > 1.5, "five body timeouts")  # type: ignore[attr-defined]
+        self.assertFalse(body.done.called)
+        body.transport.resumeProducing()
+        reason = await body.done
+        self.assertTrue(body.complete(reason), reason)
+        self.assertEqual(body.hash.hexdigest(), pattern_digest(64 * MB))
+
     async def test_agent_gone_mid_response(self) -> None:
         """When the agent link dies mid-response the client's connection is cut, not completed."""
         events = EventCollector(self)

@@ -88,7 +88,8 @@ class Upstream(resource.Resource):
     """
     The private service behind the tunnel.  Paths: C{/hello}, C{/echo}
     (echoes the body), C{/sha256} (hash of the body), C{/bytes/N} (N pattern
-    bytes, streamed), C{/hang} (never answers), C{/headers} (request headers).
+    bytes, streamed), C{/hang} (never answers), C{/stall} (a head promising
+    1000 bytes and the first 10, then nothing), C{/headers} (request headers).
     """
 
     isLeaf = True
@@ -124,6 +125,11 @@ class Upstream(resource.Resource):
             lines = [b"%s: %s" % (k.lower(), v) for k, vs in request.requestHeaders.getAllRawHeaders() for v in vs]
             return b"\n".join(sorted(lines))
         if path == b"/hang":
+            self.hanging.append(request)
+            return server.NOT_DONE_YET
+        if path == b"/stall":
+            request.setHeader(b"content-length", b"1000")
+            request.write(b"0123456789")
             self.hanging.append(request)
             return server.NOT_DONE_YET
         request.setResponseCode(404)

@@ -150,6 +150,7 @@ class AgentService(Service):
                     tunnel.upstream,
                     connect_timeout=section.upstream_connect_timeout,
                     response_timeout=section.upstream_response_timeout,
+                    body_timeout=section.upstream_body_timeout,
                 )
                 continue
             self.pools[tunnel_key(spec)] = UpstreamPool(
@@ -158,6 +159,7 @@ class AgentService(Service):
                 max_idle=section.upstream_max_idle,
                 connect_timeout=section.upstream_connect_timeout,
                 response_timeout=section.upstream_response_timeout,
+                body_timeout=section.upstream_body_timeout,
             )
         self.probes: dict[str, UpstreamProbe] = {}
         for tunnel, spec in zip(config.tunnels, self.specs, strict=True):
