@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.internet import defer, error, protocol, reactor
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web import resource, server
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
@@ -341,22 +341,36 @@ class EndToEndMixin:
         self.assertTrue(logged, "no agent_gone event was logged")
 
     async def test_unauthorized_agent(self) -> None:
-        """An agent with a wrong token is refused and the check is logged."""
+        """An agent with a wrong token is refused, the check is logged, and the agent stops after that one refusal (retrying cannot help) saying why."""
         events = EventCollector(self)
         harness = TunnelHarness(self, self.transport, self.edge_table())
         await harness.start_edge([AgentGrant("a", "right", ["app.test"])])
         port, _ = await listen_upstream(self)
         agent = await harness.start_agent(
             self.agent_table(harness.link_address()), [("app.test", port)],
-            agent_id="a", token="wrong", wait=False,
+            agent_id="a", token="wrong", wait=False, reconnect_initial=0.05,
         )
-        for _ in range(100):
-            if events.matching("agent {agent} from {peer} refused: {check}"):
-                break
-            await sleep(0.05)
+
+        def dials() -> int:
+            return events.formats().count("connecting to the edge over {transport}")
+
+        gave_up = getattr(agent, "gave_up", defer.Deferred())
+        # A second dial would come within 0.05 s of the refusal.
+        await eventually(lambda: gave_up.called or dials() >= 2, "the agent to give up or redial")
+        self.assertEqual(dials(), 1)
         refused = events.matching("agent {agent} from {peer} refused: {check}")
-        self.assertEqual(refused[0]["check"], "wrong token for agent 'a'")
+        self.assertEqual([e["check"] for e in refused], ["wrong token for agent 'a'"])
+        self.assertIn("wrong token for agent 'a'", gave_up.result)
+        (stopped,) = events.matching(
+            "{refusal}. Retrying cannot change this, so the agent stops: {hint}."
+        )
+        self.assertIn("unauthorized", formatEvent(stopped))
+        self.assertEqual(agent.refusals["unauthorized"], 1)
         self.assertFalse(agent.ready.called)
+        self.assertEqual(agent.link, None)
+        self.assertEqual(
+            {k: v for k, v in tunneld_timers().items() if k.startswith("AgentService")}, {}
+        )
         code, headers, _ = await harness.request("app.test", "/")
         self.assertEqual(code, 503)
 
@@ -479,7 +493,7 @@ class EndToEndMixin:
             reconnect_initial=0.05, reconnect_max=0.4, welcome_timeout=1.0,
         )
         refused_format = (
-            "the edge refused the link: {reason}: {message} ({count} {reason} refusals so "
+            "the edge refused the link: {reason}: {detail} ({count} {reason} refusals so "
             "far); reconnecting in {delay:.1f}s"
         )
         (old,) = edge.sessions.sessions

@@ -449,10 +449,11 @@ class AgentService(Service):
         if self._stopping:
             return
         delay = self.backoff.next_delay()
+        # (Not "message": under a legacy log observer that key is taken.)
         self.log.warn(
-            "the edge refused the link: {reason}: {message} ({count} {reason} refusals so "
+            "the edge refused the link: {reason}: {detail} ({count} {reason} refusals so "
             "far); reconnecting in {delay:.1f}s",
-            reason=reason.value, message=message, count=self.refusals[reason.value],
+            reason=reason.value, detail=message, count=self.refusals[reason.value],
             delay=delay,
         )
         self._dial_in(delay)
@@ -463,8 +464,8 @@ class AgentService(Service):
             return
         self._stop_dialling()
         self.log.critical(
-            "{message}. Retrying cannot change this, so the agent stops: {hint}.",
-            message=message, hint=_FIX_HINT,
+            "{refusal}. Retrying cannot change this, so the agent stops: {hint}.",
+            refusal=message, hint=_FIX_HINT,
         )
         link = self.link
         if link is not None:
