@@ -749,8 +749,8 @@ class UpstreamPoolTests(TestCase):
         await until(lambda: stream.blocked)
         producer = stream.producer
         assert producer is not None
-        # The stream's producer reads the upstream connection (and notes the pause).
-        transport = producer.conn.sock  # type: ignore[attr-defined]
+        # The stream's producer is the upstream connection (it notes the pause).
+        transport = producer.sock  # type: ignore[attr-defined]
         self.assertEqual(transport.getPeer().port, port)
         self.assertTrue(stream.producer_paused)
         self.assertNotIn(transport, reactor.getReaders())  # type: ignore[attr-defined]

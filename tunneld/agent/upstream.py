@@ -118,43 +118,15 @@ def _end_to_end_of_head(headers: tuple[Header, ...]) -> tuple[Header, ...]:
 
 
 @implementer(IPushProducer)
-class _ResponseReading:
-    """
-    The upstream connection as the tunnel stream's producer: pausing it stops
-    reading the response.  The exchange hears of it, so that a client slow
-    to read is not taken for an upstream that stalled.
-    """
-
-    __slots__ = ("conn",)
-
-    def __init__(self, conn: _UpstreamConnection) -> None:
-        self.conn = conn
-
-    def pauseProducing(self) -> None:
-        conn = self.conn
-        if conn.exchange is not None:
-            conn.exchange.reading_paused = True
-        conn.sock.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        conn = self.conn
-        exchange = conn.exchange
-        if exchange is not None:
-            exchange.reading_paused = False
-            # The upstream's silence counts from now: it could not be read.
-            exchange.last_read = conn._pool._reactor.seconds()
-        conn.sock.resumeProducing()
-
-    def stopProducing(self) -> None:
-        self.conn.sock.stopProducing()
-
-
 class _UpstreamConnection(Protocol):
     """
     One HTTP/1.1 connection to the upstream, carrying one exchange at a time.
 
     It only moves bytes and lifecycle events; the L{_Exchange} it serves
-    drives its request writer and response parser.
+    drives its request writer and response parser.  It is also the tunnel
+    stream's producer: pausing it stops reading the response, and the
+    exchange hears of it, so that a client slow to read is not taken for an
+    upstream that stalled.
     """
 
     log = Logger()
@@ -169,7 +141,6 @@ class _UpstreamConnection(Protocol):
         self.exchange: _Exchange | None = None
         self.lost = False
         self._lost_waiters: list[Deferred[None]] = []
-        self.reading = _ResponseReading(self)
 
     def connectionMade(self) -> None:
         self.sock = cast(_Transport, self.transport)
@@ -203,6 +174,26 @@ class _UpstreamConnection(Protocol):
         waiters, self._lost_waiters = self._lost_waiters, []
         for waiter in waiters:
             waiter.callback(None)
+
+    def pauseProducing(self) -> None:
+        """IPushProducer: the stream is out of credit; stop reading the response."""
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.reading_paused = True
+        self.sock.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """IPushProducer: read the response again."""
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.reading_paused = False
+            # The upstream's silence counts from now: it could not be read.
+            exchange.last_read = self._pool._reactor.seconds()
+        self.sock.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """IPushProducer"""
+        self.sock.stopProducing()
 
     def when_lost(self) -> Deferred[None]:
         """A Deferred that fires once this connection is closed."""
@@ -402,7 +393,7 @@ class _Exchange:
         conn.exchange = self
         transport = conn.sock
         self.reading_paused = False
-        self._stream.registerProducer(conn.reading, True)
+        self._stream.registerProducer(conn, True)
         self._stream_has_producer = True
         if self._end is None:
             transport.registerProducer(self, True)

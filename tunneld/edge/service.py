@@ -257,8 +257,9 @@ class EdgeService(MultiService):
         sessions = list(self.sessions.sessions.values())
         for session in sessions:
             session.link.send_control(GoAway(Reason.DRAINING, "the edge is shutting down"))
-            # Each session closes as soon as its last stream ends.
-            self.sessions.retire(session, "the edge is shutting down")
+            # Each session closes as soon as its last stream ends; the
+            # deadline is this drain's (below).
+            self.sessions.retire(session, "the edge is shutting down", within=float("inf"))
         # Long-lived switched connections (WebSockets) would hold the drain to
         # its deadline: they get their Close (1001 draining) now, and reconnect.
         self.shutdown_upgraded(Reason.DRAINING, "the edge is shutting down")

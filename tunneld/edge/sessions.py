@@ -412,14 +412,17 @@ class AgentSessions:
             self.retire(session, message)
         return session
 
-    def retire(self, session: AgentSession, message: str) -> None:
+    def retire(self, session: AgentSession, message: str, within: float | None = None) -> None:
         """
         Route no new streams to C{session}; close its link once its last
-        stream has ended, or after C{drain_timeout} seconds.
+        stream has ended, or after C{within} seconds (C{drain_timeout} if
+        not given; the edge's own drain passes infinity and keeps the deadline).
         """
         session.draining = True
         if session.session_id not in self.retiring:
-            deadline = self.reactor.seconds() + self.config.edge.drain_timeout
+            if within is None:
+                within = self.config.edge.drain_timeout
+            deadline = self.reactor.seconds() + within
             self.retiring[session.session_id] = Retirement(
                 self.reactor, session.link, deadline, Reason.DRAINING, message
             )
