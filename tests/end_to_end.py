@@ -476,6 +476,7 @@ class EndToEndMixin:
                 f"drain {i}: the drained session closed on both ends",
             )
         self.assertEqual(len(await sessions()), 1)
+        self.assertEqual(edge.sessions.retiring, {})  # nothing kept of the drained sessions
         self.assertEqual(sum(agent.refusals.values()), 0)
         self.assertEqual((await harness.request("app.test", "/hello"))[0], 200)
         await eventually(lambda: sockets_on_port(link_port) == link_sockets, "the link sockets")

@@ -360,10 +360,12 @@ class AgentService(Service):
     def _retire(self, tracked: _Link, message: str, within: float = _RETIRE_DEADLINE) -> None:
         """Close C{tracked}'s link once its last stream ends (at most C{within} seconds on)."""
         if tracked.retirement is None and not tracked.lost:
-            tracked.retirement = Retirement(
+            retirement = Retirement(
                 self.reactor, tracked.link, self.reactor.seconds() + within,
                 Reason.DRAINING, message,
             )
+            if not retirement.done:  # (done: it had no stream and is closed)
+                tracked.retirement = retirement
 
     # -- returning to the preferred transport ---------------------------------
 

@@ -423,6 +423,6 @@ class AgentSessions:
             if within is None:
                 within = self.config.edge.drain_timeout
             deadline = self.reactor.seconds() + within
-            self.retiring[session.session_id] = Retirement(
-                self.reactor, session.link, deadline, Reason.DRAINING, message
-            )
+            retirement = Retirement(self.reactor, session.link, deadline, Reason.DRAINING, message)
+            if not retirement.done:  # (done: closed at once, and lost() has run)
+                self.retiring[session.session_id] = retirement
