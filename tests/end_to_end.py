@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 from typing import Any
 
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, error, protocol, reactor
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web import resource, server
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
@@ -22,9 +23,13 @@ from zope.interface import implementer
 
 from tests.harness import (
     TunnelHarness,
+    eventually,
     listen_upstream,
+    open_fds,
     pattern_digest,
     sleep,
+    sockets_on_port,
+    tunneld_timers,
 )
 from tests.tcp_peers import (
     BannerUpstream,
@@ -41,7 +46,7 @@ from tests.websocket_peers import (
     listen_echo_upgrade,
     listen_flood,
 )
-from tunneld.config import AgentGrant, TunnelSection
+from tunneld.config import AgentGrant, LimitsSection, TunnelSection
 from tunneld.edge.http1 import PublicHTTPProtocol
 from tunneld.edge.upgraded import UpgradedConnection, close_text
 from tunneld.interfaces import IStream, IStreamReceiver
@@ -283,6 +288,48 @@ class EndToEndMixin:
             if request.channel is not None:
                 request.channel.transport.abortConnection()
 
+    async def test_upstream_stalling_mid_response_is_cut(self) -> None:
+        """An upstream that sends its head and 10 of 1000 bytes, then nothing: the client is cut at upstream_body_timeout (not left to the 300 s idle timeout), the edge logs and counts an upstream_timeout cut; five times over, nothing is left behind."""
+        events = EventCollector(self)
+        harness, upstream = await self.tunnel(upstream_body_timeout=0.5)
+        edge = harness.edge
+        assert edge is not None
+        for i in range(5):
+            response, body = await harness.stream("app.test", "/stall")
+            self.assertEqual(response.code, 200)
+            reason = await body.done
+            self.assertIsNone(reason.check(ResponseDone), i)
+            self.assertEqual(body.size, 10)
+        await eventually(lambda: edge.stats.cuts.get("upstream_timeout") == 5, "five cuts")
+        cut = events.matching(
+            "cut {method} {host}{target} from {peer} mid-reply: {reason} ({message})"
+        )
+        self.assertEqual([e["reason"] for e in cut], ["upstream_timeout"] * 5)
+        stalled = events.matching(
+            "upstream {endpoint} stalled: nothing more of its response for {timeout}s"
+        )
+        self.assertEqual([e["timeout"] for e in stalled], [0.5] * 5)
+        # The agent dropped each stalled upstream connection.
+        await eventually(
+            lambda: all(r.channel is None for r in upstream.hanging), "upstream connections closed"
+        )
+        self.assertEqual(harness.agents[0].link.active_streams(), 0)  # type: ignore[union-attr]
+        code, _, body_bytes = await harness.request("app.test", "/hello")
+        self.assertEqual((code, body_bytes), (200, b"hello from upstream"))
+
+    async def test_slow_reader_is_not_a_stalled_upstream(self) -> None:
+        """A client that stops reading a large download for several body timeouts is not cut: the timeout counts only while the stream can take bytes."""
+        harness, _ = await self.tunnel(upstream_body_timeout=0.3)
+        response, body = await harness.stream("app.test", f"/bytes/{64 * MB}", stall=True)
+        await body.first
+        since = reactor.seconds()  # type: ignore[attr-defined]
+        await eventually(lambda: reactor.seconds() - since > 1.5, "five body timeouts")  # type: ignore[attr-defined]
+        self.assertFalse(body.done.called)
+        body.transport.resumeProducing()
+        reason = await body.done
+        self.assertTrue(body.complete(reason), reason)
+        self.assertEqual(body.hash.hexdigest(), pattern_digest(64 * MB))
+
     async def test_agent_gone_mid_response(self) -> None:
         """When the agent link dies mid-response the client's connection is cut, not completed."""
         events = EventCollector(self)
@@ -300,22 +347,36 @@ class EndToEndMixin:
         self.assertTrue(logged, "no agent_gone event was logged")
 
     async def test_unauthorized_agent(self) -> None:
-        """An agent with a wrong token is refused and the check is logged."""
+        """An agent with a wrong token is refused, the check is logged, and the agent stops after that one refusal (retrying cannot help) saying why."""
         events = EventCollector(self)
         harness = TunnelHarness(self, self.transport, self.edge_table())
         await harness.start_edge([AgentGrant("a", "right", ["app.test"])])
         port, _ = await listen_upstream(self)
         agent = await harness.start_agent(
             self.agent_table(harness.link_address()), [("app.test", port)],
-            agent_id="a", token="wrong", wait=False,
+            agent_id="a", token="wrong", wait=False, reconnect_initial=0.05,
         )
-        for _ in range(100):
-            if events.matching("agent {agent} from {peer} refused: {check}"):
-                break
-            await sleep(0.05)
+
+        def dials() -> int:
+            return events.formats().count("connecting to the edge over {transport}")
+
+        gave_up = getattr(agent, "gave_up", defer.Deferred())
+        # A second dial would come within 0.05 s of the refusal.
+        await eventually(lambda: gave_up.called or dials() >= 2, "the agent to give up or redial")
+        self.assertEqual(dials(), 1)
         refused = events.matching("agent {agent} from {peer} refused: {check}")
-        self.assertEqual(refused[0]["check"], "wrong token for agent 'a'")
+        self.assertEqual([e["check"] for e in refused], ["wrong token for agent 'a'"])
+        self.assertIn("wrong token for agent 'a'", gave_up.result)
+        (stopped,) = events.matching(
+            "{refusal}. Retrying cannot change this, so the agent stops: {hint}."
+        )
+        self.assertIn("unauthorized", formatEvent(stopped))
+        self.assertEqual(agent.refusals["unauthorized"], 1)
         self.assertFalse(agent.ready.called)
+        self.assertEqual(agent.link, None)
+        self.assertEqual(
+            {k: v for k, v in tunneld_timers().items() if k.startswith("AgentService")}, {}
+        )
         code, headers, _ = await harness.request("app.test", "/")
         self.assertEqual(code, 503)
 
@@ -361,6 +422,126 @@ class EndToEndMixin:
                 if code == 200:
                     break
             await sleep(0.05)
+        code, _, body = await harness.request("app.test", "/hello")
+        self.assertEqual((code, body), (200, b"hello from upstream"))
+
+    async def test_repeated_drains_close_every_drained_session(self) -> None:
+        """25 drains of the agent's session (every fifth with a request in flight): each drained session closes on both ends once its streams end; afterwards one session, no extra link sockets, fds or timers, and the tunnel serves under max_agents_per_tunnel = 1."""
+        harness = TunnelHarness(self, self.transport, self.edge_table())
+        edge = await harness.start_edge(limits=LimitsSection(max_agents_per_tunnel=1))
+        port, upstream = await listen_upstream(self)
+        agent = await harness.start_agent(
+            self.agent_table(harness.link_address()), [("app.test", port)],
+            reconnect_initial=0.05,
+        )
+        assert edge.observe.admin is not None
+        admin = f"http://127.0.0.1:{edge.observe.admin.address.port}"
+        link_port = harness.link_address().port
+
+        async def admin_call(path: str, method: bytes = b"GET") -> Any:
+            from twisted.web.client import readBody
+
+            response = await harness.client.request(method, f"{admin}{path}".encode())
+            return json.loads(await readBody(response))
+
+        async def sessions() -> list[dict[str, Any]]:
+            return (await admin_call("/api/agents"))["agents"]  # type: ignore[no-any-return]
+
+        self.assertEqual((await harness.request("app.test", "/hello"))[0], 200)
+        fds, link_sockets, timers = open_fds(), sockets_on_port(link_port), tunneld_timers()
+        self.assertEqual(link_sockets, 3)  # the listener and both ends of the link
+        for i in range(25):
+            (old,) = [s["session"] for s in await sessions()]
+            in_flight = None
+            if i % 5 == 0:
+                waiting = len(upstream.hanging)
+                in_flight = defer.ensureDeferred(harness.request("app.test", "/hang"))
+                await eventually(
+                    lambda n=waiting: len(upstream.hanging) > n, "the upstream request"
+                )
+            drained = await admin_call(f"/api/agents/{old}/drain", b"POST")
+            self.assertTrue(drained["draining"])
+            await eventually(
+                lambda old=old: any(
+                    s.session_id != old and s.tunnels for s in edge.sessions.sessions.values()
+                ),
+                f"drain {i}: the agent's new session",
+            )
+            code, _, body = await harness.request("app.test", "/hello")
+            self.assertEqual((code, body), (200, b"hello from upstream"), f"drain {i}")
+            if in_flight is not None:
+                # The drained session stays for its stream, which finishes.
+                self.assertIn(old, edge.sessions.sessions)
+                hanging = upstream.hanging[-1]
+                hanging.write(b"finished late")
+                hanging.finish()
+                code, _, body = await in_flight
+                self.assertEqual((code, body), (200, b"finished late"), f"drain {i}")
+            await eventually(
+                lambda old=old: old not in edge.sessions.sessions and len(agent._links) == 1,
+                f"drain {i}: the drained session closed on both ends",
+            )
+        self.assertEqual(len(await sessions()), 1)
+        self.assertEqual(edge.sessions.retiring, {})  # nothing kept of the drained sessions
+        self.assertEqual(sum(agent.refusals.values()), 0)
+        self.assertEqual((await harness.request("app.test", "/hello"))[0], 200)
+        await eventually(lambda: sockets_on_port(link_port) == link_sockets, "the link sockets")
+        await eventually(lambda: open_fds() <= fds + 2, "open fds back to where they were")
+        await eventually(lambda: tunneld_timers() == timers, f"timers {timers}")
+
+    async def test_draining_edge_refusals_back_off_and_leave_no_welcome_timer(self) -> None:
+        """An edge that still accepts while draining refuses each link before its hello; the agent counts each refusal and backs off (growing, jittered delays, one dial per refusal), then, welcomed again, no stale welcome timer is left to close the link."""
+        events = EventCollector(self)
+        harness = TunnelHarness(self, self.transport, self.edge_table())
+        edge = await harness.start_edge()
+        port, _ = await listen_upstream(self)
+        agent = await harness.start_agent(
+            self.agent_table(harness.link_address()), [("app.test", port)],
+            reconnect_initial=0.05, reconnect_max=0.4, welcome_timeout=1.0,
+        )
+        refused_format = (
+            "the edge refused the link: {reason}: {detail} ({count} {reason} refusals so "
+            "far); reconnecting in {delay:.1f}s"
+        )
+        (old,) = edge.sessions.sessions
+        dials_before = events.formats().count("connecting to the edge over {transport}")
+        # Draining, yet its listener still accepts (as a transport that
+        # cannot stop accepting would): each new link is turned away.
+        edge.sessions.draining = True
+        edge.sessions.drain(old, "moving by the test")
+        await eventually(
+            lambda: len(events.matching(refused_format)) >= 6, "six refusals of the agent's links"
+        )
+        refusals = events.matching(refused_format)[:6]
+        self.assertEqual([e["reason"] for e in refusals], ["draining"] * 6)
+        self.assertEqual([e["count"] for e in refusals], [1, 2, 3, 4, 5, 6])
+        for n, event in enumerate(refusals):
+            ceiling = min(0.4, 0.05 * 2**n)
+            self.assertGreaterEqual(event["delay"], ceiling / 2, n)
+            self.assertLessEqual(event["delay"], ceiling, n)
+        self.assertEqual(agent.refusals["draining"], len(events.matching(refused_format)))
+        # One dial per refusal (and perhaps the one under way): no storm.
+        dials = events.formats().count("connecting to the edge over {transport}") - dials_before
+        self.assertIn(dials - agent.refusals["draining"], (0, 1))
+        self.assertIn(
+            edge.stats.refusal_count(Reason.DRAINING, "agent") - agent.refusals["draining"], (0, 1)
+        )
+        edge.sessions.draining = False
+        await eventually(lambda: len(edge.sessions.sessions) == 1 and old not in edge.sessions.sessions,
+                         "the agent welcomed again")
+        (new,) = edge.sessions.sessions
+        link = agent.link
+        self.assertIsNotNone(link)
+        await eventually(lambda: agent._welcomed is link, "the agent to read its welcome")
+        self.assertEqual(
+            {name: n for name, n in tunneld_timers().items() if "welcome" in name}, {},
+        )
+        # Longer than the welcome timeout: an orphaned timer would have fired by now.
+        since = reactor.seconds()  # type: ignore[attr-defined]
+        await eventually(lambda: reactor.seconds() - since > 2.0, "two welcome timeouts")  # type: ignore[attr-defined]
+        self.assertIs(agent.link, link)
+        self.assertEqual(list(edge.sessions.sessions), [new])
+        self.assertNotIn("the edge sent no welcome in time", str(events.events))
         code, _, body = await harness.request("app.test", "/hello")
         self.assertEqual((code, body), (200, b"hello from upstream"))
 

@@ -88,7 +88,8 @@ class Upstream(resource.Resource):
     """
     The private service behind the tunnel.  Paths: C{/hello}, C{/echo}
     (echoes the body), C{/sha256} (hash of the body), C{/bytes/N} (N pattern
-    bytes, streamed), C{/hang} (never answers), C{/headers} (request headers).
+    bytes, streamed), C{/hang} (never answers), C{/stall} (a head promising
+    1000 bytes and the first 10, then nothing), C{/headers} (request headers).
     """
 
     isLeaf = True
@@ -124,6 +125,11 @@ class Upstream(resource.Resource):
             lines = [b"%s: %s" % (k.lower(), v) for k, vs in request.requestHeaders.getAllRawHeaders() for v in vs]
             return b"\n".join(sorted(lines))
         if path == b"/hang":
+            self.hanging.append(request)
+            return server.NOT_DONE_YET
+        if path == b"/stall":
+            request.setHeader(b"content-length", b"1000")
+            request.write(b"0123456789")
             self.hanging.append(request)
             return server.NOT_DONE_YET
         request.setResponseCode(404)
@@ -264,6 +270,7 @@ class TunnelHarness:
         agent_id: str = "agent",
         token: str = "",
         wait: bool = True,
+        welcome_timeout: float | None = None,
         **agent: Any,
     ) -> AgentService:
         section = AgentSection(id=agent_id, token=token, transports=[self.transport], **agent)
@@ -280,7 +287,10 @@ class TunnelHarness:
         transports = transport_options(
             section.transports, config.transports, config.source, edge=False
         )
-        service = AgentService(config, transports, reactor)
+        if welcome_timeout is None:
+            service = AgentService(config, transports, reactor)
+        else:
+            service = AgentService(config, transports, reactor, welcome_timeout=welcome_timeout)
         service.startService()
         self.case.addCleanup(service.stopService)
         self.agents.append(service)
@@ -344,3 +354,79 @@ class _BytesIO:
 
 async def sleep(seconds: float) -> None:
     await deferLater(reactor, seconds, lambda: None)
+
+
+async def eventually(predicate: Any, what: str, timeout: float = 30.0, step: float = 0.02) -> None:
+    """Wait until C{predicate()} holds (polling the reactor), or fail naming C{what}."""
+    waited = 0.0
+    while not predicate():
+        if waited >= timeout:
+            raise AssertionError(f"still waiting for {what} after {timeout}s of polling")
+        await sleep(step)
+        waited += step
+
+
+def open_fds(pid: int | str = "self") -> int:
+    """How many file descriptors process C{pid} has open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def sockets_on_port(port: int, pid: int | str = "self") -> int:
+    """
+    How many of process C{pid}'s open descriptors are TCP sockets with
+    C{port} at either end (a listener on it, connections to or from it).
+    """
+    inodes = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                lines = f.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            ends = (fields[1], fields[2])
+            if any(int(end.rsplit(":", 1)[1], 16) == port for end in ends):
+                inodes.add(fields[9])
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            count += 1
+    return count
+
+
+def tunneld_timers() -> dict[str, int]:
+    """The reactor's pending timers that tunneld set, counted by function."""
+    counts: dict[str, int] = {}
+    for call in reactor.getDelayedCalls():  # type: ignore[attr-defined]
+        func = call.func
+        module = getattr(func, "__module__", "") or ""
+        if module.startswith("tunneld"):
+            name = getattr(func, "__qualname__", repr(func))
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def free_port() -> int:
+    """
+    A loopback port free now, below Linux's ephemeral range: no outgoing
+    connection is given it, so it stays free for a test that must listen on
+    the same port again (an edge restarted in place).
+    """
+    import random
+    import socket
+
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 30000)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no free port in 20000-29999")

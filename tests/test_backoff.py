@@ -84,3 +84,11 @@ class BackoffTests(SynchronousTestCase):
         backoff.link_down(10.0)
         backoff.link_down(1000.0)
         self.assertEqual(backoff.failures, 2)
+
+    def test_soon_is_short_jittered_and_no_failure(self) -> None:
+        """soon() (a move the edge asked for) lies within [0, initial], spreads, and does not grow the next delay."""
+        backoff = Backoff(0.5, 30.0, 60.0, rng=random.Random(3))
+        soons = [backoff.soon() for _ in range(100)]
+        self.assertTrue(all(0 <= s <= 0.5 for s in soons))
+        self.assertGreater(max(soons) - min(soons), 0.25)
+        self.assertEqual(backoff.failures, 0)

@@ -101,13 +101,22 @@ class SessionPolicyTests(SynchronousTestCase):
         self.assertEqual(self.router.route("app.test", "/"), Reason.AGENT_UNAVAILABLE)
 
     def test_agent_goaway_stops_new_streams(self) -> None:
-        """An agent that sends GoAway gets no new streams but keeps its link for those in flight."""
+        """An agent that sends GoAway gets no new streams, keeps its link for the one in flight, and is closed once that ends."""
         leaving = self.agent("leaving")
         self.agent("staying")
+        stream, _, remote, _ = leaving.open()
         leaving.agent.send_control(GoAway(Reason.CANCELLED, "agent stopping"))
         leaving.pump()
+        self.clock.advance(1)
         self.assertFalse(leaving.edge.closed)
         self.assertEqual({self.routed_to() for _ in range(20)}, {"staying"})
+        stream.end()
+        remote.end()
+        leaving.pump()
+        self.clock.advance(1)
+        self.assertTrue(leaving.edge.closed)
+        self.assertEqual(leaving.edge_wire.closed[0], Reason.DRAINING)  # type: ignore[index]
+        self.assertEqual([s.agent_id for s in self.sessions.sessions.values()], ["staying"])
 
     def test_draining_refuses_new_agents(self) -> None:
         """While the edge drains, a new agent is turned away with draining."""

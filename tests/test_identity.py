@@ -140,12 +140,15 @@ class MutualTLSTests(TestCase):
         self.assertEqual(headers.getRawHeaders(b"tunnel-error"), [b"agent_unavailable"])
 
     async def test_agent_a_claiming_to_be_b(self) -> None:
-        """A hello naming another agent than the certificate does is refused."""
+        """A hello naming another agent than the certificate does is refused, and the agent stops instead of asking again."""
         harness = await self._edge()
         pair = self.pki.agent("alpha", ["a.example"])
-        await self._agent(harness, pair, ["a.example"], agent_id="beta", wait=False)
+        agent = await self._agent(harness, pair, ["a.example"], agent_id="beta", wait=False)
         event = await self._refused(AGENT_REFUSED)
         self.assertIn("certificate is for 'alpha'", event["check"])
+        message = await agent.gave_up
+        self.assertIn("hello claims agent 'beta' but the certificate is for 'alpha'", message)
+        self.assertEqual(self.log.formats().count("connecting to the edge over {transport}"), 1)
 
     async def test_no_client_certificate(self) -> None:
         """An agent without a client certificate fails the handshake: 'no client certificate'."""
@@ -255,6 +258,44 @@ class CertsTests(SynchronousTestCase):
         self.assertTrue(identity.permits("x.w.example"))
         self.assertFalse(identity.permits("x.y.w.example"))  # a wildcard covers one label
         self.assertFalse(identity.permits("b.example"))
+
+    def _agent_file(self, agent_id: str, with_id: str | None) -> str:
+        """An agent config file using a certificate for C{agent_id}; C{with_id}: its id line."""
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        ca = certs.make_ca()
+        ca.write(os.path.join(d, "ca.pem"), os.path.join(d, "ca.key"))
+        cert, key = os.path.join(d, "agent.pem"), os.path.join(d, "agent.key")
+        certs.issue_agent(ca, agent_id, ["a.example"]).write(cert, key)
+        path = os.path.join(d, "agent.toml")
+        with open(path, "w") as f:
+            f.write("[agent]\n")
+            if with_id is not None:
+                f.write(f'id = "{with_id}"\n')
+            f.write(f'[agent.tls]\ncertificate = "{cert}"\nkey = "{key}"\n')
+        return path
+
+    def test_agent_id_from_the_certificate(self) -> None:
+        """An agent file without an id takes its certificate's; one with the same id is accepted."""
+        from tunneld.config import load_agent_config
+
+        self.assertEqual(load_agent_config(self._agent_file("web1", None)).agent.id, "web1")
+        self.assertEqual(load_agent_config(self._agent_file("web1", "web1")).agent.id, "web1")
+        self.assertEqual(load_agent_config(None).agent.id, "agent")
+
+    def test_agent_id_not_the_certificates(self) -> None:
+        """An id the certificate does not name fails at start, naming the key, both ids and the fix."""
+        from tunneld.config import load_agent_config
+        from tunneld.errors import ConfigError
+
+        path = self._agent_file("web1", "demo")
+        with self.assertRaises(ConfigError) as caught:
+            load_agent_config(path)
+        text = str(caught.exception)
+        self.assertIn(path, text)
+        self.assertIn("agent.id", text)
+        self.assertIn("is 'demo' but the certificate", text)
+        self.assertIn("set id = 'web1', or leave id out", text)
 
     def test_cli_makes_ca_edge_agent_and_shows(self) -> None:
         """tunneld certs ca/edge/agent/show write usable files and describe them."""

@@ -19,6 +19,7 @@ from zope.interface.verify import verifyObject
 from tunneld.interfaces import IAgentLink, ILinkHandler, IStream, IStreamReceiver
 from tunneld.reasons import Reason
 from tunneld.wire import codec
+from tunneld.wire.heartbeat import Heartbeat
 from tunneld.wire.messages import (
     ControlMessage,
     GoAway,
@@ -817,6 +818,55 @@ class LinkLifetimeTests(SynchronousTestCase):
         self.assertEqual(self.pair.edge_wire.closed[0], Reason.AGENT_GONE)
         self.assertEqual([r for r, _ in self.pair.edge_handler.lost], [Reason.AGENT_GONE])
         self.assertEqual([r[1] for r in receiver.resets()], [Reason.AGENT_GONE])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class HeartbeatTests(SynchronousTestCase):
+    """Heartbeat: pings on the interval, silence declared at the timeout."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.pings: list[int] = []
+        self.silences: list[float] = []
+        self.heartbeat = Heartbeat(self.clock, 10.0, 30.0, self.pings.append, self.silences.append)
+        self.heartbeat.start()
+
+    def test_silence_declared_at_the_timeout_after_the_last_sign_of_life(self) -> None:
+        """Heard just after a ping, the link is called dead heartbeat_timeout later, not at the next ping tick after it."""
+        self.clock.advance(10.5)
+        self.assertEqual(self.pings, [1])
+        self.heartbeat.heard()
+        self.clock.advance(29.9)
+        self.assertEqual(self.silences, [])
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.silences), 1)
+        self.assertAlmostEqual(self.silences[0], 30.0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_every_sign_of_life_moves_the_deadline(self) -> None:
+        """A peer heard every few seconds is never called dead, and hearing arms no timer of its own."""
+        for _ in range(100):
+            self.clock.advance(7.0)
+            self.heartbeat.heard()
+            self.assertLessEqual(len(self.clock.getDelayedCalls()), 2)
+        self.assertEqual(self.silences, [])
+        self.clock.advance(30.0)
+        self.assertEqual(len(self.silences), 1)
+        self.assertGreater(len(self.pings), 40)  # pings went on meanwhile
+
+    def test_stop_cancels_both_timers(self) -> None:
+        """stop() leaves no timer behind, and no silence is declared after it."""
+        self.clock.advance(5)
+        self.heartbeat.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(100)
+        self.assertEqual((self.pings, self.silences), ([], []))
+
+    def test_interval_zero_is_off(self) -> None:
+        """With interval 0 nothing is sent and nothing is declared dead."""
+        heartbeat = Heartbeat(self.clock, 0.0, 30.0, self.pings.append, self.silences.append)
+        self.heartbeat.stop()
+        heartbeat.start()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 

@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.error import ProcessExitedAlready
 from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseDone
 
@@ -70,7 +71,10 @@ class ProcessTests(TestCase):
         def stop() -> Any:
             if proto.ended.called:
                 return None
-            process.signalProcess("KILL")
+            try:
+                process.signalProcess("KILL")
+            except ProcessExitedAlready:
+                pass  # exited; its end is on its way
             return proto.ended
 
         self.addCleanup(stop)

@@ -539,6 +539,71 @@ class UpstreamPoolTests(TestCase):
         self.assert_reset(stream, Reason.UPSTREAM_TIMEOUT, "no response")
         await tracking.all_closed()
 
+    async def test_stalled_body_resets_with_upstream_timeout(self) -> None:
+        """A head and part of the body, then silence: each stream is reset with upstream_timeout after the reply began, its connection dropped, no timer left; three times over."""
+        port, tracking = await self.listen(RawFactory(
+            lambda p, n: p.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789"
+            )
+        ))
+        pool = self.pool(port, body_timeout=0.3)
+        for _ in range(3):
+            stream = self.stream(http_head())
+            pool.forward(stream)
+            await stream.finished
+            self.assertEqual(stream.reply.status if stream.reply else None, 200)
+            self.assertEqual(stream.body, b"0123456789")
+            self.assert_reset(stream, Reason.UPSTREAM_TIMEOUT, "stalled", "0.3s")
+        await tracking.all_closed()
+        self.assertEqual(
+            [c for c in reactor.getDelayedCalls()  # type: ignore[attr-defined]
+             if getattr(c.func, "__module__", "").startswith("tunneld")], [],
+        )
+
+    async def test_head_then_silence(self) -> None:
+        """A head alone, then silence, is a stall too (the head came: the response timeout no longer applies)."""
+        port, _ = await self.listen(RawFactory(
+            lambda p, n: p.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        ))
+        stream = self.stream(http_head())
+        self.pool(port, response_timeout=30.0, body_timeout=0.3).forward(stream)
+        await stream.finished
+        self.assertIsNotNone(stream.reply)
+        self.assert_reset(stream, Reason.UPSTREAM_TIMEOUT, "stalled")
+
+    async def test_dribbling_body_is_not_stalled(self) -> None:
+        """An upstream sending a byte every 50 ms for a second is slow, not stalled: the body arrives whole."""
+
+        def answer(p: RawUpstream, n: int) -> None:
+            p.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n")
+            left = [20]
+
+            def drip() -> None:
+                p.transport.write(b"x")
+                left[0] -= 1
+                if left[0]:
+                    reactor.callLater(0.05, drip)  # type: ignore[attr-defined]
+
+            drip()
+
+        port, _ = await self.listen(RawFactory(answer))
+        stream = self.stream(http_head())
+        self.pool(port, body_timeout=2.0).forward(stream)
+        await stream.finished
+        self.assertIsNone(stream.reset_with)
+        self.assertEqual(stream.body, b"x" * 20)
+
+    async def test_body_timeout_zero_waits(self) -> None:
+        """With body_timeout 0 a silent response is left alone (the edge's idle timeout is the limit)."""
+        port, _ = await self.listen(RawFactory(
+            lambda p, n: p.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n01")
+        ))
+        stream = self.stream(http_head())
+        self.pool(port, response_timeout=0.2, body_timeout=0).forward(stream)
+        await until(lambda: stream.received == 2)
+        await deferLater(reactor, 0.5, lambda: None)  # type: ignore[arg-type]
+        self.assertFalse(stream.finished.called)
+
     async def test_garbage(self) -> None:
         """An upstream answering with garbage resets the stream with upstream_error."""
         port, _ = await self.listen(
@@ -684,9 +749,11 @@ class UpstreamPoolTests(TestCase):
         await until(lambda: stream.blocked)
         producer = stream.producer
         assert producer is not None
-        self.assertEqual(producer.getPeer().port, port)  # type: ignore[attr-defined]
+        # The stream's producer is the upstream connection (it notes the pause).
+        transport = producer.sock  # type: ignore[attr-defined]
+        self.assertEqual(transport.getPeer().port, port)
         self.assertTrue(stream.producer_paused)
-        self.assertNotIn(producer, reactor.getReaders())  # type: ignore[attr-defined]
+        self.assertNotIn(transport, reactor.getReaders())  # type: ignore[attr-defined]
         at_block = stream.received
         await deferLater(reactor, 0.3, lambda: None)  # type: ignore[arg-type]
         self.assertLess(stream.received - at_block, 4 * CHUNK)
@@ -742,3 +809,52 @@ class EndToEndHeadersTests(SynchronousTestCase):
             head = ((b"Connection", b"close"), (b"X-N", b"%d" % n))
             self.assertEqual(upstream._end_to_end_of_head(head), ((b"X-N", b"%d" % n),))
         self.assertLessEqual(len(upstream._KEPT), upstream._KEPT.limit)
+
+
+class _StallingH2(Protocol):
+    """An h2c upstream that answers every request with a head and 10 bytes, then nothing."""
+
+    def connectionMade(self) -> None:
+        from h2.config import H2Configuration
+        from h2.connection import H2Connection
+
+        self.h2 = H2Connection(H2Configuration(client_side=False))
+        self.h2.initiate_connection()
+        self.transport.write(self.h2.data_to_send())
+
+    def dataReceived(self, data: bytes) -> None:
+        from h2 import events
+
+        for event in self.h2.receive_data(data):
+            if isinstance(event, events.RequestReceived):
+                self.h2.send_headers(event.stream_id, [(":status", "200")])
+                self.h2.send_data(event.stream_id, b"0123456789")
+        self.transport.write(self.h2.data_to_send())
+
+
+class H2UpstreamBodyTimeoutTests(TestCase):
+    """The h2c upstream pool's body timeout, against a real HTTP/2 server."""
+
+    timeout = 30
+
+    async def test_stalled_h2_body_resets_with_upstream_timeout(self) -> None:
+        """An h2c upstream that stalls after its head and some DATA gets the stream reset with upstream_timeout; twice over one connection."""
+        from tunneld.agent.upstream_h2 import H2UpstreamPool
+
+        endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
+        port = await endpoint.listen(Factory.forProtocol(_StallingH2))
+        self.addCleanup(port.stopListening)
+        pool = H2UpstreamPool(
+            reactor, f"tcp:host=127.0.0.1:port={port.getHost().port}", body_timeout=0.3  # type: ignore[attr-defined]
+        )
+        self.addCleanup(pool.close)
+        for _ in range(2):
+            stream = FakeStream(http_head())
+            pool.forward(stream)
+            stream.send_end()
+            await stream.finished
+            self.assertEqual(stream.reply.status if stream.reply else None, 200)
+            self.assertEqual(stream.body, b"0123456789")
+            assert stream.reset_with is not None
+            self.assertEqual(stream.reset_with[0], Reason.UPSTREAM_TIMEOUT)
+            self.assertIn("stalled", stream.reset_with[1])

@@ -272,6 +272,36 @@ class HeartbeatOverSocketsTests(TestCase):
         agent.close(Reason.CANCELLED, "test over")
         await agent.when_closed()
 
+    async def test_peer_pings_keep_a_link_alive(self) -> None:
+        """A link that only hears its peer's WebSocket Pings is alive: it outlives its own heartbeat timeout many times over."""
+        transport = WebSocketTransport()
+        edge_links: list[Any] = []
+        handler = _Handler()
+        port = reactor.listenTCP(  # type: ignore[attr-defined]
+            0,
+            EdgeWebSocketFactory(
+                # The edge never pings: only the agent's Pings tell it the agent is there.
+                WebSocketEdgeOptions(heartbeat_interval=600.0, heartbeat_timeout=1.0),
+                EdgeLinkSetup(on_link=lambda link: (link.set_handler(handler), edge_links.append(link)),
+                              reactor=reactor),
+            ),
+            interface="127.0.0.1",
+        )
+        self.addCleanup(port.stopListening)
+        options = transport.agent_options(
+            {"url": f"ws://127.0.0.1:{port.getHost().port}/tunnel", "heartbeat_interval": 0.05}, "test"
+        )
+        agent = await transport.connect(options, AgentLinkSetup(reactor=reactor))
+        agent.set_handler(_Handler())
+        pongs: list[int] = []
+        answered = agent.heartbeat.pong
+        agent.heartbeat.pong = lambda opaque: (pongs.append(opaque), answered(opaque))
+        # Sixty answered pings span at least three of the edge's timeouts.
+        await until(lambda: len(pongs) >= 60)
+        self.assertEqual(handler.lost, [])
+        self.assertFalse(edge_links[0].closed)
+        agent.close(Reason.CANCELLED, "test over")
+        await agent.when_closed()
 
 class _OneRequest(protocol.Protocol):
     """Sends raw bytes and keeps what comes back, until the head is whole or the server closes."""

@@ -9,6 +9,7 @@ fails at start with the file, the key and the reason.
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -396,7 +397,13 @@ class AgentTLS:
 class AgentSection:
     """The agent's own settings ([agent])."""
 
-    id: str = setting("agent", "This agent's id.")
+    id: str = setting(
+        "",
+        "This agent's id, which the edge checks: with a client certificate "
+        "(agent.tls.certificate) it must be the certificate's (its tunneld-agent:// URI "
+        "name, else its first DNS name), and '' takes it from there; without one, the "
+        "[[agents]] id its token is granted under ('' = 'agent').",
+    )
     token: str = setting("", "Token for token authentication (development).")
     transports: list[str] = setting(
         ["websocket"],
@@ -428,6 +435,19 @@ class AgentSection:
     )
     upstream_response_timeout: float = setting(
         60.0, "Seconds an upstream may take to start its response.", check=positive
+    )
+    upstream_body_timeout: float = setting(
+        60.0,
+        "Seconds an upstream may send nothing more of a response it has begun (while the "
+        "client can take more) before the stream is cut with upstream_timeout; 0 = never "
+        "(for responses that may idle longer: SSE without comments, long-poll, gRPC streams).",
+        check=non_negative,
+    )
+    welcome_timeout: float = setting(
+        15.0,
+        "Seconds the edge has to answer a new link's hello; past it the link is closed and "
+        "dialled again.",
+        check=positive,
     )
     cpu_scheduling: str = _cpu_scheduling()
     tls: AgentTLS = field(
@@ -548,6 +568,8 @@ def load_agent_config(path: str | None) -> AgentConfig:
     config: AgentConfig = _parse(AgentConfig, raw, where)
     tls = config.agent.tls
     _check_tls_files(where, "agent.tls", tls.certificate, tls.key, tls.ca)
+    agent = dataclasses.replace(config.agent, id=resolve_agent_id(config.agent, where))
+    config = dataclasses.replace(config, agent=agent)
     for i, tunnel in enumerate(config.tunnels):
         if tunnel.protocol == "tcp" and tunnel.path_prefix:
             raise ConfigError(where, f"tunnels[{i}].path_prefix", "tcp tunnels have no path prefix")
@@ -556,6 +578,41 @@ def load_agent_config(path: str | None) -> AgentConfig:
         if tunnel.protocol == "http" and tunnel.remote_port:
             raise ConfigError(where, f"tunnels[{i}].remote_port", "only tcp tunnels have a port")
     return AgentConfig(config.agent, config.tunnels, config.transports, where)
+
+
+def resolve_agent_id(agent: AgentSection, where: str) -> str:
+    """
+    The id this agent says hello with: its certificate's when C{id} is left
+    out; C{"agent"} without either.  An id that the certificate does not
+    name is refused here, at start: the edge would refuse every hello.
+    """
+    certificate = agent.tls.certificate
+    if not certificate:
+        return agent.id or "agent"
+    from tunneld.tls import certificate_file_identity
+
+    try:
+        identity = certificate_file_identity(certificate)
+    except Exception as e:  # noqa: BLE001 -- whatever the file holds, say which file
+        raise ConfigError(
+            where, "agent.tls.certificate", f"cannot read a certificate from {certificate}: {e}"
+        ) from None
+    if identity.agent_id is None:
+        raise ConfigError(
+            where, "agent.tls.certificate",
+            f"{certificate} names no agent (no tunneld-agent:// URI or DNS name); make one "
+            "with `tunneld certs agent --id NAME`",
+        )
+    if not agent.id:
+        return identity.agent_id
+    if not identity.is_agent(agent.id):
+        raise ConfigError(
+            where, "agent.id",
+            f"is {agent.id!r} but the certificate {certificate} is for agent "
+            f"{identity.agent_id!r}: set id = {identity.agent_id!r}, or leave id out to take "
+            "the certificate's",
+        )
+    return agent.id
 
 
 def transport_options(

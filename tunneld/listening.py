@@ -139,6 +139,14 @@ class ListeningService(Service):
             # privilegedStartService was not called (e.g. added after start).
             self.privilegedStartService()
 
+    def stop_accepting(self) -> Deferred[Any]:
+        """
+        Stop listening, leaving the connections already accepted alone (a
+        draining edge keeps its agent links until their streams end).
+        """
+        port, self.port = self.port, None
+        return maybeDeferred(port.stopListening) if port is not None else succeed(None)
+
     def stopService(self) -> Deferred[Any]:  # noqa: N802
         Service.stopService(self)
         port, self.port = self.port, None

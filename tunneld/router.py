@@ -116,10 +116,14 @@ class Router:
                 self._by_host.pop(spec.hostname.lower(), None)
 
     def serving(self, spec: TunnelSpec) -> int:
-        """How many sessions serve exactly C{spec} now."""
+        """
+        How many sessions serve exactly C{spec} now, draining ones left out:
+        they take no new streams and are on their way out, so an agent that
+        moves off a drained session is not refused for its own old one.
+        """
         for tunnel in self._by_host.get(spec.hostname.lower(), []):
             if tunnel.spec.path_prefix == spec.path_prefix:
-                return len(tunnel.sessions)
+                return sum(1 for session in tunnel.sessions if not session.draining)
         return 0
 
     def _candidates(self, host: str) -> list[list[_Tunnel]]:

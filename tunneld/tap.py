@@ -115,15 +115,19 @@ def makeAgentService(options: AgentOptions, reactor: Any = None) -> IService:  #
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    from tunneld.exitstatus import EX_CONFIG, stop_process
+
     top = MultiService()
     agent = AgentService(options.config, options.transports, reactor)
+    # Refused for good (identity, grant): stop, and exit non-zero.
+    agent.on_fatal = lambda message: stop_process(reactor, EX_CONFIG)
     agent.setServiceParent(top)
     console = ConsoleSummary(reactor, agent, AgentActivity())
     if console.enabled:
         agent.stream_hook = console.activity.wrap
         console.setServiceParent(top)
     SystemdNotifyService(
-        reactor, lambda: [], lambda: f"agent {options.config.agent.id}"
+        reactor, lambda: [], lambda: f"agent {agent.agent_id}"
     ).setServiceParent(top)
     CpuScheduling(options.config.agent.cpu_scheduling).setServiceParent(top)
     GcTuning().setServiceParent(top)

@@ -489,7 +489,13 @@ def certificate_identity(certificate: X509) -> AgentIdentity:
     return AgentIdentity(agent_id, patterns, tuple(hostnames))
 
 
+def certificate_file_identity(path: str) -> AgentIdentity:
+    """L{certificate_identity} of the first certificate in PEM file C{path}."""
+    return certificate_identity(_load_certificates(path)[0].original)
+
+
 __all__ = [
+    "certificate_file_identity",
     "INTERMEDIATE_CIPHERS",
     "INTERMEDIATE_CURVES",
     "AgentIdentity",

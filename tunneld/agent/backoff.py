@@ -35,6 +35,14 @@ class Backoff:
         self.failures += 1
         return ceiling * (0.5 + self._rng.random() / 2)
 
+    def soon(self) -> float:
+        """
+        A short delay for a move that is no failure (the edge asked this
+        agent to go elsewhere): anywhere in [0, initial], so that a fleet
+        told at once does not dial back at once.  Failures do not grow.
+        """
+        return self.initial * self._rng.random()
+
     def link_up(self, now: float) -> None:
         """A link came up at C{now}."""
         self._up_since = now

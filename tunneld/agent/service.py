@@ -6,11 +6,20 @@ Transports are tried in the configured order; when one cannot connect the
 next is tried and the agent says so.  Every reconnect starts again from the
 preferred transport, so a fallback is left as soon as the preferred one works
 again.  A lost link is redialled after a jittered exponential backoff.
+
+A link the edge turns away before its Welcome is a refusal: counted by
+reason, logged, and redialled after the same backoff (an edge that is
+draining is not asked again at once).  A refusal that retrying cannot
+change (C{unauthorized}: the agent's id, token or certificate, or its grant)
+stops the agent with a message saying what to fix.  A link the edge asks to
+leave (C{GoAway(draining)}) is replaced by a new one and retired: it closes
+once its last stream has ended.
 """
 
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +35,7 @@ from tunneld.agent.health import UpstreamProbe, parse_health_check
 from tunneld.agent.tcp import TCPForwarder
 from tunneld.agent.upstream import UpstreamPool
 from tunneld.agent.upstream_h2 import H2UpstreamPool
-from tunneld.config import AgentConfig
+from tunneld.config import AgentConfig, resolve_agent_id
 from tunneld.interfaces import (
     AgentLinkSetup,
     IAgentLink,
@@ -35,22 +44,43 @@ from tunneld.interfaces import (
     ITransportPlugin,
 )
 from tunneld.reasons import Reason
+from tunneld.retire import Retirement
 from tunneld.router import tunnel_key
 from tunneld.tls import client_tls_for
 from tunneld.wire.messages import ControlMessage, GoAway, Health, Hello, TunnelSpec, Welcome
 
+# Refusals that no retry can change: the agent stops instead of asking forever.
+_FINAL_REFUSALS = frozenset({Reason.UNAUTHORIZED})
+_FIX_HINT = (
+    "check this agent's id (or leave it out to take the certificate's), its token or "
+    "client certificate, and the edge's [[agents]] grant"
+)
+# How long a link the agent moves off may keep its streams, at most (the
+# edge that asked it to move closes it at its own drain_timeout first).
+_RETIRE_DEADLINE = 300.0
+
 
 @implementer(ILinkHandler)
-class _LinkEvents:
-    """Tells the service which link an event came from (old links drain after GOAWAY)."""
+class _Link:
+    """
+    One link as the service tracks it: its events tagged with it (old links
+    drain after GOAWAY), whether the edge welcomed it, its own welcome timer,
+    and its retirement once the agent moves off it.
+    """
 
     def __init__(self, service: AgentService, link: IAgentLink) -> None:
         self.service = service
         self.link = link
+        self.welcomed = False
+        self.lost = False
+        # The edge's GoAway before any Welcome: why it turned this link away.
+        self.refusal: tuple[Reason, str] | None = None
+        self.welcome_timer: Any = None
+        self.retirement: Retirement | None = None
 
     def control_received(self, message: ControlMessage) -> None:
         """ILinkHandler.control_received"""
-        self.service.control_received(self.link, message)
+        self.service.control_received(self, message)
 
     def stream_opened(self, stream: IStream) -> None:
         """ILinkHandler.stream_opened"""
@@ -58,7 +88,17 @@ class _LinkEvents:
 
     def link_lost(self, reason: Reason, message: str) -> None:
         """ILinkHandler.link_lost"""
-        self.service.link_lost(self.link, reason, message)
+        self.lost = True
+        self.stop_timers()
+        self.service.link_lost(self, reason, message)
+
+    def stop_timers(self) -> None:
+        timer, self.welcome_timer = self.welcome_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        retirement, self.retirement = self.retirement, None
+        if retirement is not None:
+            retirement.cancel()
 
 
 class AgentService(Service):
@@ -71,13 +111,17 @@ class AgentService(Service):
         config: AgentConfig,
         transports: list[tuple[ITransportPlugin, Any]],
         reactor: Any,
-        welcome_timeout: float = 15.0,
+        welcome_timeout: float | None = None,
     ) -> None:
         self.config = config
         self.transports = transports
         self.reactor = reactor
-        self.welcome_timeout = welcome_timeout
         section = config.agent
+        self.welcome_timeout = (
+            section.welcome_timeout if welcome_timeout is None else welcome_timeout
+        )
+        # Normally resolved by load_agent_config; a config built in code may leave it out.
+        self.agent_id = section.id or resolve_agent_id(section, config.source)
         self.backoff = Backoff(section.reconnect_initial, section.reconnect_max, section.healthy_after)
         tls = section.tls
         self.setup = AgentLinkSetup(
@@ -106,6 +150,7 @@ class AgentService(Service):
                     tunnel.upstream,
                     connect_timeout=section.upstream_connect_timeout,
                     response_timeout=section.upstream_response_timeout,
+                    body_timeout=section.upstream_body_timeout,
                 )
                 continue
             self.pools[tunnel_key(spec)] = UpstreamPool(
@@ -114,6 +159,7 @@ class AgentService(Service):
                 max_idle=section.upstream_max_idle,
                 connect_timeout=section.upstream_connect_timeout,
                 response_timeout=section.upstream_response_timeout,
+                body_timeout=section.upstream_body_timeout,
             )
         self.probes: dict[str, UpstreamProbe] = {}
         for tunnel, spec in zip(config.tunnels, self.specs, strict=True):
@@ -129,13 +175,18 @@ class AgentService(Service):
         self.link: IAgentLink | None = None
         self.public_urls: tuple[str, ...] = ()
         self.ready: Deferred[Welcome] = Deferred()
+        # Fires (with the message) when the edge refused this agent for good.
+        self.gave_up: Deferred[str] = Deferred()
+        # Called then too; the twistd plugin stops the process with it.
+        self.on_fatal: Callable[[str], None] | None = None
+        # Links the edge turned away before welcoming them, by reason.
+        self.refusals: Counter[str] = Counter()
         # Observability seam: sees (and may wrap) each stream before it is served.
         self.stream_hook: Callable[[IStream], IStream] | None = None
         self._index = 0
         self._pending: Any = None
-        self._welcome_timer: Any = None
         self._stopping = False
-        self._links: set[IAgentLink] = set()
+        self._links: dict[IAgentLink, _Link] = {}
         self._prefer_timer: Any = None
 
     # -- lifecycle ----------------------------------------------------------
@@ -149,19 +200,24 @@ class AgentService(Service):
 
     def stopService(self) -> Deferred[Any]:  # noqa: N802
         Service.stopService(self)
-        self._stopping = True
-        if self._pending is not None and self._pending.active():
-            self._pending.cancel()
-        self._cancel_welcome_timer()
-        if self._prefer_timer is not None and self._prefer_timer.active():
-            self._prefer_timer.cancel()
+        self._stop_dialling()
         for probe in self.probes.values():
             probe.stop()
         waits = [pool.close() for pool in self.pools.values()]
-        for link in self._links:
-            link.close(Reason.CANCELLED, "agent stopping")
-            waits.append(link.when_closed())
+        for tracked in list(self._links.values()):
+            tracked.stop_timers()
+            tracked.link.close(Reason.CANCELLED, "agent stopping")
+            waits.append(tracked.link.when_closed())
         return DeferredList(waits)
+
+    def _stop_dialling(self) -> None:
+        self._stopping = True
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._pending = None
+        if self._prefer_timer is not None and self._prefer_timer.active():
+            self._prefer_timer.cancel()
+        self._prefer_timer = None
 
     # -- dialling -----------------------------------------------------------
 
@@ -174,6 +230,14 @@ class AgentService(Service):
         self.log.info("connecting to the edge over {transport}", transport=plugin.name)
         d = plugin.connect(options, self.setup)
         d.addCallbacks(self._connected, self._connect_failed)
+
+    def _dial_in(self, delay: float) -> None:
+        """Dial again (from the preferred transport) in C{delay} seconds; one dial pending at most."""
+        if self._stopping:
+            return
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._pending = self.reactor.callLater(delay, self._dial, 0)
 
     def _connect_failed(self, failure: Failure) -> None:
         if self._stopping:
@@ -195,80 +259,113 @@ class AgentService(Service):
             return
         delay = self.backoff.next_delay()
         self.log.warn("link down ({why}); reconnecting in {delay:.1f}s", why=why, delay=delay)
-        self._pending = self.reactor.callLater(delay, self._dial, 0)
+        self._dial_in(delay)
 
     def _connected(self, link: IAgentLink) -> None:
         if self._stopping:
             link.close(Reason.CANCELLED, "agent stopping")
             return
         self.link = link
-        self._links.add(link)
-        link.when_closed().addCallback(lambda _: self._links.discard(link))
-        link.set_handler(_LinkEvents(self, link))
+        tracked = _Link(self, link)
+        self._links[link] = tracked
+        link.when_closed().addCallback(lambda _: self._forget(tracked))
+        link.set_handler(tracked)
+        if tracked.lost:
+            return  # turned away before it could say hello (see link_lost)
         link.send_control(
             Hello(
-                agent_id=self.config.agent.id,
+                agent_id=self.agent_id,
                 tunnels=tuple(self.specs),
                 token=self.config.agent.token,
                 software=f"tunneld-agent/{__version__}",
                 initial_window=self.config.agent.initial_window,
             )
         )
-        self._welcome_timer = self.reactor.callLater(self.welcome_timeout, self._no_welcome)
+        # Each link has its own timer: an old link's can never close a new one.
+        tracked.welcome_timer = self.reactor.callLater(
+            self.welcome_timeout, self._no_welcome, tracked
+        )
 
-    def _no_welcome(self) -> None:
-        self._welcome_timer = None
-        if self.link is not None:
-            self.link.close(Reason.PROTOCOL_ERROR, "the edge sent no welcome in time")
+    def _forget(self, tracked: _Link) -> None:
+        tracked.stop_timers()
+        if self._links.get(tracked.link) is tracked:
+            del self._links[tracked.link]
 
-    def _cancel_welcome_timer(self) -> None:
-        if self._welcome_timer is not None and self._welcome_timer.active():
-            self._welcome_timer.cancel()
-        self._welcome_timer = None
+    def _no_welcome(self, tracked: _Link) -> None:
+        tracked.welcome_timer = None
+        if not tracked.welcomed and not tracked.lost:
+            tracked.link.close(Reason.PROTOCOL_ERROR, "the edge sent no welcome in time")
 
     # -- link events --------------------------------------------------------------
 
-    def control_received(self, link: IAgentLink, message: ControlMessage) -> None:
-        if link is not self.link:
+    def control_received(self, tracked: _Link, message: ControlMessage) -> None:
+        link = tracked.link
+        if isinstance(message, GoAway) and not tracked.welcomed:
+            # Turned away before a Welcome: a refusal (see link_lost).
+            tracked.refusal = (message.reason, message.message)
+            link.close(message.reason, message.message)
             return
-        if isinstance(message, Welcome):
-            self._cancel_welcome_timer()
-            self.backoff.link_up(self.reactor.seconds())
-            self.public_urls = message.public_urls
-            self.log.info(
-                "link up over {transport} to {peer} (session {session})",
-                transport=link.transport_name, peer=link.peer, session=message.session_id,
-            )
-            for url in message.public_urls:
-                self.log.info("tunnel ready: {url}", url=url)
-            self._welcomed = link
-            for key, probe in self.probes.items():
-                if probe.healthy is not None:
-                    link.send_control(Health(key, probe.healthy, probe.detail))
-            for refusal in message.refused:
-                self.log.error(
-                    "edge refused tunnel {tunnel}: {reason} ({message})",
-                    tunnel=tunnel_key(refusal.tunnel), reason=refusal.reason.value,
-                    message=refusal.message,
-                )
-            if not self.ready.called:
-                self.ready.callback(message)
-            if self._index > 0:
-                self._schedule_preferred()
+        if link is not self.link:
+            return  # an old link, retiring
+        if isinstance(message, Welcome) and not tracked.welcomed:
+            self._welcome(tracked, message)
         elif isinstance(message, GoAway) and message.reason is Reason.DRAINING:
-            self.log.info(
-                "edge is draining ({message}); reconnecting", message=message.message
-            )
             # In-flight streams finish on the old link; new ones arrive on the new.
             self.link = None
-            self._pending = self.reactor.callLater(0, self._dial, 0)
+            self.backoff.link_down(self.reactor.seconds())
+            delay = self.backoff.soon()
+            self.log.info(
+                "edge is draining ({message}); moving to a new link in {delay:.2f}s",
+                message=message.message, delay=delay,
+            )
+            self._retire(tracked, "the edge asked this agent to move")
+            self._dial_in(delay)
         elif isinstance(message, GoAway):
             self.log.error(
                 "edge is closing the link: {reason}: {message}",
                 reason=message.reason.value, message=message.message,
             )
         else:
-            link.close(Reason.PROTOCOL_ERROR, "unexpected hello from the edge")
+            link.close(Reason.PROTOCOL_ERROR, f"unexpected {type(message).__name__} from the edge")
+
+    def _welcome(self, tracked: _Link, message: Welcome) -> None:
+        link = tracked.link
+        tracked.welcomed = True
+        timer, tracked.welcome_timer = tracked.welcome_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        self.backoff.link_up(self.reactor.seconds())
+        self.public_urls = message.public_urls
+        self.log.info(
+            "link up over {transport} to {peer} (session {session})",
+            transport=link.transport_name, peer=link.peer, session=message.session_id,
+        )
+        for url in message.public_urls:
+            self.log.info("tunnel ready: {url}", url=url)
+        self._welcomed = link
+        for key, probe in self.probes.items():
+            if probe.healthy is not None:
+                link.send_control(Health(key, probe.healthy, probe.detail))
+        for refusal in message.refused:
+            self.log.error(
+                "edge refused tunnel {tunnel}: {reason} ({message})",
+                tunnel=tunnel_key(refusal.tunnel), reason=refusal.reason.value,
+                message=refusal.message,
+            )
+        if not self.ready.called:
+            self.ready.callback(message)
+        if self._index > 0:
+            self._schedule_preferred()
+
+    def _retire(self, tracked: _Link, message: str, within: float = _RETIRE_DEADLINE) -> None:
+        """Close C{tracked}'s link once its last stream ends (at most C{within} seconds on)."""
+        if tracked.retirement is None and not tracked.lost:
+            retirement = Retirement(
+                self.reactor, tracked.link, self.reactor.seconds() + within,
+                Reason.DRAINING, message,
+            )
+            if not retirement.done:  # (done: it had no stream and is closed)
+                tracked.retirement = retirement
 
     # -- returning to the preferred transport ---------------------------------
 
@@ -294,25 +391,20 @@ class AgentService(Service):
         d.addCallbacks(self._switch_to_preferred, failed)
 
     def _switch_to_preferred(self, link: IAgentLink) -> None:
-        old = self.link
+        old = self._links.get(self.link) if self.link is not None else None
         if self._stopping or old is None:
             link.close(Reason.CANCELLED, "no longer needed")
             return
         self.log.info(
             "preferred transport {transport} is back; moving off {old}",
-            transport=link.transport_name, old=old.transport_name,
+            transport=link.transport_name, old=old.link.transport_name,
         )
         self._index = 0
         self._connected(link)
         # The old link takes no new streams and closes once its last one ends.
-        old.send_control(GoAway(Reason.DRAINING, "agent moved to its preferred transport"))
-        self._retire(old, self.reactor.seconds() + 30.0)
+        old.link.send_control(GoAway(Reason.DRAINING, "agent moved to its preferred transport"))
+        self._retire(old, "agent moved to its preferred transport", within=30.0)
 
-    def _retire(self, link: IAgentLink, deadline: float) -> None:
-        if link.active_streams() == 0 or self.reactor.seconds() >= deadline:
-            link.close(Reason.DRAINING, "agent moved to its preferred transport")
-            return
-        self.reactor.callLater(0.5, self._retire, link, deadline)
     def _health_changed(self, key: str, healthy: bool, detail: str) -> None:
         """An upstream probe changed its verdict: log it and tell the edge."""
         if healthy:
@@ -332,12 +424,55 @@ class AgentService(Service):
             return
         pool.forward(stream)
 
-    def link_lost(self, link: IAgentLink, reason: Reason, message: str) -> None:
-        if link is not self.link:
+    def link_lost(self, tracked: _Link, reason: Reason, message: str) -> None:
+        if tracked.link is not self.link:
             return  # an old link that drained after GOAWAY
-        self._cancel_welcome_timer()
-        self.backoff.link_down(self.reactor.seconds())
-        if reason is Reason.UNAUTHORIZED:
-            self.log.error("the edge refused this agent: {message}", message=message)
         self.link = None
+        if not tracked.welcomed:
+            refusal = tracked.refusal
+            if refusal is None and reason in _FINAL_REFUSALS:
+                refusal = (reason, message)
+            if refusal is not None:
+                self._refused(*refusal)
+            else:
+                self._retry_later(f"{reason.value}: {message}")
+            return
+        self.backoff.link_down(self.reactor.seconds())
         self._retry_later(f"{reason.value}: {message}")
+
+    # -- refusals -----------------------------------------------------------
+
+    def _refused(self, reason: Reason, message: str) -> None:
+        """The edge turned a link away before welcoming it."""
+        self.refusals[reason.value] += 1
+        if reason in _FINAL_REFUSALS:
+            self._give_up(f"the edge refused agent {self.agent_id!r}: {reason.value}: {message}")
+            return
+        if self._stopping:
+            return
+        delay = self.backoff.next_delay()
+        # (Not "message": under a legacy log observer that key is taken.)
+        self.log.warn(
+            "the edge refused the link: {reason}: {detail} ({count} {reason} refusals so "
+            "far); reconnecting in {delay:.1f}s",
+            reason=reason.value, detail=message, count=self.refusals[reason.value],
+            delay=delay,
+        )
+        self._dial_in(delay)
+
+    def _give_up(self, message: str) -> None:
+        """Stop for good: dialling again would be refused the same way."""
+        if self._stopping:
+            return
+        self._stop_dialling()
+        self.log.critical(
+            "{refusal}. Retrying cannot change this, so the agent stops: {hint}.",
+            refusal=message, hint=_FIX_HINT,
+        )
+        link = self.link
+        if link is not None:
+            link.close(Reason.CANCELLED, "agent giving up")
+        if not self.gave_up.called:
+            self.gave_up.callback(message)
+        if self.on_fatal is not None:
+            self.on_fatal(message)

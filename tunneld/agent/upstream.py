@@ -12,7 +12,9 @@ connections are kept in a small idle pool and reused.
 
 Every failure ends the stream with a L{Reason}: C{upstream_refused} when no
 connection could be made, C{upstream_timeout} when no response head came in
-time, C{upstream_error} when the response is malformed or cut short.
+time or a response stalled (nothing more of it for C{body_timeout} seconds
+while the client could take more), C{upstream_error} when the response is
+malformed or cut short.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class _Transport(typing.Protocol):
     def unregisterProducer(self) -> None: ...
     def pauseProducing(self) -> None: ...
     def resumeProducing(self) -> None: ...
+    def stopProducing(self) -> None: ...
 
 
 def _end_to_end(headers: Sequence[Header]) -> list[Header]:
@@ -114,12 +117,16 @@ def _end_to_end_of_head(headers: tuple[Header, ...]) -> tuple[Header, ...]:
     return kept
 
 
+@implementer(IPushProducer)
 class _UpstreamConnection(Protocol):
     """
     One HTTP/1.1 connection to the upstream, carrying one exchange at a time.
 
     It only moves bytes and lifecycle events; the L{_Exchange} it serves
-    drives its request writer and response parser.
+    drives its request writer and response parser.  It is also the tunnel
+    stream's producer: pausing it stops reading the response, and the
+    exchange hears of it, so that a client slow to read is not taken for an
+    upstream that stalled.
     """
 
     log = Logger()
@@ -167,6 +174,26 @@ class _UpstreamConnection(Protocol):
         waiters, self._lost_waiters = self._lost_waiters, []
         for waiter in waiters:
             waiter.callback(None)
+
+    def pauseProducing(self) -> None:
+        """IPushProducer: the stream is out of credit; stop reading the response."""
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.reading_paused = True
+        self.sock.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """IPushProducer: read the response again."""
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.reading_paused = False
+            # The upstream's silence counts from now: it could not be read.
+            exchange.last_read = self._pool._reactor.seconds()
+        self.sock.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """IPushProducer"""
+        self.sock.stopProducing()
 
     def when_lost(self) -> Deferred[None]:
         """A Deferred that fires once this connection is closed."""
@@ -230,6 +257,8 @@ class _Exchange:
         "_stream_has_producer",
         "_transport_has_producer",
         "_timer",
+        "last_read",
+        "reading_paused",
         "__weakref__",
     )
 
@@ -268,7 +297,11 @@ class _Exchange:
         self._paused = False
         self._stream_has_producer = False
         self._transport_has_producer = False
+        # One timer: for the response head, then for the body's progress.
         self._timer: Any = None
+        # When response bytes last came, and whether the stream holds the reading.
+        self.last_read = 0.0
+        self.reading_paused = False
 
     # -- starting ---------------------------------------------------------
 
@@ -359,7 +392,8 @@ class _Exchange:
         self._reused = reused
         conn.exchange = self
         transport = conn.sock
-        self._stream.registerProducer(cast(IPushProducer, transport), True)
+        self.reading_paused = False
+        self._stream.registerProducer(conn, True)
         self._stream_has_producer = True
         if self._end is None:
             transport.registerProducer(self, True)
@@ -505,6 +539,7 @@ class _Exchange:
     def upstream_data(self, conn: _UpstreamConnection, data: bytes) -> None:
         """Bytes of the response arrived on C{conn}."""
         self._response_started = True
+        self.last_read = self._pool._reactor.seconds()
         try:
             conn.parser.feed(data)
         except ResponseError as error:
@@ -524,7 +559,7 @@ class _Exchange:
         """L{ResponseSink}: the response head, passed on without hop-by-hop headers."""
         if self._done:
             return
-        self._cancel_timer()
+        self._body_timer()
         self._replied = True
         # Held until this read is parsed: a response without a body ends with it.
         self._held_reply = ReplyHead(status, reason, _end_to_end_of_head(headers))
@@ -663,9 +698,47 @@ class _Exchange:
         if timer is not None:
             timer.cancel()
 
+    def _body_timer(self) -> None:
+        """The head is here: the timer now watches the body's progress (or stops)."""
+        timeout = self._pool.body_timeout
+        timer = self._timer
+        if timeout <= 0:
+            self._cancel_timer()
+        elif timer is None:
+            self._timer = self._pool._reactor.callLater(timeout, self._timed_out)
+        else:
+            # Later only (the usual case) is a cheap reset: no new timer.
+            timer.reset(timeout)
+
+    def _body_stalled(self) -> None:
+        timeout = self._pool.body_timeout
+        if timeout <= 0:
+            return
+        reactor = self._pool._reactor
+        idle = reactor.seconds() - self.last_read
+        waiting = self.reading_paused or not self._request_done
+        if waiting or idle + 1e-6 < timeout:
+            # The client holds the stream or still sends its request (the
+            # upstream may be waiting for it), or bytes came since.
+            wait = timeout if waiting else timeout - idle
+            self._timer = reactor.callLater(wait, self._timed_out)
+            return
+        self.log.warn(
+            "upstream {endpoint} stalled: nothing more of its response for {timeout}s",
+            endpoint=self._pool.endpoint, timeout=timeout,
+        )
+        self._fail(
+            Reason.UPSTREAM_TIMEOUT,
+            f"upstream {self._pool.endpoint} stalled: nothing more of its response for "
+            f"{timeout:g}s",
+        )
+
     def _timed_out(self) -> None:
         self._timer = None
-        if self._done or self._replied:
+        if self._done:
+            return
+        if self._replied:
+            self._body_stalled()
             return
         if not self._request_done and (not self._full or self._progress != self._progress_mark):
             # Still sending the body, and the upstream is taking it (or the
@@ -736,6 +809,9 @@ class UpstreamPool:
     @param response_timeout: seconds to wait for the response head (counted
         from the request head, restarted while the request body still moves)
         before the stream is reset with C{upstream_timeout}.
+    @param body_timeout: seconds a begun response may bring nothing more
+        (not counting while the stream holds the reading) before the stream
+        is reset with C{upstream_timeout}; 0 = no limit.
     """
 
     log = Logger()
@@ -747,6 +823,7 @@ class UpstreamPool:
         max_idle: int = 16,
         connect_timeout: float = 10.0,
         response_timeout: float = 60.0,
+        body_timeout: float = 60.0,
     ) -> None:
         self._reactor = reactor
         self.endpoint = endpoint
@@ -755,6 +832,7 @@ class UpstreamPool:
         self.max_idle = max_idle
         self.connect_timeout = connect_timeout
         self.response_timeout = response_timeout
+        self.body_timeout = body_timeout
         self._idle: list[_UpstreamConnection] = []
         self._connections: set[_UpstreamConnection] = set()
         self._closed = False

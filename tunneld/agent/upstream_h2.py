@@ -87,7 +87,9 @@ class _Call:
         self.paused_by_stream = False  # the tunnel stream is out of credit
         self.stream_paused = False  # what we told the tunnel stream
         self.done = False
+        # One timer: for the response head, then for the body's progress.
         self.timer: Any = None
+        self.last_read = 0.0  # when response bytes last came
 
     # -- starting -----------------------------------------------------------
 
@@ -184,6 +186,8 @@ class _Call:
     def resumeProducing(self) -> None:
         """L{IPushProducer}: credit came back; pass on what waits."""
         self.paused_by_stream = False
+        # The upstream's silence counts from now: it may have been out of window.
+        self.last_read = self.pool._reactor.seconds()
         self.pump()
 
     def stopProducing(self) -> None:
@@ -243,7 +247,7 @@ class _Call:
     # -- the response -------------------------------------------------------
 
     def response(self, headers: list[tuple[bytes, bytes]]) -> None:
-        self.cancel_timer()
+        self.body_timer()
         status = 0
         out: list[tuple[bytes, bytes]] = []
         for name, value in headers:
@@ -255,6 +259,7 @@ class _Call:
         self.stream.send_reply(ReplyHead(status, b"", tuple(out)))
 
     def data(self, data: bytes, length: int) -> None:
+        self.last_read = self.pool._reactor.seconds()
         self.inbox.append((data, length))
         self.pump()
 
@@ -296,8 +301,24 @@ class _Call:
         if timer is not None and timer.active():
             timer.cancel()
 
+    def body_timer(self) -> None:
+        """The head is here: the timer now watches the body's progress (or stops)."""
+        timeout = self.pool.body_timeout
+        self.last_read = self.pool._reactor.seconds()
+        if timeout <= 0:
+            self.cancel_timer()
+        elif self.timer is None:
+            self.timer = self.pool._reactor.callLater(timeout, self.timed_out)
+        else:
+            self.timer.reset(timeout)
+
     def timed_out(self) -> None:
         self.timer = None
+        if self.done:
+            return
+        if self.replied:
+            self.body_stalled()
+            return
         timeout = self.pool.response_timeout
         self.log.warn(
             "upstream {endpoint} sent no response within {timeout}s",
@@ -306,6 +327,27 @@ class _Call:
         self.fail(
             Reason.UPSTREAM_TIMEOUT,
             f"upstream {self.pool.endpoint} sent no response within {timeout:g}s",
+        )
+
+    def body_stalled(self) -> None:
+        timeout = self.pool.body_timeout
+        reactor = self.pool._reactor
+        idle = reactor.seconds() - self.last_read
+        waiting = self.paused_by_stream or not self.request_sent
+        if waiting or idle + 1e-6 < timeout:
+            # The client holds the stream or still sends its request (the
+            # upstream may be waiting for it), or bytes came since.
+            wait = timeout if waiting else timeout - idle
+            self.timer = reactor.callLater(wait, self.timed_out)
+            return
+        self.log.warn(
+            "upstream {endpoint} stalled: nothing more of its response for {timeout}s",
+            endpoint=self.pool.endpoint, timeout=timeout,
+        )
+        self.fail(
+            Reason.UPSTREAM_TIMEOUT,
+            f"upstream {self.pool.endpoint} stalled: nothing more of its response for "
+            f"{timeout:g}s",
         )
 
     def fail(self, reason: Reason, message: str) -> None:
@@ -507,6 +549,9 @@ class H2UpstreamPool:
         streams are reset with C{upstream_refused}.
     @param response_timeout: seconds from the end of the request to the
         response head before the stream is reset with C{upstream_timeout}.
+    @param body_timeout: seconds a begun response may bring nothing more
+        (not counting while the tunnel stream holds it) before the stream is
+        reset with C{upstream_timeout}; 0 = no limit.
     @param initial_window: the per-stream window granted to the upstream.
     """
 
@@ -519,6 +564,7 @@ class H2UpstreamPool:
         connect_timeout: float = 10.0,
         response_timeout: float = 60.0,
         initial_window: int = 1 << 20,
+        body_timeout: float = 60.0,
     ) -> None:
         self._reactor = reactor
         self.endpoint = endpoint
@@ -526,6 +572,7 @@ class H2UpstreamPool:
         self._factory = _Factory(self)
         self.connect_timeout = connect_timeout
         self.response_timeout = response_timeout
+        self.body_timeout = body_timeout
         self.initial_window = initial_window
         self._conn: _H2Upstream | None = None
         self._connecting: Deferred[Any] | None = None

@@ -246,13 +246,20 @@ class EdgeService(MultiService):
         """
         self.policy.draining = True
         self.sessions.draining = True
-        await gatherResults(
-            [maybeDeferred(listener.stopService) for listener in self.public], consumeErrors=True
-        )
+        # Agents are told to go (below) and must not find this edge again:
+        # the agent listeners stop accepting, the links already up stay.
+        stopping = [maybeDeferred(listener.stopService) for listener in self.public]
+        for transport in self.transports.values():
+            stop_accepting = getattr(transport, "stop_accepting", None)
+            if stop_accepting is not None:
+                stopping.append(maybeDeferred(stop_accepting))
+        await gatherResults(stopping, consumeErrors=True)
         sessions = list(self.sessions.sessions.values())
         for session in sessions:
-            session.draining = True
             session.link.send_control(GoAway(Reason.DRAINING, "the edge is shutting down"))
+            # Each session closes as soon as its last stream ends; the
+            # deadline is this drain's (below).
+            self.sessions.retire(session, "the edge is shutting down", within=float("inf"))
         # Long-lived switched connections (WebSockets) would hold the drain to
         # its deadline: they get their Close (1001 draining) now, and reconnect.
         self.shutdown_upgraded(Reason.DRAINING, "the edge is shutting down")

@@ -25,6 +25,7 @@ from tunneld.interfaces import IAgentLink, ILinkHandler, IStream
 from tunneld.observe import events
 from tunneld.observe.stats import EdgeStats
 from tunneld.reasons import Reason
+from tunneld.retire import Retirement
 from tunneld.router import AgentSession, Router, hostname_allowed, tunnel_key
 from tunneld.tls import AgentIdentity, certificate_identity
 from tunneld.wire.messages import (
@@ -88,13 +89,13 @@ class EdgeLinkHandler:
             return
         if isinstance(message, GoAway) and self.session is not None:
             # The agent is leaving (stopping, or moving): no new streams for
-            # it; those in flight finish before its link closes.
-            self.session.draining = True
+            # it; those in flight finish, then its link closes.
             self.log.info(
                 "agent {agent} is going away ({reason}: {message})",
                 agent=self.session.agent_id, reason=message.reason.value,
                 message=message.message,
             )
+            self.sessions.retire(self.session, f"agent is going away: {message.message}")
             return
         if not isinstance(message, Hello) or self.session is not None:
             self.link.close(Reason.PROTOCOL_ERROR, f"unexpected {type(message).__name__}")
@@ -135,6 +136,8 @@ class AgentSessions:
         # Caps on agents; replaced as a whole on reload (SIGHUP).
         self.limits = config.limits
         self.draining = False
+        # Drained sessions, closed once their last stream ends (see retire).
+        self.retiring: dict[str, Retirement] = {}
         self._grants = {grant.id: grant for grant in config.agents}
         self._plaintext_public: set[str] = set()  # transports listening in the clear off loopback
         for grant in config.agents:
@@ -165,11 +168,27 @@ class AgentSessions:
 
     def link_connected(self, link: IAgentLink) -> None:
         """A transport accepted a new agent link (the EdgeLinkSetup.on_link callback)."""
+        if self.draining:
+            # A transport that cannot stop accepting (or a link that raced
+            # the listener closing): turned away before any hello is read.
+            self._refuse_draining(link, "?")
+            return
         self.log.info(
             "agent link up from {peer} over {transport}", peer=link.peer,
             transport=link.transport_name,
         )
         link.set_handler(EdgeLinkHandler(self, link))
+
+    def _refuse_draining(self, link: IAgentLink, agent: str) -> None:
+        self.log.info(
+            "agent link from {peer} over {transport} refused: the edge is draining",
+            peer=link.peer, transport=link.transport_name,
+        )
+        self.stats.refused(
+            Reason.DRAINING, kind="agent", peer=link.peer,
+            message=f"agent {agent}: the edge is draining",
+        )
+        link.close(Reason.DRAINING, "the edge is shutting down")
 
     def _authorize_certificate(
         self, link: IAgentLink, hello: Hello
@@ -247,7 +266,7 @@ class AgentSessions:
             link.close(Reason.UNAUTHORIZED, str(e))
             return
         if self.draining:
-            link.close(Reason.DRAINING, "the edge is shutting down")
+            self._refuse_draining(link, hello.agent_id)
             return
         limits = self.limits
         if limits.max_agents and len(self.sessions) >= limits.max_agents:
@@ -364,6 +383,9 @@ class AgentSessions:
         )
         if session is None:
             return
+        retirement = self.retiring.pop(session.session_id, None)
+        if retirement is not None:
+            retirement.cancel()
         self.router.unregister(session)
         if self.sessions.pop(session.session_id, None) is not None:
             self.connected_at.pop(session.session_id, None)
@@ -380,7 +402,6 @@ class AgentSessions:
         if session is None:
             return None
         if not session.draining:
-            session.draining = True
             self.log.info(
                 "drained agent {agent} session {session} over {transport}: {message}",
                 agent=session.agent_id, session=session_id,
@@ -388,4 +409,20 @@ class AgentSessions:
                 event=events.AGENT_DRAINED,
             )
             session.link.send_control(GoAway(Reason.DRAINING, message))
+            self.retire(session, message)
         return session
+
+    def retire(self, session: AgentSession, message: str, within: float | None = None) -> None:
+        """
+        Route no new streams to C{session}; close its link once its last
+        stream has ended, or after C{within} seconds (C{drain_timeout} if
+        not given; the edge's own drain passes infinity and keeps the deadline).
+        """
+        session.draining = True
+        if session.session_id not in self.retiring:
+            if within is None:
+                within = self.config.edge.drain_timeout
+            deadline = self.reactor.seconds() + within
+            retirement = Retirement(self.reactor, session.link, deadline, Reason.DRAINING, message)
+            if not retirement.done:  # (done: closed at once, and lost() has run)
+                self.retiring[session.session_id] = retirement

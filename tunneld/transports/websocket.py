@@ -251,7 +251,10 @@ class _FrameWireMixin:
         link.frame_received(payload)
 
     def ping_received(self, payload: bytes | bytearray) -> None:
-        """FrameHandler.ping_received"""
+        """FrameHandler.ping_received: answered, and a sign of life like any frame."""
+        link = self.link
+        if link is not None:
+            link.heartbeat.heard()
         if not self._closing:
             self.transport.write(self._writer.pong(payload))
 
