@@ -303,6 +303,7 @@ class HeartbeatOverSocketsTests(TestCase):
         agent.close(Reason.CANCELLED, "test over")
         await agent.when_closed()
 
+
 class _OneRequest(protocol.Protocol):
     """Sends raw bytes and keeps what comes back, until the head is whole or the server closes."""
 
