@@ -80,6 +80,7 @@ class _SentinelFactory(_Watched, txredisapi.SentinelConnectionFactory):
     def __init__(self, *args: Any, client: RedisClient, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.client = client
+        self.maxDelay = client.reconnect_max  # also its connect timeout, in txredisapi
         client._factory = self
 
 
@@ -150,7 +151,9 @@ class RedisClient:
         self._sentinel: _Sentinels | None = None
         self._turn = itertools.count()
         self._listeners: list[Callable[[], None]] = []
-        self._started: Deferred[None] | None = None
+        self._starting = False  # from start() until Redis answers, refuses or times out
+        self._start_waiters: list[Deferred[None]] = []
+        self._start_outcome: Failure | None = None
         self._start_timeout: Any = None
         self._closing = False
         self._probe = LoopingCall(self._probe_once)
@@ -162,7 +165,10 @@ class RedisClient:
         """
         Start connecting.  Fires when Redis first answers, or after
         C{connect_timeout} in degraded mode; fails with L{RedisRefused}.
+        A second call connects nothing more and fires with the first.
         """
+        if self._factory is not None:
+            return self._when_started()
         connection = {
             "charset": "utf-8",  # txredisapi's Sentinel ROLE check compares str
             "convertNumbers": False,  # a record "12" stays the bytes it was
@@ -182,7 +188,6 @@ class RedisClient:
                 self.sentinel_master, factory_class=_SentinelFactory, client=self,
                 dbid=self.target.db or None, poolsize=self.pool_size, **connection,
             )
-            self._factory.maxDelay = self.reconnect_max
         else:
             factory = _PlainFactory(
                 None, self.target.db or None, self.pool_size, handler=txredisapi.ConnectionHandler,
@@ -194,10 +199,20 @@ class RedisClient:
             self._factory = factory
             factory.startConnecting(self._endpoint())
         # The pool's "all connected" Deferred fails on a refusal, which _refused reports.
-        self._factory.deferred.addErrback(lambda _: None)
-        self._started = Deferred()
+        pool: Any = self._factory
+        pool.deferred.addErrback(lambda _: None)
+        self._starting = True
         self._start_timeout = self.reactor.callLater(self.connect_timeout, self._not_up_at_start)
-        return self._started
+        return self._when_started()
+
+    def _when_started(self) -> Deferred[None]:
+        if not self._starting:
+            if isinstance(self._start_outcome, Failure):
+                return defer.fail(self._start_outcome)
+            return defer.succeed(None)
+        d: Deferred[None] = Deferred()
+        self._start_waiters.append(d)
+        return d
 
     def _endpoint(self) -> Any:
         target = self.target
@@ -212,25 +227,27 @@ class RedisClient:
 
     def _not_up_at_start(self) -> None:
         self._start_timeout = None
-        started, self._started = self._started, None
-        self._mark_down(f"no answer within {self.connect_timeout}s of start ({self.last_error})")
-        if started is not None:
-            started.callback(None)
+        if self._starting:
+            self._starting = False
+            self._mark_down(f"no answer within {self.connect_timeout}s of start ({self.last_error})")
+            self._finish_start(None)
 
-    def _fire_started(self, failure: Failure | None = None) -> None:
+    def _finish_start(self, failure: Failure | None) -> None:
+        self._starting = False
         if self._start_timeout is not None and self._start_timeout.active():
             self._start_timeout.cancel()
         self._start_timeout = None
-        started, self._started = self._started, None
-        if started is not None:
-            started.errback(failure) if failure is not None else started.callback(None)
+        self._start_outcome = failure
+        waiters, self._start_waiters = self._start_waiters, []
+        for d in waiters:
+            d.errback(failure) if failure is not None else d.callback(None)
 
     async def close(self) -> None:
         """Drop every connection and timer; waits for Sentinel lookups in flight."""
         self._closing = True
         if self._probe.running:
             self._probe.stop()
-        self._fire_started()
+        self._finish_start(self._start_outcome)
         waits = []
         if self._factory is not None:
             waits.append(self._factory.disconnect())
@@ -302,7 +319,7 @@ class RedisClient:
     def _mark_down(self, why: str) -> None:
         self.last_error = why
         # While starting, the start timeout reports an absent Redis, once.
-        if self._closing or self._started is not None or self.down_since is not None:
+        if self._closing or self._starting or self.down_since is not None:
             return
         self.reachable = False
         self.outages += 1
@@ -328,7 +345,8 @@ class RedisClient:
                 "state store {where} reachable again after {seconds:.1f}s",
                 where=self.where, seconds=self.reactor.seconds() - outage_began,
             )
-        self._fire_started()
+        if self._starting:
+            self._finish_start(None)
         if outage_began is not None:
             for callback in list(self._listeners):
                 try:
@@ -360,7 +378,7 @@ class RedisClient:
     def _refused(self, why: str) -> None:
         self.last_error = why
         self.log.error("state store {where} refused the connection: {why}", where=self.where, why=why)
-        if self._started is not None:
-            self._fire_started(Failure(RedisRefused(f"{self.where}: {why}")))
+        if self._starting:
+            self._finish_start(Failure(RedisRefused(f"{self.where}: {why}")))
         else:
             self._mark_down(why)
