@@ -282,8 +282,8 @@ class RedisStateBackend:
         check_bucket(cost, rate, burst)
 
         def parse(reply: list[Any]) -> TokenVerdict:
-            allowed, wait, tokens, now = reply
-            return TokenVerdict(bool(allowed), float(wait), float(tokens), float(now))
+            allowed, wait, tokens, now = reply  # millionths (see the script)
+            return TokenVerdict(bool(allowed), wait / 1e6, tokens / 1e6, now / 1e6)
 
         def locally(failure: Failure) -> TokenVerdict:
             failure.trap(StateUnavailable)

@@ -138,7 +138,7 @@ class RedisClient:
         self.reconnect_max = reconnect_max
         self.where = (
             f"sentinel master {sentinel_master!r} via "
-            + ",".join(f"{host}:{port}" for host, port in self.sentinels)
+            + ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.sentinels)
             if self.sentinels else target.describe()
         )
         self.reachable = False

@@ -160,8 +160,9 @@ return 0
 
 # KEYS: the bucket hash.  ARGV: rate, burst, cost.  The same steps as
 # tunneld.state.buckets.refill_and_take, on Redis's clock in seconds.
-# {allowed, retry after, tokens left, now}, numbers as strings (a Lua number
-# returned to Redis is cut to an integer).
+# {allowed, retry after, tokens left, now}, the last three in millionths as
+# integers: a Lua number returned to Redis is cut to an integer, and integer
+# replies are what txredisapi parses cheapest (no bulk string).
 TAKE_TOKENS = Script("take_tokens", """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
@@ -181,8 +182,8 @@ if tokens >= cost then
 end
 redis.call('HSET', KEYS[1], 't', string.format('%.17g', tokens), 's', string.format('%.17g', stamp))
 redis.call('PEXPIRE', KEYS[1], math.min(math.ceil((burst - tokens) / rate * 1000) + 1000, 1e12))
-return {allowed, string.format('%.17g', wait), string.format('%.17g', tokens),
-        string.format('%.17g', now)}
+return {allowed, math.ceil(wait * 1000000), math.floor(tokens * 1000000),
+        math.floor(now * 1000000)}
 """)
 
 # KEYS: counter hash, counter expiry zset, the edge's counter index.
