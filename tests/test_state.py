@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -102,3 +103,23 @@ class IdTests(SynchronousTestCase):
         secret = minter.secret_id()
         self.assertTrue(secret.startswith("abc-"))
         self.assertGreaterEqual(len(secret), 4 + 22)
+
+
+class MembershipStopTests(TestCase):
+    """Stopping an edge whose store never answered."""
+
+    async def test_stop_before_the_store_answers(self) -> None:
+        """A membership still waiting for the store stops at once, registering nothing."""
+        from tunneld.state.membership import EdgeMembership
+
+        class NeverStarted:
+            backend = MemoryStateBackend(reactor)
+
+            def when_started(self) -> Deferred[None]:
+                return Deferred()
+
+        member = EdgeMembership(NeverStarted(), reactor, "waiting")
+        member.startService()
+        await member.stopService()
+        self.assertEqual((member.edge_id, member.beats), ("", 0))
+        self.assertEqual(self.successResultOf(NeverStarted.backend.live_edges()), [])

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -100,7 +100,9 @@ class EdgeMembership(Service):
         if self.running:
             self.log.info("edge {edge} joins the cluster ({backend} state)",
                           edge=self.edge_id, backend=self.backend.name)
-            self._loop.start(self.interval, now=True)
+            self._loop.start(self.interval, now=True).addErrback(
+                lambda failure: self.log.failure("edge heartbeat stopped", failure)
+            )
 
     def stopService(self) -> Deferred[None]:  # noqa: N802
         super().stopService()
@@ -109,8 +111,15 @@ class EdgeMembership(Service):
         return ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
-        if self._starting is not None:
-            await self._starting
+        starting = self._starting
+        if starting is not None:
+            if not starting.called:
+                # Still waiting for the store (or it refused us): nothing to undo.
+                starting.cancel()
+            try:
+                await starting
+            except CancelledError:
+                pass
         await DeferredList(list(self._pending), consumeErrors=True)
         if not self.edge_id:
             return
