@@ -176,25 +176,25 @@ def _state_backend(value: str) -> str | None:
     return None if value in ("memory", "redis") else f"must be 'memory' or 'redis', got {value!r}"
 
 
-def _redis_url(value: str) -> str | None:
-    from tunneld.state.settings import parse_redis_url
-
+def _problem(parse: Any, value: str) -> str | None:
+    """What C{parse} says is wrong with C{value} (its ValueError), or None."""
     try:
-        parse_redis_url(value)
+        parse(value)
     except ValueError as e:
         return str(e)
     return None
 
 
+def _redis_url(value: str) -> str | None:
+    from tunneld.state.settings import parse_redis_url
+
+    return _problem(parse_redis_url, value)
+
+
 def _sentinel_addresses(values: list[str]) -> str | None:
     from tunneld.state.settings import parse_address
 
-    for value in values:
-        try:
-            parse_address(value)
-        except ValueError as e:
-            return str(e)
-    return None
+    return next(filter(None, (_problem(parse_address, value) for value in values)), None)
 
 
 def _state_section(state: EdgeStateSection) -> str | None:
