@@ -66,14 +66,28 @@ class LoggedProcess(protocol.ProcessProtocol):
 
     errReceived = outReceived  # noqa: N815
 
-    def wait_for(self, regex: str, count: int = 1) -> defer.Deferred[None]:
-        """Fires once C{regex} has matched C{count} times in the output."""
+    def wait_for(self, regex: str, count: int = 1, timeout: float = 90.0) -> defer.Deferred[None]:
+        """
+        Fires once C{regex} has matched C{count} times in the output; fails
+        after C{timeout} seconds with the output's end, saying what was awaited.
+        """
         pattern = re.compile(regex)
         d: defer.Deferred[None] = defer.Deferred()
         if len(pattern.findall(self.output)) >= count:
             d.callback(None)
-        else:
-            self._waiters.append((pattern, count, d))
+            return d
+        waiter = (pattern, count, d)
+        self._waiters.append(waiter)
+
+        def late() -> None:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+                d.errback(AssertionError(
+                    f"{self.name}: no {count} x {regex!r} within {timeout}s:\n{self.output[-3000:]}"
+                ))
+
+        timer = reactor.callLater(timeout, late)  # type: ignore[attr-defined]
+        d.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
         return d
 
     def processEnded(self, reason: Any) -> None:  # noqa: N802

@@ -76,7 +76,25 @@ class _PlainFactory(_Watched, txredisapi.RedisFactory):
     pass
 
 
+class _SentinelProtocol(txredisapi.SentinelRedisProtocol):
+    """
+    txredisapi's Sentinel protocol, whose connection may die during its ROLE
+    check (a Sentinel kills the clients of an instance it reconfigures): the
+    check's failure is the end of that attempt, not an unhandled error.
+    """
+
+    def connectionMade(self) -> Any:  # noqa: N802
+        return defer.maybeDeferred(super().connectionMade).addErrback(self._check_failed)
+
+    def _check_failed(self, failure: Failure) -> None:
+        failure.trap(txredisapi.ConnectionError)
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
 class _SentinelFactory(_Watched, txredisapi.SentinelConnectionFactory):
+    protocol = _SentinelProtocol
+
     def __init__(self, *args: Any, client: RedisClient, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.client = client
@@ -85,21 +103,31 @@ class _SentinelFactory(_Watched, txredisapi.SentinelConnectionFactory):
 
 
 class _Sentinels(txredisapi.Sentinel):
-    """Keeps the discoveries in flight, so closing can wait for their timers."""
+    """
+    Keeps every primary lookup until its own timer has ended, so that
+    closing can wait for them: a lookup the connection attempt gave up on
+    (cancelled) still has txredisapi's timeout pending.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.in_flight: set[Deferred[Any]] = set()
 
     def discover_master(self, service_name: str) -> Deferred[Any]:
-        d: Deferred[Any] = super().discover_master(service_name)
-        self.in_flight.add(d)
+        lookup: Deferred[Any] = super().discover_master(service_name)
+        self.in_flight.add(lookup)
+        answer: Deferred[Any] = Deferred()  # cancelling it leaves the lookup running out
 
-        def settled(result: Any) -> Any:
-            self.in_flight.discard(d)
-            return result
+        def settled(result: Any) -> None:
+            self.in_flight.discard(lookup)
+            if not answer.called:
+                if isinstance(result, Failure):
+                    answer.errback(result)
+                else:
+                    answer.callback(result)
 
-        return d.addBoth(settled)
+        lookup.addBoth(settled)
+        return answer
 
 
 class RedisClient:
@@ -144,7 +172,7 @@ class RedisClient:
         self.reachable = False
         self.down_since: float | None = None
         self.outages = 0
-        self.last_error = "not connected yet"
+        self.last_error = ""  # the last error that told something (not "no connection")
         self.script_loads = 0  # EVALs after NOSCRIPT, for tests and metrics
         self.peer = ""  # the server the newest connection reached
         self._factory: Any = None
@@ -183,7 +211,9 @@ class RedisClient:
                 list(self.sentinels), connectTimeout=self.connect_timeout,
                 replyTimeout=self.command_timeout, **extra,
             )
-            self._sentinel.discovery_timeout = self.connect_timeout
+            # How long to wait for a Sentinel naming a healthy primary; the
+            # attempt is then retried with backoff (during a failover they name none).
+            self._sentinel.discovery_timeout = self.command_timeout
             self._sentinel.master_for(
                 self.sentinel_master, factory_class=_SentinelFactory, client=self,
                 dbid=self.target.db or None, poolsize=self.pool_size, **connection,
@@ -229,7 +259,7 @@ class RedisClient:
         self._start_timeout = None
         if self._starting:
             self._starting = False
-            self._mark_down(f"no answer within {self.connect_timeout}s of start ({self.last_error})")
+            self._mark_down(f"no answer within {self.connect_timeout}s of start ({self.last_error or 'no connection'})")
             self._finish_start(None)
 
     def _finish_start(self, failure: Failure | None) -> None:
@@ -275,7 +305,11 @@ class RedisClient:
         """
         conn = self._connection()
         if conn is None:
-            return self._unavailable(f"no connection to {self.where} ({self.last_error})")
+            why = self.last_error or "not connected yet"
+            self._mark_down(why)
+            return defer.fail(
+                StateUnavailable(f"redis unavailable: no connection to {self.where} ({why})")
+            )
         d = defer.maybeDeferred(conn.execute_command, *args)
         d.addCallbacks(self._answered, self._failed, errbackArgs=(conn,))
         return d
