@@ -173,6 +173,118 @@ class EdgeAgentTLS:
     )
 
 
+def _state_backend(value: str) -> str | None:
+    return None if value in ("memory", "redis") else f"must be 'memory' or 'redis', got {value!r}"
+
+
+def _problem(parse: Any, value: str) -> str | None:
+    """What C{parse} says is wrong with C{value} (its ValueError), or None."""
+    try:
+        parse(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _redis_url(value: str) -> str | None:
+    from tunneld.state.settings import parse_redis_url
+
+    return _problem(parse_redis_url, value)
+
+
+def _sentinel_addresses(values: list[str]) -> str | None:
+    from tunneld.state.settings import parse_address
+
+    return next(filter(None, (_problem(parse_address, value) for value in values)), None)
+
+
+def _state_section(state: EdgeStateSection) -> str | None:
+    """The checks that look at several [edge.state] keys at once."""
+    if state.backend == "memory" and (state.sentinels or state.sentinel_master):
+        return "sentinels and sentinel_master need backend = \"redis\""
+    if state.sentinels and not state.sentinel_master:
+        return "sentinel_master: required with sentinels (the Sentinels' name for the primary)"
+    if state.sentinel_master and not state.sentinels:
+        return "sentinel_master: needs sentinels (their host:port addresses)"
+    if state.sentinels and state.redis_url.startswith("rediss:"):
+        return "redis_url: TLS (rediss://) is not supported with sentinels"
+    if state.heartbeat_interval * 2 >= state.edge_ttl:
+        return (
+            f"heartbeat_interval ({state.heartbeat_interval}) must be under half of "
+            f"edge_ttl ({state.edge_ttl}), so one late heartbeat does not expire the edge"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class EdgeStateSection:
+    """
+    Where the edge keeps what other edges must see ([edge.state]): the registry of
+    edges and tunnels, hostname reservations, cluster-wide limits.  The default
+    needs nothing; several edges share one Redis.
+    """
+
+    backend: str = setting(
+        "memory",
+        "'memory': this process only, nothing to set up; 'redis': several edges share "
+        "state through Redis (redis_url, or sentinels).",
+        check=_state_backend,
+    )
+    redis_url: str = setting(
+        "redis://127.0.0.1:6379/0",
+        "The Redis to use: redis://[user:password@]host[:port][/db], rediss://… for TLS, or "
+        "unix:///path/redis.sock[?db=N].  With sentinels only its user, password and db apply.",
+        check=_redis_url,
+    )
+    sentinels: list[str] = setting(
+        [],
+        "Redis Sentinel addresses (host:port); when set, the edge uses the primary they name "
+        "sentinel_master and follows it across failovers.",
+        check=_sentinel_addresses,
+    )
+    sentinel_master: str = setting("", "The Sentinels' name for the primary (with sentinels).")
+    sentinel_password: str = setting("", "Password of the Sentinels themselves ('' = none).")
+    key_prefix: str = setting(
+        "tunneld:", "Prefix of every Redis key tunneld writes (clusters sharing a Redis differ here).",
+        check=lambda value: None if value else "must not be empty",
+    )
+    edge_name: str = setting(
+        "", "This edge's name in the cluster view ('' = the host name); its id adds an epoch."
+    )
+    edge_ttl: float = setting(
+        15.0,
+        "Seconds this edge's registry entries (its record, its tunnels, its counts) live "
+        "without a heartbeat: an edge that dies is forgotten within this.",
+        check=positive,
+    )
+    heartbeat_interval: float = setting(
+        5.0, "Seconds between heartbeats refreshing those entries (under half of edge_ttl).",
+        check=positive,
+    )
+    reservation_ttl: float = setting(
+        0.0,
+        "Seconds a hostname reservation outlives its agent's last session (0 = until "
+        "released; another identity is refused the name meanwhile).",
+        check=non_negative,
+    )
+    command_timeout: float = setting(
+        0.5,
+        "Seconds a Redis command may take before the edge decides locally (a rate limit) "
+        "or fails the operation, and reconnects.",
+        check=positive,
+    )
+    connect_timeout: float = setting(
+        5.0,
+        "Seconds to wait for Redis at start before serving in degraded mode (logged); also "
+        "the limit of one connection attempt.",
+        check=positive,
+    )
+    probe_interval: float = setting(
+        1.0, "While Redis is unreachable, seconds between checks that it is back.", check=positive
+    )
+    pool_size: int = setting(2, "Connections to Redis.", check=positive)
+
+
 @dataclass(frozen=True)
 class EdgeSection:
     """The edge's own settings ([edge])."""
@@ -293,6 +405,11 @@ class EdgeSection:
         check=non_negative,
     )
     cpu_scheduling: str = _cpu_scheduling()
+    state: EdgeStateSection = setting(
+        EdgeStateSection(),
+        "Shared state for several edges ([edge.state]); the default keeps it in this process.",
+        check=_state_section,
+    )
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from tunneld.config import (
     AgentSection,
     EdgeConfig,
     EdgeSection,
+    EdgeStateSection,
     TunnelSection,
 )
 from tunneld.errors import ConfigError
@@ -112,6 +113,7 @@ def reference() -> str:
     transports = _builtin_transports()
     parts = [HEADER, "## Edge\n"]
     parts.append(section("[edge]", EdgeSection))
+    parts.append(section("[edge.state]", EdgeStateSection, _doc_of(EdgeSection, "state")))
     parts.append(section("[[agents]]", AgentGrant, _doc_of(EdgeConfig, "agents")))
     for plugin in transports:
         cls = _options_type(plugin, edge=True)

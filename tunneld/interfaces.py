@@ -9,10 +9,11 @@ never imports a transport and a transport never imports the router.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.plugin import IPlugin
 from zope.interface import Attribute, Interface
@@ -173,3 +174,228 @@ class ITransportPlugin(IPlugin):
 
     def connect(options: Any, setup: AgentLinkSetup) -> Any:
         """Dial the edge; a Deferred firing with an L{IAgentLink}."""
+
+
+# --- Shared state: what several edges agree on (design §6, issue 20) -------
+#
+# The state backend is the one place where edges keep what another edge must
+# see: which edges are alive, which edge holds a session for which tunnel,
+# hostname reservations, cluster-unique ID epochs, rate-limit buckets, cap
+# counters and small records with a lifetime.  It never holds the bytes of a
+# stream.  `tunneld.state.memory` is the one-process default, `tunneld.state.redis`
+# shares it through Redis.  Every method answers with a Deferred and never
+# blocks the reactor.
+
+
+class StateUnavailable(Exception):
+    """
+    The shared store could not be asked (unreachable, timed out, failing
+    over): the caller decides locally and says so.  The message names why.
+    """
+
+
+@dataclass(frozen=True)
+class EdgeRecord:
+    """One live edge as the cluster sees it."""
+
+    edge_id: str  # unique per incarnation: a restarted edge is a new edge
+    name: str  # the operator's name for it (the host name by default)
+    relay_address: str = ""  # where other edges reach it for relayed streams ('' = nowhere)
+    public_addresses: tuple[str, ...] = ()
+    draining: bool = False
+    started_at: float = 0.0  # seconds since the epoch, for people
+
+
+@dataclass(frozen=True)
+class TokenVerdict:
+    """The answer of a token bucket to one take."""
+
+    allowed: bool
+    retry_after: float  # seconds until the asked-for tokens are there; 0.0 when allowed
+    tokens: float  # tokens left in the bucket after this take
+    now: float  # the bucket clock at the decision (Redis TIME, or the reactor clock)
+    degraded: bool = False  # decided by this edge alone because the shared store was unreachable
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of claiming a hostname for an identity."""
+
+    granted: bool
+    owner: str  # the identity holding the name now (the claimant when granted)
+    expires_in: float | None  # seconds left on the reservation; None: it does not expire
+
+
+@dataclass(frozen=True)
+class CountResult:
+    """A cluster-wide counter after an adjustment."""
+
+    granted: bool  # False: the cap would have been exceeded, nothing was added
+    total: int  # the sum of every live edge's contribution
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One entry of a bounded log (a replay buffer) and its event id."""
+
+    event_id: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class LogRead:
+    """Entries of a bounded log after an event id."""
+
+    entries: tuple[LogEntry, ...]
+    # False when entries the reader has not seen were trimmed or expired, or
+    # the event id was never issued by this log: a resume would lose data.
+    complete: bool
+
+
+@dataclass(frozen=True)
+class StateHealth:
+    """How the state backend is doing, for /readyz detail, metrics and logs."""
+
+    backend: str  # "memory" or "redis"
+    reachable: bool  # the shared store answers; False means degraded (local decisions)
+    degraded_since: float | None = None  # reactor time the current outage began
+    last_error: str = ""
+    outages: int = 0  # times the store became unreachable since start
+    fallback_decisions: int = 0  # token-bucket takes decided locally for want of the store
+    failed_operations: int = 0  # operations that failed with StateUnavailable
+
+
+class IStateBackend(Interface):
+    """
+    State shared by every edge of a cluster (design §6).
+
+    Keys (tunnel keys, hostnames, bucket and counter names, record keys) are
+    non-empty strings.  TTLs are seconds on the store's clock, refreshed by
+    whoever holds the entry; an entry whose holder stops refreshing it (an
+    edge killed with SIGKILL) disappears within its TTL.  Operations that
+    cannot reach the store fail with L{StateUnavailable}, except
+    L{take_tokens}, which then decides with a local bucket.
+    """
+
+    name: str = Attribute("The backend's name: 'memory' or 'redis'.")
+
+    def start() -> Deferred[None]:
+        """
+        Connect.  Fires once the store answers, or once the connect timeout
+        has passed with the backend in degraded mode (logged); fails only for
+        a mistake a person must fix (e.g. the store refused the credentials).
+        """
+
+    def close() -> Deferred[None]:
+        """Stop every timer and connection; entries left are kept by their TTLs."""
+
+    def health() -> StateHealth:
+        """The backend's state now (no I/O)."""
+
+    def on_recovered(callback: Callable[[], None]) -> None:
+        """Call C{callback} each time the store becomes reachable again after an outage."""
+
+    # Cluster-unique IDs
+    def allocate_epoch() -> Deferred[int]:
+        """
+        A number no other edge of the cluster has been or will be given: the
+        prefix of every ID this edge mints (see L{tunneld.state.ids}).
+        """
+
+    # Edge registry
+    def register_edge(record: EdgeRecord, ttl: float) -> Deferred[None]:
+        """Add or refresh this edge's record for C{ttl} seconds."""
+
+    def remove_edge(edge_id: str) -> Deferred[None]:
+        """Forget an edge at once, with its tunnel entries and counter contributions."""
+
+    def live_edges() -> Deferred[list[EdgeRecord]]:
+        """Every edge whose record has not expired, in no particular order."""
+
+    # Tunnel registry
+    def hold_tunnels(edge_id: str, keys: Sequence[str], ttl: float) -> Deferred[None]:
+        """Say that C{edge_id} holds a live session for each tunnel key, for C{ttl} seconds."""
+
+    def release_tunnels(edge_id: str, keys: Sequence[str]) -> Deferred[None]:
+        """C{edge_id} no longer holds a session for these tunnels."""
+
+    def tunnel_edges(key: str) -> Deferred[list[str]]:
+        """The edges holding a live session for tunnel C{key}, sorted."""
+
+    def edge_tunnels(edge_id: str) -> Deferred[list[str]]:
+        """The tunnel keys C{edge_id} holds, sorted."""
+
+    # Hostname reservations
+    def claim_name(name: str, identity: str, ttl: float | None) -> Deferred[Claim]:
+        """
+        Reserve C{name} for C{identity}: granted when free or already this
+        identity's (then its lifetime becomes C{ttl}; None = no expiry),
+        refused, with the owner, when another identity holds it.  Atomic.
+        """
+
+    def release_name(name: str, identity: str) -> Deferred[bool]:
+        """Drop C{identity}'s reservation of C{name}; False when it held none."""
+
+    def name_owner(name: str) -> Deferred[str | None]:
+        """The identity holding C{name}, or None."""
+
+    # Token buckets
+    def take_tokens(bucket: str, cost: float, rate: float, burst: float) -> Deferred[TokenVerdict]:
+        """
+        Take C{cost} tokens from bucket C{bucket}, which holds C{burst} tokens
+        at most and gains C{rate} a second (C{rate} > 0, C{burst} >= C{cost}).
+        Never fails: without the store the verdict comes from a local bucket
+        and says C{degraded}.
+        """
+
+    # Cluster-wide counters (caps), one TTL'd contribution per edge
+    def set_count(counter: str, edge_id: str, value: int, ttl: float) -> Deferred[int]:
+        """Set C{edge_id}'s contribution to C{counter} for C{ttl} seconds; the new total."""
+
+    def adjust_count(
+        counter: str, edge_id: str, delta: int, ttl: float, cap: int | None = None
+    ) -> Deferred[CountResult]:
+        """
+        Add C{delta} to C{edge_id}'s contribution (never below 0) and refresh
+        it for C{ttl} seconds; with C{cap}, an increase that would take the
+        total past C{cap} is refused and changes nothing.  Atomic.
+        """
+
+    def count_total(counter: str) -> Deferred[int]:
+        """The sum of every live contribution to C{counter}."""
+
+    # Small records with a lifetime
+    def put_record(
+        namespace: str, key: str, value: bytes, ttl: float, only_if_absent: bool = False
+    ) -> Deferred[bool]:
+        """Store C{value} for C{ttl} seconds; with C{only_if_absent}, False if one exists."""
+
+    def get_record(namespace: str, key: str) -> Deferred[bytes | None]:
+        """The value, or None when absent or expired."""
+
+    def take_record(namespace: str, key: str) -> Deferred[bytes | None]:
+        """Get and delete atomically: of many concurrent takers one gets the value (single use)."""
+
+    def delete_record(namespace: str, key: str) -> Deferred[bool]:
+        """Delete; False when there was nothing."""
+
+    # Bounded logs (replay buffers)
+    def append_log(
+        namespace: str, key: str, data: bytes, max_entries: int, ttl: float
+    ) -> Deferred[str]:
+        """
+        Append C{data}, keep the newest C{max_entries} entries, keep the log
+        for C{ttl} seconds after this append; the new entry's event id, which
+        is unique within the log and increasing, whichever edge appended.
+        """
+
+    def read_log(
+        namespace: str, key: str, after: str | None, limit: int
+    ) -> Deferred[LogRead]:
+        """
+        At most C{limit} entries after event id C{after} (None: from the
+        oldest kept), oldest first, and whether nothing in between was lost.
+        """
+
+    def delete_log(namespace: str, key: str) -> Deferred[None]:
+        """Drop the log."""
