@@ -694,6 +694,8 @@ class PublicHTTPProtocol(Protocol):
         self._open(
             route, method, host, target_text, tuple(forwarded), slots,
             upgrade if switching else [],
+            # Neither Content-Length (or 0) nor Transfer-Encoding: no body.
+            bodyless=not chunked and (length is None or int(length) == 0),
         )
 
     def _admit(self, route: RouteLike, headers: Headers) -> Any:
@@ -712,8 +714,12 @@ class PublicHTTPProtocol(Protocol):
         headers: Headers,
         slots: Any = None,
         upgrade: list[bytes] | None = None,
+        bodyless: bool = False,
     ) -> None:
-        """Carry the request on a new stream over the route's agent link."""
+        """
+        Carry the request on a new stream over the route's agent link; a
+        C{bodyless} one (not an upgrade) is opened ended, so the Open says so.
+        """
         head = StreamHead(
             kind="upgrade" if upgrade else "http",
             tunnel=route.tunnel,
@@ -729,8 +735,7 @@ class PublicHTTPProtocol(Protocol):
             exchange.upgrade = True
             exchange.websocket = b"websocket" in _tokens(upgrade)
         self._exchange = exchange
-        # A plain head (the fast path) has no body: Open says so itself.
-        bodyless = self._fast and not upgrade
+        bodyless = bodyless and not upgrade
         try:
             stream = route.link.open_stream(head, exchange, end_stream=bodyless)
         except Exception:

@@ -16,6 +16,11 @@ from tunneld.reasons import Reason
 
 # 2: Open, Reply and Data frames may carry end_stream.
 PROTOCOL_VERSION = 2
+# The version from which frames may carry end_stream.
+END_STREAM_VERSION = 2
+# No peer may set its frame limit below this; one that does not say its own
+# (max_frame_size 0 in Hello or Welcome) accepts frames up to this size.
+MIN_FRAME_SIZE = 128 * 1024
 
 Headers = Sequence[tuple[bytes, bytes]]
 
