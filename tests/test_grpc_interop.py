@@ -13,6 +13,8 @@ from twisted.internet import defer
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
+from tests.harness import TunnelHarness
+from tests.stock_agents import HOST, TOKEN, AgentProcess, StockAgentMixin, spawn_agent, stubs
 from tests.test_grpc_transport import Handler, Receiver, head, start_edge, until
 from tunneld.interfaces import IAgentLink
 from tunneld.reasons import Reason
@@ -44,11 +46,11 @@ class StockAgentTests(TestCase):
         self.assertEqual(code, 0, stderr.decode(errors="replace"))
         return out
 
-    async def run_stock(self, mode: str, port: int) -> list[list[str]]:
+    async def run_stock(self, mode: str, port: int, *extra: str) -> list[list[str]]:
         """Run the stock client; its printed lines, split into words."""
         generated = await self.generate()
         stdout, stderr, code = await getProcessOutputAndValue(
-            sys.executable, [SCRIPT, mode, str(port), generated], env=dict(os.environ)
+            sys.executable, [SCRIPT, mode, str(port), generated, *extra], env=dict(os.environ)
         )
         self.assertEqual(code, 0, stderr.decode(errors="replace"))
         return [line.split() for line in stdout.decode().splitlines()]
@@ -93,8 +95,9 @@ class StockAgentTests(TestCase):
         self.assertEqual((hello.agent_id, hello.tunnels[0].hostname), ("stock", "stock.test"))
         open_when_welcomed()
         lines = await running
-        self.assertEqual(lines[0], ["WELCOME", "welcome", "session-1"])
-        self.assertEqual(lines[1], ["OPEN", "open", "http", "GET", "/from-the-edge"])
+        # The Welcome says the version, heartbeat and largest message of the edge.
+        self.assertEqual(lines[0], ["WELCOME", "welcome", "session-1", "2", "50", str(1 << 20)])
+        self.assertEqual(lines[1], ["OPEN", "open", "http", "GET", "/from-the-edge", "False"])
         self.assertEqual(lines[2], ["FORWARD", "end", "OK"])
         await receiver.done
         self.assertIsNone(receiver.reset)
@@ -124,3 +127,49 @@ class StockAgentTests(TestCase):
         self.assertIn(lines, ([["STATUS", "INVALID_ARGUMENT"]], [["STATUS", "INTERNAL"]]))
         reason, _ = await handlers[0].got_lost
         self.assertEqual(reason, Reason.PROTOCOL_ERROR)
+
+    # -- version 2's end_stream, as a grpcio agent sends it ------------------
+
+    async def answered(self, mode: str) -> tuple[list[list[str]], Receiver, Handler]:
+        port, links, handlers = await self.edge()
+        receiver = Receiver()
+        running = defer.ensureDeferred(self.run_stock(mode, port))
+        await until(lambda: bool(handlers and handlers[0].control), timeout=60)
+        # A request without a body: the Open says so itself.
+        links[0].open_stream(head("/no-body", "GET"), receiver, end_stream=True)
+        lines = await running
+        await receiver.done
+        return lines, receiver, handlers[0]
+
+    async def test_data_end_stream_then_half_close(self) -> None:
+        """Reply + Data(end_stream) and a half-close: a whole response, the call ends OK."""
+        lines, receiver, handler = await self.answered("data-end-stream")
+        self.assertEqual(lines[1], ["OPEN", "open", "http", "GET", "/no-body", "True"])
+        self.assertEqual(lines[2], ["FORWARD", "-", "OK"])
+        self.assertIsNone(receiver.reset)
+        self.assertEqual(receiver.data, b"hello from a stock grpc agent")
+        self.assertEqual(receiver.trailers, ())
+
+    async def test_reply_end_stream_without_half_close(self) -> None:
+        """Reply(204, end_stream) alone ends the stream: the edge ends the call with OK."""
+        lines, receiver, handler = await self.answered("reply-end-stream")
+        self.assertEqual(lines[2], ["FORWARD", "-", "OK"])
+        self.assertIsNone(receiver.reset)
+        assert receiver.reply is not None
+        self.assertEqual((receiver.reply.status, receiver.data, receiver.trailers), (204, b"", ()))
+
+
+class ExampleAgentTests(StockAgentMixin, TestCase):
+    """examples/grpc_agent.py (grpc.aio and aiohttp, no tunneld) through a real edge."""
+
+    transport = "grpc"
+
+    async def start_agent(self, harness: TunnelHarness, upstream_port: int) -> AgentProcess:
+        agent = spawn_agent(self, "grpc_agent.py", [
+            "--stubs", await stubs(),
+            "--edge", f"127.0.0.1:{harness.link_address().port}",
+            "--agent-id", "example", "--token", TOKEN,
+            "--tunnel", f"{HOST}=http://127.0.0.1:{upstream_port}",
+        ])
+        await agent.wait_for(r"^WELCOME ")
+        return agent

@@ -1,0 +1,307 @@
+"""
+The example agents (examples/grpc_agent.py, examples/websocket_agent.py) as
+a user runs them: a subprocess with stock client libraries only, serving a
+real upstream through a real in-process edge (loopback, port 0).
+
+L{StockAgentMixin} holds the behaviour every example agent must show,
+written once; each transport's test module says how to start its agent.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+import re
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.web import server
+
+from tests.harness import TunnelHarness, Upstream, listen_upstream, pattern_digest
+from tunneld.config import AgentGrant
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+EXAMPLES = os.path.join(ROOT, "examples")
+MB = 1024 * 1024
+HOST = "app.test"
+TOKEN = "example-token"
+
+_stubs: list[str] = []
+
+
+async def stubs() -> str:
+    """
+    Python stubs of proto/tunnel.proto made by grpc_tools, as a user makes
+    them: once per test process, in a temporary directory.
+    """
+    if _stubs:
+        return _stubs[0]
+    out = tempfile.mkdtemp(prefix="tunnel-stubs-")
+    atexit.register(shutil.rmtree, out, True)
+    _, stderr, code = await getProcessOutputAndValue(
+        sys.executable,
+        [
+            "-m", "grpc_tools.protoc", "-I", os.path.join(ROOT, "proto"),
+            f"--python_out={out}", f"--grpc_python_out={out}", "tunnel.proto",
+        ],
+        env=dict(os.environ),
+    )
+    if code != 0:
+        raise AssertionError(f"grpc_tools.protoc failed: {stderr.decode(errors='replace')}")
+    _stubs.append(out)
+    return out
+
+
+class AgentProcess(protocol.ProcessProtocol):
+    """An example agent in a subprocess: the lines it prints, its memory, its end."""
+
+    def __init__(self) -> None:
+        self.output = ""
+        self.ended: defer.Deferred[None] = defer.Deferred()
+        self._waiters: list[tuple[re.Pattern[str], int, defer.Deferred[re.Match[str]]]] = []
+        self.pid = 0
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.pid = self.transport.pid
+
+    def outReceived(self, data: bytes) -> None:  # noqa: N802
+        self.output += data.decode(errors="replace")
+        for waiter in list(self._waiters):
+            pattern, count, d = waiter
+            matches = list(pattern.finditer(self.output))
+            if len(matches) >= count:
+                self._waiters.remove(waiter)
+                d.callback(matches[count - 1])
+
+    errReceived = outReceived  # noqa: N815
+
+    def wait_for(self, regex: str, count: int = 1) -> defer.Deferred[re.Match[str]]:
+        """The C{count}th line matching C{regex}, once the agent has printed it."""
+        d: defer.Deferred[re.Match[str]] = defer.Deferred()
+        self._waiters.append((re.compile(regex, re.M), count, d))
+        self.outReceived(b"")
+        return d
+
+    def rss(self) -> int:
+        """The agent's resident memory now, in bytes (from /proc)."""
+        with open(f"/proc/{self.pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def processEnded(self, reason: Any) -> None:  # noqa: N802
+        for _, _, d in self._waiters:
+            d.errback(AssertionError(f"the agent ended before the expected line:\n{self.output}"))
+        self._waiters = []
+        self.end_reason = reason
+        self.ended.callback(None)
+
+
+def spawn_agent(case: Any, script: str, args: list[str]) -> AgentProcess:
+    """
+    Start C{script} (a path relative to C{examples/}) with C{args}; it is
+    stopped (SIGTERM, then KILL) after the test.
+    """
+    proto = AgentProcess()
+    argv = [sys.executable, os.path.join(EXAMPLES, script), *args]
+    # Nothing of tunneld's on its path: the example stands on its own.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    process = reactor.spawnProcess(proto, sys.executable, argv, env=env, path=EXAMPLES)
+
+    async def stop() -> None:
+        if proto.ended.called:
+            return
+        process.signalProcess("TERM")
+        timer = reactor.callLater(15, lambda: proto.ended.called or process.signalProcess("KILL"))
+        await proto.ended
+        if timer.active():
+            timer.cancel()
+
+    case.addCleanup(lambda: defer.ensureDeferred(stop()))
+    proto.process = process  # type: ignore[attr-defined]
+    return proto
+
+
+class ExampleUpstream(Upstream):
+    """L{Upstream}, plus C{/status/N} (an empty answer) and C{/chunked} (a body of unknown length)."""
+
+    def render(self, request: server.Request) -> Any:
+        path = request.path
+        if path.startswith(b"/status/"):
+            self.requests += 1
+            request.setResponseCode(int(path.split(b"/")[2]))
+            return b""
+        if path == b"/chunked":
+            self.requests += 1
+            for i in range(5):
+                request.write(b"piece %d\n" % i)
+            request.finish()
+            return server.NOT_DONE_YET
+        return super().render(request)
+
+
+class SlowSink(protocol.Protocol):
+    """
+    An upstream that reads a request body slowly (C{rate} bytes a second at
+    most, in pauses of C{step}) and answers with its SHA-256.  Only enough
+    HTTP/1.1 for one request with a Content-Length.
+    """
+
+    rate = 32 * MB
+    step = 256 * 1024
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.head = b""
+        self.left: int | None = None
+        self.hash = hashlib.sha256()
+        self.since_pause = 0
+        self.factory.connections.append(self)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.left is None:
+            self.head += data
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head, data = self.head[:end], self.head[end + 4 :]
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            assert length is not None, head
+            self.left = int(length.group(1))
+        self.left -= len(data)
+        self.hash.update(data)
+        self.factory.received += len(data)
+        self.since_pause += len(data)
+        if self.left <= 0:
+            digest = self.hash.hexdigest().encode()
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(digest), digest)
+            )
+            return
+        if self.since_pause >= self.step:
+            self.since_pause = 0
+            self.transport.pauseProducing()
+            reactor.callLater(self.step / self.rate, self.transport.resumeProducing)
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        self.factory.lost.append(self.left)
+        if self.factory.on_lost is not None:
+            self.factory.on_lost()
+
+
+class SlowSinkFactory(protocol.Factory):
+    protocol = SlowSink
+
+    def __init__(self) -> None:
+        self.connections: list[SlowSink] = []
+        self.received = 0
+        self.lost: list[int | None] = []
+        self.on_lost: Any = None
+
+
+async def listen_slow_sink(case: Any) -> tuple[int, SlowSinkFactory]:
+    factory = SlowSinkFactory()
+    port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+    case.addCleanup(port.stopListening)
+    return port.getHost().port, factory
+
+
+class StockAgentMixin:
+    """
+    What every example agent must do through a real edge; a subclass says
+    which transport and how to start the agent (L{start_agent}).
+    """
+
+    transport: str
+    timeout = 240
+
+    def edge_table(self) -> dict[str, Any]:
+        return {"listen": "tcp:0:interface=127.0.0.1"}
+
+    async def start_agent(self, harness: TunnelHarness, upstream_port: int) -> AgentProcess:
+        """Start the example agent for C{HOST}, serving C{upstream_port}; return once welcomed."""
+        raise NotImplementedError
+
+    async def edge(self, **edge: Any) -> TunnelHarness:
+        harness = TunnelHarness(self, self.transport, self.edge_table())
+        grants = [AgentGrant(id="example", token=TOKEN, hostnames=[HOST])]
+        await harness.start_edge(grants, **edge)
+        return harness
+
+    async def served(self) -> tuple[TunnelHarness, ExampleUpstream, AgentProcess]:
+        harness = await self.edge()
+        port, upstream = await listen_upstream(self, ExampleUpstream())
+        agent = await self.start_agent(harness, port)
+        return harness, upstream, agent  # type: ignore[return-value]
+
+    async def get(self, harness: TunnelHarness, path: str, **kwargs: Any) -> Any:
+        return await harness.request(HOST, path, **kwargs)
+
+    # -- the tests ----------------------------------------------------------
+
+    async def test_get(self) -> None:
+        """A GET comes back whole, with the upstream's headers."""
+        harness, _, _ = await self.served()
+        code, headers, body = await self.get(harness, "/hello")
+        self.assertEqual((code, body), (200, b"hello from upstream"))  # type: ignore[attr-defined]
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/plain"])  # type: ignore[attr-defined]
+
+    async def test_five_megabyte_get(self) -> None:
+        """5 MB streamed down arrive whole (hash compared)."""
+        harness, _, _ = await self.served()
+        response, body = await harness.stream(HOST, f"/bytes/{5 * MB}")
+        ended = await body.done
+        self.assertEqual(response.code, 200)  # type: ignore[attr-defined]
+        self.assertTrue(body.complete(ended.reason), ended)  # type: ignore[attr-defined]
+        self.assertEqual(body.hash.hexdigest(), pattern_digest(5 * MB))  # type: ignore[attr-defined]
+
+    async def test_one_megabyte_post(self) -> None:
+        """A 1 MB request body reaches the upstream whole (hash compared both ways)."""
+        harness, _, _ = await self.served()
+        response, body = await harness.stream(HOST, "/sha256", method=b"POST", upload=MB)
+        await body.done
+        self.assertEqual(response.code, 200)  # type: ignore[attr-defined]
+        self.assertEqual(body.start.decode(), pattern_digest(MB))  # type: ignore[attr-defined]
+        echo = bytes(range(256)) * 4096
+        code, _, echoed = await self.get(harness, "/echo", method=b"POST", body=echo)
+        self.assertEqual((code, hashlib.sha256(echoed).hexdigest()),  # type: ignore[attr-defined]
+                         (200, hashlib.sha256(echo).hexdigest()))
+
+    async def test_no_content(self) -> None:
+        """A 204 completes, with no body (and a HEAD after it on the same connection)."""
+        harness, _, _ = await self.served()
+        code, _, body = await self.get(harness, "/status/204")
+        self.assertEqual((code, body), (204, b""))  # type: ignore[attr-defined]
+        code, headers, body = await self.get(harness, "/hello", method=b"HEAD")
+        self.assertEqual((code, body), (200, b""))  # type: ignore[attr-defined]
+
+    async def test_chunked_response(self) -> None:
+        """A body of unknown length arrives whole, chunked."""
+        harness, _, _ = await self.served()
+        code, headers, body = await self.get(harness, "/chunked")
+        self.assertEqual(code, 200)  # type: ignore[attr-defined]
+        self.assertEqual(body, b"".join(b"piece %d\n" % i for i in range(5)))  # type: ignore[attr-defined]
+        self.assertIsNone(headers.getRawHeaders(b"content-length"))  # type: ignore[attr-defined]
+
+    async def test_fifty_concurrent_requests(self) -> None:
+        """Fifty requests at once, small and 256 KiB, each answered whole."""
+        harness, upstream, _ = await self.served()
+        size = 256 * 1024
+
+        async def one(i: int) -> None:
+            if i % 2:
+                code, _, body = await self.get(harness, "/hello")
+                self.assertEqual((code, body), (200, b"hello from upstream"))  # type: ignore[attr-defined]
+            else:
+                response, hashing = await harness.stream(HOST, f"/bytes/{size}")
+                await hashing.done
+                self.assertEqual(hashing.hash.hexdigest(), pattern_digest(size))  # type: ignore[attr-defined]
+
+        await defer.gatherResults(
+            [defer.ensureDeferred(one(i)) for i in range(50)], consumeErrors=True
+        )
+        self.assertEqual(upstream.requests, 50)  # type: ignore[attr-defined]
