@@ -23,6 +23,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web import server
 
+from tests.end_to_end import EventCollector
 from tests.harness import TunnelHarness, Upstream, listen_upstream, pattern_digest
 from tunneld.config import AgentGrant
 
@@ -123,7 +124,7 @@ def spawn_agent(case: Any, script: str, args: list[str]) -> AgentProcess:
             timer.cancel()
 
     case.addCleanup(lambda: defer.ensureDeferred(stop()))
-    proto.process = process  # type: ignore[attr-defined]
+    proto.process = process
     return proto
 
 
@@ -227,6 +228,7 @@ class StockAgentMixin:
         raise NotImplementedError
 
     async def edge(self, **edge: Any) -> TunnelHarness:
+        self.events = EventCollector(self)
         harness = TunnelHarness(self, self.transport, self.edge_table())
         grants = [AgentGrant(id="example", token=TOKEN, hostnames=[HOST])]
         await harness.start_edge(grants, **edge)
@@ -241,51 +243,66 @@ class StockAgentMixin:
     async def get(self, harness: TunnelHarness, path: str, **kwargs: Any) -> Any:
         return await harness.request(HOST, path, **kwargs)
 
+    def assert_clean(self) -> None:
+        """The edge cut no response, saw no client go early and no broken protocol."""
+        noise = [
+            e["log_format"] for e in self.events.events
+            if any(word in e.get("log_format", "") for word in (
+                "mid-reply", "went away", "broke the protocol", "saturated",
+            ))
+        ]
+        self.assertEqual(noise, [])
+
     # -- the tests ----------------------------------------------------------
 
     async def test_get(self) -> None:
         """A GET comes back whole, with the upstream's headers."""
         harness, _, _ = await self.served()
         code, headers, body = await self.get(harness, "/hello")
-        self.assertEqual((code, body), (200, b"hello from upstream"))  # type: ignore[attr-defined]
-        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/plain"])  # type: ignore[attr-defined]
+        self.assertEqual((code, body), (200, b"hello from upstream"))
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/plain"])
+        self.assert_clean()
 
     async def test_five_megabyte_get(self) -> None:
         """5 MB streamed down arrive whole (hash compared)."""
         harness, _, _ = await self.served()
         response, body = await harness.stream(HOST, f"/bytes/{5 * MB}")
         ended = await body.done
-        self.assertEqual(response.code, 200)  # type: ignore[attr-defined]
-        self.assertTrue(body.complete(ended.reason), ended)  # type: ignore[attr-defined]
-        self.assertEqual(body.hash.hexdigest(), pattern_digest(5 * MB))  # type: ignore[attr-defined]
+        self.assertEqual(response.code, 200)
+        self.assertTrue(body.complete(ended.reason), ended)
+        self.assertEqual(body.hash.hexdigest(), pattern_digest(5 * MB))
+        self.assert_clean()
 
     async def test_one_megabyte_post(self) -> None:
         """A 1 MB request body reaches the upstream whole (hash compared both ways)."""
         harness, _, _ = await self.served()
         response, body = await harness.stream(HOST, "/sha256", method=b"POST", upload=MB)
         await body.done
-        self.assertEqual(response.code, 200)  # type: ignore[attr-defined]
-        self.assertEqual(body.start.decode(), pattern_digest(MB))  # type: ignore[attr-defined]
+        self.assertEqual(response.code, 200)
+        self.assertEqual(body.start.decode(), pattern_digest(MB))
         echo = bytes(range(256)) * 4096
         code, _, echoed = await self.get(harness, "/echo", method=b"POST", body=echo)
-        self.assertEqual((code, hashlib.sha256(echoed).hexdigest()),  # type: ignore[attr-defined]
+        self.assertEqual((code, hashlib.sha256(echoed).hexdigest()),
                          (200, hashlib.sha256(echo).hexdigest()))
+        self.assert_clean()
 
     async def test_no_content(self) -> None:
-        """A 204 completes, with no body (and a HEAD after it on the same connection)."""
+        """A 204 and the answer to a HEAD complete, with no body."""
         harness, _, _ = await self.served()
         code, _, body = await self.get(harness, "/status/204")
-        self.assertEqual((code, body), (204, b""))  # type: ignore[attr-defined]
+        self.assertEqual((code, body), (204, b""))
         code, headers, body = await self.get(harness, "/hello", method=b"HEAD")
-        self.assertEqual((code, body), (200, b""))  # type: ignore[attr-defined]
+        self.assertEqual((code, body), (200, b""))
+        self.assert_clean()
 
     async def test_chunked_response(self) -> None:
         """A body of unknown length arrives whole, chunked."""
         harness, _, _ = await self.served()
         code, headers, body = await self.get(harness, "/chunked")
-        self.assertEqual(code, 200)  # type: ignore[attr-defined]
-        self.assertEqual(body, b"".join(b"piece %d\n" % i for i in range(5)))  # type: ignore[attr-defined]
-        self.assertIsNone(headers.getRawHeaders(b"content-length"))  # type: ignore[attr-defined]
+        self.assertEqual(code, 200)
+        self.assertEqual(body, b"".join(b"piece %d\n" % i for i in range(5)))
+        self.assertIsNone(headers.getRawHeaders(b"content-length"))
+        self.assert_clean()
 
     async def test_fifty_concurrent_requests(self) -> None:
         """Fifty requests at once, small and 256 KiB, each answered whole."""
@@ -295,13 +312,14 @@ class StockAgentMixin:
         async def one(i: int) -> None:
             if i % 2:
                 code, _, body = await self.get(harness, "/hello")
-                self.assertEqual((code, body), (200, b"hello from upstream"))  # type: ignore[attr-defined]
+                self.assertEqual((code, body), (200, b"hello from upstream"))
             else:
                 response, hashing = await harness.stream(HOST, f"/bytes/{size}")
                 await hashing.done
-                self.assertEqual(hashing.hash.hexdigest(), pattern_digest(size))  # type: ignore[attr-defined]
+                self.assertEqual(hashing.hash.hexdigest(), pattern_digest(size))
 
         await defer.gatherResults(
             [defer.ensureDeferred(one(i)) for i in range(50)], consumeErrors=True
         )
-        self.assertEqual(upstream.requests, 50)  # type: ignore[attr-defined]
+        self.assertEqual(upstream.requests, 50)
+        self.assert_clean()
