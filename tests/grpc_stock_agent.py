@@ -142,8 +142,11 @@ def opens(channel: grpc.Channel, pb: Any, pb_grpc: Any, hostname: str, count: in
             say("OPEN", o.method, o.target, o.end_stream, body)
         q.put(pb.Frame(reply=pb.Reply(status=200, reason=b"OK", end_stream=True)))
         q.put(None)
-        for _ in frames:
-            pass
+        try:
+            for _ in frames:
+                pass
+        except grpc.RpcError as e:
+            say("CALL", e.code().name)
 
     # One idle call at a time: the test sends its requests one after another.
     for _ in range(count):

@@ -9,7 +9,8 @@ import os
 import sys
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
@@ -173,3 +174,76 @@ class ExampleAgentTests(StockAgentMixin, TestCase):
         ])
         await agent.wait_for(r"^WELCOME ")
         return agent
+
+
+class _Collect(protocol.Protocol):
+    """Sends a request as soon as connected; keeps what comes back until the connection closes."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.received = b""
+        self.closed: defer.Deferred[bytes] = defer.Deferred()
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.received += data
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        self.closed.callback(self.received)
+
+
+async def exchange(port: int, request: bytes) -> bytes:
+    """One raw request to the edge's public port; all it answered."""
+    client = _Collect(request)
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+        protocol.Factory.forProtocol(lambda: client)
+    )
+    return await client.closed
+
+
+class EdgeOpenTests(TestCase):
+    """What a grpcio agent reads in the Opens of a real edge (in this process)."""
+
+    timeout = 90
+
+    async def test_open_says_when_a_request_has_no_body(self) -> None:
+        """Open.end_stream is set for every request without a body, on HTTP/1.0, 1.1 and 2."""
+        harness = TunnelHarness(self, "grpc", {"listen": "tcp:0:interface=127.0.0.1"})
+        edge = await harness.start_edge(public_h2c_listen=["tcp:0:interface=127.0.0.1"])
+        agent = spawn_agent(self, os.path.join("..", "tests", "grpc_stock_agent.py"), [
+            "opens", str(harness.link_address().port), await stubs(), HOST,
+        ])
+        await agent.wait_for(r"^WELCOME ")
+        public = harness.public_port
+        requests = [
+            # A plain head (read without h11), then heads h11 reads.
+            b"GET /plain HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
+            b"GET /http10 HTTP/1.0\r\nHost: app.test\r\n\r\n",
+            b"POST /empty HTTP/1.1\r\nHost: app.test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            b"POST /body HTTP/1.1\r\nHost: app.test\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
+            b"hello",
+        ]
+        answers = [(await exchange(public, request)).partition(b"\r\n")[0] for request in requests]
+        # HTTP/2: HEADERS with END_STREAM (curl, prior knowledge).
+        h2c = edge.public_h2c[0].address.port
+        status, _, _ = await getProcessOutputAndValue(
+            "curl", ["-sS", "--max-time", "30", "--http2-prior-knowledge", "-o", "/dev/null",
+                     "-w", "HTTP/2 %{http_code}", "-H", "host: app.test", f"http://127.0.0.1:{h2c}/h2"],
+            env=dict(os.environ),
+        )
+        answers.append(status)
+        await agent.ended
+        opens = [line.split()[1:] for line in agent.output.splitlines() if line.startswith("OPEN ")]
+        self.assertEqual(opens, [
+            ["GET", "/plain", "True", "0"],
+            ["GET", "/http10", "True", "0"],
+            ["POST", "/empty", "True", "0"],
+            ["POST", "/body", "False", "5"],
+            ["GET", "/h2", "True", "0"],
+        ])
+        self.assertEqual(answers, [
+            b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK",
+            b"HTTP/2 200",
+        ])
