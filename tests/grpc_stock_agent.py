@@ -18,8 +18,9 @@ Modes:
   - hold-upload: one Forward call that reads its Open and then nothing; with
     WINDOW as grpcio's stream window (BDP probing off).  Prints how the call
     ended once it has.
-  - hold-end: one Forward call answered Reply (Content-Length 5) + Data, no
-    End; prints how the call ended (the edge resets it when the client goes).
+  - hold-end: two Forward calls in turn, each answered Reply (Content-Length
+    5) + Data and no End; prints how each call ended and what it read (the
+    edge resets it when the client goes).
   - unknown: call a method the service does not have.
   - garbage: send bytes that are no protobuf Frame as the first Control message.
 """
@@ -159,17 +160,23 @@ def opens(channel: grpc.Channel, pb: Any, pb_grpc: Any, hostname: str, count: in
 def hold(channel: grpc.Channel, pb: Any, pb_grpc: Any, mode: str, hostname: str) -> None:
     stub = pb_grpc.TunnelAgentStub(channel)
     control, control_q = hello(stub, pb, hostname)
-    forward_q: queue.Queue[Any] = queue.Queue()
-    forward = stub.Forward(_requests(forward_q), timeout=60)
-    opening = next(forward)
-    say("OPEN", opening.open.method, opening.open.target)
-    if mode == "hold-end":
-        forward_q.put(
-            pb.Frame(reply=pb.Reply(status=200, headers=[pb.Header(name=b"content-length", value=b"5")]))
-        )
-        forward_q.put(pb.Frame(data=pb.Data(data=b"hello")))
-    say("ENDED", ended(forward))
-    forward_q.put(None)
+    for _ in range(2 if mode == "hold-end" else 1):
+        forward_q: queue.Queue[Any] = queue.Queue()
+        forward = stub.Forward(_requests(forward_q), timeout=60)
+        opening = next(forward)
+        say("OPEN", opening.open.method, opening.open.target)
+        if mode == "hold-end":
+            length = pb.Header(name=b"content-length", value=b"5")
+            forward_q.put(pb.Frame(reply=pb.Reply(status=200, headers=[length])))
+            forward_q.put(pb.Frame(data=pb.Data(data=b"hello")))
+            try:
+                read = [frame.WhichOneof("body") for frame in forward]
+                say("ENDED", forward.code().name, ",".join(read))
+            except grpc.RpcError as e:
+                say("ENDED", e.code().name)
+        else:
+            say("ENDED", ended(forward))
+        forward_q.put(None)
     control_q.put(None)
 
 

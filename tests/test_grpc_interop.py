@@ -14,6 +14,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
+from tests.end_to_end import EventCollector
 from tests.harness import TunnelHarness
 from tests.stock_agents import HOST, TOKEN, AgentProcess, StockAgentMixin, spawn_agent, stubs
 from tests.test_grpc_transport import Handler, Receiver, head, start_edge, until
@@ -247,3 +248,56 @@ class EdgeOpenTests(TestCase):
             b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK",
             b"HTTP/2 200",
         ])
+
+
+class _ReadThenClose(protocol.Protocol):
+    """Sends a request; closes the connection once the response's last byte is in."""
+
+    def __init__(self, request: bytes, last: bytes) -> None:
+        self.request = request
+        self.last = last
+        self.received = b""
+        self.closed: defer.Deferred[bytes] = defer.Deferred()
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.received += data
+        if self.received.endswith(self.last):
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        self.closed.callback(self.received)
+
+
+class WholeResponseTests(TestCase):
+    """A client that closes once it has a whole response, before the agent's End came."""
+
+    timeout = 90
+
+    async def test_no_client_gone_for_a_whole_response(self) -> None:
+        """The edge does not log that the client went away: it had the whole response."""
+        events = EventCollector(self)
+        harness = TunnelHarness(self, "grpc", {"listen": "tcp:0:interface=127.0.0.1"})
+        await harness.start_edge()
+        agent = spawn_agent(self, os.path.join("..", "tests", "grpc_stock_agent.py"), [
+            "hold-end", str(harness.link_address().port), await stubs(), HOST,
+        ])
+        await agent.wait_for(r"^WELCOME ")
+        requests = [
+            # Read without h11, then by h11 (a request with a body).
+            b"GET /whole HTTP/1.1\r\nHost: app.test\r\n\r\n",
+            b"POST /whole HTTP/1.1\r\nHost: app.test\r\nContent-Length: 3\r\n\r\nabc",
+        ]
+        for count, request in enumerate(requests, 1):
+            client = _ReadThenClose(request, b"\r\n\r\nhello")
+            await TCP4ClientEndpoint(reactor, "127.0.0.1", harness.public_port).connect(
+                protocol.Factory.forProtocol(lambda: client)  # noqa: B023
+            )
+            answer = await client.closed
+            self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer)
+            # The edge resets the stream: the agent's End can go nowhere now.
+            ended = await agent.wait_for(r"^ENDED (.*)$", count)
+            self.assertEqual(ended.group(1).split()[0], "CANCELLED")
+        self.assertEqual(events.matching("client {peer} went away during {method} {host}{target}"), [])
