@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.end_to_end import EventCollector
 from tests.harness import TunnelHarness
-from tests.stock_agents import HOST, TOKEN, AgentProcess, StockAgentMixin, spawn_agent, stubs
+from tests.stock_agents import HOST, MB, TOKEN, AgentProcess, StockAgentMixin, spawn_agent, stubs
 from tests.test_grpc_transport import Handler, Receiver, head, start_edge, until
 from tunneld.interfaces import IAgentLink
 from tunneld.reasons import Reason
@@ -301,3 +301,62 @@ class WholeResponseTests(TestCase):
             ended = await agent.wait_for(r"^ENDED (.*)$", count)
             self.assertEqual(ended.group(1).split()[0], "CANCELLED")
         self.assertEqual(events.matching("client {peer} went away during {method} {host}{target}"), [])
+
+
+class _Uploader(protocol.Protocol):
+    """Sends a request head and C{size} bytes of its (longer) body, then waits."""
+
+    def __init__(self, head: bytes, size: int) -> None:
+        self.head = head
+        self.size = size
+        self.closed: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.transport.write(self.head + b"x" * self.size)
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        self.closed.callback(None)
+
+
+class UploadResetTests(TestCase):
+    """A Reset of a stream whose request body was still going to a grpcio agent."""
+
+    timeout = 90
+
+    async def test_reset_reaches_an_agent_holding_unread_body(self) -> None:
+        """
+        The client goes mid-upload while the agent holds body bytes it has not
+        read: the call ends for the agent at once (RST_STREAM), not after it
+        has read them all.
+        """
+        harness = TunnelHarness(self, "grpc", {"listen": "tcp:0:interface=127.0.0.1"})
+        edge = await harness.start_edge()
+        # An 8 MiB window and no BDP probing: room for all the edge sends.
+        agent = spawn_agent(self, os.path.join("..", "tests", "grpc_stock_agent.py"), [
+            "hold-upload", str(harness.link_address().port), await stubs(), HOST, str(8 * MB),
+        ])
+        await agent.wait_for(r"^WELCOME ")
+        client = _Uploader(
+            b"POST /up HTTP/1.1\r\nHost: app.test\r\nContent-Length: 100000000\r\n\r\n", MB
+        )
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", harness.public_port).connect(
+            protocol.Factory.forProtocol(lambda: client)
+        )
+        await agent.wait_for(r"^OPEN POST /up")
+        (session,) = edge.sessions.sessions.values()
+        link = session.link
+        assert isinstance(link, EdgeGrpcLink)
+        (call_id,) = link.streams
+
+        def window() -> int:
+            """What the agent's window for the call has left."""
+            return link.conn.streams[call_id].outbound_flow_control_window  # type: ignore[no-any-return]
+
+        # The agent reads none of it; the edge sends it all within the window.
+        granted = link.conn.remote_settings.initial_window_size
+        self.assertEqual(granted, 8 * MB)
+        await until(lambda: window() <= granted - MB, timeout=60)
+        client.transport.abortConnection()
+        await client.closed
+        ended = await agent.wait_for(r"^ENDED (\S+)")
+        self.assertEqual(ended.group(1), "CANCELLED")

@@ -1897,8 +1897,17 @@ class EdgeGrpcLink(GrpcLink):
             if stream in self.queue:
                 self.queue.remove(stream)
             return
-        if self.send_reset(call, reason, message):
+        if not self.send_reset(call, reason, message):
+            return  # RST_STREAM'd already
+        if stream.local_ended:
             self._finish(call, _STATUS_FOR_REASON[reason], status_message(reason, message))
+        else:
+            # The request was still going to the agent, which may hold a
+            # window of it unread (a grpcio agent probing the bandwidth-delay
+            # product grows its window to megabytes): the Reset message, and
+            # a status, would reach its code only after all of that.
+            # RST_STREAM reaches it at once.
+            self.rst(call, _RST_FOR_REASON.get(reason, ErrorCodes.CANCEL))
 
     def forget(self, stream: GrpcStream) -> None:
         super().forget(stream)
