@@ -32,9 +32,11 @@ import grpc
 PROTOCOL_VERSION = 2
 # Data messages carry at most this much; well below any edge's max_frame_size.
 CHUNK = 64 * 1024
-# The receive window grpcio keeps per call, and per connection: with BDP
-# probing off these are the most it buffers of bodies the edge sends.
+# The receive window grpcio keeps per call (BDP probing off): with the
+# largest message the edge may send (said in Hello; 131072 is the least an
+# agent may ask for), the most it buffers of a request body the edge sends.
 STREAM_WINDOW = 256 * 1024
+MAX_MESSAGE = 128 * 1024
 # Reason codes of proto/tunnel.proto used here.
 UPSTREAM_REFUSED, UPSTREAM_TIMEOUT, UNAUTHORIZED, UPSTREAM_ERROR, DRAINING = 4, 5, 11, 13, 9
 # Fields meant for one hop only: never passed on (RFC 9110 section 7.6.1).
@@ -77,7 +79,7 @@ class Link:
         self.control = self.stub.Control()
         hello = pb.Hello(
             version=PROTOCOL_VERSION, agent_id=args.agent_id, token=args.token,
-            software="grpc_agent.py", max_frame_size=4 * 1024 * 1024,
+            software="grpc_agent.py", max_frame_size=MAX_MESSAGE,
             tunnels=[pb.TunnelSpec(hostname=host) for host in self.agent.tunnels],
         )
         await self.control.write(pb.Frame(hello=hello))

@@ -153,7 +153,7 @@ class SlowSink(protocol.Protocol):
     HTTP/1.1 for one request with a Content-Length.
     """
 
-    rate = 32 * MB
+    rate = 16 * MB
     step = 256 * 1024
 
     def connectionMade(self) -> None:  # noqa: N802
@@ -182,6 +182,8 @@ class SlowSink(protocol.Protocol):
             self.transport.write(
                 b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(digest), digest)
             )
+            self.factory.answered += 1
+            self.head, self.left, self.hash = b"", None, hashlib.sha256()  # keep-alive
             return
         if self.since_pause >= self.step:
             self.since_pause = 0
@@ -200,6 +202,7 @@ class SlowSinkFactory(protocol.Factory):
     def __init__(self) -> None:
         self.connections: list[SlowSink] = []
         self.received = 0
+        self.answered = 0
         self.lost: list[int | None] = []
         self.on_lost: Any = None
 

@@ -11,12 +11,23 @@ from typing import Any
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.task import LoopingCall
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from tests.end_to_end import EventCollector
-from tests.harness import TunnelHarness
-from tests.stock_agents import HOST, MB, TOKEN, AgentProcess, StockAgentMixin, spawn_agent, stubs
+from tests.harness import TunnelHarness, pattern_digest
+from tests.stock_agents import (
+    HOST,
+    MB,
+    TOKEN,
+    AgentProcess,
+    SlowSinkFactory,
+    StockAgentMixin,
+    listen_slow_sink,
+    spawn_agent,
+    stubs,
+)
 from tests.test_grpc_transport import Handler, Receiver, head, start_edge, until
 from tunneld.interfaces import IAgentLink
 from tunneld.reasons import Reason
@@ -159,22 +170,6 @@ class StockAgentTests(TestCase):
         self.assertIsNone(receiver.reset)
         assert receiver.reply is not None
         self.assertEqual((receiver.reply.status, receiver.data, receiver.trailers), (204, b"", ()))
-
-
-class ExampleAgentTests(StockAgentMixin, TestCase):
-    """examples/grpc_agent.py (grpc.aio and aiohttp, no tunneld) through a real edge."""
-
-    transport = "grpc"
-
-    async def start_agent(self, harness: TunnelHarness, upstream_port: int) -> AgentProcess:
-        agent = spawn_agent(self, "grpc_agent.py", [
-            "--stubs", await stubs(),
-            "--edge", f"127.0.0.1:{harness.link_address().port}",
-            "--agent-id", "example", "--token", TOKEN,
-            "--tunnel", f"{HOST}=http://127.0.0.1:{upstream_port}",
-        ])
-        await agent.wait_for(r"^WELCOME ")
-        return agent
 
 
 class _Collect(protocol.Protocol):
@@ -360,3 +355,87 @@ class UploadResetTests(TestCase):
         await client.closed
         ended = await agent.wait_for(r"^ENDED (\S+)")
         self.assertEqual(ended.group(1), "CANCELLED")
+
+
+class ExampleAgentTests(StockAgentMixin, TestCase):
+    """examples/grpc_agent.py (grpc.aio and aiohttp, no tunneld) through a real edge."""
+
+    transport = "grpc"
+
+    async def start_agent(self, harness: TunnelHarness, upstream_port: int) -> AgentProcess:
+        agent = spawn_agent(self, "grpc_agent.py", [
+            "--stubs", await stubs(),
+            "--edge", f"127.0.0.1:{harness.link_address().port}",
+            "--agent-id", "example", "--token", TOKEN,
+            "--tunnel", f"{HOST}=http://127.0.0.1:{upstream_port}",
+        ])
+        await agent.wait_for(r"^WELCOME ")
+        return agent
+
+    async def slow_upload(self) -> tuple[TunnelHarness, SlowSinkFactory, AgentProcess]:
+        """An agent serving an upstream slower than the link, warmed up."""
+        harness = await self.edge()
+        port, sink = await listen_slow_sink(self)
+        agent = await self.start_agent(harness, port)
+        # Warm up (imports, buffers, the allocator's pools, the upstream connection).
+        response, body = await harness.stream(HOST, "/warm-up", method=b"POST", upload=16 * MB)
+        await body.done
+        self.assertEqual(body.start.decode(), pattern_digest(16 * MB))
+        return harness, sink, agent
+
+    async def test_hundred_megabyte_upload_to_a_slow_upstream(self) -> None:
+        """
+        100 MB up to an upstream slower than the link arrive whole, and the
+        agent's memory stays flat: grpcio keeps the window it was given.
+        """
+        harness, sink, agent = await self.slow_upload()
+        assert harness.edge is not None
+        (session,) = harness.edge.sessions.sessions.values()
+        link = session.link
+        assert isinstance(link, EdgeGrpcLink)
+        baseline = peak = agent.rss()
+        windows: set[int] = set()
+
+        def sample() -> None:
+            nonlocal peak
+            peak = max(peak, agent.rss())
+            windows.add(link.conn.remote_settings.initial_window_size)
+
+        sampler = LoopingCall(sample)
+        sampler.start(0.05)
+        try:
+            response, body = await harness.stream(HOST, "/upload", method=b"POST", upload=100 * MB)
+            await body.done
+        finally:
+            sampler.stop()
+        sample()
+        self.assertEqual(response.code, 200)
+        self.assertEqual(body.start.decode(), pattern_digest(100 * MB))
+        # BDP probing off: the agent's window never grew past what it set.
+        self.assertEqual(windows, {256 * 1024})
+        self.assertLess(peak - baseline, 10 * MB)
+        self.assert_clean()
+
+    async def test_client_gone_mid_upload(self) -> None:
+        """
+        An uploading client that goes is noticed by the edge, the agent hears
+        of it and drops its upstream request before the body is through.
+        """
+        harness, sink, agent = await self.slow_upload()
+        client = _Uploader(
+            b"POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: 104857600\r\n\r\n",
+            100 * MB,
+        )
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", harness.public_port).connect(
+            protocol.Factory.forProtocol(lambda: client)
+        )
+        await until(lambda: sink.received >= 16 * MB + 8 * MB, timeout=120)
+        client.transport.abortConnection()
+        went = "client {peer} went away during {method} {host}{target}"
+        await until(lambda: bool(self.events.matching(went)), timeout=120)
+        # The edge reset the call: RST_STREAM (the agent may still hold body
+        # bytes), after the Reset message (client_gone) an agent may read first.
+        await agent.wait_for(r"^RESET (CANCELLED|14) ")
+        await until(lambda: len(sink.lost) == 1, timeout=120)
+        self.assertEqual(sink.answered, 1)  # the warm-up only
+        self.assertLess(sink.received, 16 * MB + 100 * MB)
