@@ -38,7 +38,7 @@ CHUNK = 64 * 1024
 STREAM_WINDOW = 256 * 1024
 MAX_MESSAGE = 128 * 1024
 # Reason codes of proto/tunnel.proto used here.
-UPSTREAM_REFUSED, UPSTREAM_TIMEOUT, UNAUTHORIZED, UPSTREAM_ERROR, DRAINING = 4, 5, 11, 13, 9
+UPSTREAM_REFUSED, UPSTREAM_TIMEOUT, DRAINING, PROTOCOL_ERROR, UPSTREAM_ERROR = 4, 5, 9, 10, 13
 # Fields meant for one hop only: never passed on (RFC 9110 section 7.6.1).
 HOP_BY_HOP = frozenset(
     b"connection keep-alive proxy-connection te transfer-encoding upgrade trailer".split()
@@ -233,6 +233,9 @@ class Stream:
     async def respond(self) -> None:
         o = self.open
         upstream = self.agent.tunnels.get(o.tunnel.partition("/")[0])
+        if o.kind != "http":
+            await self.reset(PROTOCOL_ERROR, f"this agent serves no {o.kind} streams")
+            return
         if upstream is None:
             await self.reset(UPSTREAM_REFUSED, f"no upstream for {o.tunnel}")
             return

@@ -439,3 +439,33 @@ class ExampleAgentTests(StockAgentMixin, TestCase):
         await until(lambda: len(sink.lost) == 1, timeout=120)
         self.assertEqual(sink.answered, 1)  # the warm-up only
         self.assertLess(sink.received, 16 * MB + 100 * MB)
+
+    async def test_drain(self) -> None:
+        """
+        A drained session: the agent dials a new link at once, new requests go
+        there, the one in flight finishes whole on the old link, which the
+        agent then closes.
+        """
+        harness, upstream, agent = await self.served()
+        assert harness.edge is not None
+        sessions = harness.edge.sessions.sessions
+        (old,) = sessions
+        response = defer.ensureDeferred(self.get(harness, "/hang"))
+        await until(lambda: bool(upstream.hanging), timeout=60)
+        harness.edge.sessions.drain(old, "moving you")
+        await agent.wait_for(r"^GOAWAY 9 moving you")
+        await agent.wait_for(r"^WELCOME ", 2)
+        await until(lambda: len(sessions) == 2, timeout=60)
+        for _ in range(3):
+            code, _, body = await self.get(harness, "/hello")
+            self.assertEqual((code, body), (200, b"hello from upstream"))
+        self.assertEqual(sessions[old].link.active_streams(), 1)  # only the one in flight
+        (request,) = upstream.hanging
+        request.write(b"finished after the drain")
+        request.finish()
+        code, _, body = await response
+        self.assertEqual((code, body), (200, b"finished after the drain"))
+        await agent.wait_for(r"^LEFT")
+        await until(lambda: old not in sessions, timeout=60)
+        self.assertEqual(len(sessions), 1)
+        self.assert_clean()
