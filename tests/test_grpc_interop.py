@@ -469,3 +469,15 @@ class ExampleAgentTests(StockAgentMixin, TestCase):
         await until(lambda: old not in sessions, timeout=60)
         self.assertEqual(len(sessions), 1)
         self.assert_clean()
+
+    async def test_wrong_token(self) -> None:
+        """A refused agent reads why from Control's status (UNAUTHENTICATED) and stops."""
+        harness = await self.edge()
+        agent = spawn_agent(self, "grpc_agent.py", [
+            "--stubs", await stubs(), "--edge", f"127.0.0.1:{harness.link_address().port}",
+            "--agent-id", "example", "--token", "wrong", "--tunnel", f"{HOST}=http://127.0.0.1:9",
+        ])
+        refused = await agent.wait_for(r"^UNAUTHORIZED (.*)$")
+        self.assertEqual(refused.group(1), "unauthorized: wrong token for agent 'example'")
+        await agent.ended
+        self.assertEqual(agent.end_reason.value.exitCode, 2)
