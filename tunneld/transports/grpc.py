@@ -184,6 +184,12 @@ _RST_FOR_REASON = {
     Reason.PROTOCOL_ERROR: ErrorCodes.PROTOCOL_ERROR,
 }
 
+
+def rst_code(reason: Reason) -> int:
+    """The RST_STREAM error code that ends a call for C{reason} (a stock peer reads it as a status)."""
+    return _RST_FOR_REASON.get(reason, ErrorCodes.CANCEL)
+
+
 _REASON_FOR_RST = {
     ErrorCodes.CANCEL: Reason.CANCELLED,
     ErrorCodes.FLOW_CONTROL_ERROR: Reason.SATURATED,
@@ -1530,11 +1536,11 @@ class GrpcLink(Protocol):
         call.drop_outbox()
         if call.local_closed:
             if not call.remote_closed:
-                self.rst(call, _RST_FOR_REASON.get(reason, ErrorCodes.CANCEL))
+                self.rst(call, rst_code(reason))
             return False
         self.send_now(call, [grpc_message(codec.reset_bytes(0, reason, message))])
         if call.outbox:
-            self.rst(call, _RST_FOR_REASON.get(reason, ErrorCodes.INTERNAL_ERROR))
+            self.rst(call, rst_code(reason))
             return False
         return True
 
@@ -1907,7 +1913,7 @@ class EdgeGrpcLink(GrpcLink):
             # product grows its window to megabytes): the Reset message, and
             # a status, would reach its code only after all of that.
             # RST_STREAM reaches it at once.
-            self.rst(call, _RST_FOR_REASON.get(reason, ErrorCodes.CANCEL))
+            self.rst(call, rst_code(reason))
 
     def forget(self, stream: GrpcStream) -> None:
         super().forget(stream)
@@ -2260,7 +2266,7 @@ class AgentGrpcLink(GrpcLink):
             # the next one's Open on this call already: a Reset message
             # would read as that stream's.  RST_STREAM is unambiguous (the
             # edge replays an Open not yet answered).
-            self.rst(call, _RST_FOR_REASON.get(reason, ErrorCodes.CANCEL))
+            self.rst(call, rst_code(reason))
             return
         if self.send_reset(call, reason, message):
             self.end_request(call)
