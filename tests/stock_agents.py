@@ -25,6 +25,7 @@ from twisted.web import server
 
 from tests.end_to_end import EventCollector
 from tests.harness import TunnelHarness, Upstream, listen_upstream, pattern_digest
+from tests.test_grpc_transport import until
 from tunneld.config import AgentGrant
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -74,9 +75,10 @@ class AgentProcess(protocol.ProcessProtocol):
 
     def outReceived(self, data: bytes) -> None:  # noqa: N802
         self.output += data.decode(errors="replace")
+        lines = self.output[: self.output.rfind("\n") + 1]  # whole lines only
         for waiter in list(self._waiters):
             pattern, count, d = waiter
-            matches = list(pattern.finditer(self.output))
+            matches = list(pattern.finditer(lines))
             if len(matches) >= count:
                 self._waiters.remove(waiter)
                 d.callback(matches[count - 1])
@@ -226,9 +228,15 @@ class StockAgentMixin:
     def edge_table(self) -> dict[str, Any]:
         return {"listen": "tcp:0:interface=127.0.0.1"}
 
+    async def spawn(self, harness: TunnelHarness, token: str, upstream_port: int) -> AgentProcess:
+        """Start the example agent for C{HOST} with C{token}, serving C{upstream_port}."""
+        raise NotImplementedError
+
     async def start_agent(self, harness: TunnelHarness, upstream_port: int) -> AgentProcess:
         """Start the example agent for C{HOST}, serving C{upstream_port}; return once welcomed."""
-        raise NotImplementedError
+        agent = await self.spawn(harness, TOKEN, upstream_port)
+        await agent.wait_for(r"^WELCOME ")
+        return agent
 
     async def edge(self, **edge: Any) -> TunnelHarness:
         self.events = EventCollector(self)
@@ -326,3 +334,42 @@ class StockAgentMixin:
         )
         self.assertEqual(upstream.requests, 50)
         self.assert_clean()
+
+    async def test_drain(self) -> None:
+        """
+        A drained session: the agent dials a new link at once, new requests go
+        there, the one in flight finishes whole on the old link, which the
+        agent then closes.
+        """
+        harness, upstream, agent = await self.served()
+        assert harness.edge is not None
+        sessions = harness.edge.sessions.sessions
+        (old,) = sessions
+        response = defer.ensureDeferred(self.get(harness, "/hang"))
+        await until(lambda: bool(upstream.hanging), timeout=60)
+        harness.edge.sessions.drain(old, "moving you")
+        await agent.wait_for(r"^GOAWAY 9 moving you")
+        await agent.wait_for(r"^WELCOME ", 2)
+        await until(lambda: len(sessions) == 2, timeout=60)
+        for _ in range(3):
+            code, _, body = await self.get(harness, "/hello")
+            self.assertEqual((code, body), (200, b"hello from upstream"))
+        self.assertEqual(sessions[old].link.active_streams(), 1)  # only the one in flight
+        (request,) = upstream.hanging
+        request.write(b"finished after the drain")
+        request.finish()
+        code, _, body = await response
+        self.assertEqual((code, body), (200, b"finished after the drain"))
+        await agent.wait_for(r"^LEFT")
+        await until(lambda: old not in sessions, timeout=60)
+        self.assertEqual(len(sessions), 1)
+        self.assert_clean()
+
+    async def test_wrong_token(self) -> None:
+        """A refused agent reads why (the reason's label and the check that failed) and stops."""
+        harness = await self.edge()
+        agent = await self.spawn(harness, "wrong", 9)
+        refused = await agent.wait_for(r"^UNAUTHORIZED (.*)$")
+        self.assertEqual(refused.group(1), "unauthorized: wrong token for agent 'example'")
+        await agent.ended
+        self.assertEqual(agent.end_reason.value.exitCode, 2)
