@@ -19,7 +19,8 @@ import tempfile
 from typing import Any
 
 from twisted.internet import defer, protocol, reactor
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
+from twisted.internet.task import LoopingCall
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web import server
 
@@ -216,6 +217,21 @@ async def listen_slow_sink(case: Any) -> tuple[int, SlowSinkFactory]:
     return port.getHost().port, factory
 
 
+class Uploader(protocol.Protocol):
+    """Sends a request head and C{size} bytes of its (longer) body, then waits."""
+
+    def __init__(self, head: bytes, size: int) -> None:
+        self.head = head
+        self.size = size
+        self.closed: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.transport.write(self.head + b"x" * self.size)
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        self.closed.callback(None)
+
+
 class StockAgentMixin:
     """
     What every example agent must do through a real edge; a subclass says
@@ -373,3 +389,72 @@ class StockAgentMixin:
         self.assertEqual(refused.group(1), "unauthorized: wrong token for agent 'example'")
         await agent.ended
         self.assertEqual(agent.end_reason.value.exitCode, 2)
+
+    async def slow_upload(self) -> tuple[TunnelHarness, SlowSinkFactory, AgentProcess]:
+        """An agent serving an upstream slower than the link, warmed up."""
+        harness = await self.edge()
+        port, sink = await listen_slow_sink(self)
+        agent = await self.start_agent(harness, port)
+        # Warm up (imports, buffers, the allocator's pools, the upstream connection).
+        response, body = await harness.stream(HOST, "/warm-up", method=b"POST", upload=16 * MB)
+        await body.done
+        self.assertEqual(body.start.decode(), pattern_digest(16 * MB))
+        return harness, sink, agent
+
+    async def test_hundred_megabyte_upload_to_a_slow_upstream(self) -> None:
+        """
+        100 MB up to an upstream slower than the link arrive whole, and the
+        agent's memory stays flat: it holds at most its window of the body.
+        """
+        harness, sink, agent = await self.slow_upload()
+        baseline = peak = agent.rss()
+        samples: set[Any] = set()
+
+        def sample() -> None:
+            nonlocal peak
+            peak = max(peak, agent.rss())
+            samples.add(self.link_sample(harness))
+
+        sampler = LoopingCall(sample)
+        sampler.start(0.05)
+        try:
+            response, body = await harness.stream(HOST, "/upload", method=b"POST", upload=100 * MB)
+            await body.done
+        finally:
+            sampler.stop()
+        sample()
+        self.assertEqual(response.code, 200)
+        self.assertEqual(body.start.decode(), pattern_digest(100 * MB))
+        self.assertEqual(samples, self.link_samples)
+        self.assertLess(peak - baseline, 10 * MB)
+        self.assert_clean()
+
+    async def test_client_gone_mid_upload(self) -> None:
+        """
+        An uploading client that goes is noticed by the edge, the agent hears
+        of it and drops its upstream request before the body is through.
+        """
+        harness, sink, agent = await self.slow_upload()
+        client = Uploader(
+            b"POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: 104857600\r\n\r\n",
+            100 * MB,
+        )
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", harness.public_port).connect(
+            protocol.Factory.forProtocol(lambda: client)
+        )
+        await until(lambda: sink.received >= 16 * MB + 8 * MB, timeout=120)
+        client.transport.abortConnection()
+        went = "client {peer} went away during {method} {host}{target}"
+        await until(lambda: bool(self.events.matching(went)), timeout=120)
+        # The edge reset the call: RST_STREAM (the agent may still hold body
+        # bytes), after the Reset message (client_gone) an agent may read first.
+        await agent.wait_for(r"^RESET (CANCELLED|14) ")
+        await until(lambda: len(sink.lost) == 1, timeout=120)
+        self.assertEqual(sink.answered, 1)  # the warm-up only
+        self.assertLess(sink.received, 16 * MB + 100 * MB)
+
+    def link_sample(self, harness: TunnelHarness) -> Any:
+        """What the test samples of the edge's link during the upload."""
+        return None
+
+    link_samples: set[Any] = {None}
