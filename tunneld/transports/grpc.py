@@ -18,8 +18,11 @@ Rules on top of plain gRPC that an agent must follow:
     sending a message; an C{Open} that crossed it is replayed by the edge on
     another call, so the agent ignores it;
   - the edge ends a C{Forward} call (trailers) only once both directions have
-    sent C{End}, or after a C{Reset}; the agent half-closes its request after
-    its own C{End} or C{Reset};
+    ended (C{End}, or C{end_stream} on a C{Reply} or C{Data} of version 2),
+    or after a C{Reset}; the agent half-closes its request after its own end
+    or C{Reset}.  A C{Reset} from the edge while it was still sending the
+    request body is followed by C{RST_STREAM}: a grpcio agent sees the end of
+    a call only after every message in front of it;
   - unless both ends agree to reuse the call: an agent that sends the request
     metadata C{tunneld-reuse: 1} on a C{Forward} call, answered by the same
     response metadata, keeps the call open after a stream ended cleanly
