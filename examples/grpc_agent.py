@@ -66,11 +66,10 @@ class Link:
         self.channel = agent.make_channel()
         self.stub = pb_grpc.TunnelAgentStub(self.channel)
         self.control: Any = None
-        self.idle = 0
+        self.idle: set[Any] = set()  # Forward calls waiting for an Open
         self.target = agent.args.idle
         self.draining = False
-        self.streams: set[asyncio.Task[None]] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[None]] = set()  # one per Forward call
         self.moved = asyncio.Event()  # the edge sent GoAway(draining)
 
     async def run(self) -> None:
@@ -127,22 +126,26 @@ class Link:
             with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 await self.control.write(pb.Frame(goaway=goaway))
         self.draining = True
-        if self.streams:
-            await asyncio.wait(set(self.streams))
+        # Retire the idle calls: a half-close with nothing sent (the edge
+        # ends each with OK, and sends an Open that crossed it elsewhere).
+        for call in list(self.idle):
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                await call.done_writing()
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=60)
         if self.control is not None:
             with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 await self.control.done_writing()
-        for task in self.tasks:
-            task.cancel()
         await self.channel.close(grace=1.0)
 
     # -- the pool of idle Forward calls --------------------------------------
 
     def top_up(self) -> None:
         """Keep C{target} idle Forward calls open, so the edge never waits for one."""
-        while not self.draining and self.idle < self.target:
-            self.idle += 1
-            task = asyncio.ensure_future(self.forward(self.stub.Forward()))
+        while not self.draining and len(self.idle) < self.target:
+            call = self.stub.Forward()
+            self.idle.add(call)
+            task = asyncio.ensure_future(self.forward(call))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
@@ -152,23 +155,15 @@ class Link:
             opening = await call.read()
         except grpc.aio.AioRpcError:
             opening = grpc.aio.EOF
-        except asyncio.CancelledError:
-            call.cancel()
-            raise
-        self.idle -= 1
+        finally:
+            self.idle.discard(call)
         if opening is grpc.aio.EOF or opening.WhichOneof("body") != "open":
-            call.cancel()
-            return  # ended without a stream (the link is going away)
-        if self.idle == 0:
+            return  # ended without a stream: retired, or the link is going away
+        if not self.idle:
+            # The edge used the last idle call: keep more open from now on.
             self.target = min(2 * self.target, self.agent.args.max_idle)
         self.top_up()
-        task = asyncio.current_task()
-        assert task is not None
-        self.streams.add(task)
-        try:
-            await Stream(self.agent, call, opening.open).serve()
-        finally:
-            self.streams.discard(task)
+        await Stream(self.agent, call, opening.open).serve()
 
 
 class Stream:
