@@ -108,7 +108,7 @@ class AgentProcess(protocol.ProcessProtocol):
 
 def spawn_agent(case: Any, script: str, args: list[str]) -> AgentProcess:
     """
-    Start C{script} (a path relative to C{examples/}) with C{args}; it is
+    Start C{script} (a path relative to C{examples/}, or absolute) with C{args}; it is
     stopped (SIGTERM, then KILL) after the test.
     """
     proto = AgentProcess()

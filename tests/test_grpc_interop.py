@@ -32,7 +32,6 @@ from tunneld.transports.grpc import EdgeGrpcLink
 from tunneld.wire.messages import Hello
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 SCRIPT = os.path.join(HERE, "grpc_stock_agent.py")
 
 
@@ -41,24 +40,9 @@ class StockAgentTests(TestCase):
 
     timeout = 90
 
-    async def generate(self) -> str:
-        """Compile proto/tunnel.proto with grpc_tools into a fresh directory."""
-        out = self.mktemp()
-        os.makedirs(out)
-        stdout, stderr, code = await getProcessOutputAndValue(
-            sys.executable,
-            [
-                "-m", "grpc_tools.protoc", "-I", os.path.join(ROOT, "proto"),
-                f"--python_out={out}", f"--grpc_python_out={out}", "tunnel.proto",
-            ],
-            env=dict(os.environ),
-        )
-        self.assertEqual(code, 0, stderr.decode(errors="replace"))
-        return out
-
     async def run_stock(self, mode: str, port: int, *extra: str) -> list[list[str]]:
         """Run the stock client; its printed lines, split into words."""
-        generated = await self.generate()
+        generated = await stubs()
         stdout, stderr, code = await getProcessOutputAndValue(
             sys.executable, [SCRIPT, mode, str(port), generated, *extra], env=dict(os.environ)
         )
@@ -205,7 +189,7 @@ class EdgeOpenTests(TestCase):
         """Open.end_stream is set for every request without a body, on HTTP/1.0, 1.1 and 2."""
         harness = TunnelHarness(self, "grpc", {"listen": "tcp:0:interface=127.0.0.1"})
         edge = await harness.start_edge(public_h2c_listen=["tcp:0:interface=127.0.0.1"])
-        agent = spawn_agent(self, os.path.join("..", "tests", "grpc_stock_agent.py"), [
+        agent = spawn_agent(self, SCRIPT, [
             "opens", str(harness.link_address().port), await stubs(), HOST,
         ])
         await agent.wait_for(r"^WELCOME ")
@@ -273,7 +257,7 @@ class WholeResponseTests(TestCase):
         events = EventCollector(self)
         harness = TunnelHarness(self, "grpc", {"listen": "tcp:0:interface=127.0.0.1"})
         await harness.start_edge()
-        agent = spawn_agent(self, os.path.join("..", "tests", "grpc_stock_agent.py"), [
+        agent = spawn_agent(self, SCRIPT, [
             "hold-end", str(harness.link_address().port), await stubs(), HOST,
         ])
         await agent.wait_for(r"^WELCOME ")
@@ -309,7 +293,7 @@ class UploadResetTests(TestCase):
         harness = TunnelHarness(self, "grpc", {"listen": "tcp:0:interface=127.0.0.1"})
         edge = await harness.start_edge()
         # An 8 MiB window and no BDP probing: room for all the edge sends.
-        agent = spawn_agent(self, os.path.join("..", "tests", "grpc_stock_agent.py"), [
+        agent = spawn_agent(self, SCRIPT, [
             "hold-upload", str(harness.link_address().port), await stubs(), HOST, str(8 * MB),
         ])
         await agent.wait_for(r"^WELCOME ")
