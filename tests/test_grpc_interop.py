@@ -153,11 +153,15 @@ class StockAgentTests(TestCase):
         self.assertEqual((receiver.reply.status, receiver.data, receiver.trailers), (204, b"", ()))
 
 
-class _Collect(protocol.Protocol):
-    """Sends a request as soon as connected; keeps what comes back until the connection closes."""
+class _RawClient(protocol.Protocol):
+    """
+    Sends a request once connected and keeps what comes back until the
+    connection closes; with C{last}, closes it once what came ends so.
+    """
 
-    def __init__(self, request: bytes) -> None:
+    def __init__(self, request: bytes, last: bytes | None = None) -> None:
         self.request = request
+        self.last = last
         self.received = b""
         self.closed: defer.Deferred[bytes] = defer.Deferred()
 
@@ -166,14 +170,16 @@ class _Collect(protocol.Protocol):
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         self.received += data
+        if self.last is not None and self.received.endswith(self.last):
+            self.transport.loseConnection()
 
     def connectionLost(self, reason: Any) -> None:  # noqa: N802
         self.closed.callback(self.received)
 
 
-async def exchange(port: int, request: bytes) -> bytes:
-    """One raw request to the edge's public port; all it answered."""
-    client = _Collect(request)
+async def exchange(port: int, request: bytes, last: bytes | None = None) -> bytes:
+    """One raw request to the edge's public port; what it answered (see L{_RawClient})."""
+    client = _RawClient(request, last)
     await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
         protocol.Factory.forProtocol(lambda: client)
     )
@@ -226,27 +232,6 @@ class EdgeOpenTests(TestCase):
         ])
 
 
-class _ReadThenClose(protocol.Protocol):
-    """Sends a request; closes the connection once the response's last byte is in."""
-
-    def __init__(self, request: bytes, last: bytes) -> None:
-        self.request = request
-        self.last = last
-        self.received = b""
-        self.closed: defer.Deferred[bytes] = defer.Deferred()
-
-    def connectionMade(self) -> None:  # noqa: N802
-        self.transport.write(self.request)
-
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        self.received += data
-        if self.received.endswith(self.last):
-            self.transport.loseConnection()
-
-    def connectionLost(self, reason: Any) -> None:  # noqa: N802
-        self.closed.callback(self.received)
-
-
 class WholeResponseTests(TestCase):
     """A client that closes once it has a whole response, before the agent's End came."""
 
@@ -267,11 +252,7 @@ class WholeResponseTests(TestCase):
             b"POST /whole HTTP/1.1\r\nHost: app.test\r\nContent-Length: 3\r\n\r\nabc",
         ]
         for count, request in enumerate(requests, 1):
-            client = _ReadThenClose(request, b"\r\n\r\nhello")
-            await TCP4ClientEndpoint(reactor, "127.0.0.1", harness.public_port).connect(
-                protocol.Factory.forProtocol(lambda: client)  # noqa: B023
-            )
-            answer = await client.closed
+            answer = await exchange(harness.public_port, request, b"\r\n\r\nhello")
             self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer)
             # The edge resets the stream: the agent's End can go nowhere now.
             ended = await agent.wait_for(r"^ENDED (.*)$", count)

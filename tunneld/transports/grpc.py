@@ -39,7 +39,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import quote, unquote
 
@@ -90,6 +90,7 @@ from tunneld.wire.messages import (
     ReplyHead,
     StreamHead,
     Welcome,
+    saying_limits,
 )
 from tunneld.wire.mux import SocketCongestion
 
@@ -781,10 +782,7 @@ class GrpcLink(Protocol):
             return
         if isinstance(message, Welcome):
             self.end_stream = message.version >= END_STREAM_VERSION
-            if not message.heartbeat_ms:
-                message = replace(message, heartbeat_ms=round(self.heartbeat.interval * 1000))
-        if isinstance(message, (Hello, Welcome)) and not message.max_frame_size:
-            message = replace(message, max_frame_size=self.max_message)
+        message = saying_limits(message, self.max_message, self.heartbeat.interval)
         self.send_now(control, [_frame_message(codec.encode_control(message))])
 
     def open_stream(

@@ -18,7 +18,6 @@ whatever the version.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any, Protocol, cast
 
 from twisted.internet.defer import Deferred, succeed
@@ -41,6 +40,7 @@ from tunneld.wire.messages import (
     ReplyHead,
     StreamHead,
     Welcome,
+    saying_limits,
 )
 
 # Room in a frame for everything but the payload.
@@ -497,10 +497,7 @@ class FrameLink:
         if not self.closed:
             if isinstance(message, Welcome):
                 self.end_stream = message.version >= _END_STREAM_VERSION
-                if not message.heartbeat_ms:
-                    message = replace(message, heartbeat_ms=round(self.heartbeat.interval * 1000))
-            if isinstance(message, (Hello, Welcome)) and not message.max_frame_size:
-                message = replace(message, max_frame_size=self.max_frame_size)
+            message = saying_limits(message, self.max_frame_size, self.heartbeat.interval)
             self.send(codec.encode_control(message).SerializeToString())
 
     def open_stream(
