@@ -749,8 +749,10 @@ class EndToEndMixin:
         for _ in range(3):
             code, _, body = await harness.request("app.test", "/hello")
             self.assertEqual((code, body), (200, b"hello from upstream"))
-        await sleep(0.1)
-        self.assertEqual(flood.written, written)
+        # Still held back.  Not to the byte: on a busy machine the loop above
+        # may stop before every buffer is full, and kernel buffers grow as
+        # they autotune, so a little more may have gone since.
+        self.assertLess(flood.written, 64 * MB)
         client.transport.abortConnection()
         await client.closed
         await flood.lost
