@@ -18,7 +18,7 @@ from typing import Any
 from cryptography import x509
 from h2 import events as h2events
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
 from OpenSSL import SSL
@@ -531,6 +531,8 @@ class _RawH2Client(protocol.Protocol):
             self.transport.write(data)  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.h2.state_machine.state is ConnectionState.CLOSED:
+            return  # we sent GOAWAY: frames the edge had in flight are dropped (h2 would raise)
         for event in self.h2.receive_data(data):
             if isinstance(event, h2events.ResponseReceived):
                 self.headers[event.stream_id] = dict(event.headers)
