@@ -100,6 +100,42 @@ def watch_read_sizes(case: Any, module: Any) -> list[int]:
     return largest
 
 
+class HeadRecorder(protocol.Protocol):
+    """
+    An HTTP/1.1 upstream that records each request head as it arrives and
+    answers C{ok} (keep-alive); bodies (Content-Length or chunked) are read
+    and dropped.
+    """
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.factory.connections.append(self)
+        self.buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.buffer += data
+        while True:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = self.buffer[:end].lower()
+            if b"transfer-encoding: chunked" in head:
+                last = self.buffer.find(b"\r\n0\r\n\r\n", end)
+                if last < 0:
+                    return
+                done = last + 7
+            else:
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.startswith(b"content-length:"):
+                        length = int(line.partition(b":")[2])
+                done = end + 4 + length
+                if len(self.buffer) < done:
+                    return
+            self.factory.heads.append(head)
+            self.buffer = self.buffer[done:]
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
 class EndToEndMixin:
     """Tests for one transport; subclasses set C{transport} and the two tables."""
 
@@ -151,6 +187,34 @@ class EndToEndMixin:
         code, _, body = await harness.request("app.test", "/hello")
         self.assertEqual((code, body), (200, b"hello from upstream"))
         self.assertEqual(upstream.requests, 3)
+
+    async def test_bodyless_request_goes_upstream_at_once(self) -> None:
+        """
+        The agent sends a request without a body upstream as one whole head
+        (Content-Length 0, not a chunked body it would end later), also on a
+        kept-alive upstream connection: the Open said there is no body.
+        """
+        harness = TunnelHarness(self, self.transport, self.edge_table())
+        await harness.start_edge()
+        port, upstream = await listen_tcp_upstream(self, HeadRecorder)
+        upstream.heads = []
+        await harness.start_agent(self.agent_table(harness.link_address()), [("app.test", port)])
+        client = await connect_tcp(self, harness.public_port)
+        requests = [
+            b"GET /warm HTTP/1.1\r\nHost: app.test\r\n\r\n",
+            # No Content-Length, no Transfer-Encoding: no body.  Read without
+            # h11, then by h11 (a Connection field).
+            b"POST /plain HTTP/1.1\r\nHost: app.test\r\n\r\n",
+            b"PUT /h11 HTTP/1.1\r\nHost: app.test\r\nConnection: keep-alive, x-y\r\n\r\n",
+        ]
+        for request in requests:
+            client.transport.write(request)
+            await client.wait_for(b"\r\n\r\nok")
+        self.assertEqual(len(upstream.connections), 1)  # one kept-alive connection
+        self.assertEqual([head.split(b" ")[0] for head in upstream.heads], [b"get", b"post", b"put"])
+        for head in upstream.heads[1:]:
+            self.assertNotIn(b"transfer-encoding", head)
+            self.assertIn(b"content-length: 0", head)
 
     async def test_wildcard_hostname(self) -> None:
         """A *.domain tunnel serves every name under the domain, with the name passed on."""

@@ -8,6 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tunneld.config import EdgeSection
 from tunneld.docs import reasons_table, reference
+from tunneld.reasons import Reason
 from tunneld.schema import documented_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,3 +37,16 @@ class ConfigurationReferenceTests(SynchronousTestCase):
         """docs/protocol.md shows every reason with the status and close code the code maps it to."""
         with open(os.path.join(ROOT, "docs", "protocol.md")) as f:
             self.assertIn(reasons_table(), f.read())
+
+    def test_protocol_grpc_status_table(self) -> None:
+        """docs/protocol.md shows the gRPC status and RST_STREAM code the grpc transport ends a call with."""
+        from tunneld.transports.grpc import _STATUS_FOR_REASON, rst_code
+
+        lines = ["| reason | `grpc-status` | `RST_STREAM` code |", "|---|---|---|"]
+        for reason in Reason:
+            status = _STATUS_FOR_REASON[reason]
+            lines.append(
+                f"| `{reason.value}` | {int(status)} `{status.name}` | `{rst_code(reason).name}` |"
+            )
+        with open(os.path.join(ROOT, "docs", "protocol.md")) as f:
+            self.assertIn("\n".join(lines) + "\n", f.read())

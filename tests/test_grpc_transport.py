@@ -257,7 +257,8 @@ async def start_edge(case: TestCase, on_link: Any, **edge: Any) -> int:
 
 
 async def link_pair(
-    case: TestCase, edge: dict[str, Any] | None = None, agent: dict[str, Any] | None = None
+    case: TestCase, edge: dict[str, Any] | None = None, agent: dict[str, Any] | None = None,
+    agent_frame_size: int = 1 << 20,
 ) -> Pair:
     """Listen, dial, hello, welcome: a ready edge/agent link pair, cleaned up after the test."""
     pair = Pair()
@@ -273,7 +274,9 @@ async def link_pair(
     port = await start_edge(case, on_link, **(edge or {}))
     plugin = GrpcTransport()
     options = plugin.agent_options({"address": f"127.0.0.1:{port}", **(agent or {})}, "(test)")
-    link = await plugin.connect(options, AgentLinkSetup(reactor=reactor))
+    link = await plugin.connect(
+        options, AgentLinkSetup(reactor=reactor, max_frame_size=agent_frame_size)
+    )
     pair.agent = link
 
     async def cleanup() -> None:
@@ -551,6 +554,21 @@ class GrpcTransportTests(TestCase):
         await download.done
         self.assertIsNone(download.reset)
         self.assertEqual(download.data, pattern(5 * MB))
+
+    async def test_messages_fit_the_smaller_frame_limit(self) -> None:
+        """An agent that accepts only 128 KiB messages (Hello says so) gets none larger; 1 MB crosses."""
+        pair = await link_pair(self, agent_frame_size=128 * 1024)
+        (hello,) = pair.edge_handler.control
+        assert isinstance(hello, Hello)
+        self.assertEqual(hello.max_frame_size, 128 * 1024)
+        body = pattern(MB, seed=5)
+        receiver = Receiver()
+        stream = pair.edge.open_stream(head("/echo"), receiver)
+        stream.write(body)  # one write, larger than the agent's limit
+        stream.end()
+        await receiver.done
+        self.assertIsNone(receiver.reset)
+        self.assertEqual(receiver.data, body)
 
     async def test_paused_receiver_stalls_only_its_stream(self) -> None:
         """A consumer that pauses one stream holds back its window; another stream completes."""

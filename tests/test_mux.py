@@ -780,12 +780,14 @@ class LinkLifetimeTests(SynchronousTestCase):
         self.pair.agent.send_control(hello)
         self.pair.edge.send_control(welcome)
         self.pair.pump()
-        # Each says the largest frame its link accepts (1 MiB by default).
+        # Each says the largest frame its link accepts (1 MiB by default);
+        # the Welcome also says the edge's heartbeat interval.
         self.assertEqual(
             self.pair.edge_handler.controls, [replace(hello, max_frame_size=1 << 20)]
         )
         self.assertEqual(
-            self.pair.agent_handler.controls, [replace(welcome, max_frame_size=1 << 20)]
+            self.pair.agent_handler.controls,
+            [replace(welcome, max_frame_size=1 << 20, heartbeat_ms=10_000)],
         )
 
     def test_pings_and_round_trip_time(self) -> None:

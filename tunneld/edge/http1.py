@@ -314,6 +314,8 @@ class _Exchange:
                 bulkwrite.forward(protocol._socket, data)
             else:
                 bulkwrite.queue(protocol._socket, piece)
+        if protocol._out_left is not None:
+            protocol._out_left -= len(data)
         protocol._stats.bytes_out += len(data)
         protocol._last_activity = protocol._seconds()
 
@@ -441,8 +443,9 @@ class PublicHTTPProtocol(Protocol):
         self._upgraded_set = factory.upgraded
         # Plain requests skip h11 (tunneld.edge.fasthead) while h11 holds
         # nothing: _fast_ok says it may be tried, _fast that this exchange
-        # is one, with its answer at _out (and _out_left body bytes to go,
-        # None when chunked); _pending is what the client sent meanwhile.
+        # is one, with its answer at _out; _pending is what the client sent
+        # meanwhile.  _out_left: body bytes of the answer still to go (None
+        # when its length is not known), on either path.
         self._fast_ok = True
         self._fast = False
         self._their_done = False
@@ -730,6 +733,8 @@ class PublicHTTPProtocol(Protocol):
         self._open(
             route, method, host, target_text, tuple(forwarded), slots,
             upgrade if switching else [],
+            # Neither Content-Length (or 0) nor Transfer-Encoding: no body.
+            bodyless=not chunked and (length is None or int(length) == 0),
         )
 
     def _admit(self, route: RouteLike, headers: Headers) -> Any:
@@ -748,8 +753,12 @@ class PublicHTTPProtocol(Protocol):
         headers: Headers,
         slots: Any = None,
         upgrade: list[bytes] | None = None,
+        bodyless: bool = False,
     ) -> None:
-        """Carry the request on a new stream over the route's agent link."""
+        """
+        Carry the request on a new stream over the route's agent link; a
+        C{bodyless} one (not an upgrade) is opened ended, so the Open says so.
+        """
         head = StreamHead(
             kind="upgrade" if upgrade else "http",
             tunnel=route.tunnel,
@@ -765,8 +774,7 @@ class PublicHTTPProtocol(Protocol):
             exchange.upgrade = True
             exchange.websocket = b"websocket" in _tokens(upgrade)
         self._exchange = exchange
-        # A plain head (the fast path) has no body: Open says so itself.
-        bodyless = self._fast and not upgrade
+        bodyless = bodyless and not upgrade
         try:
             stream = route.link.open_stream(head, exchange, end_stream=bodyless)
         except Exception:
@@ -949,6 +957,12 @@ class PublicHTTPProtocol(Protocol):
         exchange.chunked = (
             not has_length and not exchange.bodyless and self._conn.their_http_version == b"1.1"
         )
+        # Body bytes still to go, when known (as on the fast path).
+        self._out_left = 0 if exchange.bodyless else None
+        if has_length and not exchange.bodyless:
+            for name, value in response.headers:  # checked by h11, duplicates merged
+                if name == b"content-length":
+                    self._out_left = int(value)
         exchange.response_started = True
         self._stats.response(status)
         self._send([response])
@@ -1162,11 +1176,21 @@ class PublicHTTPProtocol(Protocol):
             upgraded.live = False
         self._finish(exchange)
         stream = exchange.stream
-        self.log.info(
-            "client {peer} went away during {method} {host}{target}",
-            peer=self._peer, method=exchange.method.decode("latin-1"), host=exchange.host,
-            target=exchange.target,
-        )
+        if exchange.response_started and self._out_left == 0 and upgraded is None:
+            # Every byte of the response went out (its declared length) and
+            # the client, done with it, closed before the agent's End came:
+            # nothing was lost, and the agent is told the stream is over.
+            self.log.debug(
+                "client {peer} closed after the whole response to {method} {host}{target}",
+                peer=self._peer, method=exchange.method.decode("latin-1"), host=exchange.host,
+                target=exchange.target,
+            )
+        else:
+            self.log.info(
+                "client {peer} went away during {method} {host}{target}",
+                peer=self._peer, method=exchange.method.decode("latin-1"), host=exchange.host,
+                target=exchange.target,
+            )
         if stream is not None:
             stream.reset(Reason.CLIENT_GONE, "client closed the connection")
 

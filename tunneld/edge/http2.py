@@ -471,7 +471,8 @@ class PublicH2Protocol(Protocol):
             scheme=self._settings.scheme,
         )
         try:
-            stream = route.link.open_stream(head, exchange)
+            # HEADERS with END_STREAM: the Open says the request has no body.
+            stream = route.link.open_stream(head, exchange, end_stream=exchange.request_ended)
         except Exception:
             self.log.failure(
                 "opening a stream for {method} {host}{target} failed",
@@ -483,9 +484,7 @@ class PublicH2Protocol(Protocol):
         exchange.stream = stream
         if not exchange.live:
             return  # reset while opening; already answered
-        if exchange.request_ended:
-            stream.end(())  # StreamEnded follows; nothing more to send
-        else:
+        if not exchange.request_ended:  # else the stream was opened ended
             exchange.uploading = True
             stream.registerProducer(exchange, True)
             if expect_continue and exchange.live:

@@ -18,8 +18,11 @@ Rules on top of plain gRPC that an agent must follow:
     sending a message; an C{Open} that crossed it is replayed by the edge on
     another call, so the agent ignores it;
   - the edge ends a C{Forward} call (trailers) only once both directions have
-    sent C{End}, or after a C{Reset}; the agent half-closes its request after
-    its own C{End} or C{Reset};
+    ended (C{End}, or C{end_stream} on a C{Reply} or C{Data} of version 2),
+    or after a C{Reset}; the agent half-closes its request after its own end
+    or C{Reset}.  A C{Reset} from the edge while it was still sending the
+    request body is followed by C{RST_STREAM}: a grpcio agent sees the end of
+    a call only after every message in front of it;
   - unless both ends agree to reuse the call: an agent that sends the request
     metadata C{tunneld-reuse: 1} on a C{Forward} call, answered by the same
     response metadata, keeps the call open after a stream ended cleanly
@@ -78,12 +81,16 @@ from tunneld.wire import codec
 from tunneld.wire.codec import FrameError
 from tunneld.wire.heartbeat import Heartbeat
 from tunneld.wire.messages import (
+    END_STREAM_VERSION,
+    MIN_FRAME_SIZE,
     ControlMessage,
     GoAway,
     Headers,
+    Hello,
     ReplyHead,
     StreamHead,
     Welcome,
+    saying_limits,
 )
 from tunneld.wire.mux import SocketCongestion
 
@@ -180,6 +187,12 @@ _RST_FOR_REASON = {
     Reason.AGENT_UNAVAILABLE: ErrorCodes.REFUSED_STREAM,
     Reason.PROTOCOL_ERROR: ErrorCodes.PROTOCOL_ERROR,
 }
+
+
+def rst_code(reason: Reason) -> int:
+    """The RST_STREAM error code that ends a call for C{reason} (a stock peer reads it as a status)."""
+    return _RST_FOR_REASON.get(reason, ErrorCodes.CANCEL)
+
 
 _REASON_FOR_RST = {
     ErrorCodes.CANCEL: Reason.CANCELLED,
@@ -443,7 +456,7 @@ class GrpcStream:
     __slots__ = (
         "link", "head", "call", "receiver", "_early", "_held", "_held_size", "_replay",
         "_replay_size", "answered", "_producer", "_producer_paused", "consumer_paused",
-        "local_ended", "remote_ended", "closed", "queue_timer",
+        "local_ended", "remote_ended", "closed", "queue_timer", "open_ends",
     )
 
     def __init__(self, link: GrpcLink, head: StreamHead, call: _Call | None = None) -> None:
@@ -464,6 +477,8 @@ class GrpcStream:
         self.remote_ended = False
         self.closed = False
         self.queue_timer: Any = None
+        # The edge's Open says end_stream itself: the request has no body.
+        self.open_ends = False
 
     # -- IStream, outgoing -------------------------------------------------
 
@@ -694,7 +709,11 @@ class GrpcLink(Protocol):
     ) -> None:
         self.reactor = reactor
         self.max_message = max_frame_size
-        self.max_data = max_frame_size - _MESSAGE_OVERHEAD
+        # Data messages fit any peer's limit until the peer says its own in
+        # Hello or Welcome (L{_peer_frame_limit}).
+        self.max_data = min(max_frame_size, MIN_FRAME_SIZE) - _MESSAGE_OVERHEAD
+        # Whether the version agreed in Hello/Welcome lets messages carry end_stream.
+        self.end_stream = False
         self.stream_window = stream_window
         self.connection_window = connection_window
         self.max_pending = stream_window + max_frame_size
@@ -753,10 +772,17 @@ class GrpcLink(Protocol):
             handler.control_received(message)
 
     def send_control(self, message: ControlMessage) -> None:
-        """IAgentLink.send_control"""
+        """
+        IAgentLink.send_control; a Hello or Welcome says the largest message
+        this end accepts, a Welcome the heartbeat interval (unless its sender
+        said them).
+        """
         control = self.control
         if self.closed or control is None or control.local_closed:
             return
+        if isinstance(message, Welcome):
+            self.end_stream = message.version >= END_STREAM_VERSION
+        message = saying_limits(message, self.max_message, self.heartbeat.interval)
         self.send_now(control, [_frame_message(codec.encode_control(message))])
 
     def open_stream(
@@ -1358,10 +1384,23 @@ class GrpcLink(Protocol):
         self.control_message(message)
 
     def control_message(self, message: ControlMessage) -> None:
+        if isinstance(message, (Hello, Welcome)):
+            self._peer_frame_limit(message.max_frame_size)
+        if isinstance(message, Welcome):
+            self.end_stream = message.version >= END_STREAM_VERSION
         if self.handler is not None:
             self.handler.control_received(message)
         else:
             self._early_control.append(message)
+
+    def _peer_frame_limit(self, limit: int) -> None:
+        """
+        The peer accepts messages up to C{limit} bytes (0: not said, the
+        protocol's minimum): Data messages grow up to that or our own limit,
+        whichever is smaller.  A limit below the minimum is ignored.
+        """
+        limit = min(max(limit, MIN_FRAME_SIZE), self.max_message)
+        self.max_data = limit - _MESSAGE_OVERHEAD
 
     def forward_frame(self, call: _Call, frame: tuple[int, int, Any, bool]) -> None:
         """A message other than Data on a Forward call, as L{codec.read} reads it."""
@@ -1498,11 +1537,11 @@ class GrpcLink(Protocol):
         call.drop_outbox()
         if call.local_closed:
             if not call.remote_closed:
-                self.rst(call, _RST_FOR_REASON.get(reason, ErrorCodes.CANCEL))
+                self.rst(call, rst_code(reason))
             return False
         self.send_now(call, [grpc_message(codec.reset_bytes(0, reason, message))])
         if call.outbox:
-            self.rst(call, _RST_FOR_REASON.get(reason, ErrorCodes.INTERNAL_ERROR))
+            self.rst(call, rst_code(reason))
             return False
         return True
 
@@ -1558,15 +1597,22 @@ class EdgeGrpcLink(GrpcLink):
     def open_stream(
         self, head: StreamHead, receiver: IStreamReceiver, end_stream: bool = False
     ) -> IStream:
-        """IAgentLink.open_stream: answer an idle Forward call, or wait for one."""
-        stream = self._open_stream(head, receiver)
-        if end_stream:
-            stream.end()  # goes out in the same DATA frame as the Open, this turn
+        """
+        IAgentLink.open_stream: answer an idle Forward call, or wait for one.
+        With C{end_stream} the Open says so itself on a version 2 link; on an
+        older one an End follows it in the same DATA frame.
+        """
+        ends = end_stream and self.end_stream
+        stream = self._open_stream(head, receiver, ends)
+        if end_stream and not ends:
+            stream.end()
         return stream
 
-    def _open_stream(self, head: StreamHead, receiver: IStreamReceiver) -> GrpcStream:
+    def _open_stream(self, head: StreamHead, receiver: IStreamReceiver, ends: bool) -> GrpcStream:
         stream = GrpcStream(self, head)
         stream.attach(receiver)
+        if ends:
+            stream.open_ends = stream.local_ended = True
         if self.closed:
             stream.closed = True
             self.reactor.callLater(0, receiver.reset_received, Reason.AGENT_GONE, "agent link closed")
@@ -1630,7 +1676,7 @@ class EdgeGrpcLink(GrpcLink):
             self.send_headers(call, headers, False)
         later = replay + stream.take_held()
         stream.start_replay_log(later)
-        opening = grpc_message(codec.open_bytes(0, stream.head))
+        opening = grpc_message(codec.open_bytes(0, stream.head, stream.open_ends))
         self.ack_call(call)  # what the last stream left due goes with the Open
         self.enqueue(call, [opening, *later])
         if not stream.pending():
@@ -1810,14 +1856,15 @@ class EdgeGrpcLink(GrpcLink):
             stream.deliver("data_received", data)
 
     def forward_frame(self, call: _Call, frame: tuple[int, int, Any, bool]) -> None:
-        _, kind, body, _ = frame
+        _, kind, body, end_stream = frame
         stream = self._receiving(call, reset=kind == codec.RESET)
         if stream is None:
             return
-        if kind == codec.DATA:
-            stream.deliver("data_received", body)
-        elif kind == codec.REPLY:
-            stream.deliver("reply_received", body)
+        if kind == codec.DATA or kind == codec.REPLY:
+            stream.deliver("data_received" if kind == codec.DATA else "reply_received", body)
+            if end_stream and not stream.closed:
+                # Version 2: the agent's direction ends with this message, as with an End.
+                self._remote_end(call, stream, ())
         elif kind == codec.END:
             self._remote_end(call, stream, body)
         elif kind == codec.RESET:
@@ -1857,8 +1904,17 @@ class EdgeGrpcLink(GrpcLink):
             if stream in self.queue:
                 self.queue.remove(stream)
             return
-        if self.send_reset(call, reason, message):
+        if not self.send_reset(call, reason, message):
+            return  # RST_STREAM'd already
+        if stream.local_ended:
             self._finish(call, _STATUS_FOR_REASON[reason], status_message(reason, message))
+        else:
+            # The request was still going to the agent, which may hold a
+            # window of it unread (a grpcio agent probing the bandwidth-delay
+            # product grows its window to megabytes): the Reset message, and
+            # a status, would reach its code only after all of that.
+            # RST_STREAM reaches it at once.
+            self.rst(call, rst_code(reason))
 
     def forget(self, stream: GrpcStream) -> None:
         super().forget(stream)
@@ -2119,7 +2175,7 @@ class AgentGrpcLink(GrpcLink):
 
     def forward_frame(self, call: _Call, frame: tuple[int, int, Any, bool]) -> None:
         stream = call.stream
-        _, kind, body, _ = frame
+        _, kind, body, end_stream = frame
         if stream is None:
             if call.retiring:
                 return  # the edge replays it elsewhere
@@ -2140,6 +2196,10 @@ class AgentGrpcLink(GrpcLink):
             if self.handler is None:
                 stream.reset(Reason.AGENT_UNAVAILABLE, "agent is not ready")
                 return
+            if end_stream:
+                # A request without a body: the receiver hears the end as it
+                # attaches, before it starts on the request.
+                stream.remote_end(())
             self.handler.stream_opened(stream)
             return
         if stream.closed:
@@ -2155,6 +2215,8 @@ class AgentGrpcLink(GrpcLink):
             raise FrameError("a message after End")
         if kind == codec.DATA:
             stream.deliver("data_received", body)
+            if end_stream and not stream.closed:
+                self._remote_end(call, stream, ())
         elif kind == codec.END:
             self._remote_end(call, stream, body)
         else:
@@ -2205,7 +2267,7 @@ class AgentGrpcLink(GrpcLink):
             # the next one's Open on this call already: a Reset message
             # would read as that stream's.  RST_STREAM is unambiguous (the
             # edge replays an Open not yet answered).
-            self.rst(call, _RST_FOR_REASON.get(reason, ErrorCodes.CANCEL))
+            self.rst(call, rst_code(reason))
             return
         if self.send_reset(call, reason, message):
             self.end_request(call)

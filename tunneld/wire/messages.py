@@ -10,12 +10,17 @@ form of C{proto/tunnel.proto}).  Nothing here knows about bytes on a wire.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tunneld.reasons import Reason
 
 # 2: Open, Reply and Data frames may carry end_stream.
 PROTOCOL_VERSION = 2
+# The version from which frames may carry end_stream.
+END_STREAM_VERSION = 2
+# No peer may set its frame limit below this; one that does not say its own
+# (max_frame_size 0 in Hello or Welcome) accepts frames up to this size.
+MIN_FRAME_SIZE = 128 * 1024
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -83,6 +88,20 @@ class Health:
 
 
 ControlMessage = Hello | Welcome | GoAway | Health
+
+
+def saying_limits(
+    message: ControlMessage, max_frame_size: int, heartbeat_interval: float
+) -> ControlMessage:
+    """
+    A Hello or Welcome as a link sends it: saying the largest frame this end
+    accepts and (a Welcome) its heartbeat interval, unless its sender did.
+    """
+    if isinstance(message, Welcome) and not message.heartbeat_ms:
+        message = replace(message, heartbeat_ms=round(heartbeat_interval * 1000))
+    if isinstance(message, (Hello, Welcome)) and not message.max_frame_size:
+        message = replace(message, max_frame_size=max_frame_size)
+    return message
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,6 @@ whatever the version.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any, Protocol, cast
 
 from twisted.internet.defer import Deferred, succeed
@@ -32,6 +31,8 @@ from tunneld.wire import codec
 from tunneld.wire.codec import FrameError
 from tunneld.wire.heartbeat import Heartbeat
 from tunneld.wire.messages import (
+    END_STREAM_VERSION,
+    MIN_FRAME_SIZE,
     ControlMessage,
     GoAway,
     Headers,
@@ -39,18 +40,19 @@ from tunneld.wire.messages import (
     ReplyHead,
     StreamHead,
     Welcome,
+    saying_limits,
 )
 
 # Room in a frame for everything but the payload.
 _FRAME_OVERHEAD = 32
 # No peer may set its frame limit below this; data frames never exceed it
 # unless the peer said in its Hello or Welcome that it accepts larger ones.
-_MIN_FRAME_LIMIT = 128 * 1024
+_MIN_FRAME_LIMIT = MIN_FRAME_SIZE
 # From this size a last Data payload is handed to a wire that takes pieces
 # (send_frames) as it is; a small one is cheaper encoded into one frame.
 _PIECES_FROM = 32 * 1024
 # The protocol version from which frames may carry end_stream.
-_END_STREAM_VERSION = 2
+_END_STREAM_VERSION = END_STREAM_VERSION
 
 
 class FrameWire(Protocol):
@@ -489,13 +491,13 @@ class FrameLink:
     def send_control(self, message: ControlMessage) -> None:
         """
         IAgentLink.send_control; a Hello or Welcome says the largest frame
-        this end accepts (unless its sender said it).
+        this end accepts, a Welcome the heartbeat interval (unless its
+        sender said them).
         """
         if not self.closed:
             if isinstance(message, Welcome):
                 self.end_stream = message.version >= _END_STREAM_VERSION
-            if isinstance(message, (Hello, Welcome)) and not message.max_frame_size:
-                message = replace(message, max_frame_size=self.max_frame_size)
+            message = saying_limits(message, self.max_frame_size, self.heartbeat.interval)
             self.send(codec.encode_control(message).SerializeToString())
 
     def open_stream(
@@ -730,9 +732,11 @@ class FrameLink:
         if self.handler is None:
             stream.reset(Reason.AGENT_UNAVAILABLE, "agent is not ready")
             return
-        self.handler.stream_opened(stream)
-        if end_stream and not stream.closed:
+        if end_stream:
+            # Before the handler sees the stream: its receiver hears the end
+            # as it attaches, so it knows at once that no body follows.
             stream.end_arrived(())
+        self.handler.stream_opened(stream)
 
     def wire_lost(self, reason: Reason, message: str) -> None:
         """
