@@ -18,12 +18,11 @@ from typing import Any
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
 from tests.test_processes import TwistdProcess
-from tunneld.listening import ListeningService
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNITS = ["tunneld.service", "tunneld.socket", "tunneld-agent@.service"]
@@ -220,13 +219,3 @@ class UnitFileTests(TestCase):
                 self.assertIn("ExecReload=/bin/kill -HUP $MAINPID", text)
         with open(os.path.join(ROOT, "systemd", "tunneld.socket")) as f:
             self.assertIn("systemd:domain=INET:index=0", f.read())
-
-
-class MissingSocketTests(SynchronousTestCase):
-    def test_systemd_endpoint_without_socket(self) -> None:
-        """A systemd: listener with no socket passed fails at start, saying what is missing."""
-        service = ListeningService(reactor, "systemd:domain=INET:index=5", protocol.Factory(), "public HTTP")
-        with self.assertRaises(ValueError) as raised:
-            service.privilegedStartService()
-        self.assertIn("public HTTP: 'systemd:domain=INET:index=5' names a socket systemd did not pass",
-                      str(raised.exception))
