@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
+from tests.harness import TunnelHarness, listen_upstream, sleep
 from tests.test_processes import TwistdProcess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,13 +129,72 @@ class NotifyProcessTests(TestCase):
         self.assertIn(proto.end_reason.value.exitCode, (0, None))
 
 
+class AgentNotifyProcessTests(TestCase):
+    timeout = 60
+
+    async def test_agent_ready_once_its_link_is_up(self) -> None:
+        """The agent sends READY=1 (and logs ready) only after the edge welcomed it, not at start."""
+        notify = _NotifySocket()
+        name = f"tunneld-test-{uuid.uuid4().hex}"
+        listening = reactor.listenUNIXDatagram("\0" + name, notify)  # type: ignore[attr-defined]
+        self.addCleanup(listening.stopListening)
+        upstream_port, _ = await listen_upstream(self)
+        # The edge's agent-link port: free now, listened on only later.
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        link_port = probe.getsockname()[1]
+        probe.close()
+        with open(os.path.join(ROOT, "etc", "agent.toml")) as f:
+            text = f.read()
+        for old, new in {
+            'url = "ws://127.0.0.1:8081/tunnel"': f'url = "ws://127.0.0.1:{link_port}/tunnel"',
+            'upstream = "tcp:host=127.0.0.1:port=8000"':
+                f'upstream = "tcp:host=127.0.0.1:port={upstream_port}"',
+            "reconnect_initial = 0.5": "reconnect_initial = 0.1",
+            "reconnect_max = 30.0": "reconnect_max = 0.5",
+        }.items():
+            self.assertIn(old, text)
+            text = text.replace(old, new)
+        config = os.path.join(tempfile.mkdtemp(), "agent.toml")
+        self.addCleanup(shutil.rmtree, os.path.dirname(config))
+        with open(config, "w") as f:
+            f.write(text)
+        proto = TwistdProcess()
+        env = dict(os.environ, PYTHONPATH=ROOT, NOTIFY_SOCKET="@" + name)
+        args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                "--nodaemon", "--pidfile=", "tunneld-agent", "--config", config]
+        process = reactor.spawnProcess(proto, sys.executable, args, env=env, path=ROOT)
+
+        def kill() -> Any:
+            if proto.ended.called:
+                return None
+            process.signalProcess("KILL")
+            return proto.ended
+
+        self.addCleanup(kill)
+        # Started, the edge not up: a failed dial, then another.
+        await proto.wait_for(r"(?s)(cannot connect to the edge|link down).*"
+                             r"(cannot connect to the edge|link down)")
+        for _ in range(3):
+            await sleep(0)
+        self.assertEqual([m for m in notify.messages if "READY" in m], [])
+        self.assertNotIn("] ready:", proto.output)
+        self.assertNotIn("link down", proto.output)
+        # The edge comes up on that port; the agent's next dial gets in.
+        harness = TunnelHarness(self, "websocket", {"listen": f"tcp:{link_port}:interface=127.0.0.1"})
+        await harness.start_edge()
+        ready = await notify.wait_for("READY")
+        self.assertEqual(ready["READY"], "1")
+        self.assertEqual(ready["STATUS"], "agent demo serving http://demo.localhost/")
+        await proto.wait_for(r"\] ready: ")
+        self.assertRegex(proto.output, r"(?s)tunnel ready: http://demo\.localhost/.*\] ready: agent demo")
+
+
 class SocketActivationTests(TestCase):
     timeout = 60
 
     async def test_public_listener_from_systemd(self) -> None:
         """public_listen = systemd:domain=INET:index=0 serves on the socket handed over as fd 3."""
-        import socket
-
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.addCleanup(sock.close)
         sock.bind(("127.0.0.1", 0))

@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.python import context, log
 from twisted.python.failure import Failure
 
 from tunneld.endpoints import listen_endpoint
@@ -79,6 +80,18 @@ def address_text(address: Any) -> str:
     if host is None or port is None:
         return str(getattr(address, "name", None) or address)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _quietly(listen: Any, factory: Any) -> Deferred[IListeningPort]:
+    """
+    C{listen(factory)} without the line Twisted's ports log as they bind
+    (C{"PublicHTTPFactory starting on 8080"}): L{ListeningService} logs the
+    bound address itself, with the listener's role.  That line is a legacy
+    C{log.msg} event; events logged inside this context carry an empty
+    C{log_format}, which Twisted's text observers (and ours) do not write.
+    Nothing else logs during C{listen}: a failure arrives as the result.
+    """
+    return context.call({log.ILogContext: {"log_format": ""}}, maybeDeferred, listen, factory)
 
 
 def with_backlog(description: str, backlog: int) -> str:
@@ -146,7 +159,7 @@ class ListeningService(Service):
             return
         if note is not None:
             self.log.warn("{role}: {note}", role=self.role, note=note)
-        d = maybeDeferred(endpoint.listen, self.factory)
+        d = _quietly(endpoint.listen, self.factory)
         d.addCallbacks(self._listening, self._failed)
 
     def _listening(self, port: IListeningPort) -> None:

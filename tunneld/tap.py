@@ -104,7 +104,8 @@ def makeService(options: EdgeOptions, reactor: Any = None) -> IService:  # noqa:
 def makeAgentService(options: AgentOptions, reactor: Any = None) -> IService:  # noqa: N802
     """
     The agent's service, with the live console summary (when stdout is a
-    terminal), systemd notification (when run by systemd) and the collector
+    terminal), systemd notification (when run by systemd: ready once the edge
+    has welcomed the agent, i.e. its tunnels are served) and the collector
     tuned once it has started.
     """
     from tunneld.agent.service import AgentService
@@ -129,7 +130,8 @@ def makeAgentService(options: AgentOptions, reactor: Any = None) -> IService:  #
         agent.stream_hook = console.activity.wrap
         console.setServiceParent(top)
     SystemdNotifyService(
-        reactor, lambda: [], lambda: f"agent {options.config.agent.id}"
+        reactor, lambda: [agent.ready],
+        lambda: f"agent {options.config.agent.id} serving " + ", ".join(agent.public_urls),
     ).setServiceParent(top)
     CpuScheduling(options.config.agent.cpu_scheduling).setServiceParent(top)
     GcTuning().setServiceParent(top)

@@ -239,7 +239,21 @@ class EdgeService(MultiService):
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
             self._previous_sigterm = None
-        self.log.info("edge stopped; policy counters: {counters}", counters=self.policy.snapshot())
+        counters = self.policy.snapshot()
+        refusals = counters["refusals"]
+        self.log.info(
+            "edge stopped; refusals since start: {refusals}",
+            refusals=", ".join(f"{reason} {n}" for reason, n in sorted(refusals.items())) or "none",
+            counters=counters,
+        )
+        held = [
+            f"{name} {counters[name]}"
+            for name in ("connections", "client_connections", "tunnel_streams")
+            if counters[name]
+        ]
+        if held:
+            # Every slot is given back when its connection or stream ends.
+            self.log.warn("edge stopped with policy slots still held: {held}", held=", ".join(held))
         return result
 
     async def drain(self, timeout: float) -> None:
