@@ -19,6 +19,7 @@ from typing import Any
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
@@ -241,6 +242,132 @@ class SocketActivationTests(TestCase):
         await proto.ended
 
 
+def _socket_unit() -> tuple[str, str]:
+    """The shipped tunneld.socket's ListenStream= and the public_listen its comment documents."""
+    with open(os.path.join(ROOT, "systemd", "tunneld.socket")) as f:
+        text = f.read()
+    (listen,) = re.findall(r"^ListenStream=(.*)$", text, re.M)
+    (documented,) = re.findall(r'^#\s+public_listen = \["(systemd:[^"]+)"\]', text, re.M)
+    return listen, documented
+
+
+def _free_port() -> int:
+    """A port free on every loopback address, IPv4 and IPv6 (bound dual-stack, noted, closed)."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::", 0))
+    port = int(sock.getsockname()[1])
+    sock.close()
+    return port
+
+
+class SystemdSocketActivateTests(TestCase):
+    """
+    The edge started by systemd-socket-activate, systemd's own tool, which
+    binds the socket as a .socket unit's ListenStream= would and execs the
+    edge on the first connection: the addresses the edge reports for itself
+    and for its clients are the real ones, for each socket family.
+    """
+
+    timeout = 90
+
+    def setUp(self) -> None:
+        for tool in ("systemd-socket-activate", "curl"):
+            if shutil.which(tool) is None:
+                raise SkipTest(f"{tool} is not installed (scripts/setup-tests installs it)")
+
+    async def curl(self, address: str, port: int, path: str) -> str:
+        host = f"[{address}]" if ":" in address else address
+        out, err, code = await getProcessOutputAndValue("curl", [
+            "-sS", "--noproxy", "*", "--max-time", "60", "-H", "Host: demo.test",
+            f"http://{host}:{port}{path}",
+        ], env=dict(os.environ))
+        self.assertEqual(code, 0, err)
+        return out.decode()
+
+    async def activate(
+        self, listen: str, public_listen: str, clients: list[str], listening_on: str,
+    ) -> TwistdProcess:
+        """
+        Run the edge on a systemd-socket-activate socket (C{listen} as in
+        ListenStream=, with the port replaced) and check that each of
+        C{clients} reaches the upstream named by its own address.
+        """
+        port = _free_port()
+        listen = re.sub(r"\d+$", str(port), listen)
+        upstream_port, _ = await listen_upstream(self)
+        config = os.path.join(tempfile.mkdtemp(), "edge.toml")
+        self.addCleanup(shutil.rmtree, os.path.dirname(config))
+        with open(config, "w") as f:
+            f.write(EDGE_CONFIG.replace(
+                'public_listen = ["tcp:0:interface=127.0.0.1"]',
+                f'public_listen = ["{public_listen}"]',
+            ))
+        proto = TwistdProcess()
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        for name in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+            env.pop(name, None)
+        # --fdname as systemd names every socket it passes (Twisted finds none unnamed).
+        args = [
+            "systemd-socket-activate", "-l", listen, "--fdname=tunneld.socket",
+            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "--nodaemon", "--pidfile=", "tunneld", "--config", config,
+        ]
+        process = reactor.spawnProcess(proto, args[0], args, env=env, path=ROOT)
+
+        def stop() -> Any:
+            if proto.ended.called:
+                return None
+            process.signalProcess("KILL")
+            return proto.ended
+
+        self.addCleanup(stop)
+        await proto.wait_for(r"Listening on .* as 3\.")
+        # The first client starts the edge: it waits in the socket's backlog meanwhile.
+        first = defer.ensureDeferred(self.curl(clients[0], port, "/"))
+        link = await proto.wait_for(r"websocket agent link listening on 127\.0\.0\.1:(\d+)")
+        self.assertIn("no tunnel is registered for this host", await first)
+        harness = TunnelHarness(self, "websocket", {})
+        await harness.start_agent(
+            {"url": f"ws://127.0.0.1:{link.group(1)}/tunnel"}, [("demo.test", upstream_port)]
+        )
+        for client in clients:
+            body = await self.curl(client, port, "/headers")
+            (forwarded,) = re.findall(r"^x-forwarded-for: (.*)$", body, re.M)
+            self.assertEqual(forwarded.split(",")[-1].strip(), client, body)
+        self.assertIn(f"public HTTP listening on {listening_on.format(port=port)}\n", proto.output)
+        process.signalProcess(signal.SIGTERM)
+        await proto.ended
+        return proto
+
+    async def test_shipped_unit_dual_stack(self) -> None:
+        """tunneld.socket as shipped (dual-stack [::]) with its documented public_listen: IPv4 and IPv6 clients named right."""
+        listen, documented = _socket_unit()
+        edge = await self.activate(listen, documented, ["127.0.0.1", "::1"], "[::]:{port}")
+        self.assertNotIn("says domain=", edge.output)
+
+    async def test_dual_stack_socket_adopted_as_inet(self) -> None:
+        """A dual-stack socket under domain=INET (the old docs): adopted as INET6, a warning, real addresses."""
+        listen, _ = _socket_unit()
+        edge = await self.activate(
+            listen, "systemd:domain=INET:index=0", ["127.0.0.1", "::1"], "[::]:{port}"
+        )
+        self.assertIn(
+            "'systemd:domain=INET:index=0' says domain=INET but the socket systemd passed is INET6",
+            edge.output,
+        )
+
+    async def test_ipv4_socket(self) -> None:
+        """ListenStream=127.0.0.1:PORT with domain=INET: the IPv4 client is named."""
+        await self.activate(
+            "127.0.0.1:0", "systemd:domain=INET:index=0", ["127.0.0.1"], "127.0.0.1:{port}"
+        )
+
+    async def test_ipv6_socket(self) -> None:
+        """ListenStream=[::1]:PORT with domain=INET6: the IPv6 client is named."""
+        await self.activate("[::1]:0", "systemd:domain=INET6:index=0", ["::1"], "[::1]:{port}")
+
+
 class UnitFileTests(TestCase):
     def test_units_verify(self) -> None:
         """systemd-analyze verify accepts every shipped unit with no warnings."""
@@ -278,5 +405,7 @@ class UnitFileTests(TestCase):
                 self.assertIn(line, text, unit)
             if unit == "tunneld.service":
                 self.assertIn("ExecReload=/bin/kill -HUP $MAINPID", text)
-        with open(os.path.join(ROOT, "systemd", "tunneld.socket")) as f:
-            self.assertIn("systemd:domain=INET:index=0", f.read())
+        listen, documented = _socket_unit()
+        self.assertEqual((listen, documented), ("80", "systemd:domain=INET6:index=0"))
+        with open(os.path.join(ROOT, "docs", "operations.md")) as f:
+            self.assertIn(f'public_listen = ["{documented}"]', f.read())

@@ -43,7 +43,9 @@ process at start with the file, the key and the reason.  `etc/tunneld.toml`
 and `etc/agent.toml` show every key with its default.
 
 Endpoint strings are Twisted's (`tcp:8080:interface=127.0.0.1`,
-`unix:/run/tunneld/http.sock`, `systemd:domain=INET:index=0`, …).
+`unix:/run/tunneld/http.sock`, `systemd:domain=INET6:index=0` for the shipped
+`tunneld.socket`, …); each listen key and each tunnel's `upstream` is parsed
+when the file is read, so a typo such as `tpc:8080` is reported with its key.
 """
 
 

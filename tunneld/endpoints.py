@@ -1,21 +1,34 @@
 # -*- test-case-name: tests.test_endpoints -*-
 """
-Endpoint strings, checked when the configuration is read.
+Endpoint strings: checked when the configuration is read, and listened on
+with the address family the socket really has.
 
 Listeners and upstreams are Twisted endpoint strings (C{tcp:}, C{unix:},
 C{ssl:}, C{systemd:} ...).  Twisted parses one only when it is used, so a
 typo (C{tpc:8000}) would surface as a traceback at start or, for an agent's
 upstream, at its first request; the checks here parse each string when the
 file is read, so the mistake is reported like any other bad value.
+
+C{systemd:} strings name a socket the service manager passes, with the
+address family the configuration I{says} it has.  A unit's C{ListenStream=80}
+makes an IPv6 (dual-stack) socket; adopted as C{domain=INET}, every address
+read from it is garbage.  L{listen_endpoint} adopts the socket with the
+family the kernel reports and says when the string disagrees.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import warnings
 from typing import Any
 
-from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.endpoints import (
+    AdoptedStreamServerEndpoint,
+    clientFromString,
+    serverFromString,
+)
 from twisted.internet.interfaces import IStreamServerEndpoint
 
 SERVER_EXAMPLE = "tcp:8080:interface=127.0.0.1"
@@ -129,9 +142,39 @@ def _problem(description: str, kind: str, error: Exception, example: str) -> str
     return f"not a valid {kind}: endpoint: {_reason(error)} (e.g. {example!r})"
 
 
+def socket_family(fileno: int) -> int:
+    """The address family of an open socket, as the kernel reports it."""
+    probe = socket.socket(fileno=os.dup(fileno))
+    try:
+        return int(probe.family)
+    finally:
+        probe.close()
+
+
+_FAMILIES: dict[int, str] = {socket.AF_INET: "INET", socket.AF_INET6: "INET6", socket.AF_UNIX: "UNIX"}
+
+
+def family_name(family: int) -> str:
+    """C{INET}, C{INET6} or C{UNIX}: the family as a C{systemd:} string's C{domain=} names it."""
+    return _FAMILIES.get(family, str(family))
+
+
 def listen_endpoint(reactor: Any, description: str) -> tuple[IStreamServerEndpoint, str | None]:
     """
-    The endpoint to listen on for C{description}, and a note for the log.
+    The endpoint to listen on for C{description}, and a note for the log
+    when an adopted (C{systemd:}) socket's real family differs from the
+    string's C{domain=}: the socket is then adopted with its real family.
     Raises L{IndexError} or L{KeyError} when systemd passed no such socket.
     """
-    return serverFromString(reactor, description), None
+    endpoint = serverFromString(reactor, description)
+    if not isinstance(endpoint, AdoptedStreamServerEndpoint):
+        return endpoint, None
+    real = socket_family(endpoint.fileno)
+    if real == endpoint.addressFamily:
+        return endpoint, None
+    note = (
+        f"{description!r} says domain={family_name(endpoint.addressFamily)} but the socket "
+        f"systemd passed is {family_name(real)}: using it as {family_name(real)} "
+        f"(write domain={family_name(real)} to match)"
+    )
+    return AdoptedStreamServerEndpoint(reactor, endpoint.fileno, real), note
