@@ -6,13 +6,16 @@ systemd did not pass.
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import tempfile
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -163,3 +166,37 @@ class MissingSocketTests(SynchronousTestCase):
             "edge.public_listen[0]: public HTTP cannot listen on systemd:domain=INET:index=5: "
             "systemd passed no such socket"
         ), str(error))
+
+
+class ListeningServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def test_unix_listener_says_its_path(self) -> None:
+        """A UNIX-socket listener logs its path as the address, once."""
+        directory = tempfile.mkdtemp()  # short: a UNIX socket path has a length limit
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "public.sock")
+        factory = protocol.Factory()
+        factory.noisy = False
+        service = ListeningService(
+            reactor, f"unix:{path}", factory, "public HTTP", key="edge.public_listen[0]"
+        )
+        service.privilegedStartService()
+        self.addCleanup(service.stopService)
+        self.successResultOf(service.listening)
+        texts = [formatEvent(e) for e in self.log if formatEvent(e)]
+        self.assertEqual(texts, [f"public HTTP listening on {path}"])
+
+    def test_endpoint_that_fails_to_build(self) -> None:
+        """An endpoint that cannot even be built at start (a key file gone) fails listening, naming it."""
+        service = ListeningService(
+            reactor, "ssl:0:privateKey=/nonexistent/key.pem", protocol.Factory(), "public HTTP",
+            key="edge.public_listen[0]",
+        )
+        service.privilegedStartService()
+        error = self.failureResultOf(service.listening, ListenError).value
+        self.assertTrue(str(error).startswith(
+            "edge.public_listen[0]: public HTTP cannot listen on ssl:0:privateKey=/nonexistent/key.pem: "
+        ), str(error))
+        self.assertIn("No such file", str(error))

@@ -78,7 +78,8 @@ def address_text(address: Any) -> str:
     """C{host:port}, C{[v6]:port}, or a UNIX socket's path: as a person writes it."""
     host, port = getattr(address, "host", None), getattr(address, "port", None)
     if host is None or port is None:
-        return str(getattr(address, "name", None) or address)
+        name = getattr(address, "name", None) or address
+        return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -147,15 +148,16 @@ class ListeningService(Service):
             description = with_backlog(description, self.backlog)
         try:
             endpoint, note = listen_endpoint(self.reactor, description)
-        except (IndexError, KeyError):
-            if not description.startswith("systemd:"):
-                raise
-            # Twisted's systemd parser looks the inherited socket up directly.
-            self._failed(Failure(ListenError(
-                self.key, self.role, self.description,
-                "systemd passed no such socket (no LISTEN_FDS and LISTEN_FDNAMES for this "
-                "process, or fewer ListenStream= lines in the .socket unit than the index)",
-            )))
+        except Exception as e:  # the string was checked when read: what changed is the system
+            if description.startswith("systemd:") and isinstance(e, (IndexError, KeyError)):
+                # Twisted's systemd parser looks the inherited socket up directly.
+                reason = (
+                    "systemd passed no such socket (no LISTEN_FDS and LISTEN_FDNAMES for this "
+                    "process, or fewer ListenStream= lines in the .socket unit than the index)"
+                )
+            else:
+                reason = str(e) or type(e).__name__
+            self._failed(Failure(ListenError(self.key, self.role, self.description, reason)))
             return
         if note is not None:
             self.log.warn("{role}: {note}", role=self.role, note=note)

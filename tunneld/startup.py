@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.logger import Logger, LoggingFile
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tunneld.errors import StartupError
@@ -83,6 +83,7 @@ class StartupGuard(MultiService):
         self.error: StartupError | None = None
         self._starting = False
         self._watching = False
+        self._reported = False
 
     def privilegedStartService(self) -> None:  # noqa: N802
         self._watch()
@@ -101,7 +102,7 @@ class StartupGuard(MultiService):
             self._record(e)
         finally:
             self._starting = False
-        if self.error is not None:
+        if self.error is not None and not self._reported:
             self._report()
             self.exit_now(1)
 
@@ -136,14 +137,12 @@ class StartupGuard(MultiService):
             self.error = error
 
     def _report(self) -> None:
+        """Log the failure (critical; once, as the process ends after it)."""
+        self._reported = True
         line = f"{self.source}: {self.error}"
         self.log.critical(
             "cannot start: {error}", error=line, source=self.source, event=events.START_FAILED
         )
-        if not isinstance(sys.stderr, LoggingFile):
-            # Logging has not begun (Twisted's `twist` starts services before
-            # its log): the line would be lost, so it goes to stderr as well.
-            sys.stderr.write(f"cannot start: {line}\n")
         for listener in listeners_under(self):
             # Nobody else will wait for these now.
             listener.listening.addErrback(lambda _: None)
