@@ -22,9 +22,12 @@ from tests.harness import listen_upstream, sleep
 from tests.test_processes import TwistdProcess
 
 DEMO = "demo.localhost"
+# Every listener on port 0: a fixed admin port shared with another edge on
+# the machine now stops this one at start, as it should.
 PORTS = {
     'public_listen = ["tcp:8080:interface=127.0.0.1"]': 'public_listen = ["tcp:0:interface=127.0.0.1"]',
     'listen = "tcp:8081:interface=127.0.0.1"': 'listen = "tcp:0:interface=127.0.0.1"',
+    'admin_listen = "tcp:8090:interface=127.0.0.1"': 'admin_listen = "tcp:0:interface=127.0.0.1"',
 }
 HEARTBEAT = "heartbeat_interval = 10.0\nheartbeat_timeout = 30.0"
 

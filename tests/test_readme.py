@@ -12,13 +12,11 @@ import shlex
 import shutil
 import sys
 import tempfile
-from typing import Any
 
-from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from tests.harness import TunnelHarness, listen_upstream
-from tests.test_processes import ROOT, TwistdProcess
+from tests.test_processes import ROOT, spawn
 
 
 def readme_commands() -> list[list[str]]:
@@ -46,20 +44,6 @@ class ReadmeCommandTests(TestCase):
             f.write(text)
         return path
 
-    def spawn(self, argv: list[str], cwd: str) -> TwistdProcess:
-        proto = TwistdProcess()
-        env = dict(os.environ, PYTHONPATH=ROOT)
-        process = reactor.spawnProcess(proto, argv[0], argv, env=env, path=cwd)
-
-        def stop() -> Any:
-            if proto.ended.called:
-                return None
-            process.signalProcess("TERM")
-            return proto.ended
-
-        self.addCleanup(stop)
-        return proto
-
     async def test_edge_and_agent_side_by_side(self) -> None:
         """Both README commands run at once from one directory, write no twistd.pid, and serve."""
         edge_line, agent_line = readme_commands()
@@ -81,7 +65,7 @@ class ReadmeCommandTests(TestCase):
             program = os.path.join(venv_bin, line[0].removeprefix(".venv/bin/"))
             return [program, *[config if arg == name else arg for arg in line[1:]]]
 
-        edge = self.spawn(as_run(edge_line, edge_config, "etc/tunneld.toml"), cwd)
+        edge = spawn(self, as_run(edge_line, edge_config, "etc/tunneld.toml"), path=cwd)
         public = await edge.wait_for(r"public HTTP listening on 127\.0\.0\.1:(\d+)")
         link = await edge.wait_for(r"websocket agent link listening on 127\.0\.0\.1:(\d+)")
         upstream_port, _ = await listen_upstream(self)
@@ -90,7 +74,7 @@ class ReadmeCommandTests(TestCase):
             'upstream = "tcp:host=127.0.0.1:port=8000"':
                 f'upstream = "tcp:host=127.0.0.1:port={upstream_port}"',
         })
-        agent = self.spawn(as_run(agent_line, agent_config, "etc/agent.toml"), cwd)
+        agent = spawn(self, as_run(agent_line, agent_config, "etc/agent.toml"), path=cwd)
         await agent.wait_for(r"tunnel ready: http://demo\.localhost:8080/")
         harness = TunnelHarness(self, "websocket", {})
         port = int(public.group(1))

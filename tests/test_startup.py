@@ -7,18 +7,13 @@ says ready (no C{ready} log line, no C{READY=1} to systemd).
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import sys
-import tempfile
-import uuid
-from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
-from tests.test_processes import TwistdProcess
-from tests.test_systemd import _NotifySocket
+from tests.test_processes import TWISTD, spawn
+from tests.test_systemd import listen_notify, write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,12 +41,7 @@ def edge_config(case: TestCase, **listeners: str) -> str:
     text = "[edge]\n{}\n{}\n{}\n\n{}\n".format(
         EDGE["public_listen"], EDGE["admin_listen"], EDGE["health_listen"], EDGE["link"]
     ).format(**values)
-    directory = tempfile.mkdtemp()
-    case.addCleanup(shutil.rmtree, directory)
-    path = os.path.join(directory, "edge.toml")
-    with open(path, "w") as f:
-        f.write(text)
-    return path
+    return write_config(case, "edge.toml", text)
 
 
 class PortInUseProcessTests(TestCase):
@@ -63,23 +53,11 @@ class PortInUseProcessTests(TestCase):
         port = held_port(self)
         endpoint = f"tcp:{port}:interface=127.0.0.1"
         config = edge_config(self, **{listener: endpoint})
-        notify = _NotifySocket()
-        name = f"tunneld-test-{uuid.uuid4().hex}"
-        listening = reactor.listenUNIXDatagram("\0" + name, notify)  # type: ignore[attr-defined]
-        self.addCleanup(listening.stopListening)
-        proto = TwistdProcess()
-        env = dict(os.environ, PYTHONPATH=ROOT, NOTIFY_SOCKET="@" + name)
-        args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                "--nodaemon", "--pidfile=", "tunneld", "--config", config]
-        process = reactor.spawnProcess(proto, sys.executable, args, env=env, path=ROOT)
-
-        def kill() -> Any:
-            if proto.ended.called:
-                return None
-            process.signalProcess("KILL")
-            return proto.ended
-
-        self.addCleanup(kill)
+        notify, address = listen_notify(self)
+        proto = spawn(
+            self, [*TWISTD, "--nodaemon", "--pidfile=", "tunneld", "--config", config],
+            env={"NOTIFY_SOCKET": address},
+        )
         # Whichever comes first: the exit, or (the defect) READY=1 with a listener down.
         ready = notify.wait_for("READY")
         await defer.DeferredList([proto.ended, ready], fireOnOneCallback=True)

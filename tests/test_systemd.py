@@ -25,7 +25,7 @@ from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
 from tests.harness import TunnelHarness, listen_upstream, sleep
-from tests.test_processes import TwistdProcess
+from tests.test_processes import TWISTD, TwistdProcess, spawn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNITS = ["tunneld.service", "tunneld.socket", "tunneld-agent@.service"]
@@ -65,6 +65,25 @@ class _NotifySocket(protocol.DatagramProtocol):
         return d
 
 
+def listen_notify(case: TestCase) -> tuple[_NotifySocket, str]:
+    """systemd's end of NOTIFY_SOCKET for one test: the socket, and the variable's value."""
+    notify = _NotifySocket()
+    name = f"tunneld-test-{uuid.uuid4().hex}"
+    port = reactor.listenUNIXDatagram("\0" + name, notify)  # type: ignore[attr-defined]
+    case.addCleanup(port.stopListening)
+    return notify, "@" + name
+
+
+def write_config(case: TestCase, name: str, text: str) -> str:
+    """C{text} as a file C{name} in a directory of the test's own."""
+    directory = tempfile.mkdtemp()
+    case.addCleanup(shutil.rmtree, directory)
+    path = os.path.join(directory, name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
 class _Probe(protocol.Protocol):
     pass
 
@@ -74,30 +93,13 @@ class NotifyProcessTests(TestCase):
 
     async def test_ready_after_listeners_and_stopping_on_sigterm(self) -> None:
         """READY=1 comes once every listener accepts; SIGTERM sends STOPPING=1 before exit."""
-        notify = _NotifySocket()
-        name = f"tunneld-test-{uuid.uuid4().hex}"
-        port = reactor.listenUNIXDatagram("\0" + name, notify)  # type: ignore[attr-defined]
-        self.addCleanup(port.stopListening)
-        config = os.path.join(tempfile.mkdtemp(), "edge.toml")
-        self.addCleanup(shutil.rmtree, os.path.dirname(config))
-        with open(config, "w") as f:
-            f.write(EDGE_CONFIG)
-        proto = TwistdProcess()
-        env = dict(
-            os.environ, PYTHONPATH=ROOT, NOTIFY_SOCKET="@" + name, WATCHDOG_USEC="200000"
+        notify, address = listen_notify(self)
+        config = write_config(self, "edge.toml", EDGE_CONFIG)
+        proto = spawn(
+            self, [*TWISTD, "--nodaemon", "--pidfile=", "tunneld", "--config", config],
+            env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": None},
         )
-        env.pop("WATCHDOG_PID", None)
-        args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                "--nodaemon", "--pidfile=", "tunneld", "--config", config]
-        process = reactor.spawnProcess(proto, sys.executable, args, env=env, path=ROOT)
-
-        def kill() -> Any:
-            if proto.ended.called:
-                return None
-            process.signalProcess("KILL")
-            return proto.ended
-
-        self.addCleanup(kill)
+        process = proto.process
         ended = proto.ended
         ready = await notify.wait_for("READY")
         self.assertEqual(ready["READY"], "1")
@@ -135,10 +137,7 @@ class AgentNotifyProcessTests(TestCase):
 
     async def test_agent_ready_once_its_link_is_up(self) -> None:
         """The agent sends READY=1 (and logs ready) only after the edge welcomed it, not at start."""
-        notify = _NotifySocket()
-        name = f"tunneld-test-{uuid.uuid4().hex}"
-        listening = reactor.listenUNIXDatagram("\0" + name, notify)  # type: ignore[attr-defined]
-        self.addCleanup(listening.stopListening)
+        notify, address = listen_notify(self)
         upstream_port, _ = await listen_upstream(self)
         # The edge's agent-link port: free now, listened on only later.
         probe = socket.socket()
@@ -156,23 +155,11 @@ class AgentNotifyProcessTests(TestCase):
         }.items():
             self.assertIn(old, text)
             text = text.replace(old, new)
-        config = os.path.join(tempfile.mkdtemp(), "agent.toml")
-        self.addCleanup(shutil.rmtree, os.path.dirname(config))
-        with open(config, "w") as f:
-            f.write(text)
-        proto = TwistdProcess()
-        env = dict(os.environ, PYTHONPATH=ROOT, NOTIFY_SOCKET="@" + name)
-        args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                "--nodaemon", "--pidfile=", "tunneld-agent", "--config", config]
-        process = reactor.spawnProcess(proto, sys.executable, args, env=env, path=ROOT)
-
-        def kill() -> Any:
-            if proto.ended.called:
-                return None
-            process.signalProcess("KILL")
-            return proto.ended
-
-        self.addCleanup(kill)
+        config = write_config(self, "agent.toml", text)
+        proto = spawn(
+            self, [*TWISTD, "--nodaemon", "--pidfile=", "tunneld-agent", "--config", config],
+            env={"NOTIFY_SOCKET": address},
+        )
         # Started, the edge not up: a failed dial, then another.
         await proto.wait_for(r"(?s)(cannot connect to the edge|link down).*"
                              r"(cannot connect to the edge|link down)")
@@ -201,35 +188,23 @@ class SocketActivationTests(TestCase):
         sock.bind(("127.0.0.1", 0))
         sock.listen(16)
         port = sock.getsockname()[1]
-        config = os.path.join(tempfile.mkdtemp(), "edge.toml")
-        self.addCleanup(shutil.rmtree, os.path.dirname(config))
-        with open(config, "w") as f:
-            f.write(EDGE_CONFIG.replace(
-                'public_listen = ["tcp:0:interface=127.0.0.1"]',
-                'public_listen = ["systemd:domain=INET:index=0"]',
-            ))
-        proto = TwistdProcess()
-        env = dict(os.environ, PYTHONPATH=ROOT, LISTEN_FDS="1", LISTEN_FDNAMES="tunneld.socket")
-        env.pop("NOTIFY_SOCKET", None)
+        config = write_config(self, "edge.toml", EDGE_CONFIG.replace(
+            'public_listen = ["tcp:0:interface=127.0.0.1"]',
+            'public_listen = ["systemd:domain=INET:index=0"]',
+        ))
         # As systemd does: LISTEN_PID is the pid of the process that execs twistd.
         script = (
             f'export LISTEN_PID=$$; exec "{sys.executable}" -c '
             '"from twisted.scripts.twistd import run; run()" '
             f'--nodaemon --pidfile= tunneld --config "{config}"'
         )
-        process = reactor.spawnProcess(
-            proto, "/bin/sh", ["/bin/sh", "-c", script], env=env, path=ROOT,
-            childFDs={0: "w", 1: "r", 2: "r", 3: sock.fileno()},
+        proto = spawn(
+            self, ["/bin/sh", "-c", script],
+            env={"LISTEN_FDS": "1", "LISTEN_FDNAMES": "tunneld.socket", "NOTIFY_SOCKET": None},
+            child_fds={0: "w", 1: "r", 2: "r", 3: sock.fileno()},
         )
+        process = proto.process
         sock.close()  # the child holds it now, as after systemd's fork
-
-        def kill() -> Any:
-            if proto.ended.called:
-                return None
-            process.signalProcess("KILL")
-            return proto.ended
-
-        self.addCleanup(kill)
         await proto.wait_for(rf"public HTTP listening on 127\.0\.0\.1:{port}\b")
         response = await Agent(reactor).request(
             b"GET", f"http://127.0.0.1:{port}/".encode(),
@@ -296,32 +271,17 @@ class SystemdSocketActivateTests(TestCase):
         port = _free_port()
         listen = re.sub(r"\d+$", str(port), listen)
         upstream_port, _ = await listen_upstream(self)
-        config = os.path.join(tempfile.mkdtemp(), "edge.toml")
-        self.addCleanup(shutil.rmtree, os.path.dirname(config))
-        with open(config, "w") as f:
-            f.write(EDGE_CONFIG.replace(
-                'public_listen = ["tcp:0:interface=127.0.0.1"]',
-                f'public_listen = ["{public_listen}"]',
-            ))
-        proto = TwistdProcess()
-        env = dict(os.environ, PYTHONPATH=ROOT)
-        for name in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
-            env.pop(name, None)
+        config = write_config(self, "edge.toml", EDGE_CONFIG.replace(
+            'public_listen = ["tcp:0:interface=127.0.0.1"]', f'public_listen = ["{public_listen}"]'
+        ))
         # --fdname as systemd names every socket it passes (Twisted finds none unnamed).
-        args = [
-            "systemd-socket-activate", "-l", listen, "--fdname=tunneld.socket",
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "--nodaemon", "--pidfile=", "tunneld", "--config", config,
-        ]
-        process = reactor.spawnProcess(proto, args[0], args, env=env, path=ROOT)
-
-        def stop() -> Any:
-            if proto.ended.called:
-                return None
-            process.signalProcess("KILL")
-            return proto.ended
-
-        self.addCleanup(stop)
+        proto = spawn(
+            self,
+            ["systemd-socket-activate", "-l", listen, "--fdname=tunneld.socket",
+             *TWISTD, "--nodaemon", "--pidfile=", "tunneld", "--config", config],
+            env=dict.fromkeys(("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")),
+        )
+        process = proto.process
         await proto.wait_for(r"Listening on .* as 3\.")
         # The first client starts the edge: it waits in the socket's backlog meanwhile.
         first = defer.ensureDeferred(self.curl(clients[0], port, "/"))
