@@ -202,35 +202,32 @@ class DemoTests(TestCase):
         """Closing the terminal stops the --tls demo the same way."""
         await self.stop_with(signal.SIGHUP, "--tls")
 
-    async def test_upstream_port_taken(self) -> None:
-        """With the upstream's port taken the demo stops, saying so, instead of serving what listens there."""
+    async def with_port_taken(self, index: int) -> tuple[_Demo, int]:
+        """The demo with the port at C{index} of its four already taken: it must stop, failed."""
         ports = _free_ports(4)
         taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.addCleanup(taken.close)
-        taken.bind(("127.0.0.1", ports[0]))
+        taken.bind(("127.0.0.1", ports[index]))
         taken.listen(1)
         demo, sid, _ = self.start(ports=ports)
         await self.assert_all_gone(demo, sid)
         self.assertEqual(demo.exit_code, 1, demo.output)
-        self.assertIn(f"!! the demo upstream (127.0.0.1:{ports[0]}) exited before it was ready",
+        self.assertNotIn("Public URL", demo.output)
+        return demo, ports[index]
+
+    async def test_upstream_port_taken(self) -> None:
+        """With the upstream's port taken the demo stops, saying so, instead of serving what listens there."""
+        demo, port = await self.with_port_taken(0)
+        self.assertIn(f"!! the demo upstream (127.0.0.1:{port}) exited before it was ready",
                       demo.output)
         self.assertIn("Address already in use", demo.output)
-        self.assertNotIn("Public URL", demo.output)
 
     async def test_public_port_taken(self) -> None:
         """With the public port taken the edge stops at once and the demo with it, naming the key."""
-        ports = _free_ports(4)
-        taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.addCleanup(taken.close)
-        taken.bind(("127.0.0.1", ports[1]))
-        taken.listen(1)
-        demo, sid, _ = self.start(ports=ports)
-        await self.assert_all_gone(demo, sid)
-        self.assertEqual(demo.exit_code, 1, demo.output)
+        demo, port = await self.with_port_taken(1)
         self.assertIn("!! the edge exited before it was ready", demo.output)
         self.assertIn(
-            f"edge.public_listen[0]: public HTTP cannot listen on tcp:{ports[1]}:interface=127.0.0.1: "
+            f"edge.public_listen[0]: public HTTP cannot listen on tcp:{port}:interface=127.0.0.1: "
             "[Errno 98] Address already in use",
             demo.output,
         )
-        self.assertNotIn("Public URL", demo.output)

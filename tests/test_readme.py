@@ -16,7 +16,7 @@ import tempfile
 from twisted.trial.unittest import TestCase
 
 from tests.harness import TunnelHarness, listen_upstream
-from tests.test_processes import ROOT, spawn
+from tests.test_processes import ROOT, ProcessTests, spawn
 
 
 def readme_commands() -> list[list[str]]:
@@ -32,17 +32,7 @@ def readme_commands() -> list[list[str]]:
 class ReadmeCommandTests(TestCase):
     timeout = 120
 
-    def shipped(self, name: str, replacements: dict[str, str]) -> str:
-        """etc/NAME with REPLACEMENTS (each must be there), as a file of this test's."""
-        with open(os.path.join(ROOT, "etc", name)) as f:
-            text = f.read()
-        for old, new in replacements.items():
-            self.assertIn(old, text)
-            text = text.replace(old, new)
-        path = os.path.abspath(self.mktemp())
-        with open(path, "w") as f:
-            f.write(text)
-        return path
+    shipped = ProcessTests.shipped
 
     async def test_edge_and_agent_side_by_side(self) -> None:
         """Both README commands run at once from one directory, write no twistd.pid, and serve."""

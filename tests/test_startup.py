@@ -10,7 +10,7 @@ import os
 import socket
 
 from twisted.internet import defer, reactor
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.test_processes import TWISTD, spawn
 from tests.test_systemd import listen_notify, write_config
@@ -26,7 +26,7 @@ EDGE = {
 FREE = "tcp:0:interface=127.0.0.1"
 
 
-def held_port(case: TestCase) -> int:
+def held_port(case: SynchronousTestCase) -> int:
     """A loopback port this test keeps bound and listening (so it is in use)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     case.addCleanup(sock.close)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 from typing import Any
 
@@ -19,6 +18,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.test_startup import held_port
 from tunneld.errors import ListenError, StartupError
 from tunneld.listening import ListeningService
 from tunneld.observe import events
@@ -128,11 +128,7 @@ class StartupGuardTests(SynchronousTestCase):
 
     def test_real_listener_on_a_port_in_use(self) -> None:
         """A ListeningService on a port in use fails its listening with the key, endpoint and errno."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.addCleanup(sock.close)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(1)
-        endpoint = f"tcp:{sock.getsockname()[1]}:interface=127.0.0.1"
+        endpoint = f"tcp:{held_port(self)}:interface=127.0.0.1"
         guard = StartupGuard(
             "edge.toml", reactor, exit_now=lambda code: self.exits.append(("now", code))
         )
