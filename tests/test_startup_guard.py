@@ -16,7 +16,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.test_startup import held_port
 from tunneld.errors import ListenError, StartupError
@@ -164,12 +164,10 @@ class MissingSocketTests(SynchronousTestCase):
         ), str(error))
 
 
-class ListeningServiceTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-
-    def test_unix_listener_says_its_path(self) -> None:
+class UnixListenerTests(TestCase):
+    async def test_unix_listener_says_its_path(self) -> None:
         """A UNIX-socket listener logs its path as the address, once."""
+        log = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         directory = tempfile.mkdtemp()  # short: a UNIX socket path has a length limit
         self.addCleanup(shutil.rmtree, directory)
         path = os.path.join(directory, "public.sock")
@@ -179,11 +177,14 @@ class ListeningServiceTests(SynchronousTestCase):
             reactor, f"unix:{path}", factory, "public HTTP", key="edge.public_listen[0]"
         )
         service.privilegedStartService()
-        self.addCleanup(service.stopService)
-        self.successResultOf(service.listening)
-        texts = [formatEvent(e) for e in self.log if formatEvent(e)]
-        self.assertEqual(texts, [f"public HTTP listening on {path}"])
+        await service.listening
+        await service.stopService()
+        texts = [formatEvent(e) for e in log if formatEvent(e)]
+        self.assertEqual(texts[0], f"public HTTP listening on {path}")
+        self.assertEqual([t for t in texts if "listening on" in t], texts[:1])
 
+
+class ListeningServiceTests(SynchronousTestCase):
     def test_endpoint_that_fails_to_build(self) -> None:
         """An endpoint that cannot even be built at start (a key file gone) fails listening, naming it."""
         service = ListeningService(
