@@ -6,12 +6,13 @@ import ipaddress
 import struct
 from typing import Any
 
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
+from tunneld.edge.forwarding import peer_of
 from tunneld.policy.clientaddr import (
     ProxyHeader,
     ProxyProtocolError,
@@ -57,6 +58,22 @@ class ForwardedForTests(SynchronousTestCase):
     def test_nobody_trusted(self) -> None:
         """With no trusted proxies the peer is always the client."""
         self.assertEqual(TrustedProxies().client("10.0.0.1", [b"1.2.3.4"]), "10.0.0.1")
+
+
+class PeerTests(SynchronousTestCase):
+    def test_socket_peer_names(self) -> None:
+        """A socket peer as logged and forwarded: IPv4, IPv6, and IPv4 through a dual-stack socket."""
+        self.assertEqual(
+            peer_of(IPv4Address("TCP", "192.0.2.1", 5)), ("192.0.2.1:5", b"192.0.2.1", "192.0.2.1")
+        )
+        self.assertEqual(
+            peer_of(IPv6Address("TCP", "2001:db8::1", 5)),
+            ("[2001:db8::1]:5", b"2001:db8::1", "2001:db8::1"),
+        )
+        self.assertEqual(
+            peer_of(IPv6Address("TCP", "::ffff:192.0.2.1", 5)),
+            ("192.0.2.1:5", b"192.0.2.1", "192.0.2.1"),
+        )
 
 
 class ParseTests(SynchronousTestCase):

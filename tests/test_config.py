@@ -130,23 +130,84 @@ class ConfigTests(TestCase):
             load_edge_config("/nonexistent/tunneld.toml")
         self.assertEqual(str(raised.exception), "/nonexistent/tunneld.toml: (file): no such file")
 
+    def test_bad_listen_endpoints(self) -> None:
+        """Every listener's endpoint string is parsed when the file is read: type, port, parameters."""
+        cases = [
+            ('[edge]\npublic_listen = ["tcp:0", "tpc:8080"]\n', "edge.public_listen[1]",
+             "unknown endpoint type 'tpc' in 'tpc:8080'"),
+            ('[edge]\npublic_h2c_listen = ["tcp:http"]\n', "edge.public_h2c_listen[0]",
+             "not a valid tcp: endpoint: 'http' is not a number"),
+            ('[edge]\npublic_tls_listen = ["tcp:8443:interfce=::1"]\n',
+             "edge.public_tls_listen[0]", "unknown parameter 'interfce'"),
+            ('[edge]\nadmin_listen = "localhost:8090"\n', "edge.admin_listen",
+             "unknown endpoint type 'localhost'"),
+            ('[edge]\nhealth_listen = "8082"\n', "edge.health_listen", "unknown endpoint type '8082'"),
+            ('[edge]\npublic_listen = ["systemd:domain=INET4:index=0"]\n', "edge.public_listen[0]",
+             "domain= must be one of INET, INET6, UNIX, got 'INET4'"),
+            ('[edge]\npublic_listen = ["systemd:domain=INET"]\n', "edge.public_listen[0]",
+             "exactly one of index="),
+            ('[transports.websocket]\nlisten = "tpc:8081"\n', "transports.websocket.listen",
+             "unknown endpoint type 'tpc'"),
+            ('[edge]\ntransports = ["grpc"]\n[transports.grpc]\nlisten = "tcp:x"\n',
+             "transports.grpc.listen", "'x' is not a number"),
+        ]
+        for text, key, reason in cases:
+            self.assert_error(text, f"{key}: ", reason)
+
+    def test_good_listen_endpoints(self) -> None:
+        """Endpoint strings of every built-in type pass (a systemd: one without its socket too)."""
+        path = self.write(
+            '[edge]\npublic_listen = ["tcp:0:interface=127.0.0.1", "tcp6:0:interface=\\\\:\\\\:1", '
+            '"unix:/run/tunneld/public.sock", "systemd:domain=INET6:index=0", '
+            '"systemd:domain=INET:name=tunneld.socket"]\nadmin_listen = ""\n'
+        )
+        self.assertEqual(len(load_edge_config(path).edge.public_listen), 5)
+
+    def test_bad_upstream_endpoint(self) -> None:
+        """An agent tunnel's upstream is parsed as a client endpoint when the file is read."""
+        tunnel = '[[tunnels]]\nhostname = "a.test"\n'
+        cases = [
+            ('upstream = "tpc:8000"\n', "unknown endpoint type 'tpc' in 'tpc:8000'"),
+            ('upstream = "tcp:8000"\n', "not a valid tcp: endpoint: missing port="),
+            ('upstream = "tcp:host=127.0.0.1:port=80:tiemout=3"\n', "unknown parameter 'tiemout'"),
+        ]
+        for extra, reason in cases:
+            self.assert_error(tunnel + extra, "tunnels[0].upstream: ", reason, agent=True)
+
+    def run_twistd(self, plugin: str, path: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*TWISTD, "-n", "--pidfile=", plugin, "--config", path],
+            capture_output=True, text=True, cwd=ROOT, timeout=60,
+        )
+
     def test_twistd_refuses_bad_config(self) -> None:
-        """twistd exits non-zero before listening, printing file, key and reason."""
+        """twistd exits 1 before listening with one line: the file, key and reason, no usage text."""
         cases = [
             ("[edge]\nbogus = 1\n", "edge.bogus: unknown key"),
             ('[edge]\nidle_timeout = "x"\n', "edge.idle_timeout: expected a number"),
+            ('[edge]\npublic_listen = ["tpc:8080"]\n',
+             "edge.public_listen[0]: unknown endpoint type 'tpc'"),
         ]
         for text, expected in cases:
             path = self.write(text)
-            result = subprocess.run(
-                [*TWISTD, "-n", "--pidfile=", "tunneld", "--config", path],
-                capture_output=True, text=True, cwd=ROOT, timeout=60,
-            )
-            self.assertNotEqual(result.returncode, 0)
-            self.assertIn(f"{path}: {expected}", result.stdout + result.stderr)
-        result = subprocess.run(
-            [*TWISTD, "-n", "--pidfile=", "tunneld", "--config", "/nonexistent.toml"],
-            capture_output=True, text=True, cwd=ROOT, timeout=60,
+            result = self.run_twistd("tunneld", path)
+            self.assertEqual(result.returncode, 1)
+            self.assertEqual(result.stdout, "")
+            (line,) = result.stderr.splitlines()
+            self.assertTrue(line.startswith(f"tunneld: {path}: {expected}"), line)
+        result = self.run_twistd("tunneld", "/nonexistent.toml")
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr, "tunneld: /nonexistent.toml: (file): no such file\n")
+
+    def test_twistd_agent_refuses_bad_upstream(self) -> None:
+        """twistd tunneld-agent with upstream = "tpc:8000": exit 1, one line, no traceback."""
+        with open(os.path.join(ROOT, "etc", "agent.toml")) as f:
+            text = f.read().replace('upstream = "tcp:host=127.0.0.1:port=8000"', 'upstream = "tpc:8000"')
+        path = self.write(text)
+        result = self.run_twistd("tunneld-agent", path)
+        self.assertEqual((result.returncode, result.stdout), (1, ""))
+        self.assertEqual(
+            result.stderr,
+            f"tunneld-agent: {path}: tunnels[0].upstream: unknown endpoint type 'tpc' in "
+            "'tpc:8000' (e.g. 'tcp:host=127.0.0.1:port=8000')\n",
         )
-        self.assertNotEqual(result.returncode, 0)
-        self.assertIn("/nonexistent.toml: (file): no such file", result.stdout + result.stderr)

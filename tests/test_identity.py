@@ -197,7 +197,7 @@ class MutualTLSTests(TestCase):
             {"url": url}, [("a.example", port)], agent_id="alpha", wait=False, tls=tls,
             reconnect_initial=5.0,
         )
-        await self._refused("link down ({why}); reconnecting in {delay:.1f}s")
+        await self._refused("cannot connect to the edge ({why}); retrying in {delay:.1f}s")
         self.assertFalse(agent.ready.called)
         self.assertEqual(harness.edge.sessions.sessions if harness.edge else {}, {})
 

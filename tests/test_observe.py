@@ -305,7 +305,7 @@ class ConsoleSummaryTests(SynchronousTestCase):
         on.stopService()
         off.stopService()
         self.assertEqual(plain.getvalue(), "")
-        self.assertEqual(tty.getvalue().count("link down, reconnecting | 0 req"), 2)
+        self.assertEqual(tty.getvalue().count("connecting to the edge | 0 req"), 2)
         self.assertTrue(tty.getvalue().endswith("\x1b[K\n"))
 
 

@@ -20,6 +20,8 @@ from tests.harness import TunnelHarness, listen_upstream, sleep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MB = 1024 * 1024
+# twistd as a command, run by this Python with the checkout on its path.
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
 class TwistdProcess(protocol.ProcessProtocol):
@@ -27,6 +29,7 @@ class TwistdProcess(protocol.ProcessProtocol):
 
     def __init__(self) -> None:
         self.output = ""
+        self.process: Any = None
         self.ended: defer.Deferred[Any] = defer.Deferred()
         self._waiters: list[tuple[re.Pattern[str], defer.Deferred[re.Match[str]]]] = []
 
@@ -58,28 +61,43 @@ class TwistdProcess(protocol.ProcessProtocol):
         self.ended.callback(None)
 
 
+def spawn(
+    case: TestCase, argv: list[str], env: dict[str, str | None] | None = None,
+    path: str = ROOT, child_fds: dict[int, Any] | None = None,
+) -> TwistdProcess:
+    """
+    C{argv} as a child whose output the test can wait for, with the checkout
+    on its path and C{env} on top of this environment (C{None} removes a
+    variable); killed at the end of the test if it is still running.
+    """
+    proto = TwistdProcess()
+    full_env = dict(os.environ, PYTHONPATH=ROOT)
+    for name, value in (env or {}).items():
+        if value is None:
+            full_env.pop(name, None)
+        else:
+            full_env[name] = value
+    extra = {"childFDs": child_fds} if child_fds is not None else {}
+    proto.process = reactor.spawnProcess(proto, argv[0], argv, env=full_env, path=path, **extra)
+
+    def stop() -> Any:
+        if proto.ended.called:
+            return None
+        try:
+            proto.process.signalProcess("KILL")
+        except ProcessExitedAlready:
+            pass  # exited; its end is on its way
+        return proto.ended
+
+    case.addCleanup(stop)
+    return proto
+
+
 class ProcessTests(TestCase):
     timeout = 120
 
     def spawn(self, plugin: str, config: str) -> TwistdProcess:
-        proto = TwistdProcess()
-        args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                "--nodaemon", "--pidfile=", plugin, "--config", config]
-        env = dict(os.environ, PYTHONPATH=ROOT)
-        process = reactor.spawnProcess(proto, sys.executable, args, env=env, path=ROOT)
-
-        def stop() -> Any:
-            if proto.ended.called:
-                return None
-            try:
-                process.signalProcess("KILL")
-            except ProcessExitedAlready:
-                pass  # exited; its end is on its way
-            return proto.ended
-
-        self.addCleanup(stop)
-        proto.process = process  # type: ignore[attr-defined]
-        return proto
+        return spawn(self, [*TWISTD, "--nodaemon", "--pidfile=", plugin, "--config", config])
 
     def shipped(self, name: str, replacements: dict[str, str]) -> str:
         with open(os.path.join(ROOT, "etc", name)) as f:

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -18,12 +19,13 @@ from typing import Any
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
-from tests.test_processes import TwistdProcess
-from tunneld.listening import ListeningService
+from tests.harness import TunnelHarness, listen_upstream, sleep
+from tests.test_processes import TWISTD, TwistdProcess, spawn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNITS = ["tunneld.service", "tunneld.socket", "tunneld-agent@.service"]
@@ -63,6 +65,25 @@ class _NotifySocket(protocol.DatagramProtocol):
         return d
 
 
+def listen_notify(case: TestCase) -> tuple[_NotifySocket, str]:
+    """systemd's end of NOTIFY_SOCKET for one test: the socket, and the variable's value."""
+    notify = _NotifySocket()
+    name = f"tunneld-test-{uuid.uuid4().hex}"
+    port = reactor.listenUNIXDatagram("\0" + name, notify)  # type: ignore[attr-defined]
+    case.addCleanup(port.stopListening)
+    return notify, "@" + name
+
+
+def write_config(case: TestCase, name: str, text: str) -> str:
+    """C{text} as a file C{name} in a directory of the test's own."""
+    directory = tempfile.mkdtemp()
+    case.addCleanup(shutil.rmtree, directory)
+    path = os.path.join(directory, name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
 class _Probe(protocol.Protocol):
     pass
 
@@ -72,30 +93,13 @@ class NotifyProcessTests(TestCase):
 
     async def test_ready_after_listeners_and_stopping_on_sigterm(self) -> None:
         """READY=1 comes once every listener accepts; SIGTERM sends STOPPING=1 before exit."""
-        notify = _NotifySocket()
-        name = f"tunneld-test-{uuid.uuid4().hex}"
-        port = reactor.listenUNIXDatagram("\0" + name, notify)  # type: ignore[attr-defined]
-        self.addCleanup(port.stopListening)
-        config = os.path.join(tempfile.mkdtemp(), "edge.toml")
-        self.addCleanup(shutil.rmtree, os.path.dirname(config))
-        with open(config, "w") as f:
-            f.write(EDGE_CONFIG)
-        proto = TwistdProcess()
-        env = dict(
-            os.environ, PYTHONPATH=ROOT, NOTIFY_SOCKET="@" + name, WATCHDOG_USEC="200000"
+        notify, address = listen_notify(self)
+        config = write_config(self, "edge.toml", EDGE_CONFIG)
+        proto = spawn(
+            self, [*TWISTD, "--nodaemon", "--pidfile=", "tunneld", "--config", config],
+            env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": None},
         )
-        env.pop("WATCHDOG_PID", None)
-        args = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                "--nodaemon", "--pidfile=", "tunneld", "--config", config]
-        process = reactor.spawnProcess(proto, sys.executable, args, env=env, path=ROOT)
-
-        def kill() -> Any:
-            if proto.ended.called:
-                return None
-            process.signalProcess("KILL")
-            return proto.ended
-
-        self.addCleanup(kill)
+        process = proto.process
         ended = proto.ended
         ready = await notify.wait_for("READY")
         self.assertEqual(ready["READY"], "1")
@@ -128,47 +132,79 @@ class NotifyProcessTests(TestCase):
         self.assertIn(proto.end_reason.value.exitCode, (0, None))
 
 
+class AgentNotifyProcessTests(TestCase):
+    timeout = 60
+
+    async def test_agent_ready_once_its_link_is_up(self) -> None:
+        """The agent sends READY=1 (and logs ready) only after the edge welcomed it, not at start."""
+        notify, address = listen_notify(self)
+        upstream_port, _ = await listen_upstream(self)
+        # The edge's agent-link port: free now, listened on only later.
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        link_port = probe.getsockname()[1]
+        probe.close()
+        with open(os.path.join(ROOT, "etc", "agent.toml")) as f:
+            text = f.read()
+        for old, new in {
+            'url = "ws://127.0.0.1:8081/tunnel"': f'url = "ws://127.0.0.1:{link_port}/tunnel"',
+            'upstream = "tcp:host=127.0.0.1:port=8000"':
+                f'upstream = "tcp:host=127.0.0.1:port={upstream_port}"',
+            "reconnect_initial = 0.5": "reconnect_initial = 0.1",
+            "reconnect_max = 30.0": "reconnect_max = 0.5",
+        }.items():
+            self.assertIn(old, text)
+            text = text.replace(old, new)
+        config = write_config(self, "agent.toml", text)
+        proto = spawn(
+            self, [*TWISTD, "--nodaemon", "--pidfile=", "tunneld-agent", "--config", config],
+            env={"NOTIFY_SOCKET": address},
+        )
+        # Started, the edge not up: a failed dial, then another.
+        await proto.wait_for(r"(?s)(cannot connect to the edge|link down).*"
+                             r"(cannot connect to the edge|link down)")
+        for _ in range(3):
+            await sleep(0)
+        self.assertEqual([m for m in notify.messages if "READY" in m], [])
+        self.assertNotIn("] ready:", proto.output)
+        self.assertNotIn("link down", proto.output)
+        # The edge comes up on that port; the agent's next dial gets in.
+        harness = TunnelHarness(self, "websocket", {"listen": f"tcp:{link_port}:interface=127.0.0.1"})
+        await harness.start_edge()
+        ready = await notify.wait_for("READY")
+        self.assertEqual(ready["READY"], "1")
+        self.assertEqual(ready["STATUS"], "agent demo serving http://demo.localhost/")
+        await proto.wait_for(r"\] ready: ")
+        self.assertRegex(proto.output, r"(?s)tunnel ready: http://demo\.localhost/.*\] ready: agent demo")
+
+
 class SocketActivationTests(TestCase):
     timeout = 60
 
     async def test_public_listener_from_systemd(self) -> None:
         """public_listen = systemd:domain=INET:index=0 serves on the socket handed over as fd 3."""
-        import socket
-
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.addCleanup(sock.close)
         sock.bind(("127.0.0.1", 0))
         sock.listen(16)
         port = sock.getsockname()[1]
-        config = os.path.join(tempfile.mkdtemp(), "edge.toml")
-        self.addCleanup(shutil.rmtree, os.path.dirname(config))
-        with open(config, "w") as f:
-            f.write(EDGE_CONFIG.replace(
-                'public_listen = ["tcp:0:interface=127.0.0.1"]',
-                'public_listen = ["systemd:domain=INET:index=0"]',
-            ))
-        proto = TwistdProcess()
-        env = dict(os.environ, PYTHONPATH=ROOT, LISTEN_FDS="1", LISTEN_FDNAMES="tunneld.socket")
-        env.pop("NOTIFY_SOCKET", None)
+        config = write_config(self, "edge.toml", EDGE_CONFIG.replace(
+            'public_listen = ["tcp:0:interface=127.0.0.1"]',
+            'public_listen = ["systemd:domain=INET:index=0"]',
+        ))
         # As systemd does: LISTEN_PID is the pid of the process that execs twistd.
         script = (
             f'export LISTEN_PID=$$; exec "{sys.executable}" -c '
             '"from twisted.scripts.twistd import run; run()" '
             f'--nodaemon --pidfile= tunneld --config "{config}"'
         )
-        process = reactor.spawnProcess(
-            proto, "/bin/sh", ["/bin/sh", "-c", script], env=env, path=ROOT,
-            childFDs={0: "w", 1: "r", 2: "r", 3: sock.fileno()},
+        proto = spawn(
+            self, ["/bin/sh", "-c", script],
+            env={"LISTEN_FDS": "1", "LISTEN_FDNAMES": "tunneld.socket", "NOTIFY_SOCKET": None},
+            child_fds={0: "w", 1: "r", 2: "r", 3: sock.fileno()},
         )
+        process = proto.process
         sock.close()  # the child holds it now, as after systemd's fork
-
-        def kill() -> Any:
-            if proto.ended.called:
-                return None
-            process.signalProcess("KILL")
-            return proto.ended
-
-        self.addCleanup(kill)
         await proto.wait_for(rf"public HTTP listening on 127\.0\.0\.1:{port}\b")
         response = await Agent(reactor).request(
             b"GET", f"http://127.0.0.1:{port}/".encode(),
@@ -179,6 +215,117 @@ class SocketActivationTests(TestCase):
         await readBody(response)
         process.signalProcess(signal.SIGTERM)
         await proto.ended
+
+
+def _socket_unit() -> tuple[str, str]:
+    """The shipped tunneld.socket's ListenStream= and the public_listen its comment documents."""
+    with open(os.path.join(ROOT, "systemd", "tunneld.socket")) as f:
+        text = f.read()
+    (listen,) = re.findall(r"^ListenStream=(.*)$", text, re.M)
+    (documented,) = re.findall(r'^#\s+public_listen = \["(systemd:[^"]+)"\]', text, re.M)
+    return listen, documented
+
+
+def _free_port() -> int:
+    """A port free on every loopback address, IPv4 and IPv6 (bound dual-stack, noted, closed)."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind(("::", 0))
+    port = int(sock.getsockname()[1])
+    sock.close()
+    return port
+
+
+class SystemdSocketActivateTests(TestCase):
+    """
+    The edge started by systemd-socket-activate, systemd's own tool, which
+    binds the socket as a .socket unit's ListenStream= would and execs the
+    edge on the first connection: the addresses the edge reports for itself
+    and for its clients are the real ones, for each socket family.
+    """
+
+    timeout = 90
+
+    def setUp(self) -> None:
+        for tool in ("systemd-socket-activate", "curl"):
+            if shutil.which(tool) is None:
+                raise SkipTest(f"{tool} is not installed (scripts/setup-tests installs it)")
+
+    async def curl(self, address: str, port: int, path: str) -> str:
+        host = f"[{address}]" if ":" in address else address
+        out, err, code = await getProcessOutputAndValue("curl", [
+            "-sS", "--noproxy", "*", "--max-time", "60", "-H", "Host: demo.test",
+            f"http://{host}:{port}{path}",
+        ], env=dict(os.environ))
+        self.assertEqual(code, 0, err)
+        return out.decode()
+
+    async def activate(
+        self, listen: str, public_listen: str, clients: list[str], listening_on: str,
+    ) -> TwistdProcess:
+        """
+        Run the edge on a systemd-socket-activate socket (C{listen} as in
+        ListenStream=, with the port replaced) and check that each of
+        C{clients} reaches the upstream named by its own address.
+        """
+        port = _free_port()
+        listen = re.sub(r"\d+$", str(port), listen)
+        upstream_port, _ = await listen_upstream(self)
+        config = write_config(self, "edge.toml", EDGE_CONFIG.replace(
+            'public_listen = ["tcp:0:interface=127.0.0.1"]', f'public_listen = ["{public_listen}"]'
+        ))
+        # --fdname as systemd names every socket it passes (Twisted finds none unnamed).
+        proto = spawn(
+            self,
+            ["systemd-socket-activate", "-l", listen, "--fdname=tunneld.socket",
+             *TWISTD, "--nodaemon", "--pidfile=", "tunneld", "--config", config],
+            env=dict.fromkeys(("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")),
+        )
+        process = proto.process
+        await proto.wait_for(r"Listening on .* as 3\.")
+        # The first client starts the edge: it waits in the socket's backlog meanwhile.
+        first = defer.ensureDeferred(self.curl(clients[0], port, "/"))
+        link = await proto.wait_for(r"websocket agent link listening on 127\.0\.0\.1:(\d+)")
+        self.assertIn("no tunnel is registered for this host", await first)
+        harness = TunnelHarness(self, "websocket", {})
+        await harness.start_agent(
+            {"url": f"ws://127.0.0.1:{link.group(1)}/tunnel"}, [("demo.test", upstream_port)]
+        )
+        for client in clients:
+            body = await self.curl(client, port, "/headers")
+            (forwarded,) = re.findall(r"^x-forwarded-for: (.*)$", body, re.M)
+            self.assertEqual(forwarded.split(",")[-1].strip(), client, body)
+        self.assertIn(f"public HTTP listening on {listening_on.format(port=port)}\n", proto.output)
+        process.signalProcess(signal.SIGTERM)
+        await proto.ended
+        return proto
+
+    async def test_shipped_unit_dual_stack(self) -> None:
+        """tunneld.socket as shipped (dual-stack [::]) with its documented public_listen: IPv4 and IPv6 clients named right."""
+        listen, documented = _socket_unit()
+        edge = await self.activate(listen, documented, ["127.0.0.1", "::1"], "[::]:{port}")
+        self.assertNotIn("says domain=", edge.output)
+
+    async def test_dual_stack_socket_adopted_as_inet(self) -> None:
+        """A dual-stack socket under domain=INET (the old docs): adopted as INET6, a warning, real addresses."""
+        listen, _ = _socket_unit()
+        edge = await self.activate(
+            listen, "systemd:domain=INET:index=0", ["127.0.0.1", "::1"], "[::]:{port}"
+        )
+        self.assertIn(
+            "'systemd:domain=INET:index=0' says domain=INET but the socket systemd passed is INET6",
+            edge.output,
+        )
+
+    async def test_ipv4_socket(self) -> None:
+        """ListenStream=127.0.0.1:PORT with domain=INET: the IPv4 client is named."""
+        await self.activate(
+            "127.0.0.1:0", "systemd:domain=INET:index=0", ["127.0.0.1"], "127.0.0.1:{port}"
+        )
+
+    async def test_ipv6_socket(self) -> None:
+        """ListenStream=[::1]:PORT with domain=INET6: the IPv6 client is named."""
+        await self.activate("[::1]:0", "systemd:domain=INET6:index=0", ["::1"], "[::1]:{port}")
 
 
 class UnitFileTests(TestCase):
@@ -218,15 +365,7 @@ class UnitFileTests(TestCase):
                 self.assertIn(line, text, unit)
             if unit == "tunneld.service":
                 self.assertIn("ExecReload=/bin/kill -HUP $MAINPID", text)
-        with open(os.path.join(ROOT, "systemd", "tunneld.socket")) as f:
-            self.assertIn("systemd:domain=INET:index=0", f.read())
-
-
-class MissingSocketTests(SynchronousTestCase):
-    def test_systemd_endpoint_without_socket(self) -> None:
-        """A systemd: listener with no socket passed fails at start, saying what is missing."""
-        service = ListeningService(reactor, "systemd:domain=INET:index=5", protocol.Factory(), "public HTTP")
-        with self.assertRaises(ValueError) as raised:
-            service.privilegedStartService()
-        self.assertIn("public HTTP: 'systemd:domain=INET:index=5' names a socket systemd did not pass",
-                      str(raised.exception))
+        listen, documented = _socket_unit()
+        self.assertEqual((listen, documented), ("80", "systemd:domain=INET6:index=0"))
+        with open(os.path.join(ROOT, "docs", "operations.md")) as f:
+            self.assertIn(f'public_listen = ["{documented}"]', f.read())

@@ -1,9 +1,10 @@
 """
 The C{tunneld} command: C{tunneld edge}, C{tunneld agent} and friends.
 
-C{edge} and C{agent} are C{twistd -n tunneld} and C{twistd -n tunneld-agent}
-with the remaining arguments, so the console script and systemd units run
-exactly the same code.
+C{edge} and C{agent} are C{twistd --nodaemon --pidfile= tunneld} and
+C{twistd --nodaemon --pidfile= tunneld-agent} with the remaining arguments, so
+the console script and systemd units run exactly the same code, and an edge
+and an agent started from one directory do not fight over C{twistd.pid}.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import sys
 USAGE = """usage: tunneld COMMAND [ARGS]
 
 commands:
-  edge  [--config FILE]   run an edge in the foreground (twistd -n tunneld)
-  agent --config FILE     run an agent in the foreground (twistd -n tunneld-agent)
+  edge  [--config FILE]   run an edge in the foreground (twistd -n --pidfile= tunneld)
+  agent --config FILE     run an agent in the foreground (twistd -n --pidfile= tunneld-agent)
   certs ca|edge|agent|show  make a private CA and edge/agent certificates (tunneld certs -h)
   status [--admin URL]    agents, transports and tunnels of a running edge (admin API)
 """

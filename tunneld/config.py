@@ -14,6 +14,11 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunneld.endpoints import (
+    client_endpoint_problem,
+    optional_server_endpoint_problem,
+    server_endpoint_problem,
+)
 from tunneld.errors import ConfigError
 from tunneld.interfaces import ITransportPlugin
 from tunneld.policy.clientaddr import check_networks
@@ -290,17 +295,20 @@ class EdgeSection:
     """The edge's own settings ([edge])."""
 
     public_listen: list[str] = setting(
-        ["tcp:8080:interface=127.0.0.1"], "Endpoint strings for public HTTP/1.1 listeners."
+        ["tcp:8080:interface=127.0.0.1"], "Endpoint strings for public HTTP/1.1 listeners.",
+        each=server_endpoint_problem,
     )
     public_h2c_listen: list[str] = setting(
         [],
         "Endpoint strings for public cleartext listeners speaking HTTP/2 with prior knowledge "
         "and HTTP/1.1 (told apart by the HTTP/2 connection preface).",
+        each=server_endpoint_problem,
     )
     public_tls_listen: list[str] = setting(
         [],
         "Endpoint strings (tcp:, unix:, systemd:) for public TLS listeners; ALPN picks "
         "HTTP/2 or HTTP/1.1.  Certificates come from [edge.tls].",
+        each=server_endpoint_problem,
     )
     listen_backlog: int = setting(
         1024,
@@ -330,6 +338,7 @@ class EdgeSection:
         "tcp:8090:interface=127.0.0.1",
         "Endpoint string for the admin API (JSON, /metrics, /healthz, /readyz); keep it on "
         "loopback or a private network.  '' turns it off.",
+        check=optional_server_endpoint_problem,
     )
     max_header_bytes: int = setting(65536, "Largest request head accepted (bytes).", check=positive)
     header_timeout: float = setting(
@@ -397,6 +406,7 @@ class EdgeSection:
         "Endpoint string for plain-text /healthz and /readyz alone (e.g. "
         "tcp:8082:interface=127.0.0.1), for a load balancer that must not reach the admin "
         "API; the admin API serves the same probes as JSON. '' = off.",
+        check=optional_server_endpoint_problem,
     )
     drain_timeout: float = setting(
         30.0,
@@ -578,7 +588,8 @@ class TunnelSection:
 
     hostname: str = setting(..., "Public hostname (or *.domain pattern).", check=_hostname_pattern)
     upstream: str = setting(
-        ..., "Client endpoint string of the local service, e.g. tcp:host=127.0.0.1:port=8000."
+        ..., "Client endpoint string of the local service, e.g. tcp:host=127.0.0.1:port=8000.",
+        check=client_endpoint_problem,
     )
     path_prefix: str = setting("", "Only requests under this path prefix ('' = all).")
     upstream_protocol: str = setting(
@@ -745,5 +756,11 @@ def transport_options(
         plugin = find_transport(name, where, f"{section}.transports[{i}]")
         table = tables.get(name, {})
         options = plugin.edge_options(table, where) if edge else plugin.agent_options(table, where)
+        listen = getattr(options, "listen", None) if edge else None
+        if isinstance(listen, str):
+            # Whatever the plugin checks itself, its listener is an endpoint string.
+            problem = server_endpoint_problem(listen)
+            if problem:
+                raise ConfigError(where, f"transports.{name}.listen", problem)
         chosen.append((plugin, options))
     return chosen

@@ -18,3 +18,23 @@ class ConfigError(Exception):
 
 class MissingTransport(ConfigError):
     """A transport named in the configuration is not installed as a plugin."""
+
+
+class StartupError(Exception):
+    """
+    Something the process needs at start is missing (a listener that cannot
+    listen, a socket systemd did not pass).  The process stops with this
+    message; nothing was half-started for anyone to rely on.
+    """
+
+
+class ListenError(StartupError):
+    """A listener could not listen: which one (config key), where, and the OS's reason."""
+
+    def __init__(self, key: str, role: str, description: str, reason: str) -> None:
+        self.key = key
+        self.role = role
+        self.description = description
+        self.reason = reason
+        where = f"{key}: " if key else ""
+        super().__init__(f"{where}{role} cannot listen on {description}: {reason}")

@@ -23,12 +23,22 @@ EX_CONFIG = 78
 _status = 0
 
 
-def stop_process(reactor: Any, status: int) -> None:
-    """Stop the reactor; the process then exits with C{status} (the first one given wins)."""
+def exit_when_stopped(status: int) -> None:
+    """
+    Leave the process with C{status} once the reactor has stopped and twistd
+    has cleaned up (the first non-zero status given wins): twistd itself
+    exits 0 whenever its reactor stops, and nothing it runs after the reactor
+    can change that but the interpreter's own exit handlers.
+    """
     global _status
     if status and not _status:
         _status = status
         atexit.register(_exit)
+
+
+def stop_process(reactor: Any, status: int) -> None:
+    """Stop the reactor; the process then exits with C{status} (the first one given wins)."""
+    exit_when_stopped(status)
     if reactor.running:
         reactor.stop()
 

@@ -1,9 +1,12 @@
+# -*- test-case-name: tests.test_listening -*-
 """
 A service that listens on one endpoint string and says where it listens.
 
 Like L{twisted.application.internet.StreamServerEndpointService}, but it logs
 the address actually bound (so port 0 is usable in tests and the operator
-sees the real port) and exposes it as L{ListeningService.address}.
+sees the real port), exposes it as L{ListeningService.address}, and reports a
+failure to listen with the configuration key and the operating system's
+reason instead of logging a traceback and carrying on.
 """
 
 from __future__ import annotations
@@ -11,12 +14,16 @@ from __future__ import annotations
 from typing import Any
 from typing import Protocol as TypingProtocol
 
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.python import context, log
+from twisted.python.failure import Failure
 
+from tunneld.endpoints import listen_endpoint
+from tunneld.errors import ListenError
 from tunneld.reasons import Reason
 
 
@@ -67,6 +74,27 @@ class ConnectionTracker:
         return d
 
 
+def address_text(address: Any) -> str:
+    """C{host:port}, C{[v6]:port}, or a UNIX socket's path: as a person writes it."""
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is None or port is None:
+        name = getattr(address, "name", None) or address
+        return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _quietly(listen: Any, factory: Any) -> Deferred[IListeningPort]:
+    """
+    C{listen(factory)} without the line Twisted's ports log as they bind
+    (C{"PublicHTTPFactory starting on 8080"}): L{ListeningService} logs the
+    bound address itself, with the listener's role.  That line is a legacy
+    C{log.msg} event; events logged inside this context carry an empty
+    C{log_format}, which Twisted's text observers (and ours) do not write.
+    Nothing else logs during C{listen}: a failure arrives as the result.
+    """
+    return context.call({log.ILogContext: {"log_format": ""}}, maybeDeferred, listen, factory)
+
+
 def with_backlog(description: str, backlog: int) -> str:
     """
     C{description} with C{backlog=} added when it is a TCP endpoint string
@@ -79,18 +107,30 @@ def with_backlog(description: str, backlog: int) -> str:
 
 
 class ListeningService(Service):
-    """Listen on C{description} with C{factory} while running."""
+    """
+    Listen on C{description} with C{factory} while running.
+
+    C{listening} fires with the port once bound, or fails with a
+    L{ListenError} naming C{key} (the configuration key the string came
+    from), the endpoint and the operating system's reason.  Nothing is
+    logged for a failure here: the owner of the process decides what a
+    listener that cannot listen means (L{tunneld.startup.StartupGuard}: the
+    process stops).  C{backlog} is added to TCP strings that set none.
+    """
 
     log = Logger()
 
     def __init__(
-        self, reactor: Any, description: str, factory: Any, role: str, grace: float = 5.0
+        self, reactor: Any, description: str, factory: Any, role: str, grace: float = 5.0,
+        key: str = "", backlog: int | None = None,
     ) -> None:
         self.reactor = reactor
         self.description = description
         self.factory = factory
         self.role = role
         self.grace = grace
+        self.key = key
+        self.backlog = backlog
         self.port: IListeningPort | None = None
         self.listening: Deferred[IListeningPort] = Deferred()
 
@@ -101,37 +141,48 @@ class ListeningService(Service):
 
     def privilegedStartService(self) -> None:  # noqa: N802
         Service.privilegedStartService(self)
+        if self.port is not None or self.listening.called:
+            return
+        description = self.description
+        if self.backlog is not None:
+            description = with_backlog(description, self.backlog)
         try:
-            endpoint = serverFromString(self.reactor, self.description)
-        except IndexError:
-            if not self.description.startswith("systemd:"):
-                raise
-            # Twisted's systemd parser indexes the inherited sockets directly.
-            raise ValueError(
-                f"{self.role}: {self.description!r} names a socket systemd did not pass "
-                "(no LISTEN_FDS for this process, or fewer ListenStream= lines in the "
-                ".socket unit than the index)"
-            ) from None
-        d = endpoint.listen(self.factory)
+            endpoint, note = listen_endpoint(self.reactor, description)
+        except Exception as e:  # the string was checked when read: what changed is the system
+            if description.startswith("systemd:") and isinstance(e, (IndexError, KeyError)):
+                # Twisted's systemd parser looks the inherited socket up directly.
+                reason = (
+                    "systemd passed no such socket (no LISTEN_FDS and LISTEN_FDNAMES for this "
+                    "process, or fewer ListenStream= lines in the .socket unit than the index)"
+                )
+            else:
+                reason = str(e) or type(e).__name__
+            self._failed(Failure(ListenError(self.key, self.role, self.description, reason)))
+            return
+        if note is not None:
+            self.log.warn("{role}: {note}", role=self.role, note=note)
+        d = _quietly(endpoint.listen, self.factory)
         d.addCallbacks(self._listening, self._failed)
 
     def _listening(self, port: IListeningPort) -> None:
         self.port = port
         host = port.getHost()
         self.log.info(
-            "{role} listening on {host}:{port}",
-            role=self.role, host=getattr(host, "host", host), port=getattr(host, "port", ""),
+            "{role} listening on {address}",
+            role=self.role, address=address_text(host),
+            host=getattr(host, "host", host), port=getattr(host, "port", ""),
         )
         self.listening.callback(port)
 
-    def _failed(self, failure: Any) -> None:
-        self.log.failure("{role} cannot listen on {description}", failure,
-                         role=self.role, description=self.description)
+    def _failed(self, failure: Failure) -> None:
+        error = failure.value
+        if not isinstance(error, ListenError):
+            if isinstance(error, CannotListenError) and error.socketError is not None:
+                reason = str(error.socketError)
+            else:
+                reason = failure.getErrorMessage()
+            failure = Failure(ListenError(self.key, self.role, self.description, reason))
         self.listening.errback(failure)
-        self.listening.addErrback(lambda _: None)
-        # A listener that cannot listen is fatal at start: say so and stop.
-        if self.reactor.running:
-            self.reactor.stop()
 
     def startService(self) -> None:  # noqa: N802
         Service.startService(self)
@@ -160,3 +211,19 @@ class ListeningService(Service):
             )
             stopped.addCallback(lambda _: closing)
         return stopped
+
+
+def listeners_under(root: Any) -> list[Any]:
+    """
+    Every listener in C{root}'s service tree: each service with a
+    C{listening} Deferred (L{ListeningService} and the like), whoever added it.
+    """
+    found = []
+    stack = [root]
+    while stack:
+        service = stack.pop()
+        if isinstance(getattr(service, "listening", None), Deferred):
+            found.append(service)
+        if isinstance(service, MultiService):
+            stack.extend(reversed(list(service)))
+    return found

@@ -25,7 +25,9 @@ T = TypeVar("T")
 def setting(default: Any, doc: str, **kwargs: Any) -> Any:
     """
     A dataclass field with a default and the documentation for it; C{...}
-    as the default makes the key required.
+    as the default makes the key required.  C{check=} validates the value,
+    C{each=} every item of a list value (the error then names the item's
+    index); both return what is wrong, or None.
     """
     if default is ...:
         return dataclasses.field(metadata={"doc": doc, **kwargs})
@@ -106,6 +108,12 @@ def parse_table(cls: type[T], table: Any, where: str, prefix: str = "") -> T:
             problem = check(value)
             if problem:
                 raise ConfigError(where, key, problem)
+        each = field.metadata.get("each")
+        if each is not None:
+            for i, item in enumerate(value):
+                problem = each(item)
+                if problem:
+                    raise ConfigError(where, f"{key}[{i}]", problem)
         values[name] = value
     for name, field in fields.items():
         if (

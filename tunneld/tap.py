@@ -3,7 +3,10 @@
 C{twistd tunneld} and C{twistd tunneld-agent}: options and service makers.
 
 All validation happens in C{postOptions}, so a bad configuration file stops
-twistd before anything listens, with the file, the key and the reason.
+twistd before anything listens, with one line naming the file, the key and
+the reason, and exit status 1 (a bad file is not a command-line mistake, so
+twistd's usage text is left out).  The service tree's root is a
+L{StartupGuard}: a listener that cannot listen stops the process too.
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ from tunneld.config import (
     transport_options,
 )
 from tunneld.errors import ConfigError
+
+
+def _config_error(program: str, error: ConfigError) -> SystemExit:
+    """The exit for a bad configuration: one line on stderr, status 1."""
+    return SystemExit(f"{program}: {error}")
 
 
 class EdgeOptions(usage.Options):
@@ -42,7 +50,7 @@ class EdgeOptions(usage.Options):
                 edge.transports, self.config.transports, self.config.source, edge=True
             )
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            raise _config_error("tunneld", e) from None
 
 
 class AgentOptions(usage.Options):
@@ -66,7 +74,7 @@ class AgentOptions(usage.Options):
                 agent.transports, self.config.transports, self.config.source, edge=False
             )
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            raise _config_error("tunneld-agent", e) from None
 
 
 Options = EdgeOptions
@@ -74,12 +82,11 @@ Options = EdgeOptions
 
 def makeService(options: EdgeOptions, reactor: Any = None) -> IService:  # noqa: N802
     """The edge's service tree (the collector tuned once it has started)."""
-    from twisted.application.service import MultiService
-
     from tunneld.edge.service import EdgeService
     from tunneld.gctune import GcTuning
     from tunneld.heap import keep_large_buffers
     from tunneld.scheduling import CpuScheduling
+    from tunneld.startup import StartupGuard
 
     keep_large_buffers()
 
@@ -87,7 +94,7 @@ def makeService(options: EdgeOptions, reactor: Any = None) -> IService:  # noqa:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    top = MultiService()
+    top = StartupGuard(options.config.source, reactor)
     EdgeService(options.config, options.transports, reactor).setServiceParent(top)
     CpuScheduling(options.config.edge.cpu_scheduling).setServiceParent(top)
     GcTuning().setServiceParent(top)
@@ -97,17 +104,18 @@ def makeService(options: EdgeOptions, reactor: Any = None) -> IService:  # noqa:
 def makeAgentService(options: AgentOptions, reactor: Any = None) -> IService:  # noqa: N802
     """
     The agent's service, with the live console summary (when stdout is a
-    terminal), systemd notification (when run by systemd) and the collector
+    terminal), systemd notification (when run by systemd: ready once the edge
+    has welcomed the agent, i.e. its tunnels are served) and the collector
     tuned once it has started.
     """
-    from twisted.application.service import MultiService
-
     from tunneld.agent.service import AgentService
+    from tunneld.exitstatus import EX_CONFIG, stop_process
     from tunneld.gctune import GcTuning
     from tunneld.heap import keep_large_buffers
     from tunneld.observe.console import AgentActivity, ConsoleSummary
     from tunneld.observe.systemd import SystemdNotifyService
     from tunneld.scheduling import CpuScheduling
+    from tunneld.startup import StartupGuard
 
     keep_large_buffers()
 
@@ -115,9 +123,7 @@ def makeAgentService(options: AgentOptions, reactor: Any = None) -> IService:  #
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    from tunneld.exitstatus import EX_CONFIG, stop_process
-
-    top = MultiService()
+    top = StartupGuard(options.config.source, reactor)
     agent = AgentService(options.config, options.transports, reactor)
     # Refused for good (identity, grant): stop, and exit non-zero.
     agent.on_fatal = lambda message: stop_process(reactor, EX_CONFIG)
@@ -127,7 +133,8 @@ def makeAgentService(options: AgentOptions, reactor: Any = None) -> IService:  #
         agent.stream_hook = console.activity.wrap
         console.setServiceParent(top)
     SystemdNotifyService(
-        reactor, lambda: [], lambda: f"agent {agent.agent_id}"
+        reactor, lambda: [agent.ready],
+        lambda: f"agent {agent.agent_id} serving " + ", ".join(agent.public_urls),
     ).setServiceParent(top)
     CpuScheduling(options.config.agent.cpu_scheduling).setServiceParent(top)
     GcTuning().setServiceParent(top)

@@ -252,13 +252,19 @@ class AgentService(Service):
             )
             self._dial(self._index + 1)
             return
-        self._retry_later(f"{failed} failed: {error}")
+        self._retry_later(f"{failed} failed: {error}", lost=False)
 
-    def _retry_later(self, why: str) -> None:
+    def _retry_later(self, why: str, lost: bool = True) -> None:
+        """Dial again after the backoff; C{lost}: a link was up (else a dial failed)."""
         if self._stopping:
             return
         delay = self.backoff.next_delay()
-        self.log.warn("link down ({why}); reconnecting in {delay:.1f}s", why=why, delay=delay)
+        if lost:
+            self.log.warn("link down ({why}); reconnecting in {delay:.1f}s", why=why, delay=delay)
+        else:
+            self.log.warn(
+                "cannot connect to the edge ({why}); retrying in {delay:.1f}s", why=why, delay=delay
+            )
         self._dial_in(delay)
 
     def _connected(self, link: IAgentLink) -> None:

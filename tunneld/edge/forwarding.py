@@ -80,12 +80,17 @@ def peer_of(address: object) -> tuple[str, bytes, str | None]:
     """
     A public client's socket address as the log names it (C{host:port},
     C{[v6]:port}), as X-Forwarded-For carries it, and its host (None when
-    the address is not an IP one, e.g. a UNIX socket).
+    the address is not an IP one, e.g. a UNIX socket).  An IPv4 client of a
+    dual-stack IPv6 socket (C{::ffff:192.0.2.1}, as under systemd's
+    C{ListenStream=80}) is named by its IPv4 address, so per-client limits,
+    C{trusted_proxies} and the upstream see one name for one client.
     """
     host, port = getattr(address, "host", None), getattr(address, "port", None)
     if host is None:
         peer = str(address)
         return peer, peer.encode("ascii", "replace"), None
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
     peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return peer, host.encode("ascii"), host
 

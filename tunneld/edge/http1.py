@@ -1390,6 +1390,8 @@ class PublicHTTPProtocol(Protocol):
 class PublicHTTPFactory(Factory):
     """Builds L{PublicHTTPProtocol}s sharing one router, settings and clock."""
 
+    noisy = False  # its listener logs where it listens
+
     def __init__(
         self, router: Routes, settings: PublicHTTPSettings, reactor: IReactorTime,
         stats: EdgeStats | None = None,

@@ -929,6 +929,8 @@ class PublicH2Protocol(Protocol):
 class PublicH2Factory(Factory):
     """Builds L{PublicH2Protocol}s sharing one router, settings and clock."""
 
+    noisy = False  # its listener logs where it listens
+
     def __init__(
         self, router: Routes, settings: PublicH2Settings, reactor: IReactorTime,
         policy: PublicPolicy | None = None,
@@ -1019,6 +1021,8 @@ class _Chooser(Protocol):
 
 class PublicHTTPChooserFactory(Factory):
     """Serves HTTP/2 or HTTP/1.1 per connection, by ALPN or by the connection preface."""
+
+    noisy = False  # its listener logs where it listens
 
     def __init__(
         self, http1: Factory, h2: Factory, reactor: IReactorTime, header_timeout: float

@@ -13,6 +13,7 @@ resources are plain C{twisted.web} leaves that an admin API can mount too.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from twisted.web import resource, server
 from twisted.web.server import Request
@@ -48,7 +49,16 @@ class ProbeRoot(resource.Resource):
         self.putChild(b"readyz", _Probe(not_ready))
 
 
+class _ProbeSite(server.Site):
+    """Probes arrive every few seconds and change nothing: no access log lines."""
+
+    noisy = False  # its listener logs where it listens
+
+    def log(self, request: Any) -> None:
+        """Not logged (see the class)."""
+
+
 def probe_site(not_ready: Callable[[], list[str]]) -> server.Site:
-    site = server.Site(ProbeRoot(not_ready))
+    site = _ProbeSite(ProbeRoot(not_ready))
     site.displayTracebacks = False
     return site

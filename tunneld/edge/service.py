@@ -31,7 +31,7 @@ from tunneld.edge.sessions import AgentSessions
 from tunneld.edge.tcp import TCPTunnels
 from tunneld.errors import ConfigError
 from tunneld.interfaces import EdgeLinkSetup, ITransportPlugin
-from tunneld.listening import ListeningService, with_backlog
+from tunneld.listening import ListeningService, listeners_under
 from tunneld.observe.service import EdgeObservability
 from tunneld.observe.stats import EdgeStats
 from tunneld.policy.clientaddr import ProxyProtocolFactory, TrustedProxies
@@ -80,7 +80,7 @@ class EdgeService(MultiService):
             websocket_ping_interval=edge.websocket_ping_interval,
         )
         self.public: list[ListeningService] = []
-        for description in edge.public_listen:
+        for i, description in enumerate(edge.public_listen):
             factory: Any = PublicHTTPFactory(
                 self.router, settings, reactor, stats=self.stats, policy=self.policy
             )
@@ -91,14 +91,16 @@ class EdgeService(MultiService):
                 )
                 self._proxy_wrappers.append(factory)
             listener = ListeningService(
-                reactor, with_backlog(description, edge.listen_backlog), factory, "public HTTP"
+                reactor, description, factory, "public HTTP",
+                key=f"edge.public_listen[{i}]", backlog=edge.listen_backlog,
             )
             listener.setServiceParent(self)
             self.public.append(listener)
         self.probes: ListeningService | None = None
         if edge.health_listen:
             self.probes = ListeningService(
-                reactor, edge.health_listen, probe_site(self.not_ready), "health probes"
+                reactor, edge.health_listen, probe_site(self.not_ready), "health probes",
+                key="edge.health_listen",
             )
             self.probes.setServiceParent(self)
         self.public_h2c: list[ListeningService] = []
@@ -116,6 +118,10 @@ class EdgeService(MultiService):
         for plugin, options in transports:
             self.sessions.listener_added(plugin.name, getattr(options, "listen", ""), setup.tls)
             service = plugin.edge_service(options, setup)
+            for listener in listeners_under(service):
+                # A failure to listen names the key the endpoint came from.
+                if isinstance(listener, ListeningService) and not listener.key:
+                    listener.key = f"transports.{plugin.name}.listen"
             service.setServiceParent(self)
             self.transports[plugin.name] = service
         # Admin API, metrics, systemd readiness (once every listener in this tree is up).
@@ -135,7 +141,7 @@ class EdgeService(MultiService):
             idle_timeout=edge.idle_timeout,
         )
         reactor = self.reactor
-        for description in edge.public_h2c_listen:
+        for i, description in enumerate(edge.public_h2c_listen):
             chooser = PublicHTTPChooserFactory(
                 PublicHTTPFactory(
                     self.router, settings, reactor, stats=self.stats, policy=self.policy
@@ -144,8 +150,8 @@ class EdgeService(MultiService):
                 reactor, edge.header_timeout,
             )
             listener = ListeningService(
-                reactor, with_backlog(description, edge.listen_backlog), chooser,
-                "public HTTP/2 (h2c)",
+                reactor, description, chooser, "public HTTP/2 (h2c)",
+                key=f"edge.public_h2c_listen[{i}]", backlog=edge.listen_backlog,
             )
             listener.setServiceParent(self)
             self.public.append(listener)
@@ -155,7 +161,7 @@ class EdgeService(MultiService):
         contexts = public_tls_contexts(edge.tls, self.config.source)
         tls_http1 = replace(settings, scheme="https")
         tls_h2 = replace(h2_settings, scheme="https")
-        for description in edge.public_tls_listen:
+        for i, description in enumerate(edge.public_tls_listen):
             chooser = PublicHTTPChooserFactory(
                 PublicHTTPFactory(
                     self.router, tls_http1, reactor, stats=self.stats, policy=self.policy
@@ -164,8 +170,8 @@ class EdgeService(MultiService):
                 reactor, edge.header_timeout,
             )
             listener = ListeningService(
-                reactor, with_backlog(description, edge.listen_backlog),
-                PublicTLSFactory(contexts, chooser), "public HTTPS",
+                reactor, description, PublicTLSFactory(contexts, chooser), "public HTTPS",
+                key=f"edge.public_tls_listen[{i}]", backlog=edge.listen_backlog,
             )
             listener.setServiceParent(self)
             self.public.append(listener)
@@ -233,7 +239,21 @@ class EdgeService(MultiService):
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
             self._previous_sigterm = None
-        self.log.info("edge stopped; policy counters: {counters}", counters=self.policy.snapshot())
+        counters = self.policy.snapshot()
+        refusals = counters["refusals"]
+        self.log.info(
+            "edge stopped; refusals since start: {refusals}",
+            refusals=", ".join(f"{reason} {n}" for reason, n in sorted(refusals.items())) or "none",
+            counters=counters,
+        )
+        held = [
+            f"{name} {counters[name]}"
+            for name in ("connections", "client_connections", "tunnel_streams")
+            if counters[name]
+        ]
+        if held:
+            # Every slot is given back when its connection or stream ends.
+            self.log.warn("edge stopped with policy slots still held: {held}", held=", ".join(held))
         return result
 
     async def drain(self, timeout: float) -> None:

@@ -155,11 +155,22 @@ def human_bytes(n: int) -> str:
 
 
 def summary_line(agent: Any, activity: AgentActivity) -> str:
-    """The one line: link state, requests, open streams, bytes each way."""
+    """
+    The one line: link state, requests, open streams, bytes each way.  Until
+    the edge first welcomes the agent the link is not "down", it is still
+    being set up.
+    """
     link = agent.link
-    state = f"up over {link.transport_name}" if link is not None else "down, reconnecting"
+    ready = getattr(agent, "ready", None)
+    welcomed = ready is not None and ready.called
+    if not welcomed:
+        state = "connecting to the edge"
+    elif link is not None:
+        state = f"link up over {link.transport_name}"
+    else:
+        state = "link down, reconnecting"
     return (
-        f"link {state} | {activity.requests} req, {activity.active} open | "
+        f"{state} | {activity.requests} req, {activity.active} open | "
         f"in {human_bytes(activity.bytes_in)} out {human_bytes(activity.bytes_out)}"
     )
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 # An edge or agent told systemd it is ready (fields: status).
 READY = "tunneld.ready"
+# A daemon could not start and is exiting with status 1 (fields: error, source).
+START_FAILED = "tunneld.start_failed"
 # A service began stopping (fields: none).
 STOPPING = "tunneld.stopping"
 # The admin API is listening (fields: host, port).
@@ -19,4 +21,4 @@ AGENT_DRAINED = "tunneld.agent.drained"
 # The NOTIFY_SOCKET could not be written (fields: error).
 NOTIFY_FAILED = "tunneld.notify.failed"
 
-ALL = (READY, STOPPING, ADMIN_LISTENING, AGENT_DRAINED, NOTIFY_FAILED)
+ALL = (READY, START_FAILED, STOPPING, ADMIN_LISTENING, AGENT_DRAINED, NOTIFY_FAILED)

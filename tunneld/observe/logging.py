@@ -39,13 +39,18 @@ class JSONLinesObserver:
         self.out = out
 
     def __call__(self, event: dict[str, Any]) -> None:
+        text = formatEvent(event)
+        if not text and "log_failure" not in event:
+            # As Twisted's text observers: an event with no text is not written
+            # (tunneld.listening blanks Twisted's own "starting on" lines so).
+            return
         level = event.get("log_level")
         record: dict[str, Any] = {
             "time": event.get("log_time"),
             "level": getattr(level, "name", "info"),
             "namespace": event.get("log_namespace", ""),
             "format": event.get("log_format"),
-            "text": formatEvent(event),
+            "text": text,
         }
         failure = event.get("log_failure")
         if failure is not None:

@@ -13,29 +13,13 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from tunneld.listening import ListeningService
+from tunneld.listening import ListeningService, listeners_under
 from tunneld.observe.admin import EdgeView, admin_site
 from tunneld.observe.metrics import EdgeMetrics
 from tunneld.observe.stats import EdgeStats
 from tunneld.observe.systemd import Notifier, SystemdNotifyService
 
 RTT_SAMPLE_SECONDS = 5.0
-
-
-def listeners_under(root: Any) -> list[Any]:
-    """
-    Every listener in C{root}'s service tree: each service with a
-    C{listening} Deferred (L{ListeningService} and the like), whoever added it.
-    """
-    found = []
-    stack = [root]
-    while stack:
-        service = stack.pop()
-        if isinstance(getattr(service, "listening", None), Deferred):
-            found.append(service)
-        if isinstance(service, MultiService):
-            stack.extend(reversed(list(service)))
-    return found
 
 
 class EdgeObservability(MultiService):
@@ -71,7 +55,9 @@ class EdgeObservability(MultiService):
         )
         self.admin: ListeningService | None = None
         if admin_listen:
-            self.admin = ListeningService(reactor, admin_listen, admin_site(self.view), "admin API")
+            self.admin = ListeningService(
+                reactor, admin_listen, admin_site(self.view), "admin API", key="edge.admin_listen"
+            )
             self.admin.setServiceParent(self)
         sampler = TimerService(RTT_SAMPLE_SECONDS, self.sample_rtt)
         sampler.clock = reactor

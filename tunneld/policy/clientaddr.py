@@ -286,6 +286,7 @@ class ProxyProtocolFactory(WrappingFactory):
     """Wraps a public listener's factory to accept PROXY headers from trusted peers."""
 
     protocol = ProxyProtocolReceiver
+    noisy = False  # its listener logs where it listens
 
     def __init__(
         self, wrapped: Any, trusted: TrustedProxies, clock: IReactorTime, timeout: float = 10.0

@@ -2277,6 +2277,8 @@ class AgentGrpcLink(GrpcLink):
 class EdgeGrpcFactory(Factory):
     """Makes an L{EdgeGrpcLink} per agent connection; offers ALPN C{h2}."""
 
+    noisy = False  # its listener logs where it listens
+
     def __init__(self, options: GrpcEdgeOptions, setup: EdgeLinkSetup) -> None:
         self.options = options
         self.setup = setup
@@ -2294,6 +2296,8 @@ class EdgeGrpcFactory(Factory):
 @implementer(IProtocolNegotiationFactory)
 class AgentGrpcFactory(Factory):
     """Makes the one L{AgentGrpcLink} of a dial; offers ALPN C{h2}."""
+
+    noisy = False  # the agent logs each dial itself
 
     def __init__(
         self, options: GrpcAgentOptions, setup: AgentLinkSetup, authority: str,

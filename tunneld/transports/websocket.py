@@ -369,6 +369,7 @@ class EdgeWebSocketProtocol(_FrameWireMixin, WebSocketServerProtocol):  # type: 
 
 class EdgeWebSocketFactory(WebSocketServerFactory):  # type: ignore[misc]
     protocol = EdgeWebSocketProtocol  # type: ignore[assignment]
+    noisy = False  # its listener logs where it listens
 
     def __init__(self, options: WebSocketEdgeOptions, setup: EdgeLinkSetup) -> None:
         # No Server header (Autobahn's names its version) and no status page:
@@ -412,6 +413,7 @@ class AgentWebSocketProtocol(_FrameWireMixin, WebSocketClientProtocol):  # type:
 
 class AgentWebSocketFactory(WebSocketClientFactory):  # type: ignore[misc]
     protocol = AgentWebSocketProtocol  # type: ignore[assignment]
+    noisy = False  # the agent logs each dial itself
 
     def __init__(self, options: WebSocketAgentOptions, setup: AgentLinkSetup) -> None:
         super().__init__(url=options.url)
