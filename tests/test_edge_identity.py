@@ -33,6 +33,7 @@ from tunneld.tls import EdgeCertificateRefused, EdgeIdentityCheck
 
 EDGE_REFUSED = "refused the edge at {peer}: {check}"
 LINK_DOWN = "link down ({why}); reconnecting in {delay:.1f}s"
+CANNOT_CONNECT = "cannot connect to the edge ({why}); retrying in {delay:.1f}s"
 HANDSHAKE_REFUSED = "{purpose} TLS handshake from {peer} refused: {check}"
 
 
@@ -82,14 +83,14 @@ class LogWaiter:
                 # On a later turn: the test must not run inside the logger's caller.
                 reactor.callLater(0, entry[1].callback, event)
 
-    def first(self, fmt: str) -> defer.Deferred[dict[str, Any]]:
-        """The first event with this format, now or when it comes."""
+    def first(self, *formats: str) -> defer.Deferred[dict[str, Any]]:
+        """The first event with one of these formats, now or when it comes."""
         d: defer.Deferred[dict[str, Any]] = defer.Deferred()
         for event in self.events:
-            if event.get("log_format") == fmt:
+            if event.get("log_format") in formats:
                 reactor.callLater(0, d.callback, event)
                 return d
-        self._waiting.append((lambda e: e.get("log_format") == fmt, d))
+        self._waiting.append((lambda e: e.get("log_format") in formats, d))
         return d
 
 
@@ -144,7 +145,9 @@ class EdgeHostnameTests(TestCase):
     async def assertRefused(self, harness: TunnelHarness, agent: Any, hostname: str,  # noqa: N802
                             names: str) -> None:
         """The agent never links up, names the check that failed, and the edge holds no session."""
-        down = self.log.first(LINK_DOWN)
+        # A refusal in the TLS handshake fails the dial ("cannot connect") or,
+        # where the transport reports the link up first, drops it ("link down").
+        down = self.log.first(CANNOT_CONNECT, LINK_DOWN)
         await defer.DeferredList([down, agent.ready], fireOnOneCallback=True, consumeErrors=True)
         self.assertFalse(agent.ready.called, "the agent linked up with the wrong edge")
         await down
