@@ -140,6 +140,9 @@ class EdgeLinkSetup:
     max_frame_size: int = 1 << 20
     initial_window: int = 256 * 1024
     max_streams: int = 10_000  # concurrent streams on one agent link
+    # The edge's IStateBackend (design §6): what a transport keeps there is
+    # seen by every edge of the cluster (memory: this process only).
+    state: Any = None
 
 
 @dataclass(frozen=True)
@@ -399,3 +402,32 @@ class IStateBackend(Interface):
 
     def delete_log(namespace: str, key: str) -> Deferred[None]:
         """Drop the log."""
+
+    def extend_log(
+        namespace: str, key: str, items: Sequence[bytes], max_entries: int, ttl: float
+    ) -> Deferred[str]:
+        """
+        Append C{items} in order, as one atomic step: no other edge's entry
+        falls between them (a single writer that must keep its order sends
+        its batch this way rather than as concurrent L{append_log} calls,
+        which may travel on different connections).  Otherwise as
+        L{append_log}; the event id of the last new entry.
+        """
+
+    def watch_log(namespace: str, key: str, callback: Callable[[], None]) -> ILogWatch:
+        """
+        Call C{callback} (no arguments) soon after entries are appended to
+        the log, by this edge or any other; one call may stand for several
+        appends, and a call may come when nothing new is there.  It is also
+        called after the store becomes reachable again (appends made
+        meanwhile may not have been announced), so a watcher that reads the
+        log on every call misses nothing.  It is never called from inside
+        L{append_log} or L{extend_log}.
+        """
+
+
+class ILogWatch(Interface):
+    """A registration made by L{IStateBackend.watch_log}."""
+
+    def cancel() -> None:
+        """Stop calling the callback; idempotent."""
