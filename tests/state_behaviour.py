@@ -322,6 +322,24 @@ class StateBackendBehaviour:
         with self.assertRaises(ValueError):
             one.extend_log("sse", "batch", [], 3, 30)
 
+    async def test_trim_log_drops_what_every_reader_had(self) -> None:
+        """trim_log drops the entries through an event id: later ones stay readable, a read from before says incomplete."""
+        one, two = await self.backend(), await self.other_edge()
+        await one.extend_log("sse", "trim", [b"e%d" % i for i in range(1, 11)], 100, 30)
+        await two.trim_log("sse", "trim", "6")
+        kept = await one.read_log("sse", "trim", "6", 100)
+        self.assertEqual(([e.event_id for e in kept.entries], kept.complete),
+                         (["7", "8", "9", "10"], True))
+        self.assertFalse((await one.read_log("sse", "trim", "5", 100)).complete)
+        await one.trim_log("sse", "trim", "6")  # again: nothing more goes
+        await one.trim_log("sse", "absent", "3")
+        self.assertEqual(await one.append_log("sse", "trim", b"e11", 100, 30), "11")
+        await one.trim_log("sse", "trim", "99")  # past the end: everything goes, ids go on
+        self.assertEqual(await one.read_log("sse", "trim", "11", 10), type(kept)((), True))
+        self.assertEqual(await one.append_log("sse", "trim", b"e12", 100, 30), "12")
+        with self.assertRaises(ValueError):
+            one.trim_log("sse", "trim", "x")
+
     async def _extend(self, backend: IStateBackend, items: list[bytes]) -> str:
         return await backend.extend_log("sse", "batch", items, 1000, 30)
 

@@ -155,6 +155,16 @@ class AgentLinkSetup:
     initial_window: int = 256 * 1024
 
 
+class LinkRefused(Exception):
+    """
+    A transport's C{connect} failed in a way that dialling again will not
+    change (the edge, or something in front of it, answered 401, 403 or 404
+    to the agent's first request): the agent stops after a few rounds of
+    such refusals instead of dialling forever.  The message says what was
+    refused and by whom.
+    """
+
+
 class ITransportPlugin(IPlugin):
     """
     An agent-link transport, found with L{twisted.plugin.getPlugins} in the
@@ -176,7 +186,10 @@ class ITransportPlugin(IPlugin):
         """An L{twisted.application.service.IService} accepting agent links."""
 
     def connect(options: Any, setup: AgentLinkSetup) -> Any:
-        """Dial the edge; a Deferred firing with an L{IAgentLink}."""
+        """
+        Dial the edge; a Deferred firing with an L{IAgentLink}, or failing
+        (with L{LinkRefused} when retrying cannot help).
+        """
 
 
 # --- Shared state: what several edges agree on (design §6, issue 20) -------
@@ -412,6 +425,13 @@ class IStateBackend(Interface):
         its batch this way rather than as concurrent L{append_log} calls,
         which may travel on different connections).  Otherwise as
         L{append_log}; the event id of the last new entry.
+        """
+
+    def trim_log(namespace: str, key: str, through: str) -> Deferred[None]:
+        """
+        Drop the entries up to and including event id C{through} (those every
+        reader has had), so that a log bounded by count is bounded by use too;
+        a read from before them then says C{complete=False}.
         """
 
     def watch_log(namespace: str, key: str, callback: Callable[[], None]) -> ILogWatch:

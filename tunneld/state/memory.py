@@ -421,6 +421,21 @@ class MemoryStateBackend:
         self._announce((namespace, key))
         return succeed(str(log.last))
 
+    def trim_log(self, namespace: str, key: str, through: str) -> Deferred[None]:
+        """IStateBackend.trim_log"""
+        check_namespace(namespace)
+        check_key("key", key)
+        position = log_position(through)
+        if position is None:
+            raise ValueError(f"not an event id: {through!r}")
+        self._now()
+        log = self._logs.get((namespace, key))
+        if log is not None:
+            first = log.last - len(log.entries) + 1
+            for _ in range(min(len(log.entries), max(0, position - first + 1))):
+                log.entries.popleft()
+        return succeed(None)
+
     def watch_log(
         self, namespace: str, key: str, callback: Callable[[], None]
     ) -> _Watch:

@@ -512,6 +512,16 @@ class RedisStateBackend:
         )
         return d.addCallback(str)
 
+    def trim_log(self, namespace: str, key: str, through: str) -> Deferred[None]:
+        """IStateBackend.trim_log"""
+        check_namespace(namespace)
+        check_key("key", key)
+        position = log_position(through)
+        if position is None:
+            raise ValueError(f"not an event id: {through!r}")
+        d = self._run(scripts.TRIM_LOG, self._log_keys(namespace, key), [position])
+        return d.addCallback(lambda _: None)
+
     def watch_log(self, namespace: str, key: str, callback: Callable[[], None]) -> _Watch:
         """IStateBackend.watch_log: see L{_Announcements}."""
         check_namespace(namespace)

@@ -233,6 +233,15 @@ redis.call('PUBLISH', ARGV[3], seq)
 return seq
 """)
 
+# KEYS: the log list, its sequence key.  ARGV: the last event id to drop.
+TRIM_LOG = Script("trim_log", """
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+local length = redis.call('LLEN', KEYS[1])
+local drop = math.min(length, tonumber(ARGV[1]) - (last - length + 1) + 1)
+if drop > 0 then redis.call('LTRIM', KEYS[1], drop, -1) end
+return drop
+""")
+
 # KEYS: the log list, its sequence key.  ARGV: entries seen (0: none), limit.
 # {complete, first event id returned, entries}; {0, 0, {}} for a position the
 # log never reached.  Entries are numbered without gaps, so the list index of
@@ -252,5 +261,5 @@ return {complete, start, redis.call('LRANGE', KEYS[1], start - first, start - fi
 ALL = (
     REGISTER_EDGE, LIVE_EDGES, REMOVE_EDGE, HOLD_TUNNELS, RELEASE_TUNNELS, LIVE_MEMBERS,
     CLAIM_NAME, RELEASE_NAME, TAKE_TOKENS, SET_COUNT, ADJUST_COUNT, COUNT_TOTAL,
-    EXTEND_LOG, READ_LOG,
+    EXTEND_LOG, TRIM_LOG, READ_LOG,
 )
