@@ -11,7 +11,9 @@ A link the edge turns away before its Welcome is a refusal: counted by
 reason, logged, and redialled after the same backoff (an edge that is
 draining is not asked again at once).  A refusal that retrying cannot
 change (C{unauthorized}: the agent's id, token or certificate, or its grant)
-stops the agent with a message saying what to fix.  A link the edge asks to
+stops the agent with a message saying what to fix; so do three rounds in a
+row in which every transport's dial was refused for good (L{LinkRefused}:
+an HTTP 401, 403 or 404 to its first request).  A link the edge asks to
 leave (C{GoAway(draining)}) is replaced by a new one and retired: it closes
 once its last stream has ended.
 """
@@ -42,6 +44,7 @@ from tunneld.interfaces import (
     ILinkHandler,
     IStream,
     ITransportPlugin,
+    LinkRefused,
 )
 from tunneld.reasons import Reason
 from tunneld.retire import Retirement
@@ -54,6 +57,14 @@ _FINAL_REFUSALS = frozenset({Reason.UNAUTHORIZED})
 _FIX_HINT = (
     "check this agent's id (or leave it out to take the certificate's), its token or "
     "client certificate, and the edge's [[agents]] grant"
+)
+# Rounds in which every transport was refused for good (LinkRefused: 401,
+# 403, 404 to the first request) before the agent stops; a round of them
+# waits the same backoff as any failure.
+_REFUSED_ROUNDS = 3
+_REFUSED_HINT = (
+    "check each transport's URL or address, and that the edge (and any proxy on the way) "
+    "admits this agent"
 )
 # How long a link the agent moves off may keep its streams, at most (the
 # edge that asked it to move closes it at its own drain_timeout first).
@@ -188,6 +199,9 @@ class AgentService(Service):
         self._stopping = False
         self._links: dict[IAgentLink, _Link] = {}
         self._prefer_timer: Any = None
+        # This round's refusals for good (LinkRefused), and how many rounds in a row had only those.
+        self._refused_round: list[str] = []
+        self._refused_rounds = 0
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -226,6 +240,8 @@ class AgentService(Service):
         if self._stopping:
             return
         self._index = index
+        if index == 0:
+            self._refused_round = []
         plugin, options = self.transports[index]
         self.log.info("connecting to the edge over {transport}", transport=plugin.name)
         d = plugin.connect(options, self.setup)
@@ -244,6 +260,8 @@ class AgentService(Service):
             return
         failed = self.transports[self._index][0].name
         error = failure.getErrorMessage()
+        if failure.check(LinkRefused):
+            self._refused_round.append(f"{failed}: {error}")
         if self._index + 1 < len(self.transports):
             fallback = self.transports[self._index + 1][0].name
             self.log.warn(
@@ -252,6 +270,17 @@ class AgentService(Service):
             )
             self._dial(self._index + 1)
             return
+        if len(self._refused_round) == len(self.transports):
+            self._refused_rounds += 1
+            if self._refused_rounds >= _REFUSED_ROUNDS:
+                self._give_up(
+                    f"every transport was refused for good, {self._refused_rounds} times in a "
+                    f"row ({'; '.join(self._refused_round)})",
+                    _REFUSED_HINT,
+                )
+                return
+        else:
+            self._refused_rounds = 0
         self._retry_later(f"{failed} failed: {error}", lost=False)
 
     def _retry_later(self, why: str, lost: bool = True) -> None:
@@ -341,6 +370,7 @@ class AgentService(Service):
         if timer is not None and timer.active():
             timer.cancel()
         self.backoff.link_up(self.reactor.seconds())
+        self._refused_rounds = 0
         self.public_urls = message.public_urls
         self.log.info(
             "link up over {transport} to {peer} (session {session})",
@@ -466,14 +496,14 @@ class AgentService(Service):
         )
         self._dial_in(delay)
 
-    def _give_up(self, message: str) -> None:
+    def _give_up(self, message: str, hint: str = _FIX_HINT) -> None:
         """Stop for good: dialling again would be refused the same way."""
         if self._stopping:
             return
         self._stop_dialling()
         self.log.critical(
             "{refusal}. Retrying cannot change this, so the agent stops: {hint}.",
-            refusal=message, hint=_FIX_HINT,
+            refusal=message, hint=hint,
         )
         link = self.link
         if link is not None:
