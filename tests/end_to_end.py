@@ -141,6 +141,9 @@ class EndToEndMixin:
 
     transport: str
     timeout = 120
+    # Sockets on the agent-link port while one agent is connected: the
+    # listener and both ends of each connection the agent holds.
+    link_sockets = 3
 
     # -- what a transport's test module provides ------------------------------
 
@@ -513,7 +516,7 @@ class EndToEndMixin:
 
         self.assertEqual((await harness.request("app.test", "/hello"))[0], 200)
         fds, link_sockets, timers = open_fds(), sockets_on_port(link_port), tunneld_timers()
-        self.assertEqual(link_sockets, 3)  # the listener and both ends of the link
+        self.assertEqual(link_sockets, self.link_sockets)
         for i in range(25):
             (old,) = [s["session"] for s in await sessions()]
             in_flight = None

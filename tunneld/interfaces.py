@@ -197,8 +197,9 @@ class ITransportPlugin(IPlugin):
 # The state backend is the one place where edges keep what another edge must
 # see: which edges are alive, which edge holds a session for which tunnel,
 # hostname reservations, cluster-unique ID epochs, rate-limit buckets, cap
-# counters and small records with a lifetime.  It never holds the bytes of a
-# stream.  `tunneld.state.memory` is the one-process default, `tunneld.state.redis`
+# counters and small records with a lifetime.  It holds the bytes of a
+# stream only as a transport's bounded replay buffer (streamable HTTP).
+# `tunneld.state.memory` is the one-process default, `tunneld.state.redis`
 # shares it through Redis.  Every method answers with a Deferred and never
 # blocks the reactor.
 
