@@ -303,6 +303,7 @@ class AgentConnection:
         self._idle = LoopingCall(self._check_idle)
         self._idle.clock = self.reactor
         self.closing = False
+        self._failing = False
         self.ended = False
         self._drained: list[Deferred[None]] = []
         self._requests: set[Deferred[Any]] = set()
@@ -534,7 +535,7 @@ class AgentConnection:
         self.queue.append(payload)
         self.held_bytes += len(payload)
         limit = self.options.max_pending_bytes
-        if self.held_bytes > limit and not self.closing:
+        if self.held_bytes > limit and not (self.closing or self._failing):
             self._fail(
                 Reason.SATURATED,
                 f"the edge took none of {self.held_bytes} bytes of frames (max_pending_bytes)",
@@ -674,8 +675,9 @@ class AgentConnection:
 
     def _fail(self, reason: Reason, message: str) -> None:
         """End the link from this side, telling the edge if it can."""
-        if self.ended or self.closing:
+        if self.ended or self.closing or self._failing:
             return
+        self._failing = True  # the link's farewell (a GoAway) is sent past any bound
         self.log.warn(
             "streamable-http {connection} to {peer}: {problem}",
             connection=self.connection_id.decode(), peer=self.peer, problem=message,

@@ -41,7 +41,7 @@ from tunneld_streamable_http.framing import BatchError, decode_batch
 
 if TYPE_CHECKING:
     from tunneld_streamable_http.edge import EdgeEndpoint
-    from tunneld_streamable_http.streams import EventStream
+    from tunneld_streamable_http.streams import LocalEventStream
 
 # How long the events log and relay log of a connection live after their
 # last append (the owner deletes them when the connection ends).
@@ -139,7 +139,7 @@ class OwnedConnection:
         self._relay_again = False
         self._relay_watch: Any = None
         # Event streams: the one on this edge, and leases of those on others.
-        self.local: EventStream | None = None
+        self.local: LocalEventStream | None = None
         self.leases: dict[str, float] = {}
         self.ever_subscribed = False
         self.unsubscribed_since: float | None = now
@@ -325,7 +325,7 @@ class OwnedConnection:
 
     # -- event streams -----------------------------------------------------
 
-    def subscribe(self, stream: EventStream, after: int) -> str | None:
+    def subscribe(self, stream: LocalEventStream, after: int) -> str | None:
         """A GET on this edge; None, or why it cannot resume from C{after}."""
         if after > self.last_stored:
             return f"event {after} was never sent on this connection"
@@ -339,7 +339,7 @@ class OwnedConnection:
             previous.end("superseded by a newer event stream")
         return None
 
-    def unsubscribed(self, stream: EventStream) -> None:
+    def unsubscribed(self, stream: LocalEventStream) -> None:
         if self.local is stream:
             self.local = None
             if not self.leases and not self.finishing:
@@ -504,8 +504,9 @@ class OwnedConnection:
             self._relay_watch = None
         local, self.local = self.local, None
         if local is not None:
-            local.pull()  # the close event, if it was stored
-            local.end("the connection is closed")
+            # What the stream has yet to send (the close event last, if it was
+            # stored) goes with it, as fast as its agent reads, stalls bounded.
+            local.last_events(list(self.window.after(local.last_sent)))
         self.early.clear()
         self.pending = []
         self.window = EventWindow()

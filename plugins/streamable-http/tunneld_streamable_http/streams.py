@@ -21,6 +21,7 @@ lease on the owner (relayed) so that the owner knows its agent still reads.
 from __future__ import annotations
 
 import secrets
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IPushProducer
@@ -171,14 +172,27 @@ class LocalEventStream(EventStream):
     ) -> None:
         super().__init__(edge, request, connection.id, after)
         self.connection = connection
+        self._last: deque[tuple[int, int, bytes]] | None = None
 
     def pull(self) -> None:
         if self.done or self.paused:
+            return
+        if self._last is not None:
+            last = self._last
+            while last and not (self.done or self.paused):
+                self._event(*last.popleft())
+            if not last:
+                self.end("the connection is closed")
             return
         for number, kind, payload in self.connection.events_after(self.last_sent):
             self._event(number, kind, payload)
             if self.done or self.paused:
                 return
+
+    def last_events(self, events: list[tuple[int, int, bytes]]) -> None:
+        """The connection is gone: these are the last events to send, then the stream ends."""
+        self._last = deque(events)
+        self.pull()
 
     def detached(self) -> None:
         self.connection.unsubscribed(self)
