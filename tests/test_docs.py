@@ -8,7 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tunneld.config import EdgeSection
 from tunneld.docs import reasons_table, reference
-from tunneld.reasons import Reason
+from tunneld.model.reasons import Reason
 from tunneld.schema import documented_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

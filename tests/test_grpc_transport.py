@@ -31,7 +31,8 @@ from tunneld.interfaces import (
     IStreamReceiver,
     ITransportPlugin,
 )
-from tunneld.reasons import Reason
+from tunneld.model.messages import ControlMessage, Hello, ReplyHead, StreamHead, TunnelSpec, Welcome
+from tunneld.model.reasons import Reason
 from tunneld.transports import grpc as grpc_transport
 from tunneld.transports.grpc import (
     AgentGrpcLink,
@@ -46,7 +47,6 @@ from tunneld.transports.grpc import (
 )
 from tunneld.transports.registry import available_transports
 from tunneld.wire import codec
-from tunneld.wire.messages import ControlMessage, Hello, ReplyHead, StreamHead, TunnelSpec, Welcome
 
 MB = 1024 * 1024
 CHUNK = 64 * 1024

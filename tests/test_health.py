@@ -18,9 +18,9 @@ from tests.test_mux import Pair
 from tunneld.agent.health import HealthCheck, UpstreamProbe, parse_health_check
 from tunneld.config import EdgeConfig, LimitsSection
 from tunneld.edge.sessions import AgentSessions
-from tunneld.reasons import Reason
+from tunneld.model.messages import GoAway, Health, Hello, TunnelSpec, Welcome
+from tunneld.model.reasons import Reason
 from tunneld.router import Route, Router
-from tunneld.wire.messages import GoAway, Health, Hello, TunnelSpec, Welcome
 
 SPEC = TunnelSpec("app.test")
 

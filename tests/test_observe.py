@@ -32,11 +32,11 @@ from tunneld.config import (
     transport_options,
 )
 from tunneld.edge.service import EdgeService
+from tunneld.model.reasons import Reason
 from tunneld.observe.console import AgentActivity, ConsoleSummary, summary_line
 from tunneld.observe.logging import JSONLinesObserver
 from tunneld.observe.stats import EdgeStats
 from tunneld.observe.systemd import Notifier, SystemdNotifyService
-from tunneld.reasons import Reason
 from tunneld.status import render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

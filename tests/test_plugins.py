@@ -20,7 +20,7 @@ import tunneld.plugins
 from tests.end_to_end import EndToEndMixin
 from tunneld.errors import MissingTransport
 from tunneld.interfaces import ITransportPlugin
-from tunneld.reasons import Reason
+from tunneld.model.reasons import Reason
 from tunneld.transports.registry import available_transports, find_transport
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -60,7 +60,7 @@ from tunneld.config import (
 from tunneld.edge.http2 import PublicH2Factory, PublicH2Protocol, PublicH2Settings
 from tunneld.edge.public_tls import public_tls_contexts
 from tunneld.errors import ConfigError
-from tunneld.reasons import Reason
+from tunneld.model.reasons import Reason
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GRPC_CLIENT = os.path.join(HERE, "grpc_public_client.py")

@@ -23,10 +23,10 @@ from tunneld.agent.tcp import TCPForwarder
 from tunneld.config import EdgeSection, parse_port_ranges
 from tunneld.edge.tcp import TCPTunnels
 from tunneld.interfaces import IStream, IStreamReceiver
-from tunneld.reasons import Reason
+from tunneld.model.messages import Headers, Refusal, ReplyHead, StreamHead, TunnelSpec
+from tunneld.model.reasons import Reason
 from tunneld.router import AgentSession, Router
 from tunneld.splice import StreamSplice
-from tunneld.wire.messages import Headers, Refusal, ReplyHead, StreamHead, TunnelSpec
 
 
 @implementer(IStream)

@@ -27,7 +27,7 @@ from tunneld.config import (
     TunnelSection,
 )
 from tunneld.errors import ConfigError
-from tunneld.reasons import Reason
+from tunneld.model.reasons import Reason
 from tunneld.schema import documented_fields
 from tunneld.transports.registry import available_transports
 

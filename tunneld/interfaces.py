@@ -18,8 +18,8 @@ from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.plugin import IPlugin
 from zope.interface import Attribute, Interface
 
-from tunneld.reasons import Reason
-from tunneld.wire.messages import ControlMessage, Headers, ReplyHead, StreamHead
+from tunneld.model.messages import ControlMessage, Headers, ReplyHead, StreamHead
+from tunneld.model.reasons import Reason
 
 
 class IStreamReceiver(Interface):

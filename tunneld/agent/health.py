@@ -6,7 +6,7 @@ A tunnel may name a health check: C{tcp} (the upstream accepts a connection)
 or C{http:/path[:STATUS]} (a C{GET} of C{path} answers C{STATUS}, or any 2xx
 or 3xx when none is given).  L{UpstreamProbe} runs it every C{interval}
 seconds on the reactor clock and reports only changes of verdict; the agent
-sends them to the edge as L{tunneld.wire.messages.Health}.
+sends them to the edge as L{tunneld.model.messages.Health}.
 """
 
 from __future__ import annotations

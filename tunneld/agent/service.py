@@ -43,11 +43,11 @@ from tunneld.interfaces import (
     IStream,
     ITransportPlugin,
 )
-from tunneld.reasons import Reason
+from tunneld.model.keys import tunnel_key
+from tunneld.model.messages import ControlMessage, GoAway, Health, Hello, TunnelSpec, Welcome
+from tunneld.model.reasons import Reason
 from tunneld.retire import Retirement
-from tunneld.router import tunnel_key
 from tunneld.tls import client_tls_for
-from tunneld.wire.messages import ControlMessage, GoAway, Health, Hello, TunnelSpec, Welcome
 
 # Refusals that no retry can change: the agent stops instead of asking forever.
 _FINAL_REFUSALS = frozenset({Reason.UNAUTHORIZED})

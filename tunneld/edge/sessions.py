@@ -22,13 +22,8 @@ from zope.interface import implementer
 from tunneld.config import AgentGrant, EdgeConfig
 from tunneld.edge.tcp import TCPTunnels
 from tunneld.interfaces import IAgentLink, ILinkHandler, IStream
-from tunneld.observe import events
-from tunneld.observe.stats import EdgeStats
-from tunneld.reasons import Reason
-from tunneld.retire import Retirement
-from tunneld.router import AgentSession, Router, hostname_allowed, tunnel_key
-from tunneld.tls import AgentIdentity, certificate_identity
-from tunneld.wire.messages import (
+from tunneld.model.keys import tunnel_key
+from tunneld.model.messages import (
     PROTOCOL_VERSION,
     ControlMessage,
     GoAway,
@@ -38,6 +33,12 @@ from tunneld.wire.messages import (
     TunnelSpec,
     Welcome,
 )
+from tunneld.model.reasons import Reason
+from tunneld.observe import events
+from tunneld.observe.stats import EdgeStats
+from tunneld.retire import Retirement
+from tunneld.router import AgentSession, Router, hostname_allowed
+from tunneld.tls import AgentIdentity, certificate_identity
 
 
 class Unauthorized(Exception):

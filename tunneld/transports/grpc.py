@@ -74,13 +74,7 @@ from tunneld.interfaces import (
     ITransportPlugin,
 )
 from tunneld.listening import ListeningService
-from tunneld.readsize import ReadSize
-from tunneld.reasons import Reason
-from tunneld.schema import non_negative, parse_table, positive, setting
-from tunneld.wire import codec
-from tunneld.wire.codec import FrameError
-from tunneld.wire.heartbeat import Heartbeat
-from tunneld.wire.messages import (
+from tunneld.model.messages import (
     END_STREAM_VERSION,
     MIN_FRAME_SIZE,
     ControlMessage,
@@ -92,7 +86,13 @@ from tunneld.wire.messages import (
     Welcome,
     saying_limits,
 )
-from tunneld.wire.mux import SocketCongestion
+from tunneld.model.reasons import Reason
+from tunneld.readsize import ReadSize
+from tunneld.schema import non_negative, parse_table, positive, setting
+from tunneld.transports.mux import SocketCongestion
+from tunneld.wire import codec
+from tunneld.wire.codec import FrameError
+from tunneld.wire.heartbeat import Heartbeat
 
 SERVICE = "tunneld.v1.TunnelAgent"
 CONTROL_PATH = b"/tunneld.v1.TunnelAgent/Control"

@@ -3,7 +3,7 @@
 The WebSocket agent-link transport.
 
 One WebSocket per agent; each binary message is one encoded C{Frame} of the
-tunnel protocol, and L{tunneld.wire.mux.FrameLink} does the rest.  The TCP
+tunnel protocol, and L{tunneld.transports.mux.FrameLink} does the rest.  The TCP
 transport's own backpressure is wired to the link, so when the socket is
 full every stream's source pauses instead of piling bytes into memory.
 
@@ -41,9 +41,10 @@ from tunneld import bulkwrite
 from tunneld.errors import ConfigError
 from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup, ITransportPlugin
 from tunneld.listening import ConnectionTracker, ListeningService
+from tunneld.model.reasons import Reason
 from tunneld.readsize import ReadSize
-from tunneld.reasons import Reason
 from tunneld.schema import non_negative, parse_table, positive, setting
+from tunneld.transports.mux import FrameLink, SocketCongestion
 from tunneld.transports.websocket_framing import (
     CLOSE_NO_STATUS,
     FrameReader,
@@ -51,7 +52,6 @@ from tunneld.transports.websocket_framing import (
     FramingError,
     Payload,
 )
-from tunneld.wire.mux import FrameLink, SocketCongestion
 
 # Autobahn logs every frame at debug level through txaio; at that level the
 # formatting alone costs more than the proxying.  Debug it deliberately.
