@@ -33,6 +33,7 @@ from tunneld.interfaces import (
 )
 from tunneld.model.messages import ControlMessage, Hello, ReplyHead, StreamHead, TunnelSpec, Welcome
 from tunneld.model.reasons import Reason
+from tunneld.registry import available_transports
 from tunneld.transports import grpc as grpc_transport
 from tunneld.transports.grpc import (
     AgentGrpcLink,
@@ -45,7 +46,6 @@ from tunneld.transports.grpc import (
     reason_from_status,
     status_message,
 )
-from tunneld.transports.registry import available_transports
 from tunneld.wire import codec
 
 MB = 1024 * 1024

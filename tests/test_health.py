@@ -15,8 +15,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.harness import listen_upstream
 from tests.test_mux import Pair
-from tunneld.agent.health import HealthCheck, UpstreamProbe, parse_health_check
+from tunneld.agent.health import UpstreamProbe
 from tunneld.config import EdgeConfig, LimitsSection
+from tunneld.config.values import HealthCheck, parse_health_check
 from tunneld.edge.sessions import AgentSessions
 from tunneld.model.messages import GoAway, Health, Hello, TunnelSpec, Welcome
 from tunneld.model.reasons import Reason

@@ -29,7 +29,6 @@ from tunneld.config import (
     EdgeConfig,
     EdgeSection,
     TunnelSection,
-    transport_options,
 )
 from tunneld.edge.service import EdgeService
 from tunneld.model.reasons import Reason
@@ -37,6 +36,7 @@ from tunneld.observe.console import AgentActivity, ConsoleSummary, summary_line
 from tunneld.observe.logging import JSONLinesObserver
 from tunneld.observe.stats import EdgeStats
 from tunneld.observe.systemd import Notifier, SystemdNotifyService
+from tunneld.registry import transport_options
 from tunneld.status import render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

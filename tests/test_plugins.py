@@ -21,7 +21,7 @@ from tests.end_to_end import EndToEndMixin
 from tunneld.errors import MissingTransport
 from tunneld.interfaces import ITransportPlugin
 from tunneld.model.reasons import Reason
-from tunneld.transports.registry import available_transports, find_transport
+from tunneld.registry import available_transports, find_transport
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DROPIN = os.path.join(HERE, "dropin")
@@ -68,7 +68,7 @@ class BuiltinPluginTests(TestCase):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, DROPIN]))
         result = subprocess.run(
             [sys.executable, "-c",
-             "from tunneld.transports.registry import available_transports;"
+             "from tunneld.registry import available_transports;"
              "print(sorted(available_transports()))"],
             capture_output=True, text=True, cwd=HERE, env=env, timeout=60,
         )

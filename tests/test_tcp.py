@@ -20,7 +20,8 @@ from zope.interface.verify import verifyObject
 
 from tests.test_router import FakeLink
 from tunneld.agent.tcp import TCPForwarder
-from tunneld.config import EdgeSection, parse_port_ranges
+from tunneld.config import EdgeSection
+from tunneld.config.values import parse_port_ranges
 from tunneld.edge.tcp import TCPTunnels
 from tunneld.interfaces import IStream, IStreamReceiver
 from tunneld.model.messages import Headers, Refusal, ReplyHead, StreamHead, TunnelSpec

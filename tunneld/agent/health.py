@@ -12,7 +12,6 @@ sends them to the edge as L{tunneld.model.messages.Health}.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -22,40 +21,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["HealthCheck", "UpstreamProbe", "parse_health_check"]
+from tunneld.config.values import HealthCheck
+
+__all__ = ["UpstreamProbe"]
 
 _MAX_STATUS_LINE = 8192
-
-
-@dataclass(frozen=True)
-class HealthCheck:
-    """What to probe: a TCP connect, or an HTTP path and the status it should answer."""
-
-    kind: str  # "tcp" or "http"
-    path: str = "/"
-    status: int | None = None
-
-
-def parse_health_check(text: str) -> HealthCheck | None:
-    """C{''} → None, C{tcp}, C{http:/path} or C{http:/path:STATUS}; else L{ValueError}."""
-    if not text:
-        return None
-    if text == "tcp":
-        return HealthCheck("tcp")
-    if text.startswith("http:"):
-        rest = text[5:]
-        status: int | None = None
-        path, sep, tail = rest.rpartition(":")
-        if sep and tail.isdigit():
-            status = int(tail)
-            if not 100 <= status <= 599:
-                raise ValueError(f"not an HTTP status: {tail}")
-        else:
-            path = rest
-        if not path.startswith("/") or any(c in path for c in " \r\n"):
-            raise ValueError(f"health check path must start with '/': {text!r}")
-        return HealthCheck("http", path, status)
-    raise ValueError(f"expected '', 'tcp' or 'http:/path[:STATUS]', got {text!r}")
 
 
 class _StatusLine(Protocol):

@@ -27,7 +27,8 @@ from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from tunneld.config import EdgeSection, parse_port_ranges
+from tunneld.config import EdgeSection
+from tunneld.config.values import parse_port_ranges
 from tunneld.model.keys import tunnel_key
 from tunneld.model.messages import Refusal, StreamHead, TunnelSpec
 from tunneld.model.reasons import Reason

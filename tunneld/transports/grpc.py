@@ -62,6 +62,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunneld import bulkwrite
+from tunneld.config.schema import non_negative, parse_table, positive, setting
 from tunneld.errors import ConfigError
 from tunneld.h2conn import LeanH2Connection, Payload, Piece
 from tunneld.interfaces import (
@@ -88,7 +89,6 @@ from tunneld.model.messages import (
 )
 from tunneld.model.reasons import Reason
 from tunneld.readsize import ReadSize
-from tunneld.schema import non_negative, parse_table, positive, setting
 from tunneld.transports.mux import SocketCongestion
 from tunneld.wire import codec
 from tunneld.wire.codec import FrameError

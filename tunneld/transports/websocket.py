@@ -38,12 +38,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunneld import bulkwrite
+from tunneld.config.schema import non_negative, parse_table, positive, setting
 from tunneld.errors import ConfigError
 from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup, ITransportPlugin
 from tunneld.listening import ConnectionTracker, ListeningService
 from tunneld.model.reasons import Reason
 from tunneld.readsize import ReadSize
-from tunneld.schema import non_negative, parse_table, positive, setting
 from tunneld.transports.mux import FrameLink, SocketCongestion
 from tunneld.transports.websocket_framing import (
     CLOSE_NO_STATUS,

@@ -18,10 +18,10 @@ from twisted.internet.endpoints import clientFromString
 from twisted.protocols.basic import Int32StringReceiver
 from zope.interface import implementer
 
+from tunneld.config.schema import parse_table, setting
 from tunneld.interfaces import ITransportPlugin
 from tunneld.listening import ListeningService
 from tunneld.model.reasons import Reason
-from tunneld.schema import parse_table, setting
 from tunneld.transports.mux import FrameLink, SocketCongestion
 
 
