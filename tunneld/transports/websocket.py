@@ -21,7 +21,6 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlsplit
 
-import txaio
 from autobahn.twisted.websocket import (
     WebSocketClientFactory,
     WebSocketClientProtocol,
@@ -52,11 +51,6 @@ from tunneld.transports.websocket_framing import (
     FramingError,
     Payload,
 )
-
-# Autobahn logs every frame at debug level through txaio; at that level the
-# formatting alone costs more than the proxying.  Debug it deliberately.
-txaio.use_twisted()
-txaio.set_global_log_level("info")  # type: ignore[attr-defined]
 
 # Our own events (a framing violation); Autobahn's protocols keep their `log`.
 _log = Logger()
