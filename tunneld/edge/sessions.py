@@ -195,8 +195,11 @@ class AgentSessions:
         self, link: IAgentLink, hello: Hello
     ) -> tuple[AgentIdentity, list[str]]:
         """The identity a verified client certificate proves, and config grants on top."""
+        certificate = link.peer_certificate
+        if certificate is None:
+            raise Unauthorized("no client certificate")
         try:
-            identity = certificate_identity(link.peer_certificate)
+            identity = certificate_identity(certificate)
         except Exception as e:  # a certificate service_identity cannot read
             raise Unauthorized(f"unreadable client certificate: {e}") from None
         if identity.agent_id is None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import (
@@ -28,6 +28,7 @@ from autobahn.twisted.websocket import (
     WebSocketServerProtocol,
 )
 from autobahn.websocket.types import ConnectionDeny
+from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.protocol import connectionDone
@@ -39,7 +40,7 @@ from zope.interface import implementer
 from tunneld import bulkwrite
 from tunneld.config.schema import non_negative, parse_table, positive, setting
 from tunneld.errors import ConfigError
-from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup, ITransportPlugin
+from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup, IAgentLink, ITransportPlugin
 from tunneld.listening import ConnectionTracker, ListeningService
 from tunneld.model.reasons import Reason
 from tunneld.readsize import ReadSize
@@ -445,8 +446,9 @@ class WebSocketTransport:
             )
         return options
 
-    def edge_service(self, options: WebSocketEdgeOptions, setup: EdgeLinkSetup) -> Any:
+    def edge_service(self, options: object, setup: EdgeLinkSetup) -> IService:
         """ITransportPlugin.edge_service"""
+        assert isinstance(options, WebSocketEdgeOptions), options
         factory: Any = EdgeWebSocketFactory(options, setup)
         if setup.tls is not None:
             factory = TLSMemoryBIOFactory(setup.tls, False, factory)
@@ -454,8 +456,9 @@ class WebSocketTransport:
         service.setName("transport:websocket")
         return service
 
-    def connect(self, options: WebSocketAgentOptions, setup: AgentLinkSetup) -> Deferred[FrameLink]:
+    def connect(self, options: object, setup: AgentLinkSetup) -> Deferred[IAgentLink]:
         """ITransportPlugin.connect"""
+        assert isinstance(options, WebSocketAgentOptions), options
         parts = urlsplit(options.url)
         host = parts.hostname or "127.0.0.1"
         secure = parts.scheme == "wss"
@@ -480,4 +483,4 @@ class WebSocketTransport:
         connecting = endpoint.connect(factory)
         connecting.addErrback(connect_failed)
         connecting.addErrback(lambda f: opened.errback(f) if not opened.called else None)
-        return opened
+        return cast("Deferred[IAgentLink]", opened)  # it fires with a FrameLink
