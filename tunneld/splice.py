@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_splice -*-
+# -*- test-case-name: tests.test_tcp -*-
 """
 One TCP connection spliced onto one tunnel stream: raw bytes both ways.
 

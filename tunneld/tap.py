@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.test_config,tests.test_startup,tests.test_identity -*-
 """
 C{twistd tunneld} and C{twistd tunneld-agent}: options and service makers.
 

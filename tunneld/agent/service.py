@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_end_to_end -*-
+# -*- test-case-name: tests.test_websocket,tests.test_transport_choice -*-
 """
 The agent: dial the edge, register tunnels, carry streams to upstreams.
 

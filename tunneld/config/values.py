@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.test_config,tests.test_health,tests.test_state_config,tests.test_tcp -*-
 """
 The configuration's own value syntaxes, parsed once.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_end_to_end -*-
+# -*- test-case-name: tests.test_websocket,tests.test_observe,tests.test_startup -*-
 """
 The edge as a service tree: router, agent sessions, public listeners and one
 listening service per configured transport, all under one L{MultiService}.

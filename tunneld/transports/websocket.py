@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_end_to_end -*-
+# -*- test-case-name: tests.test_websocket,tests.test_websocket_framing -*-
 """
 The WebSocket agent-link transport.
 
