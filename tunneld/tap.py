@@ -38,9 +38,9 @@ def _config_error(program: str, error: ConfigError | InvalidTransport) -> System
 def load_edge(path: str | None) -> tuple[EdgeConfig, Transports]:
     """
     The edge's configuration as C{twistd tunneld} starts with it: the file
-    checked against the schema, the public TLS certificates loaded once (so
-    a bad one stops the start with its key), the transport plugins found
-    with their tables validated.  Raises L{ConfigError} or
+    checked against the schema, the public TLS certificates loaded (so a
+    bad one stops the start with its key, before anything listens), the
+    transport plugins found with their tables validated.  Raises L{ConfigError} or
     L{InvalidTransport}.
     """
     config = load_edge_config(path)
