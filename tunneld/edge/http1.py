@@ -63,11 +63,11 @@ from tunneld.edge.forwarding import tokens as _tokens
 from tunneld.edge.upgraded import UpgradedConnection
 from tunneld.interfaces import IAgentLink, IStream, IStreamReceiver
 from tunneld.memo import ByIdentity
+from tunneld.model.messages import Headers, ReplyHead, StreamHead
+from tunneld.model.reasons import Reason
 from tunneld.observe.stats import EdgeStats
 from tunneld.policy.gate import PublicPolicy, Refused
 from tunneld.readsize import ReadSize
-from tunneld.reasons import Reason
-from tunneld.wire.messages import Headers, ReplyHead, StreamHead
 
 __all__ = ["PublicHTTPFactory", "PublicHTTPProtocol", "PublicHTTPSettings", "RouteLike", "Routes"]
 

@@ -65,9 +65,9 @@ from tunneld.edge.forwarding import (
 from tunneld.edge.http1 import Routes
 from tunneld.h2conn import LeanH2Connection
 from tunneld.interfaces import IStream, IStreamReceiver
+from tunneld.model.messages import Headers, ReplyHead, StreamHead
+from tunneld.model.reasons import Reason
 from tunneld.policy.gate import PublicPolicy, Refused
-from tunneld.reasons import Reason
-from tunneld.wire.messages import Headers, ReplyHead, StreamHead
 
 __all__ = [
     "PREFACE",
