@@ -36,9 +36,9 @@ from tests.harness import (
     tunneld_timers,
 )
 from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup, StateUnavailable
-from tunneld.reasons import Reason
+from tunneld.model.reasons import Reason
+from tunneld.registry import find_transport
 from tunneld.state.memory import MemoryStateBackend
-from tunneld.transports.registry import find_transport
 from tunneld.wire import codec
 
 try:
@@ -206,7 +206,7 @@ class PackagingTests(TestCase):
             "import sys; sys.path[:] = [p for p in sys.path if 'site-packages' not in p];"
             f"sys.path[:0] = [{ROOT!r}, {target!r}];"
             "sys.path.append([p for p in __import__('site').getsitepackages()][0]);"
-            "from tunneld.transports.registry import available_transports;"
+            "from tunneld.registry import available_transports;"
             "plugins = available_transports();"
             "print(sorted(plugins), sys.modules['tunneld.plugins.tunneld_streamable_http_dropin'].__file__,"
             " sys.modules['tunneld_streamable_http'].__file__)"

@@ -5,7 +5,7 @@ nor HTTP/2 (the shape of the MCP and ACP streamable HTTP transports).
 
 A distribution of its own, found through tunneld's plugin directory like
 any third-party transport; it uses only tunneld's public seams (the
-interfaces, L{tunneld.wire.mux.FrameLink}, the schema and listening
+interfaces, L{tunneld.transports.mux.FrameLink}, the schema and listening
 helpers, the reasons).  See README.md for the wire shape.
 """
 

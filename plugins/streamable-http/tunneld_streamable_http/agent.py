@@ -44,11 +44,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from tunneld.interfaces import AgentLinkSetup, LinkRefused
-from tunneld.reasons import Reason
+from tunneld.interfaces import AgentLinkSetup, IAgentLink, LinkRefused
+from tunneld.model.messages import GoAway
+from tunneld.model.reasons import Reason
+from tunneld.transports.mux import FrameLink
 from tunneld.wire import codec
-from tunneld.wire.messages import GoAway
-from tunneld.wire.mux import FrameLink
 from tunneld_streamable_http.framing import (
     ACK,
     CONNECTION_ID,
@@ -726,9 +726,13 @@ class AgentConnection:
         await self.pool.closeCachedConnections()
 
 
-def connect(options: StreamableHTTPAgentOptions, setup: AgentLinkSetup) -> Deferred[FrameLink]:
+def connect(options: StreamableHTTPAgentOptions, setup: AgentLinkSetup) -> Deferred[IAgentLink]:
     """ITransportPlugin.connect, for the plugin."""
-    return ensureDeferred(AgentConnection(options, setup).open())
+
+    async def opened() -> IAgentLink:
+        return await AgentConnection(options, setup).open()
+
+    return ensureDeferred(opened())
 
 
 __all__: list[str] = ["AgentConnection", "Backoff", "connect"]

@@ -38,9 +38,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web import http
 
-from tunneld.interfaces import EdgeLinkSetup, StateUnavailable
+from tunneld.interfaces import EdgeLinkSetup, IStateBackend, StateUnavailable
 from tunneld.listening import ConnectionTracker, ListeningService, address_text
-from tunneld.reasons import Reason
+from tunneld.model.reasons import Reason
 from tunneld_streamable_http import store
 from tunneld_streamable_http.framing import (
     ACK,
@@ -252,6 +252,7 @@ class EdgeEndpoint(ListeningService):
             )
         self.options = options
         self.setup = setup
+        self.state: IStateBackend = setup.state
         self.edge_id = secrets.token_hex(8)
         self.max_post_bytes = max(options.max_post_bytes, setup.max_frame_size + 64)
         self.connections: dict[str, OwnedConnection] = {}
@@ -368,7 +369,7 @@ class EdgeEndpoint(ListeningService):
         prints = fingerprint(certificate)
         connection_id = secrets.token_urlsafe(18)
         record = store.ConnectionRecord(self.edge_id, prints)
-        granted = await self.setup.state.put_record(
+        granted = await self.state.put_record(
             store.NS_CONNECTION, connection_id, record.encode(), RECORD_TTL, True
         )
         if not granted:  # 144 random bits collided: never; but never trust never
@@ -414,7 +415,7 @@ class EdgeEndpoint(ListeningService):
         """The record of a connection another edge owns, or the refusal for it."""
         if len(connection_id) > 64:
             raise Refused(404, None, "no such connection")
-        raw = await self.setup.state.get_record(store.NS_CONNECTION, connection_id)
+        raw = await self.state.get_record(store.NS_CONNECTION, connection_id)
         if raw is None:
             raise Refused(404, None, "no such connection (it ended long ago, or never existed)")
         try:
@@ -448,7 +449,7 @@ class EdgeEndpoint(ListeningService):
             self.answer(request, 202)
             return
         await self._record(request, connection_id)
-        await self.setup.state.append_log(
+        await self.state.append_log(
             store.NS_RELAY, connection_id,
             store.relayed_frames(first_seq, ack, request.content.getvalue()),
             RELAY_MAX_ENTRIES, LOG_TTL,
@@ -472,7 +473,7 @@ class EdgeEndpoint(ListeningService):
             stream.pull()
             return
         await self._record(request, connection_id)
-        read = await self.setup.state.read_log(store.NS_EVENTS, connection_id, str(after), 64)
+        read = await self.state.read_log(store.NS_EVENTS, connection_id, str(after), 64)
         fresh = [store.read_event(entry.data)[0] for entry in read.entries]
         fresh = [number for number in fresh if number > after]
         if (fresh and fresh[0] != after + 1) or (not read.complete and not read.entries):
@@ -491,7 +492,7 @@ class EdgeEndpoint(ListeningService):
             self.answer(request, 204)
             return
         await self._record(request, connection_id)
-        await self.setup.state.append_log(
+        await self.state.append_log(
             store.NS_RELAY, connection_id, store.RELAYED_DELETE, RELAY_MAX_ENTRIES, LOG_TTL
         )
         self.answer(request, 202)
@@ -500,7 +501,7 @@ class EdgeEndpoint(ListeningService):
 
     def relay(self, connection_id: str, entry: bytes) -> None:
         """Tell the owner of C{connection_id} something (a stream's lease), best effort."""
-        d = self.setup.state.append_log(
+        d = self.state.append_log(
             store.NS_RELAY, connection_id, entry, RELAY_MAX_ENTRIES, LOG_TTL
         )
         d.addErrback(lambda f: self.log.info(
@@ -509,7 +510,7 @@ class EdgeEndpoint(ListeningService):
         ))
 
     def put_record(self, connection_id: str, record: store.ConnectionRecord, ttl: float) -> None:
-        d = self.setup.state.put_record(store.NS_CONNECTION, connection_id, record.encode(), ttl)
+        d = self.state.put_record(store.NS_CONNECTION, connection_id, record.encode(), ttl)
         d.addErrback(lambda f: self.log.info(
             "streamable-http connection {connection}: cannot refresh its record: {error}",
             connection=connection_id, error=f.getErrorMessage(),
@@ -529,7 +530,7 @@ class EdgeEndpoint(ListeningService):
         )
         record = store.ConnectionRecord("", connection.fingerprint, reason.value, message)
         self.put_record(connection.id, record, self.options.closed_ttl)
-        state = self.setup.state
+        state = self.state
         state.delete_log(store.NS_RELAY, connection.id).addErrback(lambda _: None)
         # Streams on other edges may still be reading the close event.
         self._expiring.append((self.reactor.seconds() + self.options.closed_ttl, connection.id))
@@ -549,7 +550,7 @@ class EdgeEndpoint(ListeningService):
             stream.tick(now)
         while self._expiring and self._expiring[0][0] <= now:
             _, connection_id = self._expiring.pop(0)
-            self.setup.state.delete_log(store.NS_EVENTS, connection_id).addErrback(lambda _: None)
+            self.state.delete_log(store.NS_EVENTS, connection_id).addErrback(lambda _: None)
         if not (self.connections or self.streams or self._expiring) and self._ticker.running:
             self._ticker.stop()
 
@@ -577,7 +578,7 @@ class EdgeEndpoint(ListeningService):
                 self._ticker.stop()
             expiring, self._expiring = self._expiring, []
             for _, connection_id in expiring:
-                self.setup.state.delete_log(store.NS_EVENTS, connection_id).addErrback(
+                self.state.delete_log(store.NS_EVENTS, connection_id).addErrback(
                     lambda _: None
                 )
             return result

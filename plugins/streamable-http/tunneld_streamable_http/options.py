@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from tunneld.schema import non_negative, positive, setting
+from tunneld.config.schema import non_negative, positive, setting
 
 
 def _url(value: Any) -> str | None:

@@ -34,8 +34,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from tunneld.reasons import Reason
-from tunneld.wire.mux import FrameLink
+from tunneld.model.reasons import Reason
+from tunneld.transports.mux import FrameLink
 from tunneld_streamable_http import store
 from tunneld_streamable_http.framing import BatchError, decode_batch
 
@@ -109,7 +109,7 @@ class OwnedConnection:
         self.peer = peer
         self.fingerprint = fingerprint
         options, setup = edge.options, edge.setup
-        self.state = setup.state
+        self.state = edge.state
         self.reactor = setup.reactor
         now = self.reactor.seconds()
         # Edge → agent: numbered events, those waiting for the store, and

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup, ITransportPlugin
-from tunneld.schema import parse_table
-from tunneld.wire.mux import FrameLink
+from tunneld.config.schema import parse_table
+from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup, IAgentLink, ITransportPlugin
 from tunneld_streamable_http.options import StreamableHTTPAgentOptions, StreamableHTTPEdgeOptions
 
 NAME = "streamable-http"
@@ -30,16 +30,18 @@ class StreamableHTTPTransport:
         """ITransportPlugin.agent_options"""
         return parse_table(StreamableHTTPAgentOptions, table, where, f"transports.{NAME}")
 
-    def edge_service(self, options: StreamableHTTPEdgeOptions, setup: EdgeLinkSetup) -> Any:
+    def edge_service(self, options: object, setup: EdgeLinkSetup) -> IService:
         """ITransportPlugin.edge_service"""
         from tunneld_streamable_http.edge import EdgeEndpoint
 
+        assert isinstance(options, StreamableHTTPEdgeOptions), options
+
         return EdgeEndpoint(options, setup)
 
-    def connect(
-        self, options: StreamableHTTPAgentOptions, setup: AgentLinkSetup
-    ) -> Deferred[FrameLink]:
+    def connect(self, options: object, setup: AgentLinkSetup) -> Deferred[IAgentLink]:
         """ITransportPlugin.connect"""
         from tunneld_streamable_http.agent import connect
+
+        assert isinstance(options, StreamableHTTPAgentOptions), options
 
         return connect(options, setup)

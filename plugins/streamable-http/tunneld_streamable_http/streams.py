@@ -206,7 +206,7 @@ class RemoteEventStream(EventStream):
         cursor: str, first: list[Any],
     ) -> None:
         super().__init__(edge, request, connection_id, after)
-        self.state = edge.setup.state
+        self.state = edge.state
         self.cursor = cursor  # the events log's id of the last entry written or skipped
         self._first = first
         self._reading = False
