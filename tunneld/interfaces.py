@@ -168,6 +168,10 @@ class AgentLinkSetup:
     tls_for: Callable[[str], IOpenSSLClientConnectionCreator] | None = None
     max_frame_size: int = 1 << 20
     initial_window: int = 256 * 1024
+    # An HTTP/1.1 forward proxy (host, port) every connection to the edge goes
+    # through ([agent] proxy): plain requests in absolute form, or a CONNECT
+    # tunnel (tunneld.proxyconnect); None: connect directly.
+    proxy: tuple[str, int] | None = None
 
 
 class LinkRefused(Exception):

@@ -39,7 +39,7 @@ from tunneld.agent.tcp import TCPForwarder
 from tunneld.agent.upstream import UpstreamPool
 from tunneld.agent.upstream_h2 import H2UpstreamPool
 from tunneld.config import AgentConfig
-from tunneld.config.values import parse_health_check
+from tunneld.config.values import parse_health_check, parse_proxy_url
 from tunneld.interfaces import (
     AgentLinkSetup,
     IAgentLink,
@@ -142,6 +142,7 @@ class AgentService(Service):
             tls_for=client_tls_for(tls.ca, tls.certificate, tls.key, tls.server_hostname),
             initial_window=section.initial_window,
             max_frame_size=section.max_frame_size,
+            proxy=parse_proxy_url(section.proxy),
         )
         self.specs = [
             TunnelSpec(

@@ -26,6 +26,7 @@ from tunneld.config.values import (
     parse_address,
     parse_health_check,
     parse_port_ranges,
+    parse_proxy_url,
     parse_redis_url,
 )
 from tunneld.endpoints import (
@@ -95,6 +96,10 @@ def _cpu_scheduling() -> Any:
 
 def _non_empty(value: list[str]) -> str | None:
     return None if value else "must name at least one entry"
+
+
+def _proxy_url(value: str) -> str | None:
+    return _problem(parse_proxy_url, value)
 
 
 def _port_ranges(value: str) -> str | None:
@@ -510,6 +515,13 @@ class AgentSection:
         ["websocket"],
         "Transports to try, in order of preference; on failure the next is used.",
         check=_non_empty,
+    )
+    proxy: str = setting(
+        "",
+        "An HTTP/1.1 forward proxy every agent link goes through (http://host:port): the "
+        "streamable-http transport sends it plain requests, the others ask it for a CONNECT "
+        "tunnel (a proxy that refuses makes them fail, and the chain falls back). '' = none.",
+        check=_proxy_url,
     )
     prefer_retry_interval: float = setting(
         60.0,

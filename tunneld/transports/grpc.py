@@ -89,6 +89,7 @@ from tunneld.model.messages import (
     saying_limits,
 )
 from tunneld.model.reasons import Reason
+from tunneld.proxyconnect import ProxyConnectEndpoint
 from tunneld.readsize import ReadSize
 from tunneld.transports.mux import SocketCongestion
 from tunneld.wire import codec
@@ -2366,9 +2367,13 @@ class GrpcTransport:
             raise ValueError(f"bad gRPC address {options.address!r}")
         host, port = address
         timeout = max(1, int(options.connect_timeout + 0.999))
-        endpoint = clientFromString(
-            setup.reactor, f"tcp:host={_endpoint_escape(host)}:port={port}:timeout={timeout}"
-        )
+        endpoint: Any
+        if setup.proxy is not None:
+            endpoint = ProxyConnectEndpoint(setup.reactor, setup.proxy, host, port, timeout)
+        else:
+            endpoint = clientFromString(
+                setup.reactor, f"tcp:host={_endpoint_escape(host)}:port={port}:timeout={timeout}"
+            )
         if options.tls:
             from twisted.internet.ssl import optionsForClientTLS
 

@@ -39,7 +39,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, HTTPConnectionPool, ProxyAgent, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
@@ -47,6 +47,7 @@ from zope.interface import implementer
 from tunneld.interfaces import AgentLinkSetup, IAgentLink, LinkRefused
 from tunneld.model.messages import GoAway
 from tunneld.model.reasons import Reason
+from tunneld.proxyconnect import ProxyConnectEndpoint, proxy_text
 from tunneld.transports.mux import FrameLink
 from tunneld.wire import codec
 from tunneld_streamable_http.framing import (
@@ -137,6 +138,16 @@ class _Answer(Protocol):
         self.done.callback(self.data)
 
 
+def describe(failure: Failure) -> str:
+    """A failure in words: twisted.web's client wraps the real causes in a list."""
+    reasons = getattr(failure.value, "reasons", None)
+    if isinstance(reasons, list) and reasons:
+        return "; ".join(
+            r.getErrorMessage() if isinstance(r, Failure) else str(r) for r in reasons
+        )
+    return failure.getErrorMessage()
+
+
 def read_answer(response: Any) -> Deferred[bytes]:
     reader = _Answer()
     response.deliverBody(reader)
@@ -217,7 +228,13 @@ class _Endpoints:
 
     def endpointForURI(self, uri: Any) -> Any:  # noqa: N802
         host = uri.host.decode("idna")
-        endpoint: Any = HostnameEndpoint(self.setup.reactor, host, uri.port, timeout=self.timeout)
+        endpoint: Any
+        if self.setup.proxy is not None:  # https through a forward proxy: its CONNECT tunnel
+            endpoint = ProxyConnectEndpoint(
+                self.setup.reactor, self.setup.proxy, host, uri.port, self.timeout
+            )
+        else:
+            endpoint = HostnameEndpoint(self.setup.reactor, host, uri.port, timeout=self.timeout)
         if uri.scheme == b"https":
             from twisted.internet.ssl import optionsForClientTLS
 
@@ -271,10 +288,24 @@ class AgentConnection:
         self.pool = HTTPConnectionPool(self.reactor, persistent=True)
         self.pool.maxPersistentPerHost = options.max_posts_in_flight + 1
         self.pool.retryAutomatically = False
-        self.http = Agent.usingEndpointFactory(
-            self.reactor, _Endpoints(setup, options.connect_timeout, self.connections),
-            pool=self.pool,
-        )
+        self.http: Any
+        if setup.proxy is not None and urlsplit(options.url).scheme == "http":
+            # Through a forward proxy: plain requests in absolute form, the
+            # one thing an HTTP/1.1-only proxy surely passes.
+            proxy = HostnameEndpoint(
+                self.reactor, setup.proxy[0], setup.proxy[1], timeout=options.connect_timeout
+            )
+            # A connection per request: a proxy may close its side after each
+            # answer without saying so (tinyproxy does), and a request sent on
+            # such a connection would be lost with it.
+            self.pool.persistent = False
+            self.http = ProxyAgent(_Endpoint(proxy, self.connections), self.reactor, pool=self.pool)
+            self.peer = f"{self.peer} (through the proxy {proxy_text(setup.proxy)})"
+        else:
+            self.http = Agent.usingEndpointFactory(
+                self.reactor, _Endpoints(setup, options.connect_timeout, self.connections),
+                pool=self.pool,
+            )
         self.connection_id = b""
         self.max_post = 1 << 20
         self.link: FrameLink | None = None
@@ -338,10 +369,12 @@ class AgentConnection:
                 self.max_post = int(advertised)
             link = self.link = self._make_link()
             await self._open_stream()
-        except BaseException:
+        except BaseException as e:
             if self.link is not None:
                 self.link.heartbeat.stop()
             await self._drop()
+            if isinstance(getattr(e, "reasons", None), list):  # twisted.web's wrapped causes
+                raise ConnectionError(f"{self.peer}: {describe(Failure(e))}") from e
             raise
         self._idle.start(max(0.05, self.options.idle_timeout / 4), now=False)
         return link
@@ -474,7 +507,7 @@ class AgentConnection:
         lasted = now - self.stream_opened_at
         if lasted >= self.options.healthy_after:
             self.resume_backoff.reset()
-        why = "ended by the edge" if reason.check(ResponseDone) else reason.getErrorMessage()
+        why = "ended by the edge" if reason.check(ResponseDone) else describe(reason)
         self._resume_later(f"the event stream {why} after {lasted:.1f}s")
 
     def _resume_later(self, why: str) -> None:
@@ -512,7 +545,7 @@ class AgentConnection:
             reason = Reason(error.reason) if error.reason in Reason._value2member_map_ else Reason.AGENT_GONE
             self._fail(reason, f"the edge no longer serves this connection ({error})")
             return
-        self._resume_later(f"resuming failed ({failure.getErrorMessage()})")
+        self._resume_later(f"resuming failed ({describe(failure)})")
 
     def _check_idle(self) -> None:
         reader = self.reader
@@ -626,7 +659,7 @@ class AgentConnection:
         post.request = None
         if self.ended:
             return
-        self._retry(post, failure.getErrorMessage())
+        self._retry(post, describe(failure))
 
     def _retry(self, post: _Post, why: str) -> None:
         now = self.reactor.seconds()

@@ -1,0 +1,248 @@
+"""
+An agent behind an HTTP/1.1-only forward proxy (Debian's tinyproxy, started
+by the test, refusing CONNECT and passing no upgrade): its transport chain
+grpc → websocket → streamable-http ends on streamable HTTP and serves; once
+the proxy lets tunnels through again, and for an agent with no proxy at all,
+the chain is back on its first choice.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
+
+from tests.end_to_end import EventCollector
+from tests.harness import eventually, listen_upstream, open_fds
+from tests.redis_servers import LoggedProcess, candidate_port
+from tunneld.agent.service import AgentService
+from tunneld.config import (
+    AgentConfig,
+    AgentSection,
+    EdgeConfig,
+    EdgeSection,
+    LimitsSection,
+    TunnelSection,
+)
+from tunneld.edge.service import EdgeService
+from tunneld.registry import available_transports, transport_options
+
+TINYPROXY = shutil.which("tinyproxy") or ("/usr/bin/tinyproxy" if os.path.exists("/usr/bin/tinyproxy") else None)
+CHAIN = ["grpc", "websocket", "streamable-http"]
+FALLING_BACK = "transport {transport} failed ({error}); falling back to {fallback}"
+BACK = "preferred transport {transport} is back; moving off {old}"
+
+
+def _missing() -> str | None:
+    if TINYPROXY is None:
+        return "tinyproxy is needed (scripts/setup-tests installs it)"
+    if "streamable-http" not in available_transports():
+        return "tunneld-streamable-http is not installed (scripts/setup-tests)"
+    return None
+
+
+class Tinyproxy:
+    """A tinyproxy in the foreground, on a port of its own, restartable with another policy."""
+
+    def __init__(self, case: TestCase) -> None:
+        self.directory = os.path.abspath(case.mktemp())
+        os.makedirs(self.directory)
+        self.port = 0
+        self.process: LoggedProcess | None = None
+        case.addCleanup(lambda: defer.ensureDeferred(self.stop()))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self, allow_connect: bool, port: int = 0) -> None:
+        for _ in range(10):
+            chosen = port or candidate_port()
+            config = os.path.join(self.directory, "tinyproxy.conf")
+            with open(config, "w") as f:
+                f.write(
+                    f"Port {chosen}\nListen 127.0.0.1\nTimeout 600\nLogLevel Info\n"
+                    "MaxClients 100\nDisableViaHeader Yes\nAllow 127.0.0.1\n"
+                    # Without ConnectPort lines every port may be tunnelled to; with
+                    # only port 1 (where nothing is), CONNECT is refused (403).
+                    + ("" if allow_connect else "ConnectPort 1\n")
+                )
+            process = LoggedProcess(f"tinyproxy on {chosen}")
+            assert TINYPROXY is not None
+            process.process = reactor.spawnProcess(  # type: ignore[attr-defined]
+                process, TINYPROXY, [TINYPROXY, "-d", "-c", config], env={}, path=self.directory
+            )
+            self.process = process
+            try:
+                await process.wait_for(r"Accepting connections", timeout=30)
+            except AssertionError:
+                await process.stop()
+                if not port and "listen" in process.output.lower():
+                    continue
+                raise
+            self.port = chosen
+            return
+        raise AssertionError("no free port for tinyproxy after 10 tries")
+
+    async def stop(self) -> None:
+        if self.process is not None:
+            await self.process.stop()
+
+    def requests(self, fragment: str) -> int:
+        """How many requests the proxy logged whose line contains C{fragment}."""
+        assert self.process is not None
+        return sum(
+            1 for line in self.process.output.splitlines()
+            if "Request (file descriptor" in line and fragment in line
+        )
+
+
+class _Raw(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.data += data
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self.lost.callback(None)
+
+
+class ForwardProxyTests(TestCase):
+    """The agent's transport chain through a proxy that allows only plain HTTP/1.1 requests."""
+
+    skip = _missing()
+    timeout = 120
+
+    async def start_edge(self) -> tuple[EdgeService, dict[str, dict[str, Any]]]:
+        listen = {"listen": "tcp:0:interface=127.0.0.1"}
+        section = EdgeSection(
+            public_listen=["tcp:0:interface=127.0.0.1"], transports=CHAIN,
+            public_url="http://{host}/", admin_listen="tcp:0:interface=127.0.0.1",
+        )
+        config = EdgeConfig(section, [], {name: dict(listen) for name in CHAIN}, "(test)", LimitsSection())
+        edge = EdgeService(config, transport_options(CHAIN, config.transports, "(test)", edge=True), reactor)
+        edge.startService()
+        self.addCleanup(edge.stopService)
+        await defer.gatherResults([listener.listening for listener in edge.public])
+        for transport in edge.transports.values():
+            await transport.listening
+        ports = {name: edge.transports[name].address.port for name in CHAIN}
+        tables: dict[str, dict[str, Any]] = {
+            "grpc": {"address": f"127.0.0.1:{ports['grpc']}", "connect_timeout": 5.0},
+            "websocket": {"url": f"ws://127.0.0.1:{ports['websocket']}/tunnel",
+                          "open_handshake_timeout": 5.0},
+            "streamable-http": {"url": f"http://127.0.0.1:{ports['streamable-http']}/tunnel"},
+        }
+        return edge, tables
+
+    async def start_agent(
+        self, tables: dict[str, dict[str, Any]], upstream: int, proxy: str = ""
+    ) -> AgentService:
+        section = AgentSection(
+            id="agent", transports=CHAIN, proxy=proxy, prefer_retry_interval=0.3,
+            reconnect_initial=0.05, reconnect_max=0.5,
+        )
+        config = AgentConfig(
+            section,
+            [TunnelSection(hostname="app.test", upstream=f"tcp:host=127.0.0.1:port={upstream}")],
+            tables, "(test)",
+        )
+        agent = AgentService(config, transport_options(CHAIN, tables, "(test)", edge=False), reactor)
+        agent.startService()
+        self.addCleanup(agent.stopService)
+        await agent.ready
+        return agent
+
+    async def exchange(self, edge: EdgeService, sizes: list[int]) -> None:
+        """Echo requests of each size through the edge, the answers checked byte for byte."""
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        client = Agent(reactor, pool=pool)
+        port = edge.public[0].address.port
+        from io import BytesIO
+
+        from twisted.web.client import FileBodyProducer
+
+        for n, size in enumerate(sizes):
+            body = bytes((n + i) % 251 for i in range(size))
+            response = await client.request(
+                b"POST", f"http://127.0.0.1:{port}/echo".encode(),
+                Headers({b"host": [b"app.test"]}), FileBodyProducer(BytesIO(body)),
+            )
+            self.assertEqual((response.code, await readBody(response)), (200, body))
+
+    async def test_chain_ends_on_streamable_http_behind_http11_proxy_and_returns(self) -> None:
+        """Behind tinyproxy refusing CONNECT, grpc and websocket fail naming the proxy's refusal and the agent serves over streamable HTTP through it; the proxy letting tunnels through, the agent returns to grpc; with no proxy it starts there."""
+        log = EventCollector(self)
+        edge, tables = await self.start_edge()
+        upstream, _ = await listen_upstream(self)
+        proxy = Tinyproxy(self)
+        await proxy.start(allow_connect=False)
+        # The proxy passes no upgrade either: a WebSocket handshake through it is no 101.
+        raw = _Raw()
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port).connect(Factory.forProtocol(lambda: raw))
+        ws_url = tables["websocket"]["url"]
+        raw.transport.write(  # type: ignore[union-attr]
+            f"GET {ws_url.replace('ws://', 'http://')} HTTP/1.1\r\nHost: {ws_url.split('/')[2]}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode()
+        )
+        await eventually(lambda: b"\r\n" in raw.data, "the proxy's answer to an upgrade")
+        self.assertFalse(raw.data.startswith(b"HTTP/1.1 101"), raw.data[:200])
+        raw.transport.loseConnection()  # type: ignore[union-attr]
+        await raw.lost
+
+        agent = await self.start_agent(tables, upstream, proxy=proxy.url)
+        assert agent.link is not None
+        self.assertEqual(agent.link.transport_name, "streamable-http")
+        fallbacks = log.matching(FALLING_BACK)
+        self.assertEqual(
+            [(e["transport"], e["fallback"]) for e in fallbacks[:2]],
+            [("grpc", "websocket"), ("websocket", "streamable-http")],
+        )
+        for event in fallbacks[:2]:
+            self.assertIn(f"the proxy 127.0.0.1:{proxy.port} refused CONNECT", event["error"])
+            self.assertIn("403", event["error"])
+        await self.exchange(edge, [0, 1, 100, 16384, 65536, 300_000])
+        shttp = tables["streamable-http"]["url"]
+        self.assertGreaterEqual(proxy.requests(f"POST {shttp} HTTP/1.1"), 2)  # initialise, frames
+        self.assertGreaterEqual(proxy.requests(f"GET {shttp} HTTP/1.1"), 1)  # the event stream
+        # While tunnels stay refused, the agent's tries at grpc fail and it stays put.
+        await eventually(
+            lambda: len(log.matching("preferred transport {transport} still unavailable ({error})")) >= 2,
+            "two tries to return to grpc",
+        )
+        self.assertEqual(agent.link.transport_name, "streamable-http")
+
+        # The same proxy, restarted on its port, now allows CONNECT: back to grpc, through it.
+        await proxy.stop()
+        await proxy.start(allow_connect=True, port=proxy.port)
+        await eventually(
+            lambda: agent.link is not None and agent.link.transport_name == "grpc"
+            and [s.link.transport_name for s in edge.sessions.sessions.values()] == ["grpc"],
+            "the agent to return to grpc and the streamable-http session to close",
+        )
+        (back,) = log.matching(BACK)
+        self.assertEqual(back["old"], "streamable-http")
+        self.assertEqual(proxy.requests(f"CONNECT 127.0.0.1:{edge.transports['grpc'].address.port}"), 1)
+        self.assertEqual(edge.transports["streamable-http"].connections, {})
+        await self.exchange(edge, [10, 70_000])
+        await agent.stopService()
+
+        # Without a proxy the chain starts on its first choice.
+        fds = open_fds()
+        direct = await self.start_agent(tables, upstream)
+        assert direct.link is not None
+        self.assertEqual(direct.link.transport_name, "grpc")
+        self.assertEqual(len(log.matching(FALLING_BACK)), len(fallbacks))
+        await self.exchange(edge, [5])
+        await direct.stopService()
+        await eventually(lambda: open_fds() <= fds, "the direct agent's sockets to close")
