@@ -8,7 +8,9 @@ the chain is back on its first choice.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 import shutil
 from typing import Any
 
@@ -32,12 +34,14 @@ from tunneld.config import (
     TunnelSection,
 )
 from tunneld.edge.service import EdgeService
+from tunneld.model.reasons import Reason
 from tunneld.registry import available_transports, transport_options
 
 TINYPROXY = shutil.which("tinyproxy") or ("/usr/bin/tinyproxy" if os.path.exists("/usr/bin/tinyproxy") else None)
 CHAIN = ["grpc", "websocket", "streamable-http"]
 FALLING_BACK = "transport {transport} failed ({error}); falling back to {fallback}"
 BACK = "preferred transport {transport} is back; moving off {old}"
+RESUMING = "streamable-http {connection}: {why}; resuming after event {last} in {delay:.2f}s"
 
 
 def _missing() -> str | None:
@@ -246,3 +250,104 @@ class ForwardProxyTests(TestCase):
         await self.exchange(edge, [5])
         await direct.stopService()
         await eventually(lambda: open_fds() <= fds, "the direct agent's sockets to close")
+
+
+def mixed_frames(count: int, seed: int = 21) -> list[bytes]:
+    """C{count} frames of mixed sizes (mostly small, some up to 60 KiB), text and binary."""
+    rng = random.Random(seed)
+    frames = []
+    for n in range(count):
+        roll = rng.random()
+        size = rng.randint(0, 200) if roll < 0.7 else rng.randint(201, 8192) if roll < 0.95 else rng.randint(8193, 61440)
+        if n % 3 == 0:  # ASCII: sent as a text event
+            frames.append(bytes(32 + (n + i) % 95 for i in range(size)))
+        else:  # binary: a base64 event
+            frames.append(rng.randbytes(size))
+    return frames
+
+
+def digest(frames: Any) -> str:
+    """SHA-256 of the frames, each with its length: a lost, extra or reordered frame changes it."""
+    h = hashlib.sha256()
+    for frame in frames:
+        h.update(len(frame).to_bytes(4, "big"))
+        h.update(frame)
+    return h.hexdigest()
+
+
+class ResumeTests(TestCase):
+    """The agent's event stream dropped again and again: resumed by Last-Event-ID, nothing lost or repeated."""
+
+    skip = _missing()
+    timeout = 300
+
+    async def test_dropped_event_streams_lose_and_repeat_no_frame(self) -> None:
+        """10,000 frames of mixed sizes from edge to agent while the proxy between them is killed and restarted three times and the edge ends every stream after 0.5 s: the agent takes each frame once, in order (same hash)."""
+        from tests.test_streamable_http import start_endpoint
+        from tunneld.interfaces import AgentLinkSetup
+        from tunneld.registry import find_transport
+
+        log = EventCollector(self)
+        endpoint = await start_endpoint(
+            self, heartbeat_interval=0, max_stream_duration=0.5, subscribe_timeout=60,
+            stall_timeout=60,
+        )
+        proxy = Tinyproxy(self)
+        await proxy.start(allow_connect=False)
+        plugin = find_transport("streamable-http", "(test)", "transports")
+        options = plugin.agent_options(
+            {"url": endpoint.url, "heartbeat_interval": 0, "resume_initial": 0.02,
+             "resume_max": 0.3, "resume_for": 120, "post_retry_for": 120}, "(test)",
+        )
+        fds = open_fds()
+        link = await plugin.connect(options, AgentLinkSetup(reactor=reactor, proxy=("127.0.0.1", proxy.port)))
+        wire = link.wire  # type: ignore[attr-defined]
+        (owned,) = endpoint.service.connections.values()
+
+        frames = mixed_frames(10_000)
+        received: list[bytes] = []
+        waiting: list[tuple[int, defer.Deferred[None]]] = []
+
+        def frame_received(frame: Any) -> None:  # where the agent's link would parse it
+            received.append(bytes(frame))
+            for waiter in list(waiting):
+                if len(received) >= waiter[0]:
+                    waiting.remove(waiter)
+                    waiter[1].callback(None)
+
+        link.frame_received = frame_received  # type: ignore[attr-defined]
+
+        def until(count: int) -> defer.Deferred[None]:
+            d: defer.Deferred[None] = defer.Deferred()
+            if len(received) >= count:
+                d.callback(None)
+            else:
+                waiting.append((count, d))
+            return d
+
+        kills = [2_000, 5_000, 8_000]
+        window = 200  # frames in flight at most: the replay buffer stays far from its bounds
+        for n, frame in enumerate(frames):
+            if n >= window:
+                await until(n - window)
+            if kills and len(received) >= kills[0]:
+                kills.pop(0)
+                proxy.process.signal("KILL")  # type: ignore[union-attr]
+                await proxy.process.ended  # type: ignore[union-attr]
+                await proxy.start(allow_connect=False, port=proxy.port)
+            owned.send_frame(frame)
+        await until(len(frames))
+        self.assertEqual(kills, [])
+        self.assertEqual(len(received), len(frames))
+        self.assertEqual(digest(received), digest(frames))
+        self.assertEqual(owned.finishing, False)
+        self.assertIs(endpoint.service.connections.get(owned.id), owned)  # one connection throughout
+        resumed = log.matching(RESUMING)
+        self.assertGreaterEqual(wire.streams_opened, 4)
+        self.assertGreater(len(resumed), 3)
+        # Each kill cut a stream (or refused its resume), besides the edge's clean ends.
+        self.assertGreaterEqual(len([e for e in resumed if "ended by the edge" not in e["why"]]), 3)
+        link.close(Reason.CANCELLED, "test over")
+        await link.when_closed()
+        await eventually(lambda: not endpoint.service.connections, "the connection to close")
+        await eventually(lambda: open_fds() <= fds, "the agent's sockets to close")

@@ -507,7 +507,7 @@ class AgentConnection:
         lasted = now - self.stream_opened_at
         if lasted >= self.options.healthy_after:
             self.resume_backoff.reset()
-        why = "ended by the edge" if reason.check(ResponseDone) else describe(reason)
+        why = "ended by the edge" if reason.check(ResponseDone) else f"was cut ({describe(reason)})"
         self._resume_later(f"the event stream {why} after {lasted:.1f}s")
 
     def _resume_later(self, why: str) -> None:
