@@ -402,6 +402,24 @@ class EdgeSection:
 
 
 @dataclass(frozen=True)
+class MethodLimits:
+    """
+    Limits for one JSON-RPC method on a tunnel ([limits.tunnels."HOST".methods."NAME"]),
+    applied to requests whose Mcp-Method header names it; a key left out is no limit.
+    """
+
+    rate: float | None = setting(
+        None, "Requests per second of this method on the tunnel.", check=_unset_or_non_negative
+    )
+    burst: int | None = setting(
+        None, "Burst above that rate (unset: one second's worth).", check=_unset_or_non_negative
+    )
+    max_streams: int | None = setting(
+        None, "Concurrent exchanges of this method on the tunnel.", check=_unset_or_non_negative
+    )
+
+
+@dataclass(frozen=True)
 class TunnelLimits:
     """Overrides for one tunnel ([limits.tunnels."HOST"]); a key left out inherits [limits]."""
 
@@ -415,6 +433,11 @@ class TunnelLimits:
     )
     max_streams: int | None = setting(
         None, "Concurrent public exchanges on this tunnel.", check=_unset_or_non_negative
+    )
+    methods: dict[str, MethodLimits] = setting(
+        {},
+        "Per-method limits, keyed by the JSON-RPC method an MCP client names in its "
+        "Mcp-Method header (e.g. \"tools/call\").",
     )
 
 

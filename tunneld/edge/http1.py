@@ -56,9 +56,11 @@ from tunneld.edge.forwarding import HOP_BY_HOP as _HOP_BY_HOP
 from tunneld.edge.forwarding import USERINFO_REFUSAL as _USERINFO_REFUSAL
 from tunneld.edge.forwarding import forwarded_headers as _forwarded_headers
 from tunneld.edge.forwarding import host_of as _host_of
+from tunneld.edge.forwarding import mcp_method as _mcp_method
 from tunneld.edge.forwarding import peer_of as _peer_of
 from tunneld.edge.forwarding import phrase as _phrase
 from tunneld.edge.forwarding import reply_headers as _reply_headers
+from tunneld.edge.forwarding import session_affinity as _session_affinity
 from tunneld.edge.forwarding import tokens as _tokens
 from tunneld.edge.upgraded import UpgradedConnection
 from tunneld.interfaces import IAgentLink, IStream, IStreamReceiver
@@ -100,6 +102,27 @@ class Routes(TypingProtocol):
     """The routing table as this listener uses it (L{tunneld.router.Router})."""
 
     def route(self, host: str, path: str) -> RouteLike | Reason: ...
+
+
+def route_request(router: Any, host: str, path: str, headers: Any) -> Any:
+    """
+    The route for a request, with the MCP/ACP session its headers name (the
+    router sends it to the agent session serving it); a request without one
+    is routed by host and path alone.
+    """
+    affinity = _session_affinity(headers)
+    if affinity:
+        return router.route(host, path, affinity)
+    return router.route(host, path)
+
+
+def bind_session(router: Any, route: Any, headers: Any) -> None:
+    """A response naming an MCP/ACP session: its later requests go where this one went."""
+    if route is None or not hasattr(router, "bind"):
+        return
+    affinity = _session_affinity(headers)
+    if affinity:
+        router.bind(route.tunnel, affinity, route.session)
 
 
 class _Socket(TypingProtocol):
@@ -243,7 +266,7 @@ class _Exchange:
     __slots__ = (
         "protocol", "stream", "method", "host", "target",
         "live", "uploading", "producing", "response_started", "response_done",
-        "chunked", "bodyless", "slots", "upgrade", "websocket", "upgraded", "sent_whole",
+        "chunked", "bodyless", "slots", "route", "upgrade", "websocket", "upgraded", "sent_whole",
     )
 
     def __init__(self, protocol: PublicHTTPProtocol, method: bytes, host: str, target: str) -> None:
@@ -262,6 +285,7 @@ class _Exchange:
         self.bodyless = method == b"HEAD"
         self.slots: Any = None  # the policy's slots, released when the exchange ends
         self.upgrade = False  # the client asked to switch protocols
+        self.route: Any = None  # where it went (a response may bind an MCP/ACP session there)
         self.websocket = False  # ... to WebSocket
         self.upgraded: UpgradedConnection | None = None  # switched: raw bytes both ways
 
@@ -701,7 +725,7 @@ class PublicHTTPProtocol(Protocol):
             self._refuse(method, host, target_text, Reason.BAD_REQUEST, _UPGRADE_BODY_REFUSAL)
             return
         path = target_text.partition("?")[0] if target_text != "*" else "/"
-        route = self._router.route(host, path)
+        route = route_request(self._router, host, path, headers)
         if isinstance(route, Reason):
             self._refuse(method, host, target_text, route, route.description)
             return
@@ -742,7 +766,9 @@ class PublicHTTPProtocol(Protocol):
         policy = cast(PublicPolicy, self._policy)
         forwarded_for = [value for name, value in headers if name == b"x-forwarded-for"]
         client = policy.client_of(self._peer_host or self._peer, forwarded_for)
-        return policy.admit(route.tunnel, client, route.link.active_streams())
+        return policy.admit(
+            route.tunnel, client, route.link.active_streams(), _mcp_method(headers)
+        )
 
     def _open(
         self,
@@ -770,6 +796,7 @@ class PublicHTTPProtocol(Protocol):
         )
         exchange = _Exchange(self, method, host, target)
         exchange.slots = slots
+        exchange.route = route
         if upgrade:
             exchange.upgrade = True
             exchange.websocket = b"websocket" in _tokens(upgrade)
@@ -931,6 +958,7 @@ class PublicHTTPProtocol(Protocol):
     # -- the reply ----------------------------------------------------------
 
     def _reply(self, exchange: _Exchange, reply: ReplyHead) -> None:
+        bind_session(self._router, exchange.route, reply.headers)
         if exchange.upgrade:
             if reply.status == 101:
                 self._switch(exchange, reply)

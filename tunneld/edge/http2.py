@@ -59,10 +59,11 @@ from tunneld.edge.forwarding import (
     USERINFO_REFUSAL,
     forwarded_headers,
     host_of,
+    mcp_method,
     peer_of,
     reply_headers,
 )
-from tunneld.edge.http1 import Routes
+from tunneld.edge.http1 import Routes, bind_session, route_request
 from tunneld.h2conn import LeanH2Connection
 from tunneld.interfaces import IStream, IStreamReceiver
 from tunneld.model.messages import Headers, ReplyHead, StreamHead
@@ -117,7 +118,7 @@ class _H2Exchange:
         "protocol", "stream_id", "stream", "method", "host", "target",
         "live", "uploading", "upload_paused", "inbox", "trailers_in", "request_ended",
         "replied", "held_reply", "bodyless", "outbox", "end_pending", "sent_data",
-        "stream_paused", "done", "slots",
+        "stream_paused", "done", "slots", "route",
     )
 
     def __init__(
@@ -144,6 +145,7 @@ class _H2Exchange:
         self.stream_paused = False  # what we told the tunnel stream
         self.done = False  # the HTTP/2 stream is finished on our side
         self.slots: Any = None  # the policy's slots, released when the exchange is forgotten
+        self.route: Any = None  # where it went (a response may bind an MCP/ACP session there)
 
     # -- IStreamReceiver ----------------------------------------------------
 
@@ -436,14 +438,16 @@ class PublicH2Protocol(Protocol):
         if refused is not None:
             self._refuse(exchange, refused.reason, refused.text, refused.retry_after, goaway=True)
             return
-        route = self._router.route(host, path_only or "/")
+        route = route_request(self._router, host, path_only or "/", regular)
         if isinstance(route, Reason):
             self._refuse(exchange, route, route.description)
             return
         if self._policy is not None:
             forwarded_for = [value for name, value in regular if name == b"x-forwarded-for"]
             client = self._policy.client_of(self._peer_host, forwarded_for)
-            admitted = self._policy.admit(route.tunnel, client, route.link.active_streams())
+            admitted = self._policy.admit(
+                route.tunnel, client, route.link.active_streams(), mcp_method(regular)
+            )
             if isinstance(admitted, Refused):
                 self._refuse(
                     exchange, admitted.reason, admitted.text, admitted.retry_after,
@@ -451,6 +455,7 @@ class PublicH2Protocol(Protocol):
                 )
                 return
             exchange.slots = admitted
+        exchange.route = route
         if cookies:
             # RFC 9113 section 8.2.3: HTTP/2 may split cookies; HTTP/1.1 must not.
             regular.append((b"cookie", b"; ".join(cookies)))
@@ -550,6 +555,7 @@ class PublicH2Protocol(Protocol):
     # -- the response -------------------------------------------------------
 
     def _reply(self, exchange: _H2Exchange, reply: ReplyHead) -> None:
+        bind_session(self._router, exchange.route, reply.headers)
         status = reply.status
         if not 100 <= status <= 999 or status == 101:
             self._reply_broke(exchange, f"status {status} cannot go over HTTP/2")

@@ -166,6 +166,7 @@ _STATUS_FOR_REASON = {
     Reason.CLIENT_GONE: GrpcStatus.CANCELLED,
     Reason.IDLE_TIMEOUT: GrpcStatus.UNAVAILABLE,
     Reason.CANCELLED: GrpcStatus.CANCELLED,
+    Reason.SESSION_GONE: GrpcStatus.NOT_FOUND,
 }
 
 # When a status arrives without a reason label (a stock gRPC peer).
