@@ -351,3 +351,90 @@ class ResumeTests(TestCase):
         await link.when_closed()
         await eventually(lambda: not endpoint.service.connections, "the connection to close")
         await eventually(lambda: open_fds() <= fds, "the agent's sockets to close")
+
+
+class _FakeProxy(Protocol):
+    """A forward proxy answering CONNECT as the test says (then echoing, once granted)."""
+
+    def __init__(self, behaviour: str) -> None:
+        self.behaviour = behaviour
+        self.head = b""
+        self.granted = False
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.granted:
+            self.transport.write(data)  # type: ignore[union-attr]
+            return
+        self.head += data
+        if b"\r\n\r\n" not in self.head:
+            return
+        self.factory.requests.append(self.head)  # type: ignore[attr-defined]
+        if self.behaviour == "close":
+            self.transport.loseConnection()  # type: ignore[union-attr]
+        elif self.behaviour == "407":
+            self.transport.write(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")  # type: ignore[union-attr]
+        elif self.behaviour == "long":
+            self.transport.write(b"HTTP/1.1 200 OK\r\nX: " + b"x" * 20000)  # type: ignore[union-attr]
+        else:
+            self.granted = True
+            self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\nearly")  # type: ignore[union-attr]
+
+
+class _Client(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.data += data
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self.lost.callback(None)
+
+
+class ProxyConnectTests(TestCase):
+    """tunneld.proxyconnect on its own, against a proxy on loopback that answers as the test says."""
+
+    async def connect_through(self, behaviour: str) -> tuple[Any, Any]:
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+
+        from tunneld.proxyconnect import ProxyConnectEndpoint
+
+        factory = Factory.forProtocol(lambda: _FakeProxy(behaviour))
+        factory.requests = []  # type: ignore[attr-defined]
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        endpoint = ProxyConnectEndpoint(reactor, ("127.0.0.1", port.getHost().port), "edge.test", 8443, 5)
+        client = _Client()
+        try:
+            result = await endpoint.connect(Factory.forProtocol(lambda: client))
+        except Exception as e:
+            result = e
+        await port.stopListening()  # what it accepted stays
+        return result, factory
+
+    async def test_granted_tunnel_carries_bytes_both_ways(self) -> None:
+        """CONNECT host:port with its Host header; once granted, bytes sent with the 200 and after reach the protocol, and its writes reach the far end."""
+        protocol, factory = await self.connect_through("ok")
+        self.assertEqual(factory.requests, [b"CONNECT edge.test:8443 HTTP/1.1\r\nHost: edge.test:8443\r\n\r\n"])
+        protocol.transport.write(b" and more")
+        await eventually(lambda: protocol.data == b"early and more", "the echo")
+        protocol.transport.loseConnection()
+        await protocol.lost
+
+    async def test_refusals_name_the_proxy_and_its_answer(self) -> None:
+        """A non-200 answer, an answer that never ends and a proxy hanging up each fail the connection with ProxyRefused naming the proxy and what it did; no socket is left."""
+        from tunneld.proxyconnect import ProxyRefused
+
+        await self.connect_through("407")  # the resolver's threads and the like, started once
+        fds = open_fds()
+        for _ in range(3):  # the fault repeated
+            for behaviour, expected in (
+                ("407", "refused CONNECT edge.test:8443: HTTP/1.1 407 Proxy Authentication Required"),
+                ("long", "an answer to CONNECT longer than 16384 bytes"),
+                ("close", "closed the connection before answering CONNECT edge.test:8443"),
+            ):
+                error, _ = await self.connect_through(behaviour)
+                self.assertIsInstance(error, ProxyRefused, behaviour)
+                self.assertIn("the proxy 127.0.0.1:", str(error))
+                self.assertIn(expected, str(error))
+        await eventually(lambda: open_fds() <= fds + 2, "the refused tunnels' sockets to close")
