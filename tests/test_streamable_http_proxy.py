@@ -282,14 +282,14 @@ class ResumeTests(TestCase):
     timeout = 300
 
     async def test_dropped_event_streams_lose_and_repeat_no_frame(self) -> None:
-        """10,000 frames of mixed sizes from edge to agent while the proxy between them is killed and restarted three times and the edge ends every stream after 0.5 s: the agent takes each frame once, in order (same hash)."""
+        """10,000 frames of mixed sizes from edge to agent while the proxy between them is killed mid-stream and restarted three times and the edge ends every stream after 2 s, then 100 more after such an end: the agent takes each frame once, in order (same hash)."""
         from tests.test_streamable_http import start_endpoint
         from tunneld.interfaces import AgentLinkSetup
         from tunneld.registry import find_transport
 
         log = EventCollector(self)
         endpoint = await start_endpoint(
-            self, heartbeat_interval=0, max_stream_duration=0.5, subscribe_timeout=60,
+            self, heartbeat_interval=0, max_stream_duration=2.0, subscribe_timeout=60,
             stall_timeout=60,
         )
         proxy = Tinyproxy(self)
@@ -302,14 +302,32 @@ class ResumeTests(TestCase):
         fds = open_fds()
         link = await plugin.connect(options, AgentLinkSetup(reactor=reactor, proxy=("127.0.0.1", proxy.port)))
         wire = link.wire  # type: ignore[attr-defined]
+
+        async def close() -> None:
+            link.close(Reason.CANCELLED, "test over")
+            await link.when_closed()
+
+        self.addCleanup(close)  # (a second close does nothing)
         (owned,) = endpoint.service.connections.values()
 
         frames = mixed_frames(10_000)
         received: list[bytes] = []
         waiting: list[tuple[int, defer.Deferred[None]]] = []
 
+        kills = [2_000, 5_000, 8_000]
+        restarts: list[defer.Deferred[None]] = []
+
+        async def restart() -> None:
+            await proxy.process.ended  # type: ignore[union-attr]
+            await proxy.start(allow_connect=False, port=proxy.port)
+
         def frame_received(frame: Any) -> None:  # where the agent's link would parse it
             received.append(bytes(frame))
+            if kills and len(received) == kills[0]:
+                # Killed while the agent reads its event stream: cut mid-stream.
+                kills.pop(0)
+                proxy.process.signal("KILL")  # type: ignore[union-attr]
+                restarts.append(defer.ensureDeferred(restart()))
             for waiter in list(waiting):
                 if len(received) >= waiter[0]:
                     waiting.remove(waiter)
@@ -325,30 +343,35 @@ class ResumeTests(TestCase):
                 waiting.append((count, d))
             return d
 
-        kills = [2_000, 5_000, 8_000]
         window = 200  # frames in flight at most: the replay buffer stays far from its bounds
         for n, frame in enumerate(frames):
             if n >= window:
                 await until(n - window)
-            if kills and len(received) >= kills[0]:
-                kills.pop(0)
-                proxy.process.signal("KILL")  # type: ignore[union-attr]
-                await proxy.process.ended  # type: ignore[union-attr]
-                await proxy.start(allow_connect=False, port=proxy.port)
             owned.send_frame(frame)
         await until(len(frames))
-        self.assertEqual(kills, [])
+        # And the edge ending a stream (max_stream_duration): the next frames come on the next one.
+        clean = [e for e in log.matching(RESUMING) if "ended by the edge" in e["why"]]
+        await eventually(
+            lambda: len([e for e in log.matching(RESUMING) if "ended by the edge" in e["why"]]) > len(clean),
+            "the edge to end an event stream",
+        )
+        more = mixed_frames(100, seed=22)
+        for frame in more:
+            owned.send_frame(frame)
+        frames += more
+        await until(len(frames))
+        await defer.gatherResults(restarts)
+        self.assertEqual((kills, len(restarts)), ([], 3))
         self.assertEqual(len(received), len(frames))
         self.assertEqual(digest(received), digest(frames))
         self.assertEqual(owned.finishing, False)
         self.assertIs(endpoint.service.connections.get(owned.id), owned)  # one connection throughout
         resumed = log.matching(RESUMING)
-        self.assertGreaterEqual(wire.streams_opened, 4)
-        self.assertGreater(len(resumed), 3)
-        # Each kill cut a stream (or refused its resume), besides the edge's clean ends.
-        self.assertGreaterEqual(len([e for e in resumed if "ended by the edge" not in e["why"]]), 3)
-        link.close(Reason.CANCELLED, "test over")
-        await link.when_closed()
+        self.assertGreaterEqual(len(resumed), 4)  # three cuts and a clean end at least
+        self.assertGreaterEqual(wire.streams_opened, 5)
+        # The kills cut streams mid-way (besides the edge's clean ends).
+        self.assertTrue([e for e in resumed if "was cut" in e["why"]], [e["why"] for e in resumed])
+        await close()
         await eventually(lambda: not endpoint.service.connections, "the connection to close")
         await eventually(lambda: open_fds() <= fds, "the agent's sockets to close")
 
