@@ -23,8 +23,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.test_grpc_transport import MB, BytesProducer, Receiver, head, link_pair, pattern, until
-from tunneld.h2conn import LeanH2Connection
 from tunneld.interfaces import EdgeLinkSetup
+from tunneld.speedups.lean_h2 import LeanH2Connection
 from tunneld.transports.grpc import (
     EdgeGrpcLink,
     GrpcEdgeOptions,

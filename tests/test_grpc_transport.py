@@ -21,7 +21,6 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tunneld.errors import ConfigError
-from tunneld.h2conn import DataArrived, LeanH2Connection
 from tunneld.interfaces import (
     AgentLinkSetup,
     EdgeLinkSetup,
@@ -32,6 +31,7 @@ from tunneld.interfaces import (
     ITransportPlugin,
 )
 from tunneld.reasons import Reason
+from tunneld.speedups.lean_h2 import DataArrived, LeanH2Connection
 from tunneld.transports import grpc as grpc_transport
 from tunneld.transports.grpc import (
     AgentGrpcLink,

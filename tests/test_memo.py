@@ -1,5 +1,5 @@
 """
-Tests for L{tunneld.memo.ByIdentity}: found by identity only, never by
+Tests for L{tunneld.speedups.memo.ByIdentity}: found by identity only, never by
 equality; an entry keeps its key alive; bounded.
 """
 
@@ -10,7 +10,7 @@ import weakref
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tunneld.memo import ByIdentity
+from tunneld.speedups.memo import ByIdentity
 
 
 class _Key:

@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.end_to_end import EndToEndMixin
 from tests.harness import TunnelHarness
+from tests.switches import TricksOff
 from tests.test_grpc_transport import until
 from tests.test_websocket_framing import Recorder
 from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup
@@ -62,6 +63,10 @@ class WebSocketEndToEnd(EndToEndMixin, TestCase):
         code, reason = await factory.closed
         self.assertEqual(code, 4000 + Reason.PROTOCOL_ERROR.wire_code)
         self.assertIn("protocol_error", reason)
+
+
+class WebSocketEndToEndTricksOff(TricksOff, WebSocketEndToEnd):
+    """Every end-to-end behaviour over the websocket transport with every speed trick off (Autobahn frames)."""
 
 
 _HANDSHAKE = (

@@ -29,8 +29,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunneld.interfaces import IStream, IStreamReceiver
-from tunneld.readsize import ReadSize
 from tunneld.reasons import Reason
+from tunneld.speedups.readsize import ReadSize
 from tunneld.wire.messages import Headers, ReplyHead
 
 

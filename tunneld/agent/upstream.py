@@ -31,7 +31,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tunneld import bulkwrite
 from tunneld.agent.dialing import connect_error, connect_timed_out
 from tunneld.agent.http1_wire import (
     Header,
@@ -42,9 +41,10 @@ from tunneld.agent.http1_wire import (
 )
 from tunneld.agent.upgrade import relay_upgrade
 from tunneld.interfaces import IStream, IStreamReceiver
-from tunneld.memo import ByIdentity
-from tunneld.readsize import ReadSize
 from tunneld.reasons import Reason
+from tunneld.speedups import bulkwrite
+from tunneld.speedups.memo import ByIdentity
+from tunneld.speedups.readsize import ReadSize
 from tunneld.wire.messages import Headers, ReplyHead, StreamHead
 
 __all__ = ["UpstreamPool"]

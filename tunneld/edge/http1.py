@@ -46,7 +46,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tunneld import bulkwrite
 from tunneld.edge.fasthead import check_fields as _check_fields
 from tunneld.edge.fasthead import field_block as _field_block
 from tunneld.edge.fasthead import read_head as _read_head
@@ -62,11 +61,12 @@ from tunneld.edge.forwarding import reply_headers as _reply_headers
 from tunneld.edge.forwarding import tokens as _tokens
 from tunneld.edge.upgraded import UpgradedConnection
 from tunneld.interfaces import IAgentLink, IStream, IStreamReceiver
-from tunneld.memo import ByIdentity
 from tunneld.observe.stats import EdgeStats
 from tunneld.policy.gate import PublicPolicy, Refused
-from tunneld.readsize import ReadSize
 from tunneld.reasons import Reason
+from tunneld.speedups import bulkwrite
+from tunneld.speedups.memo import ByIdentity
+from tunneld.speedups.readsize import ReadSize
 from tunneld.wire.messages import Headers, ReplyHead, StreamHead
 
 __all__ = ["PublicHTTPFactory", "PublicHTTPProtocol", "PublicHTTPSettings", "RouteLike", "Routes"]
@@ -289,16 +289,16 @@ class _Exchange:
             left = protocol._out_left
             if left is None:
                 if data:  # (an empty chunk would end the body)
-                    bulkwrite.queue(protocol._socket, b"%x\r\n" % len(data))
-                    bulkwrite.queue(protocol._socket, data)
-                    bulkwrite.queue(protocol._socket, b"\r\n")
+                    protocol._turn.queue(protocol._socket, b"%x\r\n" % len(data))
+                    protocol._turn.queue(protocol._socket, data)
+                    protocol._turn.queue(protocol._socket, b"\r\n")
             else:
                 left -= len(data)
                 if left < 0:
                     protocol._reply_broke(self, "Too much data for declared Content-Length")
                     return
                 protocol._out_left = left
-                bulkwrite.forward(protocol._socket, data)
+                protocol._turn.forward(protocol._socket, data)
             protocol._stats.bytes_out += len(data)
             protocol._last_activity = protocol._seconds()
             return
@@ -311,9 +311,9 @@ class _Exchange:
             return
         for piece in pieces or ():
             if piece is data:
-                bulkwrite.forward(protocol._socket, data)
+                protocol._turn.forward(protocol._socket, data)
             else:
-                bulkwrite.queue(protocol._socket, piece)
+                protocol._turn.queue(protocol._socket, piece)
         if protocol._out_left is not None:
             protocol._out_left -= len(data)
         protocol._stats.bytes_out += len(data)
@@ -402,7 +402,7 @@ class PublicHTTPProtocol(Protocol):
         "_last_activity", "_lingering", "_method", "_out", "_out_left", "_parsing",
         "_paused_by", "_peer", "_peer_host", "_pending", "_policy", "_processing",
         "_read_size", "_router", "_seconds", "_settings", "_socket", "_stats", "_their_done",
-        "_timer", "_trusted_peer", "_upgraded", "_upgraded_set", "_via",
+        "_timer", "_trusted_peer", "_turn", "_upgraded", "_upgraded_set", "_via",
     )
 
     log = Logger()
@@ -419,6 +419,7 @@ class PublicHTTPProtocol(Protocol):
         self._seconds = factory.reactor.seconds
         self._via = factory.via
         self._stats = factory.stats
+        self._turn = factory.end_of_turn
         self._conn = h11.Connection(
             h11.SERVER, max_incomplete_event_size=factory.settings.max_header_bytes
         )
@@ -997,7 +998,7 @@ class PublicHTTPProtocol(Protocol):
         self._out = _OUT_BODY
         self._out_left = left
         self._stats.response(status)
-        bulkwrite.queue(self._socket, head)  # with the body's start, at the end of the turn
+        self._turn.queue(self._socket, head)  # with the body's start, at the end of the turn
         self._last_activity = self._seconds()
 
     def _bad_reply(self, exchange: _Exchange, error: str) -> None:
@@ -1405,6 +1406,8 @@ class PublicHTTPFactory(Factory):
         self.via = settings.via.encode("ascii")
         # Connections that switched protocols (WebSocket and the like).
         self.upgraded: set[PublicHTTPProtocol] = set()
+        # Replies queued for the end of the reactor turn, on every connection.
+        self.end_of_turn = bulkwrite.EndOfTurn()
 
     def shutdown_upgraded(self, reason: Reason, message: str) -> int:
         """

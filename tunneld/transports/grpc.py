@@ -61,9 +61,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tunneld import bulkwrite
 from tunneld.errors import ConfigError
-from tunneld.h2conn import LeanH2Connection, Payload, Piece
 from tunneld.interfaces import (
     AgentLinkSetup,
     EdgeLinkSetup,
@@ -74,9 +72,11 @@ from tunneld.interfaces import (
     ITransportPlugin,
 )
 from tunneld.listening import ListeningService
-from tunneld.readsize import ReadSize
 from tunneld.reasons import Reason
 from tunneld.schema import non_negative, parse_table, positive, setting
+from tunneld.speedups import bulkwrite
+from tunneld.speedups.lean_h2 import Payload, Piece, new_h2_connection
+from tunneld.speedups.readsize import ReadSize
 from tunneld.wire import codec
 from tunneld.wire.codec import FrameError
 from tunneld.wire.heartbeat import Heartbeat
@@ -729,7 +729,7 @@ class GrpcLink(Protocol):
         self.control: _Call | None = None
         self.sending_paused = False
         self.closed = False
-        self.conn = LeanH2Connection(
+        self.conn = new_h2_connection(
             H2Configuration(
                 client_side=not self.is_edge,
                 header_encoding=None,

@@ -14,7 +14,7 @@ frames, unknown fields, odd layouts, invalid text) goes to the generated
 C{tunnel_pb2}, so odd but valid input means the same and bad input fails the
 same way.  No protobuf message is made per request: besides its CPU, the
 upb runtime trims the heap every ~10,000 message-arena frees (see
-L{tunneld.heap}), which a bulk transfer then faults back in.  The
+L{tunneld.speedups.heap}), which a bulk transfer then faults back in.  The
 C{encode_*} functions build C{Frame} messages for control frames and tests.
 """
 
@@ -26,8 +26,8 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from tunneld.memo import ByIdentity
 from tunneld.reasons import Reason
+from tunneld.speedups.memo import ByIdentity
 from tunneld.wire import tunnel_pb2 as pb
 from tunneld.wire.messages import (
     ControlMessage,
