@@ -377,3 +377,47 @@ class DoorTests(SynchronousTestCase):
                     if module.split(".")[0] == "tunneld" and not module.startswith("tunneld.speedups")
                 ]
         self.assertEqual(imported, [])
+
+
+_CONTAINERS = {"dict", "set", "list", "Bounded", "ByIdentity", "OrderedDict", "defaultdict", "WeakKeyDictionary"}
+
+
+def _module_state(tree: ast.Module) -> list[tuple[int, str]]:
+    """Module-level names bound to an empty container or a cache (what a module would fill at run time)."""
+    found = []
+    for node in tree.body:
+        targets: list[ast.expr] = []
+        value = None
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets, value = [node.target], node.value
+        empty = (
+            isinstance(value, (ast.Dict, ast.List, ast.Set)) and not getattr(value, "keys", getattr(value, "elts", None))
+        ) or (isinstance(value, ast.Call) and getattr(value.func, "id", getattr(value.func, "attr", "")) in _CONTAINERS)
+        if empty:
+            found += [(node.lineno, ast.unparse(target)) for target in targets if ast.unparse(target) != "__all__"]
+    return found
+
+
+class ModuleStateTests(SynchronousTestCase):
+    """Caches are state of the objects whose work they remember, never of a module."""
+
+    def test_no_module_level_caches(self) -> None:
+        """No tunneld module binds a name to an empty container or a cache table at import."""
+        found = []
+        for folder, _, files in os.walk(PACKAGE):
+            for name in files:
+                if name.endswith(".py") and not name.endswith("_pb2.py"):
+                    path = os.path.join(folder, name)
+                    with open(path) as f:
+                        tree = ast.parse(f.read())
+                    found += [f"{os.path.relpath(path, ROOT)}:{line}: {target}" for line, target in _module_state(tree)]
+                    found += [
+                        f"{os.path.relpath(path, ROOT)}:{node.lineno}: global {', '.join(node.names)}"
+                        for node in ast.walk(tree) if isinstance(node, ast.Global)
+                    ]
+        # The exit status a stopping process leaves for its last moment (tunneld.exitstatus).
+        self.assertEqual([f for f in found if "exitstatus.py" not in f], [])
+        self.assertEqual(_module_state(ast.parse("_CACHE: dict[str, str] = {}\nKEEP = ByIdentity(4)\n")),
+                         [(1, "_CACHE"), (2, "KEEP")])

@@ -10,7 +10,7 @@ never imports a transport and a transport never imports the router.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -19,6 +19,7 @@ from twisted.plugin import IPlugin
 from zope.interface import Attribute, Interface
 
 from tunneld.reasons import Reason
+from tunneld.wire.codec import Codec
 from tunneld.wire.messages import ControlMessage, Headers, ReplyHead, StreamHead
 
 
@@ -140,6 +141,8 @@ class EdgeLinkSetup:
     max_frame_size: int = 1 << 20
     initial_window: int = 256 * 1024
     max_streams: int = 10_000  # concurrent streams on one agent link
+    # The frame codec, with what it remembers of recurring heads: one per edge, shared by its links.
+    codec: Codec = field(default_factory=Codec)
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,8 @@ class AgentLinkSetup:
     tls_for: Callable[[str], Any] | None = None  # hostname -> IOpenSSLClientConnectionCreator
     max_frame_size: int = 1 << 20
     initial_window: int = 256 * 1024
+    # The frame codec, with what it remembers of recurring heads: one per agent, shared by its links.
+    codec: Codec = field(default_factory=Codec)
 
 
 class ITransportPlugin(IPlugin):

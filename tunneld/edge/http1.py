@@ -46,6 +46,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tunneld.edge.fasthead import FastMemo
 from tunneld.edge.fasthead import check_fields as _check_fields
 from tunneld.edge.fasthead import field_block as _field_block
 from tunneld.edge.fasthead import read_head as _read_head
@@ -65,7 +66,6 @@ from tunneld.observe.stats import EdgeStats
 from tunneld.policy.gate import PublicPolicy, Refused
 from tunneld.reasons import Reason
 from tunneld.speedups import bulkwrite
-from tunneld.speedups.memo import ByIdentity
 from tunneld.speedups.readsize import ReadSize
 from tunneld.wire.messages import Headers, ReplyHead, StreamHead
 
@@ -179,25 +179,22 @@ def _switch_headers(headers: Headers, via: bytes) -> list[tuple[bytes, bytes]]:
     return [*upgrades, (b"Connection", b"Upgrade"), *out]
 
 
-# What the fast path makes of a reply's fields: the Via it was made with, the
-# header block (end-to-end fields and Via, checked and rendered as h11 would)
-# and the declared length, by the fields' tuple, which the codec keeps per
-# distinct block (an upstream sends the same head again and again).
-_FAST_BLOCKS: ByIdentity[Headers, tuple[bytes, bytes, int | None]] = ByIdentity(256)
-
-
-def _fast_block(fields: Headers, via: bytes) -> tuple[bytes, int | None] | str:
-    """A reply's header block and declared length for the fast path, or what is wrong."""
-    known = _FAST_BLOCKS.get(fields)
+def _fast_block(fields: Headers, via: bytes, memo: FastMemo) -> tuple[bytes, int | None] | str:
+    """
+    A reply's header block (end-to-end fields and Via, checked and rendered
+    as h11 would) and declared length for the fast path, or what is wrong;
+    remembered in C{memo} by the fields' tuple.
+    """
+    known = memo.blocks.get(fields)
     if known is not None and known[0] == via:
         return known[1], known[2]
     headers, _ = _reply_headers(fields, via)
-    checked = _check_fields(headers)
+    checked = _check_fields(headers, memo.names)
     if isinstance(checked, str):
         return checked
     block = _field_block(checked[0])
     if type(fields) is tuple:
-        _FAST_BLOCKS.put(fields, (via, block, checked[1]))
+        memo.blocks.put(fields, (via, block, checked[1]))
     return block, checked[1]
 
 
@@ -402,7 +399,7 @@ class PublicHTTPProtocol(Protocol):
         "_last_activity", "_lingering", "_method", "_out", "_out_left", "_parsing",
         "_paused_by", "_peer", "_peer_host", "_pending", "_policy", "_processing",
         "_read_size", "_router", "_seconds", "_settings", "_socket", "_stats", "_their_done",
-        "_timer", "_trusted_peer", "_turn", "_upgraded", "_upgraded_set", "_via",
+        "_memo", "_timer", "_trusted_peer", "_turn", "_upgraded", "_upgraded_set", "_via",
     )
 
     log = Logger()
@@ -420,6 +417,7 @@ class PublicHTTPProtocol(Protocol):
         self._via = factory.via
         self._stats = factory.stats
         self._turn = factory.end_of_turn
+        self._memo = factory.fast_memo
         self._conn = h11.Connection(
             h11.SERVER, max_incomplete_event_size=factory.settings.max_header_bytes
         )
@@ -887,7 +885,7 @@ class PublicHTTPProtocol(Protocol):
         if not keep:
             headers.append((b"connection", b"close"))
         if fast:
-            checked = _check_fields(headers)
+            checked = _check_fields(headers, self._memo.names)
             head = None if isinstance(checked, str) else _response_head(
                 status, _phrase(status), checked[0]
             )
@@ -971,7 +969,7 @@ class PublicHTTPProtocol(Protocol):
 
     def _reply_fast(self, exchange: _Exchange, reply: ReplyHead) -> None:
         """The reply of a fast exchange, framed as h11 would frame it."""
-        checked = _fast_block(reply.headers, self._via)
+        checked = _fast_block(reply.headers, self._via, self._memo)
         if isinstance(checked, str):
             self._bad_reply(exchange, checked)
             return
@@ -1094,7 +1092,7 @@ class PublicHTTPProtocol(Protocol):
             if left is None:
                 block = b""
                 if trailers:
-                    checked = _check_fields(trailers)
+                    checked = _check_fields(trailers, self._memo.names)
                     # malformed trailers are dropped, the body is still whole
                     if not isinstance(checked, str):
                         block = b"".join([b"%s: %s\r\n" % field for field in checked[0]])
@@ -1408,6 +1406,8 @@ class PublicHTTPFactory(Factory):
         self.upgraded: set[PublicHTTPProtocol] = set()
         # Replies queued for the end of the reactor turn, on every connection.
         self.end_of_turn = bulkwrite.EndOfTurn()
+        # What the fast path remembers of the replies' fields, for every connection.
+        self.fast_memo = FastMemo()
 
     def shutdown_upgraded(self, reason: Reason, message: str) -> int:
         """

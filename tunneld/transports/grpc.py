@@ -78,7 +78,7 @@ from tunneld.speedups import bulkwrite
 from tunneld.speedups.lean_h2 import Payload, Piece, new_h2_connection
 from tunneld.speedups.readsize import ReadSize
 from tunneld.wire import codec
-from tunneld.wire.codec import FrameError
+from tunneld.wire.codec import Codec, FrameError
 from tunneld.wire.heartbeat import Heartbeat
 from tunneld.wire.messages import (
     END_STREAM_VERSION,
@@ -494,7 +494,7 @@ class GrpcStream:
     def send_reply(self, reply: ReplyHead) -> None:
         """IStream.send_reply"""
         if not self.closed and not self.local_ended:
-            self._send((grpc_message(codec.reply_bytes(0, reply)),))
+            self._send((grpc_message(self.link.codec.reply_bytes(0, reply)),))
 
     def write(self, data: bytes) -> None:
         """IConsumer.write: send within the HTTP/2 windows, hold the rest (bounded)."""
@@ -514,7 +514,7 @@ class GrpcStream:
         """IStream.end"""
         if self.closed or self.local_ended:
             return
-        self._send((grpc_message(codec.end_bytes(0, trailers)),))
+        self._send((grpc_message(self.link.codec.end_bytes(0, trailers)),))
         if self.closed:
             return
         self.local_ended = True
@@ -706,8 +706,11 @@ class GrpcLink(Protocol):
         connection_window: int,
         heartbeat_interval: float,
         heartbeat_timeout: float,
+        codec: Codec | None = None,
     ) -> None:
         self.reactor = reactor
+        # The frame codec (the edge's or the agent's, shared by its links).
+        self.codec = codec if codec is not None else Codec()
         self.max_message = max_frame_size
         # Data messages fit any peer's limit until the peer says its own in
         # Hello or Welcome (L{_peer_frame_limit}).
@@ -1231,7 +1234,7 @@ class GrpcLink(Protocol):
                     borrows = stream is not None and getattr(stream.receiver, "borrows_data", False)
                     self.forward_data(call, payload[head:] if borrows else payload[head:].tobytes())
                 elif forward:
-                    self.forward_frame(call, codec.read(payload.tobytes()))
+                    self.forward_frame(call, self.codec.read(payload.tobytes()))
                 else:
                     self.message_received(call, codec.decode(payload.tobytes()))
             except FrameError as e:
@@ -1559,6 +1562,7 @@ class EdgeGrpcLink(GrpcLink):
             connection_window=options.connection_window,
             heartbeat_interval=options.heartbeat_interval,
             heartbeat_timeout=options.heartbeat_timeout,
+            codec=setup.codec,
         )
         self.options = options
         self.setup = setup
@@ -1676,7 +1680,7 @@ class EdgeGrpcLink(GrpcLink):
             self.send_headers(call, headers, False)
         later = replay + stream.take_held()
         stream.start_replay_log(later)
-        opening = grpc_message(codec.open_bytes(0, stream.head, stream.open_ends))
+        opening = grpc_message(self.codec.open_bytes(0, stream.head, stream.open_ends))
         self.ack_call(call)  # what the last stream left due goes with the Open
         self.enqueue(call, [opening, *later])
         if not stream.pending():
@@ -1938,6 +1942,7 @@ class AgentGrpcLink(GrpcLink):
             connection_window=options.connection_window,
             heartbeat_interval=options.heartbeat_interval,
             heartbeat_timeout=options.heartbeat_timeout,
+            codec=setup.codec,
         )
         self.options = options
         self.setup = setup

@@ -251,6 +251,7 @@ class _FrameWireMixin:
             peer_certificate=certificate,
             max_streams=getattr(setup, "max_streams", 10_000),
             send_ping=self._send_ping,
+            codec=setup.codec,
         )
         self.link = link
         self._reactor = setup.reactor
