@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
@@ -85,7 +86,7 @@ async def _pair(case: TestCase, expected: int) -> tuple[Connection, _Collect]:
     sender = await endpoint.connect(Factory.forProtocol(Protocol))
     await peer.made
     transport: Connection = sender.transport  # type: ignore[attr-defined]
-    case.addCleanup(_close, transport, peer)
+    case.addCleanup(lambda: defer.ensureDeferred(_close(transport, peer)))
     return transport, peer
 
 

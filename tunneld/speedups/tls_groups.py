@@ -18,17 +18,21 @@ from __future__ import annotations
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
 from tunneld.speedups.switches import Trick
 
 __all__ = ["TRICK", "restrict_groups"]
 
-# The elliptic curves set_tmp_ecdh takes, by the names OpenSSL's lists use.
-_CURVES: dict[str, type[ec.EllipticCurve]] = {
-    "prime256v1": ec.SECP256R1, "p-256": ec.SECP256R1, "secp256r1": ec.SECP256R1,
-    "secp384r1": ec.SECP384R1, "p-384": ec.SECP384R1,
-    "secp521r1": ec.SECP521R1, "p-521": ec.SECP521R1,
+# The elliptic curves set_tmp_ecdh takes, by the names OpenSSL's lists use:
+# cryptography's class, and OpenSSL's short name (what older pyOpenSSL takes).
+_P256 = (ec.SECP256R1, "prime256v1")
+_P384 = (ec.SECP384R1, "secp384r1")
+_P521 = (ec.SECP521R1, "secp521r1")
+_CURVES: dict[str, tuple[type[ec.EllipticCurve], str]] = {
+    "prime256v1": _P256, "p-256": _P256, "secp256r1": _P256,
+    "secp384r1": _P384, "p-384": _P384,
+    "secp521r1": _P521, "p-521": _P521,
 }
 
 
@@ -73,8 +77,13 @@ def restrict_groups(context: SSL.Context, groups: str) -> None:
             raise ValueError(f"cannot restrict TLS groups to {groups}")
         return
     for name in groups.split(":"):
-        curve = _CURVES.get(name.strip().lower())
-        if curve is not None:
-            context.set_tmp_ecdh(curve())
+        known = _CURVES.get(name.strip().lower())
+        if known is not None:
+            curve, short_name = known
+            try:
+                context.set_tmp_ecdh(curve())
+            except AttributeError:
+                # An older pyOpenSSL takes only its own curve objects.
+                context.set_tmp_ecdh(crypto.get_elliptic_curve(short_name))
             return
     raise ValueError(f"cannot restrict TLS groups to {groups}: no curve pyOpenSSL can set")
