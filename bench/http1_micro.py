@@ -21,9 +21,9 @@ from twisted.internet.task import Clock
 
 from tunneld.config import LimitsSection
 from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPSettings
+from tunneld.model.messages import ReplyHead, TunnelSpec
 from tunneld.policy.gate import PublicPolicy
 from tunneld.router import AgentSession, Router
-from tunneld.wire.messages import ReplyHead, TunnelSpec
 
 REQUEST = b"GET /small HTTP/1.1\r\nHost: app.bench.test:8080\r\n\r\n"
 REPLY = ReplyHead(200, b"OK", (

@@ -50,7 +50,7 @@ from tunneld.config import AgentGrant, LimitsSection, TunnelSection
 from tunneld.edge.http1 import PublicHTTPProtocol
 from tunneld.edge.upgraded import UpgradedConnection, close_text
 from tunneld.interfaces import IStream, IStreamReceiver
-from tunneld.reasons import Reason
+from tunneld.model.reasons import Reason
 from tunneld.speedups import readsize
 from tunneld.speedups.readsize import LARGEST, SMALLEST, ReadSize
 

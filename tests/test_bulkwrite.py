@@ -1,5 +1,5 @@
 """
-Tests for L{tunneld.bulkwrite}: large writes go to the socket at once, and
+Tests for L{tunneld.speedups.bulkwrite}: large writes go to the socket at once, and
 everything else about a Twisted write (order, backpressure, closing) holds.
 """
 

@@ -8,12 +8,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.test_mux import HEAD, Handler, Receiver, Wire, make_link
-from tunneld.reasons import Reason
-from tunneld.wire import codec
-from tunneld.wire import codec as _plain
-from tunneld.wire import tunnel_pb2 as pb
-from tunneld.wire.codec import FrameError
-from tunneld.wire.messages import (
+from tunneld.model.messages import (
     GoAway,
     Hello,
     Refusal,
@@ -22,6 +17,11 @@ from tunneld.wire.messages import (
     TunnelSpec,
     Welcome,
 )
+from tunneld.model.reasons import Reason
+from tunneld.wire import codec
+from tunneld.wire import codec as _plain
+from tunneld.wire import tunnel_pb2 as pb
+from tunneld.wire.codec import FrameError
 
 
 class _Remembering(codec.Codec):
@@ -348,7 +348,7 @@ class RejectTests(SynchronousTestCase):
 
 
 class ReasonCodeTests(SynchronousTestCase):
-    """tunneld.reasons.Reason and the proto's Reason enum agree."""
+    """tunneld.model.reasons.Reason and the proto's Reason enum agree."""
 
     def test_wire_codes_match_proto(self) -> None:
         """Every Reason's wire_code is the proto enum value of the same name, and back."""

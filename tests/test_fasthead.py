@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.test_http1 import HOST, FakeLink, FakeRoute, FakeRouter, parse_all, request
 from tunneld.edge.fasthead import FastMemo, check_fields, read_head, response_head
 from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPProtocol, PublicHTTPSettings
-from tunneld.reasons import Reason
+from tunneld.model.reasons import Reason
 
 _PLAIN = b"GET /a?b=c HTTP/1.1\r\nHost: app.example.com\r\nAccept: */*\r\n\r\n"
 

@@ -25,6 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from tests.switches import switch_tricks
 from tests.test_grpc_transport import MB, BytesProducer, Receiver, head, link_pair, pattern, until
 from tunneld.interfaces import EdgeLinkSetup
+from tunneld.model.messages import ReplyHead
 from tunneld.speedups.lean_h2 import LeanH2Connection, PiecewiseH2Connection, new_h2_connection
 from tunneld.transports.grpc import (
     EdgeGrpcLink,
@@ -35,7 +36,6 @@ from tunneld.transports.grpc import (
     grpc_message,
 )
 from tunneld.wire import codec
-from tunneld.wire.messages import ReplyHead
 
 REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/x"), (b":authority", b"a")]
 

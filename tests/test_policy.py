@@ -19,10 +19,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.test_http1 import FakeLink, FakeRoute, FakeRouter
 from tunneld.config import LimitsSection, TunnelLimits
 from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPSettings
+from tunneld.model.reasons import Reason
 from tunneld.policy.caps import Cap, KeyedCap, Slots
 from tunneld.policy.gate import PublicPolicy, Refused
 from tunneld.policy.ratelimit import BucketTable, TokenBucket
-from tunneld.reasons import Reason
 
 HOST = "app.test"
 

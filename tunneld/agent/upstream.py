@@ -42,11 +42,11 @@ from tunneld.agent.http1_wire import (
 )
 from tunneld.agent.upgrade import relay_upgrade
 from tunneld.interfaces import IStream, IStreamReceiver
-from tunneld.reasons import Reason
+from tunneld.model.messages import Headers, ReplyHead, StreamHead
+from tunneld.model.reasons import Reason
 from tunneld.speedups import bulkwrite
 from tunneld.speedups.memo import ByIdentity
 from tunneld.speedups.readsize import ReadSize
-from tunneld.wire.messages import Headers, ReplyHead, StreamHead
 
 __all__ = ["UpstreamPool"]
 

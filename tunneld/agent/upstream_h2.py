@@ -38,9 +38,9 @@ from zope.interface import implementer
 
 from tunneld.agent.dialing import connect_error, connect_timed_out
 from tunneld.interfaces import IStream, IStreamReceiver
-from tunneld.reasons import Reason
+from tunneld.model.messages import Headers, ReplyHead
+from tunneld.model.reasons import Reason
 from tunneld.speedups.lean_h2 import new_h2_connection
-from tunneld.wire.messages import Headers, ReplyHead
 
 __all__ = ["H2UpstreamPool"]
 

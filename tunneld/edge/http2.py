@@ -64,10 +64,10 @@ from tunneld.edge.forwarding import (
 )
 from tunneld.edge.http1 import Routes
 from tunneld.interfaces import IStream, IStreamReceiver
+from tunneld.model.messages import Headers, ReplyHead, StreamHead
+from tunneld.model.reasons import Reason
 from tunneld.policy.gate import PublicPolicy, Refused
-from tunneld.reasons import Reason
 from tunneld.speedups.lean_h2 import new_h2_connection
-from tunneld.wire.messages import Headers, ReplyHead, StreamHead
 
 __all__ = [
     "PREFACE",

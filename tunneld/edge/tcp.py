@@ -27,11 +27,13 @@ from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from tunneld.config import EdgeSection, parse_port_ranges
-from tunneld.reasons import Reason
-from tunneld.router import AgentSession, Router, tunnel_key
+from tunneld.config import EdgeSection
+from tunneld.config.values import parse_port_ranges
+from tunneld.model.keys import tunnel_key
+from tunneld.model.messages import Refusal, StreamHead, TunnelSpec
+from tunneld.model.reasons import Reason
+from tunneld.router import AgentSession, Router
 from tunneld.splice import StreamSplice
-from tunneld.wire.messages import Refusal, StreamHead, TunnelSpec
 
 # How many free-looking ports to try binding before giving up on allocation.
 _ALLOCATION_ATTEMPTS = 256

@@ -61,8 +61,8 @@ Everything else about a Twisted write holds:
 L{write} sends only writes of at least L{DIRECT_FROM} bytes at once.  Small
 writes gain nothing from it and lose what the queue gives them: the frames
 and replies written during one reactor turn leave in one system call
-(sending each small write at once cost small requests about a fifth more
-CPU).
+(sending each small write at once cost small requests more CPU: see
+docs/benchmarks.md, "What the speed tricks buy").
 """
 
 from __future__ import annotations

@@ -10,14 +10,14 @@ opened and closed, and every WebSocket, allocates objects that outlive a
 young collection and so count towards the older ones: with one new
 connection per request (C{Connection: close} clients, the soak of
 C{bench/run}), the edge ran a full (generation 2) collection every couple of
-seconds, each a walk over the whole heap: 20-100 ms of wall time on the
-shared core, during which every stream in flight waits.
+seconds, each a walk over the whole heap, during which every stream in
+flight waits (docs/benchmarks.md, "What the speed tricks buy").
 
 L{GcTuning}, started last in the daemon's service tree, therefore:
   - collects once, then I{freezes} what start-up left (C{gc.freeze}): those
     objects move to a permanent generation that no collection walks again.
     A full collection then walks only what the daemon holds for its
-    connections (~2,000 objects when idle), well under a millisecond;
+    connections (~2,000 objects when idle);
   - raises the young generation's threshold from 700 to L{YOUNG_THRESHOLD}
     allocations, so a burst of connections is collected once rather than
     every 700 allocations, and their objects die young instead of being

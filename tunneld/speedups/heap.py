@@ -9,9 +9,8 @@ serves blocks above its mmap threshold (128 KiB at first, then raised to the
 largest block freed so far) with a fresh C{mmap} each, and hands the top of
 its heap back to the kernel whenever more than twice that threshold is free
 there.  Either way the next buffer lands on pages the kernel has to fault in
-and zero again: 50-240 page faults per MiB relayed, whenever the pattern of
-sizes sets it off, and then up to a fifth of a daemon's CPU per MiB in the
-1 MiB benchmark (docs/benchmarks.md).
+and zero again, whenever the pattern of sizes sets it off (what that costs
+is in docs/benchmarks.md, "What the speed tricks buy").
 
 L{keep_large_buffers} fixes both thresholds instead (which also turns off
 glibc's own adjustment of them): blocks up to L{MMAP_THRESHOLD} come from the

@@ -3,8 +3,8 @@ Adaptive read size: read big from a socket while it streams, small otherwise.
 
 Twisted's TCP transport reads with C{socket.recv(transport.bufferSize)}, 64 KiB
 by default.  For a bulk body that is sixteen trips through the reactor, the
-protocol stack and our framing per MiB; reading up to 1 MiB at a time cuts
-the CPU spent per MiB by about a tenth.  But C{recv(1 MiB)} allocates a
+protocol stack and our framing per MiB; reading up to 1 MiB at a time
+saves most of those trips.  But C{recv(1 MiB)} allocates a
 1 MiB buffer (an mmap) on every read, even for a 100-byte request, so a
 fixed large size makes small exchanges slower.
 
@@ -27,7 +27,7 @@ bounded, and it drops back with the read size.
 The same sockets also send up to L{LARGEST} per system call instead of
 Twisted's C{SEND_LIMIT} of 128 KiB: a 1 MiB write went out in eight sends,
 each its own trip through the reactor and its own wake-up of the reader;
-one or two cost about a sixth less CPU per MiB at both ends of a tunnel.
+one or two cost less CPU per MiB at both ends of a tunnel.
 The limit is only a ceiling, so small writes are unchanged.
 
 Only a plain TCP transport is adjusted.  Under TLS the protocol sees

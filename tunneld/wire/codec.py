@@ -26,10 +26,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from tunneld.reasons import Reason
-from tunneld.speedups.memo import Bounded, ByIdentity
-from tunneld.wire import tunnel_pb2 as pb
-from tunneld.wire.messages import (
+from tunneld.model.messages import (
     ControlMessage,
     GoAway,
     Headers,
@@ -41,6 +38,9 @@ from tunneld.wire.messages import (
     TunnelSpec,
     Welcome,
 )
+from tunneld.model.reasons import Reason
+from tunneld.speedups.memo import Bounded, ByIdentity
+from tunneld.wire import tunnel_pb2 as pb
 
 Frame = pb.Frame
 
