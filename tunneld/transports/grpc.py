@@ -52,6 +52,7 @@ from twisted.application.service import IService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
     IProducer,
     IProtocolNegotiationFactory,
     IPushProducer,
@@ -2299,6 +2300,27 @@ class EdgeGrpcFactory(Factory):
         return link
 
 
+@implementer(IOpenSSLClientConnectionCreator)
+class _OfferingH2:
+    """
+    A client TLS connection creator whose connections offer ALPN C{h2}.
+
+    Twisted before 26.4 applies a factory's C{acceptableProtocols} to the
+    context after the connection is made from it, which OpenSSL ignores: the
+    agent then offered no ALPN, and the edge negotiated none.  Setting it on
+    each connection (pyOpenSSL's public C{set_alpn_protos}) works on every
+    Twisted in range.
+    """
+
+    def __init__(self, creator: IOpenSSLClientConnectionCreator) -> None:
+        self._creator = creator
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:  # noqa: N802, N803
+        connection = self._creator.clientConnectionForTLS(tlsProtocol)
+        connection.set_alpn_protos([b"h2"])
+        return connection
+
+
 @implementer(IProtocolNegotiationFactory)
 class AgentGrpcFactory(Factory):
     """Makes the one L{AgentGrpcLink} of a dial; offers ALPN C{h2}."""
@@ -2378,7 +2400,7 @@ class GrpcTransport:
             from twisted.internet.ssl import optionsForClientTLS
 
             creator = setup.tls_for(host) if setup.tls_for else optionsForClientTLS(host)
-            endpoint = wrapClientTLS(creator, endpoint)
+            endpoint = wrapClientTLS(_OfferingH2(creator), endpoint)
         opened: Deferred[AgentGrpcLink] = Deferred()
         factory = AgentGrpcFactory(options, setup, options.address, opened)
         connected: list[Any] = []
