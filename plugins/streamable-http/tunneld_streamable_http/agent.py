@@ -406,6 +406,7 @@ class AgentConnection:
             max_frame_size=self.setup.max_frame_size,
             heartbeat_interval=options.heartbeat_interval,
             heartbeat_timeout=options.heartbeat_timeout,
+            codec=self.setup.codec,
         )
 
     def _request(

@@ -161,6 +161,7 @@ class OwnedConnection:
             heartbeat_interval=options.heartbeat_interval,
             heartbeat_timeout=options.heartbeat_timeout,
             peer_certificate=certificate,
+            codec=setup.codec,
         )
 
     def start(self) -> None:
