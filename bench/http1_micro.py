@@ -81,8 +81,11 @@ class Link:
     def __init__(self) -> None:
         self.ended: list[Stream] = []
 
-    def open_stream(self, head: Any, receiver: Any) -> Stream:
-        return Stream(self, receiver)
+    def open_stream(self, head: Any, receiver: Any, end_stream: bool = False) -> Stream:
+        stream = Stream(self, receiver)
+        if end_stream:  # a request without a body is opened ended
+            self.ended.append(stream)
+        return stream
 
     def active_streams(self) -> int:
         return 1
