@@ -20,6 +20,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 
 from tunneld.config import LimitsSection
+from tunneld.edge.gateway import EdgeGateway
 from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPSettings
 from tunneld.policy.gate import PublicPolicy
 from tunneld.router import AgentSession, Router
@@ -100,7 +101,7 @@ def main() -> None:
     spec = TunnelSpec(hostname="app.bench.test")
     router.register(AgentSession("s1", "a1", link, []), spec)  # type: ignore[arg-type]
     policy = PublicPolicy(LimitsSection(), clock)
-    factory = PublicHTTPFactory(router, PublicHTTPSettings(), clock, policy=policy)
+    factory = PublicHTTPFactory(EdgeGateway(router, admission=policy), PublicHTTPSettings(), clock)
     best = []
     for _ in range(rounds):
         protocol = factory.buildProtocol(None)

@@ -57,6 +57,7 @@ from tunneld.config import (
     load_edge_config,
     transport_options,
 )
+from tunneld.edge.gateway import EdgeGateway
 from tunneld.edge.http2 import PublicH2Factory, PublicH2Protocol, PublicH2Settings
 from tunneld.edge.public_tls import public_tls_contexts
 from tunneld.errors import ConfigError
@@ -1004,7 +1005,7 @@ class HTTP2FloodUnitTests(SynchronousTestCase):
 
     def test_client_reading_nothing_is_dropped(self) -> None:
         """PINGs keep coming while the socket is full: past the cap the connection is aborted."""
-        factory = PublicH2Factory(_NoRoutes(), PublicH2Settings(max_unread=65536), Clock())
+        factory = PublicH2Factory(EdgeGateway(_NoRoutes()), PublicH2Settings(max_unread=65536), Clock())
         server = factory.buildProtocol(None)
         transport = StringTransport()
         server.makeConnection(transport)
@@ -1023,7 +1024,7 @@ class HTTP2FloodUnitTests(SynchronousTestCase):
 
     def test_bodies_wait_while_socket_full(self) -> None:
         """While the socket is full, answers' bodies wait in the stream's outbox."""
-        factory = PublicH2Factory(_NoRoutes(), PublicH2Settings(), Clock())
+        factory = PublicH2Factory(EdgeGateway(_NoRoutes()), PublicH2Settings(), Clock())
         server = factory.buildProtocol(None)
         transport = StringTransport()
         server.makeConnection(transport)
@@ -1055,7 +1056,9 @@ class HTTP2FloodUnitTests(SynchronousTestCase):
         """A client with large windows asks for a download; the tunnel stream has answered 200."""
         link = FakeLink()
         clock = Clock()
-        factory = PublicH2Factory(FakeRouter({"app.test": FakeRoute("app.test", link)}), settings, clock)
+        factory = PublicH2Factory(
+            EdgeGateway(FakeRouter({"app.test": FakeRoute("app.test", link)})), settings, clock
+        )
         server = factory.buildProtocol(None)
         transport = _FillingTransport()
         server.makeConnection(transport)
