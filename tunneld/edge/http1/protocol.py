@@ -421,9 +421,10 @@ class PublicHTTPProtocol(Protocol):
         decided = self._gateway.request(
             self.client, exchange, authority, headers, hop, switching, bodyless
         )
-        if not decided:
-            # The decision comes later: read nothing more until then (a
-            # body has no stream to go to yet).
+        if not decided and not fast.active:
+            # The decision comes later: h11 reads nothing more until then (a
+            # body has no stream to go to yet).  A fast request has no body,
+            # and what the client pipelines behind it waits anyway.
             self._pause(ADMIT)
 
     def opened(self, exchange: Exchange, stream: IStream) -> None:
