@@ -766,11 +766,7 @@ class PublicHTTPProtocol(Protocol):
         if slots is not None:
             slots.release()
         if exchange.uploading:
-            exchange.uploading = False
-            stream = exchange.stream
-            if stream is not None:
-                stream.unregisterProducer()
-            self._resume(UPLOAD)
+            self.upload_done(exchange)
         if exchange.producing:
             exchange.producing = False
             self._socket.unregisterProducer()
