@@ -50,7 +50,7 @@ from tunneld.edge.forwarding import (
 )
 from tunneld.interfaces import IAgentLink, IStream, IStreamReceiver
 from tunneld.observe.stats import EdgeStats
-from tunneld.policy.caps import Releasable
+from tunneld.policy.caps import Releasable, Slots
 from tunneld.policy.gate import Refused
 from tunneld.reasons import Reason
 from tunneld.wire.messages import Headers, StreamHead
@@ -364,7 +364,8 @@ class EdgeGateway:
             if isinstance(admitted, Refused):
                 self._refused(client, exchange, admitted)
                 return True
-            if isinstance(admitted, Deferred):
+            # (Slots first: a Deferred is an ABC, so isinstance() of one costs two calls.)
+            if not isinstance(admitted, Slots) and isinstance(admitted, Deferred):
                 held = _Held(authority, headers, hop, upgrade, bodyless, trailers, host, path)
                 admitted.addCallbacks(
                     self._admitted, self._failed,
@@ -515,7 +516,7 @@ class EdgeGateway:
             self._open_stream(client, exchange, route, None, head, False)
             return True
         admitted = admission.admit(route.tunnel, client.peer_host, route.link.active_streams())
-        if isinstance(admitted, Deferred):
+        if not isinstance(admitted, Slots) and isinstance(admitted, Deferred):
             admitted.addCallbacks(
                 self._tcp_admitted, self._failed,
                 callbackArgs=(client, exchange, route, head),

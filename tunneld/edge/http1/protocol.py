@@ -443,7 +443,8 @@ class PublicHTTPProtocol(Protocol):
             ):
                 # Streams carry no interim responses; the edge invites the body itself.
                 self._send([h11.InformationalResponse(status_code=100, headers=[])])
-        self._admission_over()
+        if self._paused_by & ADMIT:
+            self._admission_over()
 
     def refused(self, exchange: Exchange, refusal: Refusal) -> None:
         """Connection.refused: answer with the refusal's status and reason."""
@@ -454,14 +455,14 @@ class PublicHTTPProtocol(Protocol):
             refusal.http_status, refusal.reason.value, refusal.text, refusal.close,
             refusal.retry_after,
         )
-        self._admission_over()
+        if self._paused_by & ADMIT:
+            self._admission_over()
 
     def _admission_over(self) -> None:
         """A decision that came later: read on."""
-        if self._paused_by & ADMIT:
-            self._resume(ADMIT)
-            if not self._fast.active and not self.closing:
-                self._process()
+        self._resume(ADMIT)
+        if not self._fast.active and not self.closing:
+            self._process()
 
     def request_end(self, trailers: Headers) -> None:
         """The end of a request (its trailers), from h11 or read fast."""
