@@ -212,11 +212,11 @@ class PublicExchange(TypingProtocol):
 class _Held:
     """A request waiting for an answer that comes later (the uncommon case)."""
 
-    __slots__ = ("authority", "headers", "hop", "upgrade", "bodyless", "trailers", "host", "path")
+    __slots__ = ("authority", "headers", "hop", "upgrade", "bodyless", "trailers")
 
     def __init__(
         self, authority: bytes, headers: Headers, hop: frozenset[bytes] | None,
-        upgrade: bool, bodyless: bool, trailers: bool, host: str, path: str,
+        upgrade: bool, bodyless: bool, trailers: bool,
     ) -> None:
         self.authority = authority
         self.headers = headers
@@ -224,8 +224,6 @@ class _Held:
         self.upgrade = upgrade
         self.bodyless = bodyless
         self.trailers = trailers
-        self.host = host
-        self.path = path
 
 
 class EdgeGateway:
@@ -339,7 +337,7 @@ class EdgeGateway:
                 return True
             found = remote.route(host, path)
             if isinstance(found, Deferred):
-                held = _Held(authority, headers, hop, upgrade, bodyless, trailers, host, path)
+                held = _Held(authority, headers, hop, upgrade, bodyless, trailers)
                 found.addCallbacks(
                     self._routed, self._failed,
                     callbackArgs=(client, exchange, held),
@@ -366,7 +364,7 @@ class EdgeGateway:
                 return True
             # (Slots first: a Deferred is an ABC, so isinstance() of one costs two calls.)
             if not isinstance(admitted, Slots) and isinstance(admitted, Deferred):
-                held = _Held(authority, headers, hop, upgrade, bodyless, trailers, host, path)
+                held = _Held(authority, headers, hop, upgrade, bodyless, trailers)
                 admitted.addCallbacks(
                     self._admitted, self._failed,
                     callbackArgs=(client, exchange, route, held),
