@@ -5,7 +5,7 @@ A L{PublicHTTPProtocol} over a write-collecting transport, routed by the real
 L{Router} and gated by the real L{PublicPolicy} (default limits), to an agent
 link that answers each request as nginx answers C{/small}.  No sockets, no
 reactor: the figure is the Python the edge spends per keep-alive request, so
-an A/B of a change to C{tunneld/edge/http1.py} needs no quiet machine.
+an A/B of a change to C{tunneld/edge/http1/} needs no quiet machine.
 
 Usage: python bench/http1_micro.py [REQUESTS] [ROUNDS]   (prints microseconds per request)
 """
@@ -22,9 +22,9 @@ from twisted.internet.task import Clock
 from tunneld.config import LimitsSection
 from tunneld.edge.gateway import EdgeGateway
 from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPSettings
+from tunneld.model.messages import ReplyHead, TunnelSpec
 from tunneld.policy.gate import PublicPolicy
 from tunneld.router import AgentSession, Router
-from tunneld.wire.messages import ReplyHead, TunnelSpec
 
 REQUEST = b"GET /small HTTP/1.1\r\nHost: app.bench.test:8080\r\n\r\n"
 REPLY = ReplyHead(200, b"OK", (

@@ -33,8 +33,8 @@ def main() -> None:
         upstream, _ = bench.start_upstream()
         system = bench.tunneld(args.transport, upstream, None)
         for _ in range(3):
-            bench.load(system, "/small", 50, 5)
-            bench.load(system, "/1m", 4, 5)
+            bench.load(system, runner.LOAD["small"], 5)
+            bench.load(system, runner.LOAD["large"], 5)
             bench.h2load(system)
         for _ in range(args.transfers):
             transfer = bench.big_transfer(system)

@@ -17,7 +17,7 @@ with atheris.instrument_imports(include=["tunneld"]):
 
     from fuzz._common import pieces
     from tests.test_mux import HEAD, Handler, Receiver, Wire, make_link
-    from tunneld.reasons import Reason
+    from tunneld.model.reasons import Reason
 
 
 def one_input(data: bytes) -> None:

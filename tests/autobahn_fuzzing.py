@@ -31,9 +31,9 @@ from tunneld.config import (
     EdgeConfig,
     EdgeSection,
     TunnelSection,
-    transport_options,
 )
 from tunneld.edge.service import EdgeService
+from tunneld.registry import transport_options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WSTEST = os.path.join(ROOT, ".venv-autobahn", "bin", "wstest")

@@ -50,8 +50,8 @@ from tunneld.config import AgentGrant, LimitsSection, TunnelSection
 from tunneld.edge.http1 import PublicHTTPProtocol
 from tunneld.edge.upgraded import UpgradedConnection, close_text
 from tunneld.interfaces import IStream, IStreamReceiver
+from tunneld.model.reasons import Reason
 from tunneld.readsize import LARGEST, ReadSize
-from tunneld.reasons import Reason
 
 MB = 1024 * 1024
 BIG = 200 * MB

@@ -26,9 +26,9 @@ from tunneld.config import (
     EdgeSection,
     LimitsSection,
     TunnelSection,
-    transport_options,
 )
 from tunneld.edge.service import EdgeService
+from tunneld.registry import transport_options
 
 CHUNK = 64 * 1024
 

@@ -8,11 +8,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.test_mux import HEAD, Handler, Receiver, Wire, make_link
-from tunneld.reasons import Reason
-from tunneld.wire import codec
-from tunneld.wire import tunnel_pb2 as pb
-from tunneld.wire.codec import FrameError
-from tunneld.wire.messages import (
+from tunneld.model.messages import (
     GoAway,
     Hello,
     Refusal,
@@ -21,6 +17,10 @@ from tunneld.wire.messages import (
     TunnelSpec,
     Welcome,
 )
+from tunneld.model.reasons import Reason
+from tunneld.wire import codec
+from tunneld.wire import tunnel_pb2 as pb
+from tunneld.wire.codec import FrameError
 
 STREAM_IDS = [0, 1, 2, 127, 128, 255, 16383, 16384, 2097151, 2097152, 2**31 - 1, 2**32 - 1]
 SIZES = [0, 1, 2, 125, 126, 127, 128, 129, 16380, 16381, 16382, 16383, 16384, 16385, 70000]
@@ -327,7 +327,7 @@ class RejectTests(SynchronousTestCase):
 
 
 class ReasonCodeTests(SynchronousTestCase):
-    """tunneld.reasons.Reason and the proto's Reason enum agree."""
+    """tunneld.model.reasons.Reason and the proto's Reason enum agree."""
 
     def test_wire_codes_match_proto(self) -> None:
         """Every Reason's wire_code is the proto enum value of the same name, and back."""

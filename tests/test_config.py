@@ -8,8 +8,9 @@ import sys
 
 from twisted.trial.unittest import TestCase
 
-from tunneld.config import load_agent_config, load_edge_config, transport_options
+from tunneld.config import load_agent_config, load_edge_config
 from tunneld.errors import ConfigError
+from tunneld.tap import load_agent, load_edge
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -24,13 +25,9 @@ class ConfigTests(TestCase):
 
     def assert_error(self, text: str, key: str, reason: str, agent: bool = False) -> None:
         path = self.write(text)
-        load = load_agent_config if agent else load_edge_config
+        load = load_agent if agent else load_edge
         with self.assertRaises(ConfigError) as raised:
-            config = load(path)
-            section = config.agent if agent else config.edge  # type: ignore[union-attr]
-            transport_options(
-                section.transports, config.transports, config.source, edge=not agent
-            )
+            load(path)  # as the service makers do: the schema, then plugins and certificates
         message = str(raised.exception)
         self.assertTrue(message.startswith(path + ": "), message)
         self.assertIn(key, message)
@@ -44,10 +41,8 @@ class ConfigTests(TestCase):
 
     def test_shipped_files_are_valid(self) -> None:
         """etc/tunneld.toml and etc/agent.toml load, transports included."""
-        edge = load_edge_config(os.path.join(ROOT, "etc", "tunneld.toml"))
-        transport_options(edge.edge.transports, edge.transports, edge.source, edge=True)
-        agent = load_agent_config(os.path.join(ROOT, "etc", "agent.toml"))
-        transport_options(agent.agent.transports, agent.transports, agent.source, edge=False)
+        load_edge(os.path.join(ROOT, "etc", "tunneld.toml"))
+        agent, _ = load_agent(os.path.join(ROOT, "etc", "agent.toml"))
         self.assertEqual(agent.tunnels[0].hostname, "demo.localhost")
 
     def test_unknown_key(self) -> None:

@@ -7,9 +7,9 @@ import os
 from twisted.trial.unittest import SynchronousTestCase
 
 from tunneld.config import EdgeSection
+from tunneld.config.schema import documented_fields
 from tunneld.docs import reasons_table, reference
-from tunneld.reasons import Reason
-from tunneld.schema import documented_fields
+from tunneld.model.reasons import Reason
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

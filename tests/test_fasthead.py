@@ -19,7 +19,7 @@ from tests.test_http1 import HOST, FakeLink, FakeRoute, FakeRouter, parse_all, r
 from tunneld.edge.gateway import EdgeGateway
 from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPProtocol, PublicHTTPSettings
 from tunneld.edge.http1.fasthead import check_fields, read_head, response_head
-from tunneld.reasons import Reason
+from tunneld.model.reasons import Reason
 
 _PLAIN = b"GET /a?b=c HTTP/1.1\r\nHost: app.example.com\r\nAccept: */*\r\n\r\n"
 

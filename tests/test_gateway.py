@@ -44,8 +44,8 @@ from tunneld.edge.gateway import (
 )
 from tunneld.edge.service import EdgeService
 from tunneld.interfaces import IStream, IStreamReceiver
+from tunneld.model.reasons import Reason
 from tunneld.policy.gate import PublicPolicy, Refused
-from tunneld.reasons import Reason
 
 # The gateway's events: what a refusal is logged as.
 _EVENTS = (REFUSED, REFUSED_BY_STREAM, BAD_REQUEST)

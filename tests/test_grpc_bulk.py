@@ -25,6 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from tests.test_grpc_transport import MB, BytesProducer, Receiver, head, link_pair, pattern, until
 from tunneld.h2conn import LeanH2Connection
 from tunneld.interfaces import EdgeLinkSetup
+from tunneld.model.messages import ReplyHead
 from tunneld.transports.grpc import (
     EdgeGrpcLink,
     GrpcEdgeOptions,
@@ -34,7 +35,6 @@ from tunneld.transports.grpc import (
     grpc_message,
 )
 from tunneld.wire import codec
-from tunneld.wire.messages import ReplyHead
 
 REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/x"), (b":authority", b"a")]
 

@@ -17,10 +17,10 @@ from tests.test_http1 import FakeRouter
 from tunneld.edge.gateway import EdgeGateway
 from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPSettings
 from tunneld.interfaces import EdgeLinkSetup
-from tunneld.reasons import Reason
+from tunneld.model.messages import StreamHead
+from tunneld.model.reasons import Reason
 from tunneld.transports.grpc import EdgeGrpcLink, GrpcStream, GrpcTransport
 from tunneld.wire import codec
-from tunneld.wire.messages import StreamHead
 
 
 class MaxConcurrentCallsTests(TestCase):

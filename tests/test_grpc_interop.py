@@ -27,9 +27,9 @@ from tests.stock_agents import (
 )
 from tests.test_grpc_transport import Handler, Receiver, head, start_edge, until
 from tunneld.interfaces import IAgentLink
-from tunneld.reasons import Reason
+from tunneld.model.messages import Hello
+from tunneld.model.reasons import Reason
 from tunneld.transports.grpc import EdgeGrpcLink
-from tunneld.wire.messages import Hello
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "grpc_stock_agent.py")

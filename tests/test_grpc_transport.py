@@ -31,7 +31,9 @@ from tunneld.interfaces import (
     IStreamReceiver,
     ITransportPlugin,
 )
-from tunneld.reasons import Reason
+from tunneld.model.messages import ControlMessage, Hello, ReplyHead, StreamHead, TunnelSpec, Welcome
+from tunneld.model.reasons import Reason
+from tunneld.registry import available_transports
 from tunneld.transports import grpc as grpc_transport
 from tunneld.transports.grpc import (
     AgentGrpcLink,
@@ -44,9 +46,7 @@ from tunneld.transports.grpc import (
     reason_from_status,
     status_message,
 )
-from tunneld.transports.registry import available_transports
 from tunneld.wire import codec
-from tunneld.wire.messages import ControlMessage, Hello, ReplyHead, StreamHead, TunnelSpec, Welcome
 
 MB = 1024 * 1024
 CHUNK = 64 * 1024

@@ -8,19 +8,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import protocol, reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web import resource, server
 
 from tests.harness import listen_upstream
 from tests.test_mux import Pair
-from tunneld.agent.health import HealthCheck, UpstreamProbe, parse_health_check
+from tunneld.agent.health import UpstreamProbe
 from tunneld.config import EdgeConfig, LimitsSection
+from tunneld.config.values import HealthCheck, parse_health_check
 from tunneld.edge.sessions import AgentSessions
-from tunneld.reasons import Reason
+from tunneld.model.messages import GoAway, Health, Hello, TunnelSpec, Welcome
+from tunneld.model.reasons import Reason
 from tunneld.router import Route, Router
-from tunneld.wire.messages import GoAway, Health, Hello, TunnelSpec, Welcome
 
 SPEC = TunnelSpec("app.test")
 
@@ -166,11 +170,59 @@ class ProbeTests(TestCase):
         wanted = await self.verdicts(upstream, HealthCheck("http", "/nope", 404))
         self.assertTrue(wanted[0][0])
 
+    async def test_http_probe_takes_only_the_status(self) -> None:
+        """A probe reads the status and hangs up: a body that never ends does not hold it."""
+        port, upstream = await listen_upstream(self)
+        verdict = await self.verdicts(f"tcp:host=127.0.0.1:port={port}", HealthCheck("http", "/stall"))
+        self.assertEqual(verdict, [(True, "GET /stall answered 200")])
+        finished = upstream.hanging[0].notifyFinish()
+        with self.assertRaises((ConnectionDone, ConnectionLost)):
+            await finished  # the probe's connection is gone, not the response finished
+
+    async def test_http_probe_request(self) -> None:
+        """The probe asks with the tunnel's Host and its own User-Agent, and follows no redirect."""
+        seen: list[server.Request] = []
+
+        class Moved(resource.Resource):
+            isLeaf = True
+
+            def render(self, request: server.Request) -> bytes:
+                seen.append(request)
+                request.redirect(b"/elsewhere")
+                return b""
+
+        port, _ = await listen_upstream(self, Moved())
+        verdict = await self.verdicts(f"tcp:host=127.0.0.1:port={port}", HealthCheck("http", "/old"))
+        self.assertEqual(verdict, [(True, "GET /old answered 302")])
+        self.assertEqual(len(seen), 1)
+        headers = seen[0].requestHeaders
+        self.assertEqual(headers.getRawHeaders(b"host"), [b"app.test"])
+        self.assertEqual(headers.getRawHeaders(b"user-agent"), [b"tunneld-agent-probe"])
+        self.assertEqual(headers.getRawHeaders(b"connection"), [b"close"])
+
+    async def test_http_probe_of_a_non_http_service(self) -> None:
+        """An upstream that answers something other than HTTP is unhealthy, saying why."""
+
+        class Garbage(protocol.Protocol):
+            def dataReceived(self, data: bytes) -> None:  # noqa: N802
+                self.transport.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+                self.transport.loseConnection()
+
+        listening = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(
+            protocol.Factory.forProtocol(Garbage)
+        )
+        self.addCleanup(listening.stopListening)
+        port = listening.getHost().port
+        verdict = await self.verdicts(f"tcp:host=127.0.0.1:port={port}", HealthCheck("http", "/"))
+        healthy, detail = verdict[0]
+        self.assertFalse(healthy)
+        self.assertTrue(detail.startswith("http probe failed: "), detail)
+        self.assertIn("SSH-2.0", detail)
+
     async def test_tcp_probe(self) -> None:
         """A TCP probe is healthy while the upstream listens and unhealthy when nothing does."""
         port, _ = await listen_upstream(self)
         self.assertTrue((await self.verdicts(f"tcp:host=127.0.0.1:port={port}", HealthCheck("tcp")))[0][0])
-        from twisted.internet.endpoints import serverFromString
         from twisted.internet.protocol import Factory, Protocol
 
         closed = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(

@@ -30,8 +30,8 @@ from tests.harness import TunnelHarness, listen_upstream, sleep
 from tests.test_http1 import HOST, FakeLink, FakeRoute, FakeRouter, request
 from tunneld.edge.gateway import EdgeGateway
 from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPProtocol, PublicHTTPSettings
+from tunneld.model.messages import StreamHead
 from tunneld.wire import codec
-from tunneld.wire.messages import StreamHead
 
 
 class HeadLimitTests(TestCase):

@@ -28,8 +28,8 @@ from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPProtocol, PublicHTTP
 from tunneld.edge.upgraded import close_text
 from tunneld.edge.websocket_frames import ping_frame
 from tunneld.interfaces import IAgentLink, IStream, IStreamReceiver
-from tunneld.reasons import Reason
-from tunneld.wire.messages import Headers, ReplyHead, StreamHead
+from tunneld.model.messages import Headers, ReplyHead, StreamHead
+from tunneld.model.reasons import Reason
 
 HOST = "app.example.com"
 

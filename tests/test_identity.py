@@ -277,20 +277,20 @@ class CertsTests(SynchronousTestCase):
 
     def test_agent_id_from_the_certificate(self) -> None:
         """An agent file without an id takes its certificate's; one with the same id is accepted."""
-        from tunneld.config import load_agent_config
+        from tunneld.tap import load_agent
 
-        self.assertEqual(load_agent_config(self._agent_file("web1", None)).agent.id, "web1")
-        self.assertEqual(load_agent_config(self._agent_file("web1", "web1")).agent.id, "web1")
-        self.assertEqual(load_agent_config(None).agent.id, "agent")
+        self.assertEqual(load_agent(self._agent_file("web1", None))[0].agent.id, "web1")
+        self.assertEqual(load_agent(self._agent_file("web1", "web1"))[0].agent.id, "web1")
+        self.assertEqual(load_agent(None)[0].agent.id, "agent")
 
     def test_agent_id_not_the_certificates(self) -> None:
         """An id the certificate does not name fails at start, naming the key, both ids and the fix."""
-        from tunneld.config import load_agent_config
         from tunneld.errors import ConfigError
+        from tunneld.tap import load_agent
 
         path = self._agent_file("web1", "demo")
         with self.assertRaises(ConfigError) as caught:
-            load_agent_config(path)
+            load_agent(path)
         text = str(caught.exception)
         self.assertIn(path, text)
         self.assertIn("agent.id", text)

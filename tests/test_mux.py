@@ -17,10 +17,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tunneld.interfaces import IAgentLink, ILinkHandler, IStream, IStreamReceiver
-from tunneld.reasons import Reason
-from tunneld.wire import codec
-from tunneld.wire.heartbeat import Heartbeat
-from tunneld.wire.messages import (
+from tunneld.model.messages import (
     ControlMessage,
     GoAway,
     Headers,
@@ -29,7 +26,10 @@ from tunneld.wire.messages import (
     StreamHead,
     Welcome,
 )
-from tunneld.wire.mux import FrameLink, FrameStream
+from tunneld.model.reasons import Reason
+from tunneld.transports.mux import FrameLink, FrameStream
+from tunneld.wire import codec
+from tunneld.wire.heartbeat import Heartbeat
 
 HEAD = StreamHead(kind="http", tunnel="a.test", method="GET", target="/", peer="192.0.2.1:5000")
 WINDOW = 1000

@@ -29,14 +29,14 @@ from tunneld.config import (
     EdgeConfig,
     EdgeSection,
     TunnelSection,
-    transport_options,
 )
 from tunneld.edge.service import EdgeService
+from tunneld.model.reasons import Reason
 from tunneld.observe.console import AgentActivity, ConsoleSummary, summary_line
 from tunneld.observe.logging import JSONLinesObserver
 from tunneld.observe.stats import EdgeStats
 from tunneld.observe.systemd import Notifier, SystemdNotifyService
-from tunneld.reasons import Reason
+from tunneld.registry import transport_options
 from tunneld.status import render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -398,3 +398,32 @@ class StatusRenderTests(SynchronousTestCase):
         self.assertIn("a      0123456789ab  grpc       127.0.0.1:9  1.2ms  3        draining  a.test", text)
         self.assertIn("a.test  a (grpc)", text)
         self.assertIn("request  no_tunnel  n.test", text)
+
+
+class StatusCommandErrorTests(TestCase):
+    """C{tunneld status} says why it cannot read an admin API, and exits 1."""
+
+    async def status(self, admin: str) -> tuple[str, str, int]:
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "tunneld.cli", "status", "--admin", admin],
+            env=dict(os.environ, PYTHONPATH=ROOT), path=ROOT,
+        )
+        return out.decode(), err.decode(), code
+
+    async def test_nothing_listening(self) -> None:
+        """An admin address nobody listens on: the connection's own reason, no traceback."""
+        listening = reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
+        port = listening.getHost().port
+        await listening.stopListening()
+        out, err, code = await self.status(f"127.0.0.1:{port}")
+        self.assertEqual((out, code), ("", 1))
+        self.assertIn(f"cannot read the admin API at http://127.0.0.1:{port}: ", err)
+        self.assertIn("refused", err)
+        self.assertNotIn("Traceback", err)
+
+    async def test_not_the_admin_api(self) -> None:
+        """An HTTP server that is not tunneld's admin API: the path and status it answered."""
+        port, _ = await listen_upstream(self)
+        out, err, code = await self.status(f"http://127.0.0.1:{port}")
+        self.assertEqual((out, code), ("", 1))
+        self.assertIn("/api/agents answered 404", err)

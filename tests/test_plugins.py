@@ -1,6 +1,8 @@
 """
 Transports are plugins: a drop-in found on sys.path carries the whole
-end-to-end suite, and a missing one fails start with its name.
+end-to-end suite, a missing one fails start with its name, and a broken one
+(failing to import, not providing the interface, a name taken) is an error
+naming it, never skipped.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from zope.interface.verify import verifyObject
 
 import tunneld.plugins
 from tests.end_to_end import EndToEndMixin
-from tunneld.errors import MissingTransport
+from tunneld.errors import InvalidTransport, MissingTransport
 from tunneld.interfaces import ITransportPlugin
-from tunneld.reasons import Reason
-from tunneld.transports.registry import available_transports, find_transport
+from tunneld.model.reasons import Reason
+from tunneld.registry import available_transports, find_transport
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DROPIN = os.path.join(HERE, "dropin")
@@ -68,12 +70,106 @@ class BuiltinPluginTests(TestCase):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, DROPIN]))
         result = subprocess.run(
             [sys.executable, "-c",
-             "from tunneld.transports.registry import available_transports;"
+             "from tunneld.registry import available_transports;"
              "print(sorted(available_transports()))"],
             capture_output=True, text=True, cwd=HERE, env=env, timeout=60,
         )
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("'lpframes'", result.stdout)
+
+
+# Modules written into a scratch tunneld/plugins directory by the tests below.
+_BROKEN_AT_IMPORT = """
+raise RuntimeError("this plugin cannot find its frobnicator")
+"""
+
+_NOT_A_TRANSPORT = """
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from tunneld.interfaces import ITransportPlugin
+
+
+@implementer(IPlugin, ITransportPlugin)
+class HalfDone:
+    name = "half-done"
+
+    def edge_options(self, table, where):
+        return None
+
+
+half_done = HalfDone()
+"""
+
+_SECOND_WEBSOCKET = """
+from tunneld.transports.websocket import WebSocketTransport
+
+impostor = WebSocketTransport()
+"""
+
+
+def scratch_plugins(case: TestCase, **modules: str) -> str:
+    """
+    A tunneld/plugins directory holding C{modules} (name -> source), on the
+    plugin path for one test, as a third party's drop-in would be.
+    """
+    root = os.path.abspath(case.mktemp())
+    path = os.path.join(root, "tunneld", "plugins")
+    os.makedirs(path)
+    for name, source in modules.items():
+        with open(os.path.join(path, name + ".py"), "w") as f:
+            f.write(source)
+    tunneld.plugins.__path__.append(path)
+    case.addCleanup(tunneld.plugins.__path__.remove, path)
+    for name in modules:
+        case.addCleanup(sys.modules.pop, f"tunneld.plugins.{name}", None)
+    return root
+
+
+class InvalidPluginTests(TestCase):
+    """A transport plugin that cannot be used stops the start, naming it."""
+
+    def test_plugin_failing_at_import(self) -> None:
+        """A plugin module that raises at import is named, with what it raised."""
+        scratch_plugins(self, tunneld_test_broken=_BROKEN_AT_IMPORT)
+        with self.assertRaises(InvalidTransport) as raised:
+            available_transports()
+        message = str(raised.exception)
+        self.assertIn("tunneld.plugins.tunneld_test_broken", message)
+        self.assertIn("cannot be imported", message)
+        self.assertIn("RuntimeError: this plugin cannot find its frobnicator", message)
+
+    def test_plugin_not_providing_the_interface(self) -> None:
+        """A plugin claiming ITransportPlugin without its methods is named, with what is missing."""
+        scratch_plugins(self, tunneld_test_half_done=_NOT_A_TRANSPORT)
+        with self.assertRaises(InvalidTransport) as raised:
+            find_transport("websocket", "edge.toml", "edge.transports[0]")
+        message = str(raised.exception)
+        self.assertIn("'half-done'", message)
+        self.assertIn("does not provide ITransportPlugin", message)
+        self.assertIn("agent_options", message)
+
+    def test_two_plugins_of_one_name(self) -> None:
+        """A second plugin called 'websocket' is an error naming both, not a silent pick."""
+        scratch_plugins(self, tunneld_test_impostor=_SECOND_WEBSOCKET)
+        with self.assertRaises(InvalidTransport) as raised:
+            available_transports()
+        self.assertIn("two transport plugins are called 'websocket'", str(raised.exception))
+
+    def test_broken_plugin_stops_twistd(self) -> None:
+        """twistd refuses to start an edge while a broken plugin is installed, in one line naming it."""
+        root = scratch_plugins(self, tunneld_test_broken=_BROKEN_AT_IMPORT)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, root]))
+        result = subprocess.run(
+            [sys.executable, "-m", "twisted", "tunneld"],
+            capture_output=True, text=True, cwd=ROOT, env=env, timeout=60,
+        )
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertEqual(result.stdout, "")
+        self.assertIn(
+            "tunneld: transport plugin module tunneld.plugins.tunneld_test_broken", result.stderr
+        )
+        self.assertNotIn("Traceback", result.stderr)
 
 
 class _Garbage(Int32StringReceiver):

@@ -20,10 +20,10 @@ from tests.test_http1 import FakeLink, FakeRoute, FakeRouter
 from tunneld.config import LimitsSection, TunnelLimits
 from tunneld.edge.gateway import EdgeGateway
 from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPSettings
+from tunneld.model.reasons import Reason
 from tunneld.policy.caps import Cap, KeyedCap, Slots
 from tunneld.policy.gate import PublicPolicy, Refused
 from tunneld.policy.ratelimit import BucketTable, TokenBucket
-from tunneld.reasons import Reason
 
 HOST = "app.test"
 

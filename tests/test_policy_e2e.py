@@ -172,7 +172,8 @@ class PolicyEndToEndTests(TestCase):
     async def test_failing_upstream_probe_takes_agent_out_of_routing(self) -> None:
         """An agent whose http health check fails reports it; the edge routes the tunnel to the healthy agent only."""
         from tunneld.agent.service import AgentService
-        from tunneld.config import AgentConfig, AgentSection, TunnelSection, transport_options
+        from tunneld.config import AgentConfig, AgentSection, TunnelSection
+        from tunneld.registry import transport_options
 
         harness, upstream = await self.tunnel(LimitsSection())
         port, _ = await listen_upstream(self)

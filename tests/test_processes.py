@@ -55,7 +55,8 @@ class TwistdProcess(protocol.ProcessProtocol):
 
     def processEnded(self, reason: Any) -> None:  # noqa: N802
         for _, d in self._waiters:
-            d.errback(AssertionError(f"process ended before the expected line:\n{self.output}"))
+            if not d.called:  # a wait the test gave up on (timeout, cancel) is already called
+                d.errback(AssertionError(f"process ended before the expected line:\n{self.output}"))
         self._waiters = []
         self.end_reason = reason
         self.ended.callback(None)

@@ -55,13 +55,13 @@ from tunneld.config import (
     SNICertificate,
     TunnelSection,
     load_edge_config,
-    transport_options,
 )
 from tunneld.edge.gateway import EdgeGateway
 from tunneld.edge.http2 import PublicH2Factory, PublicH2Protocol, PublicH2Settings
 from tunneld.edge.public_tls import public_tls_contexts
 from tunneld.errors import ConfigError
-from tunneld.reasons import Reason
+from tunneld.model.reasons import Reason
+from tunneld.registry import transport_options
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GRPC_CLIENT = os.path.join(HERE, "grpc_public_client.py")
@@ -404,14 +404,16 @@ class GrpcThroughTunnelTests(TestCase):
 
 
 class PublicTLSConfigTests(SynchronousTestCase):
-    """Certificates are checked when the configuration is loaded."""
+    """Certificates are checked when the service maker loads the configuration."""
 
     def test_missing_default_certificate(self) -> None:
         """A TLS listener without [edge.tls] certificate stops the start, naming the key."""
+        from tunneld.tap import load_edge
+
         path = self.mktemp()
         with open(path, "w") as f:
             f.write('[edge]\npublic_tls_listen = ["tcp:0"]\n')
-        error = self.assertRaises(ConfigError, load_edge_config, path)
+        error = self.assertRaises(ConfigError, load_edge, path)
         self.assertIn("edge.tls.certificate", str(error))
 
     def test_key_does_not_match(self) -> None:

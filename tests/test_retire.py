@@ -8,7 +8,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from tunneld.reasons import Reason
+from tunneld.model.reasons import Reason
 from tunneld.retire import POLL, Retirement
 
 

@@ -12,9 +12,10 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tunneld.interfaces import IAgentLink, ILinkHandler, IStream, IStreamReceiver
-from tunneld.reasons import Reason
-from tunneld.router import AgentSession, Route, Router, hostname_allowed, tunnel_key
-from tunneld.wire.messages import ControlMessage, StreamHead, TunnelSpec
+from tunneld.model.keys import tunnel_key
+from tunneld.model.messages import ControlMessage, StreamHead, TunnelSpec
+from tunneld.model.reasons import Reason
+from tunneld.router import AgentSession, Route, Router, hostname_allowed
 
 
 @implementer(IAgentLink)

@@ -8,9 +8,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from tunneld.config import load_edge_config
+from tunneld.config.values import RedisTarget, parse_address, parse_redis_url
 from tunneld.errors import ConfigError
 from tunneld.state import make_backend
-from tunneld.state.settings import RedisTarget, parse_address, parse_redis_url
 
 
 class StateConfigTests(SynchronousTestCase):

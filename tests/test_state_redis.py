@@ -18,10 +18,10 @@ from twisted.trial.unittest import TestCase
 
 from tests.redis_servers import MISSING, candidate_port, eventually, redis_cli, start_server
 from tests.state_behaviour import StateBackendBehaviour
+from tunneld.config.values import parse_redis_url
 from tunneld.interfaces import EdgeRecord, IStateBackend, StateUnavailable
 from tunneld.state.redis import RedisStateBackend
 from tunneld.state.redisclient import RedisClient, RedisRefused
-from tunneld.state.settings import parse_redis_url
 
 
 def redis_backend(case: Any, url: str, start: bool = True, **options: Any) -> Any:

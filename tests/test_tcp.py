@@ -20,13 +20,14 @@ from zope.interface.verify import verifyObject
 
 from tests.test_router import FakeLink
 from tunneld.agent.tcp import TCPForwarder
-from tunneld.config import EdgeSection, parse_port_ranges
+from tunneld.config import EdgeSection
+from tunneld.config.values import parse_port_ranges
 from tunneld.edge.tcp import TCPTunnels
 from tunneld.interfaces import IStream, IStreamReceiver
-from tunneld.reasons import Reason
+from tunneld.model.messages import Headers, Refusal, ReplyHead, StreamHead, TunnelSpec
+from tunneld.model.reasons import Reason
 from tunneld.router import AgentSession, Router
 from tunneld.splice import StreamSplice
-from tunneld.wire.messages import Headers, Refusal, ReplyHead, StreamHead, TunnelSpec
 
 
 @implementer(IStream)

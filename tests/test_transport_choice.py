@@ -13,9 +13,9 @@ from twisted.trial.unittest import TestCase
 from tests.end_to_end import EventCollector
 from tests.harness import TunnelHarness, listen_upstream, sleep
 from tunneld.agent.service import AgentService
-from tunneld.config import AgentConfig, AgentSection, TunnelSection, transport_options
+from tunneld.config import AgentConfig, AgentSection, TunnelSection
 from tunneld.interfaces import EdgeLinkSetup
-from tunneld.transports.registry import find_transport
+from tunneld.registry import find_transport, transport_options
 
 
 class TransportChoiceTests(TestCase):

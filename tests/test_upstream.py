@@ -27,8 +27,8 @@ from zope.interface.verify import verifyObject
 from tunneld.agent import upstream
 from tunneld.agent.upstream import UpstreamPool
 from tunneld.interfaces import IStream, IStreamReceiver
-from tunneld.reasons import Reason
-from tunneld.wire.messages import Headers, ReplyHead, StreamHead
+from tunneld.model.messages import Headers, ReplyHead, StreamHead
+from tunneld.model.reasons import Reason
 
 CHUNK = 64 * 1024
 BLOCK = hashlib.sha256(b"tunneld").digest() * (CHUNK // 32)

@@ -24,7 +24,7 @@ from tests.harness import TunnelHarness
 from tests.test_grpc_transport import until
 from tests.test_websocket_framing import Recorder
 from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup
-from tunneld.reasons import Reason
+from tunneld.model.reasons import Reason
 from tunneld.transports.websocket import (
     CLOSE_TIMEOUT,
     AgentWebSocketFactory,

@@ -1,7 +1,14 @@
-"""The WebSocket transport keeps Autobahn's per-frame debug logging out of the log."""
+"""
+Autobahn's per-frame debug logging stays out of the log at txaio's default
+level, and importing the WebSocket plugin leaves txaio's global level, which
+belongs to the application, alone.
+"""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from typing import Any
 
 from twisted.logger import globalLogPublisher
@@ -19,3 +26,17 @@ class FrameLoggingTests(SynchronousTestCase):
         for protocol in (EdgeWebSocketProtocol, AgentWebSocketProtocol):
             protocol.log.debug("sent {octets} bytes for peer {peer}", octets=64, peer="test")
         self.assertEqual(events, [])
+
+    def test_importing_the_plugin_leaves_the_global_log_level(self) -> None:
+        """An application that set txaio's global level to debug still has it after loading the plugins."""
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        result = subprocess.run(
+            [sys.executable, "-c",
+             "import txaio; txaio.use_twisted(); txaio.set_global_log_level('debug');"
+             "from tunneld.registry import available_transports;"
+             "assert 'websocket' in available_transports();"
+             "print(txaio.get_global_log_level())"],
+            capture_output=True, text=True, cwd=root, timeout=60,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.strip(), "debug")

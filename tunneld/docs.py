@@ -26,10 +26,10 @@ from tunneld.config import (
     EdgeStateSection,
     TunnelSection,
 )
+from tunneld.config.schema import documented_fields
 from tunneld.errors import ConfigError
-from tunneld.reasons import Reason
-from tunneld.schema import documented_fields
-from tunneld.transports.registry import available_transports
+from tunneld.model.reasons import Reason
+from tunneld.registry import available_transports
 
 HEADER = """\
 # Configuration reference

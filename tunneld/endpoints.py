@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_endpoints -*-
+# -*- test-case-name: tests.test_config,tests.test_listening,tests.test_systemd -*-
 """
 Endpoint strings: checked when the configuration is read, and listened on
 with the address family the socket really has.

@@ -28,6 +28,15 @@ class StartupError(Exception):
     """
 
 
+class InvalidTransport(StartupError):
+    """
+    An installed transport plugin cannot be used (its module fails to
+    import, it does not provide the interface it claims, its name is taken):
+    the message names the plugin, so a broken drop-in is never skipped
+    silently.
+    """
+
+
 class ListenError(StartupError):
     """A listener could not listen: which one (config key), where, and the OS's reason."""
 

@@ -11,15 +11,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
+from twisted.application.service import IService
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.interfaces import (
+    IConsumer,
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.plugin import IPlugin
 from zope.interface import Attribute, Interface
 
-from tunneld.reasons import Reason
-from tunneld.wire.messages import ControlMessage, Headers, ReplyHead, StreamHead
+from tunneld.model.messages import ControlMessage, Headers, ReplyHead, StreamHead
+
+if TYPE_CHECKING:
+    from OpenSSL.crypto import X509
+from tunneld.model.reasons import Reason
 
 
 class IStreamReceiver(Interface):
@@ -98,7 +108,7 @@ class IAgentLink(Interface):
 
     transport_name: str = Attribute("The plugin name of the transport, e.g. 'websocket'.")
     peer: str = Attribute("The far end's address, for logs.")
-    peer_certificate: Any = Attribute(
+    peer_certificate: X509 | None = Attribute(
         "The far end's verified TLS certificate (pyOpenSSL X509), or None."
     )
 
@@ -126,17 +136,21 @@ class IAgentLink(Interface):
     def close(reason: Reason, message: str) -> None:
         """Reset every stream with C{reason} and close the link."""
 
-    def when_closed() -> Any:
+    def when_closed() -> Deferred[None]:
         """A Deferred that fires once the link's connection is fully closed."""
 
 
 @dataclass(frozen=True)
 class EdgeLinkSetup:
-    """What the edge hands a transport to listen for agents."""
+    """
+    What the edge hands a transport to listen for agents.  C{reactor} is the
+    whole reactor (endpoint strings need more than its clock); a transport
+    uses its clock through L{IReactorTime}.
+    """
 
     on_link: Callable[[IAgentLink], None]
-    reactor: Any
-    tls: Any = None  # an IOpenSSLServerConnectionCreator (agent mTLS), or None
+    reactor: IReactorTime
+    tls: IOpenSSLServerConnectionCreator | None = None  # agent-link TLS (mTLS), or None
     max_frame_size: int = 1 << 20
     initial_window: int = 256 * 1024
     max_streams: int = 10_000  # concurrent streams on one agent link
@@ -144,10 +158,11 @@ class EdgeLinkSetup:
 
 @dataclass(frozen=True)
 class AgentLinkSetup:
-    """What the agent hands a transport to dial the edge."""
+    """What the agent hands a transport to dial the edge (C{reactor} as in L{EdgeLinkSetup})."""
 
-    reactor: Any
-    tls_for: Callable[[str], Any] | None = None  # hostname -> IOpenSSLClientConnectionCreator
+    reactor: IReactorTime
+    # hostname -> the TLS to dial it with; None: the transport's default (the system's roots)
+    tls_for: Callable[[str], IOpenSSLClientConnectionCreator] | None = None
     max_frame_size: int = 1 << 20
     initial_window: int = 256 * 1024
 
@@ -156,24 +171,30 @@ class ITransportPlugin(IPlugin):
     """
     An agent-link transport, found with L{twisted.plugin.getPlugins} in the
     L{tunneld.plugins} package.
+
+    Its options are its own: whatever C{edge_options} (C{agent_options})
+    returns, the core only hands back to C{edge_service} (C{connect}), so
+    they are C{object} here and the plugin's own type in the plugin.  An
+    edge options object with a C{listen} endpoint string has it checked
+    like every other listener.
     """
 
     name: str = Attribute("The name the configuration uses, e.g. 'websocket'.")
 
-    def edge_options(table: Mapping[str, Any], where: str) -> Any:
+    def edge_options(table: Mapping[str, object], where: str) -> object:
         """
         Validate this transport's edge configuration table; raise
         L{tunneld.errors.ConfigError} naming C{where} and the key.
         """
 
-    def agent_options(table: Mapping[str, Any], where: str) -> Any:
+    def agent_options(table: Mapping[str, object], where: str) -> object:
         """Validate this transport's agent configuration table, likewise."""
 
-    def edge_service(options: Any, setup: EdgeLinkSetup) -> Any:
-        """An L{twisted.application.service.IService} accepting agent links."""
+    def edge_service(options: object, setup: EdgeLinkSetup) -> IService:
+        """A service accepting agent links, each handed to C{setup.on_link}."""
 
-    def connect(options: Any, setup: AgentLinkSetup) -> Any:
-        """Dial the edge; a Deferred firing with an L{IAgentLink}."""
+    def connect(options: object, setup: AgentLinkSetup) -> Deferred[IAgentLink]:
+        """Dial the edge; a Deferred firing with the link."""
 
 
 # --- Shared state: what several edges agree on (design §6, issue 20) -------

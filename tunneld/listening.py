@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 
 from tunneld.endpoints import listen_endpoint
 from tunneld.errors import ListenError
-from tunneld.reasons import Reason
+from tunneld.model.reasons import Reason
 
 
 class Closable(TypingProtocol):

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from tunneld.interfaces import IAgentLink
-from tunneld.reasons import Reason
+from tunneld.model.reasons import Reason
 
 # How often a retiring link is looked at: its streams are counted, not
 # followed, so a link with none left closes within this.

@@ -16,17 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunneld.interfaces import IAgentLink
-from tunneld.reasons import Reason
-from tunneld.wire.messages import TunnelSpec
+from tunneld.model.keys import tunnel_key
+from tunneld.model.messages import TunnelSpec
+from tunneld.model.reasons import Reason
 
 # Hostnames whose candidate tunnels are remembered at once (any name a
 # client sends is one, so the table is bounded).
 _CANDIDATE_CACHE_SIZE = 4096
-
-
-def tunnel_key(spec: TunnelSpec) -> str:
-    """The name a tunnel goes by on the wire and in logs: hostname plus path prefix."""
-    return spec.hostname + spec.path_prefix
 
 
 @dataclass(eq=False)

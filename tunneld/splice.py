@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_splice -*-
+# -*- test-case-name: tests.test_tcp -*-
 """
 One TCP connection spliced onto one tunnel stream: raw bytes both ways.
 
@@ -29,9 +29,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunneld.interfaces import IStream, IStreamReceiver
+from tunneld.model.messages import Headers, ReplyHead
+from tunneld.model.reasons import Reason
 from tunneld.readsize import ReadSize
-from tunneld.reasons import Reason
-from tunneld.wire.messages import Headers, ReplyHead
 
 
 @implementer(IHalfCloseableProtocol, IStreamReceiver)

@@ -2,24 +2,43 @@
 """
 C{tunneld status}: the edge's admin API as tables for a person.
 
-A command-line tool, so it blocks: one C{urllib} request per table, no reactor.
+A command-line tool with a reactor of its own for its few requests (treq, the
+HTTP client tunneld uses wherever it asks something over HTTP); it prints
+the tables and exits.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import urllib.error
-import urllib.request
 from typing import Any, TextIO
 
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import react
+from twisted.web.client import Agent, HTTPConnectionPool
+
 DEFAULT_ADMIN = "http://127.0.0.1:8090"
+TIMEOUT = 5.0
 
 
-def fetch(admin: str, path: str, timeout: float = 5.0) -> Any:
-    """The JSON at C{path} of the admin API at C{admin}."""
-    with urllib.request.urlopen(admin.rstrip("/") + path, timeout=timeout) as response:
-        return json.load(response)
+class AdminUnreadable(Exception):
+    """The admin API did not answer, or not with what C{tunneld status} reads."""
+
+
+async def fetch(
+    client: HTTPClient, admin: str, path: str, accept: tuple[int, ...] = (200,)
+) -> tuple[int, Any]:
+    """The status and JSON body at C{path} of the admin API at C{admin}."""
+    url = admin.rstrip("/") + path
+    response = await client.get(url, timeout=TIMEOUT)
+    body = await response.content()
+    if response.code not in accept:
+        raise AdminUnreadable(f"{path} answered {response.code}")
+    try:
+        return response.code, json.loads(body)
+    except ValueError:
+        raise AdminUnreadable(f"{path} answered something other than JSON") from None
 
 
 def table(headings: list[str], rows: list[list[str]]) -> str:
@@ -71,7 +90,11 @@ def render(agents: list[dict[str, Any]], tunnels: list[dict[str, Any]],
 
 
 def main(argv: list[str], stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr) -> int:
-    """C{tunneld status [--admin URL]}; returns the exit status."""
+    """
+    C{tunneld status [--admin URL]}: returns the exit status of C{--help} or
+    a usage mistake; otherwise shows the tables and exits the process (0, or
+    1 when the admin API cannot be read).
+    """
     admin = DEFAULT_ADMIN
     args = list(argv)
     while args:
@@ -88,16 +111,37 @@ def main(argv: list[str], stdout: TextIO = sys.stdout, stderr: TextIO = sys.stde
             return 2
     if "://" not in admin:
         admin = "http://" + admin
+    react(_run, [admin, stdout, stderr])
+
+
+def _run(reactor: Any, admin: str, stdout: TextIO, stderr: TextIO) -> Deferred[None]:
+    """L{show} on C{reactor}; a failure to read the admin API exits with status 1."""
+    client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+
+    async def run() -> None:
+        if not await show(client, admin, stdout, stderr):
+            raise SystemExit(1)
+
+    return ensureDeferred(run())
+
+
+async def show(client: HTTPClient, admin: str, stdout: TextIO, stderr: TextIO) -> bool:
+    """Print the tables of the edge at C{admin}; False (said on C{stderr}) if it cannot."""
     try:
-        agents = fetch(admin, "/api/agents")["agents"]
-        tunnels = fetch(admin, "/api/tunnels")["tunnels"]
-        refusals = fetch(admin, "/api/refusals")
-        try:
-            ready = bool(fetch(admin, "/readyz")["ready"])
-        except urllib.error.HTTPError as e:
-            ready = e.code == 200
-    except (OSError, ValueError) as e:
-        stderr.write(f"tunneld status: cannot read the admin API at {admin}: {e}\n")
-        return 1
-    stdout.write(render(agents, tunnels, refusals, ready))
-    return 0
+        agents = (await fetch(client, admin, "/api/agents"))[1]["agents"]
+        tunnels = (await fetch(client, admin, "/api/tunnels"))[1]["tunnels"]
+        refusals = (await fetch(client, admin, "/api/refusals"))[1]
+        code, _ = await fetch(client, admin, "/readyz", accept=(200, 503))
+    except Exception as e:  # noqa: BLE001 -- refused, timed out, not the admin API: say which
+        stderr.write(f"tunneld status: cannot read the admin API at {admin}: {_why(e)}\n")
+        return False
+    stdout.write(render(agents, tunnels, refusals, code == 200))
+    return True
+
+
+def _why(error: Exception) -> str:
+    """What went wrong, for a person: the connection's own error inside treq's wrapping."""
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        return str(reasons[0].getErrorMessage())
+    return str(error) or type(error).__name__

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.test_config,tests.test_startup,tests.test_identity -*-
 """
 C{twistd tunneld} and C{twistd tunneld-agent}: options and service makers.
 
@@ -7,28 +7,68 @@ twistd before anything listens, with one line naming the file, the key and
 the reason, and exit status 1 (a bad file is not a command-line mistake, so
 twistd's usage text is left out).  The service tree's root is a
 L{StartupGuard}: a listener that cannot listen stops the process too.
+
+The configuration is a pure schema (L{tunneld.config}); what it names is
+resolved here, at start, by L{load_edge} and L{load_agent}: the transport
+plugins and their tables, the certificates that must load, the agent id a
+client certificate names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from twisted.application.service import IService
 from twisted.python import usage
 
-from tunneld.config import (
-    AgentConfig,
-    EdgeConfig,
-    load_agent_config,
-    load_edge_config,
-    transport_options,
-)
-from tunneld.errors import ConfigError
+from tunneld.config import AgentConfig, EdgeConfig, load_agent_config, load_edge_config
+from tunneld.errors import ConfigError, InvalidTransport
+from tunneld.interfaces import ITransportPlugin
+from tunneld.registry import transport_options
+
+Transports = list[tuple[ITransportPlugin, Any]]
 
 
-def _config_error(program: str, error: ConfigError) -> SystemExit:
-    """The exit for a bad configuration: one line on stderr, status 1."""
+def _config_error(program: str, error: ConfigError | InvalidTransport) -> SystemExit:
+    """The exit for a bad configuration or plugin: one line on stderr, status 1."""
     return SystemExit(f"{program}: {error}")
+
+
+def load_edge(path: str | None) -> tuple[EdgeConfig, Transports]:
+    """
+    The edge's configuration as C{twistd tunneld} starts with it: the file
+    checked against the schema, the public TLS certificates loaded (so a
+    bad one stops the start with its key, before anything listens), the
+    transport plugins found with their tables validated.  Raises L{ConfigError} or
+    L{InvalidTransport}.
+    """
+    config = load_edge_config(path)
+    if config.edge.public_tls_listen:
+        from tunneld.edge.public_tls import public_tls_contexts
+
+        public_tls_contexts(config.edge.tls, config.source)
+    edge = config.edge
+    transports = transport_options(edge.transports, config.transports, config.source, edge=True)
+    return config, transports
+
+
+def load_agent(path: str | None) -> tuple[AgentConfig, Transports]:
+    """
+    The agent's configuration as C{twistd tunneld-agent} starts with it:
+    the file checked against the schema, its id taken from (or checked
+    against) its client certificate, the transport plugins found with their
+    tables validated.  Raises L{ConfigError} or L{InvalidTransport}.
+    """
+    from tunneld.agent.identity import resolve_agent_id
+
+    config = load_agent_config(path)
+    agent = dataclasses.replace(config.agent, id=resolve_agent_id(config.agent, config.source))
+    config = dataclasses.replace(config, agent=agent)
+    transports = transport_options(
+        agent.transports, config.transports, config.source, edge=False
+    )
+    return config, transports
 
 
 class EdgeOptions(usage.Options):
@@ -40,16 +80,12 @@ class EdgeOptions(usage.Options):
     ]
 
     config: EdgeConfig
-    transports: list[tuple[Any, Any]]
+    transports: Transports
 
     def postOptions(self) -> None:  # noqa: N802
         try:
-            self.config = load_edge_config(self["config"])
-            edge = self.config.edge
-            self.transports = transport_options(
-                edge.transports, self.config.transports, self.config.source, edge=True
-            )
-        except ConfigError as e:
+            self.config, self.transports = load_edge(self["config"])
+        except (ConfigError, InvalidTransport) as e:
             raise _config_error("tunneld", e) from None
 
 
@@ -62,18 +98,14 @@ class AgentOptions(usage.Options):
     ]
 
     config: AgentConfig
-    transports: list[tuple[Any, Any]]
+    transports: Transports
 
     def postOptions(self) -> None:  # noqa: N802
         try:
-            self.config = load_agent_config(self["config"])
+            self.config, self.transports = load_agent(self["config"])
             if not self.config.tunnels:
                 raise ConfigError(self.config.source, "tunnels", "no [[tunnels]] configured")
-            agent = self.config.agent
-            self.transports = transport_options(
-                agent.transports, self.config.transports, self.config.source, edge=False
-            )
-        except ConfigError as e:
+        except (ConfigError, InvalidTransport) as e:
             raise _config_error("tunneld-agent", e) from None
 
 

@@ -6,95 +6,56 @@ A tunnel may name a health check: C{tcp} (the upstream accepts a connection)
 or C{http:/path[:STATUS]} (a C{GET} of C{path} answers C{STATUS}, or any 2xx
 or 3xx when none is given).  L{UpstreamProbe} runs it every C{interval}
 seconds on the reactor clock and reports only changes of verdict; the agent
-sends them to the edge as L{tunneld.wire.messages.Health}.
+sends them to the edge as L{tunneld.model.messages.Health}.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
+from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, connectProtocol
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory, IResponse
+from zope.interface import implementer
 
-__all__ = ["HealthCheck", "UpstreamProbe", "parse_health_check"]
+from tunneld.config.values import HealthCheck
 
-_MAX_STATUS_LINE = 8192
-
-
-@dataclass(frozen=True)
-class HealthCheck:
-    """What to probe: a TCP connect, or an HTTP path and the status it should answer."""
-
-    kind: str  # "tcp" or "http"
-    path: str = "/"
-    status: int | None = None
+__all__ = ["UpstreamProbe"]
 
 
-def parse_health_check(text: str) -> HealthCheck | None:
-    """C{''} → None, C{tcp}, C{http:/path} or C{http:/path:STATUS}; else L{ValueError}."""
-    if not text:
-        return None
-    if text == "tcp":
-        return HealthCheck("tcp")
-    if text.startswith("http:"):
-        rest = text[5:]
-        status: int | None = None
-        path, sep, tail = rest.rpartition(":")
-        if sep and tail.isdigit():
-            status = int(tail)
-            if not 100 <= status <= 599:
-                raise ValueError(f"not an HTTP status: {tail}")
-        else:
-            path = rest
-        if not path.startswith("/") or any(c in path for c in " \r\n"):
-            raise ValueError(f"health check path must start with '/': {text!r}")
-        return HealthCheck("http", path, status)
-    raise ValueError(f"expected '', 'tcp' or 'http:/path[:STATUS]', got {text!r}")
+@implementer(IAgentEndpointFactory)
+class _TheUpstream:
+    """Every probe request goes to the tunnel's upstream endpoint, whatever its URL names."""
+
+    def __init__(self, reactor: Any, upstream: str) -> None:
+        self.reactor = reactor
+        self.upstream = upstream
+
+    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:  # noqa: N802
+        """IAgentEndpointFactory.endpointForURI"""
+        return clientFromString(self.reactor, self.upstream)
 
 
-class _StatusLine(Protocol):
-    """Sends one GET and reads the status line of the answer."""
-
-    def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.buffer = b""
-        # Cancelled on timeout: drop the connection too.
-        self.status: Deferred[int] = Deferred(lambda _: self._close())
+class _HangUp(Protocol):
+    """Takes a response body by closing its connection: a probe wants the status only."""
 
     def connectionMade(self) -> None:  # noqa: N802
-        assert self.transport is not None
-        self.transport.write(self.request)
+        IPushProducer(self.transport).stopProducing()
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        if self.status.called:
-            return
-        self.buffer += data
-        line, sep, _ = self.buffer.partition(b"\r\n")
-        if not sep:
-            if len(self.buffer) > _MAX_STATUS_LINE:
-                self.status.errback(ValueError("no status line"))
-                self._close()
-            return
-        parts = line.split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
-            self.status.errback(ValueError(f"not an HTTP answer: {line[:80]!r}"))
-        else:
-            self.status.callback(int(parts[1]))
-        self._close()
 
-    def _close(self) -> None:
-        if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
-        if not self.status.called:
-            self.status.errback(ConnectionError("closed before answering"))
+def _http_client(reactor: Any, upstream: str) -> HTTPClient:
+    """treq over the upstream's endpoint, one connection per probe (C{Connection: close})."""
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    return HTTPClient(Agent.usingEndpointFactory(reactor, _TheUpstream(reactor, upstream), pool))
 
 
 class UpstreamProbe:
@@ -125,6 +86,7 @@ class UpstreamProbe:
         self._interval = interval
         self._running: Deferred[Any] | None = None
         self._stopped = False
+        self._http = _http_client(reactor, upstream) if check.kind == "http" else None
 
     def start(self) -> None:
         self._loop.start(self._interval, now=True).addErrback(
@@ -139,19 +101,22 @@ class UpstreamProbe:
             self._running.cancel()
 
     def _probe(self) -> Deferred[Any]:
-        endpoint = clientFromString(self.reactor, self.upstream)
         check = self.check
         if check.kind == "tcp":
+            endpoint = clientFromString(self.reactor, self.upstream)
             d: Deferred[Any] = connectProtocol(endpoint, Protocol())
             d.addCallback(self._tcp_connected)
         else:
-            request = (
-                f"GET {check.path} HTTP/1.1\r\nHost: {self.hostname}\r\n"
-                "User-Agent: tunneld-agent-probe\r\nConnection: close\r\n\r\n"
-            ).encode("latin-1")
-            probe = _StatusLine(request)
-            d = connectProtocol(endpoint, probe)
-            d.addCallback(lambda _: probe.status)
+            # The URL's host is never dialled (the endpoint is the upstream's);
+            # the request says Host: the tunnel's hostname, as a public one would.
+            assert self._http is not None
+            d = self._http.get(
+                f"http://upstream{check.path}",
+                headers=Headers(
+                    {b"Host": [self.hostname.encode("latin-1")], b"User-Agent": [b"tunneld-agent-probe"]}
+                ),
+                allow_redirects=False, unbuffered=True,
+            )
             d.addCallback(self._http_answered)
         d.addTimeout(self.timeout, self.reactor)
         d.addCallbacks(lambda verdict: self._verdict(*verdict), self._failed)
@@ -167,12 +132,16 @@ class UpstreamProbe:
         protocol.transport.loseConnection()
         return True, "tcp connect ok"
 
-    def _http_answered(self, status: int) -> tuple[bool, str]:
+    def _http_answered(self, response: IResponse) -> tuple[bool, str]:
+        response.deliverBody(_HangUp())
+        status = response.code
         expected = self.check.status
         ok = status == expected if expected is not None else 200 <= status < 400
         return ok, f"GET {self.check.path} answered {status}"
 
     def _failed(self, failure: Failure) -> None:
+        if isinstance(failure.value, ResponseFailed) and failure.value.reasons:
+            failure = failure.value.reasons[0]  # the connection's or the parser's own error
         self._verdict(False, f"{self.check.kind} probe failed: {failure.getErrorMessage()}")
 
     def _verdict(self, healthy: bool, detail: str) -> None:

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_end_to_end -*-
+# -*- test-case-name: tests.test_websocket,tests.test_transport_choice -*-
 """
 The agent: dial the edge, register tunnels, carry streams to upstreams.
 
@@ -31,11 +31,13 @@ from zope.interface import implementer
 
 from tunneld import __version__
 from tunneld.agent.backoff import Backoff
-from tunneld.agent.health import UpstreamProbe, parse_health_check
+from tunneld.agent.health import UpstreamProbe
+from tunneld.agent.identity import resolve_agent_id
 from tunneld.agent.tcp import TCPForwarder
 from tunneld.agent.upstream import UpstreamPool
 from tunneld.agent.upstream_h2 import H2UpstreamPool
-from tunneld.config import AgentConfig, resolve_agent_id
+from tunneld.config import AgentConfig
+from tunneld.config.values import parse_health_check
 from tunneld.interfaces import (
     AgentLinkSetup,
     IAgentLink,
@@ -43,11 +45,11 @@ from tunneld.interfaces import (
     IStream,
     ITransportPlugin,
 )
-from tunneld.reasons import Reason
+from tunneld.model.keys import tunnel_key
+from tunneld.model.messages import ControlMessage, GoAway, Health, Hello, TunnelSpec, Welcome
+from tunneld.model.reasons import Reason
 from tunneld.retire import Retirement
-from tunneld.router import tunnel_key
 from tunneld.tls import client_tls_for
-from tunneld.wire.messages import ControlMessage, GoAway, Health, Hello, TunnelSpec, Welcome
 
 # Refusals that no retry can change: the agent stops instead of asking forever.
 _FINAL_REFUSALS = frozenset({Reason.UNAUTHORIZED})
@@ -120,7 +122,7 @@ class AgentService(Service):
         self.welcome_timeout = (
             section.welcome_timeout if welcome_timeout is None else welcome_timeout
         )
-        # Normally resolved by load_agent_config; a config built in code may leave it out.
+        # Normally resolved at start (tunneld.tap.load_agent); a config built in code may leave it out.
         self.agent_id = section.id or resolve_agent_id(section, config.source)
         self.backoff = Backoff(section.reconnect_initial, section.reconnect_max, section.healthy_after)
         tls = section.tls

@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 
 from tunneld.agent.dialing import connect_timed_out
 from tunneld.interfaces import IStream
-from tunneld.reasons import Reason
+from tunneld.model.reasons import Reason
 from tunneld.splice import StreamSplice
 
 # Twisted's endpoint parser is untyped; this is its signature.

@@ -28,8 +28,8 @@ from zope.interface import implementer
 
 from tunneld.agent.dialing import connect_error, connect_timed_out
 from tunneld.interfaces import IStream, IStreamReceiver
-from tunneld.reasons import Reason
-from tunneld.wire.messages import Headers, ReplyHead
+from tunneld.model.messages import Headers, ReplyHead
+from tunneld.model.reasons import Reason
 
 __all__ = ["relay_upgrade"]
 

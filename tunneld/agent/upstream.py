@@ -43,9 +43,9 @@ from tunneld.agent.http1_wire import (
 from tunneld.agent.upgrade import relay_upgrade
 from tunneld.interfaces import IStream, IStreamReceiver
 from tunneld.memo import ByIdentity
+from tunneld.model.messages import Headers, ReplyHead, StreamHead
+from tunneld.model.reasons import Reason
 from tunneld.readsize import ReadSize
-from tunneld.reasons import Reason
-from tunneld.wire.messages import Headers, ReplyHead, StreamHead
 
 __all__ = ["UpstreamPool"]
 

@@ -19,7 +19,7 @@ import ipaddress
 from collections.abc import Iterable
 from http import HTTPStatus
 
-from tunneld.wire.messages import Headers
+from tunneld.model.messages import Headers
 
 __all__ = [
     "HOP_BY_HOP",

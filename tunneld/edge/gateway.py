@@ -49,11 +49,11 @@ from tunneld.edge.forwarding import (
     peer_of,
 )
 from tunneld.interfaces import IAgentLink, IStream, IStreamReceiver
+from tunneld.model.messages import Headers, StreamHead
+from tunneld.model.reasons import Reason
 from tunneld.observe.stats import EdgeStats
 from tunneld.policy.caps import Releasable, Slots
 from tunneld.policy.gate import Refused
-from tunneld.reasons import Reason
-from tunneld.wire.messages import Headers, StreamHead
 
 __all__ = [
     "Admission",

@@ -62,9 +62,9 @@ from tunneld.edge.forwarding import HOP_BY_HOP, reply_headers
 from tunneld.edge.gateway import Client, EdgeGateway, Refusal
 from tunneld.h2conn import LeanH2Connection
 from tunneld.interfaces import IStream, IStreamReceiver
+from tunneld.model.messages import Headers, ReplyHead
+from tunneld.model.reasons import Reason
 from tunneld.policy.caps import Releasable
-from tunneld.reasons import Reason
-from tunneld.wire.messages import Headers, ReplyHead
 
 __all__ = [
     "PREFACE",

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_end_to_end -*-
+# -*- test-case-name: tests.test_websocket,tests.test_observe,tests.test_startup -*-
 """
 The edge as a service tree: router, agent sessions, public listeners and one
 listening service per configured transport, all under one L{MultiService}.
@@ -33,14 +33,14 @@ from tunneld.edge.tcp import TCPTunnels
 from tunneld.errors import ConfigError
 from tunneld.interfaces import EdgeLinkSetup, ITransportPlugin
 from tunneld.listening import ListeningService, listeners_under
+from tunneld.model.messages import GoAway
+from tunneld.model.reasons import Reason
 from tunneld.observe.service import EdgeObservability
 from tunneld.observe.stats import EdgeStats
 from tunneld.policy.clientaddr import ProxyProtocolFactory, TrustedProxies
 from tunneld.policy.gate import PublicPolicy
-from tunneld.reasons import Reason
 from tunneld.router import Router
 from tunneld.tls import agent_link_tls
-from tunneld.wire.messages import GoAway
 
 # How often a drain looks whether the streams in flight have finished.
 _DRAIN_POLL = 0.05

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_end_to_end -*-
+# -*- test-case-name: tests.test_websocket,tests.test_health,tests.test_identity -*-
 """
 Agent sessions on the edge: hello, authentication, registration, loss.
 
@@ -22,13 +22,8 @@ from zope.interface import implementer
 from tunneld.config import AgentGrant, EdgeConfig
 from tunneld.edge.tcp import TCPTunnels
 from tunneld.interfaces import IAgentLink, ILinkHandler, IStream
-from tunneld.observe import events
-from tunneld.observe.stats import EdgeStats
-from tunneld.reasons import Reason
-from tunneld.retire import Retirement
-from tunneld.router import AgentSession, Router, hostname_allowed, tunnel_key
-from tunneld.tls import AgentIdentity, certificate_identity
-from tunneld.wire.messages import (
+from tunneld.model.keys import tunnel_key
+from tunneld.model.messages import (
     PROTOCOL_VERSION,
     ControlMessage,
     GoAway,
@@ -38,6 +33,12 @@ from tunneld.wire.messages import (
     TunnelSpec,
     Welcome,
 )
+from tunneld.model.reasons import Reason
+from tunneld.observe import events
+from tunneld.observe.stats import EdgeStats
+from tunneld.retire import Retirement
+from tunneld.router import AgentSession, Router, hostname_allowed
+from tunneld.tls import AgentIdentity, certificate_identity
 
 
 class Unauthorized(Exception):
@@ -194,8 +195,11 @@ class AgentSessions:
         self, link: IAgentLink, hello: Hello
     ) -> tuple[AgentIdentity, list[str]]:
         """The identity a verified client certificate proves, and config grants on top."""
+        certificate = link.peer_certificate
+        if certificate is None:
+            raise Unauthorized("no client certificate")
         try:
-            identity = certificate_identity(link.peer_certificate)
+            identity = certificate_identity(certificate)
         except Exception as e:  # a certificate service_identity cannot read
             raise Unauthorized(f"unreadable client certificate: {e}") from None
         if identity.agent_id is None:

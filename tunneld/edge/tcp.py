@@ -30,15 +30,17 @@ from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from tunneld.config import EdgeSection, parse_port_ranges
+from tunneld.config import EdgeSection
+from tunneld.config.values import parse_port_ranges
 from tunneld.edge.gateway import Client, EdgeGateway
 from tunneld.edge.gateway import Refusal as PublicRefusal
 from tunneld.interfaces import IStream
+from tunneld.model.keys import tunnel_key
+from tunneld.model.messages import Refusal, TunnelSpec
+from tunneld.model.reasons import Reason
 from tunneld.policy.caps import Releasable
-from tunneld.reasons import Reason
-from tunneld.router import AgentSession, Router, tunnel_key
+from tunneld.router import AgentSession, Router
 from tunneld.splice import StreamSplice
-from tunneld.wire.messages import Refusal, TunnelSpec
 
 # How many free-looking ports to try binding before giving up on allocation.
 _ALLOCATION_ATTEMPTS = 256

@@ -30,7 +30,7 @@ from twisted.logger import Logger
 
 from tunneld.edge.websocket_frames import FrameTracker, close_frame, ping_frame
 from tunneld.interfaces import IStream
-from tunneld.reasons import Reason
+from tunneld.model.reasons import Reason
 
 __all__ = ["UpgradedConnection", "close_text"]
 

@@ -24,9 +24,9 @@ from typing import Any
 from twisted.web import resource, server
 from twisted.web.server import Request
 
+from tunneld.model.keys import tunnel_key
 from tunneld.observe.metrics import CONTENT_TYPE, EdgeMetrics
 from tunneld.observe.stats import EdgeStats
-from tunneld.router import tunnel_key
 
 
 def _json(request: Request, status: int, body: Any) -> bytes:

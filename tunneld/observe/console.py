@@ -20,8 +20,8 @@ from twisted.logger import ILogObserver, globalLogPublisher
 from zope.interface import implementer
 
 from tunneld.interfaces import IStream, IStreamReceiver
-from tunneld.reasons import Reason
-from tunneld.wire.messages import Headers, ReplyHead, StreamHead
+from tunneld.model.messages import Headers, ReplyHead, StreamHead
+from tunneld.model.reasons import Reason
 
 
 class AgentActivity:

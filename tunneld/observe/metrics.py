@@ -22,8 +22,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from tunneld.model.reasons import Reason
 from tunneld.observe.stats import RTT_BUCKETS, EdgeStats
-from tunneld.reasons import Reason
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -15,7 +15,7 @@ import bisect
 from collections import deque
 from typing import Any
 
-from tunneld.reasons import Reason
+from tunneld.model.reasons import Reason
 
 # Link round-trip time buckets (seconds), upper bounds.
 RTT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)

@@ -55,16 +55,6 @@ def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return address
 
 
-def check_networks(values: list[str]) -> str | None:
-    """A config check: every entry is an address or a CIDR network."""
-    for value in values:
-        try:
-            ipaddress.ip_network(value, strict=False)
-        except ValueError:
-            return f"not an IP address or network: {value!r}"
-    return None
-
-
 class TrustedProxies:
     """The addresses whose forwarding claims are believed."""
 

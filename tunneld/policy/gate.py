@@ -25,10 +25,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from tunneld.config import LimitsSection, TunnelLimits
+from tunneld.model.reasons import Reason
 from tunneld.policy.caps import Cap, KeyedCap, Slots
 from tunneld.policy.clientaddr import TrustedProxies
 from tunneld.policy.ratelimit import BucketTable
-from tunneld.reasons import Reason
 
 __all__ = ["PublicPolicy", "Refused"]
 

@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tunneld.config.values import parse_address, parse_redis_url
 from tunneld.interfaces import (
     Claim,
     CountResult,
@@ -63,7 +64,7 @@ from tunneld.state.checks import (
 )
 from tunneld.state.ids import redis_epoch
 from tunneld.state.redisclient import RedisClient
-from tunneld.state.settings import StateOptions, parse_address, parse_redis_url
+from tunneld.state.settings import StateOptions
 
 __all__ = ["RedisStateBackend"]
 

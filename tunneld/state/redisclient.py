@@ -38,9 +38,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from tunneld.config.values import RedisTarget
 from tunneld.interfaces import StateUnavailable
 from tunneld.state.scripts import Script
-from tunneld.state.settings import RedisTarget
 
 __all__ = ["RedisClient", "RedisRefused"]
 

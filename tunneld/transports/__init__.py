@@ -1,1 +1,8 @@
-"""The built-in agent-link transports; each module is one L{ITransportPlugin}."""
+"""
+The built-in agent-link transports, each one L{ITransportPlugin}
+(L{tunneld.transports.websocket}, L{tunneld.transports.grpc}), and
+L{tunneld.transports.mux}'s C{FrameLink}, which frame transports, built-in
+and third-party, build on.  They sit beside the core: they import the seams,
+the model, the protocol and the support modules, and only the plugin package
+(L{tunneld.plugins}) imports them.
+"""

@@ -48,6 +48,7 @@ from h2.config import H2Configuration
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError as H2ProtocolError
 from h2.settings import SettingCodes
+from twisted.application.service import IService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.interfaces import (
@@ -62,6 +63,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunneld import bulkwrite
+from tunneld.config.schema import non_negative, parse_table, positive, setting
 from tunneld.errors import ConfigError
 from tunneld.h2conn import LeanH2Connection, Payload, Piece
 from tunneld.interfaces import (
@@ -74,13 +76,7 @@ from tunneld.interfaces import (
     ITransportPlugin,
 )
 from tunneld.listening import ListeningService
-from tunneld.readsize import ReadSize
-from tunneld.reasons import Reason
-from tunneld.schema import non_negative, parse_table, positive, setting
-from tunneld.wire import codec
-from tunneld.wire.codec import FrameError
-from tunneld.wire.heartbeat import Heartbeat
-from tunneld.wire.messages import (
+from tunneld.model.messages import (
     END_STREAM_VERSION,
     MIN_FRAME_SIZE,
     ControlMessage,
@@ -92,7 +88,12 @@ from tunneld.wire.messages import (
     Welcome,
     saying_limits,
 )
-from tunneld.wire.mux import SocketCongestion
+from tunneld.model.reasons import Reason
+from tunneld.readsize import ReadSize
+from tunneld.transports.mux import SocketCongestion
+from tunneld.wire import codec
+from tunneld.wire.codec import FrameError
+from tunneld.wire.heartbeat import Heartbeat
 
 SERVICE = "tunneld.v1.TunnelAgent"
 CONTROL_PATH = b"/tunneld.v1.TunnelAgent/Control"
@@ -2347,8 +2348,9 @@ class GrpcTransport:
             )
         return options
 
-    def edge_service(self, options: GrpcEdgeOptions, setup: EdgeLinkSetup) -> Any:
+    def edge_service(self, options: object, setup: EdgeLinkSetup) -> IService:
         """ITransportPlugin.edge_service"""
+        assert isinstance(options, GrpcEdgeOptions), options
         factory: Any = EdgeGrpcFactory(options, setup)
         if setup.tls is not None:
             factory = TLSMemoryBIOFactory(setup.tls, False, factory)
@@ -2356,8 +2358,9 @@ class GrpcTransport:
         service.setName("transport:grpc")
         return service
 
-    def connect(self, options: GrpcAgentOptions, setup: AgentLinkSetup) -> Deferred[AgentGrpcLink]:
+    def connect(self, options: object, setup: AgentLinkSetup) -> Deferred[IAgentLink]:
         """ITransportPlugin.connect: fires once HTTP/2 is up and Control is open."""
+        assert isinstance(options, GrpcAgentOptions), options
         address = split_address(options.address)
         if address is None:
             raise ValueError(f"bad gRPC address {options.address!r}")
@@ -2399,4 +2402,4 @@ class GrpcTransport:
 
         connecting = endpoint.connect(factory)
         connecting.addCallbacks(connected.append, failed)
-        return opened
+        return cast("Deferred[IAgentLink]", opened)  # it fires with an AgentGrpcLink

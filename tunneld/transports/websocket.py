@@ -1,9 +1,9 @@
-# -*- test-case-name: tests.test_end_to_end -*-
+# -*- test-case-name: tests.test_websocket,tests.test_websocket_framing -*-
 """
 The WebSocket agent-link transport.
 
 One WebSocket per agent; each binary message is one encoded C{Frame} of the
-tunnel protocol, and L{tunneld.wire.mux.FrameLink} does the rest.  The TCP
+tunnel protocol, and L{tunneld.transports.mux.FrameLink} does the rest.  The TCP
 transport's own backpressure is wired to the link, so when the socket is
 full every stream's source pauses instead of piling bytes into memory.
 
@@ -18,10 +18,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
-import txaio
 from autobahn.twisted.websocket import (
     WebSocketClientFactory,
     WebSocketClientProtocol,
@@ -29,6 +28,7 @@ from autobahn.twisted.websocket import (
     WebSocketServerProtocol,
 )
 from autobahn.websocket.types import ConnectionDeny
+from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.protocol import connectionDone
@@ -38,12 +38,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunneld import bulkwrite
+from tunneld.config.schema import non_negative, parse_table, positive, setting
 from tunneld.errors import ConfigError
-from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup, ITransportPlugin
+from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup, IAgentLink, ITransportPlugin
 from tunneld.listening import ConnectionTracker, ListeningService
+from tunneld.model.reasons import Reason
 from tunneld.readsize import ReadSize
-from tunneld.reasons import Reason
-from tunneld.schema import non_negative, parse_table, positive, setting
+from tunneld.transports.mux import FrameLink, SocketCongestion
 from tunneld.transports.websocket_framing import (
     CLOSE_NO_STATUS,
     FrameReader,
@@ -51,12 +52,6 @@ from tunneld.transports.websocket_framing import (
     FramingError,
     Payload,
 )
-from tunneld.wire.mux import FrameLink, SocketCongestion
-
-# Autobahn logs every frame at debug level through txaio; at that level the
-# formatting alone costs more than the proxying.  Debug it deliberately.
-txaio.use_twisted()
-txaio.set_global_log_level("info")  # type: ignore[attr-defined]
 
 # Our own events (a framing violation); Autobahn's protocols keep their `log`.
 _log = Logger()
@@ -451,8 +446,9 @@ class WebSocketTransport:
             )
         return options
 
-    def edge_service(self, options: WebSocketEdgeOptions, setup: EdgeLinkSetup) -> Any:
+    def edge_service(self, options: object, setup: EdgeLinkSetup) -> IService:
         """ITransportPlugin.edge_service"""
+        assert isinstance(options, WebSocketEdgeOptions), options
         factory: Any = EdgeWebSocketFactory(options, setup)
         if setup.tls is not None:
             factory = TLSMemoryBIOFactory(setup.tls, False, factory)
@@ -460,8 +456,9 @@ class WebSocketTransport:
         service.setName("transport:websocket")
         return service
 
-    def connect(self, options: WebSocketAgentOptions, setup: AgentLinkSetup) -> Deferred[FrameLink]:
+    def connect(self, options: object, setup: AgentLinkSetup) -> Deferred[IAgentLink]:
         """ITransportPlugin.connect"""
+        assert isinstance(options, WebSocketAgentOptions), options
         parts = urlsplit(options.url)
         host = parts.hostname or "127.0.0.1"
         secure = parts.scheme == "wss"
@@ -486,4 +483,4 @@ class WebSocketTransport:
         connecting = endpoint.connect(factory)
         connecting.addErrback(connect_failed)
         connecting.addErrback(lambda f: opened.errback(f) if not opened.called else None)
-        return opened
+        return cast("Deferred[IAgentLink]", opened)  # it fires with a FrameLink

@@ -27,9 +27,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from tunneld.memo import ByIdentity
-from tunneld.reasons import Reason
-from tunneld.wire import tunnel_pb2 as pb
-from tunneld.wire.messages import (
+from tunneld.model.messages import (
     ControlMessage,
     GoAway,
     Headers,
@@ -41,6 +39,8 @@ from tunneld.wire.messages import (
     TunnelSpec,
     Welcome,
 )
+from tunneld.model.reasons import Reason
+from tunneld.wire import tunnel_pb2 as pb
 
 Frame = pb.Frame
 

@@ -14,7 +14,7 @@ The edge's public HTTP/1.1 listener.
   - L{deadlines}: the connection's one timer (head, keep-alive, progress,
     linger, and a switched connection's pings).
 
-Every refusal answers with the L{tunneld.reasons.Reason}'s HTTP status, a
+Every refusal answers with the L{tunneld.model.reasons.Reason}'s HTTP status, a
 C{Tunnel-Error} header naming it and a one-line body, and is logged and
 counted by the gateway with the same label as on every other protocol.
 """

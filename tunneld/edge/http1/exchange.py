@@ -31,15 +31,14 @@ from zope.interface import implementer
 from tunneld.edge.gateway import Client, Refusal
 from tunneld.edge.upgraded import UpgradedConnection
 from tunneld.interfaces import IStream, IStreamReceiver
+from tunneld.model.messages import Headers, ReplyHead
+from tunneld.model.reasons import Reason
 from tunneld.policy.caps import Releasable
-from tunneld.reasons import Reason
-from tunneld.wire.messages import Headers, ReplyHead
 
 if TYPE_CHECKING:
     from tunneld.edge.http1.deadlines import Deadline
-    from tunneld.edge.http1.fast import FastPath
 
-__all__ = ["ADMIT", "PIPELINE", "UPLOAD", "Connection", "Exchange", "Upload"]
+__all__ = ["ADMIT", "PIPELINE", "UPLOAD", "Connection", "Exchange", "FastWriter", "Upload"]
 
 # Why the public socket is paused; each reason is lifted on its own.
 UPLOAD = 1  # the stream is out of credit for the request body
@@ -93,6 +92,23 @@ class Connection(TypingProtocol):
         """The client will send no more: the socket stops being the stream's producer."""
 
 
+class FastWriter(TypingProtocol):
+    """
+    What an exchange read without h11 asks of the fast path
+    (L{tunneld.edge.http1.fast.FastPath}): its reply written without h11.
+    Named here so that the fast path may import this module, not the reverse.
+    """
+
+    def reply(self, exchange: Exchange, reply: ReplyHead) -> None:
+        """The reply head."""
+
+    def body(self, exchange: Exchange, data: bytes | memoryview) -> None:
+        """Body bytes of the reply."""
+
+    def end(self, exchange: Exchange, trailers: Headers) -> None:
+        """The end of the reply."""
+
+
 @implementer(IPushProducer)
 class Upload:
     """The public socket's read side as the producer of one request body."""
@@ -137,7 +153,7 @@ class Exchange:
     )
 
     def __init__(
-        self, connection: Connection, fast: FastPath | None, method: bytes, target: str
+        self, connection: Connection, fast: FastWriter | None, method: bytes, target: str
     ) -> None:
         self.connection = connection
         self.fast = fast

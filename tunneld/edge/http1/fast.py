@@ -29,8 +29,8 @@ from tunneld.edge.http1.fasthead import (
     response_head_with,
 )
 from tunneld.memo import ByIdentity
+from tunneld.model.messages import Headers, ReplyHead
 from tunneld.observe.stats import EdgeStats
-from tunneld.wire.messages import Headers, ReplyHead
 
 if TYPE_CHECKING:
     from tunneld.edge.http1.deadlines import Deadline

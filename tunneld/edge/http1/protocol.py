@@ -45,9 +45,9 @@ from tunneld.edge.http1.exchange import ADMIT, PIPELINE, UPLOAD, Exchange, Uploa
 from tunneld.edge.http1.fast import FastPath
 from tunneld.edge.upgraded import UpgradedConnection
 from tunneld.interfaces import IStream
+from tunneld.model.messages import Headers, ReplyHead
+from tunneld.model.reasons import Reason
 from tunneld.readsize import ReadSize
-from tunneld.reasons import Reason
-from tunneld.wire.messages import Headers, ReplyHead
 
 __all__ = ["PublicHTTPFactory", "PublicHTTPProtocol", "PublicHTTPSettings"]
 

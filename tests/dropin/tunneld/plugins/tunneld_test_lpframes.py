@@ -5,7 +5,7 @@ A third-party transport, shipped only with the tests: tunnel frames as
 It lives outside tunneld, in a C{tunneld/plugins} directory with no
 C{__init__.py}, and is found by Twisted's plugin system like any drop-in.
 It uses only tunneld's public seams: the interfaces, the schema helper and
-L{tunneld.wire.mux.FrameLink}.
+L{tunneld.transports.mux.FrameLink}.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from twisted.internet.endpoints import clientFromString
 from twisted.protocols.basic import Int32StringReceiver
 from zope.interface import implementer
 
+from tunneld.config.schema import parse_table, setting
 from tunneld.interfaces import ITransportPlugin
 from tunneld.listening import ListeningService
-from tunneld.reasons import Reason
-from tunneld.schema import parse_table, setting
-from tunneld.wire.mux import FrameLink, SocketCongestion
+from tunneld.model.reasons import Reason
+from tunneld.transports.mux import FrameLink, SocketCongestion
 
 
 @dataclass(frozen=True)

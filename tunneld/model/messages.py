@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from tunneld.reasons import Reason
+from tunneld.model.reasons import Reason
 
 # 2: Open, Reply and Data frames may carry end_stream.
 PROTOCOL_VERSION = 2

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_reasons -*-
+# -*- test-case-name: tests.test_codec,tests.test_docs -*-
 """
 The one enumeration of why tunneld refused or ended something.
 

@@ -26,11 +26,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from tunneld.interfaces import IAgentLink, ILinkHandler, IStream, IStreamReceiver
-from tunneld.reasons import Reason
-from tunneld.wire import codec
-from tunneld.wire.codec import FrameError
-from tunneld.wire.heartbeat import Heartbeat
-from tunneld.wire.messages import (
+from tunneld.model.messages import (
     END_STREAM_VERSION,
     MIN_FRAME_SIZE,
     ControlMessage,
@@ -42,6 +38,10 @@ from tunneld.wire.messages import (
     Welcome,
     saying_limits,
 )
+from tunneld.model.reasons import Reason
+from tunneld.wire import codec
+from tunneld.wire.codec import FrameError
+from tunneld.wire.heartbeat import Heartbeat
 
 # Room in a frame for everything but the payload.
 _FRAME_OVERHEAD = 32

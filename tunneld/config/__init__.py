@@ -1,32 +1,51 @@
 # -*- test-case-name: tests.test_config -*-
 """
-The edge's and the agent's configuration: one TOML file each.
+The edge's and the agent's configuration: one TOML file each, as a schema.
 
 Every key has a documented default (so no file at all is a valid edge
 configuration: loopback, in-memory, development mode), and every mistake
 fails at start with the file, the key and the reason.
+
+A pure schema: this package reads files and checks values, and imports
+nothing of the edge, the agent, the policy or the transport plugins.  What
+needs them is resolved at start by the service makers (L{tunneld.tap}): the
+transport plugins named here and their C{[transports.NAME]} tables
+(L{tunneld.registry}), the public TLS certificates, the agent id a client
+certificate names.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunneld.config.schema import non_negative, parse_table, positive, setting
+from tunneld.config.values import (
+    check_networks,
+    parse_address,
+    parse_health_check,
+    parse_port_ranges,
+    parse_redis_url,
+)
 from tunneld.endpoints import (
     client_endpoint_problem,
     optional_server_endpoint_problem,
     server_endpoint_problem,
 )
 from tunneld.errors import ConfigError
-from tunneld.interfaces import ITransportPlugin
-from tunneld.policy.clientaddr import check_networks
 from tunneld.scheduling import check_policy
-from tunneld.schema import non_negative, parse_table, positive, setting
-from tunneld.transports.registry import find_transport
 
 NO_FILE = "(defaults)"
+
+
+def _problem(parse: Any, value: str) -> str | None:
+    """What C{parse} says is wrong with C{value} (its ValueError), or None."""
+    try:
+        parse(value)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _hostname_pattern(value: str) -> str | None:
@@ -59,13 +78,7 @@ def _unset_or_non_negative(value: float | None) -> str | None:
 
 
 def _health_check(value: str) -> str | None:
-    from tunneld.agent.health import parse_health_check
-
-    try:
-        parse_health_check(value)
-    except ValueError as e:
-        return str(e)
-    return None
+    return _problem(parse_health_check, value)
 
 
 def _cpu_scheduling() -> Any:
@@ -84,34 +97,8 @@ def _non_empty(value: list[str]) -> str | None:
     return None if value else "must name at least one entry"
 
 
-def parse_port_ranges(value: str) -> list[tuple[int, int]]:
-    """
-    C{"10000-10100,2222"} as inclusive ranges; C{""} is none.  Raises
-    L{ValueError} saying what is wrong.
-    """
-    ranges = []
-    for part in value.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        low_text, _, high_text = part.partition("-")
-        try:
-            low = int(low_text)
-            high = int(high_text) if high_text else low
-        except ValueError:
-            raise ValueError(f"not a port or port range: {part!r}") from None
-        if not 1 <= low <= high <= 65535:
-            raise ValueError(f"not a port range within 1-65535: {part!r}")
-        ranges.append((low, high))
-    return ranges
-
-
 def _port_ranges(value: str) -> str | None:
-    try:
-        parse_port_ranges(value)
-    except ValueError as e:
-        return str(e)
-    return None
+    return _problem(parse_port_ranges, value)
 
 
 def _tunnel_protocol(value: str) -> str | None:
@@ -182,24 +169,11 @@ def _state_backend(value: str) -> str | None:
     return None if value in ("memory", "redis") else f"must be 'memory' or 'redis', got {value!r}"
 
 
-def _problem(parse: Any, value: str) -> str | None:
-    """What C{parse} says is wrong with C{value} (its ValueError), or None."""
-    try:
-        parse(value)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
 def _redis_url(value: str) -> str | None:
-    from tunneld.state.settings import parse_redis_url
-
     return _problem(parse_redis_url, value)
 
 
 def _sentinel_addresses(values: list[str]) -> str | None:
-    from tunneld.state.settings import parse_address
-
     return next(filter(None, (_problem(parse_address, value) for value in values)), None)
 
 
@@ -656,11 +630,6 @@ def load_edge_config(path: str | None) -> EdgeConfig:
     if "source" in raw:
         raise ConfigError(where, "source", "unknown key")
     config: EdgeConfig = _parse(EdgeConfig, raw, where)
-    if config.edge.public_tls_listen:
-        # Read the certificates now, so a bad one stops the start with its key.
-        from tunneld.edge.public_tls import public_tls_contexts
-
-        public_tls_contexts(config.edge.tls, where)
     seen: set[str] = set()
     for i, grant in enumerate(config.agents):
         if grant.id in seen:
@@ -696,8 +665,6 @@ def load_agent_config(path: str | None) -> AgentConfig:
     config: AgentConfig = _parse(AgentConfig, raw, where)
     tls = config.agent.tls
     _check_tls_files(where, "agent.tls", tls.certificate, tls.key, tls.ca)
-    agent = dataclasses.replace(config.agent, id=resolve_agent_id(config.agent, where))
-    config = dataclasses.replace(config, agent=agent)
     for i, tunnel in enumerate(config.tunnels):
         if tunnel.protocol == "tcp" and tunnel.path_prefix:
             raise ConfigError(where, f"tunnels[{i}].path_prefix", "tcp tunnels have no path prefix")
@@ -706,61 +673,3 @@ def load_agent_config(path: str | None) -> AgentConfig:
         if tunnel.protocol == "http" and tunnel.remote_port:
             raise ConfigError(where, f"tunnels[{i}].remote_port", "only tcp tunnels have a port")
     return AgentConfig(config.agent, config.tunnels, config.transports, where)
-
-
-def resolve_agent_id(agent: AgentSection, where: str) -> str:
-    """
-    The id this agent says hello with: its certificate's when C{id} is left
-    out; C{"agent"} without either.  An id that the certificate does not
-    name is refused here, at start: the edge would refuse every hello.
-    """
-    certificate = agent.tls.certificate
-    if not certificate:
-        return agent.id or "agent"
-    from tunneld.tls import certificate_file_identity
-
-    try:
-        identity = certificate_file_identity(certificate)
-    except Exception as e:  # noqa: BLE001 -- whatever the file holds, say which file
-        raise ConfigError(
-            where, "agent.tls.certificate", f"cannot read a certificate from {certificate}: {e}"
-        ) from None
-    if identity.agent_id is None:
-        raise ConfigError(
-            where, "agent.tls.certificate",
-            f"{certificate} names no agent (no tunneld-agent:// URI or DNS name); make one "
-            "with `tunneld certs agent --id NAME`",
-        )
-    if not agent.id:
-        return identity.agent_id
-    if not identity.is_agent(agent.id):
-        raise ConfigError(
-            where, "agent.id",
-            f"is {agent.id!r} but the certificate {certificate} is for agent "
-            f"{identity.agent_id!r}: set id = {identity.agent_id!r}, or leave id out to take "
-            "the certificate's",
-        )
-    return agent.id
-
-
-def transport_options(
-    names: list[str], tables: dict[str, dict[str, Any]], where: str, *, edge: bool
-) -> list[tuple[ITransportPlugin, Any]]:
-    """
-    The plugins named in C{names} with their validated options; a missing
-    plugin or a bad option fails with the file and key.
-    """
-    section = "edge" if edge else "agent"
-    chosen = []
-    for i, name in enumerate(names):
-        plugin = find_transport(name, where, f"{section}.transports[{i}]")
-        table = tables.get(name, {})
-        options = plugin.edge_options(table, where) if edge else plugin.agent_options(table, where)
-        listen = getattr(options, "listen", None) if edge else None
-        if isinstance(listen, str):
-            # Whatever the plugin checks itself, its listener is an endpoint string.
-            problem = server_endpoint_problem(listen)
-            if problem:
-                raise ConfigError(where, f"transports.{name}.listen", problem)
-        chosen.append((plugin, options))
-    return chosen
