@@ -118,9 +118,18 @@ class PortRoutes(Routes, TypingProtocol):
 
 class RemoteRoutes(TypingProtocol):
     """
-    Where a tunnel no local session serves is served instead (issue 20: an
-    edge holding it, reached over a relay link that is an L{IAgentLink} like
-    any other).  May answer later.
+    The routing seam for several edges: where a tunnel no local session
+    serves is served instead.
+
+    The gateway routes in two steps: the local table (L{Routes}) first, and
+    only when it answers C{no_tunnel} or C{agent_unavailable}, this.  Issue
+    20 (the state backend) plugs in here and nowhere else: an implementation
+    looks the tunnel up in the backend and answers a route whose link is a
+    relay link to the edge holding it (an L{IAgentLink} like any other), or
+    a L{Reason}; it is passed to L{EdgeGateway} as C{remote}.  No protocol
+    changes: they already carry a request whose answer comes later (a
+    L{Deferred} here; see L{EdgeGateway.request}).  TCP tunnels are routed
+    by the port this edge listens on for a local agent, so they never ask.
     """
 
     def route(self, host: str, path: str) -> RouteLike | Reason | Deferred[RouteLike | Reason]: ...
