@@ -302,6 +302,84 @@ class StateBackendBehaviour:
         await one.delete_log("sse", "c1")
         self.assertFalse((await two.read_log("sse", "c1", "8", 100)).complete)
 
+    async def test_extend_log_keeps_a_batch_together(self) -> None:
+        """extend_log appends its items in order as one step: two edges' concurrent batches never interleave."""
+        one, two = await self.backend(), await self.other_edge()
+        batches = [[b"%s %d" % (name, i) for i in range(300)] for name in (b"one", b"two")]
+        last = await defer.gatherResults([
+            defer.ensureDeferred(self._extend(one, batches[0])),
+            defer.ensureDeferred(self._extend(two, batches[1])),
+        ])
+        self.assertEqual(sorted(last), ["300", "600"])
+        read = await one.read_log("sse", "batch", None, 1000)
+        self.assertTrue(read.complete)
+        data = [entry.data for entry in read.entries]
+        self.assertIn(data, (batches[0] + batches[1], batches[1] + batches[0]))
+        self.assertEqual([e.event_id for e in read.entries], [str(n) for n in range(1, 601)])
+        self.assertEqual(await one.extend_log("sse", "batch", [b"x", b"y"], 3, 30), "602")
+        kept = await two.read_log("sse", "batch", "598", 10)
+        self.assertEqual(([e.data for e in kept.entries], kept.complete), ([data[-1], b"x", b"y"], False))
+        with self.assertRaises(ValueError):
+            one.extend_log("sse", "batch", [], 3, 30)
+
+    async def test_trim_log_drops_what_every_reader_had(self) -> None:
+        """trim_log drops the entries through an event id: later ones stay readable, a read from before says incomplete."""
+        one, two = await self.backend(), await self.other_edge()
+        await one.extend_log("sse", "trim", [b"e%d" % i for i in range(1, 11)], 100, 30)
+        await two.trim_log("sse", "trim", "6")
+        kept = await one.read_log("sse", "trim", "6", 100)
+        self.assertEqual(([e.event_id for e in kept.entries], kept.complete),
+                         (["7", "8", "9", "10"], True))
+        self.assertFalse((await one.read_log("sse", "trim", "5", 100)).complete)
+        await one.trim_log("sse", "trim", "6")  # again: nothing more goes
+        await one.trim_log("sse", "absent", "3")
+        self.assertEqual(await one.append_log("sse", "trim", b"e11", 100, 30), "11")
+        await one.trim_log("sse", "trim", "99")  # past the end: everything goes, ids go on
+        self.assertEqual(await one.read_log("sse", "trim", "11", 10), type(kept)((), True))
+        self.assertEqual(await one.append_log("sse", "trim", b"e12", 100, 30), "12")
+        with self.assertRaises(ValueError):
+            one.trim_log("sse", "trim", "x")
+
+    async def _extend(self, backend: IStateBackend, items: list[bytes]) -> str:
+        return await backend.extend_log("sse", "batch", items, 1000, 30)
+
+    async def test_watch_log_hears_appends_from_every_edge(self) -> None:
+        """A watcher is called after appends by any edge (never from inside the append), and no more once cancelled."""
+        one, two = await self.backend(), await self.other_edge()
+        calls: list[int] = []
+        heard: list[defer.Deferred[None]] = []
+
+        def called() -> None:
+            calls.append(1)
+            while heard:
+                heard.pop().callback(None)
+
+        def next_call() -> defer.Deferred[None]:
+            d: defer.Deferred[None] = defer.Deferred()
+            heard.append(d)
+            return d
+
+        watch = one.watch_log("sse", "watched", called)
+        for writer in (one, two, two):
+            waiting = next_call()
+            before = len(calls)
+            appended = writer.append_log("sse", "watched", b"x", 10, 30)
+            self.assertEqual(len(calls), before)  # not from inside the append
+            await appended
+            await waiting
+        waiting = next_call()
+        await two.extend_log("sse", "watched", [b"y", b"z"], 10, 30)
+        await waiting
+        other = two.watch_log("sse", "watched", lambda: None)
+        other.cancel()
+        watch.cancel()
+        watch.cancel()  # idempotent
+        before = len(calls)
+        await one.append_log("sse", "watched", b"after", 10, 30)
+        await two.append_log("sse", "elsewhere", b"other log", 10, 30)
+        await sleep(0.3)
+        self.assertEqual(len(calls), before)
+
     # Membership
 
     async def membership(

@@ -27,7 +27,7 @@ RUN_BUDGET = 600.0
 class AutobahnConformance(TestCase):
     """The fuzzingclient's verdicts, directly and through the websocket transport."""
 
-    timeout = RUN_BUDGET + 60
+    timeout = 3 * RUN_BUDGET + 60
 
     def setUp(self) -> None:
         if not os.access(WSTEST, os.X_OK):
@@ -50,6 +50,19 @@ class AutobahnConformance(TestCase):
         # verdicts (OK vs NON-STRICT) is timing, not behaviour; any other
         # difference, and any FAILED, is a failure.
         problems = [p for p in differences(direct, tunnel) if not _timing_only(p, direct, tunnel)]
+        # Many cases kill the connection one second after their last frame
+        # (Autobahn's killAfter(1)); on a loaded machine a relayed close can
+        # miss that second.  A difference in behaviour comes back every time,
+        # a missed second does not: the cases that disagreed run again, alone,
+        # up to twice, and only a difference that persists is a failure.
+        for attempt in range(2):
+            if not problems:
+                break
+            again = [p.split(":", 1)[0] for p in problems]
+            retry_dir = os.path.join(workdir, f"again-{attempt}")
+            os.makedirs(retry_dir)
+            direct, tunnel = await compare(reactor, again, retry_dir, RUN_BUDGET)
+            problems = [p for p in differences(direct, tunnel) if not _timing_only(p, direct, tunnel)]
         self.assertEqual(problems, [])
 
 

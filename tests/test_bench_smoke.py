@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 
-from twisted.internet import protocol, reactor
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
@@ -106,6 +106,16 @@ class RecordingServer(protocol.Protocol):
     def __init__(self, record: bytearray) -> None:
         self.record = record
         self.buffer = b""
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def connectionLost(self, reason: object = None) -> None:  # noqa: N802
+        self.lost.callback(None)
+
+    def close(self) -> defer.Deferred[None]:
+        """Hang up (if wrk has not) and fire once the connection is gone."""
+        if not self.lost.called:
+            self.transport.loseConnection()
+        return self.lost
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         self.buffer += data
@@ -142,9 +152,17 @@ class VariedScriptTests(TestCase):
         import workload
 
         record = bytearray()
-        factory = protocol.Factory.forProtocol(lambda: RecordingServer(record))
+        servers: list[RecordingServer] = []
+
+        def serve() -> RecordingServer:
+            servers.append(RecordingServer(record))
+            return servers[-1]
+
+        factory = protocol.Factory.forProtocol(serve)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
+        # wrk may exit before this side has read its connections' ends.
+        self.addCleanup(lambda: defer.gatherResults([s.close() for s in servers]))
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         lua, data = workload.write_workload(directory, name, "bench.localhost")

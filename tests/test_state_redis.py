@@ -129,6 +129,46 @@ class RedisFaultTests(TestCase):
         self.assertEqual(verdict.tokens // 1, 2)
         self.assertEqual(backend.client.script_loads, loads + 1)
 
+    async def test_log_watchers_hear_of_appends_across_a_restart(self) -> None:
+        """Appends are announced by pub/sub on a connection of its own; across a Redis restart watchers are called again (nothing announced meanwhile is missed) and the pub/sub connection comes back."""
+        server = await start_server(self)
+        backend = redis_backend(self, server.url, probe_interval=0.2)
+        writer = redis_backend(self, server.url)
+        await backend.start()
+        await writer.start()
+        heard: list[defer.Deferred[None]] = []
+
+        def called() -> None:
+            while heard:
+                heard.pop().callback(None)
+
+        def next_call() -> defer.Deferred[None]:
+            d: defer.Deferred[None] = defer.Deferred()
+            heard.append(d)
+            return d
+
+        backend.watch_log("sse", "w", called)
+        announcements = backend._announcements
+
+        async def subscribed() -> bool:
+            return bool(announcements._subscribed)
+
+        await eventually(subscribed, "the watcher to subscribe")
+        waiting = next_call()
+        await writer.append_log("sse", "w", b"one", 10, 30)
+        await waiting
+        await server.stop()
+        waiting = next_call()
+        await waiting  # while the announcement connection is down, watchers are polled
+        await server.start(server.port)
+        await eventually(subscribed, "the watcher to subscribe again")
+        await eventually(lambda: defer.succeed(writer.health().reachable), "the writer to reconnect")
+        waiting = next_call()
+        await writer.append_log("sse", "w", b"two", 10, 30)
+        await waiting
+        channels = await redis_cli(server.port, "PUBSUB", "CHANNELS")
+        self.assertEqual(channels.split(), ["tunneld:log-news:sse:w"])
+
     async def test_outage_degrades_loudly_and_recovers_without_restart(self) -> None:
         """Redis stopped: limits decide locally, loudly; Redis back (empty): shared again, edge re-registered. Twice."""
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)

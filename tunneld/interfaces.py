@@ -154,6 +154,9 @@ class EdgeLinkSetup:
     max_frame_size: int = 1 << 20
     initial_window: int = 256 * 1024
     max_streams: int = 10_000  # concurrent streams on one agent link
+    # The edge's IStateBackend (design §6): what a transport keeps there is
+    # seen by every edge of the cluster (memory: this process only).
+    state: IStateBackend | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,16 @@ class AgentLinkSetup:
     tls_for: Callable[[str], IOpenSSLClientConnectionCreator] | None = None
     max_frame_size: int = 1 << 20
     initial_window: int = 256 * 1024
+
+
+class LinkRefused(Exception):
+    """
+    A transport's C{connect} failed in a way that dialling again will not
+    change (the edge, or something in front of it, answered 401, 403 or 404
+    to the agent's first request): the agent stops after a few rounds of
+    such refusals instead of dialling forever.  The message says what was
+    refused and by whom.
+    """
 
 
 class ITransportPlugin(IPlugin):
@@ -194,7 +207,10 @@ class ITransportPlugin(IPlugin):
         """A service accepting agent links, each handed to C{setup.on_link}."""
 
     def connect(options: object, setup: AgentLinkSetup) -> Deferred[IAgentLink]:
-        """Dial the edge; a Deferred firing with the link."""
+        """
+        Dial the edge; a Deferred firing with the link, or failing (with
+        L{LinkRefused} when retrying cannot help).
+        """
 
 
 # --- Shared state: what several edges agree on (design §6, issue 20) -------
@@ -420,3 +436,39 @@ class IStateBackend(Interface):
 
     def delete_log(namespace: str, key: str) -> Deferred[None]:
         """Drop the log."""
+
+    def extend_log(
+        namespace: str, key: str, items: Sequence[bytes], max_entries: int, ttl: float
+    ) -> Deferred[str]:
+        """
+        Append C{items} in order, as one atomic step: no other edge's entry
+        falls between them (a single writer that must keep its order sends
+        its batch this way rather than as concurrent L{append_log} calls,
+        which may travel on different connections).  Otherwise as
+        L{append_log}; the event id of the last new entry.
+        """
+
+    def trim_log(namespace: str, key: str, through: str) -> Deferred[None]:
+        """
+        Drop the entries up to and including event id C{through} (those every
+        reader has had), so that a log bounded by count is bounded by use too;
+        a read from before them then says C{complete=False}.
+        """
+
+    def watch_log(namespace: str, key: str, callback: Callable[[], None]) -> ILogWatch:
+        """
+        Call C{callback} (no arguments) soon after entries are appended to
+        the log, by this edge or any other; one call may stand for several
+        appends, and a call may come when nothing new is there.  It is also
+        called after the store becomes reachable again (appends made
+        meanwhile may not have been announced), so a watcher that reads the
+        log on every call misses nothing.  It is never called from inside
+        L{append_log} or L{extend_log}.
+        """
+
+
+class ILogWatch(Interface):
+    """A registration made by L{IStateBackend.watch_log}."""
+
+    def cancel() -> None:
+        """Stop calling the callback; idempotent."""

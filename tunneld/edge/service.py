@@ -40,6 +40,8 @@ from tunneld.observe.stats import EdgeStats
 from tunneld.policy.clientaddr import ProxyProtocolFactory, TrustedProxies
 from tunneld.policy.gate import PublicPolicy
 from tunneld.router import Router
+from tunneld.state import make_backend
+from tunneld.state.service import StateService
 from tunneld.tls import agent_link_tls
 
 # How often a drain looks whether the streams in flight have finished.
@@ -107,7 +109,12 @@ class EdgeService(MultiService):
         self.public_h2c: list[ListeningService] = []
         self.public_tls: list[ListeningService] = []
         self._public_h2(settings)
+        # The shared state (design §6), started before and closed after the
+        # transports, which may keep what other edges must see there.
+        self.state = StateService(reactor, make_backend(reactor, edge.state))
+        self.state.setServiceParent(self)
         setup = EdgeLinkSetup(
+            state=self.state.backend,
             on_link=self.sessions.link_connected,
             reactor=reactor,
             max_frame_size=edge.max_frame_size,

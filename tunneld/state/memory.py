@@ -26,6 +26,7 @@ from tunneld.interfaces import (
     Claim,
     CountResult,
     EdgeRecord,
+    ILogWatch,
     IStateBackend,
     LogEntry,
     LogRead,
@@ -126,6 +127,31 @@ class _Log:
         self.last = 0  # the event id of the newest entry
 
 
+@implementer(ILogWatch)
+class _Watch:
+    """One watch_log registration; cancelling drops it from the table."""
+
+    def __init__(
+        self, table: dict[tuple[str, str], list[_Watch]], log: tuple[str, str],
+        callback: Callable[[], None],
+    ) -> None:
+        self._table = table
+        self._log = log
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """ILogWatch.cancel"""
+        if self.cancelled:
+            return
+        self.cancelled = True
+        watches = self._table.get(self._log, [])
+        if self in watches:
+            watches.remove(self)
+        if not watches:
+            self._table.pop(self._log, None)
+
+
 @implementer(IStateBackend)
 class MemoryStateBackend:
     """State for one edge process; see the module docstring."""
@@ -150,6 +176,9 @@ class MemoryStateBackend:
             self._edges, self._held, self._counts, self._names, self._records, self._logs,
         )
         self.buckets = LocalBuckets(clock, max_buckets)
+        # watch_log: the watchers of each log, and the logs announced on the next turn.
+        self._watchers: dict[tuple[str, str], list[_Watch]] = {}
+        self._announcing: set[tuple[str, str]] = set()
 
     def _now(self) -> float:
         now = self._clock.seconds()
@@ -368,19 +397,65 @@ class MemoryStateBackend:
         self, namespace: str, key: str, data: bytes, max_entries: int, ttl: float
     ) -> Deferred[str]:
         """IStateBackend.append_log"""
+        return self.extend_log(namespace, key, (data,), max_entries, ttl)
+
+    def extend_log(
+        self, namespace: str, key: str, items: Sequence[bytes], max_entries: int, ttl: float
+    ) -> Deferred[str]:
+        """IStateBackend.extend_log"""
         check_namespace(namespace)
         check_key("key", key)
         check_ttl(ttl)
         if max_entries < 1:
             raise ValueError(f"a log keeps at least one entry: {max_entries!r}")
+        if not items:
+            raise ValueError("extend_log needs at least one item")
         self._now()
         log = self._logs.get((namespace, key)) or _Log()
-        log.last += 1
-        log.entries.append(bytes(data))
+        for data in items:
+            log.entries.append(bytes(data))
+        log.last += len(items)
         while len(log.entries) > max_entries:
             log.entries.popleft()
         self._logs.set((namespace, key), log, self._until(ttl))
+        self._announce((namespace, key))
         return succeed(str(log.last))
+
+    def trim_log(self, namespace: str, key: str, through: str) -> Deferred[None]:
+        """IStateBackend.trim_log"""
+        check_namespace(namespace)
+        check_key("key", key)
+        position = log_position(through)
+        if position is None:
+            raise ValueError(f"not an event id: {through!r}")
+        self._now()
+        log = self._logs.get((namespace, key))
+        if log is not None:
+            first = log.last - len(log.entries) + 1
+            for _ in range(min(len(log.entries), max(0, position - first + 1))):
+                log.entries.popleft()
+        return succeed(None)
+
+    def watch_log(
+        self, namespace: str, key: str, callback: Callable[[], None]
+    ) -> _Watch:
+        """IStateBackend.watch_log: announced on the next reactor turn, never from inside an append."""
+        check_namespace(namespace)
+        check_key("key", key)
+        watch = _Watch(self._watchers, (namespace, key), callback)
+        self._watchers.setdefault((namespace, key), []).append(watch)
+        return watch
+
+    def _announce(self, log: tuple[str, str]) -> None:
+        if log in self._watchers and log not in self._announcing:
+            self._announcing.add(log)
+            self._clock.callLater(0, self._announced, log)
+
+    def _announced(self, log: tuple[str, str]) -> None:
+        self._announcing.discard(log)
+        for watch in list(self._watchers.get(log, ())):
+            if not watch.cancelled:
+                watch.callback()
 
     def read_log(
         self, namespace: str, key: str, after: str | None, limit: int

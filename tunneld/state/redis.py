@@ -23,6 +23,7 @@ Keys, all under the configured prefix (C{tunneld:} by default):
     edge-counters:ID           set of counters the edge contributes to
     record:NS:KEY              string with a TTL
     log:NS:KEY, log-seq:NS:KEY list of the newest entries; the last event id
+    log-news:NS:KEY            pub/sub channel: the last event id after each append
     probe                      written by the reachability probe
 """
 
@@ -35,6 +36,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -44,6 +46,7 @@ from tunneld.interfaces import (
     Claim,
     CountResult,
     EdgeRecord,
+    ILogWatch,
     IStateBackend,
     LogEntry,
     LogRead,
@@ -91,6 +94,107 @@ def edge_from_json(text: Any) -> EdgeRecord:
     return EdgeRecord(**fields)
 
 
+@implementer(ILogWatch)
+class _Watch:
+    """One watch_log registration."""
+
+    def __init__(self, owner: _Announcements, channel: str, callback: Callable[[], None]) -> None:
+        self.owner = owner
+        self.channel = channel
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """ILogWatch.cancel"""
+        if not self.cancelled:
+            self.cancelled = True
+            self.owner.forget(self)
+
+
+class _Announcements:
+    """
+    Who watches which log, told by Redis pub/sub: the scripts that append
+    PUBLISH on the log's C{log-news:} channel, and one connection of its own
+    (L{RedisClient.listener}) subscribes to the channels watched.  Pub/sub
+    delivers nothing sent while that connection is down, so each time it
+    is (re)established every watcher is called once, and while it is down
+    they are called every C{probe_interval}: a watcher that reads the log
+    on each call misses nothing, only learns of it later.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, client: RedisClient) -> None:
+        self.reactor = reactor
+        self.watches: dict[str, list[_Watch]] = {}
+        self.listener = client.listener(self._heard)
+        self.listener.on_connected(self._connected)
+        self._poll = LoopingCall(self._everyone)
+        self._poll.clock = reactor
+        self._poll.start(client.probe_interval, now=False)
+        self._subscribed = False
+        self._closing = False
+        self.listener.start().addErrback(lambda _: None)  # the commanding client reports problems
+
+    def watch(self, channel: str, callback: Callable[[], None]) -> _Watch:
+        watch = _Watch(self, channel, callback)
+        first = channel not in self.watches
+        self.watches.setdefault(channel, []).append(watch)
+        if first and self._subscribed:
+            self.listener.subscribe([channel]).addErrback(self._lost)
+        return watch
+
+    def forget(self, watch: _Watch) -> None:
+        watches = self.watches.get(watch.channel, [])
+        if watch in watches:
+            watches.remove(watch)
+        if not watches and self.watches.pop(watch.channel, None) is not None and self._subscribed:
+            self.listener.unsubscribe([watch.channel]).addErrback(lambda _: None)
+
+    def _heard(self, channel: str) -> None:
+        for watch in list(self.watches.get(channel, ())):
+            if not watch.cancelled:
+                watch.callback()
+
+    def _everyone(self) -> None:
+        if self._subscribed and self.listener.connected:
+            return
+        self._subscribed = False
+        for channel in list(self.watches):
+            self._heard(channel)
+
+    def _connected(self) -> None:
+        # Called as the connection joins the pool, a turn after it is ready.
+        self.reactor.callLater(0, self._subscribe_all)
+
+    def _subscribe_all(self) -> None:
+        if self._closing or not self.listener.connected:
+            return
+        channels = list(self.watches)
+
+        def subscribed(_: Any) -> None:
+            self._subscribed = True
+            self._everyone_once()
+
+        if not channels:
+            subscribed(None)
+            return
+        self.listener.subscribe(channels).addCallbacks(subscribed, self._lost)
+
+    def _everyone_once(self) -> None:
+        for channel in list(self.watches):
+            self._heard(channel)
+
+    def _lost(self, failure: Failure) -> None:
+        self._subscribed = False
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._poll.running:
+            self._poll.stop()
+        await self.listener.close()
+
+
 @implementer(IStateBackend)
 class RedisStateBackend:
     """State in Redis; see the module docstring."""
@@ -109,6 +213,7 @@ class RedisStateBackend:
         self.fallback_decisions = 0
         self.failed_operations = 0
         self.cluster_size = 1  # live edges at the last look, for the fallback share
+        self._announcements: _Announcements | None = None  # made by the first watch_log
         client.on_recovered(self.fallback.clear)
 
     @classmethod
@@ -153,7 +258,13 @@ class RedisStateBackend:
 
     def close(self) -> Deferred[None]:
         """IStateBackend.close"""
-        return defer.ensureDeferred(self.client.close())
+
+        async def closing() -> None:
+            if self._announcements is not None:
+                await self._announcements.close()
+            await self.client.close()
+
+        return defer.ensureDeferred(closing())
 
     def health(self) -> StateHealth:
         """IStateBackend.health"""
@@ -382,16 +493,43 @@ class RedisStateBackend:
         self, namespace: str, key: str, data: bytes, max_entries: int, ttl: float
     ) -> Deferred[str]:
         """IStateBackend.append_log"""
+        return self.extend_log(namespace, key, (data,), max_entries, ttl)
+
+    def extend_log(
+        self, namespace: str, key: str, items: Sequence[bytes], max_entries: int, ttl: float
+    ) -> Deferred[str]:
+        """IStateBackend.extend_log: one script, which also announces the appends."""
         check_namespace(namespace)
         check_key("key", key)
         check_ttl(ttl)
         if max_entries < 1:
             raise ValueError(f"a log keeps at least one entry: {max_entries!r}")
+        if not items:
+            raise ValueError("extend_log needs at least one item")
         d = self._run(
-            scripts.APPEND_LOG, self._log_keys(namespace, key),
-            [bytes(data), int(max_entries), ttl_ms(ttl)],
+            scripts.EXTEND_LOG, self._log_keys(namespace, key),
+            [int(max_entries), ttl_ms(ttl), self._k("log-news", namespace, key),
+             *(bytes(item) for item in items)],
         )
         return d.addCallback(str)
+
+    def trim_log(self, namespace: str, key: str, through: str) -> Deferred[None]:
+        """IStateBackend.trim_log"""
+        check_namespace(namespace)
+        check_key("key", key)
+        position = log_position(through)
+        if position is None:
+            raise ValueError(f"not an event id: {through!r}")
+        d = self._run(scripts.TRIM_LOG, self._log_keys(namespace, key), [position])
+        return d.addCallback(lambda _: None)
+
+    def watch_log(self, namespace: str, key: str, callback: Callable[[], None]) -> _Watch:
+        """IStateBackend.watch_log: see L{_Announcements}."""
+        check_namespace(namespace)
+        check_key("key", key)
+        if self._announcements is None:
+            self._announcements = _Announcements(self.reactor, self.client)
+        return self._announcements.watch(self._k("log-news", namespace, key), callback)
 
     def read_log(
         self, namespace: str, key: str, after: str | None, limit: int

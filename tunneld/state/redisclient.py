@@ -92,6 +92,23 @@ class _SentinelProtocol(txredisapi.SentinelRedisProtocol):
             self.transport.loseConnection()
 
 
+class _Announced(txredisapi.SubscriberProtocol):
+    """A connection that only listens to pub/sub announcements (C{RedisClient(listen=…)})."""
+
+    factory: Any
+
+    def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:  # noqa: N802
+        self.factory.client._announced(channel)
+
+
+class _SentinelAnnounced(_Announced, _SentinelProtocol):
+    """The same through Sentinel: the ROLE check first, then only announcements."""
+
+
+class _PlainAnnouncedFactory(_PlainFactory):
+    protocol = _Announced
+
+
 class _SentinelFactory(_Watched, txredisapi.SentinelConnectionFactory):
     protocol = _SentinelProtocol
 
@@ -100,6 +117,10 @@ class _SentinelFactory(_Watched, txredisapi.SentinelConnectionFactory):
         self.client = client
         self.maxDelay = client.reconnect_max  # also its connect timeout, in txredisapi
         client._factory = self
+
+
+class _SentinelAnnouncedFactory(_SentinelFactory):
+    protocol = _SentinelAnnounced
 
 
 class _Sentinels(txredisapi.Sentinel):
@@ -152,8 +173,14 @@ class RedisClient:
         probe_interval: float = 1.0,
         pool_size: int = 2,
         reconnect_max: float = 5.0,
+        listen: Callable[[str], None] | None = None,
     ) -> None:
         self.reactor = reactor
+        # A client made with `listen` only subscribes to channels (see
+        # listener()): each announcement calls it with the channel; it keeps
+        # no reachability of its own (the commanding client reports that).
+        self.listen = listen
+        self._on_connected: list[Callable[[], None]] = []
         self.target = target
         self.sentinels = tuple(sentinels)
         self.sentinel_master = sentinel_master
@@ -215,11 +242,14 @@ class RedisClient:
             # attempt is then retried with backoff (during a failover they name none).
             self._sentinel.discovery_timeout = self.command_timeout
             self._sentinel.master_for(
-                self.sentinel_master, factory_class=_SentinelFactory, client=self,
+                self.sentinel_master,
+                factory_class=_SentinelFactory if self.listen is None else _SentinelAnnouncedFactory,
+                client=self,
                 dbid=self.target.db or None, poolsize=self.pool_size, **connection,
             )
         else:
-            factory = _PlainFactory(
+            factory_class = _PlainFactory if self.listen is None else _PlainAnnouncedFactory
+            factory = factory_class(
                 None, self.target.db or None, self.pool_size, handler=txredisapi.ConnectionHandler,
                 **connection,
             )
@@ -290,6 +320,50 @@ class RedisClient:
         """Call C{callback} whenever Redis answers again after an outage."""
         self._listeners.append(callback)
 
+    # Announcements (pub/sub)
+
+    def listener(self, listen: Callable[[str], None]) -> RedisClient:
+        """
+        A second client to the same Redis (or Sentinel group), with one
+        connection that only subscribes: C{listen(channel)} for each message
+        on a channel it subscribed to.  Pub/sub takes a connection of its
+        own, so it never delays the commands of this one.
+        """
+        return RedisClient(
+            self.reactor, self.target, sentinels=self.sentinels,
+            sentinel_master=self.sentinel_master, sentinel_password=self.sentinel_password,
+            probe_key=self.probe_key, command_timeout=self.command_timeout,
+            connect_timeout=self.connect_timeout, probe_interval=self.probe_interval,
+            pool_size=1, reconnect_max=self.reconnect_max, listen=listen,
+        )
+
+    def on_connected(self, callback: Callable[[], None]) -> None:
+        """Call C{callback} each time a connection is ready (a listener subscribes again then)."""
+        self._on_connected.append(callback)
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection is up now."""
+        return self._connection() is not None
+
+    def subscribe(self, channels: Sequence[str]) -> Deferred[Any]:
+        """SUBSCRIBE on the listener's connection (fails when it has none)."""
+        conn = self._connection()
+        if conn is None or not channels:
+            return defer.fail(StateUnavailable("no announcement connection"))
+        return defer.maybeDeferred(conn.subscribe, list(channels))
+
+    def unsubscribe(self, channels: Sequence[str]) -> Deferred[Any]:
+        """UNSUBSCRIBE on the listener's connection, if it has one."""
+        conn = self._connection()
+        if conn is None or not channels:
+            return defer.succeed(None)
+        return defer.maybeDeferred(conn.unsubscribe, list(channels))
+
+    def _announced(self, channel: Any) -> None:
+        if self.listen is not None:
+            self.listen(channel.decode() if isinstance(channel, bytes) else str(channel))
+
     # Commands
 
     def _connection(self) -> Any:
@@ -353,7 +427,7 @@ class RedisClient:
     def _mark_down(self, why: str) -> None:
         self.last_error = why
         # While starting, the start timeout reports an absent Redis, once.
-        if self._closing or self._starting or self.down_since is not None:
+        if self._closing or self._starting or self.down_since is not None or self.listen:
             return
         self.reachable = False
         self.outages += 1
@@ -366,7 +440,9 @@ class RedisClient:
             self._probe.start(self.probe_interval, now=False)
 
     def _mark_up(self) -> None:
-        if self.reachable or self._closing:
+        if self.listen is not None and self._starting:
+            self._finish_start(None)
+        if self.reachable or self._closing or self.listen is not None:
             return
         self.reachable = True
         if self._probe.running:
@@ -396,6 +472,12 @@ class RedisClient:
         return None
 
     def _connection_added(self, conn: Any) -> None:
+        for callback in list(self._on_connected):
+            callback()
+        if self.listen is not None:
+            if self._starting:
+                self._finish_start(None)
+            return
         peer = conn.transport.getPeer()
         address = getattr(peer, "host", None)
         peer_text = f"{address}:{peer.port}" if address is not None else str(peer)

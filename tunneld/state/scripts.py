@@ -217,15 +217,29 @@ COUNT_TOTAL = Script("count_total", _NOW_MS + _COUNTER + """
 return live_total(KEYS[1], KEYS[2])
 """)
 
-# KEYS: the log list, its sequence key.  ARGV: data, max entries, ttl ms.
-# The new entry's event id (its sequence number).
-APPEND_LOG = Script("append_log", """
-local seq = redis.call('INCR', KEYS[2])
-redis.call('RPUSH', KEYS[1], ARGV[1])
-redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
+# KEYS: the log list, its sequence key.  ARGV: max entries, ttl ms, the
+# channel that announces appends, then the entries, in order.
+# The event id of the last new entry (its sequence number).
+EXTEND_LOG = Script("extend_log", """
+local count = #ARGV - 3
+for first = 4, #ARGV, 1000 do
+  redis.call('RPUSH', KEYS[1], unpack(ARGV, first, math.min(first + 999, #ARGV)))
+end
+local seq = redis.call('INCRBY', KEYS[2], count)
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('PUBLISH', ARGV[3], seq)
 return seq
+""")
+
+# KEYS: the log list, its sequence key.  ARGV: the last event id to drop.
+TRIM_LOG = Script("trim_log", """
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+local length = redis.call('LLEN', KEYS[1])
+local drop = math.min(length, tonumber(ARGV[1]) - (last - length + 1) + 1)
+if drop > 0 then redis.call('LTRIM', KEYS[1], drop, -1) end
+return drop
 """)
 
 # KEYS: the log list, its sequence key.  ARGV: entries seen (0: none), limit.
@@ -247,5 +261,5 @@ return {complete, start, redis.call('LRANGE', KEYS[1], start - first, start - fi
 ALL = (
     REGISTER_EDGE, LIVE_EDGES, REMOVE_EDGE, HOLD_TUNNELS, RELEASE_TUNNELS, LIVE_MEMBERS,
     CLAIM_NAME, RELEASE_NAME, TAKE_TOKENS, SET_COUNT, ADJUST_COUNT, COUNT_TOTAL,
-    APPEND_LOG, READ_LOG,
+    EXTEND_LOG, TRIM_LOG, READ_LOG,
 )
