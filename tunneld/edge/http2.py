@@ -60,11 +60,11 @@ from zope.interface import implementer
 
 from tunneld.edge.forwarding import HOP_BY_HOP, reply_headers
 from tunneld.edge.gateway import Client, EdgeGateway, Refusal
-from tunneld.h2conn import LeanH2Connection
 from tunneld.interfaces import IStream, IStreamReceiver
 from tunneld.model.messages import Headers, ReplyHead
 from tunneld.model.reasons import Reason
 from tunneld.policy.caps import Releasable
+from tunneld.speedups.lean_h2 import new_h2_connection
 
 __all__ = [
     "PREFACE",
@@ -212,7 +212,7 @@ class PublicH2Protocol(Protocol):
         self._settings = factory.settings
         self._clock = factory.reactor
         settings = factory.settings
-        self._conn = LeanH2Connection(
+        self._conn = new_h2_connection(
             H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
         )
         self._conn.local_settings = Settings(

@@ -18,22 +18,22 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 from typing import Protocol as TypingProtocol
 
-from tunneld import bulkwrite
 from tunneld.edge.forwarding import phrase, reply_headers
 from tunneld.edge.http1.exchange import PIPELINE, Connection, Exchange
 from tunneld.edge.http1.fasthead import (
+    FastMemo,
     check_fields,
     field_block,
     read_head,
     response_head,
     response_head_with,
 )
-from tunneld.memo import ByIdentity
 from tunneld.model.messages import Headers, ReplyHead
 from tunneld.observe.stats import EdgeStats
 
 if TYPE_CHECKING:
     from tunneld.edge.http1.deadlines import Deadline
+    from tunneld.speedups.bulkwrite import EndOfTurn
 
 __all__ = ["FastConnection", "FastPath"]
 
@@ -85,25 +85,22 @@ class FastConnection(Connection, TypingProtocol):
         """The reply does not fit its own framing (too much or too little body)."""
 
 
-# What the fast path makes of a reply's fields: the Via it was made with, the
-# header block (end-to-end fields and Via, checked and rendered as h11 would)
-# and the declared length, by the fields' tuple, which the codec keeps per
-# distinct block (an upstream sends the same head again and again).
-_FAST_BLOCKS: ByIdentity[Headers, tuple[bytes, bytes, int | None]] = ByIdentity(256)
-
-
-def fast_block(fields: Headers, via: bytes) -> tuple[bytes, int | None] | str:
-    """A reply's header block and declared length for the fast path, or what is wrong."""
-    known = _FAST_BLOCKS.get(fields)
+def fast_block(fields: Headers, via: bytes, memo: FastMemo) -> tuple[bytes, int | None] | str:
+    """
+    A reply's header block (end-to-end fields and Via, checked and rendered
+    as h11 would) and declared length for the fast path, or what is wrong;
+    remembered in C{memo} by the fields' tuple.
+    """
+    known = memo.blocks.get(fields)
     if known is not None and known[0] == via:
         return known[1], known[2]
     headers, _ = reply_headers(fields, via)
-    checked = check_fields(headers)
+    checked = check_fields(headers, memo.names)
     if isinstance(checked, str):
         return checked
     block = field_block(checked[0])
     if type(fields) is tuple:
-        _FAST_BLOCKS.put(fields, (via, block, checked[1]))
+        memo.blocks.put(fields, (via, block, checked[1]))
     return block, checked[1]
 
 
@@ -112,17 +109,19 @@ class FastPath:
     The fast path of one connection: whether it may be tried (C{ok}: h11
     holds nothing), whether the current exchange is a fast one
     (C{active}), how far its answer went (C{out}) and what the client sent
-    meanwhile (C{pending}).
+    meanwhile (C{pending}).  C{turn} and C{memo} are its listener's: the
+    writes queued for the end of the reactor turn, and what the fast path
+    remembers of replies' fields.
     """
 
     __slots__ = (
-        "connection", "socket", "stats", "deadline", "seconds", "via",
+        "connection", "socket", "stats", "deadline", "seconds", "via", "turn", "memo",
         "ok", "active", "their_done", "out", "pending", "parsing",
     )
 
     def __init__(
         self, connection: FastConnection, socket: _Socket, stats: EdgeStats,
-        deadline: Deadline, via: bytes,
+        deadline: Deadline, via: bytes, turn: EndOfTurn, memo: FastMemo,
     ) -> None:
         self.connection = connection
         self.socket = socket
@@ -130,6 +129,8 @@ class FastPath:
         self.deadline = deadline
         self.seconds = deadline.seconds
         self.via = via
+        self.turn = turn
+        self.memo = memo
         self.ok = True  # h11 holds nothing: plain heads may be read here
         self.active = False  # the exchange in flight is a fast one
         self.their_done = False  # ... and its request is whole
@@ -202,7 +203,7 @@ class FastPath:
 
     def reply(self, exchange: Exchange, reply: ReplyHead) -> None:
         """The reply head of a fast exchange, framed as h11 would frame it."""
-        checked = fast_block(reply.headers, self.via)
+        checked = fast_block(reply.headers, self.via, self.memo)
         if isinstance(checked, str):
             self.connection.bad_reply(exchange, checked)
             return
@@ -229,25 +230,26 @@ class FastPath:
         exchange.left = left
         self.out = OUT_BODY
         self.stats.response(status)
-        bulkwrite.queue(self.socket, head)  # with the body's start, at the end of the turn
+        self.turn.queue(self.socket, head)  # with the body's start, at the end of the turn
         self.deadline.last_activity = self.seconds()
 
     def body(self, exchange: Exchange, data: bytes | memoryview) -> None:
         """Body bytes of a fast exchange's reply: one h11 event, one write."""
         left = exchange.left
         socket = self.socket
+        turn = self.turn
         if left is None:
             if data:  # (an empty chunk would end the body)
-                bulkwrite.queue(socket, b"%x\r\n" % len(data))
-                bulkwrite.queue(socket, data)
-                bulkwrite.queue(socket, b"\r\n")
+                turn.queue(socket, b"%x\r\n" % len(data))
+                turn.queue(socket, data)
+                turn.queue(socket, b"\r\n")
         else:
             left -= len(data)
             if left < 0:
                 self.connection.reply_broke(exchange, "Too much data for declared Content-Length")
                 return
             exchange.left = left
-            bulkwrite.forward(socket, data)
+            turn.forward(socket, data)
         self.stats.bytes_out += len(data)
         self.deadline.last_activity = self.seconds()
 
@@ -257,7 +259,7 @@ class FastPath:
         if left is None:
             block = b""
             if trailers:
-                checked = check_fields(trailers)
+                checked = check_fields(trailers, self.memo.names)
                 # malformed trailers are dropped, the body is still whole
                 if not isinstance(checked, str):
                     block = b"".join([b"%s: %s\r\n" % field for field in checked[0]])
@@ -277,7 +279,7 @@ class FastPath:
         if self.out != OUT_IDLE:
             self.connection.abort()
             return
-        checked = check_fields(headers)
+        checked = check_fields(headers, self.memo.names)
         head = None if isinstance(checked, str) else response_head(
             status, phrase(status), checked[0]
         )

@@ -37,17 +37,18 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tunneld import bulkwrite
 from tunneld.edge.forwarding import phrase, reply_headers, tokens
 from tunneld.edge.gateway import Client, EdgeGateway, Refusal
 from tunneld.edge.http1.deadlines import Deadline
 from tunneld.edge.http1.exchange import ADMIT, PIPELINE, UPLOAD, Exchange, Upload
 from tunneld.edge.http1.fast import FastPath
+from tunneld.edge.http1.fasthead import FastMemo
 from tunneld.edge.upgraded import UpgradedConnection
 from tunneld.interfaces import IStream
 from tunneld.model.messages import Headers, ReplyHead
 from tunneld.model.reasons import Reason
-from tunneld.readsize import ReadSize
+from tunneld.speedups import bulkwrite
+from tunneld.speedups.readsize import ReadSize
 
 __all__ = ["PublicHTTPFactory", "PublicHTTPProtocol", "PublicHTTPSettings"]
 
@@ -145,7 +146,7 @@ class PublicHTTPProtocol(Protocol):
     __slots__ = (
         "_between_requests", "client", "closing", "_conn", "deadline", "_drainable",
         "_exchange", "_factory", "_fast", "_gateway", "_lingering", "_method", "_paused_by",
-        "_processing", "_read_size", "_settings", "_socket", "_stats", "_upgraded",
+        "_processing", "_read_size", "_settings", "_socket", "_stats", "_turn", "_upgraded",
     )
 
     log = Logger()
@@ -155,6 +156,7 @@ class PublicHTTPProtocol(Protocol):
         self._gateway = factory.gateway
         self._stats = factory.gateway.stats
         self._settings = factory.settings
+        self._turn = factory.end_of_turn
         self._conn = h11.Connection(
             h11.SERVER, max_incomplete_event_size=factory.settings.max_header_bytes
         )
@@ -182,7 +184,9 @@ class PublicHTTPProtocol(Protocol):
             set_no_delay(True)
         factory = self._factory
         self.client = self._gateway.connect(socket.getPeer(), self._settings.scheme, factory.via)
-        self._fast = FastPath(self, socket, self._stats, self.deadline, factory.via)
+        self._fast = FastPath(
+            self, socket, self._stats, self.deadline, factory.via, self._turn, factory.fast_memo
+        )
         self.deadline.arm(self._settings.header_timeout, self._head_timed_out)
 
     def dataReceived(self, data: bytes) -> None:
@@ -599,11 +603,12 @@ class PublicHTTPProtocol(Protocol):
             self.reply_broke(exchange, str(error))
             return
         socket = self._socket
+        turn = self._turn
         for piece in pieces or ():
             if piece is data:
-                bulkwrite.forward(socket, data)
+                turn.forward(socket, data)
             else:
-                bulkwrite.queue(socket, piece)
+                turn.queue(socket, piece)
         if exchange.left is not None:
             exchange.left -= len(data)
         self._stats.bytes_out += len(data)
@@ -904,6 +909,10 @@ class PublicHTTPFactory(Factory):
         self.via = settings.via.encode("ascii")
         # Connections that switched protocols (WebSocket and the like).
         self.upgraded: set[PublicHTTPProtocol] = set()
+        # Replies queued for the end of the reactor turn, on every connection.
+        self.end_of_turn = bulkwrite.EndOfTurn()
+        # What the fast path remembers of the replies' fields, for every connection.
+        self.fast_memo = FastMemo()
 
     def shutdown_upgraded(self, reason: Reason, message: str) -> int:
         """
