@@ -23,6 +23,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from tunneld.config import EdgeConfig, load_edge_config
+from tunneld.edge.cluster import agent_url_maker, dialable_host
 from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPSettings
 from tunneld.edge.http2 import PublicH2Factory, PublicH2Settings, PublicHTTPChooserFactory
 from tunneld.edge.probes import probe_site
@@ -31,7 +32,7 @@ from tunneld.edge.sessions import AgentSessions
 from tunneld.edge.tcp import TCPTunnels
 from tunneld.errors import ConfigError
 from tunneld.interfaces import EdgeLinkSetup, ITransportPlugin
-from tunneld.listening import ListeningService, listeners_under
+from tunneld.listening import ListeningService, address_text, listeners_under
 from tunneld.model.messages import GoAway
 from tunneld.model.reasons import Reason
 from tunneld.observe.service import EdgeObservability
@@ -40,6 +41,7 @@ from tunneld.policy.clientaddr import ProxyProtocolFactory, TrustedProxies
 from tunneld.policy.gate import PublicPolicy
 from tunneld.router import Router
 from tunneld.state import make_backend
+from tunneld.state.membership import EdgeMembership
 from tunneld.state.service import StateService
 from tunneld.tls import agent_link_tls
 
@@ -112,6 +114,16 @@ class EdgeService(MultiService):
         # transports, which may keep what other edges must see there.
         self.state = StateService(reactor, make_backend(reactor, edge.state))
         self.state.setServiceParent(self)
+        # This edge in the registry (its record, the tunnels its agents hold,
+        # their hostname reservations), stopped before the store closes.
+        shared = edge.state
+        self.membership = EdgeMembership(
+            self.state, reactor, shared.edge_name, ttl=shared.edge_ttl,
+            interval=shared.heartbeat_interval, reservation_ttl=shared.reservation_ttl,
+            agent_urls=shared.agent_urls,
+        )
+        self.membership.setServiceParent(self.state)
+        self.sessions.membership = self.membership
         setup = EdgeLinkSetup(
             state=self.state.backend,
             on_link=self.sessions.link_connected,
@@ -122,6 +134,7 @@ class EdgeService(MultiService):
             tls=agent_link_tls(edge.agent_tls),
         )
         self.transports: dict[str, Any] = {}
+        self._agent_url_makers: list[tuple[Any, Any]] = []  # (listener, address -> URL)
         for plugin, options in transports:
             self.sessions.listener_added(plugin.name, getattr(options, "listen", ""), setup.tls)
             service = plugin.edge_service(options, setup)
@@ -131,6 +144,11 @@ class EdgeService(MultiService):
                     listener.key = f"transports.{plugin.name}.listen"
             service.setServiceParent(self)
             self.transports[plugin.name] = service
+            make_url = agent_url_maker(plugin.name, options, setup.tls is not None)
+            if make_url is not None:
+                self._agent_url_makers.extend(
+                    (listener, make_url) for listener in listeners_under(service)
+                )
         # Admin API, metrics, systemd readiness (once every listener in this tree is up).
         self.observe = EdgeObservability(
             reactor, self.sessions, self.stats, self, edge.admin_listen
@@ -201,12 +219,42 @@ class EdgeService(MultiService):
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
+        self._advertise_when_listening()
         source = self.config.source
         if os.path.isfile(source) and threading.current_thread() is threading.main_thread():
             # Only for a process run from a configuration file (twistd), never
             # inside someone else's process such as a test runner.
             self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
             self.reactor.callWhenRunning(self._take_sigterm)
+
+    def _advertise_when_listening(self) -> None:
+        """Once every listener is bound, put its real address in the registry record."""
+        listeners = listeners_under(self)
+        waiting = [len(listeners)]
+
+        def one(result: Any) -> Any:
+            waiting[0] -= 1
+            if waiting[0] == 0 and self.running:
+                self.membership.advertise(*self.addresses())
+            return result  # the start guard sees failures as before
+
+        for listener in listeners:
+            listener.listening.addBoth(one)
+
+    def addresses(self) -> tuple[list[str], list[str]]:
+        """This edge's public addresses and the URLs agents dial it by (for the registry)."""
+        public = [
+            address_text(listener.address) for listener in self.public
+            if listener.address is not None
+        ]
+        urls = list(self.config.edge.state.agent_urls)
+        if not urls:
+            name = self.membership.edge_name
+            for listener, make_url in self._agent_url_makers:
+                address = getattr(listener, "address", None)
+                if address is not None and hasattr(address, "port"):
+                    urls.append(make_url(dialable_host(address.host, name), address.port))
+        return public, urls
 
     def _sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reload)
@@ -273,6 +321,8 @@ class EdgeService(MultiService):
         """
         self.policy.draining = True
         self.sessions.draining = True
+        # GoAway targets and the cluster view skip a draining edge.
+        self.membership.set_draining()
         # Agents are told to go (below) and must not find this edge again:
         # the agent listeners stop accepting, the links already up stay.
         stopping = [maybeDeferred(listener.stopService) for listener in self.public]

@@ -1,0 +1,318 @@
+"""
+Several edges sharing one real redis-server (issue 20): separate `twistd
+tunneld` processes on loopback, started from the shipped etc/ configs with
+[edge.state] pointed at Redis, and agents as separate processes.
+
+The registry: an edge registers its record (with the URLs agents dial it
+by), holds the tunnels of its agents' sessions, releases them on a clean
+disconnect and on stop, and an edge killed with SIGKILL is forgotten within
+its TTL.  The single-process default still needs no Redis and no setting.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from tests import redis_servers, test_processes
+from tests.harness import free_port, listen_upstream
+from tests.redis_servers import eventually, redis_cli, sleep, start_server
+from tests.test_processes import TwistdProcess
+from tunneld import certs
+from tunneld.config import EdgeStateSection
+from tunneld.interfaces import IStateBackend
+from tunneld.state.redis import RedisStateBackend
+
+DEMO = "demo.localhost"
+READY = r"tunnel ready: http://demo\.localhost:8080/"
+PORTS = {
+    'public_listen = ["tcp:8080:interface=127.0.0.1"]': 'public_listen = ["tcp:0:interface=127.0.0.1"]',
+    'listen = "tcp:8081:interface=127.0.0.1"': 'listen = "tcp:0:interface=127.0.0.1"',
+    'admin_listen = "tcp:8090:interface=127.0.0.1"': 'admin_listen = "tcp:0:interface=127.0.0.1"',
+}
+STATE = 'backend = "memory"\n'
+TTLS = "edge_ttl = 15.0\nheartbeat_interval = 5.0\n"
+# Short enough that a test waits a few seconds for an expiry, long enough
+# that a busy machine does not miss a heartbeat (under half the TTL).
+EDGE_TTL = 4.0
+HEARTBEAT = 0.5
+
+
+class ClusterProcesses(TestCase):
+    """Helpers: Redis, edges and agents as processes, and a view of the registry."""
+
+    timeout = 180
+
+    spawn = test_processes.ProcessTests.spawn
+    shipped = test_processes.ProcessTests.shipped
+    harness = test_processes.ProcessTests.harness
+
+    def setUp(self) -> None:
+        if redis_servers.MISSING:
+            raise self.skipTest(redis_servers.MISSING)
+
+    async def redis(self) -> redis_servers.RedisServer:
+        self.server = await start_server(self)
+        return self.server
+
+    async def registry(self) -> IStateBackend:
+        """A backend in this process reading what the edges wrote."""
+        options = EdgeStateSection(backend="redis", redis_url=self.server.url)
+        backend = RedisStateBackend.from_options(reactor, options)
+        await backend.start()
+        self.addCleanup(backend.close)
+        return backend
+
+    async def edge(
+        self, name: str, *, redis: bool = True, **replacements: str
+    ) -> tuple[TwistdProcess, int, int, str]:
+        """An edge process: it, its public and agent-link ports, and its cluster id."""
+        changes = {**PORTS, **replacements}
+        if redis:
+            changes[STATE] = 'backend = "redis"\n'
+            changes['redis_url = "redis://127.0.0.1:6379/0"'] = f'redis_url = "{self.server.url}"'
+            changes['edge_name = ""'] = f'edge_name = "{name}"'
+            changes[TTLS] = f"edge_ttl = {EDGE_TTL}\nheartbeat_interval = {HEARTBEAT}\n"
+        edge = self.spawn("tunneld", self.shipped("tunneld.toml", changes))
+        public = await edge.wait_for(r"public HTTP listening on 127\.0\.0\.1:(\d+)")
+        link = await edge.wait_for(r"websocket agent link listening on 127\.0\.0\.1:(\d+)")
+        joined = await edge.wait_for(r"edge (\S+) joins the cluster")
+        return edge, int(public.group(1)), int(link.group(1)), joined.group(1)
+
+    async def agent(self, link_port: int, **replacements: str) -> tuple[TwistdProcess, Any]:
+        upstream_port, upstream = await listen_upstream(self)
+        agent = self.spawn("tunneld-agent", self.shipped("agent.toml", {
+            'url = "ws://127.0.0.1:8081/tunnel"': f'url = "ws://127.0.0.1:{link_port}/tunnel"',
+            'upstream = "tcp:host=127.0.0.1:port=8000"':
+                f'upstream = "tcp:host=127.0.0.1:port={upstream_port}"',
+            **replacements,
+        }))
+        await agent.wait_for(r"tunnel ready: http://demo\.localhost:8080/")
+        return agent, upstream
+
+
+async def _terminated(process: TwistdProcess) -> int | None:
+    """SIGTERM; the exit status (None: ended by the signal)."""
+    process.process.signalProcess(signal.SIGTERM)
+    await process.ended
+    code = process.end_reason.value.exitCode
+    return None if code is None else int(code)
+
+
+class RegistryTests(ClusterProcesses):
+    async def test_edges_register_and_hold_their_agents_tunnels(self) -> None:
+        """Two edges on one Redis: records with agent URLs; a session's tunnel held while up, released on clean disconnect and on stop."""
+        await self.redis()
+        registry = await self.registry()
+        a, _, a_link, a_id = await self.edge("edge-a")
+        b, _, b_link, b_id = await self.edge("edge-b")
+        self.assertNotEqual(a_id, b_id)
+
+        async def both_advertised() -> bool:
+            records = {r.edge_id: r for r in await registry.live_edges()}
+            return set(records) == {a_id, b_id} and all(r.agent_urls for r in records.values())
+
+        await eventually(both_advertised, "both edges registered with their agent URLs")
+        records = {r.edge_id: r for r in await registry.live_edges()}
+        self.assertEqual(records[a_id].agent_urls, (f"ws://127.0.0.1:{a_link}/tunnel",))
+        self.assertEqual(records[b_id].agent_urls, (f"ws://127.0.0.1:{b_link}/tunnel",))
+        self.assertEqual(records[a_id].name, "edge-a")
+        self.assertEqual(len(records[a_id].public_addresses), 1)
+
+        agent, _ = await self.agent(a_link)
+
+        async def held_by(*edges: str) -> bool:
+            return await registry.tunnel_edges(DEMO) == sorted(edges)
+
+        await eventually(lambda: held_by(a_id), "edge-a holding demo.localhost")
+        self.assertEqual(await registry.edge_tunnels(a_id), [DEMO])
+        self.assertEqual(await registry.edge_tunnels(b_id), [])
+        # Held past twice the TTL: the heartbeat refreshes it (a wait for an
+        # expiry that must not happen has no event to wait for).
+        await sleep(EDGE_TTL * 2)
+        self.assertEqual(await registry.tunnel_edges(DEMO), [a_id])
+        await _terminated(agent)
+        await a.wait_for(r"agent link from .* down")
+        await eventually(lambda: held_by(), "demo.localhost released on a clean disconnect")
+
+        # Again, then the edge stops (SIGTERM): its record and tunnel go at once.
+        await self.agent(a_link)
+        await eventually(lambda: held_by(a_id), "edge-a holding demo.localhost again")
+        self.assertEqual(await _terminated(a), 0)
+        self.assertIn(f"edge {a_id} left the cluster", a.output)
+        self.assertEqual(await registry.tunnel_edges(DEMO), [])
+        self.assertEqual([r.edge_id for r in await registry.live_edges()], [b_id])
+        self.assertEqual(await _terminated(b), 0)
+        self.assertEqual(await registry.live_edges(), [])
+
+    async def test_killed_edge_is_forgotten_within_its_ttl(self) -> None:
+        """SIGKILL of an edge (three times): its record and tunnel expire within edge_ttl of its last beat; the other edge stays."""
+        await self.redis()
+        registry = await self.registry()
+        _, _, _, b_id = await self.edge("edge-b")
+        for round in range(3):
+            a, _, a_link, a_id = await self.edge(f"edge-a{round}")
+            agent, _ = await self.agent(a_link)
+
+            async def held(a_id: str = a_id) -> bool:
+                return a_id in await registry.tunnel_edges(DEMO)
+
+            await eventually(held, "the killed edge's tunnel registered")
+            a.process.signalProcess(signal.SIGKILL)
+            await a.ended
+            # Redis's own clock bounds the expiry: no entry of the dead edge
+            # outlives its last heartbeat by more than edge_ttl.
+            now_s, now_us = (await redis_cli(self.server.port, "TIME")).split()
+            now_ms = int(now_s) * 1000 + int(now_us) // 1000
+            for key in ("tunneld:edges", f"tunneld:tunnel:{DEMO}"):
+                score = await redis_cli(self.server.port, "ZSCORE", key, a_id)
+                if score.strip():
+                    self.assertLessEqual(float(score) - now_ms, EDGE_TTL * 1000, key)
+
+            async def forgotten(a_id: str = a_id) -> bool:
+                live = [r.edge_id for r in await registry.live_edges()]
+                return a_id not in live and a_id not in await registry.tunnel_edges(DEMO)
+
+            await eventually(forgotten, f"edge {a_id} forgotten after SIGKILL")
+            self.assertIn(b_id, [r.edge_id for r in await registry.live_edges()])
+            agent.process.signalProcess(signal.SIGKILL)
+            await agent.ended
+        self.assertEqual([r.edge_id for r in await registry.live_edges()], [b_id])
+        self.assertEqual(await registry.tunnel_edges(DEMO), [])
+
+
+class SingleProcessTests(ClusterProcesses):
+    def setUp(self) -> None:
+        pass  # no Redis needed
+
+    async def test_default_edge_needs_no_redis_and_no_setting(self) -> None:
+        """The shipped config, unchanged but for ports: memory state, an edge that serves, no Redis client loaded."""
+        edge, public, link, edge_id = await self.edge("unused", redis=False)
+        self.assertIn("(memory state)", edge.output)
+        await self.agent(link)
+        code, _, body = await self.harness(public).request(DEMO, "/hello")
+        self.assertEqual((code, body), (200, b"hello from upstream"))
+        self.assertNotIn("redis", edge.output.lower())
+        self.assertEqual(await _terminated(edge), 0)
+        self.assertIn(f"edge {edge_id} left the cluster", edge.output)
+
+
+
+class ReservationTests(ClusterProcesses):
+    """Hostname reservations keyed by the certificate's agent id, on every edge."""
+
+    def pki(self) -> dict[str, str]:
+        """A CA, an edge certificate, and agents web1 and web2 both allowed demo.localhost."""
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        ca = certs.make_ca()
+        files: dict[str, str] = {}
+        for stem, issued in (
+            ("ca", ca),
+            ("edge", certs.issue_edge(ca, ["localhost", "127.0.0.1"])),
+            ("web1", certs.issue_agent(ca, "web1", [DEMO])),
+            ("web2", certs.issue_agent(ca, "web2", [DEMO])),
+        ):
+            files[stem], files[f"{stem}-key"] = (
+                os.path.join(d, f"{stem}.pem"), os.path.join(d, f"{stem}.key")
+            )
+            issued.write(files[stem], files[f"{stem}-key"])
+        return files
+
+    def edge_tls(self, files: dict[str, str]) -> dict[str, str]:
+        return {
+            'certificate = ""\nkey = ""':
+                f'certificate = "{files["edge"]}"\nkey = "{files["edge-key"]}"',
+            'client_ca = ""': f'client_ca = "{files["ca"]}"',
+        }
+
+    async def cert_agent(
+        self, files: dict[str, str], who: str, link: int
+    ) -> tuple[TwistdProcess, Any]:
+        """Agent C{who} over wss with its certificate; started, not yet welcomed."""
+        upstream_port, upstream = await listen_upstream(self)
+        agent = self.spawn("tunneld-agent", self.shipped("agent.toml", {
+            'url = "ws://127.0.0.1:8081/tunnel"': f'url = "wss://127.0.0.1:{link}/tunnel"',
+            'upstream = "tcp:host=127.0.0.1:port=8000"':
+                f'upstream = "tcp:host=127.0.0.1:port={upstream_port}"',
+            'id = "demo"\n': "",
+            "reconnect_initial = 0.5\nreconnect_max = 30.0":
+                "reconnect_initial = 0.1\nreconnect_max = 1.0",
+            'ca = ""\ncertificate = ""\nkey = ""\nserver_hostname = ""':
+                f'ca = "{files["ca"]}"\ncertificate = "{files[who]}"\n'
+                f'key = "{files[who + "-key"]}"\nserver_hostname = "localhost"',
+        }))
+        return agent, upstream
+
+    async def test_reserved_name_refused_to_another_identity_on_every_edge(self) -> None:
+        """web1 holds demo.localhost through edge A; web2 is refused it on A and on B, also after A restarts; web1 still serves it from the restarted A."""
+        await self.redis()
+        registry = await self.registry()
+        files = self.pki()
+        a_link = free_port()
+        a_changes = {
+            **self.edge_tls(files),
+            'listen = "tcp:8081:interface=127.0.0.1"': f'listen = "tcp:{a_link}:interface=127.0.0.1"',
+        }
+        a, a_public, _, _ = await self.edge("edge-a", **a_changes)
+        b, b_public, b_link, _ = await self.edge("edge-b", **self.edge_tls(files))
+        web1, _ = await self.cert_agent(files, "web1", a_link)
+        await web1.wait_for(READY)
+        self.assertEqual(await registry.name_owner(DEMO), "web1")
+        for rounds in range(2):
+            for edge, link in ((b, b_link), (a, a_link)):
+                web2, _ = await self.cert_agent(files, "web2", link)
+                refused = await web2.wait_for(r"edge refused tunnel demo\.localhost: (\w+) \((.*)\)")
+                self.assertEqual(refused.group(1), "unauthorized")
+                self.assertIn("reserved by another agent identity", refused.group(2))
+                await edge.wait_for(
+                    r"hostname demo\.localhost is reserved by agent identity web1: refused to web2"
+                )
+                web2.process.signalProcess(signal.SIGKILL)
+                await web2.ended
+            # Public requests on either edge never reach web2 (B has no agent
+            # for the tunnel: no_tunnel until relaying lands).
+            code, _, body = await self.harness(a_public).request(DEMO, "/hello")
+            self.assertEqual((code, body), (200, b"hello from upstream"))
+            if rounds == 0:
+                # The owner's edge restarts: the reservation is in Redis, not in it.
+                mark = web1.output.count("tunnel ready")
+                self.assertEqual(await _terminated(a), 0)
+                a, a_public, _, _ = await self.edge("edge-a", **a_changes)
+                await web1.wait_for(r"(?s)" + r"tunnel ready.*" * (mark + 1))
+                self.assertEqual(await registry.name_owner(DEMO), "web1")
+
+    async def test_reservation_outlives_its_last_session_by_reservation_ttl(self) -> None:
+        """With reservation_ttl = 8: web1's last session ends, the reservation lives 8 s more (Redis's TTL), refusing web2 meanwhile, then expires and web2 is granted the name."""
+        await self.redis()
+        registry = await self.registry()
+        files = self.pki()
+        ttl = {"reservation_ttl = 0.0": "reservation_ttl = 8.0"}
+        a, _, a_link, _ = await self.edge("edge-a", **self.edge_tls(files), **ttl)
+        b, b_public, b_link, _ = await self.edge("edge-b", **self.edge_tls(files), **ttl)
+        web1, _ = await self.cert_agent(files, "web1", a_link)
+        await web1.wait_for(READY)
+        # While the session lives the reservation is refreshed with the edge's
+        # heartbeat: reservation_ttl plus edge_ttl.
+        left = int(await redis_cli(self.server.port, "PTTL", f"tunneld:name:{DEMO}"))
+        self.assertTrue(8000 < left <= (8 + EDGE_TTL) * 1000, left)
+        web1.process.signalProcess(signal.SIGTERM)
+        await a.wait_for(r"agent link from .* down")
+        left = int(await redis_cli(self.server.port, "PTTL", f"tunneld:name:{DEMO}"))
+        self.assertTrue(0 < left <= 8000, left)
+        claim = await registry.claim_name(DEMO, "web2", None)
+        self.assertEqual((claim.granted, claim.owner), (False, "web1"))
+
+        async def expired() -> bool:
+            return await registry.name_owner(DEMO) is None
+
+        await eventually(expired, "the reservation expired")
+        web2, _ = await self.cert_agent(files, "web2", b_link)
+        await web2.wait_for(READY)
+        self.assertEqual(await registry.name_owner(DEMO), "web2")
+        code, _, body = await self.harness(b_public).request(DEMO, "/hello")
+        self.assertEqual((code, body), (200, b"hello from upstream"))
