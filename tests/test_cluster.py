@@ -15,7 +15,9 @@ import os
 import signal
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
+from twisted.python import log
+from twisted.web import client
 from twisted.trial.unittest import TestCase
 
 from tests import redis_servers, test_processes
@@ -80,6 +82,8 @@ class ClusterProcesses(TestCase):
         edge = self.spawn("tunneld", self.shipped("tunneld.toml", changes))
         public = await edge.wait_for(r"public HTTP listening on 127\.0\.0\.1:(\d+)")
         link = await edge.wait_for(r"websocket agent link listening on 127\.0\.0\.1:(\d+)")
+        admin = await edge.wait_for(r"admin API listening on 127\.0\.0\.1:(\d+)")
+        edge.admin_port = int(admin.group(1))  # type: ignore[attr-defined]
         joined = await edge.wait_for(r"edge (\S+) joins the cluster")
         return edge, int(public.group(1)), int(link.group(1)), joined.group(1)
 
@@ -316,3 +320,87 @@ class ReservationTests(ClusterProcesses):
         self.assertEqual(await registry.name_owner(DEMO), "web2")
         code, _, body = await self.harness(b_public).request(DEMO, "/hello")
         self.assertEqual((code, body), (200, b"hello from upstream"))
+
+
+async def admin_get(edge: TwistdProcess, path: str) -> tuple[int, bytes]:
+    """GET C{path} from C{edge}'s admin API: status and body."""
+    response = await client.Agent(reactor).request(
+        b"GET", f"http://127.0.0.1:{edge.admin_port}{path}".encode()  # type: ignore[attr-defined]
+    )
+    return response.code, await client.readBody(response)
+
+
+async def metric(edge: TwistdProcess, name: str) -> float:
+    """One sample of the edge's own metrics (labels included in C{name})."""
+    _, body = await admin_get(edge, "/metrics")
+    for line in body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no metric {name} in:\n{body.decode()}")
+
+
+async def redis_time(port: int) -> float:
+    seconds, micros = (await redis_cli(port, "TIME")).split()
+    return int(seconds) + int(micros) / 1e6
+
+
+RATE = 20
+LIMITS = {
+    "rate = 0.0\n# Requests a tunnel may take at once above its rate (0 = one second's worth).\nburst = 0\n":
+        f"rate = {RATE}.0\nburst = {RATE}\n",
+}
+
+
+class SharedLimitTests(ClusterProcesses):
+    """Per-tunnel rate limits held for the cluster in Redis, and what happens without it."""
+
+    async def cluster(self, count: int, **changes: str) -> list[tuple[TwistdProcess, int, Any]]:
+        """C{count} edges, each with an agent of its own serving demo.localhost."""
+        edges = []
+        for i in range(count):
+            edge, public, link, _ = await self.edge(f"edge-{i}", **LIMITS, **changes)
+            _, upstream = await self.agent(link)
+            edges.append((edge, public, upstream))
+        return edges
+
+    async def test_rate_holds_across_three_edges(self) -> None:
+        """rate = 20/s on demo.localhost, load far above it spread over three edges: the requests admitted over the window (Redis's clock) are burst + 20/s x window within 5 %, counted by the clients and by the edges' own metrics alike."""
+        await self.redis()
+        edges = await self.cluster(3)
+        codes: dict[int, int] = {}
+        admitted_by: list[int] = [0, 0, 0]
+        target = 12 * RATE  # admitted requests to stop at (about 11 s of load)
+        start = await redis_time(self.server.port)
+
+        async def worker(index: int) -> None:
+            _, public, _ = edges[index]
+            harness = self.harness(public)
+            while codes.get(200, 0) < target:
+                code, headers, _ = await harness.request(DEMO, "/hello")
+                codes[code] = codes.get(code, 0) + 1
+                if code == 200:
+                    admitted_by[index] += 1
+                else:
+                    self.assertEqual(headers.getRawHeaders(b"tunnel-error"), [b"rate_limited"])
+
+        await defer.gatherResults(
+            [defer.ensureDeferred(worker(i % 3)) for i in range(12)], consumeErrors=True
+        )
+        end = await redis_time(self.server.port)
+        admitted = codes[200]
+        expected = RATE + RATE * (end - start)
+        log.msg(f"cluster rate: admitted {admitted}, expected {expected:.1f} over {end - start:.2f}s "
+                f"(Redis clock), by edge {admitted_by}, refused {codes.get(429, 0)}")
+        self.assertEqual(set(codes), {200, 429})
+        self.assertGreater(codes[429], admitted)  # the load was well above the limit throughout
+        self.assertLessEqual(abs(admitted - expected), 0.05 * expected, (admitted, expected, codes))
+        self.assertTrue(all(admitted_by), admitted_by)  # every edge admitted some
+        by_metrics = [
+            await metric(edge, 'tunneld_http_responses_total{code="200"}') for edge, _, _ in edges
+        ]
+        self.assertEqual(sum(by_metrics), admitted)
+        for edge, _, _ in edges:
+            self.assertEqual(await metric(edge, "tunneld_state_fallback_decisions_total"), 0)
+        self.assertTrue(
+            await redis_cli(self.server.port, "EXISTS", f"tunneld:bucket:tunnel-rate:{DEMO}")
+        )

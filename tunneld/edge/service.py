@@ -103,7 +103,8 @@ class EdgeService(MultiService):
         self.probes: ListeningService | None = None
         if edge.health_listen:
             self.probes = ListeningService(
-                reactor, edge.health_listen, probe_site(self.not_ready), "health probes",
+                reactor, edge.health_listen, probe_site(self.not_ready, self.degraded),
+                "health probes",
                 key="edge.health_listen",
             )
             self.probes.setServiceParent(self)
@@ -124,6 +125,9 @@ class EdgeService(MultiService):
         )
         self.membership.setServiceParent(self.state)
         self.sessions.membership = self.membership
+        if self.state.backend.name != "memory":
+            # Per-tunnel rates hold for the whole cluster.
+            self.policy.share(self.state.backend)
         setup = EdgeLinkSetup(
             state=self.state.backend,
             on_link=self.sessions.link_connected,
@@ -214,6 +218,22 @@ class EdgeService(MultiService):
             if getattr(transport, "running", 1) and getattr(transport, "port", True) is None:
                 problems.append(f"{name} agent-link listener is not listening")
         return problems
+
+    def degraded(self) -> list[str]:
+        """
+        What works in a degraded way now, without making the edge unready
+        (/readyz detail): a state store that cannot be reached.
+        """
+        health = self.state.backend.health()
+        if health.reachable:
+            return []
+        since = ""
+        if health.degraded_since is not None:
+            since = f" for {max(0.0, self.reactor.seconds() - health.degraded_since):.0f}s"
+        return [
+            f"degraded: state store {health.backend} unreachable{since} ({health.last_error}); "
+            "rate limits and routing decided by this edge alone"
+        ]
 
     # -- lifecycle ----------------------------------------------------------
 

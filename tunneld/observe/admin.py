@@ -3,7 +3,8 @@
 The admin API: a small JSON web service on its own, loopback-by-default listener.
 
     GET  /healthz                      the process is alive
-    GET  /readyz                       every listener is up, the state backend answers, not draining
+    GET  /readyz                       every listener is up, not draining (a state backend
+                                       that cannot be reached is reported, as degraded)
     GET  /metrics                      Prometheus text exposition
     GET  /api/tunnels                  tunnels and the sessions serving each
     GET  /api/agents                   agent sessions: transport, peer, RTT, streams, health
@@ -48,6 +49,7 @@ class EdgeView:
         backends: Callable[[], dict[str, bool]] = lambda: {"memory": True},
         policy: Callable[[], dict[str, Any]] = dict,
         problems: Callable[[], list[str]] = list,
+        notes: Callable[[], list[str]] = list,
     ) -> None:
         self.sessions = sessions
         self.stats = stats
@@ -56,6 +58,7 @@ class EdgeView:
         self.backends = backends
         self.policy = policy
         self.problems = problems  # why the edge should get no traffic (draining, …)
+        self.notes = notes  # what is degraded without making the edge unready (a lost Redis)
 
     def agents(self) -> list[dict[str, Any]]:
         now = self.sessions.reactor.seconds()
@@ -116,9 +119,13 @@ class Readyz(_Leaf):
         listeners = self.view.ready()
         backends = self.view.backends()
         problems = self.view.problems()
-        ready = listeners and all(backends.values()) and not problems
+        # A state backend that cannot be reached degrades the edge (local
+        # decisions) but leaves it ready: were it otherwise, every edge would
+        # leave the load balancer at once when Redis goes.
+        ready = listeners and not problems
         return _json(request, 200 if ready else 503, {
             "ready": ready, "listeners": listeners, "backends": backends, "problems": problems,
+            "degraded": self.view.notes(),
         })
 
 
