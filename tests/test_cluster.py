@@ -11,6 +11,7 @@ its TTL.  The single-process default still needs no Redis and no setting.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from typing import Any
@@ -404,3 +405,117 @@ class SharedLimitTests(ClusterProcesses):
         self.assertTrue(
             await redis_cli(self.server.port, "EXISTS", f"tunneld:bucket:tunnel-rate:{DEMO}")
         )
+
+    async def test_redis_lost_mid_run_degrades_and_recovers(self) -> None:
+        """Redis stopped under two edges (twice): a download in flight finishes, requests are still served with local limits, the edges say so (log, /readyz detail, metrics) and stay ready; Redis back: shared limits and the registry resume without a restart; no agent session dropped."""
+        await self.redis()
+        registry = await self.registry()
+        edges = await self.cluster(2)
+        (a, a_public, a_upstream), _ = edges
+        for outage in range(1, 3):
+            hanging = len(a_upstream.hanging)
+            download = defer.ensureDeferred(self.harness(a_public).request(DEMO, "/hang"))
+            while len(a_upstream.hanging) <= hanging:
+                await sleep(0.01)
+            flowing = a_upstream.hanging[-1]
+            flowing.setHeader(b"content-length", str(2 << 20).encode())
+            flowing.write(b"x" * (1 << 20))
+            await self.server.stop()
+            for edge, public, _ in edges:
+                await edge.wait_for(
+                    r"(?s)" + r"state store \S+ unreachable: .*?deciding locally.*?" * outage
+                )
+                code, _, body = await self.harness(public).request(DEMO, "/hello")
+                self.assertEqual((code, body), (200, b"hello from upstream"))
+                self.assertEqual(await metric(edge, 'tunneld_state_backend_up{backend="redis"}'), 0)
+                self.assertGreater(await metric(edge, "tunneld_state_fallback_decisions_total"), 0)
+                self.assertEqual(await metric(edge, "tunneld_state_outages_total"), outage)
+                code, body = await admin_get(edge, "/readyz")
+                ready = json.loads(body)
+                self.assertEqual((code, ready["ready"]), (200, True), ready)
+                self.assertEqual(ready["backends"], {"redis": False})
+                [detail] = ready["degraded"]
+                self.assertIn("degraded: state store redis unreachable", detail)
+            flowing.write(b"y" * (1 << 20))
+            flowing.finish()
+            code, _, body = await download
+            self.assertEqual((code, len(body)), (200, 2 << 20))
+
+            await self.server.start(self.server.port)  # back empty: no persistence
+            for edge, public, _ in edges:
+                await edge.wait_for(r"(?s)" + r"state store \S+ reachable again.*?" * outage)
+                self.assertEqual(await metric(edge, 'tunneld_state_backend_up{backend="redis"}'), 1)
+                fallback = await metric(edge, "tunneld_state_fallback_decisions_total")
+                for _ in range(3):
+                    await self.harness(public).request(DEMO, "/hello")
+                self.assertEqual(await metric(edge, "tunneld_state_fallback_decisions_total"), fallback)
+                code, body = await admin_get(edge, "/readyz")
+                self.assertEqual(json.loads(body)["degraded"], [])
+            bucket = await redis_cli(self.server.port, "EXISTS", f"tunneld:bucket:tunnel-rate:{DEMO}")
+            self.assertEqual(bucket.strip(), "1")  # the bank decides again
+
+            async def registered_again() -> bool:
+                return len(await registry.live_edges()) == 2 and len(
+                    await registry.tunnel_edges(DEMO)
+                ) == 2
+
+            await eventually(registered_again, "both edges and their tunnels back in Redis")
+        for edge, _, _ in edges:
+            self.assertEqual(await metric(edge, 'tunneld_agent_sessions{transport="websocket"}'), 1)
+            self.assertNotRegex(edge.output, r"agent link from \S+ down")
+
+    async def test_sentinel_failover_is_followed_by_the_edges(self) -> None:
+        """Two edges on a Sentinel trio: the primary killed (SIGKILL), a replica promoted, the edges follow without a restart: they re-register there, serve, and the bank there decides their rate."""
+        primary = await start_server(self)
+        replica = await start_server(self, "--replicaof", "127.0.0.1", str(primary.port))
+        assert replica.process is not None
+        await replica.process.wait_for("MASTER <-> REPLICA sync: Finished with success")
+        sentinels = []
+        for _ in range(3):
+            sentinels.append(await start_server(
+                self,
+                f"sentinel monitor main 127.0.0.1 {primary.port} 2",
+                "sentinel down-after-milliseconds main 1000",
+                "sentinel failover-timeout main 4000",
+                "sentinel parallel-syncs main 1",
+                kind="sentinel",
+            ))
+        for sentinel in sentinels:
+            assert sentinel.process is not None
+            await sentinel.process.wait_for(r"\+slave slave 127\.0\.0\.1:%d" % replica.port)
+            await sentinel.process.wait_for(r"\+sentinel sentinel ", count=2)
+        self.server = primary
+        addresses = ", ".join(f'"127.0.0.1:{s.port}"' for s in sentinels)
+        changes = {
+            "sentinels = []": f"sentinels = [{addresses}]",
+            'sentinel_master = ""': 'sentinel_master = "main"',
+        }
+        edges = await self.cluster(2, **changes)
+        for edge, _, _ in edges:
+            await edge.wait_for(rf"connected to 127\.0\.0\.1:{primary.port}")
+        assert primary.process is not None
+        primary.process.signal("KILL")
+        await sentinels[0].process.wait_for(  # type: ignore[union-attr]
+            r"\+switch-master main 127\.0\.0\.1 %d 127\.0\.0\.1 %d" % (primary.port, replica.port)
+        )
+        self.server = replica
+        registry = await self.registry()
+
+        async def followed() -> bool:
+            return len(await registry.live_edges()) == 2 and len(
+                await registry.tunnel_edges(DEMO)
+            ) == 2
+
+        await eventually(followed, "both edges registered on the promoted replica")
+        for edge, public, _ in edges:
+            await edge.wait_for(rf"connected to 127\.0\.0\.1:{replica.port}")
+            self.assertEqual(await metric(edge, 'tunneld_state_backend_up{backend="redis"}'), 1)
+            code, _, body = await self.harness(public).request(DEMO, "/hello")
+            self.assertEqual((code, body), (200, b"hello from upstream"))
+            self.assertNotRegex(edge.output, r"agent link from \S+ down")
+        await redis_cli(replica.port, "DEL", f"tunneld:bucket:tunnel-rate:{DEMO}")
+        for _, public, _ in edges:
+            for _ in range(3):
+                await self.harness(public).request(DEMO, "/hello")
+        bucket = await redis_cli(replica.port, "EXISTS", f"tunneld:bucket:tunnel-rate:{DEMO}")
+        self.assertEqual(bucket.strip(), "1")
