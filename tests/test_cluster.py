@@ -18,11 +18,11 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.python import log
-from twisted.web import client
 from twisted.trial.unittest import TestCase
+from twisted.web import client
 
 from tests import redis_servers, test_processes
-from tests.harness import free_port, listen_upstream
+from tests.harness import free_port, listen_upstream, open_fds
 from tests.redis_servers import eventually, redis_cli, sleep, start_server
 from tests.test_processes import TwistdProcess
 from tunneld import certs
@@ -331,12 +331,14 @@ async def admin_get(edge: TwistdProcess, path: str) -> tuple[int, bytes]:
     return response.code, await client.readBody(response)
 
 
-async def metric(edge: TwistdProcess, name: str) -> float:
+async def metric(edge: TwistdProcess, name: str, default: float | None = None) -> float:
     """One sample of the edge's own metrics (labels included in C{name})."""
     _, body = await admin_get(edge, "/metrics")
     for line in body.decode().splitlines():
         if line.startswith(name + " "):
             return float(line.split()[-1])
+    if default is not None:
+        return default
     raise AssertionError(f"no metric {name} in:\n{body.decode()}")
 
 
@@ -519,3 +521,121 @@ class SharedLimitTests(ClusterProcesses):
                 await self.harness(public).request(DEMO, "/hello")
         bucket = await redis_cli(replica.port, "EXISTS", f"tunneld:bucket:tunnel-rate:{DEMO}")
         self.assertEqual(bucket.strip(), "1")
+
+
+class DrainTests(ClusterProcesses):
+    """A drained edge's GoAway names another live edge; its agents move there."""
+
+    async def test_drains_move_agents_with_no_failed_request(self) -> None:
+        """Three drains in a row (SIGTERM) of an edge serving agents, under clients that retry on a refused connection or a 503 draining: zero failed requests, the in-flight download finishes on the old edge, the agents go where the GoAway says, the drained edge exits 0; afterwards two sessions, no leaked fds, no reconnect storm."""
+        await self.redis()
+        registry = await self.registry()
+        drain = {"drain_timeout = 30.0": "drain_timeout = 20.0"}
+        a, a_public, a_link, a_id = await self.edge("edge-a", **drain)
+        b, b_public, b_link, b_id = await self.edge("edge-b", **drain)
+        quick = {"reconnect_initial = 0.5\nreconnect_max = 30.0":
+                 "reconnect_initial = 0.2\nreconnect_max = 2.0"}
+        agents = [await self.agent(a_link, **quick), await self.agent(b_link, **quick)]
+        upstreams = [upstream for _, upstream in agents]
+        serving = [a_public, b_public]  # where the clients send (edges holding the tunnel)
+        failures: list[str] = []
+        codes: dict[int, int] = {}
+        stop = [False]
+
+        async def retrying_client(turn: int) -> None:
+            while not stop[0]:
+                for attempt in range(400):
+                    port = serving[(turn + attempt) % len(serving)]
+                    try:
+                        code, headers, body = await self.harness(port).request(DEMO, "/hello")
+                    except Exception as e:  # refused, or closed before an answer: try again
+                        await sleep(0.02)
+                        last = repr(e)
+                        continue
+                    if code == 503 and headers.getRawHeaders(b"tunnel-error") == [b"draining"]:
+                        last = "503 draining"
+                        await sleep(0.02)
+                        continue
+                    codes[code] = codes.get(code, 0) + 1
+                    if (code, body) != (200, b"hello from upstream"):
+                        failures.append(f"{code} {headers.getRawHeaders(b'tunnel-error')} {body!r}")
+                    break
+                else:
+                    failures.append(f"gave up after 400 tries: {last}")
+                turn += 1
+
+        clients = [defer.ensureDeferred(retrying_client(i)) for i in range(4)]
+
+        async def stop_clients() -> None:
+            stop[0] = True
+            await defer.gatherResults(clients, consumeErrors=True)
+
+        self.addCleanup(lambda: defer.ensureDeferred(stop_clients()))
+        fds = [open_fds(agent.process.pid) for agent, _ in agents]
+        live = {a_id: (a, a_public, a_link), b_id: (b, b_public, b_link)}
+        old_id, new_id = a_id, b_id
+        for round in range(3):
+            # Drain the edge serving agents; the other one (with no agent
+            # after the first round) takes them.
+            old, old_public, _ = live[old_id]
+            new, new_public, new_link = live[new_id]
+            await eventually(
+                lambda old_id=old_id: self._held_by(registry, old_id),  # type: ignore[misc]
+                f"round {round}: {old_id} holds demo",
+            )
+            marks = [len(agent.output) for agent, _ in agents]
+            hanging = sum(len(u.hanging) for u in upstreams)
+            in_flight = defer.ensureDeferred(self.harness(old_public).request(DEMO, "/hang"))
+            while sum(len(u.hanging) for u in upstreams) <= hanging:
+                await sleep(0.01)
+            [request] = [r for u in upstreams for r in u.hanging if not r.finished][-1:]
+            old.process.signalProcess(signal.SIGTERM)
+            await old.wait_for(r"draining: \d+ streams in flight")
+            # Clients learn of an edge once it holds the tunnel (a request
+            # for a tunnel held only elsewhere is for the relay, issue 20's
+            # next part); the drained edge refuses connections meanwhile.
+            await eventually(
+                lambda new_id=new_id: self._held_by(registry, new_id),  # type: ignore[misc]
+                f"round {round}: {new_id} holds demo",
+            )
+            if new_public not in serving:
+                serving.append(new_public)
+            request.write(b"finished on the old edge")
+            request.finish()
+            code, _, body = await in_flight
+            self.assertEqual((code, body), (200, b"finished on the old edge"))
+            await old.ended
+            serving.remove(old_public)
+            self.assertEqual(old.end_reason.value.exitCode, 0)
+            self.assertIn("drained: every stream in flight finished", old.output)
+            await eventually(
+                lambda new_id=new_id: self._held_by(registry, new_id, only=True),  # type: ignore[misc]
+                f"round {round}: only {new_id} holds demo",
+            )
+            # Every agent of the drained edge was told where to go, and went there.
+            for (agent, _), mark in zip(agents, marks, strict=True):
+                since = agent.output[mark:]
+                if "edge is draining" in since:
+                    self.assertIn(f"moving to a new link to ws://127.0.0.1:{new_link}/tunnel", since)
+                    self.assertIn(f"link up over websocket to 127.0.0.1:{new_link}", since)
+                    # One dial to the named edge: no reconnect storm.
+                    self.assertLessEqual(since.count("connecting to the edge"), 2, since)
+            del live[old_id]
+            # A new edge joins for the next round.
+            edge, public, link, edge_id = await self.edge(f"edge-{round + 3}", **drain)
+            live[edge_id] = (edge, public, link)
+            old_id, new_id = new_id, edge_id
+        await stop_clients()
+        self.assertEqual(failures, [])
+        self.assertGreater(codes.get(200, 0), 0)
+        sessions = 0
+        for edge, _, _ in live.values():
+            sessions += int(await metric(edge, 'tunneld_agent_sessions{transport="websocket"}', 0))
+        self.assertEqual(sessions, 2)
+        for (agent, _), before in zip(agents, fds, strict=True):
+            self.assertLessEqual(open_fds(agent.process.pid), before + 4)
+        log.msg(f"drains: {codes} with no failure")
+
+    async def _held_by(self, registry: IStateBackend, edge_id: str, only: bool = False) -> bool:
+        holders = await registry.tunnel_edges(DEMO)
+        return holders == [edge_id] if only else edge_id in holders

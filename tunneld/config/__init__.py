@@ -525,6 +525,14 @@ class AgentSection:
         "Transports to try, in order of preference; on failure the next is used.",
         check=_non_empty,
     )
+    edge_urls: list[str] = setting(
+        [],
+        "Edges to dial, in order (ws://…, wss://…, grpc://…, grpcs://…; the scheme picks the "
+        "transport, which must be in transports): after a failed dial the next is tried, and "
+        "a draining edge's GoAway may name another (reconnect_to), dialled first.  [] = the "
+        "edge in each [transports.NAME] table.",
+        each=_agent_url,
+    )
     prefer_retry_interval: float = setting(
         60.0,
         "While on a fallback transport, seconds between attempts to return to the first one "

@@ -13,10 +13,15 @@ a load balancer or NAT the operator sets C{[edge.state] agent_urls} instead.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["agent_url_maker", "dialable_host"]
+from tunneld.interfaces import EdgeRecord
+
+__all__ = ["agent_url_maker", "dialable_host", "reconnect_target"]
+
+# The URL schemes an agent linked over a transport can dial (its own transport first).
+_SCHEMES = {"websocket": ("ws", "wss"), "grpc": ("grpc", "grpcs")}
 
 
 def agent_url_maker(
@@ -49,3 +54,21 @@ def dialable_host(host: str, fallback: str) -> str:
 
 def _bracketed(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def reconnect_target(edges: Sequence[EdgeRecord], transport: str, turn: int) -> str:
+    """
+    The URL a draining edge names in its GoAway to an agent linked over
+    C{transport}: one of C{edges} (live, not draining, not this one) that
+    speaks the same transport, taking turns (C{turn}) so that the agents of
+    a drained edge spread over the others instead of all landing on one.
+    '' when none does: the agent dials its own URLs, as before clusters.
+    """
+    schemes = _SCHEMES.get(transport, ())
+    candidates: list[str] = []
+    for edge in sorted(edges, key=lambda e: e.edge_id):
+        for url in edge.agent_urls:
+            if url.partition("://")[0].lower() in schemes:
+                candidates.append(url)
+                break  # one URL per edge: the turns go round the edges
+    return candidates[turn % len(candidates)] if candidates else ""

@@ -341,8 +341,6 @@ class EdgeService(MultiService):
         """
         self.policy.draining = True
         self.sessions.draining = True
-        # GoAway targets and the cluster view skip a draining edge.
-        self.membership.set_draining()
         # Agents are told to go (below) and must not find this edge again:
         # the agent listeners stop accepting, the links already up stay.
         stopping = [maybeDeferred(listener.stopService) for listener in self.public]
@@ -350,10 +348,15 @@ class EdgeService(MultiService):
             stop_accepting = getattr(transport, "stop_accepting", None)
             if stop_accepting is not None:
                 stopping.append(maybeDeferred(stop_accepting))
+        # The registry says this edge is draining (GoAway targets and the
+        # cluster view skip it), and this edge reads who else is live.
+        stopping.append(self.membership.set_draining())
         await gatherResults(stopping, consumeErrors=True)
         sessions = list(self.sessions.sessions.values())
         for session in sessions:
-            session.link.send_control(GoAway(Reason.DRAINING, "the edge is shutting down"))
+            session.link.send_control(GoAway(
+                Reason.DRAINING, "the edge is shutting down", self.sessions.reconnect_to(session)
+            ))
             # Each session closes as soon as its last stream ends; the
             # deadline is this drain's (below).
             self.sessions.retire(session, "the edge is shutting down", within=float("inf"))

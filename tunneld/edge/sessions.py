@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunneld.config import AgentGrant, EdgeConfig
+from tunneld.edge.cluster import reconnect_target
 from tunneld.edge.tcp import TCPTunnels
 from tunneld.interfaces import Claim, IAgentLink, ILinkHandler, IStream, StateUnavailable
 from tunneld.model.keys import tunnel_key
@@ -149,6 +150,7 @@ class AgentSessions:
         self.membership: EdgeMembership | None = None
         self.identities: dict[str, str] = {}  # session id -> the identity it proved
         self.holdings: dict[str, tuple[list[str], list[tuple[str, str]]]] = {}
+        self._turn = 0  # drained agents take turns over the other edges
         self._grants = {grant.id: grant for grant in config.agents}
         self._plaintext_public: set[str] = set()  # transports listening in the clear off loopback
         for grant in config.agents:
@@ -518,9 +520,21 @@ class AgentSessions:
                 transport=session.link.transport_name, message=message,
                 event=events.AGENT_DRAINED,
             )
-            session.link.send_control(GoAway(Reason.DRAINING, message))
+            session.link.send_control(
+                GoAway(Reason.DRAINING, message, self.reconnect_to(session))
+            )
             self.retire(session, message)
         return session
+
+    def reconnect_to(self, session: AgentSession) -> str:
+        """Another live edge for a drained agent to dial (GoAway reconnect_to), or ''."""
+        membership = self.membership
+        if membership is None:
+            return ""
+        self._turn += 1
+        return reconnect_target(
+            membership.other_edges(), session.link.transport_name, self._turn
+        )
 
     def retire(self, session: AgentSession, message: str, within: float | None = None) -> None:
         """
