@@ -639,3 +639,36 @@ class DrainTests(ClusterProcesses):
     async def _held_by(self, registry: IStateBackend, edge_id: str, only: bool = False) -> bool:
         holders = await registry.tunnel_edges(DEMO)
         return holders == [edge_id] if only else edge_id in holders
+
+
+class EdgeListTests(ClusterProcesses):
+    async def test_agent_with_several_edges_moves_when_one_is_killed(self) -> None:
+        """An agent listing a dead edge, A and B (edge_urls) skips the dead one; A killed with SIGKILL: it reconnects to B and traffic continues there; the registry forgets A."""
+        await self.redis()
+        registry = await self.registry()
+        a, _, a_link, a_id = await self.edge("edge-a")
+        b, b_public, b_link, b_id = await self.edge("edge-b")
+        nowhere = free_port()
+        urls = ", ".join(
+            f'"ws://127.0.0.1:{port}/tunnel"' for port in (nowhere, a_link, b_link)
+        )
+        agent, _ = await self.agent(0, **{
+            "edge_urls = []": f"edge_urls = [{urls}]",
+            "reconnect_initial = 0.5\nreconnect_max = 30.0":
+                "reconnect_initial = 0.2\nreconnect_max = 2.0",
+        })
+        self.assertIn(f"cannot connect to ws://127.0.0.1:{nowhere}/tunnel", agent.output)
+        await a.wait_for(r"agent demo registered demo\.localhost")
+        self.assertNotIn(f"to 127.0.0.1:{b_link}", agent.output)
+        a.process.signalProcess(signal.SIGKILL)
+        await a.ended
+        await agent.wait_for(rf"link up over websocket to 127\.0\.0\.1:{b_link}")
+        code, _, body = await self.harness(b_public).request(DEMO, "/hello")
+        self.assertEqual((code, body), (200, b"hello from upstream"))
+
+        async def only_b() -> bool:
+            live = [r.edge_id for r in await registry.live_edges()]
+            return live == [b_id] and await registry.tunnel_edges(DEMO) == [b_id]
+
+        await eventually(only_b, "the registry to forget the killed edge")
+        self.assertEqual(await registry.edge_tunnels(a_id), [])
