@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import sys
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python import log
 from twisted.trial.unittest import TestCase
 from twisted.web import client
@@ -672,3 +675,51 @@ class EdgeListTests(ClusterProcesses):
 
         await eventually(only_b, "the registry to forget the killed edge")
         self.assertEqual(await registry.edge_tunnels(a_id), [])
+
+
+class ClusterViewTests(ClusterProcesses):
+    async def test_api_cluster_and_status_show_edges_agents_and_tunnels(self) -> None:
+        """GET /api/cluster on either edge lists both edges, each one's agents and the edges serving demo.localhost; `tunneld status` prints the same; with Redis gone the view is this edge alone, saying why."""
+        await self.redis()
+        a, _, a_link, a_id = await self.edge("edge-a")
+        b, _, b_link, b_id = await self.edge("edge-b")
+        await self.agent(a_link)
+        await self.agent(b_link)
+
+        async def complete() -> bool:
+            for edge in (a, b):
+                view = json.loads((await admin_get(edge, "/api/cluster"))[1])
+                if len(view["edges"]) != 2 or not all(e["agents"] for e in view["edges"]):
+                    return False
+            return True
+
+        await eventually(complete, "both edges' agents in the cluster view")
+        for edge, me in ((a, a_id), (b, b_id)):
+            code, body = await admin_get(edge, "/api/cluster")
+            view = json.loads(body)
+            self.assertEqual((code, view["backend"], view["reachable"]), (200, "redis", True))
+            self.assertEqual(view["this_edge"], me)
+            self.assertEqual([e["edge_id"] for e in view["edges"]], sorted([a_id, b_id]))
+            for record in view["edges"]:
+                self.assertEqual(record["this"], record["edge_id"] == me)
+                self.assertEqual([agent["agent"] for agent in record["agents"]], ["demo"])
+                self.assertEqual(record["tunnels"], [DEMO])
+            self.assertEqual(view["tunnels"], [{"tunnel": DEMO, "edges": sorted([a_id, b_id])}])
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "tunneld.cli", "status", "--admin",
+                             f"127.0.0.1:{a.admin_port}"],  # type: ignore[attr-defined]
+            env=dict(os.environ, PYTHONPATH=test_processes.ROOT),
+        )
+        text = out.decode()
+        self.assertEqual(code, 0, err)
+        self.assertIn("cluster (redis state, reachable): 2 edge(s)", text)
+        self.assertRegex(text, rf"{re.escape(a_id)} \*\s+edge-a\s+live\s+1\s+{re.escape(DEMO)}")
+        self.assertRegex(text, rf"{re.escape(DEMO)}\s+{re.escape(', '.join(sorted([a_id, b_id])))}")
+
+        await self.server.stop()
+        await a.wait_for(r"state store \S+ unreachable")
+        code, body = await admin_get(a, "/api/cluster")
+        view = json.loads(body)
+        self.assertEqual((code, view["reachable"]), (200, False))
+        self.assertEqual([e["edge_id"] for e in view["edges"]], [a_id])
+        self.assertTrue(view["error"])

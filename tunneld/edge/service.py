@@ -11,6 +11,7 @@ re-reads the configuration file and applies its limits to new work
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import threading
@@ -23,7 +24,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from tunneld.config import EdgeConfig, load_edge_config
-from tunneld.edge.cluster import agent_url_maker, dialable_host
+from tunneld.edge.cluster import agent_url_maker, cluster_view, describe_agents, dialable_host
 from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPSettings
 from tunneld.edge.http2 import PublicH2Factory, PublicH2Settings, PublicHTTPChooserFactory
 from tunneld.edge.probes import probe_site
@@ -124,6 +125,7 @@ class EdgeService(MultiService):
             agent_urls=shared.agent_urls,
         )
         self.membership.setServiceParent(self.state)
+        self.membership.describe = lambda: json.dumps(describe_agents(self.sessions)).encode()
         self.sessions.membership = self.membership
         if self.state.backend.name != "memory":
             # Per-tunnel rates hold for the whole cluster.
@@ -260,6 +262,15 @@ class EdgeService(MultiService):
 
         for listener in listeners:
             listener.listening.addBoth(one)
+
+    def cluster(self) -> Deferred[dict[str, Any]]:
+        """The cluster view (C{GET /api/cluster}): edges, their agents, where each tunnel is served."""
+        local = {
+            "agents": describe_agents(self.sessions),
+            "tunnels": self.membership.held(),
+            "name": self.membership.edge_name,
+        }
+        return ensureDeferred(cluster_view(self.state.backend, self.membership.edge_id, local))
 
     def addresses(self) -> tuple[list[str], list[str]]:
         """This edge's public addresses and the URLs agents dial it by (for the registry)."""

@@ -56,6 +56,7 @@ class EdgeObservability(MultiService):
             # The same reasons as health_listen's /readyz, so both probes agree.
             problems=getattr(root, "not_ready", list),
             notes=getattr(root, "degraded", list),
+            cluster=getattr(root, "cluster", None),
         )
         self.admin: ListeningService | None = None
         if admin_listen:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import Service
@@ -35,7 +35,10 @@ from twisted.python.failure import Failure
 from tunneld.interfaces import Claim, EdgeRecord, IStateBackend, StateUnavailable
 from tunneld.state.ids import IdMinter, random_epoch
 
-__all__ = ["EdgeMembership"]
+__all__ = ["AGENTS_NAMESPACE", "EdgeMembership"]
+
+# Records (one per live edge, with the edge's TTL): its agents, for the cluster view.
+AGENTS_NAMESPACE = "edge-agents"
 
 
 class EdgeMembership(Service):
@@ -78,6 +81,9 @@ class EdgeMembership(Service):
         # Hostnames reserved by the identities of this edge's live sessions.
         self._names: Counter[tuple[str, str]] = Counter()
         self._pending: set[Deferred[Any]] = set()
+        # What this edge says of its agents in the cluster view (JSON bytes),
+        # stored with each beat for the other edges' `tunneld status`.
+        self.describe: Callable[[], bytes] | None = None
         self._loop = LoopingCall(self.beat)
         self._loop.clock = reactor
         self._starting: Deferred[None] | None = None
@@ -131,6 +137,8 @@ class EdgeMembership(Service):
             return
         try:
             await self.backend.remove_edge(self.edge_id)
+            if self.describe is not None:
+                await self.backend.delete_record(AGENTS_NAMESPACE, self.edge_id)
             self.log.info("edge {edge} left the cluster", edge=self.edge_id)
         except StateUnavailable as e:
             self.log.warn("edge {edge} could not deregister ({why}); it expires within {ttl}s",
@@ -248,6 +256,8 @@ class EdgeMembership(Service):
             backend.set_count(counter, self.edge_id, value, ttl)
             for counter, value in sorted(self._counts.items())
         )
+        if self.describe is not None:
+            writes.append(backend.put_record(AGENTS_NAMESPACE, self.edge_id, self.describe(), ttl))
         # Reservations too (a Redis restarted without persistence lost them).
         hold = self._hold_ttl()
         writes.extend(
