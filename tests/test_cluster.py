@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
+import subprocess
 import sys
 from typing import Any
 
@@ -29,7 +31,7 @@ from tests.harness import free_port, listen_upstream, open_fds
 from tests.redis_servers import eventually, redis_cli, sleep, start_server
 from tests.test_processes import TwistdProcess
 from tunneld import certs
-from tunneld.config import EdgeStateSection
+from tunneld.config import EdgeStateSection, load_agent_config, load_edge_config
 from tunneld.interfaces import IStateBackend
 from tunneld.state.redis import RedisStateBackend
 
@@ -723,3 +725,56 @@ class ClusterViewTests(ClusterProcesses):
         self.assertEqual((code, view["reachable"]), (200, False))
         self.assertEqual([e["edge_id"] for e in view["edges"]], [a_id])
         self.assertTrue(view["error"])
+
+
+class OperationsDocTests(TestCase):
+    """docs/operations.md's cluster configs are ones the tools accept, as written."""
+
+    def section(self) -> str:
+        with open(os.path.join(test_processes.ROOT, "docs", "operations.md")) as f:
+            text = f.read()
+        return text[text.index("## Several edges behind HAProxy"):]
+
+    def test_tunneld_configs_load(self) -> None:
+        """Every TOML block loads as an edge (or agent) configuration, with the certificate paths made real."""
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        ca = certs.make_ca()
+        files = {}
+        for stem, issued in (
+            ("agents-ca", ca), ("edges-ca", ca),
+            ("edge", certs.issue_edge(ca, ["tunnel.example.com"])),
+            ("wildcard.example.com", certs.issue_edge(ca, ["*.example.com"])),
+            ("web1", certs.issue_agent(ca, "web1", ["app.example.com"])),
+        ):
+            cert, key = os.path.join(d, f"{stem}.pem"), os.path.join(d, f"{stem}.key")
+            issued.write(cert, key)
+            files[f"/etc/tunneld/{stem}.pem"], files[f"/etc/tunneld/{stem}.key"] = cert, key
+        blocks = re.findall(r"```toml\n(.*?)```", self.section(), re.S)
+        self.assertEqual(len(blocks), 3)
+        for i, block in enumerate(blocks):
+            for old, new in files.items():
+                block = block.replace(old, new)
+            path = os.path.join(d, f"block{i}.toml")
+            with open(path, "w") as f:
+                f.write(block)
+            if "[agent]" in block:
+                agent = load_agent_config(path)
+                self.assertEqual(len(agent.agent.edge_urls), 4)
+            else:
+                edge = load_edge_config(path)
+                self.assertEqual(edge.edge.state.backend, "redis")
+
+    def test_haproxy_config_is_valid(self) -> None:
+        """haproxy -c accepts the HAProxy block."""
+        haproxy = shutil.which("haproxy") or (
+            "/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None
+        )
+        if haproxy is None:
+            raise self.skipTest("haproxy is not installed (scripts/setup-tests installs it)")
+        [block] = re.findall(r"```haproxy\n(.*?)```", self.section(), re.S)
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(block.replace("log /dev/log local0", "log stdout local0"))
+        result = subprocess.run([haproxy, "-c", "-f", path], capture_output=True, text=True)
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
