@@ -256,6 +256,8 @@ class MetricsAndAdminTests(TestCase):
         rows = {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
         self.assertEqual(rows["ws-agent"][2], "websocket")
         self.assertEqual(rows["grpc-agent"][2], "grpc")
+        # The cluster of the default (memory) edge: itself, with both agents.
+        self.assertIn("cluster (memory state, reachable): 1 edge(s)", text)
         self.assertIn("a.test", rows)
         self.assertIn("b.test", rows)
         self.assertIn("edge: ready, 2 agent session(s), 2 tunnel(s)", text)

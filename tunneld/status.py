@@ -30,14 +30,21 @@ class AdminUnreadable(Exception):
 
 
 async def fetch(
-    client: HTTPClient, admin: str, path: str, accept: tuple[int, ...] = (200,)
+    client: HTTPClient, admin: str, path: str, accept: tuple[int, ...] = (200,),
+    json_for: tuple[int, ...] | None = None,
 ) -> tuple[int, Any]:
-    """The status and JSON body at C{path} of the admin API at C{admin}."""
+    """
+    The status and JSON body at C{path} of the admin API at C{admin}; a
+    status in C{accept} but not in C{json_for} (default: all of C{accept})
+    comes with None, whatever its body.
+    """
     url = admin.rstrip("/") + path
     response = await client.get(url, timeout=TIMEOUT)
     body = await response.content()
     if response.code not in accept:
         raise AdminUnreadable(f"{path} answered {response.code}")
+    if json_for is not None and response.code not in json_for:
+        return response.code, None
     try:
         return response.code, json.loads(body)
     except ValueError:
@@ -161,7 +168,9 @@ async def show(client: HTTPClient, admin: str, stdout: TextIO, stderr: TextIO) -
         refusals = (await fetch(client, admin, "/api/refusals"))[1]
         code, _ = await fetch(client, admin, "/readyz", accept=(200, 503))
         # An edge from before the cluster view answers 404: no cluster tables.
-        cluster_code, cluster = await fetch(client, admin, "/api/cluster", accept=(200, 404))
+        cluster_code, cluster = await fetch(
+            client, admin, "/api/cluster", accept=(200, 404), json_for=(200,)
+        )
     except Exception as e:  # noqa: BLE001 -- refused, timed out, not the admin API: say which
         stderr.write(f"tunneld status: cannot read the admin API at {admin}: {_why(e)}\n")
         return False
