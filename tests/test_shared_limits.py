@@ -91,3 +91,16 @@ class SharedBucketsTests(TestCase):
         for key in ("a", "b", "c"):
             shared.take(key, 10.0, 10.0)
         self.assertEqual(list(shared.accounts), ["b", "c"])
+
+    def test_the_bank_is_asked_in_batches(self) -> None:
+        """Rate 10,000/s (a target of 500 tokens): 10,000 requests under the limit ask the bank some 40 times, not 10,000."""
+        clock = Clock()
+        bank = _SlowBank(MemoryStateBackend(clock))
+        shared = SharedBuckets(bank, clock)  # type: ignore[arg-type]
+        asked = 0
+        for _ in range(10_000):
+            clock.advance(0.0002)  # 5,000 requests a second: half the limit
+            self.assertEqual(shared.take("demo", 10_000.0, 10_000.0), 0.0)
+            asked += len(bank.waiting)
+            bank.answer_all()
+        self.assertLessEqual(asked, 45)

@@ -12,10 +12,12 @@ admission wait, so each edge keeps a small account per tunnel instead:
     admitting it spends one token, on credit when the account is empty (so
     a tunnel under its limit never waits for Redis, nor is refused for want
     of an answer);
-  - after each admission, and while the account is below its target (a
-    twentieth of a second's worth of the rate, at least one), one take of
-    C{target - balance} tokens goes to the bank; a grant pays the debt and
-    refills the account, a refusal says when to ask again;
+  - once the account is down to half its target (a twentieth of a second's
+    worth of the rate, at least one token), one take of C{target - balance}
+    tokens goes to the bank: a grant pays the debt and refills the account,
+    a refusal says when to ask again.  So the bank hears from an edge about
+    once per half a target of requests (at most some forty times a second
+    per tunnel at its limit), never once per request;
   - a request that finds the account that deep in debt is refused with
     C{rate_limited} and a C{Retry-After}.
 
@@ -101,9 +103,10 @@ class SharedBuckets:
     def _ask(self, key: str, account: _Account, now: float) -> None:
         if account.asking or now < account.ask_after:
             return
-        cost = self._target(account) - account.balance
-        if cost <= 0:
-            return
+        target = self._target(account)
+        if account.balance > target // 2:
+            return  # enough in hand: ask in batches, not for each request
+        cost = target - account.balance
         cost = min(cost, max(1, int(account.burst)))
         account.asking = True
         d = self.backend.take_tokens(self.prefix + key, cost, account.rate, account.burst)
@@ -118,7 +121,7 @@ class SharedBuckets:
         if verdict.allowed:
             account.balance += cost
             self.granted += cost
-            if account.balance < self._target(account) and self.accounts.get(key) is account:
+            if self.accounts.get(key) is account:
                 self._ask(key, account, self.clock.seconds())
         else:
             account.ask_after = self.clock.seconds() + max(verdict.retry_after, 0.001)
