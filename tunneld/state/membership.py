@@ -15,7 +15,10 @@ at once and puts everything back.
 The router tells it which tunnels this edge holds (L{EdgeMembership.hold},
 L{EdgeMembership.release}, counted, since several agent sessions may serve
 one tunnel); the first hold and the last release reach the store at once,
-without waiting for the next beat.
+without waiting for the next beat.  Hostname reservations of this edge's
+sessions (L{EdgeMembership.reserve}, L{EdgeMembership.unreserve}) are
+refreshed by the beat too, and the edge's own description of its agents
+(C{describe}) is stored with it for the cluster view.
 """
 
 from __future__ import annotations
