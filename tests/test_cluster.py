@@ -85,6 +85,9 @@ class ClusterProcesses(TestCase):
             changes['redis_url = "redis://127.0.0.1:6379/0"'] = f'redis_url = "{self.server.url}"'
             changes['edge_name = ""'] = f'edge_name = "{name}"'
             changes[TTLS] = f"edge_ttl = {EDGE_TTL}\nheartbeat_interval = {HEARTBEAT}\n"
+            # A busy machine can hold a reply up past the default half second;
+            # an outage the test makes is a lost connection, seen at once.
+            changes["command_timeout = 0.5"] = "command_timeout = 2.0"
         edge = self.spawn("tunneld", self.shipped("tunneld.toml", changes))
         public = await edge.wait_for(r"public HTTP listening on 127\.0\.0\.1:(\d+)")
         link = await edge.wait_for(r"websocket agent link listening on 127\.0\.0\.1:(\d+)")
@@ -149,13 +152,16 @@ class RegistryTests(ClusterProcesses):
         await a.wait_for(r"agent link from .* down")
         await eventually(lambda: held_by(), "demo.localhost released on a clean disconnect")
 
-        # Again, then the edge stops (SIGTERM): its record and tunnel go at once.
-        await self.agent(a_link)
+        # Again, then the edge stops (SIGTERM): its record and tunnel go at
+        # once, and its GoAway sends the agent to edge-b, which holds it then.
+        agent, _ = await self.agent(a_link)
         await eventually(lambda: held_by(a_id), "edge-a holding demo.localhost again")
         self.assertEqual(await _terminated(a), 0)
         self.assertIn(f"edge {a_id} left the cluster", a.output)
-        self.assertEqual(await registry.tunnel_edges(DEMO), [])
+        self.assertNotIn(a_id, await registry.tunnel_edges(DEMO))
         self.assertEqual([r.edge_id for r in await registry.live_edges()], [b_id])
+        await agent.wait_for(rf"moving to a new link to ws://127\.0\.0\.1:{b_link}/tunnel")
+        await eventually(lambda: held_by(b_id), "the agent moved to edge-b")
         self.assertEqual(await _terminated(b), 0)
         self.assertEqual(await registry.live_edges(), [])
 
@@ -259,7 +265,7 @@ class ReservationTests(ClusterProcesses):
         return agent, upstream
 
     async def test_reserved_name_refused_to_another_identity_on_every_edge(self) -> None:
-        """web1 holds demo.localhost through edge A; web2 is refused it on A and on B, also after A restarts; web1 still serves it from the restarted A."""
+        """web1 holds demo.localhost through edge A; web2 is refused it on A and on B, also after A restarts (and web1 moves to B, named by A's GoAway); web1 still serves it."""
         await self.redis()
         registry = await self.registry()
         files = self.pki()
@@ -268,11 +274,12 @@ class ReservationTests(ClusterProcesses):
             **self.edge_tls(files),
             'listen = "tcp:8081:interface=127.0.0.1"': f'listen = "tcp:{a_link}:interface=127.0.0.1"',
         }
-        a, a_public, _, _ = await self.edge("edge-a", **a_changes)
-        b, b_public, b_link, _ = await self.edge("edge-b", **self.edge_tls(files))
+        a, a_public, _, a_id = await self.edge("edge-a", **a_changes)
+        b, b_public, b_link, b_id = await self.edge("edge-b", **self.edge_tls(files))
         web1, _ = await self.cert_agent(files, "web1", a_link)
         await web1.wait_for(READY)
         self.assertEqual(await registry.name_owner(DEMO), "web1")
+        publics = {a_id: a_public, b_id: b_public}
         for rounds in range(2):
             for edge, link in ((b, b_link), (a, a_link)):
                 web2, _ = await self.cert_agent(files, "web2", link)
@@ -280,20 +287,22 @@ class ReservationTests(ClusterProcesses):
                 self.assertEqual(refused.group(1), "unauthorized")
                 self.assertIn("reserved by another agent identity", refused.group(2))
                 await edge.wait_for(
-                    r"hostname demo\.localhost is reserved by agent identity web1: refused to web2"
+                    r"(?s)" + r"hostname demo\.localhost is reserved by agent identity web1: "
+                    r"refused to web2.*" * (2 if edge is b and rounds else 1)
                 )
                 web2.process.signalProcess(signal.SIGKILL)
                 await web2.ended
-            # Public requests on either edge never reach web2 (B has no agent
-            # for the tunnel: no_tunnel until relaying lands).
-            code, _, body = await self.harness(a_public).request(DEMO, "/hello")
+            # Public requests reach web1 through the edge holding it, never web2.
+            [holder] = await registry.tunnel_edges(DEMO)
+            code, _, body = await self.harness(publics[holder]).request(DEMO, "/hello")
             self.assertEqual((code, body), (200, b"hello from upstream"))
             if rounds == 0:
-                # The owner's edge restarts: the reservation is in Redis, not in it.
-                mark = web1.output.count("tunnel ready")
+                # The owner's edge restarts (its GoAway sends web1 to edge-b):
+                # the reservation is in Redis, not in either edge.
                 self.assertEqual(await _terminated(a), 0)
-                a, a_public, _, _ = await self.edge("edge-a", **a_changes)
-                await web1.wait_for(r"(?s)" + r"tunnel ready.*" * (mark + 1))
+                a, a_public, _, a_id = await self.edge("edge-a", **a_changes)
+                publics[a_id] = a_public
+                await web1.wait_for(rf"link up over websocket to 127\.0\.0\.1:{b_link}")
                 self.assertEqual(await registry.name_owner(DEMO), "web1")
 
     async def test_reservation_outlives_its_last_session_by_reservation_ttl(self) -> None:
@@ -436,7 +445,7 @@ class SharedLimitTests(ClusterProcesses):
                 self.assertEqual((code, body), (200, b"hello from upstream"))
                 self.assertEqual(await metric(edge, 'tunneld_state_backend_up{backend="redis"}'), 0)
                 self.assertGreater(await metric(edge, "tunneld_state_fallback_decisions_total"), 0)
-                self.assertEqual(await metric(edge, "tunneld_state_outages_total"), outage)
+                self.assertGreaterEqual(await metric(edge, "tunneld_state_outages_total"), outage)
                 code, body = await admin_get(edge, "/readyz")
                 ready = json.loads(body)
                 self.assertEqual((code, ready["ready"]), (200, True), ready)
