@@ -24,6 +24,7 @@ from tunneld.config import (
     EdgeConfig,
     EdgeSection,
     EdgeStateSection,
+    SpeedupsSection,
     TunnelSection,
 )
 from tunneld.config.schema import documented_fields
@@ -110,6 +111,15 @@ def _doc_of(cls: type[Any], key: str) -> str:
     return _cell({name: doc for name, _, _, doc in documented_fields(cls)}[key])
 
 
+_SPEEDUPS = _cell(
+    "Speed tricks. Each reaches into another library's private state (or tunes the process), "
+    "checks at start that what it uses is there, and falls back to the library's public API "
+    "when that check fails or its switch is off; the start-up log lists which are on "
+    "(`speedups: bulkwrite on, read_size on, ...`). The environment variable "
+    "`TUNNELD_SPEEDUPS=off` turns every one off whatever the file says."
+)
+
+
 def reference() -> str:
     """The whole reference as Markdown."""
     transports = _builtin_transports()
@@ -117,6 +127,7 @@ def reference() -> str:
     parts.append(section("[edge]", EdgeSection))
     parts.append(section("[edge.state]", EdgeStateSection, _doc_of(EdgeSection, "state")))
     parts.append(section("[[agents]]", AgentGrant, _doc_of(EdgeConfig, "agents")))
+    parts.append(section("[speedups]", SpeedupsSection, _SPEEDUPS))
     for plugin in transports:
         cls = _options_type(plugin, edge=True)
         if cls is not None:
@@ -127,6 +138,7 @@ def reference() -> str:
     parts.append("## Agent\n")
     parts.append(section("[agent]", AgentSection))
     parts.append(section("[[tunnels]]", TunnelSection, _doc_of(AgentConfig, "tunnels")))
+    parts.append(section("[speedups]", SpeedupsSection, _SPEEDUPS))
     for plugin in transports:
         cls = _options_type(plugin, edge=False)
         if cls is not None:
