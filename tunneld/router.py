@@ -175,7 +175,9 @@ class Router:
         C{no_tunnel} when nothing is registered for the name,
         C{agent_unavailable} when its agents are all unhealthy or draining,
         C{session_gone} when C{affinity} (an MCP/ACP session id) was served
-        by an agent session that is gone or going.
+        by an agent session that is gone or going,
+        C{draining} when every one is draining (moving to another edge: a
+        client may retry elsewhere, or soon).
         """
         host = host.lower().rstrip(".")
         for tunnels in self._candidates(host):
@@ -192,7 +194,7 @@ class Router:
                         return Route(tunnel.key, bound.link, bound)
                 session = self._pick(tunnel.sessions, tunnel.key)
                 if session is None:
-                    return Reason.AGENT_UNAVAILABLE
+                    return _none_usable(tunnel.sessions)
                 if affinity:  # the session's first request this edge has seen
                     self.bind(tunnel.key, affinity, session)
                 return Route(tunnel.key, session.link, session)
@@ -277,7 +279,7 @@ class Router:
             return Reason.NO_TUNNEL
         session = self._pick(tunnel.sessions)
         if session is None:
-            return Reason.AGENT_UNAVAILABLE
+            return _none_usable(tunnel.sessions)
         return Route(tunnel.key, session.link, session)
 
     def port_snapshot(self) -> dict[int, tuple[str, list[str]]]:
@@ -328,3 +330,10 @@ def hostname_allowed(hostname: str, allowed: list[str]) -> bool:
         if pattern.startswith("*.") and hostname.removeprefix("*.").endswith(pattern[1:]):
             return True
     return False
+
+
+def _none_usable(sessions: list[AgentSession]) -> Reason:
+    """Why no session of a tunnel can take a stream: all draining, or otherwise unusable."""
+    if sessions and all(s.draining for s in sessions):
+        return Reason.DRAINING
+    return Reason.AGENT_UNAVAILABLE
