@@ -31,6 +31,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ConnectionDone, ProcessExitedAlready
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -187,8 +188,10 @@ class PTYSession(ProcessProtocol):
             return False
         self.master = master
         self.stream.attach(self)
-        self.stream.registerProducer(self.transport, True)  # no credit: stop reading the PTY
-        self.transport.registerProducer(self.stream, True)  # # PTY full: stop granting credit
+        transport: Any = self.transport
+        self.stream.registerProducer(transport, True)  # no credit: stop reading the PTY
+        # A full PTY stops granting credit; the PTY's end is not the stream's.
+        transport.registerProducer(_CreditGate(self.stream), True)
         self._send(Ready(f"pid {self.pid}"))
         self._silence = service.reactor.callLater(service.settings.heartbeat_timeout, self._silent)
         self.log.info(
@@ -369,6 +372,27 @@ class PTYSession(ProcessProtocol):
         waiter: Deferred[None] = Deferred()
         self._waiters.append(waiter)
         return waiter
+
+
+@implementer(IPushProducer)
+class _CreditGate:
+    """
+    The stream as the PTY's producer: paused and resumed with the PTY's
+    buffer, but a closing PTY does not stop it (the session ends the stream
+    itself, after the last output and the exit status).
+    """
+
+    def __init__(self, stream: IStream) -> None:
+        self.stream = stream
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        self.stream.pauseProducing()
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self.stream.resumeProducing()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        pass
 
 
 def _status(reason: Failure) -> str:

@@ -28,6 +28,7 @@ from google.protobuf.message import DecodeError
 
 from tunneld.memo import ByIdentity
 from tunneld.model.messages import (
+    STREAM_KINDS,
     ControlMessage,
     GoAway,
     Headers,
@@ -37,7 +38,6 @@ from tunneld.model.messages import (
     ReplyHead,
     StreamHead,
     TunnelSpec,
-    STREAM_KINDS,
     Welcome,
 )
 from tunneld.model.reasons import Reason

@@ -1,0 +1,292 @@
+"""
+Browser terminals through the edge to a PTY on the agent (issue 22), with a
+real edge, agent, PTY and WebSocket client on loopback over the WebSocket
+transport (tests/end_to_end.py carries one terminal over every transport;
+tests/test_terminal_browser.py drives the page in headless Chromium).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet import defer
+from twisted.trial.unittest import TestCase
+
+from tests.end_to_end import EventCollector
+from tests.harness import TunnelHarness, eventually, open_fds
+from tests.terminal_peers import (
+    admin,
+    agent_terminal,
+    children_of,
+    connect_terminal,
+    edge_terminal,
+    terminal_tunnel,
+    token_for,
+)
+from tunneld.agent.service import AgentService
+from tunneld.config import ConfigError, load_agent_config, load_edge_config
+from tunneld.edge.terminal_web import close_code
+
+
+def _agent_table(address: Any) -> dict[str, Any]:
+    return {"url": f"ws://127.0.0.1:{address.port}/tunnel"}
+
+
+class TerminalTests(TestCase):
+    timeout = 120
+
+    async def tunnel(self, **kwargs: Any) -> TunnelHarness:
+        return await terminal_tunnel(self, "websocket", {"listen": "tcp:0:interface=127.0.0.1"},
+                                     _agent_table, **kwargs)
+
+    def agent(self, harness: TunnelHarness, index: int = 0) -> AgentService:
+        return harness.agents[index]
+
+    async def session(self, harness: TunnelHarness, allocation: str = "node-a", **size: int) -> Any:
+        token = await token_for(harness, allocation)
+        client = await connect_terminal(self, harness, allocation, token, **size)
+        await client.ready()
+        return client
+
+    async def no_terminals_left(self, harness: TunnelHarness) -> None:
+        """Every PTY child reaped, no session live at the edge."""
+        agent = self.agent(harness)
+        assert agent.terminal is not None
+        await eventually(lambda: not agent.terminal.sessions, "the agent's terminals to end")
+        await eventually(lambda: not children_of(os.getpid()), "every child reaped")
+        assert harness.edge is not None and harness.edge.terminal is not None
+        await eventually(lambda: not harness.edge.terminal.live, "no live session at the edge")
+
+    async def test_echo_and_exit(self) -> None:
+        """Keystrokes reach the shell, its output comes back; `exit` ends the session with exited."""
+        harness = await self.tunnel()
+        client = await self.session(harness)
+        client.type("echo hi-$((40+2))\n")
+        await client.sees(b"hi-42")
+        client.type("exit 3\n")
+        close = await client.close_message()
+        self.assertEqual((close["reason"], close["message"]), ("exited", "status 3"))
+        _, code, reason = await client.closed
+        self.assertEqual((code, reason), (1000, "exited"))
+        await self.no_terminals_left(harness)
+        code, body = await admin(harness, b"GET", "/api/v1/terminal/sessions", credential=None)
+        [listed] = body["sessions"]
+        self.assertEqual(
+            (listed["state"], listed["reason"], listed["identity"], listed["allocation"]),
+            ("closed", "exited", "alice", "node-a"),
+        )
+        self.assertIsNotNone(listed["ready_at"])
+
+    async def test_resize_reaches_the_pty(self) -> None:
+        """The first size comes with the connection, later ones as resize messages: stty sees both."""
+        harness = await self.tunnel()
+        client = await self.session(harness, rows=33, cols=101)
+        client.type("stty size\n")
+        await client.sees(b"33 101")
+        client.send_json({"type": "resize", "rows": 41, "cols": 132})
+        client.type("stty size\n")
+        await client.sees(b"41 132")
+
+    async def test_token_refusals(self) -> None:
+        """A reused, an expired, another allocation's, an unknown and a missing token: each refused with its reason."""
+        events = EventCollector(self)
+        harness = await self.tunnel(edge=edge_terminal(token_ttl=0.2))
+        port, _ = 0, None
+        del port
+        second_agent_port = harness.agents[0]
+        del second_agent_port
+
+        async def refused(allocation: str, token: str | None) -> dict[str, Any]:
+            client = await connect_terminal(self, harness, allocation, token)
+            close = await client.close_message()
+            _, code, reason = await client.closed
+            self.assertEqual((code, reason), (close_code(close["reason"]), close["reason"]))
+            return close
+
+        # Used once (the session is then closed), refused the second time.
+        token = await token_for(harness, "node-a")
+        client = await connect_terminal(self, harness, "node-a", token)
+        await client.ready()
+        client.send_json({"type": "close"})
+        self.assertEqual((await client.close_message())["reason"], "browser_closed")
+        self.assertEqual((await refused("node-a", token))["reason"], "token_reused")
+        # Expired before use.
+        token = await token_for(harness, "node-a")
+        assert harness.edge is not None
+        issued = harness.edge.reactor.seconds()
+        await eventually(lambda: harness.edge.reactor.seconds() > issued + 0.3, "the token's TTL")
+        self.assertEqual((await refused("node-a", token))["reason"], "token_expired")
+        # Issued for another allocation (an agent connected under another id).
+        other = await self._second_agent(harness, "node-b")
+        del other
+        token = await token_for(harness, "node-b")
+        close = await refused("node-a", token)
+        self.assertEqual(close["reason"], "token_other_allocation")
+        self.assertIn("node-b", close["message"])
+        # Never issued; none at all.
+        self.assertEqual((await refused("node-a", "made-up"))["reason"], "token_unknown")
+        self.assertEqual((await refused("node-a", None))["reason"], "token_missing")
+        logged = [e["reason"] for e in events.matching(
+            "terminal session for {allocation} from {peer} refused ({reason}: {message})"
+        )]
+        self.assertEqual(logged, [
+            "token_reused", "token_expired", "token_other_allocation", "token_unknown",
+            "token_missing",
+        ])
+        await self.no_terminals_left(harness)
+
+    async def _second_agent(self, harness: TunnelHarness, agent_id: str) -> AgentService:
+        from tests.harness import listen_upstream
+
+        port, _ = await listen_upstream(self)
+        return await harness.start_agent(
+            _agent_table(harness.link_address()), [(f"{agent_id}.test", port)],
+            agent_id=agent_id, terminal=agent_terminal(),
+        )
+
+    async def test_token_api_needs_an_operator_and_a_connected_agent(self) -> None:
+        """No or a wrong credential: 401; an allocation with no agent here: 404."""
+        harness = await self.tunnel()
+        path = "/api/v1/allocations/node-a/terminal-token"
+        code, body = await admin(harness, b"POST", path, credential=None)
+        self.assertEqual((code, body["error"]), (401, "unauthorized"))
+        code, body = await admin(harness, b"POST", path, credential="wrong-credential-00000")
+        self.assertEqual(code, 401)
+        code, body = await admin(harness, b"POST", "/api/v1/allocations/nobody/terminal-token")
+        self.assertEqual((code, body["error"]), (404, "agent_unavailable"))
+        code, body = await admin(harness, b"GET", "/api/v1/allocations", credential=None)
+        self.assertEqual([a["allocation"] for a in body["allocations"]], ["node-a"])
+
+    async def test_second_session_refused(self) -> None:
+        """second_session = refuse: the live session goes on, the newcomer is told session_live."""
+        harness = await self.tunnel()
+        first = await self.session(harness)
+        token = await token_for(harness, "node-a")
+        second = await connect_terminal(self, harness, "node-a", token)
+        self.assertEqual((await second.close_message())["reason"], "session_live")
+        first.type("echo still-here\n")
+        await first.sees(b"still-here")
+
+    async def test_second_session_replaces(self) -> None:
+        """second_session = replace: the first is closed with replaced, the second works."""
+        harness = await self.tunnel(edge=edge_terminal(second_session="replace"))
+        first = await self.session(harness)
+        second = await self.session(harness)
+        self.assertEqual((await first.close_message())["reason"], "replaced")
+        second.type("echo second-works\n")
+        await second.sees(b"second-works")
+        assert harness.edge is not None and harness.edge.terminal is not None
+        await eventually(
+            lambda: [s["state"] for s in harness.edge.terminal.listing()] == ["ready", "closed"],
+            "one ready session and one closed",
+        )
+        agent = self.agent(harness)
+        assert agent.terminal is not None
+        await eventually(lambda: len(agent.terminal.sessions) == 1, "the first PTY reaped")
+
+    async def test_browser_disconnect_repeated(self) -> None:
+        """A browser that vanishes (TCP gone) ends its session with browser_gone, every time, leaving nothing."""
+        events = EventCollector(self)
+        harness = await self.tunnel()
+        await self.session(harness)  # warm up: imports, first fds
+        agent = self.agent(harness)
+        assert agent.terminal is not None
+        [first] = agent.terminal.sessions
+        first.hang_up("test", "warm-up")
+        await self.no_terminals_left(harness)
+        before = open_fds()
+        for _ in range(3):
+            client = await self.session(harness)
+            client.type("sleep 1000\n")
+            client.transport.abortConnection()
+            await client.lost
+            await self.no_terminals_left(harness)
+        self.assertEqual(open_fds(), before)
+        closes = [e["reason"] for e in events.matching(
+            "terminal session {session} for {allocation} closed ({reason}: {message}); "
+            "was {was}, {to_browser} bytes to the browser, {to_agent} to the agent"
+        )]
+        self.assertEqual(closes[-3:], ["browser_gone"] * 3)
+
+    async def test_flood_to_a_browser_that_stops_reading(self) -> None:
+        """`yes` to a browser reading nothing: closed with saturated within the bound; memory bounded."""
+        events = EventCollector(self)
+        harness = await self.tunnel(edge=edge_terminal(stall_timeout=2.0))
+        client = await self.session(harness)
+        client.type("yes\n")
+        await client.sees(b"y\ny\n")
+        client.transport.pauseProducing()  # the browser reads nothing more
+        assert harness.edge is not None and harness.edge.terminal is not None
+        bridge = harness.edge.terminal
+        await eventually(lambda: not bridge.live, "the session to close", timeout=60)
+        [closed] = bridge.listing()
+        self.assertEqual(closed["reason"], "saturated")
+        [logged] = events.matching(
+            "terminal session {session} for {allocation} saturated: {message} "
+            "(queue {queued} bytes, largest {largest} bytes)"
+        )
+        self.assertLessEqual(logged["largest"], bridge.settings.max_queued_bytes)
+        client.transport.resumeProducing()
+        close = await client.close_message()
+        self.assertEqual(close["reason"], "saturated")
+        await self.no_terminals_left(harness)
+
+    async def test_agent_without_terminal(self) -> None:
+        """An agent whose terminal is off answers terminal_disabled."""
+        harness = await self.tunnel(agent=agent_terminal(enabled=False))
+        token = await token_for(harness, "node-a")
+        client = await connect_terminal(self, harness, "node-a", token)
+        self.assertEqual((await client.close_message())["reason"], "terminal_disabled")
+
+
+class TerminalConfigTests(TestCase):
+    def write(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_defaults_are_off(self) -> None:
+        self.assertFalse(load_agent_config(None).agent.terminal.enabled)
+        self.assertFalse(load_edge_config(None).edge.terminal.enabled)
+
+    def test_wrong_values_name_file_key_reason(self) -> None:
+        """Each mistake fails at start naming the file, the key and why."""
+        cases = [
+            ("[agent.terminal]\nenabled = true\nuser = \"no-such-user-x\"\n",
+             "agent.terminal.user", "no such user"),
+            ("[agent.terminal]\nenabled = true\ncommand = [\"/no/such/shell\"]\n",
+             "agent.terminal.command[0]", "no executable"),
+            ("[agent.terminal]\nenabled = true\nworking_directory = \"/no/such/dir\"\n",
+             "agent.terminal.working_directory", "no such directory"),
+            ("[agent.terminal]\nmax_sessions = 0\n", "agent.terminal.max_sessions", "greater than 0"),
+            ("[agent.terminal]\nenvironment = { \"A=B\" = \"x\" }\n",
+             "agent.terminal.environment", "not an environment variable name"),
+        ]
+        for text, key, reason in cases:
+            path = self.write(text)
+            with self.assertRaises(ConfigError) as caught:
+                load_agent_config(path)
+            message = str(caught.exception)
+            self.assertIn(path, message)
+            self.assertIn(key, message)
+            self.assertIn(reason, message)
+        edge_cases = [
+            ("[edge.terminal]\nenabled = true\n", "edge.terminal", "needs at least one operator"),
+            ("[edge.terminal]\nsecond_session = \"both\"\n", "edge.terminal.second_session",
+             "'refuse' or 'replace'"),
+            ("[edge.terminal]\noperators = { bob = \"short\" }\n", "edge.terminal.operators",
+             "at least 16 characters"),
+        ]
+        for text, key, reason in edge_cases:
+            path = self.write(text)
+            with self.assertRaises(ConfigError) as caught:
+                load_edge_config(path)
+            message = str(caught.exception)
+            self.assertIn(path, message)
+            self.assertIn(key, message)
+            self.assertIn(reason, message)
+
+
+del defer
