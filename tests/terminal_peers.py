@@ -151,10 +151,26 @@ async def connect_terminal(
         if client.transport is not None and not client.lost.called:
             client.transport.abortConnection()
         await client.lost
+        await autobahn_timers_fired()
 
     case.addCleanup(lambda: defer.ensureDeferred(cleanup()))
     await factory.opened
     return client
+
+
+async def autobahn_timers_fired() -> None:
+    """
+    Autobahn batches its handshake timers: a cancelled one stays in the
+    reactor until its batch is due.  Wait for them (the reactor is then clean).
+    """
+
+    def pending() -> bool:
+        return any(
+            "_notify_bucket" in getattr(call.func, "__qualname__", "")
+            for call in reactor.getDelayedCalls()  # type: ignore[attr-defined]
+        )
+
+    await eventually(lambda: not pending(), "Autobahn's batched timers", timeout=20)
 
 
 def children_of(pid: int) -> list[int]:

@@ -14,7 +14,7 @@ from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from tests.end_to_end import EventCollector
-from tests.harness import TunnelHarness, eventually, open_fds
+from tests.harness import TunnelHarness, eventually
 from tests.terminal_peers import (
     admin,
     agent_terminal,
@@ -195,14 +195,22 @@ class TerminalTests(TestCase):
         [first] = agent.terminal.sessions
         first.hang_up("test", "warm-up")
         await self.no_terminals_left(harness)
-        before = open_fds()
+        before = os.listdir("/proc/self/fd")
         for _ in range(3):
             client = await self.session(harness)
             client.type("sleep 1000\n")
             client.transport.abortConnection()
             await client.lost
             await self.no_terminals_left(harness)
-        self.assertEqual(open_fds(), before)
+        await eventually(
+            lambda: len(os.listdir("/proc/self/fd")) <= len(before), "the fds to be closed"
+        )
+        after = os.listdir("/proc/self/fd")
+        self.assertEqual(
+            len(after), len(before),
+            [(fd, os.readlink(f"/proc/self/fd/{fd}")) for fd in set(after) ^ set(before)
+             if os.path.exists(f"/proc/self/fd/{fd}")],
+        )
         closes = [e["reason"] for e in events.matching(
             "terminal session {session} for {allocation} closed ({reason}: {message}); "
             "was {was}, {to_browser} bytes to the browser, {to_agent} to the agent"
@@ -215,7 +223,7 @@ class TerminalTests(TestCase):
         harness = await self.tunnel(edge=edge_terminal(stall_timeout=2.0))
         client = await self.session(harness)
         client.type("yes\n")
-        await client.sees(b"y\ny\n")
+        await client.sees(b"y\r\ny\r\n")
         client.transport.pauseProducing()  # the browser reads nothing more
         assert harness.edge is not None and harness.edge.terminal is not None
         bridge = harness.edge.terminal

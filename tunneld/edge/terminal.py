@@ -295,13 +295,16 @@ class TerminalSession:
         if not self.browser_paused and not self.queue:
             self.browser.send_bytes(data)
             return
+        limit = self.bridge.settings.max_queued_bytes
+        if self.queued + len(data) > limit:
+            self.saturated(
+                f"{self.queued} bytes of output waiting for the browser and {len(data)} more "
+                f"coming (max {limit})"
+            )
+            return
         self.queue.append(data)
         self.queued += len(data)
         self.largest_queue = max(self.largest_queue, self.queued)
-        limit = self.bridge.settings.max_queued_bytes
-        if self.queued > limit:
-            self.saturated(f"{self.queued} bytes of output waiting for the browser (max {limit})")
-            return
         if self.queued > limit // 2 and not self.stream_paused and self.stream is not None:
             self.stream_paused = True
             self.stream.pauseProducing()

@@ -108,7 +108,9 @@ class _SocketDrain:
 class TerminalSocket(WebSocketServerProtocol):
     """One browser's WebSocket: admitted by its token, then bridged to the agent."""
 
-    log = Logger()
+    # Not `log`: Autobahn's own logger (level-filtered) must stay in place, or
+    # each frame's debug line reaches the log (see tunneld/transports/websocket.py).
+    _log = Logger()
     factory: TerminalSocketFactory
 
     def __init__(self) -> None:
@@ -165,7 +167,7 @@ class TerminalSocket(WebSocketServerProtocol):
             refused: Refused = failure.value  # type: ignore[assignment]
             self.end(refused.reason, refused.message)
             return
-        self.log.failure("terminal admission failed", failure)
+        self._log.failure("terminal admission failed", failure)
         self.end("protocol_error", "the edge could not admit the session")
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802, N803
