@@ -57,6 +57,13 @@ class TerminalTests(TestCase):
         await eventually(lambda: not children_of(os.getpid()), "every child reaped")
         assert harness.edge is not None and harness.edge.terminal is not None
         await eventually(lambda: not harness.edge.terminal.live, "no live session at the edge")
+        sessions = harness.edge.sessions.sessions.values()
+        await eventually(
+            lambda: all(s.link.active_streams() == 0 for s in sessions), "no stream left on a link"
+        )
+        for side in (agent.link,):
+            assert side is not None
+            await eventually(lambda: side.active_streams() == 0, "no stream left at the agent")
 
     async def test_echo_and_exit(self) -> None:
         """Keystrokes reach the shell, its output comes back; `exit` ends the session with exited."""

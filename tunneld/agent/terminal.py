@@ -279,8 +279,7 @@ class PTYSession(ProcessProtocol):
                 self.hang_up(record.reason, record.message)
 
     def end_received(self, trailers: Headers) -> None:
-        """IStreamReceiver.end_received: the edge has nothing more to say."""
-        self.stream_done = True
+        """IStreamReceiver.end_received: the edge has nothing more to say (we end ours after the child)."""
         self.hang_up("browser_closed", "the edge ended the stream")
 
     def reset_received(self, reason: Reason, message: str) -> None:

@@ -264,7 +264,6 @@ class TerminalSession:
                 self.close("protocol_error", f"the agent sent {type(record).__name__}")
 
     def end_received(self, trailers: Headers) -> None:
-        self.stream = None
         self.close("agent_gone", "the agent ended the terminal stream", from_agent=True)
 
     def reset_received(self, reason: Reason, message: str) -> None:
@@ -374,10 +373,12 @@ class TerminalSession:
             beat.cancel()
         stream, self.stream = self.stream, None
         if stream is not None:
+            # Our direction ends (the agent's ends after its child is reaped);
+            # a reset stream is gone already (self.stream is None then).
             stream.unregisterProducer()
             if not from_agent:
                 stream.write(encode(Close(reason, message)))
-                stream.end()
+            stream.end()
         self.queue.clear()
         self.queued = 0
         self.log.info(
