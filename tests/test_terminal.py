@@ -61,9 +61,9 @@ class TerminalTests(TestCase):
         await eventually(
             lambda: all(s.link.active_streams() == 0 for s in sessions), "no stream left on a link"
         )
-        for side in (agent.link,):
-            assert side is not None
-            await eventually(lambda: side.active_streams() == 0, "no stream left at the agent")
+        link = agent.link
+        assert link is not None
+        await eventually(lambda: link.active_streams() == 0, "no stream left at the agent")
 
     async def test_echo_and_exit(self) -> None:
         """Keystrokes reach the shell, its output comes back; `exit` ends the session with exited."""
