@@ -41,7 +41,8 @@ def agent_terminal(**settings: Any) -> AgentTerminal:
 async def terminal_tunnel(
     case: Any, transport: str, edge_table: dict[str, Any], agent_table: Any,
     edge: EdgeTerminalSection | None = None, agent: AgentTerminal | None = None,
-    agent_id: str = "node-a", **edge_settings: Any,
+    agent_id: str = "node-a", agent_settings: dict[str, Any] | None = None,
+    **edge_settings: Any,
 ) -> TunnelHarness:
     """An edge with terminals on and one agent (C{agent_id}) offering one."""
     harness = TunnelHarness(case, transport, edge_table)
@@ -49,7 +50,7 @@ async def terminal_tunnel(
     port, _ = await listen_upstream(case)
     await harness.start_agent(
         agent_table(harness.link_address()), [("app.test", port)], agent_id=agent_id,
-        terminal=agent or agent_terminal(),
+        terminal=agent or agent_terminal(), **(agent_settings or {}),
     )
     return harness
 

@@ -14,7 +14,7 @@ from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from tests.end_to_end import EventCollector
-from tests.harness import TunnelHarness, eventually
+from tests.harness import Sampler, TunnelHarness, eventually, free_port, listen_upstream
 from tests.terminal_peers import (
     admin,
     agent_terminal,
@@ -27,6 +27,11 @@ from tests.terminal_peers import (
 from tunneld.agent.service import AgentService
 from tunneld.config import ConfigError, load_agent_config, load_edge_config
 from tunneld.edge.terminal_web import close_code
+from tunneld.model.reasons import Reason
+
+# What the flood may add to this process (edge and agent both): the session's
+# queue (1 MiB), a credit window, socket buffers.  The flood itself is unbounded.
+MEMORY_CEILING = 48 * 1024 * 1024
 
 
 def _agent_table(address: Any) -> dict[str, Any]:
@@ -62,8 +67,8 @@ class TerminalTests(TestCase):
             lambda: all(s.link.active_streams() == 0 for s in sessions), "no stream left on a link"
         )
         link = agent.link
-        assert link is not None
-        await eventually(lambda: link.active_streams() == 0, "no stream left at the agent")
+        if link is not None:  # (a dropped link has none by definition)
+            await eventually(lambda: link.active_streams() == 0, "no stream left at the agent")
 
     async def test_echo_and_exit(self) -> None:
         """Keystrokes reach the shell, its output comes back; `exit` ends the session with exited."""
@@ -144,8 +149,6 @@ class TerminalTests(TestCase):
         await self.no_terminals_left(harness)
 
     async def _second_agent(self, harness: TunnelHarness, agent_id: str) -> AgentService:
-        from tests.harness import listen_upstream
-
         port, _ = await listen_upstream(self)
         return await harness.start_agent(
             _agent_table(harness.link_address()), [(f"{agent_id}.test", port)],
@@ -229,6 +232,7 @@ class TerminalTests(TestCase):
         events = EventCollector(self)
         harness = await self.tunnel(edge=edge_terminal(stall_timeout=2.0))
         client = await self.session(harness)
+        sampler = Sampler()
         client.type("yes\n")
         await client.sees(b"y\r\ny\r\n")
         client.transport.pauseProducing()  # the browser reads nothing more
@@ -242,10 +246,170 @@ class TerminalTests(TestCase):
             "(queue {queued} bytes, largest {largest} bytes)"
         )
         self.assertLessEqual(logged["largest"], bridge.settings.max_queued_bytes)
+        # Edge and agent (this process) hold the bounded queue, a credit window
+        # and socket buffers, never the flood.
+        self.assertLess(sampler.stop(), MEMORY_CEILING)
         client.transport.resumeProducing()
         close = await client.close_message()
         self.assertEqual(close["reason"], "saturated")
         await self.no_terminals_left(harness)
+
+    async def test_agent_link_lost_and_agent_restart_repeated(self) -> None:
+        """
+        The agent's link dropped (agent_gone) and the agent restarted
+        (agent_stopping), three times each: every session ends with its
+        reason at the browser and in the log, every PTY child is reaped, no
+        stream, session or fd is left.
+        """
+        events = EventCollector(self)
+        harness = await self.tunnel(
+            agent_settings={"reconnect_initial": 0.05, "reconnect_max": 0.2}
+        )
+        agent = self.agent(harness)
+        client = await self.session(harness)
+        client.type("exit\n")
+        await client.close_message()
+        await self.no_terminals_left(harness)
+        before = len(os.listdir("/proc/self/fd"))
+        reasons = []
+        for round in range(6):
+            client = await self.session(harness)
+            client.type("sleep 1000\n")
+            link = agent.link
+            assert link is not None
+            if round % 2:
+                await agent.stopService()
+                agent.startService()
+            else:
+                link.close(Reason.AGENT_GONE, "dropped by the test")
+            close = await client.close_message()
+            reasons.append(close["reason"])
+            await self.no_terminals_left(harness)
+            await eventually(
+                lambda: agent.link is not None and agent.link is not link
+                and harness.edge is not None and harness.edge.terminal is not None
+                and harness.edge.terminal.agent_session("node-a") is not None,
+                "the agent back",
+            )
+            await client.lost
+        self.assertEqual(reasons, ["agent_gone", "agent_stopping"] * 3)
+        await eventually(
+            lambda: len(os.listdir("/proc/self/fd")) <= before, "the fds of the old links closed"
+        )
+        logged = [e["reason"] for e in events.matching(
+            "terminal session {session} for {allocation} closed ({reason}: {message}); "
+            "was {was}, {to_browser} bytes to the browser, {to_agent} to the agent"
+        )]
+        self.assertEqual(logged[1:], reasons)
+        reaped = events.matching(
+            "terminal for {allocation} ended ({reason}: {message}); pid {pid} reaped"
+        )
+        self.assertEqual(len(reaped), 7)
+
+    async def test_edge_restart_repeated(self) -> None:
+        """The edge stops under a live session (edge_stopping), twice; a new edge on the same ports takes the agent back."""
+        events = EventCollector(self)
+        link_port, admin_port = free_port(), free_port()
+        table = {"listen": f"tcp:{link_port}:interface=127.0.0.1"}
+        harness = await terminal_tunnel(
+            self, "websocket", table, _agent_table,
+            admin_listen=f"tcp:{admin_port}:interface=127.0.0.1",
+        )
+        agent = self.agent(harness)
+        for _ in range(2):
+            client = await self.session(harness)
+            client.type("sleep 1000\n")
+            assert harness.edge is not None
+            await harness.edge.stopService()
+            close = await client.close_message()
+            self.assertEqual(close["reason"], "edge_stopping")
+            _, code, reason = await client.closed
+            self.assertEqual((code, reason), (4001, "edge_stopping"))
+            assert agent.terminal is not None
+            await eventually(lambda: not agent.terminal.sessions, "the agent's PTY to end")
+            await eventually(lambda: not children_of(os.getpid()), "the child reaped")
+            await harness.start_edge(
+                terminal=edge_terminal(), admin_listen=f"tcp:{admin_port}:interface=127.0.0.1"
+            )
+            await eventually(
+                lambda: harness.edge is not None and harness.edge.terminal is not None
+                and harness.edge.terminal.agent_session("node-a") is not None,
+                "the agent on the new edge", timeout=60,
+            )
+        logged = [e["reason"] for e in events.matching(
+            "terminal session {session} for {allocation} closed ({reason}: {message}); "
+            "was {was}, {to_browser} bytes to the browser, {to_agent} to the agent"
+        )]
+        self.assertEqual(logged, ["edge_stopping"] * 2)
+
+    async def test_agent_with_another_nodes_certificate(self) -> None:
+        """
+        node-a's agent is replaced by one presenting node-b's certificate
+        while claiming node-a: the live session ends (agent_stopping), the
+        impostor is refused by the edge (the log names the check), and a
+        token issued for node-a is refused with agent_unavailable; a link
+        whose certificate is not the allocation's, should one ever be
+        registered, is refused with agent_identity.  No child is left.
+        """
+        from OpenSSL import crypto
+
+        from tests.test_identity import PKI
+        from tunneld.router import AgentSession
+
+        events = EventCollector(self)
+        pki = PKI(self)
+        harness = TunnelHarness(self, "websocket", {"listen": "tcp:0:interface=127.0.0.1"})
+        await harness.start_edge(
+            terminal=edge_terminal(), agent_tls=pki.edge_tls(), open_loopback_registration=False
+        )
+        port, _ = await listen_upstream(self)
+        url = f"wss://127.0.0.1:{harness.link_address().port}/tunnel"
+        node_a, node_b = pki.agent("node-a", ["a.test"]), pki.agent("node-b", ["b.test"])
+        agent = await harness.start_agent(
+            {"url": url}, [("a.test", port)], agent_id="node-a", tls=pki.agent_tls(node_a),
+            terminal=agent_terminal(),
+        )
+        client = await self.session(harness)
+        token = await token_for(harness, "node-a")
+        await agent.stopService()
+        self.assertEqual((await client.close_message())["reason"], "agent_stopping")
+        impostor = await harness.start_agent(
+            {"url": url}, [("a.test", port)], agent_id="node-a", tls=pki.agent_tls(node_b),
+            terminal=agent_terminal(), wait=False,
+        )
+        await eventually(
+            lambda: events.matching("agent {agent} from {peer} refused: {check}"),
+            "the impostor refused",
+        )
+        [refusal] = events.matching("agent {agent} from {peer} refused: {check}")
+        self.assertIn("the certificate is for 'node-b'", refusal["check"])
+        await impostor.stopService()
+        refused = await connect_terminal(self, harness, "node-a", token)
+        self.assertEqual((await refused.close_message())["reason"], "agent_unavailable")
+        code, body = await admin(harness, b"POST", "/api/v1/allocations/node-a/terminal-token")
+        self.assertEqual((code, body["error"]), (404, "agent_unavailable"))
+
+        # Should a link with node-b's certificate ever serve node-a, the bridge
+        # checks the certificate itself.
+        with open(node_b[0], "rb") as f:
+            certificate = crypto.load_certificate(crypto.FILETYPE_PEM, f.read())
+
+        class Link:
+            peer_certificate = certificate
+            transport_name = "test"
+
+        assert harness.edge is not None
+        fake = AgentSession("fake", "node-a", Link())  # type: ignore[arg-type]
+        harness.edge.sessions.sessions["fake"] = fake
+        self.addCleanup(harness.edge.sessions.sessions.pop, "fake", None)
+        token = await token_for(harness, "node-a")
+        refused = await connect_terminal(self, harness, "node-a", token)
+        close = await refused.close_message()
+        self.assertEqual(close["reason"], "agent_identity")
+        harness.edge.sessions.sessions.pop("fake")
+        await eventually(lambda: not children_of(os.getpid()), "every child reaped")
+        assert harness.edge.terminal is not None
+        self.assertEqual(harness.edge.terminal.live, {})
 
     async def test_agent_without_terminal(self) -> None:
         """An agent whose terminal is off answers terminal_disabled."""
