@@ -286,7 +286,7 @@ class TerminalTests(TestCase):
             reasons.append(close["reason"])
             await self.no_terminals_left(harness)
             await eventually(
-                lambda: agent.link is not None and agent.link is not link
+                lambda link=link: agent.link is not None and agent.link is not link  # type: ignore[misc]
                 and harness.edge is not None and harness.edge.terminal is not None
                 and harness.edge.terminal.agent_session("node-a") is not None,
                 "the agent back",
