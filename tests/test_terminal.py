@@ -411,6 +411,31 @@ class TerminalTests(TestCase):
         assert harness.edge.terminal is not None
         self.assertEqual(harness.edge.terminal.live, {})
 
+    async def test_heartbeats_and_errors(self) -> None:
+        """
+        A page that answers heartbeats keeps its session past three
+        intervals; a message the edge does not understand gets an error and
+        the session goes on; one that stops answering is closed with
+        browser_silent.
+        """
+        harness = await self.tunnel(edge=edge_terminal(heartbeat_interval=0.1))
+        client = await self.session(harness)
+        await eventually(lambda: len(client.of_type("heartbeat")) >= 5, "five heartbeats")
+        client.send_json({"type": "launch"})
+        client.sendMessage(b"[1, 2]", isBinary=False)
+        client.send_json({"type": "resize", "rows": 0, "cols": 80})
+        await eventually(lambda: len(client.of_type("error")) == 3, "three errors")
+        self.assertEqual(
+            [e["reason"] for e in client.of_type("error")], ["protocol_error"] * 3
+        )
+        client.type("echo alive\n")
+        await client.sees(b"alive")
+        self.assertEqual(client.of_type("close"), [])
+        client.answer_heartbeats = False
+        close = await client.close_message()
+        self.assertEqual(close["reason"], "browser_silent")
+        await self.no_terminals_left(harness)
+
     async def test_agent_without_terminal(self) -> None:
         """An agent whose terminal is off answers terminal_disabled."""
         harness = await self.tunnel(agent=agent_terminal(enabled=False))

@@ -309,8 +309,10 @@ class EdgeTerminalSection:
     )
     max_queued_bytes: int = setting(
         1 << 20,
-        "Bytes one session may hold on their way to the browser or the agent; past half the "
-        "source is paused, past all of it the session closes with saturated.",
+        "Bytes of output one session may hold for a browser that cannot take them yet; past "
+        "half the agent's stream is paused (the PTY is no longer read), past all of it the "
+        "session closes with saturated.  Input waits within the agent stream's credit window "
+        "(the browser's socket is no longer read meanwhile).",
         check=positive,
     )
     stall_timeout: float = setting(

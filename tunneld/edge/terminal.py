@@ -21,7 +21,8 @@ One live session per allocation: a second is refused (C{session_live}) or
 replaces the first (C{replaced}), as configured.  Every queue is bounded:
 output waiting for a browser pauses the agent's stream past half of
 C{max_queued_bytes} and closes the session with C{saturated} past all of it,
-or when the browser took nothing for C{stall_timeout}; likewise input.
+or when the browser took nothing for C{stall_timeout}.  Input waits within
+the agent stream's credit window: the stream pauses the browser's socket.
 Sessions are not resumable.
 """
 
