@@ -494,3 +494,72 @@ class TerminalConfigTests(TestCase):
 
 
 del defer
+
+
+class TerminalClusterTests(TestCase):
+    """Two edges sharing a real Redis: tokens and session owners are the cluster's, bytes are not."""
+
+    timeout = 120
+
+    async def test_tokens_and_owners_across_edges(self) -> None:
+        """
+        A token issued at one edge is redeemed at the other (where the
+        agent is), then refused there and at the first as reused; with
+        node-a's agents on both edges, a second session at the other edge is
+        refused with session_live.
+        """
+        from tests.redis_servers import start_server
+        from tunneld.config import EdgeStateSection
+
+        server = await start_server(self)
+        state = EdgeStateSection(backend="redis", redis_url=server.url, key_prefix="tt:")
+        edges = []
+        for _ in range(2):
+            harness = await terminal_tunnel(
+                self, "websocket", {"listen": "tcp:0:interface=127.0.0.1"}, _agent_table,
+                state=state,
+            )
+            assert harness.edge is not None
+            backend = harness.edge.state.backend
+            await eventually(lambda b=backend: b.health().reachable, "Redis reachable")
+            edges.append(harness)
+        first, second = edges
+        token = await token_for(first, "node-a")
+        client = await connect_terminal(self, second, "node-a", token)
+        await client.ready()
+        client.type("echo across\n")
+        await client.sees(b"across")
+        for harness in edges:
+            again = await connect_terminal(self, harness, "node-a", token)
+            self.assertEqual((await again.close_message())["reason"], "token_reused")
+        token = await token_for(second, "node-a")
+        other = await connect_terminal(self, first, "node-a", token)
+        close = await other.close_message()
+        self.assertEqual(close["reason"], "session_live")
+        self.assertIn("another edge", close["message"])
+        client.send_json({"type": "close"})
+        self.assertEqual((await client.close_message())["reason"], "browser_closed")
+        # Its owner record gone, the allocation is free at either edge.
+        token = await token_for(first, "node-a")
+        await eventually(
+            lambda: second.edge is not None and second.edge.terminal is not None
+            and not second.edge.terminal.live, "the session closed",
+        )
+        from tests.harness import sleep
+        from tunneld.edge.terminal import OWNERS
+
+        for _ in range(1000):
+            if await backend.get_record(OWNERS, "node-a") is None:
+                break
+            await sleep(0.02)
+        fresh = await connect_terminal(self, first, "node-a", token)
+        await self._ready_when_released(fresh)
+
+    async def _ready_when_released(self, client: Any) -> None:
+        message = await eventually_message(client)
+        self.assertEqual(message["type"], "ready", message)
+
+
+async def eventually_message(client: Any) -> dict[str, Any]:
+    await eventually(lambda: client.of_type("ready") or client.of_type("close"), "ready or close")
+    return (client.of_type("ready") or client.of_type("close"))[0]  # type: ignore[no-any-return]

@@ -289,7 +289,9 @@ class _Allocations(resource.Resource):
                 "message": "an operator's credential is needed: Authorization: Bearer TOKEN",
             })
         allocation = path[0].decode("utf-8", "replace")
-        if self.bridge.agent_session(allocation) is None:
+        # One edge: the agent must be here.  Edges sharing a store: it may
+        # be on another edge, which redeems the token (and checks then).
+        if self.bridge.agent_session(allocation) is None and self.bridge.state.name == "memory":
             return _json(request, 404, {
                 "error": "agent_unavailable",
                 "message": f"no agent {allocation!r} is connected to this edge",
