@@ -307,7 +307,7 @@ class TerminalTests(TestCase):
         self.assertEqual(len(reaped), 7)
 
     async def test_edge_restart_repeated(self) -> None:
-        """The edge stops under a live session (edge_stopping), twice; a new edge on the same ports takes the agent back."""
+        """The edge stops under a live session (edge_stopping), three times; a new edge on the same ports takes the agent back; no fd accumulates."""
         events = EventCollector(self)
         link_port, admin_port = free_port(), free_port()
         table = {"listen": f"tcp:{link_port}:interface=127.0.0.1"}
@@ -316,7 +316,8 @@ class TerminalTests(TestCase):
             admin_listen=f"tcp:{admin_port}:interface=127.0.0.1",
         )
         agent = self.agent(harness)
-        for _ in range(2):
+        fds = []
+        for _ in range(3):
             client = await self.session(harness)
             client.type("sleep 1000\n")
             assert harness.edge is not None
@@ -336,11 +337,17 @@ class TerminalTests(TestCase):
                 and harness.edge.terminal.agent_session("node-a") is not None,
                 "the agent on the new edge", timeout=60,
             )
+            await client.lost
+            fds.append(len(os.listdir("/proc/self/fd")))
+        # A restart leaves nothing behind: the third round holds what the second did.
+        await eventually(
+            lambda: len(os.listdir("/proc/self/fd")) <= fds[1], "the fds to settle"
+        )
         logged = [e["reason"] for e in events.matching(
             "terminal session {session} for {allocation} closed ({reason}: {message}); "
             "was {was}, {to_browser} bytes to the browser, {to_agent} to the agent"
         )]
-        self.assertEqual(logged, ["edge_stopping"] * 2)
+        self.assertEqual(logged, ["edge_stopping"] * 3)
 
     async def test_agent_with_another_nodes_certificate(self) -> None:
         """
