@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.internet import defer
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.end_to_end import EventCollector
 from tests.harness import Sampler, TunnelHarness, eventually, free_port, listen_upstream
@@ -104,10 +103,6 @@ class TerminalTests(TestCase):
         """A reused, an expired, another allocation's, an unknown and a missing token: each refused with its reason."""
         events = EventCollector(self)
         harness = await self.tunnel(edge=edge_terminal(token_ttl=0.2))
-        port, _ = 0, None
-        del port
-        second_agent_port = harness.agents[0]
-        del second_agent_port
 
         async def refused(allocation: str, token: str | None) -> dict[str, Any]:
             client = await connect_terminal(self, harness, allocation, token)
@@ -130,8 +125,7 @@ class TerminalTests(TestCase):
         await eventually(lambda: harness.edge.reactor.seconds() > issued + 0.3, "the token's TTL")
         self.assertEqual((await refused("node-a", token))["reason"], "token_expired")
         # Issued for another allocation (an agent connected under another id).
-        other = await self._second_agent(harness, "node-b")
-        del other
+        await self._second_agent(harness, "node-b")
         token = await token_for(harness, "node-b")
         close = await refused("node-a", token)
         self.assertEqual(close["reason"], "token_other_allocation")
@@ -443,6 +437,26 @@ class TerminalTests(TestCase):
         self.assertEqual(close["reason"], "browser_silent")
         await self.no_terminals_left(harness)
 
+    async def test_user_environment_and_directory(self) -> None:
+        """The program runs as the configured user, in its directory, with the configured environment."""
+        import pwd
+
+        if os.getuid() != 0:
+            raise SkipTest("running the terminal as another user needs root")
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        os.chmod(directory, 0o755)
+        harness = await self.tunnel(agent=agent_terminal(
+            user="nobody", working_directory=directory,
+            environment={"PS1": "$ ", "ENV": "", "GREETING": "hello-from-config"},
+        ))
+        client = await self.session(harness)
+        client.type('echo "$(id -un) $(pwd) $GREETING $TERM $HOME"\n')
+        home = pwd.getpwnam("nobody").pw_dir
+        await client.sees(
+            f"nobody {directory} hello-from-config xterm-256color {home}".encode()
+        )
+
     async def test_agent_without_terminal(self) -> None:
         """An agent whose terminal is off answers terminal_disabled."""
         harness = await self.tunnel(agent=agent_terminal(enabled=False))
@@ -499,8 +513,6 @@ class TerminalConfigTests(TestCase):
             self.assertIn(key, message)
             self.assertIn(reason, message)
 
-
-del defer
 
 
 class TerminalClusterTests(TestCase):
