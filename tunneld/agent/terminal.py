@@ -23,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pwd
+import shutil
 import signal
 import struct
 import termios
@@ -70,8 +71,6 @@ class Program:
 
 def resolve_program(settings: AgentTerminal) -> Program:
     """The program, user, environment and directory C{settings} name (checked by the config)."""
-    import shutil
-
     entry = pwd.getpwnam(settings.user) if settings.user else pwd.getpwuid(os.getuid())
     if settings.command:
         executable = shutil.which(settings.command[0]) or settings.command[0]

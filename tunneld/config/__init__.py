@@ -16,6 +16,9 @@ certificate names.
 
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -818,10 +821,6 @@ def load_agent_config(path: str | None) -> AgentConfig:
 
 def _check_terminal(where: str, terminal: AgentTerminal) -> None:
     """What [agent.terminal] names must exist on this machine (checked only when enabled)."""
-    import os
-    import pwd
-    import shutil
-
     if not terminal.enabled:
         return
     key = "agent.terminal"
