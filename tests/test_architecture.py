@@ -20,13 +20,6 @@ ARCHITECTURE = os.path.join(ROOT, "docs", "architecture.md")
 _ROW = re.compile(r"^\| `(tunneld/[^`]*)` \|")
 _HEADER = re.compile(r"#\s*-\*-\s*test-case-name:\s*(.+?)\s*-\*-")
 
-# Speed modules at the package root, whose docstrings still tell their benchmark
-# history: part S of issue 19 moves them into tunneld/speedups (and this list goes).
-_SPEED_MODULES = {
-    "tunneld/bulkwrite.py", "tunneld/gctune.py", "tunneld/h2conn.py", "tunneld/heap.py",
-    "tunneld/memo.py", "tunneld/readsize.py", "tunneld/scheduling.py",
-}
-
 # A measured figure: an amount of time, a rate, a share of CPU, a fraction of a
 # cost, a benchmark item.  (Sizes such as "1 MiB" and limits such as "30 s" are
 # design, not measurement, and pass.)
@@ -156,12 +149,10 @@ class DocstringFigureTests(SynchronousTestCase):
             self.assertIsNone(FIGURE.search(text), text)
 
     def test_module_docstrings_carry_no_benchmark_figures(self) -> None:
-        """No module docstring (bar the speed modules part S rewrites) states a measured figure."""
+        """No module docstring states a measured figure."""
         found = []
         for path in _source_files():
             relative = os.path.relpath(path, ROOT).replace(os.sep, "/")
-            if relative in _SPEED_MODULES or relative.startswith("tunneld/speedups/"):
-                continue
             with open(path) as f:
                 docstring = ast.get_docstring(ast.parse(f.read())) or ""
             for match in FIGURE.finditer(" ".join(docstring.split())):

@@ -23,7 +23,9 @@ BENCH = os.path.join(ROOT, "bench")
 
 
 class BenchSmokeTests(TestCase):
-    timeout = 180
+    # The smoke run starts edges, agents and load generators: a minute alone,
+    # several on a busy machine.  A bound for a hang.
+    timeout = 480
 
     async def test_smoke_run_writes_table_and_json(self) -> None:
         """bench/runner.py --smoke measures the Python rows through real tunnels and writes both reports."""

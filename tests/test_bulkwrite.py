@@ -1,5 +1,5 @@
 """
-Tests for L{tunneld.bulkwrite}: large writes go to the socket at once, and
+Tests for L{tunneld.speedups.bulkwrite}: large writes go to the socket at once, and
 everything else about a Twisted write (order, backpressure, closing) holds.
 """
 
@@ -8,24 +8,29 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet import reactor as _reactor
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.tcp import Connection
-from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test.proto_helpers import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from tunneld import bulkwrite
+from tests.switches import switch_tricks
+from tunneld.speedups import bulkwrite
+from tunneld.speedups.switches import Trick
 
 reactor: Any = _reactor
 
 BIG = 256 * 1024
+# Writes queued for the end of the turn, as a listener's connections share them.
+TURN = bulkwrite.EndOfTurn()
 
 
 def _pattern(size: int, seed: int = 0) -> bytes:
@@ -81,7 +86,7 @@ async def _pair(case: TestCase, expected: int) -> tuple[Connection, _Collect]:
     sender = await endpoint.connect(Factory.forProtocol(Protocol))
     await peer.made
     transport: Connection = sender.transport  # type: ignore[attr-defined]
-    case.addCleanup(_close, transport, peer)
+    case.addCleanup(lambda: defer.ensureDeferred(_close(transport, peer)))
     return transport, peer
 
 
@@ -93,6 +98,9 @@ async def _close(transport: Connection, peer: _Collect) -> None:
 
 class SendNowTests(TestCase):
     """L{bulkwrite.write} and L{bulkwrite.write_sequence} on real TCP connections."""
+
+    def setUp(self) -> None:
+        switch_tricks(self, True, "bulkwrite")
 
     async def _pair(self, expected: int) -> tuple[Connection, _Collect]:
         return await _pair(self, expected)
@@ -221,25 +229,25 @@ class SendNowTests(TestCase):
 
 
     async def test_queue_keeps_the_buffer_uncopied(self) -> None:
-        """L{bulkwrite.queue} queues a view as it is, in order with other writes, and it all arrives."""
+        """L{bulkwrite.EndOfTurn.queue} queues a view as it is, in order with other writes, and it all arrives."""
         data = _pattern(BIG, 6)
         view = memoryview(bytearray(data))[1:]
         transport, peer = await self._pair(BIG + 2)
         transport.write(b"<")
-        bulkwrite.queue(transport, view)
+        TURN.queue(transport, view)
         transport.write(b">")
-        bulkwrite.queue(transport, b"!")
+        TURN.queue(transport, b"!")
         self.assertIs(transport._tempDataBuffer[1], view)
         self.assertEqual(await peer.done, b"<" + data[1:] + b">!")
 
     async def test_queued_writes_leave_at_the_end_of_the_turn(self) -> None:
         """
-        What L{bulkwrite.queue} queues on an idle socket leaves when the
+        What L{bulkwrite.EndOfTurn.queue} queues on an idle socket leaves when the
         reactor turn ends, in one send, the socket never watched for writability.
         """
         transport, peer = await self._pair(8)
-        bulkwrite.queue(transport, b"head")
-        bulkwrite.queue(transport, memoryview(bytearray(b"body")))
+        TURN.queue(transport, b"head")
+        TURN.queue(transport, memoryview(bytearray(b"body")))
         self.assertEqual(transport._tempDataLen, 8)
         self.assertNotIn(transport, reactor.getWriters())
         await _turn()
@@ -251,9 +259,9 @@ class SendNowTests(TestCase):
         """A large write, or closing, in the same turn takes what was queued first, in order."""
         data = _pattern(BIG, 9)
         transport, peer = await self._pair(4 + BIG + 4)
-        bulkwrite.queue(transport, b"head")
+        TURN.queue(transport, b"head")
         bulkwrite.write(transport, bytearray(data))
-        bulkwrite.queue(transport, b"tail")
+        TURN.queue(transport, b"tail")
         transport.loseConnection()
         self.assertEqual(await peer.done, b"head" + data + b"tail")
         await peer.lost
@@ -263,7 +271,7 @@ class SendNowTests(TestCase):
         transport, peer = await self._pair(2 * BIG)
         producer = _Producer()
         transport.registerProducer(producer, True)
-        bulkwrite.queue(transport, bytearray(2 * BIG))
+        TURN.queue(transport, bytearray(2 * BIG))
         self.assertEqual(producer.events, ["pause"])
         await peer.done
         while producer.events[-1] != "resume":
@@ -275,18 +283,18 @@ class SendNowTests(TestCase):
         transport.loseWriteConnection()
         while not transport._writeDisconnected:
             await _turn()
-        bulkwrite.queue(transport, bytearray(BIG))
+        TURN.queue(transport, bytearray(BIG))
         self.assertEqual(transport._tempDataLen, 0)
 
 
     async def test_forward_sends_long_and_queues_short(self) -> None:
-        """L{bulkwrite.forward}: a long view leaves at once, a short one is queued uncopied."""
+        """L{bulkwrite.EndOfTurn.forward}: a long view leaves at once, a short one is queued uncopied."""
         long = _pattern(bulkwrite.ALONE_FROM, 7)
         short = memoryview(bytearray(_pattern(bulkwrite.ALONE_FROM - 1, 8)))
         transport, peer = await self._pair(len(long) + len(short))
-        bulkwrite.forward(transport, memoryview(long))
+        TURN.forward(transport, memoryview(long))
         self.assertEqual(transport._tempDataLen, 0)
-        bulkwrite.forward(transport, short)
+        TURN.forward(transport, short)
         self.assertIs(transport._tempDataBuffer[0], short)
         self.assertEqual(await peer.done, long + bytes(short))
 
@@ -298,7 +306,7 @@ class SendNowTests(TestCase):
         transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
         peer.transport.pauseProducing()  # type: ignore[union-attr]
         view = memoryview(data)
-        bulkwrite.forward(transport, view)
+        TURN.forward(transport, view)
         [rest] = transport._tempDataBuffer
         self.assertIs(type(rest), memoryview)
         self.assertIs(memoryview(rest).obj, data)
@@ -315,7 +323,7 @@ class SendNowTests(TestCase):
         for i in range(reads):
             read = bytes([i]) * (1024 * 1024)
             sent.append(read[:frame])
-            bulkwrite.forward(transport, memoryview(read)[:frame])
+            TURN.forward(transport, memoryview(read)[:frame])
         held = sum(
             len(piece.obj) if type(piece) is memoryview else len(piece)  # type: ignore[arg-type]
             for piece in transport._tempDataBuffer
@@ -334,7 +342,7 @@ class OtherTransportTests(SynchronousTestCase):
         bulkwrite.write(transport, bytearray(b"a" * BIG))
         bulkwrite.write(transport, memoryview(b"b" * 10))
         bulkwrite.write_sequence(transport, [b"c", bytearray(b"d" * BIG)])
-        bulkwrite.queue(transport, memoryview(b"e" * 10))
+        TURN.queue(transport, memoryview(b"e" * 10))
         bulkwrite.write_now(transport, b"f")
         self.assertEqual(
             transport.value(), b"a" * BIG + b"b" * 10 + b"c" + b"d" * BIG + b"e" * 10 + b"f"
@@ -391,6 +399,9 @@ def _short_transport(take: int, error: OSError | None = None) -> tuple[Any, _Sho
 class FlushTests(SynchronousTestCase):
     """L{bulkwrite.flush}: one turn's pieces sent at once, whatever their size."""
 
+    def setUp(self) -> None:
+        switch_tricks(self, True, "bulkwrite")
+
     def test_what_the_socket_did_not_take_is_queued_in_order(self) -> None:
         """Wherever a partial send stops, what was sent plus what is queued is every byte, in order, as bytes."""
         pieces = [b"head", _pattern(1000), bytearray(b"x"), memoryview(_pattern(300))]
@@ -427,13 +438,16 @@ class FlushTests(SynchronousTestCase):
 class PinTests(SynchronousTestCase):
     """A view is queued uncopied only while it is a fair share of what it views."""
 
+    def setUp(self) -> None:
+        switch_tricks(self, True, "bulkwrite")
+
     def _queued(self, data: memoryview) -> Any:
         transport, sock, queued = _short_transport(0)
         transport.startWriting = lambda: None
         transport._maybePauseProducer = lambda: None
         transport._writeDisconnected = False
         transport.dataBuffer, transport.offset = b"older", 0  # so it stays queued behind that
-        bulkwrite.queue(transport, data)
+        TURN.queue(transport, data)
         [piece] = transport._tempDataBuffer
         self.assertEqual(bytes(piece), bytes(data))
         return piece
@@ -465,12 +479,11 @@ class PinTests(SynchronousTestCase):
 
 
 class FallbackTests(TestCase):
-    """A Twisted without the write-queue state this module uses gets ordinary writes."""
+    """With the trick off (switched off, or a Twisted whose write queue is not as expected): ordinary writes."""
 
-    async def test_ordinary_writes_without_the_private_state(self) -> None:
-        """Each entry point falls back to transport.write of bytes, warns once, and every byte arrives in order."""
-        self.patch(bulkwrite, "_PRIVATE", (*bulkwrite._PRIVATE, "_noSuchQueueState"))
-        self.patch(bulkwrite, "_usable", None)
+    async def test_ordinary_writes_when_off(self) -> None:
+        """Each entry point falls back to transport.write of bytes, and every byte arrives in order."""
+        switch_tricks(self, False, "bulkwrite")
         big = _pattern(BIG, 11)
         connection, peer = await _pair(self, 4 * BIG + 3)
         transport: Any = connection
@@ -480,20 +493,28 @@ class FallbackTests(TestCase):
         sequences: list[list[bytes]] = []
         ordinary_sequence = transport.writeSequence
         transport.writeSequence = lambda data: (sequences.append(list(data)), ordinary_sequence(data))
-        warnings = []
-
-        def observe(event: dict[str, Any]) -> None:
-            if "_noSuchQueueState" in str(event.get("missing", "")):
-                warnings.append(event)
-
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
         bulkwrite.write(transport, memoryview(big))
-        bulkwrite.queue(transport, memoryview(big))
-        bulkwrite.forward(transport, bytearray(big))
+        TURN.queue(transport, memoryview(big))
+        TURN.forward(transport, bytearray(big))
         bulkwrite.flush(transport, [b"a", memoryview(big), b"b"])
         bulkwrite.write_sequence(transport, [b"c"])
-        self.assertFalse(bulkwrite._usable)
-        self.assertEqual(len(warnings), 1)
+        self.assertTrue(writes and sequences)
         self.assertTrue(all(type(piece) is bytes for piece in writes + sum(sequences, [])))
         self.assertEqual(await peer.done, big * 3 + b"a" + big + b"bc")
+
+    def test_check_passes_here(self) -> None:
+        """The installed Twisted's write queue is what the trick expects."""
+        self.assertIsNone(Trick("bulkwrite", "", "", bulkwrite._check).problem)
+
+    def test_check_names_missing_state(self) -> None:
+        """A Twisted without one of the private names fails the check, which names it; the trick stays off."""
+        self.patch(bulkwrite, "_PRIVATE", (*bulkwrite._PRIVATE, "_noSuchQueueState"))
+        trick = Trick("bulkwrite", "", "", bulkwrite._check)
+        self.assertFalse(trick.switch(True))
+        self.assertIn("_noSuchQueueState", trick.problem or "")
+
+    def test_check_notices_a_changed_queue(self) -> None:
+        """A Twisted whose write no longer lands in _tempDataBuffer fails the check."""
+        self.patch(FileDescriptor, "write", lambda self, data: self.writeSomeData(data))
+        problem = Trick("bulkwrite", "", "", bulkwrite._check).problem
+        self.assertIn("_tempDataBuffer", problem or "")

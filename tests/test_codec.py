@@ -20,8 +20,18 @@ from tunneld.model.messages import (
 )
 from tunneld.model.reasons import Reason
 from tunneld.wire import codec
+from tunneld.wire import codec as _plain
 from tunneld.wire import tunnel_pb2 as pb
 from tunneld.wire.codec import FrameError
+
+
+class _Remembering(codec.Codec):
+    """A codec that remembers, with the module's constants at hand as the tests use them."""
+
+    _CACHED = codec._CACHED
+    _REPLY_FIELDS_UP_TO = codec._REPLY_FIELDS_UP_TO
+    REPLY = codec.REPLY
+
 
 STREAM_IDS = [0, 1, 2, 127, 128, 255, 16383, 16384, 2097151, 2097152, 2**31 - 1, 2**32 - 1]
 SIZES = [0, 1, 2, 125, 126, 127, 128, 129, 16380, 16381, 16382, 16383, 16384, 16385, 70000]
@@ -152,11 +162,14 @@ class HandEncodingTests(SynchronousTestCase):
         """Repeated, unhashable and many distinct headers all encode as the generated encoder does."""
         headers = [(b"server", b"s"), [b"list", b"pair"], (b"server", b"s")]
         headers += [(b"x-n", b"%d" % i) for i in range(codec._CACHED + 10)]
+        remembering = codec.Codec()
         for _ in range(2):
-            self.assertEqual(
-                codec.end_bytes(1, headers),  # type: ignore[arg-type]
-                codec.encode_end(1, headers).SerializeToString(),  # type: ignore[arg-type]
-            )
+            for encoder in (codec, remembering):
+                self.assertEqual(
+                    encoder.end_bytes(1, headers),  # type: ignore[arg-type]
+                    codec.encode_end(1, headers).SerializeToString(),  # type: ignore[arg-type]
+                )
+        self.assertLessEqual(len(remembering.fields[b"\x0a"]), codec._CACHED)
 
     def test_remembered_parts(self) -> None:
         """Opens and Replies answered from the remembered parts encode as the generated encoder does."""
@@ -166,15 +179,19 @@ class HandEncodingTests(SynchronousTestCase):
             for i in range(codec._CACHED + 20)
         ]
         replies = [ReplyHead(200, b"OK", ((b"x-n", b"%d" % (i % 7)),)) for i in range(codec._CACHED + 20)]
+        remembering = codec.Codec()
         for _ in range(2):
             for head, reply in zip(heads, replies, strict=True):
-                self.assertEqual(codec.open_bytes(5, head), codec.encode_open(5, head).SerializeToString())
-                self.assertEqual(codec.reply_bytes(5, reply), codec.encode_reply(5, reply).SerializeToString())
-        self.assertLessEqual(len(codec._OPEN_ENDS), codec._CACHED)
-        self.assertLessEqual(len(codec._REPLY_BLOCKS), codec._CACHED)
+                for encoder in (codec, remembering):
+                    self.assertEqual(encoder.open_bytes(5, head), codec.encode_open(5, head).SerializeToString())
+                    self.assertEqual(encoder.reply_bytes(5, reply), codec.encode_reply(5, reply).SerializeToString())
+        self.assertEqual(len(remembering.open_starts), 3)
+        self.assertLessEqual(len(remembering.open_ends), codec._CACHED)
+        self.assertLessEqual(len(remembering.reply_blocks), codec._CACHED)
 
     def test_reply_fields_shared(self) -> None:
-        """Equal Reply header blocks read as the very same tuple; other blocks as their own."""
+        """Equal Reply header blocks read as the very same tuple (by one Codec); other blocks as their own."""
+        codec = _Remembering()
         reply = ReplyHead(200, b"OK", ((b"server", b"s"), (b"x", b"1")))
         first = codec.read(codec.reply_bytes(3, reply))
         again = codec.read(codec.reply_bytes(4, ReplyHead(204, b"", reply.headers), end_stream=True))
@@ -186,10 +203,14 @@ class HandEncodingTests(SynchronousTestCase):
         self.assertEqual(codec.read(codec.reply_bytes(3, other))[2], other)
         long = ReplyHead(200, b"OK", ((b"x", b"v" * (codec._REPLY_FIELDS_UP_TO + 1)),))
         self.assertEqual(codec.read(codec.reply_bytes(3, long))[2], long)
-        self.assertNotIn(long.headers, [fields for fields, _ in codec._REPLY_FIELDS.values()])
+        self.assertNotIn(long.headers, [fields for fields, _ in codec.reply_fields.values()])
         for n in range(codec._CACHED + 10):
             codec.read(codec.reply_bytes(3, ReplyHead(200, b"OK", ((b"x", b"%d" % n),))))
-        self.assertLessEqual(len(codec._REPLY_FIELDS), codec._CACHED)
+        self.assertLessEqual(len(codec.reply_fields), codec._CACHED)
+        # The module's functions remember nothing: two reads, two tuples.
+        plain = [_plain.read(_plain.reply_bytes(5, reply))[2].headers for _ in range(2)]
+        self.assertEqual(plain[0], plain[1])
+        self.assertIsNot(plain[0], plain[1])
 
     def test_boundaries(self) -> None:
         """Header names, values and whole heads around the one-byte length limit encode identically."""
@@ -534,8 +555,8 @@ class HandReadingTests(SynchronousTestCase):
                 )
 
     def test_shared_names(self) -> None:
-        """Header names read by hand are shared between heads, as the generated parser's reading shares them."""
-        self.patch(codec, "_names", {})  # earlier tests may have filled it
+        """Header names read by hand (by one Codec) are shared between heads, as the generated parser's reading shares them."""
+        codec = _Remembering()
         head = StreamHead(kind="http", tunnel="t", headers=((b"x-shared-name", b"1"),))
         first = codec.read(codec.open_bytes(1, head))[2]
         second = codec.read(codec.open_bytes(3, head))[2]

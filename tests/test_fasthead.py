@@ -16,7 +16,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.test_http1 import HOST, FakeLink, FakeRoute, FakeRouter, parse_all, request
-from tunneld.edge.fasthead import check_fields, read_head, response_head
+from tunneld.edge.fasthead import FastMemo, check_fields, read_head, response_head
 from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPProtocol, PublicHTTPSettings
 from tunneld.model.reasons import Reason
 
@@ -226,34 +226,43 @@ class WriterTests(SynchronousTestCase):
 
 
 class FastBlockTests(SynchronousTestCase):
-    """A reply's fields are filtered, checked and rendered once per distinct tuple."""
+    """A reply's fields are filtered, checked and rendered once per distinct tuple, per listener."""
 
     def test_remembered_per_tuple_and_via(self) -> None:
-        """The same tuple gives the same block; another Via, or an equal list, is worked out again."""
+        """The same tuple gives the same block; another Via, an equal list, or another listener's memo works it out again."""
         from tunneld.edge import http1
 
+        memo = FastMemo()
         fields = ((b"Content-Length", b"2"), (b"Connection", b"keep-alive"), (b"X", b"y"))
         block = b"Content-Length: 2\r\nX: y\r\nVia: 1.1 a\r\n"
-        self.assertEqual(http1._fast_block(fields, b"1.1 a"), (block, 2))
-        self.assertIs(http1._fast_block(fields, b"1.1 a")[0], http1._fast_block(fields, b"1.1 a")[0])
-        self.assertEqual(http1._fast_block(fields, b"1.1 b"), (block.replace(b" a", b" b"), 2))
-        self.assertEqual(http1._fast_block(list(fields), b"1.1 a"), (block, 2))
+        self.assertEqual(http1._fast_block(fields, b"1.1 a", memo), (block, 2))
+        self.assertIs(http1._fast_block(fields, b"1.1 a", memo)[0], http1._fast_block(fields, b"1.1 a", memo)[0])
+        self.assertIsNot(http1._fast_block(fields, b"1.1 a", FastMemo())[0], http1._fast_block(fields, b"1.1 a", memo)[0])
+        self.assertEqual(http1._fast_block(fields, b"1.1 b", memo), (block.replace(b" a", b" b"), 2))
+        self.assertEqual(http1._fast_block(list(fields), b"1.1 a", memo), (block, 2))
 
     def test_bad_fields_refused_every_time(self) -> None:
         """Fields that fail the checks are never remembered: each reply is refused with h11's words."""
         from tunneld.edge import http1
 
+        memo = FastMemo()
         fields = ((b"X", b"a\r\nSet-Cookie: x"),)
         for _ in range(2):
-            self.assertEqual(http1._fast_block(fields, b"1.1 a"), "Illegal header value b'a\\r\\nSet-Cookie: x'")
+            self.assertEqual(
+                http1._fast_block(fields, b"1.1 a", memo), "Illegal header value b'a\\r\\nSet-Cookie: x'"
+            )
+        self.assertEqual(len(memo.blocks), 0)
 
     def test_bounded(self) -> None:
-        """Any number of distinct replies leaves at most the table's limit."""
+        """Any number of distinct replies leaves at most the tables' limits."""
         from tunneld.edge import http1
 
-        for n in range(http1._FAST_BLOCKS.limit + 20):
-            http1._fast_block(((b"X-N", b"%d" % n),), b"v")
-        self.assertLessEqual(len(http1._FAST_BLOCKS), http1._FAST_BLOCKS.limit)
+        memo = FastMemo()
+        for n in range(memo.blocks.limit + 20):
+            http1._fast_block(((b"X-N%d" % n, b"%d" % n),), b"v", memo)
+        self.assertLessEqual(len(memo.blocks), memo.blocks.limit)
+        self.assertLessEqual(len(memo.names), memo.names.limit)
+        self.assertGreater(len(memo.blocks), 0)
 
 
 class FastMatchesH11Tests(SynchronousTestCase):

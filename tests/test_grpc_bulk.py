@@ -22,10 +22,11 @@ from hyperframe.frame import DataFrame
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests.switches import switch_tricks, unavailable
 from tests.test_grpc_transport import MB, BytesProducer, Receiver, head, link_pair, pattern, until
-from tunneld.h2conn import LeanH2Connection
 from tunneld.interfaces import EdgeLinkSetup
 from tunneld.model.messages import ReplyHead
+from tunneld.speedups.lean_h2 import LeanH2Connection, PiecewiseH2Connection, new_h2_connection
 from tunneld.transports.grpc import (
     EdgeGrpcLink,
     GrpcEdgeOptions,
@@ -87,6 +88,8 @@ def summary(events: list[h2events.Event]) -> list[tuple[Any, ...]]:
 
 
 class SendDataPartsTests(SynchronousTestCase):
+    skip = unavailable("lean_h2")  # they compare the lean connection with h2's own
+
     def test_same_bytes_and_state_as_send_data(self) -> None:
         """send_data_parts writes the bytes send_data writes, and leaves the same windows and stream state."""
         lean, _ = lean_pair()
@@ -160,6 +163,8 @@ class SendDataPartsTests(SynchronousTestCase):
 
 
 class DataFrameReaderTests(SynchronousTestCase):
+    skip = unavailable("lean_h2")  # they compare the lean connection with h2's own
+
     def frames(self) -> bytes:
         return b"".join([
             data_frame(1, b"plain"),
@@ -242,6 +247,8 @@ def state(conn: H2Connection) -> list[Any]:
 
 class ReceiveFramesTests(SynchronousTestCase):
     """LeanH2Connection.receive_frames against stock h2's receive_data on the same bytes."""
+    skip = unavailable("lean_h2")  # they compare the lean connection with h2's own
+
 
     def both(self, wire: bytes, step: int, head: bytes = b"") -> tuple[Any, Any, int]:
         """
@@ -490,6 +497,8 @@ class BorrowTests(TestCase):
 
 
 class WindowUpdateTests(SynchronousTestCase):
+    skip = unavailable("lean_h2")  # they compare the lean connection with h2's own
+
     def test_same_bytes_and_windows_as_h2(self) -> None:
         """increment_flow_control_window writes h2's bytes and opens the same windows, in every state."""
         lean, lean_server = lean_pair()
@@ -595,3 +604,68 @@ class WindowReturnTests(TestCase):
         BytesProducer(stream, pattern(10))
         await receiver.done
         self.assertIsNone(receiver.reset)
+
+
+def piecewise_pair() -> tuple[PiecewiseH2Connection, PiecewiseH2Connection]:
+    client = PiecewiseH2Connection(H2Configuration(client_side=True, header_encoding=None))
+    server = PiecewiseH2Connection(H2Configuration(client_side=False, header_encoding=None))
+    connected(client, server)
+    return client, server
+
+
+# The lean connection beside its fallback; the fallback alone where h2's internals differ.
+_PAIRS = (piecewise_pair,) if unavailable("lean_h2") else (lean_pair, piecewise_pair)
+
+
+class PiecewiseTests(SynchronousTestCase):
+    """
+    The lean connection's fallback on h2's public API (the lean_h2 trick
+    off): the same calls give the same bytes, events, windows and errors.
+    """
+
+    def test_new_connection_follows_the_switch(self) -> None:
+        """new_h2_connection makes the lean connection with the trick on, the public-API one with it off."""
+        config = H2Configuration(client_side=True)
+        if unavailable("lean_h2") is None:
+            switch_tricks(self, True, "lean_h2")
+            self.assertIsInstance(new_h2_connection(config), LeanH2Connection)
+        else:  # an h2 whose internals differ: the public-API connection, even when switched on
+            switch_tricks(self, True, "lean_h2")
+            self.assertIs(type(new_h2_connection(config)), PiecewiseH2Connection)
+        switch_tricks(self, False, "lean_h2")
+        self.assertIs(type(new_h2_connection(config)), PiecewiseH2Connection)
+
+    def test_same_exchange_as_lean(self) -> None:
+        """Parts sent, room asked, chunks taken and frames received (in two reads) alike on both."""
+        outcomes = []
+        for pair in _PAIRS:
+            client, server = pair()
+            client.send_headers(1, REQUEST)
+            server.receive_frames(client.data_to_send())
+            client.send_data_parts(1, [b"x" * 100, memoryview(b"y" * 16_000)], size=16_100)
+            room = client.send_room(1)
+            client.ping(b"12345678")
+            client.send_data_parts(1, [b"z"], end_stream=True)
+            wire = b"".join(client.chunks_to_send())
+            events = server.receive_frames(wire[:5000]) + server.receive_frames(wire[5000:])
+            server.acknowledge_received_data(16_100, 1)
+            outcomes.append((room, wire, arrived(events), state(server), server.data_to_send()))
+        self.assertEqual(outcomes[0], outcomes[-1])
+        self.assertEqual(outcomes[-1][0], 16_384)  # the peer's frame size, below the window left
+
+    def test_same_errors_as_lean(self) -> None:
+        """Too large a frame, beyond the window, and after END_STREAM: refused alike."""
+        for pair in _PAIRS:
+            client, _ = pair()
+            client.send_headers(1, REQUEST)
+            with self.assertRaises(FrameTooLargeError):
+                client.send_data_parts(1, [b"a" * 16_384, b"b"])
+            for _ in range(4):
+                client.send_data_parts(1, [b"a" * 16_000])
+            with self.assertRaises(FlowControlError):
+                client.send_data_parts(1, [b"c" * 2_000])
+            client.send_data_parts(1, [b"end"], end_stream=True)
+            with self.assertRaises(ProtocolError):
+                client.send_data_parts(1, [b"late"])
+            self.assertEqual(client.chunks_to_send()[-1][-3:], b"end")
+            self.assertEqual(client.chunks_to_send(), [])

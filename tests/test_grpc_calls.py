@@ -80,22 +80,22 @@ class IdleStreamMemoryTests(TestCase):
         self.assertFalse(hasattr(stream, "__dict__"))
 
     def test_decoded_heads_share_header_names(self) -> None:
-        """Two decoded heads hold the same header-name objects; new names stop being kept at the bound."""
-        self.patch(codec, "_names", {})
+        """Two heads decoded by one Codec hold the same header-name objects; what it keeps stays bounded."""
+        remembering = codec.Codec()
         sent = StreamHead(
             kind="upgrade", tunnel="app.test", method="GET", target="/ws",
             headers=((b"host", b"app.test"), (b"x-test-shared", b"1")), peer="127.0.0.1:1",
         )
         wire = codec.encode_open(1, sent).SerializeToString()
-        first, second = (codec.head_from(codec.decode(wire)) for _ in range(2))
+        first, second = (remembering.head_from(codec.decode(wire)) for _ in range(2))
         self.assertEqual(first, sent)
         for (a, _), (b, _) in zip(first.headers, second.headers, strict=True):
             self.assertIs(a, b)
         self.assertIs(first.tunnel, second.tunnel)
         for n in range(2 * codec._MAX_NAMES):
             many = StreamHead("http", "app.test", "GET", "/", ((b"x-%d" % n, b"v"),), "127.0.0.1:1")
-            codec.head_from(codec.decode(codec.encode_open(1, many).SerializeToString()))
-        self.assertLessEqual(len(codec._names), codec._MAX_NAMES)
+            remembering.head_from(codec.decode(codec.encode_open(1, many).SerializeToString()))
+        self.assertLessEqual(len(remembering.names), codec._MAX_NAMES)
 
     def test_public_connection_attributes_are_slots(self) -> None:
         """A public HTTP/1.1 connection keeps its own state in slots: its dict holds Protocol's few."""

@@ -13,6 +13,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.end_to_end import EndToEndMixin
 from tests.harness import sleep
+from tests.switches import TricksOff
 from tunneld.transports.grpc import GrpcStream, _Call
 
 
@@ -76,3 +77,7 @@ class GrpcEndToEnd(EndToEndMixin, TestCase):
             gc.set_debug(0)
             gc.garbage.clear()
         self.assertEqual(garbage, [])
+
+
+class GrpcEndToEndTricksOff(TricksOff, GrpcEndToEnd):
+    """Every end-to-end behaviour over the grpc transport with every speed trick off (h2's public API)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from typing import Any
+from unittest import skipIf
 
 from h2 import events as h2events
 from h2.config import H2Configuration
@@ -20,8 +21,8 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from tests.switches import unavailable
 from tunneld.errors import ConfigError
-from tunneld.h2conn import DataArrived, LeanH2Connection
 from tunneld.interfaces import (
     AgentLinkSetup,
     EdgeLinkSetup,
@@ -34,6 +35,7 @@ from tunneld.interfaces import (
 from tunneld.model.messages import ControlMessage, Hello, ReplyHead, StreamHead, TunnelSpec, Welcome
 from tunneld.model.reasons import Reason
 from tunneld.registry import available_transports
+from tunneld.speedups.lean_h2 import DataArrived, LeanH2Connection
 from tunneld.transports import grpc as grpc_transport
 from tunneld.transports.grpc import (
     AgentGrpcLink,
@@ -327,6 +329,7 @@ class GrpcWireTests(TestCase):
             reason_from_status(GrpcStatus.UNAUTHENTICATED, b"no label")[0], Reason.UNAUTHORIZED
         )
 
+    @skipIf(unavailable("lean_h2"), unavailable("lean_h2"))
     def test_open_stream_count_is_exact_at_the_limit(self) -> None:
         """The cheap open-stream count still enforces MAX_CONCURRENT_STREAMS and forgets closed streams."""
         client = LeanH2Connection(H2Configuration(client_side=True, header_encoding=None))
@@ -360,6 +363,7 @@ class GrpcWireTests(TestCase):
         with self.assertRaises(TooManyStreamsError):
             client.send_headers(client.get_next_available_stream_id(), request)
 
+    @skipIf(unavailable("lean_h2"), unavailable("lean_h2"))
     def test_received_data_frame_repr_is_short(self) -> None:
         """A received DATA frame's repr names its size instead of hex-encoding the payload."""
         client = LeanH2Connection(H2Configuration(client_side=True, header_encoding=None))

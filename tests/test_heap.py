@@ -1,5 +1,5 @@
 """
-Tests for L{tunneld.heap}: large buffers are reused instead of faulted in again.
+Tests for L{tunneld.speedups.heap}: large buffers are reused instead of faulted in again.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import tunneld
 # (as reads and write buffers of a stream do), and prints the page faults it took.
 _CHURN = """
 import resource, sys
-from tunneld.heap import keep_large_buffers
+from tunneld.speedups.heap import keep_large_buffers
 if sys.argv[1] == "keep":
     assert keep_large_buffers()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -10,6 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tunneld.agent.http1_wire import (
     Header,
+    HeadMemo,
     RequestError,
     RequestWriter,
     ResponseError,
@@ -56,9 +57,11 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     return [p for p in pieces if p]
 
 
-def parse(pieces: list[bytes], head_request: bool = False, eof: bool = False) -> tuple[object, ...]:
-    """Feed C{pieces} to a fresh parser; the recorded outcome, or the error's message."""
-    parser = ResponseParser(max_head=1024)
+def parse(
+    pieces: list[bytes], head_request: bool = False, eof: bool = False, memo: HeadMemo | None = None
+) -> tuple[object, ...]:
+    """Feed C{pieces} to a fresh parser (sharing C{memo}); the recorded outcome, or the error's message."""
+    parser = ResponseParser(max_head=1024, memo=memo)
     recorder = Recorder()
     parser.expect(recorder, head_request)
     try:
@@ -402,36 +405,36 @@ class RequestFieldCacheTests(SynchronousTestCase):
         """A request met again (its fields from the table) is written and framed the same."""
         fields = [(b"Host", b"a.test"), (b"Content-Length", b"2"), (b"Connection", b"close")]
         heads = []
+        memo = HeadMemo()
         for _ in range(2):
-            writer = RequestWriter()
+            writer = RequestWriter(memo)
             heads.append(writer.head(b"POST", b"/", fields))
             self.assertFalse(writer.keep_alive)
             self.assertRaises(RequestError, writer.data, b"abc")
         self.assertEqual(heads[0], heads[1])
-        from tunneld.agent import http1_wire
-
-        self.assertEqual(http1_wire._FIELDS[(b"Host", b"a.test")], (b"host", b"Host: a.test\r\n"))
+        self.assertEqual(memo.fields[(b"Host", b"a.test")], (b"host", b"Host: a.test\r\n"))
         self.assertEqual(
             heads[0], b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 2\r\nConnection: close\r\n\r\n"
         )
 
     def test_views_and_long_values(self) -> None:
         """Fields of memoryviews or bytearrays, and long values, are written but not kept."""
-        from tunneld.agent import http1_wire
-
         long_value = b"v" * 1000
         fields = [(b"X-View", memoryview(b"seen")), (b"X-Array", bytearray(b"mutable")), (b"X-Long", long_value)]
-        head = RequestWriter().head(b"GET", b"/", fields)  # type: ignore[arg-type]
+        memo = HeadMemo()
+        head = RequestWriter(memo).head(b"GET", b"/", fields)  # type: ignore[arg-type]
         self.assertIn(b"X-View: seen\r\nX-Array: mutable\r\nX-Long: " + long_value, head)
-        self.assertNotIn((b"X-Long", long_value), http1_wire._FIELDS)
+        self.assertEqual(len(memo.fields), 0)
 
     def test_table_is_bounded(self) -> None:
         """Any number of distinct fields leaves at most _FIELDS_MAX entries."""
         from tunneld.agent import http1_wire
 
+        memo = HeadMemo()
         for n in range(http1_wire._FIELDS_MAX + 50):
-            RequestWriter().head(b"GET", b"/", [(b"X-N", b"%d" % n)])
-        self.assertLessEqual(len(http1_wire._FIELDS), http1_wire._FIELDS_MAX)
+            RequestWriter(memo).head(b"GET", b"/", [(b"X-N", b"%d" % n)])
+        self.assertLessEqual(len(memo.fields), http1_wire._FIELDS_MAX)
+        self.assertGreater(len(memo.fields), 0)
 
 
 class HeadCacheTests(SynchronousTestCase):
@@ -440,21 +443,27 @@ class HeadCacheTests(SynchronousTestCase):
     def test_repeated_head_parses_the_same(self) -> None:
         """A head met again (answered from the table) gives the same outcome, body framing included."""
         response = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Seen: twice\r\n\r\nabc"
-        first = parse([response])
-        second = parse([response])
+        memo = HeadMemo()
+        first = parse([response], memo=memo)
+        second = parse([response], memo=memo)
         self.assertEqual(first, second)
         self.assertEqual(second[1], b"abc")
+        self.assertEqual(len(memo.heads), 1)
 
     def test_invalid_head_is_refused_every_time(self) -> None:
         """A bad header block never enters the table: each time it is refused with its reason."""
         response = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabc"
+        memo = HeadMemo()
         for _ in range(2):
-            self.assertEqual(parse([response]), ("error", "conflicting Content-Length values"))
+            self.assertEqual(parse([response], memo=memo), ("error", "conflicting Content-Length values"))
+        self.assertEqual(len(memo.heads), 0)
 
     def test_table_is_bounded(self) -> None:
         """Any number of distinct heads leaves at most _HEADS_MAX entries."""
         from tunneld.agent import http1_wire
 
+        memo = HeadMemo()
         for n in range(http1_wire._HEADS_MAX + 50):
-            parse([b"HTTP/1.1 204 No Content\r\nX-N: %d\r\n\r\n" % n])
-        self.assertLessEqual(len(http1_wire._HEADS), http1_wire._HEADS_MAX)
+            parse([b"HTTP/1.1 204 No Content\r\nX-N: %d\r\n\r\n" % n], memo=memo)
+        self.assertLessEqual(len(memo.heads), http1_wire._HEADS_MAX)
+        self.assertGreater(len(memo.heads), 0)

@@ -1,5 +1,5 @@
 """
-Tests for L{tunneld.memo.ByIdentity}: found by identity only, never by
+Tests for L{tunneld.speedups.memo}: L{ByIdentity} found by identity only, never by
 equality; an entry keeps its key alive; bounded.
 """
 
@@ -10,7 +10,7 @@ import weakref
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tunneld.memo import ByIdentity
+from tunneld.speedups.memo import Bounded, ByIdentity
 
 
 class _Key:
@@ -53,3 +53,24 @@ class ByIdentityTests(SynchronousTestCase):
             self.assertLessEqual(len(table), 3)
         self.assertEqual(table.get(keys[-1]), 6)
         self.assertIsNone(table.get(keys[0]))
+
+
+class BoundedTests(SynchronousTestCase):
+    def test_emptied_when_full(self) -> None:
+        """Past its limit the table is emptied, then fills again; lookups are a dict's."""
+        table: Bounded[int, str] = Bounded(3)
+        for n in range(7):
+            self.assertEqual(table.keep(n, str(n)), str(n))
+            self.assertLessEqual(len(table), 3)
+        self.assertEqual(table.get(6), "6")
+        self.assertIsNone(table.get(0))
+
+    def test_zero_keeps_nothing(self) -> None:
+        """A limit of 0 remembers nothing (the codec's module functions)."""
+        table: Bounded[int, str] = Bounded(0)
+        self.assertEqual(table.keep(1, "one"), "one")
+        self.assertEqual(len(table), 0)
+        identity: ByIdentity[_Key, str] = ByIdentity(0)
+        key = _Key()
+        self.assertEqual(identity.put(key, "made"), "made")
+        self.assertIsNone(identity.get(key))

@@ -34,7 +34,11 @@ HEARTBEAT = "heartbeat_interval = 10.0\nheartbeat_timeout = 30.0"
 
 
 class PolicyProcessTests(TestCase):
-    timeout = 60
+    # Each test starts several twistd processes (an edge restart drains and
+    # starts again): on a 2-core machine kept busy by other work a test's
+    # process starts alone can take a minute.  The bound is for a hang, not a
+    # speed limit; the assertions wait for events.
+    timeout = 300
 
     spawn = test_processes.ProcessTests.spawn
     shipped = test_processes.ProcessTests.shipped
@@ -209,15 +213,9 @@ class PolicyProcessTests(TestCase):
         """SIGTERM drain and restart in place, three times, websocket agents: a handful of link set-ups per drain, every agent back, no link closed by a stale welcome timer."""
         await self.restarted_edges("websocket")
 
-    # Three edge restarts and two agents, each a twistd start: a minute and
-    # more on a machine busy with other work (stress-ng --cpu 2).
-    test_sigterm_restarts_without_a_storm_websocket.timeout = 240  # type: ignore[attr-defined]
-
     async def test_sigterm_restarts_without_a_storm_grpc(self) -> None:
         """The same over grpc agent links."""
         await self.restarted_edges("grpc")
-
-    test_sigterm_restarts_without_a_storm_grpc.timeout = 240  # type: ignore[attr-defined]
 
     async def test_sighup_reloads_a_rate_limit(self) -> None:
         """SIGHUP applies a changed rate limit to new requests; a file that fails validation is rejected and the old limit stays."""

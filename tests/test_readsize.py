@@ -1,5 +1,5 @@
 """
-Tests for L{tunneld.readsize}: a socket's read size follows its reads.
+Tests for L{tunneld.speedups.readsize}: a socket's read size follows its reads.
 """
 
 from __future__ import annotations
@@ -9,7 +9,10 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.test.proto_helpers import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from tunneld.readsize import LARGEST, SMALLEST, ReadSize
+from tests.switches import switch_tricks
+from tunneld.speedups import readsize
+from tunneld.speedups.readsize import LARGEST, SMALLEST, ReadSize
+from tunneld.speedups.switches import Trick
 
 
 class _Socket(Connection):
@@ -21,6 +24,9 @@ class _Socket(Connection):
 
 class ReadSizeTests(SynchronousTestCase):
     """L{ReadSize} grows on full reads and shrinks on far smaller ones."""
+
+    def setUp(self) -> None:
+        switch_tricks(self, True, "read_size")
 
     def test_starts_at_twisteds_default(self) -> None:
         """A new socket reads 64 KiB, Twisted's default, and is not touched."""
@@ -97,3 +103,32 @@ class ReadSizeTests(SynchronousTestCase):
         self.assertEqual(size.size, SMALLEST)
         self.assertNotIn("bufferSize", vars(sock))
         self.assertNotIn("SEND_LIMIT", vars(sock))
+
+
+class FallbackTests(SynchronousTestCase):
+    """With the trick off, sockets keep Twisted's sizes; the check sees a Twisted that ignores them."""
+
+    def test_off_leaves_every_socket_alone(self) -> None:
+        """Off: full reads change nothing, and the socket keeps Twisted's send limit."""
+        switch_tricks(self, False, "read_size")
+        sock = _Socket()
+        size = ReadSize(sock)
+        for _ in range(3):
+            size.read(size.size)
+        self.assertEqual(size.size, SMALLEST)
+        self.assertNotIn("bufferSize", vars(sock))
+        self.assertNotIn("SEND_LIMIT", vars(sock))
+
+    def test_check_passes_here(self) -> None:
+        """The installed Twisted reads bufferSize and sends at most SEND_LIMIT."""
+        self.assertIsNone(Trick("read_size", "", "", readsize._check).problem)
+
+    def test_check_notices_a_fixed_read_size(self) -> None:
+        """A Twisted that reads a fixed size whatever bufferSize says fails the check."""
+        self.patch(Connection, "doRead", lambda self: self._dataReceived(self.socket.recv(65536)))
+        self.assertIn("bufferSize 4", Trick("read_size", "", "", readsize._check).problem or "")
+
+    def test_check_notices_a_fixed_send_limit(self) -> None:
+        """A Twisted that sends whatever SEND_LIMIT says fails the check."""
+        self.patch(Connection, "writeSomeData", lambda self, data: self.socket.send(data))
+        self.assertIn("SEND_LIMIT 3", Trick("read_size", "", "", readsize._check).problem or "")

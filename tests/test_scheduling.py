@@ -1,5 +1,5 @@
 """
-Tests for L{tunneld.scheduling}: C{cpu_scheduling = "batch"} runs the daemon
+Tests for L{tunneld.speedups.scheduling}: C{cpu_scheduling = "batch"} runs the daemon
 under C{SCHED_BATCH} and puts the policy back at stop; "default" leaves it;
 a wrong value fails at start naming the key.
 """
@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tunneld.config import load_agent_config, load_edge_config
 from tunneld.errors import ConfigError
-from tunneld.scheduling import CpuScheduling, check_policy
+from tunneld.speedups.scheduling import CpuScheduling, check_policy
 
 
 class CpuSchedulingTests(SynchronousTestCase):
@@ -55,7 +55,7 @@ class CpuSchedulingTests(SynchronousTestCase):
         service.startService()
         service.stopService()
         self.assertEqual(os.sched_getscheduler(0), self.before)
-        warnings = [e for e in events if e.get("log_namespace", "").startswith("tunneld.scheduling")]
+        warnings = [e for e in events if e.get("log_namespace", "").startswith("tunneld.speedups.scheduling")]
         self.assertEqual(len(warnings), 1)
         self.assertIn("Operation not permitted", str(warnings[0]["error"]))
 

@@ -29,6 +29,7 @@ from tunneld.agent.upstream import UpstreamPool
 from tunneld.interfaces import IStream, IStreamReceiver
 from tunneld.model.messages import Headers, ReplyHead, StreamHead
 from tunneld.model.reasons import Reason
+from tunneld.speedups.memo import ByIdentity
 
 CHUNK = 64 * 1024
 BLOCK = hashlib.sha256(b"tunneld").digest() * (CHUNK // 32)
@@ -799,16 +800,18 @@ class EndToEndHeadersTests(SynchronousTestCase):
             (b"ETag", b'"a"'),
         )
         kept = ((b"Content-Type", b"text/plain"), (b"ETag", b'"a"'))
-        self.assertEqual(upstream._end_to_end_of_head(head), kept)
+        table: ByIdentity[Any, Any] = ByIdentity(256)
+        self.assertEqual(upstream._end_to_end_of_head(head, table), kept)
         # The same head again: the answer remembered, the very same tuple.
-        self.assertIs(upstream._end_to_end_of_head(head), upstream._end_to_end_of_head(head))
+        self.assertIs(upstream._end_to_end_of_head(head, table), upstream._end_to_end_of_head(head, table))
 
     def test_equal_heads_answered_alike(self) -> None:
         """An equal head in another tuple gets an equal answer; the table stays bounded."""
-        for n in range(upstream._KEPT.limit + 50):
+        table: ByIdentity[Any, Any] = ByIdentity(256)
+        for n in range(table.limit + 50):
             head = ((b"Connection", b"close"), (b"X-N", b"%d" % n))
-            self.assertEqual(upstream._end_to_end_of_head(head), ((b"X-N", b"%d" % n),))
-        self.assertLessEqual(len(upstream._KEPT), upstream._KEPT.limit)
+            self.assertEqual(upstream._end_to_end_of_head(head, table), ((b"X-N", b"%d" % n),))
+        self.assertLessEqual(len(table), table.limit)
 
 
 class _StallingH2(Protocol):

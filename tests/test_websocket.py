@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.end_to_end import EndToEndMixin
 from tests.harness import TunnelHarness
+from tests.switches import TricksOff, switch_tricks
 from tests.test_grpc_transport import until
 from tests.test_websocket_framing import Recorder
 from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup
@@ -62,6 +63,10 @@ class WebSocketEndToEnd(EndToEndMixin, TestCase):
         code, reason = await factory.closed
         self.assertEqual(code, 4000 + Reason.PROTOCOL_ERROR.wire_code)
         self.assertIn("protocol_error", reason)
+
+
+class WebSocketEndToEndTricksOff(TricksOff, WebSocketEndToEnd):
+    """Every end-to-end behaviour over the websocket transport with every speed trick off (Autobahn frames)."""
 
 
 _HANDSHAKE = (
@@ -203,6 +208,76 @@ class EdgeFramingTests(SynchronousTestCase):
         self.assertEqual(reason, Reason.AGENT_GONE)
         self.assertIn("websocket closed (1006: connection lost without a closing handshake", message)
         self.assertEqual(wire.clock.getDelayedCalls(), [])
+
+
+class EdgeAutobahnFramingTests(SynchronousTestCase):
+    """
+    With the websocket_takeover trick off, Autobahn frames the open link
+    through its public API, and the link sees the same messages, Pings,
+    Pongs and Closes.
+    """
+
+    def setUp(self) -> None:
+        switch_tricks(self, False, "websocket_takeover")
+
+    def test_messages_reach_the_link(self) -> None:
+        """A text message sent with the handshake is Autobahn's to read: a protocol error, as any text message."""
+        wire = _edge(FrameWriter(masked=True).frame(0x1, b"hello"))
+        self.assertIsNone(wire.protocol._reader)
+        *_, close = wire.frames(masked=False)
+        self.assertEqual(close[:2], ("close", 4000 + Reason.PROTOCOL_ERROR.wire_code))
+        self.assertIn("text message on a binary link", str(close[2]))
+        wire.lose(ConnectionDone())
+        [(reason, _)] = wire.handler.lost
+        self.assertEqual(reason, Reason.PROTOCOL_ERROR)
+        self.assertIsNone(wire.protocol.closeHandshakeTimeoutCall)  # released: nothing left on the reactor
+
+    def test_ping_answered_and_close_echoed(self) -> None:
+        """Autobahn answers a Ping and a Close (its way: 1000); the link ends naming the peer's code and reason, once."""
+        wire = _edge()
+        writer = FrameWriter(masked=True)
+        wire.protocol.dataReceived(writer.ping(b"hb") + writer.close(4005, "draining: bye"))
+        self.assertEqual(wire.frames(masked=False), [("pong", b"hb"), ("close", 1000, "")])
+        wire.lose(ConnectionDone())
+        wire.lose(ConnectionDone())
+        self.assertEqual(wire.handler.lost, [(Reason.AGENT_GONE, "websocket closed (4005: draining: bye)")])
+        self.assertEqual(wire.clock.getDelayedCalls(), [])
+
+    def test_heartbeat_is_websocket_ping_pong(self) -> None:
+        """The heartbeat goes out as Autobahn's Ping; the peer's Pong gives the round trip."""
+        wire = _edge(options=WebSocketEdgeOptions(heartbeat_interval=1.0, heartbeat_timeout=5.0))
+        wire.clock.advance(1.0)
+        [ping] = wire.frames(masked=False)
+        self.assertEqual(ping, ("ping", (1).to_bytes(8, "big")))
+        wire.clock.advance(0.25)
+        wire.protocol.dataReceived(FrameWriter(masked=True).pong((1).to_bytes(8, "big")))
+        self.assertEqual(wire.protocol.link.round_trip_time(), 0.25)
+        wire.lose(ConnectionDone())
+
+    def test_close_times_out_and_leaves_no_timer(self) -> None:
+        """Our Close goes out through Autobahn; a peer that never lets go is cut off, and Autobahn's timer is cancelled."""
+        wire = _edge()
+        wire.protocol.link.close(Reason.DRAINING, "edge stopping")
+        *_, close = wire.frames(masked=False)
+        self.assertEqual(close, ("close", 1000, "draining: edge stopping"))
+        self.assertIsNotNone(wire.protocol.closeHandshakeTimeoutCall)
+        wire.clock.advance(CLOSE_TIMEOUT)
+        self.assertTrue(wire.transport.disconnected)
+        wire.lose(ConnectionAborted())
+        self.assertEqual(wire.handler.lost, [(Reason.DRAINING, "edge stopping")])
+        self.assertEqual(wire.clock.getDelayedCalls(), [])
+        self.assertIsNone(wire.protocol.closeHandshakeTimeoutCall)
+
+    def test_frames_go_out_through_autobahn(self) -> None:
+        """The link's frames are Autobahn's binary messages, read back whole."""
+        wire = _edge()
+        wire.protocol.send_frames([[b"ab", memoryview(b"cd")], [b"e" * 70_000]])
+        wire.protocol.send_frame(b"f")
+        self.assertEqual(
+            wire.frames(masked=False),
+            [("message", b"abcd", True), ("message", b"e" * 70_000, True), ("message", b"f", True)],
+        )
+        wire.lose(ConnectionDone())
 
 
 class AgentFramingTests(SynchronousTestCase):

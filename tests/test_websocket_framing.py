@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.switches import switch_tricks
 from tests.test_websocket_frames import frame
-from tunneld.transports import websocket_framing
 from tunneld.transports.websocket_framing import (
     CLOSE_INVALID_PAYLOAD,
     CLOSE_NO_STATUS,
@@ -83,7 +83,7 @@ class MaskTests(SynchronousTestCase):
 
     def test_pure_python_mask(self) -> None:
         """Without Autobahn's compiled masker, large payloads mask and round-trip the same way."""
-        self.patch(websocket_framing, "_nvx", None)
+        switch_tricks(self, False, "native_mask")
         key = b"\x9a\x00\x11\xff"
         for size in (127, 128, 4097, 65536):
             data = os.urandom(size)
@@ -198,7 +198,7 @@ class WriterTests(SynchronousTestCase):
         source = os.urandom(4096)
         messages: list[list[bytes | memoryview]] = [[b"h" * 5, os.urandom(70000)], [os.urandom(300)]]
         expected = FrameWriter(masked=True, random=lambda n: source[:n]).binary_frames(messages)
-        self.patch(websocket_framing, "_nvx", None)
+        switch_tricks(self, False, "native_mask")
         got = FrameWriter(masked=True, random=lambda n: source[:n]).binary_frames(messages)
         self.assertEqual(got, expected)
 

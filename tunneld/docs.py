@@ -26,6 +26,7 @@ from tunneld.config import (
     EdgeSection,
     EdgeStateSection,
     EdgeTerminalSection,
+    SpeedupsSection,
     TunnelSection,
 )
 from tunneld.config.schema import documented_fields
@@ -112,6 +113,15 @@ def _doc_of(cls: type[Any], key: str) -> str:
     return _cell({name: doc for name, _, _, doc in documented_fields(cls)}[key])
 
 
+_SPEEDUPS = _cell(
+    "Speed tricks. Each reaches into another library's private state (or tunes the process), "
+    "checks at start that what it uses is there, and falls back to the library's public API "
+    "when that check fails or its switch is off; the start-up log lists which are on "
+    "(`speedups: bulkwrite on, read_size on, ...`). The environment variable "
+    "`TUNNELD_SPEEDUPS=off` turns every one off whatever the file says."
+)
+
+
 def reference() -> str:
     """The whole reference as Markdown."""
     transports = _builtin_transports()
@@ -123,6 +133,7 @@ def reference() -> str:
         + " See docs/operations.md, \"Terminals\"."
     ))
     parts.append(section("[[agents]]", AgentGrant, _doc_of(EdgeConfig, "agents")))
+    parts.append(section("[speedups]", SpeedupsSection, _SPEEDUPS))
     for plugin in transports:
         cls = _options_type(plugin, edge=True)
         if cls is not None:
@@ -137,6 +148,7 @@ def reference() -> str:
         + " Wrong values (an unknown user, a missing program or directory) stop the start."
     ))
     parts.append(section("[[tunnels]]", TunnelSection, _doc_of(AgentConfig, "tunnels")))
+    parts.append(section("[speedups]", SpeedupsSection, _SPEEDUPS))
     for plugin in transports:
         cls = _options_type(plugin, edge=False)
         if cls is not None:

@@ -10,7 +10,7 @@ never imports a transport and a transport never imports the router.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from twisted.application.service import IService
@@ -26,10 +26,11 @@ from twisted.plugin import IPlugin
 from zope.interface import Attribute, Interface
 
 from tunneld.model.messages import ControlMessage, Headers, ReplyHead, StreamHead
+from tunneld.model.reasons import Reason
+from tunneld.wire.codec import Codec
 
 if TYPE_CHECKING:
     from OpenSSL.crypto import X509
-from tunneld.model.reasons import Reason
 
 
 class IStreamReceiver(Interface):
@@ -154,6 +155,8 @@ class EdgeLinkSetup:
     max_frame_size: int = 1 << 20
     initial_window: int = 256 * 1024
     max_streams: int = 10_000  # concurrent streams on one agent link
+    # The frame codec, with what it remembers of recurring heads: one per edge, shared by its links.
+    codec: Codec = field(default_factory=Codec)
     # The edge's IStateBackend (design §6): what a transport keeps there is
     # seen by every edge of the cluster (memory: this process only).
     state: IStateBackend | None = None
@@ -168,6 +171,8 @@ class AgentLinkSetup:
     tls_for: Callable[[str], IOpenSSLClientConnectionCreator] | None = None
     max_frame_size: int = 1 << 20
     initial_window: int = 256 * 1024
+    # The frame codec, with what it remembers of recurring heads: one per agent, shared by its links.
+    codec: Codec = field(default_factory=Codec)
 
 
 class LinkRefused(Exception):

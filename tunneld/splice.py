@@ -31,7 +31,7 @@ from zope.interface import implementer
 from tunneld.interfaces import IStream, IStreamReceiver
 from tunneld.model.messages import Headers, ReplyHead
 from tunneld.model.reasons import Reason
-from tunneld.readsize import ReadSize
+from tunneld.speedups.readsize import ReadSize
 
 
 @implementer(IHalfCloseableProtocol, IStreamReceiver)

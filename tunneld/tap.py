@@ -115,18 +115,17 @@ Options = EdgeOptions
 def makeService(options: EdgeOptions, reactor: Any = None) -> IService:  # noqa: N802
     """The edge's service tree (the collector tuned once it has started)."""
     from tunneld.edge.service import EdgeService
-    from tunneld.gctune import GcTuning
-    from tunneld.heap import keep_large_buffers
-    from tunneld.scheduling import CpuScheduling
+    from tunneld.speedups.gctune import GcTuning
+    from tunneld.speedups.scheduling import CpuScheduling
+    from tunneld.speedups.service import Speedups
     from tunneld.startup import StartupGuard
-
-    keep_large_buffers()
 
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
     top = StartupGuard(options.config.source, reactor)
+    Speedups(dataclasses.asdict(options.config.speedups)).setServiceParent(top)
     EdgeService(options.config, options.transports, reactor).setServiceParent(top)
     CpuScheduling(options.config.edge.cpu_scheduling).setServiceParent(top)
     GcTuning().setServiceParent(top)
@@ -142,20 +141,19 @@ def makeAgentService(options: AgentOptions, reactor: Any = None) -> IService:  #
     """
     from tunneld.agent.service import AgentService
     from tunneld.exitstatus import EX_CONFIG, stop_process
-    from tunneld.gctune import GcTuning
-    from tunneld.heap import keep_large_buffers
     from tunneld.observe.console import AgentActivity, ConsoleSummary
     from tunneld.observe.systemd import SystemdNotifyService
-    from tunneld.scheduling import CpuScheduling
+    from tunneld.speedups.gctune import GcTuning
+    from tunneld.speedups.scheduling import CpuScheduling
+    from tunneld.speedups.service import Speedups
     from tunneld.startup import StartupGuard
-
-    keep_large_buffers()
 
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
     top = StartupGuard(options.config.source, reactor)
+    Speedups(dataclasses.asdict(options.config.speedups)).setServiceParent(top)
     agent = AgentService(options.config, options.transports, reactor)
     # Refused for good (identity, grant): stop, and exit non-zero.
     agent.on_fatal = lambda message: stop_process(reactor, EX_CONFIG)

@@ -61,6 +61,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunneld.certs import AGENT_URI_SCHEME
+from tunneld.speedups.tls_groups import restrict_groups
 
 # Mozilla "intermediate" (server side TLS guidelines v5): the TLS 1.2 suites;
 # TLS 1.3's are OpenSSL's defaults, all of which the profile allows.  No DHE:
@@ -110,16 +111,6 @@ def verify_error_text(errno: int, ca: str = "the agent CA") -> str:
     return _VERIFY_ERRORS.get(errno, f"certificate verification error {errno}").format(ca=ca)
 
 
-def restrict_curves(context: SSL.Context, curves: str = INTERMEDIATE_CURVES) -> None:
-    """Offer only C{curves} for ECDHE (the hardened policy's groups)."""
-    # pyOpenSSL has no groups setter; the binding underneath it does.
-    from OpenSSL._util import lib
-
-    setter = getattr(lib, "SSL_CTX_set1_curves_list", None)
-    if setter is None or not setter(context._context, curves.encode("ascii")):
-        raise ValueError(f"cannot restrict TLS curves to {curves}")
-
-
 class HardenedCertificateOptions(CertificateOptions):
     """
     L{CertificateOptions} held to the hardened policy; with C{trustRoot} (and
@@ -145,7 +136,7 @@ class HardenedCertificateOptions(CertificateOptions):
     def getContext(self) -> SSL.Context:  # noqa: N802
         context = super().getContext()
         if context is not self._hardened:
-            restrict_curves(context, self._curves)
+            restrict_groups(context, self._curves)
             if self.verify:
                 flags = SSL.VERIFY_PEER
                 if self.require_client_certificate:

@@ -20,7 +20,9 @@ from __future__ import annotations
 import re
 import typing
 
-__all__ = ["RequestError", "RequestWriter", "ResponseError", "ResponseParser", "ResponseSink"]
+from tunneld.speedups.memo import Bounded
+
+__all__ = ["HeadMemo", "RequestError", "RequestWriter", "ResponseError", "ResponseParser", "ResponseSink"]
 
 Header = tuple[bytes, bytes]
 # Body bytes as the parser passes them on: C{bytes}, or a view of the read
@@ -69,7 +71,7 @@ class ResponseSink(typing.Protocol):
     def response_head(self, status: int, reason: bytes, headers: tuple[Header, ...]) -> None:
         """
         The final (non-1xx) response head; header names keep their case.
-        The same head's fields come as the same tuple each time (L{_HEADS}).
+        The same head's fields come as the same tuple each time (L{HeadMemo}).
         """
 
     def response_data(self, data: Body) -> None:
@@ -108,15 +110,35 @@ def _fields(block: bytes, what: str) -> list[Header]:
     return fields
 
 
-# What a response head's header block says, by the block's bytes: an upstream
-# sends the same headers again and again (only Date changes, once a second),
-# so most heads are validated once.  Bounded: emptied when full.
 _HeadFacts = tuple[tuple[Header, ...], int | None, bool, bool]
-_HEADS: dict[bytes, _HeadFacts] = {}
 _HEADS_MAX = 256
+_FIELDS_MAX = 1024
+_FIELD_CACHED_UP_TO = 256
 
 
-def _head_facts(block: bytes) -> _HeadFacts:
+class HeadMemo:
+    """
+    What the parsers and writers of one upstream's connections remember:
+
+      - C{heads}: what a response head's header block says, by the block's
+        bytes: an upstream sends the same headers again and again (only Date
+        changes, once a second), so most heads are validated once;
+      - C{fields}: request header fields already checked, with their
+        lowercased name and the line they make: the edge sends the same
+        fields again and again (Host, the forwarding headers, each client's
+        Accept and User-Agent), so most are validated once (short ones only).
+
+    Both bounded: emptied when full.
+    """
+
+    __slots__ = ("fields", "heads")
+
+    def __init__(self) -> None:
+        self.heads: Bounded[bytes, _HeadFacts] = Bounded(_HEADS_MAX)
+        self.fields: Bounded[Header, tuple[bytes, bytes]] = Bounded(_FIELDS_MAX)
+
+
+def _head_facts(block: bytes, heads: Bounded[bytes, _HeadFacts]) -> _HeadFacts:
     """
     The fields of a response head's header block, validated, with its body
     length, whether it is chunked, and whether it says C{Connection: close}.
@@ -144,11 +166,7 @@ def _head_facts(block: bytes) -> _HeadFacts:
                     close = True
     if chunked and length is not None:
         raise ResponseError("both Content-Length and Transfer-Encoding")
-    facts = (tuple(headers), length, chunked, close)
-    if len(_HEADS) >= _HEADS_MAX:
-        _HEADS.clear()
-    _HEADS[block] = facts
-    return facts
+    return heads.keep(block, (tuple(headers), length, chunked, close))
 
 
 class ResponseParser:
@@ -157,14 +175,17 @@ class ResponseParser:
     L{expect}, delivering each to its L{ResponseSink}.
 
     @param max_head: the longest response head (or trailer block) accepted.
+    @param memo: what the upstream's connections remember (their pool's);
+        without it, this parser's own.
     """
 
     __slots__ = (
         "_sink", "_max_head", "_state", "_buffer", "_scanned", "_remaining", "_head_request",
-        "_keep_alive",
+        "_keep_alive", "_heads",
     )
 
-    def __init__(self, max_head: int = 64 * 1024) -> None:
+    def __init__(self, max_head: int = 64 * 1024, memo: HeadMemo | None = None) -> None:
+        self._heads = (memo or HeadMemo()).heads
         # Never called while idle; L{expect} names the sink of each response.
         self._sink = typing.cast(ResponseSink, None)
         self._max_head = max_head
@@ -342,9 +363,9 @@ class ResponseParser:
             if status < 100:
                 raise ResponseError(f"invalid status {status}")
             return True  # 100 Continue, 103 Early Hints...: interim, not passed on
-        known = _HEADS.get(fields)
+        known = self._heads.get(fields)
         if known is None:
-            known = _head_facts(fields)
+            known = _head_facts(fields, self._heads)
         headers, length, chunked, close = known
         self._keep_alive = status_line.group(1) == b"1" and not close
         if tail is not None and (
@@ -394,19 +415,12 @@ class ResponseParser:
         self._buffer = b""
 
 
-# Request header fields already checked, with their lowercased name and the
-# line they make: the edge sends the same fields again and again (Host, the
-# forwarding headers, each client's Accept and User-Agent), so most are
-# validated once.  Bounded: short fields only, emptied when full.
-_FIELDS: dict[Header, tuple[bytes, bytes]] = {}
-_FIELDS_MAX = 1024
-_FIELD_CACHED_UP_TO = 256
 # The names whose values decide the request's framing or keep-alive.
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 _COMMON_METHODS = frozenset((b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"))
 
 
-def _request_field(field: Header) -> tuple[bytes, bytes]:
+def _request_field(field: Header, fields: Bounded[Header, tuple[bytes, bytes]]) -> tuple[bytes, bytes]:
     """C{field}'s lowercased name and its line, once it is known to be valid."""
     name, value = field
     if _NAME.fullmatch(name) is None:
@@ -415,9 +429,7 @@ def _request_field(field: Header) -> tuple[bytes, bytes]:
         raise RequestError(f"invalid value for header {name[:40]!r}")
     checked = (name.lower(), b"".join((name, b": ", value, b"\r\n")))
     if type(name) is bytes and type(value) is bytes and len(name) + len(value) <= _FIELD_CACHED_UP_TO:
-        if len(_FIELDS) >= _FIELDS_MAX:
-            _FIELDS.clear()
-        _FIELDS[field] = checked
+        fields.keep(field, checked)
     return checked
 
 
@@ -427,9 +439,11 @@ class RequestWriter:
     body so that it matches the framing chosen in L{head}.
     """
 
-    __slots__ = ("_chunked", "_remaining", "keep_alive")
+    __slots__ = ("_chunked", "_remaining", "_fields", "keep_alive")
 
-    def __init__(self) -> None:
+    def __init__(self, memo: HeadMemo | None = None) -> None:
+        """@param memo: what the upstream's connections remember (their pool's); without it, this writer's own."""
+        self._fields = (memo or HeadMemo()).fields
         self._chunked = False
         self._remaining: int | None = None
         # False once a request said C{Connection: close}.
@@ -448,12 +462,13 @@ class RequestWriter:
         self._chunked = False
         self._remaining = None
         lines = [method, b" ", target, b" HTTP/1.1\r\n"]
+        fields = self._fields
         for field in headers:
             try:
-                known = _FIELDS.get(field)
+                known = fields.get(field)
             except (TypeError, ValueError):  # a field of unhashable buffers
                 known = None
-            lower, line = known or _request_field(field)
+            lower, line = known or _request_field(field, fields)
             lines.append(line)
             if lower not in _FRAMING:
                 continue

@@ -31,10 +31,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tunneld import bulkwrite
 from tunneld.agent.dialing import connect_error, connect_timed_out
 from tunneld.agent.http1_wire import (
     Header,
+    HeadMemo,
     RequestError,
     RequestWriter,
     ResponseError,
@@ -42,10 +42,11 @@ from tunneld.agent.http1_wire import (
 )
 from tunneld.agent.upgrade import relay_upgrade
 from tunneld.interfaces import IStream, IStreamReceiver
-from tunneld.memo import ByIdentity
 from tunneld.model.messages import Headers, ReplyHead, StreamHead
 from tunneld.model.reasons import Reason
-from tunneld.readsize import ReadSize
+from tunneld.speedups import bulkwrite
+from tunneld.speedups.memo import ByIdentity
+from tunneld.speedups.readsize import ReadSize
 
 __all__ = ["UpstreamPool"]
 
@@ -104,16 +105,13 @@ def _end_to_end(headers: Sequence[Header]) -> list[Header]:
     return kept
 
 
-# _end_to_end's answer per response head, by the fields' tuple, which the
-# parser keeps per distinct head (L{http1_wire._HEADS}).
-_KEPT: ByIdentity[tuple[Header, ...], tuple[Header, ...]] = ByIdentity(256)
-
-
-def _end_to_end_of_head(headers: tuple[Header, ...]) -> tuple[Header, ...]:
-    """L{_end_to_end} of a parsed response head's fields, remembered."""
-    kept = _KEPT.get(headers)
+def _end_to_end_of_head(
+    headers: tuple[Header, ...], kept_by_head: ByIdentity[tuple[Header, ...], tuple[Header, ...]]
+) -> tuple[Header, ...]:
+    """L{_end_to_end} of a parsed response head's fields, remembered in C{kept_by_head}."""
+    kept = kept_by_head.get(headers)
     if kept is None:
-        kept = _KEPT.put(headers, tuple(_end_to_end(headers)))
+        kept = kept_by_head.put(headers, tuple(_end_to_end(headers)))
     return kept
 
 
@@ -136,8 +134,8 @@ class _UpstreamConnection(Protocol):
 
     def __init__(self, pool: UpstreamPool) -> None:
         self._pool = pool
-        self.writer = RequestWriter()
-        self.parser = ResponseParser()
+        self.writer = RequestWriter(pool.memo)
+        self.parser = ResponseParser(memo=pool.memo)
         self.exchange: _Exchange | None = None
         self.lost = False
         self._lost_waiters: list[Deferred[None]] = []
@@ -562,7 +560,7 @@ class _Exchange:
         self._body_timer()
         self._replied = True
         # Held until this read is parsed: a response without a body ends with it.
-        self._held_reply = ReplyHead(status, reason, _end_to_end_of_head(headers))
+        self._held_reply = ReplyHead(status, reason, _end_to_end_of_head(headers, self._pool.kept))
 
     def response_data(self, data: bytes | memoryview) -> None:
         """L{ResponseSink}: response body bytes."""
@@ -836,6 +834,12 @@ class UpstreamPool:
         self._idle: list[_UpstreamConnection] = []
         self._connections: set[_UpstreamConnection] = set()
         self._closed = False
+        # What this upstream's connections remember of the heads and fields
+        # that recur: validated response heads and request fields (the
+        # parser's and writer's), and each head's end-to-end fields, by the
+        # identity of the fields' tuple (which the parser keeps per head).
+        self.memo = HeadMemo()
+        self.kept: ByIdentity[tuple[Header, ...], tuple[Header, ...]] = ByIdentity(256)
 
     def forward(self, stream: IStream) -> None:
         """Forward one stream to the upstream and its response back, end to end."""

@@ -37,10 +37,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunneld.agent.dialing import connect_error, connect_timed_out
-from tunneld.h2conn import LeanH2Connection
 from tunneld.interfaces import IStream, IStreamReceiver
 from tunneld.model.messages import Headers, ReplyHead
 from tunneld.model.reasons import Reason
+from tunneld.speedups.lean_h2 import new_h2_connection
 
 __all__ = ["H2UpstreamPool"]
 
@@ -402,7 +402,7 @@ class _H2Upstream(Protocol):
 
     def __init__(self, pool: H2UpstreamPool) -> None:
         self.pool = pool
-        self.h2 = LeanH2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.h2 = new_h2_connection(H2Configuration(client_side=True, header_encoding=None))
         self.h2.local_settings = Settings(
             client=True,
             initial_values={

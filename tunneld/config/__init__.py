@@ -37,7 +37,7 @@ from tunneld.endpoints import (
     server_endpoint_problem,
 )
 from tunneld.errors import ConfigError
-from tunneld.scheduling import check_policy
+from tunneld.speedups.scheduling import check_policy
 
 NO_FILE = "(defaults)"
 
@@ -561,6 +561,55 @@ class LimitsSection:
 
 
 @dataclass(frozen=True)
+class SpeedupsSection:
+    """
+    Speed tricks ([speedups]): each reaches into another library's private
+    state (or tunes the process) and falls back to the public API when
+    switched off, or when its check at start finds the internals changed.
+    The start-up log says which are on.  The environment variable
+    TUNNELD_SPEEDUPS=off turns them all off whatever this says.
+    """
+
+    enabled: bool = setting(True, "Every trick below; false turns them all off at once.")
+    bulkwrite: bool = setting(
+        True,
+        "Large writes go to the socket without Twisted's copies, and small replies leave "
+        "at the end of the reactor turn (Twisted's private write queue).",
+    )
+    read_size: bool = setting(
+        True,
+        "A streaming TCP socket reads and sends up to 1 MiB per system call instead of "
+        "Twisted's 64/128 KiB (its transport's bufferSize and SEND_LIMIT).",
+    )
+    lean_h2: bool = setting(
+        True,
+        "HTTP/2 connections whose per-frame and per-stream costs do not grow with traffic "
+        "(h2's private frame buffer, windows and stream bookkeeping).",
+    )
+    websocket_takeover: bool = setting(
+        True,
+        "After the WebSocket handshake the agent link reads and writes frames itself "
+        "instead of through Autobahn (Autobahn's receive buffer).",
+    )
+    native_mask: bool = setting(
+        True, "WebSocket masking with Autobahn's compiled masker, called directly (private)."
+    )
+    tls_groups: bool = setting(
+        True,
+        "TLS offers the hardened policy's whole list of key-exchange groups (X25519, P-256, "
+        "P-384) through pyOpenSSL's private binding; off: P-256 only.",
+    )
+    heap: bool = setting(
+        True, "glibc keeps large freed buffers for reuse (mallopt thresholds)."
+    )
+    gc_freeze: bool = setting(
+        True,
+        "The garbage collector skips the start-up heap (gc.freeze) and collects young "
+        "objects less often.",
+    )
+
+
+@dataclass(frozen=True)
 class EdgeConfig:
     """The whole edge configuration file."""
 
@@ -571,6 +620,7 @@ class EdgeConfig:
     )
     source: str = NO_FILE
     limits: LimitsSection = field(default_factory=LimitsSection)
+    speedups: SpeedupsSection = field(default_factory=SpeedupsSection)
 
 
 @dataclass(frozen=True)
@@ -745,6 +795,7 @@ class AgentConfig:
         {}, "Per-transport tables ([transports.NAME]); see each transport's options."
     )
     source: str = NO_FILE
+    speedups: SpeedupsSection = field(default_factory=SpeedupsSection)
 
 
 def read_toml(path: str) -> dict[str, Any]:
@@ -782,7 +833,7 @@ def load_edge_config(path: str | None) -> EdgeConfig:
                      config.edge.agent_tls.key, config.edge.agent_tls.client_ca)
     if config.edge.agent_tls.client_ca and not config.edge.agent_tls.certificate:
         raise ConfigError(where, "edge.agent_tls.client_ca", "needs edge.agent_tls.certificate")
-    return EdgeConfig(config.edge, config.agents, config.transports, where, config.limits)
+    return EdgeConfig(config.edge, config.agents, config.transports, where, config.limits, config.speedups)
 
 
 def _check_tls_files(where: str, section: str, certificate: str, key: str, ca: str) -> None:
@@ -816,7 +867,7 @@ def load_agent_config(path: str | None) -> AgentConfig:
         if tunnel.protocol == "http" and tunnel.remote_port:
             raise ConfigError(where, f"tunnels[{i}].remote_port", "only tcp tunnels have a port")
     _check_terminal(where, config.agent.terminal)
-    return AgentConfig(config.agent, config.tunnels, config.transports, where)
+    return AgentConfig(config.agent, config.tunnels, config.transports, where, config.speedups)
 
 
 def _check_terminal(where: str, terminal: AgentTerminal) -> None:

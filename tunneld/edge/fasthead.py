@@ -24,8 +24,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
-__all__ = ["check_fields", "field_block", "read_head", "response_head", "response_head_with"]
+from tunneld.speedups.memo import Bounded, ByIdentity
+
+__all__ = [
+    "FastMemo", "check_fields", "field_block", "read_head", "response_head", "response_head_with",
+]
 
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
 _FIELD_VCHAR = rb"[^\x00\s]"  # visible characters and obs-text, as h11 has it
@@ -40,8 +45,7 @@ _VALUE = re.compile(_FIELD_VALUE)
 # Several values at once, one per line (a value with a line break in it
 # shows up as one line too many).
 _VALUES = re.compile(rb"%s(?:\n%s)*" % (_FIELD_VALUE, _FIELD_VALUE))
-# Field names seen valid, with their lower-case form (bounded: names repeat).
-_NAMES: dict[bytes, bytes] = {}
+# Field names seen valid, with their lower-case form, kept at most (names repeat).
 _NAMES_MAX = 1024
 _REASON = re.compile(rb"[ \t\x21-\x7e\x80-\xff]*")  # h11's reason-phrase
 _DIGITS = re.compile(rb"[0-9]{1,20}")  # h11's CONTENT_LENGTH_MAX_DIGITS
@@ -50,6 +54,23 @@ _DIGITS = re.compile(rb"[0-9]{1,20}")  # h11's CONTENT_LENGTH_MAX_DIGITS
 _NOT_PLAIN = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade"})
 
 Head = tuple[bytes, bytes, list[tuple[bytes, bytes]], int]
+
+
+class FastMemo:
+    """
+    What the fast path remembers for the connections of one listener:
+    C{names}, the reply field names seen valid (L{check_fields}), and
+    C{blocks}, what a reply's fields made (the Via it was made with, the
+    rendered header block and the declared length), by the identity of the
+    fields' tuple, which the codec keeps per distinct block (an upstream
+    sends the same head again and again).  Both bounded.
+    """
+
+    __slots__ = ("blocks", "names")
+
+    def __init__(self) -> None:
+        self.names: Bounded[bytes, bytes] = Bounded(_NAMES_MAX)
+        self.blocks: ByIdentity[Any, tuple[bytes, bytes, int | None]] = ByIdentity(256)
 
 
 def read_head(data: bytes) -> Head | None:
@@ -110,19 +131,22 @@ def response_head_with(status: int, reason: bytes, block: bytes) -> bytes | None
 
 
 def check_fields(
-    fields: Iterable[tuple[bytes, bytes]],
+    fields: Iterable[tuple[bytes, bytes]], names: Bounded[bytes, bytes] | None = None,
 ) -> tuple[list[tuple[bytes, bytes]], int | None] | str:
     """
     Fields to send, checked one by one as C{h11} checks them (names are
     tokens; values visible characters with inner blanks; C{Content-Length}
     one number, repeated copies merged; C{Transfer-Encoding} only a single
     C{chunked}), and the declared length (None when there is none); or the
-    first problem, in C{h11}'s words.
+    first problem, in C{h11}'s words.  C{names}: the field names already
+    seen valid, with their lower-case form (a listener's L{FastMemo}),
+    which it adds to.
     """
+    if names is None:
+        names = Bounded(_NAMES_MAX)
     fields = list(fields)
     values = b"\n".join([value for _, value in fields])
     checked = _VALUES.fullmatch(values) is not None and values.count(b"\n") == len(fields) - 1
-    names = _NAMES
     length: bytes | None = None
     coding = False
     out: list[tuple[bytes, bytes]] = []
@@ -133,9 +157,7 @@ def check_fields(
                 return f"Illegal header name {name!r}"
             if _VALUE.fullmatch(value) is None:
                 return f"Illegal header value {value!r}"
-            lower = name.lower()
-            if len(names) < _NAMES_MAX:
-                names[name] = lower
+            lower = names.keep(name, name.lower())
         if lower == b"content-length":
             lengths = {v.strip() for v in value.split(b",")}
             if len(lengths) != 1:

@@ -46,7 +46,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tunneld import bulkwrite
+from tunneld.edge.fasthead import FastMemo
 from tunneld.edge.fasthead import check_fields as _check_fields
 from tunneld.edge.fasthead import field_block as _field_block
 from tunneld.edge.fasthead import read_head as _read_head
@@ -62,12 +62,12 @@ from tunneld.edge.forwarding import reply_headers as _reply_headers
 from tunneld.edge.forwarding import tokens as _tokens
 from tunneld.edge.upgraded import UpgradedConnection
 from tunneld.interfaces import IAgentLink, IStream, IStreamReceiver
-from tunneld.memo import ByIdentity
 from tunneld.model.messages import Headers, ReplyHead, StreamHead
 from tunneld.model.reasons import Reason
 from tunneld.observe.stats import EdgeStats
 from tunneld.policy.gate import PublicPolicy, Refused
-from tunneld.readsize import ReadSize
+from tunneld.speedups import bulkwrite
+from tunneld.speedups.readsize import ReadSize
 
 __all__ = ["PublicHTTPFactory", "PublicHTTPProtocol", "PublicHTTPSettings", "RouteLike", "Routes"]
 
@@ -179,25 +179,22 @@ def _switch_headers(headers: Headers, via: bytes) -> list[tuple[bytes, bytes]]:
     return [*upgrades, (b"Connection", b"Upgrade"), *out]
 
 
-# What the fast path makes of a reply's fields: the Via it was made with, the
-# header block (end-to-end fields and Via, checked and rendered as h11 would)
-# and the declared length, by the fields' tuple, which the codec keeps per
-# distinct block (an upstream sends the same head again and again).
-_FAST_BLOCKS: ByIdentity[Headers, tuple[bytes, bytes, int | None]] = ByIdentity(256)
-
-
-def _fast_block(fields: Headers, via: bytes) -> tuple[bytes, int | None] | str:
-    """A reply's header block and declared length for the fast path, or what is wrong."""
-    known = _FAST_BLOCKS.get(fields)
+def _fast_block(fields: Headers, via: bytes, memo: FastMemo) -> tuple[bytes, int | None] | str:
+    """
+    A reply's header block (end-to-end fields and Via, checked and rendered
+    as h11 would) and declared length for the fast path, or what is wrong;
+    remembered in C{memo} by the fields' tuple.
+    """
+    known = memo.blocks.get(fields)
     if known is not None and known[0] == via:
         return known[1], known[2]
     headers, _ = _reply_headers(fields, via)
-    checked = _check_fields(headers)
+    checked = _check_fields(headers, memo.names)
     if isinstance(checked, str):
         return checked
     block = _field_block(checked[0])
     if type(fields) is tuple:
-        _FAST_BLOCKS.put(fields, (via, block, checked[1]))
+        memo.blocks.put(fields, (via, block, checked[1]))
     return block, checked[1]
 
 
@@ -289,16 +286,16 @@ class _Exchange:
             left = protocol._out_left
             if left is None:
                 if data:  # (an empty chunk would end the body)
-                    bulkwrite.queue(protocol._socket, b"%x\r\n" % len(data))
-                    bulkwrite.queue(protocol._socket, data)
-                    bulkwrite.queue(protocol._socket, b"\r\n")
+                    protocol._turn.queue(protocol._socket, b"%x\r\n" % len(data))
+                    protocol._turn.queue(protocol._socket, data)
+                    protocol._turn.queue(protocol._socket, b"\r\n")
             else:
                 left -= len(data)
                 if left < 0:
                     protocol._reply_broke(self, "Too much data for declared Content-Length")
                     return
                 protocol._out_left = left
-                bulkwrite.forward(protocol._socket, data)
+                protocol._turn.forward(protocol._socket, data)
             protocol._stats.bytes_out += len(data)
             protocol._last_activity = protocol._seconds()
             return
@@ -311,9 +308,9 @@ class _Exchange:
             return
         for piece in pieces or ():
             if piece is data:
-                bulkwrite.forward(protocol._socket, data)
+                protocol._turn.forward(protocol._socket, data)
             else:
-                bulkwrite.queue(protocol._socket, piece)
+                protocol._turn.queue(protocol._socket, piece)
         if protocol._out_left is not None:
             protocol._out_left -= len(data)
         protocol._stats.bytes_out += len(data)
@@ -402,7 +399,7 @@ class PublicHTTPProtocol(Protocol):
         "_last_activity", "_lingering", "_method", "_out", "_out_left", "_parsing",
         "_paused_by", "_peer", "_peer_host", "_pending", "_policy", "_processing",
         "_read_size", "_router", "_seconds", "_settings", "_socket", "_stats", "_their_done",
-        "_timer", "_trusted_peer", "_upgraded", "_upgraded_set", "_via",
+        "_memo", "_timer", "_trusted_peer", "_turn", "_upgraded", "_upgraded_set", "_via",
     )
 
     log = Logger()
@@ -419,6 +416,8 @@ class PublicHTTPProtocol(Protocol):
         self._seconds = factory.reactor.seconds
         self._via = factory.via
         self._stats = factory.stats
+        self._turn = factory.end_of_turn
+        self._memo = factory.fast_memo
         self._conn = h11.Connection(
             h11.SERVER, max_incomplete_event_size=factory.settings.max_header_bytes
         )
@@ -886,7 +885,7 @@ class PublicHTTPProtocol(Protocol):
         if not keep:
             headers.append((b"connection", b"close"))
         if fast:
-            checked = _check_fields(headers)
+            checked = _check_fields(headers, self._memo.names)
             head = None if isinstance(checked, str) else _response_head(
                 status, _phrase(status), checked[0]
             )
@@ -970,7 +969,7 @@ class PublicHTTPProtocol(Protocol):
 
     def _reply_fast(self, exchange: _Exchange, reply: ReplyHead) -> None:
         """The reply of a fast exchange, framed as h11 would frame it."""
-        checked = _fast_block(reply.headers, self._via)
+        checked = _fast_block(reply.headers, self._via, self._memo)
         if isinstance(checked, str):
             self._bad_reply(exchange, checked)
             return
@@ -997,7 +996,7 @@ class PublicHTTPProtocol(Protocol):
         self._out = _OUT_BODY
         self._out_left = left
         self._stats.response(status)
-        bulkwrite.queue(self._socket, head)  # with the body's start, at the end of the turn
+        self._turn.queue(self._socket, head)  # with the body's start, at the end of the turn
         self._last_activity = self._seconds()
 
     def _bad_reply(self, exchange: _Exchange, error: str) -> None:
@@ -1093,7 +1092,7 @@ class PublicHTTPProtocol(Protocol):
             if left is None:
                 block = b""
                 if trailers:
-                    checked = _check_fields(trailers)
+                    checked = _check_fields(trailers, self._memo.names)
                     # malformed trailers are dropped, the body is still whole
                     if not isinstance(checked, str):
                         block = b"".join([b"%s: %s\r\n" % field for field in checked[0]])
@@ -1405,6 +1404,10 @@ class PublicHTTPFactory(Factory):
         self.via = settings.via.encode("ascii")
         # Connections that switched protocols (WebSocket and the like).
         self.upgraded: set[PublicHTTPProtocol] = set()
+        # Replies queued for the end of the reactor turn, on every connection.
+        self.end_of_turn = bulkwrite.EndOfTurn()
+        # What the fast path remembers of the replies' fields, for every connection.
+        self.fast_memo = FastMemo()
 
     def shutdown_upgraded(self, reason: Reason, message: str) -> int:
         """

@@ -63,11 +63,11 @@ from tunneld.edge.forwarding import (
     reply_headers,
 )
 from tunneld.edge.http1 import Routes
-from tunneld.h2conn import LeanH2Connection
 from tunneld.interfaces import IStream, IStreamReceiver
 from tunneld.model.messages import Headers, ReplyHead, StreamHead
 from tunneld.model.reasons import Reason
 from tunneld.policy.gate import PublicPolicy, Refused
+from tunneld.speedups.lean_h2 import new_h2_connection
 
 __all__ = [
     "PREFACE",
@@ -204,7 +204,7 @@ class PublicH2Protocol(Protocol):
         self._clock = factory.reactor
         self._via = factory.via
         settings = factory.settings
-        self._conn = LeanH2Connection(
+        self._conn = new_h2_connection(
             H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
         )
         self._conn.local_settings = Settings(

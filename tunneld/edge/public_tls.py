@@ -29,7 +29,8 @@ from zope.interface import implementer
 
 from tunneld.config import PublicTLSSection
 from tunneld.errors import ConfigError
-from tunneld.tls import INTERMEDIATE_CIPHERS, restrict_curves
+from tunneld.speedups.tls_groups import restrict_groups
+from tunneld.tls import INTERMEDIATE_CIPHERS, INTERMEDIATE_CURVES
 
 __all__ = ["ALPN_PROTOCOLS", "CIPHERS", "PublicTLSContexts", "PublicTLSFactory", "public_tls_contexts"]
 
@@ -73,7 +74,7 @@ def _context(certificate: str, private_key: str, where: str, key: str) -> SSL.Co
     )
     context.set_cipher_list(CIPHERS.encode("ascii"))
     context.set_tls13_ciphersuites(TLS13_CIPHERS.encode("ascii"))
-    restrict_curves(context)
+    restrict_groups(context, INTERMEDIATE_CURVES)
     context.set_alpn_select_callback(_alpn_select)
     try:
         context.use_certificate_chain_file(certificate.encode())

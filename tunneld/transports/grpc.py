@@ -52,6 +52,7 @@ from twisted.application.service import IService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
     IProducer,
     IProtocolNegotiationFactory,
     IPushProducer,
@@ -62,10 +63,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tunneld import bulkwrite
 from tunneld.config.schema import non_negative, parse_table, positive, setting
 from tunneld.errors import ConfigError
-from tunneld.h2conn import LeanH2Connection, Payload, Piece
 from tunneld.interfaces import (
     AgentLinkSetup,
     EdgeLinkSetup,
@@ -89,10 +88,12 @@ from tunneld.model.messages import (
     saying_limits,
 )
 from tunneld.model.reasons import Reason
-from tunneld.readsize import ReadSize
+from tunneld.speedups import bulkwrite
+from tunneld.speedups.lean_h2 import Payload, Piece, new_h2_connection
+from tunneld.speedups.readsize import ReadSize
 from tunneld.transports.mux import SocketCongestion
 from tunneld.wire import codec
-from tunneld.wire.codec import FrameError
+from tunneld.wire.codec import Codec, FrameError
 from tunneld.wire.heartbeat import Heartbeat
 
 SERVICE = "tunneld.v1.TunnelAgent"
@@ -495,7 +496,7 @@ class GrpcStream:
     def send_reply(self, reply: ReplyHead) -> None:
         """IStream.send_reply"""
         if not self.closed and not self.local_ended:
-            self._send((grpc_message(codec.reply_bytes(0, reply)),))
+            self._send((grpc_message(self.link.codec.reply_bytes(0, reply)),))
 
     def write(self, data: bytes) -> None:
         """IConsumer.write: send within the HTTP/2 windows, hold the rest (bounded)."""
@@ -515,7 +516,7 @@ class GrpcStream:
         """IStream.end"""
         if self.closed or self.local_ended:
             return
-        self._send((grpc_message(codec.end_bytes(0, trailers)),))
+        self._send((grpc_message(self.link.codec.end_bytes(0, trailers)),))
         if self.closed:
             return
         self.local_ended = True
@@ -707,8 +708,11 @@ class GrpcLink(Protocol):
         connection_window: int,
         heartbeat_interval: float,
         heartbeat_timeout: float,
+        codec: Codec | None = None,
     ) -> None:
         self.reactor = reactor
+        # The frame codec (the edge's or the agent's, shared by its links).
+        self.codec = codec if codec is not None else Codec()
         self.max_message = max_frame_size
         # Data messages fit any peer's limit until the peer says its own in
         # Hello or Welcome (L{_peer_frame_limit}).
@@ -730,7 +734,7 @@ class GrpcLink(Protocol):
         self.control: _Call | None = None
         self.sending_paused = False
         self.closed = False
-        self.conn = LeanH2Connection(
+        self.conn = new_h2_connection(
             H2Configuration(
                 client_side=not self.is_edge,
                 header_encoding=None,
@@ -1232,7 +1236,7 @@ class GrpcLink(Protocol):
                     borrows = stream is not None and getattr(stream.receiver, "borrows_data", False)
                     self.forward_data(call, payload[head:] if borrows else payload[head:].tobytes())
                 elif forward:
-                    self.forward_frame(call, codec.read(payload.tobytes()))
+                    self.forward_frame(call, self.codec.read(payload.tobytes()))
                 else:
                     self.message_received(call, codec.decode(payload.tobytes()))
             except FrameError as e:
@@ -1560,6 +1564,7 @@ class EdgeGrpcLink(GrpcLink):
             connection_window=options.connection_window,
             heartbeat_interval=options.heartbeat_interval,
             heartbeat_timeout=options.heartbeat_timeout,
+            codec=setup.codec,
         )
         self.options = options
         self.setup = setup
@@ -1677,7 +1682,7 @@ class EdgeGrpcLink(GrpcLink):
             self.send_headers(call, headers, False)
         later = replay + stream.take_held()
         stream.start_replay_log(later)
-        opening = grpc_message(codec.open_bytes(0, stream.head, stream.open_ends))
+        opening = grpc_message(self.codec.open_bytes(0, stream.head, stream.open_ends))
         self.ack_call(call)  # what the last stream left due goes with the Open
         self.enqueue(call, [opening, *later])
         if not stream.pending():
@@ -1939,6 +1944,7 @@ class AgentGrpcLink(GrpcLink):
             connection_window=options.connection_window,
             heartbeat_interval=options.heartbeat_interval,
             heartbeat_timeout=options.heartbeat_timeout,
+            codec=setup.codec,
         )
         self.options = options
         self.setup = setup
@@ -2294,6 +2300,27 @@ class EdgeGrpcFactory(Factory):
         return link
 
 
+@implementer(IOpenSSLClientConnectionCreator)
+class _OfferingH2:
+    """
+    A client TLS connection creator whose connections offer ALPN C{h2}.
+
+    Twisted before 26.4 applies a factory's C{acceptableProtocols} to the
+    context after the connection is made from it, which OpenSSL ignores: the
+    agent then offered no ALPN, and the edge negotiated none.  Setting it on
+    each connection (pyOpenSSL's public C{set_alpn_protos}) works on every
+    Twisted in range.
+    """
+
+    def __init__(self, creator: IOpenSSLClientConnectionCreator) -> None:
+        self._creator = creator
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:  # noqa: N802, N803
+        connection = self._creator.clientConnectionForTLS(tlsProtocol)
+        connection.set_alpn_protos([b"h2"])
+        return connection
+
+
 @implementer(IProtocolNegotiationFactory)
 class AgentGrpcFactory(Factory):
     """Makes the one L{AgentGrpcLink} of a dial; offers ALPN C{h2}."""
@@ -2373,7 +2400,7 @@ class GrpcTransport:
             from twisted.internet.ssl import optionsForClientTLS
 
             creator = setup.tls_for(host) if setup.tls_for else optionsForClientTLS(host)
-            endpoint = wrapClientTLS(creator, endpoint)
+            endpoint = wrapClientTLS(_OfferingH2(creator), endpoint)
         opened: Deferred[AgentGrpcLink] = Deferred()
         factory = AgentGrpcFactory(options, setup, options.address, opened)
         connected: list[Any] = []

@@ -40,7 +40,7 @@ from tunneld.model.messages import (
 )
 from tunneld.model.reasons import Reason
 from tunneld.wire import codec
-from tunneld.wire.codec import FrameError
+from tunneld.wire.codec import Codec, FrameError
 from tunneld.wire.heartbeat import Heartbeat
 
 # Room in a frame for everything but the payload.
@@ -152,7 +152,7 @@ class FrameStream:
     def send_reply(self, reply: ReplyHead) -> None:
         """IStream.send_reply"""
         if not self.closed:
-            self.link.send(codec.reply_bytes(self.stream_id, reply))
+            self.link.send(self.link.codec.reply_bytes(self.stream_id, reply))
 
     def write(self, data: bytes | memoryview) -> None:
         """IConsumer.write: send now within credit, hold the rest (bounded)."""
@@ -204,7 +204,7 @@ class FrameStream:
             self.end()
             return
         self.local_ended = True
-        self.link.send(codec.reply_bytes(self.stream_id, reply, end_stream=True))
+        self.link.send(self.link.codec.reply_bytes(self.stream_id, reply, end_stream=True))
         if self.remote_ended:
             self._close()
 
@@ -233,7 +233,7 @@ class FrameStream:
         self.send_credit -= size
         stream_id = self.stream_id
         send_frames([
-            (codec.reply_bytes(stream_id, reply),),
+            (link.codec.reply_bytes(stream_id, reply),),
             (codec.data_frame_head(stream_id, size), data),
         ])
 
@@ -269,7 +269,7 @@ class FrameStream:
             self._pending_end = tuple(trailers)
             return
         self.local_ended = True
-        self.link.send(codec.end_bytes(self.stream_id, trailers))
+        self.link.send(self.link.codec.end_bytes(self.stream_id, trailers))
         if self.remote_ended:
             self._close()
 
@@ -446,8 +446,11 @@ class FrameLink:
         heartbeat_timeout: float = 30.0,
         peer_certificate: Any = None,
         send_ping: Callable[[int], None] | None = None,
+        codec: Codec | None = None,
     ) -> None:
         self.wire = wire
+        # The frame codec (the edge's or the agent's, shared by its links).
+        self.codec = codec if codec is not None else Codec()
         self.transport_name = transport_name
         self.peer = peer
         self.peer_certificate = peer_certificate
@@ -522,9 +525,9 @@ class FrameLink:
         self.streams[stream_id] = stream
         if end_stream and self.end_stream:
             stream.local_ended = True
-            self.send(codec.open_bytes(stream_id, head, end_stream=True))
+            self.send(self.codec.open_bytes(stream_id, head, end_stream=True))
             return stream
-        self.send(codec.open_bytes(stream_id, head))
+        self.send(self.codec.open_bytes(stream_id, head))
         if end_stream:
             stream.end()
         return stream
@@ -632,7 +635,7 @@ class FrameLink:
             self._protocol_error(f"frame of {len(payload)} bytes exceeds {self.max_frame_size}")
             return
         try:
-            self._dispatch(*codec.read(payload, borrow=True))
+            self._dispatch(*self.codec.read(payload, borrow=True))
         except FrameError as e:
             self._protocol_error(str(e))
 

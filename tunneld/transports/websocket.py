@@ -10,7 +10,8 @@ full every stream's source pauses instead of piling bytes into memory.
 Autobahn does the opening handshake (Upgrade, path, TLS, timeouts); once the
 link is open, frames are read and written by
 L{tunneld.transports.websocket_framing}, which costs a fraction of
-Autobahn's per-message machinery.
+Autobahn's per-message machinery, when Autobahn can be taken over
+(L{tunneld.speedups.websocket_takeover}); else by Autobahn's message API.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from http import HTTPStatus
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+from autobahn.exception import Disconnected
 from autobahn.twisted.websocket import (
     WebSocketClientFactory,
     WebSocketClientProtocol,
@@ -37,13 +39,14 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tunneld import bulkwrite
 from tunneld.config.schema import non_negative, parse_table, positive, setting
 from tunneld.errors import ConfigError
 from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup, IAgentLink, ITransportPlugin
 from tunneld.listening import ConnectionTracker, ListeningService
 from tunneld.model.reasons import Reason
-from tunneld.readsize import ReadSize
+from tunneld.speedups import bulkwrite
+from tunneld.speedups.readsize import ReadSize
+from tunneld.speedups.websocket_takeover import release, take_over
 from tunneld.transports.mux import FrameLink, SocketCongestion
 from tunneld.transports.websocket_framing import (
     CLOSE_NO_STATUS,
@@ -97,28 +100,90 @@ class WebSocketAgentOptions:
     )
 
 
+class _OwnFrames:
+    """The link's frames written by L{FrameWriter}: Autobahn has been taken over."""
+
+    __slots__ = ("_transport", "_writer")
+
+    def __init__(self, transport: Any, writer: FrameWriter) -> None:
+        self._transport = transport
+        self._writer = writer
+
+    def binary(self, payload: bytes) -> None:
+        self._transport.write(self._writer.binary(payload))
+
+    def binary_frames(self, frames: Sequence[Sequence[bytes | memoryview]]) -> None:
+        """The frames in one write, each piece copied once; a large write goes to the socket at once."""
+        bulkwrite.write(self._transport, self._writer.binary_frames(frames))
+
+    def ping(self, payload: bytes) -> None:
+        self._transport.write(self._writer.ping(payload))
+
+    def pong(self, payload: bytes | bytearray) -> None:
+        self._transport.write(self._writer.pong(payload))
+
+    def close(self, code: int | None, text: str) -> None:
+        self._transport.write(self._writer.close(code, text))
+
+
+class _AutobahnFrames:
+    """
+    The link's frames written through Autobahn's public API: the takeover is
+    off, so Autobahn frames, answers Pings and echoes Closes itself.
+    """
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: Any) -> None:
+        self._protocol = protocol
+
+    def binary(self, payload: bytes) -> None:
+        try:
+            self._protocol.sendMessage(bytes(payload), isBinary=True)
+        except Disconnected:
+            pass  # the peer's Close came first: nothing more is sent
+
+    def binary_frames(self, frames: Sequence[Sequence[bytes | memoryview]]) -> None:
+        for parts in frames:
+            self.binary(b"".join(parts))
+
+    def ping(self, payload: bytes) -> None:
+        self._protocol.sendPing(payload)
+
+    def pong(self, payload: bytes | bytearray) -> None:
+        """Autobahn answers every Ping itself."""
+
+    def close(self, code: int | None, text: str) -> None:
+        self._protocol.sendClose(code, text or None)
+
+
 class _FrameWireMixin:
     """
     What both ends share: one binary message per frame.
 
-    Until C{onOpen} Autobahn owns the connection.  From then on C{_reader}
-    and C{_writer} do the framing: C{dataReceived} goes to the reader (bytes
-    that came with the handshake are taken over from Autobahn's buffer), and
-    Autobahn sees no frame in either direction.
+    Until C{onOpen} Autobahn owns the connection.  From then on, when the
+    takeover is on (L{tunneld.speedups.websocket_takeover}), C{_reader} and
+    C{_writer} do the framing: C{dataReceived} goes to the reader (bytes
+    that came with the handshake are taken over from Autobahn), and
+    Autobahn sees no frame in either direction.  When it is off, Autobahn
+    frames messages and its callbacks (C{onMessage}, C{onPing},
+    C{onPong}, C{onClose}) feed the same handler methods.
     """
 
     link: FrameLink | None = None
     transport: Any
-    closeHandshakeTimeoutCall: Any
-    data: bytes
     # No `log` here: Autobahn's protocols log through their own txaio
     # logger, which honours the global level set above.  A plain twisted
     # Logger in its place wrote each frame's debug line to the log (a third
     # of the CPU of a small request; see docs/benchmarks.md).
 
+    # How frames go out once the link is open (None before).
+    _frames: _OwnFrames | _AutobahnFrames | None = None
+    # Our own framing, when Autobahn is taken over (None otherwise).
     _reader: FrameReader | None = None
-    _writer: FrameWriter
-    _read_size: ReadSize
+    # What Autobahn had received after the handshake: read at the end of onOpen.
+    _pending = b""
+    _read_size: ReadSize | None = None
     _reactor: Any
     # We sent a Close (or answered one): nothing more is sent or read.
     _closing = False
@@ -130,16 +195,13 @@ class _FrameWireMixin:
     def send_frame(self, payload: bytes) -> None:
         """FrameWire.send_frame"""
         # Once the close handshake has begun, the peer no longer reads frames.
-        if not self._closing and self._reader is not None:
-            self.transport.write(self._writer.binary(payload))
+        if not self._closing and self._frames is not None:
+            self._frames.binary(payload)
 
     def send_frames(self, frames: Sequence[Sequence[bytes | memoryview]]) -> None:
-        """
-        FrameWire.send_frames: the frames in one write, each piece copied
-        once; a large write goes to the socket at once (L{bulkwrite.write}).
-        """
-        if not self._closing and self._reader is not None:
-            bulkwrite.write(self.transport, self._writer.binary_frames(frames))
+        """FrameWire.send_frames: the frames in one write, each piece copied once."""
+        if not self._closing and self._frames is not None:
+            self._frames.binary_frames(frames)
 
     def close_wire(self, reason: Reason, message: str) -> None:
         """FrameWire.close_wire"""
@@ -150,13 +212,14 @@ class _FrameWireMixin:
 
     def _close(self, code: int | None, text: str) -> None:
         """Send a Close (unless one was already sent; no code: empty) and end the connection."""
-        if self._reader is None:
+        if self._frames is None:
             self.transport.loseConnection()
             return
         if not self._closing:
             self._closing = True
-            self._reader.stop()
-            self.transport.write(self._writer.close(code, text))
+            if self._reader is not None:
+                self._reader.stop()
+            self._frames.close(code, text)
         # A peer that ignores the close handshake must not hold the socket:
         # the Close goes out with whatever is queued before it, then the
         # connection ends; one that will not even read is cut off.
@@ -183,13 +246,19 @@ class _FrameWireMixin:
             peer_certificate=certificate,
             max_streams=getattr(setup, "max_streams", 10_000),
             send_ping=self._send_ping,
+            codec=setup.codec,
         )
         self.link = link
-        # From here on the framing is ours: the edge (server) reads masked
-        # frames and writes plain ones, the agent (client) the other way.
         self._reactor = setup.reactor
-        self._writer = FrameWriter(masked=not is_edge)
-        self._reader = FrameReader(self, masked=is_edge, max_message=setup.max_frame_size)
+        pending = take_over(self)
+        if pending is None:
+            self._frames = _AutobahnFrames(self)
+        else:
+            # From here on the framing is ours: the edge (server) reads masked
+            # frames and writes plain ones, the agent (client) the other way.
+            self._frames = _OwnFrames(self.transport, FrameWriter(masked=not is_edge))
+            self._reader = FrameReader(self, masked=is_edge, max_message=setup.max_frame_size)
+            self._pending = pending
         self._read_size = ReadSize(self.transport)
         # Autobahn's own tcpNoDelay option is never applied (its connectionMade
         # reads it before copying the options over, and swallows the error):
@@ -203,20 +272,22 @@ class _FrameWireMixin:
 
     def _take_over(self) -> None:
         """
-        The end of C{onOpen}: frames that arrived in the same read as the
-        handshake are still in Autobahn's buffer; read them ourselves (and
-        leave Autobahn nothing to parse).
+        The end of C{onOpen}: read the frames that arrived in the same read
+        as the handshake (when Autobahn was taken over; else Autobahn reads
+        them once C{onOpen} returns).
         """
-        pending, self.data = self.data, b""
+        pending, self._pending = self._pending, b""
         if pending and not self._closing:
             self.dataReceived(pending)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self._read_size is not None:
+            self._read_size.read(len(data))
         reader = self._reader
         if reader is None:
-            super().dataReceived(data)  # type: ignore[misc]  # the opening handshake
+            # The opening handshake, or every frame when Autobahn frames them.
+            super().dataReceived(data)  # type: ignore[misc]
             return
-        self._read_size.read(len(data))
         try:
             reader.feed(data)
         except FramingError as e:
@@ -233,7 +304,7 @@ class _FrameWireMixin:
             self._ending = (Reason.PROTOCOL_ERROR, f"websocket protocol error ({code}: {reason})")
         self._close(code, reason)
 
-    # -- FrameHandler: what the reader found ------------------------------
+    # -- FrameHandler: what the reader (or Autobahn) found -------------------
 
     def message_received(self, payload: Payload, binary: bool) -> None:
         """FrameHandler.message_received"""
@@ -250,8 +321,8 @@ class _FrameWireMixin:
         link = self.link
         if link is not None:
             link.heartbeat.heard()
-        if not self._closing:
-            self.transport.write(self._writer.pong(payload))
+        if not self._closing and self._frames is not None:
+            self._frames.pong(payload)
 
     def pong_received(self, payload: bytes | bytearray) -> None:
         """FrameHandler.pong_received: the answer to a heartbeat ping of ours."""
@@ -261,8 +332,8 @@ class _FrameWireMixin:
 
     def _send_ping(self, opaque: int) -> None:
         """The link heartbeat is WebSocket Ping/Pong (design: section 3); C{opaque} is the payload."""
-        if not self._closing and self._reader is not None:
-            self.transport.write(self._writer.ping(opaque.to_bytes(_PING_SIZE, "big")))
+        if not self._closing and self._frames is not None:
+            self._frames.ping(opaque.to_bytes(_PING_SIZE, "big"))
 
     def close_received(self, code: int, reason: str) -> None:
         """FrameHandler.close_received"""
@@ -272,22 +343,39 @@ class _FrameWireMixin:
         # Echo the Close (with its code, as the RFC asks) and end the connection.
         self._close(None if code == CLOSE_NO_STATUS else code, "")
 
+    # -- Autobahn's callbacks, when it frames the messages -------------------
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802, N803
+        self.message_received(payload, isBinary)
+
+    def onPing(self, payload: bytes) -> None:  # noqa: N802
+        link = self.link
+        if link is not None:
+            link.heartbeat.heard()
+        super().onPing(payload)  # type: ignore[misc]  # Autobahn answers it
+
+    def onPong(self, payload: bytes) -> None:  # noqa: N802
+        self.pong_received(payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N802, N803
+        if self._reader is None and self.link is not None and wasClean and self._ending is None:
+            detail = f"websocket closed ({code or CLOSE_NO_STATUS}{': ' + reason if reason else ''})"
+            self._ending = (Reason.AGENT_GONE, detail)
+        super().onClose(wasClean, code, reason)  # type: ignore[misc]
+
     # -- the connection ends -----------------------------------------------
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         super().connectionLost(reason)  # type: ignore[misc]
-        # Autobahn leaves its close-handshake timer behind when we closed first.
-        timer = getattr(self, "closeHandshakeTimeoutCall", None)
-        if timer is not None:
-            timer.cancel()
-            self.closeHandshakeTimeoutCall = None
+        release(self)
         if self._drop_call is not None:
             if self._drop_call.active():
                 self._drop_call.cancel()
             self._drop_call = None
         link = self.link
-        if self._reader is not None and link is not None:
-            self._reader.stop()
+        if link is not None:
+            if self._reader is not None:
+                self._reader.stop()
             self._closing = True
             ending = self._ending or (
                 Reason.AGENT_GONE,

@@ -28,11 +28,12 @@ No extension is ever negotiated on an agent link, so the RSV bits must be 0.
 
 from __future__ import annotations
 
-import importlib
 import os
 import struct
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
+
+from tunneld.speedups.native_mask import mask, mask_in_place, mask_spans, masked
 
 __all__ = [
     "CLOSE_NORMAL", "CLOSE_NO_STATUS", "CLOSE_PROTOCOL_ERROR", "CLOSE_INVALID_PAYLOAD",
@@ -73,65 +74,6 @@ _VIEW_FROM = 4096
 # A read inside a payload is kept as it is from this length; shorter ones
 # are gathered into one buffer.
 _PIECE_FROM = 64 * 1024
-
-# Autobahn's compiled (CFFI) XOR masker, used directly: one copy into a
-# bytearray masked in place.  Its public wrapper (a masker object per frame,
-# two more copies) costs 39 us for a 128 KiB frame; this costs 9 us.  Below
-# _NATIVE_MASK_FROM bytes Python's big integers are as fast.  Without the
-# extension, big integers do every size (64 KiB: ~160 us).
-_NATIVE_MASK_FROM = 128
-try:
-    _nvx: Any = importlib.import_module("_nvx_xormasker")
-except ImportError:  # pragma: no cover - Autobahn is built with it here
-    _nvx = None
-
-
-def _mask_int(key: bytes, data: bytes | bytearray) -> bytes:
-    size = len(data)
-    keys = (key * ((size >> 2) + 1))[:size]
-    return (int.from_bytes(data, "little") ^ int.from_bytes(keys, "little")).to_bytes(
-        size, "little"
-    )
-
-
-def _unmask_in_place(key: bytes, buffer: bytearray) -> None:
-    """XOR C{buffer} with the repeated C{key}, in place."""
-    _mask_span(key, buffer, None, 0, len(buffer))
-
-
-def _mask_span(key: bytes, buffer: bytearray, pointer: Any, start: int, size: int) -> None:
-    """
-    XOR C{size} bytes of C{buffer} from C{start} with the repeated C{key}, in
-    place.  C{pointer}: C{buffer}'s address from the native masker's C{ffi},
-    when the caller masks several spans of one buffer (else None).
-    """
-    if _nvx is not None and size >= _NATIVE_MASK_FROM:
-        lib = _nvx.lib
-        if pointer is None:
-            pointer = _nvx.ffi.from_buffer(buffer)
-        masker = lib.nvx_xormask_new(key)
-        try:
-            lib.nvx_xormask_process(masker, pointer + start, size)
-        finally:
-            lib.nvx_xormask_free(masker)
-    elif size:
-        end = start + size
-        buffer[start:end] = _mask_int(key, buffer[start:end])
-
-
-def _masked(key: bytes, data: bytes | bytearray) -> bytes | bytearray:
-    """C{data} masked, as whichever type came cheapest (it is copied on anyway)."""
-    if _nvx is not None and len(data) >= _NATIVE_MASK_FROM:
-        buffer = bytearray(data)
-        _unmask_in_place(key, buffer)
-        return buffer
-    return _mask_int(key, data) if data else b""
-
-
-def mask(key: bytes, data: bytes | bytearray) -> bytes:
-    """C{data} XOR the 4-byte C{key} repeated (masking and unmasking are the same)."""
-    return bytes(_masked(key, data))
-
 
 def close_payload(code: int, reason: str) -> bytes:
     """A Close frame's payload: C{code}, then C{reason} cut to fit without splitting a character."""
@@ -258,7 +200,7 @@ class FrameReader:
             self._need = 0
             key = self._key
             if key is not None:
-                _unmask_in_place(key, buffer)
+                mask_in_place(key, buffer)
             self._key = None
             self._frame(buffer)
             pos = need
@@ -311,7 +253,7 @@ class FrameReader:
                     payload = mask(key, data[start:end])
                 else:
                     payload = bytearray(memoryview(data)[start:end])
-                    _unmask_in_place(key, payload)
+                    mask_in_place(key, payload)
                 self._handler.message_received(payload, True)
                 pos = end
                 continue
@@ -458,7 +400,7 @@ class FrameWriter:
                 head = _HEAD_16.pack(first, _MASK_BIT | 126, size)
             else:
                 head = _HEAD_64.pack(first, _MASK_BIT | 127, size)
-            return head + key + _masked(key, payload)
+            return head + key + masked(key, payload)
         if size < 126:
             return bytes((first, size)) + payload
         if size < 0x10000:
@@ -494,9 +436,7 @@ class FrameWriter:
             spans.append((key, at, size))
             at += size
         buffer = bytearray().join(pieces)
-        pointer = _nvx.ffi.from_buffer(buffer) if _nvx is not None else None
-        for key, start, size in spans:
-            _mask_span(key, buffer, pointer, start, size)
+        mask_spans(buffer, spans)
         return buffer
 
     def binary(self, payload: bytes) -> bytes:

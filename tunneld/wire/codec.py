@@ -14,7 +14,7 @@ frames, unknown fields, odd layouts, invalid text) goes to the generated
 C{tunnel_pb2}, so odd but valid input means the same and bad input fails the
 same way.  No protobuf message is made per request: besides its CPU, the
 upb runtime trims the heap every ~10,000 message-arena frees (see
-L{tunneld.heap}), which a bulk transfer then faults back in.  The
+L{tunneld.speedups.heap}), which a bulk transfer then faults back in.  The
 C{encode_*} functions build C{Frame} messages for control frames and tests.
 """
 
@@ -26,7 +26,6 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from tunneld.memo import ByIdentity
 from tunneld.model.messages import (
     STREAM_KINDS,
     ControlMessage,
@@ -41,6 +40,7 @@ from tunneld.model.messages import (
     Welcome,
 )
 from tunneld.model.reasons import Reason
+from tunneld.speedups.memo import Bounded, ByIdentity
 from tunneld.wire import tunnel_pb2 as pb
 
 Frame = pb.Frame
@@ -123,21 +123,17 @@ def _headers_to_pb(headers: Headers) -> list[pb.Header]:
 
 
 # Header names repeat from stream to stream: decoded heads share one bytes
-# object per name (the first _MAX_NAMES names seen) instead of holding their
+# object per name (Codec.names, at most _MAX_NAMES) instead of holding their
 # own, which is a tenth of what an agent keeps per idle WebSocket.
-_names: dict[bytes, bytes] = {}
 _MAX_NAMES = 512
 
 
-def _learn(name: bytes) -> bytes:
-    if len(_names) < _MAX_NAMES:
-        _names[name] = name
-    return name
-
-
-def _headers_from_pb(headers: Iterable[pb.Header]) -> tuple[tuple[bytes, bytes], ...]:
-    known = _names.get
-    return tuple([(known(h.name) or _learn(h.name), h.value) for h in headers])
+def _headers_from_pb(
+    headers: Iterable[pb.Header], names: Bounded[bytes, bytes]
+) -> tuple[tuple[bytes, bytes], ...]:
+    known = names.get
+    learn = names.keep
+    return tuple([(known(h.name) or learn(h.name, h.name), h.value) for h in headers])
 
 
 def _spec_to_pb(spec: TunnelSpec) -> pb.TunnelSpec:
@@ -175,7 +171,7 @@ def encode_open(stream_id: int, head: StreamHead, end_stream: bool = False) -> p
     )
 
 
-def head_from(frame: pb.Frame) -> StreamHead:
+def _head_from(frame: pb.Frame, names: Bounded[bytes, bytes]) -> StreamHead:
     """The stream head carried by an C{Open} frame."""
     o = frame.open
     if o.kind not in STREAM_KINDS:
@@ -185,7 +181,7 @@ def head_from(frame: pb.Frame) -> StreamHead:
         tunnel=intern(o.tunnel),
         method=intern(o.method),
         target=o.target,
-        headers=_headers_from_pb(o.headers),
+        headers=_headers_from_pb(o.headers, names),
         peer=o.peer,
         scheme=intern(o.scheme or "http"),
     )
@@ -204,12 +200,12 @@ def encode_reply(stream_id: int, reply: ReplyHead, end_stream: bool = False) -> 
     )
 
 
-def reply_from(frame: pb.Frame) -> ReplyHead:
+def _reply_from(frame: pb.Frame, names: Bounded[bytes, bytes]) -> ReplyHead:
     """The response head carried by a C{Reply} frame."""
     r = frame.reply
     if not 100 <= r.status <= 999:
         raise FrameError(f"reply frame with impossible status {r.status}")
-    return ReplyHead(status=r.status, reason=r.reason, headers=_headers_from_pb(r.headers))
+    return ReplyHead(status=r.status, reason=r.reason, headers=_headers_from_pb(r.headers, names))
 
 
 def encode_end(stream_id: int, trailers: Headers = ()) -> pb.Frame:
@@ -217,9 +213,9 @@ def encode_end(stream_id: int, trailers: Headers = ()) -> pb.Frame:
     return pb.Frame(stream_id=stream_id, end=pb.End(trailers=_headers_to_pb(trailers)))
 
 
-def trailers_from(frame: pb.Frame) -> tuple[tuple[bytes, bytes], ...]:
+def _trailers_from(frame: pb.Frame, names: Bounded[bytes, bytes]) -> tuple[tuple[bytes, bytes], ...]:
     """The trailers carried by an C{End} frame."""
-    return _headers_from_pb(frame.end.trailers)
+    return _headers_from_pb(frame.end.trailers, names)
 
 
 def encode_reset(stream_id: int, reason: Reason, message: str) -> pb.Frame:
@@ -339,18 +335,14 @@ KIND_NAMES = {
 _KIND_NUMBERS = {name: number for number, name in KIND_NAMES.items()}
 
 
-# Encoded short header fields by tag, so the headers every response repeats
-# (Server, Content-Type, ...) are encoded once; at most _CACHED of ~130 bytes.
-_FIELD_CACHES: dict[bytes, dict[tuple[bytes, bytes], bytes]] = {
-    b"\x0a": {}, b"\x1a": {}, b"\x2a": {}
-}
+# How many of each kind of encoded or decoded part a Codec remembers.
 _CACHED = 512
 
 
-def _header_fields(tag: bytes, headers: Headers) -> list[bytes]:
+def _header_fields(codec: Codec, tag: bytes, headers: Headers) -> list[bytes]:
     """Each header as a length-delimited C{Header} message under C{tag}."""
     small = _SMALL
-    cache = _FIELD_CACHES[tag]
+    cache = codec.fields[tag]
     out = []
     for header in headers:
         try:
@@ -370,9 +362,7 @@ def _header_fields(tag: bytes, headers: Headers) -> list[bytes]:
             field = b"".join((tag, small[n + v + 4], b"\x0a", small[n], name, b"\x12", small[v],
                               value))
             if hashable:
-                if len(cache) >= _CACHED:
-                    cache.clear()
-                cache[header] = field
+                cache.keep(header, field)
             out.append(field)
             continue
         inner = b"".join(
@@ -401,35 +391,21 @@ def _frame(stream_id: int, tag: bytes, body: bytes) -> bytes:
     return b"".join((tag, _SMALL[size] if size < 0x80 else _varint(size), body))
 
 
-# An Open's first fields (kind, tunnel, method) and its last (peer, scheme),
-# encoded, by their values: few combinations recur (a peer is one client
-# address).  Bounded: emptied when full.
-_OPEN_STARTS: dict[tuple[str, str, str], bytes] = {}
-_OPEN_ENDS: dict[tuple[str, str], bytes] = {}
-
-
-def _remember(cache: dict[Any, bytes], key: Any, encoded: bytes) -> bytes:
-    if len(cache) >= _CACHED:
-        cache.clear()
-    cache[key] = encoded
-    return encoded
-
-
-def open_bytes(stream_id: int, head: StreamHead, end_stream: bool = False) -> bytes:
+def _open_bytes(codec: Codec, stream_id: int, head: StreamHead, end_stream: bool = False) -> bytes:
     """L{encode_open}, serialised by hand (identical bytes)."""
     key = (head.kind, head.tunnel, head.method)
-    start = _OPEN_STARTS.get(key)
+    start = codec.open_starts.get(key)
     if start is None:
-        start = _remember(_OPEN_STARTS, key, b"".join(map(_text_field, (b"\x0a", b"\x12", b"\x1a"), key)))
+        start = codec.open_starts.keep(key, b"".join(map(_text_field, (b"\x0a", b"\x12", b"\x1a"), key)))
     end_key = (head.peer, head.scheme)
-    end = _OPEN_ENDS.get(end_key)
+    end = codec.open_ends.get(end_key)
     if end is None:
-        end = _remember(_OPEN_ENDS, end_key, b"".join(map(_text_field, (b"\x32", b"\x3a"), end_key)))
+        end = codec.open_ends.keep(end_key, b"".join(map(_text_field, (b"\x32", b"\x3a"), end_key)))
     body = b"".join(
         (
             start,
             _text_field(b"\x22", head.target),
-            *_header_fields(b"\x2a", head.headers),
+            *_header_fields(codec, b"\x2a", head.headers),
             end,
             b"\x40\x01" if end_stream else b"",
         )
@@ -437,22 +413,16 @@ def open_bytes(stream_id: int, head: StreamHead, end_stream: bool = False) -> by
     return _frame(stream_id, b"\x22", body)
 
 
-# Reply header blocks, encoded, by their fields' tuple: the agent passes the
-# same tuple for the same response head (its parser and hop-by-hop filter
-# remember them).
-_REPLY_BLOCKS: ByIdentity[Headers, bytes] = ByIdentity(_CACHED)
-
-
-def _reply_block(headers: Headers) -> bytes:
+def _reply_block(codec: Codec, headers: Headers) -> bytes:
     if type(headers) is not tuple:
-        return b"".join(_header_fields(b"\x1a", headers))
-    block = _REPLY_BLOCKS.get(headers)
+        return b"".join(_header_fields(codec, b"\x1a", headers))
+    block = codec.reply_blocks.get(headers)
     if block is None:
-        block = _REPLY_BLOCKS.put(headers, b"".join(_header_fields(b"\x1a", headers)))
+        block = codec.reply_blocks.put(headers, b"".join(_header_fields(codec, b"\x1a", headers)))
     return block
 
 
-def reply_bytes(stream_id: int, reply: ReplyHead, end_stream: bool = False) -> bytes:
+def _reply_bytes(codec: Codec, stream_id: int, reply: ReplyHead, end_stream: bool = False) -> bytes:
     """L{encode_reply}, serialised by hand (identical bytes)."""
     status = reply.status
     reason = reply.reason
@@ -460,20 +430,20 @@ def reply_bytes(stream_id: int, reply: ReplyHead, end_stream: bool = False) -> b
         (
             b"\x08" + _varint(status) if status else b"",
             b"\x12" + _varint(len(reason)) + reason if reason else b"",
-            _reply_block(reply.headers),
+            _reply_block(codec, reply.headers),
             b"\x20\x01" if end_stream else b"",
         )
     )
     return _frame(stream_id, b"\x2a", body)
 
 
-def end_bytes(stream_id: int, trailers: Headers = ()) -> bytes:
+def _end_bytes(codec: Codec, stream_id: int, trailers: Headers = ()) -> bytes:
     """L{encode_end}, serialised by hand (identical bytes)."""
     if not trailers:
         if stream_id:
             return b"\x08" + _varint(stream_id) + b"\x3a\x00"
         return b"\x3a\x00"
-    return _frame(stream_id, b"\x3a", b"".join(_header_fields(b"\x0a", trailers)))
+    return _frame(stream_id, b"\x3a", b"".join(_header_fields(codec, b"\x0a", trailers)))
 
 
 def window_bytes(stream_id: int, increment: int) -> bytes:
@@ -549,13 +519,16 @@ def _header_at(buf: bytes, start: int, stop: int) -> tuple[bytes, bytes]:
     return name, value
 
 
-def _headers_in(buf: bytes, pos: int, end: int, tag: int, headers: list[tuple[bytes, bytes]]) -> int:
+def _headers_in(
+    codec: Codec, buf: bytes, pos: int, end: int, tag: int, headers: list[tuple[bytes, bytes]]
+) -> int:
     """
     Append the C{Header} messages under C{tag} from C{pos} on to C{headers}
     (names shared as L{_headers_from_pb} shares them); the position of the
     first other field (or C{end}).
     """
-    known = _names.get
+    known = codec.names.get
+    learn = codec.names.keep
     while pos < end and buf[pos] == tag:
         size = buf[pos + 1]
         if size < 0x80:
@@ -575,10 +548,10 @@ def _headers_in(buf: bytes, pos: int, end: int, tag: int, headers: list[tuple[by
             and buf[mid + 1] < 0x80
         ):
             name = buf[first + 2 : mid]
-            headers.append((known(name) or _learn(name), buf[mid + 2 : after]))
+            headers.append((known(name) or learn(name, name), buf[mid + 2 : after]))
         else:
             name, value = _header_at(buf, first, after)
-            headers.append((known(name) or _learn(name), value))
+            headers.append((known(name) or learn(name, name), value))
         pos = after
     return pos
 
@@ -612,12 +585,12 @@ def _texts_at(buf: bytes, pos: int, end: int, tags: tuple[int, ...], texts: list
     return pos
 
 
-def _open_at(buf: bytes, pos: int, end: int) -> tuple[StreamHead, bool]:
+def _open_at(codec: Codec, buf: bytes, pos: int, end: int) -> tuple[StreamHead, bool]:
     """The C{Open} message in C{buf[pos:end]}: its fields in order, each at most once."""
     texts: list[str] = []
     headers: list[tuple[bytes, bytes]] = []
     pos = _texts_at(buf, pos, end, (0x0A, 0x12, 0x1A, 0x22), texts)
-    pos = _headers_in(buf, pos, end, 0x2A, headers)
+    pos = _headers_in(codec, buf, pos, end, 0x2A, headers)
     pos = _texts_at(buf, pos, end, (0x32, 0x3A), texts)
     kind, tunnel, method, target, peer, scheme = texts
     if kind not in _HTTP_KINDS:
@@ -638,16 +611,11 @@ def _open_at(buf: bytes, pos: int, end: int) -> tuple[StreamHead, bool]:
     raise _Irregular
 
 
-# A Reply's header fields and end_stream flag, by their bytes: an agent sends
-# the same upstream head again and again, so most are decoded once, and equal
-# blocks come as the very same tuple (which lets the edge remember what it
-# makes of them).  Bounded: blocks up to _REPLY_FIELDS_UP_TO bytes, emptied
-# when full.
-_REPLY_FIELDS: dict[bytes, tuple[tuple[tuple[bytes, bytes], ...], bool]] = {}
+# Reply header blocks longer than this are not remembered (Codec.reply_fields).
 _REPLY_FIELDS_UP_TO = 2048
 
 
-def _reply_at(buf: bytes, pos: int, end: int) -> tuple[ReplyHead, bool]:
+def _reply_at(codec: Codec, buf: bytes, pos: int, end: int) -> tuple[ReplyHead, bool]:
     """The C{Reply} message in C{buf[pos:end]}: its fields in order, each at most once."""
     status = 0
     reason = b""
@@ -660,10 +628,10 @@ def _reply_at(buf: bytes, pos: int, end: int) -> tuple[ReplyHead, bool]:
         reason = buf[first:stop]
         pos = stop
     rest = buf[pos:end]
-    known = _REPLY_FIELDS.get(rest)
+    known = codec.reply_fields.get(rest)
     if known is None:
         headers: list[tuple[bytes, bytes]] = []
-        pos = _headers_in(buf, pos, end, 0x1A, headers)
+        pos = _headers_in(codec, buf, pos, end, 0x1A, headers)
         if pos == end:
             known = (tuple(headers), False)
         elif pos + 2 == end and buf[pos] == 0x20 and buf[pos + 1] == 1:
@@ -671,9 +639,7 @@ def _reply_at(buf: bytes, pos: int, end: int) -> tuple[ReplyHead, bool]:
         else:
             raise _Irregular
         if len(rest) <= _REPLY_FIELDS_UP_TO:
-            if len(_REPLY_FIELDS) >= _CACHED:
-                _REPLY_FIELDS.clear()
-            _REPLY_FIELDS[rest] = known
+            codec.reply_fields.keep(rest, known)
     return ReplyHead(status, reason, known[0]), known[1]
 
 
@@ -690,14 +656,14 @@ def _reset_at(buf: bytes, pos: int, end: int) -> tuple[Reason, str]:
     return Reason.from_wire(code), message
 
 
-def _end_at(buf: bytes, pos: int, end: int) -> tuple[tuple[bytes, bytes], ...]:
+def _end_at(codec: Codec, buf: bytes, pos: int, end: int) -> tuple[tuple[bytes, bytes], ...]:
     trailers: list[tuple[bytes, bytes]] = []
-    if _headers_in(buf, pos, end, 0x0A, trailers) != end:
+    if _headers_in(codec, buf, pos, end, 0x0A, trailers) != end:
         raise _Irregular
     return tuple(trailers)
 
 
-def _read_regular(payload: Buffer) -> tuple[int, int, Any, bool] | None:
+def _read_regular(codec: Codec, payload: Buffer) -> tuple[int, int, Any, bool] | None:
     end = len(payload)
     stream_id = 0
     pos = 0
@@ -734,19 +700,19 @@ def _read_regular(payload: Buffer) -> tuple[int, int, Any, bool] | None:
     if not isinstance(payload, bytes):
         return None  # read again from bytes: heads and trailers must not be views
     if tag == 0x22:
-        head, end_stream = _open_at(payload, start, end)
+        head, end_stream = _open_at(codec, payload, start, end)
         return stream_id, OPEN, head, end_stream
     if tag == 0x2A:
-        reply, end_stream = _reply_at(payload, start, end)
+        reply, end_stream = _reply_at(codec, payload, start, end)
         return stream_id, REPLY, reply, end_stream
     if tag == 0x3A:
-        return stream_id, END, _end_at(payload, start, end), False
+        return stream_id, END, _end_at(codec, payload, start, end), False
     if tag == 0x42:
         return stream_id, RESET, _reset_at(payload, start, end), False
     return None  # control frames, pings: the generated parser
 
 
-def read_generated(payload: bytes) -> tuple[int, int, Any, bool]:
+def _read_generated(codec: Codec, payload: bytes) -> tuple[int, int, Any, bool]:
     """L{read} done entirely by the generated parser (the reference for L{read})."""
     frame = decode(payload)
     kind = _KIND_NUMBERS[frame.WhichOneof("body")]  # type: ignore[index]
@@ -754,13 +720,13 @@ def read_generated(payload: bytes) -> tuple[int, int, Any, bool]:
     if kind == DATA:
         return frame.stream_id, kind, frame.data.data, frame.data.end_stream
     if kind == OPEN:
-        return frame.stream_id, kind, head_from(frame), frame.open.end_stream
+        return frame.stream_id, kind, _head_from(frame, codec.names), frame.open.end_stream
     if kind == REPLY:
-        return frame.stream_id, kind, reply_from(frame), frame.reply.end_stream
+        return frame.stream_id, kind, _reply_from(frame, codec.names), frame.reply.end_stream
     if kind == WINDOW:
         body = frame.window.increment
     elif kind == END:
-        body = trailers_from(frame)
+        body = _trailers_from(frame, codec.names)
     elif kind == RESET:
         body = reset_from(frame)
     elif kind == PING:
@@ -772,25 +738,12 @@ def read_generated(payload: bytes) -> tuple[int, int, Any, bool]:
     return frame.stream_id, kind, body, False
 
 
-def read(payload: Buffer, *, borrow: bool = False) -> tuple[int, int, Any, bool]:
-    """
-    Parse one frame into C{(stream_id, kind, body, end_stream)}: C{kind} is the number of
-    its body field (L{DATA}, L{OPEN}, ...) and C{body} what it carries: the
-    bytes of a Data frame, the increment of a Window, the L{StreamHead} of an
-    Open, the L{ReplyHead} of a Reply, the trailers of an End, C{(reason,
-    message)} of a Reset, the opaque value of a Ping or Pong, else the
-    L{ControlMessage}; C{end_stream} is the flag of an Open, Reply or Data
-    frame (version 2).  A malformed frame raises L{FrameError} saying why.
-    A C{bytearray} or C{memoryview} C{payload} may be reused once this
-    returns: a Data frame's bytes are copied out of it (once), any other
-    frame is read from a C{bytes} copy.  With C{borrow}, a Data frame's
-    bytes from such a payload come as a C{memoryview} of it instead (not
-    copied), for a caller that knows the payload never changes.
-    """
+def _read(codec: Codec, payload: Buffer, borrow: bool = False) -> tuple[int, int, Any, bool]:
+    """L{Codec.read}."""
     frame: tuple[int, int, Any, bool] | None
     if type(payload) is not bytes:
         try:
-            frame = _read_regular(payload)
+            frame = _read_regular(codec, payload)
         except (_Irregular, IndexError):
             frame = None
         if frame is not None and frame[1] == DATA:
@@ -800,8 +753,95 @@ def read(payload: Buffer, *, borrow: bool = False) -> tuple[int, int, Any, bool]
             return frame[0], DATA, bytes(body), frame[3]
         payload = bytes(payload)
     try:
-        frame = _read_regular(payload)
+        frame = _read_regular(codec, payload)
     except (_Irregular, IndexError):
         # Unusual or truncated: the generated parser reads it or says why not.
         frame = None
-    return read_generated(payload) if frame is None else frame
+    return _read_generated(codec, payload) if frame is None else frame
+
+
+class Codec:
+    """
+    The hand-written encoder and reader, remembering what recurs from one
+    head to the next: header names (decoded heads share one bytes object
+    per name), encoded header fields (the Server, Content-Type, ... every
+    response repeats), an Open's first fields (kind, tunnel, method) and
+    last (peer, scheme), Reply header blocks encoded (by the identity of the
+    agent's fields tuple) and decoded (by their bytes, so that equal blocks
+    come as the very same tuple, which lets the edge remember what it makes
+    of them).  Each table is bounded: emptied when full.
+
+    An edge or an agent has one, in its link setup, shared by its links; the
+    module's functions (L{read}, L{open_bytes}, ...) are a codec that
+    remembers nothing.
+    """
+
+    __slots__ = ("fields", "names", "open_ends", "open_starts", "reply_blocks", "reply_fields")
+
+    def __init__(self, cached: int = _CACHED, names: int = _MAX_NAMES) -> None:
+        self.names: Bounded[bytes, bytes] = Bounded(names)
+        # Encoded short fields (at most ~130 bytes each) by tag: trailers, replies, opens.
+        self.fields: dict[bytes, Bounded[tuple[bytes, bytes], bytes]] = {
+            tag: Bounded(cached) for tag in (b"\x0a", b"\x1a", b"\x2a")
+        }
+        self.open_starts: Bounded[tuple[str, str, str], bytes] = Bounded(cached)
+        self.open_ends: Bounded[tuple[str, str], bytes] = Bounded(cached)
+        self.reply_blocks: ByIdentity[Headers, bytes] = ByIdentity(cached)
+        self.reply_fields: Bounded[bytes, tuple[tuple[tuple[bytes, bytes], ...], bool]] = Bounded(cached)
+
+    def read(self, payload: Buffer, *, borrow: bool = False) -> tuple[int, int, Any, bool]:
+        """
+        Parse one frame into C{(stream_id, kind, body, end_stream)}: C{kind} is the number of
+        its body field (L{DATA}, L{OPEN}, ...) and C{body} what it carries: the
+        bytes of a Data frame, the increment of a Window, the L{StreamHead} of an
+        Open, the L{ReplyHead} of a Reply, the trailers of an End, C{(reason,
+        message)} of a Reset, the opaque value of a Ping or Pong, else the
+        L{ControlMessage}; C{end_stream} is the flag of an Open, Reply or Data
+        frame (version 2).  A malformed frame raises L{FrameError} saying why.
+        A C{bytearray} or C{memoryview} C{payload} may be reused once this
+        returns: a Data frame's bytes are copied out of it (once), any other
+        frame is read from a C{bytes} copy.  With C{borrow}, a Data frame's
+        bytes from such a payload come as a C{memoryview} of it instead (not
+        copied), for a caller that knows the payload never changes.
+        """
+        return _read(self, payload, borrow)
+
+    def read_generated(self, payload: bytes) -> tuple[int, int, Any, bool]:
+        """L{read} done entirely by the generated parser (the reference for L{read})."""
+        return _read_generated(self, payload)
+
+    def open_bytes(self, stream_id: int, head: StreamHead, end_stream: bool = False) -> bytes:
+        """L{encode_open}, serialised by hand (identical bytes)."""
+        return _open_bytes(self, stream_id, head, end_stream)
+
+    def reply_bytes(self, stream_id: int, reply: ReplyHead, end_stream: bool = False) -> bytes:
+        """L{encode_reply}, serialised by hand (identical bytes)."""
+        return _reply_bytes(self, stream_id, reply, end_stream)
+
+    def end_bytes(self, stream_id: int, trailers: Headers = ()) -> bytes:
+        """L{encode_end}, serialised by hand (identical bytes)."""
+        return _end_bytes(self, stream_id, trailers)
+
+    def head_from(self, frame: pb.Frame) -> StreamHead:
+        """The stream head carried by an C{Open} frame."""
+        return _head_from(frame, self.names)
+
+    def reply_from(self, frame: pb.Frame) -> ReplyHead:
+        """The response head carried by a C{Reply} frame."""
+        return _reply_from(frame, self.names)
+
+    def trailers_from(self, frame: pb.Frame) -> tuple[tuple[bytes, bytes], ...]:
+        """The trailers carried by an C{End} frame."""
+        return _trailers_from(frame, self.names)
+
+
+# A codec that remembers nothing: the module's functions.
+_PLAIN = Codec(cached=0, names=0)
+read = _PLAIN.read
+read_generated = _PLAIN.read_generated
+open_bytes = _PLAIN.open_bytes
+reply_bytes = _PLAIN.reply_bytes
+end_bytes = _PLAIN.end_bytes
+head_from = _PLAIN.head_from
+reply_from = _PLAIN.reply_from
+trailers_from = _PLAIN.trailers_from

@@ -12,8 +12,8 @@ switch.  Under C{SCHED_BATCH} a wake-up does not preempt (sched(7): for
 "workloads that want a deterministic scheduling policy without interactivity
 causing extra preemptions (between the workload's tasks)"): each process
 finishes its turn, and the other then reads everything sent meanwhile at
-once.  On one shared core the edge was preempted about a quarter as often,
-and small requests' p99 fell in most runs (docs/benchmarks.md, item 48).
+once: far fewer preemptions and hand-overs (what it bought is in
+docs/benchmarks.md, "What the speed tricks buy").
 
 The price is that a woken tunneld waits for the running task's time slice
 (a few milliseconds at most) instead of preempting it.  That matters only on

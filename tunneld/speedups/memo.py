@@ -1,6 +1,11 @@
 # -*- test-case-name: tests.test_memo -*-
 """
-What was made of an object that recurs, found again by the object's identity.
+What was made of what recurs, found again: bounded tables for the caches of
+the fast paths, each held by the object whose work it remembers (a codec, a
+listener, an upstream pool), never by a module.
+
+L{Bounded} is a dictionary emptied when full.  L{ByIdentity} finds what was
+made of an object by the object's identity.
 
 An upstream sends the same response head again and again, and the codec
 hands equal header blocks on as the very same tuple; what each step makes of
@@ -15,10 +20,33 @@ from __future__ import annotations
 
 from typing import Generic, TypeVar
 
-__all__ = ["ByIdentity"]
+__all__ = ["Bounded", "ByIdentity"]
 
 K = TypeVar("K")
 V = TypeVar("V")
+
+
+class Bounded(dict[K, V]):
+    """
+    A dictionary of at most C{limit} entries: one more empties it first, so
+    memory stays bounded whatever the traffic.  A limit of 0 keeps nothing.
+    Lookups are the dictionary's own (C{get}, C{in}), as fast as a dict's.
+    """
+
+    __slots__ = ("limit",)
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def keep(self, key: K, value: V) -> V:
+        """Remember C{value} for C{key} (emptying the table first when full); C{value}."""
+        if len(self) >= self.limit:
+            self.clear()
+            if not self.limit:
+                return value
+        self[key] = value
+        return value
 
 
 class ByIdentity(Generic[K, V]):
@@ -45,5 +73,7 @@ class ByIdentity(Generic[K, V]):
         entries = self._entries
         if len(entries) >= self.limit:
             entries.clear()
+            if not self.limit:
+                return value
         entries[id(key)] = (key, value)
         return value

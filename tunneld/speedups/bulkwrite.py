@@ -16,7 +16,7 @@ ways around that, each for its own case:
     straight to the kernel, and only what it did not take is copied into
     the transport's queue.  For one large write per read (the agent's
     frames of an upstream read): no copy, no queue, no producer pause.
-  - L{queue} queues a buffer that will never change as it is, uncopied;
+  - L{EndOfTurn.queue} queues a buffer that will never change as it is, uncopied;
     Twisted's join before the send is then its only copy.  For many
     medium writes in one turn (128 KiB Data frames, several per link
     read): sending each at once would cost a system call each, and on
@@ -27,7 +27,7 @@ ways around that, each for its own case:
     reactor to watch the socket for writability: an edge answering fifty
     small requests per link read spared two C{epoll_ctl} calls and a
     poll per response.
-  - L{forward} chooses between the two for a buffer that never changes by
+  - L{EndOfTurn.forward} chooses between the two for a buffer that never changes by
     its length (the edge's Data frames, which a peer may send up to 1 MiB
     long).
   - L{flush} sends at once whatever the size: for a link that writes once
@@ -52,8 +52,8 @@ Everything else about a Twisted write holds:
   - closing: a transport that is disconnecting, or not a plain TCP
     connection (TLS, a wrapper), gets an ordinary write of C{bytes};
   - other Twisted versions: the write queue's private state used here
-    (L{_PRIVATE}) is checked once, on the first TCP connection seen; a
-    Twisted without it gets ordinary writes of C{bytes} throughout;
+    (L{_PRIVATE}) is checked once (L{TRICK}); a Twisted without it, or
+    the trick switched off, gets ordinary writes of C{bytes} throughout;
   - errors: a C{send} that fails leaves the data to an ordinary write,
     whose own C{send} fails the same way and ends the connection as it
     always would.
@@ -61,8 +61,8 @@ Everything else about a Twisted write holds:
 L{write} sends only writes of at least L{DIRECT_FROM} bytes at once.  Small
 writes gain nothing from it and lose what the queue gives them: the frames
 and replies written during one reactor turn leave in one system call
-(sending each small write at once cost small requests about a fifth more
-CPU).
+(sending each small write at once cost small requests more CPU: see
+docs/benchmarks.md, "What the speed tricks buy").
 """
 
 from __future__ import annotations
@@ -72,20 +72,21 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.tcp import Connection
-from twisted.logger import Logger
+
+from tunneld.speedups.probe import probe_connection
+from tunneld.speedups.switches import Trick
 
 __all__ = [
-    "ALONE_FROM", "DIRECT_FROM", "PIN_FROM", "PIN_RATIO",
-    "flush", "forward", "queue", "write", "write_now", "write_sequence",
+    "ALONE_FROM", "DIRECT_FROM", "PIN_FROM", "PIN_RATIO", "TRICK",
+    "EndOfTurn", "flush", "write", "write_now", "write_sequence",
 ]
 
 # Writes at least this long are sent at once when nothing is queued.
 DIRECT_FROM = 32 * 1024
 # A buffer that never changes is worth a system call of its own from this
 # length (a Data frame: a whole upstream read, one or two per link read now
-# that frames may be 1 MiB; at 256 KiB, Twisted's join of the shorter ones
-# cost the edge ~7 % more CPU per MiB); shorter ones are queued, to leave
-# with the others of their reactor turn.
+# that frames may be 1 MiB); shorter ones are queued, to leave with the
+# others of their reactor turn.
 ALONE_FROM = 32 * 1024
 
 # A view shorter than 1/PIN_RATIO of the object it views, when that is at
@@ -102,42 +103,69 @@ _PRIVATE = (
     "_tempDataBuffer", "_tempDataLen", "dataBuffer", "offset",
     "_writeDisconnecting", "_writeDisconnected", "_maybePauseProducer",
 )
-# Whether this Twisted has it: None until the first TCP connection is seen.
-_usable: bool | None = None
-_log = Logger()
+
+
+def _check() -> str | None:
+    """
+    Twisted's TCP write queue is as this module uses it: the private names
+    exist, a write lands in C{_tempDataBuffer}, what L{_send_now} leaves is
+    what C{doWrite} expects, and C{doWrite} still sends the queue in order.
+    """
+    if not isinstance(getattr(Connection, "TLS", None), (bool, int)):
+        return "twisted.internet.tcp.Connection has no TLS flag"
+    with probe_connection() as (transport, theirs, probe):
+        missing = [name for name in _PRIVATE if not hasattr(transport, name)]
+        if missing:
+            return f"Twisted's TCP transport lacks {', '.join(missing)}"
+        transport.write(b"ab")
+        if transport._tempDataBuffer != [b"ab"] or transport._tempDataLen != 2 or not probe.writing:
+            return "a write does not land in Twisted's _tempDataBuffer as expected"
+        if _send_now(transport, [b"cd"], 2, checked=True) != []:
+            return "a direct send did not go through"
+        if transport._tempDataLen or probe.writing:
+            return "Twisted's write queue is not empty after a direct send"
+        transport.write(b"ef")
+        transport.doWrite()
+        if transport._tempDataLen or transport.offset != len(transport.dataBuffer) or probe.writing:
+            return "Twisted's doWrite leaves its queue in a state this module does not expect"
+        received = b""
+        while len(received) < 6:
+            received += theirs.recv(16)
+        if received != b"abcdef":
+            return f"the bytes arrived as {received!r}, not b'abcdef'"
+    return None
+
+
+TRICK = Trick(
+    "bulkwrite",
+    touches="Twisted's TCP write queue (" + ", ".join(_PRIVATE) + ")",
+    fallback="ordinary transport writes",
+    check=_check,
+)
 
 
 def _plain(transport: Any) -> bool:
     """
     Whether C{transport} is a plain TCP connection (not TLS, not a wrapper)
-    whose write queue this module may use; checked for this Twisted once.
+    whose write queue this module may use: the trick is on.
     """
-    global _usable
-    if not isinstance(transport, Connection) or transport.TLS:
-        return False
-    if _usable is None:
-        missing = [name for name in _PRIVATE if not hasattr(transport, name)]
-        _usable = not missing
-        if missing:
-            _log.warn(
-                "this Twisted's TCP transport lacks {missing}: bulk writes are ordinary writes",
-                missing=", ".join(missing),
-            )
-    return _usable
+    return isinstance(transport, Connection) and not transport.TLS and TRICK.active
 
 
 def _send_now(
-    transport: Any, pieces: list[Buffer], size: int, behind: int = DIRECT_FROM
+    transport: Any, pieces: list[Buffer], size: int, behind: int = DIRECT_FROM,
+    checked: bool = False,
 ) -> list[Buffer] | None:
     """
     Send C{pieces} (C{size} bytes), behind whatever writes are queued and
     not yet tried (if fewer than C{behind} bytes), in one system call; what
     the kernel did not take, or None (nothing sent, nothing changed) when
     the transport is not a plain open TCP connection or has more queued
-    than that.
+    than that.  C{checked}: the caller knows the transport is plain (the
+    capability check).
     """
     if not (
-        _plain(transport)
+        (checked or _plain(transport))
         and transport.connected
         and not transport.disconnecting
         and not transport._writeDisconnecting
@@ -248,63 +276,6 @@ def _queue(transport: Any, pieces: Sequence[Buffer]) -> None:
     transport.writeSequence([piece if type(piece) is bytes else bytes(piece) for piece in pieces])
 
 
-# Transports with writes queued by L{queue} this reactor turn, in order,
-# and the call that sends them when the turn is over.
-_queued: dict[Any, None] = {}
-_send_call: Any = None
-
-
-def queue(transport: Any, data: Buffer) -> None:
-    """
-    C{transport.write(data)} for a buffer that will never change: on a
-    plain TCP connection it is queued as it is (Twisted's join before the
-    send copies it once), unless it is a small view of a large object
-    (L{PIN_RATIO}), which is copied, and sent at the end of the reactor
-    turn (L{_send_queued}); else written as C{bytes}.
-    """
-    global _send_call
-    if not _plain(transport):
-        transport.write(bytes(data))
-        return
-    # Twisted's write, less its check that data is bytes.
-    if not data or not transport.connected or transport._writeDisconnected:
-        return
-    if type(data) is memoryview and _pins(data):
-        data = data.tobytes()
-    transport._tempDataBuffer.append(data)  # type: ignore[arg-type]  # joined as any buffer
-    transport._tempDataLen += len(data)
-    transport._maybePauseProducer()
-    if transport.offset != len(transport.dataBuffer) or transport.disconnecting:
-        # Twisted is sending (or closing) already: these go with it.
-        transport.startWriting()
-        return
-    _queued[transport] = None
-    if _send_call is None:
-        _send_call = transport.reactor.callLater(0, _send_queued)
-
-
-def _send_queued() -> None:
-    """
-    The end of a reactor turn: send what L{queue} queued, one system call
-    per socket; only a socket that did not take it all is watched for
-    writability (Twisted's queue does the rest, with its backpressure).
-    """
-    global _send_call
-    _send_call = None
-    transports = list(_queued)
-    _queued.clear()
-    for transport in transports:
-        if not transport._tempDataLen or not transport.connected:
-            continue  # sent with a later write, or gone
-        rest = _send_now(transport, [], 0, behind=sys.maxsize)
-        if rest is None:
-            transport.startWriting()
-        elif rest:
-            _queue(transport, rest)
-        elif transport.producer is not None and transport.producerPaused:
-            transport.startWriting()  # Twisted's doWrite resumes it, as after any drain
-
-
 def _pins(view: memoryview) -> bool:
     """Whether queueing C{view} uncopied would keep alive much more than itself."""
     base = view.obj
@@ -312,17 +283,81 @@ def _pins(view: memoryview) -> bool:
     return whole >= PIN_FROM and view.nbytes * PIN_RATIO <= whole
 
 
-def forward(transport: Any, data: Buffer) -> None:
+class EndOfTurn:
     """
-    Pass on C{data}, a buffer that will never change: at least
-    L{ALONE_FROM} bytes are sent at once as by L{write} (without a copy of
-    what the kernel did not take), shorter ones queued as by L{queue}.
+    Writes of buffers that never change, queued uncopied and sent at the end
+    of the reactor turn: one system call per socket, and no writability
+    watch for a socket that takes it all.  One per owner of many sockets
+    (the edge's public listener), so that a turn that writes to fifty of
+    them schedules one call, not fifty.
     """
-    size = len(data)
-    if size >= ALONE_FROM:
-        rest = _send_now(transport, [data], size)
-        if rest is not None:
-            for piece in rest:
-                queue(transport, piece)
+
+    __slots__ = ("_queued", "_send_call")
+
+    def __init__(self) -> None:
+        # Transports with writes queued by queue() this turn, in order, and
+        # the call that sends them when the turn is over.
+        self._queued: dict[Any, None] = {}
+        self._send_call: Any = None
+
+    def queue(self, transport: Any, data: Buffer) -> None:
+        """
+        C{transport.write(data)} for a buffer that will never change: on a
+        plain TCP connection it is queued as it is (Twisted's join before the
+        send copies it once), unless it is a small view of a large object
+        (L{PIN_RATIO}), which is copied, and sent at the end of the reactor
+        turn (L{_send_queued}); else written as C{bytes}.
+        """
+        if not _plain(transport):
+            transport.write(bytes(data))
             return
-    queue(transport, data)
+        # Twisted's write, less its check that data is bytes.
+        if not data or not transport.connected or transport._writeDisconnected:
+            return
+        if type(data) is memoryview and _pins(data):
+            data = data.tobytes()
+        transport._tempDataBuffer.append(data)
+        transport._tempDataLen += len(data)
+        transport._maybePauseProducer()
+        if transport.offset != len(transport.dataBuffer) or transport.disconnecting:
+            # Twisted is sending (or closing) already: these go with it.
+            transport.startWriting()
+            return
+        self._queued[transport] = None
+        if self._send_call is None:
+            self._send_call = transport.reactor.callLater(0, self._send_queued)
+
+    def forward(self, transport: Any, data: Buffer) -> None:
+        """
+        Pass on C{data}, a buffer that will never change: at least
+        L{ALONE_FROM} bytes are sent at once as by L{write} (without a copy of
+        what the kernel did not take), shorter ones queued as by L{queue}.
+        """
+        size = len(data)
+        if size >= ALONE_FROM:
+            rest = _send_now(transport, [data], size)
+            if rest is not None:
+                for piece in rest:
+                    self.queue(transport, piece)
+                return
+        self.queue(transport, data)
+
+    def _send_queued(self) -> None:
+        """
+        The end of a reactor turn: send what L{queue} queued, one system call
+        per socket; only a socket that did not take it all is watched for
+        writability (Twisted's queue does the rest, with its backpressure).
+        """
+        self._send_call = None
+        transports = list(self._queued)
+        self._queued.clear()
+        for transport in transports:
+            if not transport._tempDataLen or not transport.connected:
+                continue  # sent with a later write, or gone
+            rest = _send_now(transport, [], 0, behind=sys.maxsize)
+            if rest is None:
+                transport.startWriting()
+            elif rest:
+                _queue(transport, rest)
+            elif transport.producer is not None and transport.producerPaused:
+                transport.startWriting()  # Twisted's doWrite resumes it, as after any drain

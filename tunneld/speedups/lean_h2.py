@@ -1,6 +1,16 @@
+# -*- test-case-name: tests.test_grpc_bulk -*-
 """
-An h2 connection without the costs that grow with traffic, shared by every
-HTTP/2 speaker here (the gRPC agent link, public HTTP/2, h2c upstreams).
+The h2 connection every HTTP/2 speaker here uses (the gRPC agent link,
+public HTTP/2, h2c upstreams): L{new_h2_connection} makes one.
+
+L{PiecewiseH2Connection} is h2's connection plus calls that take and give a
+DATA payload in pieces (L{PiecewiseH2Connection.receive_frames},
+L{PiecewiseH2Connection.send_data_parts},
+L{PiecewiseH2Connection.chunks_to_send}, L{PiecewiseH2Connection.send_room}),
+built on h2's public API: the fallback.  L{LeanH2Connection} is the same
+calls without the costs that grow with traffic, done on h2's private state
+(its frame buffer, flow-control window managers and stream bookkeeping, and
+hyperframe's frame repr): the trick, used when L{TRICK} is on.
 """
 
 from __future__ import annotations
@@ -25,10 +35,15 @@ from h2.stream import H2Stream, StreamInputs, StreamState
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError, InvalidPaddingError
 from hyperframe.frame import DataFrame, Frame
 
+from tunneld.speedups.switches import Trick
+
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["DataArrived", "LeanH2Connection", "Payload", "Piece"]
+__all__ = [
+    "TRICK", "DataArrived", "LeanH2Connection", "Payload", "Piece", "PiecewiseH2Connection",
+    "new_h2_connection",
+]
 
 # A DATA frame that L{LeanH2Connection.receive_frames} took on its short
 # path: the stream's id, the payload and its length (no padding, so the
@@ -195,7 +210,41 @@ _RECEIVING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
 _SENDING = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
 
 
-class LeanH2Connection(H2Connection):
+class PiecewiseH2Connection(H2Connection):
+    """
+    h2's connection, with a DATA payload taken and given in pieces, on h2's
+    public API (each call joins or copies what the lean one does not).
+    """
+
+    def receive_frames(self, data: Buffer) -> list[Event | DataArrived]:
+        """
+        C{receive_data(data)}: h2's events; L{LeanH2Connection} returns some
+        DATA frames as L{DataArrived} triples instead.
+        """
+        return list(self.receive_data(bytes(data)))
+
+    def send_data_parts(
+        self, stream_id: int, parts: Sequence[Piece], end_stream: bool = False,
+        size: int | None = None,
+    ) -> None:
+        """C{send_data(stream_id, b"".join(parts), end_stream)}; C{size}: the parts' total length, if known."""
+        self.send_data(stream_id, b"".join(parts), end_stream=end_stream)
+
+    def send_room(self, stream_id: int) -> int:
+        """
+        How many bytes one DATA frame on the stream may carry now: the
+        smaller of the two windows and the peer's frame size.  Raises as
+        C{local_flow_control_window} does for a stream that is not open.
+        """
+        return min(self.local_flow_control_window(stream_id), self.max_outbound_frame_size)
+
+    def chunks_to_send(self) -> list[Piece]:
+        """What L{data_to_send} returns, as the pieces it would join."""
+        data = self.data_to_send()
+        return [data] if data else []
+
+
+class LeanH2Connection(PiecewiseH2Connection):
     """
     An C{H2Connection} that counts open streams in amortised constant time,
     reads frames with L{_FrameBuffer} and can send a DATA frame's payload
@@ -497,3 +546,102 @@ class LeanH2Connection(H2Connection):
         if self._few(self.local_settings.max_concurrent_streams):
             return len(self.streams)
         return self._walked(super().open_inbound_streams)
+
+
+def new_h2_connection(config: H2Configuration) -> PiecewiseH2Connection:
+    """An HTTP/2 connection: the lean one when L{TRICK} is on, else the public-API one."""
+    return LeanH2Connection(config) if TRICK.active else PiecewiseH2Connection(config)
+
+
+# The private names of h2 (and hyperframe) the lean connection uses, by the
+# object that must have them.
+_PRIVATE = {
+    "H2Connection": (
+        "_inbound_flow_control_window_manager", "_data_to_send", "_receive_frame",
+        "_terminate_connection", "incoming_buffer", "MAX_WINDOW_INCREMENT",
+    ),
+    "FrameBuffer": ("_data", "_preamble_len", "_headers_buffer", "_validate_frame_length", "max_frame_size"),
+    "H2Stream": (
+        "_inbound_window_manager", "_expected_content_length", "_actual_content_length",
+    ),
+    "DataFrame": ("_body_repr", "parse_body", "parse_frame_header"),
+}
+_REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"check")]
+
+
+def _arrived(events: list[Event | DataArrived]) -> list[tuple[object, ...]]:
+    """Events as comparable tuples: a DATA frame is (stream, payload, length) either way it came."""
+    out: list[tuple[object, ...]] = []
+    for event in events:
+        if isinstance(event, tuple):
+            stream_id, payload, length = event
+            pieces = payload if isinstance(payload, list) else [payload]
+            out.append(("data", stream_id, b"".join(bytes(p) for p in pieces), length))
+        elif type(event).__name__ == "DataReceived":
+            out.append(("data", event.stream_id, event.data, event.flow_controlled_length))  # type: ignore[attr-defined]
+        else:
+            out.append((type(event).__name__, getattr(event, "stream_id", None)))
+    return out
+
+
+def _check() -> str | None:
+    """
+    h2 has the private names the lean connection uses, and a short exchange
+    (headers; plain, padded, large and gathered DATA frames; a window update;
+    a response sent in parts) leaves a lean and a stock h2 server with the
+    same events, windows and output.
+    """
+    client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    server = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+    for name, owner in (
+        ("H2Connection", server), ("FrameBuffer", server.incoming_buffer), ("DataFrame", DataFrame(1)),
+    ):
+        missing = [attr for attr in _PRIVATE[name] if not hasattr(owner, attr)]
+        if missing:
+            return f"h2's {name} lacks {', '.join(missing)}"
+    client.initiate_connection()
+    client.send_headers(1, _REQUEST)
+    preface = client.data_to_send()
+    client.send_data(1, b"a" * 100)
+    client.send_data(1, b"b" * 16_384)
+    client.send_data(1, b"c" * 10, pad_length=5)
+    client.increment_flow_control_window(1000, 1)
+    client.send_data(1, b"d" * 7, end_stream=True)
+    wire = client.data_to_send()
+    cut = wire.index(b"b" * 64)  # inside the large frame: read in two parts
+    outcomes = []
+    for lean in (True, False):
+        conn: PiecewiseH2Connection = (LeanH2Connection if lean else PiecewiseH2Connection)(
+            H2Configuration(client_side=False, header_encoding=None)
+        )
+        conn.initiate_connection()
+        events = conn.receive_frames(preface)
+        if lean:
+            stream = conn.streams[1]
+            missing = [attr for attr in _PRIVATE["H2Stream"] if not hasattr(stream, attr)]
+            if missing:
+                return f"h2's H2Stream lacks {', '.join(missing)}"
+        events += conn.receive_frames(wire[:cut]) + conn.receive_frames(wire[cut:])
+        conn.acknowledge_received_data(16_384, 1)
+        conn.send_headers(1, [(b":status", b"200")])
+        conn.send_data_parts(1, [b"x" * 10, memoryview(b"y" * 20)])
+        room = conn.send_room(1)
+        conn.send_data_parts(1, [b"z"], end_stream=True)
+        output = b"".join(conn.chunks_to_send())
+        outcomes.append((
+            _arrived(events), room, conn.inbound_flow_control_window,
+            conn.outbound_flow_control_window, output,
+        ))
+    if outcomes[0] != outcomes[1]:
+        return "a lean and a stock h2 connection disagree on the same exchange"
+    return None
+
+
+TRICK = Trick(
+    "lean_h2",
+    touches="h2's frame buffer, window managers and stream bookkeeping (" + ", ".join(
+        sorted({name for names in _PRIVATE.values() for name in names if name.startswith("_")})
+    ) + ")",
+    fallback="h2's public API",
+    check=_check,
+)
