@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -20,7 +20,7 @@ from tunneld.wire.terminal import (
 )
 
 records = st.one_of(
-    st.builds(Output, st.binary(max_size=300)),
+    st.builds(Output, st.binary(max_size=100)),
     st.builds(Resize, st.integers(0, 65535), st.integers(0, 65535)),
     st.builds(Close, st.text(max_size=20), st.text(max_size=50)),
     st.builds(Heartbeat, st.integers(0, 2**64 - 1), st.booleans()),
@@ -29,7 +29,8 @@ records = st.one_of(
 
 
 class RecordTests(SynchronousTestCase):
-    @given(st.lists(records, max_size=20), st.integers(1, 50))
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(records, max_size=12), st.integers(1, 50))
     def test_round_trip_in_any_pieces(self, sent: list[object], piece: int) -> None:
         """Records come back in order and unchanged, however the bytes are cut."""
         data = b"".join(encode(r) for r in sent)  # type: ignore[arg-type]
