@@ -206,14 +206,9 @@ class TerminalTests(TestCase):
             client.transport.abortConnection()
             await client.lost
             await self.no_terminals_left(harness)
+        # Nothing accumulates (what was closing at the start may be gone by now).
         await eventually(
             lambda: len(os.listdir("/proc/self/fd")) <= len(before), "the fds to be closed"
-        )
-        after = os.listdir("/proc/self/fd")
-        self.assertEqual(
-            len(after), len(before),
-            [(fd, os.readlink(f"/proc/self/fd/{fd}")) for fd in set(after) ^ set(before)
-             if os.path.exists(f"/proc/self/fd/{fd}")],
         )
         closes = [e["reason"] for e in events.matching(
             "terminal session {session} for {allocation} closed ({reason}: {message}); "
