@@ -391,11 +391,13 @@ class Bench:
         return system
 
     def tunneld(self, transport: str, upstream: int, ws_echo: int | None, tag: str = "",
-                twistd_options: tuple[str, ...] = ()) -> System:
+                twistd_options: tuple[str, ...] = (), limits: str = "", tables: str = "") -> System:
         """
         An edge and an agent with one tunnel to the upstream (and one to the
         WebSocket echo); C{twistd_options} go before the plugin name (the
-        profiler's, for bench/profile.py).
+        profiler's, for bench/profile.py); C{limits} are more [limits] keys
+        and C{tables} more tables of the edge's configuration (bench/state_cost.py's
+        [edge.state]).
         """
         system = System(transport, f"tunneld over {transport}", tunnel=True)
         sys.path.insert(0, ROOT)
@@ -425,10 +427,10 @@ admin_listen = "tcp:0:interface=127.0.0.1"
 [limits]
 max_connections_per_client = 0
 max_connections = 0
-
+{limits}
 [transports.{transport}]
 {link_key} = "tcp:0:interface=127.0.0.1"
-""")
+{tables}""")
         edge = self.spawn(f"edge-{transport}{tag}",
                           self.twistd("tunneld", edge_conf, twistd_options, f"edge-{transport}{tag}"),
                           self.sut_cpu)

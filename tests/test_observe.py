@@ -31,6 +31,7 @@ from tunneld.config import (
     TunnelSection,
 )
 from tunneld.edge.service import EdgeService
+from tunneld.interfaces import EdgeRecord
 from tunneld.model.reasons import Reason
 from tunneld.observe.console import AgentActivity, ConsoleSummary, summary_line
 from tunneld.observe.logging import JSONLinesObserver
@@ -188,6 +189,27 @@ class MetricsAndAdminTests(TestCase):
             await readBody(response)
             self.assertEqual(response.code, 200, name)
 
+    async def test_drain_one_agent_names_another_edge(self) -> None:
+        """With another live edge in the registry, the admin drain's GoAway names it (reconnect_to) and the agent dials it."""
+        harness, _ = await self.start()
+        edge = harness.edge
+        assert edge is not None
+        # "Another edge" whose agent URL is this edge's own link: the agent can follow it here.
+        url = f"ws://127.0.0.1:{harness.link_address().port}/tunnel"
+        await edge.state.backend.register_edge(EdgeRecord("other/1", "other", agent_urls=(url,)), 60)
+        await edge.membership.beat()
+        (old,) = edge.sessions.sessions
+        code, body = await get(harness, admin_url(edge, f"/api/agents/{old}/drain"), b"POST")
+        self.assertEqual(code, 200)
+        for _ in range(500):
+            if old not in edge.sessions.sessions and edge.sessions.sessions:
+                break
+            await sleep(0.02)
+        self.assertNotIn(old, edge.sessions.sessions)
+        self.assertEqual(harness.agents[0].redirect, url)
+        code, _, body = await harness.request("app.test", "/hello")
+        self.assertEqual((code, body), (200, HELLO))
+
     async def test_drain_one_agent(self) -> None:
         """POST drain sends GOAWAY: the session takes no new streams, closes (it has none in flight) and the agent reconnects."""
         harness, _ = await self.start()
@@ -256,6 +278,8 @@ class MetricsAndAdminTests(TestCase):
         rows = {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
         self.assertEqual(rows["ws-agent"][2], "websocket")
         self.assertEqual(rows["grpc-agent"][2], "grpc")
+        # The cluster of the default (memory) edge: itself, with both agents.
+        self.assertIn("cluster (memory state, reachable): 1 edge(s)", text)
         self.assertIn("a.test", rows)
         self.assertIn("b.test", rows)
         self.assertIn("edge: ready, 2 agent session(s), 2 tunnel(s)", text)

@@ -170,6 +170,18 @@ class AvailabilityTests(SynchronousTestCase):
         good.healthy = False
         self.assertIs(self.router.route("a.test", "/"), Reason.AGENT_UNAVAILABLE)
 
+    def test_all_draining_is_draining(self) -> None:
+        """Every session of a tunnel draining (its agents moving to another edge): DRAINING, which tells a client to retry."""
+        spec = TunnelSpec("a.test")
+        one, two = session("one"), session("two")
+        for s in (one, two):
+            self.router.register(s, spec)
+            s.draining = True
+        self.assertIs(self.router.route("a.test", "/"), Reason.DRAINING)
+        two.draining = False
+        two.healthy = False
+        self.assertIs(self.router.route("a.test", "/"), Reason.AGENT_UNAVAILABLE)
+
     def test_unregister_removes_everything(self) -> None:
         """Unregistering a session removes it from every tunnel and drops emptied tunnels."""
         mine, other = session("mine"), session("other")

@@ -246,6 +246,9 @@ class EdgeRecord:
     public_addresses: tuple[str, ...] = ()
     draining: bool = False
     started_at: float = 0.0  # seconds since the epoch, for people
+    # Where an agent dials this edge, one URL per transport (ws://…, wss://…,
+    # grpc://…, grpcs://…): what a draining edge's GoAway names as reconnect_to.
+    agent_urls: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

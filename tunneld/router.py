@@ -149,7 +149,9 @@ class Router:
         """
         The route for a public request, or the reason there is none:
         C{no_tunnel} when nothing is registered for the name,
-        C{agent_unavailable} when its agents are all unhealthy or draining.
+        C{agent_unavailable} when its agents are all unhealthy or draining,
+        C{draining} when every one is draining (moving to another edge: a
+        client may retry elsewhere, or soon).
         """
         host = host.lower().rstrip(".")
         for tunnels in self._candidates(host):
@@ -159,7 +161,7 @@ class Router:
                     continue
                 session = self._pick(tunnel.sessions, tunnel.key)
                 if session is None:
-                    return Reason.AGENT_UNAVAILABLE
+                    return _none_usable(tunnel.sessions)
                 return Route(tunnel.key, session.link, session)
         if hostname_allowed(host, list(self._reserved)):
             return Reason.AGENT_UNAVAILABLE
@@ -218,7 +220,7 @@ class Router:
             return Reason.NO_TUNNEL
         session = self._pick(tunnel.sessions)
         if session is None:
-            return Reason.AGENT_UNAVAILABLE
+            return _none_usable(tunnel.sessions)
         return Route(tunnel.key, session.link, session)
 
     def port_snapshot(self) -> dict[int, tuple[str, list[str]]]:
@@ -269,3 +271,10 @@ def hostname_allowed(hostname: str, allowed: list[str]) -> bool:
         if pattern.startswith("*.") and hostname.removeprefix("*.").endswith(pattern[1:]):
             return True
     return False
+
+
+def _none_usable(sessions: list[AgentSession]) -> Reason:
+    """Why no session of a tunnel can take a stream: all draining, or otherwise unusable."""
+    if sessions and all(s.draining for s in sessions):
+        return Reason.DRAINING
+    return Reason.AGENT_UNAVAILABLE

@@ -1,6 +1,9 @@
 # -*- test-case-name: tests.test_observe -*-
 """
-C{tunneld status}: the edge's admin API as tables for a person.
+C{tunneld status}: the edge's admin API as tables for a person: this
+edge's agents and tunnels, then the cluster (every live edge in the state
+backend, its agents, and the edges serving each tunnel; with the default
+memory backend, this edge alone).
 
 A command-line tool with a reactor of its own for its few requests (treq, the
 HTTP client tunneld uses wherever it asks something over HTTP); it prints
@@ -27,14 +30,21 @@ class AdminUnreadable(Exception):
 
 
 async def fetch(
-    client: HTTPClient, admin: str, path: str, accept: tuple[int, ...] = (200,)
+    client: HTTPClient, admin: str, path: str, accept: tuple[int, ...] = (200,),
+    json_for: tuple[int, ...] | None = None,
 ) -> tuple[int, Any]:
-    """The status and JSON body at C{path} of the admin API at C{admin}."""
+    """
+    The status and JSON body at C{path} of the admin API at C{admin}; a
+    status in C{accept} but not in C{json_for} (default: all of C{accept})
+    comes with None, whatever its body.
+    """
     url = admin.rstrip("/") + path
     response = await client.get(url, timeout=TIMEOUT)
     body = await response.content()
     if response.code not in accept:
         raise AdminUnreadable(f"{path} answered {response.code}")
+    if json_for is not None and response.code not in json_for:
+        return response.code, None
     try:
         return response.code, json.loads(body)
     except ValueError:
@@ -89,6 +99,31 @@ def render(agents: list[dict[str, Any]], tunnels: list[dict[str, Any]],
     return "".join(out)
 
 
+def render_cluster(cluster: dict[str, Any]) -> str:
+    """The cluster tables: edges, every edge's agents, and the edges serving each tunnel."""
+    edges = cluster["edges"]
+    reach = "reachable" if cluster["reachable"] else f"UNREACHABLE: {cluster.get('error', '')}"
+    out = [f"\ncluster ({cluster['backend']} state, {reach}): {len(edges)} edge(s)\n\n"]
+    out.append(table(
+        ["EDGE", "NAME", "STATE", "AGENTS", "TUNNELS", "AGENT URLS"],
+        [[e["edge_id"] + (" *" if e["this"] else ""), e["name"],
+          "draining" if e["draining"] else "live", str(len(e["agents"])),
+          ", ".join(e["tunnels"]), ", ".join(e["agent_urls"])] for e in edges],
+    ))
+    out.append("\n")
+    out.append(table(
+        ["EDGE", "AGENT", "SESSION", "TRANSPORT", "TUNNELS"],
+        [[e["edge_id"], a["agent"], a["session"][:12], a["transport"], ", ".join(a["tunnels"])]
+         for e in edges for a in e["agents"]],
+    ))
+    out.append("\n")
+    out.append(table(
+        ["TUNNEL", "SERVED FROM EDGES"],
+        [[t["tunnel"], ", ".join(t["edges"])] for t in cluster["tunnels"]],
+    ))
+    return "".join(out)
+
+
 def main(argv: list[str], stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr) -> int:
     """
     C{tunneld status [--admin URL]}: returns the exit status of C{--help} or
@@ -132,10 +167,16 @@ async def show(client: HTTPClient, admin: str, stdout: TextIO, stderr: TextIO) -
         tunnels = (await fetch(client, admin, "/api/tunnels"))[1]["tunnels"]
         refusals = (await fetch(client, admin, "/api/refusals"))[1]
         code, _ = await fetch(client, admin, "/readyz", accept=(200, 503))
+        # An edge from before the cluster view answers 404: no cluster tables.
+        cluster_code, cluster = await fetch(
+            client, admin, "/api/cluster", accept=(200, 404), json_for=(200,)
+        )
     except Exception as e:  # noqa: BLE001 -- refused, timed out, not the admin API: say which
         stderr.write(f"tunneld status: cannot read the admin API at {admin}: {_why(e)}\n")
         return False
     stdout.write(render(agents, tunnels, refusals, code == 200))
+    if cluster_code == 200:
+        stdout.write(render_cluster(cluster))
     return True
 
 

@@ -33,6 +33,7 @@ from tunneld import __version__
 from tunneld.agent.backoff import Backoff
 from tunneld.agent.health import UpstreamProbe
 from tunneld.agent.identity import resolve_agent_id
+from tunneld.agent.targets import retarget
 from tunneld.agent.tcp import TCPForwarder
 from tunneld.agent.terminal import TerminalService, refuse_disabled
 from tunneld.agent.upstream import UpstreamPool
@@ -191,6 +192,13 @@ class AgentService(Service):
         # Observability seam: sees (and may wrap) each stream before it is served.
         self.stream_hook: Callable[[IStream], IStream] | None = None
         self._index = 0
+        # Edges by URL ([agent] edge_urls), the one dialled now, and the edge
+        # a draining edge's GoAway named (dialled first while it answers).
+        self.edge_urls = list(section.edge_urls)
+        self._url_index = 0
+        self._url_failures = 0  # URLs failed in a row (a whole round: back off)
+        self.redirect: str | None = None
+        self._target: str | None = None  # the URL of the dial in progress, or None
         self._pending: Any = None
         self._stopping = False
         self._links: dict[IAgentLink, _Link] = {}
@@ -234,11 +242,40 @@ class AgentService(Service):
         self._pending = None
         if self._stopping:
             return
-        self._index = index
         plugin, options = self.transports[index]
-        self.log.info("connecting to the edge over {transport}", transport=plugin.name)
+        target = self.redirect or (self.edge_urls[self._url_index] if self.edge_urls else None)
+        if target is not None:
+            found = self._dialling(target)
+            if found is None:
+                self.log.warn(
+                    "cannot dial {url}: no configured transport speaks it (transports: "
+                    "{transports})", url=target,
+                    transports=", ".join(p.name for p, _ in self.transports),
+                )
+                target = None
+                if self.redirect is not None:
+                    self.redirect = None
+                    self._dial(index)
+                    return
+            else:
+                index, plugin, options = found
+        self._index = index
+        self._target = target
+        if target is None:
+            self.log.info("connecting to the edge over {transport}", transport=plugin.name)
+        else:
+            self.log.info("connecting to the edge at {url} over {transport}", url=target,
+                          transport=plugin.name)
         d = plugin.connect(options, self.setup)
         d.addCallbacks(self._connected, self._connect_failed)
+
+    def _dialling(self, url: str) -> tuple[int, ITransportPlugin, Any] | None:
+        """The configured transport that dials C{url}, with its options aimed there."""
+        for index, (plugin, options) in enumerate(self.transports):
+            aimed = retarget(plugin.name, options, url)
+            if aimed is not None:
+                return index, plugin, aimed
+        return None
 
     def _dial_in(self, delay: float) -> None:
         """Dial again (from the preferred transport) in C{delay} seconds; one dial pending at most."""
@@ -253,6 +290,10 @@ class AgentService(Service):
             return
         failed = self.transports[self._index][0].name
         error = failure.getErrorMessage()
+        target = self._target
+        if target is not None:
+            self._target_failed(target, error)
+            return
         if self._index + 1 < len(self.transports):
             fallback = self.transports[self._index + 1][0].name
             self.log.warn(
@@ -262,6 +303,26 @@ class AgentService(Service):
             self._dial(self._index + 1)
             return
         self._retry_later(f"{failed} failed: {error}", lost=False)
+
+    def _target_failed(self, url: str, error: str) -> None:
+        """A dial by URL failed: the edge named by a GoAway is dropped, a listed one is passed."""
+        if url == self.redirect:
+            self.redirect = None
+            self.log.warn(
+                "cannot connect to {url}, the edge named by a draining edge ({error}); dialling "
+                "the configured edges", url=url, error=error,
+            )
+            self._dial(0)
+            return
+        self._url_failures += 1
+        self._url_index = (self._url_index + 1) % max(1, len(self.edge_urls))
+        if self._url_failures < len(self.edge_urls):
+            self.log.warn("cannot connect to {url} ({error}); trying {next}", url=url,
+                          error=error, next=self.edge_urls[self._url_index])
+            self._dial(0)
+            return
+        self._url_failures = 0
+        self._retry_later(f"{url}: {error}", lost=False)
 
     def _retry_later(self, why: str, lost: bool = True) -> None:
         """Dial again after the backoff; C{lost}: a link was up (else a dial failed)."""
@@ -329,9 +390,16 @@ class AgentService(Service):
             self.link = None
             self.backoff.link_down(self.reactor.seconds())
             delay = self.backoff.soon()
+            moving_to = message.reconnect_to
+            if moving_to and self._dialling(moving_to) is None:
+                self.log.warn("the draining edge names {url}, which no configured transport "
+                              "speaks: ignored", url=moving_to)
+                moving_to = ""
+            self.redirect = moving_to or None
             self.log.info(
-                "edge is draining ({message}); moving to a new link in {delay:.2f}s",
+                "edge is draining ({message}); moving to a new link{to} in {delay:.2f}s",
                 message=message.message, delay=delay,
+                to=f" to {moving_to}" if moving_to else "",
             )
             self._retire(tracked, "the edge asked this agent to move")
             self._dial_in(delay)
@@ -350,6 +418,7 @@ class AgentService(Service):
         if timer is not None and timer.active():
             timer.cancel()
         self.backoff.link_up(self.reactor.seconds())
+        self._url_failures = 0
         self.public_urls = message.public_urls
         self.log.info(
             "link up over {transport} to {peer} (session {session})",
@@ -369,7 +438,7 @@ class AgentService(Service):
             )
         if not self.ready.called:
             self.ready.callback(message)
-        if self._index > 0:
+        if self._index > 0 and self._target is None:
             self._schedule_preferred()
 
     def _retire(self, tracked: _Link, message: str, within: float = _RETIRE_DEADLINE) -> None:

@@ -180,6 +180,13 @@ def _sentinel_addresses(values: list[str]) -> str | None:
     return next(filter(None, (_problem(parse_address, value) for value in values)), None)
 
 
+def _agent_url(value: str) -> str | None:
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in ("ws", "wss", "grpc", "grpcs") or not rest.split("/")[0]:
+        return f"expected ws://, wss://, grpc:// or grpcs:// and a host:port, got {value!r}"
+    return None
+
+
 def _state_section(state: EdgeStateSection) -> str | None:
     """The checks that look at several [edge.state] keys at once."""
     if state.backend == "memory" and (state.sentinels or state.sentinel_master):
@@ -232,6 +239,13 @@ class EdgeStateSection:
     )
     edge_name: str = setting(
         "", "This edge's name in the cluster view ('' = the host name); its id adds an epoch."
+    )
+    agent_urls: list[str] = setting(
+        [],
+        "URLs by which agents reach this edge (ws://…, wss://…, grpc://…, grpcs://…), in the "
+        "registry and in a draining edge's GoAway (reconnect_to); [] = made from the agent "
+        "listeners' bound addresses, which is right only when agents dial them directly.",
+        each=_agent_url,
     )
     edge_ttl: float = setting(
         15.0,
@@ -699,6 +713,14 @@ class AgentSection:
         ["websocket"],
         "Transports to try, in order of preference; on failure the next is used.",
         check=_non_empty,
+    )
+    edge_urls: list[str] = setting(
+        [],
+        "Edges to dial, in order (ws://…, wss://…, grpc://…, grpcs://…; the scheme picks the "
+        "transport, which must be in transports): after a failed dial the next is tried, and "
+        "a draining edge's GoAway may name another (reconnect_to), dialled first.  [] = the "
+        "edge in each [transports.NAME] table.",
+        each=_agent_url,
     )
     prefer_retry_interval: float = setting(
         60.0,

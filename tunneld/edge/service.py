@@ -11,6 +11,7 @@ re-reads the configuration file and applies its limits to new work
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import threading
@@ -23,6 +24,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from tunneld.config import EdgeConfig, load_edge_config
+from tunneld.edge.cluster import agent_url_maker, cluster_view, describe_agents, dialable_host
 from tunneld.edge.gateway import EdgeGateway
 from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPSettings
 from tunneld.edge.http2 import PublicH2Factory, PublicH2Settings, PublicHTTPChooserFactory
@@ -34,7 +36,7 @@ from tunneld.edge.terminal import TerminalBridge
 from tunneld.edge.terminal_web import terminal_mounts
 from tunneld.errors import ConfigError
 from tunneld.interfaces import EdgeLinkSetup, ITransportPlugin
-from tunneld.listening import ListeningService, listeners_under
+from tunneld.listening import ListeningService, address_text, listeners_under
 from tunneld.model.messages import GoAway
 from tunneld.model.reasons import Reason
 from tunneld.observe.service import EdgeObservability
@@ -43,6 +45,7 @@ from tunneld.policy.clientaddr import ProxyProtocolFactory, TrustedProxies
 from tunneld.policy.gate import PublicPolicy
 from tunneld.router import Router
 from tunneld.state import make_backend
+from tunneld.state.membership import EdgeMembership
 from tunneld.state.service import StateService
 from tunneld.tls import agent_link_tls
 
@@ -104,7 +107,8 @@ class EdgeService(MultiService):
         self.probes: ListeningService | None = None
         if edge.health_listen:
             self.probes = ListeningService(
-                reactor, edge.health_listen, probe_site(self.not_ready), "health probes",
+                reactor, edge.health_listen, probe_site(self.not_ready, self.degraded),
+                "health probes",
                 key="edge.health_listen",
             )
             self.probes.setServiceParent(self)
@@ -115,6 +119,20 @@ class EdgeService(MultiService):
         # transports, which may keep what other edges must see there.
         self.state = StateService(reactor, make_backend(reactor, edge.state))
         self.state.setServiceParent(self)
+        # This edge in the registry (its record, the tunnels its agents hold,
+        # their hostname reservations), stopped before the store closes.
+        shared = edge.state
+        self.membership = EdgeMembership(
+            self.state, reactor, shared.edge_name, ttl=shared.edge_ttl,
+            interval=shared.heartbeat_interval, reservation_ttl=shared.reservation_ttl,
+            agent_urls=shared.agent_urls,
+        )
+        self.membership.setServiceParent(self.state)
+        self.membership.describe = lambda: json.dumps(describe_agents(self.sessions)).encode()
+        self.sessions.membership = self.membership
+        if self.state.backend.name != "memory":
+            # Per-tunnel rates hold for the whole cluster.
+            self.policy.share(self.state.backend)
         setup = EdgeLinkSetup(
             state=self.state.backend,
             on_link=self.sessions.link_connected,
@@ -125,6 +143,7 @@ class EdgeService(MultiService):
             tls=agent_link_tls(edge.agent_tls),
         )
         self.transports: dict[str, Any] = {}
+        self._agent_url_makers: list[tuple[Any, Any]] = []  # (listener, address -> URL)
         for plugin, options in transports:
             self.sessions.listener_added(plugin.name, getattr(options, "listen", ""), setup.tls)
             service = plugin.edge_service(options, setup)
@@ -134,6 +153,11 @@ class EdgeService(MultiService):
                     listener.key = f"transports.{plugin.name}.listen"
             service.setServiceParent(self)
             self.transports[plugin.name] = service
+            make_url = agent_url_maker(plugin.name, options, setup.tls is not None)
+            if make_url is not None:
+                self._agent_url_makers.extend(
+                    (listener, make_url) for listener in listeners_under(service)
+                )
         # Browser terminals to agents ([edge.terminal]), served on the admin listener.
         self.terminal: TerminalBridge | None = None
         mounts = {}
@@ -206,16 +230,71 @@ class EdgeService(MultiService):
                 problems.append(f"{name} agent-link listener is not listening")
         return problems
 
+    def degraded(self) -> list[str]:
+        """
+        What works in a degraded way now, without making the edge unready
+        (/readyz detail): a state store that cannot be reached.
+        """
+        health = self.state.backend.health()
+        if health.reachable:
+            return []
+        since = ""
+        if health.degraded_since is not None:
+            since = f" for {max(0.0, self.reactor.seconds() - health.degraded_since):.0f}s"
+        return [
+            f"degraded: state store {health.backend} unreachable{since} ({health.last_error}); "
+            "rate limits and routing decided by this edge alone"
+        ]
+
     # -- lifecycle ----------------------------------------------------------
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
+        self._advertise_when_listening()
         source = self.config.source
         if os.path.isfile(source) and threading.current_thread() is threading.main_thread():
             # Only for a process run from a configuration file (twistd), never
             # inside someone else's process such as a test runner.
             self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
             self.reactor.callWhenRunning(self._take_sigterm)
+
+    def _advertise_when_listening(self) -> None:
+        """Once every listener is bound, put its real address in the registry record."""
+        listeners = listeners_under(self)
+        waiting = [len(listeners)]
+
+        def one(result: Any) -> Any:
+            waiting[0] -= 1
+            if waiting[0] == 0 and self.running:
+                self.membership.advertise(*self.addresses())
+            return result  # the start guard sees failures as before
+
+        for listener in listeners:
+            listener.listening.addBoth(one)
+
+    def cluster(self) -> Deferred[dict[str, Any]]:
+        """The cluster view (C{GET /api/cluster}): edges, their agents, where each tunnel is served."""
+        local = {
+            "agents": describe_agents(self.sessions),
+            "tunnels": self.membership.held(),
+            "name": self.membership.edge_name,
+        }
+        return ensureDeferred(cluster_view(self.state.backend, self.membership.edge_id, local))
+
+    def addresses(self) -> tuple[list[str], list[str]]:
+        """This edge's public addresses and the URLs agents dial it by (for the registry)."""
+        public = [
+            address_text(listener.address) for listener in self.public
+            if listener.address is not None
+        ]
+        urls = list(self.config.edge.state.agent_urls)
+        if not urls:
+            name = self.membership.edge_name
+            for listener, make_url in self._agent_url_makers:
+                address = getattr(listener, "address", None)
+                if address is not None and hasattr(address, "port"):
+                    urls.append(make_url(dialable_host(address.host, name), address.port))
+        return public, urls
 
     def _sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reload)
@@ -292,10 +371,15 @@ class EdgeService(MultiService):
             stop_accepting = getattr(transport, "stop_accepting", None)
             if stop_accepting is not None:
                 stopping.append(maybeDeferred(stop_accepting))
+        # The registry says this edge is draining (GoAway targets and the
+        # cluster view skip it), and this edge reads who else is live.
+        stopping.append(self.membership.set_draining())
         await gatherResults(stopping, consumeErrors=True)
         sessions = list(self.sessions.sessions.values())
         for session in sessions:
-            session.link.send_control(GoAway(Reason.DRAINING, "the edge is shutting down"))
+            session.link.send_control(GoAway(
+                Reason.DRAINING, "the edge is shutting down", self.sessions.reconnect_to(session)
+            ))
             # Each session closes as soon as its last stream ends; the
             # deadline is this drain's (below).
             self.sessions.retire(session, "the edge is shutting down", within=float("inf"))

@@ -16,12 +16,15 @@ import re
 import uuid
 from typing import Any, cast
 
+from twisted.internet.defer import DeferredList
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunneld.config import AgentGrant, EdgeConfig
+from tunneld.edge.cluster import reconnect_target
 from tunneld.edge.tcp import TCPTunnels
-from tunneld.interfaces import IAgentLink, ILinkHandler, IStream
+from tunneld.interfaces import Claim, IAgentLink, ILinkHandler, IStream, StateUnavailable
 from tunneld.model.keys import tunnel_key
 from tunneld.model.messages import (
     PROTOCOL_VERSION,
@@ -38,6 +41,7 @@ from tunneld.observe import events
 from tunneld.observe.stats import EdgeStats
 from tunneld.retire import Retirement
 from tunneld.router import AgentSession, Router, hostname_allowed
+from tunneld.state.membership import EdgeMembership
 from tunneld.tls import AgentIdentity, certificate_identity
 
 
@@ -74,6 +78,7 @@ class EdgeLinkHandler:
         self.sessions = sessions
         self.link = link
         self.session: AgentSession | None = None
+        self.gone = False  # the link was lost (perhaps while its hello waited for the store)
         self._hello_timer: Any = sessions.reactor.callLater(
             sessions.config.edge.hello_timeout, self._hello_timeout
         )
@@ -112,6 +117,7 @@ class EdgeLinkHandler:
 
     def link_lost(self, reason: Reason, message: str) -> None:
         """ILinkHandler.link_lost"""
+        self.gone = True
         if self._hello_timer is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
@@ -139,6 +145,12 @@ class AgentSessions:
         self.draining = False
         # Drained sessions, closed once their last stream ends (see retire).
         self.retiring: dict[str, Retirement] = {}
+        # This edge in the cluster registry (set by the edge service): the
+        # tunnels its sessions hold, and their identities' hostname reservations.
+        self.membership: EdgeMembership | None = None
+        self.identities: dict[str, str] = {}  # session id -> the identity it proved
+        self.holdings: dict[str, tuple[list[str], list[tuple[str, str]]]] = {}
+        self._turn = 0  # drained agents take turns over the other edges
         self._grants = {grant.id: grant for grant in config.agents}
         self._plaintext_public: set[str] = set()  # transports listening in the clear off loopback
         for grant in config.agents:
@@ -283,7 +295,7 @@ class AgentSessions:
             return
         session = AgentSession(uuid.uuid4().hex, hello.agent_id, link)
         refused: list[Refusal] = []
-        urls: list[str] = []
+        accepted: list[TunnelSpec] = []
         for spec in hello.tunnels:
             problem = self._check_spec(spec, allowed)
             reason = Reason.UNAUTHORIZED
@@ -293,17 +305,99 @@ class AgentSessions:
                 reason = Reason.CAP_REACHED
                 problem = f"{limits.max_agents_per_tunnel} agents serve it already"
             if problem is not None:
-                refused.append(Refusal(spec, reason, problem))
-                self.stats.refused(
-                    reason, kind="agent", host=spec.hostname,
-                    target=spec.path_prefix, peer=link.peer,
-                    message=f"agent {hello.agent_id}: {problem}",
-                )
-                self.log.warn(
-                    "agent {agent} may not register {tunnel}: {problem}",
-                    agent=hello.agent_id, tunnel=tunnel_key(spec), problem=problem,
-                )
+                self._refuse_tunnel(link, hello, spec, reason, problem, refused)
                 continue
+            accepted.append(spec)
+        # The identity a hostname is reserved for: what the certificate proves,
+        # else the agent id its token proves.  Open loopback registration
+        # proves nothing (any id may be claimed), so it reserves nothing.
+        identity = (allowed[0].agent_id if isinstance(allowed, tuple) else None) or hello.agent_id
+        membership = self.membership
+        if membership is None or not accepted or allowed is None:
+            self._register(handler, hello, session, identity, accepted, [], refused)
+            return
+        names = sorted({spec.hostname.lower() for spec in accepted})
+        claims = DeferredList(
+            [membership.reserve(name, identity) for name in names], consumeErrors=True
+        )
+        claims.addCallback(self._claimed, handler, hello, session, identity, accepted, names, refused)
+        claims.addErrback(lambda f: self.log.failure("registering agent {agent} failed", f,
+                                                      agent=hello.agent_id))
+
+    def _refuse_tunnel(
+        self, link: IAgentLink, hello: Hello, spec: TunnelSpec, reason: Reason, problem: str,
+        refused: list[Refusal],
+    ) -> None:
+        refused.append(Refusal(spec, reason, problem))
+        self.stats.refused(
+            reason, kind="agent", host=spec.hostname,
+            target=spec.path_prefix, peer=link.peer,
+            message=f"agent {hello.agent_id}: {problem}",
+        )
+        self.log.warn(
+            "agent {agent} may not register {tunnel}: {problem}",
+            agent=hello.agent_id, tunnel=tunnel_key(spec), problem=problem,
+        )
+
+    def _claimed(
+        self, results: list[tuple[bool, Any]], handler: EdgeLinkHandler, hello: Hello,
+        session: AgentSession, identity: str, accepted: list[TunnelSpec], names: list[str],
+        refused: list[Refusal],
+    ) -> None:
+        """The store answered the hostname claims of a hello: register what it granted."""
+        membership = self.membership
+        assert membership is not None
+        granted: list[str] = []
+        owners: dict[str, Claim] = {}
+        for name, (ok, result) in zip(names, results, strict=True):
+            if ok and isinstance(result, Claim):
+                if result.granted:
+                    granted.append(name)
+                else:
+                    owners[name] = result
+                continue
+            failure = cast(Failure, result)
+            if not failure.check(StateUnavailable):
+                self.log.failure("claiming hostname {name} failed", failure, name=name)
+            # Degraded: the certificate (or grant) already allows the name; the
+            # reservation is checked again once the store is back (next hello).
+            self.log.warn(
+                "hostname {name} registered for {identity} without checking its reservation: "
+                "the state store cannot be asked ({why})",
+                name=name, identity=identity, why=failure.getErrorMessage(),
+            )
+        if handler.gone or self.draining:
+            for name in granted:
+                membership.unreserve(name, identity)
+            if not handler.gone:
+                self._refuse_draining(handler.link, hello.agent_id)
+            return
+        kept: list[TunnelSpec] = []
+        for spec in accepted:
+            claim = owners.get(spec.hostname.lower())
+            if claim is None:
+                kept.append(spec)
+                continue
+            left = "" if claim.expires_in is None else f", for {claim.expires_in:.0f}s more"
+            self.log.warn(
+                "hostname {name} is reserved by agent identity {owner}{left}: refused to {identity}",
+                name=spec.hostname, owner=claim.owner, left=left, identity=identity,
+            )
+            self._refuse_tunnel(
+                handler.link, hello, spec, Reason.UNAUTHORIZED,
+                f"hostname {spec.hostname} is reserved by another agent identity{left}",
+                refused,
+            )
+        self._register(handler, hello, session, identity, kept, granted, refused)
+
+    def _register(
+        self, handler: EdgeLinkHandler, hello: Hello, session: AgentSession, identity: str,
+        accepted: list[TunnelSpec], reserved: list[str], refused: list[Refusal],
+    ) -> None:
+        link = handler.link
+        urls: list[str] = []
+        held: list[str] = []
+        for spec in accepted:
             if spec.protocol == "tcp":
                 registered = cast(TCPTunnels, self.tcp).register(session, spec)
                 if isinstance(registered, Refusal):
@@ -317,6 +411,7 @@ class AgentSessions:
             else:
                 self.router.register(session, spec)
                 urls.append(self._public_url(spec))
+            held.append(tunnel_key(spec))
             self.log.info(
                 "agent {agent} registered {tunnel} over {transport}",
                 agent=hello.agent_id, tunnel=tunnel_key(spec), transport=link.transport_name,
@@ -324,6 +419,11 @@ class AgentSessions:
         handler.session = session
         self.sessions[session.session_id] = session
         self.connected_at[session.session_id] = self.reactor.seconds()
+        self.identities[session.session_id] = identity
+        if self.membership is not None:
+            self.holdings[session.session_id] = (held, [(name, identity) for name in reserved])
+            for key in held:
+                self.membership.hold(key)
         self.stats.session_up(link.transport_name)
         link.send_control(
             Welcome(
@@ -391,6 +491,14 @@ class AgentSessions:
         if retirement is not None:
             retirement.cancel()
         self.router.unregister(session)
+        self.identities.pop(session.session_id, None)
+        holdings = self.holdings.pop(session.session_id, None)
+        if holdings is not None and self.membership is not None:
+            keys, names = holdings
+            for key in keys:
+                self.membership.release(key)
+            for name, identity in names:
+                self.membership.unreserve(name, identity)
         if self.sessions.pop(session.session_id, None) is not None:
             self.connected_at.pop(session.session_id, None)
             self.stats.session_down(handler.link.transport_name)
@@ -412,9 +520,21 @@ class AgentSessions:
                 transport=session.link.transport_name, message=message,
                 event=events.AGENT_DRAINED,
             )
-            session.link.send_control(GoAway(Reason.DRAINING, message))
+            session.link.send_control(
+                GoAway(Reason.DRAINING, message, self.reconnect_to(session))
+            )
             self.retire(session, message)
         return session
+
+    def reconnect_to(self, session: AgentSession) -> str:
+        """Another live edge for a drained agent to dial (GoAway reconnect_to), or ''."""
+        membership = self.membership
+        if membership is None:
+            return ""
+        self._turn += 1
+        return reconnect_target(
+            membership.other_edges(), session.link.transport_name, self._turn
+        )
 
     def retire(self, session: AgentSession, message: str, within: float | None = None) -> None:
         """

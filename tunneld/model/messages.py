@@ -80,6 +80,8 @@ class GoAway:
 
     reason: Reason
     message: str = ""
+    # Optional: the URL of another live edge to dial instead ('' = the agent's own URLs).
+    reconnect_to: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,12 +3,16 @@
 The admin API: a small JSON web service on its own, loopback-by-default listener.
 
     GET  /healthz                      the process is alive
-    GET  /readyz                       every listener is up, the state backend answers, not draining
+    GET  /readyz                       every listener is up, not draining (a state backend
+                                       that cannot be reached is reported, as degraded)
     GET  /metrics                      Prometheus text exposition
     GET  /api/tunnels                  tunnels and the sessions serving each
     GET  /api/agents                   agent sessions: transport, peer, RTT, streams, health
     GET  /api/refusals                 recent refusals (newest first) and totals by reason
-    POST /api/agents/SESSION/drain     GOAWAY one session: no new streams, in-flight ones finish
+    GET  /api/cluster                  every live edge (state backend), its agents and tunnels,
+                                       and the edges serving each tunnel
+    POST /api/agents/SESSION/drain     GOAWAY one session (naming another live edge to move
+                                       to): no new streams, in-flight ones finish
 
 Everything is read from the live edge when asked; nothing here is on the
 request path of public traffic.
@@ -21,6 +25,9 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import resource, server
 from twisted.web.server import Request
 
@@ -48,6 +55,8 @@ class EdgeView:
         backends: Callable[[], dict[str, bool]] = lambda: {"memory": True},
         policy: Callable[[], dict[str, Any]] = dict,
         problems: Callable[[], list[str]] = list,
+        notes: Callable[[], list[str]] = list,
+        cluster: Callable[[], Deferred[dict[str, Any]]] | None = None,
     ) -> None:
         self.sessions = sessions
         self.stats = stats
@@ -56,6 +65,8 @@ class EdgeView:
         self.backends = backends
         self.policy = policy
         self.problems = problems  # why the edge should get no traffic (draining, …)
+        self.notes = notes  # what is degraded without making the edge unready (a lost Redis)
+        self.cluster = cluster  # the cluster view, read from the state backend when asked
 
     def agents(self) -> list[dict[str, Any]]:
         now = self.sessions.reactor.seconds()
@@ -116,9 +127,13 @@ class Readyz(_Leaf):
         listeners = self.view.ready()
         backends = self.view.backends()
         problems = self.view.problems()
-        ready = listeners and all(backends.values()) and not problems
+        # A state backend that cannot be reached degrades the edge (local
+        # decisions) but leaves it ready: were it otherwise, every edge would
+        # leave the load balancer at once when Redis goes.
+        ready = listeners and not problems
         return _json(request, 200 if ready else 503, {
             "ready": ready, "listeners": listeners, "backends": backends, "problems": problems,
+            "degraded": self.view.notes(),
         })
 
 
@@ -147,6 +162,34 @@ class Policy(_Leaf):
             for session in self.view.sessions.sessions.values()
         }
         return _json(request, 200, {"counters": self.view.policy(), "agent_streams": streams})
+
+
+class Cluster(_Leaf):
+    """C{GET /api/cluster}: every live edge, its agents and tunnels, and where each tunnel is served."""
+
+    log = Logger()
+
+    def render_GET(self, request: Request) -> Any:  # noqa: N802
+        cluster = self.view.cluster
+        if cluster is None:
+            return _json(request, 404, {"error": "this edge has no cluster view"})
+
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def answer(body: dict[str, Any]) -> None:
+            if not gone:
+                request.write(_json(request, 200, body))
+                request.finish()
+
+        def failed(failure: Failure) -> None:
+            self.log.failure("reading the cluster view failed", failure)
+            if not gone:
+                request.write(_json(request, 500, {"error": failure.getErrorMessage()}))
+                request.finish()
+
+        cluster().addCallbacks(answer, failed)
+        return server.NOT_DONE_YET
 
 
 class Agents(_Leaf):
@@ -226,6 +269,7 @@ def admin_site(
     api.putChild(b"agents", Agents(view))
     api.putChild(b"policy", Policy(view))
     api.putChild(b"refusals", Refusals(view))
+    api.putChild(b"cluster", Cluster(view))
     for path, child in (mounts or {}).items():
         parent = root
         for name in path[:-1]:

@@ -35,11 +35,13 @@ class EdgeCollector(Collector):
     """Turns an edge's counters and live sessions into metric families."""
 
     def __init__(
-        self, stats: EdgeStats, sessions: Any, backends: Callable[[], dict[str, bool]]
+        self, stats: EdgeStats, sessions: Any, backends: Callable[[], dict[str, bool]],
+        state_health: Callable[[], Any] = lambda: None,
     ) -> None:
         self.stats = stats
         self.sessions = sessions
         self.backends = backends
+        self.state_health = state_health
 
     def collect(self) -> Iterator[Metric]:
         stats = self.stats
@@ -141,6 +143,21 @@ class EdgeCollector(Collector):
             health.add_metric([name], 1 if up else 0)
         yield health
 
+        state = self.state_health()
+        if state is not None:
+            yield CounterMetricFamily(
+                "tunneld_state_outages",
+                "Times the state store became unreachable since start (the edge then decides "
+                "locally: degraded).",
+                value=state.outages,
+            )
+            yield CounterMetricFamily(
+                "tunneld_state_fallback_decisions",
+                "Rate-limit decisions made with a local bucket because the state store was "
+                "unreachable.",
+                value=state.fallback_decisions,
+            )
+
 
 class EdgeMetrics:
     """One edge's registry and the text a scrape returns."""
@@ -148,9 +165,10 @@ class EdgeMetrics:
     def __init__(
         self, stats: EdgeStats, sessions: Any,
         backends: Callable[[], dict[str, bool]] = lambda: {"memory": True},
+        state_health: Callable[[], Any] = lambda: None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(EdgeCollector(stats, sessions, backends))
+        self.registry.register(EdgeCollector(stats, sessions, backends, state_health))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

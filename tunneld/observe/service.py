@@ -48,13 +48,18 @@ class EdgeObservability(MultiService):
         self.sessions = sessions
         self.stats = stats
         self.root = root
-        self.metrics = EdgeMetrics(stats, sessions)
+        state = getattr(getattr(root, "state", None), "backend", None)
+        self.state_backend = state
+        self.metrics = EdgeMetrics(stats, sessions, self.backends, self.state_health)
         policy = getattr(root, "policy", None)
         self.view = EdgeView(
             sessions, stats, self.metrics, self.listeners_up,
+            backends=self.backends,
             policy=policy.snapshot if policy is not None else dict,
             # The same reasons as health_listen's /readyz, so both probes agree.
             problems=getattr(root, "not_ready", list),
+            notes=getattr(root, "degraded", list),
+            cluster=getattr(root, "cluster", None),
         )
         self.admin: ListeningService | None = None
         if admin_listen:
@@ -67,6 +72,18 @@ class EdgeObservability(MultiService):
         sampler.setServiceParent(self)
         self.notify = SystemdNotifyService(reactor, self._waits, self._status, notifier)
         self.notify.setServiceParent(self)
+
+    def backends(self) -> dict[str, bool]:
+        """The state backend's name and whether its store answers."""
+        backend = self.state_backend
+        if backend is None:
+            return {"memory": True}
+        return {backend.name: backend.health().reachable}
+
+    def state_health(self) -> Any:
+        """The state backend's L{StateHealth}, or None without one."""
+        backend = self.state_backend
+        return None if backend is None else backend.health()
 
     def _all_listeners(self) -> list[Any]:
         found = listeners_under(self.root)

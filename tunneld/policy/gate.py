@@ -25,10 +25,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from tunneld.config import LimitsSection, TunnelLimits
+from tunneld.interfaces import IStateBackend
 from tunneld.model.reasons import Reason
 from tunneld.policy.caps import Cap, KeyedCap, Slots
 from tunneld.policy.clientaddr import TrustedProxies
 from tunneld.policy.ratelimit import BucketTable
+from tunneld.policy.shared import SharedBuckets
 
 __all__ = ["PublicPolicy", "Refused"]
 
@@ -67,7 +69,16 @@ class PublicPolicy:
         self.tunnel_streams = KeyedCap(0)
         self.tunnel_buckets = BucketTable(clock, 0, 0)
         self.client_buckets = BucketTable(clock, 0, 0)
+        # Set by share(): per-tunnel rates held cluster-wide in the state backend.
+        self.shared: SharedBuckets | None = None
         self.configure(limits, max_streams_per_session)
+
+    def share(self, backend: IStateBackend) -> None:
+        """
+        Hold per-tunnel rate limits for the whole cluster in C{backend}'s token
+        buckets (several edges on Redis); per-client rates stay per edge.
+        """
+        self.shared = SharedBuckets(backend, self.clock, self.limits.max_buckets)
 
     def configure(self, limits: LimitsSection, max_streams_per_session: int = 0) -> None:
         """Apply (new) limits; work already admitted keeps its slots."""
@@ -78,6 +89,8 @@ class PublicPolicy:
         self.client_connections.limit = limits.max_connections_per_client
         self.tunnel_streams.limit = limits.max_streams
         self.tunnel_buckets.max_size = self.client_buckets.max_size = limits.max_buckets
+        if self.shared is not None:
+            self.shared.max_size = limits.max_buckets
         self.tunnel_buckets.reconfigure(limits.rate, _burst(limits.rate, limits.burst))
         self.client_buckets.reconfigure(
             limits.client_rate, _burst(limits.client_rate, limits.client_burst)
@@ -153,7 +166,16 @@ class PublicPolicy:
                 client_burst = _burst(limits.client_rate, override.client_burst)
         wait = self.client_buckets.take((tunnel, client), client_rate, client_burst)
         if wait == 0.0:
-            wait = self.tunnel_buckets.take(tunnel, rate, burst)
+            shared = self.shared
+            if shared is None:
+                wait = self.tunnel_buckets.take(tunnel, rate, burst)
+            else:
+                tunnel_rate = limits.rate if rate is None else rate
+                if tunnel_rate > 0:
+                    wait = shared.take(
+                        tunnel.lower(), tunnel_rate,
+                        self.tunnel_buckets.burst if burst is None else burst,
+                    )
         if wait:
             return self._refuse(Reason.RATE_LIMITED, max(1, math.ceil(min(wait, 3600))))
         cap = self.max_streams_per_session
@@ -181,13 +203,15 @@ class PublicPolicy:
         The counters, read-only: slots in use (all zero on an idle edge),
         bucket table sizes, and refusals by reason since start.
         """
+        shared = {} if self.shared is None else {"shared_rate": self.shared.snapshot()}
         return {
+            **shared,
             "connections": self.connections.in_use,
             "client_connections": self.client_connections.total(),
             "clients_with_connections": len(self.client_connections.counts),
             "tunnel_streams": self.tunnel_streams.total(),
             "tunnels_with_streams": len(self.tunnel_streams.counts),
-            "tunnel_buckets": len(self.tunnel_buckets),
+            "tunnel_buckets": len(self.tunnel_buckets if self.shared is None else self.shared),
             "client_buckets": len(self.client_buckets),
             "draining": self.draining,
             "refusals": dict(self.refusals),

@@ -15,7 +15,10 @@ at once and puts everything back.
 The router tells it which tunnels this edge holds (L{EdgeMembership.hold},
 L{EdgeMembership.release}, counted, since several agent sessions may serve
 one tunnel); the first hold and the last release reach the store at once,
-without waiting for the next beat.
+without waiting for the next beat.  Hostname reservations of this edge's
+sessions (L{EdgeMembership.reserve}, L{EdgeMembership.unreserve}) are
+refreshed by the beat too, and the edge's own description of its agents
+(C{describe}) is stored with it for the cluster view.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import Service
@@ -32,10 +35,13 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from tunneld.interfaces import EdgeRecord, IStateBackend, StateUnavailable
+from tunneld.interfaces import Claim, EdgeRecord, IStateBackend, StateUnavailable
 from tunneld.state.ids import IdMinter, random_epoch
 
-__all__ = ["EdgeMembership"]
+__all__ = ["AGENTS_NAMESPACE", "EdgeMembership"]
+
+# Records (one per live edge, with the edge's TTL): its agents, for the cluster view.
+AGENTS_NAMESPACE = "edge-agents"
 
 
 class EdgeMembership(Service):
@@ -51,8 +57,10 @@ class EdgeMembership(Service):
         *,
         relay_address: str = "",
         public_addresses: Sequence[str] = (),
+        agent_urls: Sequence[str] = (),
         ttl: float = 15.0,
         interval: float = 5.0,
+        reservation_ttl: float = 0.0,
     ) -> None:
         if not 0 < interval < ttl / 2:
             raise ValueError(f"the heartbeat ({interval}s) must be under half the ttl ({ttl}s)")
@@ -62,7 +70,9 @@ class EdgeMembership(Service):
         self.edge_name = name or socket.gethostname()
         self.relay_address = relay_address
         self.public_addresses = tuple(public_addresses)
+        self.agent_urls = tuple(agent_urls)
         self.ttl = ttl
+        self.reservation_ttl = reservation_ttl
         self.interval = interval
         self.edge_id = ""
         self.ids: IdMinter | None = None
@@ -71,7 +81,12 @@ class EdgeMembership(Service):
         self.beats = 0  # completed heartbeats, for tests and the admin view
         self._tunnels: Counter[str] = Counter()
         self._counts: dict[str, int] = {}
+        # Hostnames reserved by the identities of this edge's live sessions.
+        self._names: Counter[tuple[str, str]] = Counter()
         self._pending: set[Deferred[Any]] = set()
+        # What this edge says of its agents in the cluster view (JSON bytes),
+        # stored with each beat for the other edges' `tunneld status`.
+        self.describe: Callable[[], bytes] | None = None
         self._loop = LoopingCall(self.beat)
         self._loop.clock = reactor
         self._starting: Deferred[None] | None = None
@@ -94,7 +109,7 @@ class EdgeMembership(Service):
         self.edge_id = f"{self.edge_name}/{self.ids.prefix}"
         self.record = EdgeRecord(
             self.edge_id, self.edge_name, self.relay_address, self.public_addresses,
-            started_at=self.reactor.seconds(),
+            started_at=self.reactor.seconds(), agent_urls=self.agent_urls,
         )
         self.backend.on_recovered(self._recovered)
         if self.running:
@@ -125,6 +140,8 @@ class EdgeMembership(Service):
             return
         try:
             await self.backend.remove_edge(self.edge_id)
+            if self.describe is not None:
+                await self.backend.delete_record(AGENTS_NAMESPACE, self.edge_id)
             self.log.info("edge {edge} left the cluster", edge=self.edge_id)
         except StateUnavailable as e:
             self.log.warn("edge {edge} could not deregister ({why}); it expires within {ttl}s",
@@ -149,6 +166,64 @@ class EdgeMembership(Service):
 
     def held(self) -> list[str]:
         return sorted(self._tunnels)
+
+    def advertise(
+        self, public_addresses: Sequence[str], agent_urls: Sequence[str]
+    ) -> Deferred[None] | None:
+        """
+        Where this edge's public listeners and agent links are, once they are
+        listening (their ports may be chosen by the system): the record says
+        so from the next beat on, and a beat is sent now if the edge is in.
+        """
+        self.public_addresses = tuple(public_addresses)
+        self.agent_urls = tuple(agent_urls)
+        if self.record is None:
+            return None
+        self.record = dataclasses.replace(
+            self.record, public_addresses=self.public_addresses, agent_urls=self.agent_urls
+        )
+        return self.beat()
+
+    # Hostname reservations
+
+    def _hold_ttl(self) -> float | None:
+        """
+        A reservation's lifetime while a session here holds it: refreshed by
+        every beat, it outlives a SIGKILLed edge by C{reservation_ttl} (and
+        never expires when that is 0).
+        """
+        return self.reservation_ttl + self.ttl if self.reservation_ttl else None
+
+    def reserve(self, name: str, identity: str) -> Deferred[Claim]:
+        """
+        Claim C{name} for C{identity} (an agent session's) while a session
+        holds it: a L{Claim} (refused: another identity owns it).  Fails with
+        L{StateUnavailable} when the store cannot be asked.
+        """
+        d = self.backend.claim_name(name, identity, self._hold_ttl())
+
+        def claimed(claim: Claim) -> Claim:
+            if claim.granted:
+                self._names[name, identity] += 1
+            return claim
+
+        return d.addCallback(claimed)
+
+    def unreserve(self, name: str, identity: str) -> None:
+        """
+        A session of C{identity} holding C{name} ended: with no other left
+        here, the reservation lives C{reservation_ttl} more seconds (0: until
+        released by hand).
+        """
+        if self._names[name, identity] > 1:
+            self._names[name, identity] -= 1
+            return
+        if self._names.pop((name, identity), 0) and self.reservation_ttl:
+            self._send(self.backend.claim_name(name, identity, self.reservation_ttl))
+
+    def reserved(self) -> list[tuple[str, str]]:
+        """The (hostname, identity) reservations this edge's sessions hold."""
+        return sorted(self._names)
 
     def contribute(self, counter: str, value: int) -> None:
         """This edge's part of cluster-wide C{counter} is C{value} (refreshed by each beat)."""
@@ -183,6 +258,13 @@ class EdgeMembership(Service):
         writes.extend(
             backend.set_count(counter, self.edge_id, value, ttl)
             for counter, value in sorted(self._counts.items())
+        )
+        if self.describe is not None:
+            writes.append(backend.put_record(AGENTS_NAMESPACE, self.edge_id, self.describe(), ttl))
+        # Reservations too (a Redis restarted without persistence lost them).
+        hold = self._hold_ttl()
+        writes.extend(
+            backend.claim_name(name, identity, hold) for name, identity in sorted(self._names)
         )
         results = await DeferredList(writes, consumeErrors=True)
         failures: list[Failure] = [result for ok, result in results if not ok]  # type: ignore[misc]

@@ -91,6 +91,7 @@ def edge_from_json(text: Any) -> EdgeRecord:
     raw = json.loads(_text(text))
     fields = {name: value for name, value in raw.items() if name in _EDGE_FIELDS}
     fields["public_addresses"] = tuple(fields.get("public_addresses", ()))
+    fields["agent_urls"] = tuple(fields.get("agent_urls", ()))
     return EdgeRecord(**fields)
 
 

@@ -280,7 +280,11 @@ def encode_control(message: ControlMessage) -> pb.Frame:
             health=pb.Health(tunnel=message.tunnel, healthy=message.healthy, detail=message.detail)
         )
     return pb.Frame(
-        goaway=pb.GoAway(reason=message.reason.wire_code, message=message.message)  # type: ignore[arg-type]
+        goaway=pb.GoAway(
+            reason=message.reason.wire_code,  # type: ignore[arg-type]
+            message=message.message,
+            reconnect_to=message.reconnect_to,
+        )
     )
 
 
@@ -313,7 +317,9 @@ def control_from(frame: pb.Frame) -> ControlMessage:
             max_frame_size=w.max_frame_size,
         )
     if kind == "goaway":
-        return GoAway(Reason.from_wire(frame.goaway.reason), frame.goaway.message)
+        return GoAway(
+            Reason.from_wire(frame.goaway.reason), frame.goaway.message, frame.goaway.reconnect_to
+        )
     if kind == "health":
         return Health(frame.health.tunnel, frame.health.healthy, frame.health.detail)
     raise FrameError(f"{kind} is not a control frame")

@@ -177,12 +177,14 @@ class Ping(_message.Message):
     def __init__(self, opaque: _Optional[int] = ...) -> None: ...
 
 class GoAway(_message.Message):
-    __slots__ = ("reason", "message")
+    __slots__ = ("reason", "message", "reconnect_to")
     REASON_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RECONNECT_TO_FIELD_NUMBER: _ClassVar[int]
     reason: Reason
     message: str
-    def __init__(self, reason: _Optional[_Union[Reason, str]] = ..., message: _Optional[str] = ...) -> None: ...
+    reconnect_to: str
+    def __init__(self, reason: _Optional[_Union[Reason, str]] = ..., message: _Optional[str] = ..., reconnect_to: _Optional[str] = ...) -> None: ...
 
 class Health(_message.Message):
     __slots__ = ("tunnel", "healthy", "detail")
