@@ -1009,6 +1009,23 @@ class EndToEndMixin:
 
     # -- streaming responses -------------------------------------------------------
 
+    async def test_terminal_stream(self) -> None:
+        """A stream of kind terminal crosses this transport: a PTY's bytes, a resize, its exit status."""
+        from tests.terminal_peers import connect_terminal, terminal_tunnel, token_for
+
+        harness = await terminal_tunnel(self, self.transport, self.edge_table(), self.agent_table)
+        token = await token_for(harness, "node-a")
+        client = await connect_terminal(self, harness, "node-a", token, rows=30, cols=90)
+        await client.ready()
+        client.type("stty size; echo hi-$((6*7))\n")
+        await client.sees(b"30 90")
+        await client.sees(b"hi-42")
+        client.send_json({"type": "resize", "rows": 50, "cols": 70})
+        client.type("stty size; exit 4\n")
+        await client.sees(b"50 70")
+        close = await client.close_message()
+        self.assertEqual((close["reason"], close["message"]), ("exited", "status 4"))
+
     async def test_sse_events_arrive_one_by_one(self) -> None:
         """Each server-sent event reaches the client before the upstream sends the next; Last-Event-ID reaches the upstream."""
         harness = TunnelHarness(self, self.transport, self.edge_table())

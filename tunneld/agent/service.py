@@ -37,6 +37,7 @@ from tunneld.agent.health import UpstreamProbe
 from tunneld.agent.identity import resolve_agent_id
 from tunneld.agent.targets import retarget
 from tunneld.agent.tcp import TCPForwarder
+from tunneld.agent.terminal import TerminalService, refuse_disabled
 from tunneld.agent.upstream import UpstreamPool
 from tunneld.agent.upstream_h2 import H2UpstreamPool
 from tunneld.config import AgentConfig
@@ -186,6 +187,10 @@ class AgentService(Service):
                     tunnel.health_timeout,
                     functools.partial(self._health_changed, key),
                 )
+        # The opt-in terminal service ([agent.terminal]): streams of kind "terminal".
+        self.terminal: TerminalService | None = None
+        if section.terminal.enabled:
+            self.terminal = TerminalService(reactor, section.terminal, self.agent_id)
         self._welcomed: IAgentLink | None = None
         self.link: IAgentLink | None = None
         self.public_urls: tuple[str, ...] = ()
@@ -229,6 +234,8 @@ class AgentService(Service):
         for probe in self.probes.values():
             probe.stop()
         waits = [pool.close() for pool in self.pools.values()]
+        if self.terminal is not None:
+            waits.append(self.terminal.close())
         for tracked in list(self._links.values()):
             tracked.stop_timers()
             tracked.link.close(Reason.CANCELLED, "agent stopping")
@@ -526,6 +533,12 @@ class AgentService(Service):
     def stream_opened(self, stream: IStream) -> None:
         if self.stream_hook is not None:
             stream = self.stream_hook(stream)
+        if stream.head.kind == "terminal":
+            if self.terminal is None:
+                refuse_disabled(stream)
+            else:
+                self.terminal.forward(stream)
+            return
         pool = self.pools.get(stream.head.tunnel)
         if pool is None:
             stream.reset(Reason.NO_TUNNEL, f"this agent does not serve {stream.head.tunnel}")
