@@ -58,15 +58,7 @@ class AgentGrpcLink(GrpcLink):
         self, options: GrpcAgentOptions, setup: AgentLinkSetup, authority: str,
         opened: Deferred[AgentGrpcLink],
     ) -> None:
-        super().__init__(
-            reactor=setup.reactor,
-            max_frame_size=setup.max_frame_size,
-            stream_window=options.stream_window,
-            connection_window=options.connection_window,
-            heartbeat_interval=options.heartbeat_interval,
-            heartbeat_timeout=options.heartbeat_timeout,
-            codec=setup.codec,
-        )
+        super().__init__(options, setup)
         self.options = options
         self.setup = setup
         self.authority = authority.encode("ascii", "replace")
@@ -279,15 +271,15 @@ class AgentGrpcLink(GrpcLink):
 
     # -- messages ------------------------------------------------------------------
 
-    def control_message(self, message: ControlMessage) -> None:
+    def control_received(self, message: ControlMessage) -> None:
         if isinstance(message, Welcome) and not self.welcomed:
             self.welcomed = True
-            super().control_message(message)
+            super().control_received(message)
             self.top_up()
             return
         if isinstance(message, GoAway):
             self.draining = True
-        super().control_message(message)
+        super().control_received(message)
 
     def forward_data(self, call: _Call, data: bytes | memoryview) -> None:
         stream = call.stream
@@ -321,14 +313,7 @@ class AgentGrpcLink(GrpcLink):
             call.stream = stream
             self.streams[call.stream_id] = stream
             self._took_idle(call)
-            if self.handler is None:
-                stream.reset(Reason.AGENT_UNAVAILABLE, "agent is not ready")
-                return
-            if end_stream:
-                # A request without a body: the receiver hears the end as it
-                # attaches, before it starts on the request.
-                stream.remote_end(())
-            self.handler.stream_opened(stream)
+            self.hand_over(stream, end_stream)
             return
         if stream.closed:
             return

@@ -65,15 +65,7 @@ class EdgeGrpcLink(GrpcLink):
     is_edge = True
 
     def __init__(self, options: GrpcEdgeOptions, setup: EdgeLinkSetup) -> None:
-        super().__init__(
-            reactor=setup.reactor,
-            max_frame_size=setup.max_frame_size,
-            stream_window=options.stream_window,
-            connection_window=options.connection_window,
-            heartbeat_interval=options.heartbeat_interval,
-            heartbeat_timeout=options.heartbeat_timeout,
-            codec=setup.codec,
-        )
+        super().__init__(options, setup)
         self.options = options
         self.setup = setup
         self.max_calls = options.max_concurrent_calls or setup.max_streams + _CALL_HEADROOM

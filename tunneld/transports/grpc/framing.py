@@ -34,8 +34,6 @@ _RESPONSE_HEADERS = ((b":status", b"200"), (b"content-type", GRPC_CONTENT_TYPE))
 _REUSE = ((REUSE_HEADER, b"1"),)
 # Sent only when it matters: the agent's pool ran dry and should grow.
 _DRY = ((IDLE_HEADER, b"0"),)
-# Room in a message for everything but a Data payload.
-_MESSAGE_OVERHEAD = 32
 # The longest head of a Data message as data_message writes it: a tag and a
 # varint of the Data, a tag and a varint of its payload.
 _DATA_HEAD_MAX = 12

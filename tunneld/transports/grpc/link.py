@@ -27,16 +27,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tunneld.interfaces import IAgentLink, ILinkHandler, IStream, IStreamReceiver
+from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup, IAgentLink, IStream, IStreamReceiver
 from tunneld.model.messages import (
-    END_STREAM_VERSION,
-    MIN_FRAME_SIZE,
     ControlMessage,
     Headers,
-    Hello,
     StreamHead,
-    Welcome,
-    saying_limits,
 )
 from tunneld.model.reasons import Reason
 from tunneld.speedups import bulkwrite
@@ -44,19 +39,19 @@ from tunneld.speedups.lean_h2 import Payload, Piece, new_h2_connection
 from tunneld.speedups.readsize import ReadSize
 from tunneld.transports.grpc.framing import (
     _BARE_END,
-    _MESSAGE_OVERHEAD,
     CallError,
     _data_head,
     _frame_message,
     grpc_message,
     split_messages,
 )
+from tunneld.transports.grpc.options import GrpcAgentOptions, GrpcEdgeOptions
 from tunneld.transports.grpc.status import GrpcStatus, reason_from_rst, rst_code, status_message
 from tunneld.transports.grpc.stream import GrpcStream, _Call
+from tunneld.transports.linkbase import LinkBase
 from tunneld.transports.mux import SocketCongestion
 from tunneld.wire import codec
-from tunneld.wire.codec import Codec, FrameError
-from tunneld.wire.heartbeat import Heartbeat
+from tunneld.wire.codec import FrameError
 
 __all__ = ["GrpcLink"]
 
@@ -70,7 +65,7 @@ _LINGER = 0.5
 
 
 @implementer(IAgentLink)
-class GrpcLink(Protocol):
+class GrpcLink(LinkBase[GrpcStream], Protocol):
     """
     What both ends share: one HTTP/2 connection, its calls, flow control,
     heartbeat and teardown.  L{EdgeGrpcLink} and L{AgentGrpcLink} add the
@@ -84,24 +79,21 @@ class GrpcLink(Protocol):
 
     def __init__(
         self,
-        *,
-        reactor: Any,
-        max_frame_size: int,
-        stream_window: int,
-        connection_window: int,
-        heartbeat_interval: float,
-        heartbeat_timeout: float,
-        codec: Codec | None = None,
+        options: GrpcEdgeOptions | GrpcAgentOptions,
+        setup: EdgeLinkSetup | AgentLinkSetup,
     ) -> None:
-        self.reactor = reactor
-        # The frame codec (the edge's or the agent's, shared by its links).
-        self.codec = codec if codec is not None else Codec()
+        super().__init__(
+            reactor=setup.reactor,
+            max_frame_size=setup.max_frame_size,
+            heartbeat_interval=options.heartbeat_interval,
+            heartbeat_timeout=options.heartbeat_timeout,
+            codec=setup.codec,
+        )
+        max_frame_size = setup.max_frame_size
+        stream_window = options.stream_window
+        connection_window = options.connection_window
+        # The largest gRPC message this end accepts.
         self.max_message = max_frame_size
-        # Data messages fit any peer's limit until the peer says its own in
-        # Hello or Welcome (L{_peer_frame_limit}).
-        self.max_data = min(max_frame_size, MIN_FRAME_SIZE) - _MESSAGE_OVERHEAD
-        # Whether the version agreed in Hello/Welcome lets messages carry end_stream.
-        self.end_stream = False
         self.stream_window = stream_window
         self.connection_window = connection_window
         self.max_pending = stream_window + max_frame_size
@@ -109,14 +101,8 @@ class GrpcLink(Protocol):
         # WINDOW_UPDATE-only writes, each of which wakes the peer for a read.
         self.ack_threshold = max(1, stream_window // 2)
         self.conn_ack_threshold = max(1, connection_window // 2)
-        self.peer = "?"
-        self.handler: ILinkHandler | None = None
-        self._early_control: list[ControlMessage] = []
         self.calls: dict[int, _Call] = {}
-        self.streams: dict[int, GrpcStream] = {}
         self.control: _Call | None = None
-        self.sending_paused = False
-        self.closed = False
         self.conn = new_h2_connection(
             H2Configuration(
                 client_side=not self.is_edge,
@@ -135,14 +121,9 @@ class GrpcLink(Protocol):
         self._batching = False
         self._dirty: list[_Call] = []
         self._turn: Any = None
-        self.heartbeat = Heartbeat(
-            reactor, heartbeat_interval, heartbeat_timeout, self._ping, self._silent
-        )
         self._abort_timer: Any = None
         self._linger_timer: Any = None
         self._lost_reason: tuple[Reason, str] | None = None
-        self.disconnected = False
-        self._disconnect_waiters: list[Deferred[None]] = []
 
     # -- IAgentLink -------------------------------------------------------------
 
@@ -152,40 +133,17 @@ class GrpcLink(Protocol):
         get_cert = getattr(self.transport, "getPeerCertificate", None)
         return get_cert() if get_cert is not None else None
 
-    def set_handler(self, handler: ILinkHandler) -> None:
-        """IAgentLink.set_handler"""
-        self.handler = handler
-        early, self._early_control = self._early_control, []
-        for message in early:
-            handler.control_received(message)
-
-    def send_control(self, message: ControlMessage) -> None:
-        """
-        IAgentLink.send_control; a Hello or Welcome says the largest message
-        this end accepts, a Welcome the heartbeat interval (unless its sender
-        said them).
-        """
+    def send_control_message(self, message: ControlMessage) -> None:
+        """A control message on the Control call."""
         control = self.control
-        if self.closed or control is None or control.local_closed:
-            return
-        if isinstance(message, Welcome):
-            self.end_stream = message.version >= END_STREAM_VERSION
-        message = saying_limits(message, self.max_message, self.heartbeat.interval)
-        self.send_now(control, [_frame_message(codec.encode_control(message))])
+        if control is not None and not control.local_closed:
+            self.send_now(control, [_frame_message(codec.encode_control(message))])
 
     def open_stream(
         self, head: StreamHead, receiver: IStreamReceiver, end_stream: bool = False
     ) -> IStream:
         """IAgentLink.open_stream"""
         raise NotImplementedError("only the edge opens streams")
-
-    def round_trip_time(self) -> float | None:
-        """IAgentLink.round_trip_time"""
-        return self.heartbeat.rtt
-
-    def active_streams(self) -> int:
-        """IAgentLink.active_streams"""
-        return len(self.streams)
 
     def close(self, reason: Reason, message: str) -> None:
         """IAgentLink.close: say why (Control status, GOAWAY), hang up, reset locally."""
@@ -298,18 +256,13 @@ class GrpcLink(Protocol):
         else:
             why, detail = Reason.AGENT_GONE, f"connection lost: {reason.getErrorMessage()}"
         self.wire_lost(why, detail)
-        self.disconnected = True
-        waiters, self._disconnect_waiters = self._disconnect_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
+        self.fire_closed()
 
     def when_closed(self) -> Deferred[None]:
-        """IAgentLink.when_closed"""
-        if self.disconnected or self.transport is None:
+        """IAgentLink.when_closed (at once for a link that never connected)."""
+        if self.transport is None:
             return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._disconnect_waiters.append(waiter)
-        return waiter
+        return super().when_closed()
 
     def flush(self) -> None:
         """
@@ -334,37 +287,12 @@ class GrpcLink(Protocol):
             chunks = [b"".join(chunks)]
         bulkwrite.flush(self.transport, chunks)
 
-    def protocol_error(self, message: str) -> None:
-        self.log.warn(
-            "{transport} link from {peer} broke the protocol: {error}",
-            transport=self.transport_name, peer=self.peer, error=message,
-        )
-        self.close(Reason.PROTOCOL_ERROR, message)
-
     def wire_lost(self, reason: Reason, message: str) -> None:
         """
         The connection is gone: reset every stream and tell the handler.  Safe
         to call more than once.
         """
-        if self.closed:
-            return
-        self.closed = True
-        self.heartbeat.stop()
-        self.stop_timers()
-        streams, self.streams = self.streams, {}
-        for stream in list(streams.values()):
-            stream.remote_reset(reason, message)
-        for stream in self.orphans():
-            stream.remote_reset(reason, message)
-        if self.handler is not None:
-            self.handler.link_lost(reason, message)
-
-    def stop_timers(self) -> None:
-        """Subclasses cancel their own timers here."""
-
-    def orphans(self) -> list[GrpcStream]:
-        """Streams not on a call yet (queued opens) that must be reset too."""
-        return []
+        self.shut(reason, message)
 
     # -- sending ------------------------------------------------------------------
 
@@ -546,19 +474,10 @@ class GrpcLink(Protocol):
         self.ack_call(call)
         return True
 
-    def pause_sending(self) -> None:
-        """The socket's send buffer is full: pause every stream's source."""
-        self.sending_paused = True
-        for stream in list(self.streams.values()):
-            stream.pause_source()
-
-    def resume_sending(self) -> None:
-        """The socket drained: move queued bytes on and resume the sources."""
-        self.sending_paused = False
+    def sending_resumed(self) -> None:
+        """The socket drained: move queued bytes on (the sources resume next)."""
         self.flush_all()
         self.flush()
-        for stream in list(self.streams.values()):
-            stream.resume_source()
 
     # -- receiving ------------------------------------------------------------------
 
@@ -669,27 +588,7 @@ class GrpcLink(Protocol):
             return
         if kind == "pong":
             return
-        message = codec.control_from(frame)
-        self.control_message(message)
-
-    def control_message(self, message: ControlMessage) -> None:
-        if isinstance(message, (Hello, Welcome)):
-            self._peer_frame_limit(message.max_frame_size)
-        if isinstance(message, Welcome):
-            self.end_stream = message.version >= END_STREAM_VERSION
-        if self.handler is not None:
-            self.handler.control_received(message)
-        else:
-            self._early_control.append(message)
-
-    def _peer_frame_limit(self, limit: int) -> None:
-        """
-        The peer accepts messages up to C{limit} bytes (0: not said, the
-        protocol's minimum): Data messages grow up to that or our own limit,
-        whichever is smaller.  A limit below the minimum is ignored.
-        """
-        limit = min(max(limit, MIN_FRAME_SIZE), self.max_message)
-        self.max_data = limit - _MESSAGE_OVERHEAD
+        self.control_received(codec.control_from(frame))
 
     def forward_frame(self, call: _Call, frame: tuple[int, int, Any, bool]) -> None:
         """A message other than Data on a Forward call, as L{codec.read} reads it."""
@@ -802,13 +701,6 @@ class GrpcLink(Protocol):
         except H2ProtocolError:
             return
         self.flush()
-
-    def _silent(self, silent: float) -> None:
-        self.log.warn(
-            "{transport} link {peer} silent for {silent:.1f}s: closing",
-            transport=self.transport_name, peer=self.peer, silent=silent,
-        )
-        self.close(Reason.AGENT_GONE, f"heartbeat timeout after {silent:.1f}s")
 
     # -- streams (both ends) -----------------------------------------------------------
 

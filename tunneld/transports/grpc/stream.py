@@ -11,17 +11,17 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
-from twisted.internet.interfaces import IProducer, IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from tunneld.interfaces import IStream, IStreamReceiver
+from tunneld.interfaces import IStream
 from tunneld.model.messages import Headers, ReplyHead, StreamHead
 from tunneld.model.reasons import Reason
 from tunneld.speedups.lean_h2 import Piece
 from tunneld.transports.grpc.framing import data_message, grpc_message
+from tunneld.transports.linkbase import StreamBase, StreamLink
 from tunneld.wire.codec import Codec
 
 __all__ = ["CallLink", "GrpcStream"]
@@ -30,16 +30,14 @@ __all__ = ["CallLink", "GrpcStream"]
 _REPLAY_LIMIT = 256 * 1024
 
 
-class CallLink(Protocol):
+class CallLink(StreamLink, Protocol):
     """What a L{GrpcStream} needs of its link (L{tunneld.transports.grpc.link.GrpcLink})."""
 
     codec: Codec
     log: Logger
     peer: str
-    reactor: Any
     max_data: int
     max_pending: int
-    sending_paused: bool
 
     def enqueue(self, call: _Call, pieces: Iterable[Piece]) -> None: ...
 
@@ -102,46 +100,27 @@ class _Call:
 
 
 @implementer(IStream)
-class GrpcStream:
-    """One tunnel stream: one C{Forward} call."""
+class GrpcStream(StreamBase):
+    """One tunnel stream: one C{Forward} call (none yet while it waits for one)."""
 
-    __slots__ = (
-        "link", "head", "call", "receiver", "_early", "_held", "_held_size", "_replay",
-        "_replay_size", "answered", "_producer", "_producer_paused", "consumer_paused",
-        "local_ended", "remote_ended", "closed", "queue_timer", "open_ends",
-    )
+    __slots__ = ("call", "_held", "_held_size", "_replay", "_replay_size", "answered",
+                 "queue_timer", "open_ends")
+
+    link: CallLink
 
     def __init__(self, link: CallLink, head: StreamHead, call: _Call | None = None) -> None:
-        self.link = link
-        self.head = head
+        super().__init__(link, head)
         self.call = call
-        self.receiver: IStreamReceiver | None = None
-        self._early: list[tuple[str, tuple[Any, ...]]] | None = []
         self._held: list[Piece] = []
         self._held_size = 0
         self._replay: list[Piece] | None = None
         self._replay_size = 0
         self.answered = False
-        self._producer: IPushProducer | None = None
-        self._producer_paused = False
-        self.consumer_paused = False
-        self.local_ended = False
-        self.remote_ended = False
-        self.closed = False
         self.queue_timer: Any = None
         # The edge's Open says end_stream itself: the request has no body.
         self.open_ends = False
 
     # -- IStream, outgoing -------------------------------------------------
-
-    def attach(self, receiver: IStreamReceiver) -> None:
-        """IStream.attach"""
-        early, self._early = self._early, None
-        self.receiver = receiver
-        for name, args in early or ():
-            getattr(receiver, name)(*args)
-        if self.closed:
-            self.receiver = None  # it heard the last event (see _close)
 
     def send_reply(self, reply: ReplyHead) -> None:
         """IStream.send_reply"""
@@ -179,22 +158,7 @@ class GrpcStream:
         self._close()
         self.link.stream_local_reset(self, reason, message)
 
-    def registerProducer(self, producer: IProducer, streaming: bool) -> None:  # noqa: N802
-        """IConsumer.registerProducer: only push producers (all of ours are)."""
-        self._producer = cast(IPushProducer, producer)
-        self._producer_paused = False
-        if self.blocked():
-            self._pause_producer()
-
-    def unregisterProducer(self) -> None:  # noqa: N802
-        """IConsumer.unregisterProducer"""
-        self._producer = None
-
     # -- IPushProducer, incoming ------------------------------------------
-
-    def pauseProducing(self) -> None:  # noqa: N802
-        """IPushProducer.pauseProducing: return no more window until resumed."""
-        self.consumer_paused = True
 
     def resumeProducing(self) -> None:  # noqa: N802
         """IPushProducer.resumeProducing: return the window held back."""
@@ -203,14 +167,6 @@ class GrpcStream:
         if call is not None and call.unacked:
             self.link.ack_call(call, force=True)
             self.link.flush()
-
-    def stopProducing(self) -> None:  # noqa: N802
-        """
-        IPushProducer.stopProducing: the consumer is gone.  The reset waits a
-        turn so the consumer's own connectionLost can give a better reason.
-        """
-        if not self.closed:
-            self.link.reactor.callLater(0, self.reset, Reason.CANCELLED, "consumer stopped")
 
     # -- for the link ----------------------------------------------------------
 
@@ -287,59 +243,14 @@ class GrpcStream:
                 self.head = self.head.without_headers()
         self._replay = None
 
-    def deliver(self, name: str, *args: Any) -> None:
-        if self.receiver is not None:
-            getattr(self.receiver, name)(*args)
-        elif self._early is not None:
-            self._early.append((name, args))
-
-    def _pause_producer(self) -> None:
-        if self._producer is not None and not self._producer_paused:
-            self._producer_paused = True
-            self._producer.pauseProducing()
-
-    def pause_source(self) -> None:
-        self._pause_producer()
-
-    def resume_source(self) -> None:
-        if (
-            self._producer is not None
-            and self._producer_paused
-            and not self.pending()
-            and not self.link.sending_paused
-        ):
-            self._producer_paused = False
-            self._producer.resumeProducing()
-
-    def remote_end(self, trailers: Headers) -> None:
-        self.remote_ended = True
-        self.deliver("end_received", trailers)
-        self.maybe_done()
-
-    def remote_reset(self, reason: Reason, message: str) -> None:
-        if self.closed:
-            return
-        receiver = self.receiver
-        self._close()
-        if receiver is not None:
-            receiver.reset_received(reason, message)
-        else:
-            self.deliver("reset_received", reason, message)
-
     def maybe_done(self) -> None:
         if self.local_ended and self.remote_ended and not self.closed:
             self._close()
 
-    def _close(self) -> None:
-        self.closed = True
+    def _drop(self) -> None:
         self._held = []
         self._held_size = 0
         self._replay = None
-        self._producer = None
-        # The receiver (which holds this stream) hears nothing more: dropping
-        # it breaks the cycle, so the pair is freed now by reference counting
-        # rather than piling up for the cyclic GC, whose pauses make the tail.
-        self.receiver = None
         if self.queue_timer is not None and self.queue_timer.active():
             self.queue_timer.cancel()
         self.queue_timer = None
