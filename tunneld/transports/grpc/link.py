@@ -17,7 +17,6 @@ from typing import Any
 from urllib.parse import unquote
 
 from h2 import events as h2events
-from h2.config import H2Configuration
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError as H2ProtocolError
 from h2.settings import SettingCodes
@@ -27,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tunneld import h2base
 from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup, IAgentLink, IStream, IStreamReceiver
 from tunneld.model.messages import (
     ControlMessage,
@@ -35,7 +35,7 @@ from tunneld.model.messages import (
 )
 from tunneld.model.reasons import Reason
 from tunneld.speedups import bulkwrite
-from tunneld.speedups.lean_h2 import Payload, Piece, new_h2_connection
+from tunneld.speedups.lean_h2 import Payload, Piece
 from tunneld.speedups.readsize import ReadSize
 from tunneld.transports.grpc.framing import (
     _BARE_END,
@@ -46,7 +46,7 @@ from tunneld.transports.grpc.framing import (
     split_messages,
 )
 from tunneld.transports.grpc.options import GrpcAgentOptions, GrpcEdgeOptions
-from tunneld.transports.grpc.status import GrpcStatus, reason_from_rst, rst_code, status_message
+from tunneld.transports.grpc.status import GrpcStatus, rst_code, status_message
 from tunneld.transports.grpc.stream import GrpcStream, _Call
 from tunneld.transports.linkbase import LinkBase
 from tunneld.transports.mux import SocketCongestion
@@ -103,15 +103,12 @@ class GrpcLink(LinkBase[GrpcStream], Protocol):
         self.conn_ack_threshold = max(1, connection_window // 2)
         self.calls: dict[int, _Call] = {}
         self.control: _Call | None = None
-        self.conn = new_h2_connection(
-            H2Configuration(
-                client_side=not self.is_edge,
-                header_encoding=None,
-                # Every header we send is built here, as lowercase bytes: h2
-                # need not check or rewrite them.  What arrives is checked.
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-            )
+        self.conn = h2base.new_connection(
+            client_side=not self.is_edge,
+            # Every header we send is built here, as lowercase bytes: h2
+            # need not check or rewrite them.  What arrives is checked.
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
         )
         self._conn_unacked = 0
         # Calls that took DATA during this read: their windows go back once,
@@ -206,12 +203,8 @@ class GrpcLink(LinkBase[GrpcStream], Protocol):
             pass
         self.transport.registerProducer(SocketCongestion(self), True)
         self._read_size = ReadSize(self.transport)
-        conn = self.conn
-        conn.initiate_connection()
-        # Applied (windows, frame size) when the peer acknowledges them.
-        conn.update_settings(self.local_settings())
-        if self.connection_window > 65535:
-            conn.increment_flow_control_window(self.connection_window - 65535)
+        # The settings (windows, frame size) apply when the peer acknowledges them.
+        h2base.start(self.conn, self.connection_window, self.local_settings())
         self.heartbeat.start()
         self.connection_started()
         self.flush()
@@ -633,13 +626,8 @@ class GrpcLink(LinkBase[GrpcStream], Protocol):
     def call_reset(self, call: _Call, code: int) -> None:
         stream = call.stream
         if stream is not None and not stream.closed:
-            try:
-                name = ErrorCodes(code).name
-            except ValueError:
-                name = str(code)
             stream.remote_reset(
-                reason_from_rst(code),
-                f"call reset by the peer ({name})",
+                h2base.reason_for_rst(code), f"call reset by the peer ({h2base.code_name(code)})"
             )
 
     def _on_window_updated(self, event: h2events.WindowUpdated) -> None:

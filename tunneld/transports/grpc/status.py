@@ -1,23 +1,22 @@
 # -*- test-case-name: tests.test_grpc_transport,tests.test_docs -*-
 """
 The gRPC status codes, and how a L{Reason} maps to and from them: the
-C{grpc-status}/C{grpc-message} trailers a call ends with, and the
+C{grpc-status}/C{grpc-message} trailers a call ends with.  The
 C{RST_STREAM} code of a call cut short (a stock gRPC peer reads it as a
-status).  docs/protocol.md shows the table (checked by tests/test_docs.py).
+status) is L{tunneld.h2base.rst_code}, re-exported here.  docs/protocol.md
+shows both (checked by tests/test_docs.py).
 """
 
 from __future__ import annotations
 
 import enum
-from typing import cast
 from urllib.parse import quote, unquote
 
-from h2.errors import ErrorCodes
-
+from tunneld.h2base import rst_code
 from tunneld.model.reasons import Reason
 
 __all__ = [
-    "GrpcStatus", "reason_from_rst", "reason_from_status", "rst_code", "status_for",
+    "GrpcStatus", "reason_from_status", "rst_code", "status_for",
     "status_message", "status_text",
 ]
 
@@ -71,30 +70,6 @@ _REASON_FOR_STATUS = {
     GrpcStatus.NOT_FOUND: Reason.NO_TUNNEL,
 }
 
-_RST_FOR_REASON = {
-    Reason.CANCELLED: ErrorCodes.CANCEL,
-    Reason.CLIENT_GONE: ErrorCodes.CANCEL,
-    Reason.SATURATED: ErrorCodes.FLOW_CONTROL_ERROR,
-    Reason.RATE_LIMITED: ErrorCodes.ENHANCE_YOUR_CALM,
-    Reason.CAP_REACHED: ErrorCodes.REFUSED_STREAM,
-    Reason.AGENT_UNAVAILABLE: ErrorCodes.REFUSED_STREAM,
-    Reason.PROTOCOL_ERROR: ErrorCodes.PROTOCOL_ERROR,
-}
-
-
-def rst_code(reason: Reason) -> int:
-    """The RST_STREAM error code that ends a call for C{reason} (a stock peer reads it as a status)."""
-    return _RST_FOR_REASON.get(reason, ErrorCodes.CANCEL)
-
-
-_REASON_FOR_RST = {
-    ErrorCodes.CANCEL: Reason.CANCELLED,
-    ErrorCodes.FLOW_CONTROL_ERROR: Reason.SATURATED,
-    ErrorCodes.ENHANCE_YOUR_CALM: Reason.SATURATED,
-    ErrorCodes.REFUSED_STREAM: Reason.AGENT_UNAVAILABLE,
-    ErrorCodes.PROTOCOL_ERROR: Reason.PROTOCOL_ERROR,
-}
-
 _REASONS_BY_LABEL = {reason.value: reason for reason in Reason}
 # grpc-message is percent-encoded outside printable ASCII (and '%' itself).
 _MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
@@ -121,11 +96,6 @@ def reason_from_status(status: int, encoded: bytes) -> tuple[Reason, str]:
 def status_text(message: str) -> bytes:
     """A C{grpc-message} carrying plain text (no reason label), percent-encoded."""
     return quote(message[:512], safe=_MESSAGE_SAFE).encode("ascii")
-
-
-def reason_from_rst(code: int) -> Reason:
-    """The reason a call cut by the peer's C{RST_STREAM} with C{code} ends with."""
-    return _REASON_FOR_RST.get(cast(ErrorCodes, code), Reason.AGENT_GONE)
 
 
 def status_for(reason: Reason) -> GrpcStatus:
