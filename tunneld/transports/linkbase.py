@@ -21,6 +21,7 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProducer, IPushProducer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from tunneld.interfaces import ILinkHandler, IStream, IStreamReceiver
 from tunneld.model.messages import (
@@ -37,10 +38,43 @@ from tunneld.model.reasons import Reason
 from tunneld.wire.codec import Codec
 from tunneld.wire.heartbeat import Heartbeat
 
-__all__ = ["LINK_OVERHEAD", "LinkBase", "StreamBase", "StreamLink"]
+__all__ = ["LINK_OVERHEAD", "Congestible", "LinkBase", "SocketCongestion", "StreamBase", "StreamLink"]
 
 # Room in a frame (or a gRPC message) for everything but a Data payload.
 LINK_OVERHEAD = 32
+
+
+class Congestible(Protocol):
+    """A link whose senders pause while its socket is full."""
+
+    def pause_sending(self) -> None:
+        """The socket's send buffer is full."""
+
+    def resume_sending(self) -> None:
+        """The socket's send buffer drained."""
+
+
+@implementer(IPushProducer)
+class SocketCongestion:
+    """
+    Registered as the producer on a link's socket, so that the socket's own
+    flow control (its write buffer filling and draining) pauses and resumes
+    every stream's source on the link.
+    """
+
+    def __init__(self, link: Congestible) -> None:
+        self.link = link
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        """IPushProducer.pauseProducing"""
+        self.link.pause_sending()
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        """IPushProducer.resumeProducing"""
+        self.link.resume_sending()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        """IPushProducer.stopProducing: the socket's own connectionLost tells the link."""
 
 
 class StreamLink(Protocol):

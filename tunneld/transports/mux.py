@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
-from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -36,6 +35,9 @@ from tunneld.model.messages import (
 )
 from tunneld.model.reasons import Reason
 from tunneld.transports.linkbase import LinkBase, StreamBase
+
+# Named here too: frame transports, drop-ins among them, import it from here.
+from tunneld.transports.linkbase import SocketCongestion as SocketCongestion
 from tunneld.wire import codec
 from tunneld.wire.codec import Codec, FrameError
 
@@ -59,39 +61,6 @@ class FrameWire(Protocol):
 
     def close_wire(self, reason: Reason, message: str) -> None:
         """Close the underlying connection, telling the peer why if it can."""
-
-
-class Congestible(Protocol):
-    """A link whose senders pause while its socket is full."""
-
-    def pause_sending(self) -> None:
-        """The socket's send buffer is full."""
-
-    def resume_sending(self) -> None:
-        """The socket's send buffer drained."""
-
-
-@implementer(IPushProducer)
-class SocketCongestion:
-    """
-    Registered as the producer on a link's socket, so that the socket's own
-    flow control (its write buffer filling and draining) pauses and resumes
-    every stream's source on the link.
-    """
-
-    def __init__(self, link: Congestible) -> None:
-        self.link = link
-
-    def pauseProducing(self) -> None:  # noqa: N802
-        """IPushProducer.pauseProducing"""
-        self.link.pause_sending()
-
-    def resumeProducing(self) -> None:  # noqa: N802
-        """IPushProducer.resumeProducing"""
-        self.link.resume_sending()
-
-    def stopProducing(self) -> None:  # noqa: N802
-        """IPushProducer.stopProducing: the socket's own connectionLost tells the link."""
 
 
 @implementer(IStream)

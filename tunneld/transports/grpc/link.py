@@ -48,8 +48,7 @@ from tunneld.transports.grpc.framing import (
 from tunneld.transports.grpc.options import GrpcAgentOptions, GrpcEdgeOptions
 from tunneld.transports.grpc.status import GrpcStatus, rst_code, status_message
 from tunneld.transports.grpc.stream import GrpcStream, _Call
-from tunneld.transports.linkbase import LinkBase
-from tunneld.transports.mux import SocketCongestion
+from tunneld.transports.linkbase import LinkBase, SocketCongestion
 from tunneld.wire import codec
 from tunneld.wire.codec import FrameError
 
