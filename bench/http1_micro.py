@@ -5,7 +5,7 @@ A L{PublicHTTPProtocol} over a write-collecting transport, routed by the real
 L{Router} and gated by the real L{PublicPolicy} (default limits), to an agent
 link that answers each request as nginx answers C{/small}.  No sockets, no
 reactor: the figure is the Python the edge spends per keep-alive request, so
-an A/B of a change to C{tunneld/edge/http1.py} needs no quiet machine.
+an A/B of a change to C{tunneld/edge/http1/} needs no quiet machine.
 
 Usage: python bench/http1_micro.py [REQUESTS] [ROUNDS]   (prints microseconds per request)
 """
@@ -20,6 +20,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 
 from tunneld.config import LimitsSection
+from tunneld.edge.gateway import EdgeGateway
 from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPSettings
 from tunneld.model.messages import ReplyHead, TunnelSpec
 from tunneld.policy.gate import PublicPolicy
@@ -81,8 +82,11 @@ class Link:
     def __init__(self) -> None:
         self.ended: list[Stream] = []
 
-    def open_stream(self, head: Any, receiver: Any) -> Stream:
-        return Stream(self, receiver)
+    def open_stream(self, head: Any, receiver: Any, end_stream: bool = False) -> Stream:
+        stream = Stream(self, receiver)
+        if end_stream:  # a request without a body is opened ended
+            self.ended.append(stream)
+        return stream
 
     def active_streams(self) -> int:
         return 1
@@ -97,7 +101,7 @@ def main() -> None:
     spec = TunnelSpec(hostname="app.bench.test")
     router.register(AgentSession("s1", "a1", link, []), spec)  # type: ignore[arg-type]
     policy = PublicPolicy(LimitsSection(), clock)
-    factory = PublicHTTPFactory(router, PublicHTTPSettings(), clock, policy=policy)
+    factory = PublicHTTPFactory(EdgeGateway(router, admission=policy), PublicHTTPSettings(), clock)
     best = []
     for _ in range(rounds):
         protocol = factory.buildProtocol(None)

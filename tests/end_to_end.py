@@ -268,7 +268,7 @@ class EndToEndMixin:
         """A 200 MB upload arrives intact while memory stays far below its size."""
         harness, _ = await self.tunnel()
         from tests.harness import Sampler
-        from tunneld.edge import http1
+        from tunneld.edge.http1 import protocol as http1
 
         public_reads = watch_read_sizes(self, http1)
         sampler = Sampler()

@@ -105,7 +105,7 @@ class ModuleTableTests(SynchronousTestCase):
     def test_the_table_is_read(self) -> None:
         """The table parses: it has the layers' anchors (so the two tests above check something)."""
         rows = table_rows()
-        for module in ("tunneld/interfaces.py", "tunneld/model/reasons.py", "tunneld/edge/http1.py"):
+        for module in ("tunneld/interfaces.py", "tunneld/model/reasons.py", "tunneld/edge/http1/protocol.py"):
             self.assertIn(module, rows)
 
 

@@ -1,5 +1,5 @@
 """
-Tests for L{tunneld.edge.fasthead}, the h11-free path of the public HTTP/1.1
+Tests for L{tunneld.edge.http1.fasthead}, the h11-free path of the public HTTP/1.1
 listener: what its reader takes h11 parses identically, everything unusual
 is left to h11, and a fast exchange writes the very bytes h11 would.
 """
@@ -16,8 +16,9 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.test_http1 import HOST, FakeLink, FakeRoute, FakeRouter, parse_all, request
-from tunneld.edge.fasthead import FastMemo, check_fields, read_head, response_head
+from tunneld.edge.gateway import EdgeGateway
 from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPProtocol, PublicHTTPSettings
+from tunneld.edge.http1.fasthead import FastMemo, check_fields, read_head, response_head
 from tunneld.model.reasons import Reason
 
 _PLAIN = b"GET /a?b=c HTTP/1.1\r\nHost: app.example.com\r\nAccept: */*\r\n\r\n"
@@ -230,36 +231,36 @@ class FastBlockTests(SynchronousTestCase):
 
     def test_remembered_per_tuple_and_via(self) -> None:
         """The same tuple gives the same block; another Via, an equal list, or another listener's memo works it out again."""
-        from tunneld.edge import http1
+        from tunneld.edge.http1 import fast
 
         memo = FastMemo()
         fields = ((b"Content-Length", b"2"), (b"Connection", b"keep-alive"), (b"X", b"y"))
         block = b"Content-Length: 2\r\nX: y\r\nVia: 1.1 a\r\n"
-        self.assertEqual(http1._fast_block(fields, b"1.1 a", memo), (block, 2))
-        self.assertIs(http1._fast_block(fields, b"1.1 a", memo)[0], http1._fast_block(fields, b"1.1 a", memo)[0])
-        self.assertIsNot(http1._fast_block(fields, b"1.1 a", FastMemo())[0], http1._fast_block(fields, b"1.1 a", memo)[0])
-        self.assertEqual(http1._fast_block(fields, b"1.1 b", memo), (block.replace(b" a", b" b"), 2))
-        self.assertEqual(http1._fast_block(list(fields), b"1.1 a", memo), (block, 2))
+        self.assertEqual(fast.fast_block(fields, b"1.1 a", memo), (block, 2))
+        self.assertIs(fast.fast_block(fields, b"1.1 a", memo)[0], fast.fast_block(fields, b"1.1 a", memo)[0])
+        self.assertIsNot(fast.fast_block(fields, b"1.1 a", FastMemo())[0], fast.fast_block(fields, b"1.1 a", memo)[0])
+        self.assertEqual(fast.fast_block(fields, b"1.1 b", memo), (block.replace(b" a", b" b"), 2))
+        self.assertEqual(fast.fast_block(list(fields), b"1.1 a", memo), (block, 2))
 
     def test_bad_fields_refused_every_time(self) -> None:
         """Fields that fail the checks are never remembered: each reply is refused with h11's words."""
-        from tunneld.edge import http1
+        from tunneld.edge.http1 import fast
 
         memo = FastMemo()
         fields = ((b"X", b"a\r\nSet-Cookie: x"),)
         for _ in range(2):
             self.assertEqual(
-                http1._fast_block(fields, b"1.1 a", memo), "Illegal header value b'a\\r\\nSet-Cookie: x'"
+                fast.fast_block(fields, b"1.1 a", memo), "Illegal header value b'a\\r\\nSet-Cookie: x'"
             )
         self.assertEqual(len(memo.blocks), 0)
 
     def test_bounded(self) -> None:
         """Any number of distinct replies leaves at most the tables' limits."""
-        from tunneld.edge import http1
+        from tunneld.edge.http1 import fast
 
         memo = FastMemo()
         for n in range(memo.blocks.limit + 20):
-            http1._fast_block(((b"X-N%d" % n, b"%d" % n),), b"v", memo)
+            fast.fast_block(((b"X-N%d" % n, b"%d" % n),), b"v", memo)
         self.assertLessEqual(len(memo.blocks), memo.blocks.limit)
         self.assertLessEqual(len(memo.names), memo.names.limit)
         self.assertGreater(len(memo.blocks), 0)
@@ -272,7 +273,8 @@ class FastMatchesH11Tests(SynchronousTestCase):
         self.clock = Clock()
         self.link = FakeLink()
         self.factory = PublicHTTPFactory(
-            FakeRouter({HOST: FakeRoute(HOST, self.link)}), PublicHTTPSettings(), self.clock
+            EdgeGateway(FakeRouter({HOST: FakeRoute(HOST, self.link)})), PublicHTTPSettings(),
+            self.clock,
         )
 
     def exchange(
@@ -282,10 +284,10 @@ class FastMatchesH11Tests(SynchronousTestCase):
         proto: PublicHTTPProtocol = self.factory.buildProtocol(None)
         transport = StringTransport()
         proto.makeConnection(transport)
-        proto._fast_ok = fast
+        proto._fast.ok = fast
         proto.dataReceived(data)
         stream = self.link.streams[-1]
-        self.assertEqual(proto._fast, fast)
+        self.assertEqual(proto._fast.active, fast)
         stream.reply(status, fields, b"Custom Reason" if status == 299 else b"")
         for piece in pieces:
             stream.send(piece)
@@ -332,7 +334,7 @@ class FastMatchesH11Tests(SynchronousTestCase):
         self.assertEqual([s.head.target for s in self.link.streams], ["/1", "/2", "/3"])
         self.assertEqual(self.link.streams[1].body(), b"hello")
         self.assertEqual([r.body for r in parse_all(transport.value())], [b"one", b"two", b"three"])
-        self.assertTrue(proto._fast_ok)  # back on the fast path once h11 holds nothing
+        self.assertTrue(proto._fast.ok)  # back on the fast path once h11 holds nothing
         self.assertFalse(transport.disconnecting)
         proto.connectionLost()
 

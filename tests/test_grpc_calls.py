@@ -14,6 +14,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.test_grpc_transport import Receiver, head, link_pair, until
 from tests.test_http1 import FakeRouter
+from tunneld.edge.gateway import EdgeGateway
 from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPSettings
 from tunneld.interfaces import EdgeLinkSetup
 from tunneld.model.messages import StreamHead
@@ -99,7 +100,7 @@ class IdleStreamMemoryTests(TestCase):
 
     def test_public_connection_attributes_are_slots(self) -> None:
         """A public HTTP/1.1 connection keeps its own state in slots: its dict holds Protocol's few."""
-        protocol = PublicHTTPFactory(FakeRouter({}), PublicHTTPSettings(), Clock()).buildProtocol(None)
+        protocol = PublicHTTPFactory(EdgeGateway(FakeRouter({})), PublicHTTPSettings(), Clock()).buildProtocol(None)
         protocol.makeConnection(StringTransport())
         protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: nowhere.test\r\n\r\n")
         self.assertLessEqual(set(vars(protocol)), {"factory", "connected", "transport"})

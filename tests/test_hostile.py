@@ -28,6 +28,7 @@ from tests import test_http1 as http1_tests
 from tests.end_to_end import EventCollector
 from tests.harness import TunnelHarness, listen_upstream, sleep
 from tests.test_http1 import HOST, FakeLink, FakeRoute, FakeRouter, request
+from tunneld.edge.gateway import EdgeGateway
 from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPProtocol, PublicHTTPSettings
 from tunneld.model.messages import StreamHead
 from tunneld.wire import codec
@@ -109,7 +110,8 @@ class PublicParserFuzzTests(SynchronousTestCase):
         self.link = FakeLink()
         self.router = FakeRouter({HOST: FakeRoute(HOST, self.link)})
         self.factory = PublicHTTPFactory(
-            self.router, PublicHTTPSettings(max_header_bytes=2048, max_header_count=20),
+            EdgeGateway(self.router),
+            PublicHTTPSettings(max_header_bytes=2048, max_header_count=20),
             self.clock,
         )
 

@@ -23,6 +23,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from tunneld.edge.gateway import EdgeGateway
 from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPProtocol, PublicHTTPSettings
 from tunneld.edge.upgraded import close_text
 from tunneld.edge.websocket_frames import ping_frame
@@ -336,7 +337,9 @@ class PublicHTTPTests(unittest.TestCase):
 
     async def serve(self, settings: PublicHTTPSettings | None = None) -> RawClient:
         """Listen on port 0 and connect one raw client; everything is closed at cleanup."""
-        self.factory = RecordingFactory(self.router, settings or PublicHTTPSettings(), self.clock)
+        self.factory = RecordingFactory(
+            EdgeGateway(self.router), settings or PublicHTTPSettings(), self.clock
+        )
         port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(self.factory)
         self.addCleanup(port.stopListening)
         self.addCleanup(self._close_server_side)

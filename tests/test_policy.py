@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.test_http1 import FakeLink, FakeRoute, FakeRouter
 from tunneld.config import LimitsSection, TunnelLimits
+from tunneld.edge.gateway import EdgeGateway
 from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPSettings
 from tunneld.model.reasons import Reason
 from tunneld.policy.caps import Cap, KeyedCap, Slots
@@ -287,7 +288,9 @@ class ListenerPolicyTests(SynchronousTestCase):
                           max_streams=1),
             self.clock,
         )
-        self.factory = PublicHTTPFactory(router, PublicHTTPSettings(), self.clock, policy=self.policy)
+        self.factory = PublicHTTPFactory(
+            EdgeGateway(router, admission=self.policy), PublicHTTPSettings(), self.clock
+        )
 
     def connect(self, ip: str = "192.0.2.1") -> tuple[Any, StringTransport]:
         protocol = self.factory.buildProtocol(None)

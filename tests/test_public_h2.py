@@ -56,6 +56,7 @@ from tunneld.config import (
     TunnelSection,
     load_edge_config,
 )
+from tunneld.edge.gateway import EdgeGateway
 from tunneld.edge.http2 import PublicH2Factory, PublicH2Protocol, PublicH2Settings
 from tunneld.edge.public_tls import public_tls_contexts
 from tunneld.errors import ConfigError
@@ -1006,7 +1007,7 @@ class HTTP2FloodUnitTests(SynchronousTestCase):
 
     def test_client_reading_nothing_is_dropped(self) -> None:
         """PINGs keep coming while the socket is full: past the cap the connection is aborted."""
-        factory = PublicH2Factory(_NoRoutes(), PublicH2Settings(max_unread=65536), Clock())
+        factory = PublicH2Factory(EdgeGateway(_NoRoutes()), PublicH2Settings(max_unread=65536), Clock())
         server = factory.buildProtocol(None)
         transport = StringTransport()
         server.makeConnection(transport)
@@ -1025,7 +1026,7 @@ class HTTP2FloodUnitTests(SynchronousTestCase):
 
     def test_bodies_wait_while_socket_full(self) -> None:
         """While the socket is full, answers' bodies wait in the stream's outbox."""
-        factory = PublicH2Factory(_NoRoutes(), PublicH2Settings(), Clock())
+        factory = PublicH2Factory(EdgeGateway(_NoRoutes()), PublicH2Settings(), Clock())
         server = factory.buildProtocol(None)
         transport = StringTransport()
         server.makeConnection(transport)
@@ -1057,7 +1058,9 @@ class HTTP2FloodUnitTests(SynchronousTestCase):
         """A client with large windows asks for a download; the tunnel stream has answered 200."""
         link = FakeLink()
         clock = Clock()
-        factory = PublicH2Factory(FakeRouter({"app.test": FakeRoute("app.test", link)}), settings, clock)
+        factory = PublicH2Factory(
+            EdgeGateway(FakeRouter({"app.test": FakeRoute("app.test", link)})), settings, clock
+        )
         server = factory.buildProtocol(None)
         transport = _FillingTransport()
         server.makeConnection(transport)

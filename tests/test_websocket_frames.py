@@ -1,4 +1,4 @@
-"""Tests for L{tunneld.edge.websocket_frames}: frame boundaries and the edge's own frames."""
+"""Tests for L{tunneld.edge.websocket_frames} (frame boundaries and the edge's own frames) and the RFC 6455 facts it shares with the transport (L{tunneld.wire.rfc6455})."""
 
 from __future__ import annotations
 
@@ -125,3 +125,14 @@ class EdgeFrameTests(SynchronousTestCase):
         """A Ping is unmasked and final; payloads over 125 bytes are refused."""
         self.assertEqual(ping_frame(b"abc"), b"\x89\x03abc")
         self.assertRaises(ValueError, ping_frame, b"x" * 126)
+
+    def test_same_close_as_the_transport(self) -> None:
+        """The edge's Close and the WebSocket transport's (unmasked) Close are the same bytes, from one RFC 6455 module."""
+        from tunneld.transports.websocket_framing import FrameWriter
+        from tunneld.wire import rfc6455
+
+        writer = FrameWriter(masked=False)
+        for code, reason in ((1001, "draining: the server is shutting down"), (1011, "é" * 100)):
+            self.assertEqual(close_frame(code, reason), writer.close(code, reason))
+        self.assertEqual(MAX_CLOSE_REASON, rfc6455.MAX_CONTROL_PAYLOAD - 2)
+        self.assertEqual(ping_frame(b"t"), rfc6455.server_control_frame(rfc6455.OP_PING, b"t"))

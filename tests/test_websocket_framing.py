@@ -17,12 +17,12 @@ from tunneld.transports.websocket_framing import (
     CLOSE_NO_STATUS,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_TOO_BIG,
-    MAX_CLOSE_REASON,
     FrameReader,
     FrameWriter,
     FramingError,
     mask,
 )
+from tunneld.wire.rfc6455 import MAX_CLOSE_REASON
 
 SIZES = (0, 1, 125, 126, 65535, 65536, 1 << 20)
 LIMIT = 2 << 20

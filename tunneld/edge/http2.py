@@ -3,10 +3,12 @@
 The edge's public HTTP/2 listener, and the protocol choice in front of it.
 
 L{PublicH2Protocol} serves HTTP/2 (the C{h2} library's state machine driven
-by a Twisted protocol).  Each request is routed like an HTTP/1.1 one (the
-helpers of L{tunneld.edge.forwarding}) and carried to an agent as one
-L{IStream}; bodies stream both ways and trailers pass in both directions,
-which is what gRPC needs.
+by a Twisted protocol).  Each request is handed to the edge gateway
+(L{tunneld.edge.gateway}), as an HTTP/1.1 one is, which routes, admits and
+opens it as one L{IStream} or refuses it; bodies stream both ways and
+trailers pass in both directions, which is what gRPC needs.  A decision the
+gateway makes later leaves the request body waiting here, within the window
+this side advertised.
 
 Flow control is the backpressure, per stream:
   - request body: DATA is acknowledged (the client's window reopened) only as
@@ -32,9 +34,11 @@ connection preface (C{PRI * HTTP/2.0}, "prior knowledge") means HTTP/2,
 anything else HTTP/1.1.
 
 A refused request is answered with the L{Reason}'s status, a
-C{Tunnel-Error} header and a one-line body; a stream cut after its response
+C{Tunnel-Error} header and a one-line body (a refusal that closes the
+connection answers, then sends GOAWAY); a stream cut after its response
 started is reset (C{RST_STREAM}), so the client never takes a truncated body
-for a whole one.
+for a whole one.  A client that breaks HTTP/2 is a bad request, logged and
+counted as one is on HTTP/1.1.
 """
 
 from __future__ import annotations
@@ -54,19 +58,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tunneld.edge.forwarding import (
-    HOP_BY_HOP,
-    USERINFO_REFUSAL,
-    forwarded_headers,
-    host_of,
-    peer_of,
-    reply_headers,
-)
-from tunneld.edge.http1 import Routes
+from tunneld.edge.forwarding import HOP_BY_HOP, reply_headers
+from tunneld.edge.gateway import Client, EdgeGateway, Refusal
 from tunneld.interfaces import IStream, IStreamReceiver
-from tunneld.model.messages import Headers, ReplyHead, StreamHead
+from tunneld.model.messages import Headers, ReplyHead
 from tunneld.model.reasons import Reason
-from tunneld.policy.gate import PublicPolicy, Refused
+from tunneld.policy.caps import Releasable
 from tunneld.speedups.lean_h2 import new_h2_connection
 
 __all__ = [
@@ -117,19 +114,22 @@ class _H2Exchange:
         "protocol", "stream_id", "stream", "method", "host", "target",
         "live", "uploading", "upload_paused", "inbox", "trailers_in", "request_ended",
         "replied", "held_reply", "bodyless", "outbox", "end_pending", "sent_data",
-        "stream_paused", "done", "slots",
+        "stream_paused", "done", "slots", "waiting", "whole", "expect",
     )
 
     def __init__(
-        self, protocol: PublicH2Protocol, stream_id: int, method: bytes, host: str, target: str
+        self, protocol: PublicH2Protocol, stream_id: int, method: bytes, target: str
     ) -> None:
         self.protocol = protocol
         self.stream_id = stream_id
         self.stream: IStream | None = None
         self.method = method
-        self.host = host
+        self.host = ""  # set by the gateway once the request names one
         self.target = target
         self.live = True  # the tunnel stream is neither reset nor finished
+        self.waiting = False  # the gateway's decision is still to come
+        self.whole = False  # the request ended with its HEADERS: the stream opens ended
+        self.expect = False  # the client waits for 100 (Continue) before its body
         self.uploading = False  # the request body still goes into the tunnel stream
         self.upload_paused = False  # the tunnel stream is out of credit
         self.inbox: deque[tuple[bytes, int]] = deque()  # (data, flow-controlled length)
@@ -143,7 +143,17 @@ class _H2Exchange:
         self.sent_data = False
         self.stream_paused = False  # what we told the tunnel stream
         self.done = False  # the HTTP/2 stream is finished on our side
-        self.slots: Any = None  # the policy's slots, released when the exchange is forgotten
+        self.slots: Releasable | None = None  # the policy's, released when the exchange is forgotten
+
+    # -- the gateway's exchange ----------------------------------------------
+
+    def opened(self, stream: IStream) -> None:
+        """PublicExchange.opened"""
+        self.protocol._opened(self, stream)
+
+    def refused(self, refusal: Refusal) -> None:
+        """PublicExchange.refused"""
+        self.protocol._refused(self, refusal)
 
     # -- IStreamReceiver ----------------------------------------------------
 
@@ -196,13 +206,11 @@ class PublicH2Protocol(Protocol):
     log = Logger()
 
     def __init__(self, factory: PublicH2Factory) -> None:
-        self._router = factory.router
-        self._policy = factory.policy
-        self._conn_slots: Any = None
-        self._conn_refused: Refused | None = None
+        self._factory = factory
+        self._gateway = factory.gateway
+        self._stats = factory.gateway.stats
         self._settings = factory.settings
         self._clock = factory.reactor
-        self._via = factory.via
         settings = factory.settings
         self._conn = new_h2_connection(
             H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
@@ -219,9 +227,8 @@ class PublicH2Protocol(Protocol):
         self._conn.decoder.max_header_list_size = settings.max_header_bytes
         self._exchanges: dict[int, _H2Exchange] = {}
         self._socket: Any = None
+        self._client: Client | None = None  # from connectionMade on
         self._peer = ""
-        self._client_ip = b""
-        self._trusted_peer = False  # a trusted proxy: its X-Forwarded-For etc. are believed
         self._socket_paused = False
         self._unread = 0  # bytes written while the socket holds us paused
         self._stall_timer: IDelayedCall | None = None  # the socket stays full
@@ -241,16 +248,12 @@ class PublicH2Protocol(Protocol):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
-        self._peer, self._client_ip, host = peer_of(self._socket.getPeer())
-        self._peer_host = host or self._peer
-        if self._policy is not None:
-            self._trusted_peer = self._policy.trusts(self._peer_host)
-            admitted = self._policy.connection_opened(self._peer_host)
-            if isinstance(admitted, Refused):
-                # Answered on its first request (then GOAWAY), so the client learns why.
-                self._conn_refused = admitted
-            else:
-                self._conn_slots = admitted
+        # A connection over a cap is answered on its first request (then
+        # GOAWAY), so the client learns why.
+        self._client = client = self._gateway.connect(
+            self._socket.getPeer(), self._settings.scheme, self._factory.via
+        )
+        self._peer = client.peer
         conn = self._conn
         conn.initiate_connection()
         increment = self._settings.initial_window * _CONNECTION_WINDOWS - 65535
@@ -266,11 +269,11 @@ class PublicH2Protocol(Protocol):
         try:
             events = self._conn.receive_data(data)
         except H2Error as error:
-            self.log.info(
-                "HTTP/2 protocol error from {peer}: {error}", peer=self._peer, error=str(error)
-            )
+            # Logged and counted as any client breaking its protocol is.
+            text = f"client broke HTTP/2: {error}"
+            self._gateway.bad_request(cast(Client, self._client), text)
             self._flush()  # h2 has queued a GOAWAY
-            self._close(Reason.CLIENT_GONE, f"client broke HTTP/2: {error}")
+            self._close(Reason.BAD_REQUEST, text)
             return
         self._in_events = True
         try:
@@ -289,9 +292,8 @@ class PublicH2Protocol(Protocol):
         for exchange in list(self._exchanges.values()):
             self._client_gone(exchange, "client closed the connection")
         self._exchanges.clear()
-        slots, self._conn_slots = self._conn_slots, None
-        if slots is not None:
-            slots.release()
+        if self._client is not None:
+            self._client.close()
 
     # -- IPushProducer (the socket's view of us) ---------------------------
 
@@ -388,7 +390,8 @@ class PublicH2Protocol(Protocol):
             except H2Error:
                 pass
             return
-        method = path = authority = b""
+        method = path = b""
+        authority: bytes | None = None
         hosts: list[bytes] = []
         cookies: list[bytes] = []
         trailers_ok = expect_continue = False
@@ -411,98 +414,70 @@ class PublicH2Protocol(Protocol):
                 expect_continue = value.lower() == b"100-continue"
             else:
                 regular.append((name, value))
-        if not authority and len(hosts) == 1:
-            authority = hosts[0]
-        host = host_of(authority) if authority else None
-        target = path.decode("latin-1")
-        exchange = _H2Exchange(self, stream_id, method, host or "", target)
+        if not authority:
+            authority = hosts[0] if len(hosts) == 1 else None
+        exchange = _H2Exchange(self, stream_id, method, path.decode("latin-1"))
         self._exchanges[stream_id] = exchange
         if event.stream_ended is not None:
-            exchange.request_ended = True
-        if host is None:
-            problem = USERINFO_REFUSAL if b"@" in authority else "missing or invalid :authority"
-            self._refuse(exchange, Reason.BAD_REQUEST, problem)
-            return
-        if method == b"CONNECT":
-            self.log.info(
-                "refused {method} {host}{target} from {peer}: {reason}",
-                method="CONNECT", host=host, target=target, peer=self._peer,
-                reason=Reason.BAD_REQUEST.value,
-            )
-            self._answer(exchange, 501, Reason.BAD_REQUEST.value, "CONNECT not supported")
-            return
-        path_only = target.partition("?")[0] if target != "*" else "/"
-        refused = self._conn_refused
-        if refused is not None:
-            self._refuse(exchange, refused.reason, refused.text, refused.retry_after, goaway=True)
-            return
-        route = self._router.route(host, path_only or "/")
-        if isinstance(route, Reason):
-            self._refuse(exchange, route, route.description)
-            return
-        if self._policy is not None:
-            forwarded_for = [value for name, value in regular if name == b"x-forwarded-for"]
-            client = self._policy.client_of(self._peer_host, forwarded_for)
-            admitted = self._policy.admit(route.tunnel, client, route.link.active_streams())
-            if isinstance(admitted, Refused):
-                self._refuse(
-                    exchange, admitted.reason, admitted.text, admitted.retry_after,
-                    goaway=admitted.reason is Reason.DRAINING,
-                )
-                return
-            exchange.slots = admitted
+            exchange.request_ended = exchange.whole = True
+        exchange.expect = expect_continue
         if cookies:
             # RFC 9113 section 8.2.3: HTTP/2 may split cookies; HTTP/1.1 must not.
             regular.append((b"cookie", b"; ".join(cookies)))
-        headers = forwarded_headers(
-            regular, HOP_BY_HOP, authority, self._client_ip, self._settings.scheme, self._via,
-            self._trusted_peer,
+        decided = self._gateway.request(
+            cast(Client, self._client), exchange, authority, regular,
+            bodyless=exchange.whole, trailers=trailers_ok,
         )
-        if trailers_ok:
-            # The one TE value HTTP/2 allows: the client takes trailers (gRPC).
-            headers.append((b"te", b"trailers"))
-        head = StreamHead(
-            kind="http",
-            tunnel=route.tunnel,
-            method=method.decode("latin-1"),
-            target=target,
-            headers=tuple(headers),
-            peer=self._peer,
-            scheme=self._settings.scheme,
-        )
-        try:
-            # HEADERS with END_STREAM: the Open says the request has no body.
-            stream = route.link.open_stream(head, exchange, end_stream=exchange.request_ended)
-        except Exception:
-            self.log.failure(
-                "opening a stream for {method} {host}{target} failed",
-                method=head.method, host=host, target=target,
-            )
-            exchange.live = False
-            self._refuse(exchange, Reason.AGENT_UNAVAILABLE, Reason.AGENT_UNAVAILABLE.description)
-            return
+        if not decided:
+            exchange.waiting = True  # body bytes wait in its inbox, within its window
+
+    def _opened(self, exchange: _H2Exchange, stream: IStream) -> None:
+        """The gateway opened the exchange's stream."""
+        exchange.waiting = False
         exchange.stream = stream
         if not exchange.live:
             return  # reset while opening; already answered
-        if not exchange.request_ended:  # else the stream was opened ended
+        if not exchange.whole:  # else the stream was opened ended
             exchange.uploading = True
             stream.registerProducer(exchange, True)
-            if expect_continue and exchange.live:
+            if exchange.inbox or exchange.request_ended:
+                self._upload(exchange)  # what came while the decision was awaited
+            if exchange.expect and exchange.live and not exchange.request_ended:
                 # Streams carry no interim responses; the edge invites the body itself.
                 self._send_headers(exchange, [(b":status", b"100")], end=False)
         self._update_stream_pause(exchange)
+
+    def _refused(self, exchange: _H2Exchange, refusal: Refusal) -> None:
+        """
+        The gateway refused the exchange: answer with the reason; with
+        C{close} the connection takes no new streams (draining, a connection
+        over the caps) and closes once the streams it has are answered.
+        """
+        exchange.waiting = False
+        self._drop_inbox(exchange)
+        if refusal.close and self._goaway_after is None:
+            # GOAWAY follows once the streams are answered (h2 sends nothing after it).
+            self._goaway_after = exchange.stream_id
+            self._peer_done = True
+        self._answer(
+            exchange, refusal.http_status, refusal.reason.value, refusal.text,
+            refusal.retry_after,
+        )
+        if not self._in_events:
+            self._flush()
 
     # -- the request body ---------------------------------------------------
 
     def _data(self, event: h2events.DataReceived) -> None:
         exchange = self._exchanges.get(event.stream_id)
         length = event.flow_controlled_length
-        if exchange is None or not exchange.uploading:
+        if exchange is None or not (exchange.uploading or exchange.waiting):
             # Answered (or unknown) already: drop the bytes, keep the windows open.
             self._conn.acknowledge_received_data(length, event.stream_id)
             return
         exchange.inbox.append((event.data, length))
-        self._upload(exchange)
+        if exchange.uploading:
+            self._upload(exchange)
 
     def _upload(self, exchange: _H2Exchange) -> None:
         """Pass waiting request bytes into the tunnel stream while it has credit."""
@@ -513,6 +488,7 @@ class PublicH2Protocol(Protocol):
             data, length = inbox.popleft()
             acked += length
             if data:
+                self._stats.bytes_in += len(data)
                 stream.write(data)
         if acked:
             self._conn.acknowledge_received_data(acked, exchange.stream_id)
@@ -554,7 +530,7 @@ class PublicH2Protocol(Protocol):
         if not 100 <= status <= 999 or status == 101:
             self._reply_broke(exchange, f"status {status} cannot go over HTTP/2")
             return
-        headers, _ = reply_headers(reply.headers, self._via)
+        headers, _ = reply_headers(reply.headers, self._factory.via)
         out = [(b":status", b"%d" % status)]
         grpc = False
         for name, value in headers:
@@ -567,6 +543,7 @@ class PublicH2Protocol(Protocol):
         if status in (204, 304):
             exchange.bodyless = True
         exchange.replied = True
+        self._stats.response(status)
         if grpc:
             # Status in the head: a gRPC "trailers-only" response.  It must
             # stay one HEADERS frame with END_STREAM, so wait for the end.
@@ -582,6 +559,7 @@ class PublicH2Protocol(Protocol):
     def _send_body(self, exchange: _H2Exchange, data: bytes) -> None:
         if exchange.held_reply is not None:
             self._send_held(exchange)
+        self._stats.bytes_out += len(data)
         exchange.outbox.append(data)
         self._flush_out(exchange)
 
@@ -675,26 +653,6 @@ class PublicH2Protocol(Protocol):
 
     # -- refusals, resets ---------------------------------------------------
 
-    def _refuse(
-        self, exchange: _H2Exchange, reason: Reason, text: str,
-        retry_after: int | None = None, goaway: bool = False,
-    ) -> None:
-        """
-        Answer with the reason; with C{goaway} the connection takes no new
-        streams (draining, or a connection over the caps) and closes once
-        the streams it has are answered.
-        """
-        self.log.info(
-            "refused {method} {host}{target} from {peer}: {reason}",
-            method=exchange.method.decode("latin-1"), host=exchange.host,
-            target=exchange.target, peer=self._peer, reason=reason.value,
-        )
-        if goaway and self._goaway_after is None:
-            # GOAWAY follows once the streams are answered (h2 sends nothing after it).
-            self._goaway_after = exchange.stream_id
-            self._peer_done = True
-        self._answer(exchange, reason.http_status, reason.value, text, retry_after)
-
     def _answer(
         self, exchange: _H2Exchange, status: int, label: str, text: str,
         retry_after: int | None = None,
@@ -707,11 +665,12 @@ class PublicH2Protocol(Protocol):
             (b"content-type", b"text/plain"),
             (b"content-length", b"%d" % len(body)),
             (b"tunnel-error", label.encode("ascii")),
-            (b"via", self._via),
+            (b"via", self._factory.via),
         ]
         if retry_after is not None:
             headers.append((b"retry-after", b"%d" % retry_after))
         exchange.replied = True
+        self._stats.response(status)
         if not self._send_headers(exchange, headers, end=exchange.bodyless):
             return
         if exchange.bodyless:
@@ -733,10 +692,9 @@ class PublicH2Protocol(Protocol):
 
     def _h2_refused(self, exchange: _H2Exchange, error: H2Error) -> None:
         """h2 would not send on this stream (the client reset it, or bad headers)."""
-        self.log.info(
-            "cannot answer {method} {host}{target} from {peer}: {error}",
-            method=exchange.method.decode("latin-1"), host=exchange.host,
-            target=exchange.target, peer=self._peer, error=str(error) or type(error).__name__,
+        self._gateway.bad_reply(
+            cast(Client, self._client), exchange,
+            f"reply cannot go over HTTP/2: {str(error) or type(error).__name__}", answered=False,
         )
         was_live = exchange.live
         exchange.done = True
@@ -748,11 +706,8 @@ class PublicH2Protocol(Protocol):
         self._forget(exchange)
 
     def _reply_broke(self, exchange: _H2Exchange, error: str) -> None:
-        self.log.info(
-            "bad reply for {method} {host}{target} from {peer}: {error}",
-            method=exchange.method.decode("latin-1"), host=exchange.host,
-            target=exchange.target, peer=self._peer, error=error,
-        )
+        """The upstream's reply head cannot go over HTTP/2: answer 502 instead."""
+        self._gateway.bad_reply(cast(Client, self._client), exchange, error, answered=True)
         exchange.live = False
         self._stop_upload(exchange)
         cast(IStream, exchange.stream).reset(Reason.UPSTREAM_ERROR, error)
@@ -765,18 +720,10 @@ class PublicH2Protocol(Protocol):
         if not exchange.replied or (exchange.held_reply is not None and not exchange.sent_data):
             exchange.held_reply = None
             exchange.replied = False
-            self.log.info(
-                "refused {method} {host}{target} from {peer}: {reason} ({message})",
-                method=exchange.method.decode("latin-1"), host=exchange.host,
-                target=exchange.target, peer=self._peer, reason=reason.value, message=message,
-            )
+            self._gateway.reset_before_reply(cast(Client, self._client), exchange, reason, message)
             self._answer(exchange, reason.http_status, reason.value, reason.description)
             return
-        self.log.info(
-            "cut {method} {host}{target} from {peer} mid-reply: {reason} ({message})",
-            method=exchange.method.decode("latin-1"), host=exchange.host,
-            target=exchange.target, peer=self._peer, reason=reason.value, message=message,
-        )
+        self._gateway.cut(cast(Client, self._client), exchange, reason, message)
         exchange.outbox.clear()
         exchange.end_pending = None
         exchange.done = True
@@ -797,11 +744,8 @@ class PublicH2Protocol(Protocol):
             return
         exchange.live = False
         self._stop_upload(exchange)
-        self.log.info(
-            "client {peer} went away during {method} {host}{target}",
-            peer=self._peer, method=exchange.method.decode("latin-1"), host=exchange.host,
-            target=exchange.target,
-        )
+        if reason is Reason.CLIENT_GONE:  # else the connection's end was logged for its reason
+            self._gateway.client_gone(cast(Client, self._client), exchange)
         if exchange.stream is not None:
             exchange.stream.reset(reason, message)
         self._maybe_idle()
@@ -927,16 +871,14 @@ class PublicH2Protocol(Protocol):
 
 
 class PublicH2Factory(Factory):
-    """Builds L{PublicH2Protocol}s sharing one router, settings and clock."""
+    """Builds L{PublicH2Protocol}s sharing one gateway, settings and clock."""
 
     noisy = False  # its listener logs where it listens
 
     def __init__(
-        self, router: Routes, settings: PublicH2Settings, reactor: IReactorTime,
-        policy: PublicPolicy | None = None,
+        self, gateway: EdgeGateway, settings: PublicH2Settings, reactor: IReactorTime
     ) -> None:
-        self.router = router
-        self.policy = policy
+        self.gateway = gateway
         self.settings = settings
         self.reactor = reactor
         self.via = settings.via.encode("ascii")

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 
 from tunneld.config import EdgeConfig, load_edge_config
 from tunneld.edge.cluster import agent_url_maker, cluster_view, describe_agents, dialable_host
+from tunneld.edge.gateway import EdgeGateway
 from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPSettings
 from tunneld.edge.http2 import PublicH2Factory, PublicH2Settings, PublicHTTPChooserFactory
 from tunneld.edge.probes import probe_site
@@ -66,11 +67,13 @@ class EdgeService(MultiService):
         self.reactor = reactor
         self.router = Router()
         self.stats = EdgeStats(reactor)
-        self.tcp = TCPTunnels(config.edge, self.router, reactor)
-        self.tcp.setServiceParent(self)
-        self.sessions = AgentSessions(config, self.router, reactor, self.stats, tcp=self.tcp)
         edge = config.edge
         self.policy = PublicPolicy(config.limits, reactor, edge.max_streams_per_agent)
+        # The one admission path of every public listener, TCP tunnels included.
+        self.gateway = EdgeGateway(self.router, self.stats, self.policy)
+        self.tcp = TCPTunnels(config.edge, self.router, reactor, self.gateway)
+        self.tcp.setServiceParent(self)
+        self.sessions = AgentSessions(config, self.router, reactor, self.stats, tcp=self.tcp)
         self._proxy_wrappers: list[ProxyProtocolFactory] = []
         self._previous_sighup: Any = None
         self._previous_sigterm: Any = None
@@ -86,9 +89,7 @@ class EdgeService(MultiService):
         )
         self.public: list[ListeningService] = []
         for i, description in enumerate(edge.public_listen):
-            factory: Any = PublicHTTPFactory(
-                self.router, settings, reactor, stats=self.stats, policy=self.policy
-            )
+            factory: Any = PublicHTTPFactory(self.gateway, settings, reactor)
             if config.limits.proxy_protocol:
                 factory = ProxyProtocolFactory(
                     factory, TrustedProxies(config.limits.trusted_proxies), reactor,
@@ -174,10 +175,8 @@ class EdgeService(MultiService):
         reactor = self.reactor
         for i, description in enumerate(edge.public_h2c_listen):
             chooser = PublicHTTPChooserFactory(
-                PublicHTTPFactory(
-                    self.router, settings, reactor, stats=self.stats, policy=self.policy
-                ),
-                PublicH2Factory(self.router, h2_settings, reactor, policy=self.policy),
+                PublicHTTPFactory(self.gateway, settings, reactor),
+                PublicH2Factory(self.gateway, h2_settings, reactor),
                 reactor, edge.header_timeout,
             )
             listener = ListeningService(
@@ -194,10 +193,8 @@ class EdgeService(MultiService):
         tls_h2 = replace(h2_settings, scheme="https")
         for i, description in enumerate(edge.public_tls_listen):
             chooser = PublicHTTPChooserFactory(
-                PublicHTTPFactory(
-                    self.router, tls_http1, reactor, stats=self.stats, policy=self.policy
-                ),
-                PublicH2Factory(self.router, tls_h2, reactor, policy=self.policy),
+                PublicHTTPFactory(self.gateway, tls_http1, reactor),
+                PublicH2Factory(self.gateway, tls_h2, reactor),
                 reactor, edge.header_timeout,
             )
             listener = ListeningService(

@@ -7,9 +7,12 @@ edge listens on port N (or, for 0, on a free port it picks) among the
 configured C{tcp_ports}, on C{tcp_listen_interface}.  More agents registering
 the same tunnel name share its listener (connections go to the least loaded
 healthy one); when the last of them goes, the listener closes.  Each public
-connection becomes one stream of kind C{"tcp"} spliced onto the socket by
-L{tunneld.splice.StreamSplice}: backpressure and half-close both ways, a TCP
-reset and a logged L{Reason} when anything fails.
+connection goes through the edge gateway (L{tunneld.edge.gateway}) as any
+public request does: connection caps, draining, the tunnel's rate limits and
+stream caps, logged and counted alike; a refusal is a TCP reset.  An
+admitted connection becomes one stream of kind C{"tcp"} spliced onto the
+socket by L{tunneld.splice.StreamSplice}: backpressure and half-close both
+ways, a TCP reset and a logged L{Reason} when anything fails.
 """
 
 from __future__ import annotations
@@ -29,9 +32,13 @@ from twisted.python.failure import Failure
 
 from tunneld.config import EdgeSection
 from tunneld.config.values import parse_port_ranges
+from tunneld.edge.gateway import Client, EdgeGateway
+from tunneld.edge.gateway import Refusal as PublicRefusal
+from tunneld.interfaces import IStream
 from tunneld.model.keys import tunnel_key
-from tunneld.model.messages import Refusal, StreamHead, TunnelSpec
+from tunneld.model.messages import Refusal, TunnelSpec
 from tunneld.model.reasons import Reason
+from tunneld.policy.caps import Releasable
 from tunneld.router import AgentSession, Router
 from tunneld.splice import StreamSplice
 
@@ -40,37 +47,59 @@ _ALLOCATION_ATTEMPTS = 256
 
 
 class PublicTCPProtocol(StreamSplice):
-    """One public TCP connection to a tunnel's port, carried on one stream."""
+    """
+    One public TCP connection to a tunnel's port, carried on one stream;
+    the gateway's exchange for it (its log fields: C{TCP tunnel:port}).
+    """
 
     side = "client"
     gone_reason = Reason.CLIENT_GONE
+    method = b"TCP"
 
     def __init__(self, tunnels: TCPTunnels, port: int) -> None:
         super().__init__(f"port {port}")
         self._tunnels = tunnels
         self._port = port
+        self.host = ""  # the tunnel, once routed
+        self.target = f":{port}"
+        self.live = True
+        self.slots: Releasable | None = None
+        self._client: Client | None = None
+        self._awaiting = False  # the gateway's decision is still to come
 
     def connectionMade(self) -> None:  # noqa: N802
         super().connectionMade()
         self._tunnels.connections.add(self)
-        route = self._tunnels.router.route_port(self._port)
-        if isinstance(route, Reason):
-            self.reset(route, route.description)
-            return
-        self.tunnel = route.tunnel
-        head = StreamHead(kind="tcp", tunnel=route.tunnel, peer=self.peer, scheme="tcp")
-        try:
-            self.stream = route.link.open_stream(head, self)
-        except Exception:
-            self.log.failure("opening a stream for tcp tunnel {tunnel} failed", tunnel=self.tunnel)
-            self.reset(Reason.AGENT_UNAVAILABLE, "the agent link could not open a stream")
-            return
+        gateway = self._tunnels.gateway
+        self._client = client = gateway.connect(self.transport.getPeer(), "tcp", b"")  # type: ignore[union-attr]
+        if not gateway.connect_tcp(client, self, self._port) and self.live:
+            # Nothing is read until the stream exists.
+            self._awaiting = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def opened(self, stream: IStream) -> None:
+        """PublicExchange.opened"""
+        self.stream = stream
+        self.tunnel = self.host
+        if self._awaiting:
+            self._awaiting = False
+            self.transport.resumeProducing()  # type: ignore[union-attr]
         if not self._done:  # a stream may be reset while opening
             self.splice()
 
+    def refused(self, refusal: PublicRefusal) -> None:
+        """PublicExchange.refused: a TCP reset."""
+        self.reset(refusal.reason, refusal.text)
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        self.live = False
         self._tunnels.connections.discard(self)
         super().connectionLost(reason)
+        slots, self.slots = self.slots, None
+        if slots is not None:
+            slots.release()
+        if self._client is not None:
+            self._client.close()
 
 
 class PublicTCPFactory(Factory):
@@ -97,8 +126,12 @@ class TCPTunnels(Service):
     log = Logger()
     name = "tcp-tunnels"
 
-    def __init__(self, edge: EdgeSection, router: Router, reactor: Any) -> None:
+    def __init__(
+        self, edge: EdgeSection, router: Router, reactor: Any,
+        gateway: EdgeGateway | None = None,
+    ) -> None:
         self.router = router
+        self.gateway = gateway if gateway is not None else EdgeGateway(router)
         self.reactor = reactor
         self.ranges = parse_port_ranges(edge.tcp_ports)
         self.ports_text = edge.tcp_ports

@@ -11,44 +11,34 @@ reason's code and text — and, when configured, a Ping towards an idle
 client.  A frame may only be added between two frames of the relayed
 direction, so L{FrameTracker} follows where frames begin and end in a byte
 stream: it reads each frame header (at most 14 bytes) and counts payload
-bytes without copying them.
+bytes without copying them.  The RFC's facts (opcodes, limits, a Close's
+payload) come from L{tunneld.wire.rfc6455}, as the WebSocket transport's do.
 """
 
 from __future__ import annotations
 
 import struct
 
+from tunneld.wire.rfc6455 import (
+    MAX_CLOSE_REASON,
+    OP_CLOSE,
+    OP_PING,
+    close_payload,
+    header_size,
+    server_control_frame,
+)
+
 __all__ = ["FrameTracker", "close_frame", "ping_frame", "MAX_CLOSE_REASON"]
-
-OPCODE_CLOSE = 0x8
-OPCODE_PING = 0x9
-OPCODE_PONG = 0xA
-
-# A control frame's payload is at most 125 bytes; a Close spends two on its code.
-MAX_CLOSE_REASON = 123
-
-_FIN = 0x80
-
-
-def _truncate_utf8(text: str, limit: int) -> bytes:
-    """C{text} in UTF-8, cut to at most C{limit} bytes without splitting a character."""
-    data = text.encode("utf-8")
-    if len(data) <= limit:
-        return data
-    return data[:limit].decode("utf-8", "ignore").encode("utf-8")
 
 
 def close_frame(code: int, reason: str) -> bytes:
     """A server's (unmasked) Close frame with C{code} and C{reason}, cut to fit."""
-    payload = struct.pack("!H", code) + _truncate_utf8(reason, MAX_CLOSE_REASON)
-    return bytes((_FIN | OPCODE_CLOSE, len(payload))) + payload
+    return server_control_frame(OP_CLOSE, close_payload(code, reason))
 
 
 def ping_frame(payload: bytes = b"") -> bytes:
     """A server's (unmasked) Ping frame."""
-    if len(payload) > 125:
-        raise ValueError("a ping payload is at most 125 bytes")
-    return bytes((_FIN | OPCODE_PING, len(payload))) + payload
+    return server_control_frame(OP_PING, payload)
 
 
 class FrameTracker:
@@ -87,30 +77,16 @@ class FrameTracker:
                     self._frame_done()
                 continue
             header = self._header
-            need = self._header_size()
+            need = header_size(header)
             taken = min(need - len(header), size - at)
             header += data[at : at + taken]
             at += taken
             if len(header) < need:
                 continue
-            need = self._header_size()  # now known from the first two bytes
+            need = header_size(header)  # now known from the first two bytes
             if len(header) < need:
                 continue
             self._start_frame()
-
-    def _header_size(self) -> int:
-        """How long the current header is, as far as the bytes so far tell."""
-        header = self._header
-        if len(header) < 2:
-            return 2
-        second = header[1]
-        size = 2 + (4 if second & 0x80 else 0)
-        length = second & 0x7F
-        if length == 126:
-            size += 2
-        elif length == 127:
-            size += 8
-        return size
 
     def _start_frame(self) -> None:
         header = self._header
@@ -126,5 +102,5 @@ class FrameTracker:
             self._frame_done()
 
     def _frame_done(self) -> None:
-        if self._opcode == OPCODE_CLOSE:
+        if self._opcode == OP_CLOSE:
             self.close_seen = True

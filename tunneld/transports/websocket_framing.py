@@ -34,6 +34,25 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from tunneld.speedups.native_mask import mask, mask_in_place, mask_spans, masked
+from tunneld.wire.rfc6455 import (
+    CLOSE_INVALID_PAYLOAD,
+    CLOSE_NO_STATUS,
+    CLOSE_NORMAL,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_TOO_BIG,
+    MAX_CONTROL_PAYLOAD,
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONTINUATION,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    close_payload,
+)
+from tunneld.wire.rfc6455 import FIN as _FIN
+from tunneld.wire.rfc6455 import MASK_BIT as _MASK_BIT
+from tunneld.wire.rfc6455 import RSV as _RSV
+from tunneld.wire.rfc6455 import valid_close_code as _valid_close_code
 
 __all__ = [
     "CLOSE_NORMAL", "CLOSE_NO_STATUS", "CLOSE_PROTOCOL_ERROR", "CLOSE_INVALID_PAYLOAD",
@@ -41,26 +60,6 @@ __all__ = [
     "mask",
 ]
 
-OP_CONTINUATION = 0x0
-OP_TEXT = 0x1
-OP_BINARY = 0x2
-OP_CLOSE = 0x8
-OP_PING = 0x9
-OP_PONG = 0xA
-
-CLOSE_NORMAL = 1000
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_NO_STATUS = 1005  # a Close frame without a code (never sent on the wire)
-CLOSE_INVALID_PAYLOAD = 1007
-CLOSE_TOO_BIG = 1009
-
-# A control frame's payload is at most 125 bytes; a Close spends two on its code.
-MAX_CONTROL_PAYLOAD = 125
-MAX_CLOSE_REASON = MAX_CONTROL_PAYLOAD - 2
-
-_FIN = 0x80
-_RSV = 0x70
-_MASK_BIT = 0x80
 _HEAD_16 = struct.Struct("!BBH")
 _HEAD_64 = struct.Struct("!BBQ")
 
@@ -74,13 +73,6 @@ _VIEW_FROM = 4096
 # A read inside a payload is kept as it is from this length; shorter ones
 # are gathered into one buffer.
 _PIECE_FROM = 64 * 1024
-
-def close_payload(code: int, reason: str) -> bytes:
-    """A Close frame's payload: C{code}, then C{reason} cut to fit without splitting a character."""
-    text = reason.encode("utf-8")
-    if len(text) > MAX_CLOSE_REASON:
-        text = text[:MAX_CLOSE_REASON].decode("utf-8", "ignore").encode("utf-8")
-    return code.to_bytes(2, "big") + text
 
 
 class FramingError(Exception):
@@ -110,11 +102,6 @@ class FrameHandler(Protocol):
 
     def close_received(self, code: int, reason: str) -> None:
         """A Close (C{CLOSE_NO_STATUS} when it had no code); the reader reads no further."""
-
-
-def _valid_close_code(code: int) -> bool:
-    # RFC 6455 7.4: 1004-1006 and 1015 are never sent; 1012-1014 were registered later.
-    return 1000 <= code <= 1014 and code not in (1004, 1005, 1006) or 3000 <= code <= 4999
 
 
 class FrameReader:

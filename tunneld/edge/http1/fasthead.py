@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_fasthead -*-
 """
 The common HTTP/1.1 exchange without C{h11}: a strict reader of plain request
-heads and a writer of response heads, for L{tunneld.edge.http1}.
+heads and a writer of response heads, for L{tunneld.edge.http1.fast}.
 
 L{read_head} accepts only a complete head that C{h11} would parse the same
 way and that needs none of its state machine: exactly C{HTTP/1.1}, CRLF line
