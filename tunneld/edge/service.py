@@ -30,10 +30,11 @@ from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPSettings
 from tunneld.edge.http2 import PublicH2Factory, PublicH2Settings, PublicHTTPChooserFactory
 from tunneld.edge.probes import probe_site
 from tunneld.edge.public_tls import PublicTLSFactory, public_tls_contexts
+from tunneld.edge.relay import RelayDialer, RelayPeers
 from tunneld.edge.sessions import AgentSessions
 from tunneld.edge.tcp import TCPTunnels
 from tunneld.errors import ConfigError
-from tunneld.interfaces import EdgeLinkSetup, ITransportPlugin
+from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup, ITransportPlugin
 from tunneld.listening import ListeningService, address_text, listeners_under
 from tunneld.model.messages import GoAway
 from tunneld.model.reasons import Reason
@@ -45,7 +46,7 @@ from tunneld.router import Router
 from tunneld.state import make_backend
 from tunneld.state.membership import EdgeMembership
 from tunneld.state.service import StateService
-from tunneld.tls import agent_link_tls
+from tunneld.tls import agent_link_tls, certificate_proves_edge, client_tls_for
 
 # How often a drain looks whether the streams in flight have finished.
 _DRAIN_POLL = 0.05
@@ -156,11 +157,51 @@ class EdgeService(MultiService):
                 self._agent_url_makers.extend(
                     (listener, make_url) for listener in listeners_under(service)
                 )
+        self.relays: RelayPeers | None = None
+        self.relay_dialer: RelayDialer | None = None
+        self._relay(transports)
         # Admin API, metrics, systemd readiness (once every listener in this tree is up).
         self.observe = EdgeObservability(
             reactor, self.sessions, self.stats, self, edge.admin_listen
         )
         self.observe.setServiceParent(self)
+
+    def _relay(self, transports: list[tuple[ITransportPlugin, Any]]) -> None:
+        """
+        With a shared backend, requests for tunnels that only another edge
+        holds are relayed to it (L{tunneld.edge.relay}); one edge alone, or
+        the memory backend, never relays.
+        """
+        edge = self.config.edge
+        shared = edge.state
+        if self.state.backend.name == "memory" or not shared.relay:
+            return
+        tls = edge.agent_tls
+        if not (tls.certificate and tls.client_ca):
+            self.log.warn(
+                "cross-edge relays are off: they need [edge.agent_tls] with a certificate and "
+                "client_ca (edges authenticate each other with their certificates)"
+            )
+            return
+        membership = self.membership
+        self.relays = RelayPeers(
+            self.state.backend, self.reactor, lambda: membership.cluster, certificate_proves_edge
+        )
+        self.sessions.relays = self.relays
+        self.gateway.remote = self.relays
+        setup = AgentLinkSetup(
+            reactor=self.reactor,
+            tls_for=client_tls_for(
+                ca=shared.relay_ca or tls.client_ca, certificate=tls.certificate, key=tls.key
+            ),
+            max_frame_size=edge.max_frame_size,
+            initial_window=edge.initial_window,
+        )
+        self.relay_dialer = RelayDialer(
+            self.router, self.reactor, lambda: membership.edge_id, membership.other_edges,
+            transports, setup, shared.heartbeat_interval, tick=self.relays.refresh,
+        )
+        self.relay_dialer.setServiceParent(self)
 
     def _public_h2(self, settings: PublicHTTPSettings) -> None:
         """The listeners speaking HTTP/2 as well: cleartext (prior knowledge) and TLS."""
@@ -267,7 +308,16 @@ class EdgeService(MultiService):
             "tunnels": self.membership.held(),
             "name": self.membership.edge_name,
         }
-        return ensureDeferred(cluster_view(self.state.backend, self.membership.edge_id, local))
+        view = ensureDeferred(cluster_view(self.state.backend, self.membership.edge_id, local))
+        return view.addCallback(self._with_relays)
+
+    def _with_relays(self, view: dict[str, Any]) -> dict[str, Any]:
+        """The relay links in the cluster view: those other edges dialled to this one, and ours."""
+        relays, dialer = self.relays, self.relay_dialer
+        view["relays"] = relays.describe() if relays is not None else []
+        view["relay_links"] = dialer.describe() if dialer is not None else []
+        view["relayed_here"] = dialer.counts() if dialer is not None else {}
+        return view
 
     def addresses(self) -> tuple[list[str], list[str]]:
         """This edge's public addresses and the URLs agents dial it by (for the registry)."""

@@ -1,0 +1,269 @@
+"""
+The cross-edge relay (issue 20): a request entering an edge that does not
+hold its tunnel is carried to the edge that does, over a relay link.
+
+Process tests: `twistd tunneld` edges on loopback sharing a real
+redis-server, each with a cluster certificate (`tunneld.certs`), an agent
+with its own certificate on one edge, and real clients (curl for HTTP/1.1
+and HTTP/2, Autobahn for WebSocket) on the other.  Unit tests of the pieces
+that need no process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from OpenSSL.crypto import X509
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import TestCase
+
+from tests.harness import Upstream, listen_upstream
+from tests.redis_servers import eventually
+from tests.test_cluster import DEMO, ClusterProcesses, admin_get
+from tests.test_processes import TwistdProcess
+from tunneld import certs
+from tunneld.edge.relay import relay_options, spec_of_key
+from tunneld.model.messages import TunnelSpec
+from tunneld.plugins.tunneld_transports import grpc, websocket
+from tunneld.tls import certificate_proves_edge
+
+CURL = shutil.which("curl")
+
+
+class KeysAndOptionsTests(TestCase):
+    def test_spec_of_key(self) -> None:
+        """A registry key names the HTTP tunnel it came from (hostname, then path prefix)."""
+        self.assertEqual(spec_of_key("demo.localhost"), TunnelSpec("demo.localhost"))
+        self.assertEqual(spec_of_key("*.x.test/api"), TunnelSpec("*.x.test", "/api"))
+
+    def test_relay_options_dial_an_agent_url(self) -> None:
+        """An agent URL in an edge's record becomes the agent options of the transport that dials it, or None."""
+        options: Any = relay_options(websocket, "wss://127.0.0.1:9/tunnel")
+        self.assertEqual(options.url, "wss://127.0.0.1:9/tunnel")
+        options = relay_options(grpc, "grpcs://127.0.0.1:9")
+        self.assertEqual((options.address, options.tls), ("127.0.0.1:9", True))
+        self.assertIsNone(relay_options(websocket, "grpc://127.0.0.1:9"))
+
+
+class EdgeCertificateTests(TestCase):
+    def test_cluster_certificate_proves_its_edge_only(self) -> None:
+        """A cluster certificate names its edge (service_identity URI-ID); an agent's certificate names none."""
+        ca = certs.make_ca()
+        edge = X509.from_cryptography(certs.issue_cluster_edge(ca, "edge-a", ["127.0.0.1"]).certificate)
+        self.assertIsNone(certificate_proves_edge(edge, "edge-a"))
+        problem = certificate_proves_edge(edge, "edge-b")
+        self.assertIn("does not name edge tunneld-edge://edge-b", problem or "")
+        agent = X509.from_cryptography(certs.issue_agent(ca, "edge-a", [DEMO]).certificate)
+        self.assertIsNotNone(certificate_proves_edge(agent, "edge-a"))
+
+
+class _Echo(WebSocketServerProtocol):  # type: ignore[misc]
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802,N803
+        self.sendMessage(payload, isBinary)
+
+
+class _EchoingUpstream(Upstream):
+    """The harness upstream, with a WebSocket echo at C{/ws}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        factory = WebSocketServerFactory()
+        factory.protocol = _Echo
+        self.ws = WebSocketResource(factory)
+
+    def render(self, request: Any) -> Any:
+        if request.path == b"/ws":
+            return self.ws.render(request)
+        return super().render(request)
+
+
+class _Client(WebSocketClientProtocol):  # type: ignore[misc]
+    waiting: defer.Deferred[bytes] | None = None
+
+    def onOpen(self) -> None:  # noqa: N802
+        self.factory.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802,N803
+        if self.waiting is not None:
+            waiting, self.waiting = self.waiting, None
+            waiting.callback(payload)
+
+    def onClose(self, wasClean: bool, code: int, reason: str) -> None:  # noqa: N802,N803
+        if not self.factory.opened.called:
+            self.factory.opened.errback(Exception(f"closed before opening: {code} {reason}"))
+
+    def ask(self, payload: bytes) -> defer.Deferred[bytes]:
+        self.waiting = defer.Deferred()
+        self.sendMessage(payload, isBinary=True)
+        return self.waiting
+
+
+async def websocket_echo(public_port: int, host: str, payload: bytes) -> bytes:
+    """Open a WebSocket to C{host}/ws through an edge, send one message, return the echo."""
+    factory = WebSocketClientFactory(f"ws://{host}/ws")
+    factory.protocol = _Client
+    factory.opened = defer.Deferred()
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", public_port)
+    await endpoint.connect(factory)
+    client: _Client = await factory.opened
+    try:
+        return await client.ask(payload)
+    finally:
+        client.sendClose(1000)
+
+
+class RelayProcesses(ClusterProcesses):
+    """Edges with cluster certificates (mTLS relay links), agents with their own."""
+
+    def pki(self, *edges: str) -> dict[str, str]:
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        ca = certs.make_ca()
+        files: dict[str, str] = {}
+        issued = [("ca", ca), ("web1", certs.issue_agent(ca, "web1", [DEMO, "ghost.localhost"]))]
+        issued += [(name, certs.issue_cluster_edge(ca, name, ["localhost", "127.0.0.1"])) for name in edges]
+        for stem, one in issued:
+            files[stem], files[f"{stem}-key"] = (
+                os.path.join(d, f"{stem}.pem"), os.path.join(d, f"{stem}.key")
+            )
+            one.write(files[stem], files[f"{stem}-key"])
+        return files
+
+    def keep_log(self, name: str, process: TwistdProcess) -> None:
+        """The process's output in the test's temporary directory, for a person reading a failure."""
+        def write() -> None:
+            with open(os.path.join(os.path.dirname(self.mktemp()), f"{name}.log"), "w") as f:
+                f.write(process.output)
+        self.addCleanup(write)
+
+    async def tls_edge(self, files: dict[str, str], name: str, **more: str) -> tuple[TwistdProcess, int, int, str]:
+        return await self.edge(name, **{
+            'certificate = ""\nkey = ""':
+                f'certificate = "{files[name]}"\nkey = "{files[name + "-key"]}"',
+            'client_ca = ""': f'client_ca = "{files["ca"]}"',
+            **more,
+        })
+
+    async def cert_agent(self, files: dict[str, str], link: int) -> tuple[TwistdProcess, Upstream]:
+        upstream_port, upstream = await listen_upstream(self, _EchoingUpstream())
+        agent = self.spawn("tunneld-agent", self.shipped("agent.toml", {
+            'url = "ws://127.0.0.1:8081/tunnel"': f'url = "wss://127.0.0.1:{link}/tunnel"',
+            'upstream = "tcp:host=127.0.0.1:port=8000"':
+                f'upstream = "tcp:host=127.0.0.1:port={upstream_port}"',
+            'id = "demo"\n': "",
+            'ca = ""\ncertificate = ""\nkey = ""\nserver_hostname = ""':
+                f'ca = "{files["ca"]}"\ncertificate = "{files["web1"]}"\n'
+                f'key = "{files["web1-key"]}"\nserver_hostname = "localhost"',
+        }))
+        self.keep_log("agent", agent)
+        await agent.wait_for(r"tunnel ready: http://demo\.localhost:8080/")
+        return agent, upstream
+
+    async def curl(self, *args: str) -> tuple[int, str, bytes]:
+        """curl's exit status, its "HTTP-version status" line, and the body."""
+        if CURL is None:
+            raise self.skipTest("curl is not installed (scripts/setup-tests installs it)")
+        out, err, code = await getProcessOutputAndValue(
+            CURL, ["-s", "-S", "--max-time", "60", "-w", r"\n%{http_version} %{http_code}", *args],
+            env=dict(os.environ),
+        )
+        body, _, status = out.rpartition(b"\n")
+        return code, status.decode(), body
+
+
+class RelayTests(RelayProcesses):
+    timeout = 60
+    async def test_every_tunnel_answers_from_every_edge(self) -> None:
+        """An agent on edge B only: its tunnel answers through edge A too, relayed (HTTP/1.1 and HTTP/2 with curl, WebSocket with Autobahn, a 1 MiB upload and download), the same as through B."""
+        await self.redis()
+        files = self.pki("edge-a", "edge-b")
+        h2c = {"public_h2c_listen = []": 'public_h2c_listen = ["tcp:0:interface=127.0.0.1"]'}
+        a, a_public, _, a_id = await self.tls_edge(files, "edge-a", **h2c)
+        self.keep_log("edge-a", a)
+        a_h2c = int((await a.wait_for(r"public HTTP/2 \(h2c\) listening on 127\.0\.0\.1:(\d+)")).group(1))
+        b, b_public, b_link, b_id = await self.tls_edge(files, "edge-b")
+        self.keep_log("edge-b", b)
+        web1, upstream = await self.cert_agent(files, b_link)
+        await a.wait_for(rf"relay link up from edge {b_id}")
+        await b.wait_for(rf"relay link to edge {a_id} up over websocket")
+        for port in (a_public, b_public):
+            self.assertEqual(await websocket_echo(port, DEMO, b"x" * 70000), b"x" * 70000)
+            code, status, body = await self.curl(
+                "--http1.1", "-H", f"Host: {DEMO}", f"http://127.0.0.1:{port}/hello"
+            )
+            self.assertEqual((code, status, body), (0, "1.1 200", b"hello from upstream"))
+        code, status, body = await self.curl(
+            "--http2-prior-knowledge", "-H", f"Host: {DEMO}", f"http://127.0.0.1:{a_h2c}/hello"
+        )
+        self.assertEqual((code, status, body), (0, "2 200", b"hello from upstream"))
+        # Bodies both ways, streamed across both hops.
+        blob = os.path.abspath(self.mktemp())
+        with open(blob, "wb") as f:
+            f.write(os.urandom(1 << 20))
+        code, status, body = await self.curl(
+            "--http1.1", "-H", f"Host: {DEMO}", "--data-binary", f"@{blob}",
+            f"http://127.0.0.1:{a_public}/sha256",
+        )
+        with open(blob, "rb") as f:
+            self.assertEqual(body.decode(), hashlib.sha256(f.read()).hexdigest())
+        code, status, body = await self.curl(
+            "--http1.1", "-H", f"Host: {DEMO}", f"http://127.0.0.1:{a_public}/bytes/1048576"
+        )
+        self.assertEqual((code, status, len(body)), (0, "1.1 200", 1 << 20))
+        self.assertEqual(await websocket_echo(a_public, DEMO, b"x" * 70000), b"x" * 70000)
+
+    async def test_a_relayed_stream_is_never_relayed_again(self) -> None:
+        """The registry says edge A holds ghost.localhost and edge B does too, while neither has an agent for it: a request entering either edge is relayed once, refused by the other edge with no_tunnel (naming it), never bounced back; the relay links carry no stream afterwards."""
+        await self.redis()
+        registry = await self.registry()
+        files = self.pki("edge-a", "edge-b")
+        a, a_public, a_link, a_id = await self.tls_edge(files, "edge-a")
+        b, b_public, b_link, b_id = await self.tls_edge(files, "edge-b")
+        await a.wait_for(rf"relay link up from edge {b_id}")
+        await b.wait_for(rf"relay link up from edge {a_id}")
+        # A lie in the registry that would make a loop if a relayed stream were routed like a public one.
+        for edge_id in (a_id, b_id):
+            await registry.hold_tunnels(edge_id, ["ghost.localhost"], 60.0)
+        for edge in (a, b):
+            async def believed(edge: TwistdProcess = edge) -> bool:
+                return ["ghost.localhost"] in [p["tunnels"] for p in (await _cluster(edge))["relays"]]
+            await eventually(believed, "the edges believe the other holds ghost.localhost")
+        for port in (a_public, b_public):
+            for _ in range(3):
+                code, status, body = await self.curl(
+                    "--http1.1", "-i", "-H", "Host: ghost.localhost", f"http://127.0.0.1:{port}/x"
+                )
+                self.assertEqual(status, "1.1 404", body)
+                self.assertIn(b"tunnel-error: no_tunnel", body.lower())
+        # Each edge refused the three requests the other relayed to it, by name, and was
+        # brought exactly three streams: none came back, none went round.
+        for edge, other in ((a, "edge-b"), (b, "edge-a")):
+            view = await _cluster(edge)
+            self.assertEqual(view["relayed_here"], {"brought": 3, "served": 0})
+            self.assertEqual([p["streams"] for p in view["relays"]], [0])
+            self.assertEqual([p["streams"] for p in view["relay_links"]], [0])
+            await edge.wait_for(
+                rf"(?s)(relayed to edge {other}/\S+: no tunnel is registered.*){{3}}"
+            )
+
+
+async def _cluster(edge: TwistdProcess) -> dict[str, Any]:
+    """The edge's /api/cluster."""
+    code, body = await admin_get(edge, "/api/cluster")
+    assert code == 200, body
+    view: dict[str, Any] = json.loads(body)
+    return view
+
