@@ -24,6 +24,7 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
+from cryptography import x509
 from OpenSSL.crypto import X509
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -267,3 +268,26 @@ async def _cluster(edge: TwistdProcess) -> dict[str, Any]:
     view: dict[str, Any] = json.loads(body)
     return view
 
+
+
+class CertsCommandTests(TestCase):
+    def test_certs_edge_with_edge_name(self) -> None:
+        """`tunneld certs edge --edge-name` issues a cluster certificate that proves the edge; a bad name is refused by option."""
+        import io
+        from contextlib import redirect_stderr, redirect_stdout
+
+        d = os.path.abspath(self.mktemp())
+        with redirect_stdout(io.StringIO()):
+            self.assertEqual(certs.main(["ca", "--dir", d]), 0)
+            self.assertEqual(
+                certs.main(["edge", "--dir", d, "--edge-name", "edge-a", "--host", "127.0.0.1"]), 0
+            )
+        with open(os.path.join(d, "edge-edge-a.pem"), "rb") as f:
+            issued = X509.from_cryptography(x509.load_pem_x509_certificate(f.read()))
+        self.assertIsNone(certificate_proves_edge(issued, "edge-a"))
+        err = io.StringIO()
+        with redirect_stderr(err):
+            self.assertEqual(
+                certs.main(["edge", "--dir", d, "--edge-name", "a.b", "--host", "127.0.0.1"]), 2
+            )
+        self.assertIn("--edge-name: edge name 'a.b'", err.getvalue())

@@ -397,6 +397,13 @@ def _parser() -> argparse.ArgumentParser:
         )
         if kind == "agent":
             p.add_argument("--id", required=True, help="the agent id (one DNS label)")
+        else:
+            p.add_argument(
+                "--edge-name", default="",
+                help="for an edge of a cluster: its [edge.state] edge_name (one DNS label), "
+                     "named in the certificate (tunneld-edge://NAME) so that the other edges "
+                     "accept its relay links; the CA must be their agent CA",
+            )
     show = sub.add_parser("show", help="print a certificate's identity")
     show.add_argument("file")
     return parser
@@ -421,6 +428,10 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
         problem = agent_id_problem(args.id)
         if problem is not None:
             return f"--id: {problem}"
+    if args.command == "edge" and args.edge_name:
+        problem = agent_id_problem(args.edge_name)
+        if problem is not None:
+            return "--edge-name: " + problem.replace("agent id", "edge name")
     if not args.host:
         return "give at least one --host"
     for host in args.host:
@@ -471,7 +482,10 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError) as e:
         return _fail(f"cannot load the CA: {e}")
     try:
-        if args.command == "edge":
+        if args.command == "edge" and args.edge_name:
+            issued = issue_cluster_edge(ca, args.edge_name, args.host, days=args.days)
+            stem = f"edge-{args.edge_name}"
+        elif args.command == "edge":
             issued = issue_edge(ca, args.host, days=args.days)
             stem = "edge"
         else:
