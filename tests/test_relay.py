@@ -29,12 +29,13 @@ from OpenSSL.crypto import X509
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python import log
 from twisted.trial.unittest import TestCase
 
-from tests.harness import Upstream, listen_upstream
+from tests.harness import Upstream, free_port, listen_upstream
 from tests.redis_servers import eventually
 from tests.test_cluster import DEMO, ClusterProcesses, admin_get
-from tests.test_processes import TwistdProcess
+from tests.test_processes import TwistdProcess, spawn
 from tunneld import certs
 from tunneld.edge.relay import relay_options, spec_of_key
 from tunneld.model.messages import TunnelSpec
@@ -158,9 +159,15 @@ class RelayProcesses(ClusterProcesses):
             **more,
         })
 
-    async def cert_agent(self, files: dict[str, str], link: int) -> tuple[TwistdProcess, Upstream]:
+    async def cert_agent(
+        self, files: dict[str, str], link: int, *more_links: int
+    ) -> tuple[TwistdProcess, Upstream]:
         upstream_port, upstream = await listen_upstream(self, _EchoingUpstream())
+        urls = ", ".join(f'"wss://127.0.0.1:{port}/tunnel"' for port in (link, *more_links))
         agent = self.spawn("tunneld-agent", self.shipped("agent.toml", {
+            "edge_urls = []": f"edge_urls = [{urls}]" if more_links else "edge_urls = []",
+            "reconnect_initial = 0.5\nreconnect_max = 30.0":
+                "reconnect_initial = 0.1\nreconnect_max = 1.0",
             'url = "ws://127.0.0.1:8081/tunnel"': f'url = "wss://127.0.0.1:{link}/tunnel"',
             'upstream = "tcp:host=127.0.0.1:port=8000"':
                 f'upstream = "tcp:host=127.0.0.1:port={upstream_port}"',
@@ -183,6 +190,101 @@ class RelayProcesses(ClusterProcesses):
         )
         body, _, status = out.rpartition(b"\n")
         return code, status.decode(), body
+
+
+HAPROXY = shutil.which("haproxy") or (
+    "/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None
+)
+
+
+class KilledEdgeTests(RelayProcesses):
+    timeout = 120
+
+    async def haproxy(self, *ports: int) -> int:
+        """HAProxy in TCP mode with PROXY v2 in front of C{ports}; its port once it answers."""
+        if HAPROXY is None:
+            raise self.skipTest("haproxy is not installed (scripts/setup-tests installs it)")
+        front = free_port()
+        servers = "".join(f"    server e{i} 127.0.0.1:{port}\n" for i, port in enumerate(ports))
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(
+                "global\n    maxconn 1000\n"
+                "defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 2m\n"
+                "    timeout server 2m\n    retries 3\n    option redispatch\n"
+                f"frontend public\n    bind 127.0.0.1:{front}\n    default_backend edges\n"
+                "backend edges\n    balance roundrobin\n"
+                "    default-server check inter 300ms fall 1 rise 2 send-proxy-v2\n" + servers
+            )
+        spawn(self, [HAPROXY, "-db", "-f", path])
+
+        async def answers() -> bool:
+            code, status, _ = await self.curl("-H", f"Host: {DEMO}", f"http://127.0.0.1:{front}/hello")
+            return status.endswith(" 200")
+
+        await eventually(answers, "HAProxy to answer")
+        return front
+
+    async def test_kill_an_edge_behind_haproxy(self) -> None:
+        """Three edges behind HAProxy (TCP, PROXY v2); the agent on edge B; six requests in flight through HAProxy; B killed with SIGKILL: those relayed through A or C fail with 502 agent_gone (Tunnel-Error), those on B's own connections with a reset; the agent moves to C and every later request through HAProxy answers, also those entering A (relayed to C now)."""
+        await self.redis()
+        files = self.pki("edge-a", "edge-b", "edge-c")
+        proxy = {
+            "proxy_protocol = false": "proxy_protocol = true",
+            "trusted_proxies = []": 'trusted_proxies = ["127.0.0.1"]',
+        }
+        a, a_public, _, a_id = await self.tls_edge(files, "edge-a", **proxy)
+        b, b_public, b_link, b_id = await self.tls_edge(files, "edge-b", **proxy)
+        c, c_public, c_link, c_id = await self.tls_edge(files, "edge-c", **proxy)
+        for edge, name in ((a, "edge-a"), (b, "edge-b"), (c, "edge-c")):
+            self.keep_log(name, edge)
+        agent, upstream = await self.cert_agent(files, b_link, c_link)
+        for edge in (a, c):
+            await edge.wait_for(rf"relay link up from edge {b_id}")
+        front = await self.haproxy(a_public, b_public, c_public)
+        # Six requests the upstream holds (no answer yet), spread over the edges.
+        before = len(upstream.hanging)
+        held = [
+            defer.ensureDeferred(
+                self.curl("-i", "-H", f"Host: {DEMO}", f"http://127.0.0.1:{front}/hang")
+            )
+            for _ in range(6)
+        ]
+
+        async def all_held() -> bool:
+            return len(upstream.hanging) - before == 6
+
+        await eventually(all_held, "six requests held by the upstream")
+        b.process.signalProcess("KILL")
+        await b.ended
+        named = reset = 0
+        for code, status, body in [await one for one in held]:
+            if code == 0:
+                self.assertEqual(status, "1.1 502", body)
+                self.assertIn(b"tunnel-error: agent_gone", body.lower())
+                named += 1
+            else:
+                self.assertIn(code, (52, 56), body)  # empty reply / connection reset: B's own
+                reset += 1
+        self.assertGreater(named, 0)
+        self.assertEqual(named + reset, 6)
+        await agent.wait_for(rf"link up over websocket to 127\.0\.0\.1:{c_link}")
+
+        async def relayed_to_c() -> bool:
+            _, status, _ = await self.curl("-H", f"Host: {DEMO}", "--haproxy-protocol",
+                                           f"http://127.0.0.1:{a_public}/hello")
+            return status.endswith(" 200")
+
+        await eventually(relayed_to_c, "edge A to relay to edge C")
+        for _ in range(30):
+            code, status, body = await self.curl(
+                "-H", f"Host: {DEMO}", f"http://127.0.0.1:{front}/hello"
+            )
+            self.assertEqual((code, status, body), (0, "1.1 200", b"hello from upstream"))
+        log.msg(f"edge killed behind HAProxy: {named} streams named agent_gone, {reset} reset")
+        # A keeps a relay link from C only, with no stream left on it; B's is gone.
+        view = await _cluster(a)
+        self.assertEqual([(p["edge"], p["streams"]) for p in view["relays"]], [(c_id, 0)])
 
 
 class RelayTests(RelayProcesses):
