@@ -28,6 +28,7 @@ from cryptography import x509
 from OpenSSL.crypto import X509
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python import log
 from twisted.trial.unittest import TestCase
@@ -37,9 +38,19 @@ from tests.redis_servers import eventually
 from tests.test_cluster import DEMO, ClusterProcesses, admin_get
 from tests.test_processes import TwistdProcess, spawn
 from tunneld import certs
-from tunneld.edge.relay import relay_options, spec_of_key
-from tunneld.model.messages import TunnelSpec
+from tunneld.edge.relay import (
+    RELAY_PREFIX,
+    RelayPeers,
+    _Toward,
+    relay_options,
+    spec_of_key,
+    splice_streams,
+)
+from tunneld.interfaces import EdgeRecord
+from tunneld.model.messages import Hello, TunnelSpec
+from tunneld.model.reasons import Reason
 from tunneld.plugins.tunneld_transports import grpc, websocket
+from tunneld.state.memory import MemoryStateBackend
 from tunneld.tls import certificate_proves_edge
 
 CURL = shutil.which("curl")
@@ -393,3 +404,124 @@ class CertsCommandTests(TestCase):
                 certs.main(["edge", "--dir", d, "--edge-name", "a.b", "--host", "127.0.0.1"]), 2
             )
         self.assertIn("--edge-name: edge name 'a.b'", err.getvalue())
+
+
+class _Link:
+    """A relay link as L{RelayPeers} sees it: a certificate, controls sent, streams counted."""
+
+    transport_name = "fake"
+    peer = "127.0.0.1:1"
+
+    def __init__(self, certificate: Any) -> None:
+        self.peer_certificate = certificate
+        self.sent: list[Any] = []
+
+    def send_control(self, message: Any) -> None:
+        self.sent.append(message)
+
+    def active_streams(self) -> int:
+        return 0
+
+
+class _CountingBackend(MemoryStateBackend):
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.asked = 0
+
+    def edge_tunnels(self, edge_id: str) -> defer.Deferred[list[str]]:
+        self.asked += 1
+        return super().edge_tunnels(edge_id)
+
+
+class RelayPeersTests(TestCase):
+    def peers(self) -> tuple[RelayPeers, _CountingBackend, Clock, Any]:
+        clock = Clock()
+        backend = _CountingBackend(clock)
+        ca = certs.make_ca()
+        certificate = X509.from_cryptography(
+            certs.issue_cluster_edge(ca, "edge-b", ["127.0.0.1"]).certificate
+        )
+        record = EdgeRecord("edge-b/1", "edge-b")
+        return RelayPeers(backend, clock, lambda: [record], certificate_proves_edge), backend, clock, certificate
+
+    def test_hello_checks_the_edge_and_its_certificate(self) -> None:
+        """A relay hello is accepted from a live edge whose certificate names it; refused, by name, from an unknown edge, without a certificate, or with another edge's."""
+        peers, _, _, certificate = self.peers()
+        self.assertIn("not a live edge", peers.hello(_Link(certificate), Hello(RELAY_PREFIX + "edge-x/1", ())) or "")
+        self.assertIn("needs the edge's client certificate",
+                      peers.hello(_Link(None), Hello(RELAY_PREFIX + "edge-b/1", ())) or "")
+        ca = certs.make_ca()
+        other = X509.from_cryptography(certs.issue_cluster_edge(ca, "edge-c", ["127.0.0.1"]).certificate)
+        self.assertIn("does not name edge tunneld-edge://edge-b",
+                      peers.hello(_Link(other), Hello(RELAY_PREFIX + "edge-b/1", ())) or "")
+        link = _Link(certificate)
+        self.assertIsNone(peers.hello(link, Hello(RELAY_PREFIX + "edge-b/1", ())))
+        self.assertEqual([type(m).__name__ for m in link.sent], ["Welcome"])
+
+    def test_misses_ask_the_registry_at_most_once_a_second(self) -> None:
+        """A peer's tunnels come from the registry; requests for names nobody serves ask it at most once a second, however many arrive; a held tunnel then routes to the peer's link."""
+        peers, backend, clock, certificate = self.peers()
+        link = _Link(certificate)
+        peers.hello(link, Hello(RELAY_PREFIX + "edge-b/1", ()))
+        asked = backend.asked
+        for _ in range(100):
+            self.assertEqual(peers.route("nobody.test", "/"), Reason.NO_TUNNEL)
+        self.assertEqual(backend.asked, asked)
+        self.successResultOf(backend.hold_tunnels("edge-b/1", ["app.test/api"], 60.0))
+        clock.advance(1.0)
+        found = self.successResultOf(defer.maybeDeferred(peers.route, "app.test", "/api/x"))
+        self.assertEqual((found.tunnel, found.link), ("app.test/api", link))
+        self.assertEqual(backend.asked, asked + 1)
+        self.assertEqual(peers.route("app.test", "/other"), Reason.NO_TUNNEL)
+        peers.forget(link)
+        self.assertEqual(peers.route("app.test", "/api/x"), Reason.NO_TUNNEL)
+
+
+class _Stream:
+    """One end of a stream as splice_streams uses it: what it was told, and its producer."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+        self.producer: Any = None
+        self.receiver: Any = None
+
+    def attach(self, receiver: Any) -> None:
+        self.receiver = receiver
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:  # noqa: N802
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:  # noqa: N802
+        self.producer = None
+
+    def send_reply(self, reply: Any) -> None:
+        self.events.append(("reply", reply))
+
+    def write(self, data: bytes) -> None:
+        self.events.append(("data", bytes(data)))
+
+    def end(self, trailers: Any = ()) -> None:
+        self.events.append(("end", trailers))
+
+    def reset(self, reason: Reason, message: str) -> None:
+        self.events.append(("reset", reason))
+
+
+class SpliceTests(TestCase):
+    def test_events_cross_and_each_stream_produces_for_the_other(self) -> None:
+        """A relayed stream and its local stream: each is the other's push producer (backpressure both ways); data, ends, the reply and resets cross over."""
+        relayed, local = _Stream(), _Stream()
+        splice_streams(relayed, local)  # type: ignore[arg-type]
+        self.assertIs(relayed.producer, local)
+        self.assertIs(local.producer, relayed)
+        relayed.receiver.data_received(b"request body")
+        relayed.receiver.end_received(())
+        self.assertEqual(local.events, [("data", b"request body"), ("end", ())])
+        self.assertIsNone(local.producer)
+        toward_relayed = _Toward(relayed, relayed=True)  # type: ignore[arg-type]
+        toward_relayed.reply_received("head")  # type: ignore[arg-type]
+        toward_relayed.data_received(b"response")
+        toward_relayed.reset_received(Reason.AGENT_GONE, "gone")
+        self.assertEqual(relayed.events, [("reply", "head"), ("data", b"response"),
+                                          ("reset", Reason.AGENT_GONE)])
+        self.assertIsNone(relayed.producer)
