@@ -142,10 +142,11 @@ class _Edge:
                 if url.startswith("tcp://"):
                     port = int(url.rsplit(":", 1)[1])
                     self.ports[edge.router.port_owner(port)] = port
-        # The only session serving db-off stops taking streams (as a drained one does).
+        # The only session serving db-off is out of service (as one whose agent
+        # failed a health check is; a drained one answers draining instead).
         for session in edge.sessions.sessions.values():
             if session.agent_id == "tcp-off":
-                session.draining = True
+                session.healthy = False
 
     # -- one attempt per protocol ----------------------------------------------
 
