@@ -313,6 +313,12 @@ class RelayTests(RelayProcesses):
         web1, upstream = await self.cert_agent(files, b_link)
         await a.wait_for(rf"relay link up from edge {b_id}")
         await b.wait_for(rf"relay link to edge {a_id} up over websocket")
+
+        async def a_knows() -> bool:
+            # A reads which tunnels B holds each heartbeat (or on a miss, once a second at most).
+            return ["demo.localhost"] in [p["tunnels"] for p in (await _cluster(a))["relays"]]
+
+        await eventually(a_knows, "edge A to learn that edge B holds the tunnel")
         for port in (a_public, b_public):
             self.assertEqual(await websocket_echo(port, DEMO, b"x" * 70000), b"x" * 70000)
             code, status, body = await self.curl(
