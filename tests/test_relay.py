@@ -252,6 +252,11 @@ class KilledEdgeTests(RelayProcesses):
         agent, upstream = await self.cert_agent(files, b_link, c_link)
         for edge in (a, c):
             await edge.wait_for(rf"relay link up from edge {b_id}")
+
+            async def knows(edge: TwistdProcess = edge) -> bool:
+                return ["demo.localhost"] in [p["tunnels"] for p in (await _cluster(edge))["relays"]]
+
+            await eventually(knows, "edges A and C to learn that B holds the tunnel")
         front = await self.haproxy(a_public, b_public, c_public)
         # Six requests the upstream holds (no answer yet), spread over the edges.
         before = len(upstream.hanging)
