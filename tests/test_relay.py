@@ -115,6 +115,8 @@ class _Client(WebSocketClientProtocol):  # type: ignore[misc]
             waiting.callback(payload)
 
     def onClose(self, wasClean: bool, code: int, reason: str) -> None:  # noqa: N802,N803
+        if not self.factory.closed.called:
+            self.factory.closed.callback(None)
         if not self.factory.opened.called:
             self.factory.opened.errback(Exception(f"closed before opening: {code} {reason}"))
 
@@ -129,6 +131,7 @@ async def websocket_echo(public_port: int, host: str, payload: bytes) -> bytes:
     factory = WebSocketClientFactory(f"ws://{host}/ws")
     factory.protocol = _Client
     factory.opened = defer.Deferred()
+    factory.closed = defer.Deferred()
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", public_port)
     await endpoint.connect(factory)
     client: _Client = await factory.opened
@@ -136,6 +139,7 @@ async def websocket_echo(public_port: int, host: str, payload: bytes) -> bytes:
         return await client.ask(payload)
     finally:
         client.sendClose(1000)
+        await factory.closed  # the close handshake's timers end with it
 
 
 class RelayProcesses(ClusterProcesses):
