@@ -440,6 +440,7 @@ max_connections = 0
         link_conf = {
             "websocket": f'url = "ws://127.0.0.1:{link}/tunnel"',
             "grpc": f'address = "127.0.0.1:{link}"',
+            "streamable-http": f'url = "http://127.0.0.1:{link}/tunnel"',
         }.get(transport, f'url = "127.0.0.1:{link}"')
         tunnels = f"""[[tunnels]]
 hostname = "{VHOST}"

@@ -142,6 +142,9 @@ class EndToEndMixin:
 
     transport: str
     timeout = 120
+    # Sockets on the agent-link port while one agent is connected: the
+    # listener and both ends of each connection the agent holds.
+    link_sockets = 3
 
     # -- what a transport's test module provides ------------------------------
 
@@ -516,7 +519,7 @@ class EndToEndMixin:
 
         self.assertEqual((await harness.request("app.test", "/hello"))[0], 200)
         fds, link_sockets, timers = open_fds(), sockets_on_port(link_port), tunneld_timers()
-        self.assertEqual(link_sockets, 3)  # the listener and both ends of the link
+        self.assertEqual(link_sockets, self.link_sockets)
         for i in range(25):
             (old,) = [s["session"] for s in await sessions()]
             in_flight = None
@@ -1005,6 +1008,23 @@ class EndToEndMixin:
         self.assertEqual(silent.pings, [])
 
     # -- streaming responses -------------------------------------------------------
+
+    async def test_terminal_stream(self) -> None:
+        """A stream of kind terminal crosses this transport: a PTY's bytes, a resize, its exit status."""
+        from tests.terminal_peers import connect_terminal, terminal_tunnel, token_for
+
+        harness = await terminal_tunnel(self, self.transport, self.edge_table(), self.agent_table)
+        token = await token_for(harness, "node-a")
+        client = await connect_terminal(self, harness, "node-a", token, rows=30, cols=90)
+        await client.ready()
+        client.type("stty size; echo hi-$((6*7))\n")
+        await client.sees(b"30 90")
+        await client.sees(b"hi-42")
+        client.send_json({"type": "resize", "rows": 50, "cols": 70})
+        client.type("stty size; exit 4\n")
+        await client.sees(b"50 70")
+        close = await client.close_message()
+        self.assertEqual((close["reason"], close["message"]), ("exited", "status 4"))
 
     async def test_sse_events_arrive_one_by_one(self) -> None:
         """Each server-sent event reaches the client before the upstream sends the next; Last-Event-ID reaches the upstream."""

@@ -9,6 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.test_mux import HEAD, Handler, Receiver, Wire, make_link
 from tunneld.model.messages import (
+    STREAM_KINDS,
     GoAway,
     Hello,
     Refusal,
@@ -74,7 +75,7 @@ _header_lists = st.lists(st.tuples(_names, st.binary(max_size=300)), max_size=6)
 _texts = st.text(max_size=140)
 stream_heads = st.builds(
     StreamHead,
-    kind=st.sampled_from(["http", "upgrade", "tcp"]),
+    kind=st.sampled_from(sorted(STREAM_KINDS)),
     tunnel=_texts,
     method=_texts,
     target=_texts,
@@ -337,7 +338,7 @@ class RejectTests(SynchronousTestCase):
             self.assertRaises(FrameError, codec.reply_from, frame)
 
     def test_open_unknown_kind(self) -> None:
-        """An open with a kind other than http, upgrade or tcp is rejected."""
+        """An open with a kind other than http, upgrade, tcp or terminal is rejected."""
         for kind in ("", "smtp", "HTTP"):
             frame = wire(pb.Frame(stream_id=1, open=pb.Open(kind=kind, tunnel="t")))
             self.assertRaises(FrameError, codec.head_from, frame)

@@ -75,6 +75,15 @@ class ConfigTests(TestCase):
             '[transports.websocket]\nurl = "http://x"\n', "transports.websocket.url", "ws://", agent=True
         )
 
+    def test_agent_bad_proxy(self) -> None:
+        """A forward proxy that is not http://host:port is refused, saying what it must be."""
+        for value, problem in (
+            ("https://proxy:3128", "a forward proxy is http://host:port"),
+            ("http://proxy:3128/path", "nothing more"),
+            ("http://proxy:99999", "not a proxy URL"),
+        ):
+            self.assert_error(f'[agent]\nproxy = "{value}"\n', "agent.proxy", problem, agent=True)
+
     def test_missing_required(self) -> None:
         """A tunnel without an upstream is refused."""
         self.assert_error(

@@ -142,8 +142,9 @@ class _Edge:
                 if url.startswith("tcp://"):
                     port = int(url.rsplit(":", 1)[1])
                     self.ports[edge.router.port_owner(port)] = port
-        # The only session serving db-off is out of service (as one whose agent
-        # failed a health check is; a drained one answers draining instead).
+        # The only session serving db-off is out of service (its upstream probe
+        # failed).  (Were it draining, the router would say draining instead:
+        # a tunnel whose every session is draining has its agents moving.)
         for session in edge.sessions.sessions.values():
             if session.agent_id == "tcp-off":
                 session.healthy = False

@@ -17,9 +17,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINT_IMPORTS = os.path.join(os.path.dirname(sys.executable), "lint-imports")
 
 
+PLUGIN = os.path.join("plugins", "streamable-http")
+
+
 def lint_imports(root: str) -> subprocess.CompletedProcess[str]:
-    """lint-imports with the project's contracts on the C{tunneld} package under C{root}."""
-    env = dict(os.environ, PYTHONPATH=root)
+    """
+    lint-imports with the project's contracts on the C{tunneld} package under
+    C{root} and the streamable-HTTP distribution's source beside it (not the
+    wheel installed from it).
+    """
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, PLUGIN)]))
     return subprocess.run(
         [LINT_IMPORTS, "--no-cache", "--no-logo", "pyproject.toml"],
         cwd=root, env=env, capture_output=True, text=True, timeout=120,
@@ -35,14 +42,20 @@ class ContractTests(TestCase):
             os.path.join(ROOT, "tunneld"), os.path.join(root, "tunneld"),
             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
         )
+        shutil.copytree(
+            os.path.join(ROOT, PLUGIN, "tunneld_streamable_http"),
+            os.path.join(root, PLUGIN, "tunneld_streamable_http"),
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
         shutil.copy(os.path.join(ROOT, "pyproject.toml"), root)
         return root
 
     def add_import(self, root: str, module: str, line: str) -> int:
         """Append C{line} to C{module}'s file in the copy; its line number."""
-        path = os.path.join(root, *module.split(".")) + ".py"
+        base = os.path.join(root, PLUGIN) if module.startswith("tunneld_streamable_http") else root
+        path = os.path.join(base, *module.split(".")) + ".py"
         if not os.path.exists(path):
-            path = os.path.join(root, *module.split("."), "__init__.py")
+            path = os.path.join(base, *module.split("."), "__init__.py")
         with open(path) as f:
             count = len(f.read().splitlines())
         with open(path, "a") as f:
@@ -101,6 +114,23 @@ class ContractTests(TestCase):
             "and speedups",
             "tunneld.transports is not allowed to import tunneld.router:",
             "-   tunneld.transports.websocket -> tunneld.router (l.{line})",
+        )
+
+    def test_a_plugin_distribution_importing_the_state_backend_is_caught(self) -> None:
+        """The streamable-HTTP distribution reaches the state backend only through the seams (EdgeLinkSetup.state): importing it breaks the third-party contract."""
+        self.assert_caught(
+            "tunneld_streamable_http.edge", "from tunneld.state.memory import MemoryStateBackend",
+            "A plugin distribution imports only tunneld's public seams (docs/plugins.md)",
+            "tunneld_streamable_http is not allowed to import tunneld.state:",
+            "-   tunneld_streamable_http.edge -> tunneld.state.memory (l.{line})",
+        )
+
+    def test_a_plugin_distribution_importing_a_builtin_transport_is_caught(self) -> None:
+        """A plugin may use FrameLink (tunneld.transports.mux) but not another transport's code."""
+        self.assert_caught(
+            "tunneld_streamable_http.agent", "from tunneld.transports.websocket import WebSocketTransport",
+            "A plugin distribution imports only tunneld's public seams (docs/plugins.md)",
+            "tunneld_streamable_http is not allowed to import tunneld.transports.websocket:",
         )
 
     def test_a_speed_trick_importing_tunneld_is_caught(self) -> None:

@@ -31,6 +31,7 @@ from tunneld.config import (
     TunnelSection,
 )
 from tunneld.edge.service import EdgeService
+from tunneld.interfaces import EdgeRecord
 from tunneld.model.reasons import Reason
 from tunneld.observe.console import AgentActivity, ConsoleSummary, summary_line
 from tunneld.observe.logging import JSONLinesObserver
@@ -187,6 +188,27 @@ class MetricsAndAdminTests(TestCase):
             response = await harness.client.request(b"GET", url, Headers({b"host": [name]}))
             await readBody(response)
             self.assertEqual(response.code, 200, name)
+
+    async def test_drain_one_agent_names_another_edge(self) -> None:
+        """With another live edge in the registry, the admin drain's GoAway names it (reconnect_to) and the agent dials it."""
+        harness, _ = await self.start()
+        edge = harness.edge
+        assert edge is not None
+        # "Another edge" whose agent URL is this edge's own link: the agent can follow it here.
+        url = f"ws://127.0.0.1:{harness.link_address().port}/tunnel"
+        await edge.state.backend.register_edge(EdgeRecord("other/1", "other", agent_urls=(url,)), 60)
+        await edge.membership.beat()
+        (old,) = edge.sessions.sessions
+        code, body = await get(harness, admin_url(edge, f"/api/agents/{old}/drain"), b"POST")
+        self.assertEqual(code, 200)
+        for _ in range(500):
+            if old not in edge.sessions.sessions and edge.sessions.sessions:
+                break
+            await sleep(0.02)
+        self.assertNotIn(old, edge.sessions.sessions)
+        self.assertEqual(harness.agents[0].redirect, url)
+        code, _, body = await harness.request("app.test", "/hello")
+        self.assertEqual((code, body), (200, HELLO))
 
     async def test_drain_one_agent(self) -> None:
         """POST drain sends GOAWAY: the session takes no new streams, closes (it has none in flight) and the agent reconnects."""

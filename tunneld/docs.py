@@ -21,9 +21,11 @@ from tunneld.config import (
     AgentConfig,
     AgentGrant,
     AgentSection,
+    AgentTerminal,
     EdgeConfig,
     EdgeSection,
     EdgeStateSection,
+    EdgeTerminalSection,
     SpeedupsSection,
     TunnelSection,
 )
@@ -126,6 +128,10 @@ def reference() -> str:
     parts = [HEADER, "## Edge\n"]
     parts.append(section("[edge]", EdgeSection))
     parts.append(section("[edge.state]", EdgeStateSection, _doc_of(EdgeSection, "state")))
+    parts.append(section(
+        "[edge.terminal]", EdgeTerminalSection, _doc_of(EdgeSection, "terminal")
+        + " See docs/operations.md, \"Terminals\"."
+    ))
     parts.append(section("[[agents]]", AgentGrant, _doc_of(EdgeConfig, "agents")))
     parts.append(section("[speedups]", SpeedupsSection, _SPEEDUPS))
     for plugin in transports:
@@ -137,6 +143,10 @@ def reference() -> str:
             ))
     parts.append("## Agent\n")
     parts.append(section("[agent]", AgentSection))
+    parts.append(section(
+        "[agent.terminal]", AgentTerminal, _doc_of(AgentSection, "terminal")
+        + " Wrong values (an unknown user, a missing program or directory) stop the start."
+    ))
     parts.append(section("[[tunnels]]", TunnelSection, _doc_of(AgentConfig, "tunnels")))
     parts.append(section("[speedups]", SpeedupsSection, _SPEEDUPS))
     for plugin in transports:

@@ -171,6 +171,10 @@ class AgentLinkSetup:
     tls_for: Callable[[str], IOpenSSLClientConnectionCreator] | None = None
     max_frame_size: int = 1 << 20
     initial_window: int = 256 * 1024
+    # An HTTP/1.1 forward proxy (host, port) every connection to the edge goes
+    # through ([agent] proxy): plain requests in absolute form, or a CONNECT
+    # tunnel (tunneld.proxyconnect); None: connect directly.
+    proxy: tuple[str, int] | None = None
     # The frame codec, with what it remembers of recurring heads: one per agent, shared by its links.
     codec: Codec = field(default_factory=Codec)
 
@@ -223,8 +227,9 @@ class ITransportPlugin(IPlugin):
 # The state backend is the one place where edges keep what another edge must
 # see: which edges are alive, which edge holds a session for which tunnel,
 # hostname reservations, cluster-unique ID epochs, rate-limit buckets, cap
-# counters and small records with a lifetime.  It never holds the bytes of a
-# stream.  `tunneld.state.memory` is the one-process default, `tunneld.state.redis`
+# counters and small records with a lifetime.  It holds the bytes of a
+# stream only as a transport's bounded replay buffer (streamable HTTP).
+# `tunneld.state.memory` is the one-process default, `tunneld.state.redis`
 # shares it through Redis.  Every method answers with a Deferred and never
 # blocks the reactor.
 

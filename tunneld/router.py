@@ -7,11 +7,20 @@ Pure logic: no sockets, no transports.  Exact hostnames win over wildcards,
 longer wildcards over shorter ones, longer path prefixes over shorter ones;
 among the sessions serving a tunnel the one with the fewest open streams is
 chosen, ties broken at random so load spreads.
+
+Session affinity: a request carrying an MCP or ACP session id
+(C{Mcp-Session-Id}, C{Acp-Session-Id}) goes to the agent session that served
+that session first (its first request, or the response that gave it the id),
+whatever the load; once that agent session is gone, the session's requests
+are refused with C{session_gone} (404, which tells an MCP client to start a
+new session) instead of reaching an agent that does not know them.  The table
+is bounded: the oldest ids are forgotten first.
 """
 
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +32,10 @@ from tunneld.model.reasons import Reason
 # Hostnames whose candidate tunnels are remembered at once (any name a
 # client sends is one, so the table is bounded).
 _CANDIDATE_CACHE_SIZE = 4096
+# MCP/ACP session ids remembered with the agent session serving them.
+MAX_AFFINITIES = 65536
+# An id whose agent session is gone.
+_GONE = object()
 
 
 @dataclass(eq=False)
@@ -74,6 +87,12 @@ class Router:
         # host -> its candidate tunnel lists (see _candidates), forgotten
         # whenever a hostname pattern comes or goes.
         self._candidate_cache: dict[str, list[list[_Tunnel]]] = {}
+        # (tunnel key, session id) -> the agent session serving it, or _GONE;
+        # and each agent session's ids, to mark them gone when it goes.
+        self._affinity: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._affinities_of: dict[AgentSession, set[tuple[str, str]]] = {}
+        self.max_affinities = MAX_AFFINITIES
+        self._registered: set[AgentSession] = set()
 
     def reserve(self, pattern: str) -> None:
         """Know C{pattern} as a tunnel even while no agent serves it."""
@@ -92,11 +111,16 @@ class Router:
             tunnels.sort(key=lambda t: len(t.spec.path_prefix), reverse=True)
         if session not in tunnel.sessions:
             tunnel.sessions.append(session)
+        self._registered.add(session)
         if spec not in session.tunnels:
             session.tunnels.append(spec)
 
     def unregister(self, session: AgentSession) -> None:
         """Remove C{session} from every tunnel it served."""
+        self._registered.discard(session)
+        for key in self._affinities_of.pop(session, ()):
+            if key in self._affinity:
+                self._affinity[key] = _GONE
         self._unregister_ports(session)
         self._candidate_cache.clear()
         for spec in session.tunnels:
@@ -145,11 +169,13 @@ class Router:
                 found.append(tunnels)
         return found
 
-    def route(self, host: str, path: str) -> Route | Reason:
+    def route(self, host: str, path: str, affinity: str = "") -> Route | Reason:
         """
         The route for a public request, or the reason there is none:
         C{no_tunnel} when nothing is registered for the name,
         C{agent_unavailable} when its agents are all unhealthy or draining,
+        C{session_gone} when C{affinity} (an MCP/ACP session id) was served
+        by an agent session that is gone or going,
         C{draining} when every one is draining (moving to another edge: a
         client may retry elsewhere, or soon).
         """
@@ -159,13 +185,46 @@ class Router:
                 prefix = tunnel.spec.path_prefix
                 if prefix and not _under(path, prefix):
                     continue
+                if affinity:
+                    bound = self._affinity.get((tunnel.key, affinity))
+                    if bound is _GONE or (bound is not None and bound.draining):
+                        return Reason.SESSION_GONE
+                    if bound is not None:
+                        self._affinity.move_to_end((tunnel.key, affinity))
+                        return Route(tunnel.key, bound.link, bound)
                 session = self._pick(tunnel.sessions, tunnel.key)
                 if session is None:
                     return _none_usable(tunnel.sessions)
+                if affinity:  # the session's first request this edge has seen
+                    self.bind(tunnel.key, affinity, session)
                 return Route(tunnel.key, session.link, session)
         if hostname_allowed(host, list(self._reserved)):
             return Reason.AGENT_UNAVAILABLE
         return Reason.NO_TUNNEL
+
+    def bind(self, tunnel: str, affinity: str, session: AgentSession) -> None:
+        """
+        Requests of C{tunnel} carrying session id C{affinity} go to C{session}
+        from now on (an upstream's response named the id, or its first request
+        carried it).  An id already bound keeps its agent session.
+        """
+        key = (tunnel, affinity)
+        if key in self._affinity or session not in self._registered:
+            return
+        self._affinity[key] = session
+        self._affinities_of.setdefault(session, set()).add(key)
+        while len(self._affinity) > self.max_affinities:
+            (old, bound) = self._affinity.popitem(last=False)
+            if bound is not _GONE:
+                keys = self._affinities_of.get(bound)
+                if keys is not None:
+                    keys.discard(old)
+                    if not keys:
+                        del self._affinities_of[bound]
+
+    def affinities(self) -> int:
+        """How many session ids are remembered (gone ones included)."""
+        return len(self._affinity)
 
     def _pick(self, sessions: list[AgentSession], key: str = "") -> AgentSession | None:
         usable = [

@@ -11,7 +11,9 @@ A link the edge turns away before its Welcome is a refusal: counted by
 reason, logged, and redialled after the same backoff (an edge that is
 draining is not asked again at once).  A refusal that retrying cannot
 change (C{unauthorized}: the agent's id, token or certificate, or its grant)
-stops the agent with a message saying what to fix.  A link the edge asks to
+stops the agent with a message saying what to fix; so do three rounds in a
+row in which every transport's dial was refused for good (L{LinkRefused}:
+an HTTP 401, 403 or 404 to its first request).  A link the edge asks to
 leave (C{GoAway(draining)}) is replaced by a new one and retired: it closes
 once its last stream has ended.
 """
@@ -35,16 +37,18 @@ from tunneld.agent.health import UpstreamProbe
 from tunneld.agent.identity import resolve_agent_id
 from tunneld.agent.targets import retarget
 from tunneld.agent.tcp import TCPForwarder
+from tunneld.agent.terminal import TerminalService, refuse_disabled
 from tunneld.agent.upstream import UpstreamPool
 from tunneld.agent.upstream_h2 import H2UpstreamPool
 from tunneld.config import AgentConfig
-from tunneld.config.values import parse_health_check
+from tunneld.config.values import parse_health_check, parse_proxy_url
 from tunneld.interfaces import (
     AgentLinkSetup,
     IAgentLink,
     ILinkHandler,
     IStream,
     ITransportPlugin,
+    LinkRefused,
 )
 from tunneld.model.keys import tunnel_key
 from tunneld.model.messages import ControlMessage, GoAway, Health, Hello, TunnelSpec, Welcome
@@ -57,6 +61,14 @@ _FINAL_REFUSALS = frozenset({Reason.UNAUTHORIZED})
 _FIX_HINT = (
     "check this agent's id (or leave it out to take the certificate's), its token or "
     "client certificate, and the edge's [[agents]] grant"
+)
+# Rounds in which every transport was refused for good (LinkRefused: 401,
+# 403, 404 to the first request) before the agent stops; a round of them
+# waits the same backoff as any failure.
+_REFUSED_ROUNDS = 3
+_REFUSED_HINT = (
+    "check each transport's URL or address, and that the edge (and any proxy on the way) "
+    "admits this agent"
 )
 # How long a link the agent moves off may keep its streams, at most (the
 # edge that asked it to move closes it at its own drain_timeout first).
@@ -132,6 +144,7 @@ class AgentService(Service):
             tls_for=client_tls_for(tls.ca, tls.certificate, tls.key, tls.server_hostname),
             initial_window=section.initial_window,
             max_frame_size=section.max_frame_size,
+            proxy=parse_proxy_url(section.proxy),
         )
         self.specs = [
             TunnelSpec(
@@ -174,6 +187,10 @@ class AgentService(Service):
                     tunnel.health_timeout,
                     functools.partial(self._health_changed, key),
                 )
+        # The opt-in terminal service ([agent.terminal]): streams of kind "terminal".
+        self.terminal: TerminalService | None = None
+        if section.terminal.enabled:
+            self.terminal = TerminalService(reactor, section.terminal, self.agent_id)
         self._welcomed: IAgentLink | None = None
         self.link: IAgentLink | None = None
         self.public_urls: tuple[str, ...] = ()
@@ -198,6 +215,9 @@ class AgentService(Service):
         self._stopping = False
         self._links: dict[IAgentLink, _Link] = {}
         self._prefer_timer: Any = None
+        # This round's refusals for good (LinkRefused), and how many rounds in a row had only those.
+        self._refused_round: list[str] = []
+        self._refused_rounds = 0
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -214,6 +234,8 @@ class AgentService(Service):
         for probe in self.probes.values():
             probe.stop()
         waits = [pool.close() for pool in self.pools.values()]
+        if self.terminal is not None:
+            waits.append(self.terminal.close())
         for tracked in list(self._links.values()):
             tracked.stop_timers()
             tracked.link.close(Reason.CANCELLED, "agent stopping")
@@ -235,6 +257,8 @@ class AgentService(Service):
         self._pending = None
         if self._stopping:
             return
+        if index == 0:
+            self._refused_round = []
         plugin, options = self.transports[index]
         target = self.redirect or (self.edge_urls[self._url_index] if self.edge_urls else None)
         if target is not None:
@@ -283,6 +307,8 @@ class AgentService(Service):
             return
         failed = self.transports[self._index][0].name
         error = failure.getErrorMessage()
+        if failure.check(LinkRefused):
+            self._refused_round.append(f"{failed}: {error}")
         target = self._target
         if target is not None:
             self._target_failed(target, error)
@@ -295,6 +321,17 @@ class AgentService(Service):
             )
             self._dial(self._index + 1)
             return
+        if len(self._refused_round) == len(self.transports):
+            self._refused_rounds += 1
+            if self._refused_rounds >= _REFUSED_ROUNDS:
+                self._give_up(
+                    f"every transport was refused for good, {self._refused_rounds} times in a "
+                    f"row ({'; '.join(self._refused_round)})",
+                    _REFUSED_HINT,
+                )
+                return
+        else:
+            self._refused_rounds = 0
         self._retry_later(f"{failed} failed: {error}", lost=False)
 
     def _target_failed(self, url: str, error: str) -> None:
@@ -411,6 +448,7 @@ class AgentService(Service):
         if timer is not None and timer.active():
             timer.cancel()
         self.backoff.link_up(self.reactor.seconds())
+        self._refused_rounds = 0
         self._url_failures = 0
         self.public_urls = message.public_urls
         self.log.info(
@@ -495,6 +533,12 @@ class AgentService(Service):
     def stream_opened(self, stream: IStream) -> None:
         if self.stream_hook is not None:
             stream = self.stream_hook(stream)
+        if stream.head.kind == "terminal":
+            if self.terminal is None:
+                refuse_disabled(stream)
+            else:
+                self.terminal.forward(stream)
+            return
         pool = self.pools.get(stream.head.tunnel)
         if pool is None:
             stream.reset(Reason.NO_TUNNEL, f"this agent does not serve {stream.head.tunnel}")
@@ -537,14 +581,14 @@ class AgentService(Service):
         )
         self._dial_in(delay)
 
-    def _give_up(self, message: str) -> None:
+    def _give_up(self, message: str, hint: str = _FIX_HINT) -> None:
         """Stop for good: dialling again would be refused the same way."""
         if self._stopping:
             return
         self._stop_dialling()
         self.log.critical(
             "{refusal}. Retrying cannot change this, so the agent stops: {hint}.",
-            refusal=message, hint=_FIX_HINT,
+            refusal=message, hint=hint,
         )
         link = self.link
         if link is not None:

@@ -16,6 +16,9 @@ certificate names.
 
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +29,7 @@ from tunneld.config.values import (
     parse_address,
     parse_health_check,
     parse_port_ranges,
+    parse_proxy_url,
     parse_redis_url,
 )
 from tunneld.endpoints import (
@@ -95,6 +99,10 @@ def _cpu_scheduling() -> Any:
 
 def _non_empty(value: list[str]) -> str | None:
     return None if value else "must name at least one entry"
+
+
+def _proxy_url(value: str) -> str | None:
+    return _problem(parse_proxy_url, value)
 
 
 def _port_ranges(value: str) -> str | None:
@@ -290,6 +298,89 @@ class EdgeStateSection:
     pool_size: int = setting(2, "Connections to Redis.", check=positive)
 
 
+def _second_session(value: str) -> str | None:
+    if value in ("refuse", "replace"):
+        return None
+    return f"must be 'refuse' or 'replace', got {value!r}"
+
+
+def _credentials(value: dict[str, str]) -> str | None:
+    for name, token in value.items():
+        if not name:
+            return "an operator needs a name"
+        if len(token) < 16:
+            return f"operator {name!r}: a token of at least 16 characters, got {len(token)}"
+    return None
+
+
+@dataclass(frozen=True)
+class EdgeTerminalSection:
+    """
+    Browser terminals to agents ([edge.terminal]): the admin API hands out
+    single-use tokens, the admin listener serves the page and the WebSocket.
+    """
+
+    enabled: bool = setting(
+        False,
+        "Serve terminals: POST /api/v1/allocations/ID/terminal-token, the page at /terminal/ "
+        "and WS /ws/terminal/ID on the admin listener (edge.admin_listen).",
+    )
+    operators: dict[str, str] = setting(
+        {},
+        "Admin credentials that may ask for terminal tokens: name = bearer token (at least 16 "
+        "characters), sent as 'Authorization: Bearer TOKEN'; the name is the identity a token "
+        "and its session are bound to.  Needed when enabled.",
+        check=_credentials,
+    )
+    token_ttl: float = setting(
+        30.0, "Seconds a terminal token may wait for its first (and only) use.", check=positive
+    )
+    second_session: str = setting(
+        "refuse",
+        "A session for an allocation that has a live one: 'refuse' it (session_live) or "
+        "'replace' the live one (closed with replaced).",
+        check=_second_session,
+    )
+    max_queued_bytes: int = setting(
+        1 << 20,
+        "Bytes of output one session may hold for a browser that cannot take them yet; past "
+        "half the agent's stream is paused (the PTY is no longer read), past all of it the "
+        "session closes with saturated.  Input waits within the agent stream's credit window "
+        "(the browser's socket is no longer read meanwhile).",
+        check=positive,
+    )
+    stall_timeout: float = setting(
+        30.0,
+        "Seconds a browser may take nothing while output waits for it before the session "
+        "closes with saturated.",
+        check=positive,
+    )
+    heartbeat_interval: float = setting(
+        15.0,
+        "Seconds between heartbeats to the browser and the agent; silence for three of them "
+        "closes the session (browser_silent, agent_silent).",
+        check=positive,
+    )
+    max_message_bytes: int = setting(
+        65536, "Largest WebSocket message a browser may send (bytes).", check=positive
+    )
+    assets: str = setting(
+        "",
+        "Directory holding xterm.js's files (xterm.js, xterm.css, addon-fit.js), as "
+        "scripts/setup installs them from npm; '' = PREFIX/share/tunneld/xterm of the running "
+        "Python environment.",
+    )
+    closed_kept: int = setting(
+        100, "Closed sessions the admin API still lists (newest first).", check=non_negative
+    )
+
+
+def _terminal_section(section: EdgeTerminalSection) -> str | None:
+    if section.enabled and not section.operators:
+        return "operators: enabled needs at least one operator (name = token)"
+    return None
+
+
 @dataclass(frozen=True)
 class EdgeSection:
     """The edge's own settings ([edge])."""
@@ -420,6 +511,29 @@ class EdgeSection:
         "Shared state for several edges ([edge.state]); the default keeps it in this process.",
         check=_state_section,
     )
+    terminal: EdgeTerminalSection = setting(
+        EdgeTerminalSection(),
+        "Browser terminals to agents ([edge.terminal]); off by default.",
+        check=_terminal_section,
+    )
+
+
+@dataclass(frozen=True)
+class MethodLimits:
+    """
+    Limits for one JSON-RPC method on a tunnel ([limits.tunnels."HOST".methods."NAME"]),
+    applied to requests whose Mcp-Method header names it; a key left out is no limit.
+    """
+
+    rate: float | None = setting(
+        None, "Requests per second of this method on the tunnel.", check=_unset_or_non_negative
+    )
+    burst: int | None = setting(
+        None, "Burst above that rate (unset: one second's worth).", check=_unset_or_non_negative
+    )
+    max_streams: int | None = setting(
+        None, "Concurrent exchanges of this method on the tunnel.", check=_unset_or_non_negative
+    )
 
 
 @dataclass(frozen=True)
@@ -436,6 +550,11 @@ class TunnelLimits:
     )
     max_streams: int | None = setting(
         None, "Concurrent public exchanges on this tunnel.", check=_unset_or_non_negative
+    )
+    methods: dict[str, MethodLimits] = setting(
+        {},
+        "Per-method limits, keyed by the JSON-RPC method an MCP client names in its "
+        "Mcp-Method header (e.g. \"tools/call\").",
     )
 
 
@@ -570,6 +689,54 @@ class AgentTLS:
     )
 
 
+def _environment(value: dict[str, str]) -> str | None:
+    for name in value:
+        if not name or "=" in name or "\0" in name:
+            return f"not an environment variable name: {name!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class AgentTerminal:
+    """
+    A terminal service on this agent ([agent.terminal]): the edge opens
+    a PTY running C{command} for a browser holding a token.  Off by default.
+    """
+
+    enabled: bool = setting(
+        False, "Offer a terminal (a PTY) to the edge's browser sessions for this agent."
+    )
+    command: list[str] = setting(
+        [],
+        "The program and its arguments ([] = the user's login shell from the password "
+        "database, started as a login shell).",
+    )
+    user: str = setting(
+        "", "The user the program runs as ('' = the agent's own user; another needs root)."
+    )
+    environment: dict[str, str] = setting(
+        {},
+        "Environment variables on top of the base set: TERM, HOME, USER, LOGNAME, SHELL, and "
+        "PATH and LANG as the agent has them.",
+        check=_environment,
+    )
+    working_directory: str = setting("", "The program's directory ('' = the user's home).")
+    term: str = setting("xterm-256color", "TERM for the program (the page's xterm.js is one).")
+    max_sessions: int = setting(4, "Terminals open at once on this agent.", check=positive)
+    close_grace: float = setting(
+        2.0,
+        "Seconds the program has to exit after its terminal hangs up (SIGHUP) before it is "
+        "killed (SIGKILL).",
+        check=positive,
+    )
+    heartbeat_timeout: float = setting(
+        60.0,
+        "Seconds without a word from the edge (heartbeats included) before the terminal is "
+        "closed with agent_silent on this side.",
+        check=positive,
+    )
+
+
 @dataclass(frozen=True)
 class AgentSection:
     """The agent's own settings ([agent])."""
@@ -586,6 +753,13 @@ class AgentSection:
         ["websocket"],
         "Transports to try, in order of preference; on failure the next is used.",
         check=_non_empty,
+    )
+    proxy: str = setting(
+        "",
+        "An HTTP/1.1 forward proxy every agent link goes through (http://host:port): the "
+        "streamable-http transport sends it plain requests, the others ask it for a CONNECT "
+        "tunnel (a proxy that refuses makes them fail, and the chain falls back). '' = none.",
+        check=_proxy_url,
     )
     edge_urls: list[str] = setting(
         [],
@@ -637,6 +811,10 @@ class AgentSection:
     cpu_scheduling: str = _cpu_scheduling()
     tls: AgentTLS = field(
         default_factory=AgentTLS, metadata={"doc": "TLS to the edge ([agent.tls])."}
+    )
+    terminal: AgentTerminal = field(
+        default_factory=AgentTerminal,
+        metadata={"doc": "A terminal service for browsers through the edge ([agent.terminal])."},
     )
 
 
@@ -757,4 +935,39 @@ def load_agent_config(path: str | None) -> AgentConfig:
             raise ConfigError(where, f"tunnels[{i}].hostname", "a tcp tunnel's name has no wildcard")
         if tunnel.protocol == "http" and tunnel.remote_port:
             raise ConfigError(where, f"tunnels[{i}].remote_port", "only tcp tunnels have a port")
+    _check_terminal(where, config.agent.terminal)
     return AgentConfig(config.agent, config.tunnels, config.transports, where, config.speedups)
+
+
+def _check_terminal(where: str, terminal: AgentTerminal) -> None:
+    """What [agent.terminal] names must exist on this machine (checked only when enabled)."""
+    if not terminal.enabled:
+        return
+    key = "agent.terminal"
+    if terminal.user:
+        try:
+            entry = pwd.getpwnam(terminal.user)
+        except KeyError:
+            raise ConfigError(where, f"{key}.user", f"no such user: {terminal.user!r}") from None
+        if entry.pw_uid != os.getuid() and os.getuid() != 0:
+            raise ConfigError(
+                where, f"{key}.user",
+                f"running as {terminal.user!r} needs the agent to run as root",
+            )
+    else:
+        entry = pwd.getpwuid(os.getuid())
+    if terminal.command:
+        program = terminal.command[0]
+        if shutil.which(program) is None:
+            raise ConfigError(
+                where, f"{key}.command[0]", f"no executable {program!r} (an absolute path, or on PATH)"
+            )
+    elif not entry.pw_shell or not os.access(entry.pw_shell, os.X_OK):
+        raise ConfigError(
+            where, f"{key}.command",
+            f"user {entry.pw_name!r} has no usable login shell ({entry.pw_shell!r}); name a command",
+        )
+    directory = terminal.working_directory or entry.pw_dir
+    if not os.path.isdir(directory):
+        which = f"{key}.working_directory" if terminal.working_directory else f"{key}.user"
+        raise ConfigError(where, which, f"no such directory: {directory!r}")

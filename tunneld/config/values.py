@@ -118,6 +118,25 @@ def _db(text: str, url: str) -> int:
     return int(text)
 
 
+def parse_proxy_url(text: str) -> tuple[str, int] | None:
+    """
+    An HTTP forward proxy, C{http://host[:port]} (port 80 if left out), as
+    (host, port); '' is none.  L{ValueError} says what is wrong.
+    """
+    if not text:
+        return None
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"not a proxy URL ({e}): {text!r}") from None
+    if parts.scheme != "http":
+        raise ValueError(f"a forward proxy is http://host:port (the agent asks it in plain HTTP/1.1): {text!r}")
+    if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.username:
+        raise ValueError(f"a forward proxy is http://host:port, nothing more: {text!r}")
+    return parts.hostname, port or 80
+
+
 def parse_address(text: str, default_port: int = DEFAULT_SENTINEL_PORT) -> tuple[str, int]:
     """C{host:port}, C{host} or C{[v6]:port} as (host, port); L{ValueError} if not."""
     text = text.strip()

@@ -22,6 +22,8 @@ from http import HTTPStatus
 from tunneld.model.messages import Headers
 
 __all__ = [
+    "mcp_method",
+    "session_affinity",
     "HOP_BY_HOP",
     "REPLACED",
     "USERINFO_REFUSAL",
@@ -212,3 +214,30 @@ def reply_headers(headers: Headers, via: bytes) -> tuple[list[tuple[bytes, bytes
     vias.append(via)
     out.append((b"Via", b", ".join(vias)))
     return out, has_length
+
+
+# MCP's and ACP's streamable-HTTP session headers: a session lives on the agent
+# (the server behind it) that created it.
+_AFFINITY_HEADERS = {b"mcp-session-id": "mcp", b"acp-session-id": "acp"}
+# Longer ids are no session id (MCP: visible ASCII).
+_MAX_SESSION_ID = 256
+
+
+def session_affinity(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """
+    The MCP or ACP session a request or response names (C{mcp:ID},
+    C{acp:ID}), or ''.
+    """
+    for name, value in headers:
+        kind = _AFFINITY_HEADERS.get(name.lower())
+        if kind is not None and 0 < len(value) <= _MAX_SESSION_ID:
+            return f"{kind}:{value.decode('latin-1')}"
+    return ""
+
+
+def mcp_method(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """The JSON-RPC method a request's C{Mcp-Method} header names, or ''."""
+    for name, value in headers:
+        if name.lower() == b"mcp-method" and 0 < len(value) <= _MAX_SESSION_ID:
+            return value.decode("latin-1")
+    return ""

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 from typing import Protocol as TypingProtocol
 
@@ -46,7 +47,9 @@ from tunneld.edge.forwarding import (
     USERINFO_REFUSAL,
     forwarded_headers,
     host_of,
+    mcp_method,
     peer_of,
+    session_affinity,
 )
 from tunneld.interfaces import IAgentLink, IStream, IStreamReceiver
 from tunneld.model.messages import Headers, StreamHead
@@ -145,7 +148,7 @@ class Admission(TypingProtocol):
     def client_of(self, peer_host: str, forwarded_for: Iterable[bytes]) -> str: ...
 
     def admit(
-        self, tunnel: str, client: str, session_streams: int
+        self, tunnel: str, client: str, session_streams: int, method: str = ""
     ) -> Releasable | Refused | Deferred[Releasable | Refused]: ...
 
 
@@ -256,6 +259,8 @@ class EdgeGateway:
         remote: RemoteRoutes | None = None,
     ) -> None:
         self.routes = routes
+        # A routing table that keeps MCP/ACP sessions (L{tunneld.router.Router}).
+        self._binds = hasattr(routes, "bind")
         self.stats = stats if stats is not None else EdgeStats()
         self.admission = admission
         self.remote = remote
@@ -338,7 +343,9 @@ class EdgeGateway:
             return True
         target = exchange.target
         path = target.partition("?")[0] or "/" if target != "*" else "/"
-        route = self.routes.route(host, path)
+        # A request naming an MCP/ACP session goes where the session lives.
+        affinity = session_affinity(headers) if self._binds else ""
+        route = self.routes.route(host, path, affinity) if affinity else self.routes.route(host, path)  # type: ignore[call-arg]
         if isinstance(route, Reason):
             remote = self.remote
             if remote is None or route not in _ELSEWHERE:
@@ -367,7 +374,11 @@ class EdgeGateway:
                 )
             else:
                 who = client.peer_host
-            admitted = admission.admit(route.tunnel, who, route.link.active_streams())
+            method = mcp_method(headers)  # per-method limits (MCP's Mcp-Method)
+            if method:
+                admitted = admission.admit(route.tunnel, who, route.link.active_streams(), method)
+            else:
+                admitted = admission.admit(route.tunnel, who, route.link.active_streams())
             if isinstance(admitted, Refused):
                 self._refused(client, exchange, admitted)
                 return True
@@ -420,6 +431,9 @@ class EdgeGateway:
         slots: Releasable | None, head: StreamHead, ended: bool,
     ) -> None:
         exchange.slots = slots
+        if self._binds and getattr(route, "session", None) is not None and hasattr(exchange, "affinity"):
+            # Told the reply's headers: a response naming an MCP/ACP session binds it.
+            exchange.affinity = partial(self._bind, route)  # type: ignore[attr-defined]
         try:
             stream = route.link.open_stream(head, cast(IStreamReceiver, exchange), end_stream=ended)
         except Exception:
@@ -435,6 +449,12 @@ class EdgeGateway:
             return
         self.stats.streams_opened += 1
         exchange.opened(stream)
+
+    def _bind(self, route: Any, headers: Headers) -> None:
+        """A reply naming an MCP/ACP session: its later requests go where this one went."""
+        affinity = session_affinity(headers)
+        if affinity:
+            self.routes.bind(route.tunnel, affinity, route.session)  # type: ignore[attr-defined]
 
     # -- decisions that came later ---------------------------------------------
 
@@ -455,7 +475,11 @@ class EdgeGateway:
             who = admission.client_of(
                 who, [value for name, value in held.headers if name == b"x-forwarded-for"]
             )
-        admitted = admission.admit(route.tunnel, who, route.link.active_streams())
+        method = mcp_method(held.headers)
+        if method:
+            admitted = admission.admit(route.tunnel, who, route.link.active_streams(), method)
+        else:
+            admitted = admission.admit(route.tunnel, who, route.link.active_streams())
         if isinstance(admitted, Deferred):
             admitted.addCallbacks(
                 self._admitted, self._failed,

@@ -114,7 +114,7 @@ class _H2Exchange:
         "protocol", "stream_id", "stream", "method", "host", "target",
         "live", "uploading", "upload_paused", "inbox", "trailers_in", "request_ended",
         "replied", "held_reply", "bodyless", "outbox", "end_pending", "sent_data",
-        "stream_paused", "done", "slots", "waiting", "whole", "expect",
+        "stream_paused", "done", "slots", "waiting", "whole", "expect", "affinity",
     )
 
     def __init__(
@@ -144,6 +144,7 @@ class _H2Exchange:
         self.stream_paused = False  # what we told the tunnel stream
         self.done = False  # the HTTP/2 stream is finished on our side
         self.slots: Releasable | None = None  # the policy's, released when the exchange is forgotten
+        self.affinity: Any = None  # the gateway's: told the reply's headers (MCP/ACP sessions)
 
     # -- the gateway's exchange ----------------------------------------------
 
@@ -160,6 +161,8 @@ class _H2Exchange:
     def reply_received(self, reply: ReplyHead) -> None:
         """IStreamReceiver.reply_received"""
         if self.live and not self.replied:
+            if self.affinity is not None:
+                self.affinity(reply.headers)
             self.protocol._reply(self, reply)
 
     def data_received(self, data: bytes) -> None:

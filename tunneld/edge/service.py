@@ -33,6 +33,8 @@ from tunneld.edge.public_tls import PublicTLSFactory, public_tls_contexts
 from tunneld.edge.relay import RelayDialer, RelayPeers
 from tunneld.edge.sessions import AgentSessions
 from tunneld.edge.tcp import TCPTunnels
+from tunneld.edge.terminal import TerminalBridge
+from tunneld.edge.terminal_web import terminal_mounts
 from tunneld.errors import ConfigError
 from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup, ITransportPlugin
 from tunneld.listening import ListeningService, address_text, listeners_under
@@ -157,12 +159,22 @@ class EdgeService(MultiService):
                 self._agent_url_makers.extend(
                     (listener, make_url) for listener in listeners_under(service)
                 )
+        # Browser terminals to agents ([edge.terminal]), served on the admin listener.
+        self.terminal: TerminalBridge | None = None
+        mounts = {}
+        if edge.terminal.enabled:
+            self.terminal = TerminalBridge(
+                reactor, edge.terminal, self.sessions, self.state.backend,
+                edge_name=lambda: edge.state.edge_name,
+            )
+            self.terminal.setServiceParent(self)
+            mounts = terminal_mounts(self.terminal)
         self.relays: RelayPeers | None = None
         self.relay_dialer: RelayDialer | None = None
         self._relay(transports)
         # Admin API, metrics, systemd readiness (once every listener in this tree is up).
         self.observe = EdgeObservability(
-            reactor, self.sessions, self.stats, self, edge.admin_listen
+            reactor, self.sessions, self.stats, self, edge.admin_listen, mounts=mounts
         )
         self.observe.setServiceParent(self)
 
@@ -399,6 +411,9 @@ class EdgeService(MultiService):
         """
         self.policy.draining = True
         self.sessions.draining = True
+        if self.terminal is not None:
+            # Terminals are not resumable: they end now, saying why, rather than at the deadline.
+            self.terminal.shutdown("edge_stopping", "the edge is shutting down")
         # Agents are told to go (below) and must not find this edge again:
         # the agent listeners stop accepting, the links already up stay.
         stopping = [maybeDeferred(listener.stopService) for listener in self.public]

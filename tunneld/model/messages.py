@@ -24,6 +24,10 @@ MIN_FRAME_SIZE = 128 * 1024
 
 Headers = Sequence[tuple[bytes, bytes]]
 
+# The kinds of stream an Open may name (see L{StreamHead}); a transport
+# carries every one alike, and a peer refuses an Open of any other kind.
+STREAM_KINDS = frozenset(("http", "upgrade", "tcp", "terminal"))
+
 
 @dataclass(frozen=True, slots=True)
 class TunnelSpec:
@@ -112,7 +116,9 @@ class StreamHead:
     What a stream is about: one public exchange as the edge received it.
 
     C{kind} is C{"http"} for a request/response, C{"upgrade"} for an HTTP
-    connection that switches protocols (WebSocket), C{"tcp"} for raw bytes.
+    connection that switches protocols (WebSocket), C{"tcp"} for raw bytes,
+    C{"terminal"} for a PTY on the agent (its bytes and control messages are
+    records of L{tunneld.wire.terminal}; C{tunnel} names the allocation).
     """
 
     kind: str

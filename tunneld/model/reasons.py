@@ -37,6 +37,7 @@ class Reason(enum.Enum):
     CLIENT_GONE = "client_gone"
     IDLE_TIMEOUT = "idle_timeout"
     CANCELLED = "cancelled"
+    SESSION_GONE = "session_gone"
 
     @property
     def http_status(self) -> int:
@@ -84,6 +85,9 @@ _HTTP_STATUS = {
     Reason.CLIENT_GONE: 499,
     Reason.IDLE_TIMEOUT: 408,
     Reason.CANCELLED: 503,
+    # What an MCP server answers for a session it does not know: the client
+    # then starts a new one (with any agent).
+    Reason.SESSION_GONE: 404,
 }
 
 # 1001 going away, 1008 policy violation, 1011 internal error, 1013 try again later.
@@ -104,6 +108,7 @@ _WEBSOCKET_CLOSE = {
     Reason.CLIENT_GONE: 1001,
     Reason.IDLE_TIMEOUT: 1001,
     Reason.CANCELLED: 1001,
+    Reason.SESSION_GONE: 1008,
 }
 
 _DESCRIPTION = {
@@ -123,6 +128,7 @@ _DESCRIPTION = {
     Reason.CLIENT_GONE: "the client went away",
     Reason.IDLE_TIMEOUT: "the connection was idle too long",
     Reason.CANCELLED: "the stream was cancelled",
+    Reason.SESSION_GONE: "the agent that held this session is gone; start a new session",
 }
 
 _WIRE_CODE = {reason: number for number, reason in enumerate(Reason, start=1)}

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -213,6 +213,11 @@ class Agents(_Leaf):
         })
 
 
+def _put(parent: resource.Resource, name: bytes, child: resource.Resource) -> resource.Resource:
+    parent.putChild(name, child)
+    return child
+
+
 def _is_loopback_name(host: str) -> bool:
     name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
     name = name.strip("[]").split("]")[0]
@@ -247,8 +252,13 @@ class _AdminSite(server.Site):
             super().log(request)
 
 
-def admin_site(view: EdgeView) -> server.Site:
-    """The admin API's web site."""
+def admin_site(
+    view: EdgeView, mounts: Mapping[tuple[bytes, ...], resource.Resource] | None = None
+) -> server.Site:
+    """
+    The admin API's web site; C{mounts} adds resources other parts of the
+    edge serve here, by path (the terminal's C{/api/v1}, page and WebSocket).
+    """
     root = resource.Resource()
     root.putChild(b"healthz", Healthz(view))
     root.putChild(b"readyz", Readyz(view))
@@ -260,6 +270,11 @@ def admin_site(view: EdgeView) -> server.Site:
     api.putChild(b"policy", Policy(view))
     api.putChild(b"refusals", Refusals(view))
     api.putChild(b"cluster", Cluster(view))
+    for path, child in (mounts or {}).items():
+        parent = root
+        for name in path[:-1]:
+            parent = parent.children.get(name) or _put(parent, name, resource.Resource())
+        parent.putChild(path[-1], child)
     site = _AdminSite(root)
     site.displayTracebacks = False
     site.noisy = False

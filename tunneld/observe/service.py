@@ -6,12 +6,14 @@ systemd notification, started with the edge and stopped first.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.web.resource import Resource
 
 from tunneld.listening import ListeningService, listeners_under
 from tunneld.observe.admin import EdgeView, admin_site
@@ -39,6 +41,7 @@ class EdgeObservability(MultiService):
         root: MultiService,
         admin_listen: str,
         notifier: Notifier | None = None,
+        mounts: Mapping[tuple[bytes, ...], Resource] | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -61,7 +64,7 @@ class EdgeObservability(MultiService):
         self.admin: ListeningService | None = None
         if admin_listen:
             self.admin = ListeningService(
-                reactor, admin_listen, admin_site(self.view), "admin API", key="edge.admin_listen"
+                reactor, admin_listen, admin_site(self.view, mounts), "admin API", key="edge.admin_listen"
             )
             self.admin.setServiceParent(self)
         sampler = TimerService(RTT_SAMPLE_SECONDS, self.sample_rtt)

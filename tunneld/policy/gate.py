@@ -138,10 +138,14 @@ class PublicPolicy:
 
     # -- requests ----------------------------------------------------------
 
-    def admit(self, tunnel: str, client: str, session_streams: int) -> Slots | Refused:
+    def admit(
+        self, tunnel: str, client: str, session_streams: int, method: str = ""
+    ) -> Slots | Refused:
         """
         May a request from C{client} open a stream on C{tunnel}, over an agent
         session that carries C{session_streams} now?  Its slots, or why not.
+        C{method} is the JSON-RPC method the request names (C{Mcp-Method}),
+        limited on its own where the tunnel's limits say so.
         """
         limits = self.limits
         if self.draining:
@@ -164,7 +168,17 @@ class PublicPolicy:
                 )
             elif override.client_burst is not None:
                 client_burst = _burst(limits.client_rate, override.client_burst)
+        by_method = override.methods.get(method) if override is not None and method else None
         wait = self.client_buckets.take((tunnel, client), client_rate, client_burst)
+        if wait == 0.0 and by_method is not None and by_method.rate is not None:
+            wait = self.tunnel_buckets.take(
+                f"{tunnel} {method}", by_method.rate, _burst(by_method.rate, by_method.burst or 0)
+            )
+            if wait:
+                return self._refuse(
+                    Reason.RATE_LIMITED, max(1, math.ceil(min(wait, 3600))),
+                    f"too many {method} requests on this tunnel",
+                )
         if wait == 0.0:
             shared = self.shared
             if shared is None:
@@ -190,7 +204,18 @@ class PublicPolicy:
                 Reason.CAP_REACHED, limits.retry_after,
                 "this tunnel has as many exchanges in flight as it may",
             )
-        return Slots([slot])
+        slots = Slots([slot])
+        if by_method is not None and by_method.max_streams is not None:
+            method_slot = self.tunnel_streams.acquire(f"{tunnel} {method}", by_method.max_streams)
+            if method_slot is None:
+                slots.release()
+                return self._refuse(
+                    Reason.CAP_REACHED, limits.retry_after,
+                    f"this tunnel has {by_method.max_streams} {method} exchanges in flight, "
+                    "as many as it may",
+                )
+            slots.add(method_slot)
+        return slots
 
     def _refuse(self, reason: Reason, retry_after: int, message: str = "") -> Refused:
         self.refusals[reason.value] += 1

@@ -88,6 +88,7 @@ from tunneld.model.messages import (
     saying_limits,
 )
 from tunneld.model.reasons import Reason
+from tunneld.proxyconnect import ProxyConnectEndpoint
 from tunneld.speedups import bulkwrite
 from tunneld.speedups.lean_h2 import Payload, Piece, new_h2_connection
 from tunneld.speedups.readsize import ReadSize
@@ -166,6 +167,7 @@ _STATUS_FOR_REASON = {
     Reason.CLIENT_GONE: GrpcStatus.CANCELLED,
     Reason.IDLE_TIMEOUT: GrpcStatus.UNAVAILABLE,
     Reason.CANCELLED: GrpcStatus.CANCELLED,
+    Reason.SESSION_GONE: GrpcStatus.NOT_FOUND,
 }
 
 # When a status arrives without a reason label (a stock gRPC peer).
@@ -2393,9 +2395,13 @@ class GrpcTransport:
             raise ValueError(f"bad gRPC address {options.address!r}")
         host, port = address
         timeout = max(1, int(options.connect_timeout + 0.999))
-        endpoint = clientFromString(
-            setup.reactor, f"tcp:host={_endpoint_escape(host)}:port={port}:timeout={timeout}"
-        )
+        endpoint: Any
+        if setup.proxy is not None:
+            endpoint = ProxyConnectEndpoint(setup.reactor, setup.proxy, host, port, timeout)
+        else:
+            endpoint = clientFromString(
+                setup.reactor, f"tcp:host={_endpoint_escape(host)}:port={port}:timeout={timeout}"
+            )
         if options.tls:
             from twisted.internet.ssl import optionsForClientTLS
 

@@ -44,6 +44,7 @@ from tunneld.errors import ConfigError
 from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup, IAgentLink, ITransportPlugin
 from tunneld.listening import ConnectionTracker, ListeningService
 from tunneld.model.reasons import Reason
+from tunneld.proxyconnect import ProxyConnectEndpoint
 from tunneld.speedups import bulkwrite
 from tunneld.speedups.readsize import ReadSize
 from tunneld.speedups.websocket_takeover import release, take_over
@@ -551,9 +552,15 @@ class WebSocketTransport:
         host = parts.hostname or "127.0.0.1"
         secure = parts.scheme == "wss"
         port = parts.port or (443 if secure else 80)
-        endpoint = clientFromString(
-            setup.reactor, f"tcp:host={host}:port={port}:timeout={int(options.open_handshake_timeout)}"
-        )
+        endpoint: Any
+        if setup.proxy is not None:
+            endpoint = ProxyConnectEndpoint(
+                setup.reactor, setup.proxy, host, port, options.open_handshake_timeout
+            )
+        else:
+            endpoint = clientFromString(
+                setup.reactor, f"tcp:host={host}:port={port}:timeout={int(options.open_handshake_timeout)}"
+            )
         if secure:
             from twisted.internet.ssl import optionsForClientTLS
 

@@ -27,6 +27,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from tunneld.model.messages import (
+    STREAM_KINDS,
     ControlMessage,
     GoAway,
     Headers,
@@ -173,7 +174,7 @@ def encode_open(stream_id: int, head: StreamHead, end_stream: bool = False) -> p
 def _head_from(frame: pb.Frame, names: Bounded[bytes, bytes]) -> StreamHead:
     """The stream head carried by an C{Open} frame."""
     o = frame.open
-    if o.kind not in ("http", "upgrade", "tcp"):
+    if o.kind not in STREAM_KINDS:
         raise FrameError(f"open frame with unknown stream kind {o.kind!r}")
     return StreamHead(
         kind=intern(o.kind),
@@ -570,7 +571,7 @@ def _text_at(buf: bytes, pos: int, end: int) -> tuple[int, str]:
         raise _Irregular from None  # the generated parser says why
 
 
-_HTTP_KINDS = frozenset(("http", "upgrade", "tcp"))
+_HTTP_KINDS = STREAM_KINDS
 
 
 def _texts_at(buf: bytes, pos: int, end: int, tags: tuple[int, ...], texts: list[str]) -> int:

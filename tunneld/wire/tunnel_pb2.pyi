@@ -26,6 +26,7 @@ class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CLIENT_GONE: _ClassVar[Reason]
     IDLE_TIMEOUT: _ClassVar[Reason]
     CANCELLED: _ClassVar[Reason]
+    SESSION_GONE: _ClassVar[Reason]
 REASON_UNSPECIFIED: Reason
 NO_TUNNEL: Reason
 AGENT_UNAVAILABLE: Reason
@@ -43,6 +44,7 @@ UPSTREAM_ERROR: Reason
 CLIENT_GONE: Reason
 IDLE_TIMEOUT: Reason
 CANCELLED: Reason
+SESSION_GONE: Reason
 
 class Header(_message.Message):
     __slots__ = ("name", "value")

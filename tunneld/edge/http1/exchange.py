@@ -149,7 +149,7 @@ class Exchange:
         "connection", "fast", "stream", "method", "host", "target",
         "live", "uploading", "producing", "response_started", "response_done",
         "chunked", "bodyless", "slots", "upgrade", "websocket", "upgraded", "sent_whole",
-        "left",
+        "left", "affinity",
     )
 
     def __init__(
@@ -170,6 +170,7 @@ class Exchange:
         self.chunked = False  # the reply goes out chunked, so trailers can follow it
         self.bodyless = method == b"HEAD"
         self.slots: Releasable | None = None  # the policy's, released when the exchange ends
+        self.affinity: Any = None  # the gateway's: told the reply's headers (MCP/ACP sessions)
         self.upgrade = False  # the client asked to switch protocols
         self.websocket = False  # ... to WebSocket
         self.upgraded: UpgradedConnection | None = None  # switched: raw bytes both ways
@@ -191,6 +192,8 @@ class Exchange:
     def reply_received(self, reply: ReplyHead) -> None:
         """IStreamReceiver.reply_received"""
         if self.live and not self.response_started:
+            if self.affinity is not None:
+                self.affinity(reply.headers)
             fast = self.fast
             if fast is not None:
                 fast.reply(self, reply)
