@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
@@ -30,6 +31,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import Logger
 from twisted.python import log
 from twisted.trial.unittest import TestCase
 
@@ -40,6 +42,7 @@ from tests.test_processes import TwistdProcess, spawn
 from tunneld import certs
 from tunneld.edge.relay import (
     RELAY_PREFIX,
+    RelayDialer,
     RelayPeers,
     _Toward,
     relay_options,
@@ -50,6 +53,7 @@ from tunneld.interfaces import EdgeRecord
 from tunneld.model.messages import Hello, TunnelSpec
 from tunneld.model.reasons import Reason
 from tunneld.plugins.tunneld_transports import grpc, websocket
+from tunneld.router import Router
 from tunneld.state.memory import MemoryStateBackend
 from tunneld.tls import certificate_proves_edge
 
@@ -388,6 +392,131 @@ class RelayTests(RelayProcesses):
                 rf"(?s)(relayed to edge {other}/\S+: no tunnel is registered.*){{3}}"
             )
 
+    async def test_drains_over_relay_links(self) -> None:
+        """Three edges, the agent on B: a request entering A (relayed to B) is in flight when B drains; B's GoAway moves the agent, the held request still answers 200, every request entering A or C meanwhile answers or names its reason, and B exits 0.  Then a request relayed out by the edge that enters it, which drains: its drain waits for it (200), and it exits 0."""
+        await self.redis()
+        files = self.pki("edge-a", "edge-b", "edge-c")
+        started = [await self.tls_edge(files, name) for name in ("edge-a", "edge-b", "edge-c")]
+        (a, a_public, a_link, a_id), (b, _, b_link, b_id), (c, c_public, c_link, c_id) = started
+        for edge, name in ((a, "edge-a"), (b, "edge-b"), (c, "edge-c")):
+            self.keep_log(name, edge)
+        agent, upstream = await self.cert_agent(files, b_link, a_link, c_link)
+        for edge in (a, c):
+            await _knows(edge, b_id)
+        held = defer.ensureDeferred(
+            self.curl("-i", "-H", f"Host: {DEMO}", f"http://127.0.0.1:{a_public}/hang")
+        )
+        await eventually(_async(lambda: len(upstream.hanging) == 1), "the request held upstream")
+        b.process.signalProcess(signal.SIGTERM)
+        await b.wait_for(r"draining: 1 streams in flight on 1 agent sessions")
+        moved = await agent.wait_for(
+            rf"link up over websocket to 127\.0\.0\.1:({a_link}|{c_link})"
+        )
+        holder, enter, enter_public, holder_id, enter_id = (
+            (a, c, c_public, a_id, c_id) if int(moved.group(1)) == a_link
+            else (c, a, a_public, c_id, a_id)
+        )
+        refused: list[str] = []
+
+        async def answers(public: int) -> bool:
+            code, status, body = await self.curl(
+                "-i", "-H", f"Host: {DEMO}", f"http://127.0.0.1:{public}/hello"
+            )
+            if status.endswith(" 200"):
+                return True
+            self.assertEqual(code, 0)
+            error = [line for line in body.lower().splitlines() if line.startswith(b"tunnel-error:")]
+            self.assertTrue(error, body)  # not served: a named reason
+            refused.append(error[0].decode().strip())
+            return False
+
+        for public in (a_public, c_public):
+            await eventually(lambda public=public: answers(public), "requests during B's drain to answer")
+        upstream.hanging[0].write(b"late")
+        upstream.hanging[0].finish()
+        code, status, body = await held
+        self.assertEqual((code, status), (0, "1.1 200"), body)
+        self.assertTrue(body.endswith(b"late"), body)
+        self.assertEqual(await _exit_code(b), 0)
+        # The edge entered drains with a request it relays out to the holder.
+        await _knows(enter, holder_id)
+        held = defer.ensureDeferred(
+            self.curl("-i", "-H", f"Host: {DEMO}", f"http://127.0.0.1:{enter_public}/hang")
+        )
+        await eventually(_async(lambda: len(upstream.hanging) == 2), "the request held upstream")
+        enter.process.signalProcess(signal.SIGTERM)
+        await enter.wait_for(r"draining: 1 streams in flight on 0 agent sessions and [12] relay links")
+        upstream.hanging[1].write(b"later")
+        upstream.hanging[1].finish()
+        code, status, body = await held
+        self.assertEqual((code, status), (0, "1.1 200"), body)
+        self.assertTrue(body.endswith(b"later"), body)
+        self.assertEqual(await _exit_code(enter), 0)
+        await holder.wait_for(rf"relay link to edge {enter_id} down")
+        log.msg(f"drains over relay links: refused meanwhile {refused or 'none'}")
+
+    async def test_a_relay_link_is_not_one_agent(self) -> None:
+        """Edge A (max_streams_per_agent 1, relay_max_streams 2) relays to B (max_streams_per_agent 2): two streams on the relay link pass A (not one agent's), a third is refused at A, cap_reached (the pair's cap); B caps the agent's own session: a relayed stream past its 2 is refused by B, cap_reached, named."""
+        await self.redis()
+        files = self.pki("edge-a", "edge-b")
+        a, a_public, _, a_id = await self.tls_edge(files, "edge-a", **{
+            "max_streams_per_agent = 10000": "max_streams_per_agent = 1",
+            "relay_max_streams = 10000": "relay_max_streams = 2",
+        })
+        b, b_public, b_link, b_id = await self.tls_edge(files, "edge-b", **{
+            "max_streams_per_agent = 10000": "max_streams_per_agent = 2",
+        })
+        for edge, name in ((a, "edge-a"), (b, "edge-b")):
+            self.keep_log(name, edge)
+        _, upstream = await self.cert_agent(files, b_link)
+        await _knows(a, b_id)
+
+        def hang(port: int) -> defer.Deferred[tuple[int, str, bytes]]:
+            return defer.ensureDeferred(
+                self.curl("-i", "-H", f"Host: {DEMO}", f"http://127.0.0.1:{port}/hang")
+            )
+
+        held = [hang(a_public), hang(a_public)]
+        await eventually(_async(lambda: len(upstream.hanging) == 2), "two relayed requests held")
+        code, status, body = await self.curl("-i", "-H", f"Host: {DEMO}", f"http://127.0.0.1:{a_public}/x")
+        self.assertEqual(status, "1.1 503", body)
+        self.assertIn(b"tunnel-error: cap_reached", body.lower())
+        upstream.hanging[0].finish()
+        self.assertEqual((await held[0])[1], "1.1 200")
+        held.append(hang(b_public))  # on B directly: the agent's session carries 2 again
+        await eventually(_async(lambda: len(upstream.hanging) == 3), "the direct request held")
+        code, status, body = await self.curl("-i", "-H", f"Host: {DEMO}", f"http://127.0.0.1:{a_public}/x")
+        self.assertEqual(status, "1.1 503", body)
+        self.assertIn(b"tunnel-error: cap_reached", body.lower())
+        # (The reset's text, from B, is in A's log of the refusal.)
+        await a.wait_for(r"relayed to edge edge-b/\S+: the agent session carries 2 streams already")
+        for request in upstream.hanging[1:]:
+            request.finish()
+        for one in held[1:]:
+            self.assertEqual((await one)[1], "1.1 200")
+
+
+def _async(check: Any) -> Any:
+    async def asked() -> bool:
+        return bool(check())
+    return asked
+
+
+async def _knows(edge: TwistdProcess, holder: str) -> None:
+    """Wait until C{edge} has learnt that edge C{holder} holds the demo tunnel."""
+    async def knows() -> bool:
+        return any(
+            p["edge"] == holder and p["tunnels"] == ["demo.localhost"]
+            for p in (await _cluster(edge))["relays"]
+        )
+    await eventually(knows, f"the edge to learn that {holder} holds the tunnel")
+
+
+async def _exit_code(process: TwistdProcess) -> int | None:
+    await process.ended
+    code = process.end_reason.value.exitCode
+    return None if code is None else int(code)
+
 
 async def _cluster(edge: TwistdProcess) -> dict[str, Any]:
     """The edge's /api/cluster."""
@@ -540,3 +669,55 @@ class SpliceTests(TestCase):
         self.assertEqual(relayed.events, [("reply", "head"), ("data", b"response"),
                                           ("reset", Reason.AGENT_GONE)])
         self.assertIsNone(relayed.producer)
+
+
+class _FailingPlugin:
+    """A transport whose dials fail, saying why (what the test says)."""
+
+    name = "websocket"
+
+    def __init__(self) -> None:
+        self.why = "Connection was refused by other side: 111: Connection refused."
+        self.dials = 0
+
+    def agent_options(self, table: dict[str, object], where: str) -> Any:
+        return table
+
+    def connect(self, options: Any, setup: Any) -> defer.Deferred[Any]:
+        self.dials += 1
+        return defer.fail(ConnectionRefusedError(self.why))
+
+
+class DialerLogTests(TestCase):
+    def test_a_failing_dial_is_logged_when_it_changes(self) -> None:
+        """An edge whose relay dial fails every heartbeat is warned about once, again only when the reason changes, and once more after it was gone from the registry and came back."""
+        clock = Clock()
+        record = EdgeRecord("edge-b/1", "edge-b", agent_urls=("wss://127.0.0.1:9/tunnel",))
+        edges = [record]
+        plugin = _FailingPlugin()
+        dialer = RelayDialer(
+            Router(), clock, lambda: "edge-a/1", lambda: list(edges),
+            [(plugin, None)], None, 1.0,  # type: ignore[list-item,arg-type]
+        )
+        events: list[dict[str, Any]] = []
+        dialer.log = Logger(observer=events.append)
+        dialer.startService()
+        self.addCleanup(dialer.stopService)
+
+        def warned() -> list[str]:
+            return [e["problem"] for e in events if "problem" in e]
+
+        for _ in range(10):
+            clock.advance(1.0)
+        self.assertEqual(plugin.dials, 10)
+        self.assertEqual(len(warned()), 1)
+        plugin.why = "a TLS handshake failure"
+        for _ in range(10):
+            clock.advance(1.0)
+        self.assertEqual(len(warned()), 2)
+        self.assertIn("a TLS handshake failure", warned()[-1])
+        edges.clear()
+        clock.advance(1.0)
+        edges.append(record)
+        clock.advance(1.0)
+        self.assertEqual(len(warned()), 3)

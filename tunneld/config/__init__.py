@@ -280,6 +280,14 @@ class EdgeStateSection:
         "PEM CA the other edges' agent-link certificates are checked against when this edge "
         "dials them for relays ('' = edge.agent_tls.client_ca).",
     )
+    relay_max_streams: int = setting(
+        10_000,
+        "Concurrent streams this edge relays to one other edge (over that edge's one relay "
+        "link): a cap of its own, since a relay link carries many agents' streams and is "
+        "never counted as one agent under max_streams_per_agent (the edge holding the agent "
+        "applies that to the agent's session itself); past it, cap_reached.",
+        check=positive,
+    )
     command_timeout: float = setting(
         0.5,
         "Seconds a Redis command may take before the edge decides locally (a rate limit) "

@@ -111,8 +111,12 @@ class RelayPeers:
     def __init__(
         self, backend: IStateBackend, reactor: Any, edges: Callable[[], Sequence[EdgeRecord]],
         proves_edge: Callable[[Any, str], str | None],
+        max_streams: Callable[[], int] = lambda: 10_000,
     ) -> None:
         self.backend = backend
+        # Streams this edge may have in flight on one peer's relay link (its
+        # own cap: a relay link carries many agents' streams, never one agent's).
+        self.max_streams = max_streams
         self.reactor = reactor
         self.edges = edges  # the live edges at the last heartbeat
         self.proves_edge = proves_edge  # (certificate, edge name) -> why not, or None
@@ -170,14 +174,28 @@ class RelayPeers:
         """The gateway's C{remote}: a relay route after a local miss."""
         found = self.table.route(host, path)
         if not isinstance(found, Reason) or not self.peers:
-            return found
+            return self._capped(found)
         if self.reactor.seconds() - self._refreshed_at < _MIN_REFRESH:
             return found
         # Perhaps a tunnel that appeared since the last look: ask the registry once.
         later: Deferred[RouteLike | Reason] = self.refresh().addCallback(
-            lambda _: self.table.route(host, path)
+            lambda _: self._capped(self.table.route(host, path))
         )
         return later
+
+    def _capped(self, found: RouteLike | Reason) -> RouteLike | Reason:
+        """A route on a relay link already carrying C{max_streams}: C{cap_reached}."""
+        if isinstance(found, Reason):
+            return found
+        cap = self.max_streams()
+        if found.link.active_streams() >= cap:
+            self.log.debug("relay link at its cap of {cap} streams", cap=cap)
+            return Reason.CAP_REACHED
+        return found
+
+    def links(self) -> list[IAgentLink]:
+        """The relay links other edges dialled to this one (this edge relays out on them)."""
+        return [session.link for session in self.peers.values()]
 
     def refresh(self) -> Deferred[None]:
         """Read the tunnels every peer holds; one read in flight at most, which every caller waits for."""
@@ -317,8 +335,13 @@ class RelayDialer(Service):
         setup: AgentLinkSetup,
         interval: float,
         tick: Callable[[], object] = lambda: None,
+        max_streams_per_agent: Callable[[], int] = lambda: 10_000,
     ) -> None:
         self.router = router
+        # The per-agent cap, applied here to the agent session a relayed stream
+        # goes to (the edge that relayed it cannot know that session).
+        self.max_streams_per_agent = max_streams_per_agent
+        self.draining = False  # this edge drains: no new links, its peers told (going_away)
         self.tick = tick  # also called each interval (the dialled side refreshes its routes)
         self.reactor = reactor
         self.this_edge = this_edge
@@ -327,6 +350,9 @@ class RelayDialer(Service):
         self.setup = setup
         self.links: dict[str, _RelayLink] = {}  # edge id -> the link dialled to it
         self.dialling: dict[str, Deferred[Any]] = {}
+        # edge id -> why the last dial to it failed: a warning is logged when
+        # this changes (not at every heartbeat), and a recovery once.
+        self.problems: dict[str, str] = {}
         self.brought = 0  # streams relay links brought here
         self.relayed = 0  # of which served by a local agent session
         self._loop = LoopingCall(self.check)
@@ -356,10 +382,21 @@ class RelayDialer(Service):
         if not me or not self.running:
             return
         self.tick()
-        live = {e.edge_id: e for e in self.edges() if e.edge_id != me and not e.draining}
+        others = {e.edge_id: e for e in self.edges() if e.edge_id != me}
+        live = {edge_id: e for edge_id, e in others.items() if not e.draining}
         for edge_id, relay in list(self.links.items()):
-            if edge_id not in live:
+            record = others.get(edge_id)
+            if record is None:
                 relay.link.close(Reason.AGENT_GONE, f"edge {edge_id} left the cluster")
+            elif record.draining and not relay.link.active_streams():
+                # A draining edge's requests in flight to our agents finish
+                # first (its drain waits for them); then the link goes.
+                relay.link.close(Reason.DRAINING, f"edge {edge_id} is draining")
+        if self.draining:
+            return
+        for edge_id in list(self.problems):
+            if edge_id not in live:
+                del self.problems[edge_id]  # gone: a later failure is news again
         for edge_id, record in live.items():
             if edge_id not in self.links and edge_id not in self.dialling:
                 self._dial(me, record)
@@ -374,8 +411,7 @@ class RelayDialer(Service):
                 continue
             break
         else:
-            self.log.warn("edge {edge} names no agent URL this edge can dial for relays",
-                          edge=record.edge_id)
+            self._problem(record.edge_id, "names no agent URL this edge can dial for relays")
             return
         d = plugin.connect(options, self.setup)
         self.dialling[record.edge_id] = d
@@ -388,16 +424,39 @@ class RelayDialer(Service):
             relay = _RelayLink(self, record.edge_id, link)
             link.set_handler(relay)
             self.links[record.edge_id] = relay
+            if self.problems.pop(record.edge_id, None) is not None:
+                self.log.info("relay link to edge {edge} dialled again", edge=record.edge_id)
             link.send_control(Hello(agent_id=RELAY_PREFIX + me, tunnels=(),
                                     software="tunneld relay"))
 
         def failed(failure: Failure) -> None:
             self.dialling.pop(record.edge_id, None)
             if self.running:
-                self.log.warn("relay link to edge {edge} at {url} failed: {why}",
-                              edge=record.edge_id, url=url, why=failure.getErrorMessage())
+                self._problem(record.edge_id, f"at {url}: {failure.getErrorMessage()}")
 
         d.addCallbacks(up, failed)
+
+    def _problem(self, edge_id: str, problem: str) -> None:
+        """
+        A relay dial failed: warn when the reason is new for that edge, once
+        (it is dialled again every heartbeat; the log says what changed).
+        """
+        if self.problems.get(edge_id) == problem:
+            return
+        self.problems[edge_id] = problem
+        self.log.warn("relay link to edge {edge} failed {problem} (dialled again every "
+                      "{interval}s; logged again when this changes)",
+                      edge=edge_id, problem=problem, interval=self.interval)
+
+    def going_away(self) -> None:
+        """
+        This edge drains: every peer is told (a GoAway on the link this edge
+        dialled to it), so it routes no new stream here; streams in flight
+        finish, and no new link is dialled.
+        """
+        self.draining = True
+        for relay in self.links.values():
+            relay.link.send_control(GoAway(Reason.DRAINING, "the edge is shutting down"))
 
     def lost(self, relay: _RelayLink, reason: Reason, message: str) -> None:
         if self.links.get(relay.edge_id) is relay:
@@ -430,6 +489,11 @@ class RelayDialer(Service):
         route = self.router.route(host, path)
         if isinstance(route, Reason):
             stream.reset(route, f"relayed to edge {self.this_edge()}: {route.description}")
+            return
+        cap = self.max_streams_per_agent()
+        if route.link.active_streams() >= cap:
+            stream.reset(Reason.CAP_REACHED, f"relayed to edge {self.this_edge()}: "
+                         f"the agent session carries {cap} streams already")
             return
         if route.tunnel != head.tunnel:
             head = type(head)(head.kind, route.tunnel, head.method, head.target,

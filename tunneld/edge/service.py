@@ -197,7 +197,8 @@ class EdgeService(MultiService):
             return
         membership = self.membership
         self.relays = RelayPeers(
-            self.state.backend, self.reactor, lambda: membership.cluster, certificate_proves_edge
+            self.state.backend, self.reactor, lambda: membership.cluster, certificate_proves_edge,
+            max_streams=lambda: shared.relay_max_streams,
         )
         self.sessions.relays = self.relays
         self.gateway.remote = self.relays
@@ -212,6 +213,7 @@ class EdgeService(MultiService):
         self.relay_dialer = RelayDialer(
             self.router, self.reactor, lambda: membership.edge_id, membership.other_edges,
             transports, setup, shared.heartbeat_interval, tick=self.relays.refresh,
+            max_streams_per_agent=lambda: self.config.edge.max_streams_per_agent,
         )
         self.relay_dialer.setServiceParent(self)
 
@@ -426,6 +428,12 @@ class EdgeService(MultiService):
         stopping.append(self.membership.set_draining())
         await gatherResults(stopping, consumeErrors=True)
         sessions = list(self.sessions.sessions.values())
+        # Relay links (tunneld.edge.relay): the other edges stop routing here,
+        # and the streams this edge relays out to them count as in flight.
+        relayed_out = self.relays.links() if self.relays is not None else []
+        if self.relay_dialer is not None:
+            self.relay_dialer.going_away()
+        links = [s.link for s in sessions] + relayed_out
         for session in sessions:
             session.link.send_control(GoAway(
                 Reason.DRAINING, "the edge is shutting down", self.sessions.reconnect_to(session)
@@ -436,18 +444,18 @@ class EdgeService(MultiService):
         # Long-lived switched connections (WebSockets) would hold the drain to
         # its deadline: they get their Close (1001 draining) now, and reconnect.
         self.shutdown_upgraded(Reason.DRAINING, "the edge is shutting down")
-        in_flight = sum(s.link.active_streams() for s in sessions)
+        in_flight = sum(link.active_streams() for link in links)
         self.log.info(
-            "draining: {streams} streams in flight on {sessions} agent sessions, "
-            "up to {timeout}s",
-            streams=in_flight, sessions=len(sessions), timeout=timeout,
+            "draining: {streams} streams in flight on {sessions} agent sessions "
+            "and {relays} relay links, up to {timeout}s",
+            streams=in_flight, sessions=len(sessions), relays=len(relayed_out), timeout=timeout,
         )
         deadline = self.reactor.seconds() + timeout
         while not self._hurry and self.reactor.seconds() < deadline and any(
-            s.link.active_streams() for s in sessions
+            link.active_streams() for link in links
         ):
             await deferLater(self.reactor, _DRAIN_POLL, lambda: None)
-        left = sum(s.link.active_streams() for s in sessions)
+        left = sum(link.active_streams() for link in links)
         if left:
             self.log.warn(
                 "drain deadline passed: closing {streams} streams with draining", streams=left
@@ -456,6 +464,8 @@ class EdgeService(MultiService):
             self.log.info("drained: every stream in flight finished")
         for session in list(self.sessions.sessions.values()):
             session.link.close(Reason.DRAINING, "the edge is shutting down")
+        for link in relayed_out:
+            link.close(Reason.DRAINING, "the edge is shutting down")
 
     # -- reload -------------------------------------------------------------
 
