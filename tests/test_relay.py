@@ -37,6 +37,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.harness import Upstream, free_port, listen_upstream
 from tests.redis_servers import eventually
+from tests.tcp_peers import EchoUpstream, connect_tcp, listen_tcp_upstream
 from tests.test_cluster import DEMO, ClusterProcesses, admin_get
 from tests.test_processes import TwistdProcess, spawn
 from tunneld import certs
@@ -50,6 +51,7 @@ from tunneld.edge.relay import (
     splice_streams,
 )
 from tunneld.interfaces import EdgeRecord
+from tunneld.model.keys import held_key, tcp_of_key
 from tunneld.model.messages import Hello, TunnelSpec
 from tunneld.model.reasons import Reason
 from tunneld.plugins.tunneld_transports import grpc, websocket
@@ -65,6 +67,14 @@ class KeysAndOptionsTests(TestCase):
         """A registry key names the HTTP tunnel it came from (hostname, then path prefix)."""
         self.assertEqual(spec_of_key("demo.localhost"), TunnelSpec("demo.localhost"))
         self.assertEqual(spec_of_key("*.x.test/api"), TunnelSpec("*.x.test", "/api"))
+
+    def test_tcp_tunnels_are_held_with_their_port(self) -> None:
+        """A TCP tunnel is held in the registry as NAME:PORT (a hostname has no colon), an HTTP one by its key."""
+        self.assertEqual(held_key(TunnelSpec("db", protocol="tcp", port=10005), 10005), "db:10005")
+        self.assertEqual(held_key(TunnelSpec("x.test", "/api")), "x.test/api")
+        self.assertEqual(tcp_of_key("db:10005"), ("db", 10005))
+        self.assertIsNone(tcp_of_key("x.test/api:1"))
+        self.assertIsNone(tcp_of_key("demo.localhost"))
 
     def test_relay_options_dial_an_agent_url(self) -> None:
         """An agent URL in an edge's record becomes the agent options of the transport that dials it, or None."""
@@ -154,7 +164,7 @@ class RelayProcesses(ClusterProcesses):
         os.makedirs(d)
         ca = certs.make_ca()
         files: dict[str, str] = {}
-        issued = [("ca", ca), ("web1", certs.issue_agent(ca, "web1", [DEMO, "ghost.localhost"]))]
+        issued = [("ca", ca), ("web1", certs.issue_agent(ca, "web1", [DEMO, "ghost.localhost", "db"]))]
         issued += [(name, certs.issue_cluster_edge(ca, name, ["localhost", "127.0.0.1"])) for name in edges]
         for stem, one in issued:
             files[stem], files[f"{stem}-key"] = (
@@ -179,7 +189,7 @@ class RelayProcesses(ClusterProcesses):
         })
 
     async def cert_agent(
-        self, files: dict[str, str], link: int, *more_links: int
+        self, files: dict[str, str], link: int, *more_links: int, **more: str
     ) -> tuple[TwistdProcess, Upstream]:
         upstream_port, upstream = await listen_upstream(self, _EchoingUpstream())
         urls = ", ".join(f'"wss://127.0.0.1:{port}/tunnel"' for port in (link, *more_links))
@@ -194,6 +204,7 @@ class RelayProcesses(ClusterProcesses):
             'ca = ""\ncertificate = ""\nkey = ""\nserver_hostname = ""':
                 f'ca = "{files["ca"]}"\ncertificate = "{files["web1"]}"\n'
                 f'key = "{files["web1-key"]}"\nserver_hostname = "localhost"',
+            **more,
         }))
         self.keep_log("agent", agent)
         await agent.wait_for(r"tunnel ready: http://demo\.localhost:8080/")
@@ -309,6 +320,77 @@ class KilledEdgeTests(RelayProcesses):
         # A keeps a relay link from C only, with no stream left on it; B's is gone.
         view = await _cluster(a)
         self.assertEqual([(p["edge"], p["streams"]) for p in view["relays"]], [(c_id, 0)])
+
+
+class RepeatedKillTests(RelayProcesses):
+    timeout = 300
+
+    async def test_the_holding_edge_killed_five_times(self) -> None:
+        """Edge B, holding the agent's tunnel, is killed with SIGKILL five times in a row (restarted on the same agent port each time) while requests enter edge A: each request held through A when B dies fails 502 agent_gone, every other request answers or names its reason; afterwards A has as many fds as after the first kill, no relay link and no stream left."""
+        await self.redis()
+        files = self.pki("edge-a", "edge-b")
+        a, a_public, _, a_id = await self.tls_edge(files, "edge-a")
+        self.keep_log("edge-a", a)
+        b_link = free_port()
+        fixed = {'listen = "tcp:8081:interface=127.0.0.1"': f'listen = "tcp:{b_link}:interface=127.0.0.1"'}
+        agent = upstream = None
+        reasons: dict[str, int] = {}
+        fds: list[int] = []
+        pid = a.process.pid
+
+        async def ask(path: str) -> None:
+            code, status, body = await self.curl(
+                "-i", "-H", f"Host: {DEMO}", f"http://127.0.0.1:{a_public}{path}"
+            )
+            if status.endswith(" 200"):
+                reasons["200"] = reasons.get("200", 0) + 1
+                return
+            self.assertEqual(code, 0, body)
+            named = [line for line in body.lower().splitlines() if line.startswith(b"tunnel-error:")]
+            self.assertTrue(named, body)
+            reason = named[0].split(b":", 1)[1].strip().decode()
+            reasons[reason] = reasons.get(reason, 0) + 1
+
+        for round in range(5):
+            b, _, _, b_id = await self.tls_edge(files, "edge-b", **fixed)
+            self.keep_log(f"edge-b-{round}", b)
+            if agent is None:
+                agent, upstream = await self.cert_agent(files, b_link)
+            else:
+                await b.wait_for(r"agent \S+ registered demo\.localhost")
+            await _knows(a, b_id)
+            before = len(upstream.hanging)
+            held = [defer.ensureDeferred(self.curl(
+                "-i", "-H", f"Host: {DEMO}", f"http://127.0.0.1:{a_public}/hang"
+            )) for _ in range(3)]
+            await eventually(
+                _async(lambda before=before, upstream=upstream: len(upstream.hanging) - before == 3),
+                "three requests held",
+            )
+            others = [defer.ensureDeferred(ask("/hello")) for _ in range(3)]
+            b.process.signalProcess("KILL")
+            await b.ended
+            for code, status, body in [await one for one in held]:
+                self.assertEqual((code, status), (0, "1.1 502"), body)
+                self.assertIn(b"tunnel-error: agent_gone", body.lower())
+            for one in others:
+                await one
+
+            async def settled() -> bool:
+                view = await _cluster(a)
+                return not view["relays"] and not view["relay_links"]
+
+            await eventually(settled, "edge A to drop its relay links to the dead edge")
+            fds.append(len(os.listdir(f"/proc/{pid}/fd")))
+        log.msg(f"holding edge killed 5 times: A's fds after each {fds}; other requests {reasons}")
+        # (A dials the dead edge's record until it expires: a failing dial's socket may be open at a look.)
+        await eventually(
+            _async(lambda: len(os.listdir(f"/proc/{pid}/fd")) <= fds[0]), "A's fds back to the first count"
+        )
+        view = await _cluster(a)
+        self.assertEqual((view["relays"], view["relay_links"]), ([], []))
+        code, body = await admin_get(a, "/api/agents")
+        self.assertEqual(json.loads(body).get("agents", []), [], body)
 
 
 class RelayTests(RelayProcesses):
@@ -494,6 +576,36 @@ class RelayTests(RelayProcesses):
             request.finish()
         for one in held[1:]:
             self.assertEqual((await one)[1], "1.1 200")
+
+    async def test_a_tcp_tunnel_answers_on_the_other_edge(self) -> None:
+        """A TCP tunnel whose agent is on edge B: edge A (its own tcp_listen_interface) listens on the same port once it learns B holds it, and a raw TCP client entering A reaches the agent's upstream through the relay link, bytes both ways (a 256 KiB echo), half-close included."""
+        await self.redis()
+        files = self.pki("edge-a", "edge-b")
+        a, _, _, a_id = await self.tls_edge(files, "edge-a", **{
+            'tcp_listen_interface = "127.0.0.1"': 'tcp_listen_interface = "127.0.0.2"',
+        })
+        b, _, b_link, b_id = await self.tls_edge(files, "edge-b")
+        for edge, name in ((a, "edge-a"), (b, "edge-b")):
+            self.keep_log(name, edge)
+        echo, _ = await listen_tcp_upstream(self, EchoUpstream)
+        agent, _ = await self.cert_agent(files, b_link, **{
+            '# [[tunnels]]\n# hostname = "ssh"\n# upstream = "tcp:host=127.0.0.1:port=22"\n'
+            '# protocol = "tcp"\n# remote_port = 10022':
+                f'[[tunnels]]\nhostname = "db"\nupstream = "tcp:host=127.0.0.1:port={echo}"\n'
+                'protocol = "tcp"\nremote_port = 0',
+        })
+        port = int((await agent.wait_for(r"tunnel ready: tcp://127\.0\.0\.1:(\d+)")).group(1))
+        await a.wait_for(rf"tcp tunnel listening on 127\.0\.0\.2:{port}")
+        client = await connect_tcp(self, port, "127.0.0.2")
+        payload = os.urandom(256 * 1024)
+        client.transport.write(payload)
+        await client.wait_for(payload)
+        client.transport.loseWriteConnection()
+        await client.got_eof  # the upstream saw the half-close and closed its side
+        await client.lost
+        self.assertFalse(client.was_reset())
+        view = await _cluster(b)
+        self.assertEqual(view["relayed_here"], {"brought": 1, "served": 1})
 
 
 def _async(check: Any) -> Any:

@@ -148,7 +148,8 @@ class RemoteRoutes(TypingProtocol):
     a L{Reason}; it is passed to L{EdgeGateway} as C{remote}.  No protocol
     changes: they already carry a request whose answer comes later (a
     L{Deferred} here; see L{EdgeGateway.request}).  TCP tunnels are routed
-    by the port this edge listens on for a local agent, so they never ask.
+    by port: an implementation with a C{route_port(port)} method (answering
+    at once) is asked for a port no local session serves.
     """
 
     def route(self, host: str, path: str) -> RouteLike | Reason | Deferred[RouteLike | Reason]: ...
@@ -561,16 +562,26 @@ class EdgeGateway:
             self._refuse(client, exchange, refused.reason, refused.text, refused.retry_after, True)
             return True
         route = cast(PortRoutes, self.routes).route_port(port)
+        relayed = False
         if isinstance(route, Reason):
-            self._refuse(client, exchange, route, route.description, close=True)
-            return True
+            remote = self.remote
+            found: RouteLike | Reason = route
+            if remote is not None and route in _ELSEWHERE and hasattr(remote, "route_port"):
+                found = remote.route_port(port)
+                if isinstance(found, Reason) and route is Reason.DRAINING:
+                    found = route
+            if isinstance(found, Reason):
+                self._refuse(client, exchange, found, found.description, close=True)
+                return True
+            route, relayed = found, True
         exchange.host = route.tunnel
         head = StreamHead(kind="tcp", tunnel=route.tunnel, peer=client.peer, scheme="tcp")
         admission = self.admission
         if admission is None:
             self._open_stream(client, exchange, route, None, head, False)
             return True
-        admitted = admission.admit(route.tunnel, client.peer_host, route.link.active_streams())
+        streams = 0 if relayed else route.link.active_streams()  # a relay link is not one agent
+        admitted = admission.admit(route.tunnel, client.peer_host, streams)
         if not isinstance(admitted, Slots) and isinstance(admitted, Deferred):
             admitted.addCallbacks(
                 self._tcp_admitted, self._failed,

@@ -23,6 +23,16 @@ On the edge that dialled, a stream the link brings (L{RelayDialer}) is served
 by the local routing table only, whose sessions are genuine agents: a relay
 peer is never in it.  So a relayed stream is never relayed again, whatever
 the registry says: at most one extra hop, by construction.
+
+TCP tunnels are held in the registry with their edge port (C{NAME:PORT});
+the dialled edge listens on those ports too (L{RelayPeers.on_ports}) and
+routes a connection to one by port, the holding edge by the tunnel's name.
+A relay link is never one agent's session: the dialled edge caps the
+streams it has on one (C{relay_max_streams}), the holding edge applies
+C{max_streams_per_agent} to the agent session a relayed stream goes to.  A
+draining edge tells its peers (a GoAway on the links it dialled) and waits
+for the streams it relays out; a dialler closes its link to a draining edge
+once the link is idle.
 """
 
 from __future__ import annotations
@@ -52,6 +62,7 @@ from tunneld.interfaces import (
     ITransportPlugin,
     StateUnavailable,
 )
+from tunneld.model.keys import tcp_of_key
 from tunneld.model.messages import (
     ControlMessage,
     GoAway,
@@ -125,6 +136,9 @@ class RelayPeers:
         self._refreshing = False
         self._waiting: list[Deferred[None]] = []  # callers of refresh() until the read is done
         self._refreshed_at = -_MIN_REFRESH
+        # Told the edge ports of the TCP tunnels peers hold, whenever they may
+        # have changed: this edge listens on them too (L{TCPTunnels.relay_listen}).
+        self.on_ports: Callable[[set[int]], object] = lambda ports: None
 
     # Links
 
@@ -167,6 +181,7 @@ class RelayPeers:
                 del self.peers[edge_id]
                 self.table.unregister(session)
                 self.log.info("relay link from edge {edge} down", edge=edge_id)
+                self.on_ports(set(self.table.port_snapshot()))
 
     # Routes
 
@@ -192,6 +207,10 @@ class RelayPeers:
             self.log.debug("relay link at its cap of {cap} streams", cap=cap)
             return Reason.CAP_REACHED
         return found
+
+    def route_port(self, port: int) -> RouteLike | Reason:
+        """The gateway's C{remote} for TCP: a relay route for edge port C{port} after a local miss."""
+        return self._capped(self.table.route_port(port))
 
     def links(self) -> list[IAgentLink]:
         """The relay links other edges dialled to this one (this edge relays out on them)."""
@@ -232,7 +251,15 @@ class RelayPeers:
             self.table.unregister(session)
             session.tunnels = []
             for key in keys:
-                self.table.register(session, spec_of_key(key))
+                tcp = tcp_of_key(key)
+                if tcp is None:
+                    self.table.register(session, spec_of_key(key))
+                    continue
+                name, port = tcp
+                owner = self.table.port_owner(port)
+                if owner is None or owner == name:
+                    self.table.register_port(session, TunnelSpec(name, protocol="tcp", port=port))
+        self.on_ports(set(self.table.port_snapshot()))
 
     def describe(self) -> list[dict[str, Any]]:
         """The relay peers, for the admin view."""
@@ -481,12 +508,15 @@ class RelayDialer(Service):
         """A stream relayed by edge C{edge_id}: to a local agent session, or refused."""
         self.brought += 1
         head = stream.head
+        route: Any
         if head.kind == "tcp":
-            stream.reset(Reason.NO_TUNNEL, "TCP tunnels are served by the edge holding the port")
-            return
-        host = host_of(next((v for k, v in head.headers if k == b"host"), b"")) or ""
-        path = head.target.partition("?")[0] or "/"
-        route = self.router.route(host, path)
+            # The TCP tunnel by its name (its port here may differ from the one it entered by).
+            port = self.router.port_of(head.tunnel)
+            route = Reason.NO_TUNNEL if port is None else self.router.route_port(port)
+        else:
+            host = host_of(next((v for k, v in head.headers if k == b"host"), b"")) or ""
+            path = head.target.partition("?")[0] or "/"
+            route = self.router.route(host, path)
         if isinstance(route, Reason):
             stream.reset(route, f"relayed to edge {self.this_edge()}: {route.description}")
             return

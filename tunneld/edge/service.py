@@ -202,6 +202,8 @@ class EdgeService(MultiService):
         )
         self.sessions.relays = self.relays
         self.gateway.remote = self.relays
+        # TCP tunnels other edges hold are listened on here too, and relayed.
+        self.relays.on_ports = self.tcp.relay_listen
         setup = AgentLinkSetup(
             reactor=self.reactor,
             tls_for=client_tls_for(

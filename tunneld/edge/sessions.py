@@ -26,7 +26,7 @@ from tunneld.edge.cluster import reconnect_target
 from tunneld.edge.relay import RELAY_PREFIX, RelayPeers
 from tunneld.edge.tcp import TCPTunnels
 from tunneld.interfaces import Claim, IAgentLink, ILinkHandler, IStream, StateUnavailable
-from tunneld.model.keys import tunnel_key
+from tunneld.model.keys import held_key, tunnel_key
 from tunneld.model.messages import (
     PROTOCOL_VERSION,
     ControlMessage,
@@ -440,10 +440,11 @@ class AgentSessions:
                     )
                     continue
                 urls.append(registered)
+                held.append(held_key(spec, int(registered.rsplit(":", 1)[1])))
             else:
                 self.router.register(session, spec)
                 urls.append(self._public_url(spec))
-            held.append(tunnel_key(spec))
+                held.append(held_key(spec))
             self.log.info(
                 "agent {agent} registered {tunnel} over {transport}",
                 agent=hello.agent_id, tunnel=tunnel_key(spec), transport=link.transport_name,
