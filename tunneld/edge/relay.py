@@ -204,8 +204,7 @@ class RelayPeers:
             return found
         cap = self.max_streams()
         if found.link.active_streams() >= cap:
-            self.log.debug("relay link at its cap of {cap} streams", cap=cap)
-            return Reason.CAP_REACHED
+            return Reason.CAP_REACHED  # (the gateway logs the refusal)
         return found
 
     def route_port(self, port: int) -> RouteLike | Reason:
