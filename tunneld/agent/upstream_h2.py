@@ -24,10 +24,9 @@ from collections.abc import Callable
 from typing import Any
 
 from h2 import events as h2events
-from h2.config import H2Configuration
 from h2.errors import ErrorCodes
 from h2.exceptions import H2Error
-from h2.settings import SettingCodes, Settings
+from h2.settings import SettingCodes
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IAddress, IPushProducer, IStreamClientEndpoint
@@ -36,11 +35,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tunneld import h2base
 from tunneld.agent.dialing import connect_error, connect_timed_out
 from tunneld.interfaces import IStream, IStreamReceiver
 from tunneld.model.messages import Headers, ReplyHead
 from tunneld.model.reasons import Reason
-from tunneld.speedups.lean_h2 import new_h2_connection
 
 __all__ = ["H2UpstreamPool"]
 
@@ -201,25 +200,11 @@ class _Call:
         if conn is None or self.done or self.request_sent:
             self.update_pause()
             return
-        h2 = conn.h2
-        stream_id = self.stream_id
         try:
-            while self.outbox:
-                window = min(h2.local_flow_control_window(stream_id), h2.max_outbound_frame_size)
-                if window <= 0:
-                    break
-                chunk = self.outbox[0]
-                if len(chunk) > window:
-                    self.outbox[0] = chunk[window:]
-                    chunk = chunk[:window]
-                else:
-                    self.outbox.popleft()
-                h2.send_data(stream_id, chunk)
-            if not self.outbox and self.request_end is not None:
-                if self.request_end:
-                    h2.send_headers(stream_id, list(self.request_end), end_stream=True)
-                else:
-                    h2.end_stream(stream_id)
+            _, ended = h2base.send_within_window(
+                conn.h2, self.stream_id, self.outbox, self.request_end
+            )
+            if ended:
                 self.request_sent = True
                 self.arm_timer()
         except H2Error as error:
@@ -402,10 +387,9 @@ class _H2Upstream(Protocol):
 
     def __init__(self, pool: H2UpstreamPool) -> None:
         self.pool = pool
-        self.h2 = new_h2_connection(H2Configuration(client_side=True, header_encoding=None))
-        self.h2.local_settings = Settings(
-            client=True,
-            initial_values={
+        self.h2 = h2base.new_connection(
+            client_side=True,
+            settings={
                 SettingCodes.INITIAL_WINDOW_SIZE: pool.initial_window,
                 SettingCodes.ENABLE_PUSH: 0,
             },
@@ -422,10 +406,7 @@ class _H2Upstream(Protocol):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
-        self.h2.initiate_connection()
-        self.h2.increment_flow_control_window(
-            self.pool.initial_window * _CONNECTION_WINDOWS - 65535
-        )
+        h2base.start(self.h2, self.pool.initial_window * _CONNECTION_WINDOWS)
         self.sock.registerProducer(self, True)
         self.flush()
 
