@@ -30,6 +30,7 @@ from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPSettings
 from tunneld.edge.http2 import PublicH2Factory, PublicH2Settings, PublicHTTPChooserFactory
 from tunneld.edge.probes import probe_site
 from tunneld.edge.public_tls import PublicTLSFactory, public_tls_contexts
+from tunneld.edge.replay import ReplayBook
 from tunneld.edge.sessions import AgentSessions
 from tunneld.edge.tcp import TCPTunnels
 from tunneld.edge.terminal import TerminalBridge
@@ -72,7 +73,8 @@ class EdgeService(MultiService):
         edge = config.edge
         self.policy = PublicPolicy(config.limits, reactor, edge.max_streams_per_agent)
         # The one admission path of every public listener, TCP tunnels included.
-        self.gateway = EdgeGateway(self.router, self.stats, self.policy)
+        self.replay = ReplayBook(reactor, config.limits)
+        self.gateway = EdgeGateway(self.router, self.stats, self.policy, replay=self.replay)
         self.tcp = TCPTunnels(config.edge, self.router, reactor, self.gateway)
         self.tcp.setServiceParent(self)
         self.sessions = AgentSessions(config, self.router, reactor, self.stats, tcp=self.tcp)
@@ -364,6 +366,8 @@ class EdgeService(MultiService):
         if self.terminal is not None:
             # Terminals are not resumable: they end now, saying why, rather than at the deadline.
             self.terminal.shutdown("edge_stopping", "the edge is shutting down")
+        # Event streams kept for replay end now (their clients resume elsewhere).
+        self.replay.shutdown(Reason.DRAINING, "the edge is shutting down")
         # Agents are told to go (below) and must not find this edge again:
         # the agent listeners stop accepting, the links already up stay.
         stopping = [maybeDeferred(listener.stopService) for listener in self.public]
@@ -439,6 +443,7 @@ class EdgeService(MultiService):
         ]
         self.config = dataclasses.replace(old, edge=edge, limits=new.limits)
         self.policy.configure(new.limits, edge.max_streams_per_agent)
+        self.replay.configure(new.limits)
         self.sessions.limits = new.limits
         for wrapper in self._proxy_wrappers:
             wrapper.trusted = TrustedProxies(new.limits.trusted_proxies)
