@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import resource, server
 
 from tests.harness import TunnelHarness, listen_upstream, sleep
-from tests.test_processes import TWISTD, ProcessTests, spawn
+from tests.test_processes import ROOT, TWISTD, spawn
 from tunneld.config import LimitsSection, TunnelLimits
 from tunneld.edge.replay import Feed, ReplayBook, ReplaySettings, Subscription
 from tunneld.model.messages import ReplyHead
@@ -45,6 +45,19 @@ def events_in(text: bytes) -> list[bytes]:
 
 def ids_of(events: list[bytes]) -> list[int]:
     return [int(re.match(rb"id: (\d+)", block).group(1)) for block in events]  # type: ignore[union-attr]
+
+
+def shipped(case: TestCase, name: str, replacements: dict[str, str]) -> str:
+    """etc/NAME with C{replacements} made (each must be there), in a file of the test's."""
+    with open(os.path.join(ROOT, "etc", name)) as f:
+        text = f.read()
+    for old, new in replacements.items():
+        case.assertIn(old, text)
+        text = text.replace(old, new)
+    path = os.path.abspath(case.mktemp())
+    with open(path, "w") as f:
+        f.write(text)
+    return path
 
 
 class Broadcast(resource.Resource):
@@ -133,11 +146,9 @@ class ReplayProcessTests(TestCase):
             raise self.skipTest("curl is not installed")
 
     async def start(self, table: str) -> tuple[Any, Broadcast, int]:
-        helper = ProcessTests("test_twistd_edge_and_agent")
-        helper.mktemp = self.mktemp  # type: ignore[method-assign]
         upstream = Broadcast()
         upstream_port, _ = await listen_upstream(self, upstream)
-        path = helper.shipped("tunneld.toml", {
+        path = shipped(self, "tunneld.toml", {
             'public_listen = ["tcp:8080:interface=127.0.0.1"]':
                 'public_listen = ["tcp:0:interface=127.0.0.1"]',
             'listen = "tcp:8081:interface=127.0.0.1"': 'listen = "tcp:0:interface=127.0.0.1"',
@@ -150,7 +161,7 @@ class ReplayProcessTests(TestCase):
         edge = spawn(self, [*TWISTD, *argv, "tunneld", "--config", path])
         public = await edge.wait_for(r"public HTTP listening on 127\.0\.0\.1:(\d+)")
         link = await edge.wait_for(r"websocket agent link listening on 127\.0\.0\.1:(\d+)")
-        agent_path = helper.shipped("agent.toml", {
+        agent_path = shipped(self, "agent.toml", {
             'url = "ws://127.0.0.1:8081/tunnel"': f'url = "ws://127.0.0.1:{link.group(1)}/tunnel"',
             'upstream = "tcp:host=127.0.0.1:port=8000"':
                 f'upstream = "tcp:host=127.0.0.1:port={upstream_port}"',
