@@ -109,11 +109,13 @@ class Broadcast(resource.Resource):
 class Curl:
     """curl -N as a user runs it, its body and headers kept."""
 
-    def __init__(self, case: TestCase, port: int, last: int | None = None) -> None:
+    def __init__(
+        self, case: TestCase, port: int, last: int | None = None, http2: bool = False
+    ) -> None:
         self.headers = os.path.abspath(case.mktemp())
         argv = [
-            CURL or "curl", "-sN", "--http1.1", "-D", self.headers, "-H", f"Host: {HOST}",
-            f"http://127.0.0.1:{port}/events",
+            CURL or "curl", "-sSN", "--http2-prior-knowledge" if http2 else "--http1.1",
+            "-D", self.headers, "-H", f"Host: {HOST}", f"http://127.0.0.1:{port}/events",
         ]
         if last is not None:
             argv[1:1] = ["-H", f"Last-Event-ID: {last}"]
@@ -145,7 +147,7 @@ class ReplayProcessTests(TestCase):
         if CURL is None:
             raise self.skipTest("curl is not installed")
 
-    async def start(self, table: str) -> tuple[Any, Broadcast, int]:
+    async def start(self, table: str) -> tuple[Any, Broadcast, int, int]:
         upstream = Broadcast()
         upstream_port, _ = await listen_upstream(self, upstream)
         path = shipped(self, "tunneld.toml", {
@@ -154,12 +156,14 @@ class ReplayProcessTests(TestCase):
             'listen = "tcp:8081:interface=127.0.0.1"': 'listen = "tcp:0:interface=127.0.0.1"',
             'admin_listen = "tcp:8090:interface=127.0.0.1"':
                 'admin_listen = "tcp:0:interface=127.0.0.1"',
+            "public_h2c_listen = []": 'public_h2c_listen = ["tcp:0:interface=127.0.0.1"]',
         })
         with open(path, "a") as f:
             f.write(f'\n[limits.tunnels."{HOST}"]\n{table}\n')
         argv = ["--nodaemon", "--pidfile="]
         edge = spawn(self, [*TWISTD, *argv, "tunneld", "--config", path])
         public = await edge.wait_for(r"public HTTP listening on 127\.0\.0\.1:(\d+)")
+        h2c = await edge.wait_for(r"public HTTP/2 \(h2c\) listening on 127\.0\.0\.1:(\d+)")
         link = await edge.wait_for(r"websocket agent link listening on 127\.0\.0\.1:(\d+)")
         agent_path = shipped(self, "agent.toml", {
             'url = "ws://127.0.0.1:8081/tunnel"': f'url = "ws://127.0.0.1:{link.group(1)}/tunnel"',
@@ -168,7 +172,7 @@ class ReplayProcessTests(TestCase):
         })
         agent = spawn(self, [*TWISTD, *argv, "tunneld-agent", "--config", agent_path])
         await agent.wait_for(r"tunnel ready: http://demo\.localhost:8080/")
-        return edge, upstream, int(public.group(1))
+        return edge, upstream, int(public.group(1)), int(h2c.group(1))
 
     async def test_dropped_client_resumes_with_nothing_lost_or_twice(self) -> None:
         """
@@ -179,7 +183,7 @@ class ReplayProcessTests(TestCase):
         after the upstream ends its stream the next reconnect reaches the
         upstream with the last id.
         """
-        edge, upstream, port = await self.start(
+        edge, upstream, port, h2c_port = await self.start(
             "sse_replay = true\nsse_replay_events = 500\nsse_replay_bytes = 1048576\n"
         )
         first = Curl(self, port)
@@ -194,7 +198,7 @@ class ReplayProcessTests(TestCase):
         seen = events_in(first.body)
         self.assertGreaterEqual(len(seen), 60)
         last = ids_of(seen)[-1]
-        upstream.emit(400)  # while the client is away
+        upstream.emit(400)  # while the client is away (the edge records them)
         second = Curl(self, port, last=last)
         await second.sees(400)
         upstream.emit(650)  # live again
@@ -217,12 +221,16 @@ class ReplayProcessTests(TestCase):
         self.assertIn("(oldest id held: '151')", old.process.output)
         await edge.wait_for(r"replay gap on demo\.localhost/events for .*'100' is not held")
 
-        # The upstream ends its stream: a client behind is sent the rest and
-        # the end; the next reconnect goes upstream with the last id.
-        behind = Curl(self, port, last=640)
+        # Over HTTP/2 alike.  The upstream ends its stream: a client behind
+        # is sent the rest and the end; the next reconnect goes upstream
+        # with the last id.
+        behind = Curl(self, h2c_port, last=640, http2=True)
         await behind.sees(650)
+        self.assertRegex(behind.header_text(), r"^HTTP/2 200")
+        self.assertIn("tunnel-replay: 10 events", behind.header_text())
         upstream.finish_all()
         await behind.process.ended
+        self.assertEqual(behind.process.end_reason.value.exitCode, 0)
         self.assertEqual(ids_of(events_in(behind.body)), list(range(641, 651)))
         again = Curl(self, port, last=650)
         await upstream.connected(2)

@@ -465,6 +465,11 @@ class EdgeGateway:
                 return
             resumed = found
         exchange.slots = slots
+        if (
+            resumed is None and self._binds and getattr(route, "session", None) is not None
+            and hasattr(exchange, "affinity")
+        ):
+            exchange.affinity = partial(self._bind, route)  # type: ignore[attr-defined]
 
         def open_upstream(receiver: IStreamReceiver) -> IStream:
             return route.link.open_stream(head, receiver, end_stream=True)
