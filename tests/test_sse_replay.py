@@ -8,6 +8,7 @@ older than the buffer is refused by name; the buffer stays at its bounds.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import resource, server
+from twisted.web.client import readBody
 
 from tests.harness import TunnelHarness, listen_upstream, sleep
 from tests.test_processes import ROOT, TWISTD, spawn
@@ -275,6 +277,15 @@ class ReplayBoundsTests(TestCase):
             peak = (max(peak[0], held[0]), max(peak[1], held[1]))
         self.assertLessEqual(peak[0], 50)
         self.assertLessEqual(peak[1], 16384)
+        # The admin API shows the buffer (while the client may still read it).
+        assert edge.observe.admin is not None
+        admin = f"http://127.0.0.1:{edge.observe.admin.address.port}/api/transports"
+        listed = json.loads(await readBody(await harness.client.request(b"GET", admin.encode())))
+        [row] = listed["sse_replay"]
+        self.assertEqual((row["tunnel"], row["host"], row["target"]), (HOST, HOST, "/events"))
+        self.assertLessEqual(row["events"], 50)
+        self.assertLessEqual(row["bytes"], 16384)
+        self.assertEqual(row["upstream"], "open")
         # The client goes (if it has not been closed for falling behind);
         # the flood goes on into the buffer alone.
         if not body.done.called:

@@ -506,6 +506,22 @@ class ReplayBook:
         feeds = self._all()
         return sum(len(f.events) for f in feeds), sum(f.size for f in feeds)
 
+    def describe(self) -> list[dict[str, Any]]:
+        """The rings kept now, for the admin API."""
+        now = self.reactor.seconds()
+        return [
+            {
+                "tunnel": feed.scope[0], "host": feed.scope[1], "target": feed.scope[2],
+                "events": len(feed.events), "bytes": feed.size,
+                "oldest_id": feed.oldest_id() or None,
+                "clients": len(feed.subscriptions),
+                "upstream": "open" if feed.live else "ended",
+                "idle_s": None if feed.subscriptions or not feed.live
+                else round(now - feed.idle_since, 1),
+            }
+            for feed in self._all()
+        ]
+
     def _all(self) -> list[Feed]:
         return list(self.feeds.values())
 

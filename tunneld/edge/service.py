@@ -274,6 +274,30 @@ class EdgeService(MultiService):
         for listener in listeners:
             listener.listening.addBoth(one)
 
+    def transport_tables(self) -> dict[str, Any]:
+        """
+        What each transport that keeps a table of its own shows of it
+        (C{GET /api/transports}; a transport offers one with C{describe()}),
+        with the agent session each row's link serves where known (by peer),
+        and the replay buffers of public event streams.
+        """
+        by_peer = {
+            (session.link.transport_name, session.link.peer): session
+            for session in self.sessions.sessions.values()
+        }
+        tables: dict[str, Any] = {}
+        for name, transport in sorted(self.transports.items()):
+            describe = getattr(transport, "describe", None)
+            if describe is None:
+                continue
+            table = describe()
+            for row in table.get("connections", ()):
+                session = by_peer.get((name, row.get("peer")))
+                row["agent"] = session.agent_id if session is not None else None
+                row["session"] = session.session_id if session is not None else None
+            tables[name] = table
+        return {"transports": tables, "sse_replay": self.replay.describe()}
+
     def cluster(self) -> Deferred[dict[str, Any]]:
         """The cluster view (C{GET /api/cluster}): edges, their agents, where each tunnel is served."""
         local = {
