@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import resource, server
 from twisted.web.client import readBody
 
-from tests.harness import TunnelHarness, listen_upstream, sleep
+from tests.harness import TunnelHarness, eventually, listen_upstream, open_fds, sleep
 from tests.test_processes import ROOT, TWISTD, spawn
 from tunneld.config import LimitsSection, TunnelLimits
 from tunneld.edge.replay import Feed, ReplayBook, ReplaySettings, Subscription
@@ -178,71 +178,85 @@ class ReplayProcessTests(TestCase):
 
     async def test_dropped_client_resumes_with_nothing_lost_or_twice(self) -> None:
         """
-        curl dropped mid-stream (SIGKILL) while events flow, 250 more sent
-        while it is away, a new curl with Last-Event-ID: every event once, in
-        order, byte for byte; the upstream saw one GET.  Then an id older
-        than the buffer is refused by name (410, session_gone, the log), and
-        after the upstream ends its stream the next reconnect reaches the
-        upstream with the last id.
+        curl dropped mid-stream (SIGKILL) while events flow, 100 more sent
+        while it is away, a new curl with Last-Event-ID; three times: every
+        event once, in order, byte for byte (hashed); the upstream saw one
+        GET; the edge's fds are back where they were.  Then an id older than
+        the buffer is refused by name (410, session_gone, the log); over
+        HTTP/2 alike; and after the upstream ends its stream the next
+        reconnect reaches the upstream with the last id.
         """
         edge, upstream, port, h2c_port = await self.start(
             "sse_replay = true\nsse_replay_events = 500\nsse_replay_bytes = 1048576\n"
         )
-        first = Curl(self, port)
+        fds = open_fds(edge.process.pid)
+        client = Curl(self, port)
         await upstream.connected(1)
-        # Events flow in small batches; the client is killed in the middle.
-        for upto in range(10, 151, 10):
-            upstream.emit(upto)
-            await sleep(0.01)
-            if upto == 100:
-                await first.sees(60)
-                await first.kill()
-        seen = events_in(first.body)
-        self.assertGreaterEqual(len(seen), 60)
-        last = ids_of(seen)[-1]
-        upstream.emit(400)  # while the client is away (the edge records them)
-        second = Curl(self, port, last=last)
-        await second.sees(400)
-        upstream.emit(650)  # live again
-        await second.sees(650)
-        await second.kill()
-        resumed = events_in(second.body)
-        got = seen + resumed
-        self.assertEqual(ids_of(got), list(range(1, 651)))
-        expected = hashlib.sha256(b"".join(event(n) for n in range(1, 651))).hexdigest()
+        got: list[bytes] = []
+        upto = 0
+        resumed_with = []
+        for _ in range(3):
+            # Events flow in small batches; the client is killed in the middle.
+            for step in range(upto + 10, upto + 151, 10):
+                upstream.emit(step)
+                await sleep(0.01)
+                if step == upto + 100:
+                    await client.sees(upto + 60)
+                    await client.kill()
+            upto += 150
+            got += events_in(client.body)
+            last = ids_of(got)[-1]
+            upto += 100
+            upstream.emit(upto)  # while the client is away (the edge records them)
+            client = Curl(self, port, last=last)
+            await client.sees(upto)
+            resumed_with.append((last, client))
+        upto += 50
+        upstream.emit(upto)  # live again
+        await client.sees(upto)
+        await client.kill()
+        got += events_in(client.body)
+        self.assertEqual(upto, 800)
+        self.assertEqual(ids_of(got), list(range(1, 801)))
+        expected = hashlib.sha256(b"".join(event(n) for n in range(1, 801))).hexdigest()
         self.assertEqual(hashlib.sha256(b"".join(got)).hexdigest(), expected)
         self.assertEqual(upstream.gets, [None], "the edge held the one upstream stream")
-        self.assertIn(f"tunnel-replay: {400 - last} events", second.header_text().lower())
+        for n, (last, resumed) in enumerate(resumed_with):
+            replayed = 250 * (n + 1) - last
+            self.assertIn(f"tunnel-replay: {replayed} events", resumed.header_text().lower())
+        await eventually(
+            lambda: open_fds(edge.process.pid) <= fds, "the edge's client sockets closed"
+        )
 
-        # The buffer holds the last 500 (151..650): id 100 is gone, by name.
+        # The buffer holds the last 500 (301..800): id 100 is gone, by name.
         old = Curl(self, port, last=100)
         await old.process.ended
         self.assertIn(" 410 ", old.header_text().splitlines()[0])
         self.assertIn("tunnel-error: session_gone", old.header_text().lower())
         self.assertIn("Last-Event-ID '100' is not in this edge's replay buffer", old.process.output)
-        self.assertIn("(oldest id held: '151')", old.process.output)
+        self.assertIn("(oldest id held: '301')", old.process.output)
         await edge.wait_for(r"replay gap on demo\.localhost/events for .*'100' is not held")
 
         # Over HTTP/2 alike.  The upstream ends its stream: a client behind
         # is sent the rest and the end; the next reconnect goes upstream
         # with the last id.
-        behind = Curl(self, h2c_port, last=640, http2=True)
-        await behind.sees(650)
+        behind = Curl(self, h2c_port, last=790, http2=True)
+        await behind.sees(800)
         self.assertRegex(behind.header_text(), r"^HTTP/2 200")
         self.assertIn("tunnel-replay: 10 events", behind.header_text())
         upstream.finish_all()
         await behind.process.ended
         self.assertEqual(behind.process.end_reason.value.exitCode, 0)
-        self.assertEqual(ids_of(events_in(behind.body)), list(range(641, 651)))
-        again = Curl(self, port, last=650)
+        self.assertEqual(ids_of(events_in(behind.body)), list(range(791, 801)))
+        again = Curl(self, port, last=800)
         await upstream.connected(2)
-        self.assertEqual(upstream.gets, [None, b"650"])
-        upstream.emit(655)
-        await again.sees(655)
+        self.assertEqual(upstream.gets, [None, b"800"])
+        upstream.emit(805)
+        await again.sees(805)
         await again.kill()
         self.assertEqual(
             ids_of(events_in(again.body)),
-            list(range(651, 656)),
+            list(range(801, 806)),
         )
 
 
