@@ -126,7 +126,7 @@ class TerminalProcessTests(TestCase):
         edge, agent, _, port = await self.start()
         agent_pid = agent.process.pid
         edge_pid = edge.process.pid
-        baseline = None
+        baseline: tuple[int, int] | None = None
         for round in range(2):
             client = await self.session(port)
             await eventually(lambda: children_of(agent_pid), "the PTY's child")
@@ -148,9 +148,11 @@ class TerminalProcessTests(TestCase):
             closed = [s["reason"] for s in body["sessions"]]
             self.assertEqual(closed, ["agent_silent"] * (round + 1))
             if baseline is None:
-                baseline = open_fds(edge_pid)
-        # The second round left what the first did.
-        await eventually(lambda: open_fds(edge_pid) <= (baseline or 0), "the edge's fds to settle")
+                baseline = (open_fds(edge_pid), open_fds(agent_pid))
+        # The second round left what the first did, at the edge and at the agent.
+        assert baseline is not None
+        await eventually(lambda: open_fds(edge_pid) <= baseline[0], "the edge's fds to settle")
+        await eventually(lambda: open_fds(agent_pid) <= baseline[1], "the agent's fds to settle")
         # The agent's link survived the pause: a new session works.
         client = await self.session(port, busy=False)
         client.type("exit\n")
@@ -166,6 +168,7 @@ class TerminalProcessTests(TestCase):
         """
         edge, agent, link_port, port = await self.start()
         agent_pid = agent.process.pid
+        agent_fds = []
         for round in range(2):
             client = await self.session(port)
             await eventually(lambda: children_of(agent_pid), "the PTY's child")
@@ -182,6 +185,9 @@ class TerminalProcessTests(TestCase):
             edge = self.start_edge(link_port, port)
             await edge.wait_for(r"agent demo registered demo\.localhost over websocket")
             await agent.wait_for(r"(?s)" + r"tunnel ready: http://demo\.localhost:8080/.*" * (round + 2))
+            agent_fds.append(open_fds(agent_pid))
+        # The second restart left the agent what the first did.
+        await eventually(lambda: open_fds(agent_pid) <= agent_fds[0], "the agent's fds to settle")
         client = await self.session(port, busy=False)
         client.type("exit\n")
         close = await client.close_message()
