@@ -71,7 +71,8 @@ class ClusterProcesses(TestCase):
 
     async def registry(self) -> IStateBackend:
         """A backend in this process reading what the edges wrote."""
-        options = EdgeStateSection(backend="redis", redis_url=self.server.url)
+        # The edges' busy-machine allowance (see edge()), for this reader too.
+        options = EdgeStateSection(backend="redis", redis_url=self.server.url, command_timeout=2.0)
         backend = RedisStateBackend.from_options(reactor, options)
         await backend.start()
         self.addCleanup(backend.close)
