@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+
 from tunneld.edge.forwarding import HOP_BY_HOP
 from tunneld.speedups.memo import Bounded
 
