@@ -33,7 +33,6 @@ from tunneld.edge.public_tls import PublicTLSFactory, public_tls_contexts
 from tunneld.edge.sessions import AgentSessions
 from tunneld.edge.tcp import TCPTunnels
 from tunneld.edge.terminal import TerminalBridge
-from tunneld.edge.terminal_web import terminal_mounts
 from tunneld.errors import ConfigError
 from tunneld.interfaces import EdgeLinkSetup, ITransportPlugin
 from tunneld.listening import ListeningService, address_text, listeners_under
@@ -167,6 +166,9 @@ class EdgeService(MultiService):
                 edge_name=lambda: edge.state.edge_name,
             )
             self.terminal.setServiceParent(self)
+            # Loaded here: its WebSocket page (Autobahn) weighs on an edge that serves no terminal.
+            from tunneld.edge.terminal_web import terminal_mounts
+
             mounts = terminal_mounts(self.terminal)
         # Admin API, metrics, systemd readiness (once every listener in this tree is up).
         self.observe = EdgeObservability(
