@@ -24,7 +24,7 @@ configuration's C{[speedups]} table:
   - C{heap} (L{heap}) and C{gc_freeze} (L{gctune}): the process's malloc
     thresholds and garbage collector, through public calls.
 
-Not tricks, so without a switch of their own: L{memo}'s identity tables (the
+Not tricks, so without a switch of their own: L{memo}'s bounded tables (the
 per-object caches of the codec and the fast paths are plain Python) and
 L{scheduling} (the C{cpu_scheduling} setting, a deployment choice).
 
