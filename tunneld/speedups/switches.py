@@ -27,8 +27,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from twisted.logger import Logger
-
 __all__ = ["ENVIRONMENT", "Trick", "environment_allows"]
 
 # TUNNELD_SPEEDUPS=off turns every trick off, whatever the configuration says.
@@ -49,8 +47,6 @@ class Trick:
     counts as a difference.  With C{deferred}, switching it on leaves the
     check for the trick's first use (L{active}).
     """
-
-    log = Logger()
 
     def __init__(
         self, name: str, touches: str, fallback: str, check: Callable[[], str | None],
@@ -113,7 +109,10 @@ class Trick:
         first = not self._checked
         self._active = on and self.problem is None
         if on and self.deferred and first and self._problem is not None:
-            self.log.warn(
+            # (imported here: importing this package stays cheap, see tunneld.speedups)
+            from twisted.logger import Logger
+
+            Logger(namespace=__name__).warn(
                 "speedups: {trick} is off: {problem}; using {fallback} instead",
                 trick=self.name, problem=self._problem, fallback=self.fallback,
             )
