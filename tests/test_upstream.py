@@ -29,7 +29,6 @@ from tunneld.agent.upstream import UpstreamPool
 from tunneld.interfaces import IStream, IStreamReceiver
 from tunneld.model.messages import Headers, ReplyHead, StreamHead
 from tunneld.model.reasons import Reason
-from tunneld.speedups.memo import ByIdentity
 
 CHUNK = 64 * 1024
 BLOCK = hashlib.sha256(b"tunneld").digest() * (CHUNK // 32)
@@ -787,7 +786,7 @@ class UpstreamPoolTests(TestCase):
 
 
 class EndToEndHeadersTests(SynchronousTestCase):
-    """A response head's hop-by-hop fields are dropped, once per distinct head."""
+    """A response head's hop-by-hop fields are dropped, and the fields its Connection names."""
 
     def test_hop_by_hop_dropped(self) -> None:
         """Connection, the fields it names and the other hop-by-hop fields go; the rest keep their case."""
@@ -800,18 +799,21 @@ class EndToEndHeadersTests(SynchronousTestCase):
             (b"ETag", b'"a"'),
         )
         kept = ((b"Content-Type", b"text/plain"), (b"ETag", b'"a"'))
-        table: ByIdentity[Any, Any] = ByIdentity(256)
-        self.assertEqual(upstream._end_to_end_of_head(head, table), kept)
-        # The same head again: the answer remembered, the very same tuple.
-        self.assertIs(upstream._end_to_end_of_head(head, table), upstream._end_to_end_of_head(head, table))
+        self.assertEqual(upstream._end_to_end(head), kept)
 
-    def test_equal_heads_answered_alike(self) -> None:
-        """An equal head in another tuple gets an equal answer; the table stays bounded."""
-        table: ByIdentity[Any, Any] = ByIdentity(256)
-        for n in range(table.limit + 50):
-            head = ((b"Connection", b"close"), (b"X-N", b"%d" % n))
-            self.assertEqual(upstream._end_to_end_of_head(head, table), ((b"X-N", b"%d" % n),))
-        self.assertLessEqual(len(table), table.limit)
+    def test_connection_tokens(self) -> None:
+        """keep-alive names nothing more; close or another token drops the field of that name."""
+        self.assertEqual(
+            upstream._end_to_end(((b"Connection", b"keep-alive"), (b"X-N", b"1"))), ((b"X-N", b"1"),)
+        )
+        self.assertEqual(
+            upstream._end_to_end(((b"connection", b"Close"), (b"Close", b"x"), (b"X-N", b"1"))),
+            ((b"X-N", b"1"),),
+        )
+        self.assertEqual(
+            upstream._end_to_end(((b"X-A", b"1"), (b"Connection", b"x-a , Keep-Alive"), (b"X-N", b"1"))),
+            ((b"X-N", b"1"),),
+        )
 
 
 class _StallingH2(Protocol):

@@ -45,7 +45,6 @@ from tunneld.interfaces import IStream, IStreamReceiver
 from tunneld.model.messages import Headers, ReplyHead, StreamHead
 from tunneld.model.reasons import Reason
 from tunneld.speedups import bulkwrite
-from tunneld.speedups.memo import ByIdentity
 from tunneld.speedups.readsize import ReadSize
 
 __all__ = ["UpstreamPool"]
@@ -84,7 +83,7 @@ class _Transport(typing.Protocol):
     def stopProducing(self) -> None: ...
 
 
-def _end_to_end(headers: Sequence[Header]) -> list[Header]:
+def _end_to_end(headers: Sequence[Header]) -> tuple[Header, ...]:
     """
     The response headers a proxy passes on: all but the hop-by-hop ones and
     those the C{Connection} header names.  Original name case is kept.
@@ -96,23 +95,13 @@ def _end_to_end(headers: Sequence[Header]) -> list[Header]:
         lower = name.lower()
         if lower in hop_by_hop:
             if lower == b"connection":
-                tokens = {token.strip(b" \t").lower() for token in value.split(b",")}
+                tokens = {token.strip(b" \t").lower() for token in value.split(b",")} - hop_by_hop
                 named = tokens if named is None else named | tokens
             continue
         kept.append((name, value))
-    if named:
-        kept = [(name, value) for name, value in kept if name.lower() not in named]
-    return kept
-
-
-def _end_to_end_of_head(
-    headers: tuple[Header, ...], kept_by_head: ByIdentity[tuple[Header, ...], tuple[Header, ...]]
-) -> tuple[Header, ...]:
-    """L{_end_to_end} of a parsed response head's fields, remembered in C{kept_by_head}."""
-    kept = kept_by_head.get(headers)
-    if kept is None:
-        kept = kept_by_head.put(headers, tuple(_end_to_end(headers)))
-    return kept
+    if named:  # (Connection: keep-alive names no other field)
+        return tuple([(name, value) for name, value in kept if name.lower() not in named])
+    return tuple(kept)
 
 
 @implementer(IPushProducer)
@@ -135,7 +124,7 @@ class _UpstreamConnection(Protocol):
     def __init__(self, pool: UpstreamPool) -> None:
         self._pool = pool
         self.writer = RequestWriter(pool.memo)
-        self.parser = ResponseParser(memo=pool.memo)
+        self.parser = ResponseParser()
         self.exchange: _Exchange | None = None
         self.lost = False
         self._lost_waiters: list[Deferred[None]] = []
@@ -560,7 +549,7 @@ class _Exchange:
         self._body_timer()
         self._replied = True
         # Held until this read is parsed: a response without a body ends with it.
-        self._held_reply = ReplyHead(status, reason, _end_to_end_of_head(headers, self._pool.kept))
+        self._held_reply = ReplyHead(status, reason, _end_to_end(headers))
 
     def response_data(self, data: bytes | memoryview) -> None:
         """L{ResponseSink}: response body bytes."""
@@ -835,11 +824,8 @@ class UpstreamPool:
         self._connections: set[_UpstreamConnection] = set()
         self._closed = False
         # What this upstream's connections remember of the heads and fields
-        # that recur: validated response heads and request fields (the
-        # parser's and writer's), and each head's end-to-end fields, by the
-        # identity of the fields' tuple (which the parser keeps per head).
+        # that recur: validated request fields (the writers').
         self.memo = HeadMemo()
-        self.kept: ByIdentity[tuple[Header, ...], tuple[Header, ...]] = ByIdentity(256)
 
     def forward(self, stream: IStream) -> None:
         """Forward one stream to the upstream and its response back, end to end."""

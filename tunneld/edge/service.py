@@ -35,7 +35,6 @@ from tunneld.edge.replay import ReplayBook
 from tunneld.edge.sessions import AgentSessions
 from tunneld.edge.tcp import TCPTunnels
 from tunneld.edge.terminal import TerminalBridge
-from tunneld.edge.terminal_web import terminal_mounts
 from tunneld.errors import ConfigError
 from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup, ITransportPlugin
 from tunneld.listening import ListeningService, address_text, listeners_under
@@ -170,6 +169,9 @@ class EdgeService(MultiService):
                 edge_name=lambda: edge.state.edge_name,
             )
             self.terminal.setServiceParent(self)
+            # Loaded here: its WebSocket page (Autobahn) weighs on an edge that serves no terminal.
+            from tunneld.edge.terminal_web import terminal_mounts
+
             mounts = terminal_mounts(self.terminal)
         self.relays: RelayPeers | None = None
         self.relay_dialer: RelayDialer | None = None
