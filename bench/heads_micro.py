@@ -10,14 +10,17 @@ edge's reply block: no sockets, no reactor, so an A/B of the header path needs n
 
 Usage: python bench/heads_micro.py [REQUESTS] [ROUNDS]
 """
-import random, sys, time
-from tunneld.agent.http1_wire import HeadMemo, ResponseParser, RequestWriter
+import random
+import sys
+import time
+
 from tunneld.agent import upstream as up
-from tunneld.wire.codec import Codec
-from tunneld.model.messages import ReplyHead, StreamHead
-from tunneld.edge.forwarding import forwarded_headers, HOP_BY_HOP
-from tunneld.edge.http1.fasthead import FastMemo, read_head, response_head_with
+from tunneld.agent.http1_wire import HeadMemo, RequestWriter, ResponseParser
+from tunneld.edge.forwarding import HOP_BY_HOP, forwarded_headers
 from tunneld.edge.http1.fast import fast_block
+from tunneld.edge.http1.fasthead import FastMemo, read_head, response_head_with
+from tunneld.model.messages import ReplyHead, StreamHead
+from tunneld.wire.codec import Codec
 
 rng = random.Random(5)
 UAS = [b"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36",
@@ -59,7 +62,9 @@ def run(varied, n):
     ecodec, acodec = Codec(), Codec()
     fmemo = FastMemo()
     hm = HeadMemo()
-    parser = ResponseParser(); writer = RequestWriter(hm); sink = Sink()
+    parser = ResponseParser()
+    writer = RequestWriter(hm)
+    sink = Sink()
     t0 = time.process_time()
     out = 0
     for i in range(n):
@@ -80,6 +85,7 @@ def run(varied, n):
     return 1e6 * (time.process_time() - t0) / n, out
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
-for r in range(int(sys.argv[2]) if len(sys.argv) > 2 else 3):
-    v, o1 = run(True, n); s, o2 = run(False, n)
+for _r in range(int(sys.argv[2]) if len(sys.argv) > 2 else 3):
+    v, o1 = run(True, n)
+    s, o2 = run(False, n)
     print(f"varied {v:.1f} us/req  static {s:.1f} us/req  ({o1//n}, {o2//n} bytes)")
