@@ -11,6 +11,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from automat import NoTransition
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
@@ -615,6 +616,21 @@ class UpstreamPoolTests(TestCase):
         await stream.finished
         self.assert_reset(stream, Reason.UPSTREAM_ERROR, "malformed")
 
+    async def test_close_delimited_response(self) -> None:
+        """A response whose body ends when the upstream closes comes back whole and ends the stream."""
+
+        def answer(p: RawUpstream, n: int) -> None:
+            p.transport.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
+            p.transport.loseConnection()
+
+        port, _ = await self.listen(RawFactory(answer))
+        stream = self.stream(http_head())
+        self.pool(port).forward(stream)
+        await stream.finished
+        self.assertIsNone(stream.reset_with)
+        self.assertEqual(stream.body, b"until the end")
+        self.assertEqual(stream.trailers, ())
+
     async def test_cut_short(self) -> None:
         """An upstream closing mid-body resets the stream with upstream_error after the reply."""
 
@@ -784,6 +800,53 @@ class UpstreamPoolTests(TestCase):
         await stream.finished
         expected = hashlib.sha256(BLOCK * (total // CHUNK)).hexdigest().encode()
         self.assertEqual(stream.body, b"%d %s" % (total, expected))
+
+
+class ExchangeLifecycleTests(SynchronousTestCase):
+    """
+    The HTTP/1.1 exchange's lifecycle machine: an input its state does not
+    expect is an error, never silently ignored; a finished exchange lets go
+    of its machine (no reference cycle for the cyclic GC).
+    """
+
+    def exchange(self) -> tuple[Any, FakeStream]:
+        pool = UpstreamPool(reactor, "tcp:host=127.0.0.1:port=9")  # never dialled here
+        stream = FakeStream(http_head())
+        exchange = upstream._Exchange(pool, stream)
+        stream.attach(exchange)
+        return exchange, stream
+
+    def test_unexpected_inputs_raise(self) -> None:
+        """A response before any request, or its end, is no transition of an idle exchange."""
+        exchange, _ = self.exchange()
+        with self.assertRaises(NoTransition):
+            exchange.response_head(200, b"OK", ())
+        with self.assertRaises(NoTransition):
+            exchange.response_end(b"", [], True)
+        with self.assertRaises(NoTransition):
+            exchange._timed_out()
+
+    def test_reset_while_attaching(self) -> None:
+        """An edge reset before the start finishes it: the start does nothing, and a second reset is allowed."""
+        exchange, stream = self.exchange()
+        stream.edge_reset(Reason.CLIENT_GONE, "client left")
+        self.assertIs(exchange._life, upstream._ENDED)
+        exchange.start()
+        stream.edge_reset(Reason.CLIENT_GONE, "crossed on the wire")
+        self.assertIsNone(stream.reset_with)
+        self.assertFalse(stream.finished.called)
+
+    def test_fail_after_finishing_raises(self) -> None:
+        """Failing a finished exchange is a bug, said as one."""
+        exchange, stream = self.exchange()
+        exchange._fail(Reason.UPSTREAM_ERROR, "first")
+        self.assertEqual(stream.reset_with, (Reason.UPSTREAM_ERROR, "first"))
+        self.assertIs(exchange._life, upstream._ENDED)
+        with self.assertRaises(NoTransition):
+            exchange._fail(Reason.UPSTREAM_ERROR, "second")
+        # Late request bytes and ends are dropped, not errors: they were in flight.
+        exchange.data_received(b"late")
+        exchange.end_received(())
 
 
 class EndToEndHeadersTests(SynchronousTestCase):

@@ -18,6 +18,7 @@ import typing
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -134,7 +135,7 @@ class UpstreamExchange:
 
     def _dial_failed(self, failure: Failure) -> None:
         self._connecting = None
-        if not isinstance(failure.value, CancelledError):  # (cancelled: torn down)
+        if not failure.check(CancelledError, ConnectingCancelledError):  # (cancelled: torn down)
             self._refused(connect_error(failure, self._pool.connect_timeout))
 
     # -- ending ---------------------------------------------------------------
