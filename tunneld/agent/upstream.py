@@ -249,21 +249,13 @@ class _Exchange(UpstreamExchange):
     pauses the stream through it).  The transport itself is registered on the
     stream, so a stream out of credit stops reading from the upstream.
 
-    Its lifecycle is a state machine (L{_LIFE}, drawn in docs/architecture.md):
-
-        idle ─dial─▶ connecting ─bind─▶ sending ─request_complete─▶ waiting
-          │              │                 │  ╲                        │
-          └─bind(_whole)─┴──bind_whole─────┼───╲──────────────▶────────┤
-                                           │ head_received            head_received
-                                           ▼                           ▼
-                                     answered_early ─request_complete─▶ answering
-                                           └──────response_complete────┴─▶ finished
-
-    plus C{stale} (sending, waiting ─▶ connecting: a reused connection the
-    upstream had closed), C{timer_fired} (a named check in each state that
-    has a timer), and C{fail} and C{reset_by_edge} from every live state to
-    C{finished}.  The per-chunk paths (request body, response body) are no
-    inputs: each transition sets the handlers they call.
+    Its lifecycle is a state machine (L{_LIFE}; every transition is listed
+    in docs/architecture.md): idle, connecting, sending (the head is out,
+    the body still comes), waiting (the request is out), answered_early (a
+    response head before the request's end), answering, finished.  An input
+    its state does not expect raises L{automat.NoTransition}.  The per-chunk
+    paths (request body, response body) are no inputs: each transition sets
+    the handlers they call.
     """
 
     __slots__ = (
