@@ -15,12 +15,13 @@ owner, and anyone waiting, when it is lost.
 from __future__ import annotations
 
 import typing
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectingCancelledError
-from twisted.internet.interfaces import IProtocolFactory
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.interfaces import IAddress, IProtocolFactory, IPushProducer
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -28,7 +29,27 @@ from tunneld.agent.dialing import connect_error, connect_timed_out
 from tunneld.interfaces import IStream
 from tunneld.model.reasons import Reason
 
-__all__ = ["UpstreamConnection", "UpstreamExchange", "UpstreamSettings"]
+__all__ = [
+    "HOP_BY_HOP",
+    "UpstreamConnection",
+    "UpstreamExchange",
+    "UpstreamFactory",
+    "UpstreamSettings",
+    "UpstreamTransport",
+]
+
+# Hop-by-hop fields (RFC 9110 section 7.6.1), plus the legacy Proxy-Connection.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
 
 
 class UpstreamSettings(typing.Protocol):
@@ -40,6 +61,33 @@ class UpstreamSettings(typing.Protocol):
     body_timeout: float
     _reactor: Any
     _endpoint: Any
+
+
+class UpstreamTransport(typing.Protocol):
+    """What the agent uses of an upstream connection's transport."""
+
+    def write(self, data: bytes) -> None: ...
+    def writeSequence(self, data: list[bytes]) -> None: ...  # noqa: N802
+    def loseConnection(self) -> None: ...  # noqa: N802
+    def loseWriteConnection(self) -> None: ...  # noqa: N802
+    def abortConnection(self) -> None: ...  # noqa: N802
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...  # noqa: N802
+    def unregisterProducer(self) -> None: ...  # noqa: N802
+    def pauseProducing(self) -> None: ...  # noqa: N802
+    def resumeProducing(self) -> None: ...  # noqa: N802
+    def stopProducing(self) -> None: ...  # noqa: N802
+
+
+class UpstreamFactory(ClientFactory):
+    """Makes an upstream connection with C{build()}; quiet, as there is one per dial."""
+
+    noisy = False
+
+    def __init__(self, build: Callable[[], Protocol]) -> None:
+        self._build = build
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:  # noqa: N802
+        return self._build()
 
 
 class UpstreamConnection(Protocol):

@@ -14,18 +14,25 @@ client and the upstream agree in their headers: nothing here reads them.
 
 from __future__ import annotations
 
-import typing
+import functools
 from typing import cast
 
 import h11
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IPushProducer
-from twisted.internet.protocol import ClientFactory, connectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tunneld.agent.exchange import UpstreamConnection, UpstreamExchange, UpstreamSettings
+from tunneld.agent.exchange import (
+    HOP_BY_HOP,
+    UpstreamConnection,
+    UpstreamExchange,
+    UpstreamFactory,
+    UpstreamSettings,
+    UpstreamTransport,
+)
 from tunneld.interfaces import IStream, IStreamReceiver, IUpstream
 from tunneld.model.messages import Headers, ReplyHead
 from tunneld.model.reasons import Reason
@@ -33,26 +40,7 @@ from tunneld.model.reasons import Reason
 __all__ = ["UpgradeRelays"]
 
 # Hop-by-hop response fields that do not describe the switch itself.
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-    }
-)
-
-
-class _Transport(typing.Protocol):
-    def write(self, data: bytes) -> None: ...
-    def writeSequence(self, data: list[bytes]) -> None: ...
-    def loseConnection(self) -> None: ...
-    def loseWriteConnection(self) -> None: ...
-    def abortConnection(self) -> None: ...
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
-    def unregisterProducer(self) -> None: ...
+_HOP_BY_HOP = HOP_BY_HOP - {b"upgrade"}
 
 
 def _reply_headers(response: h11.Response | h11.InformationalResponse) -> list[tuple[bytes, bytes]]:
@@ -68,7 +56,9 @@ def _reply_headers(response: h11.Response | h11.InformationalResponse) -> list[t
 class _UpgradeConnection(UpstreamConnection):
     """The dedicated upstream connection of one relay; it only passes events on."""
 
-    relay: _UpgradeRelay
+    def __init__(self, relay: _UpgradeRelay) -> None:
+        super().__init__()
+        self.relay = relay
 
     def dataReceived(self, data: bytes) -> None:
         self.relay.upstream_data(data)
@@ -82,18 +72,6 @@ class _UpgradeConnection(UpstreamConnection):
 
     def upstream_closed(self, reason: Failure) -> None:
         self.relay.upstream_lost(reason)
-
-
-class _Factory(ClientFactory):
-    noisy = False
-
-    def __init__(self, relay: _UpgradeRelay) -> None:
-        self._relay = relay
-
-    def buildProtocol(self, addr: IAddress | None) -> _UpgradeConnection:
-        conn = _UpgradeConnection()
-        conn.relay = self._relay
-        return conn
 
 
 @implementer(IStreamReceiver, IPushProducer)
@@ -115,7 +93,7 @@ class _UpgradeRelay(UpstreamExchange):
         super().__init__(pool, stream)
         self._parser = h11.Connection(h11.CLIENT)
         self._conn: _UpgradeConnection | None = None
-        self._sock: _Transport | None = None
+        self._sock: UpstreamTransport | None = None
         self._request: list[bytes] = []  # the request head, until connected
         self._pending: list[bytes] = []  # client bytes before the connection exists
         self._client_ended = False
@@ -149,14 +127,14 @@ class _UpgradeRelay(UpstreamExchange):
         self._stream.head = head.without_headers()
         # Hold the client's bytes at the edge until the upstream is there.
         self._stream.pauseProducing()
-        self._dial(_Factory(self))
+        self._dial(UpstreamFactory(functools.partial(_UpgradeConnection, self)))
 
     def _connected(self, conn: _UpgradeConnection) -> None:
         if self._done:
             conn.transport.abortConnection()  # type: ignore[union-attr]
             return
         self._conn = conn
-        sock = self._sock = cast(_Transport, conn.transport)
+        sock = self._sock = cast(UpstreamTransport, conn.transport)
         request, self._request = self._request, []
         sock.writeSequence(request)
         pending, self._pending = self._pending, []

@@ -19,6 +19,7 @@ malformed or cut short.
 
 from __future__ import annotations
 
+import functools
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -26,13 +27,18 @@ from typing import Any, cast
 from automat import TypeMachineBuilder
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IAddress, IPushProducer, IStreamClientEndpoint
-from twisted.internet.protocol import ClientFactory
+from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tunneld.agent.exchange import UpstreamConnection, UpstreamExchange
+from tunneld.agent.exchange import (
+    HOP_BY_HOP,
+    UpstreamConnection,
+    UpstreamExchange,
+    UpstreamFactory,
+    UpstreamTransport,
+)
 from tunneld.agent.http1_wire import (
     Header,
     HeadMemo,
@@ -57,34 +63,6 @@ _client_from_string: Callable[[Any, str], IStreamClientEndpoint] = clientFromStr
 # Methods whose requests carry no body unless they say so with a framing header.
 _BODYLESS_METHODS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE", b"CONNECT"})
 
-# RFC 9110 section 7.6.1, plus the legacy Proxy-Connection.
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-
-
-class _Transport(typing.Protocol):
-    """What this module uses of an upstream connection's transport."""
-
-    def write(self, data: bytes) -> None: ...
-    def writeSequence(self, data: list[bytes]) -> None: ...
-    def loseConnection(self) -> None: ...
-    def abortConnection(self) -> None: ...
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
-    def unregisterProducer(self) -> None: ...
-    def pauseProducing(self) -> None: ...
-    def resumeProducing(self) -> None: ...
-    def stopProducing(self) -> None: ...
-
-
 def _end_to_end(headers: Sequence[Header]) -> list[Header]:
     """
     The response headers a proxy passes on: all but the hop-by-hop ones and
@@ -92,7 +70,7 @@ def _end_to_end(headers: Sequence[Header]) -> list[Header]:
     """
     kept = []
     named: set[bytes] | None = None
-    hop_by_hop = _HOP_BY_HOP
+    hop_by_hop = HOP_BY_HOP
     for name, value in headers:
         lower = name.lower()
         if lower in hop_by_hop:
@@ -131,7 +109,7 @@ class _UpstreamConnection(UpstreamConnection):
     log = Logger()
 
     # The connected transport, typed for what we use of it; set on connecting.
-    sock: _Transport
+    sock: UpstreamTransport
 
     def __init__(self, pool: UpstreamPool) -> None:
         super().__init__()
@@ -141,7 +119,7 @@ class _UpstreamConnection(UpstreamConnection):
         self.exchange: _Exchange | None = None
 
     def upstream_made(self) -> None:
-        self.sock = cast(_Transport, self.transport)
+        self.sock = cast(UpstreamTransport, self.transport)
         self.read_size = ReadSize(self.transport)
         self._pool._connection_made(self)
 
@@ -185,18 +163,6 @@ class _UpstreamConnection(UpstreamConnection):
     def stopProducing(self) -> None:
         """IPushProducer"""
         self.sock.stopProducing()
-
-
-class _ConnectionFactory(ClientFactory):
-    """Makes the pool's upstream connections."""
-
-    noisy = False
-
-    def __init__(self, pool: UpstreamPool) -> None:
-        self._pool = pool
-
-    def buildProtocol(self, addr: IAddress | None) -> _UpstreamConnection:
-        return _UpstreamConnection(self._pool)
 
 
 class _Life(typing.Protocol):
@@ -851,7 +817,7 @@ class UpstreamPool:
         self._reactor = reactor
         self.endpoint = endpoint
         self._endpoint = _client_from_string(reactor, endpoint)
-        self._factory = _ConnectionFactory(self)
+        self._factory = UpstreamFactory(functools.partial(_UpstreamConnection, self))
         self.max_idle = max_idle
         self.connect_timeout = connect_timeout
         self.response_timeout = response_timeout

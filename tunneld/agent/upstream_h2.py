@@ -19,6 +19,7 @@ Response trailers (C{grpc-status}) come back as the stream's end trailers; a
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -30,14 +31,13 @@ from h2.exceptions import H2Error
 from h2.settings import SettingCodes, Settings
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IAddress, IPushProducer, IStreamClientEndpoint
-from twisted.internet.protocol import ClientFactory
+from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunneld.agent.dialing import connect_error, connect_timed_out
-from tunneld.agent.exchange import UpstreamConnection, UpstreamExchange
+from tunneld.agent.exchange import UpstreamConnection, UpstreamExchange, UpstreamFactory
 from tunneld.interfaces import IStream, IStreamReceiver, IUpstream
 from tunneld.model.messages import Headers, ReplyHead
 from tunneld.model.reasons import Reason
@@ -468,16 +468,6 @@ class _H2Upstream(UpstreamConnection):
         pass
 
 
-class _Factory(ClientFactory):
-    noisy = False
-
-    def __init__(self, pool: H2UpstreamPool) -> None:
-        self.pool = pool
-
-    def buildProtocol(self, addr: IAddress | None) -> _H2Upstream:
-        return _H2Upstream(self.pool)
-
-
 @implementer(IUpstream)
 class H2UpstreamPool:
     """
@@ -509,7 +499,7 @@ class H2UpstreamPool:
         self._reactor = reactor
         self.endpoint = endpoint
         self._endpoint = _client_from_string(reactor, endpoint)
-        self._factory = _Factory(self)
+        self._factory = UpstreamFactory(functools.partial(_H2Upstream, self))
         self.connect_timeout = connect_timeout
         self.response_timeout = response_timeout
         self.body_timeout = body_timeout
