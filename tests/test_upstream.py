@@ -631,6 +631,30 @@ class UpstreamPoolTests(TestCase):
         self.assertEqual(stream.body, b"until the end")
         self.assertEqual(stream.trailers, ())
 
+    async def test_answer_before_the_body_ends(self) -> None:
+        """An upstream answering before the request body's end: the answer comes back whole, the rest of the body is dropped, the connection is not reused."""
+
+        def answer(p: RawUpstream, n: int) -> None:
+            p.transport.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n\r\nbig!")
+
+        port, tracking = await self.listen(RawFactory(answer))
+        pool = self.pool(port)
+        stream = self.stream(http_head("POST", "/upload"))
+        pool.forward(stream)
+        stream.send(b"first part")
+        await stream.finished
+        stream.send(b"second part")
+        stream.send_end()
+        self.assertIsNone(stream.reset_with)
+        assert stream.reply is not None
+        self.assertEqual((stream.reply.status, stream.body, stream.trailers), (413, b"big!", ()))
+        self.assertFalse(stream.paused)
+        again = self.stream(http_head())
+        pool.forward(again)
+        await again.finished
+        self.assertEqual(again.body, b"big!")
+        self.assertEqual(tracking.count, 2)
+
     async def test_cut_short(self) -> None:
         """An upstream closing mid-body resets the stream with upstream_error after the reply."""
 

@@ -698,6 +698,7 @@ def _finish_response(
     life: _Life, ex: _Exchange, data: bytes | memoryview, trailers: list[Header], reusable: bool
 ) -> None:
     """End the stream; keep the connection for the next request, or close it."""
+    ex._finished()
     conn = ex._unbind()
     if conn.lost:
         pass
@@ -705,7 +706,6 @@ def _finish_response(
         ex._pool._release(conn)
     else:
         conn.sock.loseConnection()
-    ex._finished()
     ex._end_stream(data, trailers)
 
 
@@ -718,13 +718,13 @@ def _finish_response_early(
     still hold of it is of no use to anyone, so the connection goes; the
     rest drains from the edge (dropped) rather than stall it.
     """
+    ex._finished()  # (first: resuming the stream may bring body bytes at once, to be dropped)
     conn = ex._unbind()
     conn.sock.unregisterProducer()
     if not conn.lost:
         conn.sock.abortConnection()
     ex._full = False
     ex._set_paused(False)
-    ex._finished()
     ex._end_stream(data, trailers)
 
 
