@@ -6,8 +6,10 @@ state the way a credit window does.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import socket
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -871,6 +873,20 @@ class ExchangeLifecycleTests(SynchronousTestCase):
         # Late request bytes and ends are dropped, not errors: they were in flight.
         exchange.data_received(b"late")
         exchange.end_received(())
+
+
+    def test_finished_exchange_leaves_no_cycle(self) -> None:
+        """A finished exchange is freed by reference counting alone: no cycle through its machine or handlers."""
+        exchange, stream = self.exchange()
+        exchange.start()  # dials (port 9, never answered before the reset below)
+        stream.edge_reset(Reason.CLIENT_GONE, "client left")
+        freed = weakref.ref(exchange)
+        if gc.isenabled():
+            gc.disable()
+            self.addCleanup(gc.enable)
+        del exchange
+        stream.receiver = None
+        self.assertIsNone(freed())
 
 
 class EndToEndHeadersTests(SynchronousTestCase):

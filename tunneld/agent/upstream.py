@@ -444,18 +444,12 @@ class _Exchange(UpstreamExchange):
     def _body_after_end(self, data: bytes) -> None:
         self._bad_request(ValueError("request body bytes where the request had no body"))
 
-    def _drop_body(self, data: bytes) -> None:
-        """The exchange is over (or the upstream answered before the body's end): dropped."""
-
     def _note_end(self, trailers: Headers) -> None:
         self._end = tuple(trailers)
 
     def _end_to_upstream(self, trailers: Headers) -> None:
         self._end = tuple(trailers)
         self._life.request_complete()
-
-    def _drop_end(self, trailers: Headers) -> None:
-        """The exchange is over: nothing to send the end to."""
 
     # -- IPushProducer: the upstream transport's view of the request body --
 
@@ -602,12 +596,19 @@ class _Exchange(UpstreamExchange):
             conn.sock.abortConnection()
 
     def _finished(self) -> None:
-        """Entering C{finished}: late request bytes are dropped; the machine is let go."""
-        self._on_body = self._drop_body
-        self._on_end = self._drop_end
-        # The shared ended machine takes what may still come (a late reset);
-        # this exchange's own machine (which refers to it) is released.
+        """
+        Entering C{finished}: late request bytes and ends (in flight when the
+        upstream answered) are dropped.  What referred back to this exchange
+        (its machine, its bound handlers) is let go, so it leaves no cycle
+        for the cyclic GC; the shared ended machine takes a late reset.
+        """
+        self._on_body = _dropped_late
+        self._on_end = _dropped_late
         self._life = _ENDED
+
+
+def _dropped_late(late: object) -> None:
+    """Request body bytes, or its end, after the exchange finished: dropped."""
 
 
 # -- the lifecycle of an exchange ----------------------------------------------
