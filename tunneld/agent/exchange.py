@@ -19,8 +19,14 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.endpoints import clientFromString
 from twisted.internet.error import ConnectingCancelledError
-from twisted.internet.interfaces import IAddress, IProtocolFactory, IPushProducer
+from twisted.internet.interfaces import (
+    IAddress,
+    IProtocolFactory,
+    IPushProducer,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -52,15 +58,35 @@ HOP_BY_HOP = frozenset(
 )
 
 
-class UpstreamSettings(typing.Protocol):
-    """What an exchange needs of the upstream it serves (its pool)."""
+# Twisted's endpoint parser is untyped; this is its signature.
+_client_from_string: Callable[[Any, str], IStreamClientEndpoint] = clientFromString
 
-    endpoint: str
-    connect_timeout: float
-    response_timeout: float
-    body_timeout: float
-    _reactor: Any
-    _endpoint: Any
+
+class UpstreamSettings:
+    """
+    One upstream as its exchanges see it: where it is (a Twisted client
+    endpoint string, such as C{"tcp:host=127.0.0.1:port=8000"}), how its
+    connections are made, and the deadlines (in seconds) an exchange keeps:
+    for a connection, for the response head, for each pause in the body
+    (0 = none).  Every timer runs on C{reactor}'s clock.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        endpoint: str,
+        build: Callable[[], Protocol],
+        connect_timeout: float,
+        response_timeout: float,
+        body_timeout: float,
+    ) -> None:
+        self._reactor = reactor
+        self.endpoint = endpoint
+        self._endpoint = _client_from_string(reactor, endpoint)
+        self._factory = UpstreamFactory(build)
+        self.connect_timeout = connect_timeout
+        self.response_timeout = response_timeout
+        self.body_timeout = body_timeout
 
 
 class UpstreamTransport(typing.Protocol):

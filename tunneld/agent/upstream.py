@@ -26,8 +26,7 @@ from typing import Any, cast
 
 from automat import TypeMachineBuilder
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -36,7 +35,7 @@ from tunneld.agent.exchange import (
     HOP_BY_HOP,
     UpstreamConnection,
     UpstreamExchange,
-    UpstreamFactory,
+    UpstreamSettings,
     UpstreamTransport,
 )
 from tunneld.agent.http1_wire import (
@@ -56,9 +55,6 @@ from tunneld.speedups.memo import ByIdentity
 from tunneld.speedups.readsize import ReadSize
 
 __all__ = ["UpstreamPool"]
-
-# Twisted's endpoint parser is untyped; this is its signature.
-_client_from_string: Callable[[Any, str], IStreamClientEndpoint] = clientFromString
 
 # Methods whose requests carry no body unless they say so with a framing header.
 _BODYLESS_METHODS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE", b"CONNECT"})
@@ -783,7 +779,7 @@ _ENDED: _Life = _LIFE(cast(_Exchange, None), _finished)
 
 
 @implementer(IUpstream)
-class UpstreamPool:
+class UpstreamPool(UpstreamSettings):
     """
     Forwards HTTP streams to one upstream service, reusing keep-alive
     connections.
@@ -815,14 +811,11 @@ class UpstreamPool:
         response_timeout: float = 60.0,
         body_timeout: float = 60.0,
     ) -> None:
-        self._reactor = reactor
-        self.endpoint = endpoint
-        self._endpoint = _client_from_string(reactor, endpoint)
-        self._factory = UpstreamFactory(functools.partial(_UpstreamConnection, self))
+        super().__init__(
+            reactor, endpoint, functools.partial(_UpstreamConnection, self),
+            connect_timeout, response_timeout, body_timeout,
+        )
         self.max_idle = max_idle
-        self.connect_timeout = connect_timeout
-        self.response_timeout = response_timeout
-        self.body_timeout = body_timeout
         self._idle: list[_UpstreamConnection] = []
         self._connections: set[_UpstreamConnection] = set()
         self._closed = False

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 from h2 import events as h2events
@@ -30,22 +29,19 @@ from h2.errors import ErrorCodes
 from h2.exceptions import H2Error
 from h2.settings import SettingCodes, Settings
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
-from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunneld.agent.dialing import connect_error, connect_timed_out
-from tunneld.agent.exchange import UpstreamConnection, UpstreamExchange, UpstreamFactory
+from tunneld.agent.exchange import UpstreamConnection, UpstreamExchange, UpstreamSettings
 from tunneld.interfaces import IStream, IStreamReceiver, IUpstream
 from tunneld.model.messages import Headers, ReplyHead
 from tunneld.model.reasons import Reason
 from tunneld.speedups.lean_h2 import new_h2_connection
 
 __all__ = ["H2UpstreamPool"]
-
-_client_from_string: Callable[[Any, str], IStreamClientEndpoint] = clientFromString
 
 # Connection-specific fields HTTP/2 forbids (RFC 9113 section 8.2.2), plus
 # the hop-by-hop ones of RFC 9110; C{te} is handled on its own.
@@ -469,7 +465,7 @@ class _H2Upstream(UpstreamConnection):
 
 
 @implementer(IUpstream)
-class H2UpstreamPool:
+class H2UpstreamPool(UpstreamSettings):
     """
     Forwards HTTP streams to one h2c upstream over one multiplexed connection.
 
@@ -496,13 +492,10 @@ class H2UpstreamPool:
         initial_window: int = 1 << 20,
         body_timeout: float = 60.0,
     ) -> None:
-        self._reactor = reactor
-        self.endpoint = endpoint
-        self._endpoint = _client_from_string(reactor, endpoint)
-        self._factory = UpstreamFactory(functools.partial(_H2Upstream, self))
-        self.connect_timeout = connect_timeout
-        self.response_timeout = response_timeout
-        self.body_timeout = body_timeout
+        super().__init__(
+            reactor, endpoint, functools.partial(_H2Upstream, self),
+            connect_timeout, response_timeout, body_timeout,
+        )
         self.initial_window = initial_window
         self._conn: _H2Upstream | None = None
         self._connecting: Deferred[Any] | None = None
