@@ -222,6 +222,7 @@ class _Exchange(UpstreamExchange):
 
     __slots__ = (
         "_life",
+        "_at",
         "_on_body",
         "_on_end",
         "_method",
@@ -248,10 +249,14 @@ class _Exchange(UpstreamExchange):
     def __init__(self, pool: UpstreamPool, stream: IStream) -> None:
         super().__init__(pool, stream)
         self._pool: UpstreamPool = pool
-        self._life: _Life = _LIFE(self)
+        # The common path runs without a machine (see _HOT), at the state _at;
+        # the machine is made, in that state, for the first input off it.
+        self._life: _Life | None = None
+        self._at = "idle"
         # What the request body and its end go to, set by each transition.
-        self._on_body: Callable[[bytes], None] = self._pending_append
-        self._on_end: Callable[[Headers], None] = self._note_end
+        # (Functions of the class, not bound methods: no cycle through them.)
+        self._on_body: Callable[[_Exchange, bytes], None] = _Exchange._pending_append
+        self._on_end: Callable[[_Exchange, Headers], None] = _Exchange._note_end
         self._method = b""
         self._target = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -304,7 +309,7 @@ class _Exchange(UpstreamExchange):
             return
         conn = self._pool._take_idle()
         if conn is None:
-            self._life.dial()
+            self._machine().dial()
         else:
             self._bind(conn, reused=True)
 
@@ -363,9 +368,9 @@ class _Exchange(UpstreamExchange):
         else:
             empty = True
         if empty or self._end is not None:
-            self._life.bind_whole(conn, reused, extra)
+            self._step("bind_whole", conn, reused, extra)
         else:
-            self._life.bind(conn, reused, extra)
+            self._step("bind", conn, reused, extra)
 
     def _use(self, conn: _UpstreamConnection, reused: bool, extra: Header | None, whole: bool) -> None:
         """Send the request head, what we hold of the body, and (C{whole}) its end on C{conn}."""
@@ -395,9 +400,10 @@ class _Exchange(UpstreamExchange):
         except RequestError as error:
             self._bad_request(error)
             return
-        self._set_paused(self._full)
         self._arm_timer(self._pool.response_timeout)
         self._progress_mark = self._progress
+        # (Last: resuming the stream may bring the request's body and end at once.)
+        self._set_paused(self._full)
 
     def _send_data(self, conn: _UpstreamConnection, data: bytes) -> None:
         conn.sock.writeSequence(conn.writer.data(data))
@@ -417,15 +423,15 @@ class _Exchange(UpstreamExchange):
     def data_received(self, data: bytes) -> None:
         """L{IStreamReceiver}: request body bytes, sent on or held until connected."""
         if data:
-            self._on_body(data)
+            self._on_body(self, data)
 
     def end_received(self, trailers: Headers) -> None:
         """L{IStreamReceiver}: the request body is complete."""
-        self._on_end(trailers)
+        self._on_end(self, trailers)
 
     def reset_received(self, reason: Reason, message: str) -> None:
         """L{IStreamReceiver}: the edge gave up; drop the upstream connection."""
-        self._life.reset_by_edge(reason, message)
+        self._machine().reset_by_edge(reason, message)
 
     # What the request body goes to in each state.
 
@@ -445,7 +451,7 @@ class _Exchange(UpstreamExchange):
 
     def _end_to_upstream(self, trailers: Headers) -> None:
         self._end = tuple(trailers)
-        self._life.request_complete()
+        self._step("request_complete")
 
     # -- IPushProducer: the upstream transport's view of the request body --
 
@@ -497,8 +503,8 @@ class _Exchange(UpstreamExchange):
 
     def response_head(self, status: int, reason: bytes, headers: tuple[Header, ...]) -> None:
         """L{ResponseSink}: the response head, passed on without hop-by-hop headers."""
-        self._life.head_received(
-            ReplyHead(status, reason, _end_to_end_of_head(headers, self._pool.kept))
+        self._step(
+            "head_received", ReplyHead(status, reason, _end_to_end_of_head(headers, self._pool.kept))
         )
 
     def response_data(self, data: bytes | memoryview) -> None:
@@ -520,7 +526,7 @@ class _Exchange(UpstreamExchange):
 
     def response_end(self, data: bytes | memoryview, trailers: list[Header], reusable: bool) -> None:
         """L{ResponseSink}: the response is complete: end the stream, keep or close the connection."""
-        self._life.response_complete(data, trailers, reusable)
+        self._step("response_complete", data, trailers, reusable)
 
     def _unbind(self) -> _UpstreamConnection:
         """Let go of the connection (still open) and of the stream's producer."""
@@ -559,7 +565,7 @@ class _Exchange(UpstreamExchange):
             # A stale keep-alive connection: the upstream closed it before it
             # saw our request.  Nothing is lost yet, so try once more (on a
             # new connection: never reused, so never retried again).
-            self._life.stale()
+            self._machine().stale()
             return
         try:
             # A body delimited by the connection closing ends here.
@@ -575,13 +581,13 @@ class _Exchange(UpstreamExchange):
     # -- timing -----------------------------------------------------------
 
     def _timed_out(self) -> None:
-        self._life.timer_fired()
+        self._machine().timer_fired()
 
     # -- failing ----------------------------------------------------------
 
     def _fail(self, reason: Reason, message: str) -> None:
         """End the stream with C{reason} and drop the upstream connection."""
-        self._life.fail(reason, message)
+        self._machine().fail(reason, message)
 
     def _drop_upstream(self) -> None:
         conn, self._conn = self._conn, None
@@ -594,43 +600,94 @@ class _Exchange(UpstreamExchange):
     def _finished(self) -> None:
         """
         Entering C{finished}: late request bytes and ends (in flight when the
-        upstream answered) are dropped.  What referred back to this exchange
-        (its machine, its bound handlers) is let go, so it leaves no cycle
-        for the cyclic GC; the shared ended machine takes a late reset.
+        upstream answered) are dropped.  Its machine (which refers back to
+        it) is let go, so it leaves no cycle for the cyclic GC; the shared
+        ended machine takes a late reset.
         """
         self._on_body = _dropped_late
         self._on_end = _dropped_late
         self._life = _ENDED
+        self._at = "finished"
+
+    # -- the lifecycle machine ------------------------------------------------
+
+    def _machine(self) -> _Life:
+        """This exchange's machine, made in the state the common path reached when first needed."""
+        life = self._life
+        if life is None:
+            life = self._life = _LIFE(self, _STATES[self._at])
+        return life
+
+    def _step(self, name: str, *args: Any) -> None:
+        """
+        Feed the input C{name}: while the exchange has no machine and the
+        input is a common-path transition from where it is (L{_HOT}), that
+        transition runs directly; anything else goes to the machine, which
+        raises L{automat.NoTransition} for an input its state does not expect.
+        """
+        if self._life is None:
+            hot = _HOT.get((self._at, name))
+            if hot is not None:
+                self._at, transition = hot
+                transition(None, self, *args)
+                return
+        getattr(self._machine(), name)(*args)
 
 
-def _dropped_late(late: object) -> None:
+def _dropped_late(exchange: _Exchange, late: object) -> None:
     """Request body bytes, or its end, after the exchange finished: dropped."""
 
 
 # -- the lifecycle of an exchange ----------------------------------------------
 
-_life = TypeMachineBuilder(_Life, _Exchange)
-_idle = _life.state("idle")
-_connecting = _life.state("connecting")
-_sending = _life.state("sending")  # the request head is out; its body still comes
-_waiting = _life.state("waiting")  # the request is out; no response head yet
-_answered_early = _life.state("answered_early")  # a response head before the request's end
-_answering = _life.state("answering")  # the response head is in; the request is out
-_finished = _life.state("finished")
+_builder = TypeMachineBuilder(_Life, _Exchange)
+_IDLE = _builder.state("idle")
+_CONNECTING = _builder.state("connecting")
+_SENDING = _builder.state("sending")  # the request head is out; its body still comes
+_WAITING = _builder.state("waiting")  # the request is out; no response head yet
+_ANSWERED_EARLY = _builder.state("answered_early")  # a response head before the request's end
+_ANSWERING = _builder.state("answering")  # the response head is in; the request is out
+_FINISHED = _builder.state("finished")
+_STATES = {
+    state.name: state
+    for state in (_IDLE, _CONNECTING, _SENDING, _WAITING, _ANSWERED_EARLY, _ANSWERING, _FINISHED)
+}
+
+# The common exchange (an idle keep-alive connection at hand, the request
+# sent, the response back in order) runs these transitions without a machine:
+# by (state, input), the next state and the transition, the same functions
+# the machine runs.  Any other input makes the machine (in the state reached)
+# and goes to it.  Why: every input through automat (its transition lookup
+# scans the whole table) cost more than the rest of the exchange's Python
+# (bench/agent_exchange_micro.py; the figures are in docs/benchmarks.md).
+_HOT: dict[tuple[str, str], tuple[str, Callable[..., None]]] = {}
+
+_T = typing.TypeVar("_T", bound=Callable[..., None])
 
 
-@_idle.upon(_Life.dial).to(_connecting)
+def _hot(source: Any, on: Any, target: Any) -> Callable[[_T], _T]:
+    """Declare a transition of the machine that the common path also takes directly."""
+
+    def declare(transition: _T) -> _T:
+        source.upon(on).to(target)(transition)
+        _HOT[source.name, on.__name__] = (target.name, transition)
+        return transition
+
+    return declare
+
+
+@_IDLE.upon(_Life.dial).to(_CONNECTING)
 def _dial_new(life: _Life, ex: _Exchange) -> None:
     """Hold the request body at the edge until the connection is there."""
-    ex._on_body = ex._pending_append
-    ex._on_end = ex._note_end
+    ex._on_body = _Exchange._pending_append
+    ex._on_end = _Exchange._note_end
     if ex._end is None:
         ex._set_paused(True)
     ex._dial(ex._pool._factory)
 
 
-@_sending.upon(_Life.stale).to(_connecting)
-@_waiting.upon(_Life.stale).to(_connecting)
+@_SENDING.upon(_Life.stale).to(_CONNECTING)
+@_WAITING.upon(_Life.stale).to(_CONNECTING)
 def _redial(life: _Life, ex: _Exchange) -> None:
     """A stale keep-alive connection: nothing was lost, so dial a new one."""
     ex._cancel_timer()
@@ -644,34 +701,34 @@ def _redial(life: _Life, ex: _Exchange) -> None:
     _dial_new(life, ex)
 
 
-@_idle.upon(_Life.bind).to(_sending)
-@_connecting.upon(_Life.bind).to(_sending)
+@_hot(_IDLE, _Life.bind, _SENDING)
+@_CONNECTING.upon(_Life.bind).to(_SENDING)
 def _send_head(
     life: _Life, ex: _Exchange, conn: _UpstreamConnection, reused: bool, extra: Header | None
 ) -> None:
     """The request head (and what is here of the body) goes; the body follows as it comes."""
-    ex._on_body = ex._body_to_upstream
-    ex._on_end = ex._end_to_upstream
+    ex._on_body = _Exchange._body_to_upstream
+    ex._on_end = _Exchange._end_to_upstream
     ex._use(conn, reused, extra, whole=False)
 
 
-@_idle.upon(_Life.bind_whole).to(_waiting)
-@_connecting.upon(_Life.bind_whole).to(_waiting)
+@_hot(_IDLE, _Life.bind_whole, _WAITING)
+@_CONNECTING.upon(_Life.bind_whole).to(_WAITING)
 def _send_request(
     life: _Life, ex: _Exchange, conn: _UpstreamConnection, reused: bool, extra: Header | None
 ) -> None:
     """The whole request goes at once."""
-    ex._on_body = ex._body_after_end
-    ex._on_end = ex._note_end
+    ex._on_body = _Exchange._body_after_end
+    ex._on_end = _Exchange._note_end
     ex._use(conn, reused, extra, whole=True)
 
 
-@_sending.upon(_Life.request_complete).to(_waiting)
-@_answered_early.upon(_Life.request_complete).to(_answering)
+@_hot(_SENDING, _Life.request_complete, _WAITING)
+@_ANSWERED_EARLY.upon(_Life.request_complete).to(_ANSWERING)
 def _end_request(life: _Life, ex: _Exchange) -> None:
     """The request body's end goes; the upstream socket no longer pauses the stream."""
-    ex._on_body = ex._body_after_end
-    ex._on_end = ex._note_end
+    ex._on_body = _Exchange._body_after_end
+    ex._on_end = _Exchange._note_end
     conn = ex._conn
     assert conn is not None
     try:
@@ -682,15 +739,15 @@ def _end_request(life: _Life, ex: _Exchange) -> None:
     conn.sock.unregisterProducer()
 
 
-@_sending.upon(_Life.head_received).to(_answered_early)
-@_waiting.upon(_Life.head_received).to(_answering)
+@_SENDING.upon(_Life.head_received).to(_ANSWERED_EARLY)
+@_hot(_WAITING, _Life.head_received, _ANSWERING)
 def _take_head(life: _Life, ex: _Exchange, reply: ReplyHead) -> None:
     """Held until this read is parsed: a response without a body ends with it."""
     ex._body_timer()
     ex._held_reply = reply
 
 
-@_answering.upon(_Life.response_complete).to(_finished)
+@_hot(_ANSWERING, _Life.response_complete, _FINISHED)
 def _finish_response(
     life: _Life, ex: _Exchange, data: bytes | memoryview, trailers: list[Header], reusable: bool
 ) -> None:
@@ -706,7 +763,7 @@ def _finish_response(
     ex._end_stream(data, trailers)
 
 
-@_answered_early.upon(_Life.response_complete).to(_finished)
+@_ANSWERED_EARLY.upon(_Life.response_complete).to(_FINISHED)
 def _finish_response_early(
     life: _Life, ex: _Exchange, data: bytes | memoryview, trailers: list[Header], reusable: bool
 ) -> None:
@@ -725,7 +782,7 @@ def _finish_response_early(
     ex._end_stream(data, trailers)
 
 
-@_sending.upon(_Life.timer_fired).loop()
+@_SENDING.upon(_Life.timer_fired).loop()
 def _watch_request(life: _Life, ex: _Exchange) -> None:
     """
     Still sending the body: while the upstream takes it (or the edge is slow
@@ -738,30 +795,30 @@ def _watch_request(life: _Life, ex: _Exchange) -> None:
         ex._no_response()
 
 
-@_waiting.upon(_Life.timer_fired).loop()
+@_WAITING.upon(_Life.timer_fired).loop()
 def _no_head(life: _Life, ex: _Exchange) -> None:
     ex._no_response()
 
 
-@_answered_early.upon(_Life.timer_fired).loop()
+@_ANSWERED_EARLY.upon(_Life.timer_fired).loop()
 def _watch_body_early(life: _Life, ex: _Exchange) -> None:
     ex._watch_body(waiting=True)  # the client still sends its request
 
 
-@_answering.upon(_Life.timer_fired).loop()
+@_ANSWERING.upon(_Life.timer_fired).loop()
 def _watch_body(life: _Life, ex: _Exchange) -> None:
     ex._watch_body(waiting=ex.reading_paused)
 
 
-for _live in (_idle, _connecting, _sending, _waiting, _answered_early, _answering):
+for _live in (_IDLE, _CONNECTING, _SENDING, _WAITING, _ANSWERED_EARLY, _ANSWERING):
 
-    @_live.upon(_Life.fail).to(_finished)
+    @_live.upon(_Life.fail).to(_FINISHED)
     def _abandon(life: _Life, ex: _Exchange, reason: Reason, message: str) -> None:
         """End the stream with C{reason}; drop the upstream side."""
         ex._finished()
         ex._reset(reason, message)
 
-    @_live.upon(_Life.reset_by_edge).to(_finished)
+    @_live.upon(_Life.reset_by_edge).to(_FINISHED)
     def _dropped(life: _Life, ex: _Exchange, reason: Reason, message: str) -> None:
         """The edge gave up: drop the upstream side (the stream is already gone)."""
         ex._log_edge_reset(reason, message)
@@ -770,12 +827,12 @@ for _live in (_idle, _connecting, _sending, _waiting, _answered_early, _answerin
 
 
 # A reset that crosses the stream's end on the wire finds the exchange over.
-_finished.upon(_Life.reset_by_edge).loop().returns(None)
+_FINISHED.upon(_Life.reset_by_edge).loop().returns(None)
 
-_LIFE = _life.build()
+_LIFE = _builder.build()
 # The machine every exchange hands over to when it finishes, so that none
 # keeps a cycle (exchange ↔ its machine) alive for the cyclic GC.
-_ENDED: _Life = _LIFE(cast(_Exchange, None), _finished)
+_ENDED: _Life = _LIFE(cast(_Exchange, None), _FINISHED)
 
 
 @implementer(IUpstream)
