@@ -19,7 +19,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.protocols.policies import WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -841,6 +842,42 @@ class ExchangeLifecycleTests(SynchronousTestCase):
         exchange = upstream._Exchange(pool, stream)
         stream.attach(exchange)
         return exchange, stream
+
+    def bound(self) -> tuple[Any, FakeStream, Clock, list[bytes]]:
+        """An exchange on an idle keep-alive connection over a write-collecting transport, on a fake clock."""
+        clock = Clock()
+        pool = UpstreamPool(clock, "tcp:host=127.0.0.1:port=9", response_timeout=5)
+        written: list[bytes] = []
+        transport = StringTransport()
+        transport.write = written.append  # type: ignore[method-assign]
+        conn = pool._factory.buildProtocol(None)
+        conn.makeConnection(transport)
+        pool._idle.append(conn)
+        stream = FakeStream(http_head())
+        pool.forward(stream)
+        assert stream.receiver is not None
+        return stream.receiver, stream, clock, written
+
+    def test_common_path_runs_no_machine(self) -> None:
+        """A request on an idle connection, answered in order, takes its transitions without making a machine."""
+        exchange, stream, _, written = self.bound()
+        self.assertEqual((exchange._life, exchange._at), (None, "waiting"))
+        self.assertTrue(written[0].startswith(b"GET /hello HTTP/1.1\r\n"))
+        exchange._conn.dataReceived(OK_RESPONSE)
+        self.assertEqual((stream.reply.status, stream.body, stream.trailers), (200, b"ok", ()))
+        self.assertIs(exchange._life, upstream._ENDED)
+
+    def test_off_the_common_path_the_machine_takes_over(self) -> None:
+        """A timer firing makes the machine in the state reached, which fails the stream for its reason."""
+        exchange, stream, clock, _ = self.bound()
+        clock.advance(5)
+        self.assert_reset_with(stream, Reason.UPSTREAM_TIMEOUT, "no response within 5s")
+        self.assertIs(exchange._life, upstream._ENDED)
+
+    def assert_reset_with(self, stream: FakeStream, reason: Reason, fragment: str) -> None:
+        assert stream.reset_with is not None
+        self.assertEqual(stream.reset_with[0], reason)
+        self.assertIn(fragment, stream.reset_with[1])
 
     def test_unexpected_inputs_raise(self) -> None:
         """A response before any request, or its end, is no transition of an idle exchange."""

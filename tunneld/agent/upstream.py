@@ -594,8 +594,13 @@ class _Exchange(UpstreamExchange):
         if conn is not None:
             conn.exchange = None
             conn.parser.abandon()
-            conn.sock.unregisterProducer()
             conn.sock.abortConnection()
+
+    def _stop_sending(self) -> None:
+        """The request body stops: this exchange is no longer the upstream socket's producer."""
+        conn = self._conn
+        if conn is not None:
+            conn.sock.unregisterProducer()
 
     def _finished(self) -> None:
         """
@@ -773,8 +778,8 @@ def _finish_response_early(
     rest drains from the edge (dropped) rather than stall it.
     """
     ex._finished()  # (first: resuming the stream may bring body bytes at once, to be dropped)
+    ex._stop_sending()
     conn = ex._unbind()
-    conn.sock.unregisterProducer()
     if not conn.lost:
         conn.sock.abortConnection()
     ex._full = False
@@ -810,20 +815,41 @@ def _watch_body(life: _Life, ex: _Exchange) -> None:
     ex._watch_body(waiting=ex.reading_paused)
 
 
-for _live in (_IDLE, _CONNECTING, _SENDING, _WAITING, _ANSWERED_EARLY, _ANSWERING):
+@_IDLE.upon(_Life.fail).to(_FINISHED)
+@_CONNECTING.upon(_Life.fail).to(_FINISHED)
+@_WAITING.upon(_Life.fail).to(_FINISHED)
+@_ANSWERING.upon(_Life.fail).to(_FINISHED)
+def _abandon(life: _Life, ex: _Exchange, reason: Reason, message: str) -> None:
+    """End the stream with C{reason}; drop the upstream side."""
+    ex._finished()
+    ex._reset(reason, message)
 
-    @_live.upon(_Life.fail).to(_FINISHED)
-    def _abandon(life: _Life, ex: _Exchange, reason: Reason, message: str) -> None:
-        """End the stream with C{reason}; drop the upstream side."""
-        ex._finished()
-        ex._reset(reason, message)
 
-    @_live.upon(_Life.reset_by_edge).to(_FINISHED)
-    def _dropped(life: _Life, ex: _Exchange, reason: Reason, message: str) -> None:
-        """The edge gave up: drop the upstream side (the stream is already gone)."""
-        ex._log_edge_reset(reason, message)
-        ex._finished()
-        ex._teardown()
+@_SENDING.upon(_Life.fail).to(_FINISHED)
+@_ANSWERED_EARLY.upon(_Life.fail).to(_FINISHED)
+def _abandon_sending(life: _Life, ex: _Exchange, reason: Reason, message: str) -> None:
+    """The same while the request body goes: the upstream socket stops pausing the stream first."""
+    ex._stop_sending()
+    _abandon(life, ex, reason, message)
+
+
+@_IDLE.upon(_Life.reset_by_edge).to(_FINISHED)
+@_CONNECTING.upon(_Life.reset_by_edge).to(_FINISHED)
+@_WAITING.upon(_Life.reset_by_edge).to(_FINISHED)
+@_ANSWERING.upon(_Life.reset_by_edge).to(_FINISHED)
+def _dropped(life: _Life, ex: _Exchange, reason: Reason, message: str) -> None:
+    """The edge gave up: drop the upstream side (the stream is already gone)."""
+    ex._log_edge_reset(reason, message)
+    ex._finished()
+    ex._teardown()
+
+
+@_SENDING.upon(_Life.reset_by_edge).to(_FINISHED)
+@_ANSWERED_EARLY.upon(_Life.reset_by_edge).to(_FINISHED)
+def _dropped_sending(life: _Life, ex: _Exchange, reason: Reason, message: str) -> None:
+    """The same while the request body goes: the upstream socket stops pausing the stream first."""
+    ex._stop_sending()
+    _dropped(life, ex, reason, message)
 
 
 # A reset that crosses the stream's end on the wire finds the exchange over.
