@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import functools
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, cast
 
 from automat import TypeMachineBuilder
@@ -658,29 +659,6 @@ _STATES = {
     for state in (_IDLE, _CONNECTING, _SENDING, _WAITING, _ANSWERED_EARLY, _ANSWERING, _FINISHED)
 }
 
-# The common exchange (an idle keep-alive connection at hand, the request
-# sent, the response back in order) runs these transitions without a machine:
-# by (state, input), the next state and the transition, the same functions
-# the machine runs.  Any other input makes the machine (in the state reached)
-# and goes to it.  Why: every input through automat (its transition lookup
-# scans the whole table) cost more than the rest of the exchange's Python
-# (bench/agent_exchange_micro.py; the figures are in docs/benchmarks.md).
-_HOT: dict[tuple[str, str], tuple[str, Callable[..., None]]] = {}
-
-_T = typing.TypeVar("_T", bound=Callable[..., None])
-
-
-def _hot(source: Any, on: Any, target: Any) -> Callable[[_T], _T]:
-    """Declare a transition of the machine that the common path also takes directly."""
-
-    def declare(transition: _T) -> _T:
-        source.upon(on).to(target)(transition)
-        _HOT[source.name, on.__name__] = (target.name, transition)
-        return transition
-
-    return declare
-
-
 @_IDLE.upon(_Life.dial).to(_CONNECTING)
 def _dial_new(life: _Life, ex: _Exchange) -> None:
     """Hold the request body at the edge until the connection is there."""
@@ -706,7 +684,6 @@ def _redial(life: _Life, ex: _Exchange) -> None:
     _dial_new(life, ex)
 
 
-@_hot(_IDLE, _Life.bind, _SENDING)
 @_CONNECTING.upon(_Life.bind).to(_SENDING)
 def _send_head(
     life: _Life, ex: _Exchange, conn: _UpstreamConnection, reused: bool, extra: Header | None
@@ -717,7 +694,6 @@ def _send_head(
     ex._use(conn, reused, extra, whole=False)
 
 
-@_hot(_IDLE, _Life.bind_whole, _WAITING)
 @_CONNECTING.upon(_Life.bind_whole).to(_WAITING)
 def _send_request(
     life: _Life, ex: _Exchange, conn: _UpstreamConnection, reused: bool, extra: Header | None
@@ -728,7 +704,6 @@ def _send_request(
     ex._use(conn, reused, extra, whole=True)
 
 
-@_hot(_SENDING, _Life.request_complete, _WAITING)
 @_ANSWERED_EARLY.upon(_Life.request_complete).to(_ANSWERING)
 def _end_request(life: _Life, ex: _Exchange) -> None:
     """The request body's end goes; the upstream socket no longer pauses the stream."""
@@ -745,14 +720,12 @@ def _end_request(life: _Life, ex: _Exchange) -> None:
 
 
 @_SENDING.upon(_Life.head_received).to(_ANSWERED_EARLY)
-@_hot(_WAITING, _Life.head_received, _ANSWERING)
 def _take_head(life: _Life, ex: _Exchange, reply: ReplyHead) -> None:
     """Held until this read is parsed: a response without a body ends with it."""
     ex._body_timer()
     ex._held_reply = reply
 
 
-@_hot(_ANSWERING, _Life.response_complete, _FINISHED)
 def _finish_response(
     life: _Life, ex: _Exchange, data: bytes | memoryview, trailers: list[Header], reusable: bool
 ) -> None:
@@ -854,6 +827,30 @@ def _dropped_sending(life: _Life, ex: _Exchange, reason: Reason, message: str) -
 
 # A reset that crosses the stream's end on the wire finds the exchange over.
 _FINISHED.upon(_Life.reset_by_edge).loop().returns(None)
+
+# The common exchange: an idle keep-alive connection at hand, the request
+# sent, the response back in order.  These transitions are the machine's
+# like the others, and an exchange that has no machine yet takes them
+# straight from _HOT (state and input: next state and transition, the same
+# functions); any other input makes the machine, in the state reached, and
+# goes to it.  Why: every input through automat (its transition lookup scans
+# the whole table) cost more than the rest of the exchange's Python
+# (bench/agent_exchange_micro.py; the figures are in docs/benchmarks.md).
+_COMMON_PATH = (
+    (_IDLE, _Life.bind, _SENDING, _send_head),
+    (_IDLE, _Life.bind_whole, _WAITING, _send_request),
+    (_SENDING, _Life.request_complete, _WAITING, _end_request),
+    (_WAITING, _Life.head_received, _ANSWERING, _take_head),
+    (_ANSWERING, _Life.response_complete, _FINISHED, _finish_response),
+)
+for _source, _on, _target, _transition in _COMMON_PATH:
+    _source.upon(_on).to(_target)(_transition)
+_HOT: Mapping[tuple[str, str], tuple[str, Callable[..., None]]] = MappingProxyType(
+    {
+        (source.name, on.__name__): (target.name, transition)
+        for source, on, target, transition in _COMMON_PATH
+    }
+)
 
 _LIFE = _builder.build()
 # The machine every exchange hands over to when it finishes, so that none
