@@ -180,10 +180,10 @@ class TCPClient(protocol.Protocol):
         return self.reason.check(error.ConnectionLost) is not None
 
 
-async def connect_tcp(case: Any, port: int) -> TCPClient:
-    """Connect a L{TCPClient} to 127.0.0.1:C{port}; it is aborted at cleanup if still open."""
+async def connect_tcp(case: Any, port: int, host: str = "127.0.0.1") -> TCPClient:
+    """Connect a L{TCPClient} to C{host}:C{port}; it is aborted at cleanup if still open."""
     client = TCPClient()
-    await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+    await TCP4ClientEndpoint(reactor, host, port).connect(
         protocol.Factory.forProtocol(lambda: client)
     )
 

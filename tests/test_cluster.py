@@ -525,7 +525,12 @@ class SharedLimitTests(ClusterProcesses):
         await eventually(followed, "both edges registered on the promoted replica")
         for edge, public, _ in edges:
             await edge.wait_for(rf"connected to 127\.0\.0\.1:{replica.port}")
-            self.assertEqual(await metric(edge, 'tunneld_state_backend_up{backend="redis"}'), 1)
+
+            async def up(edge: TwistdProcess = edge) -> bool:
+                # Connected first, then reachable once the store answers: wait for it.
+                return await metric(edge, 'tunneld_state_backend_up{backend="redis"}') == 1
+
+            await eventually(up, "the edge to report the store up")
             code, _, body = await self.harness(public).request(DEMO, "/hello")
             self.assertEqual((code, body), (200, b"hello from upstream"))
             self.assertNotRegex(edge.output, r"agent link from \S+ down")

@@ -579,6 +579,30 @@ class LateDecisionTests(TestCase):
         self.assertEqual((seen.status, seen.event), (404, (REFUSED, "no_tunnel")))
         self.assertEqual(edge.upstream.requests, 2)
 
+    async def test_draining_tunnel_found_elsewhere(self) -> None:
+        """A tunnel whose every local session is draining (its agent moving) asks the remote routes: served when they find it, refused draining (the local reason, not theirs) when they do not."""
+        edge = _Edge(self)
+        await edge.start()
+        serving = [s for s in edge.edge.sessions.sessions.values() if s.agent_id == "agent"]
+        found = edge.edge.router.route("app.test", "/")
+        for session in serving:
+            session.draining = True
+        self.assertEqual(edge.edge.router.route("app.test", "/"), Reason.DRAINING)
+        answers: list[Any] = [found, Reason.NO_TUNNEL]
+        asked: list[str] = []
+
+        class Remote:
+            def route(self, host: str, path: str) -> Any:
+                asked.append(host)
+                return answers.pop(0)
+
+        edge.edge.gateway.remote = Remote()
+        moved = await edge.http1(h1("GET", "/hello", "Host: app.test"))
+        self.assertEqual(moved.status, 200)
+        gone = await edge.http1(h1("GET", "/hello", "Host: app.test"))
+        self.assertEqual((gone.status, gone.event), (503, (REFUSED, "draining")))
+        self.assertEqual(asked, ["app.test", "app.test"])
+
 
 def _post_h2(client: H2Request, body: bytes) -> None:
     """Open a POST stream and send its whole body at once (the edge holds it)."""

@@ -42,6 +42,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 AGENT_URI_SCHEME = "tunneld-agent"
+# The URI SAN scheme naming an edge of a cluster in its certificate (relay links).
+EDGE_URI_SCHEME = "tunneld-edge"
 LEAF_DAYS = 365
 LEAF_DAYS_MAX = 366
 CA_DAYS = 3650
@@ -201,7 +203,7 @@ def _leaf(
     ca: Issued,
     common_name: str,
     names: list[x509.GeneralName],
-    usage: x509.ObjectIdentifier,
+    usage: x509.ObjectIdentifier | list[x509.ObjectIdentifier],
     days: int,
     not_before: datetime.datetime | None,
     not_after: datetime.datetime | None,
@@ -227,7 +229,9 @@ def _leaf(
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage(usage if isinstance(usage, list) else [usage]), critical=False
+        )
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
@@ -253,6 +257,33 @@ def issue_edge(
     return _leaf(
         ca, hosts[0] if hosts else "edge", [_san(h) for h in hosts],
         ExtendedKeyUsageOID.SERVER_AUTH, days, not_before, not_after,
+    )
+
+
+def issue_cluster_edge(
+    ca: Issued,
+    edge_name: str,
+    hosts: list[str],
+    days: int = LEAF_DAYS,
+) -> Issued:
+    """
+    An edge's certificate in a cluster: its agent listeners show it (a
+    server certificate for C{hosts}) and it dials the other edges' relay
+    links with it (a client certificate naming C{tunneld-edge://EDGE_NAME},
+    the edge's C{[edge.state] edge_name}).  Signed by the agent CA, which
+    the other edges check client certificates against.
+    """
+    problem = agent_id_problem(edge_name)
+    if problem is not None:
+        raise ValueError(problem.replace("agent id", "edge name"))
+    _check_hosts(hosts, ip_allowed=True)
+    names: list[x509.GeneralName] = [
+        x509.UniformResourceIdentifier(f"{EDGE_URI_SCHEME}://{edge_name}")
+    ]
+    names += [_san(h) for h in hosts]
+    return _leaf(
+        ca, edge_name, names, [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+        days, None, None,
     )
 
 
@@ -366,6 +397,13 @@ def _parser() -> argparse.ArgumentParser:
         )
         if kind == "agent":
             p.add_argument("--id", required=True, help="the agent id (one DNS label)")
+        else:
+            p.add_argument(
+                "--edge-name", default="",
+                help="for an edge of a cluster: its [edge.state] edge_name (one DNS label), "
+                     "named in the certificate (tunneld-edge://NAME) so that the other edges "
+                     "accept its relay links; the CA must be their agent CA",
+            )
     show = sub.add_parser("show", help="print a certificate's identity")
     show.add_argument("file")
     return parser
@@ -390,6 +428,10 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
         problem = agent_id_problem(args.id)
         if problem is not None:
             return f"--id: {problem}"
+    if args.command == "edge" and args.edge_name:
+        problem = agent_id_problem(args.edge_name)
+        if problem is not None:
+            return "--edge-name: " + problem.replace("agent id", "edge name")
     if not args.host:
         return "give at least one --host"
     for host in args.host:
@@ -440,7 +482,10 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError) as e:
         return _fail(f"cannot load the CA: {e}")
     try:
-        if args.command == "edge":
+        if args.command == "edge" and args.edge_name:
+            issued = issue_cluster_edge(ca, args.edge_name, args.host, days=args.days)
+            stem = f"edge-{args.edge_name}"
+        elif args.command == "edge":
             issued = issue_edge(ca, args.host, days=args.days)
             stem = "edge"
         else:

@@ -60,7 +60,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tunneld.certs import AGENT_URI_SCHEME
+from tunneld.certs import AGENT_URI_SCHEME, EDGE_URI_SCHEME
 from tunneld.speedups.tls_groups import restrict_groups
 
 # Mozilla "intermediate" (server side TLS guidelines v5): the TLS 1.2 suites;
@@ -480,6 +480,23 @@ def certificate_identity(certificate: X509) -> AgentIdentity:
     return AgentIdentity(agent_id, patterns, tuple(hostnames))
 
 
+def certificate_proves_edge(certificate: X509, name: str) -> str | None:
+    """
+    Why C{certificate} (already verified against the agent CA) does not prove
+    it belongs to edge C{name} of the cluster, or None when its
+    C{tunneld-edge://NAME} URI SAN says so (checked with service_identity).
+    """
+    wanted = f"{EDGE_URI_SCHEME}://{name}"
+    try:
+        patterns = [_normalized(p) for p in extract_patterns(certificate)]
+        verify_service_identity(patterns, [URI_ID(wanted)], [])
+    except (VerificationError, ValueError, TypeError):
+        return f"the client certificate for {_names(certificate)} does not name edge {wanted}"
+    except Exception as e:  # an unreadable certificate proves nothing
+        return f"unreadable client certificate: {e}"
+    return None
+
+
 def certificate_file_identity(path: str) -> AgentIdentity:
     """L{certificate_identity} of the first certificate in PEM file C{path}."""
     return certificate_identity(_load_certificates(path)[0].original)
@@ -487,6 +504,7 @@ def certificate_file_identity(path: str) -> AgentIdentity:
 
 __all__ = [
     "certificate_file_identity",
+    "certificate_proves_edge",
     "INTERMEDIATE_CIPHERS",
     "INTERMEDIATE_CURVES",
     "AgentIdentity",

@@ -268,6 +268,26 @@ class EdgeStateSection:
         "released; another identity is refused the name meanwhile).",
         check=non_negative,
     )
+    relay: bool = setting(
+        True,
+        "With a shared backend, carry a public request for a tunnel that only another edge "
+        "holds to that edge over a relay link (an agent link it dials, authenticated both "
+        "ways: needs [edge.agent_tls] with client_ca on every edge, and a certificate naming "
+        "the edge, tunneld-edge://EDGE_NAME, from `tunneld certs edge --edge-name`).",
+    )
+    relay_ca: str = setting(
+        "",
+        "PEM CA the other edges' agent-link certificates are checked against when this edge "
+        "dials them for relays ('' = edge.agent_tls.client_ca).",
+    )
+    relay_max_streams: int = setting(
+        10_000,
+        "Concurrent streams this edge relays to one other edge (over that edge's one relay "
+        "link): a cap of its own, since a relay link carries many agents' streams and is "
+        "never counted as one agent under max_streams_per_agent (the edge holding the agent "
+        "applies that to the agent's session itself); past it, cap_reached.",
+        check=positive,
+    )
     command_timeout: float = setting(
         0.5,
         "Seconds a Redis command may take before the edge decides locally (a rate limit) "

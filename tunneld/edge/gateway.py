@@ -94,7 +94,10 @@ _ADMISSION_FAILED = "the edge could not decide whether to admit this request"
 _ROUTING_FAILED = "the edge could not find where this tunnel is served"
 
 # What a local routing miss may still find on another edge.
-_ELSEWHERE = frozenset({Reason.NO_TUNNEL, Reason.AGENT_UNAVAILABLE})
+# Local answers after which the gateway asks its remote routes: no session
+# here, none usable here, or every one draining (its agent moving to another
+# edge, which may hold the tunnel already).
+_ELSEWHERE = frozenset({Reason.NO_TUNNEL, Reason.AGENT_UNAVAILABLE, Reason.DRAINING})
 
 
 class RouteLike(TypingProtocol):
@@ -119,20 +122,34 @@ class PortRoutes(Routes, TypingProtocol):
     def route_port(self, port: int) -> RouteLike | Reason: ...
 
 
+def _unless_reason(
+    found: RouteLike | Reason | Deferred[RouteLike | Reason], local: Reason
+) -> RouteLike | Reason | Deferred[RouteLike | Reason]:
+    """A remote answer, with C{local} in place of a reason it gives."""
+    if isinstance(found, Deferred):
+        return found.addCallback(lambda r: local if isinstance(r, Reason) else r)
+    return local if isinstance(found, Reason) else found
+
+
 class RemoteRoutes(TypingProtocol):
     """
     The routing seam for several edges: where a tunnel no local session
     serves is served instead.
 
     The gateway routes in two steps: the local table (L{Routes}) first, and
-    only when it answers C{no_tunnel} or C{agent_unavailable}, this.  Issue
+    only when it answers C{no_tunnel}, C{agent_unavailable} or C{draining}
+    (every local session moving away; a remote answer that is a reason then
+    yields to C{draining}, the more telling), this.  A remote route's link
+    carries many agents' streams: it is not counted as one agent session
+    (the implementation caps it, and the far edge caps the agent).  Issue
     20 (the state backend) plugs in here and nowhere else: an implementation
     looks the tunnel up in the backend and answers a route whose link is a
     relay link to the edge holding it (an L{IAgentLink} like any other), or
     a L{Reason}; it is passed to L{EdgeGateway} as C{remote}.  No protocol
     changes: they already carry a request whose answer comes later (a
     L{Deferred} here; see L{EdgeGateway.request}).  TCP tunnels are routed
-    by the port this edge listens on for a local agent, so they never ask.
+    by port: an implementation with a C{route_port(port)} method (answering
+    at once) is asked for a port no local session serves.
     """
 
     def route(self, host: str, path: str) -> RouteLike | Reason | Deferred[RouteLike | Reason]: ...
@@ -352,6 +369,8 @@ class EdgeGateway:
                 self._refuse(client, exchange, route, route.description)
                 return True
             found = remote.route(host, path)
+            if route is Reason.DRAINING:
+                found = _unless_reason(found, route)
             if isinstance(found, Deferred):
                 held = _Held(authority, headers, hop, upgrade, bodyless, trailers)
                 found.addCallbacks(
@@ -364,6 +383,9 @@ class EdgeGateway:
                 self._refuse(client, exchange, found, found.description)
                 return True
             route = found
+            relayed = True
+        else:
+            relayed = False
         admission = self.admission
         slots: Releasable | None = None
         if admission is not None:
@@ -375,10 +397,12 @@ class EdgeGateway:
             else:
                 who = client.peer_host
             method = mcp_method(headers)  # per-method limits (MCP's Mcp-Method)
+            # A relay link is not one agent session (RemoteRoutes): 0 streams here.
+            streams = 0 if relayed else route.link.active_streams()
             if method:
-                admitted = admission.admit(route.tunnel, who, route.link.active_streams(), method)
+                admitted = admission.admit(route.tunnel, who, streams, method)
             else:
-                admitted = admission.admit(route.tunnel, who, route.link.active_streams())
+                admitted = admission.admit(route.tunnel, who, streams)
             if isinstance(admitted, Refused):
                 self._refused(client, exchange, admitted)
                 return True
@@ -476,10 +500,11 @@ class EdgeGateway:
                 who, [value for name, value in held.headers if name == b"x-forwarded-for"]
             )
         method = mcp_method(held.headers)
+        # Only remote routes come here: a relay link is not one agent session (RemoteRoutes).
         if method:
-            admitted = admission.admit(route.tunnel, who, route.link.active_streams(), method)
+            admitted = admission.admit(route.tunnel, who, 0, method)
         else:
-            admitted = admission.admit(route.tunnel, who, route.link.active_streams())
+            admitted = admission.admit(route.tunnel, who, 0)
         if isinstance(admitted, Deferred):
             admitted.addCallbacks(
                 self._admitted, self._failed,
@@ -537,16 +562,26 @@ class EdgeGateway:
             self._refuse(client, exchange, refused.reason, refused.text, refused.retry_after, True)
             return True
         route = cast(PortRoutes, self.routes).route_port(port)
+        relayed = False
         if isinstance(route, Reason):
-            self._refuse(client, exchange, route, route.description, close=True)
-            return True
+            remote = self.remote
+            found: RouteLike | Reason = route
+            if remote is not None and route in _ELSEWHERE and hasattr(remote, "route_port"):
+                found = remote.route_port(port)
+                if isinstance(found, Reason) and route is Reason.DRAINING:
+                    found = route
+            if isinstance(found, Reason):
+                self._refuse(client, exchange, found, found.description, close=True)
+                return True
+            route, relayed = found, True
         exchange.host = route.tunnel
         head = StreamHead(kind="tcp", tunnel=route.tunnel, peer=client.peer, scheme="tcp")
         admission = self.admission
         if admission is None:
             self._open_stream(client, exchange, route, None, head, False)
             return True
-        admitted = admission.admit(route.tunnel, client.peer_host, route.link.active_streams())
+        streams = 0 if relayed else route.link.active_streams()  # a relay link is not one agent
+        admitted = admission.admit(route.tunnel, client.peer_host, streams)
         if not isinstance(admitted, Slots) and isinstance(admitted, Deferred):
             admitted.addCallbacks(
                 self._tcp_admitted, self._failed,

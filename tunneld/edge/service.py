@@ -30,12 +30,13 @@ from tunneld.edge.http1 import PublicHTTPFactory, PublicHTTPSettings
 from tunneld.edge.http2 import PublicH2Factory, PublicH2Settings, PublicHTTPChooserFactory
 from tunneld.edge.probes import probe_site
 from tunneld.edge.public_tls import PublicTLSFactory, public_tls_contexts
+from tunneld.edge.relay import RelayDialer, RelayPeers
 from tunneld.edge.sessions import AgentSessions
 from tunneld.edge.tcp import TCPTunnels
 from tunneld.edge.terminal import TerminalBridge
 from tunneld.edge.terminal_web import terminal_mounts
 from tunneld.errors import ConfigError
-from tunneld.interfaces import EdgeLinkSetup, ITransportPlugin
+from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup, ITransportPlugin
 from tunneld.listening import ListeningService, address_text, listeners_under
 from tunneld.model.messages import GoAway
 from tunneld.model.reasons import Reason
@@ -47,7 +48,7 @@ from tunneld.router import Router
 from tunneld.state import make_backend
 from tunneld.state.membership import EdgeMembership
 from tunneld.state.service import StateService
-from tunneld.tls import agent_link_tls
+from tunneld.tls import agent_link_tls, certificate_proves_edge, client_tls_for
 
 # How often a drain looks whether the streams in flight have finished.
 _DRAIN_POLL = 0.05
@@ -168,11 +169,55 @@ class EdgeService(MultiService):
             )
             self.terminal.setServiceParent(self)
             mounts = terminal_mounts(self.terminal)
+        self.relays: RelayPeers | None = None
+        self.relay_dialer: RelayDialer | None = None
+        self._relay(transports)
         # Admin API, metrics, systemd readiness (once every listener in this tree is up).
         self.observe = EdgeObservability(
             reactor, self.sessions, self.stats, self, edge.admin_listen, mounts=mounts
         )
         self.observe.setServiceParent(self)
+
+    def _relay(self, transports: list[tuple[ITransportPlugin, Any]]) -> None:
+        """
+        With a shared backend, requests for tunnels that only another edge
+        holds are relayed to it (L{tunneld.edge.relay}); one edge alone, or
+        the memory backend, never relays.
+        """
+        edge = self.config.edge
+        shared = edge.state
+        if self.state.backend.name == "memory" or not shared.relay:
+            return
+        tls = edge.agent_tls
+        if not (tls.certificate and tls.client_ca):
+            self.log.warn(
+                "cross-edge relays are off: they need [edge.agent_tls] with a certificate and "
+                "client_ca (edges authenticate each other with their certificates)"
+            )
+            return
+        membership = self.membership
+        self.relays = RelayPeers(
+            self.state.backend, self.reactor, lambda: membership.cluster, certificate_proves_edge,
+            max_streams=lambda: shared.relay_max_streams,
+        )
+        self.sessions.relays = self.relays
+        self.gateway.remote = self.relays
+        # TCP tunnels other edges hold are listened on here too, and relayed.
+        self.relays.on_ports = self.tcp.relay_listen
+        setup = AgentLinkSetup(
+            reactor=self.reactor,
+            tls_for=client_tls_for(
+                ca=shared.relay_ca or tls.client_ca, certificate=tls.certificate, key=tls.key
+            ),
+            max_frame_size=edge.max_frame_size,
+            initial_window=edge.initial_window,
+        )
+        self.relay_dialer = RelayDialer(
+            self.router, self.reactor, lambda: membership.edge_id, membership.other_edges,
+            transports, setup, shared.heartbeat_interval, tick=self.relays.refresh,
+            max_streams_per_agent=lambda: self.config.edge.max_streams_per_agent,
+        )
+        self.relay_dialer.setServiceParent(self)
 
     def _public_h2(self, settings: PublicHTTPSettings) -> None:
         """The listeners speaking HTTP/2 as well: cleartext (prior knowledge) and TLS."""
@@ -279,7 +324,16 @@ class EdgeService(MultiService):
             "tunnels": self.membership.held(),
             "name": self.membership.edge_name,
         }
-        return ensureDeferred(cluster_view(self.state.backend, self.membership.edge_id, local))
+        view = ensureDeferred(cluster_view(self.state.backend, self.membership.edge_id, local))
+        return view.addCallback(self._with_relays)
+
+    def _with_relays(self, view: dict[str, Any]) -> dict[str, Any]:
+        """The relay links in the cluster view: those other edges dialled to this one, and ours."""
+        relays, dialer = self.relays, self.relay_dialer
+        view["relays"] = relays.describe() if relays is not None else []
+        view["relay_links"] = dialer.describe() if dialer is not None else []
+        view["relayed_here"] = dialer.counts() if dialer is not None else {}
+        return view
 
     def addresses(self) -> tuple[list[str], list[str]]:
         """This edge's public addresses and the URLs agents dial it by (for the registry)."""
@@ -376,6 +430,12 @@ class EdgeService(MultiService):
         stopping.append(self.membership.set_draining())
         await gatherResults(stopping, consumeErrors=True)
         sessions = list(self.sessions.sessions.values())
+        # Relay links (tunneld.edge.relay): the other edges stop routing here,
+        # and the streams this edge relays out to them count as in flight.
+        relayed_out = self.relays.links() if self.relays is not None else []
+        if self.relay_dialer is not None:
+            self.relay_dialer.going_away()
+        links = [s.link for s in sessions] + relayed_out
         for session in sessions:
             session.link.send_control(GoAway(
                 Reason.DRAINING, "the edge is shutting down", self.sessions.reconnect_to(session)
@@ -386,18 +446,18 @@ class EdgeService(MultiService):
         # Long-lived switched connections (WebSockets) would hold the drain to
         # its deadline: they get their Close (1001 draining) now, and reconnect.
         self.shutdown_upgraded(Reason.DRAINING, "the edge is shutting down")
-        in_flight = sum(s.link.active_streams() for s in sessions)
+        in_flight = sum(link.active_streams() for link in links)
         self.log.info(
-            "draining: {streams} streams in flight on {sessions} agent sessions, "
-            "up to {timeout}s",
-            streams=in_flight, sessions=len(sessions), timeout=timeout,
+            "draining: {streams} streams in flight on {sessions} agent sessions "
+            "and {relays} relay links, up to {timeout}s",
+            streams=in_flight, sessions=len(sessions), relays=len(relayed_out), timeout=timeout,
         )
         deadline = self.reactor.seconds() + timeout
         while not self._hurry and self.reactor.seconds() < deadline and any(
-            s.link.active_streams() for s in sessions
+            link.active_streams() for link in links
         ):
             await deferLater(self.reactor, _DRAIN_POLL, lambda: None)
-        left = sum(s.link.active_streams() for s in sessions)
+        left = sum(link.active_streams() for link in links)
         if left:
             self.log.warn(
                 "drain deadline passed: closing {streams} streams with draining", streams=left
@@ -406,6 +466,8 @@ class EdgeService(MultiService):
             self.log.info("drained: every stream in flight finished")
         for session in list(self.sessions.sessions.values()):
             session.link.close(Reason.DRAINING, "the edge is shutting down")
+        for link in relayed_out:
+            link.close(Reason.DRAINING, "the edge is shutting down")
 
     # -- reload -------------------------------------------------------------
 

@@ -23,9 +23,10 @@ from zope.interface import implementer
 
 from tunneld.config import AgentGrant, EdgeConfig
 from tunneld.edge.cluster import reconnect_target
+from tunneld.edge.relay import RELAY_PREFIX, RelayPeers
 from tunneld.edge.tcp import TCPTunnels
 from tunneld.interfaces import Claim, IAgentLink, ILinkHandler, IStream, StateUnavailable
-from tunneld.model.keys import tunnel_key
+from tunneld.model.keys import held_key, tunnel_key
 from tunneld.model.messages import (
     PROTOCOL_VERSION,
     ControlMessage,
@@ -79,6 +80,7 @@ class EdgeLinkHandler:
         self.link = link
         self.session: AgentSession | None = None
         self.gone = False  # the link was lost (perhaps while its hello waited for the store)
+        self.relay = False  # a relay link from another edge (tunneld.edge.relay), not an agent
         self._hello_timer: Any = sessions.reactor.callLater(
             sessions.config.edge.hello_timeout, self._hello_timeout
         )
@@ -90,6 +92,10 @@ class EdgeLinkHandler:
 
     def control_received(self, message: ControlMessage) -> None:
         """ILinkHandler.control_received"""
+        if self.relay:
+            if isinstance(message, GoAway) and self.sessions.relays is not None:
+                self.sessions.relays.going_away(self.link)
+            return
         if isinstance(message, Health) and self.session is not None:
             self.sessions.health(self.session, message)
             return
@@ -121,6 +127,8 @@ class EdgeLinkHandler:
         if self._hello_timer is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
+        if self.relay and self.sessions.relays is not None:
+            self.sessions.relays.forget(self.link)
         self.sessions.lost(self, reason, message)
 
 
@@ -151,6 +159,8 @@ class AgentSessions:
         self.identities: dict[str, str] = {}  # session id -> the identity it proved
         self.holdings: dict[str, tuple[list[str], list[tuple[str, str]]]] = {}
         self._turn = 0  # drained agents take turns over the other edges
+        # Relay links from the other edges (set by the edge service when it relays).
+        self.relays: RelayPeers | None = None
         self._grants = {grant.id: grant for grant in config.agents}
         self._plaintext_public: set[str] = set()  # transports listening in the clear off loopback
         for grant in config.agents:
@@ -259,6 +269,9 @@ class AgentSessions:
 
     def hello(self, handler: EdgeLinkHandler, hello: Hello) -> None:
         link = handler.link
+        if hello.agent_id.startswith(RELAY_PREFIX):
+            self._relay_hello(handler, hello)
+            return
         if hello.version < 1:
             self.log.warn("agent {agent} speaks unsupported protocol version {version}",
                           agent=hello.agent_id, version=hello.version)
@@ -323,6 +336,25 @@ class AgentSessions:
         claims.addCallback(self._claimed, handler, hello, session, identity, accepted, names, refused)
         claims.addErrback(lambda f: self.log.failure("registering agent {agent} failed", f,
                                                       agent=hello.agent_id))
+
+    def _relay_hello(self, handler: EdgeLinkHandler, hello: Hello) -> None:
+        """Another edge dials this one for relays (L{tunneld.edge.relay})."""
+        link = handler.link
+        relays = self.relays
+        problem = (
+            "this edge takes no relay links (no shared state backend, or [edge.state] relay "
+            "is off)" if relays is None else relays.hello(link, hello)
+        )
+        if problem is None:
+            handler.relay = True
+            return
+        self.log.warn("relay link from {peer} ({agent}) refused: {check}",
+                      agent=hello.agent_id, peer=link.peer, check=problem)
+        self.stats.refused(
+            Reason.UNAUTHORIZED, kind="agent", peer=link.peer,
+            message=f"relay {hello.agent_id}: {problem}",
+        )
+        link.close(Reason.UNAUTHORIZED, problem)
 
     def _refuse_tunnel(
         self, link: IAgentLink, hello: Hello, spec: TunnelSpec, reason: Reason, problem: str,
@@ -408,10 +440,11 @@ class AgentSessions:
                     )
                     continue
                 urls.append(registered)
+                held.append(held_key(spec, int(registered.rsplit(":", 1)[1])))
             else:
                 self.router.register(session, spec)
                 urls.append(self._public_url(spec))
-            held.append(tunnel_key(spec))
+                held.append(held_key(spec))
             self.log.info(
                 "agent {agent} registered {tunnel} over {transport}",
                 agent=hello.agent_id, tunnel=tunnel_key(spec), transport=link.transport_name,

@@ -138,6 +138,10 @@ class TCPTunnels(Service):
         self.interface = edge.tcp_listen_interface
         self.public_host = edge.tcp_public_host or edge.tcp_listen_interface
         self.listeners: dict[int, IListeningPort] = {}
+        # Ports listened on for TCP tunnels only other edges hold (the relay):
+        # a connection to one is relayed to the edge holding it.
+        self.relay_ports: set[int] = set()
+        self._relay_problems: dict[int, str] = {}
         self.connections: set[PublicTCPProtocol] = set()
         self._last_port: dict[str, int] = {}  # a returning tunnel gets its port back if free
         self._closing: list[Deferred[Any]] = []
@@ -188,6 +192,10 @@ class TCPTunnels(Service):
         owner = self.router.port_owner(port)
         if owner is not None:
             return Refusal(spec, Reason.UNAUTHORIZED, f"port {port} is taken by tcp tunnel {owner}")
+        if port in self.relay_ports:
+            # Listened on for another edge's tunnel: local agents come first now.
+            self.relay_ports.discard(port)
+            return port
         problem = self._listen(port)
         if problem is not None:
             return Refusal(spec, Reason.UNAUTHORIZED, f"cannot listen on port {port}: {problem}")
@@ -235,9 +243,37 @@ class TCPTunnels(Service):
         )
         return None
 
+    def relay_listen(self, ports: set[int]) -> None:
+        """
+        Listen on C{ports} (in this edge's C{tcp_ports}) as well, the ports of
+        TCP tunnels other edges hold: their connections are relayed
+        (L{tunneld.edge.relay}).  Ports no longer wanted are closed unless a
+        local agent serves them; one that cannot be listened on is logged
+        once.
+        """
+        if not self.running:
+            return
+        for port in sorted(ports - self.relay_ports):
+            if port in self.listeners or not self._in_range(port):
+                continue
+            problem = self._listen(port)
+            if problem is None:
+                self.relay_ports.add(port)
+                self._relay_problems.pop(port, None)
+            elif self._relay_problems.get(port) != problem:
+                self._relay_problems[port] = problem
+                self.log.warn("cannot listen on port {port} for another edge's tcp tunnel: "
+                              "{problem}", port=port, problem=problem)
+        for port in sorted(self.relay_ports - ports):
+            self.relay_ports.discard(port)
+        self.release()
+
     def release(self) -> None:
         """Close the listeners of tunnels no session serves any more."""
-        for port in [p for p in self.listeners if self.router.port_owner(p) is None]:
+        for port in [
+            p for p in self.listeners
+            if self.router.port_owner(p) is None and p not in self.relay_ports
+        ]:
             listening = self.listeners.pop(port)
             self.log.info("tcp tunnel on port {port} closed: no agent serves it", port=port)
             self._track(maybeDeferred(listening.stopListening))
