@@ -626,6 +626,25 @@ class GrpcTransportTests(TestCase):
         await late.done
         self.assertEqual(late.reset, (Reason.AGENT_GONE, "agent link closed"))
 
+    async def test_close_sends_what_the_turn_queued_first(self) -> None:
+        """A stream's last messages, queued in the turn in which the link closes (a retiring link closes once no stream is left), reach the edge before the GOAWAY; five times over."""
+        for i in range(5):
+            pair = await link_pair(self)
+            receiver = Receiver()
+            pair.edge.open_stream(head("/hold"), receiver).end()
+            await until(lambda r=receiver: r.reply is not None)
+            (agent_stream,) = pair.agent_handler.streams
+            agent_stream.unregisterProducer()
+            agent_stream.write(b"finished late")
+            agent_stream.end()
+            # The stream is done here while its Data and End wait for the end of the turn.
+            self.assertEqual(pair.agent.active_streams(), 0)
+            pair.agent.close(Reason.DRAINING, "the edge asked this agent to move")
+            await receiver.done
+            self.assertEqual((receiver.reset, receiver.data), (None, b"finished late"), f"round {i}")
+            reason, _ = await pair.edge_handler.got_lost
+            self.assertEqual(reason, Reason.AGENT_GONE)
+
     async def test_edge_close_tells_agent_why(self) -> None:
         """An edge refusing the agent ends Control with UNAUTHENTICATED; the agent learns the reason."""
         pair = await link_pair(self)

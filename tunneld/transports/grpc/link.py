@@ -145,6 +145,12 @@ class GrpcLink(LinkBase[GrpcStream], Protocol):
         """IAgentLink.close: say why (Control status, GOAWAY), hang up, reset locally."""
         if self.closed:
             return
+        # What this turn queued goes first: a stream that ended in it (its
+        # Reply, Data and End still queued, so the link counts no stream and
+        # a retiring link closes) must not lose them, and HTTP/2 sends
+        # nothing after the GOAWAY.
+        self._batching = False
+        self.flush()
         self.say_goodbye(reason, message)
         # The reason already went out in Control's status and in the GOAWAY's
         # debug data; an error code here would make a stock gRPC client drop
@@ -156,7 +162,6 @@ class GrpcLink(LinkBase[GrpcStream], Protocol):
             )
         except H2ProtocolError:
             pass
-        self._batching = False
         self.flush()
         self.hang_up()
         self.wire_lost(reason, message)
