@@ -501,15 +501,7 @@ class EdgeGateway:
         try:
             stream = open_replayed(replay, settings, scope, exchange, open_upstream, resumed)
         except Exception:
-            self.log.failure(
-                "opening a stream for {method} {host}{target} failed",
-                method=head.method, host=exchange.host, target=exchange.target,
-            )
-            exchange.slots = None
-            if slots is not None:
-                slots.release()
-            reason = Reason.AGENT_UNAVAILABLE
-            self._refuse(client, exchange, reason, reason.description)
+            self._open_failed(client, exchange, slots, head)
             return
         if resumed is None:
             self.stats.streams_opened += 1
@@ -527,18 +519,24 @@ class EdgeGateway:
         try:
             stream = route.link.open_stream(head, cast(IStreamReceiver, exchange), end_stream=ended)
         except Exception:
-            self.log.failure(
-                "opening a stream for {method} {host}{target} failed",
-                method=head.method, host=exchange.host, target=exchange.target,
-            )
-            exchange.slots = None
-            if slots is not None:
-                slots.release()
-            reason = Reason.AGENT_UNAVAILABLE
-            self._refuse(client, exchange, reason, reason.description)
+            self._open_failed(client, exchange, slots, head)
             return
         self.stats.streams_opened += 1
         exchange.opened(stream)
+
+    def _open_failed(
+        self, client: Client, exchange: PublicExchange, slots: Releasable | None, head: StreamHead
+    ) -> None:
+        """The link refused to open a stream (called in an C{except}): logged, slots given back, refused."""
+        self.log.failure(
+            "opening a stream for {method} {host}{target} failed",
+            method=head.method, host=exchange.host, target=exchange.target,
+        )
+        exchange.slots = None
+        if slots is not None:
+            slots.release()
+        reason = Reason.AGENT_UNAVAILABLE
+        self._refuse(client, exchange, reason, reason.description)
 
     def _bind(self, route: Any, headers: Headers) -> None:
         """A reply naming an MCP/ACP session: its later requests go where this one went."""
