@@ -137,11 +137,16 @@ class TerminalClient(WebSocketClientProtocol):  # type: ignore[misc]
 
 
 async def connect_terminal(
-    case: Any, harness: TunnelHarness, allocation: str, token: str | None,
-    rows: int = 24, cols: int = 80,
+    case: Any, harness: TunnelHarness | None, allocation: str, token: str | None,
+    rows: int = 24, cols: int = 80, port: int = 0,
 ) -> TerminalClient:
-    """A browser-like WebSocket to the edge's terminal; open when this returns."""
-    port = admin_port(harness)
+    """
+    A browser-like WebSocket to the edge's terminal (on the admin listener of
+    C{harness}'s edge, or on C{port}); open when this returns.
+    """
+    if not port:
+        assert harness is not None
+        port = admin_port(harness)
     query = f"?rows={rows}&cols={cols}" + (f"&token={token}" if token is not None else "")
     factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}/ws/terminal/{allocation}{query}")
     factory.protocol = TerminalClient

@@ -227,23 +227,37 @@ class WriterTests(SynchronousTestCase):
 
 
 class FastBlockTests(SynchronousTestCase):
-    """A reply's fields are filtered, checked and rendered once per distinct tuple, per listener."""
+    """A reply's fields are filtered, checked and rendered in one pass; anything unusual the long way."""
 
-    def test_remembered_per_tuple_and_via(self) -> None:
-        """The same tuple gives the same block; another Via, an equal list, or another listener's memo works it out again."""
+    def test_plain_and_long_way_agree(self) -> None:
+        """The one-pass block is the block the long way makes (filtered, checked, rendered)."""
+        from tunneld.edge.forwarding import reply_headers
         from tunneld.edge.http1 import fast
+        from tunneld.edge.http1.fasthead import field_block, plain_block
 
         memo = FastMemo()
-        fields = ((b"Content-Length", b"2"), (b"Connection", b"keep-alive"), (b"X", b"y"))
-        block = b"Content-Length: 2\r\nX: y\r\nVia: 1.1 a\r\n"
-        self.assertEqual(fast.fast_block(fields, b"1.1 a", memo), (block, 2))
-        self.assertIs(fast.fast_block(fields, b"1.1 a", memo)[0], fast.fast_block(fields, b"1.1 a", memo)[0])
-        self.assertIsNot(fast.fast_block(fields, b"1.1 a", FastMemo())[0], fast.fast_block(fields, b"1.1 a", memo)[0])
-        self.assertEqual(fast.fast_block(fields, b"1.1 b", memo), (block.replace(b" a", b" b"), 2))
-        self.assertEqual(fast.fast_block(list(fields), b"1.1 a", memo), (block, 2))
+        for fields in [
+            ((b"Content-Length", b"2"), (b"Connection", b"keep-alive"), (b"X", b"y")),
+            ((b"Via", b"1.0 up"), (b"Set-Cookie", b"sid=1; Path=/"), (b"Transfer-Encoding", b"chunked")),
+            ((b"Connection", b"close, x-hop"), (b"X-Hop", b"1"), (b"Y", b"")),
+            ((b"Content-Length", b"2, 2"), (b"Content-Length", b"2")),
+            (),
+        ]:
+            headers, _ = reply_headers(fields, b"1.1 a")
+            checked = check_fields(headers)
+            assert not isinstance(checked, str)
+            self.assertEqual(fast.fast_block(fields, b"1.1 a", memo), (field_block(checked[0]), checked[1]))
+            self.assertEqual(fast.fast_block(list(fields), b"1.1 a", memo), (field_block(checked[0]), checked[1]))
+        # A Connection naming an end-to-end field, a repeated length: the long way.
+        self.assertIsNone(plain_block(((b"Connection", b"x-hop"), (b"X-Hop", b"1")), b"v", memo.names))
+        self.assertIsNone(plain_block(((b"Content-Length", b"2"), (b"Content-Length", b"2")), b"v", memo.names))
+        self.assertEqual(
+            fast.fast_block(((b"Content-Length", b"2"), (b"Connection", b"keep-alive"), (b"X", b"y")), b"1.1 b", memo),
+            (b"Content-Length: 2\r\nX: y\r\nVia: 1.1 b\r\n", 2),
+        )
 
     def test_bad_fields_refused_every_time(self) -> None:
-        """Fields that fail the checks are never remembered: each reply is refused with h11's words."""
+        """Fields that fail the checks are refused with h11's words, each time."""
         from tunneld.edge.http1 import fast
 
         memo = FastMemo()
@@ -252,18 +266,21 @@ class FastBlockTests(SynchronousTestCase):
             self.assertEqual(
                 fast.fast_block(fields, b"1.1 a", memo), "Illegal header value b'a\\r\\nSet-Cookie: x'"
             )
-        self.assertEqual(len(memo.blocks), 0)
+        # A bad value in a field that is dropped anyway (hop-by-hop) does not matter.
+        self.assertEqual(
+            fast.fast_block(((b"Keep-Alive", b"a\rb"), (b"X", b"y")), b"1.1 a", memo),
+            (b"X: y\r\nVia: 1.1 a\r\n", None),
+        )
 
     def test_bounded(self) -> None:
-        """Any number of distinct replies leaves at most the tables' limits."""
+        """Any number of distinct replies leaves at most the names table's limit."""
         from tunneld.edge.http1 import fast
 
         memo = FastMemo()
-        for n in range(memo.blocks.limit + 20):
+        for n in range(memo.names.limit + 20):
             fast.fast_block(((b"X-N%d" % n, b"%d" % n),), b"v", memo)
-        self.assertLessEqual(len(memo.blocks), memo.blocks.limit)
         self.assertLessEqual(len(memo.names), memo.names.limit)
-        self.assertGreater(len(memo.blocks), 0)
+        self.assertGreater(len(memo.names), 0)
 
 
 class FastMatchesH11Tests(SynchronousTestCase):

@@ -35,6 +35,7 @@ from tunneld.transports.grpc import (
     data_message,
     grpc_message,
 )
+from tunneld.transports.grpc.framing import split_messages
 from tunneld.wire import codec
 
 REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/x"), (b":authority", b"a")]
@@ -406,7 +407,7 @@ class SplitMessagesTests(SynchronousTestCase):
                 step = -(-len(frame) // pieces) or 1
                 given = [memoryview(frame)[i : i + step] for i in range(0, len(frame), step)]
                 given = given or [b""]
-            for item in link._split_messages(call, given):
+            for item in split_messages(call, given, link.max_message):
                 data = item if isinstance(item, bytes) else _data_payload(item)
                 if data is None:
                     out.append(("message", bytes(item)))

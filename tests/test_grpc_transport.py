@@ -511,7 +511,8 @@ class GrpcTransportTests(TestCase):
 
     async def test_without_reuse_each_stream_ends_its_call(self) -> None:
         """Ends that do not ask for reuse (like a stock agent) get one call per stream, ended by trailers."""
-        self.patch(grpc_transport, "_REUSE", ())
+        self.patch(grpc_transport.edge, "_REUSE", ())
+        self.patch(grpc_transport.agent, "_REUSE", ())
         pair = await link_pair(self)
         await until(lambda: len(pair.edge.idle) == 2)
         receiver = Receiver()

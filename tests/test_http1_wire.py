@@ -57,11 +57,9 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     return [p for p in pieces if p]
 
 
-def parse(
-    pieces: list[bytes], head_request: bool = False, eof: bool = False, memo: HeadMemo | None = None
-) -> tuple[object, ...]:
-    """Feed C{pieces} to a fresh parser (sharing C{memo}); the recorded outcome, or the error's message."""
-    parser = ResponseParser(max_head=1024, memo=memo)
+def parse(pieces: list[bytes], head_request: bool = False, eof: bool = False) -> tuple[object, ...]:
+    """Feed C{pieces} to a fresh parser; the recorded outcome, or the error's message."""
+    parser = ResponseParser(max_head=1024)
     recorder = Recorder()
     parser.expect(recorder, head_request)
     try:
@@ -437,33 +435,34 @@ class RequestFieldCacheTests(SynchronousTestCase):
         self.assertGreater(len(memo.fields), 0)
 
 
-class HeadCacheTests(SynchronousTestCase):
-    """Response heads are validated once per distinct header block, in a bounded table."""
+class FramingFieldTests(SynchronousTestCase):
+    """The framing fields are found in any case, folded or not, and nothing else is taken for one."""
 
-    def test_repeated_head_parses_the_same(self) -> None:
-        """A head met again (answered from the table) gives the same outcome, body framing included."""
-        response = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Seen: twice\r\n\r\nabc"
-        memo = HeadMemo()
-        first = parse([response], memo=memo)
-        second = parse([response], memo=memo)
-        self.assertEqual(first, second)
-        self.assertEqual(second[1], b"abc")
-        self.assertEqual(len(memo.heads), 1)
+    def test_any_case(self) -> None:
+        """Content-Length, Transfer-Encoding and Connection are read whatever their case."""
+        self.assertEqual(
+            parse([b"HTTP/1.1 200 OK\r\ncOnTeNt-LeNgTh: 3\r\nX: y\r\n\r\nabc"])[1], b"abc"
+        )
+        chunked = parse([b"HTTP/1.1 200 OK\r\nTRANSFER-ENCODING: Chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"])
+        self.assertEqual(chunked[1], b"abc")
+        for block in (b"CONNECTION: Close", b"Connection: keep-alive, close"):
+            outcome = parse([b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n%s\r\n\r\n" % block])
+            self.assertEqual(outcome[2], ([], False))  # not reusable
 
-    def test_invalid_head_is_refused_every_time(self) -> None:
-        """A bad header block never enters the table: each time it is refused with its reason."""
+    def test_lookalikes(self) -> None:
+        """A field whose name or value only contains a framing name frames nothing."""
+        response = (
+            b"HTTP/1.1 200 OK\r\nX-Content-Length: 9\r\nX: content-length: 9\r\n"
+            b"X-Connection: close\r\nContent-Length: 1\r\n\r\na"
+        )
+        outcome = parse([response])
+        self.assertEqual(outcome[1], b"a")
+        self.assertEqual(outcome[2], ([], True))
+
+    def test_folded_and_refused_heads(self) -> None:
+        """Folded framing fields are read; conflicting ones refused, each time."""
+        folded = parse([b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\nContent-Length:\r\n 2\r\n\r\nab"])
+        self.assertEqual(folded[1], b"ab")
         response = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabc"
-        memo = HeadMemo()
         for _ in range(2):
-            self.assertEqual(parse([response], memo=memo), ("error", "conflicting Content-Length values"))
-        self.assertEqual(len(memo.heads), 0)
-
-    def test_table_is_bounded(self) -> None:
-        """Any number of distinct heads leaves at most _HEADS_MAX entries."""
-        from tunneld.agent import http1_wire
-
-        memo = HeadMemo()
-        for n in range(http1_wire._HEADS_MAX + 50):
-            parse([b"HTTP/1.1 204 No Content\r\nX-N: %d\r\n\r\n" % n], memo=memo)
-        self.assertLessEqual(len(memo.heads), http1_wire._HEADS_MAX)
-        self.assertGreater(len(memo.heads), 0)
+            self.assertEqual(parse([response]), ("error", "conflicting Content-Length values"))

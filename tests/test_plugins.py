@@ -44,6 +44,27 @@ class BuiltinPluginTests(TestCase):
         self.assertIn("websocket", plugins)
         verifyObject(ITransportPlugin, plugins["websocket"])
 
+    def test_websocket_loaded_on_use(self) -> None:
+        """
+        Finding the transports loads no Autobahn (a process with no websocket
+        link never needs it); the websocket plugin's first use loads it, and
+        it works as the transport's own object.
+        """
+        script = (
+            "import sys\n"
+            "from tunneld.registry import available_transports\n"
+            "from tunneld.speedups import configure, summary\n"
+            "plugins = available_transports(); configure({}); summary()\n"
+            "print('autobahn' in sys.modules)\n"
+            "options = plugins['websocket'].agent_options({'url': 'ws://edge.test:8443/link'}, 'agent.toml')\n"
+            "print('autobahn' in sys.modules, options.url)\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120,
+            env={**os.environ, "PYTHONPATH": ROOT},
+        )
+        self.assertEqual(result.stdout.split("\n"), ["False", "True ws://edge.test:8443/link", ""], result.stderr)
+
     def test_missing_transport_named(self) -> None:
         """A transport named in config but not installed fails with its name."""
         with self.assertRaises(MissingTransport) as raised:

@@ -64,6 +64,31 @@ class TrickTests(SynchronousTestCase):
             self.assertIsNotNone(trick.problem)
         self.assertIn("ZeroDivisionError", trick.problem or "")
 
+    def test_deferred_check_waits_for_first_use(self) -> None:
+        """A deferred trick switched on is listed on without its check; its first use runs it, once."""
+        calls: list[int] = []
+        trick = Trick("t", "", "", lambda: calls.append(1) or None, deferred=True)
+        self.assertTrue(trick.switch(True))
+        self.assertTrue(trick.pending)
+        self.assertEqual(calls, [])
+        self.assertTrue(trick.active)
+        self.assertFalse(trick.pending)
+        trick.switch(False)
+        self.assertFalse(trick.active)
+        self.assertTrue(trick.switch(True))
+        self.assertEqual(calls, [1])
+
+    def test_deferred_check_failing_is_warned_at_first_use(self) -> None:
+        """A deferred trick whose check fails at its first use is off from then on, and the log says why."""
+        events = EventCollector(self)
+        trick = Trick("t", "", "the public API", lambda: "it moved", deferred=True)
+        self.assertTrue(trick.switch(True))
+        self.assertFalse(trick.active)
+        self.assertFalse(trick.active)
+        self.assertFalse(trick.switch(True))
+        lines = [formatEvent(e) for e in events.events if "speedups:" in formatEvent(e)]
+        self.assertEqual(lines, ["speedups: t is off: it moved; using the public API instead"])
+
     def test_environment_decides_until_configured(self) -> None:
         """Before the service maker switches it, a trick is on unless TUNNELD_SPEEDUPS says off."""
         self.patch(os, "environ", {ENVIRONMENT: "off"})

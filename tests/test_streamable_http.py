@@ -1076,3 +1076,66 @@ class FramingTests(SynchronousTestCase):
             self.assertTrue(ceiling / 2 <= delay <= ceiling, (delay, ceiling))
         backoff.reset()
         self.assertLessEqual(backoff.next_delay(), 0.1)
+
+
+class SessionTableTests(TestCase):
+    """The edge's table of streamable-HTTP connections, in the admin API and `tunneld status`."""
+
+    skip = MISSING
+    timeout = 90
+
+    async def test_admin_api_and_status_show_the_connection_table(self) -> None:
+        """
+        GET /api/transports lists the agent's connection (owned here, its
+        event stream here, the agent's session, frames numbered and
+        acknowledged) and the event stream this edge holds; `tunneld status`
+        prints the same rows; once the agent stops, the table is empty.
+        """
+        import json
+
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        harness = TunnelHarness(self, "streamable-http", {"listen": "tcp:0:interface=127.0.0.1"})
+        edge = await harness.start_edge()
+        port, _ = await listen_upstream(self)
+        url = f"http://127.0.0.1:{harness.link_address().port}/tunnel"
+        agent = await harness.start_agent({"url": url}, [("app.test", port)], agent_id="shttp-agent")
+        code, _, body = await harness.request("app.test", "/hello")
+        self.assertEqual(code, 200)
+        assert edge.observe.admin is not None
+        admin = f"http://127.0.0.1:{edge.observe.admin.address.port}"
+
+        async def table() -> dict[str, Any]:
+            response = await harness.client.request(b"GET", f"{admin}/api/transports".encode())
+            return json.loads(await readBody(response))  # type: ignore[no-any-return]
+
+        await eventually(lambda: edge.transports["streamable-http"].connections, "the connection")
+        body = await table()
+        shttp = body["transports"]["streamable-http"]
+        [row] = shttp["connections"]
+        [session] = edge.sessions.sessions.values()
+        self.assertEqual(
+            (row["agent"], row["session"], row["event_stream"], row["closing"]),
+            ("shttp-agent", session.session_id, "here", False),
+        )
+        self.assertGreater(row["next_event"], 1)
+        self.assertLessEqual(row["acked"], row["next_event"])
+        self.assertEqual(
+            [(s["connection"], s["owned_here"]) for s in shttp["event_streams"]],
+            [(row["connection"], True)],
+        )
+        self.assertEqual(body["sse_replay"], [])
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "tunneld.cli", "status", "--admin", admin],
+            env=dict(os.environ, PYTHONPATH=ROOT), path=ROOT,
+        )
+        self.assertEqual(code, 0, err)
+        text = out.decode()
+        self.assertIn("streamable-http connections owned by this edge", text)
+        [line] = [ln for ln in text.splitlines() if ln.startswith(row["connection"][:12])][:1]
+        self.assertIn("shttp-agent", line)
+        self.assertIn(" here ", line)
+        await agent.stopService()
+        await eventually(lambda: not edge.transports["streamable-http"].connections, "no connection")
+        body = await table()
+        self.assertEqual(body["transports"]["streamable-http"]["connections"], [])

@@ -97,7 +97,8 @@ def _builtin_transports() -> list[Any]:
     plugins = available_transports()
     return [
         plugins[name] for name in sorted(plugins)
-        if type(plugins[name]).__module__.startswith("tunneld.transports.")
+        # (tunneld.plugins: a built-in whose module loads on first use)
+        if type(plugins[name]).__module__.startswith(("tunneld.transports.", "tunneld.plugins."))
     ]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred
@@ -89,6 +89,28 @@ class IStream(IPushProducer, IConsumer):
 
     def reset(reason: Reason, message: str) -> None:
         """End both directions abnormally and tell the far end why."""
+
+
+class IUpstream(Interface):
+    """
+    Where the agent sends the streams of one tunnel (or of one kind): an
+    HTTP/1.1 upstream with its pooled connections, an h2c upstream, the
+    upgrade relays, a TCP forwarder, the terminal service.  The agent picks
+    one by the stream's tunnel and kind and hands it the stream; it never
+    asks what kind of upstream it holds.
+    """
+
+    def forward(stream: IStream) -> None:
+        """
+        Serve C{stream} to its end: attach to it, answer it, or reset it
+        with a reason that names what went wrong.
+        """
+
+    def close() -> Deferred[Any]:
+        """
+        Stop taking streams and let go of what is idle; the Deferred fires
+        once the connections (or processes) not serving a stream are gone.
+        """
 
 
 class ILinkHandler(Interface):

@@ -3,7 +3,9 @@
 C{tunneld status}: the edge's admin API as tables for a person: this
 edge's agents and tunnels, then the cluster (every live edge in the state
 backend, its agents, and the edges serving each tunnel; with the default
-memory backend, this edge alone).
+memory backend, this edge alone), then the tables transports keep on this
+edge (streamable HTTP's connections and event streams) and the SSE replay
+buffers.
 
 A command-line tool with a reactor of its own for its few requests (treq, the
 HTTP client tunneld uses wherever it asks something over HTTP); it prints
@@ -124,6 +126,48 @@ def render_cluster(cluster: dict[str, Any]) -> str:
     return "".join(out)
 
 
+def _size(n: int) -> str:
+    return f"{n / 1024:.1f}KiB" if n >= 1024 else f"{n}B"
+
+
+def render_transports(body: dict[str, Any]) -> str:
+    """
+    The tables transports keep on this edge (streamable HTTP: its
+    connections and the event streams held here) and the SSE replay buffers.
+    """
+    out = []
+    for name, tables in sorted(body.get("transports", {}).items()):
+        connections = tables.get("connections", [])
+        out.append(f"\n{name} connections owned by this edge ({tables.get('edge', '')}): "
+                   f"{len(connections)}\n\n")
+        out.append(table(
+            ["CONNECTION", "AGENT", "PEER", "EVENT STREAM", "NEXT", "ACKED", "HELD", "EARLY",
+             "STREAMS", "STATE"],
+            [[c["connection"][:12], c.get("agent") or "-", c["peer"], c["event_stream"],
+              str(c["next_event"]), str(c["acked"]),
+              f"{c['held_events']} ({_size(c['held_bytes'])})", _size(c["early_bytes"]),
+              str(c["streams"]), "closing" if c["closing"] else "open"] for c in connections],
+        ))
+        streams = tables.get("event_streams", [])
+        if streams:
+            out.append(f"\n{name} event streams held by this edge: {len(streams)}\n\n")
+            out.append(table(
+                ["CONNECTION", "STREAM", "OWNER", "LAST SENT", "AGE", "PAUSED"],
+                [[e["connection"][:12], e["stream"], "here" if e["owned_here"] else "elsewhere",
+                  str(e["last_sent"]), f"{e['age_s']}s", "yes" if e["paused"] else "no"]
+                 for e in streams],
+            ))
+    replay = body.get("sse_replay", [])
+    if replay:
+        out.append(f"\nSSE replay buffers: {len(replay)}\n\n")
+        out.append(table(
+            ["TUNNEL", "URL", "EVENTS", "BYTES", "OLDEST ID", "CLIENTS", "UPSTREAM"],
+            [[r["tunnel"], r["host"] + r["target"], str(r["events"]), _size(r["bytes"]),
+              r["oldest_id"] or "-", str(r["clients"]), r["upstream"]] for r in replay],
+        ))
+    return "".join(out)
+
+
 def main(argv: list[str], stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr) -> int:
     """
     C{tunneld status [--admin URL]}: returns the exit status of C{--help} or
@@ -171,12 +215,17 @@ async def show(client: HTTPClient, admin: str, stdout: TextIO, stderr: TextIO) -
         cluster_code, cluster = await fetch(
             client, admin, "/api/cluster", accept=(200, 404), json_for=(200,)
         )
+        transports_code, transports = await fetch(
+            client, admin, "/api/transports", accept=(200, 404), json_for=(200,)
+        )
     except Exception as e:  # noqa: BLE001 -- refused, timed out, not the admin API: say which
         stderr.write(f"tunneld status: cannot read the admin API at {admin}: {_why(e)}\n")
         return False
     stdout.write(render(agents, tunnels, refusals, code == 200))
     if cluster_code == 200:
         stdout.write(render_cluster(cluster))
+    if transports_code == 200:
+        stdout.write(render_transports(transports))
     return True
 
 

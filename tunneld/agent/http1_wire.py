@@ -71,7 +71,6 @@ class ResponseSink(typing.Protocol):
     def response_head(self, status: int, reason: bytes, headers: tuple[Header, ...]) -> None:
         """
         The final (non-1xx) response head; header names keep their case.
-        The same head's fields come as the same tuple each time (L{HeadMemo}).
         """
 
     def response_data(self, data: Body) -> None:
@@ -111,34 +110,30 @@ def _fields(block: bytes, what: str) -> list[Header]:
 
 
 _HeadFacts = tuple[tuple[Header, ...], int | None, bool, bool]
-_HEADS_MAX = 256
 _FIELDS_MAX = 1024
 _FIELD_CACHED_UP_TO = 256
 
 
 class HeadMemo:
     """
-    What the parsers and writers of one upstream's connections remember:
+    What the writers of one upstream's connections remember: C{fields},
+    request header fields already checked, with their lowercased name and
+    the line they make.  The edge sends the same fields again and again
+    (Host, the forwarding headers, each client's Accept and User-Agent), so
+    most are validated once (short ones only).  Bounded: emptied when full.
 
-      - C{heads}: what a response head's header block says, by the block's
-        bytes: an upstream sends the same headers again and again (only Date
-        changes, once a second), so most heads are validated once;
-      - C{fields}: request header fields already checked, with their
-        lowercased name and the line they make: the edge sends the same
-        fields again and again (Host, the forwarding headers, each client's
-        Accept and User-Agent), so most are validated once (short ones only).
-
-    Both bounded: emptied when full.
+    Response heads are not remembered: on real traffic each has its own
+    (its C{Set-Cookie}, its request id), so each is read in full
+    (L{_head_facts}).
     """
 
-    __slots__ = ("fields", "heads")
+    __slots__ = ("fields",)
 
     def __init__(self) -> None:
-        self.heads: Bounded[bytes, _HeadFacts] = Bounded(_HEADS_MAX)
         self.fields: Bounded[Header, tuple[bytes, bytes]] = Bounded(_FIELDS_MAX)
 
 
-def _head_facts(block: bytes, heads: Bounded[bytes, _HeadFacts]) -> _HeadFacts:
+def _head_facts(block: bytes) -> _HeadFacts:
     """
     The fields of a response head's header block, validated, with its body
     length, whether it is chunked, and whether it says C{Connection: close}.
@@ -146,8 +141,11 @@ def _head_facts(block: bytes, heads: Bounded[bytes, _HeadFacts]) -> _HeadFacts:
     headers = _fields(block, "response head")
     length = None
     chunked = close = False
+    framing = _FRAMING
     for name, value in headers:
         lower = name.lower()
+        if lower not in framing:
+            continue
         if lower == b"content-length":
             for item in value.split(b","):
                 item = item.strip(b" \t")
@@ -160,13 +158,13 @@ def _head_facts(block: bytes, heads: Bounded[bytes, _HeadFacts]) -> _HeadFacts:
             if chunked or value.strip(b" \t").lower() != b"chunked":
                 raise ResponseError(f"unsupported Transfer-Encoding {value[:40]!r}")
             chunked = True
-        elif lower == b"connection":
+        else:
             for token in value.split(b","):
                 if token.strip(b" \t").lower() == b"close":
                     close = True
     if chunked and length is not None:
         raise ResponseError("both Content-Length and Transfer-Encoding")
-    return heads.keep(block, (tuple(headers), length, chunked, close))
+    return tuple(headers), length, chunked, close
 
 
 class ResponseParser:
@@ -175,17 +173,14 @@ class ResponseParser:
     L{expect}, delivering each to its L{ResponseSink}.
 
     @param max_head: the longest response head (or trailer block) accepted.
-    @param memo: what the upstream's connections remember (their pool's);
-        without it, this parser's own.
     """
 
     __slots__ = (
         "_sink", "_max_head", "_state", "_buffer", "_scanned", "_remaining", "_head_request",
-        "_keep_alive", "_heads",
+        "_keep_alive",
     )
 
-    def __init__(self, max_head: int = 64 * 1024, memo: HeadMemo | None = None) -> None:
-        self._heads = (memo or HeadMemo()).heads
+    def __init__(self, max_head: int = 64 * 1024) -> None:
         # Never called while idle; L{expect} names the sink of each response.
         self._sink = typing.cast(ResponseSink, None)
         self._max_head = max_head
@@ -363,10 +358,7 @@ class ResponseParser:
             if status < 100:
                 raise ResponseError(f"invalid status {status}")
             return True  # 100 Continue, 103 Early Hints...: interim, not passed on
-        known = self._heads.get(fields)
-        if known is None:
-            known = _head_facts(fields, self._heads)
-        headers, length, chunked, close = known
+        headers, length, chunked, close = _head_facts(fields)
         self._keep_alive = status_line.group(1) == b"1" and not close
         if tail is not None and (
             chunked or not length or self._head_request or status in _NO_BODY_STATUS

@@ -37,7 +37,7 @@ from tunneld.agent.health import UpstreamProbe
 from tunneld.agent.identity import resolve_agent_id
 from tunneld.agent.targets import retarget
 from tunneld.agent.tcp import TCPForwarder
-from tunneld.agent.terminal import TerminalService, refuse_disabled
+from tunneld.agent.terminal import DisabledTerminal, TerminalService
 from tunneld.agent.upstream import UpstreamPool
 from tunneld.agent.upstream_h2 import H2UpstreamPool
 from tunneld.config import AgentConfig
@@ -48,6 +48,7 @@ from tunneld.interfaces import (
     ILinkHandler,
     IStream,
     ITransportPlugin,
+    IUpstream,
     LinkRefused,
 )
 from tunneld.model.keys import tunnel_key
@@ -153,30 +154,33 @@ class AgentService(Service):
             )
             for t in config.tunnels
         ]
-        self.pools: dict[str, UpstreamPool | H2UpstreamPool | TCPForwarder] = {}
+        # Each tunnel's upstream, by tunnel key: the agent hands a stream to
+        # the one its tunnel names and never asks what kind it is.
+        self.pools: dict[str, IUpstream] = {}
         for tunnel, spec in zip(config.tunnels, self.specs, strict=True):
+            upstream: IUpstream
             if spec.protocol == "tcp":
-                self.pools[tunnel_key(spec)] = TCPForwarder(
+                upstream = TCPForwarder(
                     reactor, tunnel_key(spec), tunnel.upstream, section.upstream_connect_timeout
                 )
-                continue
-            if tunnel.upstream_protocol == "h2c":
-                self.pools[tunnel_key(spec)] = H2UpstreamPool(
+            elif tunnel.upstream_protocol == "h2c":
+                upstream = H2UpstreamPool(
                     reactor,
                     tunnel.upstream,
                     connect_timeout=section.upstream_connect_timeout,
                     response_timeout=section.upstream_response_timeout,
                     body_timeout=section.upstream_body_timeout,
                 )
-                continue
-            self.pools[tunnel_key(spec)] = UpstreamPool(
-                reactor,
-                tunnel.upstream,
-                max_idle=section.upstream_max_idle,
-                connect_timeout=section.upstream_connect_timeout,
-                response_timeout=section.upstream_response_timeout,
-                body_timeout=section.upstream_body_timeout,
-            )
+            else:
+                upstream = UpstreamPool(
+                    reactor,
+                    tunnel.upstream,
+                    max_idle=section.upstream_max_idle,
+                    connect_timeout=section.upstream_connect_timeout,
+                    response_timeout=section.upstream_response_timeout,
+                    body_timeout=section.upstream_body_timeout,
+                )
+            self.pools[tunnel_key(spec)] = upstream
         self.probes: dict[str, UpstreamProbe] = {}
         for tunnel, spec in zip(config.tunnels, self.specs, strict=True):
             check = parse_health_check(tunnel.health_check)
@@ -191,6 +195,9 @@ class AgentService(Service):
         self.terminal: TerminalService | None = None
         if section.terminal.enabled:
             self.terminal = TerminalService(reactor, section.terminal, self.agent_id)
+        # Where terminal streams go: the service, or one that tells each
+        # browser it is not enabled here.
+        self._terminals: IUpstream = self.terminal or DisabledTerminal()
         self._welcomed: IAgentLink | None = None
         self.link: IAgentLink | None = None
         self.public_urls: tuple[str, ...] = ()
@@ -234,8 +241,7 @@ class AgentService(Service):
         for probe in self.probes.values():
             probe.stop()
         waits = [pool.close() for pool in self.pools.values()]
-        if self.terminal is not None:
-            waits.append(self.terminal.close())
+        waits.append(self._terminals.close())
         for tracked in list(self._links.values()):
             tracked.stop_timers()
             tracked.link.close(Reason.CANCELLED, "agent stopping")
@@ -533,17 +539,15 @@ class AgentService(Service):
     def stream_opened(self, stream: IStream) -> None:
         if self.stream_hook is not None:
             stream = self.stream_hook(stream)
-        if stream.head.kind == "terminal":
-            if self.terminal is None:
-                refuse_disabled(stream)
-            else:
-                self.terminal.forward(stream)
-            return
-        pool = self.pools.get(stream.head.tunnel)
-        if pool is None:
+        upstream = (
+            self._terminals
+            if stream.head.kind == "terminal"
+            else self.pools.get(stream.head.tunnel)
+        )
+        if upstream is None:
             stream.reset(Reason.NO_TUNNEL, f"this agent does not serve {stream.head.tunnel}")
             return
-        pool.forward(stream)
+        upstream.forward(stream)
 
     def link_lost(self, tracked: _Link, reason: Reason, message: str) -> None:
         if tracked.link is not self.link:

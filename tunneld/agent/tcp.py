@@ -25,9 +25,10 @@ from twisted.internet.interfaces import IAddress, IStreamClientEndpoint
 from twisted.internet.protocol import ClientFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from tunneld.agent.dialing import connect_timed_out
-from tunneld.interfaces import IStream
+from tunneld.interfaces import IStream, IUpstream
 from tunneld.model.reasons import Reason
 from tunneld.splice import StreamSplice
 
@@ -71,6 +72,7 @@ class _OneConnection(ClientFactory):
         return self.protocol_instance
 
 
+@implementer(IUpstream)
 class TCPForwarder:
     """The agent's side of one TCP tunnel: streams in, upstream connections out."""
 

@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunneld.config import AgentTerminal
-from tunneld.interfaces import IStream, IStreamReceiver
+from tunneld.interfaces import IStream, IStreamReceiver, IUpstream
 from tunneld.model.messages import Headers, ReplyHead
 from tunneld.model.reasons import Reason
 from tunneld.wire.terminal import (
@@ -409,6 +409,7 @@ def _kill(pid: int, sig: int) -> None:
         pass
 
 
+@implementer(IUpstream)
 class TerminalService:
     """The agent's terminals: one L{PTYSession} per terminal stream, bounded in number."""
 
@@ -450,7 +451,15 @@ class TerminalService:
         return DeferredList(waits)
 
 
-def refuse_disabled(stream: IStream) -> None:
-    """A terminal stream to an agent without a terminal service."""
-    stream.write(encode(Close("terminal_disabled", "[agent.terminal] is not enabled here")))
-    stream.end()
+@implementer(IUpstream)
+class DisabledTerminal:
+    """The terminal streams of an agent without a terminal service: each is told so."""
+
+    def forward(self, stream: IStream) -> None:
+        """L{IUpstream}: close the terminal saying why."""
+        stream.write(encode(Close("terminal_disabled", "[agent.terminal] is not enabled here")))
+        stream.end()
+
+    def close(self) -> Deferred[Any]:
+        """L{IUpstream}: nothing to close."""
+        return succeed(None)

@@ -14,56 +14,33 @@ client and the upstream agree in their headers: nothing here reads them.
 
 from __future__ import annotations
 
-import typing
-from typing import Any, cast
+import functools
+from typing import cast
 
 import h11
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol, IPushProducer
-from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
-from twisted.logger import Logger
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tunneld.agent.dialing import connect_error, connect_timed_out
-from tunneld.interfaces import IStream, IStreamReceiver
+from tunneld.agent.exchange import (
+    HOP_BY_HOP,
+    UpstreamConnection,
+    UpstreamExchange,
+    UpstreamFactory,
+    UpstreamSettings,
+    UpstreamTransport,
+)
+from tunneld.interfaces import IStream, IStreamReceiver, IUpstream
 from tunneld.model.messages import Headers, ReplyHead
 from tunneld.model.reasons import Reason
 
-__all__ = ["relay_upgrade"]
+__all__ = ["UpgradeRelays"]
 
 # Hop-by-hop response fields that do not describe the switch itself.
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-    }
-)
-
-
-class _Pool(typing.Protocol):
-    """What a relay needs of its L{tunneld.agent.upstream.UpstreamPool}."""
-
-    endpoint: str
-    connect_timeout: float
-    response_timeout: float
-    _reactor: Any
-    _endpoint: Any
-
-
-class _Transport(typing.Protocol):
-    def write(self, data: bytes) -> None: ...
-    def writeSequence(self, data: list[bytes]) -> None: ...
-    def loseConnection(self) -> None: ...
-    def loseWriteConnection(self) -> None: ...
-    def abortConnection(self) -> None: ...
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
-    def unregisterProducer(self) -> None: ...
+_HOP_BY_HOP = HOP_BY_HOP - {b"upgrade"}
 
 
 def _reply_headers(response: h11.Response | h11.InformationalResponse) -> list[tuple[bytes, bytes]]:
@@ -76,15 +53,12 @@ def _reply_headers(response: h11.Response | h11.InformationalResponse) -> list[t
 
 
 @implementer(IHalfCloseableProtocol)
-class _UpgradeConnection(Protocol):
+class _UpgradeConnection(UpstreamConnection):
     """The dedicated upstream connection of one relay; it only passes events on."""
 
-    relay: _UpgradeRelay
-
-    def connectionMade(self) -> None:
-        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            set_no_delay(True)
+    def __init__(self, relay: _UpgradeRelay) -> None:
+        super().__init__()
+        self.relay = relay
 
     def dataReceived(self, data: bytes) -> None:
         self.relay.upstream_data(data)
@@ -96,24 +70,12 @@ class _UpgradeConnection(Protocol):
     def writeConnectionLost(self) -> None:
         """IHalfCloseableProtocol.writeConnectionLost"""
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
+    def upstream_closed(self, reason: Failure) -> None:
         self.relay.upstream_lost(reason)
 
 
-class _Factory(ClientFactory):
-    noisy = False
-
-    def __init__(self, relay: _UpgradeRelay) -> None:
-        self._relay = relay
-
-    def buildProtocol(self, addr: IAddress | None) -> _UpgradeConnection:
-        conn = _UpgradeConnection()
-        conn.relay = self._relay
-        return conn
-
-
 @implementer(IStreamReceiver, IPushProducer)
-class _UpgradeRelay:
+class _UpgradeRelay(UpstreamExchange):
     """
     One upgrade stream and its upstream connection.
 
@@ -123,20 +85,15 @@ class _UpgradeRelay:
 
     # One per tunneled WebSocket the agent holds, often for hours.
     __slots__ = (
-        "_pool", "_stream", "_parser", "_conn", "_sock", "_connecting", "_request",
+        "_parser", "_conn", "_sock", "_request",
         "_pending", "_client_ended", "_switched", "_declined", "_upstream_ended", "_done",
-        "_timer",
     )
 
-    log = Logger()
-
-    def __init__(self, pool: _Pool, stream: IStream) -> None:
-        self._pool = pool
-        self._stream = stream
+    def __init__(self, pool: UpstreamSettings, stream: IStream) -> None:
+        super().__init__(pool, stream)
         self._parser = h11.Connection(h11.CLIENT)
         self._conn: _UpgradeConnection | None = None
-        self._sock: _Transport | None = None
-        self._connecting: Deferred[Any] | None = None
+        self._sock: UpstreamTransport | None = None
         self._request: list[bytes] = []  # the request head, until connected
         self._pending: list[bytes] = []  # client bytes before the connection exists
         self._client_ended = False
@@ -144,7 +101,6 @@ class _UpgradeRelay:
         self._declined = False  # an ordinary response is being relayed
         self._upstream_ended = False
         self._done = False
-        self._timer: Any = None
 
     # -- starting ---------------------------------------------------------
 
@@ -163,11 +119,7 @@ class _UpgradeRelay:
             pieces = list(self._parser.send_with_data_passthrough(request) or ())
             pieces += self._parser.send_with_data_passthrough(h11.EndOfMessage()) or ()
         except (h11.LocalProtocolError, UnicodeError) as error:
-            self.log.info(
-                "upgrade request cannot be sent to upstream {endpoint}: {error}",
-                endpoint=self._pool.endpoint, error=str(error),
-            )
-            self._fail(Reason.BAD_REQUEST, f"request cannot be sent upstream: {error}")
+            self._bad_request(error)
             return
         self._request = pieces
         # The request is built: a WebSocket held open for hours need not
@@ -175,19 +127,14 @@ class _UpgradeRelay:
         self._stream.head = head.without_headers()
         # Hold the client's bytes at the edge until the upstream is there.
         self._stream.pauseProducing()
-        pool = self._pool
-        connecting: Deferred[Any] = pool._endpoint.connect(_Factory(self))
-        connecting.addTimeout(pool.connect_timeout, pool._reactor, connect_timed_out)
-        self._connecting = connecting
-        connecting.addCallbacks(self._connected, self._connect_failed)
+        self._dial(UpstreamFactory(functools.partial(_UpgradeConnection, self)))
 
     def _connected(self, conn: _UpgradeConnection) -> None:
-        self._connecting = None
         if self._done:
             conn.transport.abortConnection()  # type: ignore[union-attr]
             return
         self._conn = conn
-        sock = self._sock = cast(_Transport, conn.transport)
+        sock = self._sock = cast(UpstreamTransport, conn.transport)
         request, self._request = self._request, []
         sock.writeSequence(request)
         pending, self._pending = self._pending, []
@@ -199,29 +146,10 @@ class _UpgradeRelay:
             sock.registerProducer(self, True)
         self._stream.registerProducer(cast(IPushProducer, sock), True)
         self._stream.resumeProducing()
-        self._timer = self._pool._reactor.callLater(self._pool.response_timeout, self._no_answer)
+        self._arm_timer(self._pool.response_timeout)
 
-    def _connect_failed(self, failure: Failure) -> None:
-        self._connecting = None
-        if self._done or isinstance(failure.value, CancelledError):
-            return
-        error = connect_error(failure, self._pool.connect_timeout)
-        self.log.warn(
-            "upstream {endpoint} refused: {error}", endpoint=self._pool.endpoint, error=error
-        )
-        self._fail(Reason.UPSTREAM_REFUSED, f"upstream {self._pool.endpoint} refused: {error}")
-
-    def _no_answer(self) -> None:
-        self._timer = None
-        timeout = self._pool.response_timeout
-        self.log.warn(
-            "upstream {endpoint} sent no response within {timeout}s",
-            endpoint=self._pool.endpoint, timeout=timeout,
-        )
-        self._fail(
-            Reason.UPSTREAM_TIMEOUT,
-            f"upstream {self._pool.endpoint} sent no response within {timeout:g}s",
-        )
+    def _timed_out(self) -> None:
+        self._no_response()
 
     # -- IStreamReceiver: from the client ----------------------------------
 
@@ -255,10 +183,7 @@ class _UpgradeRelay:
         """L{IStreamReceiver}: the edge gave up; drop the upstream connection."""
         if self._done:
             return
-        self.log.debug(
-            "upgrade stream to upstream {endpoint} reset by the edge ({reason}): {message}",
-            endpoint=self._pool.endpoint, reason=reason.value, message=message,
-        )
+        self._log_edge_reset(reason, message)
         self._done = True
         self._teardown()
 
@@ -290,7 +215,7 @@ class _UpgradeRelay:
             parser.receive_data(data)
             self._pump()
         except h11.RemoteProtocolError as error:
-            self._malformed(str(error))
+            self._malformed(error)
 
     def _pump(self) -> None:
         parser = self._parser
@@ -384,25 +309,7 @@ class _UpgradeRelay:
             detail = reason.getErrorMessage()
         if self._done:
             return
-        when = "mid-response" if self._declined else "before responding"
-        self.log.warn(
-            "upstream {endpoint} closed the connection {when}: {error}",
-            endpoint=self._pool.endpoint, when=when, error=detail,
-        )
-        self._fail(
-            Reason.UPSTREAM_ERROR,
-            f"upstream {self._pool.endpoint} closed the connection {when}: {detail}",
-        )
-
-    def _malformed(self, error: str) -> None:
-        self.log.warn(
-            "upstream {endpoint} sent a malformed response: {error}",
-            endpoint=self._pool.endpoint, error=error,
-        )
-        self._fail(
-            Reason.UPSTREAM_ERROR,
-            f"upstream {self._pool.endpoint} sent a malformed response: {error}",
-        )
+        self._closed_early("mid-response" if self._declined else "before responding", detail)
 
     # -- ending -------------------------------------------------------------
 
@@ -416,30 +323,33 @@ class _UpgradeRelay:
             sock.loseConnection()
 
     def _fail(self, reason: Reason, message: str) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._teardown()
-        self._stream.reset(reason, message)
+        if not self._done:
+            self._done = True
+            self._reset(reason, message)
 
-    def _teardown(self) -> None:
-        self._cancel_timer()
-        connecting, self._connecting = self._connecting, None
-        if connecting is not None:
-            connecting.cancel()
-        self._stream.unregisterProducer()
+    def _drop_upstream(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.abortConnection()
 
-    def _cancel_timer(self) -> None:
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
 
+@implementer(IUpstream)
+class UpgradeRelays:
+    """
+    The upgrade streams of one HTTP/1.1 upstream: each on a connection of
+    its own, never pooled.  Nothing is pooled, so closing has nothing to
+    wait for: a relay's connection lasts as long as its stream.
+    """
 
-def relay_upgrade(pool: _Pool, stream: IStream) -> None:
-    """Carry one upgrade stream to C{pool}'s upstream on a connection of its own."""
-    relay = _UpgradeRelay(pool, stream)
-    stream.attach(relay)
-    relay.start()
+    def __init__(self, settings: UpstreamSettings) -> None:
+        self._settings = settings
+
+    def forward(self, stream: IStream) -> None:
+        """L{IUpstream}: carry one upgrade stream to the upstream."""
+        relay = _UpgradeRelay(self._settings, stream)
+        stream.attach(relay)
+        relay.start()
+
+    def close(self) -> Deferred[None]:
+        """L{IUpstream}: nothing idle to close."""
+        return succeed(None)

@@ -19,19 +19,26 @@ malformed or cut short.
 
 from __future__ import annotations
 
+import functools
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, cast
 
-from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
-from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IAddress, IPushProducer, IStreamClientEndpoint
-from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+from automat import TypeMachineBuilder
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tunneld.agent.dialing import connect_error, connect_timed_out
+from tunneld.agent.exchange import (
+    HOP_BY_HOP,
+    UpstreamConnection,
+    UpstreamExchange,
+    UpstreamSettings,
+    UpstreamTransport,
+)
 from tunneld.agent.http1_wire import (
     Header,
     HeadMemo,
@@ -40,83 +47,41 @@ from tunneld.agent.http1_wire import (
     ResponseError,
     ResponseParser,
 )
-from tunneld.agent.upgrade import relay_upgrade
-from tunneld.interfaces import IStream, IStreamReceiver
+from tunneld.agent.upgrade import UpgradeRelays
+from tunneld.interfaces import IStream, IStreamReceiver, IUpstream
 from tunneld.model.messages import Headers, ReplyHead, StreamHead
 from tunneld.model.reasons import Reason
 from tunneld.speedups import bulkwrite
-from tunneld.speedups.memo import ByIdentity
 from tunneld.speedups.readsize import ReadSize
 
 __all__ = ["UpstreamPool"]
 
-# Twisted's endpoint parser is untyped; this is its signature.
-_client_from_string: Callable[[Any, str], IStreamClientEndpoint] = clientFromString
-
 # Methods whose requests carry no body unless they say so with a framing header.
 _BODYLESS_METHODS = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"TRACE", b"CONNECT"})
 
-# RFC 9110 section 7.6.1, plus the legacy Proxy-Connection.
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-
-
-class _Transport(typing.Protocol):
-    """What this module uses of an upstream connection's transport."""
-
-    def write(self, data: bytes) -> None: ...
-    def writeSequence(self, data: list[bytes]) -> None: ...
-    def loseConnection(self) -> None: ...
-    def abortConnection(self) -> None: ...
-    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
-    def unregisterProducer(self) -> None: ...
-    def pauseProducing(self) -> None: ...
-    def resumeProducing(self) -> None: ...
-    def stopProducing(self) -> None: ...
-
-
-def _end_to_end(headers: Sequence[Header]) -> list[Header]:
+def _end_to_end(headers: Sequence[Header]) -> tuple[Header, ...]:
     """
     The response headers a proxy passes on: all but the hop-by-hop ones and
     those the C{Connection} header names.  Original name case is kept.
     """
     kept = []
     named: set[bytes] | None = None
-    hop_by_hop = _HOP_BY_HOP
+    hop_by_hop = HOP_BY_HOP
     for name, value in headers:
         lower = name.lower()
         if lower in hop_by_hop:
             if lower == b"connection":
-                tokens = {token.strip(b" \t").lower() for token in value.split(b",")}
+                tokens = {token.strip(b" \t").lower() for token in value.split(b",")} - hop_by_hop
                 named = tokens if named is None else named | tokens
             continue
         kept.append((name, value))
-    if named:
-        kept = [(name, value) for name, value in kept if name.lower() not in named]
-    return kept
-
-
-def _end_to_end_of_head(
-    headers: tuple[Header, ...], kept_by_head: ByIdentity[tuple[Header, ...], tuple[Header, ...]]
-) -> tuple[Header, ...]:
-    """L{_end_to_end} of a parsed response head's fields, remembered in C{kept_by_head}."""
-    kept = kept_by_head.get(headers)
-    if kept is None:
-        kept = kept_by_head.put(headers, tuple(_end_to_end(headers)))
-    return kept
+    if named:  # (Connection: keep-alive names no other field)
+        return tuple([(name, value) for name, value in kept if name.lower() not in named])
+    return tuple(kept)
 
 
 @implementer(IPushProducer)
-class _UpstreamConnection(Protocol):
+class _UpstreamConnection(UpstreamConnection):
     """
     One HTTP/1.1 connection to the upstream, carrying one exchange at a time.
 
@@ -130,22 +95,18 @@ class _UpstreamConnection(Protocol):
     log = Logger()
 
     # The connected transport, typed for what we use of it; set on connecting.
-    sock: _Transport
+    sock: UpstreamTransport
 
     def __init__(self, pool: UpstreamPool) -> None:
+        super().__init__()
         self._pool = pool
         self.writer = RequestWriter(pool.memo)
-        self.parser = ResponseParser(memo=pool.memo)
+        self.parser = ResponseParser()
         self.exchange: _Exchange | None = None
-        self.lost = False
-        self._lost_waiters: list[Deferred[None]] = []
 
-    def connectionMade(self) -> None:
-        self.sock = cast(_Transport, self.transport)
+    def upstream_made(self) -> None:
+        self.sock = cast(UpstreamTransport, self.transport)
         self.read_size = ReadSize(self.transport)
-        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            set_no_delay(True)
         self._pool._connection_made(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -163,15 +124,11 @@ class _UpstreamConnection(Protocol):
         )
         self.sock.abortConnection()
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.lost = True
+    def upstream_closed(self, reason: Failure) -> None:
         self._pool._connection_lost(self)
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.upstream_lost(self, reason)
-        waiters, self._lost_waiters = self._lost_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
 
     def pauseProducing(self) -> None:
         """IPushProducer: the stream is out of credit; stop reading the response."""
@@ -193,29 +150,49 @@ class _UpstreamConnection(Protocol):
         """IPushProducer"""
         self.sock.stopProducing()
 
-    def when_lost(self) -> Deferred[None]:
-        """A Deferred that fires once this connection is closed."""
-        if self.lost:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._lost_waiters.append(waiter)
-        return waiter
 
+class _Life(typing.Protocol):
+    """
+    The inputs of an exchange's lifecycle (L{_Exchange}).  Each is one event;
+    the state it comes in decides the transition, and an input no state
+    expects raises L{automat.NoTransition}: a bug, never silently ignored.
+    """
 
-class _ConnectionFactory(ClientFactory):
-    """Makes the pool's upstream connections."""
+    def dial(self) -> None:
+        """No idle connection: dial a new one, holding the request body."""
 
-    noisy = False
+    def bind(self, conn: _UpstreamConnection, reused: bool, extra: Header | None) -> None:
+        """Send the request head (and what is here of its body) on C{conn}; more body follows."""
 
-    def __init__(self, pool: UpstreamPool) -> None:
-        self._pool = pool
+    def bind_whole(self, conn: _UpstreamConnection, reused: bool, extra: Header | None) -> None:
+        """Send the whole request on C{conn}."""
 
-    def buildProtocol(self, addr: IAddress | None) -> _UpstreamConnection:
-        return _UpstreamConnection(self._pool)
+    def request_complete(self) -> None:
+        """The edge ended the request body: send its end."""
+
+    def head_received(self, reply: ReplyHead) -> None:
+        """The response head was parsed."""
+
+    def response_complete(
+        self, data: bytes | memoryview, trailers: list[Header], reusable: bool
+    ) -> None:
+        """The response was parsed to its end."""
+
+    def stale(self) -> None:
+        """A reused connection closed before the upstream saw the request: dial again."""
+
+    def timer_fired(self) -> None:
+        """The exchange's timer fired."""
+
+    def fail(self, reason: Reason, message: str) -> None:
+        """End the stream with C{reason}, dropping the upstream side."""
+
+    def reset_by_edge(self, reason: Reason, message: str) -> None:
+        """The edge reset the stream: drop the upstream side."""
 
 
 @implementer(IStreamReceiver, IPushProducer)
-class _Exchange:
+class _Exchange(UpstreamExchange):
     """
     One stream forwarded to the upstream: request out, response back.
 
@@ -223,11 +200,21 @@ class _Exchange:
     producer registered on the upstream transport (a full upstream socket
     pauses the stream through it).  The transport itself is registered on the
     stream, so a stream out of credit stops reading from the upstream.
+
+    Its lifecycle is a state machine (L{_LIFE}; every transition is listed
+    in docs/architecture.md): idle, connecting, sending (the head is out,
+    the body still comes), waiting (the request is out), answered_early (a
+    response head before the request's end), answering, finished.  An input
+    its state does not expect raises L{automat.NoTransition}.  The per-chunk
+    paths (request body, response body) are no inputs: each transition sets
+    the handlers they call.
     """
 
     __slots__ = (
-        "_pool",
-        "_stream",
+        "_life",
+        "_at",
+        "_on_body",
+        "_on_end",
         "_method",
         "_target",
         "_headers",
@@ -236,76 +223,64 @@ class _Exchange:
         "_chunked_in",
         "_chunked",
         "_conn",
-        "_connecting",
         "_reused",
-        "_retried",
         "_pending",
         "_end",
-        "_request_done",
-        "_body_sent",
         "_progress",
         "_progress_mark",
         "_response_started",
-        "_replied",
         "_held_reply",
-        "_done",
-        "_hold",
         "_full",
         "_paused",
-        "_stream_has_producer",
-        "_transport_has_producer",
-        "_timer",
-        "last_read",
         "reading_paused",
         "__weakref__",
     )
 
-    log = Logger()
-
     def __init__(self, pool: UpstreamPool, stream: IStream) -> None:
-        self._pool = pool
-        self._stream = stream
+        super().__init__(pool, stream)
+        self._pool: UpstreamPool = pool
+        # The common path runs without a machine (see _HOT), at the state _at;
+        # the machine is made, in that state, for the first input off it.
+        self._life: _Life | None = None
+        self._at = "idle"
+        # What the request body and its end go to, set by each transition.
+        # (Functions of the class, not bound methods: no cycle through them.)
+        self._on_body: Callable[[_Exchange, bytes], None] = _Exchange._pending_append
+        self._on_end: Callable[[_Exchange, Headers], None] = _Exchange._note_end
         self._method = b""
         self._target = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        # The request's framing as the edge sent it, and as we send it on.
         self._has_length = False
         self._length_zero = False
         self._chunked_in = False
         self._chunked = False
         self._conn: _UpstreamConnection | None = None
-        self._connecting: Deferred[Any] | None = None
-        self._reused = False
-        self._retried = False
+        self._reused = False  # the connection bound came from the idle pool
         # Request body bytes that came before a connection existed.
         self._pending: list[bytes] = []
         # The request trailers once the edge has ended the request body.
         self._end: Headers | None = None
-        self._request_done = False
-        self._body_sent = False
+        # Request body writes so far, and as the timer last saw them.
         self._progress = 0
         self._progress_mark = 0
-        self._response_started = False
-        self._replied = False
+        self._response_started = False  # bytes of the response came
         # A response head not sent yet: its end may come with it.
         self._held_reply: ReplyHead | None = None
-        self._done = False
-        # The stream is paused while either holds; _paused is what we told it.
-        self._hold = False
+        # The upstream socket is full; what we told the stream (paused or not).
         self._full = False
         self._paused = False
-        self._stream_has_producer = False
-        self._transport_has_producer = False
-        # One timer: for the response head, then for the body's progress.
-        self._timer: Any = None
-        # When response bytes last came, and whether the stream holds the reading.
-        self.last_read = 0.0
+        # Whether the stream holds the reading of the response.
         self.reading_paused = False
+
+    def _pending_append(self, data: bytes) -> None:
+        self._pending.append(data)
 
     # -- starting ---------------------------------------------------------
 
     def start(self) -> None:
         """Check the stream's head, then send it on a pooled or new connection."""
-        if self._done:
+        if self._life is _ENDED:
             return  # reset while attaching
         head = self._stream.head
         if head.kind != "http":
@@ -324,9 +299,9 @@ class _Exchange:
             return
         conn = self._pool._take_idle()
         if conn is None:
-            self._connect()
+            self._machine().dial()
         else:
-            self._use(conn, reused=True)
+            self._bind(conn, reused=True)
 
     def _prepare(self, head: StreamHead) -> None:
         """Work out the request line and the headers that do not depend on framing."""
@@ -356,67 +331,15 @@ class _Exchange:
             headers.insert(0, (b"Host", host.encode("ascii")))
         self._headers = headers
 
-    def _connect(self) -> None:
-        """Open a fresh upstream connection, holding the request body meanwhile."""
-        if self._end is None:
-            self._hold = True
-            self._update_pause()
-        pool = self._pool
-        connecting: Deferred[Any] = pool._endpoint.connect(pool._factory)
-        connecting.addTimeout(pool.connect_timeout, pool._reactor, connect_timed_out)
-        self._connecting = connecting
-        connecting.addCallbacks(self._connected, self._connect_failed)
-
     def _connected(self, conn: _UpstreamConnection) -> None:
-        self._connecting = None
-        if self._done:
+        if self._life is _ENDED:
             conn.sock.abortConnection()
             return
-        self._use(conn, reused=False)
+        self._bind(conn, reused=False)
 
-    def _connect_failed(self, failure: Failure) -> None:
-        self._connecting = None
-        if self._done or isinstance(failure.value, CancelledError):
-            return
-        error = connect_error(failure, self._pool.connect_timeout)
-        self.log.warn(
-            "upstream {endpoint} refused: {error}", endpoint=self._pool.endpoint, error=error
-        )
-        self._fail(Reason.UPSTREAM_REFUSED, f"upstream {self._pool.endpoint} refused: {error}")
-
-    def _use(self, conn: _UpstreamConnection, reused: bool) -> None:
-        """Send the request head and what we hold of the body on C{conn}."""
-        self._conn = conn
-        self._reused = reused
-        conn.exchange = self
-        transport = conn.sock
-        self.reading_paused = False
-        self._stream.registerProducer(conn, True)
-        self._stream_has_producer = True
-        if self._end is None:
-            transport.registerProducer(self, True)
-            self._transport_has_producer = True
-        try:
-            empty = self._send_head(conn)
-            pending, self._pending = self._pending, []
-            for data in pending:
-                self._send_data(conn, data)
-            if empty or self._end is not None:
-                # Without a body the request is complete now, whenever the
-                # edge gets round to saying so.
-                self._send_end(conn)
-        except RequestError as error:
-            self._bad_request(error)
-            return
-        if self._done:
-            return
-        self._hold = False
-        self._update_pause()
-        self._arm_timer()
-
-    def _send_head(self, conn: _UpstreamConnection) -> bool:
-        """Send the request head, choosing the body framing; True if it has no body."""
-        extra: tuple[bytes, bytes] | None = None
+    def _bind(self, conn: _UpstreamConnection, reused: bool) -> None:
+        """Choose the body's framing, then send the request (whole, or its head first) on C{conn}."""
+        extra: Header | None = None
         self._chunked = False
         if self._has_length:
             empty = self._length_zero
@@ -434,30 +357,53 @@ class _Exchange:
             empty = False
         else:
             empty = True
-        headers = self._headers if extra is None else [*self._headers, extra]
-        head = conn.writer.head(self._method, self._target, headers)
-        conn.parser.expect(self, self._method == b"HEAD")
-        if empty:
-            # The whole request, the only write of this turn: sent at once.
-            bulkwrite.write_now(conn.sock, head)
+        if empty or self._end is not None:
+            self._step("bind_whole", conn, reused, extra)
         else:
-            conn.sock.write(head)
-        return empty
+            self._step("bind", conn, reused, extra)
+
+    def _use(self, conn: _UpstreamConnection, reused: bool, extra: Header | None, whole: bool) -> None:
+        """Send the request head, what we hold of the body, and (C{whole}) its end on C{conn}."""
+        self._conn = conn
+        self._reused = reused
+        conn.exchange = self
+        sock = conn.sock
+        self.reading_paused = False
+        self._stream.registerProducer(conn, True)
+        if not whole:
+            sock.registerProducer(self, True)
+        try:
+            headers = self._headers if extra is None else [*self._headers, extra]
+            head = conn.writer.head(self._method, self._target, headers)
+            conn.parser.expect(self, self._method == b"HEAD")
+            pending, self._pending = self._pending, []
+            if whole and not pending:
+                # The whole request, the only write of this turn: sent at once.
+                end = conn.writer.end(self._end if self._chunked and self._end else ())
+                bulkwrite.write_now(sock, head + end if end else head)
+            else:
+                sock.write(head)
+                for data in pending:
+                    self._send_data(conn, data)
+                if whole:
+                    self._send_end(conn)
+        except RequestError as error:
+            self._bad_request(error)
+            return
+        self._arm_timer(self._pool.response_timeout)
+        self._progress_mark = self._progress
+        # (Last: resuming the stream may bring the request's body and end at once.)
+        self._set_paused(self._full)
 
     def _send_data(self, conn: _UpstreamConnection, data: bytes) -> None:
         conn.sock.writeSequence(conn.writer.data(data))
-        self._body_sent = True
         self._progress += 1
 
     def _send_end(self, conn: _UpstreamConnection) -> None:
         end = conn.writer.end(self._end if self._chunked and self._end else ())
         if end:
             conn.sock.write(end)
-        self._request_done = True
         self._full = False
-        if self._transport_has_producer:
-            self._transport_has_producer = False
-            conn.sock.unregisterProducer()
 
     # -- IStreamReceiver: the request body from the edge ------------------
 
@@ -466,56 +412,48 @@ class _Exchange:
 
     def data_received(self, data: bytes) -> None:
         """L{IStreamReceiver}: request body bytes, sent on or held until connected."""
-        if self._done or not data:
-            return
+        if data:
+            self._on_body(self, data)
+
+    def end_received(self, trailers: Headers) -> None:
+        """L{IStreamReceiver}: the request body is complete."""
+        self._on_end(self, trailers)
+
+    def reset_received(self, reason: Reason, message: str) -> None:
+        """L{IStreamReceiver}: the edge gave up; drop the upstream connection."""
+        self._machine().reset_by_edge(reason, message)
+
+    # What the request body goes to in each state.
+
+    def _body_to_upstream(self, data: bytes) -> None:
         conn = self._conn
-        if conn is None:
-            self._pending.append(data)
-            return
-        if self._request_done:
-            self._bad_request(ValueError("request body bytes where the request had no body"))
-            return
+        assert conn is not None
         try:
             self._send_data(conn, data)
         except RequestError as error:
             self._bad_request(error)
 
-    def end_received(self, trailers: Headers) -> None:
-        """L{IStreamReceiver}: the request body is complete."""
-        if self._done:
-            return
-        self._end = tuple(trailers)
-        conn = self._conn
-        if conn is not None and not self._request_done:
-            try:
-                self._send_end(conn)
-            except RequestError as error:
-                self._bad_request(error)
+    def _body_after_end(self, data: bytes) -> None:
+        self._bad_request(ValueError("request body bytes where the request had no body"))
 
-    def reset_received(self, reason: Reason, message: str) -> None:
-        """L{IStreamReceiver}: the edge gave up; drop the upstream connection."""
-        if self._done:
-            return
-        self._done = True
-        self.log.debug(
-            "stream to upstream {endpoint} reset by the edge ({reason}): {message}",
-            endpoint=self._pool.endpoint,
-            reason=reason.value,
-            message=message,
-        )
-        self._teardown()
+    def _note_end(self, trailers: Headers) -> None:
+        self._end = tuple(trailers)
+
+    def _end_to_upstream(self, trailers: Headers) -> None:
+        self._end = tuple(trailers)
+        self._step("request_complete")
 
     # -- IPushProducer: the upstream transport's view of the request body --
 
     def pauseProducing(self) -> None:
         """L{IPushProducer}: the upstream socket is full; pause the stream."""
         self._full = True
-        self._update_pause()
+        self._set_paused(True)
 
     def resumeProducing(self) -> None:
         """L{IPushProducer}: the upstream socket drained; resume the stream."""
         self._full = False
-        self._update_pause()
+        self._set_paused(False)
 
     def stopProducing(self) -> None:
         """
@@ -523,8 +461,7 @@ class _Exchange:
         C{connectionLost} decides what the stream is told.
         """
 
-    def _update_pause(self) -> None:
-        want = self._hold or self._full
+    def _set_paused(self, want: bool) -> None:
         if want is not self._paused:
             self._paused = want
             if want:
@@ -542,71 +479,55 @@ class _Exchange:
             conn.parser.feed(data)
         except ResponseError as error:
             self._send_held_reply()
-            self._malformed(error)
+            if conn.exchange is self:
+                self._malformed(error)
             return
         self._send_held_reply()
 
     def _send_held_reply(self) -> None:
         reply, self._held_reply = self._held_reply, None
-        if reply is not None and not self._done:
+        if reply is not None:
             self._stream.send_reply(reply)
 
     # -- ResponseSink: what the parser makes of them
 
     def response_head(self, status: int, reason: bytes, headers: tuple[Header, ...]) -> None:
         """L{ResponseSink}: the response head, passed on without hop-by-hop headers."""
-        if self._done:
-            return
-        self._body_timer()
-        self._replied = True
-        # Held until this read is parsed: a response without a body ends with it.
-        self._held_reply = ReplyHead(status, reason, _end_to_end_of_head(headers, self._pool.kept))
+        self._step("head_received", ReplyHead(status, reason, _end_to_end(headers)))
 
     def response_data(self, data: bytes | memoryview) -> None:
         """L{ResponseSink}: response body bytes."""
-        if not self._done:
-            reply = self._held_reply
-            if reply is not None:
-                # A frame stream sends the reply and these bytes in one write.
-                write_with_reply = getattr(self._stream, "write_with_reply", None)
-                if write_with_reply is not None:
-                    self._held_reply = None
-                    write_with_reply(reply, data)
-                    return
-                self._send_held_reply()
-            # A view of a read (nothing changes it) goes on as one: every
-            # IStream here takes views (FrameStream, the gRPC stream).
-            self._stream.write(cast(bytes, data))
+        if self._conn is None:
+            return
+        reply = self._held_reply
+        if reply is not None:
+            # A frame stream sends the reply and these bytes in one write.
+            write_with_reply = getattr(self._stream, "write_with_reply", None)
+            if write_with_reply is not None:
+                self._held_reply = None
+                write_with_reply(reply, data)
+                return
+            self._send_held_reply()
+        # A view of a read (nothing changes it) goes on as one: every
+        # IStream here takes views (FrameStream, the gRPC stream).
+        self._stream.write(cast(bytes, data))
 
     def response_end(self, data: bytes | memoryview, trailers: list[Header], reusable: bool) -> None:
         """L{ResponseSink}: the response is complete: end the stream, keep or close the connection."""
+        self._step("response_complete", data, trailers, reusable)
+
+    def _unbind(self) -> _UpstreamConnection:
+        """Let go of the connection (still open) and of the stream's producer."""
         conn = self._conn
-        if self._done or conn is None:
-            return
-        self._done = True
-        self._cancel_timer()
+        assert conn is not None
         self._conn = None
         conn.exchange = None
-        if self._stream_has_producer:
-            self._stream_has_producer = False
-            self._stream.unregisterProducer()
-        if self._transport_has_producer:
-            self._transport_has_producer = False
-            conn.sock.unregisterProducer()
-        if conn.lost:
-            pass
-        elif reusable and self._request_done and conn.writer.keep_alive:
-            self._pool._release(conn)
-        elif self._request_done:
-            conn.sock.loseConnection()
-        else:
-            # What we still hold of the request body is of no use to anyone.
-            conn.sock.abortConnection()
-        if not self._request_done:
-            # The upstream answered before reading the whole body; let the
-            # rest drain from the edge (we drop it) rather than stall it.
-            self._hold = self._full = False
-            self._update_pause()
+        self._cancel_timer()
+        self._stream.unregisterProducer()
+        return conn
+
+    def _end_stream(self, data: bytes | memoryview, trailers: list[Header]) -> None:
+        """The response is complete: the held reply, the last bytes and the end, in as few frames as may be."""
         reply, self._held_reply = self._held_reply, None
         if reply is not None:
             # A frame stream sends a bodiless response as one frame.
@@ -628,30 +549,11 @@ class _Exchange:
 
     def upstream_lost(self, conn: _UpstreamConnection, reason: Failure) -> None:
         """C{conn} closed while serving this exchange."""
-        if self._done:
-            return
-        self._conn = None
-        self._transport_has_producer = False
-        self._full = False
-        if self._stream_has_producer:
-            self._stream_has_producer = False
-            self._stream.unregisterProducer()
-        if (
-            self._reused
-            and not self._retried
-            and not self._response_started
-            and not self._body_sent
-        ):
+        if self._reused and not self._response_started and not self._progress:
             # A stale keep-alive connection: the upstream closed it before it
-            # saw our request.  Nothing is lost yet, so try once more.
-            self._retried = True
-            self._cancel_timer()
-            self._request_done = False
-            self.log.info(
-                "upstream {endpoint} closed a reused connection before answering; retrying",
-                endpoint=self._pool.endpoint,
-            )
-            self._connect()
+            # saw our request.  Nothing is lost yet, so try once more (on a
+            # new connection: never reused, so never retried again).
+            self._machine().stale()
             return
         try:
             # A body delimited by the connection closing ends here.
@@ -660,138 +562,291 @@ class _Exchange:
             detail = str(error)
         else:
             detail = reason.getErrorMessage()
-        if self._done:
+        if self._life is _ENDED:
             return
-        when = "mid-response" if self._response_started else "before responding"
-        self.log.warn(
-            "upstream {endpoint} closed the connection {when}: {error}",
-            endpoint=self._pool.endpoint,
-            when=when,
-            error=detail,
-        )
-        self._fail(
-            Reason.UPSTREAM_ERROR,
-            f"upstream {self._pool.endpoint} closed the connection {when}: {detail}",
-        )
-
-    def _malformed(self, error: ResponseError) -> None:
-        self.log.warn(
-            "upstream {endpoint} sent a malformed response: {error}",
-            endpoint=self._pool.endpoint,
-            error=str(error),
-        )
-        self._fail(
-            Reason.UPSTREAM_ERROR,
-            f"upstream {self._pool.endpoint} sent a malformed response: {error}",
-        )
+        self._closed_early("mid-response" if self._response_started else "before responding", detail)
 
     # -- timing -----------------------------------------------------------
 
-    def _arm_timer(self) -> None:
-        self._progress_mark = self._progress
-        self._timer = self._pool._reactor.callLater(self._pool.response_timeout, self._timed_out)
-
-    def _cancel_timer(self) -> None:
-        timer, self._timer = self._timer, None
-        if timer is not None:
-            timer.cancel()
-
-    def _body_timer(self) -> None:
-        """The head is here: the timer now watches the body's progress (or stops)."""
-        timeout = self._pool.body_timeout
-        timer = self._timer
-        if timeout <= 0:
-            self._cancel_timer()
-        elif timer is None:
-            self._timer = self._pool._reactor.callLater(timeout, self._timed_out)
-        else:
-            # Later only (the usual case) is a cheap reset: no new timer.
-            timer.reset(timeout)
-
-    def _body_stalled(self) -> None:
-        timeout = self._pool.body_timeout
-        if timeout <= 0:
-            return
-        reactor = self._pool._reactor
-        idle = reactor.seconds() - self.last_read
-        waiting = self.reading_paused or not self._request_done
-        if waiting or idle + 1e-6 < timeout:
-            # The client holds the stream or still sends its request (the
-            # upstream may be waiting for it), or bytes came since.
-            wait = timeout if waiting else timeout - idle
-            self._timer = reactor.callLater(wait, self._timed_out)
-            return
-        self.log.warn(
-            "upstream {endpoint} stalled: nothing more of its response for {timeout}s",
-            endpoint=self._pool.endpoint, timeout=timeout,
-        )
-        self._fail(
-            Reason.UPSTREAM_TIMEOUT,
-            f"upstream {self._pool.endpoint} stalled: nothing more of its response for "
-            f"{timeout:g}s",
-        )
-
     def _timed_out(self) -> None:
-        self._timer = None
-        if self._done:
-            return
-        if self._replied:
-            self._body_stalled()
-            return
-        if not self._request_done and (not self._full or self._progress != self._progress_mark):
-            # Still sending the body, and the upstream is taking it (or the
-            # edge is slow to send it, which is the edge's to time out).
-            self._arm_timer()
-            return
-        timeout = self._pool.response_timeout
-        self.log.warn(
-            "upstream {endpoint} sent no response within {timeout}s",
-            endpoint=self._pool.endpoint,
-            timeout=timeout,
-        )
-        self._fail(
-            Reason.UPSTREAM_TIMEOUT,
-            f"upstream {self._pool.endpoint} sent no response within {timeout:g}s",
-        )
+        self._machine().timer_fired()
 
     # -- failing ----------------------------------------------------------
 
-    def _bad_request(self, error: Exception) -> None:
-        self.log.info(
-            "request cannot be sent to upstream {endpoint}: {error}",
-            endpoint=self._pool.endpoint,
-            error=str(error),
-        )
-        self._fail(Reason.BAD_REQUEST, f"request cannot be sent upstream: {error}")
-
     def _fail(self, reason: Reason, message: str) -> None:
         """End the stream with C{reason} and drop the upstream connection."""
-        if self._done:
-            return
-        self._done = True
-        self._teardown()
-        self._stream.reset(reason, message)
+        self._machine().fail(reason, message)
 
-    def _teardown(self) -> None:
-        """Stop timers and connection attempts; abort the upstream connection."""
-        self._cancel_timer()
-        connecting, self._connecting = self._connecting, None
-        if connecting is not None:
-            connecting.cancel()
-        if self._stream_has_producer:
-            self._stream_has_producer = False
-            self._stream.unregisterProducer()
+    def _drop_upstream(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.exchange = None
             conn.parser.abandon()
-            if self._transport_has_producer:
-                self._transport_has_producer = False
-                conn.sock.unregisterProducer()
             conn.sock.abortConnection()
 
+    def _stop_sending(self) -> None:
+        """The request body stops: this exchange is no longer the upstream socket's producer."""
+        conn = self._conn
+        if conn is not None:
+            conn.sock.unregisterProducer()
 
-class UpstreamPool:
+    def _finished(self) -> None:
+        """
+        Entering C{finished}: late request bytes and ends (in flight when the
+        upstream answered) are dropped.  Its machine (which refers back to
+        it) is let go, so it leaves no cycle for the cyclic GC; the shared
+        ended machine takes a late reset.
+        """
+        self._on_body = _dropped_late
+        self._on_end = _dropped_late
+        self._life = _ENDED
+        self._at = "finished"
+
+    # -- the lifecycle machine ------------------------------------------------
+
+    def _machine(self) -> _Life:
+        """This exchange's machine, made in the state the common path reached when first needed."""
+        life = self._life
+        if life is None:
+            life = self._life = _LIFE(self, _STATES[self._at])
+        return life
+
+    def _step(self, name: str, *args: Any) -> None:
+        """
+        Feed the input C{name}: while the exchange has no machine and the
+        input is a common-path transition from where it is (L{_HOT}), that
+        transition runs directly; anything else goes to the machine, which
+        raises L{automat.NoTransition} for an input its state does not expect.
+        """
+        if self._life is None:
+            hot = _HOT.get((self._at, name))
+            if hot is not None:
+                self._at, transition = hot
+                transition(None, self, *args)
+                return
+        getattr(self._machine(), name)(*args)
+
+
+def _dropped_late(exchange: _Exchange, late: object) -> None:
+    """Request body bytes, or its end, after the exchange finished: dropped."""
+
+
+# -- the lifecycle of an exchange ----------------------------------------------
+
+_builder = TypeMachineBuilder(_Life, _Exchange)
+_IDLE = _builder.state("idle")
+_CONNECTING = _builder.state("connecting")
+_SENDING = _builder.state("sending")  # the request head is out; its body still comes
+_WAITING = _builder.state("waiting")  # the request is out; no response head yet
+_ANSWERED_EARLY = _builder.state("answered_early")  # a response head before the request's end
+_ANSWERING = _builder.state("answering")  # the response head is in; the request is out
+_FINISHED = _builder.state("finished")
+_STATES = {
+    state.name: state
+    for state in (_IDLE, _CONNECTING, _SENDING, _WAITING, _ANSWERED_EARLY, _ANSWERING, _FINISHED)
+}
+
+@_IDLE.upon(_Life.dial).to(_CONNECTING)
+def _dial_new(life: _Life, ex: _Exchange) -> None:
+    """Hold the request body at the edge until the connection is there."""
+    ex._on_body = _Exchange._pending_append
+    ex._on_end = _Exchange._note_end
+    if ex._end is None:
+        ex._set_paused(True)
+    ex._dial(ex._pool._factory)
+
+
+@_SENDING.upon(_Life.stale).to(_CONNECTING)
+@_WAITING.upon(_Life.stale).to(_CONNECTING)
+def _redial(life: _Life, ex: _Exchange) -> None:
+    """A stale keep-alive connection: nothing was lost, so dial a new one."""
+    ex._cancel_timer()
+    ex._conn = None
+    ex._full = False
+    ex._stream.unregisterProducer()
+    ex.log.info(
+        "upstream {endpoint} closed a reused connection before answering; retrying",
+        endpoint=ex._pool.endpoint,
+    )
+    _dial_new(life, ex)
+
+
+@_CONNECTING.upon(_Life.bind).to(_SENDING)
+def _send_head(
+    life: _Life, ex: _Exchange, conn: _UpstreamConnection, reused: bool, extra: Header | None
+) -> None:
+    """The request head (and what is here of the body) goes; the body follows as it comes."""
+    ex._on_body = _Exchange._body_to_upstream
+    ex._on_end = _Exchange._end_to_upstream
+    ex._use(conn, reused, extra, whole=False)
+
+
+@_CONNECTING.upon(_Life.bind_whole).to(_WAITING)
+def _send_request(
+    life: _Life, ex: _Exchange, conn: _UpstreamConnection, reused: bool, extra: Header | None
+) -> None:
+    """The whole request goes at once."""
+    ex._on_body = _Exchange._body_after_end
+    ex._on_end = _Exchange._note_end
+    ex._use(conn, reused, extra, whole=True)
+
+
+@_ANSWERED_EARLY.upon(_Life.request_complete).to(_ANSWERING)
+def _end_request(life: _Life, ex: _Exchange) -> None:
+    """The request body's end goes; the upstream socket no longer pauses the stream."""
+    ex._on_body = _Exchange._body_after_end
+    ex._on_end = _Exchange._note_end
+    conn = ex._conn
+    assert conn is not None
+    try:
+        ex._send_end(conn)
+    except RequestError as error:
+        ex._bad_request(error)
+        return
+    conn.sock.unregisterProducer()
+
+
+@_SENDING.upon(_Life.head_received).to(_ANSWERED_EARLY)
+def _take_head(life: _Life, ex: _Exchange, reply: ReplyHead) -> None:
+    """Held until this read is parsed: a response without a body ends with it."""
+    ex._body_timer()
+    ex._held_reply = reply
+
+
+def _finish_response(
+    life: _Life, ex: _Exchange, data: bytes | memoryview, trailers: list[Header], reusable: bool
+) -> None:
+    """End the stream; keep the connection for the next request, or close it."""
+    ex._finished()
+    conn = ex._unbind()
+    if conn.lost:
+        pass
+    elif reusable and conn.writer.keep_alive:
+        ex._pool._release(conn)
+    else:
+        conn.sock.loseConnection()
+    ex._end_stream(data, trailers)
+
+
+@_ANSWERED_EARLY.upon(_Life.response_complete).to(_FINISHED)
+def _finish_response_early(
+    life: _Life, ex: _Exchange, data: bytes | memoryview, trailers: list[Header], reusable: bool
+) -> None:
+    """
+    The upstream answered before reading the whole request body: what we
+    still hold of it is of no use to anyone, so the connection goes; the
+    rest drains from the edge (dropped) rather than stall it.
+    """
+    ex._finished()  # (first: resuming the stream may bring body bytes at once, to be dropped)
+    ex._stop_sending()
+    conn = ex._unbind()
+    if not conn.lost:
+        conn.sock.abortConnection()
+    ex._full = False
+    ex._set_paused(False)
+    ex._end_stream(data, trailers)
+
+
+@_SENDING.upon(_Life.timer_fired).loop()
+def _watch_request(life: _Life, ex: _Exchange) -> None:
+    """
+    Still sending the body: while the upstream takes it (or the edge is slow
+    to send it, which is the edge's to time out) the head may wait.
+    """
+    if not ex._full or ex._progress != ex._progress_mark:
+        ex._progress_mark = ex._progress
+        ex._arm_timer(ex._pool.response_timeout)
+    else:
+        ex._no_response()
+
+
+@_WAITING.upon(_Life.timer_fired).loop()
+def _no_head(life: _Life, ex: _Exchange) -> None:
+    ex._no_response()
+
+
+@_ANSWERED_EARLY.upon(_Life.timer_fired).loop()
+def _watch_body_early(life: _Life, ex: _Exchange) -> None:
+    ex._watch_body(waiting=True)  # the client still sends its request
+
+
+@_ANSWERING.upon(_Life.timer_fired).loop()
+def _watch_body(life: _Life, ex: _Exchange) -> None:
+    ex._watch_body(waiting=ex.reading_paused)
+
+
+@_IDLE.upon(_Life.fail).to(_FINISHED)
+@_CONNECTING.upon(_Life.fail).to(_FINISHED)
+@_WAITING.upon(_Life.fail).to(_FINISHED)
+@_ANSWERING.upon(_Life.fail).to(_FINISHED)
+def _abandon(life: _Life, ex: _Exchange, reason: Reason, message: str) -> None:
+    """End the stream with C{reason}; drop the upstream side."""
+    ex._finished()
+    ex._reset(reason, message)
+
+
+@_SENDING.upon(_Life.fail).to(_FINISHED)
+@_ANSWERED_EARLY.upon(_Life.fail).to(_FINISHED)
+def _abandon_sending(life: _Life, ex: _Exchange, reason: Reason, message: str) -> None:
+    """The same while the request body goes: the upstream socket stops pausing the stream first."""
+    ex._stop_sending()
+    _abandon(life, ex, reason, message)
+
+
+@_IDLE.upon(_Life.reset_by_edge).to(_FINISHED)
+@_CONNECTING.upon(_Life.reset_by_edge).to(_FINISHED)
+@_WAITING.upon(_Life.reset_by_edge).to(_FINISHED)
+@_ANSWERING.upon(_Life.reset_by_edge).to(_FINISHED)
+def _dropped(life: _Life, ex: _Exchange, reason: Reason, message: str) -> None:
+    """The edge gave up: drop the upstream side (the stream is already gone)."""
+    ex._log_edge_reset(reason, message)
+    ex._finished()
+    ex._teardown()
+
+
+@_SENDING.upon(_Life.reset_by_edge).to(_FINISHED)
+@_ANSWERED_EARLY.upon(_Life.reset_by_edge).to(_FINISHED)
+def _dropped_sending(life: _Life, ex: _Exchange, reason: Reason, message: str) -> None:
+    """The same while the request body goes: the upstream socket stops pausing the stream first."""
+    ex._stop_sending()
+    _dropped(life, ex, reason, message)
+
+
+# A reset that crosses the stream's end on the wire finds the exchange over.
+_FINISHED.upon(_Life.reset_by_edge).loop().returns(None)
+
+# The common exchange: an idle keep-alive connection at hand, the request
+# sent, the response back in order.  These transitions are the machine's
+# like the others, and an exchange that has no machine yet takes them
+# straight from _HOT (state and input: next state and transition, the same
+# functions); any other input makes the machine, in the state reached, and
+# goes to it.  Why: every input through automat (its transition lookup scans
+# the whole table) cost more than the rest of the exchange's Python
+# (bench/agent_exchange_micro.py; the figures are in docs/benchmarks.md).
+_COMMON_PATH = (
+    (_IDLE, _Life.bind, _SENDING, _send_head),
+    (_IDLE, _Life.bind_whole, _WAITING, _send_request),
+    (_SENDING, _Life.request_complete, _WAITING, _end_request),
+    (_WAITING, _Life.head_received, _ANSWERING, _take_head),
+    (_ANSWERING, _Life.response_complete, _FINISHED, _finish_response),
+)
+for _source, _on, _target, _transition in _COMMON_PATH:
+    _source.upon(_on).to(_target)(_transition)
+_HOT: Mapping[tuple[str, str], tuple[str, Callable[..., None]]] = MappingProxyType(
+    {
+        (source.name, on.__name__): (target.name, transition)
+        for source, on, target, transition in _COMMON_PATH
+    }
+)
+
+_LIFE = _builder.build()
+# The machine every exchange hands over to when it finishes, so that none
+# keeps a cycle (exchange ↔ its machine) alive for the cyclic GC.
+_ENDED: _Life = _LIFE(cast(_Exchange, None), _FINISHED)
+
+
+@implementer(IUpstream)
+class UpstreamPool(UpstreamSettings):
     """
     Forwards HTTP streams to one upstream service, reusing keep-alive
     connections.
@@ -823,29 +878,24 @@ class UpstreamPool:
         response_timeout: float = 60.0,
         body_timeout: float = 60.0,
     ) -> None:
-        self._reactor = reactor
-        self.endpoint = endpoint
-        self._endpoint = _client_from_string(reactor, endpoint)
-        self._factory = _ConnectionFactory(self)
+        super().__init__(
+            reactor, endpoint, functools.partial(_UpstreamConnection, self),
+            connect_timeout, response_timeout, body_timeout,
+        )
         self.max_idle = max_idle
-        self.connect_timeout = connect_timeout
-        self.response_timeout = response_timeout
-        self.body_timeout = body_timeout
         self._idle: list[_UpstreamConnection] = []
         self._connections: set[_UpstreamConnection] = set()
         self._closed = False
         # What this upstream's connections remember of the heads and fields
-        # that recur: validated response heads and request fields (the
-        # parser's and writer's), and each head's end-to-end fields, by the
-        # identity of the fields' tuple (which the parser keeps per head).
+        # that recur: validated request fields (the writers').
         self.memo = HeadMemo()
-        self.kept: ByIdentity[tuple[Header, ...], tuple[Header, ...]] = ByIdentity(256)
+        self.upgrades: IUpstream = UpgradeRelays(self)
 
     def forward(self, stream: IStream) -> None:
         """Forward one stream to the upstream and its response back, end to end."""
         if stream.head.kind == "upgrade":
             # A protocol switch gets a connection of its own (never pooled).
-            relay_upgrade(self, stream)
+            self.upgrades.forward(stream)
             return
         exchange = _Exchange(self, stream)
         stream.attach(exchange)

@@ -19,32 +19,28 @@ Response trailers (C{grpc-status}) come back as the stream's end trailers; a
 
 from __future__ import annotations
 
+import functools
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 from h2 import events as h2events
-from h2.config import H2Configuration
 from h2.errors import ErrorCodes
 from h2.exceptions import H2Error
-from h2.settings import SettingCodes, Settings
-from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
-from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IAddress, IPushProducer, IStreamClientEndpoint
-from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+from h2.settings import SettingCodes
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tunneld import h2base
 from tunneld.agent.dialing import connect_error, connect_timed_out
-from tunneld.interfaces import IStream, IStreamReceiver
+from tunneld.agent.exchange import UpstreamConnection, UpstreamExchange, UpstreamSettings
+from tunneld.interfaces import IStream, IStreamReceiver, IUpstream
 from tunneld.model.messages import Headers, ReplyHead
 from tunneld.model.reasons import Reason
-from tunneld.speedups.lean_h2 import new_h2_connection
 
 __all__ = ["H2UpstreamPool"]
-
-_client_from_string: Callable[[Any, str], IStreamClientEndpoint] = clientFromString
 
 # Connection-specific fields HTTP/2 forbids (RFC 9113 section 8.2.2), plus
 # the hop-by-hop ones of RFC 9110; C{te} is handled on its own.
@@ -63,16 +59,17 @@ _CONNECTION_WINDOWS = 16
 
 
 @implementer(IStreamReceiver, IPushProducer)
-class _Call:
+class _Call(UpstreamExchange):
     """
     One tunnel stream as one HTTP/2 stream to the upstream.  It takes the
     tunnel stream's events (the request), and is the producer registered on
     the tunnel stream (which pauses it when out of credit for the response).
     """
 
-    log = Logger()
+    _pool: H2UpstreamPool
 
     def __init__(self, pool: H2UpstreamPool, stream: IStream) -> None:
+        super().__init__(pool, stream)
         self.pool = pool
         self.stream = stream
         self.headers: list[tuple[bytes, bytes]] = []
@@ -87,9 +84,9 @@ class _Call:
         self.paused_by_stream = False  # the tunnel stream is out of credit
         self.stream_paused = False  # what we told the tunnel stream
         self.done = False
-        # One timer: for the response head, then for the body's progress.
-        self.timer: Any = None
-        self.last_read = 0.0  # when response bytes last came
+        # How the upstream stream is let go when the call ends: reset with a
+        # code, or (None) left alone, as it has ended or is gone.
+        self.reset_code: ErrorCodes | None = ErrorCodes.CANCEL
 
     # -- starting -----------------------------------------------------------
 
@@ -104,7 +101,7 @@ class _Call:
             method, path = head.method.encode("ascii"), head.target.encode("ascii")
             authority = head.tunnel.partition("/")[0].encode("ascii").removeprefix(b"*.")
         except UnicodeError as error:
-            self.fail(Reason.BAD_REQUEST, f"request cannot be sent upstream: {error}")
+            self._bad_request(error)
             return
         trailers = False
         regular: list[tuple[bytes, bytes]] = []
@@ -137,7 +134,7 @@ class _Call:
             end = self.request_end is not None and not self.request_end and not self.outbox
             conn.h2.send_headers(self.stream_id, self.headers, end_stream=end)
         except H2Error as error:
-            self.fail(Reason.BAD_REQUEST, f"request cannot be sent upstream: {error}")
+            self._bad_request(error)
             return
         conn.calls[self.stream_id] = self
         if end:
@@ -171,10 +168,7 @@ class _Call:
         """L{IStreamReceiver}: the edge gave up; cancel the upstream stream."""
         if self.done:
             return
-        self.log.debug(
-            "stream to upstream {endpoint} reset by the edge ({reason}): {message}",
-            endpoint=self.pool.endpoint, reason=reason.value, message=message,
-        )
+        self._log_edge_reset(reason, message)
         self.finish(ErrorCodes.CANCEL)
 
     # -- IPushProducer: the tunnel stream's view of the response -----------
@@ -201,25 +195,11 @@ class _Call:
         if conn is None or self.done or self.request_sent:
             self.update_pause()
             return
-        h2 = conn.h2
-        stream_id = self.stream_id
         try:
-            while self.outbox:
-                window = min(h2.local_flow_control_window(stream_id), h2.max_outbound_frame_size)
-                if window <= 0:
-                    break
-                chunk = self.outbox[0]
-                if len(chunk) > window:
-                    self.outbox[0] = chunk[window:]
-                    chunk = chunk[:window]
-                else:
-                    self.outbox.popleft()
-                h2.send_data(stream_id, chunk)
-            if not self.outbox and self.request_end is not None:
-                if self.request_end:
-                    h2.send_headers(stream_id, list(self.request_end), end_stream=True)
-                else:
-                    h2.end_stream(stream_id)
+            _, ended = h2base.send_within_window(
+                conn.h2, self.stream_id, self.outbox, self.request_end
+            )
+            if ended:
                 self.request_sent = True
                 self.arm_timer()
         except H2Error as error:
@@ -247,7 +227,8 @@ class _Call:
     # -- the response -------------------------------------------------------
 
     def response(self, headers: list[tuple[bytes, bytes]]) -> None:
-        self.body_timer()
+        self.last_read = self.pool._reactor.seconds()
+        self._body_timer()
         status = 0
         out: list[tuple[bytes, bytes]] = []
         for name, value in headers:
@@ -293,80 +274,38 @@ class _Call:
     # -- timing, failing, finishing -----------------------------------------
 
     def arm_timer(self) -> None:
-        if not self.replied and self.timer is None and not self.done:
-            self.timer = self.pool._reactor.callLater(self.pool.response_timeout, self.timed_out)
+        if not self.replied and self._timer is None and not self.done:
+            self._arm_timer(self.pool.response_timeout)
 
-    def cancel_timer(self) -> None:
-        timer, self.timer = self.timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
-
-    def body_timer(self) -> None:
-        """The head is here: the timer now watches the body's progress (or stops)."""
-        timeout = self.pool.body_timeout
-        self.last_read = self.pool._reactor.seconds()
-        if timeout <= 0:
-            self.cancel_timer()
-        elif self.timer is None:
-            self.timer = self.pool._reactor.callLater(timeout, self.timed_out)
-        else:
-            self.timer.reset(timeout)
-
-    def timed_out(self) -> None:
-        self.timer = None
+    def _timed_out(self) -> None:
         if self.done:
             return
         if self.replied:
-            self.body_stalled()
-            return
-        timeout = self.pool.response_timeout
-        self.log.warn(
-            "upstream {endpoint} sent no response within {timeout}s",
-            endpoint=self.pool.endpoint, timeout=timeout,
-        )
-        self.fail(
-            Reason.UPSTREAM_TIMEOUT,
-            f"upstream {self.pool.endpoint} sent no response within {timeout:g}s",
-        )
-
-    def body_stalled(self) -> None:
-        timeout = self.pool.body_timeout
-        reactor = self.pool._reactor
-        idle = reactor.seconds() - self.last_read
-        waiting = self.paused_by_stream or not self.request_sent
-        if waiting or idle + 1e-6 < timeout:
-            # The client holds the stream or still sends its request (the
-            # upstream may be waiting for it), or bytes came since.
-            wait = timeout if waiting else timeout - idle
-            self.timer = reactor.callLater(wait, self.timed_out)
-            return
-        self.log.warn(
-            "upstream {endpoint} stalled: nothing more of its response for {timeout}s",
-            endpoint=self.pool.endpoint, timeout=timeout,
-        )
-        self.fail(
-            Reason.UPSTREAM_TIMEOUT,
-            f"upstream {self.pool.endpoint} stalled: nothing more of its response for "
-            f"{timeout:g}s",
-        )
+            self._watch_body(waiting=self.paused_by_stream or not self.request_sent)
+        else:
+            self._no_response()
 
     def fail(self, reason: Reason, message: str) -> None:
         """End the tunnel stream with C{reason} and cancel the upstream stream."""
-        if self.done:
-            return
-        self.finish(ErrorCodes.CANCEL)
-        self.stream.reset(reason, message)
+        if not self.done:
+            self.done = True
+            self._reset(reason, message)
+
+    _fail = fail
 
     def finish(self, code: ErrorCodes | None) -> None:
         """Done with both streams; C{code}: reset the upstream stream with it."""
         self.done = True
-        self.cancel_timer()
+        self.reset_code = code
+        self._teardown()
+
+    def _drop_upstream(self) -> None:
         self.outbox.clear()
         self.inbox.clear()
-        self.stream.unregisterProducer()
         self.pool._unqueue(self)
         conn = self.conn
         if conn is not None:
+            code = self.reset_code
             if code is not None and not conn.lost:
                 try:
                     conn.h2.reset_stream(self.stream_id, code)
@@ -387,45 +326,33 @@ class _Call:
     def upstream_lost(self, message: str) -> None:
         if self.done:
             return
-        when = "mid-response" if self.replied else "before responding"
-        self.finish(None)
-        self.stream.reset(
-            Reason.UPSTREAM_ERROR,
-            f"upstream {self.pool.endpoint} closed the connection {when}: {message}",
-        )
+        self.reset_code = None  # the upstream's stream is gone with its connection or GOAWAY
+        self._closed_early("mid-response" if self.replied else "before responding", message)
 
 
-class _H2Upstream(Protocol):
+class _H2Upstream(UpstreamConnection):
     """One HTTP/2 connection to the upstream, carrying many calls."""
 
     log = Logger()
 
     def __init__(self, pool: H2UpstreamPool) -> None:
+        super().__init__()
         self.pool = pool
-        self.h2 = new_h2_connection(H2Configuration(client_side=True, header_encoding=None))
-        self.h2.local_settings = Settings(
-            client=True,
-            initial_values={
+        self.h2 = h2base.new_connection(
+            client_side=True,
+            settings={
                 SettingCodes.INITIAL_WINDOW_SIZE: pool.initial_window,
                 SettingCodes.ENABLE_PUSH: 0,
             },
         )
         self.calls: dict[int, _Call] = {}
         self.sock: Any = None
-        self.lost = False
         self.draining = False  # GOAWAY received: no new streams
         self.socket_paused = False
-        self._lost_waiters: list[Deferred[None]] = []
 
-    def connectionMade(self) -> None:
+    def upstream_made(self) -> None:
         self.sock = self.transport
-        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            set_no_delay(True)
-        self.h2.initiate_connection()
-        self.h2.increment_flow_control_window(
-            self.pool.initial_window * _CONNECTION_WINDOWS - 65535
-        )
+        h2base.start(self.h2, self.pool.initial_window * _CONNECTION_WINDOWS)
         self.sock.registerProducer(self, True)
         self.flush()
 
@@ -496,22 +423,11 @@ class _H2Upstream(Protocol):
         else:
             self.pool._dispatch()
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.lost = True
+    def upstream_closed(self, reason: Failure) -> None:
         self.pool._connection_lost(self)
         for call in list(self.calls.values()):
             call.upstream_lost(reason.getErrorMessage())
         self.calls.clear()
-        waiters, self._lost_waiters = self._lost_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
-
-    def when_lost(self) -> Deferred[None]:
-        if self.lost:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._lost_waiters.append(waiter)
-        return waiter
 
     # IPushProducer: the upstream socket's view of the request bodies.
 
@@ -529,17 +445,8 @@ class _H2Upstream(Protocol):
         pass
 
 
-class _Factory(ClientFactory):
-    noisy = False
-
-    def __init__(self, pool: H2UpstreamPool) -> None:
-        self.pool = pool
-
-    def buildProtocol(self, addr: IAddress | None) -> _H2Upstream:
-        return _H2Upstream(self.pool)
-
-
-class H2UpstreamPool:
+@implementer(IUpstream)
+class H2UpstreamPool(UpstreamSettings):
     """
     Forwards HTTP streams to one h2c upstream over one multiplexed connection.
 
@@ -566,13 +473,10 @@ class H2UpstreamPool:
         initial_window: int = 1 << 20,
         body_timeout: float = 60.0,
     ) -> None:
-        self._reactor = reactor
-        self.endpoint = endpoint
-        self._endpoint = _client_from_string(reactor, endpoint)
-        self._factory = _Factory(self)
-        self.connect_timeout = connect_timeout
-        self.response_timeout = response_timeout
-        self.body_timeout = body_timeout
+        super().__init__(
+            reactor, endpoint, functools.partial(_H2Upstream, self),
+            connect_timeout, response_timeout, body_timeout,
+        )
         self.initial_window = initial_window
         self._conn: _H2Upstream | None = None
         self._connecting: Deferred[Any] | None = None

@@ -564,6 +564,30 @@ class TunnelLimits:
         "Per-method limits, keyed by the JSON-RPC method an MCP client names in its "
         "Mcp-Method header (e.g. \"tools/call\").",
     )
+    # Not limits inherited from [limits]: the edge's replay of this tunnel's
+    # public Server-Sent Events (tunneld/edge/replay.py), off unless asked for.
+    sse_replay: bool = setting(
+        False,
+        "Keep the last events of this tunnel's public text/event-stream replies and replay "
+        "the missed ones to a client that reconnects with Last-Event-ID (the edge holds the "
+        "upstream stream open meanwhile); an id no longer held is refused (410, "
+        "Tunnel-Error: session_gone). One buffer per tunnel, URL and credentials.",
+    )
+    sse_replay_events: int = setting(
+        1000, "Events one replay buffer keeps at most (with sse_replay).", check=positive
+    )
+    sse_replay_bytes: int = setting(
+        1_048_576, "Bytes one replay buffer keeps at most (with sse_replay); a single larger "
+        "event lets the stream go with 'saturated'.", check=positive,
+    )
+    sse_replay_linger: float = setting(
+        30.0, "Seconds the edge keeps an event stream open and recording after its client "
+        "went, for it to resume (with sse_replay).", check=positive,
+    )
+    sse_replay_streams: int = setting(
+        100, "Replay buffers this tunnel keeps at once (with sse_replay); past it the one "
+        "idle longest is let go.", check=positive,
+    )
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,13 @@ from tunneld.edge.forwarding import (
     peer_of,
     session_affinity,
 )
+from tunneld.edge.replay import (
+    ReplayBook,
+    ReplaySettings,
+    last_event_id,
+    open_replayed,
+    scope_of,
+)
 from tunneld.interfaces import IAgentLink, IStream, IStreamReceiver
 from tunneld.model.messages import Headers, StreamHead
 from tunneld.model.reasons import Reason
@@ -274,6 +281,7 @@ class EdgeGateway:
         stats: EdgeStats | None = None,
         admission: Admission | None = None,
         remote: RemoteRoutes | None = None,
+        replay: ReplayBook | None = None,
     ) -> None:
         self.routes = routes
         # A routing table that keeps MCP/ACP sessions (L{tunneld.router.Router}).
@@ -281,6 +289,8 @@ class EdgeGateway:
         self.stats = stats if stats is not None else EdgeStats()
         self.admission = admission
         self.remote = remote
+        # The replay of public Server-Sent Events, for tunnels that ask for it.
+        self.replay = replay
 
     # -- connections ----------------------------------------------------------
 
@@ -448,7 +458,63 @@ class EdgeGateway:
             peer=client.peer,
             scheme=client.scheme,
         )
+        replay = self.replay
+        if replay is not None and bodyless and not upgrade and head.method == "GET":
+            settings = replay.settings(route.tunnel)
+            if settings is not None:
+                self._open_replayed(client, exchange, route, slots, head, headers, replay, settings)
+                return
         self._open_stream(client, exchange, route, slots, head, bodyless and not upgrade)
+
+    def _open_replayed(
+        self, client: Client, exchange: PublicExchange, route: RouteLike,
+        slots: Releasable | None, head: StreamHead, headers: Headers,
+        replay: ReplayBook, settings: ReplaySettings,
+    ) -> None:
+        """
+        A GET on a tunnel that replays its event streams: resumed from the
+        edge's buffer, refused with the gap, or opened and recorded
+        (L{tunneld.edge.replay}).
+        """
+        scope = scope_of(route.tunnel, exchange.host, exchange.target, headers)
+        last = last_event_id(headers)
+        resumed = None
+        if last is not None:
+            found = replay.resume(scope, last)
+            if found is not None and not isinstance(found, tuple):
+                if slots is not None:
+                    slots.release()
+                replay.gap(exchange.host, exchange.target, client.peer, found)
+                self._refuse(client, exchange, Reason.SESSION_GONE, found.text, status=410)
+                return
+            resumed = found
+        exchange.slots = slots
+        if (
+            resumed is None and self._binds and getattr(route, "session", None) is not None
+            and hasattr(exchange, "affinity")
+        ):
+            exchange.affinity = partial(self._bind, route)  # type: ignore[attr-defined]
+
+        def open_upstream(receiver: IStreamReceiver) -> IStream:
+            return route.link.open_stream(head, receiver, end_stream=True)
+
+        try:
+            stream = open_replayed(replay, settings, scope, exchange, open_upstream, resumed)
+        except Exception:
+            self.log.failure(
+                "opening a stream for {method} {host}{target} failed",
+                method=head.method, host=exchange.host, target=exchange.target,
+            )
+            exchange.slots = None
+            if slots is not None:
+                slots.release()
+            reason = Reason.AGENT_UNAVAILABLE
+            self._refuse(client, exchange, reason, reason.description)
+            return
+        if resumed is None:
+            self.stats.streams_opened += 1
+        exchange.opened(stream)
+        stream.start()
 
     def _open_stream(
         self, client: Client, exchange: PublicExchange, route: RouteLike,

@@ -48,23 +48,22 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from h2 import events as h2events
-from h2.config import H2Configuration
 from h2.errors import ErrorCodes
 from h2.exceptions import H2Error
-from h2.settings import SettingCodes, Settings
+from h2.settings import SettingCodes
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tunneld import h2base
 from tunneld.edge.forwarding import HOP_BY_HOP, reply_headers
 from tunneld.edge.gateway import Client, EdgeGateway, Refusal
 from tunneld.interfaces import IStream, IStreamReceiver
 from tunneld.model.messages import Headers, ReplyHead
 from tunneld.model.reasons import Reason
 from tunneld.policy.caps import Releasable
-from tunneld.speedups.lean_h2 import new_h2_connection
 
 __all__ = [
     "PREFACE",
@@ -150,11 +149,11 @@ class _H2Exchange:
 
     def opened(self, stream: IStream) -> None:
         """PublicExchange.opened"""
-        self.protocol._opened(self, stream)
+        self.protocol.exchange_opened(self, stream)
 
     def refused(self, refusal: Refusal) -> None:
         """PublicExchange.refused"""
-        self.protocol._refused(self, refusal)
+        self.protocol.exchange_refused(self, refusal)
 
     # -- IStreamReceiver ----------------------------------------------------
 
@@ -163,27 +162,27 @@ class _H2Exchange:
         if self.live and not self.replied:
             if self.affinity is not None:
                 self.affinity(reply.headers)
-            self.protocol._reply(self, reply)
+            self.protocol.send_reply(self, reply)
 
     def data_received(self, data: bytes) -> None:
         """IStreamReceiver.data_received"""
         if not self.live or not self.replied or self.bodyless:
             return
-        self.protocol._send_body(self, data)
+        self.protocol.send_body(self, data)
 
     def end_received(self, trailers: Headers) -> None:
         """IStreamReceiver.end_received"""
         if not self.live:
             return
         if not self.replied:
-            self.protocol._stream_reset(self, Reason.PROTOCOL_ERROR, "stream ended without a reply")
+            self.protocol.stream_reset(self, Reason.PROTOCOL_ERROR, "stream ended without a reply")
             return
-        self.protocol._reply_end(self, trailers)
+        self.protocol.reply_end(self, trailers)
 
     def reset_received(self, reason: Reason, message: str) -> None:
         """IStreamReceiver.reset_received"""
         if self.live:
-            self.protocol._stream_reset(self, reason, message)
+            self.protocol.stream_reset(self, reason, message)
 
     # -- IPushProducer (the request body into the tunnel stream) -----------
 
@@ -195,16 +194,21 @@ class _H2Exchange:
         """IPushProducer.resumeProducing: credit came back; pass on what waits."""
         self.upload_paused = False
         if self.uploading:
-            self.protocol._upload(self)
+            self.protocol.upload(self)
 
     def stopProducing(self) -> None:
         """IPushProducer.stopProducing: the tunnel stream takes no more."""
         self.uploading = False
-        self.protocol._drop_inbox(self)
+        self.protocol.drop_inbox(self)
 
 
 class PublicH2Protocol(Protocol):
-    """One public HTTP/2 connection."""
+    """
+    One public HTTP/2 connection.  Its exchanges (L{_H2Exchange}) tell it
+    what their streams and the gateway decided through its public methods
+    (C{exchange_opened}, C{exchange_refused}, C{send_reply}, C{send_body},
+    C{reply_end}, C{stream_reset}, C{upload}, C{drop_inbox}).
+    """
 
     log = Logger()
 
@@ -215,12 +219,10 @@ class PublicH2Protocol(Protocol):
         self._settings = factory.settings
         self._clock = factory.reactor
         settings = factory.settings
-        self._conn = new_h2_connection(
-            H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
-        )
-        self._conn.local_settings = Settings(
-            client=False,
-            initial_values={
+        self._conn = h2base.new_connection(
+            client_side=False,
+            validate_inbound_headers=True,
+            settings={
                 SettingCodes.INITIAL_WINDOW_SIZE: settings.initial_window,
                 SettingCodes.MAX_CONCURRENT_STREAMS: settings.max_concurrent_streams,
                 SettingCodes.MAX_HEADER_LIST_SIZE: settings.max_header_bytes,
@@ -257,11 +259,7 @@ class PublicH2Protocol(Protocol):
             self._socket.getPeer(), self._settings.scheme, self._factory.via
         )
         self._peer = client.peer
-        conn = self._conn
-        conn.initiate_connection()
-        increment = self._settings.initial_window * _CONNECTION_WINDOWS - 65535
-        if increment > 0:
-            conn.increment_flow_control_window(increment)
+        h2base.start(self._conn, self._settings.initial_window * _CONNECTION_WINDOWS)
         self._socket.registerProducer(self, True)
         self._flush()
         self._arm(self._settings.header_timeout)
@@ -434,7 +432,7 @@ class PublicH2Protocol(Protocol):
         if not decided:
             exchange.waiting = True  # body bytes wait in its inbox, within its window
 
-    def _opened(self, exchange: _H2Exchange, stream: IStream) -> None:
+    def exchange_opened(self, exchange: _H2Exchange, stream: IStream) -> None:
         """The gateway opened the exchange's stream."""
         exchange.waiting = False
         exchange.stream = stream
@@ -444,20 +442,20 @@ class PublicH2Protocol(Protocol):
             exchange.uploading = True
             stream.registerProducer(exchange, True)
             if exchange.inbox or exchange.request_ended:
-                self._upload(exchange)  # what came while the decision was awaited
+                self.upload(exchange)  # what came while the decision was awaited
             if exchange.expect and exchange.live and not exchange.request_ended:
                 # Streams carry no interim responses; the edge invites the body itself.
                 self._send_headers(exchange, [(b":status", b"100")], end=False)
         self._update_stream_pause(exchange)
 
-    def _refused(self, exchange: _H2Exchange, refusal: Refusal) -> None:
+    def exchange_refused(self, exchange: _H2Exchange, refusal: Refusal) -> None:
         """
         The gateway refused the exchange: answer with the reason; with
         C{close} the connection takes no new streams (draining, a connection
         over the caps) and closes once the streams it has are answered.
         """
         exchange.waiting = False
-        self._drop_inbox(exchange)
+        self.drop_inbox(exchange)
         if refusal.close and self._goaway_after is None:
             # GOAWAY follows once the streams are answered (h2 sends nothing after it).
             self._goaway_after = exchange.stream_id
@@ -480,9 +478,9 @@ class PublicH2Protocol(Protocol):
             return
         exchange.inbox.append((event.data, length))
         if exchange.uploading:
-            self._upload(exchange)
+            self.upload(exchange)
 
-    def _upload(self, exchange: _H2Exchange) -> None:
+    def upload(self, exchange: _H2Exchange) -> None:
         """Pass waiting request bytes into the tunnel stream while it has credit."""
         stream = exchange.stream
         inbox = exchange.inbox
@@ -500,7 +498,8 @@ class PublicH2Protocol(Protocol):
         if not inbox and exchange.request_ended and exchange.uploading:
             self._finish_upload(exchange)
 
-    def _drop_inbox(self, exchange: _H2Exchange) -> None:
+    def drop_inbox(self, exchange: _H2Exchange) -> None:
+        """The request body waiting here is not wanted: drop it, its window goes back."""
         acked = sum(length for _, length in exchange.inbox)
         exchange.inbox.clear()
         if acked and not self._closing:
@@ -528,7 +527,8 @@ class PublicH2Protocol(Protocol):
 
     # -- the response -------------------------------------------------------
 
-    def _reply(self, exchange: _H2Exchange, reply: ReplyHead) -> None:
+    def send_reply(self, exchange: _H2Exchange, reply: ReplyHead) -> None:
+        """The exchange's stream replied: send the response head (a gRPC trailers-only one waits for the end)."""
         status = reply.status
         if not 100 <= status <= 999 or status == 101:
             self._reply_broke(exchange, f"status {status} cannot go over HTTP/2")
@@ -559,14 +559,16 @@ class PublicH2Protocol(Protocol):
         if held is not None:
             self._send_headers(exchange, held, end=False)
 
-    def _send_body(self, exchange: _H2Exchange, data: bytes) -> None:
+    def send_body(self, exchange: _H2Exchange, data: bytes) -> None:
+        """Response body from the exchange's stream, sent within the client's windows."""
         if exchange.held_reply is not None:
             self._send_held(exchange)
         self._stats.bytes_out += len(data)
         exchange.outbox.append(data)
         self._flush_out(exchange)
 
-    def _reply_end(self, exchange: _H2Exchange, trailers: Headers) -> None:
+    def reply_end(self, exchange: _H2Exchange, trailers: Headers) -> None:
+        """The exchange's stream ended: end the response (with trailers) after its body."""
         clean = [
             (name.lower(), value)
             for name, value in trailers
@@ -587,33 +589,14 @@ class PublicH2Protocol(Protocol):
         """Send what waits of a response within the client's windows."""
         if exchange.done or self._socket_paused:
             return  # resumeProducing flushes every stream
-        conn = self._conn
-        outbox = exchange.outbox
-        stream_id = exchange.stream_id
         try:
-            while outbox:
-                window = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
-                if window <= 0:
-                    break
-                chunk = outbox[0]
-                if len(chunk) > window:
-                    outbox[0] = chunk[window:]
-                    chunk = chunk[:window]
-                else:
-                    outbox.popleft()
-                # The last bytes of a response without trailers carry END_STREAM.
-                last = not outbox and exchange.end_pending == ()
-                conn.send_data(stream_id, chunk, end_stream=last)
+            sent, ended = h2base.send_within_window(
+                self._conn, exchange.stream_id, exchange.outbox, exchange.end_pending
+            )
+            if sent:
                 exchange.sent_data = True
-                if last:
-                    exchange.end_pending = None
-                    self._response_done(exchange)
-            if not outbox and exchange.end_pending is not None:
-                trailers, exchange.end_pending = exchange.end_pending, None
-                if trailers:
-                    conn.send_headers(stream_id, list(trailers), end_stream=True)
-                else:
-                    conn.end_stream(stream_id)
+            if ended:
+                exchange.end_pending = None
                 self._response_done(exchange)
         except H2Error as error:
             self._h2_refused(exchange, error)
@@ -716,7 +699,7 @@ class PublicH2Protocol(Protocol):
         cast(IStream, exchange.stream).reset(Reason.UPSTREAM_ERROR, error)
         self._answer(exchange, 502, Reason.UPSTREAM_ERROR.value, Reason.UPSTREAM_ERROR.description)
 
-    def _stream_reset(self, exchange: _H2Exchange, reason: Reason, message: str) -> None:
+    def stream_reset(self, exchange: _H2Exchange, reason: Reason, message: str) -> None:
         """The tunnel stream was reset: answer with the reason, or cut the HTTP/2 stream."""
         exchange.live = False
         self._stop_upload(exchange)
@@ -730,8 +713,7 @@ class PublicH2Protocol(Protocol):
         exchange.outbox.clear()
         exchange.end_pending = None
         exchange.done = True
-        code = ErrorCodes.CANCEL if reason is Reason.CLIENT_GONE else ErrorCodes.INTERNAL_ERROR
-        self._reset_h2(exchange, code)
+        self._reset_h2(exchange, h2base.cut_code(reason))
         self._forget(exchange)
 
     def _client_gone(
@@ -758,7 +740,7 @@ class PublicH2Protocol(Protocol):
             exchange.uploading = False
             if exchange.stream is not None:
                 exchange.stream.unregisterProducer()
-        self._drop_inbox(exchange)
+        self.drop_inbox(exchange)
 
     def _reset_h2(self, exchange: _H2Exchange, code: ErrorCodes) -> None:
         if self._closing:

@@ -31,10 +31,10 @@ from tunneld.edge.http2 import PublicH2Factory, PublicH2Settings, PublicHTTPChoo
 from tunneld.edge.probes import probe_site
 from tunneld.edge.public_tls import PublicTLSFactory, public_tls_contexts
 from tunneld.edge.relay import RelayDialer, RelayPeers
+from tunneld.edge.replay import ReplayBook
 from tunneld.edge.sessions import AgentSessions
 from tunneld.edge.tcp import TCPTunnels
 from tunneld.edge.terminal import TerminalBridge
-from tunneld.edge.terminal_web import terminal_mounts
 from tunneld.errors import ConfigError
 from tunneld.interfaces import AgentLinkSetup, EdgeLinkSetup, ITransportPlugin
 from tunneld.listening import ListeningService, address_text, listeners_under
@@ -73,7 +73,8 @@ class EdgeService(MultiService):
         edge = config.edge
         self.policy = PublicPolicy(config.limits, reactor, edge.max_streams_per_agent)
         # The one admission path of every public listener, TCP tunnels included.
-        self.gateway = EdgeGateway(self.router, self.stats, self.policy)
+        self.replay = ReplayBook(reactor, config.limits)
+        self.gateway = EdgeGateway(self.router, self.stats, self.policy, replay=self.replay)
         self.tcp = TCPTunnels(config.edge, self.router, reactor, self.gateway)
         self.tcp.setServiceParent(self)
         self.sessions = AgentSessions(config, self.router, reactor, self.stats, tcp=self.tcp)
@@ -168,6 +169,9 @@ class EdgeService(MultiService):
                 edge_name=lambda: edge.state.edge_name,
             )
             self.terminal.setServiceParent(self)
+            # Loaded here: its WebSocket page (Autobahn) weighs on an edge that serves no terminal.
+            from tunneld.edge.terminal_web import terminal_mounts
+
             mounts = terminal_mounts(self.terminal)
         self.relays: RelayPeers | None = None
         self.relay_dialer: RelayDialer | None = None
@@ -317,6 +321,30 @@ class EdgeService(MultiService):
         for listener in listeners:
             listener.listening.addBoth(one)
 
+    def transport_tables(self) -> dict[str, Any]:
+        """
+        What each transport that keeps a table of its own shows of it
+        (C{GET /api/transports}; a transport offers one with C{describe()}),
+        with the agent session each row's link serves where known (by peer),
+        and the replay buffers of public event streams.
+        """
+        by_peer = {
+            (session.link.transport_name, session.link.peer): session
+            for session in self.sessions.sessions.values()
+        }
+        tables: dict[str, Any] = {}
+        for name, transport in sorted(self.transports.items()):
+            describe = getattr(transport, "describe", None)
+            if describe is None:
+                continue
+            table = describe()
+            for row in table.get("connections", ()):
+                session = by_peer.get((name, row.get("peer")))
+                row["agent"] = session.agent_id if session is not None else None
+                row["session"] = session.session_id if session is not None else None
+            tables[name] = table
+        return {"transports": tables, "sse_replay": self.replay.describe()}
+
     def cluster(self) -> Deferred[dict[str, Any]]:
         """The cluster view (C{GET /api/cluster}): edges, their agents, where each tunnel is served."""
         local = {
@@ -418,6 +446,8 @@ class EdgeService(MultiService):
         if self.terminal is not None:
             # Terminals are not resumable: they end now, saying why, rather than at the deadline.
             self.terminal.shutdown("edge_stopping", "the edge is shutting down")
+        # Event streams kept for replay end now (their clients resume elsewhere).
+        self.replay.shutdown(Reason.DRAINING, "the edge is shutting down")
         # Agents are told to go (below) and must not find this edge again:
         # the agent listeners stop accepting, the links already up stay.
         stopping = [maybeDeferred(listener.stopService) for listener in self.public]
@@ -501,6 +531,7 @@ class EdgeService(MultiService):
         ]
         self.config = dataclasses.replace(old, edge=edge, limits=new.limits)
         self.policy.configure(new.limits, edge.max_streams_per_agent)
+        self.replay.configure(new.limits)
         self.sessions.limits = new.limits
         for wrapper in self._proxy_wrappers:
             wrapper.trusted = TrustedProxies(new.limits.trusted_proxies)

@@ -11,6 +11,8 @@ The admin API: a small JSON web service on its own, loopback-by-default listener
     GET  /api/refusals                 recent refusals (newest first) and totals by reason
     GET  /api/cluster                  every live edge (state backend), its agents and tunnels,
                                        and the edges serving each tunnel
+    GET  /api/transports               the tables transports keep on this edge (streamable HTTP:
+                                       its connections and event streams), the SSE replay buffers
     POST /api/agents/SESSION/drain     GOAWAY one session (naming another live edge to move
                                        to): no new streams, in-flight ones finish
 
@@ -57,6 +59,7 @@ class EdgeView:
         problems: Callable[[], list[str]] = list,
         notes: Callable[[], list[str]] = list,
         cluster: Callable[[], Deferred[dict[str, Any]]] | None = None,
+        transports: Callable[[], dict[str, Any]] = dict,
     ) -> None:
         self.sessions = sessions
         self.stats = stats
@@ -67,6 +70,7 @@ class EdgeView:
         self.problems = problems  # why the edge should get no traffic (draining, …)
         self.notes = notes  # what is degraded without making the edge unready (a lost Redis)
         self.cluster = cluster  # the cluster view, read from the state backend when asked
+        self.transports = transports  # the transports' own tables (streamable HTTP's connections)
 
     def agents(self) -> list[dict[str, Any]]:
         now = self.sessions.reactor.seconds()
@@ -192,6 +196,11 @@ class Cluster(_Leaf):
         return server.NOT_DONE_YET
 
 
+class Transports(_Leaf):
+    def render_GET(self, request: Request) -> bytes:  # noqa: N802
+        return _json(request, 200, {"transports": {}, "sse_replay": [], **self.view.transports()})
+
+
 class Agents(_Leaf):
     """C{GET /api/agents}, and C{POST /api/agents/SESSION/drain}."""
 
@@ -270,6 +279,7 @@ def admin_site(
     api.putChild(b"policy", Policy(view))
     api.putChild(b"refusals", Refusals(view))
     api.putChild(b"cluster", Cluster(view))
+    api.putChild(b"transports", Transports(view))
     for path, child in (mounts or {}).items():
         parent = root
         for name in path[:-1]:

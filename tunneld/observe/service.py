@@ -60,6 +60,7 @@ class EdgeObservability(MultiService):
             problems=getattr(root, "not_ready", list),
             notes=getattr(root, "degraded", list),
             cluster=getattr(root, "cluster", None),
+            transports=getattr(root, "transport_tables", dict),
         )
         self.admin: ListeningService | None = None
         if admin_listen:

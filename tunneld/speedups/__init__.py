@@ -24,7 +24,7 @@ configuration's C{[speedups]} table:
   - C{heap} (L{heap}) and C{gc_freeze} (L{gctune}): the process's malloc
     thresholds and garbage collector, through public calls.
 
-Not tricks, so without a switch of their own: L{memo}'s identity tables (the
+Not tricks, so without a switch of their own: L{memo}'s bounded tables (the
 per-object caches of the codec and the fast paths are plain Python) and
 L{scheduling} (the C{cpu_scheduling} setting, a deployment choice).
 
@@ -78,11 +78,11 @@ def configure(switches: Mapping[str, bool]) -> dict[str, bool]:
     before = {}
     for name in NAMES:
         current = trick(name)
-        before[name] = current.active
+        before[name] = current.wanted if current.deferred else current.active
         current.switch(everything and switches.get(name, True))
     return before
 
 
 def summary() -> str:
     """The tricks and whether each is on: C{"bulkwrite on, read_size on, lean_h2 off, …"}."""
-    return ", ".join(f"{t.name} {'on' if t.active else 'off'}" for t in tricks())
+    return ", ".join(f"{t.name} {'on' if t.pending or t.active else 'off'}" for t in tricks())

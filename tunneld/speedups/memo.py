@@ -1,26 +1,20 @@
 # -*- test-case-name: tests.test_memo -*-
 """
-What was made of what recurs, found again: bounded tables for the caches of
-the fast paths, each held by the object whose work it remembers (a codec, a
-listener, an upstream pool), never by a module.
+What was made of what recurs, found again: L{Bounded}, a dictionary emptied
+when full, for the caches of the fast paths, each held by the object whose
+work it remembers (a codec, a listener, an upstream pool), never by a module.
 
-L{Bounded} is a dictionary emptied when full.  L{ByIdentity} finds what was
-made of an object by the object's identity.
-
-An upstream sends the same response head again and again, and the codec
-hands equal header blocks on as the very same tuple; what each step makes of
-that tuple (the end-to-end fields, the encoded block, the rendered block) can
-then be found by C{id()} at the cost of one dictionary lookup, where hashing
-the tuple would walk all its fields.  An entry holds its object, so the id
-cannot be reused by another object while the entry is there.  The table is
-emptied when full: memory stays bounded whatever the traffic.
+Only what recurs on real traffic is remembered: header names, and single
+fields (a Server, a Content-Type, a client's User-Agent).  Whole heads are
+not: every reply carries its own cookie and request id, and a table of them
+only cost each one an insertion and, now and then, a clearing (issue 23).
 """
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from typing import TypeVar
 
-__all__ = ["Bounded", "ByIdentity"]
+__all__ = ["Bounded"]
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -46,34 +40,4 @@ class Bounded(dict[K, V]):
             if not self.limit:
                 return value
         self[key] = value
-        return value
-
-
-class ByIdentity(Generic[K, V]):
-    """A bounded table from objects, by identity, to what was made of them."""
-
-    __slots__ = ("_entries", "limit")
-
-    def __init__(self, limit: int) -> None:
-        self._entries: dict[int, tuple[K, V]] = {}
-        self.limit = limit
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: K) -> V | None:
-        """What was made of C{key} itself (not of an equal object), or None."""
-        entry = self._entries.get(id(key))
-        if entry is not None and entry[0] is key:
-            return entry[1]
-        return None
-
-    def put(self, key: K, value: V) -> V:
-        """Remember C{value} for C{key} (emptying the table first when full); C{value}."""
-        entries = self._entries
-        if len(entries) >= self.limit:
-            entries.clear()
-            if not self.limit:
-                return value
-        entries[id(key)] = (key, value)
         return value

@@ -44,7 +44,8 @@ class Speedups(Service):
             self.log.info("speedups: every trick off ({variable} says off)", variable=ENVIRONMENT)
         elif self.switches.get("enabled", True):
             for trick in tricks():
-                if self.switches.get(trick.name, True) and trick.problem is not None:
+                # (a deferred trick's check waits for its first use, and warns then)
+                if self.switches.get(trick.name, True) and not trick.pending and trick.problem is not None:
                     self.log.warn(
                         "speedups: {trick} is off: {problem}; using {fallback} instead",
                         trick=trick.name, problem=trick.problem, fallback=trick.fallback,

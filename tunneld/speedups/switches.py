@@ -10,6 +10,11 @@ process runs); a trick whose check fails stays off for good and its module
 uses the public API instead, so an upgraded library costs speed, never
 correctness.
 
+A I{deferred} trick's check waits for the trick's first use instead: its
+check loads a library that a process may never use (Autobahn, a large
+share of the RSS of an edge or agent with no WebSocket link); until then it is
+listed as on, and a check that fails then is warned about then.
+
 The switches are process-wide, as the libraries they concern are: the
 service maker sets them from the configuration's C{[speedups]} table at
 start (L{tunneld.speedups.configure}); until then each is on unless the
@@ -39,19 +44,23 @@ class Trick:
 
     C{check} returns None when the internals are as the trick expects, else
     what differs (which the start-up log names); an exception it raises
-    counts as a difference.
+    counts as a difference.  With C{deferred}, switching it on leaves the
+    check for the trick's first use (L{active}).
     """
 
     def __init__(
-        self, name: str, touches: str, fallback: str, check: Callable[[], str | None]
+        self, name: str, touches: str, fallback: str, check: Callable[[], str | None],
+        deferred: bool = False,
     ) -> None:
         self.name = name
         self.touches = touches
         self.fallback = fallback
+        self.deferred = deferred
         self._check = check
         self._checked = False
         self._problem: str | None = None
-        self._active: bool | None = None  # None: not switched yet
+        self._active: bool | None = None  # None: not switched yet, or (deferred) not used yet
+        self._wanted: bool | None = None  # None: not switched yet
 
     def __repr__(self) -> str:
         return f"<Trick {self.name}: {'on' if self.active else 'off'}>"
@@ -68,14 +77,43 @@ class Trick:
         return self._problem
 
     @property
+    def wanted(self) -> bool:
+        """Whether the switch says on (the environment's say until it is switched), check or no check."""
+        return environment_allows() if self._wanted is None else self._wanted
+
+    @property
+    def pending(self) -> bool:
+        """A deferred trick, wanted on, whose check waits for its first use."""
+        return self.deferred and not self._checked and self.wanted
+
+    @property
     def active(self) -> bool:
         """Whether the trick is in use (switched on, and the internals passed the check)."""
         active = self._active
         if active is None:
-            active = self.switch(environment_allows())
+            active = self._decide(self.wanted)
         return active
 
     def switch(self, on: bool) -> bool:
-        """Turn the trick on (if the internals pass the check) or off; whether it is now on."""
+        """
+        Turn the trick on (if the internals pass the check) or off; whether it
+        is now on (a deferred trick switched on is, until its first use says otherwise).
+        """
+        self._wanted = on
+        if on and self.deferred and not self._checked:
+            self._active = None
+            return True
+        return self._decide(on)
+
+    def _decide(self, on: bool) -> bool:
+        first = not self._checked
         self._active = on and self.problem is None
+        if on and self.deferred and first and self._problem is not None:
+            # (imported here: importing this package stays cheap, see tunneld.speedups)
+            from twisted.logger import Logger
+
+            Logger(namespace=__name__).warn(
+                "speedups: {trick} is off: {problem}; using {fallback} instead",
+                trick=self.name, problem=self._problem, fallback=self.fallback,
+            )
         return self._active

@@ -161,4 +161,7 @@ TRICK = Trick(
     touches="Autobahn's receive buffer (data) after the opening handshake",
     fallback="Autobahn's message API",
     check=_check,
+    # Checked at the first WebSocket link: the check loads Autobahn, which an
+    # edge or agent with no WebSocket link never needs.
+    deferred=True,
 )

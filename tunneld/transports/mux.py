@@ -20,15 +20,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IProducer, IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from tunneld.interfaces import IAgentLink, ILinkHandler, IStream, IStreamReceiver
+from tunneld.interfaces import IAgentLink, IStream, IStreamReceiver
 from tunneld.model.messages import (
-    END_STREAM_VERSION,
-    MIN_FRAME_SIZE,
     ControlMessage,
     GoAway,
     Headers,
@@ -36,23 +32,18 @@ from tunneld.model.messages import (
     ReplyHead,
     StreamHead,
     Welcome,
-    saying_limits,
 )
 from tunneld.model.reasons import Reason
+from tunneld.transports.linkbase import LinkBase, StreamBase
+
+# Named here too: frame transports, drop-ins among them, import it from here.
+from tunneld.transports.linkbase import SocketCongestion as SocketCongestion
 from tunneld.wire import codec
 from tunneld.wire.codec import Codec, FrameError
-from tunneld.wire.heartbeat import Heartbeat
 
-# Room in a frame for everything but the payload.
-_FRAME_OVERHEAD = 32
-# No peer may set its frame limit below this; data frames never exceed it
-# unless the peer said in its Hello or Welcome that it accepts larger ones.
-_MIN_FRAME_LIMIT = MIN_FRAME_SIZE
 # From this size a last Data payload is handed to a wire that takes pieces
 # (send_frames) as it is; a small one is cheaper encoded into one frame.
 _PIECES_FROM = 32 * 1024
-# The protocol version from which frames may carry end_stream.
-_END_STREAM_VERSION = END_STREAM_VERSION
 
 
 class FrameWire(Protocol):
@@ -72,82 +63,22 @@ class FrameWire(Protocol):
         """Close the underlying connection, telling the peer why if it can."""
 
 
-class Congestible(Protocol):
-    """A link whose senders pause while its socket is full."""
-
-    def pause_sending(self) -> None:
-        """The socket's send buffer is full."""
-
-    def resume_sending(self) -> None:
-        """The socket's send buffer drained."""
-
-
-@implementer(IPushProducer)
-class SocketCongestion:
-    """
-    Registered as the producer on a link's socket, so that the socket's own
-    flow control (its write buffer filling and draining) pauses and resumes
-    every stream's source on the link.
-    """
-
-    def __init__(self, link: Congestible) -> None:
-        self.link = link
-
-    def pauseProducing(self) -> None:  # noqa: N802
-        """IPushProducer.pauseProducing"""
-        self.link.pause_sending()
-
-    def resumeProducing(self) -> None:  # noqa: N802
-        """IPushProducer.resumeProducing"""
-        self.link.resume_sending()
-
-    def stopProducing(self) -> None:  # noqa: N802
-        """IPushProducer.stopProducing: the socket's own connectionLost tells the link."""
-
-
-class _Unattached:
-    """Holds a stream's events until the agent attaches a receiver."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, tuple[Any, ...]]] = []
-
-    def replay(self, receiver: IStreamReceiver) -> None:
-        for name, args in self.events:
-            getattr(receiver, name)(*args)
-
-
 @implementer(IStream)
-class FrameStream:
-    """One stream on a L{FrameLink}."""
+class FrameStream(StreamBase):
+    """One stream on a L{FrameLink}: its credit windows and what waits for credit."""
+
+    link: FrameLink
 
     def __init__(self, link: FrameLink, stream_id: int, head: StreamHead, send_credit: int) -> None:
-        self.link = link
+        super().__init__(link, head)
         self.stream_id = stream_id
-        self.head = head
-        self.receiver: IStreamReceiver | None = None
-        self._early: _Unattached | None = _Unattached()
         self.send_credit = send_credit
         self.recv_remaining = link.initial_window
         self._unacked = 0
-        self._consumer_paused = False
         self._pending: list[bytes | memoryview] = []
         self._pending_size = 0
-        self._producer: IPushProducer | None = None
-        self._producer_paused = False
-        self.local_ended = False
-        self.remote_ended = False
-        self.closed = False
 
     # -- IStream, outgoing -------------------------------------------------
-
-    def attach(self, receiver: IStreamReceiver) -> None:
-        """IStream.attach"""
-        early, self._early = self._early, None
-        self.receiver = receiver
-        if early is not None:
-            early.replay(receiver)
-        if self.closed:
-            self.receiver = None  # it heard the last event (see _close)
 
     def send_reply(self, reply: ReplyHead) -> None:
         """IStream.send_reply"""
@@ -286,53 +217,23 @@ class FrameStream:
         self.reset(reason, message)
         if producer is not None:
             producer.stopProducing()
-        self._deliver_last(receiver, reason, message)
+        self._tell_reset(receiver, reason, message)
 
-    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
-        """IConsumer.registerProducer: only push producers (all of ours are)."""
-        self._producer = cast(IPushProducer, producer)
-        self._producer_paused = False
-        if self._pending or self.link.sending_paused:
-            self._pause_producer()
+    def blocked(self) -> bool:
+        """Whether a write must wait: bytes wait for credit, or the socket is full."""
+        return bool(self._pending) or self.link.sending_paused
 
-    def unregisterProducer(self) -> None:
-        """IConsumer.unregisterProducer"""
-        self._producer = None
-
-    def _pause_producer(self) -> None:
-        if self._producer is not None and not self._producer_paused:
-            self._producer_paused = True
-            self._producer.pauseProducing()
-
-    def _resume_producer(self) -> None:
-        if (
-            self._producer is not None
-            and self._producer_paused
-            and not self._pending
-            and not self.link.sending_paused
-        ):
-            self._producer_paused = False
-            self._producer.resumeProducing()
+    def pending(self) -> int:
+        """Bytes that wait for credit."""
+        return self._pending_size
 
     # -- IPushProducer, incoming ------------------------------------------
 
-    def pauseProducing(self) -> None:
-        """IPushProducer.pauseProducing: grant no more credit until resumed."""
-        self._consumer_paused = True
-
     def resumeProducing(self) -> None:
         """IPushProducer.resumeProducing: return the credit held back."""
-        self._consumer_paused = False
+        self.consumer_paused = False
         if self._unacked and not self.closed:
             self._grant()
-
-    def stopProducing(self) -> None:
-        """
-        IPushProducer.stopProducing: the consumer is gone.  The reset waits a
-        turn so the consumer's own connectionLost can give a better reason.
-        """
-        if not self.closed:
-            self.link.reactor.callLater(0, self.reset, Reason.CANCELLED, "consumer stopped")
 
     def _grant(self) -> None:
         increment, self._unacked = self._unacked, 0
@@ -340,12 +241,6 @@ class FrameStream:
         self.link.send(codec.window_bytes(self.stream_id, increment))
 
     # -- from the link -----------------------------------------------------
-
-    def _deliver(self, name: str, *args: Any) -> None:
-        if self.receiver is not None:
-            getattr(self.receiver, name)(*args)
-        elif self._early is not None:
-            self._early.events.append((name, args))
 
     def data_arrived(self, data: bytes | memoryview) -> None:
         """
@@ -366,9 +261,9 @@ class FrameStream:
                 data = bytes(data)
             receiver.data_received(cast(bytes, data))  # a view only for a borrower
         else:
-            self._deliver("data_received", bytes(data))
+            self.deliver("data_received", bytes(data))
         self._unacked += size
-        if not self._consumer_paused and not self.closed and self._unacked >= self.link.ack_threshold:
+        if not self.consumer_paused and not self.closed and self._unacked >= self.link.ack_threshold:
             self._grant()
 
     def credit_arrived(self, increment: int) -> None:
@@ -376,52 +271,16 @@ class FrameStream:
         if self.send_credit > 0x7FFFFFFF:
             raise FrameError(f"stream {self.stream_id}: credit overflow")
         self._flush()
-        self._resume_producer()
+        self.resume_source()
 
-    def end_arrived(self, trailers: Headers) -> None:
-        self.remote_ended = True
-        receiver = self.receiver
-        if receiver is not None:
-            receiver.end_received(trailers)
-        else:
-            self._deliver("end_received", trailers)
-        if self.local_ended and not self.closed:
-            self._close()
-
-    def reset_arrived(self, reason: Reason, message: str) -> None:
-        if self.closed:
-            return
-        receiver = self.receiver
-        self._close()
-        self._deliver_last(receiver, reason, message)
-
-    def _deliver_last(self, receiver: IStreamReceiver | None, reason: Reason, message: str) -> None:
-        """The reset, to the receiver the stream had before it closed."""
-        if receiver is not None:
-            receiver.reset_received(reason, message)
-        else:
-            self._deliver("reset_received", reason, message)
-
-    def resume_source(self) -> None:
-        self._resume_producer()
-
-    def pause_source(self) -> None:
-        self._pause_producer()
-
-    def _close(self) -> None:
-        self.closed = True
+    def _drop(self) -> None:
         self._pending = []
         self._pending_size = 0
-        self._producer = None
-        # The receiver (which holds this stream) hears nothing more: dropping
-        # it breaks the cycle, so the pair is freed now by reference counting
-        # rather than piling up for the cyclic GC, whose pauses make the tail.
-        self.receiver = None
         self.link.forget(self.stream_id)
 
 
 @implementer(IAgentLink)
-class FrameLink:
+class FrameLink(LinkBase[FrameStream]):
     """
     An L{IAgentLink} over any transport that moves whole frames in order.
 
@@ -448,60 +307,38 @@ class FrameLink:
         send_ping: Callable[[int], None] | None = None,
         codec: Codec | None = None,
     ) -> None:
+        # A wire with a heartbeat of its own (WebSocket Ping/Pong) carries the
+        # pings; otherwise they are protocol Ping frames.
+        super().__init__(
+            reactor=reactor,
+            max_frame_size=max_frame_size,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
+            send_ping=send_ping,
+            codec=codec,
+        )
         self.wire = wire
-        # The frame codec (the edge's or the agent's, shared by its links).
-        self.codec = codec if codec is not None else Codec()
         self.transport_name = transport_name
         self.peer = peer
         self.peer_certificate = peer_certificate
-        self.reactor = reactor
         self.is_edge = is_edge
         self.initial_window = initial_window
         self.ack_threshold = max(1, initial_window // 4)
         self.max_pending = initial_window
-        self.max_frame_size = max_frame_size
-        # Data frames stay small enough for any peer's frame limit, until
-        # the peer tells its own (L{_peer_frame_limit}).
-        self.max_data = min(max_frame_size, _MIN_FRAME_LIMIT) - _FRAME_OVERHEAD
         self.max_streams = max_streams
         self.peer_window = initial_window
-        self.streams: dict[int, FrameStream] = {}
-        self.handler: ILinkHandler | None = None
-        self.sending_paused = False
-        self.closed = False
-        # Whether the version agreed in Hello/Welcome lets frames carry end_stream.
-        self.end_stream = False
         self._next_id = 1
         self._last_remote_id = 0
         self._send_frames: Callable[[list[tuple[bytes | memoryview, ...]]], None] | None = getattr(
             wire, "send_frames", None
         )
-        # A wire with a heartbeat of its own (WebSocket Ping/Pong) carries the
-        # pings; otherwise they are protocol Ping frames.
-        self.heartbeat = Heartbeat(
-            reactor, heartbeat_interval, heartbeat_timeout, send_ping or self._ping, self._silent
-        )
         self.heartbeat.start()
-        self._done = False
-        self._closed_waiters: list[Deferred[None]] = []
 
     # -- IAgentLink -------------------------------------------------------
 
-    def set_handler(self, handler: ILinkHandler) -> None:
-        """IAgentLink.set_handler"""
-        self.handler = handler
-
-    def send_control(self, message: ControlMessage) -> None:
-        """
-        IAgentLink.send_control; a Hello or Welcome says the largest frame
-        this end accepts, a Welcome the heartbeat interval (unless its
-        sender said them).
-        """
-        if not self.closed:
-            if isinstance(message, Welcome):
-                self.end_stream = message.version >= _END_STREAM_VERSION
-            message = saying_limits(message, self.max_frame_size, self.heartbeat.interval)
-            self.send(codec.encode_control(message).SerializeToString())
+    def send_control_message(self, message: ControlMessage) -> None:
+        """A control message as one frame."""
+        self.send(codec.encode_control(message).SerializeToString())
 
     def open_stream(
         self, head: StreamHead, receiver: IStreamReceiver, end_stream: bool = False
@@ -532,14 +369,6 @@ class FrameLink:
             stream.end()
         return stream
 
-    def round_trip_time(self) -> float | None:
-        """IAgentLink.round_trip_time"""
-        return self.heartbeat.rtt
-
-    def active_streams(self) -> int:
-        """IAgentLink.active_streams"""
-        return len(self.streams)
-
     def close(self, reason: Reason, message: str) -> None:
         """IAgentLink.close"""
         if self.closed:
@@ -548,15 +377,7 @@ class FrameLink:
         # receivers from wire_lost.
         self.send(codec.encode_control(GoAway(reason, message)).SerializeToString())
         self.wire.close_wire(reason, message)
-        self._shut(reason, message)
-
-    def when_closed(self) -> Deferred[None]:
-        """IAgentLink.when_closed"""
-        if self._done:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._closed_waiters.append(d)
-        return d
+        self.shut(reason, message)
 
     # -- sending ------------------------------------------------------------
 
@@ -608,18 +429,6 @@ class FrameLink:
 
     # -- from the transport -------------------------------------------------
 
-    def pause_sending(self) -> None:
-        """The transport's send buffer is full: pause every stream's source."""
-        self.sending_paused = True
-        for stream in list(self.streams.values()):
-            stream.pause_source()
-
-    def resume_sending(self) -> None:
-        """The transport's send buffer drained: resume the sources with credit."""
-        self.sending_paused = False
-        for stream in list(self.streams.values()):
-            stream.resume_source()
-
     def frame_received(self, payload: codec.Buffer) -> None:
         """
         Dispatch one frame.  A malformed or out-of-place frame closes the link
@@ -632,19 +441,12 @@ class FrameLink:
             return
         self.heartbeat.heard()
         if len(payload) > self.max_frame_size:
-            self._protocol_error(f"frame of {len(payload)} bytes exceeds {self.max_frame_size}")
+            self.protocol_error(f"frame of {len(payload)} bytes exceeds {self.max_frame_size}")
             return
         try:
             self._dispatch(*self.codec.read(payload, borrow=True))
         except FrameError as e:
-            self._protocol_error(str(e))
-
-    def _protocol_error(self, message: str) -> None:
-        self.log.warn(
-            "{transport} link from {peer} broke the protocol: {error}",
-            transport=self.transport_name, peer=self.peer, error=message,
-        )
-        self.close(Reason.PROTOCOL_ERROR, message)
+            self.protocol_error(str(e))
 
     def _dispatch(self, stream_id: int, kind: int, body: Any, end_stream: bool) -> None:
         if kind == codec.DATA:
@@ -652,13 +454,13 @@ class FrameLink:
             if stream is not None:
                 stream.data_arrived(body)
                 if end_stream and not stream.closed:
-                    stream.end_arrived(())
+                    stream.remote_end(())
             elif not self._was_opened(stream_id):
                 raise FrameError(f"data for stream {stream_id}, which was never opened")
         elif kind == codec.END:
             stream = self._stream_for(stream_id, "end")
             if stream is not None:
-                stream.end_arrived(body)
+                stream.remote_end(body)
         elif kind == codec.WINDOW:
             stream = self.streams.get(stream_id)
             if body == 0:
@@ -673,13 +475,13 @@ class FrameLink:
                 if stream.receiver is not None:
                     stream.receiver.reply_received(body)
                 else:
-                    stream._deliver("reply_received", body)
+                    stream.deliver("reply_received", body)
                 if end_stream and not stream.closed:
-                    stream.end_arrived(())
+                    stream.remote_end(())
         elif kind == codec.RESET:
             stream = self.streams.get(stream_id)
             if stream is not None:
-                stream.reset_arrived(*body)
+                stream.remote_reset(*body)
         elif kind == codec.PING:
             self.send(codec.encode_ping(body, pong=True).SerializeToString())
         elif kind == codec.PONG:
@@ -691,23 +493,7 @@ class FrameLink:
             if isinstance(message, (Hello, Welcome)) and message.initial_window:
                 # Each side announces the credit it grants per stream.
                 self.peer_window = message.initial_window
-            if isinstance(message, (Hello, Welcome)) and message.max_frame_size:
-                self._peer_frame_limit(message.max_frame_size)
-            if isinstance(message, Welcome):
-                self.end_stream = message.version >= _END_STREAM_VERSION
-            if self.handler is not None:
-                self.handler.control_received(message)
-
-    def _peer_frame_limit(self, limit: int) -> None:
-        """
-        The peer accepts frames up to C{limit} bytes: Data frames grow up to
-        that or our own limit, whichever is smaller (fewer, larger frames
-        cost less per byte at both ends).  A limit below the protocol's
-        minimum is ignored (the peer is wrong; the minimum is safe).
-        """
-        limit = min(limit, self.max_frame_size)
-        if limit >= _MIN_FRAME_LIMIT:
-            self.max_data = limit - _FRAME_OVERHEAD
+            self.control_received(message)
 
     def _was_opened(self, stream_id: int) -> bool:
         # Frames may still arrive for a stream we reset a moment ago.
@@ -732,36 +518,15 @@ class FrameLink:
             stream.reset(Reason.CAP_REACHED, f"more than {self.max_streams} streams on one link")
             return
         self.streams[stream_id] = stream
-        if self.handler is None:
-            stream.reset(Reason.AGENT_UNAVAILABLE, "agent is not ready")
-            return
-        if end_stream:
-            # Before the handler sees the stream: its receiver hears the end
-            # as it attaches, so it knows at once that no body follows.
-            stream.end_arrived(())
-        self.handler.stream_opened(stream)
+        self.hand_over(stream, end_stream)
 
     def wire_lost(self, reason: Reason, message: str) -> None:
         """
         The underlying connection is gone (the transport's connectionLost):
         reset every stream, tell the handler, fire L{when_closed}.
         """
-        self._shut(reason, message)
-        self._done = True
-        waiters, self._closed_waiters = self._closed_waiters, []
-        for d in waiters:
-            d.callback(None)
-
-    def _shut(self, reason: Reason, message: str) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.heartbeat.stop()
-        streams, self.streams = self.streams, {}
-        for stream in streams.values():
-            stream.reset_arrived(reason, message)
-        if self.handler is not None:
-            self.handler.link_lost(reason, message)
+        self.shut(reason, message)
+        self.fire_closed()
 
     # -- heartbeat -------------------------------------------------------------
 
@@ -772,13 +537,6 @@ class FrameLink:
         """The wire's own heartbeat answered ping C{opaque} (see C{send_ping})."""
         self.heartbeat.heard()
         self.heartbeat.pong(opaque)
-
-    def _silent(self, silent: float) -> None:
-        self.log.warn(
-            "{transport} link {peer} silent for {silent:.1f}s: closing",
-            transport=self.transport_name, peer=self.peer, silent=silent,
-        )
-        self.close(Reason.AGENT_GONE, f"heartbeat timeout after {silent:.1f}s")
 
 
 OnLink = Callable[[FrameLink], None]

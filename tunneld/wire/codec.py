@@ -40,7 +40,7 @@ from tunneld.model.messages import (
     Welcome,
 )
 from tunneld.model.reasons import Reason
-from tunneld.speedups.memo import Bounded, ByIdentity
+from tunneld.speedups.memo import Bounded
 from tunneld.wire import tunnel_pb2 as pb
 
 Frame = pb.Frame
@@ -419,15 +419,6 @@ def _open_bytes(codec: Codec, stream_id: int, head: StreamHead, end_stream: bool
     return _frame(stream_id, b"\x22", body)
 
 
-def _reply_block(codec: Codec, headers: Headers) -> bytes:
-    if type(headers) is not tuple:
-        return b"".join(_header_fields(codec, b"\x1a", headers))
-    block = codec.reply_blocks.get(headers)
-    if block is None:
-        block = codec.reply_blocks.put(headers, b"".join(_header_fields(codec, b"\x1a", headers)))
-    return block
-
-
 def _reply_bytes(codec: Codec, stream_id: int, reply: ReplyHead, end_stream: bool = False) -> bytes:
     """L{encode_reply}, serialised by hand (identical bytes)."""
     status = reply.status
@@ -436,7 +427,7 @@ def _reply_bytes(codec: Codec, stream_id: int, reply: ReplyHead, end_stream: boo
         (
             b"\x08" + _varint(status) if status else b"",
             b"\x12" + _varint(len(reason)) + reason if reason else b"",
-            _reply_block(codec, reply.headers),
+            *_header_fields(codec, b"\x1a", reply.headers),
             b"\x20\x01" if end_stream else b"",
         )
     )
@@ -617,10 +608,6 @@ def _open_at(codec: Codec, buf: bytes, pos: int, end: int) -> tuple[StreamHead, 
     raise _Irregular
 
 
-# Reply header blocks longer than this are not remembered (Codec.reply_fields).
-_REPLY_FIELDS_UP_TO = 2048
-
-
 def _reply_at(codec: Codec, buf: bytes, pos: int, end: int) -> tuple[ReplyHead, bool]:
     """The C{Reply} message in C{buf[pos:end]}: its fields in order, each at most once."""
     status = 0
@@ -633,20 +620,13 @@ def _reply_at(codec: Codec, buf: bytes, pos: int, end: int) -> tuple[ReplyHead, 
         stop, first = _length_at(buf, pos + 1, end)
         reason = buf[first:stop]
         pos = stop
-    rest = buf[pos:end]
-    known = codec.reply_fields.get(rest)
-    if known is None:
-        headers: list[tuple[bytes, bytes]] = []
-        pos = _headers_in(codec, buf, pos, end, 0x1A, headers)
-        if pos == end:
-            known = (tuple(headers), False)
-        elif pos + 2 == end and buf[pos] == 0x20 and buf[pos + 1] == 1:
-            known = (tuple(headers), True)
-        else:
-            raise _Irregular
-        if len(rest) <= _REPLY_FIELDS_UP_TO:
-            codec.reply_fields.keep(rest, known)
-    return ReplyHead(status, reason, known[0]), known[1]
+    headers: list[tuple[bytes, bytes]] = []
+    pos = _headers_in(codec, buf, pos, end, 0x1A, headers)
+    if pos == end:
+        return ReplyHead(status, reason, tuple(headers)), False
+    if pos + 2 == end and buf[pos] == 0x20 and buf[pos + 1] == 1:
+        return ReplyHead(status, reason, tuple(headers)), True
+    raise _Irregular
 
 
 def _reset_at(buf: bytes, pos: int, end: int) -> tuple[Reason, str]:
@@ -772,17 +752,16 @@ class Codec:
     head to the next: header names (decoded heads share one bytes object
     per name), encoded header fields (the Server, Content-Type, ... every
     response repeats), an Open's first fields (kind, tunnel, method) and
-    last (peer, scheme), Reply header blocks encoded (by the identity of the
-    agent's fields tuple) and decoded (by their bytes, so that equal blocks
-    come as the very same tuple, which lets the edge remember what it makes
-    of them).  Each table is bounded: emptied when full.
+    last (peer, scheme).  Whole header blocks are not remembered: on real
+    traffic every reply has its own (its C{Set-Cookie}, its request id).
+    Each table is bounded: emptied when full.
 
     An edge or an agent has one, in its link setup, shared by its links; the
     module's functions (L{read}, L{open_bytes}, ...) are a codec that
     remembers nothing.
     """
 
-    __slots__ = ("fields", "names", "open_ends", "open_starts", "reply_blocks", "reply_fields")
+    __slots__ = ("fields", "names", "open_ends", "open_starts")
 
     def __init__(self, cached: int = _CACHED, names: int = _MAX_NAMES) -> None:
         self.names: Bounded[bytes, bytes] = Bounded(names)
@@ -792,8 +771,6 @@ class Codec:
         }
         self.open_starts: Bounded[tuple[str, str, str], bytes] = Bounded(cached)
         self.open_ends: Bounded[tuple[str, str], bytes] = Bounded(cached)
-        self.reply_blocks: ByIdentity[Headers, bytes] = ByIdentity(cached)
-        self.reply_fields: Bounded[bytes, tuple[tuple[tuple[bytes, bytes], ...], bool]] = Bounded(cached)
 
     def read(self, payload: Buffer, *, borrow: bool = False) -> tuple[int, int, Any, bool]:
         """

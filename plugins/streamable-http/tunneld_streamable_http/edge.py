@@ -556,6 +556,48 @@ class EdgeEndpoint(ListeningService):
 
     # -- lifecycle ---------------------------------------------------------
 
+    def describe(self) -> dict[str, Any]:
+        """
+        This edge's table of the transport, for the admin API
+        (C{/api/transports}) and C{tunneld status}: the connections it owns
+        (where their frames are numbered, held and acknowledged) and the
+        event streams it holds (a GET may land on any edge of a cluster).
+        """
+        now = self.reactor.seconds()
+        connections = []
+        for connection in self.connections.values():
+            local = connection.local
+            connections.append({
+                "connection": connection.id,
+                "peer": connection.peer,
+                "edge": self.edge_id,
+                "event_stream": "here" if local is not None and not local.done else (
+                    f"{len(connection.leases)} elsewhere" if connection.leases else "none"
+                ),
+                "unsubscribed_s": None if connection.unsubscribed_since is None
+                else round(now - connection.unsubscribed_since, 1),
+                "next_event": connection.next_event,
+                "acked": connection.acked,
+                "held_events": connection.held_events,
+                "held_bytes": connection.held_bytes,
+                "early_bytes": connection.early_bytes,
+                "duplicates": connection.duplicates,
+                "closing": connection.closing,
+                "streams": connection.link.active_streams(),
+            })
+        streams = [
+            {
+                "connection": stream.connection_id,
+                "stream": stream.stream_id,
+                "owned_here": stream.connection_id in self.connections,
+                "last_sent": stream.last_sent,
+                "age_s": round(now - stream.started, 1),
+                "paused": stream.paused,
+            }
+            for stream in self.streams if not stream.done
+        ]
+        return {"edge": self.edge_id, "connections": connections, "event_streams": streams}
+
     def stop_accepting(self) -> Deferred[None]:
         """
         The edge drains: new connections are refused with draining; the

@@ -24,6 +24,7 @@ from tunneld.edge.http1.fasthead import (
     FastMemo,
     check_fields,
     field_block,
+    plain_block,
     read_head,
     response_head,
     response_head_with,
@@ -88,20 +89,22 @@ class FastConnection(Connection, TypingProtocol):
 def fast_block(fields: Headers, via: bytes, memo: FastMemo) -> tuple[bytes, int | None] | str:
     """
     A reply's header block (end-to-end fields and Via, checked and rendered
-    as h11 would) and declared length for the fast path, or what is wrong;
-    remembered in C{memo} by the fields' tuple.
+    as h11 would) and declared length for the fast path, or what is wrong.
+
+    Every reply's head differs (its C{Set-Cookie}, its request id), so this is
+    done for each one, in one pass (L{plain_block}); only field names are
+    remembered (C{memo.names}).  Anything unusual (a field that fails the
+    checks, a C{Connection} naming end-to-end fields, an odd or repeated
+    C{Content-Length}) takes the long way, which says what is wrong in h11's words.
     """
-    known = memo.blocks.get(fields)
-    if known is not None and known[0] == via:
-        return known[1], known[2]
+    plain = plain_block(fields, via, memo.names)
+    if plain is not None:
+        return plain
     headers, _ = reply_headers(fields, via)
     checked = check_fields(headers, memo.names)
     if isinstance(checked, str):
         return checked
-    block = field_block(checked[0])
-    if type(fields) is tuple:
-        memo.blocks.put(fields, (via, block, checked[1]))
-    return block, checked[1]
+    return field_block(checked[0]), checked[1]
 
 
 class FastPath:

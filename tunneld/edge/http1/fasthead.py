@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any
 
-from tunneld.speedups.memo import Bounded, ByIdentity
+from tunneld.edge.forwarding import HOP_BY_HOP
+from tunneld.speedups.memo import Bounded
 
 __all__ = [
-    "FastMemo", "check_fields", "field_block", "read_head", "response_head", "response_head_with",
+    "FastMemo", "check_fields", "field_block", "plain_block", "read_head", "response_head",
+    "response_head_with",
 ]
 
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
@@ -58,19 +59,17 @@ Head = tuple[bytes, bytes, list[tuple[bytes, bytes]], int]
 
 class FastMemo:
     """
-    What the fast path remembers for the connections of one listener:
-    C{names}, the reply field names seen valid (L{check_fields}), and
-    C{blocks}, what a reply's fields made (the Via it was made with, the
-    rendered header block and the declared length), by the identity of the
-    fields' tuple, which the codec keeps per distinct block (an upstream
-    sends the same head again and again).  Both bounded.
+    What the fast path remembers for the connections of one listener: the
+    reply field names seen valid, with their lower-case form (L{check_fields},
+    L{plain_block}).  Names recur from one reply to the next whatever the
+    traffic; whole heads do not (each carries its own cookie and request id).
+    Bounded.
     """
 
-    __slots__ = ("blocks", "names")
+    __slots__ = ("names",)
 
     def __init__(self) -> None:
         self.names: Bounded[bytes, bytes] = Bounded(_NAMES_MAX)
-        self.blocks: ByIdentity[Any, tuple[bytes, bytes, int | None]] = ByIdentity(256)
 
 
 def read_head(data: bytes) -> Head | None:
@@ -180,3 +179,55 @@ def check_fields(
             coding = True
         out.append((name, value))
     return out, (None if length is None else int(length))
+
+
+# Reply fields a plain reply's block leaves out (hop-by-hop) or makes itself.
+_SPECIAL = HOP_BY_HOP | {b"via", b"content-length"}
+
+
+def plain_block(
+    fields: Iterable[tuple[bytes, bytes]], via: bytes, names: Bounded[bytes, bytes],
+) -> tuple[bytes, int | None] | None:
+    """
+    The header block and declared length a reply's C{fields} make (the
+    end-to-end ones, checked as L{check_fields} checks them, with C{via}
+    appended to their C{Via}), in one pass; or None when the fields are
+    anything but plain (a field h11 would refuse, a C{Connection} naming
+    other fields, a C{Content-Length} that is not one plain number, given
+    once): the caller then takes the long way, which says what is wrong.
+    """
+    fields = fields if type(fields) is tuple else tuple(fields)
+    values = b"\n".join([value for _, value in fields] + [via])
+    if _VALUES.fullmatch(values) is None or values.count(b"\n") != len(fields):
+        return None
+    parts: list[bytes] = []
+    vias: list[bytes] = []
+    length: bytes | None = None
+    special = _SPECIAL
+    get = names.get
+    for name, value in fields:
+        lower = get(name)
+        if lower is None:
+            if _NAME.fullmatch(name) is None:
+                return None
+            lower = names.keep(name, name.lower())
+        if lower in special:
+            if lower == b"via":
+                vias.append(value)
+                continue
+            if lower == b"content-length":
+                if length is not None or _DIGITS.fullmatch(value) is None:
+                    return None
+                length = value
+            elif lower == b"connection":
+                for token in value.split(b","):
+                    token = token.strip(b" \t").lower()
+                    if token and token not in HOP_BY_HOP:
+                        return None  # it names fields to drop: the long way
+                continue
+            else:
+                continue
+        parts += (name, b": ", value, b"\r\n")
+    vias.append(via)
+    parts += (b"Via: ", b", ".join(vias), b"\r\n")
+    return b"".join(parts), (None if length is None else int(length))
