@@ -2,18 +2,22 @@
 The Redis state backend against real redis-server and redis-sentinel
 processes: the contract (the same mixin as the memory backend), what it
 writes as redis-cli sees it, and its faults: Redis stopped, hung, restarted
-empty, unreachable at start, refusing credentials, and a Sentinel failover.
+empty, unreachable at start, refusing credentials, and a Sentinel failover;
+and every reply reaching its own command around reply timeouts.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
+import time
 from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from tests.redis_servers import MISSING, candidate_port, eventually, redis_cli, start_server
@@ -22,6 +26,7 @@ from tunneld.config.values import parse_redis_url
 from tunneld.interfaces import EdgeRecord, IStateBackend, StateUnavailable
 from tunneld.state.redis import RedisStateBackend
 from tunneld.state.redisclient import RedisClient, RedisRefused
+from tunneld.state.scripts import LIVE_EDGES
 
 
 def redis_backend(case: Any, url: str, start: bool = True, **options: Any) -> Any:
@@ -293,6 +298,145 @@ class RedisFaultTests(TestCase):
         good = redis_backend(self, f"redis://:right@127.0.0.1:{server.port}/0")
         await good.start()
         self.assertTrue(good.health().reachable)
+
+
+class ReplyOrderTests(TestCase):
+    """
+    Every reply reaches the command it answers, also around reply timeouts:
+    a reply handed to another command is wrong routing and wrong limits.
+    Each command here has its own reply type (GET a string, INCR an integer,
+    a script an array), so a reply out of step shows as the wrong type.
+    """
+
+    skip = MISSING
+    timeout = 180
+
+    async def client(self, server: Any, **options: Any) -> RedisClient:
+        settings: dict[str, Any] = {"probe_key": "t:probe", "probe_interval": 0.1, "connect_timeout": 5.0}
+        settings.update(options)
+        client = RedisClient(reactor, parse_redis_url(server.url), **settings)
+        self.addCleanup(lambda: defer.ensureDeferred(client.close()))
+        await client.start()
+        await client.call("SET", "t:s", "text")
+        await client.call("ZADD", "t:z", "99999999999999", "e1")
+        await client.call("HSET", "t:h", "e1", "record")
+        return client
+
+    def commands(self, client: RedisClient) -> list[tuple[defer.Deferred[Any], Any]]:
+        """GET, INCR and a script at once, each with the reply it must get (a type, or the value)."""
+        return [
+            (client.call("GET", "t:s"), "text"),
+            (client.call("INCR", "t:n"), int),
+            (client.run(LIVE_EDGES, ["t:z", "t:h"], []), ["record"]),
+        ]
+
+    async def check(self, commands: list[tuple[defer.Deferred[Any], Any]]) -> int:
+        """Each command got its own reply or L{StateUnavailable}; how many were answered."""
+        answered = 0
+        for d, expected in commands:
+            try:
+                reply = await d
+            except StateUnavailable:
+                continue
+            answered += 1
+            if isinstance(expected, type):
+                self.assertIsInstance(reply, expected, "a reply out of step")
+            else:
+                self.assertEqual(reply, expected, "a reply out of step")
+        return answered
+
+    async def whole(self, client: RedisClient, server: Any) -> None:
+        """Wait for the pool to be whole and the client reachable; no connection leaked."""
+
+        async def up() -> bool:
+            clients = len((await redis_cli(server.port, "CLIENT", "LIST")).splitlines())
+            self.assertLessEqual(clients, client.pool_size + 1)  # and redis-cli
+            pool = [conn for conn in client._factory.pool if conn.connected]
+            return client.reachable and len(pool) == client.pool_size and clients == client.pool_size + 1
+
+        await eventually(up, "the pool to be whole and reachable again")
+
+    async def timed_out_among_replies(self, client: RedisClient) -> tuple[list[Any], list[Any]]:
+        """
+        GET, INCR and a script on the one connection; the reactor is held
+        until their replies have come in and the reply timeout has passed.
+        The commands, and those sent next as the INCR fails (none if it did not).
+        """
+        conn = client._factory.pool[0]
+        first: list[tuple[defer.Deferred[Any], Any]] = []
+        later: defer.Deferred[list[tuple[defer.Deferred[Any], Any]]] = defer.Deferred()
+
+        def hold(issued: float) -> None:
+            # A loaded machine: the reactor does not run while the replies
+            # come in and the reply timeout passes (this blocks on purpose).
+            select.select([conn.transport.fileno()], [], [], 30.0)
+            left = issued + client.command_timeout - reactor.seconds()
+            if left > 0:
+                time.sleep(left + 0.1)
+
+        def settled(result: Any) -> Any:
+            if isinstance(result, Failure) and result.check(StateUnavailable):
+                # The caller sends its next commands as soon as one has failed.
+                reactor.callLater(0, lambda: later.callback(self.commands(client)))
+            else:
+                later.callback([])
+            return result
+
+        def issue() -> None:
+            first.extend(self.commands(client))
+            first[1][0].addBoth(settled)
+            reactor.callLater(0, hold, reactor.seconds())
+
+        reactor.callLater(0, issue)
+        return first, await later
+
+    async def test_late_replies_after_a_reply_timeout_reach_no_other_command(self) -> None:
+        """
+        The replies arrive while the reactor is busy and a command's reply
+        timeout passes: that command and the ones after it fail, and their
+        late replies go to no command sent afterwards.
+        """
+        server = await start_server(self)
+        client = await self.client(server, pool_size=1, command_timeout=1.0)
+        rounds = attempts = 0
+        while rounds < 3:
+            attempts += 1
+            self.assertLess(attempts, 12, "the replies never came in together after a reply timeout")
+            await self.whole(client, server)
+            first, next_commands = await self.timed_out_among_replies(client)
+            answered = await self.check(first)
+            if answered != 1 or not next_commands:
+                # Not the case sought (the GET's reply did not come in with the others): again.
+                await self.check(next_commands)
+                continue
+            rounds += 1
+            await self.check(next_commands)
+        await self.whole(client, server)
+        self.assertEqual(await self.check(self.commands(client)), 3)
+
+    async def test_hung_redis_leaves_every_reply_in_step(self) -> None:
+        """
+        SIGSTOP for longer than the command timeout with commands of every
+        reply type in flight on the pool, SIGCONT, repeated: every command
+        after gets its own reply, and the pool is whole again.
+        """
+        server = await start_server(self)
+        client = await self.client(server, pool_size=2, command_timeout=0.3)
+        assert server.process is not None
+        for _ in range(3):
+            await self.whole(client, server)
+            server.process.signal("STOP")
+            try:
+                in_flight = [c for _ in range(10) for c in self.commands(client)]
+                self.assertEqual(await self.check(in_flight), 0)
+                during = [c for _ in range(10) for c in self.commands(client)]
+            finally:
+                server.process.signal("CONT")
+            await self.check(during)
+            await self.whole(client, server)
+            self.assertEqual(await self.check([c for _ in range(10) for c in self.commands(client)]), 30)
+        clients = len((await redis_cli(server.port, "CLIENT", "LIST")).splitlines())
+        self.assertEqual(clients, client.pool_size + 1)
 
 
 class SentinelTests(TestCase):

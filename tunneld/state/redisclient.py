@@ -17,7 +17,10 @@ master.  Around it this module adds what an edge on the request path needs:
     write every C{probe_interval} notices the return even without traffic,
     and the callbacks given to L{RedisClient.on_recovered} run;
   - scripts run by C{EVALSHA}, falling back to C{EVAL} on C{NOSCRIPT} (a
-    restarted or failed-over Redis has no scripts cached).
+    restarted or failed-over Redis has no scripts cached);
+  - every reply reaches the command it answers: a connection whose command
+    timed out is never used again, since its late replies would answer the
+    next commands sent on it (see L{_InStep}).
 
 Commands issued in one reactor turn leave in one write (Twisted buffers a
 turn's writes), so the backend's independent commands pipeline by themselves.
@@ -72,11 +75,50 @@ class _Watched:
         self.client._refused(why)
 
 
-class _PlainFactory(_Watched, txredisapi.RedisFactory):
+class _InStep:
+    """
+    A command connection whose replies stay in step with its commands.
+
+    txredisapi pairs each reply with the oldest command waiting for one.
+    When a command's C{replyTimeout} passes it fails every waiting command
+    and aborts the connection, but the connection only counts as lost (its
+    C{connected} flag drops) a reactor turn later, and replies already read
+    may still be parsed: the rest of a read after a bulk string is parsed a
+    turn later.  Those late replies would wait in the queue for the next
+    command sent on it, which would take another command's reply.  So a
+    connection that timed out (or that L{RedisClient} closes) is retired:
+    it is never handed a command again.  A reply no command waits for is
+    dropped, and it ends the connection.
+    """
+
+    retired = False
+    replyQueue: Any
+    transport: Any
+
+    def retire(self) -> None:
+        """Send nothing more on this connection, and close it."""
+        self.retired = True
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def replyReceived(self, reply: Any) -> None:  # noqa: N802
+        if not self.replyQueue.waiting:
+            if not self.retired:
+                RedisClient.log.warn("state store: a reply no command waits for; dropping the connection")
+                self.retire()
+            return
+        super().replyReceived(reply)  # type: ignore[misc]
+
+
+class _Protocol(_InStep, txredisapi.RedisProtocol):
     pass
 
 
-class _SentinelProtocol(txredisapi.SentinelRedisProtocol):
+class _PlainFactory(_Watched, txredisapi.RedisFactory):
+    protocol = _Protocol
+
+
+class _SentinelProtocol(_InStep, txredisapi.SentinelRedisProtocol):
     """
     txredisapi's Sentinel protocol, whose connection may die during its ROLE
     check (a Sentinel kills the clients of an instance it reconfigures): the
@@ -96,6 +138,7 @@ class _Announced(txredisapi.SubscriberProtocol):
     """A connection that only listens to pub/sub announcements (C{RedisClient(listen=…)})."""
 
     factory: Any
+    retired = False
 
     def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:  # noqa: N802
         self.factory.client._announced(channel)
@@ -367,7 +410,10 @@ class RedisClient:
     # Commands
 
     def _connection(self) -> Any:
-        pool = [conn for conn in (self._factory.pool if self._factory else ()) if conn.connected]
+        pool = [
+            conn for conn in (self._factory.pool if self._factory else ())
+            if conn.connected and not conn.retired
+        ]
         if not pool:
             return None
         return pool[next(self._turn) % len(pool)]
@@ -411,12 +457,17 @@ class RedisClient:
 
     def _failed(self, failure: Failure, conn: Any) -> Any:
         if failure.check(txredisapi.ConnectionError):  # lost, or no reply in time
+            if failure.check(txredisapi.TimeoutError):
+                # txredisapi is aborting it; its late replies would answer
+                # later commands until it is gone (see _InStep).
+                conn.retired = True
             return self._unavailable(f"{self.where}: {failure.getErrorMessage()}")
         if failure.check(txredisapi.ResponseError):
             message = str(failure.value)
             if message.startswith(_UNAVAILABLE_REPLIES):
                 if message.startswith("READONLY") and self.sentinels:
                     # A demoted primary: reconnecting asks the Sentinels anew.
+                    conn.retired = True
                     conn.transport.loseConnection()
                 return self._unavailable(f"{self.where}: {message}")
             self._mark_up()  # it answered; the error is the caller's
