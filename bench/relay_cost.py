@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import time
 import urllib.request
@@ -145,32 +144,7 @@ def main() -> None:
             system.port = edges[name][1]
             system.procs = system.measured = measured
             rows[row] = system
-        results: dict[str, list[dict[str, float]]] = {name: [] for name in rows}
-        for system in rows.values():
-            bench.load(system, load, 2)  # warm up
-        names = list(rows)
-        for round_ in range(args.rounds):
-            for name in runner.rotated(names, round_):
-                system = rows[name]
-                before = runner.cpu_seconds([proc.pid for proc in measured])
-                result = bench.load(system, load, args.seconds)
-                after = runner.cpu_seconds([proc.pid for proc in measured])
-                requests = max(1.0, result["requests"])
-                results[name].append({
-                    "rps": result["rps"], "p50": result["p50_ms"], "p99": result["p99_ms"],
-                    "cpu_us": 1e6 * (after - before) / requests,
-                    "errors": result["error_count"],
-                })
-                runner.log(f"round {round_ + 1} {name}: {result['rps']:.0f} req/s")
-        print(f"| row | req/s (median of {args.rounds}) | p50 ms | p99 ms "
-              "| edges+agent CPU µs/req | errors |")
-        print("|---|---|---|---|---|---|")
-        for name, figures in results.items():
-            def median(key: str, figures: list[dict[str, float]] = figures) -> float:
-                return statistics.median(f[key] for f in figures)
-
-            print(f"| {name} | {median('rps'):.0f} | {median('p50'):.2f} | {median('p99'):.2f} "
-                  f"| {median('cpu_us'):.0f} | {sum(f['errors'] for f in figures):.0f} |")
+        runner.interleaved_table(bench, rows, load, args.rounds, args.seconds, "edges+agent")
     finally:
         bench.stop_all()
         shutil.rmtree(bench.workdir, ignore_errors=True)

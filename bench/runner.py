@@ -228,6 +228,41 @@ def rotated(items: list[Any], by: int) -> list[Any]:
     return items[by:] + items[:by]
 
 
+def interleaved_table(
+    bench: Bench, rows: dict[str, System], load: Load, rounds: int, seconds: float, cpu_label: str
+) -> None:
+    """
+    Each row warmed up, then measured in C{rounds} interleaved rounds (the
+    order rotated each round, so that no row always runs first); prints a
+    Markdown table of the medians, with the CPU per request of each row's
+    measured processes.
+    """
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in rows}
+    for system in rows.values():
+        bench.load(system, load, 2)  # warm up
+    for round_ in range(rounds):
+        for name in rotated(list(rows), round_):
+            system = rows[name]
+            before = cpu_seconds([proc.pid for proc in system.measured])
+            result = bench.load(system, load, seconds)
+            after = cpu_seconds([proc.pid for proc in system.measured])
+            requests = max(1.0, result["requests"])
+            results[name].append({
+                "rps": result["rps"], "p50": result["p50_ms"], "p99": result["p99_ms"],
+                "cpu_us": 1e6 * (after - before) / requests,
+                "errors": result["error_count"],
+            })
+            log(f"round {round_ + 1} {name}: {result['rps']:.0f} req/s")
+    print(f"| row | req/s (median of {rounds}) | p50 ms | p99 ms | {cpu_label} CPU µs/req | errors |")
+    print("|---|---|---|---|---|---|")
+    for name, figures in results.items():
+        def median(key: str, figures: list[dict[str, float]] = figures) -> float:
+            return statistics.median(f[key] for f in figures)
+
+        print(f"| {name} | {median('rps'):.0f} | {median('p50'):.2f} | {median('p99'):.2f} "
+              f"| {median('cpu_us'):.0f} | {sum(f['errors'] for f in figures):.0f} |")
+
+
 @dataclass
 class System:
     """One row: where its public port is, and which processes are the system under test."""
